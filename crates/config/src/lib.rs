@@ -1,0 +1,530 @@
+//! `cluster.toml`: the description of a ragfleet cluster, with validation that names the field.
+#![warn(missing_docs, unreachable_pub)]
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Environment variable that overrides `models_dir`.
+pub const MODELS_ENV: &str = "RAGFLEET_MODELS";
+
+/// A configuration problem.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Io {
+        /// File.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The TOML does not parse or a key is unknown or of the wrong type.
+    #[error("{path}: {message}")]
+    Parse {
+        /// File.
+        path: PathBuf,
+        /// Parser message (names the key and line).
+        message: String,
+    },
+    /// A value is out of range or inconsistent.
+    #[error("invalid cluster config: field `{field}`: {message}")]
+    Invalid {
+        /// Dotted path of the field.
+        field: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// A node name that the file does not define.
+    #[error("unknown node {0:?} (not in cluster.toml)")]
+    UnknownNode(String),
+}
+
+fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { field: field.into(), message: message.into() }
+}
+
+/// A role a node can host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeRole {
+    /// Orchestrates queries, answers clients.
+    Coordinator,
+    /// Runs the embedding model.
+    Embedder,
+    /// Hosts shard replicas.
+    Shard,
+    /// Runs the cross-encoder.
+    Reranker,
+    /// Runs the generator.
+    Generator,
+}
+
+/// One `[[node]]` table.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Unique node name.
+    pub name: String,
+    /// host:port the node listens on.
+    pub addr: String,
+    /// Roles it hosts.
+    pub roles: Vec<NodeRole>,
+    /// Embedder replicas on this node (default 1 when the role is present).
+    #[serde(default = "one")]
+    pub embedder_replicas: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+impl NodeConfig {
+    /// Whether the node hosts `role`.
+    pub fn has(&self, role: NodeRole) -> bool {
+        self.roles.contains(&role)
+    }
+}
+
+/// `[index]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IndexConfig {
+    /// Number of shards.
+    pub shards: u32,
+    /// Replicas per shard, on distinct nodes.
+    pub replication: u32,
+    /// Replicas that must have a write durably before it is acknowledged.
+    pub write_quorum: u32,
+    /// Explicit placement: `placement[s]` lists the nodes of shard `s`.
+    pub placement: Option<Vec<Vec<String>>>,
+    /// Chunks in the growing segment before it is sealed and its HNSW graph built.
+    pub segment_size: usize,
+    /// Sealed segments smaller than this are merged.
+    pub merge_below: usize,
+    /// HNSW construction beam.
+    pub ef_construction: usize,
+    /// HNSW search beam.
+    pub ef_search: usize,
+    /// Chunk length in tokens.
+    pub chunk_tokens: usize,
+    /// Overlap between consecutive chunks in tokens.
+    pub chunk_overlap: usize,
+}
+
+impl Default for IndexConfig {
+    fn default() -> Self {
+        IndexConfig {
+            shards: 4,
+            replication: 2,
+            write_quorum: 1,
+            placement: None,
+            segment_size: 4096,
+            merge_below: 1024,
+            ef_construction: 100,
+            ef_search: 64,
+            chunk_tokens: 200,
+            chunk_overlap: 32,
+        }
+    }
+}
+
+/// `[query]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueryConfig {
+    /// Hits returned.
+    pub top_k: u32,
+    /// Time a shard has to answer, in ms.
+    pub shard_deadline_ms: u64,
+    /// Whether to rerank by default.
+    pub rerank: bool,
+    /// Candidates passed to the reranker.
+    pub rerank_depth: u32,
+    /// End-to-end deadline in ms.
+    pub deadline_ms: u64,
+    /// Longest accepted query in bytes.
+    pub max_query_bytes: usize,
+}
+
+impl Default for QueryConfig {
+    fn default() -> Self {
+        QueryConfig {
+            top_k: 10,
+            shard_deadline_ms: 500,
+            rerank: false,
+            rerank_depth: 30,
+            deadline_ms: 30_000,
+            max_query_bytes: 8192,
+        }
+    }
+}
+
+/// `[embedder]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EmbedderConfig {
+    /// Largest dynamic batch.
+    pub max_batch: usize,
+    /// Longest wait for a batch to fill, in ms.
+    pub max_wait_ms: u64,
+    /// Texts per embedding request on the ingest path.
+    pub ingest_batch: usize,
+}
+
+impl Default for EmbedderConfig {
+    fn default() -> Self {
+        EmbedderConfig { max_batch: 32, max_wait_ms: 3, ingest_batch: 64 }
+    }
+}
+
+/// What to do when no shard answers an `ask`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NoCoverage {
+    /// Answer from the model alone, marked unsourced.
+    Unsourced,
+    /// Refuse with an error.
+    Refuse,
+}
+
+/// `[generator]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GeneratorConfig {
+    /// Default answer length in tokens.
+    pub max_tokens: u32,
+    /// Token budget of the prompt (context + question).
+    pub context_tokens: u32,
+    /// Streams decoded together.
+    pub max_streams: usize,
+    /// Time allowed before the first token, in ms, before another replica is tried.
+    pub first_token_timeout_ms: u64,
+    /// Behaviour with zero coverage.
+    pub on_no_coverage: NoCoverage,
+}
+
+impl Default for GeneratorConfig {
+    fn default() -> Self {
+        GeneratorConfig {
+            max_tokens: 96,
+            context_tokens: 1024,
+            max_streams: 4,
+            first_token_timeout_ms: 15_000,
+            on_no_coverage: NoCoverage::Unsourced,
+        }
+    }
+}
+
+/// `[failure]`: failure detection and reconnection.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FailureConfig {
+    /// Heartbeat period in ms.
+    pub heartbeat_ms: u64,
+    /// Silence after which an actor or node is suspected, in ms.
+    pub suspect_after_ms: u64,
+    /// Longest reconnect backoff in ms.
+    pub reconnect_max_ms: u64,
+}
+
+impl Default for FailureConfig {
+    fn default() -> Self {
+        FailureConfig { heartbeat_ms: 200, suspect_after_ms: 1000, reconnect_max_ms: 2000 }
+    }
+}
+
+/// `[supervision]`: OTP-style restart intensity.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SupervisionConfig {
+    /// Restarts allowed within `within_secs` before escalating.
+    pub max_restarts: u32,
+    /// The window.
+    pub within_secs: u64,
+}
+
+impl Default for SupervisionConfig {
+    fn default() -> Self {
+        SupervisionConfig { max_restarts: 3, within_secs: 10 }
+    }
+}
+
+/// A whole `cluster.toml`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// Format version; must be 1.
+    pub version: u32,
+    /// Cluster name.
+    pub name: String,
+    /// Shared secret of the nodes.
+    pub cookie: String,
+    /// Where shard replicas keep their files.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// Where model files are.
+    #[serde(default = "default_models_dir")]
+    pub models_dir: PathBuf,
+    /// The nodes.
+    #[serde(rename = "node")]
+    pub nodes: Vec<NodeConfig>,
+    /// Index settings.
+    #[serde(default)]
+    pub index: IndexConfig,
+    /// Query settings.
+    #[serde(default)]
+    pub query: QueryConfig,
+    /// Embedder settings.
+    #[serde(default)]
+    pub embedder: EmbedderConfig,
+    /// Generator settings.
+    #[serde(default)]
+    pub generator: GeneratorConfig,
+    /// Failure detection.
+    #[serde(default)]
+    pub failure: FailureConfig,
+    /// Supervision.
+    #[serde(default)]
+    pub supervision: SupervisionConfig,
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("data")
+}
+fn default_models_dir() -> PathBuf {
+    PathBuf::from("models")
+}
+
+impl ClusterConfig {
+    /// Reads, parses and validates a file; relative dirs are resolved against its folder and
+    /// `RAGFLEET_MODELS` overrides the models dir.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Io { path: path.to_path_buf(), source })?;
+        let mut cfg = Self::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => {
+                ConfigError::Parse { path: path.to_path_buf(), message }
+            }
+            other => other,
+        })?;
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        if cfg.data_dir.is_relative() {
+            cfg.data_dir = base.join(&cfg.data_dir);
+        }
+        if cfg.models_dir.is_relative() {
+            cfg.models_dir = base.join(&cfg.models_dir);
+        }
+        if let Some(dir) = std::env::var_os(MODELS_ENV) {
+            cfg.models_dir = PathBuf::from(dir);
+        }
+        Ok(cfg)
+    }
+
+    /// Parses and validates TOML text (paths left as written).
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let cfg: ClusterConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::from("cluster.toml"),
+            message: e.to_string().trim().replace('\n', " | "),
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks every rule; the error names the field.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.version != 1 {
+            return Err(invalid("version", format!("unsupported version {} (expected 1)", self.version)));
+        }
+        if self.name.trim().is_empty() {
+            return Err(invalid("name", "must not be empty"));
+        }
+        if self.cookie.len() < 8 {
+            return Err(invalid("cookie", "must be at least 8 characters"));
+        }
+        if self.nodes.is_empty() {
+            return Err(invalid("node", "at least one [[node]] is required"));
+        }
+        let mut names = HashSet::new();
+        let mut addrs = HashSet::new();
+        for (i, n) in self.nodes.iter().enumerate() {
+            let f = |k: &str| format!("node[{i}].{k}");
+            if n.name.is_empty() || !n.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+                return Err(invalid(f("name"), format!("{:?} must be non-empty letters, digits, '-' or '_'", n.name)));
+            }
+            if !names.insert(n.name.clone()) {
+                return Err(invalid(f("name"), format!("duplicate node name {:?}", n.name)));
+            }
+            let addr: SocketAddr = n
+                .addr
+                .parse()
+                .map_err(|_| invalid(f("addr"), format!("{:?} is not host:port (an IP address and a port)", n.addr)))?;
+            if addr.port() == 0 {
+                return Err(invalid(f("addr"), "port must not be 0"));
+            }
+            if !addrs.insert(addr) {
+                return Err(invalid(f("addr"), format!("duplicate address {}", n.addr)));
+            }
+            if n.roles.is_empty() {
+                return Err(invalid(f("roles"), "at least one role is required"));
+            }
+            if n.has(NodeRole::Embedder) && (n.embedder_replicas == 0 || n.embedder_replicas > 16) {
+                return Err(invalid(f("embedder_replicas"), "must be between 1 and 16"));
+            }
+        }
+        for role in [NodeRole::Coordinator, NodeRole::Embedder, NodeRole::Shard] {
+            if !self.nodes.iter().any(|n| n.has(role)) {
+                return Err(invalid("node.roles", format!("no node has the {role:?} role").to_lowercase()));
+            }
+        }
+        let ix = &self.index;
+        if ix.shards == 0 || ix.shards > 1024 {
+            return Err(invalid("index.shards", "must be between 1 and 1024"));
+        }
+        let shard_nodes = self.shard_nodes().len() as u32;
+        if ix.replication == 0 {
+            return Err(invalid("index.replication", "must be at least 1"));
+        }
+        if ix.replication > shard_nodes {
+            return Err(invalid(
+                "index.replication",
+                format!("{} is larger than the {} nodes with the shard role", ix.replication, shard_nodes),
+            ));
+        }
+        if ix.write_quorum == 0 || ix.write_quorum > ix.replication {
+            return Err(invalid("index.write_quorum", format!("must be between 1 and replication ({})", ix.replication)));
+        }
+        if ix.segment_size < 16 {
+            return Err(invalid("index.segment_size", "must be at least 16"));
+        }
+        if ix.chunk_tokens < 16 || ix.chunk_tokens > 512 {
+            return Err(invalid("index.chunk_tokens", "must be between 16 and 512"));
+        }
+        if ix.chunk_overlap >= ix.chunk_tokens / 2 {
+            return Err(invalid("index.chunk_overlap", "must be less than half of chunk_tokens"));
+        }
+        if ix.ef_search == 0 || ix.ef_construction == 0 {
+            return Err(invalid("index.ef_search", "ef_search and ef_construction must be positive"));
+        }
+        if let Some(p) = &ix.placement {
+            if p.len() != ix.shards as usize {
+                return Err(invalid("index.placement", format!("has {} entries for {} shards", p.len(), ix.shards)));
+            }
+            for (s, nodes) in p.iter().enumerate() {
+                let field = format!("index.placement[{s}]");
+                if nodes.len() != ix.replication as usize {
+                    return Err(invalid(field, format!("lists {} nodes, replication is {}", nodes.len(), ix.replication)));
+                }
+                let mut seen = HashSet::new();
+                for n in nodes {
+                    let node = self.node(n).map_err(|_| invalid(field.clone(), format!("unknown node {n:?}")))?;
+                    if !node.has(NodeRole::Shard) {
+                        return Err(invalid(field.clone(), format!("node {n:?} has no shard role")));
+                    }
+                    if !seen.insert(n) {
+                        return Err(invalid(field.clone(), format!("node {n:?} listed twice")));
+                    }
+                }
+            }
+        }
+        let q = &self.query;
+        if q.top_k == 0 || q.top_k > 1000 {
+            return Err(invalid("query.top_k", "must be between 1 and 1000"));
+        }
+        if q.shard_deadline_ms == 0 {
+            return Err(invalid("query.shard_deadline_ms", "must be positive"));
+        }
+        if q.deadline_ms < q.shard_deadline_ms {
+            return Err(invalid("query.deadline_ms", "must be at least shard_deadline_ms"));
+        }
+        if q.rerank_depth == 0 {
+            return Err(invalid("query.rerank_depth", "must be positive"));
+        }
+        if q.rerank && !self.nodes.iter().any(|n| n.has(NodeRole::Reranker)) {
+            return Err(invalid("query.rerank", "is true but no node has the reranker role"));
+        }
+        if q.max_query_bytes == 0 {
+            return Err(invalid("query.max_query_bytes", "must be positive"));
+        }
+        if self.embedder.max_batch == 0 || self.embedder.ingest_batch == 0 {
+            return Err(invalid("embedder.max_batch", "batch sizes must be positive"));
+        }
+        if self.generator.max_streams == 0 {
+            return Err(invalid("generator.max_streams", "must be positive"));
+        }
+        if self.generator.context_tokens < 64 {
+            return Err(invalid("generator.context_tokens", "must be at least 64"));
+        }
+        let fl = &self.failure;
+        if fl.heartbeat_ms == 0 || fl.suspect_after_ms <= fl.heartbeat_ms {
+            return Err(invalid("failure.suspect_after_ms", "must be larger than heartbeat_ms (> 0)"));
+        }
+        if self.supervision.within_secs == 0 {
+            return Err(invalid("supervision.within_secs", "must be positive"));
+        }
+        Ok(())
+    }
+
+    /// A node by name.
+    pub fn node(&self, name: &str) -> Result<&NodeConfig, ConfigError> {
+        self.nodes.iter().find(|n| n.name == name).ok_or_else(|| ConfigError::UnknownNode(name.to_string()))
+    }
+
+    /// Nodes with the shard role, in file order.
+    pub fn shard_nodes(&self) -> Vec<&NodeConfig> {
+        self.nodes.iter().filter(|n| n.has(NodeRole::Shard)).collect()
+    }
+
+    /// `placement()[s]` = the nodes holding replicas of shard `s`, replica 0 first.
+    ///
+    /// Deterministic from the node list: replica `r` of shard `s` goes to shard node
+    /// `(s + r) mod n`, which keeps replicas of one shard on distinct nodes.
+    pub fn placement(&self) -> Vec<Vec<String>> {
+        if let Some(p) = &self.index.placement {
+            return p.clone();
+        }
+        let nodes = self.shard_nodes();
+        let n = nodes.len();
+        (0..self.index.shards as usize)
+            .map(|s| (0..self.index.replication as usize).map(|r| nodes[(s + r) % n].name.clone()).collect())
+            .collect()
+    }
+
+    /// Shards (and replica index) hosted by `node`.
+    pub fn shards_of(&self, node: &str) -> Vec<(u32, u32)> {
+        let mut out = Vec::new();
+        for (s, nodes) in self.placement().iter().enumerate() {
+            for (r, n) in nodes.iter().enumerate() {
+                if n == node {
+                    out.push((s as u32, r as u32));
+                }
+            }
+        }
+        out
+    }
+
+    /// Shard of a document id: a stable FNV-1a hash, independent of the Rust version.
+    pub fn shard_of(&self, doc_id: &str) -> u32 {
+        shard_for(doc_id, self.index.shards)
+    }
+
+    /// Data folder of a shard replica.
+    pub fn replica_dir(&self, node: &str, shard: u32) -> PathBuf {
+        self.data_dir.join(node).join(format!("shard-{shard}"))
+    }
+}
+
+/// Stable shard of a document id (FNV-1a 64).
+pub fn shard_for(doc_id: &str, shards: u32) -> u32 {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in doc_id.as_bytes() {
+        h ^= *b as u64;
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    (h % shards.max(1) as u64) as u32
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,101 @@
+use super::*;
+
+const GOOD: &str = r#"
+version = 1
+name = "t"
+cookie = "secret-cookie"
+
+[[node]]
+name = "a"
+addr = "127.0.0.1:7001"
+roles = ["coordinator", "embedder", "shard"]
+
+[[node]]
+name = "b"
+addr = "127.0.0.1:7002"
+roles = ["shard", "reranker"]
+
+[[node]]
+name = "c"
+addr = "127.0.0.1:7003"
+roles = ["shard", "coordinator"]
+
+[index]
+shards = 4
+replication = 2
+"#;
+
+fn err_of(text: &str) -> String {
+    ClusterConfig::parse(text).unwrap_err().to_string()
+}
+
+#[test]
+fn repository_cluster_toml_is_valid() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../cluster.toml");
+    let cfg = ClusterConfig::load(&path).expect("root cluster.toml loads");
+    assert_eq!(cfg.nodes.len(), 3);
+    assert_eq!(cfg.index.shards, 4);
+    assert_eq!(cfg.index.replication, 2);
+}
+
+#[test]
+fn placement_puts_replicas_on_distinct_nodes() {
+    let cfg = ClusterConfig::parse(GOOD).unwrap();
+    let p = cfg.placement();
+    assert_eq!(p.len(), 4);
+    for nodes in &p {
+        assert_eq!(nodes.len(), 2);
+        assert_ne!(nodes[0], nodes[1]);
+    }
+    // every node holds some replica, and it is deterministic
+    assert_eq!(p, cfg.placement());
+    for n in ["a", "b", "c"] {
+        assert!(!cfg.shards_of(n).is_empty(), "{n} holds nothing");
+    }
+}
+
+#[test]
+fn shard_hash_is_stable_and_spreads() {
+    assert_eq!(shard_for("doc-1", 4), shard_for("doc-1", 4));
+    let mut counts = [0; 4];
+    for i in 0..1000 {
+        counts[shard_for(&format!("doc-{i}"), 4) as usize] += 1;
+    }
+    assert!(counts.iter().all(|&c| c > 150), "{counts:?}");
+}
+
+#[test]
+fn errors_name_the_field() {
+    let cases = [
+        (GOOD.replace("version = 1", "version = 2"), "version"),
+        (GOOD.replace("replication = 2", "replication = 4"), "index.replication"),
+        (GOOD.replace("127.0.0.1:7002", "127.0.0.1:7001"), "node[1].addr"),
+        (GOOD.replace("name = \"b\"", "name = \"a\""), "node[1].name"),
+        (GOOD.replace("127.0.0.1:7003", "localhost"), "node[2].addr"),
+        (GOOD.replace("secret-cookie", "x"), "cookie"),
+        (GOOD.replace("shards = 4", "shards = 0"), "index.shards"),
+        (format!("{GOOD}\n[query]\nshard_deadline_ms = 0\n"), "query.shard_deadline_ms"),
+        (format!("{GOOD}\n[query]\nrerank = true\n").replace("\"shard\", \"reranker\"", "\"shard\""), "query.rerank"),
+        (GOOD.replace("shards = 4", "shards = 2\nplacement = [[\"a\",\"zz\"],[\"a\",\"b\"]]"), "index.placement[0]"),
+    ];
+    for (text, field) in cases {
+        let e = err_of(&text);
+        assert!(e.contains(&format!("`{field}`")), "expected field {field} in: {e}");
+    }
+}
+
+#[test]
+fn unknown_keys_and_roles_are_named() {
+    let e = err_of(&GOOD.replace("[index]", "[index]\nshardz = 3"));
+    assert!(e.contains("shardz"), "{e}");
+    let e = err_of(&GOOD.replace("\"reranker\"", "\"rerankr\""));
+    assert!(e.contains("rerankr"), "{e}");
+    let e = err_of("version = 1\nname=");
+    assert!(e.contains("line"), "{e}");
+}
+
+#[test]
+fn unknown_node_is_an_error() {
+    let cfg = ClusterConfig::parse(GOOD).unwrap();
+    assert!(matches!(cfg.node("zz"), Err(ConfigError::UnknownNode(_))));
+}

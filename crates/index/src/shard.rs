@@ -1,0 +1,543 @@
+//! One shard replica's index: segments, BM25, write-ahead log, snapshots, recovery.
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use ragfleet_proto::{ChunkRecord, Hit, ModelIdentity, SearchMode, SearchQuery, WriteOp};
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+use crate::bm25::Bm25;
+use crate::files::{read_checked, write_checked};
+use crate::segment::{exact_search, Entry, Graph, Segment};
+use crate::vector::normalize;
+use crate::wal::Wal;
+use crate::{rrf, sort_hits, IndexError};
+
+/// Tunables of a shard index.
+#[derive(Debug, Clone)]
+pub struct IndexSettings {
+    /// Chunks in the growing segment before it is sealed.
+    pub segment_size: usize,
+    /// Sealed segments with fewer live chunks are merged.
+    pub merge_below: usize,
+    /// HNSW construction beam.
+    pub ef_construction: usize,
+    /// HNSW search beam.
+    pub ef_search: usize,
+    /// Build graphs on background threads (false: build inline, for tests and benches).
+    pub background: bool,
+}
+
+impl Default for IndexSettings {
+    fn default() -> Self {
+        IndexSettings { segment_size: 4096, merge_below: 1024, ef_construction: 100, ef_search: 64, background: true }
+    }
+}
+
+/// What opening an index found on disk.
+#[derive(Debug, Clone, Default)]
+pub struct RecoveryReport {
+    /// Sealed segments loaded.
+    pub segments: usize,
+    /// Log records replayed.
+    pub replayed: usize,
+    /// Problems found (corrupt or torn files); the data they held is not loaded.
+    pub problems: Vec<String>,
+    /// Whether data may be missing and the replica should catch up from a peer.
+    pub needs_catch_up: bool,
+}
+
+#[derive(Debug, Serialize, Deserialize, Default)]
+struct Manifest {
+    /// Every op with seq <= this is in the segments.
+    last_seq: u64,
+    segments: Vec<u64>,
+    tombstones: HashMap<String, u64>,
+    model: Option<ModelIdentity>,
+    next_segment_id: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct WalRecord {
+    first_seq: u64,
+    model: ModelIdentity,
+    ops: Vec<WriteOp>,
+}
+
+#[derive(Debug, Default)]
+struct DocState {
+    seq: u64,
+    slots: Vec<u32>,
+}
+
+/// A shard replica's index.
+#[derive(Debug)]
+pub struct ShardIndex {
+    dir: PathBuf,
+    settings: IndexSettings,
+    wal: Wal,
+    model: Option<ModelIdentity>,
+    last_seq: u64,
+    sealed_seq: u64,
+    next_segment_id: u64,
+    sealed: Vec<Arc<Segment>>,
+    growing: Vec<Arc<Entry>>,
+    docs: HashMap<String, DocState>,
+    tombstones: HashMap<String, u64>,
+    bm25: Bm25,
+    slots: HashMap<u32, Arc<Entry>>,
+    next_slot: u32,
+}
+
+impl ShardIndex {
+    /// Opens the index in `dir` (created if missing), recovering from the snapshot files and the
+    /// log tail. Corrupt files are reported, never loaded.
+    pub fn open(dir: &Path, settings: IndexSettings) -> Result<(ShardIndex, RecoveryReport), IndexError> {
+        std::fs::create_dir_all(dir).map_err(|e| IndexError::io(dir, e))?;
+        let mut report = RecoveryReport::default();
+        let manifest_path = dir.join("manifest.bin");
+        let manifest: Manifest = match read_checked(&manifest_path) {
+            Ok(Some(b)) => postcard::from_bytes(&b).map_err(|e| IndexError::Corrupt {
+                path: manifest_path.clone(),
+                reason: e.to_string(),
+            })?,
+            Ok(None) => Manifest::default(),
+            Err(e) => {
+                // without the manifest the segments cannot be trusted: start empty, catch up
+                report.problems.push(e.to_string());
+                report.needs_catch_up = true;
+                Manifest::default()
+            }
+        };
+        let (wal, wal_rec) = Wal::open(&dir.join("wal.log"))?;
+        let mut ix = ShardIndex {
+            dir: dir.to_path_buf(),
+            settings,
+            wal,
+            model: manifest.model.clone(),
+            last_seq: manifest.last_seq,
+            sealed_seq: manifest.last_seq,
+            next_segment_id: manifest.next_segment_id,
+            sealed: Vec::new(),
+            growing: Vec::new(),
+            docs: HashMap::new(),
+            tombstones: manifest.tombstones.clone(),
+            bm25: Bm25::default(),
+            slots: HashMap::new(),
+            next_slot: 0,
+        };
+        for id in &manifest.segments {
+            match ix.load_segment(*id) {
+                Ok(seg) => ix.sealed.push(seg),
+                Err(e) => {
+                    report.problems.push(e.to_string());
+                    report.needs_catch_up = true;
+                }
+            }
+        }
+        report.segments = ix.sealed.len();
+        ix.rebuild_liveness();
+        if let Some(err) = &wal_rec.tail_error {
+            report.problems.push(format!("write-ahead log: {err}; {} bytes dropped", wal_rec.dropped_bytes));
+        }
+        for (i, raw) in wal_rec.records.iter().enumerate() {
+            let rec: WalRecord = match postcard::from_bytes(raw) {
+                Ok(r) => r,
+                Err(e) => {
+                    report.problems.push(format!("write-ahead log record {i} does not decode: {e}"));
+                    report.needs_catch_up = true;
+                    break;
+                }
+            };
+            for (j, op) in rec.ops.into_iter().enumerate() {
+                let seq = rec.first_seq + j as u64;
+                if seq > ix.last_seq {
+                    if ix.model.is_none() {
+                        ix.model = Some(rec.model.clone());
+                    }
+                    ix.apply_in_memory(seq, op);
+                    ix.last_seq = seq;
+                }
+            }
+            report.replayed += 1;
+        }
+        for seg in &ix.sealed {
+            ix.spawn_graph(seg.clone(), true);
+        }
+        info!(dir = %dir.display(), segments = report.segments, replayed = report.replayed, docs = ix.docs.len(), "shard index opened");
+        Ok((ix, report))
+    }
+
+    fn segment_path(&self, id: u64) -> PathBuf {
+        self.dir.join(format!("seg-{id}.bin"))
+    }
+
+    fn graph_path(dir: &Path, id: u64) -> PathBuf {
+        dir.join(format!("seg-{id}.hnsw"))
+    }
+
+    fn load_segment(&self, id: u64) -> Result<Arc<Segment>, IndexError> {
+        let path = self.segment_path(id);
+        let bytes = read_checked(&path)?.ok_or_else(|| IndexError::Corrupt {
+            path: path.clone(),
+            reason: "segment file listed in the manifest is missing".into(),
+        })?;
+        let entries: Vec<Entry> = postcard::from_bytes(&bytes)
+            .map_err(|e| IndexError::Corrupt { path: path.clone(), reason: e.to_string() })?;
+        Ok(Arc::new(Segment::new(id, entries.into_iter().map(Arc::new).collect())))
+    }
+
+    /// Recomputes document liveness, slots and BM25 from the sealed segments and tombstones.
+    fn rebuild_liveness(&mut self) {
+        let mut latest: HashMap<String, u64> = HashMap::new();
+        for seg in &self.sealed {
+            for e in &seg.entries {
+                let s = latest.entry(e.doc_id.clone()).or_insert(0);
+                *s = (*s).max(e.seq);
+            }
+        }
+        latest.retain(|doc, seq| self.tombstones.get(doc).is_none_or(|t| *t < *seq));
+        self.docs.clear();
+        self.slots.clear();
+        self.bm25 = Bm25::default();
+        let sealed = self.sealed.clone();
+        for seg in &sealed {
+            for e in &seg.entries {
+                if latest.get(&e.doc_id) == Some(&e.seq) {
+                    self.add_slot(e.clone());
+                }
+            }
+        }
+    }
+
+    fn add_slot(&mut self, e: Arc<Entry>) {
+        let slot = self.next_slot;
+        self.next_slot = self.next_slot.wrapping_add(1);
+        self.bm25.insert(slot, &e.text);
+        let d = self.docs.entry(e.doc_id.clone()).or_default();
+        d.seq = e.seq;
+        d.slots.push(slot);
+        self.slots.insert(slot, e);
+    }
+
+    fn remove_doc(&mut self, doc_id: &str) {
+        if let Some(d) = self.docs.remove(doc_id) {
+            for s in d.slots {
+                self.bm25.remove(s);
+                self.slots.remove(&s);
+            }
+        }
+    }
+
+    fn apply_in_memory(&mut self, seq: u64, op: WriteOp) {
+        match op {
+            WriteOp::Upsert { doc_id, chunks } if !chunks.is_empty() => {
+                self.remove_doc(&doc_id);
+                for c in chunks {
+                    let e = Arc::new(Entry { seq, doc_id: c.doc_id, chunk_id: c.chunk_id, text: c.text, vector: c.vector });
+                    self.growing.push(e.clone());
+                    self.add_slot(e);
+                }
+            }
+            WriteOp::Upsert { doc_id, .. } | WriteOp::Delete { doc_id } => {
+                self.remove_doc(&doc_id);
+                self.tombstones.insert(doc_id, seq);
+            }
+        }
+    }
+
+    fn is_live(&self, e: &Entry) -> bool {
+        self.docs.get(&e.doc_id).is_some_and(|d| d.seq == e.seq)
+    }
+
+    /// Checks a write or query model against the pinned one.
+    pub fn check_model(&self, model: &ModelIdentity) -> Result<(), IndexError> {
+        match &self.model {
+            Some(m) if m != model => {
+                Err(IndexError::ModelMismatch { index: m.to_string(), request: model.to_string() })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Validates, logs durably (fsync) and applies `ops`; returns the last sequence number.
+    /// The first write pins the model identity.
+    pub fn write(&mut self, ops: Vec<WriteOp>, model: &ModelIdentity) -> Result<u64, IndexError> {
+        self.check_model(model)?;
+        let mut ops = ops;
+        for op in ops.iter_mut() {
+            if op.doc_id().is_empty() {
+                return Err(IndexError::BadInput("empty document id".into()));
+            }
+            if let WriteOp::Upsert { doc_id, chunks } = op {
+                for c in chunks.iter_mut() {
+                    validate_chunk(doc_id, c, model.dim as usize)?;
+                }
+            }
+        }
+        if ops.is_empty() {
+            return Ok(self.last_seq);
+        }
+        let first_seq = self.last_seq + 1;
+        let rec = WalRecord { first_seq, model: model.clone(), ops };
+        let bytes = postcard::to_stdvec(&rec).map_err(|e| IndexError::BadInput(e.to_string()))?;
+        self.wal.append(&[bytes])?;
+        if self.model.is_none() {
+            self.model = Some(model.clone());
+        }
+        let n = rec.ops.len() as u64;
+        for (j, op) in rec.ops.into_iter().enumerate() {
+            self.apply_in_memory(first_seq + j as u64, op);
+        }
+        self.last_seq = first_seq + n - 1;
+        if self.growing.len() >= self.settings.segment_size {
+            self.seal()?;
+        }
+        Ok(self.last_seq)
+    }
+
+    /// Seals the growing segment: writes it and a new manifest, empties the log, and builds the
+    /// segment's graph in the background. Then merges small segments.
+    pub fn seal(&mut self) -> Result<(), IndexError> {
+        if !self.growing.is_empty() {
+            let id = self.next_segment_id;
+            self.next_segment_id += 1;
+            let entries = std::mem::take(&mut self.growing);
+            let seg = Arc::new(Segment::new(id, entries));
+            self.write_segment(&seg)?;
+            self.sealed.push(seg.clone());
+            self.spawn_graph(seg, false);
+        }
+        self.merge_small()?;
+        self.sealed_seq = self.last_seq;
+        self.write_manifest()?;
+        self.wal.reset()?;
+        Ok(())
+    }
+
+    fn write_segment(&self, seg: &Segment) -> Result<(), IndexError> {
+        let plain: Vec<&Entry> = seg.entries.iter().map(|e| e.as_ref()).collect();
+        let bytes = postcard::to_stdvec(&plain).map_err(|e| IndexError::BadInput(e.to_string()))?;
+        write_checked(&self.segment_path(seg.id), &bytes)
+    }
+
+    fn write_manifest(&self) -> Result<(), IndexError> {
+        let m = Manifest {
+            last_seq: self.last_seq,
+            segments: self.sealed.iter().map(|s| s.id).collect(),
+            tombstones: self.tombstones.clone(),
+            model: self.model.clone(),
+            next_segment_id: self.next_segment_id,
+        };
+        let bytes = postcard::to_stdvec(&m).map_err(|e| IndexError::BadInput(e.to_string()))?;
+        write_checked(&self.dir.join("manifest.bin"), &bytes)
+    }
+
+    fn merge_small(&mut self) -> Result<(), IndexError> {
+        let small: Vec<Arc<Segment>> = self
+            .sealed
+            .iter()
+            .filter(|s| s.entries.iter().filter(|e| self.is_live(e)).count() < self.settings.merge_below)
+            .cloned()
+            .collect();
+        if small.len() < 2 {
+            return Ok(());
+        }
+        let id = self.next_segment_id;
+        self.next_segment_id += 1;
+        let entries: Vec<Arc<Entry>> =
+            small.iter().flat_map(|s| s.entries.iter()).filter(|e| self.is_live(e)).cloned().collect();
+        let merged = Arc::new(Segment::new(id, entries));
+        self.write_segment(&merged)?;
+        let gone: HashSet<u64> = small.iter().map(|s| s.id).collect();
+        self.sealed.retain(|s| !gone.contains(&s.id));
+        self.sealed.push(merged.clone());
+        // tombstones matter only while a sealed segment still holds an older copy
+        let present: HashSet<&str> =
+            self.sealed.iter().flat_map(|s| s.entries.iter().map(|e| e.doc_id.as_str())).collect();
+        let present: HashSet<String> = present.into_iter().map(str::to_string).collect();
+        self.tombstones.retain(|d, _| present.contains(d));
+        self.write_manifest()?;
+        for g in gone {
+            let _ = std::fs::remove_file(self.segment_path(g));
+            let _ = std::fs::remove_file(Self::graph_path(&self.dir, g));
+        }
+        self.spawn_graph(merged, false);
+        info!(segment = id, "merged small segments");
+        Ok(())
+    }
+
+    fn spawn_graph(&self, seg: Arc<Segment>, try_load: bool) {
+        let dir = self.dir.clone();
+        let (efc, efs) = (self.settings.ef_construction, self.settings.ef_search);
+        let work = move || {
+            let path = Self::graph_path(&dir, seg.id);
+            if try_load {
+                match read_checked(&path) {
+                    Ok(Some(bytes)) => match postcard::from_bytes::<Graph>(&bytes) {
+                        Ok(g) => {
+                            let _ = seg.graph.set(g);
+                            return;
+                        }
+                        Err(e) => warn!(path = %path.display(), error = %e, "graph file does not decode; rebuilding"),
+                    },
+                    Ok(None) => {}
+                    Err(e) => warn!(error = %e, "graph file rejected; rebuilding"),
+                }
+            }
+            let g = seg.build_graph(efc, efs);
+            if let Ok(bytes) = postcard::to_stdvec(&g) {
+                if let Err(e) = write_checked(&path, &bytes) {
+                    warn!(error = %e, "could not persist graph");
+                }
+            }
+            let _ = seg.graph.set(g);
+        };
+        if self.settings.background {
+            std::thread::Builder::new().name(format!("hnsw-build-{}", seg_id_for_name(&self.dir))).spawn(work).ok();
+        } else {
+            work();
+        }
+    }
+
+    /// Top hits for a query.
+    pub fn search(&self, q: &SearchQuery) -> Result<Vec<Hit>, IndexError> {
+        let k = q.k.clamp(1, 1000) as usize;
+        match q.mode {
+            SearchMode::Dense => self.dense(q, k),
+            SearchMode::Bm25 => Ok(self.bm25_hits(&q.text, k)),
+            SearchMode::Hybrid => {
+                let depth = (k * 2).max(20);
+                let d = self.dense(q, depth)?;
+                let b = self.bm25_hits(&q.text, depth);
+                Ok(rrf(&[d, b], 60.0, k))
+            }
+        }
+    }
+
+    fn dense(&self, q: &SearchQuery, k: usize) -> Result<Vec<Hit>, IndexError> {
+        if let Some(m) = &q.model {
+            self.check_model(m)?;
+        }
+        if self.slots.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut v = q.vector.clone();
+        if let Some(m) = &self.model {
+            if v.len() != m.dim as usize {
+                return Err(IndexError::BadInput(format!("query vector has {} dimensions, index has {}", v.len(), m.dim)));
+            }
+        }
+        if !normalize(&mut v) {
+            return Err(IndexError::BadInput("query vector is zero or not finite".into()));
+        }
+        let live = |e: &Entry| self.is_live(e);
+        let mut all: Vec<(f32, Arc<Entry>)> = exact_search(&self.growing, &v, k, &live);
+        for seg in &self.sealed {
+            all.extend(seg.search(&v, k, &live));
+        }
+        let mut hits: Vec<Hit> = all.into_iter().map(|(s, e)| hit(&e, s)).collect();
+        sort_hits(&mut hits);
+        hits.truncate(k);
+        Ok(hits)
+    }
+
+    fn bm25_hits(&self, text: &str, k: usize) -> Vec<Hit> {
+        self.bm25
+            .search(text, k)
+            .into_iter()
+            .filter_map(|(slot, s)| self.slots.get(&slot).map(|e| hit(e, s)))
+            .collect()
+    }
+
+    /// Every live document as an upsert (for a peer replica catching up).
+    pub fn dump(&self) -> Vec<WriteOp> {
+        let mut by_doc: HashMap<&str, Vec<ChunkRecord>> = HashMap::new();
+        let mut slots: Vec<&Arc<Entry>> = self.slots.values().collect();
+        slots.sort_by(|a, b| a.chunk_id.cmp(&b.chunk_id));
+        for e in slots {
+            by_doc.entry(e.doc_id.as_str()).or_default().push(ChunkRecord {
+                doc_id: e.doc_id.clone(),
+                chunk_id: e.chunk_id.clone(),
+                text: e.text.clone(),
+                vector: e.vector.clone(),
+            });
+        }
+        let mut ops: Vec<WriteOp> =
+            by_doc.into_iter().map(|(d, chunks)| WriteOp::Upsert { doc_id: d.to_string(), chunks }).collect();
+        ops.sort_by(|a, b| a.doc_id().cmp(b.doc_id()));
+        ops
+    }
+
+    /// Ids of the live documents.
+    pub fn doc_ids(&self) -> Vec<String> {
+        self.docs.keys().cloned().collect()
+    }
+
+    /// Live documents.
+    pub fn doc_count(&self) -> u64 {
+        self.docs.len() as u64
+    }
+
+    /// Live chunks.
+    pub fn chunk_count(&self) -> u64 {
+        self.slots.len() as u64
+    }
+
+    /// Last applied sequence number.
+    pub fn last_seq(&self) -> u64 {
+        self.last_seq
+    }
+
+    /// Pinned model.
+    pub fn model(&self) -> Option<&ModelIdentity> {
+        self.model.as_ref()
+    }
+
+    /// Sealed segments and how many have their graph built.
+    pub fn segment_stats(&self) -> (usize, usize) {
+        (self.sealed.len(), self.sealed.iter().filter(|s| s.graph.get().is_some()).count())
+    }
+
+    /// Blocks until every sealed segment has its graph (tests, benches, clean shutdown).
+    pub fn wait_for_graphs(&self, timeout: std::time::Duration) -> bool {
+        let start = std::time::Instant::now();
+        loop {
+            let (n, built) = self.segment_stats();
+            if n == built {
+                return true;
+            }
+            if start.elapsed() > timeout {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}
+
+fn seg_id_for_name(dir: &Path) -> String {
+    dir.file_name().map(|s| s.to_string_lossy().to_string()).unwrap_or_default()
+}
+
+fn hit(e: &Entry, score: f32) -> Hit {
+    Hit { doc_id: e.doc_id.clone(), chunk_id: e.chunk_id.clone(), score, text: e.text.clone() }
+}
+
+fn validate_chunk(doc_id: &str, c: &mut ChunkRecord, dim: usize) -> Result<(), IndexError> {
+    if c.doc_id != doc_id {
+        return Err(IndexError::BadInput(format!("chunk {} belongs to {}, not {}", c.chunk_id, c.doc_id, doc_id)));
+    }
+    if c.vector.len() != dim {
+        return Err(IndexError::BadInput(format!(
+            "chunk {} has {} dimensions, model has {}",
+            c.chunk_id,
+            c.vector.len(),
+            dim
+        )));
+    }
+    if !normalize(&mut c.vector) {
+        return Err(IndexError::BadInput(format!("chunk {} has a zero or non-finite vector", c.chunk_id)));
+    }
+    Ok(())
+}

@@ -1,0 +1,203 @@
+use super::*;
+use ractor::Message;
+
+fn model() -> ModelIdentity {
+    ModelIdentity {
+        name: "m".into(),
+        weights_sha256: "ab".repeat(32),
+        dim: 3,
+        max_len: 256,
+        pooling: "mean".into(),
+        normalized: true,
+    }
+}
+
+fn coverage() -> Coverage {
+    Coverage {
+        shards_total: 4,
+        shards_answered: 3,
+        left_out: vec![LeftOut { shard: 2, reason: "deadline".into() }],
+    }
+}
+
+fn all_requests() -> Vec<Request> {
+    let chunk = ChunkRecord {
+        doc_id: "d".into(),
+        chunk_id: "d#0".into(),
+        text: "héllo".into(),
+        vector: vec![0.5, -1.0, f32::MIN_POSITIVE],
+    };
+    vec![
+        Request::Ping,
+        Request::Embed { texts: vec!["a".into(), "".into()] },
+        Request::Search(SearchQuery {
+            vector: vec![1.0; 3],
+            text: "q".into(),
+            k: 10,
+            mode: SearchMode::Hybrid,
+            model: Some(model()),
+        }),
+        Request::Write {
+            ops: vec![
+                WriteOp::Upsert { doc_id: "d".into(), chunks: vec![chunk] },
+                WriteOp::Delete { doc_id: "e".into() },
+            ],
+            model: model(),
+        },
+        Request::Dump,
+        Request::Rerank { query: "q".into(), passages: vec!["p".into()] },
+        Request::Generate {
+            system: String::new(),
+            user: "u".into(),
+            max_tokens: 5,
+            sampling: Sampling { temperature: 0.7, top_p: 0.9, seed: 3 },
+        },
+        Request::StreamNext { stream: 7, wait_ms: 100 },
+        Request::Retrieve {
+            query: "q".into(),
+            options: RetrieveOptions { k: Some(3), mode: SearchMode::Bm25, rerank: Some(true), deadline_ms: None },
+        },
+        Request::Ask { question: "q".into(), options: AskOptions::default() },
+        Request::Ingest {
+            docs: vec![Document { id: "1".into(), title: "t".into(), text: "x".into() }],
+        },
+        Request::Status,
+        Request::Chaos(ChaosAction::Stall(5)),
+        Request::Chaos(ChaosAction::Panic),
+    ]
+}
+
+fn all_responses() -> Vec<Response> {
+    let hit = Hit { doc_id: "d".into(), chunk_id: "d#0".into(), score: 0.25, text: "t".into() };
+    vec![
+        Response::Pong(ActorInfo {
+            node: "n1".into(),
+            role: Role::Shard,
+            shard: Some(1),
+            state: ReplicaState::CatchingUp,
+            docs: 3,
+            chunks: 4,
+            last_seq: 9,
+        }),
+        Response::Embeddings { model: model(), vectors: vec![vec![0.1, 0.2, 0.3]] },
+        Response::Hits(vec![hit.clone()]),
+        Response::Written { seq: 42 },
+        Response::Dumped { ops: vec![WriteOp::Delete { doc_id: "x".into() }], model: Some(model()) },
+        Response::Scores(vec![1.0, -2.0]),
+        Response::StreamStarted { stream: 1 },
+        Response::Stream(StreamChunk {
+            text: "to".into(),
+            tokens: 1,
+            done: true,
+            summary: Some(AskSummary {
+                answer: "a".into(),
+                sources: vec![Source { doc_id: "d".into(), score: 1.0 }],
+                coverage: coverage(),
+                timings_ms: Timings { embed: 1.0, ..Default::default() },
+                unsourced: false,
+                truncated: true,
+            }),
+        }),
+        Response::Retrieved(RetrieveResult { hits: vec![hit], coverage: coverage(), timings_ms: Timings::default() }),
+        Response::Ingested(IngestResult { documents: 1, chunks: 2, failed: vec![("x".into(), "bad".into())] }),
+        Response::Status(ClusterStatus {
+            nodes: vec![NodeStatus { name: "n".into(), addr: "127.0.0.1:1".into(), alive: true }],
+            shards: vec![ShardStatus {
+                id: 0,
+                replicas: vec![ReplicaStatus { node: "n".into(), state: "serving".into(), docs: 1 }],
+            }],
+            model: None,
+        }),
+        Response::Ack,
+        Response::Error(WireError::ModelMismatch { index: "a".into(), request: "b".into() }),
+        Response::Error(WireError::Frame(FrameError::BadMagic)),
+    ]
+}
+
+#[test]
+fn every_request_round_trips() {
+    for r in all_requests() {
+        let bytes = Frame::ok(r.clone()).encode();
+        assert_eq!(Frame::<Request>::decode(&bytes), Frame::ok(r));
+    }
+}
+
+#[test]
+fn every_response_round_trips() {
+    for r in all_responses() {
+        let bytes = Frame::ok(r.clone()).encode();
+        assert_eq!(Frame::<Response>::decode(&bytes), Frame::ok(r));
+    }
+}
+
+#[test]
+fn malformed_frames_are_errors_not_panics() {
+    assert_eq!(Frame::<Request>::decode(b"").0, Err(FrameError::TooShort(0)));
+    assert_eq!(Frame::<Request>::decode(b"XX\0\x01\0").0, Err(FrameError::BadMagic));
+    assert_eq!(Frame::<Request>::decode(b"RF\0\x09\0").0, Err(FrameError::Version { got: 9 }));
+    // every truncation of every valid request is an error or (for a prefix that happens to be
+    // a valid shorter value) a value, never a panic
+    for r in all_requests() {
+        let bytes = Frame::ok(r).encode();
+        for cut in 0..bytes.len() {
+            let _ = Frame::<Request>::decode(&bytes[..cut]);
+        }
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(matches!(Frame::<Request>::decode(&longer).0, Err(FrameError::Body(_))));
+    }
+    // random garbage behind a valid header
+    let mut state = 0x9e3779b97f4a7c15u64;
+    for len in 0..2000usize {
+        let mut bytes = vec![b'R', b'F', 0, 1];
+        for _ in 0..(len % 97) {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            bytes.push(state as u8);
+        }
+        let _ = Frame::<Request>::decode(&bytes);
+        let _ = Frame::<Response>::decode(&bytes);
+    }
+    // a huge declared length must not allocate or panic
+    let bytes = [b'R', b'F', 0, 1, 1, 0xff, 0xff, 0xff, 0xff, 0x0f];
+    assert!(Frame::<Request>::decode(&bytes).0.is_err());
+}
+
+#[test]
+fn role_message_round_trips_through_ractor_serialization() {
+    let (tx, _rx) = ractor::concurrency::oneshot();
+    let msg = RoleMsg::Call(Frame::ok(Request::Ping), ractor::RpcReplyPort::from(tx));
+    let ser = msg.serialize().expect("serializes");
+    let back = RoleMsg::deserialize(ser).expect("deserializes");
+    match back {
+        RoleMsg::Call(frame, _) => assert_eq!(frame, Frame::ok(Request::Ping)),
+    }
+}
+
+#[test]
+fn role_message_with_garbage_args_gives_error_frame() {
+    let (tx, _rx) = ractor::concurrency::oneshot::<Vec<u8>>();
+    // one argument of 3 garbage bytes, length-prefixed as the derive macro expects
+    let mut args = 3u64.to_be_bytes().to_vec();
+    args.extend_from_slice(&[1, 2, 3]);
+    let ser = ractor::message::SerializedMessage::Call {
+        variant: "Call".into(),
+        args,
+        reply: ractor::RpcReplyPort::from(tx),
+        metadata: None,
+    };
+    match RoleMsg::deserialize(ser) {
+        Ok(RoleMsg::Call(frame, _)) => assert!(frame.0.is_err()),
+        Err(_) => {} // rejected outright is fine too
+    }
+    // a truncated length prefix is rejected
+    let (tx, _rx) = ractor::concurrency::oneshot::<Vec<u8>>();
+    let ser = ractor::message::SerializedMessage::Call {
+        variant: "Call".into(),
+        args: vec![0, 0, 0],
+        reply: ractor::RpcReplyPort::from(tx),
+        metadata: None,
+    };
+    assert!(RoleMsg::deserialize(ser).is_err());
+}

@@ -1,0 +1,544 @@
+//! Plain data types shared by every layer and carried on the wire.
+use serde::{Deserialize, Serialize};
+
+use crate::FrameError;
+
+/// The embedding model contract between an index and the queries that search it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ModelIdentity {
+    /// Model name, e.g. `sentence-transformers/all-MiniLM-L6-v2`.
+    pub name: String,
+    /// sha256 of the weights file.
+    pub weights_sha256: String,
+    /// Output dimension.
+    pub dim: u32,
+    /// Maximum input length in tokens.
+    pub max_len: u32,
+    /// Pooling (`mean`, `cls`).
+    pub pooling: String,
+    /// Whether vectors are L2-normalised.
+    pub normalized: bool,
+}
+
+impl std::fmt::Display for ModelIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let sha: String = self.weights_sha256.chars().take(12).collect();
+        write!(
+            f,
+            "{}@{} (dim {}, max_len {}, {} pooling{})",
+            self.name,
+            sha,
+            self.dim,
+            self.max_len,
+            self.pooling,
+            if self.normalized { ", normalised" } else { "" }
+        )
+    }
+}
+
+/// How a shard ranks chunks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum SearchMode {
+    /// Vector search (HNSW + exact growing segment).
+    #[default]
+    Dense,
+    /// BM25 over the chunk text.
+    Bm25,
+    /// Reciprocal rank fusion of dense and BM25 (k = 60).
+    Hybrid,
+}
+
+impl std::str::FromStr for SearchMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "dense" => Ok(Self::Dense),
+            "bm25" => Ok(Self::Bm25),
+            "hybrid" => Ok(Self::Hybrid),
+            other => Err(format!("unknown search mode {other:?} (dense, bm25, hybrid)")),
+        }
+    }
+}
+
+/// One embedded chunk of a document, as stored by a shard.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChunkRecord {
+    /// Id of the document the chunk belongs to.
+    pub doc_id: String,
+    /// Id of the chunk (`{doc_id}#{n}`).
+    pub chunk_id: String,
+    /// Text of the chunk.
+    pub text: String,
+    /// Its embedding.
+    pub vector: Vec<f32>,
+}
+
+/// A change to a shard.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum WriteOp {
+    /// Replace every chunk of `doc_id` with these.
+    Upsert {
+        /// Document id.
+        doc_id: String,
+        /// Its chunks.
+        chunks: Vec<ChunkRecord>,
+    },
+    /// Remove the document.
+    Delete {
+        /// Document id.
+        doc_id: String,
+    },
+}
+
+impl WriteOp {
+    /// The document the op touches.
+    pub fn doc_id(&self) -> &str {
+        match self {
+            WriteOp::Upsert { doc_id, .. } | WriteOp::Delete { doc_id } => doc_id,
+        }
+    }
+}
+
+/// A search hit.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Hit {
+    /// Document id.
+    pub doc_id: String,
+    /// Chunk id.
+    pub chunk_id: String,
+    /// Score (higher is better; its scale depends on the mode).
+    pub score: f32,
+    /// Chunk text.
+    pub text: String,
+}
+
+/// A query as a shard sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SearchQuery {
+    /// Query embedding (dense and hybrid).
+    pub vector: Vec<f32>,
+    /// Query text (bm25 and hybrid).
+    pub text: String,
+    /// Hits wanted.
+    pub k: u32,
+    /// Ranking.
+    pub mode: SearchMode,
+    /// Identity of the model that embedded `vector`.
+    pub model: Option<ModelIdentity>,
+}
+
+/// Why a shard is missing from an answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LeftOut {
+    /// Shard id.
+    pub shard: u32,
+    /// `deadline`, `no_live_replica` or `error: ...`.
+    pub reason: String,
+}
+
+/// How much of the corpus an answer covered.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct Coverage {
+    /// Shards in the index.
+    pub shards_total: u32,
+    /// Shards whose hits are in the answer.
+    pub shards_answered: u32,
+    /// Shards left out, with the reason.
+    pub left_out: Vec<LeftOut>,
+}
+
+impl Coverage {
+    /// Fraction of shards that answered.
+    pub fn fraction(&self) -> f64 {
+        if self.shards_total == 0 {
+            0.0
+        } else {
+            self.shards_answered as f64 / self.shards_total as f64
+        }
+    }
+}
+
+/// Per-stage wall times in milliseconds.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct Timings {
+    /// Query embedding.
+    pub embed: f64,
+    /// Scatter-gather over the shards.
+    pub search: f64,
+    /// Cross-encoder reranking.
+    pub rerank: f64,
+    /// Time to the first generated token (ask only).
+    pub first_token: f64,
+    /// Generation (ask only).
+    pub generate: f64,
+    /// End to end.
+    pub total: f64,
+}
+
+/// Options of a retrieval.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct RetrieveOptions {
+    /// Hits wanted (cluster default when `None`).
+    pub k: Option<u32>,
+    /// Ranking mode.
+    pub mode: SearchMode,
+    /// Rerank on/off (cluster default when `None`).
+    pub rerank: Option<bool>,
+    /// End-to-end deadline in ms (cluster default when `None`).
+    pub deadline_ms: Option<u64>,
+}
+
+/// Result of a retrieval.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RetrieveResult {
+    /// Ranked hits.
+    pub hits: Vec<Hit>,
+    /// Coverage report.
+    pub coverage: Coverage,
+    /// Stage timings.
+    pub timings_ms: Timings,
+}
+
+/// A document to ingest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Document {
+    /// Stable id; re-ingesting an id replaces the document.
+    pub id: String,
+    /// Optional title, prepended to the text.
+    pub title: String,
+    /// Body.
+    pub text: String,
+}
+
+/// Outcome of an ingest request.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct IngestResult {
+    /// Documents acknowledged (durable on a write quorum).
+    pub documents: u64,
+    /// Chunks written.
+    pub chunks: u64,
+    /// Documents that failed, with the reason.
+    pub failed: Vec<(String, String)>,
+}
+
+/// Role of an actor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Role {
+    /// Node agent (heartbeats).
+    Node,
+    /// Query orchestrator.
+    Coordinator,
+    /// Query / document encoder.
+    Embedder,
+    /// Index shard replica.
+    Shard,
+    /// Cross-encoder.
+    Reranker,
+    /// Answer generator.
+    Generator,
+}
+
+/// Serving state of a shard replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ReplicaState {
+    /// Copying missed writes from a peer; not searched.
+    CatchingUp,
+    /// Serving queries.
+    Serving,
+}
+
+impl ReplicaState {
+    /// Name used in status output.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            ReplicaState::CatchingUp => "catching-up",
+            ReplicaState::Serving => "serving",
+        }
+    }
+}
+
+/// What an actor says about itself in answer to a ping.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ActorInfo {
+    /// Node the actor runs on.
+    pub node: String,
+    /// Its role.
+    pub role: Role,
+    /// Shard id (shard replicas).
+    pub shard: Option<u32>,
+    /// Replica state (shard replicas).
+    pub state: ReplicaState,
+    /// Live documents (shard replicas).
+    pub docs: u64,
+    /// Live chunks (shard replicas).
+    pub chunks: u64,
+    /// Last applied write sequence number (shard replicas).
+    pub last_seq: u64,
+}
+
+/// Status of a node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    /// Node name.
+    pub name: String,
+    /// host:port.
+    pub addr: String,
+    /// Whether it answers heartbeats.
+    pub alive: bool,
+}
+
+/// Status of a replica.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReplicaStatus {
+    /// Node hosting it.
+    pub node: String,
+    /// `serving`, `catching-up`, `suspected` or `down`.
+    pub state: String,
+    /// Documents it holds.
+    pub docs: u64,
+}
+
+/// Status of a shard.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShardStatus {
+    /// Shard id.
+    pub id: u32,
+    /// Its replicas as placed by cluster.toml.
+    pub replicas: Vec<ReplicaStatus>,
+}
+
+/// Cluster status as the coordinator sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    /// Nodes of cluster.toml.
+    pub nodes: Vec<NodeStatus>,
+    /// Shards and their replicas.
+    pub shards: Vec<ShardStatus>,
+    /// Embedding model the cluster runs.
+    pub model: Option<ModelIdentity>,
+}
+
+/// Sampling settings of generation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Sampling {
+    /// 0 means greedy.
+    pub temperature: f32,
+    /// Nucleus mass.
+    pub top_p: f32,
+    /// RNG seed.
+    pub seed: u64,
+}
+
+impl Default for Sampling {
+    fn default() -> Self {
+        Sampling { temperature: 0.0, top_p: 1.0, seed: 0 }
+    }
+}
+
+/// Options of an `ask`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct AskOptions {
+    /// Retrieval options.
+    pub retrieve: RetrieveOptions,
+    /// Answer length limit in tokens (cluster default when `None`).
+    pub max_tokens: Option<u32>,
+    /// Sampling.
+    pub sampling: Sampling,
+}
+
+/// A cited source of an answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Source {
+    /// Document id.
+    pub doc_id: String,
+    /// Retrieval score.
+    pub score: f32,
+}
+
+/// The closing part of an `ask` stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AskSummary {
+    /// Whole answer text.
+    pub answer: String,
+    /// Sources in the context.
+    pub sources: Vec<Source>,
+    /// Coverage of the retrieval.
+    pub coverage: Coverage,
+    /// Stage timings.
+    pub timings_ms: Timings,
+    /// No shard answered: the model answered alone.
+    pub unsourced: bool,
+    /// The deadline cut the answer short.
+    pub truncated: bool,
+}
+
+/// A piece of a token stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StreamChunk {
+    /// Text produced since the last chunk.
+    pub text: String,
+    /// Tokens produced since the last chunk.
+    pub tokens: u32,
+    /// Whether the stream has ended.
+    pub done: bool,
+    /// Set on the last chunk of an ask stream.
+    pub summary: Option<AskSummary>,
+}
+
+/// Fault injection for chaos experiments and supervision tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ChaosAction {
+    /// The actor panics (its supervisor restarts it).
+    Panic,
+    /// The actor stalls for this many ms before answering anything else.
+    Stall(u64),
+}
+
+/// Every request a ragfleet actor may receive.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Request {
+    /// Liveness and self-description.
+    Ping,
+    /// Embed texts (embedder).
+    Embed {
+        /// Texts.
+        texts: Vec<String>,
+    },
+    /// Search (shard).
+    Search(SearchQuery),
+    /// Apply writes durably (shard); answered once fsynced.
+    Write {
+        /// Operations.
+        ops: Vec<WriteOp>,
+        /// Model that embedded the chunks.
+        model: ModelIdentity,
+    },
+    /// Copy of every live document (shard), for a peer catching up.
+    Dump,
+    /// Score (query, passage) pairs (reranker).
+    Rerank {
+        /// Query.
+        query: String,
+        /// Passages.
+        passages: Vec<String>,
+    },
+    /// Start generating an answer to a chat prompt (generator).
+    Generate {
+        /// System prompt (default when empty).
+        system: String,
+        /// User message.
+        user: String,
+        /// Token limit.
+        max_tokens: u32,
+        /// Sampling.
+        sampling: Sampling,
+    },
+    /// Next piece of a stream, waiting up to `wait_ms` for news (generator, coordinator).
+    StreamNext {
+        /// Stream id.
+        stream: u64,
+        /// Long-poll wait.
+        wait_ms: u64,
+    },
+    /// Retrieve (coordinator).
+    Retrieve {
+        /// Query text.
+        query: String,
+        /// Options.
+        options: RetrieveOptions,
+    },
+    /// Ask (coordinator); answered with a stream id.
+    Ask {
+        /// Question.
+        question: String,
+        /// Options.
+        options: AskOptions,
+    },
+    /// Ingest documents (coordinator).
+    Ingest {
+        /// Documents.
+        docs: Vec<Document>,
+    },
+    /// Cluster status (coordinator).
+    Status,
+    /// Fault injection.
+    Chaos(ChaosAction),
+}
+
+/// Every response.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Response {
+    /// Answer to `Ping`.
+    Pong(ActorInfo),
+    /// Embeddings, in input order.
+    Embeddings {
+        /// Model identity.
+        model: ModelIdentity,
+        /// Vectors.
+        vectors: Vec<Vec<f32>>,
+    },
+    /// Hits of a shard.
+    Hits(Vec<Hit>),
+    /// Writes durable up to this sequence number.
+    Written {
+        /// Last sequence number.
+        seq: u64,
+    },
+    /// Live documents of a shard.
+    Dumped {
+        /// Upserts of every live document.
+        ops: Vec<WriteOp>,
+        /// Model pinned by the shard.
+        model: Option<ModelIdentity>,
+    },
+    /// Reranker scores, in input order.
+    Scores(Vec<f32>),
+    /// A stream was opened.
+    StreamStarted {
+        /// Its id.
+        stream: u64,
+    },
+    /// Next piece of a stream.
+    Stream(StreamChunk),
+    /// Result of a retrieval.
+    Retrieved(RetrieveResult),
+    /// Result of an ingest.
+    Ingested(IngestResult),
+    /// Cluster status.
+    Status(ClusterStatus),
+    /// Generic acknowledgement.
+    Ack,
+    /// The request failed.
+    Error(WireError),
+}
+
+/// Errors that cross the wire.
+#[derive(Debug, Clone, PartialEq, thiserror::Error, Serialize, Deserialize)]
+pub enum WireError {
+    /// The request is invalid.
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    /// The actor cannot serve it now.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    /// Query or write embedded with another model than the index pins.
+    #[error("embedding model mismatch: index has {index}, request has {request}")]
+    ModelMismatch {
+        /// The index's model.
+        index: String,
+        /// The request's model.
+        request: String,
+    },
+    /// The deadline passed.
+    #[error("deadline exceeded")]
+    Deadline,
+    /// The actor does not handle this request.
+    #[error("unsupported request {0}")]
+    Unsupported(String),
+    /// Anything else.
+    #[error("internal error: {0}")]
+    Internal(String),
+    /// The frame did not decode.
+    #[error("bad frame: {0}")]
+    Frame(FrameError),
+}

@@ -1,0 +1,66 @@
+//! Parity with the reference implementations' outputs (`tests/fixtures`, made with
+//! sentence-transformers / transformers on CPU in f32).
+use std::path::PathBuf;
+
+use ragfleet_models::backend::Cpu;
+use ragfleet_models::{CrossEncoder, Embedder};
+use serde_json::Value;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn models_dir() -> PathBuf {
+    std::env::var_os("RAGFLEET_MODELS").map(PathBuf::from).unwrap_or_else(|| root().join("models"))
+}
+
+fn fixture(name: &str) -> Value {
+    let p = root().join("tests/fixtures").join(name);
+    serde_json::from_str(&std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))).unwrap()
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    let d: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+    let na: f32 = a.iter().map(|x| x * x).sum::<f32>().sqrt();
+    let nb: f32 = b.iter().map(|x| x * x).sum::<f32>().sqrt();
+    d / (na * nb)
+}
+
+#[test]
+fn minilm_token_ids_and_embeddings_match_reference() {
+    let dir = models_dir().join("minilm");
+    assert!(dir.join("model.safetensors").is_file(), "models missing in {}: run `ragfleet models fetch`", dir.display());
+    let device = Default::default();
+    let emb = Embedder::<Cpu>::load(&dir, &device).expect("embedder loads");
+    let fx = fixture("minilm_embeddings.json");
+    let cases = fx["cases"].as_array().unwrap();
+    let texts: Vec<String> = cases.iter().map(|c| c["text"].as_str().unwrap().to_string()).collect();
+    let got = emb.embed(&texts).unwrap();
+    for (c, v) in cases.iter().zip(&got) {
+        let ids: Vec<u32> = c["input_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+        assert_eq!(emb.token_ids(c["text"].as_str().unwrap()).unwrap(), ids, "token ids of {:?}", c["text"]);
+        let want: Vec<f32> = c["embedding"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
+        let cos = cosine(v, &want);
+        assert!(cos >= 0.9999, "cosine {cos} for {:?}", c["text"]);
+    }
+    assert_eq!(emb.identity().dim, 384);
+    assert_eq!(emb.identity().weights_sha256, "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db");
+}
+
+#[test]
+fn cross_encoder_logits_match_reference() {
+    let device = Default::default();
+    let ce = CrossEncoder::<Cpu>::load(&root().join("tests/fixtures/tiny-cross-encoder"), &device).expect("loads");
+    let fx = fixture("cross_encoder_scores.json");
+    for c in fx["cases"].as_array().unwrap() {
+        let (q, p) = (c["query"].as_str().unwrap(), c["passage"].as_str().unwrap());
+        let (ids, types) = ce.encode_pair(q, p).unwrap();
+        let want_ids: Vec<u32> = c["input_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+        let want_types: Vec<u32> = c["token_type_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+        assert_eq!(ids, want_ids);
+        assert_eq!(types, want_types);
+        let got = ce.score(q, &[p.to_string()]).unwrap()[0];
+        let want = c["score"].as_f64().unwrap() as f32;
+        assert!((got - want).abs() <= 1e-4 + 5e-5, "logit {got} vs {want}");
+    }
+}

@@ -45,6 +45,11 @@ fn all_requests() -> Vec<Request> {
             model: model(),
         },
         Request::Dump,
+        Request::ChunkEmbed {
+            docs: vec![Document { id: "1".into(), title: String::new(), text: "x".into() }],
+            chunk_tokens: 200,
+            overlap: 20,
+        },
         Request::Rerank { query: "q".into(), passages: vec!["p".into()] },
         Request::Generate {
             system: String::new(),
@@ -82,6 +87,11 @@ fn all_responses() -> Vec<Response> {
         Response::Embeddings { model: model(), vectors: vec![vec![0.1, 0.2, 0.3]] },
         Response::Hits(vec![hit.clone()]),
         Response::Written { seq: 42 },
+        Response::Chunked {
+            model: model(),
+            ops: vec![WriteOp::Delete { doc_id: "x".into() }],
+            failed: vec![("y".into(), "empty".into())],
+        },
         Response::Dumped { ops: vec![WriteOp::Delete { doc_id: "x".into() }], model: Some(model()) },
         Response::Scores(vec![1.0, -2.0]),
         Response::StreamStarted { stream: 1 },

@@ -404,6 +404,15 @@ pub enum Request {
         /// Texts.
         texts: Vec<String>,
     },
+    /// Chunk documents and embed the chunks (embedder, ingest path).
+    ChunkEmbed {
+        /// Documents.
+        docs: Vec<Document>,
+        /// Chunk length in tokens.
+        chunk_tokens: u32,
+        /// Overlap in tokens.
+        overlap: u32,
+    },
     /// Search (shard).
     Search(SearchQuery),
     /// Apply writes durably (shard); answered once fsynced.
@@ -476,6 +485,15 @@ pub enum Response {
         model: ModelIdentity,
         /// Vectors.
         vectors: Vec<Vec<f32>>,
+    },
+    /// Chunked and embedded documents.
+    Chunked {
+        /// Model identity.
+        model: ModelIdentity,
+        /// Upserts, one per document.
+        ops: Vec<WriteOp>,
+        /// Documents refused, with the reason.
+        failed: Vec<(String, String)>,
     },
     /// Hits of a shard.
     Hits(Vec<Hit>),

@@ -1,1 +1,51 @@
-//! ragfleet-runtime
+//! The ragfleet cluster runtime: supervised role actors on ractor, a cluster transport on
+//! ractor_cluster, failure detection by heartbeats, a coordinator that scatters and gathers
+//! under deadlines and reports coverage, and the client library.
+//!
+//! Models reach the runtime through the traits of [`models`], so this crate knows no backend.
+#![warn(missing_docs, unreachable_pub)]
+
+pub mod agent;
+pub mod call;
+pub mod client;
+pub mod coordinator;
+pub mod embedder;
+pub mod generator;
+pub mod health;
+pub mod models;
+pub mod node;
+pub mod reranker;
+pub mod shard;
+pub mod streams;
+pub mod supervisor;
+
+pub use client::{Client, ClientError};
+pub use models::{EmbedModel, GenerateModel, ModelLoader, RerankModel};
+pub use node::{start_node, NodeHandle, NodeOptions};
+
+/// Errors starting or running a node.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// Configuration problem.
+    #[error(transparent)]
+    Config(#[from] ragfleet_config::ConfigError),
+    /// An actor could not be spawned.
+    #[error("cannot start actor {name}: {reason}")]
+    Spawn {
+        /// Actor name.
+        name: String,
+        /// Cause.
+        reason: String,
+    },
+    /// The node's listener could not start.
+    #[error("cannot listen on {addr}: {reason}")]
+    Listen {
+        /// Address.
+        addr: String,
+        /// Cause.
+        reason: String,
+    },
+    /// A model could not be loaded.
+    #[error("cannot load model: {0}")]
+    Model(String),
+}

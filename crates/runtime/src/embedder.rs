@@ -1,0 +1,209 @@
+//! An embedder replica: requests are batched dynamically (up to `max_batch` texts, waiting at
+//! most `max_wait` for a batch to fill) and run on a dedicated thread.
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use ragfleet_index::chunk::chunk_document;
+use ragfleet_proto::{
+    groups, ActorInfo, ChaosAction, ChunkRecord, Document, ReplicaState, Request, Response, Role, RoleMsg, WireError,
+    WriteOp,
+};
+use tokio::sync::oneshot;
+use tracing::{debug, warn};
+
+use crate::call::{refuse, reply, unsupported};
+use crate::models::EmbedModel;
+
+type Job = (Vec<String>, oneshot::Sender<Result<Vec<Vec<f32>>, String>>);
+
+/// Start arguments of an embedder replica.
+#[derive(Clone)]
+pub struct EmbedderArgs {
+    /// Node name.
+    pub node: String,
+    /// The model.
+    pub model: Arc<dyn EmbedModel>,
+    /// Largest dynamic batch (texts).
+    pub max_batch: usize,
+    /// Longest wait for a batch to fill.
+    pub max_wait: Duration,
+    /// Longest accepted text in bytes.
+    pub max_text_bytes: usize,
+}
+
+/// The embedder actor.
+#[derive(Debug, Default, Clone)]
+pub struct EmbedderActor;
+
+/// Its state.
+pub struct EmbedderState {
+    args: EmbedderArgs,
+    jobs: mpsc::Sender<Job>,
+}
+
+fn batch_loop(model: Arc<dyn EmbedModel>, rx: mpsc::Receiver<Job>, max_batch: usize, max_wait: Duration) {
+    while let Ok(first) = rx.recv() {
+        let mut jobs = vec![first];
+        let mut n = jobs[0].0.len();
+        let until = Instant::now() + max_wait;
+        while n < max_batch {
+            let left = until.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(j) => {
+                    n += j.0.len();
+                    jobs.push(j);
+                }
+                Err(_) => break,
+            }
+        }
+        let texts: Vec<String> = jobs.iter().flat_map(|j| j.0.iter().cloned()).collect();
+        debug!(requests = jobs.len(), texts = texts.len(), "embedding batch");
+        match model.embed(&texts) {
+            Ok(vecs) => {
+                let mut it = vecs.into_iter();
+                for (t, tx) in jobs {
+                    let part: Vec<Vec<f32>> = it.by_ref().take(t.len()).collect();
+                    let _ = tx.send(Ok(part));
+                }
+            }
+            Err(e) => {
+                for (_, tx) in jobs {
+                    let _ = tx.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+}
+
+async fn embed(jobs: &mpsc::Sender<Job>, texts: Vec<String>) -> Result<Vec<Vec<f32>>, WireError> {
+    let (tx, rx) = oneshot::channel();
+    jobs.send((texts, tx)).map_err(|_| WireError::Unavailable("embedding thread stopped".into()))?;
+    rx.await.map_err(|_| WireError::Unavailable("embedding thread stopped".into()))?.map_err(WireError::Internal)
+}
+
+/// Chunks and embeds documents (the same code for bulk and incremental ingest).
+async fn chunk_embed(
+    model: Arc<dyn EmbedModel>,
+    jobs: mpsc::Sender<Job>,
+    docs: Vec<Document>,
+    chunk_tokens: usize,
+    overlap: usize,
+) -> Response {
+    let m = model.clone();
+    let chunked = tokio::task::spawn_blocking(move || {
+        let mut ok = Vec::new();
+        let mut failed = Vec::new();
+        for d in docs {
+            if d.id.trim().is_empty() {
+                failed.push((d.id, "empty document id".to_string()));
+                continue;
+            }
+            let body = if d.title.trim().is_empty() { d.text.clone() } else { format!("{}. {}", d.title.trim(), d.text) };
+            let chunks = chunk_document(&d.id, &body, &|t| m.count_tokens(t), chunk_tokens, overlap);
+            if chunks.is_empty() {
+                failed.push((d.id, "document has no text".to_string()));
+                continue;
+            }
+            ok.push((d.id, chunks));
+        }
+        (ok, failed)
+    })
+    .await;
+    let Ok((docs, failed)) = chunked else {
+        return Response::Error(WireError::Internal("chunking failed".into()));
+    };
+    let texts: Vec<String> = docs.iter().flat_map(|(_, cs)| cs.iter().map(|c| c.text.clone())).collect();
+    let vecs = match embed(&jobs, texts).await {
+        Ok(v) => v,
+        Err(e) => return Response::Error(e),
+    };
+    let mut it = vecs.into_iter();
+    let ops = docs
+        .into_iter()
+        .map(|(doc_id, chunks)| WriteOp::Upsert {
+            chunks: chunks
+                .into_iter()
+                .map(|c| ChunkRecord {
+                    doc_id: doc_id.clone(),
+                    chunk_id: c.chunk_id,
+                    text: c.text,
+                    vector: it.next().unwrap_or_default(),
+                })
+                .collect(),
+            doc_id,
+        })
+        .collect();
+    Response::Chunked { model: model.identity(), ops, failed }
+}
+
+impl Actor for EmbedderActor {
+    type Msg = RoleMsg;
+    type State = EmbedderState;
+    type Arguments = EmbedderArgs;
+
+    async fn pre_start(&self, myself: ActorRef<RoleMsg>, args: EmbedderArgs) -> Result<EmbedderState, ActorProcessingErr> {
+        let (tx, rx) = mpsc::channel::<Job>();
+        let (model, mb, mw) = (args.model.clone(), args.max_batch, args.max_wait);
+        std::thread::Builder::new().name("embedder".into()).spawn(move || batch_loop(model, rx, mb, mw))?;
+        ractor::pg::join(groups::EMBEDDERS.to_string(), vec![myself.get_cell()]);
+        Ok(EmbedderState { args, jobs: tx })
+    }
+
+    async fn handle(&self, _me: ActorRef<RoleMsg>, msg: RoleMsg, state: &mut EmbedderState) -> Result<(), ActorProcessingErr> {
+        let RoleMsg::Call(frame, port) = msg;
+        if let Some(r) = refuse(&frame, "embedder") {
+            reply(port, r);
+            return Ok(());
+        }
+        let Ok(req) = frame.0 else { return Ok(()) };
+        match req {
+            Request::Ping => reply(
+                port,
+                Response::Pong(ActorInfo {
+                    node: state.args.node.clone(),
+                    role: Role::Embedder,
+                    shard: None,
+                    state: ReplicaState::Serving,
+                    docs: 0,
+                    chunks: 0,
+                    last_seq: 0,
+                }),
+            ),
+            Request::Embed { texts } => {
+                if let Some(t) = texts.iter().find(|t| t.len() > state.args.max_text_bytes) {
+                    let e = format!("text of {} bytes exceeds the limit of {}", t.len(), state.args.max_text_bytes);
+                    reply(port, Response::Error(WireError::BadRequest(e)));
+                    return Ok(());
+                }
+                let jobs = state.jobs.clone();
+                let identity = state.args.model.identity();
+                tokio::spawn(async move {
+                    let r = match embed(&jobs, texts).await {
+                        Ok(vectors) => Response::Embeddings { model: identity, vectors },
+                        Err(e) => Response::Error(e),
+                    };
+                    reply(port, r);
+                });
+            }
+            Request::ChunkEmbed { docs, chunk_tokens, overlap } => {
+                let (model, jobs) = (state.args.model.clone(), state.jobs.clone());
+                tokio::spawn(async move {
+                    let r = chunk_embed(model, jobs, docs, chunk_tokens as usize, overlap as usize).await;
+                    reply(port, r);
+                });
+            }
+            Request::Chaos(ChaosAction::Panic) => {
+                warn!("chaos: embedder panicking");
+                panic!("chaos: embedder told to panic");
+            }
+            Request::Chaos(ChaosAction::Stall(ms)) => {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                reply(port, Response::Ack);
+            }
+            other => reply(port, unsupported(&other, "embedder")),
+        }
+        Ok(())
+    }
+}

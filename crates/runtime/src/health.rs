@@ -1,0 +1,132 @@
+//! Failure detection: every member of the watched process groups is pinged each heartbeat; a
+//! member that has not answered within `suspect_after` is suspected and gets no queries until it
+//! answers again. ractor_cluster alone notices only a broken socket, never a frozen peer.
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use ractor::{ActorId, ActorRef};
+use ragfleet_proto::{ActorInfo, ReplicaState, Request, Response, RoleMsg};
+
+use crate::call::call;
+
+/// What the detector knows of a member.
+#[derive(Debug, Clone)]
+pub struct Member {
+    /// The actor.
+    pub actor: ActorRef<RoleMsg>,
+    /// Its group.
+    pub group: String,
+    /// Its last self-description.
+    pub info: Option<ActorInfo>,
+    /// When it last answered.
+    pub last_ok: Option<Instant>,
+    /// Set by callers that saw it fail; cleared by its next answer.
+    pub failed: bool,
+    ping_in_flight: bool,
+}
+
+impl Member {
+    /// Healthy: answered within `suspect_after` and not seen failing since.
+    pub fn healthy(&self, suspect_after: Duration) -> bool {
+        !self.failed && self.last_ok.is_some_and(|t| t.elapsed() <= suspect_after)
+    }
+
+    /// Healthy and serving (shard replicas catching up are not).
+    pub fn serving(&self, suspect_after: Duration) -> bool {
+        self.healthy(suspect_after) && self.info.as_ref().is_some_and(|i| i.state == ReplicaState::Serving)
+    }
+}
+
+/// The failure detector's table.
+#[derive(Debug)]
+pub struct Health {
+    members: RwLock<HashMap<ActorId, Member>>,
+    /// Silence after which a member is suspected.
+    pub suspect_after: Duration,
+}
+
+impl Health {
+    /// An empty table.
+    pub fn new(suspect_after: Duration) -> Arc<Self> {
+        Arc::new(Health { members: RwLock::new(HashMap::new()), suspect_after })
+    }
+
+    /// Members of `group`, healthy or not.
+    pub fn members(&self, group: &str) -> Vec<Member> {
+        let m = self.members.read().expect("health lock");
+        let mut v: Vec<Member> = m.values().filter(|x| x.group == group).cloned().collect();
+        v.sort_by_key(|x| x.actor.get_id());
+        v
+    }
+
+    /// Healthy, serving members of `group`.
+    pub fn serving(&self, group: &str) -> Vec<Member> {
+        self.members(group).into_iter().filter(|m| m.serving(self.suspect_after)).collect()
+    }
+
+    /// Records a failed call so the member is skipped until it answers a heartbeat.
+    pub fn mark_failed(&self, id: ActorId) {
+        if let Some(m) = self.members.write().expect("health lock").get_mut(&id) {
+            m.failed = true;
+        }
+    }
+
+    /// One round: sync membership with the process groups, ping everyone not already pinged.
+    pub fn tick(self: &Arc<Self>, groups: &[String], ping_timeout: Duration) {
+        let mut current: HashMap<ActorId, (ActorRef<RoleMsg>, String)> = HashMap::new();
+        for g in groups {
+            for cell in ractor::pg::get_members(g) {
+                current.insert(cell.get_id(), (ActorRef::from(cell), g.clone()));
+            }
+        }
+        let mut to_ping = Vec::new();
+        {
+            let mut m = self.members.write().expect("health lock");
+            m.retain(|id, _| current.contains_key(id));
+            for (id, (actor, group)) in current {
+                let e = m.entry(id).or_insert_with(|| Member {
+                    actor: actor.clone(),
+                    group,
+                    info: None,
+                    last_ok: None,
+                    failed: false,
+                    ping_in_flight: false,
+                });
+                if !e.ping_in_flight {
+                    e.ping_in_flight = true;
+                    to_ping.push((id, actor));
+                }
+            }
+        }
+        for (id, actor) in to_ping {
+            let me = self.clone();
+            tokio::spawn(async move {
+                let res = call(&actor, Request::Ping, ping_timeout).await;
+                let mut m = me.members.write().expect("health lock");
+                if let Some(e) = m.get_mut(&id) {
+                    e.ping_in_flight = false;
+                    if let Ok(Response::Pong(info)) = res {
+                        e.info = Some(info);
+                        e.last_ok = Some(Instant::now());
+                        e.failed = false;
+                    }
+                }
+            });
+        }
+    }
+
+    /// Runs `tick` every `period` until the returned handle is aborted.
+    pub fn spawn_loop(self: &Arc<Self>, groups: Vec<String>, period: Duration) -> tokio::task::JoinHandle<()> {
+        let me = self.clone();
+        let ping_timeout = self.suspect_after;
+        tokio::spawn(async move {
+            let mut iv = tokio::time::interval(period);
+            iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                iv.tick().await;
+                me.tick(&groups, ping_timeout);
+            }
+        })
+    }
+}

@@ -1,0 +1,282 @@
+//! Starting a node: the ractor_cluster `NodeServer` on the node's address, a connector that
+//! keeps a session open to every peer (reconnecting with backoff), the failure detector, and the
+//! supervision tree: a root supervisor, one supervisor per role, the role actors under them.
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ractor::{Actor, ActorCell, ActorRef};
+use ractor_cluster::node::NodeConnectionMode;
+use ractor_cluster::{NodeServer, NodeServerMessage};
+use ragfleet_config::{ClusterConfig, NodeRole};
+use ragfleet_index::IndexSettings;
+use ragfleet_proto::groups;
+use tracing::{debug, error, info, warn};
+
+use crate::agent::NodeAgent;
+use crate::coordinator::{CoordinatorActor, CoordinatorArgs};
+use crate::embedder::{EmbedderActor, EmbedderArgs};
+use crate::generator::{GeneratorActor, GeneratorArgs};
+use crate::health::Health;
+use crate::models::ModelLoader;
+use crate::reranker::{RerankerActor, RerankerArgs};
+use crate::shard::{ShardActor, ShardArgs};
+use crate::supervisor::{ChildSpec, SpawnFn, Supervisor, SupervisorArgs, SupervisorMsg};
+use crate::RuntimeError;
+
+/// How to start.
+#[derive(Debug, Clone, Default)]
+pub struct NodeOptions {
+    /// Run the roles of every node of the file in this process (the embedded cluster); the
+    /// listener takes the first node's address.
+    pub embedded: bool,
+}
+
+/// A running node.
+pub struct NodeHandle {
+    /// Node name (or the cluster name when embedded).
+    pub name: String,
+    /// The transport.
+    pub server: ActorRef<NodeServerMessage>,
+    /// The root supervisor.
+    pub root: ActorRef<SupervisorMsg>,
+    root_join: tokio::task::JoinHandle<()>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// The node's failure detector.
+    pub health: Arc<Health>,
+}
+
+impl NodeHandle {
+    /// Waits until the root supervisor stops (it fails when a role escalates past its limit).
+    pub async fn wait(&mut self) {
+        let _ = (&mut self.root_join).await;
+    }
+
+    /// Stops everything.
+    pub async fn shutdown(self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        self.root.stop(Some("shutdown".into()));
+        let _ = self.root_join.await;
+        self.server.stop(None);
+    }
+}
+
+fn spawn_fn<A>(actor: A, args: A::Arguments) -> SpawnFn
+where
+    A: Actor + Clone,
+    A::Arguments: Clone + Sync,
+{
+    Arc::new(move |sup: ActorCell| {
+        let (actor, args) = (actor.clone(), args.clone());
+        Box::pin(async move {
+            Actor::spawn_linked(None, actor, args, sup).await.map(|(r, _)| r.get_cell()).map_err(|e| e.to_string())
+        })
+    })
+}
+
+fn supervisor_spec(label: String, children: Vec<ChildSpec>, cfg: &ClusterConfig) -> ChildSpec {
+    let (max, within) = (cfg.supervision.max_restarts, Duration::from_secs(cfg.supervision.within_secs));
+    ChildSpec {
+        name: label.clone(),
+        spawn: Arc::new(move |sup: ActorCell| {
+            let args = SupervisorArgs { label: label.clone(), children: children.clone(), max_restarts: max, within };
+            Box::pin(async move {
+                Actor::spawn_linked(None, Supervisor, args, sup).await.map(|(r, _)| r.get_cell()).map_err(|e| e.to_string())
+            })
+        }),
+    }
+}
+
+/// The role supervisors of one node.
+async fn role_specs(
+    cfg: &Arc<ClusterConfig>,
+    node: &str,
+    loader: &Arc<dyn ModelLoader>,
+    health: &Arc<Health>,
+) -> Result<Vec<ChildSpec>, RuntimeError> {
+    let n = cfg.node(node)?.clone();
+    let mut roles = vec![supervisor_spec(
+        format!("{node}/agent"),
+        vec![ChildSpec { name: format!("{node}/agent"), spawn: spawn_fn(NodeAgent, node.to_string()) }],
+        cfg,
+    )];
+    if n.has(NodeRole::Shard) {
+        let settings = IndexSettings {
+            segment_size: cfg.index.segment_size,
+            merge_below: cfg.index.merge_below,
+            ef_construction: cfg.index.ef_construction,
+            ef_search: cfg.index.ef_search,
+            background: true,
+        };
+        let children = cfg
+            .shards_of(node)
+            .into_iter()
+            .map(|(s, _)| ChildSpec {
+                name: format!("{node}/shard-{s}"),
+                spawn: spawn_fn(
+                    ShardActor,
+                    ShardArgs {
+                        node: node.to_string(),
+                        shard: s,
+                        dir: cfg.replica_dir(node, s),
+                        settings: settings.clone(),
+                        peer_wait: Duration::from_millis(cfg.failure.suspect_after_ms * 2),
+                    },
+                ),
+            })
+            .collect();
+        roles.push(supervisor_spec(format!("{node}/shards"), children, cfg));
+    }
+    if n.has(NodeRole::Embedder) {
+        let l = loader.clone();
+        let model = tokio::task::spawn_blocking(move || l.embedder())
+            .await
+            .map_err(|e| RuntimeError::Model(e.to_string()))?
+            .map_err(RuntimeError::Model)?;
+        let args = EmbedderArgs {
+            node: node.to_string(),
+            model,
+            max_batch: cfg.embedder.max_batch,
+            max_wait: Duration::from_millis(cfg.embedder.max_wait_ms),
+            max_text_bytes: cfg.query.max_query_bytes.max(1 << 20),
+        };
+        let children = (0..n.embedder_replicas)
+            .map(|i| ChildSpec { name: format!("{node}/embedder-{i}"), spawn: spawn_fn(EmbedderActor, args.clone()) })
+            .collect();
+        roles.push(supervisor_spec(format!("{node}/embedders"), children, cfg));
+    }
+    if n.has(NodeRole::Reranker) {
+        let l = loader.clone();
+        match tokio::task::spawn_blocking(move || l.reranker()).await.map_err(|e| RuntimeError::Model(e.to_string()))? {
+            Ok(model) => {
+                let args = RerankerArgs { node: node.to_string(), model };
+                let c = vec![ChildSpec { name: format!("{node}/reranker"), spawn: spawn_fn(RerankerActor, args) }];
+                roles.push(supervisor_spec(format!("{node}/rerankers"), c, cfg));
+            }
+            Err(e) => warn!(node, error = %e, "reranker role not started: no cross-encoder"),
+        }
+    }
+    if n.has(NodeRole::Generator) {
+        let l = loader.clone();
+        match tokio::task::spawn_blocking(move || l.generator()).await.map_err(|e| RuntimeError::Model(e.to_string()))? {
+            Ok(model) => {
+                let args = GeneratorArgs {
+                    node: node.to_string(),
+                    model,
+                    max_streams: cfg.generator.max_streams,
+                    max_tokens: 2048,
+                };
+                let c = vec![ChildSpec { name: format!("{node}/generator"), spawn: spawn_fn(GeneratorActor, args) }];
+                roles.push(supervisor_spec(format!("{node}/generators"), c, cfg));
+            }
+            Err(e) => warn!(node, error = %e, "generator role not started"),
+        }
+    }
+    if n.has(NodeRole::Coordinator) {
+        let l = loader.clone();
+        let gen_tokens = tokio::task::spawn_blocking(move || l.generator_tokens()).await.ok().and_then(|r| {
+            r.map_err(|e| warn!(error = %e, "no generator tokenizer; estimating context tokens")).ok()
+        });
+        let args = CoordinatorArgs { node: node.to_string(), cfg: cfg.clone(), health: health.clone(), gen_tokens };
+        let c = vec![ChildSpec { name: format!("{node}/coordinator"), spawn: spawn_fn(CoordinatorActor, args) }];
+        roles.push(supervisor_spec(format!("{node}/coordinators"), c, cfg));
+    }
+    Ok(roles)
+}
+
+/// Keeps a session to every peer, reconnecting with exponential backoff.
+async fn connector(server: ActorRef<NodeServerMessage>, peers: Vec<(String, String)>, max_backoff: Duration) {
+    let mut next_try: HashMap<String, (Instant, Duration)> = HashMap::new();
+    loop {
+        let sessions = ractor::call_t!(server, NodeServerMessage::GetSessions, 2_000).unwrap_or_default();
+        let connected: Vec<String> = sessions
+            .values()
+            .filter_map(|s| s.peer_name.as_ref().map(|p| p.name.split('@').next().unwrap_or("").to_string()))
+            .collect();
+        for (name, addr) in &peers {
+            if connected.contains(name) {
+                next_try.remove(name);
+                continue;
+            }
+            let (at, backoff) = next_try.get(name).copied().unwrap_or((Instant::now(), Duration::from_millis(100)));
+            if Instant::now() < at {
+                continue;
+            }
+            match ractor_cluster::client_connect(&server, addr.as_str()).await {
+                Ok(()) => debug!(peer = %name, "connecting"),
+                Err(e) => debug!(peer = %name, error = %e, "peer unreachable"),
+            }
+            let nb = (backoff * 2).min(max_backoff);
+            next_try.insert(name.clone(), (Instant::now() + backoff, nb));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Starts the transport on `addr`.
+pub async fn start_server(name: &str, addr: SocketAddr, cookie: &str) -> Result<ActorRef<NodeServerMessage>, RuntimeError> {
+    // bind once ourselves so that a taken port is a clear error, not a dead listener actor
+    std::net::TcpListener::bind(addr).map_err(|e| RuntimeError::Listen { addr: addr.to_string(), reason: e.to_string() })?;
+    let server = NodeServer::new(
+        addr.port(),
+        cookie.to_string(),
+        name.to_string(),
+        addr.ip().to_string(),
+        None,
+        Some(NodeConnectionMode::Isolated),
+    )
+    .with_listen_addr(addr.ip());
+    let (r, _) = Actor::spawn(None, server, ())
+        .await
+        .map_err(|e| RuntimeError::Spawn { name: format!("{name} node server"), reason: e.to_string() })?;
+    Ok(r)
+}
+
+/// Starts node `name` of `cfg` (or, with `opts.embedded`, every node in this process).
+pub async fn start_node(
+    cfg: Arc<ClusterConfig>,
+    name: &str,
+    loader: Arc<dyn ModelLoader>,
+    opts: NodeOptions,
+) -> Result<NodeHandle, RuntimeError> {
+    let me = cfg.node(name)?.clone();
+    let addr: SocketAddr = me.addr.parse().map_err(|_| RuntimeError::Listen { addr: me.addr.clone(), reason: "bad address".into() })?;
+    let server = start_server(name, addr, &cfg.cookie).await?;
+    let mut tasks = Vec::new();
+    let local: Vec<String> = if opts.embedded { cfg.nodes.iter().map(|n| n.name.clone()).collect() } else { vec![name.to_string()] };
+    if !opts.embedded {
+        let peers: Vec<(String, String)> =
+            cfg.nodes.iter().filter(|n| n.name != name).map(|n| (n.name.clone(), n.addr.clone())).collect();
+        tasks.push(tokio::spawn(connector(server.clone(), peers, Duration::from_millis(cfg.failure.reconnect_max_ms))));
+    }
+    let health = Health::new(Duration::from_millis(cfg.failure.suspect_after_ms));
+    let mut watched: Vec<String> = [groups::NODES, groups::EMBEDDERS, groups::RERANKERS, groups::GENERATORS, groups::COORDINATORS]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    watched.extend((0..cfg.index.shards).map(groups::shard));
+    tasks.push(health.spawn_loop(watched, Duration::from_millis(cfg.failure.heartbeat_ms)));
+    let mut roles = Vec::new();
+    for n in &local {
+        roles.extend(role_specs(&cfg, n, &loader, &health).await?);
+    }
+    let root_args = SupervisorArgs {
+        label: format!("{name}/root"),
+        children: roles,
+        max_restarts: cfg.supervision.max_restarts,
+        within: Duration::from_secs(cfg.supervision.within_secs),
+    };
+    let (root, root_join) = Actor::spawn(None, Supervisor, root_args)
+        .await
+        .map_err(|e| RuntimeError::Spawn { name: format!("{name}/root"), reason: e.to_string() })?;
+    info!(node = name, addr = %addr, roles = ?me.roles, embedded = opts.embedded, "node started");
+    let root_join = tokio::spawn(async move {
+        if root_join.await.is_err() {
+            error!("root supervisor task failed");
+        }
+    });
+    Ok(NodeHandle { name: name.to_string(), server, root, root_join, tasks, health })
+}

@@ -1,0 +1,228 @@
+//! A shard replica: wraps a [`ShardIndex`]; recovers from disk, catches up from a serving peer
+//! replica before it serves, answers searches and durable writes.
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use ragfleet_index::{IndexSettings, ShardIndex};
+use ragfleet_proto::{
+    groups, ActorInfo, ChaosAction, ReplicaState, Request, Response, Role, RoleMsg, WireError, WriteOp,
+};
+use tracing::{error, info, warn};
+
+use crate::call::{call, refuse, reply, unsupported};
+
+/// Start arguments of a shard replica.
+#[derive(Debug, Clone)]
+pub struct ShardArgs {
+    /// Node name.
+    pub node: String,
+    /// Shard id.
+    pub shard: u32,
+    /// Data folder.
+    pub dir: PathBuf,
+    /// Index settings.
+    pub settings: IndexSettings,
+    /// How long to look for a serving peer before serving alone.
+    pub peer_wait: Duration,
+}
+
+/// The shard actor.
+#[derive(Debug, Default, Clone)]
+pub struct ShardActor;
+
+#[derive(Debug)]
+struct Shared {
+    index: RwLock<ShardIndex>,
+    state: Mutex<ReplicaState>,
+    written_while_catching_up: Mutex<HashSet<String>>,
+    counts: Mutex<(u64, u64, u64)>,
+}
+
+impl Shared {
+    fn refresh_counts(&self, ix: &ShardIndex) {
+        *self.counts.lock().expect("counts") = (ix.doc_count(), ix.chunk_count(), ix.last_seq());
+    }
+    fn state(&self) -> ReplicaState {
+        *self.state.lock().expect("state")
+    }
+}
+
+/// Its state.
+#[derive(Debug)]
+pub struct ShardState {
+    args: ShardArgs,
+    shared: Arc<Shared>,
+    catch_up: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Actor for ShardActor {
+    type Msg = RoleMsg;
+    type State = ShardState;
+    type Arguments = ShardArgs;
+
+    async fn pre_start(&self, myself: ActorRef<RoleMsg>, args: ShardArgs) -> Result<ShardState, ActorProcessingErr> {
+        let (dir, settings) = (args.dir.clone(), args.settings.clone());
+        let (index, report) = tokio::task::spawn_blocking(move || ShardIndex::open(&dir, settings)).await??;
+        for p in &report.problems {
+            warn!(shard = args.shard, problem = %p, "recovery found a problem");
+        }
+        let shared = Arc::new(Shared {
+            index: RwLock::new(index),
+            state: Mutex::new(ReplicaState::CatchingUp),
+            written_while_catching_up: Mutex::new(HashSet::new()),
+            counts: Mutex::new((0, 0, 0)),
+        });
+        shared.refresh_counts(&shared.index.read().expect("index"));
+        ractor::pg::join(groups::shard(args.shard), vec![myself.get_cell()]);
+        let catch_up = Some(tokio::spawn(catch_up(myself.clone(), args.clone(), shared.clone())));
+        Ok(ShardState { args, shared, catch_up })
+    }
+
+    async fn post_stop(&self, _me: ActorRef<RoleMsg>, state: &mut ShardState) -> Result<(), ActorProcessingErr> {
+        if let Some(h) = state.catch_up.take() {
+            h.abort();
+        }
+        Ok(())
+    }
+
+    async fn handle(&self, _me: ActorRef<RoleMsg>, msg: RoleMsg, state: &mut ShardState) -> Result<(), ActorProcessingErr> {
+        let RoleMsg::Call(frame, port) = msg;
+        if let Some(r) = refuse(&frame, "shard") {
+            reply(port, r);
+            return Ok(());
+        }
+        let Ok(req) = frame.0 else { return Ok(()) };
+        let shared = state.shared.clone();
+        match req {
+            Request::Ping => {
+                let (docs, chunks, last_seq) = *shared.counts.lock().expect("counts");
+                reply(
+                    port,
+                    Response::Pong(ActorInfo {
+                        node: state.args.node.clone(),
+                        role: Role::Shard,
+                        shard: Some(state.args.shard),
+                        state: shared.state(),
+                        docs,
+                        chunks,
+                        last_seq,
+                    }),
+                );
+            }
+            Request::Search(q) => {
+                if shared.state() != ReplicaState::Serving {
+                    reply(port, Response::Error(WireError::Unavailable("replica is catching up".into())));
+                    return Ok(());
+                }
+                tokio::task::spawn_blocking(move || {
+                    let r = shared.index.read().expect("index").search(&q);
+                    reply(port, match r {
+                        Ok(hits) => Response::Hits(hits),
+                        Err(e) => Response::Error(index_error(e)),
+                    });
+                });
+            }
+            Request::Write { ops, model } => {
+                tokio::task::spawn_blocking(move || {
+                    if shared.state() == ReplicaState::CatchingUp {
+                        let mut w = shared.written_while_catching_up.lock().expect("set");
+                        w.extend(ops.iter().map(|o| o.doc_id().to_string()));
+                    }
+                    let mut ix = shared.index.write().expect("index");
+                    let r = ix.write(ops, &model);
+                    shared.refresh_counts(&ix);
+                    reply(port, match r {
+                        Ok(seq) => Response::Written { seq },
+                        Err(e) => Response::Error(index_error(e)),
+                    });
+                });
+            }
+            Request::Dump => {
+                tokio::task::spawn_blocking(move || {
+                    let ix = shared.index.read().expect("index");
+                    reply(port, Response::Dumped { ops: ix.dump(), model: ix.model().cloned() });
+                });
+            }
+            Request::Chaos(ChaosAction::Panic) => panic!("chaos: shard replica told to panic"),
+            Request::Chaos(ChaosAction::Stall(ms)) => {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                reply(port, Response::Ack);
+            }
+            other => reply(port, unsupported(&other, "shard")),
+        }
+        Ok(())
+    }
+}
+
+fn index_error(e: ragfleet_index::IndexError) -> WireError {
+    match e {
+        ragfleet_index::IndexError::ModelMismatch { index, request } => WireError::ModelMismatch { index, request },
+        ragfleet_index::IndexError::BadInput(m) => WireError::BadRequest(m),
+        other => WireError::Internal(other.to_string()),
+    }
+}
+
+/// Finds a serving peer replica and copies its documents; serves alone if none shows up.
+async fn catch_up(me: ActorRef<RoleMsg>, args: ShardArgs, shared: Arc<Shared>) {
+    let start = Instant::now();
+    let group = groups::shard(args.shard);
+    let mut source = None;
+    while start.elapsed() < args.peer_wait {
+        for cell in ractor::pg::get_members(&group) {
+            if cell.get_id() == me.get_id() {
+                continue;
+            }
+            let peer: ActorRef<RoleMsg> = cell.into();
+            if let Ok(Response::Pong(info)) = call(&peer, Request::Ping, Duration::from_millis(500)).await {
+                if info.state == ReplicaState::Serving {
+                    source = Some((peer, info.node));
+                    break;
+                }
+            }
+        }
+        if source.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if let Some((peer, node)) = source {
+        match call(&peer, Request::Dump, Duration::from_secs(120)).await {
+            Ok(Response::Dumped { ops, model: Some(model) }) => {
+                let shared2 = shared.clone();
+                let res = tokio::task::spawn_blocking(move || apply_dump(&shared2, ops, &model)).await;
+                match res {
+                    Ok(Ok(n)) => info!(shard = args.shard, from = %node, changed = n, "caught up from peer"),
+                    Ok(Err(e)) => error!(shard = args.shard, error = %e, "catch-up failed; serving local data"),
+                    Err(e) => error!(shard = args.shard, error = %e, "catch-up task failed"),
+                }
+            }
+            Ok(Response::Dumped { model: None, .. }) => info!(shard = args.shard, "peer is empty"),
+            other => warn!(shard = args.shard, ?other, "catch-up dump failed; serving local data"),
+        }
+    } else {
+        info!(shard = args.shard, "no serving peer; serving local data");
+    }
+    *shared.state.lock().expect("state") = ReplicaState::Serving;
+    shared.written_while_catching_up.lock().expect("set").clear();
+}
+
+fn apply_dump(shared: &Shared, ops: Vec<WriteOp>, model: &ragfleet_proto::ModelIdentity) -> Result<usize, String> {
+    let skip = shared.written_while_catching_up.lock().expect("set").clone();
+    let mut ix = shared.index.write().expect("index");
+    let peer_docs: HashSet<String> = ops.iter().map(|o| o.doc_id().to_string()).collect();
+    let mut changes: Vec<WriteOp> = ops.into_iter().filter(|o| !skip.contains(o.doc_id())).collect();
+    for d in ix.doc_ids() {
+        if !peer_docs.contains(&d) && !skip.contains(&d) {
+            changes.push(WriteOp::Delete { doc_id: d });
+        }
+    }
+    let n = changes.len();
+    for batch in changes.chunks(256) {
+        ix.write(batch.to_vec(), model).map_err(|e| e.to_string())?;
+    }
+    shared.refresh_counts(&ix);
+    Ok(n)
+}

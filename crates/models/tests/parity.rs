@@ -64,3 +64,33 @@ fn cross_encoder_logits_match_reference() {
         assert!((got - want).abs() <= 1e-4 + 5e-5, "logit {got} vs {want}");
     }
 }
+
+#[test]
+fn smollm2_greedy_ids_and_first_logits_match_reference() {
+    use ragfleet_models::llama::Generator;
+    let path = models_dir().join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(path.is_file(), "models missing: run `ragfleet models fetch`");
+    let g = Generator::<Cpu>::load_gguf(&path, &Default::default()).expect("loads");
+    let fx = fixture("smollm2_greedy.json");
+    for c in fx["cases"].as_array().unwrap() {
+        let ids = |k: &str| -> Vec<u32> { c[k].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect() };
+        let prompt = ids("prompt_ids");
+        // our chat template reproduces the reference prompt from its parts
+        let text = c["prompt"].as_str().unwrap();
+        let user = text.split("<|im_start|>user\n").nth(1).unwrap().split("<|im_end|>").next().unwrap();
+        assert_eq!(g.tokenizer().chat_prompt("", user), prompt, "prompt ids");
+        let logits = g.prompt_logits(&prompt);
+        let mut order: Vec<usize> = (0..logits.len()).collect();
+        order.sort_by(|a, b| logits[*b].total_cmp(&logits[*a]));
+        let top5: Vec<u32> = order[..5].iter().map(|&i| i as u32).collect();
+        assert_eq!(top5, ids("first_step_top5_ids"));
+        for (i, want) in c["first_step_top5_logits"].as_array().unwrap().iter().enumerate() {
+            let got = logits[top5[i] as usize];
+            assert!((got - want.as_f64().unwrap() as f32).abs() < 1e-2, "logit {got} vs {want}");
+        }
+        let want = ids("greedy_ids");
+        let got = g.generate_ids(&prompt, want.len(), 0.0, 1.0, 0);
+        assert_eq!(got, want, "greedy ids");
+        assert_eq!(g.tokenizer().decode(&got[..got.len() - usize::from(got.last() == Some(&2))]), c["greedy_text"].as_str().unwrap());
+    }
+}

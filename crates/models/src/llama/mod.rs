@@ -1,0 +1,583 @@
+//! A Llama-architecture causal LM (SmolLM2 and friends): GGUF or safetensors weights,
+//! grouped-query attention, RoPE, RMSNorm, a KV cache, greedy and seeded temperature/top-p
+//! sampling, streamed tokens, and continuous batching of several streams.
+mod bpe;
+pub mod gguf;
+
+pub use bpe::{pre_tokenize, BpeTokenizer, DEFAULT_SYSTEM};
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::mpsc::{Receiver, TryRecvError};
+
+use burn::prelude::*;
+use burn::tensor::activation::{silu, softmax};
+use burn::tensor::{Int, TensorData};
+use rand::{Rng, SeedableRng};
+
+use crate::weights::{Linear, Weights};
+use crate::ModelError;
+use gguf::Gguf;
+
+/// Llama hyper-parameters.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LlamaConfig {
+    /// Layers.
+    pub layers: usize,
+    /// Hidden size.
+    pub hidden: usize,
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads.
+    pub kv_heads: usize,
+    /// Feed-forward size.
+    pub ffn: usize,
+    /// Vocabulary.
+    pub vocab: usize,
+    /// RoPE base.
+    pub rope_theta: f64,
+    /// RMSNorm epsilon.
+    pub eps: f64,
+    /// Context length.
+    pub context: usize,
+}
+
+struct Block<B: Backend> {
+    attn_norm: Tensor<B, 2>,
+    q: Linear<B>,
+    k: Linear<B>,
+    v: Linear<B>,
+    o: Linear<B>,
+    ffn_norm: Tensor<B, 2>,
+    gate: Linear<B>,
+    up: Linear<B>,
+    down: Linear<B>,
+}
+
+/// The model's weights on a device.
+pub struct Llama<B: Backend> {
+    /// Hyper-parameters.
+    pub cfg: LlamaConfig,
+    embed: Tensor<B, 2>,
+    blocks: Vec<Block<B>>,
+    norm: Tensor<B, 2>,
+    lm_head_t: Tensor<B, 2>,
+}
+
+/// One stream's key/value cache: per layer, [1, kv_heads, t, head_dim].
+pub struct KvCache<B: Backend> {
+    k: Vec<Option<Tensor<B, 4>>>,
+    v: Vec<Option<Tensor<B, 4>>>,
+    len: usize,
+}
+
+impl<B: Backend> KvCache<B> {
+    /// An empty cache for `layers` layers.
+    pub fn new(layers: usize) -> Self {
+        KvCache { k: vec![None; layers], v: vec![None; layers], len: 0 }
+    }
+    /// Cached positions.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    /// Whether empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// Undoes llama.cpp's interleaved-RoPE row permutation of q/k weights ([rows, cols]).
+fn unpermute(rows: usize, cols: usize, heads: usize, w: &[f32]) -> Vec<f32> {
+    let hd = rows / heads;
+    let half = hd / 2;
+    let mut out = vec![0f32; w.len()];
+    for h in 0..heads {
+        for i in 0..half {
+            for j in 0..2 {
+                let src = h * hd + i * 2 + j;
+                let dst = h * hd + j * half + i;
+                out[dst * cols..(dst + 1) * cols].copy_from_slice(&w[src * cols..(src + 1) * cols]);
+            }
+        }
+    }
+    out
+}
+
+impl<B: Backend> Llama<B> {
+    /// Loads from parsed GGUF (dequantising to f32).
+    pub fn from_gguf(g: &Gguf, device: &B::Device) -> Result<Self, ModelError> {
+        let arch = g.get("general.architecture").and_then(gguf::Value::as_str).unwrap_or("");
+        if arch != "llama" {
+            return Err(ModelError::format(g.path(), format!("architecture {arch:?} is not llama")));
+        }
+        let hidden = g.req_u64("llama.embedding_length")? as usize;
+        let heads = g.req_u64("llama.attention.head_count")? as usize;
+        let cfg = LlamaConfig {
+            layers: g.req_u64("llama.block_count")? as usize,
+            hidden,
+            heads,
+            kv_heads: g.get("llama.attention.head_count_kv").and_then(gguf::Value::as_u64).unwrap_or(heads as u64) as usize,
+            ffn: g.req_u64("llama.feed_forward_length")? as usize,
+            vocab: g.tensors.get("token_embd.weight").map(|t| t.shape[0]).unwrap_or(0),
+            rope_theta: g.get("llama.rope.freq_base").and_then(gguf::Value::as_f64).unwrap_or(10000.0),
+            eps: g.get("llama.attention.layer_norm_rms_epsilon").and_then(gguf::Value::as_f64).unwrap_or(1e-5),
+            context: g.get("llama.context_length").and_then(gguf::Value::as_u64).unwrap_or(2048) as usize,
+        };
+        if heads == 0 || hidden % heads != 0 || cfg.kv_heads == 0 || heads % cfg.kv_heads != 0 {
+            return Err(ModelError::format(g.path(), "inconsistent head counts"));
+        }
+        let hd = hidden / heads;
+        let mut map = HashMap::new();
+        for name in g.tensors.keys() {
+            let (shape, mut data) = g.dequantize(name)?;
+            let hf = gguf_to_hf(name);
+            if name.ends_with("attn_q.weight") {
+                data = unpermute(shape[0], shape[1], heads, &data);
+            } else if name.ends_with("attn_k.weight") {
+                data = unpermute(shape[0], shape[1], cfg.kv_heads, &data);
+            }
+            map.insert(hf, (shape, data));
+        }
+        let _ = hd;
+        let mut w = Weights::from_map(g.path(), map);
+        Self::from_weights(cfg, &mut w, device)
+    }
+
+    /// Loads from Hugging Face-named weights (`model.layers.N...`).
+    pub fn from_weights(cfg: LlamaConfig, w: &mut Weights, device: &B::Device) -> Result<Self, ModelError> {
+        let (h, hd) = (cfg.hidden, cfg.hidden / cfg.heads);
+        let embed: Tensor<B, 2> = w.take("model.embed_tokens.weight", [cfg.vocab, h], device)?;
+        let lm_head_t = if w.has("lm_head.weight") {
+            w.take::<B, 2>("lm_head.weight", [cfg.vocab, h], device)?.transpose()
+        } else {
+            embed.clone().transpose()
+        };
+        let norm = w.take::<B, 1>("model.norm.weight", [h], device)?.reshape([1, h]);
+        let mut blocks = Vec::with_capacity(cfg.layers);
+        for i in 0..cfg.layers {
+            let p = |s: &str| format!("model.layers.{i}.{s}");
+            blocks.push(Block {
+                attn_norm: w.take::<B, 1>(&p("input_layernorm.weight"), [h], device)?.reshape([1, h]),
+                q: w.linear(&p("self_attn.q_proj"), h, cfg.heads * hd, false, device)?,
+                k: w.linear(&p("self_attn.k_proj"), h, cfg.kv_heads * hd, false, device)?,
+                v: w.linear(&p("self_attn.v_proj"), h, cfg.kv_heads * hd, false, device)?,
+                o: w.linear(&p("self_attn.o_proj"), cfg.heads * hd, h, false, device)?,
+                ffn_norm: w.take::<B, 1>(&p("post_attention_layernorm.weight"), [h], device)?.reshape([1, h]),
+                gate: w.linear(&p("mlp.gate_proj"), h, cfg.ffn, false, device)?,
+                up: w.linear(&p("mlp.up_proj"), h, cfg.ffn, false, device)?,
+                down: w.linear(&p("mlp.down_proj"), cfg.ffn, h, false, device)?,
+            });
+        }
+        Ok(Llama { cfg, embed, blocks, norm, lm_head_t })
+    }
+
+    fn rms(&self, x: Tensor<B, 2>, w: &Tensor<B, 2>) -> Tensor<B, 2> {
+        let ms = x.clone().powf_scalar(2.0).mean_dim(1);
+        x / (ms + self.cfg.eps).sqrt() * w.clone()
+    }
+
+    fn rope(&self, x: Tensor<B, 4>, start: usize, device: &B::Device) -> Tensor<B, 4> {
+        let [b, nh, s, hd] = x.dims();
+        let half = hd / 2;
+        let mut cos = vec![0f32; s * hd];
+        let mut sin = vec![0f32; s * hd];
+        for p in 0..s {
+            for i in 0..half {
+                let freq = (self.cfg.rope_theta).powf(-(2.0 * i as f64) / hd as f64);
+                let a = (start + p) as f64 * freq;
+                let (sn, cs) = a.sin_cos();
+                cos[p * hd + i] = cs as f32;
+                cos[p * hd + i + half] = cs as f32;
+                sin[p * hd + i] = sn as f32;
+                sin[p * hd + i + half] = sn as f32;
+            }
+        }
+        let cos = Tensor::<B, 2>::from_data(TensorData::new(cos, [s, hd]), device).reshape([1, 1, s, hd]);
+        let sin = Tensor::<B, 2>::from_data(TensorData::new(sin, [s, hd]), device).reshape([1, 1, s, hd]);
+        let x1 = x.clone().slice([0..b, 0..nh, 0..s, 0..half]);
+        let x2 = x.clone().slice([0..b, 0..nh, 0..s, half..hd]);
+        let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+        x * cos + rotated * sin
+    }
+
+    /// Runs `tokens[i]` (one new token each, or a whole prompt when there is one stream) for
+    /// every stream; appends to the caches; returns the last position's logits per stream.
+    pub fn forward(&self, tokens: &[Vec<u32>], caches: &mut [&mut KvCache<B>], device: &B::Device) -> Vec<Vec<f32>> {
+        let cfg = &self.cfg;
+        let hd = cfg.hidden / cfg.heads;
+        let lens: Vec<usize> = tokens.iter().map(Vec::len).collect();
+        let total: usize = lens.iter().sum();
+        let flat: Vec<i32> = tokens.iter().flatten().map(|&t| (t as usize).min(cfg.vocab - 1) as i32).collect();
+        let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(flat, [total]), device);
+        let mut x = self.embed.clone().select(0, ids); // [total, h]
+        let group = cfg.heads / cfg.kv_heads;
+        for (l, blk) in self.blocks.iter().enumerate() {
+            let hn = self.rms(x.clone(), &blk.attn_norm);
+            let q = blk.q.forward2(hn.clone());
+            let k = blk.k.forward2(hn.clone());
+            let v = blk.v.forward2(hn);
+            let mut outs = Vec::with_capacity(tokens.len());
+            let mut off = 0;
+            for (si, cache) in caches.iter_mut().enumerate() {
+                let s = lens[si];
+                let start = cache.len;
+                let qs = q.clone().slice([off..off + s, 0..cfg.heads * hd]).reshape([1, s, cfg.heads, hd]).swap_dims(1, 2);
+                let ks = k.clone().slice([off..off + s, 0..cfg.kv_heads * hd]).reshape([1, s, cfg.kv_heads, hd]).swap_dims(1, 2);
+                let vs = v.clone().slice([off..off + s, 0..cfg.kv_heads * hd]).reshape([1, s, cfg.kv_heads, hd]).swap_dims(1, 2);
+                let qs = self.rope(qs, start, device);
+                let ks = self.rope(ks, start, device);
+                let kc = match cache.k[l].take() {
+                    Some(prev) => Tensor::cat(vec![prev, ks], 2),
+                    None => ks,
+                };
+                let vc = match cache.v[l].take() {
+                    Some(prev) => Tensor::cat(vec![prev, vs], 2),
+                    None => vs,
+                };
+                cache.k[l] = Some(kc.clone());
+                cache.v[l] = Some(vc.clone());
+                let t = start + s;
+                let expand = |c: Tensor<B, 4>| {
+                    c.reshape([1, cfg.kv_heads, 1, t, hd]).expand([1, cfg.kv_heads, group, t, hd]).reshape([1, cfg.heads, t, hd])
+                };
+                let (kf, vf) = (expand(kc), expand(vc));
+                let mut scores = qs.matmul(kf.swap_dims(2, 3)).mul_scalar(1.0 / (hd as f64).sqrt());
+                if s > 1 {
+                    let mut m = vec![0f32; s * t];
+                    for i in 0..s {
+                        for j in (start + i + 1)..t {
+                            m[i * t + j] = f32::NEG_INFINITY;
+                        }
+                    }
+                    scores = scores + Tensor::<B, 2>::from_data(TensorData::new(m, [s, t]), device).reshape([1, 1, s, t]);
+                }
+                let ctx = softmax(scores, 3).matmul(vf).swap_dims(1, 2).reshape([s, cfg.heads * hd]);
+                outs.push(ctx);
+                off += s;
+            }
+            let attn = if outs.len() == 1 { outs.pop().expect("one") } else { Tensor::cat(outs, 0) };
+            x = x + blk.o.forward2(attn);
+            let hn = self.rms(x.clone(), &blk.ffn_norm);
+            let ff = silu(blk.gate.forward2(hn.clone())) * blk.up.forward2(hn);
+            x = x + blk.down.forward2(ff);
+        }
+        for (si, c) in caches.iter_mut().enumerate() {
+            c.len += lens[si];
+        }
+        // logits of each stream's last position only
+        let mut last = Vec::with_capacity(lens.len());
+        let mut off = 0;
+        for &s in &lens {
+            last.push((off + s - 1) as i32);
+            off += s;
+        }
+        let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(last, [lens.len()]), device);
+        let xl = self.rms(x.select(0, idx), &self.norm);
+        let logits = xl.matmul(self.lm_head_t.clone());
+        let data: Vec<f32> = logits.into_data().convert::<f32>().to_vec().unwrap_or_default();
+        data.chunks(cfg.vocab).map(<[f32]>::to_vec).collect()
+    }
+}
+
+fn gguf_to_hf(name: &str) -> String {
+    let map = [
+        ("attn_norm.weight", "input_layernorm.weight"),
+        ("attn_q.weight", "self_attn.q_proj.weight"),
+        ("attn_k.weight", "self_attn.k_proj.weight"),
+        ("attn_v.weight", "self_attn.v_proj.weight"),
+        ("attn_output.weight", "self_attn.o_proj.weight"),
+        ("ffn_norm.weight", "post_attention_layernorm.weight"),
+        ("ffn_gate.weight", "mlp.gate_proj.weight"),
+        ("ffn_up.weight", "mlp.up_proj.weight"),
+        ("ffn_down.weight", "mlp.down_proj.weight"),
+    ];
+    match name {
+        "token_embd.weight" => return "model.embed_tokens.weight".into(),
+        "output_norm.weight" => return "model.norm.weight".into(),
+        "output.weight" => return "lm_head.weight".into(),
+        _ => {}
+    }
+    if let Some(rest) = name.strip_prefix("blk.") {
+        if let Some((n, t)) = rest.split_once('.') {
+            for (g, h) in map {
+                if t == g {
+                    return format!("model.layers.{n}.{h}");
+                }
+            }
+        }
+    }
+    name.to_string()
+}
+
+/// What a generation asks for.
+#[derive(Debug, Clone)]
+pub struct GenerationRequest {
+    /// System prompt (SmolLM2's default when empty).
+    pub system: String,
+    /// User message.
+    pub user: String,
+    /// Token limit.
+    pub max_tokens: usize,
+    /// 0 for greedy.
+    pub temperature: f32,
+    /// Nucleus mass.
+    pub top_p: f32,
+    /// RNG seed.
+    pub seed: u64,
+}
+
+/// An event of a token stream.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StreamEvent {
+    /// Newly decoded text.
+    Text(String),
+    /// End (EOS or limit).
+    Done,
+    /// Failure.
+    Error(String),
+}
+
+/// Picks the next token: argmax when `temperature <= 0`, else top-p sampling.
+pub fn sample(logits: &[f32], temperature: f32, top_p: f32, rng: &mut rand::rngs::StdRng) -> u32 {
+    if temperature <= 0.0 {
+        return logits.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i as u32).unwrap_or(0);
+    }
+    let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let mut probs: Vec<(u32, f32)> =
+        logits.iter().enumerate().map(|(i, &l)| (i as u32, ((l - max) / temperature).exp())).collect();
+    let sum: f32 = probs.iter().map(|p| p.1).sum();
+    probs.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let mut kept = Vec::new();
+    let mut acc = 0.0;
+    for (i, p) in probs {
+        let p = p / sum;
+        kept.push((i, p));
+        acc += p;
+        if acc >= top_p.clamp(0.01, 1.0) {
+            break;
+        }
+    }
+    let total: f32 = kept.iter().map(|p| p.1).sum();
+    let mut r = rng.gen::<f32>() * total;
+    for (i, p) in &kept {
+        r -= p;
+        if r <= 0.0 {
+            return *i;
+        }
+    }
+    kept.last().map(|p| p.0).unwrap_or(0)
+}
+
+/// A sink for stream events; returning false cancels the stream.
+pub type Sink = Box<dyn FnMut(StreamEvent) -> bool + Send>;
+
+struct Active<B: Backend> {
+    cache: KvCache<B>,
+    next: u32,
+    produced: usize,
+    max: usize,
+    temperature: f32,
+    top_p: f32,
+    rng: rand::rngs::StdRng,
+    pending: Vec<u8>,
+    sink: Sink,
+}
+
+/// A loaded generator: model + tokenizer.
+pub struct Generator<B: Backend> {
+    model: Llama<B>,
+    tokenizer: BpeTokenizer,
+    device: B::Device,
+}
+
+impl<B: Backend> Generator<B> {
+    /// Loads a GGUF file.
+    pub fn load_gguf(path: &Path, device: &B::Device) -> Result<Self, ModelError> {
+        let g = Gguf::open(path)?;
+        let tokenizer = BpeTokenizer::from_parsed(&g)?;
+        let model = Llama::from_gguf(&g, device)?;
+        Ok(Generator { model, tokenizer, device: device.clone() })
+    }
+
+    /// The tokenizer.
+    pub fn tokenizer(&self) -> &BpeTokenizer {
+        &self.tokenizer
+    }
+
+    /// The model.
+    pub fn model(&self) -> &Llama<B> {
+        &self.model
+    }
+
+    /// Logits after a prompt (one forward pass).
+    pub fn prompt_logits(&self, ids: &[u32]) -> Vec<f32> {
+        let mut cache = KvCache::new(self.model.cfg.layers);
+        self.model.forward(&[ids.to_vec()], &mut [&mut cache], &self.device).pop().unwrap_or_default()
+    }
+
+    /// Greedy or sampled ids after a prompt (EOS included when reached).
+    pub fn generate_ids(&self, prompt: &[u32], max_tokens: usize, temperature: f32, top_p: f32, seed: u64) -> Vec<u32> {
+        let mut cache = KvCache::new(self.model.cfg.layers);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut logits = self.model.forward(&[prompt.to_vec()], &mut [&mut cache], &self.device).pop().unwrap_or_default();
+        let mut out = Vec::new();
+        for _ in 0..max_tokens {
+            let t = sample(&logits, temperature, top_p, &mut rng);
+            out.push(t);
+            if t == self.tokenizer.eos || cache.len() + 1 >= self.model.cfg.context {
+                break;
+            }
+            logits = self.model.forward(&[vec![t]], &mut [&mut cache], &self.device).pop().unwrap_or_default();
+        }
+        out
+    }
+
+    fn admit(&self, req: GenerationRequest, mut sink: Sink) -> Option<Active<B>> {
+        let ids = self.tokenizer.chat_prompt(&req.system, &req.user);
+        let limit = self.model.cfg.context.saturating_sub(req.max_tokens + 1);
+        if ids.len() > limit {
+            sink(StreamEvent::Error(format!("prompt of {} tokens exceeds the context of {}", ids.len(), limit)));
+            return None;
+        }
+        let mut cache = KvCache::new(self.model.cfg.layers);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(req.seed);
+        let logits = self.model.forward(&[ids], &mut [&mut cache], &self.device).pop().unwrap_or_default();
+        let next = sample(&logits, req.temperature, req.top_p, &mut rng);
+        Some(Active {
+            cache,
+            next,
+            produced: 0,
+            max: req.max_tokens.max(1),
+            temperature: req.temperature,
+            top_p: req.top_p,
+            rng,
+            pending: Vec::new(),
+            sink,
+        })
+    }
+
+    /// Emits `a.next`; returns false when the stream ended.
+    fn emit(&self, a: &mut Active<B>) -> bool {
+        if a.next == self.tokenizer.eos || self.tokenizer.is_special(a.next) {
+            if !a.pending.is_empty() {
+                let t = String::from_utf8_lossy(&a.pending).into_owned();
+                (a.sink)(StreamEvent::Text(t));
+            }
+            (a.sink)(StreamEvent::Done);
+            return false;
+        }
+        a.pending.extend(self.tokenizer.token_bytes(a.next));
+        a.produced += 1;
+        // emit the longest valid UTF-8 prefix; keep a split character for the next token
+        let valid = match std::str::from_utf8(&a.pending) {
+            Ok(_) => a.pending.len(),
+            Err(e) if e.error_len().is_none() => e.valid_up_to(),
+            Err(_) => a.pending.len(),
+        };
+        if valid > 0 {
+            let text = String::from_utf8_lossy(&a.pending[..valid]).into_owned();
+            a.pending.drain(..valid);
+            if !(a.sink)(StreamEvent::Text(text)) {
+                return false;
+            }
+        }
+        if a.produced >= a.max || a.cache.len() + 1 >= self.model.cfg.context {
+            if !a.pending.is_empty() {
+                (a.sink)(StreamEvent::Text(String::from_utf8_lossy(&a.pending).into_owned()));
+            }
+            (a.sink)(StreamEvent::Done);
+            return false;
+        }
+        true
+    }
+
+    /// The decode loop with continuous batching: new requests are admitted (prefilled) between
+    /// decode steps; every step decodes one token for all active streams in one batch.
+    pub fn serve<J>(&self, rx: Receiver<J>, max_streams: usize, adapt: impl Fn(J) -> (GenerationRequest, Sink)) {
+        let mut active: Vec<Active<B>> = Vec::new();
+        let mut closed = false;
+        loop {
+            // admit
+            while !closed && active.len() < max_streams.max(1) {
+                let job = if active.is_empty() {
+                    match rx.recv() {
+                        Ok(j) => j,
+                        Err(_) => {
+                            closed = true;
+                            break;
+                        }
+                    }
+                } else {
+                    match rx.try_recv() {
+                        Ok(j) => j,
+                        Err(TryRecvError::Empty) => break,
+                        Err(TryRecvError::Disconnected) => {
+                            closed = true;
+                            break;
+                        }
+                    }
+                };
+                let (req, sink) = adapt(job);
+                if let Some(mut a) = self.admit(req, sink) {
+                    if self.emit(&mut a) {
+                        active.push(a);
+                    }
+                }
+            }
+            if active.is_empty() {
+                if closed {
+                    return;
+                }
+                continue;
+            }
+            // one decode step for every active stream
+            let tokens: Vec<Vec<u32>> = active.iter().map(|a| vec![a.next]).collect();
+            let logits = {
+                let mut caches: Vec<&mut KvCache<B>> = active.iter_mut().map(|a| &mut a.cache).collect();
+                self.model.forward(&tokens, &mut caches, &self.device)
+            };
+            let mut keep = Vec::with_capacity(active.len());
+            for (mut a, l) in active.drain(..).zip(logits) {
+                a.next = sample(&l, a.temperature, a.top_p, &mut a.rng);
+                if self.emit(&mut a) {
+                    keep.push(a);
+                }
+            }
+            active = keep;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unpermute_inverts_llama_cpp_permutation() {
+        // llama.cpp: rows (heads, 2, hd/2) -> (heads, hd/2, 2)
+        let (heads, hd, cols) = (2, 4, 1);
+        let hf: Vec<f32> = (0..(heads * hd) as i32).map(|x| x as f32).collect();
+        let mut permuted = vec![0f32; hf.len()];
+        for h in 0..heads {
+            for j in 0..2 {
+                for i in 0..hd / 2 {
+                    permuted[h * hd + i * 2 + j] = hf[h * hd + j * (hd / 2) + i];
+                }
+            }
+        }
+        assert_eq!(unpermute(heads * hd, cols, heads, &permuted), hf);
+    }
+
+    #[test]
+    fn sampling_is_seeded_and_greedy_is_argmax() {
+        let logits = vec![0.1, 3.0, 2.9, -1.0];
+        let mut r = rand::rngs::StdRng::seed_from_u64(1);
+        assert_eq!(sample(&logits, 0.0, 1.0, &mut r), 1);
+        let draw = |seed| {
+            let mut r = rand::rngs::StdRng::seed_from_u64(seed);
+            (0..20).map(|_| sample(&logits, 1.0, 0.9, &mut r)).collect::<Vec<_>>()
+        };
+        assert_eq!(draw(7), draw(7));
+        assert!(draw(7).iter().all(|&t| t == 1 || t == 2), "top-p kept a low token");
+    }
+}

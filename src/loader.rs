@@ -1,0 +1,148 @@
+//! The binary's model loader: burn models on the CPU backend (or CUDA with `--features cuda`),
+//! loaded once per process and shared by the replicas of a node.
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use ragfleet_models::backend::Cpu;
+use ragfleet_models::fetch::{EMBEDDER_DIR, GENERATOR_GGUF, RERANKER_DIR};
+use ragfleet_models::{CrossEncoder, Embedder};
+use ragfleet_proto::ModelIdentity;
+use ragfleet_runtime::models::{GenEvent, GenRequest, TokenCount};
+use ragfleet_runtime::{EmbedModel, GenerateModel, ModelLoader, RerankModel};
+
+/// Embedder adapter.
+pub struct EmbedderModel(pub Embedder<Cpu>);
+
+impl EmbedModel for EmbedderModel {
+    fn identity(&self) -> ModelIdentity {
+        self.0.identity().clone()
+    }
+    fn embed(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, String> {
+        self.0.embed(texts).map_err(|e| e.to_string())
+    }
+    fn count_tokens(&self, text: &str) -> usize {
+        self.0.count_tokens(text)
+    }
+}
+
+/// Cross-encoder adapter.
+pub struct RerankerModel(pub CrossEncoder<Cpu>);
+
+impl RerankModel for RerankerModel {
+    fn score(&self, query: &str, passages: &[String]) -> Result<Vec<f32>, String> {
+        self.0.score(query, passages).map_err(|e| e.to_string())
+    }
+}
+
+/// Generator adapter.
+pub struct GeneratorModel(pub ragfleet_models::llama::Generator<Cpu>);
+
+impl GenerateModel for GeneratorModel {
+    fn count_tokens(&self, text: &str) -> usize {
+        self.0.tokenizer().encode(text).len()
+    }
+    fn serve(
+        &self,
+        rx: std::sync::mpsc::Receiver<(GenRequest, tokio::sync::mpsc::UnboundedSender<GenEvent>)>,
+        max_streams: usize,
+    ) {
+        self.0.serve(rx, max_streams, |job| {
+            let (req, tx) = job;
+            let sink = move |ev: ragfleet_models::llama::StreamEvent| {
+                let ev = match ev {
+                    ragfleet_models::llama::StreamEvent::Text(t) => GenEvent::Text(t),
+                    ragfleet_models::llama::StreamEvent::Done => GenEvent::Done,
+                    ragfleet_models::llama::StreamEvent::Error(e) => GenEvent::Error(e),
+                };
+                tx.send(ev).is_ok()
+            };
+            let r = ragfleet_models::llama::GenerationRequest {
+                system: req.system,
+                user: req.user,
+                max_tokens: req.max_tokens as usize,
+                temperature: req.sampling.temperature,
+                top_p: req.sampling.top_p,
+                seed: req.sampling.seed,
+            };
+            (r, Box::new(sink) as Box<dyn FnMut(ragfleet_models::llama::StreamEvent) -> bool + Send>)
+        })
+    }
+}
+
+struct Tokens(ragfleet_models::llama::BpeTokenizer);
+
+impl TokenCount for Tokens {
+    fn count(&self, text: &str) -> usize {
+        self.0.encode(text).len()
+    }
+}
+
+/// Loads from a models directory, caching.
+pub struct CpuLoader {
+    dir: PathBuf,
+    embedder: Mutex<Option<Arc<dyn EmbedModel>>>,
+    reranker: Mutex<Option<Arc<dyn RerankModel>>>,
+    generator: Mutex<Option<Arc<dyn GenerateModel>>>,
+}
+
+impl CpuLoader {
+    /// A loader for `dir`.
+    pub fn new(dir: PathBuf) -> Self {
+        CpuLoader { dir, embedder: Mutex::new(None), reranker: Mutex::new(None), generator: Mutex::new(None) }
+    }
+
+    /// Loads the embedder (not cached).
+    pub fn load_embedder(&self) -> Result<Embedder<Cpu>, String> {
+        let dir = self.dir.join(EMBEDDER_DIR);
+        Embedder::<Cpu>::load(&dir, &Default::default())
+            .map_err(|e| format!("{e} (run `ragfleet models fetch` to download the models into {})", self.dir.display()))
+    }
+
+    /// Loads the generator (not cached).
+    pub fn load_generator(&self) -> Result<ragfleet_models::llama::Generator<Cpu>, String> {
+        let path = self.dir.join(GENERATOR_GGUF);
+        ragfleet_models::llama::Generator::<Cpu>::load_gguf(&path, &Default::default())
+            .map_err(|e| format!("{e} (run `ragfleet models fetch` to download the models into {})", self.dir.display()))
+    }
+
+    /// Loads the cross-encoder (not cached).
+    pub fn load_reranker(&self) -> Result<CrossEncoder<Cpu>, String> {
+        let dir = self.dir.join(RERANKER_DIR);
+        if !dir.join("model.safetensors").is_file() {
+            return Err(format!(
+                "no cross-encoder in {} (no trained cross-encoder ships in a reachable registry; see README)",
+                dir.display()
+            ));
+        }
+        CrossEncoder::<Cpu>::load(&dir, &Default::default()).map_err(|e| e.to_string())
+    }
+}
+
+impl ModelLoader for CpuLoader {
+    fn embedder(&self) -> Result<Arc<dyn EmbedModel>, String> {
+        let mut g = self.embedder.lock().expect("loader");
+        if g.is_none() {
+            *g = Some(Arc::new(EmbedderModel(self.load_embedder()?)));
+        }
+        Ok(g.clone().expect("set"))
+    }
+    fn reranker(&self) -> Result<Arc<dyn RerankModel>, String> {
+        let mut g = self.reranker.lock().expect("loader");
+        if g.is_none() {
+            *g = Some(Arc::new(RerankerModel(self.load_reranker()?)));
+        }
+        Ok(g.clone().expect("set"))
+    }
+    fn generator(&self) -> Result<Arc<dyn GenerateModel>, String> {
+        let mut g = self.generator.lock().expect("loader");
+        if g.is_none() {
+            *g = Some(Arc::new(GeneratorModel(self.load_generator()?)));
+        }
+        Ok(g.clone().expect("set"))
+    }
+    fn generator_tokens(&self) -> Result<Arc<dyn TokenCount>, String> {
+        let path = self.dir.join(GENERATOR_GGUF);
+        let t = ragfleet_models::llama::BpeTokenizer::from_gguf(&path).map_err(|e| e.to_string())?;
+        Ok(Arc::new(Tokens(t)))
+    }
+}

@@ -292,7 +292,7 @@ mod tests {
     #[test]
     fn pre_tokenizer_matches_gpt2_regex_behaviour() {
         assert_eq!(pre_tokenize("Hello world", false), vec!["Hello", " world"]);
-        assert_eq!(pre_tokenize("it's  ok!\n\nyes", false), vec!["it", "'s", " ", " ok", "!", "\n\n", "yes"]);
+        assert_eq!(pre_tokenize("it's  ok!\n\nyes", false), vec!["it", "'s", " ", " ok", "!", "\n", "\n", "yes"]);
         assert_eq!(pre_tokenize("a   b", false), vec!["a", "  ", " b"]);
         assert_eq!(pre_tokenize("end  ", false), vec!["end", "  "]);
         assert_eq!(pre_tokenize("in 1889.", true), vec!["in", " ", "1", "8", "8", "9", "."]);

@@ -1,0 +1,192 @@
+//! The embedded default (`ragfleet demo`) and the client-side helpers it shares with the CLI.
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use ragfleet_config::ClusterConfig;
+use ragfleet_proto::{AskOptions, AskSummary, Sampling};
+use ragfleet_runtime::{Client, NodeOptions};
+
+use crate::corpus::Corpus;
+use crate::loader::CpuLoader;
+
+/// The bundled corpus: sections of The Rust Programming Language (MIT OR Apache-2.0).
+pub const DEMO_CORPUS: &str = include_str!("../examples/corpus/rust-book.jsonl");
+
+const SAMPLE_QUESTIONS: &[&str] = &[
+    "What does the borrow checker prevent?",
+    "How do I handle errors that can be recovered from?",
+    "What is a trait object?",
+];
+
+/// Ingests a corpus in batches with a progress bar; prints the totals.
+pub async fn ingest_corpus(client: &Client, corpus: Corpus, batch: usize, json: bool) -> Result<()> {
+    let t0 = Instant::now();
+    let total = corpus.docs.len() as u64;
+    let bar = if json { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(total) };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} docs  {per_sec}  eta {eta}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let (mut docs, mut chunks) = (0u64, 0u64);
+    let mut failed = Vec::new();
+    for b in corpus.docs.chunks(batch) {
+        let r = client.ingest(b.to_vec()).await?;
+        docs += r.documents;
+        chunks += r.chunks;
+        failed.extend(r.failed);
+        bar.inc(b.len() as u64);
+    }
+    bar.finish_and_clear();
+    let secs = t0.elapsed().as_secs_f64();
+    if json {
+        let skipped: Vec<serde_json::Value> = corpus
+            .skipped
+            .iter()
+            .map(|s| serde_json::json!({"path": s.path, "line": s.line, "reason": s.reason}))
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({"documents": docs, "chunks": chunks, "seconds": secs, "skipped": skipped, "failed": failed})
+        );
+    } else {
+        println!(
+            "ingested {docs} documents ({chunks} chunks) in {secs:.1} s ({:.1} docs/s)",
+            docs as f64 / secs.max(1e-9)
+        );
+        for s in &corpus.skipped {
+            println!("skipped {}:{}: {}", s.path.display(), s.line, s.reason);
+        }
+        for (id, e) in &failed {
+            println!("failed {id}: {e}");
+        }
+    }
+    if docs == 0 && total > 0 {
+        bail!("no document was acknowledged");
+    }
+    Ok(())
+}
+
+/// Asks a question and prints the streamed answer, then sources, coverage and timings.
+pub async fn ask_and_print(client: &Client, question: &str, options: AskOptions, json: bool) -> Result<()> {
+    let mut stream = client.ask(question, options).await?;
+    let mut summary: Option<AskSummary> = None;
+    while let Some(chunk) = stream.next().await {
+        let c = chunk?;
+        if !json && !c.text.is_empty() {
+            print!("{}", c.text);
+            std::io::stdout().flush().ok();
+        }
+        if c.summary.is_some() {
+            summary = c.summary;
+        }
+    }
+    let s = summary.context("the answer stream ended without a summary")?;
+    if json {
+        println!("{}", serde_json::to_string(&s)?);
+        return Ok(());
+    }
+    println!();
+    if s.unsourced {
+        println!("(unsourced: no shard answered, the model answered alone)");
+    }
+    let src: Vec<String> = s.sources.iter().map(|x| format!("{} ({:.3})", x.doc_id, x.score)).collect();
+    println!("sources: {}", if src.is_empty() { "none".into() } else { src.join(", ") });
+    crate::print_coverage(&s.coverage);
+    let t = &s.timings_ms;
+    println!(
+        "timings: embed {:.0} ms, search {:.0} ms, rerank {:.0} ms, first token {:.0} ms, generate {:.0} ms, total {:.0} ms",
+        t.embed, t.search, t.rerank, t.first_token, t.generate, t.total
+    );
+    Ok(())
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// The embedded cluster's configuration: two logical nodes in one process.
+pub fn demo_config(data_dir: &Path, models: &Path) -> Result<ClusterConfig> {
+    let (p1, p2) = (free_port()?, free_port()?);
+    let text = format!(
+        r#"
+version = 1
+name = "ragfleet-demo"
+cookie = "ragfleet-demo-cookie-{}"
+[[node]]
+name = "a"
+addr = "127.0.0.1:{p1}"
+roles = ["coordinator", "embedder", "shard", "generator"]
+[[node]]
+name = "b"
+addr = "127.0.0.1:{p2}"
+roles = ["embedder", "shard"]
+[index]
+shards = 4
+replication = 2
+write_quorum = 2
+segment_size = 1024
+merge_below = 256
+[query]
+shard_deadline_ms = 2000
+deadline_ms = 120000
+[generator]
+max_tokens = 96
+context_tokens = 1024
+"#,
+        std::process::id()
+    );
+    let mut cfg = ClusterConfig::parse(&text)?;
+    cfg.data_dir = data_dir.to_path_buf();
+    cfg.models_dir = models.to_path_buf();
+    Ok(cfg)
+}
+
+/// `ragfleet demo`.
+pub async fn run(data_dir: PathBuf, models: PathBuf, question: String, max_tokens: u32) -> Result<()> {
+    if !ragfleet_models::fetch::models_present(&models) {
+        println!("fetching models into {} ...", models.display());
+        let m = models.clone();
+        tokio::task::spawn_blocking(move || ragfleet_models::fetch::fetch_models(&m)).await??;
+    }
+    std::fs::create_dir_all(&data_dir).with_context(|| format!("cannot create {}", data_dir.display()))?;
+    let cfg = Arc::new(demo_config(&data_dir, &models)?);
+    let t0 = Instant::now();
+    println!("starting an embedded cluster: 2 embedder replicas, 4 shards x 2 replicas, a generator, a coordinator");
+    let loader = Arc::new(CpuLoader::new(models.clone()));
+    let node = ragfleet_runtime::start_node(cfg.clone(), "a", loader, NodeOptions { embedded: true }).await?;
+    let client = Client::connect(cfg.clone(), Duration::from_secs(30)).await?;
+    println!("cluster up in {:.1} s", t0.elapsed().as_secs_f64());
+
+    let corpus = Corpus::read_str(DEMO_CORPUS, "rust-book.jsonl");
+    let marker = data_dir.join("ingested.txt");
+    let stamp = format!("{} documents, corpus {}", corpus.docs.len(), DEMO_CORPUS.len());
+    if std::fs::read_to_string(&marker).ok().as_deref() == Some(stamp.as_str()) {
+        // wait until every shard serves its recovered data
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(30) {
+            let s = client.status().await?;
+            if s.shards.iter().all(|sh| sh.replicas.iter().all(|r| r.state == "serving")) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        println!("index already built in {} ({stamp})", data_dir.display());
+    } else {
+        println!("ingesting the bundled corpus ({} sections of The Rust Programming Language) ...", corpus.docs.len());
+        ingest_corpus(&client, corpus, 32, false).await?;
+        std::fs::write(&marker, &stamp)?;
+    }
+    let questions: Vec<String> =
+        if question.trim().is_empty() { SAMPLE_QUESTIONS.iter().map(|s| s.to_string()).collect() } else { vec![question] };
+    for q in questions {
+        println!("\nQ: {q}\nA: ");
+        let opts = AskOptions { max_tokens: Some(max_tokens), sampling: Sampling::default(), ..Default::default() };
+        ask_and_print(&client, &q, opts, false).await?;
+    }
+    client.close();
+    node.shutdown().await;
+    Ok(())
+}

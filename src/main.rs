@@ -355,11 +355,11 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Up { cluster, logs } => up(cluster, logs).await,
         Cmd::Demo { question, data_dir, models, max_tokens } => {
-            init_logs("warn");
+            init_logs("warn,ractor_cluster=error");
             demo::run(data_dir, models_dir(&models), question.join(" "), max_tokens).await
         }
         Cmd::Retrieve { cluster, opts, json, query } => {
-            init_logs("warn");
+            init_logs("warn,ractor_cluster=error");
             let q = joined(&query, "query")?;
             let client = connect(cluster.load()?).await?;
             let r = client.retrieve(&q, opts.options()?).await?;
@@ -371,7 +371,7 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Ask { cluster, opts, max_tokens, temperature, seed, json, question } => {
-            init_logs("warn");
+            init_logs("warn,ractor_cluster=error");
             let q = joined(&question, "question")?;
             let client = connect(cluster.load()?).await?;
             let options = AskOptions {
@@ -382,7 +382,7 @@ async fn run(cli: Cli) -> Result<()> {
             demo::ask_and_print(&client, &q, options, json).await
         }
         Cmd::Ingest { cluster, json, batch, paths } => {
-            init_logs("warn");
+            init_logs("warn,ractor_cluster=error");
             if paths.is_empty() {
                 bail!("no paths to ingest");
             }
@@ -391,7 +391,7 @@ async fn run(cli: Cli) -> Result<()> {
             demo::ingest_corpus(&client, corpus, batch.max(1), json).await
         }
         Cmd::Status { cluster, json } => {
-            init_logs("warn");
+            init_logs("warn,ractor_cluster=error");
             let client = connect(cluster.load()?).await?;
             let s = client.status().await?;
             if json {
@@ -408,7 +408,7 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Eval { cluster, queries, qrels, mode, rerank, limit, json } => {
-            init_logs("warn");
+            init_logs("warn,ractor_cluster=error");
             let client = connect(cluster.load()?).await?;
             let opts = RetrieveOptions {
                 k: Some(100),
@@ -511,12 +511,12 @@ async fn run(cli: Cli) -> Result<()> {
             .await?
         }
         Cmd::Chaos { cluster, group, action, node } => {
-            init_logs("warn");
+            init_logs("warn,ractor_cluster=error");
             let client = connect(cluster.load()?).await?;
             chaos(&client, &group, &action, node.as_deref()).await
         }
         Cmd::Bench { cmd } => {
-            init_logs("warn");
+            init_logs("warn,ractor_cluster=error");
             bench::run(cmd).await
         }
     }

@@ -70,8 +70,7 @@ impl Ctx {
             let r = self.rr.fetch_add(1, Ordering::Relaxed) as usize % serving.len();
             serving.rotate_left(r);
         }
-        let fresh = h.members(group).into_iter().filter(|m| m.last_ok.is_none() && !m.failed);
-        serving.extend(fresh);
+        serving.extend(h.unproven(group).into_iter().map(|actor| Member::unproven(actor, group)));
         serving
     }
 
@@ -307,8 +306,10 @@ pub async fn ingest(ctx: Arc<Ctx>, docs: Vec<Document>) -> Result<IngestResult, 
             let chunks: u64 = ops.iter().map(|o| if let WriteOp::Upsert { chunks, .. } = o { chunks.len() as u64 } else { 0 }).sum();
             let ids: Vec<String> = ops.iter().map(|o| o.doc_id().to_string()).collect();
             let h = &ctx.args.health;
-            let replicas: Vec<Member> =
-                h.members(&groups::shard(shard)).into_iter().filter(|m| m.healthy(h.suspect_after) || m.last_ok.is_none()).collect();
+            let group = groups::shard(shard);
+            let mut replicas: Vec<Member> =
+                h.members(&group).into_iter().filter(|m| m.healthy(h.suspect_after)).collect();
+            replicas.extend(h.unproven(&group).into_iter().map(|a| Member::unproven(a, &group)));
             if replicas.len() < quorum {
                 let e = format!("shard {shard}: {} replicas reachable, write quorum is {quorum}", replicas.len());
                 return Err((ids, e));

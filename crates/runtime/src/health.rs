@@ -27,6 +27,11 @@ pub struct Member {
 }
 
 impl Member {
+    /// A member the detector has not heard from.
+    pub fn unproven(actor: ActorRef<RoleMsg>, group: &str) -> Self {
+        Member { actor, group: group.to_string(), info: None, last_ok: None, failed: false, ping_in_flight: false }
+    }
+
     /// Healthy: answered within `suspect_after` and not seen failing since.
     pub fn healthy(&self, suspect_after: Duration) -> bool {
         !self.failed && self.last_ok.is_some_and(|t| t.elapsed() <= suspect_after)
@@ -63,6 +68,19 @@ impl Health {
     /// Healthy, serving members of `group`.
     pub fn serving(&self, group: &str) -> Vec<Member> {
         self.members(group).into_iter().filter(|m| m.serving(self.suspect_after)).collect()
+    }
+
+    /// Process-group members the detector has not heard from yet (just joined, or not yet
+    /// pinged): usable as a last resort, before the first heartbeat round completes.
+    pub fn unproven(&self, group: &str) -> Vec<ActorRef<RoleMsg>> {
+        let m = self.members.read().expect("health lock");
+        let mut v: Vec<ActorRef<RoleMsg>> = ractor::pg::get_members(&group.to_string())
+            .into_iter()
+            .filter(|c| m.get(&c.get_id()).is_none_or(|e| e.last_ok.is_none() && !e.failed))
+            .map(ActorRef::from)
+            .collect();
+        v.sort_by_key(|a| a.get_id());
+        v
     }
 
     /// Records a failed call so the member is skipped until it answers a heartbeat.

@@ -120,7 +120,7 @@ enum Cmd {
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
-        /// The query.
+        /// The query (`-` reads it from standard input).
         query: Vec<String>,
     },
     /// Ask a question: retrieval, then a streamed, sourced answer.
@@ -141,7 +141,7 @@ enum Cmd {
         /// Print one JSON object at the end.
         #[arg(long)]
         json: bool,
-        /// The question.
+        /// The question (`-` reads it from standard input).
         question: Vec<String>,
     },
     /// Ingest documents (BEIR corpus.jsonl, id/text JSON lines, .txt/.md files or folders).
@@ -286,8 +286,15 @@ fn init_logs(default: &str) {
         .try_init();
 }
 
+/// The words of a query, or standard input when the only word is `-`.
 fn joined(words: &[String], what: &str) -> Result<String> {
-    let s = words.join(" ");
+    let s = if words.len() == 1 && words[0] == "-" {
+        let mut buf = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut buf).context("reading standard input")?;
+        buf
+    } else {
+        words.join(" ")
+    };
     if s.trim().is_empty() {
         bail!("empty {what}");
     }

@@ -172,7 +172,16 @@ impl Client {
         }
     }
 
-    /// Sends a raw request to every coordinator-visible actor of `group` (chaos experiments).
+    /// Node of the coordinator this client currently uses (after a first request).
+    pub async fn coordinator_node(&self) -> Option<String> {
+        let c = self.current.lock().expect("client").clone()?;
+        match call(&c, Request::Ping, Duration::from_secs(2)).await {
+            Ok(Response::Pong(info)) => Some(info.node),
+            _ => None,
+        }
+    }
+
+    /// Actors of a process group as this client sees them (chaos experiments, tests).
     pub fn members(&self, group: &str) -> Vec<ActorRef<RoleMsg>> {
         ractor::pg::get_members(&group.to_string()).into_iter().map(ActorRef::from).collect()
     }

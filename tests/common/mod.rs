@@ -1,0 +1,269 @@
+//! A multi-process cluster on free loopback ports, for the integration tests.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// Cluster tests share two cores: one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+pub fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_ragfleet")
+}
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn models_dir() -> PathBuf {
+    std::env::var_os("RAGFLEET_MODELS").map(PathBuf::from).unwrap_or_else(|| root().join("models"))
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Polls `f` until it returns Some or the deadline passes.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if start.elapsed() > timeout {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub nodes: Vec<(String, Option<Child>)>,
+}
+
+pub struct Spec {
+    pub roles: Vec<&'static str>,
+}
+
+impl Cluster {
+    /// Three nodes: n1 coordinator+embedder+shard, n2 coordinator+embedder+shard, n3 shard;
+    /// 4 shards, replication 2 (placement: shard s on nodes s%3 and (s+1)%3).
+    pub fn three(extra: &str) -> Cluster {
+        Self::start(
+            &[
+                &["coordinator", "embedder", "shard"],
+                &["coordinator", "embedder", "shard"],
+                &["shard"],
+            ],
+            extra,
+        )
+    }
+
+    pub fn start(roles: &[&[&str]], extra: &str) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let mut text = String::from(
+            "version = 1\nname = \"test\"\ncookie = \"test-cookie-123\"\ndata_dir = \"data\"\n",
+        );
+        for (i, r) in roles.iter().enumerate() {
+            let roles: Vec<String> = r.iter().map(|x| format!("\"{x}\"")).collect();
+            text.push_str(&format!(
+                "[[node]]\nname = \"n{}\"\naddr = \"127.0.0.1:{}\"\nroles = [{}]\n",
+                i + 1,
+                free_port(),
+                roles.join(", ")
+            ));
+        }
+        text.push_str(
+            "[index]\nshards = 4\nreplication = 2\nwrite_quorum = 1\n[failure]\nheartbeat_ms = 100\nsuspect_after_ms = 600\n[query]\nshard_deadline_ms = 800\ndeadline_ms = 20000\n",
+        );
+        text.push_str(extra);
+        let config = dir.path().join("cluster.toml");
+        std::fs::write(&config, text).unwrap();
+        let mut c = Cluster { dir, config, nodes: Vec::new() };
+        for i in 0..roles.len() {
+            let name = format!("n{}", i + 1);
+            let child = c.spawn_node(&name);
+            c.nodes.push((name, Some(child)));
+        }
+        c.wait_all_alive();
+        c
+    }
+
+    pub fn spawn_node(&self, name: &str) -> Child {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path(name)).unwrap();
+        Command::new(bin())
+            .args(["node", "--config"])
+            .arg(&self.config)
+            .args(["--node", name, "--models"])
+            .arg(models_dir())
+            .env("RAGFLEET_LOG", "info,ractor_cluster=warn")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap()
+    }
+
+    pub fn log_path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(format!("{name}.log"))
+    }
+
+    pub fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.log_path(name)).unwrap_or_default()
+    }
+
+    pub fn restart(&mut self, name: &str) {
+        let child = self.spawn_node(name);
+        let slot = self.nodes.iter_mut().find(|n| n.0 == name).unwrap();
+        slot.1 = Some(child);
+    }
+
+    pub fn pid(&self, name: &str) -> i32 {
+        self.nodes.iter().find(|n| n.0 == name).unwrap().1.as_ref().unwrap().id() as i32
+    }
+
+    pub fn kill9(&mut self, name: &str) {
+        let slot = self.nodes.iter_mut().find(|n| n.0 == name).unwrap();
+        if let Some(mut c) = slot.1.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    pub fn signal(&self, name: &str, sig: i32) {
+        unsafe { libc::kill(self.pid(name), sig) };
+    }
+
+    /// Runs the CLI against this cluster; returns (success, stdout, stderr).
+    pub fn cli(&self, args: &[&str]) -> (bool, String, String) {
+        let out = Command::new(bin())
+            .args(args)
+            .arg("--config")
+            .arg(&self.config)
+            .arg("--models")
+            .arg(models_dir())
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+    }
+
+    /// Runs the CLI with `input` on standard input.
+    pub fn cli_stdin(&self, args: &[&str], input: &str) -> (bool, String, String) {
+        use std::io::Write;
+        let mut child = Command::new(bin())
+            .args(args)
+            .arg("--config")
+            .arg(&self.config)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+        let out = child.wait_with_output().unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+    }
+
+    pub fn json(&self, args: &[&str]) -> Value {
+        let (ok, out, err) = self.cli(args);
+        assert!(ok, "{args:?} failed: {err}");
+        serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{args:?}: bad JSON {e}: {out}"))
+    }
+
+    pub fn try_json(&self, args: &[&str]) -> Option<Value> {
+        let (ok, out, _) = self.cli(args);
+        if !ok {
+            return None;
+        }
+        serde_json::from_str(out.trim()).ok()
+    }
+
+    pub fn status(&self) -> Option<Value> {
+        self.try_json(&["status", "--json"])
+    }
+
+    pub fn alive(&self, node: &str) -> Option<bool> {
+        let s = self.status()?;
+        s["nodes"].as_array()?.iter().find(|n| n["name"] == node).map(|n| n["alive"].as_bool().unwrap_or(false))
+    }
+
+    pub fn wait_all_alive(&self) {
+        let names: Vec<String> = self.nodes.iter().map(|n| n.0.clone()).collect();
+        wait_for("every node alive and every replica serving", Duration::from_secs(60), || {
+            let s = self.status()?;
+            let nodes = s["nodes"].as_array()?;
+            let all_alive = names.iter().all(|n| nodes.iter().any(|x| x["name"] == n.as_str() && x["alive"] == true));
+            let serving = s["shards"].as_array()?.iter().all(|sh| {
+                sh["replicas"].as_array().is_some_and(|r| r.iter().all(|x| x["state"] == "serving"))
+            });
+            (all_alive && serving).then_some(())
+        });
+    }
+
+    pub fn corpus_path(&self) -> PathBuf {
+        let p = self.dir.path().join("corpus.jsonl");
+        std::fs::write(&p, corpus()).unwrap();
+        p
+    }
+
+    pub fn retrieve(&self, q: &str) -> Value {
+        self.json(&["retrieve", "--json", q])
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for (_, c) in self.nodes.iter_mut() {
+            if let Some(mut c) = c.take() {
+                unsafe { libc::kill(c.id() as i32, libc::SIGCONT) };
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+}
+
+/// A small corpus of distinct topics (one obvious answer per test query).
+pub fn corpus() -> String {
+    let docs = [
+        ("volcano", "Volcanoes erupt when magma rises through the crust and lava flows down their slopes."),
+        ("photosynthesis", "Plants turn sunlight, water and carbon dioxide into sugar and oxygen by photosynthesis."),
+        ("tides", "Ocean tides are caused mainly by the gravitational pull of the moon on the seas."),
+        ("bees", "Honey bees collect nectar from flowers and store honey in wax combs inside the hive."),
+        ("glaciers", "Glaciers are slow rivers of ice that carve valleys as they move down mountains."),
+        ("rust-ownership", "In Rust every value has a single owner and is dropped when the owner goes out of scope."),
+        ("tcp", "TCP provides reliable, ordered delivery of a byte stream between two hosts on a network."),
+        ("espresso", "Espresso is brewed by forcing hot water under pressure through finely ground coffee."),
+        ("chess", "In chess the king may castle with a rook if neither piece has moved and no square is attacked."),
+        ("vaccines", "Vaccines train the immune system to recognise a pathogen without causing the disease."),
+        ("bridges", "Suspension bridges hang their deck from cables slung between tall towers."),
+        ("jazz", "Jazz musicians improvise melodies over chord progressions, swinging the rhythm."),
+        ("mitochondria", "Mitochondria produce most of the chemical energy that powers a cell, as ATP."),
+        ("compilers", "A compiler translates source code into machine code through parsing, analysis and code generation."),
+        ("sourdough", "Sourdough bread rises with a culture of wild yeast and lactic acid bacteria."),
+        ("satellites", "Geostationary satellites orbit at the speed of the earth's rotation, staying above one spot."),
+    ];
+    docs.iter().map(|(id, t)| format!("{{\"_id\": \"{id}\", \"title\": \"\", \"text\": \"{t}\"}}\n")).collect()
+}
+
+pub fn top_doc(r: &Value) -> String {
+    r["hits"][0]["doc_id"].as_str().unwrap_or("").to_string()
+}
+
+pub fn answered(r: &Value) -> u64 {
+    r["coverage"]["shards_answered"].as_u64().unwrap()
+}
+
+pub fn exists(p: &Path) -> bool {
+    p.exists()
+}

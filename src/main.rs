@@ -157,6 +157,16 @@ enum Cmd {
         /// Files or folders.
         paths: Vec<PathBuf>,
     },
+    /// Delete documents by id.
+    Delete {
+        #[command(flatten)]
+        cluster: ClusterArgs,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+        /// Document ids.
+        ids: Vec<String>,
+    },
     /// Cluster status.
     Status {
         #[command(flatten)]
@@ -396,6 +406,26 @@ async fn run(cli: Cli) -> Result<()> {
             let corpus = corpus::Corpus::read(&paths)?;
             let client = connect(cluster.load()?).await?;
             demo::ingest_corpus(&client, corpus, batch.max(1), json).await
+        }
+        Cmd::Delete { cluster, json, ids } => {
+            init_logs("warn,ractor_cluster=error");
+            if ids.is_empty() {
+                bail!("no document ids to delete");
+            }
+            let client = connect(cluster.load()?).await?;
+            let r = client.delete(ids).await?;
+            if json {
+                println!("{}", serde_json::json!({"deleted": r.documents, "failed": r.failed}));
+            } else {
+                println!("deleted {} documents", r.documents);
+                for (id, e) in &r.failed {
+                    println!("failed {id}: {e}");
+                }
+            }
+            if !r.failed.is_empty() {
+                bail!("{} deletions failed", r.failed.len());
+            }
+            Ok(())
         }
         Cmd::Status { cluster, json } => {
             init_logs("warn,ractor_cluster=error");

@@ -261,6 +261,15 @@ impl ShardIndex {
         }
     }
 
+    /// Deletes documents durably (no model check: deletions carry no vectors).
+    pub fn delete(&mut self, doc_ids: &[String]) -> Result<u64, IndexError> {
+        let Some(model) = self.model.clone() else {
+            return Ok(self.last_seq); // nothing was ever written
+        };
+        let ops = doc_ids.iter().map(|d| WriteOp::Delete { doc_id: d.clone() }).collect();
+        self.write(ops, &model)
+    }
+
     /// Validates, logs durably (fsync) and applies `ops`; returns the last sequence number.
     /// The first write pins the model identity.
     pub fn write(&mut self, ops: Vec<WriteOp>, model: &ModelIdentity) -> Result<u64, IndexError> {
@@ -451,7 +460,8 @@ impl ShardIndex {
             .collect()
     }
 
-    /// Every live document as an upsert (for a peer replica catching up).
+    /// Every live document as an upsert, then every known deletion as a delete (for a peer
+    /// replica catching up).
     pub fn dump(&self) -> Vec<WriteOp> {
         let mut by_doc: HashMap<&str, Vec<ChunkRecord>> = HashMap::new();
         let mut slots: Vec<&Arc<Entry>> = self.slots.values().collect();
@@ -467,7 +477,23 @@ impl ShardIndex {
         let mut ops: Vec<WriteOp> =
             by_doc.into_iter().map(|(d, chunks)| WriteOp::Upsert { doc_id: d.to_string(), chunks }).collect();
         ops.sort_by(|a, b| a.doc_id().cmp(b.doc_id()));
+        let mut deleted: Vec<&String> = self.tombstones.keys().filter(|d| !self.docs.contains_key(*d)).collect();
+        deleted.sort();
+        ops.extend(deleted.into_iter().map(|d| WriteOp::Delete { doc_id: d.clone() }));
         ops
+    }
+
+    /// Whether applying `op` would change nothing (catch-up skips such ops).
+    pub fn has_identical(&self, op: &WriteOp) -> bool {
+        match op {
+            WriteOp::Upsert { doc_id, chunks } => self.docs.get(doc_id).is_some_and(|d| {
+                d.slots.len() == chunks.len()
+                    && d.slots.iter().zip(chunks).all(|(s, c)| {
+                        self.slots.get(s).is_some_and(|e| e.chunk_id == c.chunk_id && e.text == c.text)
+                    })
+            }),
+            WriteOp::Delete { doc_id } => !self.docs.contains_key(doc_id),
+        }
     }
 
     /// Ids of the live documents.

@@ -45,6 +45,7 @@ fn all_requests() -> Vec<Request> {
             model: model(),
         },
         Request::Dump,
+        Request::Delete { doc_ids: vec!["a".into(), "b".into()] },
         Request::ChunkEmbed {
             docs: vec![Document { id: "1".into(), title: String::new(), text: "x".into() }],
             chunk_tokens: 200,
@@ -174,8 +175,8 @@ fn malformed_frames_are_errors_not_panics() {
     assert!(Frame::<Request>::decode(&bytes).0.is_err());
 }
 
-#[test]
-fn role_message_round_trips_through_ractor_serialization() {
+#[tokio::test]
+async fn role_message_round_trips_through_ractor_serialization() {
     let (tx, _rx) = ractor::concurrency::oneshot();
     let msg = RoleMsg::Call(Frame::ok(Request::Ping), ractor::RpcReplyPort::from(tx));
     let ser = msg.serialize().expect("serializes");
@@ -185,8 +186,8 @@ fn role_message_round_trips_through_ractor_serialization() {
     }
 }
 
-#[test]
-fn role_message_with_garbage_args_gives_error_frame() {
+#[tokio::test]
+async fn role_message_with_garbage_args_gives_error_frame() {
     let (tx, _rx) = ractor::concurrency::oneshot::<Vec<u8>>();
     // one argument of 3 garbage bytes, length-prefixed as the derive macro expects
     let mut args = 3u64.to_be_bytes().to_vec();

@@ -422,6 +422,11 @@ pub enum Request {
         /// Model that embedded the chunks.
         model: ModelIdentity,
     },
+    /// Delete documents (coordinator: routed to their shards; shard: applied durably).
+    Delete {
+        /// Document ids.
+        doc_ids: Vec<String>,
+    },
     /// Copy of every live document (shard), for a peer catching up.
     Dump,
     /// Score (query, passage) pairs (reranker).

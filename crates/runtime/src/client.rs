@@ -41,6 +41,29 @@ pub struct Client {
     cfg: Arc<ClusterConfig>,
     server: ActorRef<NodeServerMessage>,
     current: Mutex<Option<ActorRef<RoleMsg>>>,
+    redial: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        if let Some(t) = self.redial.take() {
+            t.abort();
+        }
+    }
+}
+
+/// Opens a session to every node of `cfg` not connected yet.
+async fn dial(server: &ActorRef<NodeServerMessage>, cfg: &ClusterConfig) {
+    let sessions = ractor::call_t!(server, NodeServerMessage::GetSessions, 1_000).unwrap_or_default();
+    let connected: Vec<String> = sessions.values().map(|s| s.peer_addr.clone()).collect();
+    for n in &cfg.nodes {
+        if connected.iter().any(|a| a == &n.addr) {
+            continue;
+        }
+        if let Err(e) = ractor_cluster::client_connect(server, n.addr.as_str()).await {
+            debug!(node = %n.name, error = %e, "node unreachable");
+        }
+    }
 }
 
 fn coordinators() -> Vec<ActorRef<RoleMsg>> {
@@ -56,7 +79,7 @@ impl Client {
         let name = format!("client-{}-{:08x}", std::process::id(), rand::random::<u32>());
         let addr: SocketAddr = "127.0.0.1:0".parse().expect("literal");
         let server = start_server(&name, addr, &cfg.cookie).await.map_err(|e| ClientError::Transport(e.to_string()))?;
-        let client = Client { cfg, server, current: Mutex::new(None) };
+        let mut client = Client { cfg, server, current: Mutex::new(None), redial: None };
         client.dial().await;
         let start = Instant::now();
         let mut last_dial = Instant::now();
@@ -75,20 +98,19 @@ impl Client {
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
+        // keep sessions to every node: a node that restarts is seen again
+        let (server, cfg) = (client.server.clone(), client.cfg.clone());
+        client.redial = Some(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                dial(&server, &cfg).await;
+            }
+        }));
         Ok(client)
     }
 
     async fn dial(&self) {
-        let sessions = ractor::call_t!(self.server, NodeServerMessage::GetSessions, 1_000).unwrap_or_default();
-        let connected: Vec<String> = sessions.values().map(|s| s.peer_addr.clone()).collect();
-        for n in &self.cfg.nodes {
-            if connected.iter().any(|a| a == &n.addr) {
-                continue;
-            }
-            if let Err(e) = ractor_cluster::client_connect(&self.server, n.addr.as_str()).await {
-                debug!(node = %n.name, error = %e, "node unreachable");
-            }
-        }
+        dial(&self.server, &self.cfg).await;
     }
 
     /// Calls a coordinator, failing over to another one while `timeout` allows.
@@ -152,6 +174,14 @@ impl Client {
         }
     }
 
+    /// Deletes documents (acknowledged once durable on a write quorum); `documents` counts them.
+    pub async fn delete(&self, doc_ids: Vec<String>) -> Result<IngestResult, ClientError> {
+        match self.request(Request::Delete { doc_ids }, Duration::from_secs(120)).await? {
+            Response::Ingested(r) => Ok(r),
+            other => Err(ClientError::Rejected(WireError::Internal(format!("unexpected answer {other:?}")))),
+        }
+    }
+
     /// Cluster status.
     pub async fn status(&self) -> Result<ClusterStatus, ClientError> {
         match self.request(Request::Status, Duration::from_secs(10)).await? {
@@ -187,7 +217,10 @@ impl Client {
     }
 
     /// Leaves the cluster.
-    pub fn close(self) {
+    pub fn close(mut self) {
+        if let Some(t) = self.redial.take() {
+            t.abort();
+        }
         self.server.stop(None);
     }
 }

@@ -300,39 +300,14 @@ pub async fn ingest(ctx: Arc<Ctx>, docs: Vec<Document>) -> Result<IngestResult, 
     }
     let mut set = JoinSet::new();
     for (shard, ops) in by_shard {
-        let (ctx, model) = (ctx.clone(), model.clone());
-        let quorum = cfg.index.write_quorum as usize;
+        let ctx = ctx.clone();
+        let req = Request::Write { ops: ops.clone(), model: model.clone() };
         set.spawn(async move {
             let chunks: u64 = ops.iter().map(|o| if let WriteOp::Upsert { chunks, .. } = o { chunks.len() as u64 } else { 0 }).sum();
             let ids: Vec<String> = ops.iter().map(|o| o.doc_id().to_string()).collect();
-            let h = &ctx.args.health;
-            let group = groups::shard(shard);
-            let mut replicas: Vec<Member> =
-                h.members(&group).into_iter().filter(|m| m.healthy(h.suspect_after)).collect();
-            replicas.extend(h.unproven(&group).into_iter().map(|a| Member::unproven(a, &group)));
-            if replicas.len() < quorum {
-                let e = format!("shard {shard}: {} replicas reachable, write quorum is {quorum}", replicas.len());
-                return Err((ids, e));
-            }
-            let mut writes = JoinSet::new();
-            for r in replicas {
-                let req = Request::Write { ops: ops.clone(), model: model.clone() };
-                writes.spawn(async move { call(&r.actor, req, Duration::from_secs(120)).await });
-            }
-            let mut acks = 0;
-            let mut errors = Vec::new();
-            while let Some(w) = writes.join_next().await {
-                match w {
-                    Ok(Ok(Response::Written { .. })) => acks += 1,
-                    Ok(Ok(other)) => errors.push(format!("{other:?}")),
-                    Ok(Err(e)) => errors.push(e.to_string()),
-                    Err(e) => errors.push(e.to_string()),
-                }
-            }
-            if acks >= quorum {
-                Ok((ids.len() as u64, chunks))
-            } else {
-                Err((ids, format!("shard {shard}: {acks} of {quorum} acknowledgements ({})", errors.join("; "))))
+            match write_to_shard(&ctx, shard, req).await {
+                Ok(()) => Ok((ids.len() as u64, chunks)),
+                Err(e) => Err((ids, e)),
             }
         });
     }
@@ -347,6 +322,67 @@ pub async fn ingest(ctx: Arc<Ctx>, docs: Vec<Document>) -> Result<IngestResult, 
         }
     }
     Ok(result)
+}
+
+/// Sends a write to every reachable replica of `shard`; Ok once the write quorum has it durably.
+async fn write_to_shard(ctx: &Ctx, shard: u32, req: Request) -> Result<(), String> {
+    let quorum = ctx.cfg().index.write_quorum as usize;
+    let h = &ctx.args.health;
+    let group = groups::shard(shard);
+    let mut replicas: Vec<Member> = h.members(&group).into_iter().filter(|m| m.healthy(h.suspect_after)).collect();
+    replicas.extend(h.unproven(&group).into_iter().map(|a| Member::unproven(a, &group)));
+    if replicas.len() < quorum {
+        return Err(format!("shard {shard}: {} replicas reachable, write quorum is {quorum}", replicas.len()));
+    }
+    let mut writes = JoinSet::new();
+    for r in replicas {
+        let req = req.clone();
+        writes.spawn(async move { call(&r.actor, req, Duration::from_secs(120)).await });
+    }
+    let mut acks = 0;
+    let mut errors = Vec::new();
+    while let Some(w) = writes.join_next().await {
+        match w {
+            Ok(Ok(Response::Written { .. })) => acks += 1,
+            Ok(Ok(other)) => errors.push(format!("{other:?}")),
+            Ok(Err(e)) => errors.push(e.to_string()),
+            Err(e) => errors.push(e.to_string()),
+        }
+    }
+    if acks >= quorum {
+        Ok(())
+    } else {
+        Err(format!("shard {shard}: {acks} of {quorum} acknowledgements ({})", errors.join("; ")))
+    }
+}
+
+/// Deletes documents from their shards at the write quorum; returns those that failed.
+pub async fn delete(ctx: Arc<Ctx>, doc_ids: Vec<String>) -> IngestResult {
+    let mut by_shard: HashMap<u32, Vec<String>> = HashMap::new();
+    let mut result = IngestResult::default();
+    for d in doc_ids {
+        if d.trim().is_empty() {
+            result.failed.push((d, "empty document id".into()));
+        } else {
+            by_shard.entry(ctx.cfg().shard_of(&d)).or_default().push(d);
+        }
+    }
+    let mut set = JoinSet::new();
+    for (shard, ids) in by_shard {
+        let ctx = ctx.clone();
+        set.spawn(async move {
+            let r = write_to_shard(&ctx, shard, Request::Delete { doc_ids: ids.clone() }).await;
+            (ids, r)
+        });
+    }
+    while let Some(r) = set.join_next().await {
+        match r {
+            Ok((ids, Ok(()))) => result.documents += ids.len() as u64,
+            Ok((ids, Err(e))) => result.failed.extend(ids.into_iter().map(|i| (i, e.clone()))),
+            Err(e) => warn!(error = %e, "delete task failed"),
+        }
+    }
+    result
 }
 
 /// The cluster as this coordinator's failure detector sees it.
@@ -591,6 +627,9 @@ impl Actor for CoordinatorActor {
                 });
             }
             Request::Status => reply(port, Response::Status(status(&ctx))),
+            Request::Delete { doc_ids } => {
+                tokio::spawn(async move { reply(port, Response::Ingested(delete(ctx, doc_ids).await)) });
+            }
             Request::Ask { question, options } => {
                 if let Err(e) = validate_text(&question, ctx.cfg().query.max_query_bytes, "question") {
                     reply(port, Response::Error(e));

@@ -1,6 +1,7 @@
 //! A shard replica: wraps a [`ShardIndex`]; recovers from disk, catches up from a serving peer
 //! replica before it serves, answers searches and durable writes.
 use std::collections::HashSet;
+
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -140,6 +141,20 @@ impl Actor for ShardActor {
                     });
                 });
             }
+            Request::Delete { doc_ids } => {
+                tokio::task::spawn_blocking(move || {
+                    if shared.state() == ReplicaState::CatchingUp {
+                        shared.written_while_catching_up.lock().expect("set").extend(doc_ids.iter().cloned());
+                    }
+                    let mut ix = shared.index.write().expect("index");
+                    let r = ix.delete(&doc_ids);
+                    shared.refresh_counts(&ix);
+                    reply(port, match r {
+                        Ok(seq) => Response::Written { seq },
+                        Err(e) => Response::Error(index_error(e)),
+                    });
+                });
+            }
             Request::Dump => {
                 tokio::task::spawn_blocking(move || {
                     let ix = shared.index.read().expect("index");
@@ -210,15 +225,13 @@ async fn catch_up(me: ActorRef<RoleMsg>, args: ShardArgs, shared: Arc<Shared>) {
 }
 
 fn apply_dump(shared: &Shared, ops: Vec<WriteOp>, model: &ragfleet_proto::ModelIdentity) -> Result<usize, String> {
+    // Documents written here while catching up are newer than the peer's copy. Local documents
+    // the peer lacks are kept: they may be acknowledged writes the peer missed (deletions
+    // arrive as the peer's tombstones).
     let skip = shared.written_while_catching_up.lock().expect("set").clone();
     let mut ix = shared.index.write().expect("index");
-    let peer_docs: HashSet<String> = ops.iter().map(|o| o.doc_id().to_string()).collect();
-    let mut changes: Vec<WriteOp> = ops.into_iter().filter(|o| !skip.contains(o.doc_id())).collect();
-    for d in ix.doc_ids() {
-        if !peer_docs.contains(&d) && !skip.contains(&d) {
-            changes.push(WriteOp::Delete { doc_id: d });
-        }
-    }
+    let changes: Vec<WriteOp> =
+        ops.into_iter().filter(|o| !skip.contains(o.doc_id()) && !ix.has_identical(o)).collect();
     let n = changes.len();
     for batch in changes.chunks(256) {
         ix.write(batch.to_vec(), model).map_err(|e| e.to_string())?;

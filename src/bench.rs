@@ -29,7 +29,10 @@ fn embed(models: &std::path::Path) -> Result<()> {
     let nd = Embedder::<CpuNdArray>::load(&dir, &Default::default())?;
     let short = "How do shards bound the latency of a query?".to_string();
     let long = "Replication keeps a copy of every shard on another node. ".repeat(40);
-    println!("{:<8} {:>6} {:>14} {:>14} {:>8}", "input", "batch", "flex sent/s", "ndarray sent/s", "ratio");
+    println!(
+        "{:<8} {:>6} {:>14} {:>14} {:>8}",
+        "input", "batch", "flex sent/s", "ndarray sent/s", "ratio"
+    );
     for (name, text) in [("short", &short), ("256-tok", &long)] {
         for batch in [1usize, 8, 64, 256] {
             if name == "256-tok" && batch == 256 {

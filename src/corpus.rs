@@ -42,7 +42,11 @@ fn parse_line(line: &str) -> Result<Document, String> {
         Some(_) => return Err("`text` is not a string".into()),
         None => return Err("no `text` field".into()),
     };
-    let title = obj.get("title").and_then(|t| t.as_str()).unwrap_or("").to_string();
+    let title = obj
+        .get("title")
+        .and_then(|t| t.as_str())
+        .unwrap_or("")
+        .to_string();
     if text.trim().is_empty() && title.trim().is_empty() {
         return Err("empty text".into());
     }
@@ -73,7 +77,11 @@ impl Corpus {
             }
             match parse_line(line) {
                 Ok(d) => self.docs.push(d),
-                Err(reason) => self.skipped.push(Skipped { path: p.to_path_buf(), line: i + 1, reason }),
+                Err(reason) => self.skipped.push(Skipped {
+                    path: p.to_path_buf(),
+                    line: i + 1,
+                    reason,
+                }),
             }
         }
     }
@@ -97,24 +105,51 @@ impl Corpus {
         let ext = p.extension().and_then(|x| x.to_str()).unwrap_or("");
         match ext {
             "jsonl" | "json" => {
-                let text = std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?;
+                let text = std::fs::read_to_string(p)
+                    .with_context(|| format!("cannot read {}", p.display()))?;
                 self.add_lines(&text, p);
             }
             "txt" | "md" => {
-                let bytes = std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?;
+                let bytes =
+                    std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?;
                 let Ok(text) = String::from_utf8(bytes) else {
-                    self.skipped.push(Skipped { path: p.to_path_buf(), line: 0, reason: "not UTF-8 text".into() });
+                    self.skipped.push(Skipped {
+                        path: p.to_path_buf(),
+                        line: 0,
+                        reason: "not UTF-8 text".into(),
+                    });
                     return Ok(());
                 };
                 if text.trim().is_empty() {
-                    self.skipped.push(Skipped { path: p.to_path_buf(), line: 0, reason: "empty file".into() });
+                    self.skipped.push(Skipped {
+                        path: p.to_path_buf(),
+                        line: 0,
+                        reason: "empty file".into(),
+                    });
                     return Ok(());
                 }
-                let id = p.strip_prefix(root).ok().filter(|r| !r.as_os_str().is_empty()).unwrap_or(p);
-                let title = text.lines().next().unwrap_or("").trim_start_matches('#').trim().to_string();
-                self.docs.push(Document { id: id.display().to_string(), title, text });
+                let id = p
+                    .strip_prefix(root)
+                    .ok()
+                    .filter(|r| !r.as_os_str().is_empty())
+                    .unwrap_or(p);
+                let title = text
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .trim_start_matches('#')
+                    .trim()
+                    .to_string();
+                self.docs.push(Document {
+                    id: id.display().to_string(),
+                    title,
+                    text,
+                });
             }
-            other => bail!("{}: unsupported file type {other:?} (use .jsonl, .txt, .md or a folder)", p.display()),
+            other => bail!(
+                "{}: unsupported file type {other:?} (use .jsonl, .txt, .md or a folder)",
+                p.display()
+            ),
         }
         Ok(())
     }
@@ -134,9 +169,15 @@ mod tests {
         )
         .unwrap();
         let c = Corpus::read(&[p.clone()]).unwrap();
-        assert_eq!(c.docs.iter().map(|d| d.id.as_str()).collect::<Vec<_>>(), vec!["a", "7"]);
+        assert_eq!(
+            c.docs.iter().map(|d| d.id.as_str()).collect::<Vec<_>>(),
+            vec!["a", "7"]
+        );
         assert_eq!(c.docs[0].title, "T");
-        assert_eq!(c.skipped.iter().map(|s| s.line).collect::<Vec<_>>(), vec![3, 4, 6]);
+        assert_eq!(
+            c.skipped.iter().map(|s| s.line).collect::<Vec<_>>(),
+            vec![3, 4, 6]
+        );
         assert!(Corpus::read(&[dir.path().join("missing.jsonl")]).is_err());
     }
 

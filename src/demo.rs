@@ -22,10 +22,19 @@ const SAMPLE_QUESTIONS: &[&str] = &[
 ];
 
 /// Ingests a corpus in batches with a progress bar; prints the totals.
-pub async fn ingest_corpus(client: &Client, corpus: Corpus, batch: usize, json: bool) -> Result<()> {
+pub async fn ingest_corpus(
+    client: &Client,
+    corpus: Corpus,
+    batch: usize,
+    json: bool,
+) -> Result<()> {
     let t0 = Instant::now();
     let total = corpus.docs.len() as u64;
-    let bar = if json { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(total) };
+    let bar = if json {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new(total)
+    };
     bar.set_style(
         indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} docs  {per_sec}  eta {eta}")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
@@ -70,7 +79,12 @@ pub async fn ingest_corpus(client: &Client, corpus: Corpus, batch: usize, json: 
 }
 
 /// Asks a question and prints the streamed answer, then sources, coverage and timings.
-pub async fn ask_and_print(client: &Client, question: &str, options: AskOptions, json: bool) -> Result<()> {
+pub async fn ask_and_print(
+    client: &Client,
+    question: &str,
+    options: AskOptions,
+    json: bool,
+) -> Result<()> {
     let mut stream = client.ask(question, options).await?;
     let mut summary: Option<AskSummary> = None;
     while let Some(chunk) = stream.next().await {
@@ -92,8 +106,19 @@ pub async fn ask_and_print(client: &Client, question: &str, options: AskOptions,
     if s.unsourced {
         println!("(unsourced: no shard answered, the model answered alone)");
     }
-    let src: Vec<String> = s.sources.iter().map(|x| format!("{} ({:.3})", x.doc_id, x.score)).collect();
-    println!("sources: {}", if src.is_empty() { "none".into() } else { src.join(", ") });
+    let src: Vec<String> = s
+        .sources
+        .iter()
+        .map(|x| format!("{} ({:.3})", x.doc_id, x.score))
+        .collect();
+    println!(
+        "sources: {}",
+        if src.is_empty() {
+            "none".into()
+        } else {
+            src.join(", ")
+        }
+    );
     crate::print_coverage(&s.coverage);
     let t = &s.timings_ms;
     println!(
@@ -104,7 +129,9 @@ pub async fn ask_and_print(client: &Client, question: &str, options: AskOptions,
 }
 
 fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 /// The embedded cluster's configuration: two logical nodes in one process.
@@ -145,45 +172,70 @@ context_tokens = 1024
 }
 
 /// `ragfleet demo`.
-pub async fn run(data_dir: PathBuf, models: PathBuf, question: String, max_tokens: u32) -> Result<()> {
+pub async fn run(
+    data_dir: PathBuf,
+    models: PathBuf,
+    question: String,
+    max_tokens: u32,
+) -> Result<()> {
     if !ragfleet_models::fetch::models_present(&models) {
         println!("fetching models into {} ...", models.display());
         let m = models.clone();
         tokio::task::spawn_blocking(move || ragfleet_models::fetch::fetch_models(&m)).await??;
     }
-    std::fs::create_dir_all(&data_dir).with_context(|| format!("cannot create {}", data_dir.display()))?;
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("cannot create {}", data_dir.display()))?;
     let cfg = Arc::new(demo_config(&data_dir, &models)?);
     let t0 = Instant::now();
     println!("starting an embedded cluster: 2 embedder replicas, 4 shards x 2 replicas, a generator, a coordinator");
     let loader = Arc::new(CpuLoader::new(models.clone()));
-    let node = ragfleet_runtime::start_node(cfg.clone(), "a", loader, NodeOptions { embedded: true }).await?;
+    let node =
+        ragfleet_runtime::start_node(cfg.clone(), "a", loader, NodeOptions { embedded: true })
+            .await?;
     let client = Client::connect(cfg.clone(), Duration::from_secs(30)).await?;
     println!("cluster up in {:.1} s", t0.elapsed().as_secs_f64());
 
     let corpus = Corpus::read_str(DEMO_CORPUS, "rust-book.jsonl");
     let marker = data_dir.join("ingested.txt");
-    let stamp = format!("{} documents, corpus {}", corpus.docs.len(), DEMO_CORPUS.len());
+    let stamp = format!(
+        "{} documents, corpus {}",
+        corpus.docs.len(),
+        DEMO_CORPUS.len()
+    );
     if std::fs::read_to_string(&marker).ok().as_deref() == Some(stamp.as_str()) {
         // wait until every shard serves its recovered data
         let start = Instant::now();
         while start.elapsed() < Duration::from_secs(30) {
             let s = client.status().await?;
-            if s.shards.iter().all(|sh| sh.replicas.iter().all(|r| r.state == "serving")) {
+            if s.shards
+                .iter()
+                .all(|sh| sh.replicas.iter().all(|r| r.state == "serving"))
+            {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         println!("index already built in {} ({stamp})", data_dir.display());
     } else {
-        println!("ingesting the bundled corpus ({} sections of The Rust Programming Language) ...", corpus.docs.len());
+        println!(
+            "ingesting the bundled corpus ({} sections of The Rust Programming Language) ...",
+            corpus.docs.len()
+        );
         ingest_corpus(&client, corpus, 32, false).await?;
         std::fs::write(&marker, &stamp)?;
     }
-    let questions: Vec<String> =
-        if question.trim().is_empty() { SAMPLE_QUESTIONS.iter().map(|s| s.to_string()).collect() } else { vec![question] };
+    let questions: Vec<String> = if question.trim().is_empty() {
+        SAMPLE_QUESTIONS.iter().map(|s| s.to_string()).collect()
+    } else {
+        vec![question]
+    };
     for q in questions {
         println!("\nQ: {q}\nA: ");
-        let opts = AskOptions { max_tokens: Some(max_tokens), sampling: Sampling::default(), ..Default::default() };
+        let opts = AskOptions {
+            max_tokens: Some(max_tokens),
+            sampling: Sampling::default(),
+            ..Default::default()
+        };
         ask_and_print(&client, &q, opts, false).await?;
     }
     client.close();

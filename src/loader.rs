@@ -64,7 +64,11 @@ impl GenerateModel for GeneratorModel {
                 top_p: req.sampling.top_p,
                 seed: req.sampling.seed,
             };
-            (r, Box::new(sink) as Box<dyn FnMut(ragfleet_models::llama::StreamEvent) -> bool + Send>)
+            (
+                r,
+                Box::new(sink)
+                    as Box<dyn FnMut(ragfleet_models::llama::StreamEvent) -> bool + Send>,
+            )
         })
     }
 }
@@ -88,21 +92,36 @@ pub struct CpuLoader {
 impl CpuLoader {
     /// A loader for `dir`.
     pub fn new(dir: PathBuf) -> Self {
-        CpuLoader { dir, embedder: Mutex::new(None), reranker: Mutex::new(None), generator: Mutex::new(None) }
+        CpuLoader {
+            dir,
+            embedder: Mutex::new(None),
+            reranker: Mutex::new(None),
+            generator: Mutex::new(None),
+        }
     }
 
     /// Loads the embedder (not cached).
     pub fn load_embedder(&self) -> Result<Embedder<Cpu>, String> {
         let dir = self.dir.join(EMBEDDER_DIR);
-        Embedder::<Cpu>::load(&dir, &Default::default())
-            .map_err(|e| format!("{e} (run `ragfleet models fetch` to download the models into {})", self.dir.display()))
+        Embedder::<Cpu>::load(&dir, &Default::default()).map_err(|e| {
+            format!(
+                "{e} (run `ragfleet models fetch` to download the models into {})",
+                self.dir.display()
+            )
+        })
     }
 
     /// Loads the generator (not cached).
     pub fn load_generator(&self) -> Result<ragfleet_models::llama::Generator<Cpu>, String> {
         let path = self.dir.join(GENERATOR_GGUF);
-        ragfleet_models::llama::Generator::<Cpu>::load_gguf(&path, &Default::default())
-            .map_err(|e| format!("{e} (run `ragfleet models fetch` to download the models into {})", self.dir.display()))
+        ragfleet_models::llama::Generator::<Cpu>::load_gguf(&path, &Default::default()).map_err(
+            |e| {
+                format!(
+                    "{e} (run `ragfleet models fetch` to download the models into {})",
+                    self.dir.display()
+                )
+            },
+        )
     }
 
     /// Loads the cross-encoder (not cached).
@@ -142,7 +161,8 @@ impl ModelLoader for CpuLoader {
     }
     fn generator_tokens(&self) -> Result<Arc<dyn TokenCount>, String> {
         let path = self.dir.join(GENERATOR_GGUF);
-        let t = ragfleet_models::llama::BpeTokenizer::from_gguf(&path).map_err(|e| e.to_string())?;
+        let t =
+            ragfleet_models::llama::BpeTokenizer::from_gguf(&path).map_err(|e| e.to_string())?;
         Ok(Arc::new(Tokens(t)))
     }
 }

@@ -20,7 +20,11 @@ use ragfleet_runtime::{Client, NodeOptions};
 use crate::loader::CpuLoader;
 
 #[derive(Parser)]
-#[command(name = "ragfleet", version, about = "An actor-based cluster runtime serving retrieval-augmented generation")]
+#[command(
+    name = "ragfleet",
+    version,
+    about = "An actor-based cluster runtime serving retrieval-augmented generation"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -72,7 +76,10 @@ impl RetrieveArgs {
     fn options(&self) -> Result<RetrieveOptions> {
         Ok(RetrieveOptions {
             k: self.k,
-            mode: self.mode.parse::<SearchMode>().map_err(anyhow::Error::msg)?,
+            mode: self
+                .mode
+                .parse::<SearchMode>()
+                .map_err(anyhow::Error::msg)?,
             rerank: if self.rerank { Some(true) } else { None },
             deadline_ms: self.deadline_ms,
         })
@@ -300,7 +307,8 @@ fn init_logs(default: &str) {
 fn joined(words: &[String], what: &str) -> Result<String> {
     let s = if words.len() == 1 && words[0] == "-" {
         let mut buf = String::new();
-        std::io::Read::read_to_string(&mut std::io::stdin(), &mut buf).context("reading standard input")?;
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut buf)
+            .context("reading standard input")?;
         buf
     } else {
         words.join(" ")
@@ -313,7 +321,10 @@ fn joined(words: &[String], what: &str) -> Result<String> {
 
 fn main() {
     let cli = Cli::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
     let res = rt.block_on(run(cli));
     if let Err(e) = res {
         eprintln!("error: {:#}", e);
@@ -330,11 +341,20 @@ async fn connect(cfg: ClusterConfig) -> Result<Client> {
 fn print_retrieval(r: &RetrieveResult) {
     for (i, h) in r.hits.iter().enumerate() {
         let text: String = h.text.chars().take(160).collect();
-        println!("{:>2}. {:.4}  {}  {}", i + 1, h.score, h.chunk_id, text.replace('\n', " "));
+        println!(
+            "{:>2}. {:.4}  {}  {}",
+            i + 1,
+            h.score,
+            h.chunk_id,
+            text.replace('\n', " ")
+        );
     }
     print_coverage(&r.coverage);
     let t = &r.timings_ms;
-    println!("timings: embed {:.1} ms, search {:.1} ms, rerank {:.1} ms, total {:.1} ms", t.embed, t.search, t.rerank, t.total);
+    println!(
+        "timings: embed {:.1} ms, search {:.1} ms, rerank {:.1} ms, total {:.1} ms",
+        t.embed, t.search, t.rerank, t.total
+    );
 }
 
 fn print_coverage(c: &ragfleet_proto::Coverage) {
@@ -360,8 +380,10 @@ async fn run(cli: Cli) -> Result<()> {
             let cfg = Arc::new(cluster.load()?);
             cfg.node(&node)?;
             let loader = Arc::new(CpuLoader::new(cfg.models_dir.clone()));
-            let mut handle = ragfleet_runtime::start_node(cfg, &node, loader, NodeOptions::default()).await?;
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+            let mut handle =
+                ragfleet_runtime::start_node(cfg, &node, loader, NodeOptions::default()).await?;
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
             tokio::select! {
                 _ = handle.wait() => bail!("node {node}: root supervisor stopped (a role failed past its restart limit)"),
                 _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; shutting down"),
@@ -371,11 +393,27 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Up { cluster, logs } => up(cluster, logs).await,
-        Cmd::Demo { question, data_dir, models, max_tokens } => {
+        Cmd::Demo {
+            question,
+            data_dir,
+            models,
+            max_tokens,
+        } => {
             init_logs("warn,ractor_cluster=error");
-            demo::run(data_dir, models_dir(&models), question.join(" "), max_tokens).await
+            demo::run(
+                data_dir,
+                models_dir(&models),
+                question.join(" "),
+                max_tokens,
+            )
+            .await
         }
-        Cmd::Retrieve { cluster, opts, json, query } => {
+        Cmd::Retrieve {
+            cluster,
+            opts,
+            json,
+            query,
+        } => {
             init_logs("warn,ractor_cluster=error");
             let q = joined(&query, "query")?;
             let client = connect(cluster.load()?).await?;
@@ -387,18 +425,35 @@ async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Ask { cluster, opts, max_tokens, temperature, seed, json, question } => {
+        Cmd::Ask {
+            cluster,
+            opts,
+            max_tokens,
+            temperature,
+            seed,
+            json,
+            question,
+        } => {
             init_logs("warn,ractor_cluster=error");
             let q = joined(&question, "question")?;
             let client = connect(cluster.load()?).await?;
             let options = AskOptions {
                 retrieve: opts.options()?,
                 max_tokens,
-                sampling: Sampling { temperature, top_p: 0.9, seed },
+                sampling: Sampling {
+                    temperature,
+                    top_p: 0.9,
+                    seed,
+                },
             };
             demo::ask_and_print(&client, &q, options, json).await
         }
-        Cmd::Ingest { cluster, json, batch, paths } => {
+        Cmd::Ingest {
+            cluster,
+            json,
+            batch,
+            paths,
+        } => {
             init_logs("warn,ractor_cluster=error");
             if paths.is_empty() {
                 bail!("no paths to ingest");
@@ -415,7 +470,10 @@ async fn run(cli: Cli) -> Result<()> {
             let client = connect(cluster.load()?).await?;
             let r = client.delete(ids).await?;
             if json {
-                println!("{}", serde_json::json!({"deleted": r.documents, "failed": r.failed}));
+                println!(
+                    "{}",
+                    serde_json::json!({"deleted": r.documents, "failed": r.failed})
+                );
             } else {
                 println!("deleted {} documents", r.documents);
                 for (id, e) in &r.failed {
@@ -432,19 +490,39 @@ async fn run(cli: Cli) -> Result<()> {
             let client = connect(cluster.load()?).await?;
             let s = client.status().await?;
             if json {
-                println!("{}", serde_json::json!({"nodes": s.nodes, "shards": s.shards}));
+                println!(
+                    "{}",
+                    serde_json::json!({"nodes": s.nodes, "shards": s.shards})
+                );
             } else {
                 for n in &s.nodes {
-                    println!("node {:<12} {:<22} {}", n.name, n.addr, if n.alive { "alive" } else { "DEAD" });
+                    println!(
+                        "node {:<12} {:<22} {}",
+                        n.name,
+                        n.addr,
+                        if n.alive { "alive" } else { "DEAD" }
+                    );
                 }
                 for sh in &s.shards {
-                    let r: Vec<String> = sh.replicas.iter().map(|r| format!("{}:{}({} docs)", r.node, r.state, r.docs)).collect();
+                    let r: Vec<String> = sh
+                        .replicas
+                        .iter()
+                        .map(|r| format!("{}:{}({} docs)", r.node, r.state, r.docs))
+                        .collect();
                     println!("shard {:<3} {}", sh.id, r.join("  "));
                 }
             }
             Ok(())
         }
-        Cmd::Eval { cluster, queries, qrels, mode, rerank, limit, json } => {
+        Cmd::Eval {
+            cluster,
+            queries,
+            qrels,
+            mode,
+            rerank,
+            limit,
+            json,
+        } => {
             init_logs("warn,ractor_cluster=error");
             let client = connect(cluster.load()?).await?;
             let opts = RetrieveOptions {
@@ -455,11 +533,15 @@ async fn run(cli: Cli) -> Result<()> {
             };
             eval::run(&client, &queries, &qrels, opts, limit, json).await
         }
-        Cmd::Models { cmd: ModelsCmd::Fetch { dir } } => {
+        Cmd::Models {
+            cmd: ModelsCmd::Fetch { dir },
+        } => {
             init_logs("info");
             let dir = models_dir(&dir);
             let d2 = dir.clone();
-            let rep = tokio::task::spawn_blocking(move || ragfleet_models::fetch::fetch_models(&d2)).await??;
+            let rep =
+                tokio::task::spawn_blocking(move || ragfleet_models::fetch::fetch_models(&d2))
+                    .await??;
             for p in &rep.fetched {
                 println!("fetched {}", p.display());
             }
@@ -469,14 +551,20 @@ async fn run(cli: Cli) -> Result<()> {
             println!("models ready in {}", dir.display());
             Ok(())
         }
-        Cmd::Embed { models, json, texts } => {
+        Cmd::Embed {
+            models,
+            json,
+            texts,
+        } => {
             let loader = CpuLoader::new(models_dir(&models));
             if texts.is_empty() {
                 bail!("no text to embed");
             }
             let vecs = tokio::task::spawn_blocking(move || -> Result<_, String> {
                 let e = loader.load_embedder()?;
-                e.embed(&texts).map(|v| (texts, v, e.identity().clone())).map_err(|e| e.to_string())
+                e.embed(&texts)
+                    .map(|v| (texts, v, e.identity().clone()))
+                    .map_err(|e| e.to_string())
             })
             .await?
             .map_err(anyhow::Error::msg)?;
@@ -491,14 +579,24 @@ async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Rerank { models, model_dir, json, query, passages } => {
+        Cmd::Rerank {
+            models,
+            model_dir,
+            json,
+            query,
+            passages,
+        } => {
             if passages.is_empty() {
                 bail!("no passages to score");
             }
-            let dir = model_dir.unwrap_or_else(|| models_dir(&models).join(ragfleet_models::fetch::RERANKER_DIR));
+            let dir = model_dir
+                .unwrap_or_else(|| models_dir(&models).join(ragfleet_models::fetch::RERANKER_DIR));
             let scores = tokio::task::spawn_blocking(move || -> Result<Vec<f32>> {
-                let ce = ragfleet_models::CrossEncoder::<ragfleet_models::backend::Cpu>::load(&dir, &Default::default())
-                    .with_context(|| format!("loading cross-encoder from {}", dir.display()))?;
+                let ce = ragfleet_models::CrossEncoder::<ragfleet_models::backend::Cpu>::load(
+                    &dir,
+                    &Default::default(),
+                )
+                .with_context(|| format!("loading cross-encoder from {}", dir.display()))?;
                 Ok(ce.score(&query, &passages)?)
             })
             .await??;
@@ -511,7 +609,14 @@ async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Generate { models, max_tokens, temperature, top_p, seed, prompt } => {
+        Cmd::Generate {
+            models,
+            max_tokens,
+            temperature,
+            top_p,
+            seed,
+            prompt,
+        } => {
             let p = joined(&prompt, "prompt")?;
             let loader = CpuLoader::new(models_dir(&models));
             tokio::task::spawn_blocking(move || -> Result<()> {
@@ -536,7 +641,9 @@ async fn run(cli: Cli) -> Result<()> {
                                 let _ = std::io::stdout().flush();
                             }
                             ragfleet_models::llama::StreamEvent::Done => println!(),
-                            ragfleet_models::llama::StreamEvent::Error(e) => eprintln!("error: {e}"),
+                            ragfleet_models::llama::StreamEvent::Error(e) => {
+                                eprintln!("error: {e}")
+                            }
                         }
                         true
                     });
@@ -547,7 +654,12 @@ async fn run(cli: Cli) -> Result<()> {
             })
             .await?
         }
-        Cmd::Chaos { cluster, group, action, node } => {
+        Cmd::Chaos {
+            cluster,
+            group,
+            action,
+            node,
+        } => {
             init_logs("warn,ractor_cluster=error");
             let client = connect(cluster.load()?).await?;
             chaos(&client, &group, &action, node.as_deref()).await
@@ -577,15 +689,22 @@ async fn chaos(client: &Client, group: &str, action: &str, node: Option<&str>) -
         if node.is_some_and(|n| n != on) {
             continue;
         }
-        let r = ragfleet_runtime::call::call(&a, Request::Chaos(action), Duration::from_secs(5)).await;
-        println!("{g} on {on}: {action:?} -> {}", match r {
-            Ok(_) => "done".to_string(),
-            Err(e) => e.to_string(),
-        });
+        let r =
+            ragfleet_runtime::call::call(&a, Request::Chaos(action), Duration::from_secs(5)).await;
+        println!(
+            "{g} on {on}: {action:?} -> {}",
+            match r {
+                Ok(_) => "done".to_string(),
+                Err(e) => e.to_string(),
+            }
+        );
         hit += 1;
     }
     if hit == 0 {
-        bail!("no actor of group {g} found{}", node.map(|n| format!(" on node {n}")).unwrap_or_default());
+        bail!(
+            "no actor of group {g} found{}",
+            node.map(|n| format!(" on node {n}")).unwrap_or_default()
+        );
     }
     Ok(())
 }
@@ -598,9 +717,14 @@ async fn up(cluster: ClusterArgs, logs: PathBuf) -> Result<()> {
     let mut children = Vec::new();
     for n in &cfg.nodes {
         let log = logs.join(format!("{}.log", n.name));
-        let f = std::fs::File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
+        let f = std::fs::File::create(&log)
+            .with_context(|| format!("cannot create {}", log.display()))?;
         let mut cmd = tokio::process::Command::new(&exe);
-        cmd.arg("node").arg("--config").arg(&cluster.config).arg("--node").arg(&n.name);
+        cmd.arg("node")
+            .arg("--config")
+            .arg(&cluster.config)
+            .arg("--node")
+            .arg(&n.name);
         if let Some(d) = &cluster.data_dir {
             cmd.arg("--data-dir").arg(d);
         }
@@ -608,8 +732,15 @@ async fn up(cluster: ClusterArgs, logs: PathBuf) -> Result<()> {
             cmd.arg("--models").arg(m);
         }
         cmd.stdout(f.try_clone()?).stderr(f).kill_on_drop(true);
-        let child = cmd.spawn().with_context(|| format!("cannot start node {}", n.name))?;
-        println!("started node {} on {} (log: {})", n.name, n.addr, log.display());
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("cannot start node {}", n.name))?;
+        println!(
+            "started node {} on {} (log: {})",
+            n.name,
+            n.addr,
+            log.display()
+        );
         children.push((n.name.clone(), child));
     }
     println!("cluster {} is up; Ctrl-C stops every node", cfg.name);

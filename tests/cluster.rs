@@ -22,10 +22,18 @@ fn three_nodes_answer_with_full_coverage_and_survive_a_kill_9() {
     assert_eq!(answered(&r), 4);
     assert!(r["timings_ms"]["total"].as_f64().unwrap() > 0.0);
     for k in ["embed", "search", "rerank", "total"] {
-        assert!(r["timings_ms"][k].is_number(), "timings_ms.{k} missing: {r}");
+        assert!(
+            r["timings_ms"][k].is_number(),
+            "timings_ms.{k} missing: {r}"
+        );
     }
     let s = c.status().unwrap();
-    let docs: u64 = s["shards"].as_array().unwrap().iter().map(|sh| sh["replicas"][0]["docs"].as_u64().unwrap()).sum();
+    let docs: u64 = s["shards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|sh| sh["replicas"][0]["docs"].as_u64().unwrap())
+        .sum();
     assert_eq!(docs, 16, "{s}");
 
     // kill -9 the shard-only node: replication 2 keeps every shard answering
@@ -34,11 +42,15 @@ fn three_nodes_answer_with_full_coverage_and_survive_a_kill_9() {
         let r = c.retrieve(q);
         assert_eq!(answered(&r), 4, "{r}");
     }
-    wait_for("n3 reported dead", Duration::from_secs(5), || (c.alive("n3") == Some(false)).then_some(()));
+    wait_for("n3 reported dead", Duration::from_secs(5), || {
+        (c.alive("n3") == Some(false)).then_some(())
+    });
 
     // it comes back and catches up
     c.restart("n3");
-    wait_for("n3 alive again", Duration::from_secs(30), || (c.alive("n3") == Some(true)).then_some(()));
+    wait_for("n3 alive again", Duration::from_secs(30), || {
+        (c.alive("n3") == Some(true)).then_some(())
+    });
     c.wait_all_alive();
 }
 
@@ -58,7 +70,14 @@ fn both_replicas_of_a_shard_down_gives_partial_coverage_naming_it() {
     assert_eq!(left.len(), 1, "{r}");
     assert_eq!(left[0]["shard"], 1);
     assert_eq!(r["coverage"]["shards_total"], 4);
-    assert!(left[0]["reason"].as_str().unwrap().contains("no_live_replica") || left[0]["reason"] == "deadline", "{r}");
+    assert!(
+        left[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("no_live_replica")
+            || left[0]["reason"] == "deadline",
+        "{r}"
+    );
 }
 
 #[test]
@@ -69,7 +88,11 @@ fn a_frozen_node_is_failed_over_within_the_shard_deadline_and_taken_back() {
     c.signal("n3", libc::SIGSTOP);
     // the very next queries: the frozen replicas time out inside the shard deadline and the
     // other replica answers; later ones skip the suspected node entirely
-    for q in ["espresso brewing pressure", "castling in chess", "how vaccines work"] {
+    for q in [
+        "espresso brewing pressure",
+        "castling in chess",
+        "how vaccines work",
+    ] {
         let t = Instant::now();
         let r = c.retrieve(q);
         let took = t.elapsed();
@@ -77,9 +100,13 @@ fn a_frozen_node_is_failed_over_within_the_shard_deadline_and_taken_back() {
         // 800 ms shard deadline + embedding + process start of the CLI
         assert!(took < Duration::from_millis(800 + 2500), "took {took:?}");
     }
-    wait_for("n3 suspected", Duration::from_secs(5), || (c.alive("n3") == Some(false)).then_some(()));
+    wait_for("n3 suspected", Duration::from_secs(5), || {
+        (c.alive("n3") == Some(false)).then_some(())
+    });
     c.signal("n3", libc::SIGCONT);
-    wait_for("n3 taken back", Duration::from_secs(10), || (c.alive("n3") == Some(true)).then_some(()));
+    wait_for("n3 taken back", Duration::from_secs(10), || {
+        (c.alive("n3") == Some(true)).then_some(())
+    });
 }
 
 #[test]
@@ -90,13 +117,24 @@ fn client_fails_over_to_another_coordinator_when_its_node_dies() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let cfg = std::sync::Arc::new(ragfleet_config::ClusterConfig::load(&c.config).unwrap());
-        let client = ragfleet_runtime::Client::connect(cfg, Duration::from_secs(10)).await.unwrap();
-        let r = client.retrieve("sourdough yeast", Default::default()).await.unwrap();
+        let client = ragfleet_runtime::Client::connect(cfg, Duration::from_secs(10))
+            .await
+            .unwrap();
+        let r = client
+            .retrieve("sourdough yeast", Default::default())
+            .await
+            .unwrap();
         assert_eq!(r.hits[0].doc_id, "sourdough");
-        let node = client.coordinator_node().await.expect("a coordinator is in use");
+        let node = client
+            .coordinator_node()
+            .await
+            .expect("a coordinator is in use");
         c.kill9(&node);
         for q in ["sourdough yeast", "compiler code generation"] {
-            let r = client.retrieve(q, Default::default()).await.expect("fails over");
+            let r = client
+                .retrieve(q, Default::default())
+                .await
+                .expect("fails over");
             assert!(!r.hits.is_empty());
         }
         let now = client.coordinator_node().await.unwrap();
@@ -112,19 +150,35 @@ fn supervision_restarts_a_panicking_actor_and_escalates_a_crash_loop() {
     let (ok, out, err) = c.cli(&["chaos", "--group", "embedder", "--node", "n2"]);
     assert!(ok, "{out}{err}");
     wait_for("embedder on n2 restarted", Duration::from_secs(10), || {
-        c.log("n2").contains("child failed: restarting").then_some(())
+        c.log("n2")
+            .contains("child failed: restarting")
+            .then_some(())
     });
     assert_eq!(top_doc(&c.retrieve("honey bees")), "bees");
     // a crash loop: more panics than the intensity allows within the window escalates to the
     // root supervisor, which restarts the whole role
     for _ in 0..3 {
-        wait_for("an embedder on n2 to panic", Duration::from_secs(10), || {
-            c.cli(&["chaos", "--group", "embedder", "--node", "n2"]).0.then_some(())
-        });
+        wait_for(
+            "an embedder on n2 to panic",
+            Duration::from_secs(10),
+            || {
+                c.cli(&["chaos", "--group", "embedder", "--node", "n2"])
+                    .0
+                    .then_some(())
+            },
+        );
     }
-    wait_for("escalation", Duration::from_secs(10), || c.log("n2").contains("restart intensity exceeded").then_some(()));
+    wait_for("escalation", Duration::from_secs(10), || {
+        c.log("n2")
+            .contains("restart intensity exceeded")
+            .then_some(())
+    });
     wait_for("embedder role back on n2", Duration::from_secs(20), || {
-        c.cli(&["chaos", "--group", "embedder", "--node", "n2", "--action", "stall:1"]).0.then_some(())
+        c.cli(&[
+            "chaos", "--group", "embedder", "--node", "n2", "--action", "stall:1",
+        ])
+        .0
+        .then_some(())
     });
     assert_eq!(top_doc(&c.retrieve("honey bees")), "bees");
 }
@@ -143,25 +197,56 @@ fn bad_input_gets_clear_errors_and_the_nodes_keep_serving() {
     // garbage on a node's TCP port
     use std::io::Write;
     let addr = std::fs::read_to_string(&c.config).unwrap();
-    let port = addr.split("127.0.0.1:").nth(1).unwrap().split('"').next().unwrap().to_string();
-    for garbage in [vec![0xffu8; 64], b"\x00\x00\x00\x10hello, not a frame".to_vec(), vec![0, 0, 0, 0]] {
+    let port = addr
+        .split("127.0.0.1:")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap()
+        .to_string();
+    for garbage in [
+        vec![0xffu8; 64],
+        b"\x00\x00\x00\x10hello, not a frame".to_vec(),
+        vec![0, 0, 0, 0],
+    ] {
         let mut s = std::net::TcpStream::connect(format!("127.0.0.1:{port}")).unwrap();
         let _ = s.write_all(&garbage);
     }
     // a wrong cookie is refused
     let bad = c.dir.path().join("bad-cookie.toml");
-    std::fs::write(&bad, std::fs::read_to_string(&c.config).unwrap().replace("test-cookie-123", "wrong-cookie-456")).unwrap();
+    std::fs::write(
+        &bad,
+        std::fs::read_to_string(&c.config)
+            .unwrap()
+            .replace("test-cookie-123", "wrong-cookie-456"),
+    )
+    .unwrap();
     let out = std::process::Command::new(bin())
         .args(["status", "--json", "--config"])
         .arg(&bad)
         .output()
         .unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("cookie"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cookie"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // a malformed cluster.toml names the field
     let broken = c.dir.path().join("broken.toml");
-    std::fs::write(&broken, std::fs::read_to_string(&c.config).unwrap().replace("replication = 2", "replication = 9")).unwrap();
-    let out = std::process::Command::new(bin()).args(["status", "--config"]).arg(&broken).output().unwrap();
+    std::fs::write(
+        &broken,
+        std::fs::read_to_string(&c.config)
+            .unwrap()
+            .replace("replication = 2", "replication = 9"),
+    )
+    .unwrap();
+    let out = std::process::Command::new(bin())
+        .args(["status", "--config"])
+        .arg(&broken)
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("index.replication"));
     // still serving
@@ -176,15 +261,22 @@ fn a_malformed_wire_frame_is_answered_with_an_error_not_a_panic() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let cfg = std::sync::Arc::new(ragfleet_config::ClusterConfig::load(&c.config).unwrap());
-        let client = ragfleet_runtime::Client::connect(cfg, Duration::from_secs(10)).await.unwrap();
+        let client = ragfleet_runtime::Client::connect(cfg, Duration::from_secs(10))
+            .await
+            .unwrap();
         let coord = client.members(ragfleet_proto::groups::COORDINATORS)[0].get_cell();
         // the same variant name as RoleMsg::Call, but raw bytes as the payload
         let evil: ractor::ActorRef<EvilMsg> = coord.into();
         let reply = evil
-            .call(|port| EvilMsg::Call(vec![1, 2, 3, 4, 5], port), Some(Duration::from_secs(5)))
+            .call(
+                |port| EvilMsg::Call(vec![1, 2, 3, 4, 5], port),
+                Some(Duration::from_secs(5)),
+            )
             .await
             .expect("sent");
-        let ractor::rpc::CallResult::Success(bytes) = reply else { panic!("no reply: {reply:?}") };
+        let ractor::rpc::CallResult::Success(bytes) = reply else {
+            panic!("no reply: {reply:?}")
+        };
         let frame = ragfleet_proto::Frame::<ragfleet_proto::Response>::decode(&bytes);
         match frame.0 {
             Ok(ragfleet_proto::Response::Error(ragfleet_proto::WireError::Frame(_))) => {}

@@ -10,11 +10,20 @@ use ragfleet_proto::{Document, RetrieveOptions, SearchMode};
 
 fn doc(i: usize) -> Document {
     // a unique token per document makes each one findable by BM25
-    Document { id: format!("doc-{i}"), title: String::new(), text: format!("Record zq{i}x describes item number {i} of the ledger.") }
+    Document {
+        id: format!("doc-{i}"),
+        title: String::new(),
+        text: format!("Record zq{i}x describes item number {i} of the ledger."),
+    }
 }
 
 fn bm25(k: u32) -> RetrieveOptions {
-    RetrieveOptions { k: Some(k), mode: SearchMode::Bm25, rerank: Some(false), deadline_ms: None }
+    RetrieveOptions {
+        k: Some(k),
+        mode: SearchMode::Bm25,
+        rerank: Some(false),
+        deadline_ms: None,
+    }
 }
 
 #[test]
@@ -23,7 +32,12 @@ fn kill_9_mid_ingest_loses_no_acknowledged_document_and_the_replica_catches_up()
     let mut c = Cluster::three("");
     let rt = tokio::runtime::Runtime::new().unwrap();
     let cfg = Arc::new(ragfleet_config::ClusterConfig::load(&c.config).unwrap());
-    let client = rt.block_on(ragfleet_runtime::Client::connect(cfg.clone(), Duration::from_secs(10))).unwrap();
+    let client = rt
+        .block_on(ragfleet_runtime::Client::connect(
+            cfg.clone(),
+            Duration::from_secs(10),
+        ))
+        .unwrap();
     let mut acked: Vec<String> = Vec::new();
     let mut failed = 0;
     for batch in 0..12 {
@@ -45,21 +59,39 @@ fn kill_9_mid_ingest_loses_no_acknowledged_document_and_the_replica_catches_up()
             c.restart("n3");
         }
     }
-    assert!(acked.len() >= 100, "only {} acknowledged, {failed} failed", acked.len());
+    assert!(
+        acked.len() >= 100,
+        "only {} acknowledged, {failed} failed",
+        acked.len()
+    );
     // every replica serving again (n3 recovered its log and caught up from its peers)
     c.wait_all_alive();
     let s = c.status().unwrap();
     for sh in s["shards"].as_array().unwrap() {
-        let counts: Vec<u64> = sh["replicas"].as_array().unwrap().iter().map(|r| r["docs"].as_u64().unwrap()).collect();
-        assert!(counts.windows(2).all(|w| w[0] == w[1]), "replicas disagree after catch-up: {sh}");
+        let counts: Vec<u64> = sh["replicas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["docs"].as_u64().unwrap())
+            .collect();
+        assert!(
+            counts.windows(2).all(|w| w[0] == w[1]),
+            "replicas disagree after catch-up: {sh}"
+        );
     }
     // every acknowledged document is found, whichever replica answers
     for round in 0..2 {
         for id in &acked {
             let n: usize = id.trim_start_matches("doc-").parse().unwrap();
-            let r = rt.block_on(client.retrieve(&format!("zq{n}x"), bm25(3))).unwrap();
+            let r = rt
+                .block_on(client.retrieve(&format!("zq{n}x"), bm25(3)))
+                .unwrap();
             assert_eq!(r.coverage.shards_answered, 4);
-            assert_eq!(r.hits.first().map(|h| h.doc_id.as_str()), Some(id.as_str()), "round {round}: lost {id}");
+            assert_eq!(
+                r.hits.first().map(|h| h.doc_id.as_str()),
+                Some(id.as_str()),
+                "round {round}: lost {id}"
+            );
         }
     }
     // and after kill -9 of everything and a restart, still all there (recovery from disk)
@@ -70,11 +102,22 @@ fn kill_9_mid_ingest_loses_no_acknowledged_document_and_the_replica_catches_up()
         c.restart(n);
     }
     c.wait_all_alive();
-    let client = rt.block_on(ragfleet_runtime::Client::connect(cfg, Duration::from_secs(10))).unwrap();
+    let client = rt
+        .block_on(ragfleet_runtime::Client::connect(
+            cfg,
+            Duration::from_secs(10),
+        ))
+        .unwrap();
     for id in &acked {
         let n: usize = id.trim_start_matches("doc-").parse().unwrap();
-        let r = rt.block_on(client.retrieve(&format!("zq{n}x"), bm25(3))).unwrap();
-        assert_eq!(r.hits.first().map(|h| h.doc_id.as_str()), Some(id.as_str()), "lost {id} after a full restart");
+        let r = rt
+            .block_on(client.retrieve(&format!("zq{n}x"), bm25(3)))
+            .unwrap();
+        assert_eq!(
+            r.hits.first().map(|h| h.doc_id.as_str()),
+            Some(id.as_str()),
+            "lost {id} after a full restart"
+        );
     }
 }
 
@@ -85,12 +128,21 @@ fn a_replica_that_was_down_catches_up_replaced_new_and_deleted_documents() {
     let mut c = Cluster::three("");
     let rt = tokio::runtime::Runtime::new().unwrap();
     let cfg = Arc::new(ragfleet_config::ClusterConfig::load(&c.config).unwrap());
-    let client = rt.block_on(ragfleet_runtime::Client::connect(cfg.clone(), Duration::from_secs(10))).unwrap();
-    let r = rt.block_on(client.ingest((0..20).map(doc).collect())).unwrap();
+    let client = rt
+        .block_on(ragfleet_runtime::Client::connect(
+            cfg.clone(),
+            Duration::from_secs(10),
+        ))
+        .unwrap();
+    let r = rt
+        .block_on(client.ingest((0..20).map(doc).collect()))
+        .unwrap();
     assert_eq!(r.documents, 20);
     // documents whose shard has a replica on n2
     let placement = cfg.placement();
-    let on_n2 = |i: &usize| placement[cfg.shard_of(&format!("doc-{i}")) as usize].contains(&"n2".to_string());
+    let on_n2 = |i: &usize| {
+        placement[cfg.shard_of(&format!("doc-{i}")) as usize].contains(&"n2".to_string())
+    };
     let replaced = (0..20).find(on_n2).unwrap();
     let deleted = (0..20).filter(on_n2).nth(1).unwrap();
     let added = (100..200).find(on_n2).unwrap();
@@ -99,32 +151,68 @@ fn a_replica_that_was_down_catches_up_replaced_new_and_deleted_documents() {
     d.text = format!("Record zq{replaced}x was rewritten: now about penguins.");
     let r = rt.block_on(client.ingest(vec![d, doc(added)])).unwrap();
     assert_eq!(r.documents, 2, "{r:?}");
-    let r = rt.block_on(client.delete(vec![format!("doc-{deleted}")])).unwrap();
+    let r = rt
+        .block_on(client.delete(vec![format!("doc-{deleted}")]))
+        .unwrap();
     assert_eq!(r.documents, 1, "{r:?}");
     let shard = cfg.shard_of(&format!("doc-{deleted}"));
     c.restart("n2");
     c.wait_all_alive();
     // ask n2's replicas directly
     let search = |shard: u32, token: String| -> Vec<ragfleet_proto::Hit> {
-        wait_for("n2's replica visible to the client", Duration::from_secs(10), || rt.block_on(async {
-            for m in client.members(&groups::shard(shard)) {
-                if let Ok(Response::Pong(info)) = ragfleet_runtime::call::call(&m, Request::Ping, Duration::from_secs(2)).await {
-                    if info.node == "n2" {
-                        let q = SearchQuery { vector: vec![], text: token.clone(), k: 3, mode: SearchMode::Bm25, model: None };
-                        match ragfleet_runtime::call::call(&m, Request::Search(q), Duration::from_secs(5)).await {
-                            Ok(Response::Hits(h)) => return Some(h),
-                            other => panic!("{other:?}"),
+        wait_for(
+            "n2's replica visible to the client",
+            Duration::from_secs(10),
+            || {
+                rt.block_on(async {
+                    for m in client.members(&groups::shard(shard)) {
+                        if let Ok(Response::Pong(info)) =
+                            ragfleet_runtime::call::call(&m, Request::Ping, Duration::from_secs(2))
+                                .await
+                        {
+                            if info.node == "n2" {
+                                let q = SearchQuery {
+                                    vector: vec![],
+                                    text: token.clone(),
+                                    k: 3,
+                                    mode: SearchMode::Bm25,
+                                    model: None,
+                                };
+                                match ragfleet_runtime::call::call(
+                                    &m,
+                                    Request::Search(q),
+                                    Duration::from_secs(5),
+                                )
+                                .await
+                                {
+                                    Ok(Response::Hits(h)) => return Some(h),
+                                    other => panic!("{other:?}"),
+                                }
+                            }
                         }
                     }
-                }
-            }
-            None
-        }))
+                    None
+                })
+            },
+        )
     };
-    let h = search(cfg.shard_of(&format!("doc-{replaced}")), format!("zq{replaced}x"));
-    assert!(h[0].text.contains("penguins"), "n2 serves a stale copy: {h:?}");
+    let h = search(
+        cfg.shard_of(&format!("doc-{replaced}")),
+        format!("zq{replaced}x"),
+    );
+    assert!(
+        h[0].text.contains("penguins"),
+        "n2 serves a stale copy: {h:?}"
+    );
     let h = search(cfg.shard_of(&format!("doc-{added}")), format!("zq{added}x"));
-    assert_eq!(h[0].doc_id, format!("doc-{added}"), "n2 missed a new document");
+    assert_eq!(
+        h[0].doc_id,
+        format!("doc-{added}"),
+        "n2 missed a new document"
+    );
     let h = search(shard, format!("zq{deleted}x"));
-    assert!(h.iter().all(|x| x.doc_id != format!("doc-{deleted}")), "n2 still serves a deleted document");
+    assert!(
+        h.iter().all(|x| x.doc_id != format!("doc-{deleted}")),
+        "n2 still serves a deleted document"
+    );
 }

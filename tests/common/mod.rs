@@ -24,11 +24,17 @@ pub fn root() -> PathBuf {
 }
 
 pub fn models_dir() -> PathBuf {
-    std::env::var_os("RAGFLEET_MODELS").map(PathBuf::from).unwrap_or_else(|| root().join("models"))
+    std::env::var_os("RAGFLEET_MODELS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("models"))
 }
 
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Polls `f` until it returns Some or the deadline passes.
@@ -89,7 +95,11 @@ impl Cluster {
         text.push_str(extra);
         let config = dir.path().join("cluster.toml");
         std::fs::write(&config, text).unwrap();
-        let mut c = Cluster { dir, config, nodes: Vec::new() };
+        let mut c = Cluster {
+            dir,
+            config,
+            nodes: Vec::new(),
+        };
         for i in 0..roles.len() {
             let name = format!("n{}", i + 1);
             let child = c.spawn_node(&name);
@@ -100,7 +110,11 @@ impl Cluster {
     }
 
     pub fn spawn_node(&self, name: &str) -> Child {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path(name)).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path(name))
+            .unwrap();
         Command::new(bin())
             .args(["node", "--config"])
             .arg(&self.config)
@@ -128,7 +142,14 @@ impl Cluster {
     }
 
     pub fn pid(&self, name: &str) -> i32 {
-        self.nodes.iter().find(|n| n.0 == name).unwrap().1.as_ref().unwrap().id() as i32
+        self.nodes
+            .iter()
+            .find(|n| n.0 == name)
+            .unwrap()
+            .1
+            .as_ref()
+            .unwrap()
+            .id() as i32
     }
 
     pub fn kill9(&mut self, name: &str) {
@@ -154,7 +175,11 @@ impl Cluster {
             .stdin(Stdio::null())
             .output()
             .unwrap();
-        (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into(),
+            String::from_utf8_lossy(&out.stderr).into(),
+        )
     }
 
     /// Runs the CLI with `input` on standard input.
@@ -169,9 +194,18 @@ impl Cluster {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
         let out = child.wait_with_output().unwrap();
-        (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into(),
+            String::from_utf8_lossy(&out.stderr).into(),
+        )
     }
 
     pub fn json(&self, args: &[&str]) -> Value {
@@ -194,20 +228,34 @@ impl Cluster {
 
     pub fn alive(&self, node: &str) -> Option<bool> {
         let s = self.status()?;
-        s["nodes"].as_array()?.iter().find(|n| n["name"] == node).map(|n| n["alive"].as_bool().unwrap_or(false))
+        s["nodes"]
+            .as_array()?
+            .iter()
+            .find(|n| n["name"] == node)
+            .map(|n| n["alive"].as_bool().unwrap_or(false))
     }
 
     pub fn wait_all_alive(&self) {
         let names: Vec<String> = self.nodes.iter().map(|n| n.0.clone()).collect();
-        wait_for("every node alive and every replica serving", Duration::from_secs(60), || {
-            let s = self.status()?;
-            let nodes = s["nodes"].as_array()?;
-            let all_alive = names.iter().all(|n| nodes.iter().any(|x| x["name"] == n.as_str() && x["alive"] == true));
-            let serving = s["shards"].as_array()?.iter().all(|sh| {
-                sh["replicas"].as_array().is_some_and(|r| r.iter().all(|x| x["state"] == "serving"))
-            });
-            (all_alive && serving).then_some(())
-        });
+        wait_for(
+            "every node alive and every replica serving",
+            Duration::from_secs(60),
+            || {
+                let s = self.status()?;
+                let nodes = s["nodes"].as_array()?;
+                let all_alive = names.iter().all(|n| {
+                    nodes
+                        .iter()
+                        .any(|x| x["name"] == n.as_str() && x["alive"] == true)
+                });
+                let serving = s["shards"].as_array()?.iter().all(|sh| {
+                    sh["replicas"]
+                        .as_array()
+                        .is_some_and(|r| r.iter().all(|x| x["state"] == "serving"))
+                });
+                (all_alive && serving).then_some(())
+            },
+        );
     }
 
     pub fn corpus_path(&self) -> PathBuf {
@@ -253,7 +301,9 @@ pub fn corpus() -> String {
         ("sourdough", "Sourdough bread rises with a culture of wild yeast and lactic acid bacteria."),
         ("satellites", "Geostationary satellites orbit at the speed of the earth's rotation, staying above one spot."),
     ];
-    docs.iter().map(|(id, t)| format!("{{\"_id\": \"{id}\", \"title\": \"\", \"text\": \"{t}\"}}\n")).collect()
+    docs.iter()
+        .map(|(id, t)| format!("{{\"_id\": \"{id}\", \"title\": \"\", \"text\": \"{t}\"}}\n"))
+        .collect()
 }
 
 pub fn top_doc(r: &Value) -> String {

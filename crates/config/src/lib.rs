@@ -43,7 +43,10 @@ pub enum ConfigError {
 }
 
 fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { field: field.into(), message: message.into() }
+    ConfigError::Invalid {
+        field: field.into(),
+        message: message.into(),
+    }
 }
 
 /// A role a node can host.
@@ -176,7 +179,11 @@ pub struct EmbedderConfig {
 
 impl Default for EmbedderConfig {
     fn default() -> Self {
-        EmbedderConfig { max_batch: 32, max_wait_ms: 3, ingest_batch: 64 }
+        EmbedderConfig {
+            max_batch: 32,
+            max_wait_ms: 3,
+            ingest_batch: 64,
+        }
     }
 }
 
@@ -232,7 +239,11 @@ pub struct FailureConfig {
 
 impl Default for FailureConfig {
     fn default() -> Self {
-        FailureConfig { heartbeat_ms: 200, suspect_after_ms: 1000, reconnect_max_ms: 2000 }
+        FailureConfig {
+            heartbeat_ms: 200,
+            suspect_after_ms: 1000,
+            reconnect_max_ms: 2000,
+        }
     }
 }
 
@@ -248,7 +259,10 @@ pub struct SupervisionConfig {
 
 impl Default for SupervisionConfig {
     fn default() -> Self {
-        SupervisionConfig { max_restarts: 3, within_secs: 10 }
+        SupervisionConfig {
+            max_restarts: 3,
+            within_secs: 10,
+        }
     }
 }
 
@@ -302,12 +316,15 @@ impl ClusterConfig {
     /// Reads, parses and validates a file; relative dirs are resolved against its folder and
     /// `RAGFLEET_MODELS` overrides the models dir.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Io { path: path.to_path_buf(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
         let mut cfg = Self::parse(&text).map_err(|e| match e {
-            ConfigError::Parse { message, .. } => {
-                ConfigError::Parse { path: path.to_path_buf(), message }
-            }
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.to_path_buf(),
+                message,
+            },
             other => other,
         })?;
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
@@ -336,7 +353,10 @@ impl ClusterConfig {
     /// Checks every rule; the error names the field.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.version != 1 {
-            return Err(invalid("version", format!("unsupported version {} (expected 1)", self.version)));
+            return Err(invalid(
+                "version",
+                format!("unsupported version {} (expected 1)", self.version),
+            ));
         }
         if self.name.trim().is_empty() {
             return Err(invalid("name", "must not be empty"));
@@ -351,16 +371,29 @@ impl ClusterConfig {
         let mut addrs = HashSet::new();
         for (i, n) in self.nodes.iter().enumerate() {
             let f = |k: &str| format!("node[{i}].{k}");
-            if n.name.is_empty() || !n.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
-                return Err(invalid(f("name"), format!("{:?} must be non-empty letters, digits, '-' or '_'", n.name)));
+            if n.name.is_empty()
+                || !n
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return Err(invalid(
+                    f("name"),
+                    format!("{:?} must be non-empty letters, digits, '-' or '_'", n.name),
+                ));
             }
             if !names.insert(n.name.clone()) {
-                return Err(invalid(f("name"), format!("duplicate node name {:?}", n.name)));
+                return Err(invalid(
+                    f("name"),
+                    format!("duplicate node name {:?}", n.name),
+                ));
             }
-            let addr: SocketAddr = n
-                .addr
-                .parse()
-                .map_err(|_| invalid(f("addr"), format!("{:?} is not host:port (an IP address and a port)", n.addr)))?;
+            let addr: SocketAddr = n.addr.parse().map_err(|_| {
+                invalid(
+                    f("addr"),
+                    format!("{:?} is not host:port (an IP address and a port)", n.addr),
+                )
+            })?;
             if addr.port() == 0 {
                 return Err(invalid(f("addr"), "port must not be 0"));
             }
@@ -376,7 +409,10 @@ impl ClusterConfig {
         }
         for role in [NodeRole::Coordinator, NodeRole::Embedder, NodeRole::Shard] {
             if !self.nodes.iter().any(|n| n.has(role)) {
-                return Err(invalid("node.roles", format!("no node has the {role:?} role").to_lowercase()));
+                return Err(invalid(
+                    "node.roles",
+                    format!("no node has the {role:?} role").to_lowercase(),
+                ));
             }
         }
         let ix = &self.index;
@@ -390,11 +426,17 @@ impl ClusterConfig {
         if ix.replication > shard_nodes {
             return Err(invalid(
                 "index.replication",
-                format!("{} is larger than the {} nodes with the shard role", ix.replication, shard_nodes),
+                format!(
+                    "{} is larger than the {} nodes with the shard role",
+                    ix.replication, shard_nodes
+                ),
             ));
         }
         if ix.write_quorum == 0 || ix.write_quorum > ix.replication {
-            return Err(invalid("index.write_quorum", format!("must be between 1 and replication ({})", ix.replication)));
+            return Err(invalid(
+                "index.write_quorum",
+                format!("must be between 1 and replication ({})", ix.replication),
+            ));
         }
         if ix.segment_size < 16 {
             return Err(invalid("index.segment_size", "must be at least 16"));
@@ -403,25 +445,46 @@ impl ClusterConfig {
             return Err(invalid("index.chunk_tokens", "must be between 16 and 512"));
         }
         if ix.chunk_overlap >= ix.chunk_tokens / 2 {
-            return Err(invalid("index.chunk_overlap", "must be less than half of chunk_tokens"));
+            return Err(invalid(
+                "index.chunk_overlap",
+                "must be less than half of chunk_tokens",
+            ));
         }
         if ix.ef_search == 0 || ix.ef_construction == 0 {
-            return Err(invalid("index.ef_search", "ef_search and ef_construction must be positive"));
+            return Err(invalid(
+                "index.ef_search",
+                "ef_search and ef_construction must be positive",
+            ));
         }
         if let Some(p) = &ix.placement {
             if p.len() != ix.shards as usize {
-                return Err(invalid("index.placement", format!("has {} entries for {} shards", p.len(), ix.shards)));
+                return Err(invalid(
+                    "index.placement",
+                    format!("has {} entries for {} shards", p.len(), ix.shards),
+                ));
             }
             for (s, nodes) in p.iter().enumerate() {
                 let field = format!("index.placement[{s}]");
                 if nodes.len() != ix.replication as usize {
-                    return Err(invalid(field, format!("lists {} nodes, replication is {}", nodes.len(), ix.replication)));
+                    return Err(invalid(
+                        field,
+                        format!(
+                            "lists {} nodes, replication is {}",
+                            nodes.len(),
+                            ix.replication
+                        ),
+                    ));
                 }
                 let mut seen = HashSet::new();
                 for n in nodes {
-                    let node = self.node(n).map_err(|_| invalid(field.clone(), format!("unknown node {n:?}")))?;
+                    let node = self
+                        .node(n)
+                        .map_err(|_| invalid(field.clone(), format!("unknown node {n:?}")))?;
                     if !node.has(NodeRole::Shard) {
-                        return Err(invalid(field.clone(), format!("node {n:?} has no shard role")));
+                        return Err(invalid(
+                            field.clone(),
+                            format!("node {n:?} has no shard role"),
+                        ));
                     }
                     if !seen.insert(n) {
                         return Err(invalid(field.clone(), format!("node {n:?} listed twice")));
@@ -437,19 +500,28 @@ impl ClusterConfig {
             return Err(invalid("query.shard_deadline_ms", "must be positive"));
         }
         if q.deadline_ms < q.shard_deadline_ms {
-            return Err(invalid("query.deadline_ms", "must be at least shard_deadline_ms"));
+            return Err(invalid(
+                "query.deadline_ms",
+                "must be at least shard_deadline_ms",
+            ));
         }
         if q.rerank_depth == 0 {
             return Err(invalid("query.rerank_depth", "must be positive"));
         }
         if q.rerank && !self.nodes.iter().any(|n| n.has(NodeRole::Reranker)) {
-            return Err(invalid("query.rerank", "is true but no node has the reranker role"));
+            return Err(invalid(
+                "query.rerank",
+                "is true but no node has the reranker role",
+            ));
         }
         if q.max_query_bytes == 0 {
             return Err(invalid("query.max_query_bytes", "must be positive"));
         }
         if self.embedder.max_batch == 0 || self.embedder.ingest_batch == 0 {
-            return Err(invalid("embedder.max_batch", "batch sizes must be positive"));
+            return Err(invalid(
+                "embedder.max_batch",
+                "batch sizes must be positive",
+            ));
         }
         if self.generator.max_streams == 0 {
             return Err(invalid("generator.max_streams", "must be positive"));
@@ -459,7 +531,10 @@ impl ClusterConfig {
         }
         let fl = &self.failure;
         if fl.heartbeat_ms == 0 || fl.suspect_after_ms <= fl.heartbeat_ms {
-            return Err(invalid("failure.suspect_after_ms", "must be larger than heartbeat_ms (> 0)"));
+            return Err(invalid(
+                "failure.suspect_after_ms",
+                "must be larger than heartbeat_ms (> 0)",
+            ));
         }
         if self.supervision.within_secs == 0 {
             return Err(invalid("supervision.within_secs", "must be positive"));
@@ -469,12 +544,18 @@ impl ClusterConfig {
 
     /// A node by name.
     pub fn node(&self, name: &str) -> Result<&NodeConfig, ConfigError> {
-        self.nodes.iter().find(|n| n.name == name).ok_or_else(|| ConfigError::UnknownNode(name.to_string()))
+        self.nodes
+            .iter()
+            .find(|n| n.name == name)
+            .ok_or_else(|| ConfigError::UnknownNode(name.to_string()))
     }
 
     /// Nodes with the shard role, in file order.
     pub fn shard_nodes(&self) -> Vec<&NodeConfig> {
-        self.nodes.iter().filter(|n| n.has(NodeRole::Shard)).collect()
+        self.nodes
+            .iter()
+            .filter(|n| n.has(NodeRole::Shard))
+            .collect()
     }
 
     /// `placement()[s]` = the nodes holding replicas of shard `s`, replica 0 first.
@@ -488,7 +569,11 @@ impl ClusterConfig {
         let nodes = self.shard_nodes();
         let n = nodes.len();
         (0..self.index.shards as usize)
-            .map(|s| (0..self.index.replication as usize).map(|r| nodes[(s + r) % n].name.clone()).collect())
+            .map(|s| {
+                (0..self.index.replication as usize)
+                    .map(|r| nodes[(s + r) % n].name.clone())
+                    .collect()
+            })
             .collect()
     }
 

@@ -68,19 +68,41 @@ fn shard_hash_is_stable_and_spreads() {
 fn errors_name_the_field() {
     let cases = [
         (GOOD.replace("version = 1", "version = 2"), "version"),
-        (GOOD.replace("replication = 2", "replication = 4"), "index.replication"),
-        (GOOD.replace("127.0.0.1:7002", "127.0.0.1:7001"), "node[1].addr"),
+        (
+            GOOD.replace("replication = 2", "replication = 4"),
+            "index.replication",
+        ),
+        (
+            GOOD.replace("127.0.0.1:7002", "127.0.0.1:7001"),
+            "node[1].addr",
+        ),
         (GOOD.replace("name = \"b\"", "name = \"a\""), "node[1].name"),
         (GOOD.replace("127.0.0.1:7003", "localhost"), "node[2].addr"),
         (GOOD.replace("secret-cookie", "x"), "cookie"),
         (GOOD.replace("shards = 4", "shards = 0"), "index.shards"),
-        (format!("{GOOD}\n[query]\nshard_deadline_ms = 0\n"), "query.shard_deadline_ms"),
-        (format!("{GOOD}\n[query]\nrerank = true\n").replace("\"shard\", \"reranker\"", "\"shard\""), "query.rerank"),
-        (GOOD.replace("shards = 4", "shards = 2\nplacement = [[\"a\",\"zz\"],[\"a\",\"b\"]]"), "index.placement[0]"),
+        (
+            format!("{GOOD}\n[query]\nshard_deadline_ms = 0\n"),
+            "query.shard_deadline_ms",
+        ),
+        (
+            format!("{GOOD}\n[query]\nrerank = true\n")
+                .replace("\"shard\", \"reranker\"", "\"shard\""),
+            "query.rerank",
+        ),
+        (
+            GOOD.replace(
+                "shards = 4",
+                "shards = 2\nplacement = [[\"a\",\"zz\"],[\"a\",\"b\"]]",
+            ),
+            "index.placement[0]",
+        ),
     ];
     for (text, field) in cases {
         let e = err_of(&text);
-        assert!(e.contains(&format!("`{field}`")), "expected field {field} in: {e}");
+        assert!(
+            e.contains(&format!("`{field}`")),
+            "expected field {field} in: {e}"
+        );
     }
 }
 

@@ -81,7 +81,9 @@ impl Bm25 {
         q.dedup();
         let mut scores: HashMap<u32, f32> = HashMap::new();
         for t in &q {
-            let Some(p) = self.postings.get(t) else { continue };
+            let Some(p) = self.postings.get(t) else {
+                continue;
+            };
             let df = p.len() as f32;
             let idf = (1.0 + (n - df + 0.5) / (df + 0.5)).ln();
             for (&slot, &tf) in p {

@@ -86,8 +86,16 @@ pub fn chunk_document(
             n += pieces[j].1;
             j += 1;
         }
-        let text = pieces[i..j].iter().map(|p| p.0.as_str()).collect::<Vec<_>>().join(" ");
-        chunks.push(TextChunk { chunk_id: format!("{doc_id}#{}", chunks.len()), text, tokens: n });
+        let text = pieces[i..j]
+            .iter()
+            .map(|p| p.0.as_str())
+            .collect::<Vec<_>>()
+            .join(" ");
+        chunks.push(TextChunk {
+            chunk_id: format!("{doc_id}#{}", chunks.len()),
+            text,
+            tokens: n,
+        });
         if j >= pieces.len() {
             break;
         }
@@ -121,7 +129,9 @@ mod tests {
 
     #[test]
     fn long_text_is_windowed_at_sentences_with_overlap() {
-        let text: String = (0..40).map(|i| format!("Sentence number {i} has six words. ")).collect();
+        let text: String = (0..40)
+            .map(|i| format!("Sentence number {i} has six words. "))
+            .collect();
         let c = chunk_document("doc", &text, &words, 30, 6);
         assert!(c.len() > 5);
         for ch in &c {

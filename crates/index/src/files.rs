@@ -36,7 +36,10 @@ pub fn read_checked(path: &Path) -> Result<Option<Vec<u8>>, IndexError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(IndexError::io(path, e)),
     };
-    let corrupt = |reason: &str| IndexError::Corrupt { path: path.to_path_buf(), reason: reason.to_string() };
+    let corrupt = |reason: &str| IndexError::Corrupt {
+        path: path.to_path_buf(),
+        reason: reason.to_string(),
+    };
     if bytes.len() < 20 || &bytes[..8] != MAGIC {
         return Err(corrupt("missing header"));
     }
@@ -44,7 +47,11 @@ pub fn read_checked(path: &Path) -> Result<Option<Vec<u8>>, IndexError> {
     let crc = u32::from_le_bytes(bytes[16..20].try_into().expect("4 bytes"));
     let body = &bytes[20..];
     if body.len() != len {
-        return Err(corrupt(&format!("truncated: {} of {} bytes", body.len(), len)));
+        return Err(corrupt(&format!(
+            "truncated: {} of {} bytes",
+            body.len(),
+            len
+        )));
     }
     if crc32fast::hash(body) != crc {
         return Err(corrupt("checksum mismatch"));

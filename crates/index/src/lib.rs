@@ -53,7 +53,10 @@ pub enum IndexError {
 
 impl IndexError {
     pub(crate) fn io(path: &std::path::Path, source: std::io::Error) -> Self {
-        IndexError::Io { path: path.to_path_buf(), source }
+        IndexError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
     }
 }
 
@@ -78,7 +81,11 @@ pub fn rrf(lists: &[Vec<Hit>], k: f32, limit: usize) -> Vec<Hit> {
 
 /// Sorts hits best first, ties broken by chunk id so results are deterministic.
 pub fn sort_hits(hits: &mut [Hit]) {
-    hits.sort_by(|a, b| b.score.total_cmp(&a.score).then_with(|| a.chunk_id.cmp(&b.chunk_id)));
+    hits.sort_by(|a, b| {
+        b.score
+            .total_cmp(&a.score)
+            .then_with(|| a.chunk_id.cmp(&b.chunk_id))
+    });
 }
 
 /// Merges per-shard top-k lists by score.

@@ -38,11 +38,19 @@ impl std::fmt::Debug for Segment {
 
 impl Segment {
     pub(crate) fn new(id: u64, entries: Vec<Arc<Entry>>) -> Self {
-        Segment { id, entries, graph: OnceLock::new() }
+        Segment {
+            id,
+            entries,
+            graph: OnceLock::new(),
+        }
     }
 
     pub(crate) fn build_graph(&self, ef_construction: usize, ef_search: usize) -> Graph {
-        let points: Vec<UnitVector> = self.entries.iter().map(|e| UnitVector(e.vector.clone())).collect();
+        let points: Vec<UnitVector> = self
+            .entries
+            .iter()
+            .map(|e| UnitVector(e.vector.clone()))
+            .collect();
         let values: Vec<u32> = (0..self.entries.len() as u32).collect();
         Builder::default()
             .ef_construction(ef_construction)
@@ -89,8 +97,11 @@ pub(crate) fn exact_search(
     k: usize,
     live: &dyn Fn(&Entry) -> bool,
 ) -> Vec<(f32, Arc<Entry>)> {
-    let mut scored: Vec<(f32, &Arc<Entry>)> =
-        entries.iter().filter(|e| live(e)).map(|e| (dot(q, &e.vector), e)).collect();
+    let mut scored: Vec<(f32, &Arc<Entry>)> = entries
+        .iter()
+        .filter(|e| live(e))
+        .map(|e| (dot(q, &e.vector), e))
+        .collect();
     if scored.len() > k {
         scored.select_nth_unstable_by(k, |a, b| b.0.total_cmp(&a.0));
         scored.truncate(k);

@@ -31,7 +31,13 @@ pub struct IndexSettings {
 
 impl Default for IndexSettings {
     fn default() -> Self {
-        IndexSettings { segment_size: 4096, merge_below: 1024, ef_construction: 100, ef_search: 64, background: true }
+        IndexSettings {
+            segment_size: 4096,
+            merge_below: 1024,
+            ef_construction: 100,
+            ef_search: 64,
+            background: true,
+        }
     }
 }
 
@@ -93,7 +99,10 @@ pub struct ShardIndex {
 impl ShardIndex {
     /// Opens the index in `dir` (created if missing), recovering from the snapshot files and the
     /// log tail. Corrupt files are reported, never loaded.
-    pub fn open(dir: &Path, settings: IndexSettings) -> Result<(ShardIndex, RecoveryReport), IndexError> {
+    pub fn open(
+        dir: &Path,
+        settings: IndexSettings,
+    ) -> Result<(ShardIndex, RecoveryReport), IndexError> {
         std::fs::create_dir_all(dir).map_err(|e| IndexError::io(dir, e))?;
         let mut report = RecoveryReport::default();
         let manifest_path = dir.join("manifest.bin");
@@ -139,13 +148,18 @@ impl ShardIndex {
         report.segments = ix.sealed.len();
         ix.rebuild_liveness();
         if let Some(err) = &wal_rec.tail_error {
-            report.problems.push(format!("write-ahead log: {err}; {} bytes dropped", wal_rec.dropped_bytes));
+            report.problems.push(format!(
+                "write-ahead log: {err}; {} bytes dropped",
+                wal_rec.dropped_bytes
+            ));
         }
         for (i, raw) in wal_rec.records.iter().enumerate() {
             let rec: WalRecord = match postcard::from_bytes(raw) {
                 Ok(r) => r,
                 Err(e) => {
-                    report.problems.push(format!("write-ahead log record {i} does not decode: {e}"));
+                    report
+                        .problems
+                        .push(format!("write-ahead log record {i} does not decode: {e}"));
                     report.needs_catch_up = true;
                     break;
                 }
@@ -183,9 +197,15 @@ impl ShardIndex {
             path: path.clone(),
             reason: "segment file listed in the manifest is missing".into(),
         })?;
-        let entries: Vec<Entry> = postcard::from_bytes(&bytes)
-            .map_err(|e| IndexError::Corrupt { path: path.clone(), reason: e.to_string() })?;
-        Ok(Arc::new(Segment::new(id, entries.into_iter().map(Arc::new).collect())))
+        let entries: Vec<Entry> =
+            postcard::from_bytes(&bytes).map_err(|e| IndexError::Corrupt {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+        Ok(Arc::new(Segment::new(
+            id,
+            entries.into_iter().map(Arc::new).collect(),
+        )))
     }
 
     /// Recomputes document liveness, slots and BM25 from the sealed segments and tombstones.
@@ -235,7 +255,13 @@ impl ShardIndex {
             WriteOp::Upsert { doc_id, chunks } if !chunks.is_empty() => {
                 self.remove_doc(&doc_id);
                 for c in chunks {
-                    let e = Arc::new(Entry { seq, doc_id: c.doc_id, chunk_id: c.chunk_id, text: c.text, vector: c.vector });
+                    let e = Arc::new(Entry {
+                        seq,
+                        doc_id: c.doc_id,
+                        chunk_id: c.chunk_id,
+                        text: c.text,
+                        vector: c.vector,
+                    });
                     self.growing.push(e.clone());
                     self.add_slot(e);
                 }
@@ -254,9 +280,10 @@ impl ShardIndex {
     /// Checks a write or query model against the pinned one.
     pub fn check_model(&self, model: &ModelIdentity) -> Result<(), IndexError> {
         match &self.model {
-            Some(m) if m != model => {
-                Err(IndexError::ModelMismatch { index: m.to_string(), request: model.to_string() })
-            }
+            Some(m) if m != model => Err(IndexError::ModelMismatch {
+                index: m.to_string(),
+                request: model.to_string(),
+            }),
             _ => Ok(()),
         }
     }
@@ -266,7 +293,10 @@ impl ShardIndex {
         let Some(model) = self.model.clone() else {
             return Ok(self.last_seq); // nothing was ever written
         };
-        let ops = doc_ids.iter().map(|d| WriteOp::Delete { doc_id: d.clone() }).collect();
+        let ops = doc_ids
+            .iter()
+            .map(|d| WriteOp::Delete { doc_id: d.clone() })
+            .collect();
         self.write(ops, &model)
     }
 
@@ -289,7 +319,11 @@ impl ShardIndex {
             return Ok(self.last_seq);
         }
         let first_seq = self.last_seq + 1;
-        let rec = WalRecord { first_seq, model: model.clone(), ops };
+        let rec = WalRecord {
+            first_seq,
+            model: model.clone(),
+            ops,
+        };
         let bytes = postcard::to_stdvec(&rec).map_err(|e| IndexError::BadInput(e.to_string()))?;
         self.wal.append(&[bytes])?;
         if self.model.is_none() {
@@ -347,7 +381,9 @@ impl ShardIndex {
         let small: Vec<Arc<Segment>> = self
             .sealed
             .iter()
-            .filter(|s| s.entries.iter().filter(|e| self.is_live(e)).count() < self.settings.merge_below)
+            .filter(|s| {
+                s.entries.iter().filter(|e| self.is_live(e)).count() < self.settings.merge_below
+            })
             .cloned()
             .collect();
         if small.len() < 2 {
@@ -355,16 +391,23 @@ impl ShardIndex {
         }
         let id = self.next_segment_id;
         self.next_segment_id += 1;
-        let entries: Vec<Arc<Entry>> =
-            small.iter().flat_map(|s| s.entries.iter()).filter(|e| self.is_live(e)).cloned().collect();
+        let entries: Vec<Arc<Entry>> = small
+            .iter()
+            .flat_map(|s| s.entries.iter())
+            .filter(|e| self.is_live(e))
+            .cloned()
+            .collect();
         let merged = Arc::new(Segment::new(id, entries));
         self.write_segment(&merged)?;
         let gone: HashSet<u64> = small.iter().map(|s| s.id).collect();
         self.sealed.retain(|s| !gone.contains(&s.id));
         self.sealed.push(merged.clone());
         // tombstones matter only while a sealed segment still holds an older copy
-        let present: HashSet<&str> =
-            self.sealed.iter().flat_map(|s| s.entries.iter().map(|e| e.doc_id.as_str())).collect();
+        let present: HashSet<&str> = self
+            .sealed
+            .iter()
+            .flat_map(|s| s.entries.iter().map(|e| e.doc_id.as_str()))
+            .collect();
         let present: HashSet<String> = present.into_iter().map(str::to_string).collect();
         self.tombstones.retain(|d, _| present.contains(d));
         self.write_manifest()?;
@@ -389,7 +432,9 @@ impl ShardIndex {
                             let _ = seg.graph.set(g);
                             return;
                         }
-                        Err(e) => warn!(path = %path.display(), error = %e, "graph file does not decode; rebuilding"),
+                        Err(e) => {
+                            warn!(path = %path.display(), error = %e, "graph file does not decode; rebuilding")
+                        }
                     },
                     Ok(None) => {}
                     Err(e) => warn!(error = %e, "graph file rejected; rebuilding"),
@@ -404,7 +449,10 @@ impl ShardIndex {
             let _ = seg.graph.set(g);
         };
         if self.settings.background {
-            std::thread::Builder::new().name(format!("hnsw-build-{}", seg_id_for_name(&self.dir))).spawn(work).ok();
+            std::thread::Builder::new()
+                .name(format!("hnsw-build-{}", seg_id_for_name(&self.dir)))
+                .spawn(work)
+                .ok();
         } else {
             work();
         }
@@ -435,11 +483,17 @@ impl ShardIndex {
         let mut v = q.vector.clone();
         if let Some(m) = &self.model {
             if v.len() != m.dim as usize {
-                return Err(IndexError::BadInput(format!("query vector has {} dimensions, index has {}", v.len(), m.dim)));
+                return Err(IndexError::BadInput(format!(
+                    "query vector has {} dimensions, index has {}",
+                    v.len(),
+                    m.dim
+                )));
             }
         }
         if !normalize(&mut v) {
-            return Err(IndexError::BadInput("query vector is zero or not finite".into()));
+            return Err(IndexError::BadInput(
+                "query vector is zero or not finite".into(),
+            ));
         }
         let live = |e: &Entry| self.is_live(e);
         let mut all: Vec<(f32, Arc<Entry>)> = exact_search(&self.growing, &v, k, &live);
@@ -467,19 +521,35 @@ impl ShardIndex {
         let mut slots: Vec<&Arc<Entry>> = self.slots.values().collect();
         slots.sort_by(|a, b| a.chunk_id.cmp(&b.chunk_id));
         for e in slots {
-            by_doc.entry(e.doc_id.as_str()).or_default().push(ChunkRecord {
-                doc_id: e.doc_id.clone(),
-                chunk_id: e.chunk_id.clone(),
-                text: e.text.clone(),
-                vector: e.vector.clone(),
-            });
+            by_doc
+                .entry(e.doc_id.as_str())
+                .or_default()
+                .push(ChunkRecord {
+                    doc_id: e.doc_id.clone(),
+                    chunk_id: e.chunk_id.clone(),
+                    text: e.text.clone(),
+                    vector: e.vector.clone(),
+                });
         }
-        let mut ops: Vec<WriteOp> =
-            by_doc.into_iter().map(|(d, chunks)| WriteOp::Upsert { doc_id: d.to_string(), chunks }).collect();
+        let mut ops: Vec<WriteOp> = by_doc
+            .into_iter()
+            .map(|(d, chunks)| WriteOp::Upsert {
+                doc_id: d.to_string(),
+                chunks,
+            })
+            .collect();
         ops.sort_by(|a, b| a.doc_id().cmp(b.doc_id()));
-        let mut deleted: Vec<&String> = self.tombstones.keys().filter(|d| !self.docs.contains_key(*d)).collect();
+        let mut deleted: Vec<&String> = self
+            .tombstones
+            .keys()
+            .filter(|d| !self.docs.contains_key(*d))
+            .collect();
         deleted.sort();
-        ops.extend(deleted.into_iter().map(|d| WriteOp::Delete { doc_id: d.clone() }));
+        ops.extend(
+            deleted
+                .into_iter()
+                .map(|d| WriteOp::Delete { doc_id: d.clone() }),
+        );
         ops
     }
 
@@ -489,7 +559,9 @@ impl ShardIndex {
             WriteOp::Upsert { doc_id, chunks } => self.docs.get(doc_id).is_some_and(|d| {
                 d.slots.len() == chunks.len()
                     && d.slots.iter().zip(chunks).all(|(s, c)| {
-                        self.slots.get(s).is_some_and(|e| e.chunk_id == c.chunk_id && e.text == c.text)
+                        self.slots
+                            .get(s)
+                            .is_some_and(|e| e.chunk_id == c.chunk_id && e.text == c.text)
                     })
             }),
             WriteOp::Delete { doc_id } => !self.docs.contains_key(doc_id),
@@ -523,7 +595,13 @@ impl ShardIndex {
 
     /// Sealed segments and how many have their graph built.
     pub fn segment_stats(&self) -> (usize, usize) {
-        (self.sealed.len(), self.sealed.iter().filter(|s| s.graph.get().is_some()).count())
+        (
+            self.sealed.len(),
+            self.sealed
+                .iter()
+                .filter(|s| s.graph.get().is_some())
+                .count(),
+        )
     }
 
     /// Blocks until every sealed segment has its graph (tests, benches, clean shutdown).
@@ -543,16 +621,26 @@ impl ShardIndex {
 }
 
 fn seg_id_for_name(dir: &Path) -> String {
-    dir.file_name().map(|s| s.to_string_lossy().to_string()).unwrap_or_default()
+    dir.file_name()
+        .map(|s| s.to_string_lossy().to_string())
+        .unwrap_or_default()
 }
 
 fn hit(e: &Entry, score: f32) -> Hit {
-    Hit { doc_id: e.doc_id.clone(), chunk_id: e.chunk_id.clone(), score, text: e.text.clone() }
+    Hit {
+        doc_id: e.doc_id.clone(),
+        chunk_id: e.chunk_id.clone(),
+        score,
+        text: e.text.clone(),
+    }
 }
 
 fn validate_chunk(doc_id: &str, c: &mut ChunkRecord, dim: usize) -> Result<(), IndexError> {
     if c.doc_id != doc_id {
-        return Err(IndexError::BadInput(format!("chunk {} belongs to {}, not {}", c.chunk_id, c.doc_id, doc_id)));
+        return Err(IndexError::BadInput(format!(
+            "chunk {} belongs to {}, not {}",
+            c.chunk_id, c.doc_id, doc_id
+        )));
     }
     if c.vector.len() != dim {
         return Err(IndexError::BadInput(format!(
@@ -563,7 +651,10 @@ fn validate_chunk(doc_id: &str, c: &mut ChunkRecord, dim: usize) -> Result<(), I
         )));
     }
     if !normalize(&mut c.vector) {
-        return Err(IndexError::BadInput(format!("chunk {} has a zero or non-finite vector", c.chunk_id)));
+        return Err(IndexError::BadInput(format!(
+            "chunk {} has a zero or non-finite vector",
+            c.chunk_id
+        )));
     }
     Ok(())
 }

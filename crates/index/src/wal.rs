@@ -39,7 +39,8 @@ impl Wal {
             .open(path)
             .map_err(|e| IndexError::io(path, e))?;
         let mut bytes = Vec::new();
-        file.read_to_end(&mut bytes).map_err(|e| IndexError::io(path, e))?;
+        file.read_to_end(&mut bytes)
+            .map_err(|e| IndexError::io(path, e))?;
         let mut rec = WalRecovery::default();
         let mut pos = 0usize;
         while pos < bytes.len() {
@@ -67,11 +68,20 @@ impl Wal {
         }
         rec.dropped_bytes = (bytes.len() - pos) as u64;
         if rec.dropped_bytes > 0 {
-            file.set_len(pos as u64).map_err(|e| IndexError::io(path, e))?;
+            file.set_len(pos as u64)
+                .map_err(|e| IndexError::io(path, e))?;
             file.sync_all().map_err(|e| IndexError::io(path, e))?;
         }
-        file.seek(SeekFrom::Start(pos as u64)).map_err(|e| IndexError::io(path, e))?;
-        Ok((Wal { path: path.to_path_buf(), file, len: pos as u64 }, rec))
+        file.seek(SeekFrom::Start(pos as u64))
+            .map_err(|e| IndexError::io(path, e))?;
+        Ok((
+            Wal {
+                path: path.to_path_buf(),
+                file,
+                len: pos as u64,
+            },
+            rec,
+        ))
     }
 
     /// Appends records and fsyncs; when this returns Ok they survive a crash.
@@ -82,7 +92,10 @@ impl Wal {
             buf.extend_from_slice(&crc32fast::hash(r).to_le_bytes());
             buf.extend_from_slice(r);
         }
-        let res = self.file.write_all(&buf).and_then(|_| self.file.sync_data());
+        let res = self
+            .file
+            .write_all(&buf)
+            .and_then(|_| self.file.sync_data());
         if let Err(e) = res {
             // leave no half record behind us
             let _ = self.file.set_len(self.len);
@@ -95,9 +108,15 @@ impl Wal {
 
     /// Empties the log (after a snapshot made its records redundant).
     pub fn reset(&mut self) -> Result<(), IndexError> {
-        self.file.set_len(0).map_err(|e| IndexError::io(&self.path, e))?;
-        self.file.seek(SeekFrom::Start(0)).map_err(|e| IndexError::io(&self.path, e))?;
-        self.file.sync_all().map_err(|e| IndexError::io(&self.path, e))?;
+        self.file
+            .set_len(0)
+            .map_err(|e| IndexError::io(&self.path, e))?;
+        self.file
+            .seek(SeekFrom::Start(0))
+            .map_err(|e| IndexError::io(&self.path, e))?;
+        self.file
+            .sync_all()
+            .map_err(|e| IndexError::io(&self.path, e))?;
         self.len = 0;
         Ok(())
     }
@@ -127,7 +146,10 @@ mod tests {
         w.append(&[b"three".to_vec()]).unwrap();
         drop(w);
         let (_, rec) = Wal::open(&p).unwrap();
-        assert_eq!(rec.records, vec![b"one".to_vec(), b"two".to_vec(), b"three".to_vec()]);
+        assert_eq!(
+            rec.records,
+            vec![b"one".to_vec(), b"two".to_vec(), b"three".to_vec()]
+        );
         assert_eq!(rec.dropped_bytes, 0);
     }
 
@@ -136,7 +158,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("wal");
         let (mut w, _) = Wal::open(&p).unwrap();
-        w.append(&[b"good".to_vec(), b"also good".to_vec()]).unwrap();
+        w.append(&[b"good".to_vec(), b"also good".to_vec()])
+            .unwrap();
         drop(w);
         let full = std::fs::read(&p).unwrap();
         // torn: cut in the middle of the last record

@@ -16,7 +16,13 @@ fn model() -> ModelIdentity {
 }
 
 fn settings(segment_size: usize) -> IndexSettings {
-    IndexSettings { segment_size, merge_below: 8, ef_construction: 64, ef_search: 64, background: false }
+    IndexSettings {
+        segment_size,
+        merge_below: 8,
+        ef_construction: 64,
+        ef_search: 64,
+        background: false,
+    }
 }
 
 fn vec_for(seed: u64) -> Vec<f32> {
@@ -27,29 +33,52 @@ fn vec_for(seed: u64) -> Vec<f32> {
 fn upsert(doc: &str, text: &str, seed: u64) -> WriteOp {
     WriteOp::Upsert {
         doc_id: doc.into(),
-        chunks: vec![ChunkRecord { doc_id: doc.into(), chunk_id: format!("{doc}#0"), text: text.into(), vector: vec_for(seed) }],
+        chunks: vec![ChunkRecord {
+            doc_id: doc.into(),
+            chunk_id: format!("{doc}#0"),
+            text: text.into(),
+            vector: vec_for(seed),
+        }],
     }
 }
 
 fn query(seed: u64, text: &str, mode: SearchMode) -> SearchQuery {
-    SearchQuery { vector: vec_for(seed), text: text.into(), k: 3, mode, model: Some(model()) }
+    SearchQuery {
+        vector: vec_for(seed),
+        text: text.into(),
+        k: 3,
+        mode,
+        model: Some(model()),
+    }
 }
 
 #[test]
 fn upserts_and_deletes_are_visible_to_the_next_search() {
     let dir = tempfile::tempdir().unwrap();
     let (mut ix, _) = ShardIndex::open(dir.path(), settings(1000)).unwrap();
-    ix.write(vec![upsert("a", "alpha particles", 1), upsert("b", "beta decay", 2)], &model()).unwrap();
+    ix.write(
+        vec![
+            upsert("a", "alpha particles", 1),
+            upsert("b", "beta decay", 2),
+        ],
+        &model(),
+    )
+    .unwrap();
     let hits = ix.search(&query(1, "", SearchMode::Dense)).unwrap();
     assert_eq!(hits[0].doc_id, "a");
     assert!(hits[0].score > 0.99);
     // replace a: its old vector no longer matches
-    ix.write(vec![upsert("a", "alpha rays", 3)], &model()).unwrap();
+    ix.write(vec![upsert("a", "alpha rays", 3)], &model())
+        .unwrap();
     let hits = ix.search(&query(1, "", SearchMode::Dense)).unwrap();
     assert!(hits.iter().all(|h| h.score < 0.99));
-    assert_eq!(ix.search(&query(3, "", SearchMode::Dense)).unwrap()[0].text, "alpha rays");
+    assert_eq!(
+        ix.search(&query(3, "", SearchMode::Dense)).unwrap()[0].text,
+        "alpha rays"
+    );
     // delete b
-    ix.write(vec![WriteOp::Delete { doc_id: "b".into() }], &model()).unwrap();
+    ix.write(vec![WriteOp::Delete { doc_id: "b".into() }], &model())
+        .unwrap();
     let hits = ix.search(&query(2, "beta", SearchMode::Bm25)).unwrap();
     assert!(hits.is_empty());
     assert_eq!(ix.doc_count(), 1);
@@ -61,9 +90,19 @@ fn recovers_from_log_and_segments_after_reopen() {
     {
         let (mut ix, _) = ShardIndex::open(dir.path(), settings(16)).unwrap();
         for i in 0..40u64 {
-            ix.write(vec![upsert(&format!("d{i}"), &format!("document {i}"), i)], &model()).unwrap();
+            ix.write(
+                vec![upsert(&format!("d{i}"), &format!("document {i}"), i)],
+                &model(),
+            )
+            .unwrap();
         }
-        ix.write(vec![WriteOp::Delete { doc_id: "d3".into() }], &model()).unwrap();
+        ix.write(
+            vec![WriteOp::Delete {
+                doc_id: "d3".into(),
+            }],
+            &model(),
+        )
+        .unwrap();
         assert!(ix.segment_stats().0 >= 1);
     }
     let (ix, report) = ShardIndex::open(dir.path(), settings(16)).unwrap();
@@ -74,7 +113,11 @@ fn recovers_from_log_and_segments_after_reopen() {
         let h = ix.search(&query(i, "", SearchMode::Dense)).unwrap();
         assert_eq!(h[0].doc_id, format!("d{i}"));
     }
-    assert!(ix.search(&query(3, "", SearchMode::Dense)).unwrap().iter().all(|h| h.doc_id != "d3"));
+    assert!(ix
+        .search(&query(3, "", SearchMode::Dense))
+        .unwrap()
+        .iter()
+        .all(|h| h.doc_id != "d3"));
     assert_eq!(ix.last_seq(), 41);
 }
 
@@ -84,7 +127,8 @@ fn torn_log_tail_is_detected_and_the_rest_recovered() {
     {
         let (mut ix, _) = ShardIndex::open(dir.path(), settings(1000)).unwrap();
         for i in 0..5u64 {
-            ix.write(vec![upsert(&format!("d{i}"), "t", i)], &model()).unwrap();
+            ix.write(vec![upsert(&format!("d{i}"), "t", i)], &model())
+                .unwrap();
         }
     }
     let wal = dir.path().join("wal.log");
@@ -92,7 +136,11 @@ fn torn_log_tail_is_detected_and_the_rest_recovered() {
     std::fs::write(&wal, &bytes[..bytes.len() - 7]).unwrap();
     let (ix, report) = ShardIndex::open(dir.path(), settings(1000)).unwrap();
     assert_eq!(ix.doc_count(), 4);
-    assert!(report.problems.iter().any(|p| p.contains("torn")), "{:?}", report.problems);
+    assert!(
+        report.problems.iter().any(|p| p.contains("torn")),
+        "{:?}",
+        report.problems
+    );
 }
 
 #[test]
@@ -101,13 +149,17 @@ fn corrupt_segment_is_reported_never_loaded() {
     {
         let (mut ix, _) = ShardIndex::open(dir.path(), settings(16)).unwrap();
         for i in 0..20u64 {
-            ix.write(vec![upsert(&format!("d{i}"), "t", i)], &model()).unwrap();
+            ix.write(vec![upsert(&format!("d{i}"), "t", i)], &model())
+                .unwrap();
         }
     }
     let seg = std::fs::read_dir(dir.path())
         .unwrap()
         .map(|e| e.unwrap().path())
-        .find(|p| p.extension().is_some_and(|e| e == "bin") && p.file_name().unwrap().to_string_lossy().starts_with("seg-"))
+        .find(|p| {
+            p.extension().is_some_and(|e| e == "bin")
+                && p.file_name().unwrap().to_string_lossy().starts_with("seg-")
+        })
         .unwrap();
     let mut bytes = std::fs::read(&seg).unwrap();
     let mid = bytes.len() / 2;
@@ -115,7 +167,11 @@ fn corrupt_segment_is_reported_never_loaded() {
     std::fs::write(&seg, bytes).unwrap();
     let (ix, report) = ShardIndex::open(dir.path(), settings(16)).unwrap();
     assert!(report.needs_catch_up);
-    assert!(report.problems.iter().any(|p| p.contains("checksum")), "{:?}", report.problems);
+    assert!(
+        report.problems.iter().any(|p| p.contains("checksum")),
+        "{:?}",
+        report.problems
+    );
     // the log tail (after the seal) is still there
     assert_eq!(ix.doc_count(), 4);
 }
@@ -127,7 +183,10 @@ fn another_model_is_refused_naming_both() {
     ix.write(vec![upsert("a", "t", 1)], &model()).unwrap();
     let mut other = model();
     other.name = "other-model".into();
-    let e = ix.write(vec![upsert("b", "t", 2)], &other).unwrap_err().to_string();
+    let e = ix
+        .write(vec![upsert("b", "t", 2)], &other)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("test-model") && e.contains("other-model"), "{e}");
     let mut q = query(1, "", SearchMode::Dense);
     q.model = Some(other);
@@ -140,12 +199,22 @@ fn bad_vectors_are_refused() {
     let (mut ix, _) = ShardIndex::open(dir.path(), settings(100)).unwrap();
     let bad = WriteOp::Upsert {
         doc_id: "a".into(),
-        chunks: vec![ChunkRecord { doc_id: "a".into(), chunk_id: "a#0".into(), text: "t".into(), vector: vec![0.0; DIM] }],
+        chunks: vec![ChunkRecord {
+            doc_id: "a".into(),
+            chunk_id: "a#0".into(),
+            text: "t".into(),
+            vector: vec![0.0; DIM],
+        }],
     };
     assert!(ix.write(vec![bad], &model()).is_err());
     let short = WriteOp::Upsert {
         doc_id: "a".into(),
-        chunks: vec![ChunkRecord { doc_id: "a".into(), chunk_id: "a#0".into(), text: "t".into(), vector: vec![1.0; 3] }],
+        chunks: vec![ChunkRecord {
+            doc_id: "a".into(),
+            chunk_id: "a#0".into(),
+            text: "t".into(),
+            vector: vec![1.0; 3],
+        }],
     };
     assert!(ix.write(vec![short], &model()).is_err());
     assert_eq!(ix.doc_count(), 0);
@@ -155,8 +224,15 @@ fn bad_vectors_are_refused() {
 fn hybrid_fuses_dense_and_bm25() {
     let dir = tempfile::tempdir().unwrap();
     let (mut ix, _) = ShardIndex::open(dir.path(), settings(100)).unwrap();
-    ix.write(vec![upsert("a", "zebra stripes", 1), upsert("b", "lion mane", 2), upsert("c", "other", 3)], &model())
-        .unwrap();
+    ix.write(
+        vec![
+            upsert("a", "zebra stripes", 1),
+            upsert("b", "lion mane", 2),
+            upsert("c", "other", 3),
+        ],
+        &model(),
+    )
+    .unwrap();
     // dense favours b, bm25 favours a: both in the fused top 2
     let mut q = query(2, "zebra", SearchMode::Hybrid);
     q.k = 2;

@@ -49,12 +49,19 @@ impl BertConfig {
     /// Reads `config.json`.
     pub fn load(path: &Path) -> Result<Self, ModelError> {
         let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
-        let cfg: BertConfig = serde_json::from_str(&text).map_err(|e| ModelError::format(path, e))?;
+        let cfg: BertConfig =
+            serde_json::from_str(&text).map_err(|e| ModelError::format(path, e))?;
         if cfg.hidden_act != "gelu" {
-            return Err(ModelError::format(path, format!("activation {} not supported", cfg.hidden_act)));
+            return Err(ModelError::format(
+                path,
+                format!("activation {} not supported", cfg.hidden_act),
+            ));
         }
         if cfg.num_attention_heads == 0 || cfg.hidden_size % cfg.num_attention_heads != 0 {
-            return Err(ModelError::format(path, "hidden_size must be a multiple of num_attention_heads"));
+            return Err(ModelError::format(
+                path,
+                "hidden_size must be a multiple of num_attention_heads",
+            ));
         }
         Ok(cfg)
     }
@@ -86,12 +93,29 @@ pub struct BertModel<B: Backend> {
 
 impl<B: Backend> BertModel<B> {
     /// Loads the encoder from `weights`, tensor names under `prefix` (`""` or `"bert."`).
-    pub fn load(cfg: &BertConfig, w: &mut Weights, prefix: &str, device: &B::Device) -> Result<Self, ModelError> {
+    pub fn load(
+        cfg: &BertConfig,
+        w: &mut Weights,
+        prefix: &str,
+        device: &B::Device,
+    ) -> Result<Self, ModelError> {
         let h = cfg.hidden_size;
         let p = |s: &str| format!("{prefix}{s}");
-        let word = w.take(&p("embeddings.word_embeddings.weight"), [cfg.vocab_size, h], device)?;
-        let pos = w.take(&p("embeddings.position_embeddings.weight"), [cfg.max_position_embeddings, h], device)?;
-        let types = w.take(&p("embeddings.token_type_embeddings.weight"), [cfg.type_vocab_size, h], device)?;
+        let word = w.take(
+            &p("embeddings.word_embeddings.weight"),
+            [cfg.vocab_size, h],
+            device,
+        )?;
+        let pos = w.take(
+            &p("embeddings.position_embeddings.weight"),
+            [cfg.max_position_embeddings, h],
+            device,
+        )?;
+        let types = w.take(
+            &p("embeddings.token_type_embeddings.weight"),
+            [cfg.type_vocab_size, h],
+            device,
+        )?;
         let ln = LayerNorm::load(w, &p("embeddings.LayerNorm"), h, cfg.layer_norm_eps, device)?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
@@ -101,8 +125,20 @@ impl<B: Backend> BertModel<B> {
                 k: w.linear(&l("attention.self.key"), h, h, true, device)?,
                 v: w.linear(&l("attention.self.value"), h, h, true, device)?,
                 attn_out: w.linear(&l("attention.output.dense"), h, h, true, device)?,
-                ln1: LayerNorm::load(w, &l("attention.output.LayerNorm"), h, cfg.layer_norm_eps, device)?,
-                inter: w.linear(&l("intermediate.dense"), h, cfg.intermediate_size, true, device)?,
+                ln1: LayerNorm::load(
+                    w,
+                    &l("attention.output.LayerNorm"),
+                    h,
+                    cfg.layer_norm_eps,
+                    device,
+                )?,
+                inter: w.linear(
+                    &l("intermediate.dense"),
+                    h,
+                    cfg.intermediate_size,
+                    true,
+                    device,
+                )?,
                 out: w.linear(&l("output.dense"), cfg.intermediate_size, h, true, device)?,
                 ln2: LayerNorm::load(w, &l("output.LayerNorm"), h, cfg.layer_norm_eps, device)?,
             });
@@ -112,7 +148,15 @@ impl<B: Backend> BertModel<B> {
         } else {
             None
         };
-        Ok(BertModel { cfg: cfg.clone(), word, pos, types, ln, layers, pooler })
+        Ok(BertModel {
+            cfg: cfg.clone(),
+            word,
+            pos,
+            types,
+            ln,
+            layers,
+            pooler,
+        })
     }
 
     /// The configuration.
@@ -121,9 +165,19 @@ impl<B: Backend> BertModel<B> {
     }
 
     /// Hidden states [batch, seq, hidden] for padded token ids, token types and a 0/1 mask.
-    pub fn forward(&self, ids: &[Vec<u32>], type_ids: &[Vec<u32>], device: &B::Device) -> Tensor<B, 3> {
+    pub fn forward(
+        &self,
+        ids: &[Vec<u32>],
+        type_ids: &[Vec<u32>],
+        device: &B::Device,
+    ) -> Tensor<B, 3> {
         let b = ids.len();
-        let s = ids.iter().map(Vec::len).max().unwrap_or(0).clamp(1, self.cfg.max_position_embeddings);
+        let s = ids
+            .iter()
+            .map(Vec::len)
+            .max()
+            .unwrap_or(0)
+            .clamp(1, self.cfg.max_position_embeddings);
         let h = self.cfg.hidden_size;
         let nh = self.cfg.num_attention_heads;
         let hd = h / nh;
@@ -133,13 +187,20 @@ impl<B: Backend> BertModel<B> {
         for (r, row) in ids.iter().enumerate() {
             for (c, &t) in row.iter().take(s).enumerate() {
                 flat_ids[r * s + c] = (t as usize).min(self.cfg.vocab_size - 1) as i32;
-                flat_types[r * s + c] = type_ids.get(r).and_then(|t| t.get(c)).copied().unwrap_or(0).min(self.cfg.type_vocab_size as u32 - 1) as i32;
+                flat_types[r * s + c] = type_ids
+                    .get(r)
+                    .and_then(|t| t.get(c))
+                    .copied()
+                    .unwrap_or(0)
+                    .min(self.cfg.type_vocab_size as u32 - 1)
+                    as i32;
                 mask[r * s + c] = 0.0;
             }
         }
         let idt = Tensor::<B, 1, Int>::from_data(TensorData::new(flat_ids, [b * s]), device);
         let tyt = Tensor::<B, 1, Int>::from_data(TensorData::new(flat_types, [b * s]), device);
-        let add_mask = Tensor::<B, 1>::from_data(TensorData::new(mask, [b * s]), device).reshape([b, 1, 1, s]);
+        let add_mask =
+            Tensor::<B, 1>::from_data(TensorData::new(mask, [b * s]), device).reshape([b, 1, 1, s]);
         let words = self.word.clone().select(0, idt).reshape([b, s, h]);
         let types = self.types.clone().select(0, tyt).reshape([b, s, h]);
         let pos = self.pos.clone().slice([0..s]).reshape([1, s, h]);
@@ -151,7 +212,10 @@ impl<B: Backend> BertModel<B> {
             let k = heads(l.k.forward3(x.clone()));
             let v = heads(l.v.forward3(x.clone()));
             let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale) + add_mask.clone();
-            let ctx = softmax(scores, 3).matmul(v).swap_dims(1, 2).reshape([b, s, h]);
+            let ctx = softmax(scores, 3)
+                .matmul(v)
+                .swap_dims(1, 2)
+                .reshape([b, s, h]);
             x = l.ln1.forward(l.attn_out.forward3(ctx) + x);
             let inter = gelu(l.inter.forward3(x.clone()));
             x = l.ln2.forward(l.out.forward3(inter) + x);

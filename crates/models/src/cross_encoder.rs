@@ -29,14 +29,30 @@ impl<B: Backend> CrossEncoder<B> {
         let mut w = Weights::load(&dir.join("model.safetensors"))?;
         let model = BertModel::load(&cfg, &mut w, "bert.", device)?;
         let classifier = w.linear("classifier", cfg.hidden_size, 1, true, device)?;
-        let tokenizer = load_tokenizer(&dir.join("tokenizer.json"), 256, TruncationStrategy::OnlySecond)?;
-        Ok(CrossEncoder { model, classifier, tokenizer, device: device.clone() })
+        let tokenizer = load_tokenizer(
+            &dir.join("tokenizer.json"),
+            256,
+            TruncationStrategy::OnlySecond,
+        )?;
+        Ok(CrossEncoder {
+            model,
+            classifier,
+            tokenizer,
+            device: device.clone(),
+        })
     }
 
     /// Token ids and types of a pair, the passage truncated.
-    pub fn encode_pair(&self, query: &str, passage: &str) -> Result<(Vec<u32>, Vec<u32>), ModelError> {
+    pub fn encode_pair(
+        &self,
+        query: &str,
+        passage: &str,
+    ) -> Result<(Vec<u32>, Vec<u32>), ModelError> {
         let input = EncodeInput::Dual(query.into(), passage.into());
-        let enc = self.tokenizer.encode(input, true).map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+        let enc = self
+            .tokenizer
+            .encode(input, true)
+            .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
         Ok((enc.get_ids().to_vec(), enc.get_type_ids().to_vec()))
     }
 
@@ -54,7 +70,11 @@ impl<B: Backend> CrossEncoder<B> {
             let types: Vec<Vec<u32>> = group.iter().map(|&i| pairs[i].1.clone()).collect();
             let hidden = self.model.forward(&ids, &types, &self.device);
             let logits = self.classifier.forward2(self.model.pool(hidden));
-            let v: Vec<f32> = logits.into_data().convert::<f32>().to_vec().unwrap_or_default();
+            let v: Vec<f32> = logits
+                .into_data()
+                .convert::<f32>()
+                .to_vec()
+                .unwrap_or_default();
             for (&i, s) in group.iter().zip(v) {
                 out[i] = s;
             }

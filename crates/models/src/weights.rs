@@ -25,19 +25,34 @@ impl Weights {
         for (name, view) in st.tensors() {
             let data = view.data();
             let values: Vec<f32> = match view.dtype() {
-                Dtype::F32 => data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-                Dtype::F16 => data.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-                Dtype::BF16 => data.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+                Dtype::F32 => data
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
+                Dtype::F16 => data
+                    .chunks_exact(2)
+                    .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                    .collect(),
+                Dtype::BF16 => data
+                    .chunks_exact(2)
+                    .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                    .collect(),
                 _ => continue,
             };
             tensors.insert(name, (view.shape().to_vec(), values));
         }
-        Ok(Weights { path: path.to_path_buf(), tensors })
+        Ok(Weights {
+            path: path.to_path_buf(),
+            tensors,
+        })
     }
 
     /// Builds from named host tensors (for GGUF and tests).
     pub fn from_map(path: &Path, tensors: HashMap<String, (Vec<usize>, Vec<f32>)>) -> Self {
-        Weights { path: path.to_path_buf(), tensors }
+        Weights {
+            path: path.to_path_buf(),
+            tensors,
+        }
     }
 
     /// The file the weights came from.
@@ -52,9 +67,16 @@ impl Weights {
 
     /// Removes and returns a tensor's host data, checking its shape.
     pub fn take_raw(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>, ModelError> {
-        let (s, v) = self.tensors.remove(name).ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
+        let (s, v) = self
+            .tensors
+            .remove(name)
+            .ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
         if s != shape {
-            return Err(ModelError::Shape { name: name.to_string(), got: s, expected: shape.to_vec() });
+            return Err(ModelError::Shape {
+                name: name.to_string(),
+                got: s,
+                expected: shape.to_vec(),
+            });
         }
         Ok(v)
     }
@@ -80,8 +102,18 @@ impl Weights {
         device: &B::Device,
     ) -> Result<Linear<B>, ModelError> {
         let w: Tensor<B, 2> = self.take(&format!("{prefix}.weight"), [out_dim, in_dim], device)?;
-        let b = if bias { Some(self.take::<B, 1>(&format!("{prefix}.bias"), [out_dim], device)?.reshape([1, out_dim])) } else { None };
-        Ok(Linear { weight_t: w.transpose(), bias: b })
+        let b = if bias {
+            Some(
+                self.take::<B, 1>(&format!("{prefix}.bias"), [out_dim], device)?
+                    .reshape([1, out_dim]),
+            )
+        } else {
+            None
+        };
+        Ok(Linear {
+            weight_t: w.transpose(),
+            bias: b,
+        })
     }
 }
 
@@ -126,10 +158,20 @@ pub struct LayerNorm<B: Backend> {
 
 impl<B: Backend> LayerNorm<B> {
     /// Loads `{prefix}.weight` and `{prefix}.bias`.
-    pub fn load(w: &mut Weights, prefix: &str, d: usize, eps: f64, device: &B::Device) -> Result<Self, ModelError> {
+    pub fn load(
+        w: &mut Weights,
+        prefix: &str,
+        d: usize,
+        eps: f64,
+        device: &B::Device,
+    ) -> Result<Self, ModelError> {
         let g: Tensor<B, 1> = w.take(&format!("{prefix}.weight"), [d], device)?;
         let b: Tensor<B, 1> = w.take(&format!("{prefix}.bias"), [d], device)?;
-        Ok(LayerNorm { gamma: g.reshape([1, 1, d]), beta: b.reshape([1, 1, d]), eps })
+        Ok(LayerNorm {
+            gamma: g.reshape([1, 1, d]),
+            beta: b.reshape([1, 1, d]),
+            eps,
+        })
     }
 
     /// Normalises the last dimension.

@@ -11,12 +11,17 @@ fn root() -> PathBuf {
 }
 
 fn models_dir() -> PathBuf {
-    std::env::var_os("RAGFLEET_MODELS").map(PathBuf::from).unwrap_or_else(|| root().join("models"))
+    std::env::var_os("RAGFLEET_MODELS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("models"))
 }
 
 fn fixture(name: &str) -> Value {
     let p = root().join("tests/fixtures").join(name);
-    serde_json::from_str(&std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))).unwrap()
+    serde_json::from_str(
+        &std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())),
+    )
+    .unwrap()
 }
 
 fn cosine(a: &[f32], b: &[f32]) -> f32 {
@@ -29,34 +34,70 @@ fn cosine(a: &[f32], b: &[f32]) -> f32 {
 #[test]
 fn minilm_token_ids_and_embeddings_match_reference() {
     let dir = models_dir().join("minilm");
-    assert!(dir.join("model.safetensors").is_file(), "models missing in {}: run `ragfleet models fetch`", dir.display());
+    assert!(
+        dir.join("model.safetensors").is_file(),
+        "models missing in {}: run `ragfleet models fetch`",
+        dir.display()
+    );
     let device = Default::default();
     let emb = Embedder::<Cpu>::load(&dir, &device).expect("embedder loads");
     let fx = fixture("minilm_embeddings.json");
     let cases = fx["cases"].as_array().unwrap();
-    let texts: Vec<String> = cases.iter().map(|c| c["text"].as_str().unwrap().to_string()).collect();
+    let texts: Vec<String> = cases
+        .iter()
+        .map(|c| c["text"].as_str().unwrap().to_string())
+        .collect();
     let got = emb.embed(&texts).unwrap();
     for (c, v) in cases.iter().zip(&got) {
-        let ids: Vec<u32> = c["input_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
-        assert_eq!(emb.token_ids(c["text"].as_str().unwrap()).unwrap(), ids, "token ids of {:?}", c["text"]);
-        let want: Vec<f32> = c["embedding"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
+        let ids: Vec<u32> = c["input_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect();
+        assert_eq!(
+            emb.token_ids(c["text"].as_str().unwrap()).unwrap(),
+            ids,
+            "token ids of {:?}",
+            c["text"]
+        );
+        let want: Vec<f32> = c["embedding"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap() as f32)
+            .collect();
         let cos = cosine(v, &want);
         assert!(cos >= 0.9999, "cosine {cos} for {:?}", c["text"]);
     }
     assert_eq!(emb.identity().dim, 384);
-    assert_eq!(emb.identity().weights_sha256, "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db");
+    assert_eq!(
+        emb.identity().weights_sha256,
+        "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
+    );
 }
 
 #[test]
 fn cross_encoder_logits_match_reference() {
     let device = Default::default();
-    let ce = CrossEncoder::<Cpu>::load(&root().join("tests/fixtures/tiny-cross-encoder"), &device).expect("loads");
+    let ce = CrossEncoder::<Cpu>::load(&root().join("tests/fixtures/tiny-cross-encoder"), &device)
+        .expect("loads");
     let fx = fixture("cross_encoder_scores.json");
     for c in fx["cases"].as_array().unwrap() {
         let (q, p) = (c["query"].as_str().unwrap(), c["passage"].as_str().unwrap());
         let (ids, types) = ce.encode_pair(q, p).unwrap();
-        let want_ids: Vec<u32> = c["input_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
-        let want_types: Vec<u32> = c["token_type_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+        let want_ids: Vec<u32> = c["input_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect();
+        let want_types: Vec<u32> = c["token_type_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect();
         assert_eq!(ids, want_ids);
         assert_eq!(types, want_types);
         let got = ce.score(q, &[p.to_string()]).unwrap()[0];
@@ -69,28 +110,55 @@ fn cross_encoder_logits_match_reference() {
 fn smollm2_greedy_ids_and_first_logits_match_reference() {
     use ragfleet_models::llama::Generator;
     let path = models_dir().join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(path.is_file(), "models missing: run `ragfleet models fetch`");
+    assert!(
+        path.is_file(),
+        "models missing: run `ragfleet models fetch`"
+    );
     let g = Generator::<Cpu>::load_gguf(&path, &Default::default()).expect("loads");
     let fx = fixture("smollm2_greedy.json");
     for c in fx["cases"].as_array().unwrap() {
-        let ids = |k: &str| -> Vec<u32> { c[k].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect() };
+        let ids = |k: &str| -> Vec<u32> {
+            c[k].as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap() as u32)
+                .collect()
+        };
         let prompt = ids("prompt_ids");
         // our chat template reproduces the reference prompt from its parts
         let text = c["prompt"].as_str().unwrap();
-        let user = text.split("<|im_start|>user\n").nth(1).unwrap().split("<|im_end|>").next().unwrap();
+        let user = text
+            .split("<|im_start|>user\n")
+            .nth(1)
+            .unwrap()
+            .split("<|im_end|>")
+            .next()
+            .unwrap();
         assert_eq!(g.tokenizer().chat_prompt("", user), prompt, "prompt ids");
         let logits = g.prompt_logits(&prompt);
         let mut order: Vec<usize> = (0..logits.len()).collect();
         order.sort_by(|a, b| logits[*b].total_cmp(&logits[*a]));
         let top5: Vec<u32> = order[..5].iter().map(|&i| i as u32).collect();
         assert_eq!(top5, ids("first_step_top5_ids"));
-        for (i, want) in c["first_step_top5_logits"].as_array().unwrap().iter().enumerate() {
+        for (i, want) in c["first_step_top5_logits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .enumerate()
+        {
             let got = logits[top5[i] as usize];
-            assert!((got - want.as_f64().unwrap() as f32).abs() < 1e-2, "logit {got} vs {want}");
+            assert!(
+                (got - want.as_f64().unwrap() as f32).abs() < 1e-2,
+                "logit {got} vs {want}"
+            );
         }
         let want = ids("greedy_ids");
         let got = g.generate_ids(&prompt, want.len(), 0.0, 1.0, 0);
         assert_eq!(got, want, "greedy ids");
-        assert_eq!(g.tokenizer().decode(&got[..got.len() - usize::from(got.last() == Some(&2))]), c["greedy_text"].as_str().unwrap());
+        assert_eq!(
+            g.tokenizer()
+                .decode(&got[..got.len() - usize::from(got.last() == Some(&2))]),
+            c["greedy_text"].as_str().unwrap()
+        );
     }
 }

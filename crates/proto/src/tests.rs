@@ -16,7 +16,10 @@ fn coverage() -> Coverage {
     Coverage {
         shards_total: 4,
         shards_answered: 3,
-        left_out: vec![LeftOut { shard: 2, reason: "deadline".into() }],
+        left_out: vec![LeftOut {
+            shard: 2,
+            reason: "deadline".into(),
+        }],
     }
 }
 
@@ -29,7 +32,9 @@ fn all_requests() -> Vec<Request> {
     };
     vec![
         Request::Ping,
-        Request::Embed { texts: vec!["a".into(), "".into()] },
+        Request::Embed {
+            texts: vec!["a".into(), "".into()],
+        },
         Request::Search(SearchQuery {
             vector: vec![1.0; 3],
             text: "q".into(),
@@ -39,33 +44,64 @@ fn all_requests() -> Vec<Request> {
         }),
         Request::Write {
             ops: vec![
-                WriteOp::Upsert { doc_id: "d".into(), chunks: vec![chunk] },
+                WriteOp::Upsert {
+                    doc_id: "d".into(),
+                    chunks: vec![chunk],
+                },
                 WriteOp::Delete { doc_id: "e".into() },
             ],
             model: model(),
         },
         Request::Dump,
-        Request::Delete { doc_ids: vec!["a".into(), "b".into()] },
+        Request::Delete {
+            doc_ids: vec!["a".into(), "b".into()],
+        },
         Request::ChunkEmbed {
-            docs: vec![Document { id: "1".into(), title: String::new(), text: "x".into() }],
+            docs: vec![Document {
+                id: "1".into(),
+                title: String::new(),
+                text: "x".into(),
+            }],
             chunk_tokens: 200,
             overlap: 20,
         },
-        Request::Rerank { query: "q".into(), passages: vec!["p".into()] },
+        Request::Rerank {
+            query: "q".into(),
+            passages: vec!["p".into()],
+        },
         Request::Generate {
             system: String::new(),
             user: "u".into(),
             max_tokens: 5,
-            sampling: Sampling { temperature: 0.7, top_p: 0.9, seed: 3 },
+            sampling: Sampling {
+                temperature: 0.7,
+                top_p: 0.9,
+                seed: 3,
+            },
         },
-        Request::StreamNext { stream: 7, wait_ms: 100 },
+        Request::StreamNext {
+            stream: 7,
+            wait_ms: 100,
+        },
         Request::Retrieve {
             query: "q".into(),
-            options: RetrieveOptions { k: Some(3), mode: SearchMode::Bm25, rerank: Some(true), deadline_ms: None },
+            options: RetrieveOptions {
+                k: Some(3),
+                mode: SearchMode::Bm25,
+                rerank: Some(true),
+                deadline_ms: None,
+            },
         },
-        Request::Ask { question: "q".into(), options: AskOptions::default() },
+        Request::Ask {
+            question: "q".into(),
+            options: AskOptions::default(),
+        },
         Request::Ingest {
-            docs: vec![Document { id: "1".into(), title: "t".into(), text: "x".into() }],
+            docs: vec![Document {
+                id: "1".into(),
+                title: "t".into(),
+                text: "x".into(),
+            }],
         },
         Request::Status,
         Request::Chaos(ChaosAction::Stall(5)),
@@ -74,7 +110,12 @@ fn all_requests() -> Vec<Request> {
 }
 
 fn all_responses() -> Vec<Response> {
-    let hit = Hit { doc_id: "d".into(), chunk_id: "d#0".into(), score: 0.25, text: "t".into() };
+    let hit = Hit {
+        doc_id: "d".into(),
+        chunk_id: "d#0".into(),
+        score: 0.25,
+        text: "t".into(),
+    };
     vec![
         Response::Pong(ActorInfo {
             node: "n1".into(),
@@ -85,7 +126,10 @@ fn all_responses() -> Vec<Response> {
             chunks: 4,
             last_seq: 9,
         }),
-        Response::Embeddings { model: model(), vectors: vec![vec![0.1, 0.2, 0.3]] },
+        Response::Embeddings {
+            model: model(),
+            vectors: vec![vec![0.1, 0.2, 0.3]],
+        },
         Response::Hits(vec![hit.clone()]),
         Response::Written { seq: 42 },
         Response::Chunked {
@@ -93,7 +137,10 @@ fn all_responses() -> Vec<Response> {
             ops: vec![WriteOp::Delete { doc_id: "x".into() }],
             failed: vec![("y".into(), "empty".into())],
         },
-        Response::Dumped { ops: vec![WriteOp::Delete { doc_id: "x".into() }], model: Some(model()) },
+        Response::Dumped {
+            ops: vec![WriteOp::Delete { doc_id: "x".into() }],
+            model: Some(model()),
+        },
         Response::Scores(vec![1.0, -2.0]),
         Response::StreamStarted { stream: 1 },
         Response::Stream(StreamChunk {
@@ -102,25 +149,50 @@ fn all_responses() -> Vec<Response> {
             done: true,
             summary: Some(AskSummary {
                 answer: "a".into(),
-                sources: vec![Source { doc_id: "d".into(), score: 1.0 }],
+                sources: vec![Source {
+                    doc_id: "d".into(),
+                    score: 1.0,
+                }],
                 coverage: coverage(),
-                timings_ms: Timings { embed: 1.0, ..Default::default() },
+                timings_ms: Timings {
+                    embed: 1.0,
+                    ..Default::default()
+                },
                 unsourced: false,
                 truncated: true,
             }),
         }),
-        Response::Retrieved(RetrieveResult { hits: vec![hit], coverage: coverage(), timings_ms: Timings::default() }),
-        Response::Ingested(IngestResult { documents: 1, chunks: 2, failed: vec![("x".into(), "bad".into())] }),
+        Response::Retrieved(RetrieveResult {
+            hits: vec![hit],
+            coverage: coverage(),
+            timings_ms: Timings::default(),
+        }),
+        Response::Ingested(IngestResult {
+            documents: 1,
+            chunks: 2,
+            failed: vec![("x".into(), "bad".into())],
+        }),
         Response::Status(ClusterStatus {
-            nodes: vec![NodeStatus { name: "n".into(), addr: "127.0.0.1:1".into(), alive: true }],
+            nodes: vec![NodeStatus {
+                name: "n".into(),
+                addr: "127.0.0.1:1".into(),
+                alive: true,
+            }],
             shards: vec![ShardStatus {
                 id: 0,
-                replicas: vec![ReplicaStatus { node: "n".into(), state: "serving".into(), docs: 1 }],
+                replicas: vec![ReplicaStatus {
+                    node: "n".into(),
+                    state: "serving".into(),
+                    docs: 1,
+                }],
             }],
             model: None,
         }),
         Response::Ack,
-        Response::Error(WireError::ModelMismatch { index: "a".into(), request: "b".into() }),
+        Response::Error(WireError::ModelMismatch {
+            index: "a".into(),
+            request: "b".into(),
+        }),
         Response::Error(WireError::Frame(FrameError::BadMagic)),
     ]
 }
@@ -143,9 +215,18 @@ fn every_response_round_trips() {
 
 #[test]
 fn malformed_frames_are_errors_not_panics() {
-    assert_eq!(Frame::<Request>::decode(b"").0, Err(FrameError::TooShort(0)));
-    assert_eq!(Frame::<Request>::decode(b"XX\0\x01\0").0, Err(FrameError::BadMagic));
-    assert_eq!(Frame::<Request>::decode(b"RF\0\x09\0").0, Err(FrameError::Version { got: 9 }));
+    assert_eq!(
+        Frame::<Request>::decode(b"").0,
+        Err(FrameError::TooShort(0))
+    );
+    assert_eq!(
+        Frame::<Request>::decode(b"XX\0\x01\0").0,
+        Err(FrameError::BadMagic)
+    );
+    assert_eq!(
+        Frame::<Request>::decode(b"RF\0\x09\0").0,
+        Err(FrameError::Version { got: 9 })
+    );
     // every truncation of every valid request is an error or (for a prefix that happens to be
     // a valid shorter value) a value, never a panic
     for r in all_requests() {
@@ -155,7 +236,10 @@ fn malformed_frames_are_errors_not_panics() {
         }
         let mut longer = bytes.clone();
         longer.push(0);
-        assert!(matches!(Frame::<Request>::decode(&longer).0, Err(FrameError::Body(_))));
+        assert!(matches!(
+            Frame::<Request>::decode(&longer).0,
+            Err(FrameError::Body(_))
+        ));
     }
     // random garbage behind a valid header
     let mut state = 0x9e3779b97f4a7c15u64;

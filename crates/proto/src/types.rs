@@ -55,7 +55,9 @@ impl std::str::FromStr for SearchMode {
             "dense" => Ok(Self::Dense),
             "bm25" => Ok(Self::Bm25),
             "hybrid" => Ok(Self::Hybrid),
-            other => Err(format!("unknown search mode {other:?} (dense, bm25, hybrid)")),
+            other => Err(format!(
+                "unknown search mode {other:?} (dense, bm25, hybrid)"
+            )),
         }
     }
 }
@@ -331,7 +333,11 @@ pub struct Sampling {
 
 impl Default for Sampling {
     fn default() -> Self {
-        Sampling { temperature: 0.0, top_p: 1.0, seed: 0 }
+        Sampling {
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: 0,
+        }
     }
 }
 

@@ -11,8 +11,8 @@ use ractor::{ActorId, ActorRef};
 use ractor_cluster::NodeServerMessage;
 use ragfleet_config::ClusterConfig;
 use ragfleet_proto::{
-    groups, AskOptions, ClusterStatus, Document, IngestResult, Request, Response, RetrieveOptions, RetrieveResult,
-    RoleMsg, StreamChunk, WireError,
+    groups, AskOptions, ClusterStatus, Document, IngestResult, Request, Response, RetrieveOptions,
+    RetrieveResult, RoleMsg, StreamChunk, WireError,
 };
 use tracing::debug;
 
@@ -54,7 +54,8 @@ impl Drop for Client {
 
 /// Opens a session to every node of `cfg` not connected yet.
 async fn dial(server: &ActorRef<NodeServerMessage>, cfg: &ClusterConfig) {
-    let sessions = ractor::call_t!(server, NodeServerMessage::GetSessions, 1_000).unwrap_or_default();
+    let sessions =
+        ractor::call_t!(server, NodeServerMessage::GetSessions, 1_000).unwrap_or_default();
     let connected: Vec<String> = sessions.values().map(|s| s.peer_addr.clone()).collect();
     for n in &cfg.nodes {
         if connected.iter().any(|a| a == &n.addr) {
@@ -67,8 +68,10 @@ async fn dial(server: &ActorRef<NodeServerMessage>, cfg: &ClusterConfig) {
 }
 
 fn coordinators() -> Vec<ActorRef<RoleMsg>> {
-    let mut v: Vec<ActorRef<RoleMsg>> =
-        ractor::pg::get_members(&groups::COORDINATORS.to_string()).into_iter().map(ActorRef::from).collect();
+    let mut v: Vec<ActorRef<RoleMsg>> = ractor::pg::get_members(&groups::COORDINATORS.to_string())
+        .into_iter()
+        .map(ActorRef::from)
+        .collect();
     v.sort_by_key(|a| a.get_id());
     v
 }
@@ -76,10 +79,21 @@ fn coordinators() -> Vec<ActorRef<RoleMsg>> {
 impl Client {
     /// Joins the cluster and waits (up to `wait`) for a coordinator to be visible.
     pub async fn connect(cfg: Arc<ClusterConfig>, wait: Duration) -> Result<Client, ClientError> {
-        let name = format!("client-{}-{:08x}", std::process::id(), rand::random::<u32>());
+        let name = format!(
+            "client-{}-{:08x}",
+            std::process::id(),
+            rand::random::<u32>()
+        );
         let addr: SocketAddr = "127.0.0.1:0".parse().expect("literal");
-        let server = start_server(&name, addr, &cfg.cookie).await.map_err(|e| ClientError::Transport(e.to_string()))?;
-        let mut client = Client { cfg, server, current: Mutex::new(None), redial: None };
+        let server = start_server(&name, addr, &cfg.cookie)
+            .await
+            .map_err(|e| ClientError::Transport(e.to_string()))?;
+        let mut client = Client {
+            cfg,
+            server,
+            current: Mutex::new(None),
+            redial: None,
+        };
         client.dial().await;
         let start = Instant::now();
         let mut last_dial = Instant::now();
@@ -146,7 +160,9 @@ impl Client {
                     return Ok(r);
                 }
                 Err(CallError::Remote(e)) => return Err(ClientError::Rejected(e)),
-                Err(CallError::Timeout) if Instant::now() >= deadline => return Err(ClientError::Timeout),
+                Err(CallError::Timeout) if Instant::now() >= deadline => {
+                    return Err(ClientError::Timeout)
+                }
                 Err(e) => {
                     debug!(error = %e, "coordinator failed; trying another");
                     last = e.to_string();
@@ -158,47 +174,92 @@ impl Client {
     }
 
     /// Retrieves the best chunks for `query`.
-    pub async fn retrieve(&self, query: &str, options: RetrieveOptions) -> Result<RetrieveResult, ClientError> {
-        let t = Duration::from_millis(options.deadline_ms.unwrap_or(self.cfg.query.deadline_ms)) + Duration::from_secs(5);
-        match self.request(Request::Retrieve { query: query.to_string(), options }, t).await? {
+    pub async fn retrieve(
+        &self,
+        query: &str,
+        options: RetrieveOptions,
+    ) -> Result<RetrieveResult, ClientError> {
+        let t = Duration::from_millis(options.deadline_ms.unwrap_or(self.cfg.query.deadline_ms))
+            + Duration::from_secs(5);
+        match self
+            .request(
+                Request::Retrieve {
+                    query: query.to_string(),
+                    options,
+                },
+                t,
+            )
+            .await?
+        {
             Response::Retrieved(r) => Ok(r),
-            other => Err(ClientError::Rejected(WireError::Internal(format!("unexpected answer {other:?}")))),
+            other => Err(ClientError::Rejected(WireError::Internal(format!(
+                "unexpected answer {other:?}"
+            )))),
         }
     }
 
     /// Ingests documents (acknowledged once durable on a write quorum).
     pub async fn ingest(&self, docs: Vec<Document>) -> Result<IngestResult, ClientError> {
-        match self.request(Request::Ingest { docs }, Duration::from_secs(900)).await? {
+        match self
+            .request(Request::Ingest { docs }, Duration::from_secs(900))
+            .await?
+        {
             Response::Ingested(r) => Ok(r),
-            other => Err(ClientError::Rejected(WireError::Internal(format!("unexpected answer {other:?}")))),
+            other => Err(ClientError::Rejected(WireError::Internal(format!(
+                "unexpected answer {other:?}"
+            )))),
         }
     }
 
     /// Deletes documents (acknowledged once durable on a write quorum); `documents` counts them.
     pub async fn delete(&self, doc_ids: Vec<String>) -> Result<IngestResult, ClientError> {
-        match self.request(Request::Delete { doc_ids }, Duration::from_secs(120)).await? {
+        match self
+            .request(Request::Delete { doc_ids }, Duration::from_secs(120))
+            .await?
+        {
             Response::Ingested(r) => Ok(r),
-            other => Err(ClientError::Rejected(WireError::Internal(format!("unexpected answer {other:?}")))),
+            other => Err(ClientError::Rejected(WireError::Internal(format!(
+                "unexpected answer {other:?}"
+            )))),
         }
     }
 
     /// Cluster status.
     pub async fn status(&self) -> Result<ClusterStatus, ClientError> {
-        match self.request(Request::Status, Duration::from_secs(10)).await? {
+        match self
+            .request(Request::Status, Duration::from_secs(10))
+            .await?
+        {
             Response::Status(s) => Ok(s),
-            other => Err(ClientError::Rejected(WireError::Internal(format!("unexpected answer {other:?}")))),
+            other => Err(ClientError::Rejected(WireError::Internal(format!(
+                "unexpected answer {other:?}"
+            )))),
         }
     }
 
     /// Asks a question; the answer streams through the returned [`AskStream`].
     pub async fn ask(&self, question: &str, options: AskOptions) -> Result<AskStream, ClientError> {
-        let req = Request::Ask { question: question.to_string(), options };
+        let req = Request::Ask {
+            question: question.to_string(),
+            options,
+        };
         match self.request(req, Duration::from_secs(10)).await? {
             Response::StreamStarted { stream } => {
-                let coordinator = self.current.lock().expect("client").clone().ok_or(ClientError::Timeout)?;
-                Ok(AskStream { coordinator, stream, done: false })
+                let coordinator = self
+                    .current
+                    .lock()
+                    .expect("client")
+                    .clone()
+                    .ok_or(ClientError::Timeout)?;
+                Ok(AskStream {
+                    coordinator,
+                    stream,
+                    done: false,
+                })
             }
-            other => Err(ClientError::Rejected(WireError::Internal(format!("unexpected answer {other:?}")))),
+            other => Err(ClientError::Rejected(WireError::Internal(format!(
+                "unexpected answer {other:?}"
+            )))),
         }
     }
 
@@ -213,7 +274,10 @@ impl Client {
 
     /// Actors of a process group as this client sees them (chaos experiments, tests).
     pub fn members(&self, group: &str) -> Vec<ActorRef<RoleMsg>> {
-        ractor::pg::get_members(&group.to_string()).into_iter().map(ActorRef::from).collect()
+        ractor::pg::get_members(&group.to_string())
+            .into_iter()
+            .map(ActorRef::from)
+            .collect()
     }
 
     /// Leaves the cluster.
@@ -238,7 +302,10 @@ impl AskStream {
         if self.done {
             return None;
         }
-        let req = Request::StreamNext { stream: self.stream, wait_ms: 2_000 };
+        let req = Request::StreamNext {
+            stream: self.stream,
+            wait_ms: 2_000,
+        };
         match call(&self.coordinator, req, Duration::from_secs(30)).await {
             Ok(Response::Stream(c)) => {
                 self.done = c.done;
@@ -246,7 +313,9 @@ impl AskStream {
             }
             Ok(other) => {
                 self.done = true;
-                Some(Err(ClientError::Rejected(WireError::Internal(format!("unexpected answer {other:?}")))))
+                Some(Err(ClientError::Rejected(WireError::Internal(format!(
+                    "unexpected answer {other:?}"
+                )))))
             }
             Err(CallError::Remote(e)) => {
                 self.done = true;
@@ -254,7 +323,9 @@ impl AskStream {
             }
             Err(e) => {
                 self.done = true;
-                Some(Err(ClientError::Unreachable(format!("coordinator lost mid-answer: {e}"))))
+                Some(Err(ClientError::Unreachable(format!(
+                    "coordinator lost mid-answer: {e}"
+                ))))
             }
         }
     }

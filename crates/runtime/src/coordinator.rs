@@ -12,14 +12,14 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use ragfleet_config::{ClusterConfig, NoCoverage};
 use ragfleet_index::{merge_top_k, rrf};
 use ragfleet_proto::{
-    groups, ActorInfo, AskOptions, AskSummary, ChaosAction, ClusterStatus, Coverage, Document, Hit, IngestResult,
-    LeftOut, ModelIdentity, NodeStatus, ReplicaState, ReplicaStatus, Request, Response, RetrieveOptions,
-    RetrieveResult, Role, RoleMsg, SearchMode, SearchQuery, ShardStatus, Source, Timings, WireError, WriteOp,
+    groups, AskOptions, AskSummary, ClusterStatus, Coverage, Document, Hit, IngestResult, LeftOut,
+    ModelIdentity, NodeStatus, ReplicaStatus, Request, Response, RetrieveOptions, RetrieveResult,
+    Role, RoleMsg, SearchMode, SearchQuery, ShardStatus, Source, Timings, WireError, WriteOp,
 };
 use tokio::task::JoinSet;
 use tracing::{info, warn};
 
-use crate::call::{call, refuse, reply, unsupported, CallError};
+use crate::call::{call, common, info, reply, unsupported, CallError};
 use crate::health::{Health, Member};
 use crate::models::TokenCount;
 use crate::streams::{StreamTable, StreamWriter};
@@ -70,7 +70,11 @@ impl Ctx {
             let r = self.rr.fetch_add(1, Ordering::Relaxed) as usize % serving.len();
             serving.rotate_left(r);
         }
-        serving.extend(h.unproven(group).into_iter().map(|actor| Member::unproven(actor, group)));
+        serving.extend(
+            h.unproven(group)
+                .into_iter()
+                .map(|actor| Member::unproven(actor, group)),
+        );
         serving
     }
 
@@ -95,14 +99,26 @@ fn validate_text(text: &str, max: usize, what: &str) -> Result<(), WireError> {
     Ok(())
 }
 
-async fn embed_query(ctx: &Ctx, text: &str, deadline: Instant) -> Result<(Vec<f32>, ModelIdentity), WireError> {
+async fn embed_query(
+    ctx: &Ctx,
+    text: &str,
+    deadline: Instant,
+) -> Result<(Vec<f32>, ModelIdentity), WireError> {
     let mut last = "no embedder replica is reachable".to_string();
     for m in ctx.candidates(groups::EMBEDDERS) {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Err(WireError::Deadline);
         }
-        match call(&m.actor, Request::Embed { texts: vec![text.to_string()] }, left).await {
+        match call(
+            &m.actor,
+            Request::Embed {
+                texts: vec![text.to_string()],
+            },
+            left,
+        )
+        .await
+        {
             Ok(Response::Embeddings { model, mut vectors }) if vectors.len() == 1 => {
                 return Ok((vectors.pop().unwrap_or_default(), model))
             }
@@ -110,14 +126,22 @@ async fn embed_query(ctx: &Ctx, text: &str, deadline: Instant) -> Result<(Vec<f3
             Err(CallError::Remote(e @ WireError::BadRequest(_))) => return Err(e),
             Err(e) => {
                 ctx.args.health.mark_failed(m.actor.get_id());
-                last = format!("embedder on {}: {e}", m.info.map(|i| i.node).unwrap_or_default());
+                last = format!(
+                    "embedder on {}: {e}",
+                    m.info.map(|i| i.node).unwrap_or_default()
+                );
             }
         }
     }
     Err(WireError::Unavailable(last))
 }
 
-async fn shard_search(ctx: Arc<Ctx>, shard: u32, q: SearchQuery, deadline: Instant) -> Result<Vec<Hit>, String> {
+async fn shard_search(
+    ctx: Arc<Ctx>,
+    shard: u32,
+    q: SearchQuery,
+    deadline: Instant,
+) -> Result<Vec<Hit>, String> {
     let replicas = ctx.candidates(&groups::shard(shard));
     if replicas.is_empty() {
         return Err("no_live_replica".into());
@@ -134,12 +158,19 @@ async fn shard_search(ctx: Arc<Ctx>, shard: u32, q: SearchQuery, deadline: Insta
         match call(&r.actor, Request::Search(q.clone()), budget).await {
             Ok(Response::Hits(h)) => return Ok(h),
             Ok(other) => reason = format!("error: unexpected answer {other:?}"),
-            Err(CallError::Remote(e @ WireError::ModelMismatch { .. })) => return Err(format!("error: {e}")),
-            Err(CallError::Remote(e @ WireError::BadRequest(_))) => return Err(format!("error: {e}")),
+            Err(CallError::Remote(e @ WireError::ModelMismatch { .. })) => {
+                return Err(format!("error: {e}"))
+            }
+            Err(CallError::Remote(e @ WireError::BadRequest(_))) => {
+                return Err(format!("error: {e}"))
+            }
             Err(CallError::Timeout) => {
                 ctx.args.health.mark_failed(r.actor.get_id());
                 reason = "deadline".into();
             }
+            // the replica is gone (its node died, the actor stopped): the reason stays
+            // `no_live_replica` unless another replica timed out or failed
+            Err(CallError::Unreachable(_)) => ctx.args.health.mark_failed(r.actor.get_id()),
             Err(e) => {
                 ctx.args.health.mark_failed(r.actor.get_id());
                 reason = format!("error: {e}");
@@ -150,11 +181,16 @@ async fn shard_search(ctx: Arc<Ctx>, shard: u32, q: SearchQuery, deadline: Insta
 }
 
 /// The retrieval path.
-pub async fn retrieve(ctx: Arc<Ctx>, query: String, opts: RetrieveOptions) -> Result<RetrieveResult, WireError> {
+pub async fn retrieve(
+    ctx: Arc<Ctx>,
+    query: String,
+    opts: RetrieveOptions,
+) -> Result<RetrieveResult, WireError> {
     let t0 = Instant::now();
     let cfg = ctx.cfg().clone();
     validate_text(&query, cfg.query.max_query_bytes, "query")?;
-    let deadline = t0 + Duration::from_millis(opts.deadline_ms.unwrap_or(cfg.query.deadline_ms).max(1));
+    let deadline =
+        t0 + Duration::from_millis(opts.deadline_ms.unwrap_or(cfg.query.deadline_ms).max(1));
     let k = opts.k.unwrap_or(cfg.query.top_k).clamp(1, 1000);
     let rerank = opts.rerank.unwrap_or(cfg.query.rerank);
     let mut timings = Timings::default();
@@ -168,15 +204,29 @@ pub async fn retrieve(ctx: Arc<Ctx>, query: String, opts: RetrieveOptions) -> Re
     timings.embed = ms(t0.elapsed());
 
     let t1 = Instant::now();
-    let depth = if rerank { k.max(cfg.query.rerank_depth) } else { k };
-    let q = SearchQuery { vector, text: query.clone(), k: depth, mode: opts.mode, model };
-    let shard_deadline = (Instant::now() + Duration::from_millis(cfg.query.shard_deadline_ms)).min(deadline);
+    let depth = if rerank {
+        k.max(cfg.query.rerank_depth)
+    } else {
+        k
+    };
+    let q = SearchQuery {
+        vector,
+        text: query.clone(),
+        k: depth,
+        mode: opts.mode,
+        model,
+    };
+    let shard_deadline =
+        (Instant::now() + Duration::from_millis(cfg.query.shard_deadline_ms)).min(deadline);
     let mut set = JoinSet::new();
     for s in 0..cfg.index.shards {
         let (ctx, q) = (ctx.clone(), q.clone());
         set.spawn(async move { (s, shard_search(ctx, s, q, shard_deadline).await) });
     }
-    let mut coverage = Coverage { shards_total: cfg.index.shards, ..Default::default() };
+    let mut coverage = Coverage {
+        shards_total: cfg.index.shards,
+        ..Default::default()
+    };
     let mut lists = Vec::new();
     while let Some(res) = set.join_next().await {
         match res {
@@ -211,10 +261,19 @@ pub async fn retrieve(ctx: Arc<Ctx>, query: String, opts: RetrieveOptions) -> Re
     }
     hits.truncate(k as usize);
     timings.total = ms(t0.elapsed());
-    Ok(RetrieveResult { hits, coverage, timings_ms: timings })
+    Ok(RetrieveResult {
+        hits,
+        coverage,
+        timings_ms: timings,
+    })
 }
 
-async fn rerank_hits(ctx: &Ctx, query: &str, hits: &[Hit], deadline: Instant) -> Result<Vec<f32>, String> {
+async fn rerank_hits(
+    ctx: &Ctx,
+    query: &str,
+    hits: &[Hit],
+    deadline: Instant,
+) -> Result<Vec<f32>, String> {
     let passages: Vec<String> = hits.iter().map(|h| h.text.clone()).collect();
     let mut last = "no reranker replica is reachable".to_string();
     for m in ctx.candidates(groups::RERANKERS) {
@@ -222,7 +281,16 @@ async fn rerank_hits(ctx: &Ctx, query: &str, hits: &[Hit], deadline: Instant) ->
         if left.is_zero() {
             return Err("deadline".into());
         }
-        match call(&m.actor, Request::Rerank { query: query.to_string(), passages: passages.clone() }, left).await {
+        match call(
+            &m.actor,
+            Request::Rerank {
+                query: query.to_string(),
+                passages: passages.clone(),
+            },
+            left,
+        )
+        .await
+        {
             Ok(Response::Scores(s)) if s.len() == passages.len() => return Ok(s),
             Ok(other) => last = format!("unexpected answer {other:?}"),
             Err(e) => {
@@ -247,7 +315,9 @@ pub async fn ingest(ctx: Arc<Ctx>, docs: Vec<Document>) -> Result<IngestResult, 
         } else if d.text.trim().is_empty() && d.title.trim().is_empty() {
             result.failed.push((d.id, "document has no text".into()));
         } else if d.text.len() > 4 << 20 {
-            result.failed.push((d.id, "document larger than 4 MiB".into()));
+            result
+                .failed
+                .push((d.id, "document larger than 4 MiB".into()));
         } else if seen.insert(d.id.clone()) {
             good.push(d);
         }
@@ -257,21 +327,38 @@ pub async fn ingest(ctx: Arc<Ctx>, docs: Vec<Document>) -> Result<IngestResult, 
     }
     let embedders = ctx.candidates(groups::EMBEDDERS);
     if embedders.is_empty() {
-        return Err(WireError::Unavailable("no embedder replica is reachable".into()));
+        return Err(WireError::Unavailable(
+            "no embedder replica is reachable".into(),
+        ));
     }
     // chunk + embed, spread over the replicas
     let per = good.len().div_ceil(embedders.len()).max(1);
     let mut set = JoinSet::new();
     for (i, batch) in good.chunks(per).enumerate() {
         let batch = batch.to_vec();
-        let order: Vec<Member> = embedders.iter().cycle().skip(i).take(embedders.len()).cloned().collect();
-        let (tokens, overlap) = (cfg.index.chunk_tokens as u32, cfg.index.chunk_overlap as u32);
+        let order: Vec<Member> = embedders
+            .iter()
+            .cycle()
+            .skip(i)
+            .take(embedders.len())
+            .cloned()
+            .collect();
+        let (tokens, overlap) = (
+            cfg.index.chunk_tokens as u32,
+            cfg.index.chunk_overlap as u32,
+        );
         set.spawn(async move {
             let mut last = String::new();
             for m in order {
-                let req = Request::ChunkEmbed { docs: batch.clone(), chunk_tokens: tokens, overlap };
+                let req = Request::ChunkEmbed {
+                    docs: batch.clone(),
+                    chunk_tokens: tokens,
+                    overlap,
+                };
                 match call(&m.actor, req, Duration::from_secs(600)).await {
-                    Ok(Response::Chunked { model, ops, failed }) => return Ok((model, ops, failed)),
+                    Ok(Response::Chunked { model, ops, failed }) => {
+                        return Ok((model, ops, failed))
+                    }
                     Ok(other) => last = format!("unexpected answer {other:?}"),
                     Err(e) => last = e.to_string(),
                 }
@@ -288,22 +375,42 @@ pub async fn ingest(ctx: Arc<Ctx>, docs: Vec<Document>) -> Result<IngestResult, 
                 ops.extend(o);
                 result.failed.extend(failed);
             }
-            Ok(Err((ids, e))) => result.failed.extend(ids.into_iter().map(|id| (id, format!("embedding failed: {e}")))),
+            Ok(Err((ids, e))) => result.failed.extend(
+                ids.into_iter()
+                    .map(|id| (id, format!("embedding failed: {e}"))),
+            ),
             Err(e) => warn!(error = %e, "embedding task failed"),
         }
     }
-    let Some(model) = model else { return Ok(result) };
+    let Some(model) = model else {
+        return Ok(result);
+    };
     // route and write
     let mut by_shard: HashMap<u32, Vec<WriteOp>> = HashMap::new();
     for op in ops {
-        by_shard.entry(cfg.shard_of(op.doc_id())).or_default().push(op);
+        by_shard
+            .entry(cfg.shard_of(op.doc_id()))
+            .or_default()
+            .push(op);
     }
     let mut set = JoinSet::new();
     for (shard, ops) in by_shard {
         let ctx = ctx.clone();
-        let req = Request::Write { ops: ops.clone(), model: model.clone() };
+        let req = Request::Write {
+            ops: ops.clone(),
+            model: model.clone(),
+        };
         set.spawn(async move {
-            let chunks: u64 = ops.iter().map(|o| if let WriteOp::Upsert { chunks, .. } = o { chunks.len() as u64 } else { 0 }).sum();
+            let chunks: u64 = ops
+                .iter()
+                .map(|o| {
+                    if let WriteOp::Upsert { chunks, .. } = o {
+                        chunks.len() as u64
+                    } else {
+                        0
+                    }
+                })
+                .sum();
             let ids: Vec<String> = ops.iter().map(|o| o.doc_id().to_string()).collect();
             match write_to_shard(&ctx, shard, req).await {
                 Ok(()) => Ok((ids.len() as u64, chunks)),
@@ -317,7 +424,9 @@ pub async fn ingest(ctx: Arc<Ctx>, docs: Vec<Document>) -> Result<IngestResult, 
                 result.documents += d;
                 result.chunks += c;
             }
-            Ok(Err((ids, e))) => result.failed.extend(ids.into_iter().map(|id| (id, e.clone()))),
+            Ok(Err((ids, e))) => result
+                .failed
+                .extend(ids.into_iter().map(|id| (id, e.clone()))),
             Err(e) => warn!(error = %e, "write task failed"),
         }
     }
@@ -329,10 +438,21 @@ async fn write_to_shard(ctx: &Ctx, shard: u32, req: Request) -> Result<(), Strin
     let quorum = ctx.cfg().index.write_quorum as usize;
     let h = &ctx.args.health;
     let group = groups::shard(shard);
-    let mut replicas: Vec<Member> = h.members(&group).into_iter().filter(|m| m.healthy(h.suspect_after)).collect();
-    replicas.extend(h.unproven(&group).into_iter().map(|a| Member::unproven(a, &group)));
+    let mut replicas: Vec<Member> = h
+        .members(&group)
+        .into_iter()
+        .filter(|m| m.healthy(h.suspect_after))
+        .collect();
+    replicas.extend(
+        h.unproven(&group)
+            .into_iter()
+            .map(|a| Member::unproven(a, &group)),
+    );
     if replicas.len() < quorum {
-        return Err(format!("shard {shard}: {} replicas reachable, write quorum is {quorum}", replicas.len()));
+        return Err(format!(
+            "shard {shard}: {} replicas reachable, write quorum is {quorum}",
+            replicas.len()
+        ));
     }
     let mut writes = JoinSet::new();
     for r in replicas {
@@ -352,7 +472,10 @@ async fn write_to_shard(ctx: &Ctx, shard: u32, req: Request) -> Result<(), Strin
     if acks >= quorum {
         Ok(())
     } else {
-        Err(format!("shard {shard}: {acks} of {quorum} acknowledgements ({})", errors.join("; ")))
+        Err(format!(
+            "shard {shard}: {acks} of {quorum} acknowledgements ({})",
+            errors.join("; ")
+        ))
     }
 }
 
@@ -371,14 +494,23 @@ pub async fn delete(ctx: Arc<Ctx>, doc_ids: Vec<String>) -> IngestResult {
     for (shard, ids) in by_shard {
         let ctx = ctx.clone();
         set.spawn(async move {
-            let r = write_to_shard(&ctx, shard, Request::Delete { doc_ids: ids.clone() }).await;
+            let r = write_to_shard(
+                &ctx,
+                shard,
+                Request::Delete {
+                    doc_ids: ids.clone(),
+                },
+            )
+            .await;
             (ids, r)
         });
     }
     while let Some(r) = set.join_next().await {
         match r {
             Ok((ids, Ok(()))) => result.documents += ids.len() as u64,
-            Ok((ids, Err(e))) => result.failed.extend(ids.into_iter().map(|i| (i, e.clone()))),
+            Ok((ids, Err(e))) => result
+                .failed
+                .extend(ids.into_iter().map(|i| (i, e.clone()))),
             Err(e) => warn!(error = %e, "delete task failed"),
         }
     }
@@ -396,7 +528,9 @@ pub fn status(ctx: &Ctx) -> ClusterStatus {
         .map(|n| NodeStatus {
             name: n.name.clone(),
             addr: n.addr.clone(),
-            alive: agents.iter().any(|a| a.info.as_ref().is_some_and(|i| i.node == n.name) && a.healthy(h.suspect_after)),
+            alive: agents.iter().any(|a| {
+                a.info.as_ref().is_some_and(|i| i.node == n.name) && a.healthy(h.suspect_after)
+            }),
         })
         .collect();
     let placement = cfg.placement();
@@ -406,36 +540,61 @@ pub fn status(ctx: &Ctx) -> ClusterStatus {
             let replicas = placement[s as usize]
                 .iter()
                 .map(|node| {
-                    let m = members.iter().find(|m| m.info.as_ref().is_some_and(|i| &i.node == node));
+                    let m = members
+                        .iter()
+                        .find(|m| m.info.as_ref().is_some_and(|i| &i.node == node));
                     match m {
                         Some(m) if m.healthy(h.suspect_after) => {
                             let info = m.info.as_ref().expect("checked");
-                            ReplicaStatus { node: node.clone(), state: info.state.as_str().into(), docs: info.docs }
+                            ReplicaStatus {
+                                node: node.clone(),
+                                state: info.state.as_str().into(),
+                                docs: info.docs,
+                            }
                         }
                         Some(m) => ReplicaStatus {
                             node: node.clone(),
                             state: "suspected".into(),
                             docs: m.info.as_ref().map(|i| i.docs).unwrap_or(0),
                         },
-                        None => ReplicaStatus { node: node.clone(), state: "down".into(), docs: 0 },
+                        None => ReplicaStatus {
+                            node: node.clone(),
+                            state: "down".into(),
+                            docs: 0,
+                        },
                     }
                 })
                 .collect();
             ShardStatus { id: s, replicas }
         })
         .collect();
-    ClusterStatus { nodes, shards, model: None }
+    ClusterStatus {
+        nodes,
+        shards,
+        model: None,
+    }
 }
 
-/// Words of a passage, for near-duplicate detection.
+/// 3-word shingles of a passage (lower-cased, punctuation dropped), for near-duplicate detection.
 fn shingles(text: &str) -> HashSet<String> {
-    let w: Vec<String> = text.split_whitespace().map(|x| x.to_lowercase()).collect();
+    let w: Vec<String> = text
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|x| !x.is_empty())
+        .map(|x| x.to_lowercase())
+        .collect();
+    if w.len() < 3 {
+        return std::iter::once(w.join(" ")).collect();
+    }
     w.windows(3).map(|x| x.join(" ")).collect()
 }
 
 /// Picks passages for the prompt: most relevant first, duplicates and near-duplicates
 /// (3-word-shingle Jaccard >= 0.8) dropped, within `budget` tokens; each labelled by doc id.
-pub fn assemble_context(hits: &[Hit], budget: usize, count: &dyn Fn(&str) -> usize) -> (String, Vec<Source>) {
+pub fn assemble_context(
+    hits: &[Hit],
+    budget: usize,
+    count: &dyn Fn(&str) -> usize,
+) -> (String, Vec<Source>) {
     let mut used: Vec<HashSet<String>> = Vec::new();
     let mut out = String::new();
     let mut sources: Vec<Source> = Vec::new();
@@ -445,7 +604,7 @@ pub fn assemble_context(hits: &[Hit], budget: usize, count: &dyn Fn(&str) -> usi
         let dup = used.iter().any(|u| {
             let inter = u.intersection(&sh).count() as f64;
             let union = u.union(&sh).count().max(1) as f64;
-            inter / union >= 0.8 || (sh.is_empty() && u.is_empty())
+            inter / union >= 0.8
         });
         if dup {
             continue;
@@ -459,7 +618,10 @@ pub fn assemble_context(hits: &[Hit], budget: usize, count: &dyn Fn(&str) -> usi
         out.push_str(&block);
         used.push(sh);
         if !sources.iter().any(|s| s.doc_id == h.doc_id) {
-            sources.push(Source { doc_id: h.doc_id.clone(), score: h.score });
+            sources.push(Source {
+                doc_id: h.doc_id.clone(),
+                score: h.score,
+            });
         }
     }
     (out, sources)
@@ -468,21 +630,31 @@ pub fn assemble_context(hits: &[Hit], budget: usize, count: &dyn Fn(&str) -> usi
 async fn ask_task(ctx: Arc<Ctx>, question: String, opts: AskOptions, w: StreamWriter) {
     let t0 = Instant::now();
     let cfg = ctx.cfg().clone();
-    let deadline = t0 + Duration::from_millis(opts.retrieve.deadline_ms.unwrap_or(cfg.query.deadline_ms));
-    let max_tokens = opts.max_tokens.unwrap_or(cfg.generator.max_tokens).clamp(1, 2048);
-    let (hits, coverage, mut timings) = match retrieve(ctx.clone(), question.clone(), opts.retrieve.clone()).await {
-        Ok(r) => (r.hits, r.coverage, r.timings_ms),
-        Err(e @ WireError::BadRequest(_)) => return w.fail(e.to_string()),
-        Err(e) => {
-            warn!(error = %e, "retrieval failed; answering without sources");
-            let cov = Coverage {
-                shards_total: cfg.index.shards,
-                shards_answered: 0,
-                left_out: (0..cfg.index.shards).map(|s| LeftOut { shard: s, reason: format!("error: {e}") }).collect(),
-            };
-            (Vec::new(), cov, Timings::default())
-        }
-    };
+    let deadline =
+        t0 + Duration::from_millis(opts.retrieve.deadline_ms.unwrap_or(cfg.query.deadline_ms));
+    let max_tokens = opts
+        .max_tokens
+        .unwrap_or(cfg.generator.max_tokens)
+        .clamp(1, 2048);
+    let (hits, coverage, mut timings) =
+        match retrieve(ctx.clone(), question.clone(), opts.retrieve.clone()).await {
+            Ok(r) => (r.hits, r.coverage, r.timings_ms),
+            Err(e @ WireError::BadRequest(_)) => return w.fail(e.to_string()),
+            Err(e) => {
+                warn!(error = %e, "retrieval failed; answering without sources");
+                let cov = Coverage {
+                    shards_total: cfg.index.shards,
+                    shards_answered: 0,
+                    left_out: (0..cfg.index.shards)
+                        .map(|s| LeftOut {
+                            shard: s,
+                            reason: format!("error: {e}"),
+                        })
+                        .collect(),
+                };
+                (Vec::new(), cov, Timings::default())
+            }
+        };
     let unsourced = coverage.shards_answered == 0 || hits.is_empty();
     if unsourced && cfg.generator.on_no_coverage == NoCoverage::Refuse {
         return w.fail("no shard answered and generator.on_no_coverage = \"refuse\"".into());
@@ -529,7 +701,16 @@ async fn ask_task(ctx: Arc<Ctx>, question: String, opts: AskOptions, w: StreamWr
                 break 'replicas;
             }
             let wait = left.min(Duration::from_millis(250));
-            match call(&m.actor, Request::StreamNext { stream, wait_ms: wait.as_millis() as u64 }, wait + Duration::from_secs(2)).await {
+            match call(
+                &m.actor,
+                Request::StreamNext {
+                    stream,
+                    wait_ms: wait.as_millis() as u64,
+                },
+                wait + Duration::from_secs(2),
+            )
+            .await
+            {
                 Ok(Response::Stream(c)) => {
                     if !c.text.is_empty() {
                         first_token.get_or_insert_with(|| t0.elapsed());
@@ -539,7 +720,10 @@ async fn ask_task(ctx: Arc<Ctx>, question: String, opts: AskOptions, w: StreamWr
                     if c.done {
                         break 'replicas;
                     }
-                    if first_token.is_none() && started.elapsed() > Duration::from_millis(cfg.generator.first_token_timeout_ms) {
+                    if first_token.is_none()
+                        && started.elapsed()
+                            > Duration::from_millis(cfg.generator.first_token_timeout_ms)
+                    {
                         warn!("generator stalled before its first token; trying another replica");
                         ctx.args.health.mark_failed(m.actor.get_id());
                         continue 'replicas;
@@ -548,7 +732,10 @@ async fn ask_task(ctx: Arc<Ctx>, question: String, opts: AskOptions, w: StreamWr
                 other => {
                     ctx.args.health.mark_failed(m.actor.get_id());
                     if first_token.is_none() {
-                        warn!(?other, "generator failed before its first token; trying another replica");
+                        warn!(
+                            ?other,
+                            "generator failed before its first token; trying another replica"
+                        );
                         continue 'replicas;
                     }
                     error = Some(format!("generator failed mid-answer: {other:?}"));
@@ -574,7 +761,14 @@ async fn ask_task(ctx: Arc<Ctx>, question: String, opts: AskOptions, w: StreamWr
     timings.first_token = first_token.map(ms).unwrap_or(0.0);
     timings.generate = ms(t_gen.elapsed());
     timings.total = ms(t0.elapsed());
-    let summary = AskSummary { answer, sources, coverage, timings_ms: timings, unsourced, truncated };
+    let summary = AskSummary {
+        answer,
+        sources,
+        coverage,
+        timings_ms: timings,
+        unsourced,
+        truncated,
+    };
     w.finish(Some(summary));
 }
 
@@ -583,55 +777,67 @@ impl Actor for CoordinatorActor {
     type State = Arc<Ctx>;
     type Arguments = CoordinatorArgs;
 
-    async fn pre_start(&self, myself: ActorRef<RoleMsg>, args: CoordinatorArgs) -> Result<Arc<Ctx>, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        myself: ActorRef<RoleMsg>,
+        args: CoordinatorArgs,
+    ) -> Result<Arc<Ctx>, ActorProcessingErr> {
         ractor::pg::join(groups::COORDINATORS.to_string(), vec![myself.get_cell()]);
         info!(node = %args.node, "coordinator started");
-        Ok(Arc::new(Ctx { args, rr: AtomicU64::new(rand::random::<u64>() % 1024), streams: StreamTable::default() }))
+        Ok(Arc::new(Ctx {
+            args,
+            rr: AtomicU64::new(rand::random::<u64>() % 1024),
+            streams: StreamTable::default(),
+        }))
     }
 
-    async fn handle(&self, _me: ActorRef<RoleMsg>, msg: RoleMsg, ctx: &mut Arc<Ctx>) -> Result<(), ActorProcessingErr> {
-        let RoleMsg::Call(frame, port) = msg;
-        if let Some(r) = refuse(&frame, "coordinator") {
-            reply(port, r);
+    async fn handle(
+        &self,
+        _me: ActorRef<RoleMsg>,
+        msg: RoleMsg,
+        ctx: &mut Arc<Ctx>,
+    ) -> Result<(), ActorProcessingErr> {
+        let Some((req, port)) = common(msg, "coordinator", || {
+            info(&ctx.args.node, Role::Coordinator)
+        })
+        .await
+        else {
             return Ok(());
-        }
-        let Ok(req) = frame.0 else { return Ok(()) };
+        };
         let ctx = ctx.clone();
         match req {
-            Request::Ping => reply(
-                port,
-                Response::Pong(ActorInfo {
-                    node: ctx.args.node.clone(),
-                    role: Role::Coordinator,
-                    shard: None,
-                    state: ReplicaState::Serving,
-                    docs: 0,
-                    chunks: 0,
-                    last_seq: 0,
-                }),
-            ),
             Request::Retrieve { query, options } => {
                 tokio::spawn(async move {
-                    reply(port, match retrieve(ctx, query, options).await {
-                        Ok(r) => Response::Retrieved(r),
-                        Err(e) => Response::Error(e),
-                    });
+                    reply(
+                        port,
+                        match retrieve(ctx, query, options).await {
+                            Ok(r) => Response::Retrieved(r),
+                            Err(e) => Response::Error(e),
+                        },
+                    );
                 });
             }
             Request::Ingest { docs } => {
                 tokio::spawn(async move {
-                    reply(port, match ingest(ctx, docs).await {
-                        Ok(r) => Response::Ingested(r),
-                        Err(e) => Response::Error(e),
-                    });
+                    reply(
+                        port,
+                        match ingest(ctx, docs).await {
+                            Ok(r) => Response::Ingested(r),
+                            Err(e) => Response::Error(e),
+                        },
+                    );
                 });
             }
             Request::Status => reply(port, Response::Status(status(&ctx))),
             Request::Delete { doc_ids } => {
-                tokio::spawn(async move { reply(port, Response::Ingested(delete(ctx, doc_ids).await)) });
+                tokio::spawn(
+                    async move { reply(port, Response::Ingested(delete(ctx, doc_ids).await)) },
+                );
             }
             Request::Ask { question, options } => {
-                if let Err(e) = validate_text(&question, ctx.cfg().query.max_query_bytes, "question") {
+                if let Err(e) =
+                    validate_text(&question, ctx.cfg().query.max_query_bytes, "question")
+                {
                     reply(port, Response::Error(e));
                     return Ok(());
                 }
@@ -641,17 +847,18 @@ impl Actor for CoordinatorActor {
             }
             Request::StreamNext { stream, wait_ms } => {
                 tokio::spawn(async move {
-                    let r = ctx.streams.next(stream, Duration::from_millis(wait_ms.min(30_000))).await;
-                    reply(port, match r {
-                        Ok(c) => Response::Stream(c),
-                        Err(e) => Response::Error(e),
-                    });
+                    let r = ctx
+                        .streams
+                        .next(stream, Duration::from_millis(wait_ms.min(30_000)))
+                        .await;
+                    reply(
+                        port,
+                        match r {
+                            Ok(c) => Response::Stream(c),
+                            Err(e) => Response::Error(e),
+                        },
+                    );
                 });
-            }
-            Request::Chaos(ChaosAction::Panic) => panic!("chaos: coordinator told to panic"),
-            Request::Chaos(ChaosAction::Stall(ms)) => {
-                tokio::time::sleep(Duration::from_millis(ms)).await;
-                reply(port, Response::Ack);
             }
             other => reply(port, unsupported(&other, "coordinator")),
         }
@@ -664,16 +871,33 @@ mod tests {
     use super::*;
 
     fn hit(doc: &str, text: &str, score: f32) -> Hit {
-        Hit { doc_id: doc.into(), chunk_id: format!("{doc}#0"), score, text: text.into() }
+        Hit {
+            doc_id: doc.into(),
+            chunk_id: format!("{doc}#0"),
+            score,
+            text: text.into(),
+        }
     }
 
     #[test]
     fn context_drops_near_duplicates_and_respects_the_budget() {
         let words = |t: &str| t.split_whitespace().count();
         let hits = vec![
-            hit("a", "the quick brown fox jumps over the lazy dog today", 3.0),
-            hit("b", "the quick brown fox jumps over the lazy dog today!", 2.5),
-            hit("c", "an entirely different passage about shard replicas", 2.0),
+            hit(
+                "a",
+                "the quick brown fox jumps over the lazy dog today",
+                3.0,
+            ),
+            hit(
+                "b",
+                "the quick brown fox jumps over the lazy dog today!",
+                2.5,
+            ),
+            hit(
+                "c",
+                "an entirely different passage about shard replicas",
+                2.0,
+            ),
             hit("d", &"long ".repeat(500), 1.0),
         ];
         let (ctx, sources) = assemble_context(&hits, 40, &words);
@@ -681,13 +905,24 @@ mod tests {
         assert!(!ctx.contains("[b]"), "near duplicate kept");
         assert!(ctx.contains("[c]"));
         assert!(!ctx.contains("[d]"), "over budget kept");
-        assert_eq!(sources.iter().map(|s| s.doc_id.as_str()).collect::<Vec<_>>(), vec!["a", "c"]);
+        assert_eq!(
+            sources
+                .iter()
+                .map(|s| s.doc_id.as_str())
+                .collect::<Vec<_>>(),
+            vec!["a", "c"]
+        );
     }
 
     #[test]
     fn empty_and_huge_queries_are_refused() {
-        assert!(matches!(validate_text("  ", 10, "query"), Err(WireError::BadRequest(_))));
-        let e = validate_text(&"x".repeat(11), 10, "query").unwrap_err().to_string();
+        assert!(matches!(
+            validate_text("  ", 10, "query"),
+            Err(WireError::BadRequest(_))
+        ));
+        let e = validate_text(&"x".repeat(11), 10, "query")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("11 bytes"), "{e}");
         assert!(validate_text("ok", 10, "query").is_ok());
     }

@@ -7,13 +7,12 @@ use std::time::{Duration, Instant};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use ragfleet_index::chunk::chunk_document;
 use ragfleet_proto::{
-    groups, ActorInfo, ChaosAction, ChunkRecord, Document, ReplicaState, Request, Response, Role, RoleMsg, WireError,
-    WriteOp,
+    groups, ChunkRecord, Document, Request, Response, Role, RoleMsg, WireError, WriteOp,
 };
 use tokio::sync::oneshot;
-use tracing::{debug, warn};
+use tracing::debug;
 
-use crate::call::{refuse, reply, unsupported};
+use crate::call::{common, info, reply, unsupported};
 use crate::models::EmbedModel;
 
 type Job = (Vec<String>, oneshot::Sender<Result<Vec<Vec<f32>>, String>>);
@@ -43,7 +42,12 @@ pub struct EmbedderState {
     jobs: mpsc::Sender<Job>,
 }
 
-fn batch_loop(model: Arc<dyn EmbedModel>, rx: mpsc::Receiver<Job>, max_batch: usize, max_wait: Duration) {
+fn batch_loop(
+    model: Arc<dyn EmbedModel>,
+    rx: mpsc::Receiver<Job>,
+    max_batch: usize,
+    max_wait: Duration,
+) {
     while let Ok(first) = rx.recv() {
         let mut jobs = vec![first];
         let mut n = jobs[0].0.len();
@@ -59,7 +63,11 @@ fn batch_loop(model: Arc<dyn EmbedModel>, rx: mpsc::Receiver<Job>, max_batch: us
             }
         }
         let texts: Vec<String> = jobs.iter().flat_map(|j| j.0.iter().cloned()).collect();
-        debug!(requests = jobs.len(), texts = texts.len(), "embedding batch");
+        debug!(
+            requests = jobs.len(),
+            texts = texts.len(),
+            "embedding batch"
+        );
         match model.embed(&texts) {
             Ok(vecs) => {
                 let mut it = vecs.into_iter();
@@ -79,8 +87,11 @@ fn batch_loop(model: Arc<dyn EmbedModel>, rx: mpsc::Receiver<Job>, max_batch: us
 
 async fn embed(jobs: &mpsc::Sender<Job>, texts: Vec<String>) -> Result<Vec<Vec<f32>>, WireError> {
     let (tx, rx) = oneshot::channel();
-    jobs.send((texts, tx)).map_err(|_| WireError::Unavailable("embedding thread stopped".into()))?;
-    rx.await.map_err(|_| WireError::Unavailable("embedding thread stopped".into()))?.map_err(WireError::Internal)
+    jobs.send((texts, tx))
+        .map_err(|_| WireError::Unavailable("embedding thread stopped".into()))?;
+    rx.await
+        .map_err(|_| WireError::Unavailable("embedding thread stopped".into()))?
+        .map_err(WireError::Internal)
 }
 
 /// Chunks and embeds documents (the same code for bulk and incremental ingest).
@@ -100,8 +111,13 @@ async fn chunk_embed(
                 failed.push((d.id, "empty document id".to_string()));
                 continue;
             }
-            let body = if d.title.trim().is_empty() { d.text.clone() } else { format!("{}. {}", d.title.trim(), d.text) };
-            let chunks = chunk_document(&d.id, &body, &|t| m.count_tokens(t), chunk_tokens, overlap);
+            let body = if d.title.trim().is_empty() {
+                d.text.clone()
+            } else {
+                format!("{}. {}", d.title.trim(), d.text)
+            };
+            let chunks =
+                chunk_document(&d.id, &body, &|t| m.count_tokens(t), chunk_tokens, overlap);
             if chunks.is_empty() {
                 failed.push((d.id, "document has no text".to_string()));
                 continue;
@@ -114,7 +130,10 @@ async fn chunk_embed(
     let Ok((docs, failed)) = chunked else {
         return Response::Error(WireError::Internal("chunking failed".into()));
     };
-    let texts: Vec<String> = docs.iter().flat_map(|(_, cs)| cs.iter().map(|c| c.text.clone())).collect();
+    let texts: Vec<String> = docs
+        .iter()
+        .flat_map(|(_, cs)| cs.iter().map(|c| c.text.clone()))
+        .collect();
     let vecs = match embed(&jobs, texts).await {
         Ok(v) => v,
         Err(e) => return Response::Error(e),
@@ -135,7 +154,11 @@ async fn chunk_embed(
             doc_id,
         })
         .collect();
-    Response::Chunked { model: model.identity(), ops, failed }
+    Response::Chunked {
+        model: model.identity(),
+        ops,
+        failed,
+    }
 }
 
 impl Actor for EmbedderActor {
@@ -143,37 +166,39 @@ impl Actor for EmbedderActor {
     type State = EmbedderState;
     type Arguments = EmbedderArgs;
 
-    async fn pre_start(&self, myself: ActorRef<RoleMsg>, args: EmbedderArgs) -> Result<EmbedderState, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        myself: ActorRef<RoleMsg>,
+        args: EmbedderArgs,
+    ) -> Result<EmbedderState, ActorProcessingErr> {
         let (tx, rx) = mpsc::channel::<Job>();
         let (model, mb, mw) = (args.model.clone(), args.max_batch, args.max_wait);
-        std::thread::Builder::new().name("embedder".into()).spawn(move || batch_loop(model, rx, mb, mw))?;
+        std::thread::Builder::new()
+            .name("embedder".into())
+            .spawn(move || batch_loop(model, rx, mb, mw))?;
         ractor::pg::join(groups::EMBEDDERS.to_string(), vec![myself.get_cell()]);
         Ok(EmbedderState { args, jobs: tx })
     }
 
-    async fn handle(&self, _me: ActorRef<RoleMsg>, msg: RoleMsg, state: &mut EmbedderState) -> Result<(), ActorProcessingErr> {
-        let RoleMsg::Call(frame, port) = msg;
-        if let Some(r) = refuse(&frame, "embedder") {
-            reply(port, r);
+    async fn handle(
+        &self,
+        _me: ActorRef<RoleMsg>,
+        msg: RoleMsg,
+        state: &mut EmbedderState,
+    ) -> Result<(), ActorProcessingErr> {
+        let Some((req, port)) =
+            common(msg, "embedder", || info(&state.args.node, Role::Embedder)).await
+        else {
             return Ok(());
-        }
-        let Ok(req) = frame.0 else { return Ok(()) };
+        };
         match req {
-            Request::Ping => reply(
-                port,
-                Response::Pong(ActorInfo {
-                    node: state.args.node.clone(),
-                    role: Role::Embedder,
-                    shard: None,
-                    state: ReplicaState::Serving,
-                    docs: 0,
-                    chunks: 0,
-                    last_seq: 0,
-                }),
-            ),
             Request::Embed { texts } => {
                 if let Some(t) = texts.iter().find(|t| t.len() > state.args.max_text_bytes) {
-                    let e = format!("text of {} bytes exceeds the limit of {}", t.len(), state.args.max_text_bytes);
+                    let e = format!(
+                        "text of {} bytes exceeds the limit of {}",
+                        t.len(),
+                        state.args.max_text_bytes
+                    );
                     reply(port, Response::Error(WireError::BadRequest(e)));
                     return Ok(());
                 }
@@ -181,26 +206,26 @@ impl Actor for EmbedderActor {
                 let identity = state.args.model.identity();
                 tokio::spawn(async move {
                     let r = match embed(&jobs, texts).await {
-                        Ok(vectors) => Response::Embeddings { model: identity, vectors },
+                        Ok(vectors) => Response::Embeddings {
+                            model: identity,
+                            vectors,
+                        },
                         Err(e) => Response::Error(e),
                     };
                     reply(port, r);
                 });
             }
-            Request::ChunkEmbed { docs, chunk_tokens, overlap } => {
+            Request::ChunkEmbed {
+                docs,
+                chunk_tokens,
+                overlap,
+            } => {
                 let (model, jobs) = (state.args.model.clone(), state.jobs.clone());
                 tokio::spawn(async move {
-                    let r = chunk_embed(model, jobs, docs, chunk_tokens as usize, overlap as usize).await;
+                    let r = chunk_embed(model, jobs, docs, chunk_tokens as usize, overlap as usize)
+                        .await;
                     reply(port, r);
                 });
-            }
-            Request::Chaos(ChaosAction::Panic) => {
-                warn!("chaos: embedder panicking");
-                panic!("chaos: embedder told to panic");
-            }
-            Request::Chaos(ChaosAction::Stall(ms)) => {
-                tokio::time::sleep(Duration::from_millis(ms)).await;
-                reply(port, Response::Ack);
             }
             other => reply(port, unsupported(&other, "embedder")),
         }

@@ -4,9 +4,9 @@ use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
-use ragfleet_proto::{groups, ActorInfo, ChaosAction, ReplicaState, Request, Response, Role, RoleMsg, WireError};
+use ragfleet_proto::{groups, Request, Response, Role, RoleMsg, WireError};
 
-use crate::call::{refuse, reply, unsupported};
+use crate::call::{common, info, reply, unsupported};
 use crate::models::{GenEvent, GenRequest, GenerateModel};
 use crate::streams::StreamTable;
 
@@ -41,45 +41,63 @@ impl Actor for GeneratorActor {
     type State = GeneratorState;
     type Arguments = GeneratorArgs;
 
-    async fn pre_start(&self, myself: ActorRef<RoleMsg>, args: GeneratorArgs) -> Result<GeneratorState, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        myself: ActorRef<RoleMsg>,
+        args: GeneratorArgs,
+    ) -> Result<GeneratorState, ActorProcessingErr> {
         let (tx, rx) = mpsc::channel::<Job>();
         let (model, n) = (args.model.clone(), args.max_streams);
-        std::thread::Builder::new().name("generator".into()).spawn(move || model.serve(rx, n))?;
+        std::thread::Builder::new()
+            .name("generator".into())
+            .spawn(move || model.serve(rx, n))?;
         ractor::pg::join(groups::GENERATORS.to_string(), vec![myself.get_cell()]);
-        Ok(GeneratorState { args, jobs: tx, streams: Arc::new(StreamTable::default()) })
+        Ok(GeneratorState {
+            args,
+            jobs: tx,
+            streams: Arc::new(StreamTable::default()),
+        })
     }
 
-    async fn handle(&self, _me: ActorRef<RoleMsg>, msg: RoleMsg, state: &mut GeneratorState) -> Result<(), ActorProcessingErr> {
-        let RoleMsg::Call(frame, port) = msg;
-        if let Some(r) = refuse(&frame, "generator") {
-            reply(port, r);
+    async fn handle(
+        &self,
+        _me: ActorRef<RoleMsg>,
+        msg: RoleMsg,
+        state: &mut GeneratorState,
+    ) -> Result<(), ActorProcessingErr> {
+        let Some((req, port)) =
+            common(msg, "generator", || info(&state.args.node, Role::Generator)).await
+        else {
             return Ok(());
-        }
-        let Ok(req) = frame.0 else { return Ok(()) };
+        };
         match req {
-            Request::Ping => reply(
-                port,
-                Response::Pong(ActorInfo {
-                    node: state.args.node.clone(),
-                    role: Role::Generator,
-                    shard: None,
-                    state: ReplicaState::Serving,
-                    docs: 0,
-                    chunks: 0,
-                    last_seq: 0,
-                }),
-            ),
-            Request::Generate { system, user, max_tokens, sampling } => {
+            Request::Generate {
+                system,
+                user,
+                max_tokens,
+                sampling,
+            } => {
                 if user.trim().is_empty() {
-                    reply(port, Response::Error(WireError::BadRequest("empty prompt".into())));
+                    reply(
+                        port,
+                        Response::Error(WireError::BadRequest("empty prompt".into())),
+                    );
                     return Ok(());
                 }
                 let (id, writer) = state.streams.open();
                 let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
                 let max_tokens = max_tokens.clamp(1, state.args.max_tokens.max(1));
-                let job = GenRequest { system, user, max_tokens, sampling };
+                let job = GenRequest {
+                    system,
+                    user,
+                    max_tokens,
+                    sampling,
+                };
                 if state.jobs.send((job, tx)).is_err() {
-                    reply(port, Response::Error(WireError::Unavailable("decode thread stopped".into())));
+                    reply(
+                        port,
+                        Response::Error(WireError::Unavailable("decode thread stopped".into())),
+                    );
                     return Ok(());
                 }
                 tokio::spawn(async move {
@@ -103,17 +121,17 @@ impl Actor for GeneratorActor {
             Request::StreamNext { stream, wait_ms } => {
                 let streams = state.streams.clone();
                 tokio::spawn(async move {
-                    let r = streams.next(stream, Duration::from_millis(wait_ms.min(30_000))).await;
-                    reply(port, match r {
-                        Ok(c) => Response::Stream(c),
-                        Err(e) => Response::Error(e),
-                    });
+                    let r = streams
+                        .next(stream, Duration::from_millis(wait_ms.min(30_000)))
+                        .await;
+                    reply(
+                        port,
+                        match r {
+                            Ok(c) => Response::Stream(c),
+                            Err(e) => Response::Error(e),
+                        },
+                    );
                 });
-            }
-            Request::Chaos(ChaosAction::Panic) => panic!("chaos: generator told to panic"),
-            Request::Chaos(ChaosAction::Stall(ms)) => {
-                tokio::time::sleep(Duration::from_millis(ms)).await;
-                reply(port, Response::Ack);
             }
             other => reply(port, unsupported(&other, "generator")),
         }

@@ -29,7 +29,14 @@ pub struct Member {
 impl Member {
     /// A member the detector has not heard from.
     pub fn unproven(actor: ActorRef<RoleMsg>, group: &str) -> Self {
-        Member { actor, group: group.to_string(), info: None, last_ok: None, failed: false, ping_in_flight: false }
+        Member {
+            actor,
+            group: group.to_string(),
+            info: None,
+            last_ok: None,
+            failed: false,
+            ping_in_flight: false,
+        }
     }
 
     /// Healthy: answered within `suspect_after` and not seen failing since.
@@ -39,7 +46,11 @@ impl Member {
 
     /// Healthy and serving (shard replicas catching up are not).
     pub fn serving(&self, suspect_after: Duration) -> bool {
-        self.healthy(suspect_after) && self.info.as_ref().is_some_and(|i| i.state == ReplicaState::Serving)
+        self.healthy(suspect_after)
+            && self
+                .info
+                .as_ref()
+                .is_some_and(|i| i.state == ReplicaState::Serving)
     }
 }
 
@@ -54,7 +65,10 @@ pub struct Health {
 impl Health {
     /// An empty table.
     pub fn new(suspect_after: Duration) -> Arc<Self> {
-        Arc::new(Health { members: RwLock::new(HashMap::new()), suspect_after })
+        Arc::new(Health {
+            members: RwLock::new(HashMap::new()),
+            suspect_after,
+        })
     }
 
     /// Members of `group`, healthy or not.
@@ -67,7 +81,10 @@ impl Health {
 
     /// Healthy, serving members of `group`.
     pub fn serving(&self, group: &str) -> Vec<Member> {
-        self.members(group).into_iter().filter(|m| m.serving(self.suspect_after)).collect()
+        self.members(group)
+            .into_iter()
+            .filter(|m| m.serving(self.suspect_after))
+            .collect()
     }
 
     /// Process-group members the detector has not heard from yet (just joined, or not yet
@@ -76,7 +93,10 @@ impl Health {
         let m = self.members.read().expect("health lock");
         let mut v: Vec<ActorRef<RoleMsg>> = ractor::pg::get_members(&group.to_string())
             .into_iter()
-            .filter(|c| m.get(&c.get_id()).is_none_or(|e| e.last_ok.is_none() && !e.failed))
+            .filter(|c| {
+                m.get(&c.get_id())
+                    .is_none_or(|e| e.last_ok.is_none() && !e.failed)
+            })
             .map(ActorRef::from)
             .collect();
         v.sort_by_key(|a| a.get_id());
@@ -135,7 +155,11 @@ impl Health {
     }
 
     /// Runs `tick` every `period` until the returned handle is aborted.
-    pub fn spawn_loop(self: &Arc<Self>, groups: Vec<String>, period: Duration) -> tokio::task::JoinHandle<()> {
+    pub fn spawn_loop(
+        self: &Arc<Self>,
+        groups: Vec<String>,
+        period: Duration,
+    ) -> tokio::task::JoinHandle<()> {
         let me = self.clone();
         let ping_timeout = self.suspect_after;
         tokio::spawn(async move {

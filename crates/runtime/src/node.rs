@@ -72,19 +72,33 @@ where
     Arc::new(move |sup: ActorCell| {
         let (actor, args) = (actor.clone(), args.clone());
         Box::pin(async move {
-            Actor::spawn_linked(None, actor, args, sup).await.map(|(r, _)| r.get_cell()).map_err(|e| e.to_string())
+            Actor::spawn_linked(None, actor, args, sup)
+                .await
+                .map(|(r, _)| r.get_cell())
+                .map_err(|e| e.to_string())
         })
     })
 }
 
 fn supervisor_spec(label: String, children: Vec<ChildSpec>, cfg: &ClusterConfig) -> ChildSpec {
-    let (max, within) = (cfg.supervision.max_restarts, Duration::from_secs(cfg.supervision.within_secs));
+    let (max, within) = (
+        cfg.supervision.max_restarts,
+        Duration::from_secs(cfg.supervision.within_secs),
+    );
     ChildSpec {
         name: label.clone(),
         spawn: Arc::new(move |sup: ActorCell| {
-            let args = SupervisorArgs { label: label.clone(), children: children.clone(), max_restarts: max, within };
+            let args = SupervisorArgs {
+                label: label.clone(),
+                children: children.clone(),
+                max_restarts: max,
+                within,
+            };
             Box::pin(async move {
-                Actor::spawn_linked(None, Supervisor, args, sup).await.map(|(r, _)| r.get_cell()).map_err(|e| e.to_string())
+                Actor::spawn_linked(None, Supervisor, args, sup)
+                    .await
+                    .map(|(r, _)| r.get_cell())
+                    .map_err(|e| e.to_string())
             })
         }),
     }
@@ -100,7 +114,10 @@ async fn role_specs(
     let n = cfg.node(node)?.clone();
     let mut roles = vec![supervisor_spec(
         format!("{node}/agent"),
-        vec![ChildSpec { name: format!("{node}/agent"), spawn: spawn_fn(NodeAgent, node.to_string()) }],
+        vec![ChildSpec {
+            name: format!("{node}/agent"),
+            spawn: spawn_fn(NodeAgent, node.to_string()),
+        }],
         cfg,
     )];
     if n.has(NodeRole::Shard) {
@@ -144,16 +161,28 @@ async fn role_specs(
             max_text_bytes: cfg.query.max_query_bytes.max(1 << 20),
         };
         let children = (0..n.embedder_replicas)
-            .map(|i| ChildSpec { name: format!("{node}/embedder-{i}"), spawn: spawn_fn(EmbedderActor, args.clone()) })
+            .map(|i| ChildSpec {
+                name: format!("{node}/embedder-{i}"),
+                spawn: spawn_fn(EmbedderActor, args.clone()),
+            })
             .collect();
         roles.push(supervisor_spec(format!("{node}/embedders"), children, cfg));
     }
     if n.has(NodeRole::Reranker) {
         let l = loader.clone();
-        match tokio::task::spawn_blocking(move || l.reranker()).await.map_err(|e| RuntimeError::Model(e.to_string()))? {
+        match tokio::task::spawn_blocking(move || l.reranker())
+            .await
+            .map_err(|e| RuntimeError::Model(e.to_string()))?
+        {
             Ok(model) => {
-                let args = RerankerArgs { node: node.to_string(), model };
-                let c = vec![ChildSpec { name: format!("{node}/reranker"), spawn: spawn_fn(RerankerActor, args) }];
+                let args = RerankerArgs {
+                    node: node.to_string(),
+                    model,
+                };
+                let c = vec![ChildSpec {
+                    name: format!("{node}/reranker"),
+                    spawn: spawn_fn(RerankerActor, args),
+                }];
                 roles.push(supervisor_spec(format!("{node}/rerankers"), c, cfg));
             }
             Err(e) => warn!(node, error = %e, "reranker role not started: no cross-encoder"),
@@ -161,7 +190,10 @@ async fn role_specs(
     }
     if n.has(NodeRole::Generator) {
         let l = loader.clone();
-        match tokio::task::spawn_blocking(move || l.generator()).await.map_err(|e| RuntimeError::Model(e.to_string()))? {
+        match tokio::task::spawn_blocking(move || l.generator())
+            .await
+            .map_err(|e| RuntimeError::Model(e.to_string()))?
+        {
             Ok(model) => {
                 let args = GeneratorArgs {
                     node: node.to_string(),
@@ -169,7 +201,10 @@ async fn role_specs(
                     max_streams: cfg.generator.max_streams,
                     max_tokens: 2048,
                 };
-                let c = vec![ChildSpec { name: format!("{node}/generator"), spawn: spawn_fn(GeneratorActor, args) }];
+                let c = vec![ChildSpec {
+                    name: format!("{node}/generator"),
+                    spawn: spawn_fn(GeneratorActor, args),
+                }];
                 roles.push(supervisor_spec(format!("{node}/generators"), c, cfg));
             }
             Err(e) => warn!(node, error = %e, "generator role not started"),
@@ -177,31 +212,57 @@ async fn role_specs(
     }
     if n.has(NodeRole::Coordinator) {
         let l = loader.clone();
-        let gen_tokens = tokio::task::spawn_blocking(move || l.generator_tokens()).await.ok().and_then(|r| {
-            r.map_err(|e| warn!(error = %e, "no generator tokenizer; estimating context tokens")).ok()
-        });
-        let args = CoordinatorArgs { node: node.to_string(), cfg: cfg.clone(), health: health.clone(), gen_tokens };
-        let c = vec![ChildSpec { name: format!("{node}/coordinator"), spawn: spawn_fn(CoordinatorActor, args) }];
+        let gen_tokens = tokio::task::spawn_blocking(move || l.generator_tokens())
+            .await
+            .ok()
+            .and_then(|r| {
+                r.map_err(
+                    |e| warn!(error = %e, "no generator tokenizer; estimating context tokens"),
+                )
+                .ok()
+            });
+        let args = CoordinatorArgs {
+            node: node.to_string(),
+            cfg: cfg.clone(),
+            health: health.clone(),
+            gen_tokens,
+        };
+        let c = vec![ChildSpec {
+            name: format!("{node}/coordinator"),
+            spawn: spawn_fn(CoordinatorActor, args),
+        }];
         roles.push(supervisor_spec(format!("{node}/coordinators"), c, cfg));
     }
     Ok(roles)
 }
 
 /// Keeps a session to every peer, reconnecting with exponential backoff.
-async fn connector(server: ActorRef<NodeServerMessage>, peers: Vec<(String, String)>, max_backoff: Duration) {
+async fn connector(
+    server: ActorRef<NodeServerMessage>,
+    peers: Vec<(String, String)>,
+    max_backoff: Duration,
+) {
     let mut next_try: HashMap<String, (Instant, Duration)> = HashMap::new();
     loop {
-        let sessions = ractor::call_t!(server, NodeServerMessage::GetSessions, 2_000).unwrap_or_default();
+        let sessions =
+            ractor::call_t!(server, NodeServerMessage::GetSessions, 2_000).unwrap_or_default();
         let connected: Vec<String> = sessions
             .values()
-            .filter_map(|s| s.peer_name.as_ref().map(|p| p.name.split('@').next().unwrap_or("").to_string()))
+            .filter_map(|s| {
+                s.peer_name
+                    .as_ref()
+                    .map(|p| p.name.split('@').next().unwrap_or("").to_string())
+            })
             .collect();
         for (name, addr) in &peers {
             if connected.contains(name) {
                 next_try.remove(name);
                 continue;
             }
-            let (at, backoff) = next_try.get(name).copied().unwrap_or((Instant::now(), Duration::from_millis(100)));
+            let (at, backoff) = next_try
+                .get(name)
+                .copied()
+                .unwrap_or((Instant::now(), Duration::from_millis(100)));
             if Instant::now() < at {
                 continue;
             }
@@ -217,9 +278,16 @@ async fn connector(server: ActorRef<NodeServerMessage>, peers: Vec<(String, Stri
 }
 
 /// Starts the transport on `addr`.
-pub async fn start_server(name: &str, addr: SocketAddr, cookie: &str) -> Result<ActorRef<NodeServerMessage>, RuntimeError> {
+pub async fn start_server(
+    name: &str,
+    addr: SocketAddr,
+    cookie: &str,
+) -> Result<ActorRef<NodeServerMessage>, RuntimeError> {
     // bind once ourselves so that a taken port is a clear error, not a dead listener actor
-    std::net::TcpListener::bind(addr).map_err(|e| RuntimeError::Listen { addr: addr.to_string(), reason: e.to_string() })?;
+    std::net::TcpListener::bind(addr).map_err(|e| RuntimeError::Listen {
+        addr: addr.to_string(),
+        reason: e.to_string(),
+    })?;
     let server = NodeServer::new(
         addr.port(),
         cookie.to_string(),
@@ -231,7 +299,10 @@ pub async fn start_server(name: &str, addr: SocketAddr, cookie: &str) -> Result<
     .with_listen_addr(addr.ip());
     let (r, _) = Actor::spawn(None, server, ())
         .await
-        .map_err(|e| RuntimeError::Spawn { name: format!("{name} node server"), reason: e.to_string() })?;
+        .map_err(|e| RuntimeError::Spawn {
+            name: format!("{name} node server"),
+            reason: e.to_string(),
+        })?;
     Ok(r)
 }
 
@@ -243,20 +314,41 @@ pub async fn start_node(
     opts: NodeOptions,
 ) -> Result<NodeHandle, RuntimeError> {
     let me = cfg.node(name)?.clone();
-    let addr: SocketAddr = me.addr.parse().map_err(|_| RuntimeError::Listen { addr: me.addr.clone(), reason: "bad address".into() })?;
+    let addr: SocketAddr = me.addr.parse().map_err(|_| RuntimeError::Listen {
+        addr: me.addr.clone(),
+        reason: "bad address".into(),
+    })?;
     let server = start_server(name, addr, &cfg.cookie).await?;
     let mut tasks = Vec::new();
-    let local: Vec<String> = if opts.embedded { cfg.nodes.iter().map(|n| n.name.clone()).collect() } else { vec![name.to_string()] };
+    let local: Vec<String> = if opts.embedded {
+        cfg.nodes.iter().map(|n| n.name.clone()).collect()
+    } else {
+        vec![name.to_string()]
+    };
     if !opts.embedded {
-        let peers: Vec<(String, String)> =
-            cfg.nodes.iter().filter(|n| n.name != name).map(|n| (n.name.clone(), n.addr.clone())).collect();
-        tasks.push(tokio::spawn(connector(server.clone(), peers, Duration::from_millis(cfg.failure.reconnect_max_ms))));
+        let peers: Vec<(String, String)> = cfg
+            .nodes
+            .iter()
+            .filter(|n| n.name != name)
+            .map(|n| (n.name.clone(), n.addr.clone()))
+            .collect();
+        tasks.push(tokio::spawn(connector(
+            server.clone(),
+            peers,
+            Duration::from_millis(cfg.failure.reconnect_max_ms),
+        )));
     }
     let health = Health::new(Duration::from_millis(cfg.failure.suspect_after_ms));
-    let mut watched: Vec<String> = [groups::NODES, groups::EMBEDDERS, groups::RERANKERS, groups::GENERATORS, groups::COORDINATORS]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    let mut watched: Vec<String> = [
+        groups::NODES,
+        groups::EMBEDDERS,
+        groups::RERANKERS,
+        groups::GENERATORS,
+        groups::COORDINATORS,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
     watched.extend((0..cfg.index.shards).map(groups::shard));
     tasks.push(health.spawn_loop(watched, Duration::from_millis(cfg.failure.heartbeat_ms)));
     let mut roles = Vec::new();
@@ -271,12 +363,22 @@ pub async fn start_node(
     };
     let (root, root_join) = Actor::spawn(None, Supervisor, root_args)
         .await
-        .map_err(|e| RuntimeError::Spawn { name: format!("{name}/root"), reason: e.to_string() })?;
+        .map_err(|e| RuntimeError::Spawn {
+            name: format!("{name}/root"),
+            reason: e.to_string(),
+        })?;
     info!(node = name, addr = %addr, roles = ?me.roles, embedded = opts.embedded, "node started");
     let root_join = tokio::spawn(async move {
         if root_join.await.is_err() {
             error!("root supervisor task failed");
         }
     });
-    Ok(NodeHandle { name: name.to_string(), server, root, root_join, tasks, health })
+    Ok(NodeHandle {
+        name: name.to_string(),
+        server,
+        root,
+        root_join,
+        tasks,
+        health,
+    })
 }

@@ -9,11 +9,11 @@ use std::time::{Duration, Instant};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use ragfleet_index::{IndexSettings, ShardIndex};
 use ragfleet_proto::{
-    groups, ActorInfo, ChaosAction, ReplicaState, Request, Response, Role, RoleMsg, WireError, WriteOp,
+    groups, ActorInfo, ReplicaState, Request, Response, Role, RoleMsg, WireError, WriteOp,
 };
 use tracing::{error, info, warn};
 
-use crate::call::{call, refuse, reply, unsupported};
+use crate::call::{call, common, reply, unsupported};
 
 /// Start arguments of a shard replica.
 #[derive(Debug, Clone)]
@@ -64,9 +64,14 @@ impl Actor for ShardActor {
     type State = ShardState;
     type Arguments = ShardArgs;
 
-    async fn pre_start(&self, myself: ActorRef<RoleMsg>, args: ShardArgs) -> Result<ShardState, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        myself: ActorRef<RoleMsg>,
+        args: ShardArgs,
+    ) -> Result<ShardState, ActorProcessingErr> {
         let (dir, settings) = (args.dir.clone(), args.settings.clone());
-        let (index, report) = tokio::task::spawn_blocking(move || ShardIndex::open(&dir, settings)).await??;
+        let (index, report) =
+            tokio::task::spawn_blocking(move || ShardIndex::open(&dir, settings)).await??;
         for p in &report.problems {
             warn!(shard = args.shard, problem = %p, "recovery found a problem");
         }
@@ -78,52 +83,70 @@ impl Actor for ShardActor {
         });
         shared.refresh_counts(&shared.index.read().expect("index"));
         ractor::pg::join(groups::shard(args.shard), vec![myself.get_cell()]);
-        let catch_up = Some(tokio::spawn(catch_up(myself.clone(), args.clone(), shared.clone())));
-        Ok(ShardState { args, shared, catch_up })
+        let catch_up = Some(tokio::spawn(catch_up(
+            myself.clone(),
+            args.clone(),
+            shared.clone(),
+        )));
+        Ok(ShardState {
+            args,
+            shared,
+            catch_up,
+        })
     }
 
-    async fn post_stop(&self, _me: ActorRef<RoleMsg>, state: &mut ShardState) -> Result<(), ActorProcessingErr> {
+    async fn post_stop(
+        &self,
+        _me: ActorRef<RoleMsg>,
+        state: &mut ShardState,
+    ) -> Result<(), ActorProcessingErr> {
         if let Some(h) = state.catch_up.take() {
             h.abort();
         }
         Ok(())
     }
 
-    async fn handle(&self, _me: ActorRef<RoleMsg>, msg: RoleMsg, state: &mut ShardState) -> Result<(), ActorProcessingErr> {
-        let RoleMsg::Call(frame, port) = msg;
-        if let Some(r) = refuse(&frame, "shard") {
-            reply(port, r);
+    async fn handle(
+        &self,
+        _me: ActorRef<RoleMsg>,
+        msg: RoleMsg,
+        state: &mut ShardState,
+    ) -> Result<(), ActorProcessingErr> {
+        let shared = state.shared.clone();
+        let describe = || {
+            let (docs, chunks, last_seq) = *shared.counts.lock().expect("counts");
+            ActorInfo {
+                node: state.args.node.clone(),
+                role: Role::Shard,
+                shard: Some(state.args.shard),
+                state: shared.state(),
+                docs,
+                chunks,
+                last_seq,
+            }
+        };
+        let Some((req, port)) = common(msg, "shard", describe).await else {
             return Ok(());
-        }
-        let Ok(req) = frame.0 else { return Ok(()) };
+        };
         let shared = state.shared.clone();
         match req {
-            Request::Ping => {
-                let (docs, chunks, last_seq) = *shared.counts.lock().expect("counts");
-                reply(
-                    port,
-                    Response::Pong(ActorInfo {
-                        node: state.args.node.clone(),
-                        role: Role::Shard,
-                        shard: Some(state.args.shard),
-                        state: shared.state(),
-                        docs,
-                        chunks,
-                        last_seq,
-                    }),
-                );
-            }
             Request::Search(q) => {
                 if shared.state() != ReplicaState::Serving {
-                    reply(port, Response::Error(WireError::Unavailable("replica is catching up".into())));
+                    reply(
+                        port,
+                        Response::Error(WireError::Unavailable("replica is catching up".into())),
+                    );
                     return Ok(());
                 }
                 tokio::task::spawn_blocking(move || {
                     let r = shared.index.read().expect("index").search(&q);
-                    reply(port, match r {
-                        Ok(hits) => Response::Hits(hits),
-                        Err(e) => Response::Error(index_error(e)),
-                    });
+                    reply(
+                        port,
+                        match r {
+                            Ok(hits) => Response::Hits(hits),
+                            Err(e) => Response::Error(index_error(e)),
+                        },
+                    );
                 });
             }
             Request::Write { ops, model } => {
@@ -135,36 +158,47 @@ impl Actor for ShardActor {
                     let mut ix = shared.index.write().expect("index");
                     let r = ix.write(ops, &model);
                     shared.refresh_counts(&ix);
-                    reply(port, match r {
-                        Ok(seq) => Response::Written { seq },
-                        Err(e) => Response::Error(index_error(e)),
-                    });
+                    reply(
+                        port,
+                        match r {
+                            Ok(seq) => Response::Written { seq },
+                            Err(e) => Response::Error(index_error(e)),
+                        },
+                    );
                 });
             }
             Request::Delete { doc_ids } => {
                 tokio::task::spawn_blocking(move || {
                     if shared.state() == ReplicaState::CatchingUp {
-                        shared.written_while_catching_up.lock().expect("set").extend(doc_ids.iter().cloned());
+                        shared
+                            .written_while_catching_up
+                            .lock()
+                            .expect("set")
+                            .extend(doc_ids.iter().cloned());
                     }
                     let mut ix = shared.index.write().expect("index");
                     let r = ix.delete(&doc_ids);
                     shared.refresh_counts(&ix);
-                    reply(port, match r {
-                        Ok(seq) => Response::Written { seq },
-                        Err(e) => Response::Error(index_error(e)),
-                    });
+                    reply(
+                        port,
+                        match r {
+                            Ok(seq) => Response::Written { seq },
+                            Err(e) => Response::Error(index_error(e)),
+                        },
+                    );
                 });
             }
             Request::Dump => {
                 tokio::task::spawn_blocking(move || {
                     let ix = shared.index.read().expect("index");
-                    reply(port, Response::Dumped { ops: ix.dump(), model: ix.model().cloned() });
+                    reply(
+                        port,
+                        Response::Dumped {
+                            ops: ix.dump(),
+                            model: ix.model().cloned(),
+                        },
+                    );
                 });
-            }
-            Request::Chaos(ChaosAction::Panic) => panic!("chaos: shard replica told to panic"),
-            Request::Chaos(ChaosAction::Stall(ms)) => {
-                tokio::time::sleep(Duration::from_millis(ms)).await;
-                reply(port, Response::Ack);
             }
             other => reply(port, unsupported(&other, "shard")),
         }
@@ -174,7 +208,9 @@ impl Actor for ShardActor {
 
 fn index_error(e: ragfleet_index::IndexError) -> WireError {
     match e {
-        ragfleet_index::IndexError::ModelMismatch { index, request } => WireError::ModelMismatch { index, request },
+        ragfleet_index::IndexError::ModelMismatch { index, request } => {
+            WireError::ModelMismatch { index, request }
+        }
         ragfleet_index::IndexError::BadInput(m) => WireError::BadRequest(m),
         other => WireError::Internal(other.to_string()),
     }
@@ -191,7 +227,9 @@ async fn catch_up(me: ActorRef<RoleMsg>, args: ShardArgs, shared: Arc<Shared>) {
                 continue;
             }
             let peer: ActorRef<RoleMsg> = cell.into();
-            if let Ok(Response::Pong(info)) = call(&peer, Request::Ping, Duration::from_millis(500)).await {
+            if let Ok(Response::Pong(info)) =
+                call(&peer, Request::Ping, Duration::from_millis(500)).await
+            {
                 if info.state == ReplicaState::Serving {
                     source = Some((peer, info.node));
                     break;
@@ -205,33 +243,59 @@ async fn catch_up(me: ActorRef<RoleMsg>, args: ShardArgs, shared: Arc<Shared>) {
     }
     if let Some((peer, node)) = source {
         match call(&peer, Request::Dump, Duration::from_secs(120)).await {
-            Ok(Response::Dumped { ops, model: Some(model) }) => {
+            Ok(Response::Dumped {
+                ops,
+                model: Some(model),
+            }) => {
                 let shared2 = shared.clone();
-                let res = tokio::task::spawn_blocking(move || apply_dump(&shared2, ops, &model)).await;
+                let res =
+                    tokio::task::spawn_blocking(move || apply_dump(&shared2, ops, &model)).await;
                 match res {
-                    Ok(Ok(n)) => info!(shard = args.shard, from = %node, changed = n, "caught up from peer"),
-                    Ok(Err(e)) => error!(shard = args.shard, error = %e, "catch-up failed; serving local data"),
+                    Ok(Ok(n)) => {
+                        info!(shard = args.shard, from = %node, changed = n, "caught up from peer")
+                    }
+                    Ok(Err(e)) => {
+                        error!(shard = args.shard, error = %e, "catch-up failed; serving local data")
+                    }
                     Err(e) => error!(shard = args.shard, error = %e, "catch-up task failed"),
                 }
             }
             Ok(Response::Dumped { model: None, .. }) => info!(shard = args.shard, "peer is empty"),
-            other => warn!(shard = args.shard, ?other, "catch-up dump failed; serving local data"),
+            other => warn!(
+                shard = args.shard,
+                ?other,
+                "catch-up dump failed; serving local data"
+            ),
         }
     } else {
         info!(shard = args.shard, "no serving peer; serving local data");
     }
     *shared.state.lock().expect("state") = ReplicaState::Serving;
-    shared.written_while_catching_up.lock().expect("set").clear();
+    shared
+        .written_while_catching_up
+        .lock()
+        .expect("set")
+        .clear();
 }
 
-fn apply_dump(shared: &Shared, ops: Vec<WriteOp>, model: &ragfleet_proto::ModelIdentity) -> Result<usize, String> {
+fn apply_dump(
+    shared: &Shared,
+    ops: Vec<WriteOp>,
+    model: &ragfleet_proto::ModelIdentity,
+) -> Result<usize, String> {
     // Documents written here while catching up are newer than the peer's copy. Local documents
     // the peer lacks are kept: they may be acknowledged writes the peer missed (deletions
     // arrive as the peer's tombstones).
-    let skip = shared.written_while_catching_up.lock().expect("set").clone();
+    let skip = shared
+        .written_while_catching_up
+        .lock()
+        .expect("set")
+        .clone();
     let mut ix = shared.index.write().expect("index");
-    let changes: Vec<WriteOp> =
-        ops.into_iter().filter(|o| !skip.contains(o.doc_id()) && !ix.has_identical(o)).collect();
+    let changes: Vec<WriteOp> = ops
+        .into_iter()
+        .filter(|o| !skip.contains(o.doc_id()) && !ix.has_identical(o))
+        .collect();
     let n = changes.len();
     for batch in changes.chunks(256) {
         ix.write(batch.to_vec(), model).map_err(|e| e.to_string())?;

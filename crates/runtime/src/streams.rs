@@ -69,7 +69,10 @@ impl StreamTable {
             // ids unique across restarts of the actor too
             (*n) ^ (rand::random::<u64>() << 20)
         };
-        let w = StreamWriter { buf: Arc::new(Mutex::new(Buf::default())), notify: Arc::new(Notify::new()) };
+        let w = StreamWriter {
+            buf: Arc::new(Mutex::new(Buf::default())),
+            notify: Arc::new(Notify::new()),
+        };
         self.gc();
         self.streams.lock().expect("streams").insert(id, w.clone());
         (id, w)
@@ -78,7 +81,13 @@ impl StreamTable {
     /// Drops streams nobody polled for five minutes.
     fn gc(&self) {
         let mut s = self.streams.lock().expect("streams");
-        s.retain(|_, w| w.buf.lock().expect("stream").touched.is_none_or(|t| t.elapsed() < Duration::from_secs(300)));
+        s.retain(|_, w| {
+            w.buf
+                .lock()
+                .expect("stream")
+                .touched
+                .is_none_or(|t| t.elapsed() < Duration::from_secs(300))
+        });
     }
 
     /// Takes what the stream has, waiting up to `wait` for news.

@@ -22,7 +22,11 @@ fn byte_table() -> ([char; 256], HashMap<char, u8>) {
         };
         table[b as usize] = char::from_u32(c).expect("valid");
     }
-    let inv = table.iter().enumerate().map(|(b, c)| (*c, b as u8)).collect();
+    let inv = table
+        .iter()
+        .enumerate()
+        .map(|(b, c)| (*c, b as u8))
+        .collect();
     (table, inv)
 }
 
@@ -46,9 +50,16 @@ fn string_array(g: &Gguf, key: &str) -> Result<Vec<String>, ModelError> {
     match g.get(key) {
         Some(Value::Array(v)) => v
             .iter()
-            .map(|x| x.as_str().map(str::to_string).ok_or_else(|| ModelError::format(g.path(), format!("{key} holds a non-string"))))
+            .map(|x| {
+                x.as_str().map(str::to_string).ok_or_else(|| {
+                    ModelError::format(g.path(), format!("{key} holds a non-string"))
+                })
+            })
             .collect(),
-        _ => Err(ModelError::format(g.path(), format!("metadata {key} missing"))),
+        _ => Err(ModelError::format(
+            g.path(),
+            format!("metadata {key} missing"),
+        )),
     }
 }
 
@@ -61,7 +72,10 @@ impl BpeTokenizer {
     /// From parsed GGUF metadata.
     pub fn from_parsed(g: &Gguf) -> Result<Self, ModelError> {
         if g.get("tokenizer.ggml.model").and_then(Value::as_str) != Some("gpt2") {
-            return Err(ModelError::format(g.path(), "tokenizer is not byte-level BPE (tokenizer.ggml.model != gpt2)"));
+            return Err(ModelError::format(
+                g.path(),
+                "tokenizer is not byte-level BPE (tokenizer.ggml.model != gpt2)",
+            ));
         }
         let tokens = string_array(g, "tokenizer.ggml.tokens")?;
         let merges_raw = string_array(g, "tokenizer.ggml.merges")?;
@@ -71,22 +85,39 @@ impl BpeTokenizer {
         };
         let mut merges = HashMap::with_capacity(merges_raw.len());
         for (rank, m) in merges_raw.iter().enumerate() {
-            let (a, b) = m.split_once(' ').ok_or_else(|| ModelError::format(g.path(), format!("bad merge {m:?}")))?;
+            let (a, b) = m
+                .split_once(' ')
+                .ok_or_else(|| ModelError::format(g.path(), format!("bad merge {m:?}")))?;
             merges.insert((a.to_string(), b.to_string()), rank);
         }
-        let vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+        let vocab = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), i as u32))
+            .collect();
         let (byte_char, char_byte) = byte_table();
-        let pre = g.get("tokenizer.ggml.pre").and_then(Value::as_str).unwrap_or("");
+        let pre = g
+            .get("tokenizer.ggml.pre")
+            .and_then(Value::as_str)
+            .unwrap_or("");
         Ok(BpeTokenizer {
             vocab,
-            special: (0..tokens.len()).map(|i| types.get(i).copied().unwrap_or(1) == 3).collect(),
+            special: (0..tokens.len())
+                .map(|i| types.get(i).copied().unwrap_or(1) == 3)
+                .collect(),
             tokens,
             merges,
             byte_char,
             char_byte,
             split_digits: pre != "gpt2",
-            bos: g.get("tokenizer.ggml.bos_token_id").and_then(Value::as_u64).unwrap_or(1) as u32,
-            eos: g.get("tokenizer.ggml.eos_token_id").and_then(Value::as_u64).unwrap_or(2) as u32,
+            bos: g
+                .get("tokenizer.ggml.bos_token_id")
+                .and_then(Value::as_u64)
+                .unwrap_or(1) as u32,
+            eos: g
+                .get("tokenizer.ggml.eos_token_id")
+                .and_then(Value::as_u64)
+                .unwrap_or(2) as u32,
         })
     }
 
@@ -147,11 +178,15 @@ impl BpeTokenizer {
 
     /// Raw bytes of a token (special tokens give their text).
     pub fn token_bytes(&self, id: u32) -> Vec<u8> {
-        let Some(t) = self.tokens.get(id as usize) else { return Vec::new() };
+        let Some(t) = self.tokens.get(id as usize) else {
+            return Vec::new();
+        };
         if self.special.get(id as usize).copied().unwrap_or(false) {
             return t.as_bytes().to_vec();
         }
-        t.chars().map(|c| self.char_byte.get(&c).copied().unwrap_or(b'?')).collect()
+        t.chars()
+            .map(|c| self.char_byte.get(&c).copied().unwrap_or(b'?'))
+            .collect()
     }
 
     /// Whether an id is a special (control) token.
@@ -170,7 +205,11 @@ impl BpeTokenizer {
     pub fn chat_prompt(&self, system: &str, user: &str) -> Vec<u32> {
         let start = self.token_id("<|im_start|>").unwrap_or(self.bos);
         let end = self.token_id("<|im_end|>").unwrap_or(self.eos);
-        let system = if system.is_empty() { DEFAULT_SYSTEM } else { system };
+        let system = if system.is_empty() {
+            DEFAULT_SYSTEM
+        } else {
+            system
+        };
         let mut ids = vec![start];
         ids.extend(self.encode(&format!("system\n{system}")));
         ids.push(end);
@@ -186,7 +225,8 @@ impl BpeTokenizer {
 }
 
 /// SmolLM2's default system line.
-pub const DEFAULT_SYSTEM: &str = "You are a helpful AI assistant named SmolLM, trained by Hugging Face";
+pub const DEFAULT_SYSTEM: &str =
+    "You are a helpful AI assistant named SmolLM, trained by Hugging Face";
 
 #[derive(PartialEq, Clone, Copy)]
 enum Class {
@@ -292,10 +332,16 @@ mod tests {
     #[test]
     fn pre_tokenizer_matches_gpt2_regex_behaviour() {
         assert_eq!(pre_tokenize("Hello world", false), vec!["Hello", " world"]);
-        assert_eq!(pre_tokenize("it's  ok!\n\nyes", false), vec!["it", "'s", " ", " ok", "!", "\n", "\n", "yes"]);
+        assert_eq!(
+            pre_tokenize("it's  ok!\n\nyes", false),
+            vec!["it", "'s", " ", " ok", "!", "\n", "\n", "yes"]
+        );
         assert_eq!(pre_tokenize("a   b", false), vec!["a", "  ", " b"]);
         assert_eq!(pre_tokenize("end  ", false), vec!["end", "  "]);
-        assert_eq!(pre_tokenize("in 1889.", true), vec!["in", " ", "1", "8", "8", "9", "."]);
+        assert_eq!(
+            pre_tokenize("in 1889.", true),
+            vec!["in", " ", "1", "8", "8", "9", "."]
+        );
     }
 
     #[test]

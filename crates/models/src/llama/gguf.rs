@@ -83,7 +83,11 @@ impl<'a> Reader<'a> {
         ModelError::format(self.path, format!("{what} at byte {}", self.pos))
     }
     fn take(&mut self, n: usize) -> Result<&'a [u8], ModelError> {
-        let end = self.pos.checked_add(n).filter(|e| *e <= self.b.len()).ok_or_else(|| self.err("truncated"))?;
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|e| *e <= self.b.len())
+            .ok_or_else(|| self.err("truncated"))?;
         let s = &self.b[self.pos..end];
         self.pos = end;
         Ok(s)
@@ -156,13 +160,20 @@ impl Gguf {
 
     /// Parses bytes.
     pub fn parse(path: &Path, bytes: Vec<u8>) -> Result<Self, ModelError> {
-        let mut r = Reader { b: &bytes, pos: 0, path };
+        let mut r = Reader {
+            b: &bytes,
+            pos: 0,
+            path,
+        };
         if r.take(4)? != b"GGUF" {
             return Err(ModelError::format(path, "not a GGUF file (bad magic)"));
         }
         let version = r.u32()?;
         if !(2..=3).contains(&version) {
-            return Err(ModelError::format(path, format!("GGUF version {version} not supported")));
+            return Err(ModelError::format(
+                path,
+                format!("GGUF version {version} not supported"),
+            ));
         }
         let n_tensors = r.len()?;
         let n_kv = r.len()?;
@@ -187,11 +198,28 @@ impl Gguf {
             dims.reverse();
             let ggml_type = r.u32()?;
             let offset = r.u64()?;
-            tensors.insert(name, TensorInfo { shape: dims, ggml_type, offset });
+            tensors.insert(
+                name,
+                TensorInfo {
+                    shape: dims,
+                    ggml_type,
+                    offset,
+                },
+            );
         }
-        let align = meta.get("general.alignment").and_then(Value::as_u64).unwrap_or(32).max(1) as usize;
+        let align = meta
+            .get("general.alignment")
+            .and_then(Value::as_u64)
+            .unwrap_or(32)
+            .max(1) as usize;
         let data_start = r.pos.div_ceil(align) * align;
-        let g = Gguf { path: path.to_path_buf(), bytes, meta, tensors, data_start };
+        let g = Gguf {
+            path: path.to_path_buf(),
+            bytes,
+            meta,
+            tensors,
+            data_start,
+        };
         for (name, t) in &g.tensors {
             g.tensor_bytes(name, t)?;
         }
@@ -200,17 +228,27 @@ impl Gguf {
 
     fn tensor_bytes(&self, name: &str, t: &TensorInfo) -> Result<&[u8], ModelError> {
         let n: usize = t.shape.iter().product();
-        let (per, bytes) = block(t.ggml_type)
-            .ok_or_else(|| ModelError::format(&self.path, format!("tensor {name}: ggml type {} not supported", t.ggml_type)))?;
+        let (per, bytes) = block(t.ggml_type).ok_or_else(|| {
+            ModelError::format(
+                &self.path,
+                format!("tensor {name}: ggml type {} not supported", t.ggml_type),
+            )
+        })?;
         if n % per != 0 {
-            return Err(ModelError::format(&self.path, format!("tensor {name}: {n} values is not whole blocks")));
+            return Err(ModelError::format(
+                &self.path,
+                format!("tensor {name}: {n} values is not whole blocks"),
+            ));
         }
         let len = n / per * bytes;
         let start = self.data_start.checked_add(t.offset as usize);
         let end = start.and_then(|s| s.checked_add(len));
         match (start, end) {
             (Some(s), Some(e)) if e <= self.bytes.len() => Ok(&self.bytes[s..e]),
-            _ => Err(ModelError::format(&self.path, format!("tensor {name} lies outside the file (truncated?)"))),
+            _ => Err(ModelError::format(
+                &self.path,
+                format!("tensor {name} lies outside the file (truncated?)"),
+            )),
         }
     }
 
@@ -221,16 +259,24 @@ impl Gguf {
 
     /// A required unsigned metadata value.
     pub fn req_u64(&self, key: &str) -> Result<u64, ModelError> {
-        self.get(key).and_then(Value::as_u64).ok_or_else(|| ModelError::format(&self.path, format!("metadata {key} missing")))
+        self.get(key)
+            .and_then(Value::as_u64)
+            .ok_or_else(|| ModelError::format(&self.path, format!("metadata {key} missing")))
     }
 
     /// A tensor dequantised to f32, with its row-major shape.
     pub fn dequantize(&self, name: &str) -> Result<(Vec<usize>, Vec<f32>), ModelError> {
-        let t = self.tensors.get(name).ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
+        let t = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
         let raw = self.tensor_bytes(name, t)?;
         let f16 = |b: &[u8]| half::f16::from_le_bytes([b[0], b[1]]).to_f32();
         let out: Vec<f32> = match t.ggml_type {
-            0 => raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+            0 => raw
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
             1 => raw.chunks_exact(2).map(f16).collect(),
             8 => {
                 let mut v = Vec::with_capacity(raw.len() / 34 * 32);
@@ -250,7 +296,12 @@ impl Gguf {
                 }
                 v
             }
-            other => return Err(ModelError::format(&self.path, format!("ggml type {other} not supported"))),
+            other => {
+                return Err(ModelError::format(
+                    &self.path,
+                    format!("ggml type {other} not supported"),
+                ))
+            }
         };
         Ok((t.shape.clone(), out))
     }
@@ -325,12 +376,26 @@ mod tests {
 
     #[test]
     fn truncated_and_garbage_files_are_errors() {
-        let bytes = build(&[("k", 8, [3u64.to_le_bytes().to_vec(), b"abc".to_vec()].concat())], &[("t", vec![4], 0, vec![0; 16])]);
+        let bytes = build(
+            &[(
+                "k",
+                8,
+                [3u64.to_le_bytes().to_vec(), b"abc".to_vec()].concat(),
+            )],
+            &[("t", vec![4], 0, vec![0; 16])],
+        );
         assert!(Gguf::parse(Path::new("ok"), bytes.clone()).is_ok());
         for cut in 0..bytes.len() {
-            assert!(Gguf::parse(Path::new("cut"), bytes[..cut].to_vec()).is_err(), "cut at {cut} accepted");
+            assert!(
+                Gguf::parse(Path::new("cut"), bytes[..cut].to_vec()).is_err(),
+                "cut at {cut} accepted"
+            );
         }
-        assert!(Gguf::parse(Path::new("g"), b"GGUF\x03\0\0\0\xff\xff\xff\xff\xff\xff\xff\xff".to_vec()).is_err());
+        assert!(Gguf::parse(
+            Path::new("g"),
+            b"GGUF\x03\0\0\0\xff\xff\xff\xff\xff\xff\xff\xff".to_vec()
+        )
+        .is_err());
         assert!(Gguf::parse(Path::new("g"), b"NOPE".to_vec()).is_err());
     }
 }

@@ -74,7 +74,11 @@ pub struct KvCache<B: Backend> {
 impl<B: Backend> KvCache<B> {
     /// An empty cache for `layers` layers.
     pub fn new(layers: usize) -> Self {
-        KvCache { k: vec![None; layers], v: vec![None; layers], len: 0 }
+        KvCache {
+            k: vec![None; layers],
+            v: vec![None; layers],
+            len: 0,
+        }
     }
     /// Cached positions.
     pub fn len(&self) -> usize {
@@ -106,9 +110,15 @@ fn unpermute(rows: usize, cols: usize, heads: usize, w: &[f32]) -> Vec<f32> {
 impl<B: Backend> Llama<B> {
     /// Loads from parsed GGUF (dequantising to f32).
     pub fn from_gguf(g: &Gguf, device: &B::Device) -> Result<Self, ModelError> {
-        let arch = g.get("general.architecture").and_then(gguf::Value::as_str).unwrap_or("");
+        let arch = g
+            .get("general.architecture")
+            .and_then(gguf::Value::as_str)
+            .unwrap_or("");
         if arch != "llama" {
-            return Err(ModelError::format(g.path(), format!("architecture {arch:?} is not llama")));
+            return Err(ModelError::format(
+                g.path(),
+                format!("architecture {arch:?} is not llama"),
+            ));
         }
         let hidden = g.req_u64("llama.embedding_length")? as usize;
         let heads = g.req_u64("llama.attention.head_count")? as usize;
@@ -116,12 +126,28 @@ impl<B: Backend> Llama<B> {
             layers: g.req_u64("llama.block_count")? as usize,
             hidden,
             heads,
-            kv_heads: g.get("llama.attention.head_count_kv").and_then(gguf::Value::as_u64).unwrap_or(heads as u64) as usize,
+            kv_heads: g
+                .get("llama.attention.head_count_kv")
+                .and_then(gguf::Value::as_u64)
+                .unwrap_or(heads as u64) as usize,
             ffn: g.req_u64("llama.feed_forward_length")? as usize,
-            vocab: g.tensors.get("token_embd.weight").map(|t| t.shape[0]).unwrap_or(0),
-            rope_theta: g.get("llama.rope.freq_base").and_then(gguf::Value::as_f64).unwrap_or(10000.0),
-            eps: g.get("llama.attention.layer_norm_rms_epsilon").and_then(gguf::Value::as_f64).unwrap_or(1e-5),
-            context: g.get("llama.context_length").and_then(gguf::Value::as_u64).unwrap_or(2048) as usize,
+            vocab: g
+                .tensors
+                .get("token_embd.weight")
+                .map(|t| t.shape[0])
+                .unwrap_or(0),
+            rope_theta: g
+                .get("llama.rope.freq_base")
+                .and_then(gguf::Value::as_f64)
+                .unwrap_or(10000.0),
+            eps: g
+                .get("llama.attention.layer_norm_rms_epsilon")
+                .and_then(gguf::Value::as_f64)
+                .unwrap_or(1e-5),
+            context: g
+                .get("llama.context_length")
+                .and_then(gguf::Value::as_u64)
+                .unwrap_or(2048) as usize,
         };
         if heads == 0 || hidden % heads != 0 || cfg.kv_heads == 0 || heads % cfg.kv_heads != 0 {
             return Err(ModelError::format(g.path(), "inconsistent head counts"));
@@ -144,31 +170,48 @@ impl<B: Backend> Llama<B> {
     }
 
     /// Loads from Hugging Face-named weights (`model.layers.N...`).
-    pub fn from_weights(cfg: LlamaConfig, w: &mut Weights, device: &B::Device) -> Result<Self, ModelError> {
+    pub fn from_weights(
+        cfg: LlamaConfig,
+        w: &mut Weights,
+        device: &B::Device,
+    ) -> Result<Self, ModelError> {
         let (h, hd) = (cfg.hidden, cfg.hidden / cfg.heads);
         let embed: Tensor<B, 2> = w.take("model.embed_tokens.weight", [cfg.vocab, h], device)?;
         let lm_head_t = if w.has("lm_head.weight") {
-            w.take::<B, 2>("lm_head.weight", [cfg.vocab, h], device)?.transpose()
+            w.take::<B, 2>("lm_head.weight", [cfg.vocab, h], device)?
+                .transpose()
         } else {
             embed.clone().transpose()
         };
-        let norm = w.take::<B, 1>("model.norm.weight", [h], device)?.reshape([1, h]);
+        let norm = w
+            .take::<B, 1>("model.norm.weight", [h], device)?
+            .reshape([1, h]);
         let mut blocks = Vec::with_capacity(cfg.layers);
         for i in 0..cfg.layers {
             let p = |s: &str| format!("model.layers.{i}.{s}");
             blocks.push(Block {
-                attn_norm: w.take::<B, 1>(&p("input_layernorm.weight"), [h], device)?.reshape([1, h]),
+                attn_norm: w
+                    .take::<B, 1>(&p("input_layernorm.weight"), [h], device)?
+                    .reshape([1, h]),
                 q: w.linear(&p("self_attn.q_proj"), h, cfg.heads * hd, false, device)?,
                 k: w.linear(&p("self_attn.k_proj"), h, cfg.kv_heads * hd, false, device)?,
                 v: w.linear(&p("self_attn.v_proj"), h, cfg.kv_heads * hd, false, device)?,
                 o: w.linear(&p("self_attn.o_proj"), cfg.heads * hd, h, false, device)?,
-                ffn_norm: w.take::<B, 1>(&p("post_attention_layernorm.weight"), [h], device)?.reshape([1, h]),
+                ffn_norm: w
+                    .take::<B, 1>(&p("post_attention_layernorm.weight"), [h], device)?
+                    .reshape([1, h]),
                 gate: w.linear(&p("mlp.gate_proj"), h, cfg.ffn, false, device)?,
                 up: w.linear(&p("mlp.up_proj"), h, cfg.ffn, false, device)?,
                 down: w.linear(&p("mlp.down_proj"), cfg.ffn, h, false, device)?,
             });
         }
-        Ok(Llama { cfg, embed, blocks, norm, lm_head_t })
+        Ok(Llama {
+            cfg,
+            embed,
+            blocks,
+            norm,
+            lm_head_t,
+        })
     }
 
     fn rms(&self, x: Tensor<B, 2>, w: &Tensor<B, 2>) -> Tensor<B, 2> {
@@ -192,8 +235,10 @@ impl<B: Backend> Llama<B> {
                 sin[p * hd + i + half] = sn as f32;
             }
         }
-        let cos = Tensor::<B, 2>::from_data(TensorData::new(cos, [s, hd]), device).reshape([1, 1, s, hd]);
-        let sin = Tensor::<B, 2>::from_data(TensorData::new(sin, [s, hd]), device).reshape([1, 1, s, hd]);
+        let cos =
+            Tensor::<B, 2>::from_data(TensorData::new(cos, [s, hd]), device).reshape([1, 1, s, hd]);
+        let sin =
+            Tensor::<B, 2>::from_data(TensorData::new(sin, [s, hd]), device).reshape([1, 1, s, hd]);
         let x1 = x.clone().slice([0..b, 0..nh, 0..s, 0..half]);
         let x2 = x.clone().slice([0..b, 0..nh, 0..s, half..hd]);
         let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
@@ -202,12 +247,21 @@ impl<B: Backend> Llama<B> {
 
     /// Runs `tokens[i]` (one new token each, or a whole prompt when there is one stream) for
     /// every stream; appends to the caches; returns the last position's logits per stream.
-    pub fn forward(&self, tokens: &[Vec<u32>], caches: &mut [&mut KvCache<B>], device: &B::Device) -> Vec<Vec<f32>> {
+    pub fn forward(
+        &self,
+        tokens: &[Vec<u32>],
+        caches: &mut [&mut KvCache<B>],
+        device: &B::Device,
+    ) -> Vec<Vec<f32>> {
         let cfg = &self.cfg;
         let hd = cfg.hidden / cfg.heads;
         let lens: Vec<usize> = tokens.iter().map(Vec::len).collect();
         let total: usize = lens.iter().sum();
-        let flat: Vec<i32> = tokens.iter().flatten().map(|&t| (t as usize).min(cfg.vocab - 1) as i32).collect();
+        let flat: Vec<i32> = tokens
+            .iter()
+            .flatten()
+            .map(|&t| (t as usize).min(cfg.vocab - 1) as i32)
+            .collect();
         let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(flat, [total]), device);
         let mut x = self.embed.clone().select(0, ids); // [total, h]
         let group = cfg.heads / cfg.kv_heads;
@@ -221,9 +275,21 @@ impl<B: Backend> Llama<B> {
             for (si, cache) in caches.iter_mut().enumerate() {
                 let s = lens[si];
                 let start = cache.len;
-                let qs = q.clone().slice([off..off + s, 0..cfg.heads * hd]).reshape([1, s, cfg.heads, hd]).swap_dims(1, 2);
-                let ks = k.clone().slice([off..off + s, 0..cfg.kv_heads * hd]).reshape([1, s, cfg.kv_heads, hd]).swap_dims(1, 2);
-                let vs = v.clone().slice([off..off + s, 0..cfg.kv_heads * hd]).reshape([1, s, cfg.kv_heads, hd]).swap_dims(1, 2);
+                let qs = q
+                    .clone()
+                    .slice([off..off + s, 0..cfg.heads * hd])
+                    .reshape([1, s, cfg.heads, hd])
+                    .swap_dims(1, 2);
+                let ks = k
+                    .clone()
+                    .slice([off..off + s, 0..cfg.kv_heads * hd])
+                    .reshape([1, s, cfg.kv_heads, hd])
+                    .swap_dims(1, 2);
+                let vs = v
+                    .clone()
+                    .slice([off..off + s, 0..cfg.kv_heads * hd])
+                    .reshape([1, s, cfg.kv_heads, hd])
+                    .swap_dims(1, 2);
                 let qs = self.rope(qs, start, device);
                 let ks = self.rope(ks, start, device);
                 let kc = match cache.k[l].take() {
@@ -238,10 +304,14 @@ impl<B: Backend> Llama<B> {
                 cache.v[l] = Some(vc.clone());
                 let t = start + s;
                 let expand = |c: Tensor<B, 4>| {
-                    c.reshape([1, cfg.kv_heads, 1, t, hd]).expand([1, cfg.kv_heads, group, t, hd]).reshape([1, cfg.heads, t, hd])
+                    c.reshape([1, cfg.kv_heads, 1, t, hd])
+                        .expand([1, cfg.kv_heads, group, t, hd])
+                        .reshape([1, cfg.heads, t, hd])
                 };
                 let (kf, vf) = (expand(kc), expand(vc));
-                let mut scores = qs.matmul(kf.swap_dims(2, 3)).mul_scalar(1.0 / (hd as f64).sqrt());
+                let mut scores = qs
+                    .matmul(kf.swap_dims(2, 3))
+                    .mul_scalar(1.0 / (hd as f64).sqrt());
                 if s > 1 {
                     let mut m = vec![0f32; s * t];
                     for i in 0..s {
@@ -249,13 +319,22 @@ impl<B: Backend> Llama<B> {
                             m[i * t + j] = f32::NEG_INFINITY;
                         }
                     }
-                    scores = scores + Tensor::<B, 2>::from_data(TensorData::new(m, [s, t]), device).reshape([1, 1, s, t]);
+                    scores = scores
+                        + Tensor::<B, 2>::from_data(TensorData::new(m, [s, t]), device)
+                            .reshape([1, 1, s, t]);
                 }
-                let ctx = softmax(scores, 3).matmul(vf).swap_dims(1, 2).reshape([s, cfg.heads * hd]);
+                let ctx = softmax(scores, 3)
+                    .matmul(vf)
+                    .swap_dims(1, 2)
+                    .reshape([s, cfg.heads * hd]);
                 outs.push(ctx);
                 off += s;
             }
-            let attn = if outs.len() == 1 { outs.pop().expect("one") } else { Tensor::cat(outs, 0) };
+            let attn = if outs.len() == 1 {
+                outs.pop().expect("one")
+            } else {
+                Tensor::cat(outs, 0)
+            };
             x = x + blk.o.forward2(attn);
             let hn = self.rms(x.clone(), &blk.ffn_norm);
             let ff = silu(blk.gate.forward2(hn.clone())) * blk.up.forward2(hn);
@@ -274,7 +353,11 @@ impl<B: Backend> Llama<B> {
         let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(last, [lens.len()]), device);
         let xl = self.rms(x.select(0, idx), &self.norm);
         let logits = xl.matmul(self.lm_head_t.clone());
-        let data: Vec<f32> = logits.into_data().convert::<f32>().to_vec().unwrap_or_default();
+        let data: Vec<f32> = logits
+            .into_data()
+            .convert::<f32>()
+            .to_vec()
+            .unwrap_or_default();
         data.chunks(cfg.vocab).map(<[f32]>::to_vec).collect()
     }
 }
@@ -340,11 +423,19 @@ pub enum StreamEvent {
 /// Picks the next token: argmax when `temperature <= 0`, else top-p sampling.
 pub fn sample(logits: &[f32], temperature: f32, top_p: f32, rng: &mut rand::rngs::StdRng) -> u32 {
     if temperature <= 0.0 {
-        return logits.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i as u32).unwrap_or(0);
+        return logits
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map(|(i, _)| i as u32)
+            .unwrap_or(0);
     }
     let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-    let mut probs: Vec<(u32, f32)> =
-        logits.iter().enumerate().map(|(i, &l)| (i as u32, ((l - max) / temperature).exp())).collect();
+    let mut probs: Vec<(u32, f32)> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| (i as u32, ((l - max) / temperature).exp()))
+        .collect();
     let sum: f32 = probs.iter().map(|p| p.1).sum();
     probs.sort_by(|a, b| b.1.total_cmp(&a.1));
     let mut kept = Vec::new();
@@ -396,7 +487,11 @@ impl<B: Backend> Generator<B> {
         let g = Gguf::open(path)?;
         let tokenizer = BpeTokenizer::from_parsed(&g)?;
         let model = Llama::from_gguf(&g, device)?;
-        Ok(Generator { model, tokenizer, device: device.clone() })
+        Ok(Generator {
+            model,
+            tokenizer,
+            device: device.clone(),
+        })
     }
 
     /// The tokenizer.
@@ -412,14 +507,28 @@ impl<B: Backend> Generator<B> {
     /// Logits after a prompt (one forward pass).
     pub fn prompt_logits(&self, ids: &[u32]) -> Vec<f32> {
         let mut cache = KvCache::new(self.model.cfg.layers);
-        self.model.forward(&[ids.to_vec()], &mut [&mut cache], &self.device).pop().unwrap_or_default()
+        self.model
+            .forward(&[ids.to_vec()], &mut [&mut cache], &self.device)
+            .pop()
+            .unwrap_or_default()
     }
 
     /// Greedy or sampled ids after a prompt (EOS included when reached).
-    pub fn generate_ids(&self, prompt: &[u32], max_tokens: usize, temperature: f32, top_p: f32, seed: u64) -> Vec<u32> {
+    pub fn generate_ids(
+        &self,
+        prompt: &[u32],
+        max_tokens: usize,
+        temperature: f32,
+        top_p: f32,
+        seed: u64,
+    ) -> Vec<u32> {
         let mut cache = KvCache::new(self.model.cfg.layers);
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let mut logits = self.model.forward(&[prompt.to_vec()], &mut [&mut cache], &self.device).pop().unwrap_or_default();
+        let mut logits = self
+            .model
+            .forward(&[prompt.to_vec()], &mut [&mut cache], &self.device)
+            .pop()
+            .unwrap_or_default();
         let mut out = Vec::new();
         for _ in 0..max_tokens {
             let t = sample(&logits, temperature, top_p, &mut rng);
@@ -427,7 +536,11 @@ impl<B: Backend> Generator<B> {
             if t == self.tokenizer.eos || cache.len() + 1 >= self.model.cfg.context {
                 break;
             }
-            logits = self.model.forward(&[vec![t]], &mut [&mut cache], &self.device).pop().unwrap_or_default();
+            logits = self
+                .model
+                .forward(&[vec![t]], &mut [&mut cache], &self.device)
+                .pop()
+                .unwrap_or_default();
         }
         out
     }
@@ -436,12 +549,20 @@ impl<B: Backend> Generator<B> {
         let ids = self.tokenizer.chat_prompt(&req.system, &req.user);
         let limit = self.model.cfg.context.saturating_sub(req.max_tokens + 1);
         if ids.len() > limit {
-            sink(StreamEvent::Error(format!("prompt of {} tokens exceeds the context of {}", ids.len(), limit)));
+            sink(StreamEvent::Error(format!(
+                "prompt of {} tokens exceeds the context of {}",
+                ids.len(),
+                limit
+            )));
             return None;
         }
         let mut cache = KvCache::new(self.model.cfg.layers);
         let mut rng = rand::rngs::StdRng::seed_from_u64(req.seed);
-        let logits = self.model.forward(&[ids], &mut [&mut cache], &self.device).pop().unwrap_or_default();
+        let logits = self
+            .model
+            .forward(&[ids], &mut [&mut cache], &self.device)
+            .pop()
+            .unwrap_or_default();
         let next = sample(&logits, req.temperature, req.top_p, &mut rng);
         Some(Active {
             cache,
@@ -483,7 +604,9 @@ impl<B: Backend> Generator<B> {
         }
         if a.produced >= a.max || a.cache.len() + 1 >= self.model.cfg.context {
             if !a.pending.is_empty() {
-                (a.sink)(StreamEvent::Text(String::from_utf8_lossy(&a.pending).into_owned()));
+                (a.sink)(StreamEvent::Text(
+                    String::from_utf8_lossy(&a.pending).into_owned(),
+                ));
             }
             (a.sink)(StreamEvent::Done);
             return false;
@@ -493,7 +616,12 @@ impl<B: Backend> Generator<B> {
 
     /// The decode loop with continuous batching: new requests are admitted (prefilled) between
     /// decode steps; every step decodes one token for all active streams in one batch.
-    pub fn serve<J>(&self, rx: Receiver<J>, max_streams: usize, adapt: impl Fn(J) -> (GenerationRequest, Sink)) {
+    pub fn serve<J>(
+        &self,
+        rx: Receiver<J>,
+        max_streams: usize,
+        adapt: impl Fn(J) -> (GenerationRequest, Sink),
+    ) {
         let mut active: Vec<Active<B>> = Vec::new();
         let mut closed = false;
         loop {
@@ -533,7 +661,8 @@ impl<B: Backend> Generator<B> {
             // one decode step for every active stream
             let tokens: Vec<Vec<u32>> = active.iter().map(|a| vec![a.next]).collect();
             let logits = {
-                let mut caches: Vec<&mut KvCache<B>> = active.iter_mut().map(|a| &mut a.cache).collect();
+                let mut caches: Vec<&mut KvCache<B>> =
+                    active.iter_mut().map(|a| &mut a.cache).collect();
                 self.model.forward(&tokens, &mut caches, &self.device)
             };
             let mut keep = Vec::with_capacity(active.len());
@@ -575,9 +704,14 @@ mod tests {
         assert_eq!(sample(&logits, 0.0, 1.0, &mut r), 1);
         let draw = |seed| {
             let mut r = rand::rngs::StdRng::seed_from_u64(seed);
-            (0..20).map(|_| sample(&logits, 1.0, 0.9, &mut r)).collect::<Vec<_>>()
+            (0..20)
+                .map(|_| sample(&logits, 1.0, 0.9, &mut r))
+                .collect::<Vec<_>>()
         };
         assert_eq!(draw(7), draw(7));
-        assert!(draw(7).iter().all(|&t| t == 1 || t == 2), "top-p kept a low token");
+        assert!(
+            draw(7).iter().all(|&t| t == 1 || t == 2),
+            "top-p kept a low token"
+        );
     }
 }

@@ -162,3 +162,68 @@ fn smollm2_greedy_ids_and_first_logits_match_reference() {
         );
     }
 }
+
+#[test]
+fn continuous_batching_gives_each_stream_its_solo_greedy_answer() {
+    use ragfleet_models::llama::{GenerationRequest, Generator, Sink, StreamEvent};
+    use std::sync::{Arc, Mutex};
+    let path = models_dir().join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let g = Generator::<Cpu>::load_gguf(&path, &Default::default()).expect("loads");
+    let prompts = [
+        "What is the capital of France?",
+        "Write one sentence about vector databases.",
+        "Name a color.",
+    ];
+    let solo: Vec<String> = prompts
+        .iter()
+        .map(|p| {
+            let ids = g.tokenizer().chat_prompt("", p);
+            let out = g.generate_ids(&ids, 10, 0.0, 1.0, 0);
+            let out: Vec<u32> = out
+                .into_iter()
+                .filter(|&t| t != g.tokenizer().eos)
+                .collect();
+            g.tokenizer().decode(&out)
+        })
+        .collect();
+    // all three submitted before the loop starts: they are admitted together and decoded in
+    // one batch per step
+    let (tx, rx) = std::sync::mpsc::channel();
+    let outs: Vec<Arc<Mutex<(String, bool)>>> = prompts
+        .iter()
+        .map(|_| Arc::new(Mutex::new((String::new(), false))))
+        .collect();
+    for (p, o) in prompts.iter().zip(&outs) {
+        let req = GenerationRequest {
+            system: String::new(),
+            user: p.to_string(),
+            max_tokens: 10,
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: 0,
+        };
+        tx.send((req, o.clone())).unwrap();
+    }
+    drop(tx);
+    g.serve(
+        rx,
+        4,
+        |(req, out): (GenerationRequest, Arc<Mutex<(String, bool)>>)| {
+            let sink: Sink = Box::new(move |ev| {
+                let mut o = out.lock().unwrap();
+                match ev {
+                    StreamEvent::Text(t) => o.0.push_str(&t),
+                    StreamEvent::Done => o.1 = true,
+                    StreamEvent::Error(e) => panic!("{e}"),
+                }
+                true
+            });
+            (req, sink)
+        },
+    );
+    for (o, want) in outs.iter().zip(&solo) {
+        let o = o.lock().unwrap();
+        assert!(o.1, "stream not finished");
+        assert_eq!(&o.0, want);
+    }
+}

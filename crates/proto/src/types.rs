@@ -460,6 +460,11 @@ pub enum Request {
         /// Long-poll wait.
         wait_ms: u64,
     },
+    /// Abandon a stream (generator, coordinator): its producer stops.
+    Cancel {
+        /// Stream id.
+        stream: u64,
+    },
     /// Retrieve (coordinator).
     Retrieve {
         /// Query text.

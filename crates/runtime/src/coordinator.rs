@@ -698,6 +698,12 @@ async fn ask_task(ctx: Arc<Ctx>, question: String, opts: AskOptions, w: StreamWr
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 truncated = true;
+                let _ = call(
+                    &m.actor,
+                    Request::Cancel { stream },
+                    Duration::from_millis(500),
+                )
+                .await;
                 break 'replicas;
             }
             let wait = left.min(Duration::from_millis(250));

@@ -102,6 +102,10 @@ impl Actor for GeneratorActor {
                 }
                 tokio::spawn(async move {
                     while let Some(ev) = rx.recv().await {
+                        if writer.is_cancelled() {
+                            // dropping the receiver stops the decode loop for this stream
+                            return;
+                        }
                         match ev {
                             GenEvent::Text(t) => writer.push(&t, 1),
                             GenEvent::Done => {
@@ -117,6 +121,10 @@ impl Actor for GeneratorActor {
                     writer.fail("generation stopped".into());
                 });
                 reply(port, Response::StreamStarted { stream: id });
+            }
+            Request::Cancel { stream } => {
+                state.streams.cancel(stream);
+                reply(port, Response::Ack);
             }
             Request::StreamNext { stream, wait_ms } => {
                 let streams = state.streams.clone();

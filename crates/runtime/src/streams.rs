@@ -22,9 +22,15 @@ struct Buf {
 pub struct StreamWriter {
     buf: Arc<Mutex<Buf>>,
     notify: Arc<Notify>,
+    cancelled: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl StreamWriter {
+    /// Whether the consumer abandoned the stream (the producer should stop).
+    pub fn is_cancelled(&self) -> bool {
+        self.cancelled.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Appends text.
     pub fn push(&self, text: &str, tokens: u32) {
         let mut b = self.buf.lock().expect("stream");
@@ -72,22 +78,41 @@ impl StreamTable {
         let w = StreamWriter {
             buf: Arc::new(Mutex::new(Buf::default())),
             notify: Arc::new(Notify::new()),
+            cancelled: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         };
         self.gc();
         self.streams.lock().expect("streams").insert(id, w.clone());
         (id, w)
     }
 
-    /// Drops streams nobody polled for five minutes.
+    /// Drops (and cancels) streams nobody polled for five minutes.
     fn gc(&self) {
         let mut s = self.streams.lock().expect("streams");
         s.retain(|_, w| {
-            w.buf
+            let keep = w
+                .buf
                 .lock()
                 .expect("stream")
                 .touched
-                .is_none_or(|t| t.elapsed() < Duration::from_secs(300))
+                .is_none_or(|t| t.elapsed() < Duration::from_secs(300));
+            if !keep {
+                w.cancelled
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            keep
         });
+    }
+
+    /// Cancels a stream: its producer sees `is_cancelled` and stops.
+    pub fn cancel(&self, id: u64) -> bool {
+        match self.streams.lock().expect("streams").remove(&id) {
+            Some(w) => {
+                w.cancelled
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                true
+            }
+            None => false,
+        }
     }
 
     /// Takes what the stream has, waiting up to `wait` for news.

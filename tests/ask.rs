@@ -1,0 +1,118 @@
+//! The answer path across real node processes: retrieval, context assembly, a generator replica
+//! streaming tokens back through the coordinator; degradation when no shard answers or the
+//! deadline cuts the answer.
+mod common;
+
+use common::*;
+
+const GEN: &str = "[generator]\nmax_tokens = 12\ncontext_tokens = 320\n";
+
+fn ask_json(c: &Cluster, args: &[&str]) -> serde_json::Value {
+    c.json(&[&["ask", "--json"], args].concat())
+}
+
+#[test]
+fn ask_streams_a_sourced_answer_with_coverage_and_timings() {
+    let _g = serial();
+    let c = Cluster::start(
+        &[
+            &["coordinator", "embedder", "shard", "generator"],
+            &["shard"],
+            &["shard"],
+        ],
+        GEN,
+    );
+    let p = c.corpus_path();
+    c.json(&["ingest", "--json", p.to_str().unwrap()]);
+    // streamed: the plain CLI prints tokens as they arrive, then the sources
+    let (ok, out, err) = c.cli(&["ask", "--max-tokens", "8", "What causes ocean tides?"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("sources: tides"), "{out}");
+    assert!(out.contains("coverage: 4/4 shards"), "{out}");
+    let a = ask_json(&c, &["--max-tokens", "8", "What causes ocean tides?"]);
+    assert!(!a["answer"].as_str().unwrap().trim().is_empty(), "{a}");
+    assert_eq!(a["sources"][0]["doc_id"], "tides", "{a}");
+    assert_eq!(a["coverage"]["shards_answered"], 4);
+    assert_eq!(a["unsourced"], false);
+    for k in [
+        "embed",
+        "search",
+        "rerank",
+        "first_token",
+        "generate",
+        "total",
+    ] {
+        assert!(a["timings_ms"][k].is_number(), "timings_ms.{k}: {a}");
+    }
+    let t = &a["timings_ms"];
+    assert!(t["first_token"].as_f64().unwrap() > 0.0);
+    assert!(t["total"].as_f64().unwrap() >= t["first_token"].as_f64().unwrap());
+}
+
+#[test]
+fn no_coverage_answers_unsourced_and_a_deadline_cuts_the_answer_with_a_marker() {
+    let _g = serial();
+    let mut c = Cluster::start(
+        &[
+            &["coordinator", "embedder", "generator"],
+            &["shard"],
+            &["shard"],
+        ],
+        GEN,
+    );
+    let p = c.corpus_path();
+    c.json(&["ingest", "--json", p.to_str().unwrap()]);
+    // the end-to-end deadline passes during generation: the answer is cut and says so
+    let a = ask_json(
+        &c,
+        &[
+            "--max-tokens",
+            "12",
+            "--deadline-ms",
+            "1500",
+            "Tell me about glaciers and valleys.",
+        ],
+    );
+    assert_eq!(a["truncated"], true, "{a}");
+    assert!(
+        a["answer"]
+            .as_str()
+            .unwrap()
+            .ends_with("[answer cut: end-to-end deadline reached]"),
+        "{a}"
+    );
+    // every shard replica gone: the model answers alone, marked unsourced
+    c.kill9("n2");
+    c.kill9("n3");
+    let a = wait_for(
+        "an unsourced answer",
+        std::time::Duration::from_secs(20),
+        || {
+            let a = c.try_json(&["ask", "--json", "--max-tokens", "6", "What is a volcano?"])?;
+            (a["coverage"]["shards_answered"] == 0).then_some(a)
+        },
+    );
+    assert_eq!(a["unsourced"], true, "{a}");
+    assert!(a["sources"].as_array().unwrap().is_empty());
+    assert!(!a["answer"].as_str().unwrap().trim().is_empty());
+}
+
+#[test]
+fn refuse_policy_refuses_without_coverage() {
+    let _g = serial();
+    let mut c = Cluster::start(
+        &[
+            &["coordinator", "embedder", "generator"],
+            &["shard"],
+            &["shard"],
+        ],
+        &format!("{GEN}on_no_coverage = \"refuse\"\n"),
+    );
+    c.kill9("n2");
+    c.kill9("n3");
+    let err = wait_for("a refusal", std::time::Duration::from_secs(20), || {
+        let (ok, _, err) = c.cli(&["ask", "--max-tokens", "4", "What is a volcano?"]);
+        (!ok && err.contains("refuse")).then_some(err)
+    });
+    assert!(err.lines().count() <= 2, "one-line error expected: {err}");
+}

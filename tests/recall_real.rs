@@ -9,7 +9,8 @@ use ragfleet_proto::{ChunkRecord, SearchMode, SearchQuery, WriteOp};
 
 #[test]
 fn hnsw_recall_at_10_is_at_least_095_on_real_embeddings() {
-    let corpus = std::fs::read_to_string(common::root().join("examples/corpus/rust-book.jsonl")).unwrap();
+    let corpus =
+        std::fs::read_to_string(common::root().join("examples/corpus/rust-book.jsonl")).unwrap();
     let mut sentences: Vec<String> = Vec::new();
     for line in corpus.lines() {
         let v: serde_json::Value = serde_json::from_str(line).unwrap();
@@ -20,7 +21,8 @@ fn hnsw_recall_at_10_is_at_least_095_on_real_embeddings() {
         }
     }
     assert!(sentences.len() > 600, "{} sentences", sentences.len());
-    let emb = Embedder::<Cpu>::load(&common::models_dir().join("minilm"), &Default::default()).unwrap();
+    let emb =
+        Embedder::<Cpu>::load(&common::models_dir().join("minilm"), &Default::default()).unwrap();
     let vectors = emb.embed(&sentences).unwrap();
     let model = emb.identity().clone();
     // every 10th sentence is a query, the rest the index
@@ -32,27 +34,65 @@ fn hnsw_recall_at_10_is_at_least_095_on_real_embeddings() {
             let id = format!("s{i}");
             ops.push(WriteOp::Upsert {
                 doc_id: id.clone(),
-                chunks: vec![ChunkRecord { doc_id: id.clone(), chunk_id: format!("{id}#0"), text: s.clone(), vector: v }],
+                chunks: vec![ChunkRecord {
+                    doc_id: id.clone(),
+                    chunk_id: format!("{id}#0"),
+                    text: s.clone(),
+                    vector: v,
+                }],
             });
         }
     }
     let n = ops.len();
     let dir = tempfile::tempdir().unwrap();
-    let settings = IndexSettings { segment_size: n, merge_below: 1, ef_construction: 100, ef_search: 64, background: false };
+    let settings = IndexSettings {
+        segment_size: n,
+        merge_below: 1,
+        ef_construction: 100,
+        ef_search: 64,
+        background: false,
+    };
     let (mut hnsw, _) = ShardIndex::open(&dir.path().join("hnsw"), settings).unwrap();
     hnsw.write(ops.clone(), &model).unwrap();
-    assert_eq!(hnsw.segment_stats(), (1, 1), "one sealed segment with its graph");
-    let exact_settings = IndexSettings { segment_size: usize::MAX, ..IndexSettings::default() };
+    assert_eq!(
+        hnsw.segment_stats(),
+        (1, 1),
+        "one sealed segment with its graph"
+    );
+    let exact_settings = IndexSettings {
+        segment_size: usize::MAX,
+        ..IndexSettings::default()
+    };
     let (mut exact, _) = ShardIndex::open(&dir.path().join("exact"), exact_settings).unwrap();
     exact.write(ops, &model).unwrap();
     let mut found = 0;
     for q in &queries {
-        let sq = SearchQuery { vector: q.clone(), text: String::new(), k: 10, mode: SearchMode::Dense, model: Some(model.clone()) };
-        let approx: Vec<String> = hnsw.search(&sq).unwrap().into_iter().map(|h| h.chunk_id).collect();
-        let truth: Vec<String> = exact.search(&sq).unwrap().into_iter().map(|h| h.chunk_id).collect();
+        let sq = SearchQuery {
+            vector: q.clone(),
+            text: String::new(),
+            k: 10,
+            mode: SearchMode::Dense,
+            model: Some(model.clone()),
+        };
+        let approx: Vec<String> = hnsw
+            .search(&sq)
+            .unwrap()
+            .into_iter()
+            .map(|h| h.chunk_id)
+            .collect();
+        let truth: Vec<String> = exact
+            .search(&sq)
+            .unwrap()
+            .into_iter()
+            .map(|h| h.chunk_id)
+            .collect();
         found += truth.iter().filter(|t| approx.contains(t)).count();
     }
     let recall = found as f64 / (queries.len() * 10) as f64;
-    println!("{} vectors, {} queries: recall@10 = {recall:.4}", n, queries.len());
+    println!(
+        "{} vectors, {} queries: recall@10 = {recall:.4}",
+        n,
+        queries.len()
+    );
     assert!(recall >= 0.95, "recall@10 {recall}");
 }

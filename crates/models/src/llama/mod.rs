@@ -303,28 +303,27 @@ impl<B: Backend> Llama<B> {
                 cache.k[l] = Some(kc.clone());
                 cache.v[l] = Some(vc.clone());
                 let t = start + s;
-                let expand = |c: Tensor<B, 4>| {
-                    c.reshape([1, cfg.kv_heads, 1, t, hd])
-                        .expand([1, cfg.kv_heads, group, t, hd])
-                        .reshape([1, cfg.heads, t, hd])
-                };
-                let (kf, vf) = (expand(kc), expand(vc));
-                let mut scores = qs
-                    .matmul(kf.swap_dims(2, 3))
+                // query heads grouped by the key/value head they share (q head = kv * group + g):
+                // attention runs per kv head on [group * s] query rows, with no copy of the cache
+                let qg = qs.reshape([1, cfg.kv_heads, group * s, hd]);
+                let mut scores = qg
+                    .matmul(kc.swap_dims(2, 3))
                     .mul_scalar(1.0 / (hd as f64).sqrt());
                 if s > 1 {
-                    let mut m = vec![0f32; s * t];
-                    for i in 0..s {
-                        for j in (start + i + 1)..t {
-                            m[i * t + j] = f32::NEG_INFINITY;
+                    let rows = group * s;
+                    let mut m = vec![0f32; rows * t];
+                    for r in 0..rows {
+                        for j in (start + r % s + 1)..t {
+                            m[r * t + j] = f32::NEG_INFINITY;
                         }
                     }
                     scores = scores
-                        + Tensor::<B, 2>::from_data(TensorData::new(m, [s, t]), device)
-                            .reshape([1, 1, s, t]);
+                        + Tensor::<B, 2>::from_data(TensorData::new(m, [rows, t]), device)
+                            .reshape([1, 1, rows, t]);
                 }
                 let ctx = softmax(scores, 3)
-                    .matmul(vf)
+                    .matmul(vc)
+                    .reshape([1, cfg.heads, s, hd])
                     .swap_dims(1, 2)
                     .reshape([s, cfg.heads * hd]);
                 outs.push(ctx);

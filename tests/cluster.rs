@@ -292,3 +292,128 @@ enum EvilMsg {
     #[rpc]
     Call(Vec<u8>, ractor::RpcReplyPort<Vec<u8>>),
 }
+
+#[test]
+fn up_runs_every_node_as_a_child_and_stops_them_on_sigterm() {
+    let _g = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let mut text = String::from(
+        "version = 1\nname = \"up\"\ncookie = \"test-cookie-123\"\ndata_dir = \"data\"\n",
+    );
+    for i in 1..=3 {
+        text.push_str(&format!("[[node]]\nname = \"n{i}\"\naddr = \"127.0.0.1:{}\"\nroles = [\"coordinator\", \"embedder\", \"shard\"]\n", free_port()));
+    }
+    text.push_str("[index]\nshards = 2\nreplication = 2\n");
+    let cfg = dir.path().join("cluster.toml");
+    std::fs::write(&cfg, text).unwrap();
+    let logs = dir.path().join("logs");
+    let mut up = std::process::Command::new(bin())
+        .args(["up", "--config"])
+        .arg(&cfg)
+        .arg("--models")
+        .arg(models_dir())
+        .arg("--logs")
+        .arg(&logs)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let status = || {
+        let out = std::process::Command::new(bin())
+            .args(["status", "--json", "--config"])
+            .arg(&cfg)
+            .output()
+            .ok()?;
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).ok()
+    };
+    wait_for(
+        "three nodes alive under `up`",
+        Duration::from_secs(60),
+        || {
+            let s = status()?;
+            (s["nodes"]
+                .as_array()?
+                .iter()
+                .filter(|n| n["alive"] == true)
+                .count()
+                == 3)
+                .then_some(())
+        },
+    );
+    for i in 1..=3 {
+        assert!(logs.join(format!("n{i}.log")).is_file());
+    }
+    unsafe { libc::kill(up.id() as i32, libc::SIGTERM) };
+    let code = wait_for("`up` to exit", Duration::from_secs(20), || {
+        up.try_wait().unwrap()
+    });
+    assert!(code.success() || code.code().is_some());
+    // every node is gone: nothing answers any more
+    let out = std::process::Command::new(bin())
+        .args(["status", "--json", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "nodes still answering after `up` stopped"
+    );
+}
+
+#[test]
+fn rerank_stage_reorders_candidates_by_cross_encoder_scores() {
+    let _g = serial();
+    // a models dir with a cross-encoder: the tiny fixture model (random weights, real layout)
+    let models = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(models_dir().join("minilm"), models.path().join("minilm")).unwrap();
+    std::os::unix::fs::symlink(
+        root().join("tests/fixtures/tiny-cross-encoder"),
+        models.path().join("reranker"),
+    )
+    .unwrap();
+    let c = Cluster::start_with_models(
+        &[
+            &["coordinator", "embedder", "shard", "reranker"],
+            &["shard"],
+        ],
+        "",
+        models.path().to_path_buf(),
+    );
+    let p = c.corpus_path();
+    c.json(&["ingest", "--json", p.to_str().unwrap()]);
+    let q = "how do plants make sugar";
+    let plain = c.json(&["retrieve", "--json", "--k", "5", q]);
+    let reranked = c.json(&["retrieve", "--json", "--k", "5", "--rerank", q]);
+    assert!(
+        reranked["timings_ms"]["rerank"].as_f64().unwrap() > 0.0,
+        "{reranked}"
+    );
+    assert_eq!(plain["timings_ms"]["rerank"].as_f64().unwrap(), 0.0);
+    // the reranked scores are the cross-encoder's logits for (query, passage)
+    let hits = reranked["hits"].as_array().unwrap();
+    let mut args: Vec<String> = vec!["rerank".into(), "--json".into(), "--model-dir".into()];
+    args.push(
+        root()
+            .join("tests/fixtures/tiny-cross-encoder")
+            .display()
+            .to_string(),
+    );
+    args.push(q.into());
+    args.extend(hits.iter().map(|h| h["text"].as_str().unwrap().to_string()));
+    let out = std::process::Command::new(bin())
+        .args(&args)
+        .output()
+        .unwrap();
+    let scores: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for (h, s) in hits.iter().zip(scores["scores"].as_array().unwrap()) {
+        assert!(
+            (h["score"].as_f64().unwrap() - s.as_f64().unwrap()).abs() < 1e-4,
+            "{h} vs {s}"
+        );
+    }
+    let sc: Vec<f64> = hits.iter().map(|h| h["score"].as_f64().unwrap()).collect();
+    assert!(
+        sc.windows(2).all(|w| w[0] >= w[1]),
+        "not sorted by reranker score: {sc:?}"
+    );
+}

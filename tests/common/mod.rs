@@ -54,6 +54,7 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
 pub struct Cluster {
     pub dir: tempfile::TempDir,
     pub config: PathBuf,
+    pub models: PathBuf,
     pub nodes: Vec<(String, Option<Child>)>,
 }
 
@@ -76,6 +77,10 @@ impl Cluster {
     }
 
     pub fn start(roles: &[&[&str]], extra: &str) -> Cluster {
+        Self::start_with_models(roles, extra, models_dir())
+    }
+
+    pub fn start_with_models(roles: &[&[&str]], extra: &str, models: PathBuf) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let mut text = String::from(
             "version = 1\nname = \"test\"\ncookie = \"test-cookie-123\"\ndata_dir = \"data\"\n",
@@ -98,6 +103,7 @@ impl Cluster {
         let mut c = Cluster {
             dir,
             config,
+            models,
             nodes: Vec::new(),
         };
         for i in 0..roles.len() {
@@ -119,7 +125,7 @@ impl Cluster {
             .args(["node", "--config"])
             .arg(&self.config)
             .args(["--node", name, "--models"])
-            .arg(models_dir())
+            .arg(&self.models)
             .env("RAGFLEET_LOG", "info,ractor_cluster=warn")
             .stdout(log.try_clone().unwrap())
             .stderr(log)

@@ -111,17 +111,27 @@ impl CpuLoader {
         })
     }
 
-    /// Loads the generator (not cached).
+    /// Loads the generator (not cached): a Llama of the user's in `<models>/generator/` (a
+    /// Hugging Face folder or a `.gguf` file there) when present, else the fetched SmolLM2.
     pub fn load_generator(&self) -> Result<ragfleet_models::llama::Generator<Cpu>, String> {
-        let path = self.dir.join(GENERATOR_GGUF);
-        ragfleet_models::llama::Generator::<Cpu>::load_gguf(&path, &Default::default()).map_err(
-            |e| {
-                format!(
-                    "{e} (run `ragfleet models fetch` to download the models into {})",
-                    self.dir.display()
-                )
-            },
-        )
+        use ragfleet_models::llama::Generator;
+        let own = self.dir.join("generator");
+        let hint = |e: ragfleet_models::ModelError| {
+            format!(
+                "{e} (run `ragfleet models fetch` to download the models into {})",
+                self.dir.display()
+            )
+        };
+        if own.join("config.json").is_file() {
+            return Generator::<Cpu>::load_safetensors(&own, &Default::default())
+                .map_err(|e| e.to_string());
+        }
+        let gguf = std::fs::read_dir(&own).ok().and_then(|d| {
+            d.filter_map(|e| e.ok().map(|e| e.path()))
+                .find(|p| p.extension().is_some_and(|x| x == "gguf"))
+        });
+        let path = gguf.unwrap_or_else(|| self.dir.join(GENERATOR_GGUF));
+        Generator::<Cpu>::load_gguf(&path, &Default::default()).map_err(hint)
     }
 
     /// Loads the cross-encoder (not cached).

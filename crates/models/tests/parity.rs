@@ -227,3 +227,78 @@ fn continuous_batching_gives_each_stream_its_solo_greedy_answer() {
         assert_eq!(&o.0, want);
     }
 }
+
+#[test]
+fn a_hugging_face_safetensors_llama_loads_and_matches_the_gguf_model() {
+    use ragfleet_models::llama::gguf::{Gguf, Value};
+    use ragfleet_models::llama::{hf_tensors, Generator, Llama};
+    let path = models_dir().join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let g = Gguf::open(&path).unwrap();
+    let cfg = Llama::<Cpu>::gguf_config(&g).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // model.safetensors under Hugging Face names
+    let tensors = hf_tensors(&g, &cfg).unwrap();
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .into_iter()
+        .map(|(n, (shape, v))| (n, shape, v.iter().flat_map(|x| x.to_le_bytes()).collect()))
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = bytes
+        .iter()
+        .map(|(n, shape, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), b)
+                    .unwrap(),
+            )
+        })
+        .collect();
+    safetensors::tensor::serialize_to_file(views, &None, &dir.path().join("model.safetensors"))
+        .unwrap();
+    let config = serde_json::json!({
+        "architectures": ["LlamaForCausalLM"], "hidden_size": cfg.hidden, "num_hidden_layers": cfg.layers,
+        "num_attention_heads": cfg.heads, "num_key_value_heads": cfg.kv_heads, "intermediate_size": cfg.ffn,
+        "vocab_size": cfg.vocab, "rope_theta": cfg.rope_theta, "rms_norm_eps": cfg.eps,
+        "max_position_embeddings": cfg.context, "tie_word_embeddings": true,
+    });
+    std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+    // tokenizer.json from the GGUF vocabulary
+    let strings = |k: &str| -> Vec<String> {
+        match g.get(k) {
+            Some(Value::Array(v)) => v.iter().map(|x| x.as_str().unwrap().to_string()).collect(),
+            _ => panic!("{k}"),
+        }
+    };
+    let tokens = strings("tokenizer.ggml.tokens");
+    let types: Vec<u64> = match g.get("tokenizer.ggml.token_type") {
+        Some(Value::Array(v)) => v.iter().map(|x| x.as_u64().unwrap()).collect(),
+        _ => panic!("types"),
+    };
+    let vocab: serde_json::Map<String, serde_json::Value> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), serde_json::json!(i)))
+        .collect();
+    let added: Vec<serde_json::Value> = types
+        .iter()
+        .enumerate()
+        .filter(|(_, t)| **t == 3)
+        .map(|(i, _)| serde_json::json!({"id": i, "content": tokens[i], "special": true}))
+        .collect();
+    let tok = serde_json::json!({
+        "added_tokens": added,
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": true}, {"type": "ByteLevel"}]},
+        "model": {"type": "BPE", "vocab": vocab, "merges": strings("tokenizer.ggml.merges")},
+    });
+    std::fs::write(dir.path().join("tokenizer.json"), tok.to_string()).unwrap();
+    drop(g);
+
+    let hf = Generator::<Cpu>::load_safetensors(dir.path(), &Default::default())
+        .expect("safetensors llama loads");
+    let gg = Generator::<Cpu>::load_gguf(&path, &Default::default()).unwrap();
+    let prompt = gg.tokenizer().chat_prompt("", "Name three colors.");
+    assert_eq!(hf.tokenizer().chat_prompt("", "Name three colors."), prompt);
+    assert_eq!(
+        hf.generate_ids(&prompt, 8, 0.0, 1.0, 0),
+        gg.generate_ids(&prompt, 8, 0.0, 1.0, 0)
+    );
+}

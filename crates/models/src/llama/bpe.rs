@@ -121,6 +121,86 @@ impl BpeTokenizer {
         })
     }
 
+    /// Reads a Hugging Face `tokenizer.json` of a byte-level BPE model (`model.vocab`,
+    /// `model.merges`, `added_tokens`).
+    pub fn from_hf_json(path: &Path) -> Result<Self, ModelError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| ModelError::format(path, e))?;
+        let model = &v["model"];
+        if model["type"].as_str() != Some("BPE") {
+            return Err(ModelError::format(path, "tokenizer model is not BPE"));
+        }
+        let vocab_obj = model["vocab"]
+            .as_object()
+            .ok_or_else(|| ModelError::format(path, "no model.vocab"))?;
+        let mut tokens = vec![String::new(); vocab_obj.len()];
+        for (t, id) in vocab_obj {
+            let id = id
+                .as_u64()
+                .ok_or_else(|| ModelError::format(path, "vocab id is not a number"))?
+                as usize;
+            if id >= tokens.len() {
+                tokens.resize(id + 1, String::new());
+            }
+            tokens[id] = t.clone();
+        }
+        let mut special = vec![false; tokens.len()];
+        for a in v["added_tokens"].as_array().into_iter().flatten() {
+            if let (Some(id), Some(content)) = (a["id"].as_u64(), a["content"].as_str()) {
+                let id = id as usize;
+                if id >= tokens.len() {
+                    tokens.resize(id + 1, String::new());
+                    special.resize(id + 1, false);
+                }
+                tokens[id] = content.to_string();
+                special[id] = a["special"].as_bool().unwrap_or(true);
+            }
+        }
+        let mut merges = HashMap::new();
+        for (rank, m) in model["merges"].as_array().into_iter().flatten().enumerate() {
+            let pair = match m {
+                serde_json::Value::String(s) => s
+                    .split_once(' ')
+                    .map(|(a, b)| (a.to_string(), b.to_string())),
+                serde_json::Value::Array(p) if p.len() == 2 => Some((
+                    p[0].as_str().unwrap_or("").to_string(),
+                    p[1].as_str().unwrap_or("").to_string(),
+                )),
+                _ => None,
+            };
+            let pair = pair.ok_or_else(|| ModelError::format(path, format!("bad merge {m}")))?;
+            merges.insert(pair, rank);
+        }
+        let split_digits = v["pre_tokenizer"]
+            .to_string()
+            .contains("\"individual_digits\":true");
+        let vocab = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), i as u32))
+            .collect();
+        let (byte_char, char_byte) = byte_table();
+        let id_of = |name: &str, default: u32| {
+            tokens
+                .iter()
+                .position(|t| t == name)
+                .map(|i| i as u32)
+                .unwrap_or(default)
+        };
+        Ok(BpeTokenizer {
+            bos: id_of("<|im_start|>", 1),
+            eos: id_of("<|im_end|>", 2),
+            vocab,
+            special,
+            tokens,
+            merges,
+            byte_char,
+            char_byte,
+            split_digits,
+        })
+    }
+
     /// Vocabulary size.
     pub fn vocab_size(&self) -> usize {
         self.tokens.len()

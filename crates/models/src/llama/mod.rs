@@ -110,6 +110,14 @@ fn unpermute(rows: usize, cols: usize, heads: usize, w: &[f32]) -> Vec<f32> {
 impl<B: Backend> Llama<B> {
     /// Loads from parsed GGUF (dequantising to f32).
     pub fn from_gguf(g: &Gguf, device: &B::Device) -> Result<Self, ModelError> {
+        let cfg = Self::gguf_config(g)?;
+        let map = hf_tensors(g, &cfg)?;
+        let mut w = Weights::from_map(g.path(), map);
+        Self::from_weights(cfg, &mut w, device)
+    }
+
+    /// The hyper-parameters in GGUF metadata.
+    pub fn gguf_config(g: &Gguf) -> Result<LlamaConfig, ModelError> {
         let arch = g
             .get("general.architecture")
             .and_then(gguf::Value::as_str)
@@ -152,21 +160,7 @@ impl<B: Backend> Llama<B> {
         if heads == 0 || hidden % heads != 0 || cfg.kv_heads == 0 || heads % cfg.kv_heads != 0 {
             return Err(ModelError::format(g.path(), "inconsistent head counts"));
         }
-        let hd = hidden / heads;
-        let mut map = HashMap::new();
-        for name in g.tensors.keys() {
-            let (shape, mut data) = g.dequantize(name)?;
-            let hf = gguf_to_hf(name);
-            if name.ends_with("attn_q.weight") {
-                data = unpermute(shape[0], shape[1], heads, &data);
-            } else if name.ends_with("attn_k.weight") {
-                data = unpermute(shape[0], shape[1], cfg.kv_heads, &data);
-            }
-            map.insert(hf, (shape, data));
-        }
-        let _ = hd;
-        let mut w = Weights::from_map(g.path(), map);
-        Self::from_weights(cfg, &mut w, device)
+        Ok(cfg)
     }
 
     /// Loads from Hugging Face-named weights (`model.layers.N...`).
@@ -361,6 +355,25 @@ impl<B: Backend> Llama<B> {
     }
 }
 
+/// Every tensor of a GGUF Llama, dequantised to f32, under its Hugging Face name, with q/k rows
+/// back in the rotate-half layout.
+pub fn hf_tensors(
+    g: &Gguf,
+    cfg: &LlamaConfig,
+) -> Result<HashMap<String, (Vec<usize>, Vec<f32>)>, ModelError> {
+    let mut map = HashMap::new();
+    for name in g.tensors.keys() {
+        let (shape, mut data) = g.dequantize(name)?;
+        if name.ends_with("attn_q.weight") {
+            data = unpermute(shape[0], shape[1], cfg.heads, &data);
+        } else if name.ends_with("attn_k.weight") {
+            data = unpermute(shape[0], shape[1], cfg.kv_heads, &data);
+        }
+        map.insert(gguf_to_hf(name), (shape, data));
+    }
+    Ok(map)
+}
+
 fn gguf_to_hf(name: &str) -> String {
     let map = [
         ("attn_norm.weight", "input_layernorm.weight"),
@@ -486,6 +499,46 @@ impl<B: Backend> Generator<B> {
         let g = Gguf::open(path)?;
         let tokenizer = BpeTokenizer::from_parsed(&g)?;
         let model = Llama::from_gguf(&g, device)?;
+        Ok(Generator {
+            model,
+            tokenizer,
+            device: device.clone(),
+        })
+    }
+
+    /// Loads a Hugging Face Llama checkpoint folder: `config.json`, `model.safetensors`
+    /// (`model.layers.N...`, q/k in the rotate-half layout) and a byte-level BPE `tokenizer.json`.
+    pub fn load_safetensors(dir: &Path, device: &B::Device) -> Result<Self, ModelError> {
+        let cfg_path = dir.join("config.json");
+        let text = std::fs::read_to_string(&cfg_path).map_err(|e| ModelError::io(&cfg_path, e))?;
+        let c: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| ModelError::format(&cfg_path, e))?;
+        let get = |k: &str| {
+            c[k].as_u64()
+                .map(|v| v as usize)
+                .ok_or_else(|| ModelError::format(&cfg_path, format!("{k} missing")))
+        };
+        let heads = get("num_attention_heads")?;
+        let cfg = LlamaConfig {
+            layers: get("num_hidden_layers")?,
+            hidden: get("hidden_size")?,
+            heads,
+            kv_heads: c["num_key_value_heads"]
+                .as_u64()
+                .map(|v| v as usize)
+                .unwrap_or(heads),
+            ffn: get("intermediate_size")?,
+            vocab: get("vocab_size")?,
+            rope_theta: c["rope_theta"].as_f64().unwrap_or(10000.0),
+            eps: c["rms_norm_eps"].as_f64().unwrap_or(1e-5),
+            context: c["max_position_embeddings"].as_u64().unwrap_or(2048) as usize,
+        };
+        if cfg.hidden % cfg.heads != 0 || cfg.kv_heads == 0 || cfg.heads % cfg.kv_heads != 0 {
+            return Err(ModelError::format(&cfg_path, "inconsistent head counts"));
+        }
+        let mut w = Weights::load(&dir.join("model.safetensors"))?;
+        let model = Llama::from_weights(cfg, &mut w, device)?;
+        let tokenizer = BpeTokenizer::from_hf_json(&dir.join("tokenizer.json"))?;
         Ok(Generator {
             model,
             tokenizer,

@@ -6,6 +6,15 @@ use clap::Subcommand;
 /// Benchmarks.
 #[derive(Subcommand)]
 pub enum BenchCmd {
+    /// Generator time to first token and tokens/s, 1 stream vs 4 concurrent streams.
+    Generate {
+        /// Models dir.
+        #[arg(long, default_value = "models")]
+        models: std::path::PathBuf,
+        /// Tokens per stream.
+        #[arg(long, default_value_t = 32)]
+        tokens: usize,
+    },
     /// Embedder sentences/s at several batch sizes, ndarray vs flex backends.
     Embed {
         /// Models dir.
@@ -18,6 +27,9 @@ pub enum BenchCmd {
 pub async fn run(cmd: BenchCmd) -> Result<()> {
     match cmd {
         BenchCmd::Embed { models } => tokio::task::spawn_blocking(move || embed(&models)).await?,
+        BenchCmd::Generate { models, tokens } => {
+            tokio::task::spawn_blocking(move || generate(&models, tokens)).await?
+        }
     }
 }
 
@@ -58,5 +70,79 @@ fn embed(models: &std::path::Path) -> Result<()> {
             println!("{name:<8} {batch:>6} {a:>14.1} {b:>14.1} {:>8.2}", a / b);
         }
     }
+    Ok(())
+}
+
+/// Runs `streams` concurrent greedy generations; returns (mean time to first token, tokens/s).
+fn run_streams(
+    g: &ragfleet_models::llama::Generator<ragfleet_models::backend::Cpu>,
+    prompts: &[&str],
+    tokens: usize,
+) -> (f64, f64) {
+    use ragfleet_models::llama::{GenerationRequest, Sink, StreamEvent};
+    use std::sync::{Arc, Mutex};
+    let t0 = std::time::Instant::now();
+    let stats: Vec<Arc<Mutex<(Option<f64>, usize)>>> = prompts
+        .iter()
+        .map(|_| Arc::new(Mutex::new((None, 0))))
+        .collect();
+    let (tx, rx) = std::sync::mpsc::channel();
+    for (p, st) in prompts.iter().zip(&stats) {
+        let req = GenerationRequest {
+            system: String::new(),
+            user: p.to_string(),
+            max_tokens: tokens,
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: 0,
+        };
+        tx.send((req, st.clone())).expect("queue");
+    }
+    drop(tx);
+    g.serve(
+        rx,
+        prompts.len(),
+        |(req, st): (GenerationRequest, Arc<Mutex<(Option<f64>, usize)>>)| {
+            let sink: Sink = Box::new(move |ev| {
+                if let StreamEvent::Text(_) = ev {
+                    let mut s = st.lock().expect("stats");
+                    s.0.get_or_insert(t0.elapsed().as_secs_f64());
+                    s.1 += 1;
+                }
+                true
+            });
+            (req, sink)
+        },
+    );
+    let total = t0.elapsed().as_secs_f64();
+    let ttft: f64 = stats
+        .iter()
+        .map(|s| s.lock().expect("stats").0.unwrap_or(total))
+        .sum::<f64>()
+        / prompts.len() as f64;
+    let n: usize = stats.iter().map(|s| s.lock().expect("stats").1).sum();
+    (ttft, n as f64 / total)
+}
+
+fn generate(models: &std::path::Path, tokens: usize) -> Result<()> {
+    let g = ragfleet_models::llama::Generator::<ragfleet_models::backend::Cpu>::load_gguf(
+        &models.join(ragfleet_models::fetch::GENERATOR_GGUF),
+        &Default::default(),
+    )?;
+    let prompts = [
+        "Write one sentence about vector databases.",
+        "What is the capital of France?",
+        "Explain what a hash map is.",
+        "Name three colors and a fruit.",
+    ];
+    let (ttft1, tps1) = run_streams(&g, &prompts[..1], tokens);
+    let (ttft4, tps4) = run_streams(&g, &prompts, tokens);
+    println!("streams  mean TTFT (s)  tokens/s (all streams)");
+    println!("{:>7}  {:>13.2}  {:>22.1}", 1, ttft1, tps1);
+    println!("{:>7}  {:>13.2}  {:>22.1}", 4, ttft4, tps4);
+    println!(
+        "continuous batching: 4 streams give {:.2}x the tokens/s of 1",
+        tps4 / tps1
+    );
     Ok(())
 }

@@ -10,7 +10,7 @@ use ragfleet_proto::{AskOptions, AskSummary, Sampling};
 use ragfleet_runtime::{Client, NodeOptions};
 
 use crate::corpus::Corpus;
-use crate::loader::CpuLoader;
+use crate::loader::ModelFiles;
 
 /// The bundled corpus: sections of The Rust Programming Language (MIT OR Apache-2.0).
 pub const DEMO_CORPUS: &str = include_str!("../examples/corpus/rust-book.jsonl");
@@ -188,7 +188,7 @@ pub async fn run(
     let cfg = Arc::new(demo_config(&data_dir, &models)?);
     let t0 = Instant::now();
     println!("starting an embedded cluster: 2 embedder replicas, 4 shards x 2 replicas, a generator, a coordinator");
-    let loader = Arc::new(CpuLoader::new(models.clone()));
+    let loader = Arc::new(ModelFiles::new(models.clone()));
     let node =
         ragfleet_runtime::start_node(cfg.clone(), "a", loader, NodeOptions { embedded: true })
             .await?;

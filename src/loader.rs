@@ -1,14 +1,20 @@
-//! The binary's model loader: burn models on the CPU backend (or CUDA with `--features cuda`),
+//! The binary's model loader: burn models on [`Backend`] (CPU, or CUDA with `--features cuda`),
 //! loaded once per process and shared by the replicas of a node.
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use ragfleet_models::backend::Cpu;
+/// The backend the binary runs models on: CUDA with `--features cuda`, else the CPU default.
+#[cfg(feature = "cuda")]
+pub type Backend = ragfleet_models::backend::Gpu;
+/// The backend the binary runs models on: CUDA with `--features cuda`, else the CPU default.
+#[cfg(not(feature = "cuda"))]
+pub type Backend = ragfleet_models::backend::Cpu;
 use ragfleet_models::fetch::{EMBEDDER_DIR, GENERATOR_GGUF, RERANKER_DIR};
 use ragfleet_models::{CrossEncoder, Embedder};
 use ragfleet_proto::ModelIdentity;
 use ragfleet_runtime::models::{GenEvent, GenRequest, TokenCount};
 use ragfleet_runtime::{EmbedModel, GenerateModel, ModelLoader, RerankModel};
+use Backend as Cpu;
 
 /// Embedder adapter.
 pub struct EmbedderModel(pub Embedder<Cpu>);
@@ -82,17 +88,17 @@ impl TokenCount for Tokens {
 }
 
 /// Loads from a models directory, caching.
-pub struct CpuLoader {
+pub struct ModelFiles {
     dir: PathBuf,
     embedder: Mutex<Option<Arc<dyn EmbedModel>>>,
     reranker: Mutex<Option<Arc<dyn RerankModel>>>,
     generator: Mutex<Option<Arc<dyn GenerateModel>>>,
 }
 
-impl CpuLoader {
+impl ModelFiles {
     /// A loader for `dir`.
     pub fn new(dir: PathBuf) -> Self {
-        CpuLoader {
+        ModelFiles {
             dir,
             embedder: Mutex::new(None),
             reranker: Mutex::new(None),
@@ -147,7 +153,7 @@ impl CpuLoader {
     }
 }
 
-impl ModelLoader for CpuLoader {
+impl ModelLoader for ModelFiles {
     fn embedder(&self) -> Result<Arc<dyn EmbedModel>, String> {
         let mut g = self.embedder.lock().expect("loader");
         if g.is_none() {

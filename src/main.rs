@@ -17,7 +17,7 @@ use ragfleet_config::ClusterConfig;
 use ragfleet_proto::{AskOptions, RetrieveOptions, RetrieveResult, Sampling, SearchMode};
 use ragfleet_runtime::{Client, NodeOptions};
 
-use crate::loader::CpuLoader;
+use crate::loader::ModelFiles;
 
 #[derive(Parser)]
 #[command(
@@ -380,7 +380,7 @@ async fn run(cli: Cli) -> Result<()> {
             init_logs("info");
             let cfg = Arc::new(cluster.load()?);
             cfg.node(&node)?;
-            let loader = Arc::new(CpuLoader::new(cfg.models_dir.clone()));
+            let loader = Arc::new(ModelFiles::new(cfg.models_dir.clone()));
             let mut handle =
                 ragfleet_runtime::start_node(cfg, &node, loader, NodeOptions::default()).await?;
             let mut term =
@@ -557,7 +557,7 @@ async fn run(cli: Cli) -> Result<()> {
             json,
             texts,
         } => {
-            let loader = CpuLoader::new(models_dir(&models));
+            let loader = ModelFiles::new(models_dir(&models));
             if texts.is_empty() {
                 bail!("no text to embed");
             }
@@ -593,7 +593,7 @@ async fn run(cli: Cli) -> Result<()> {
             let dir = model_dir
                 .unwrap_or_else(|| models_dir(&models).join(ragfleet_models::fetch::RERANKER_DIR));
             let scores = tokio::task::spawn_blocking(move || -> Result<Vec<f32>> {
-                let ce = ragfleet_models::CrossEncoder::<ragfleet_models::backend::Cpu>::load(
+                let ce = ragfleet_models::CrossEncoder::<crate::loader::Backend>::load(
                     &dir,
                     &Default::default(),
                 )
@@ -619,7 +619,7 @@ async fn run(cli: Cli) -> Result<()> {
             prompt,
         } => {
             let p = joined(&prompt, "prompt")?;
-            let loader = CpuLoader::new(models_dir(&models));
+            let loader = ModelFiles::new(models_dir(&models));
             tokio::task::spawn_blocking(move || -> Result<()> {
                 let g = loader.load_generator().map_err(anyhow::Error::msg)?;
                 let (tx, rx) = std::sync::mpsc::channel();

@@ -465,12 +465,16 @@ impl ShardIndex {
             SearchMode::Dense => self.dense(q, k),
             SearchMode::Bm25 => Ok(self.bm25_hits(&q.text, k)),
             SearchMode::Hybrid => {
-                let depth = (k * 2).max(20);
-                let d = self.dense(q, depth)?;
-                let b = self.bm25_hits(&q.text, depth);
+                let (d, b) = self.hybrid_parts(q)?;
                 Ok(rrf(&[d, b], 60.0, k))
             }
         }
+    }
+
+    /// The two rankings a hybrid search fuses (dense, BM25), each `max(2k, 20)` deep.
+    pub fn hybrid_parts(&self, q: &SearchQuery) -> Result<(Vec<Hit>, Vec<Hit>), IndexError> {
+        let depth = (q.k.clamp(1, 1000) as usize * 2).max(20);
+        Ok((self.dense(q, depth)?, self.bm25_hits(&q.text, depth)))
     }
 
     fn dense(&self, q: &SearchQuery, k: usize) -> Result<Vec<Hit>, IndexError> {

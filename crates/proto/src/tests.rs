@@ -131,6 +131,10 @@ fn all_responses() -> Vec<Response> {
             vectors: vec![vec![0.1, 0.2, 0.3]],
         },
         Response::Hits(vec![hit.clone()]),
+        Response::HybridHits {
+            dense: vec![hit.clone()],
+            bm25: vec![],
+        },
         Response::Written { seq: 42 },
         Response::Chunked {
             model: model(),

@@ -513,6 +513,14 @@ pub enum Response {
     },
     /// Hits of a shard.
     Hits(Vec<Hit>),
+    /// Hybrid hits of a shard, unfused: the coordinator merges each list across shards and
+    /// fuses the two global rankings.
+    HybridHits {
+        /// Dense ranking.
+        dense: Vec<Hit>,
+        /// BM25 ranking.
+        bm25: Vec<Hit>,
+    },
     /// Writes durable up to this sequence number.
     Written {
         /// Last sequence number.

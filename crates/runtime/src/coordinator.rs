@@ -136,12 +136,43 @@ async fn embed_query(
     Err(WireError::Unavailable(last))
 }
 
+/// A shard's answer: one ranking, or the two unfused rankings of a hybrid search.
+enum ShardHits {
+    One(Vec<Hit>),
+    Two(Vec<Hit>, Vec<Hit>),
+}
+
+/// Merges the shards' answers: single rankings by score; for hybrid, each ranking across
+/// shards by score, then the two global rankings fused by reciprocal rank (k = 60). Fusing the
+/// shards' own fused lists by rank would rank every shard's first hit alike.
+fn merge_shard_answers(answers: Vec<ShardHits>, depth: usize) -> Vec<Hit> {
+    let (mut lists, mut dense, mut bm25) = (Vec::new(), Vec::new(), Vec::new());
+    for a in answers {
+        match a {
+            ShardHits::One(h) => lists.push(h),
+            ShardHits::Two(d, b) => {
+                dense.push(d);
+                bm25.push(b);
+            }
+        }
+    }
+    if dense.is_empty() {
+        return merge_top_k(lists, depth);
+    }
+    let deep = (depth * 2).max(20);
+    rrf(
+        &[merge_top_k(dense, deep), merge_top_k(bm25, deep)],
+        60.0,
+        depth,
+    )
+}
+
 async fn shard_search(
     ctx: Arc<Ctx>,
     shard: u32,
     q: SearchQuery,
     deadline: Instant,
-) -> Result<Vec<Hit>, String> {
+) -> Result<ShardHits, String> {
     let replicas = ctx.candidates(&groups::shard(shard));
     if replicas.is_empty() {
         return Err("no_live_replica".into());
@@ -156,7 +187,8 @@ async fn shard_search(
         // leave room to fail over to the next replica inside the same deadline
         let budget = if i + 1 < n { left / 2 } else { left };
         match call(&r.actor, Request::Search(q.clone()), budget).await {
-            Ok(Response::Hits(h)) => return Ok(h),
+            Ok(Response::Hits(h)) => return Ok(ShardHits::One(h)),
+            Ok(Response::HybridHits { dense, bm25 }) => return Ok(ShardHits::Two(dense, bm25)),
             Ok(other) => reason = format!("error: unexpected answer {other:?}"),
             Err(CallError::Remote(e @ WireError::ModelMismatch { .. })) => {
                 return Err(format!("error: {e}"))
@@ -227,22 +259,19 @@ pub async fn retrieve(
         shards_total: cfg.index.shards,
         ..Default::default()
     };
-    let mut lists = Vec::new();
+    let mut answers = Vec::new();
     while let Some(res) = set.join_next().await {
         match res {
-            Ok((_, Ok(hits))) => {
+            Ok((_, Ok(h))) => {
                 coverage.shards_answered += 1;
-                lists.push(hits);
+                answers.push(h);
             }
             Ok((s, Err(reason))) => coverage.left_out.push(LeftOut { shard: s, reason }),
             Err(e) => warn!(error = %e, "shard task failed"),
         }
     }
     coverage.left_out.sort_by_key(|l| l.shard);
-    let mut hits = match opts.mode {
-        SearchMode::Hybrid => rrf(&lists, 60.0, depth as usize),
-        _ => merge_top_k(lists, depth as usize),
-    };
+    let mut hits = merge_shard_answers(answers, depth as usize);
     timings.search = ms(t1.elapsed());
 
     if rerank && hits.len() > 1 {
@@ -918,6 +947,28 @@ mod tests {
                 .collect::<Vec<_>>(),
             vec!["a", "c"]
         );
+    }
+
+    #[test]
+    fn hybrid_merge_fuses_global_rankings_not_shard_lists() {
+        // shard 0 holds the two best documents; shard 1 only weak ones
+        let a = ShardHits::Two(
+            vec![hit("a1", "x", 0.9), hit("a2", "x", 0.8)],
+            vec![hit("a1", "x", 9.0), hit("a2", "x", 8.0)],
+        );
+        let b = ShardHits::Two(vec![hit("b1", "x", 0.1)], vec![hit("b1", "x", 0.5)]);
+        let merged = merge_shard_answers(vec![b, a], 3);
+        let ids: Vec<&str> = merged.iter().map(|h| h.doc_id.as_str()).collect();
+        assert_eq!(ids, vec!["a1", "a2", "b1"]);
+        // single rankings merge by score
+        let merged = merge_shard_answers(
+            vec![
+                ShardHits::One(vec![hit("x", "t", 0.2)]),
+                ShardHits::One(vec![hit("y", "t", 0.7)]),
+            ],
+            2,
+        );
+        assert_eq!(merged[0].doc_id, "y");
     }
 
     #[test]

@@ -139,14 +139,14 @@ impl Actor for ShardActor {
                     return Ok(());
                 }
                 tokio::task::spawn_blocking(move || {
-                    let r = shared.index.read().expect("index").search(&q);
-                    reply(
-                        port,
-                        match r {
-                            Ok(hits) => Response::Hits(hits),
-                            Err(e) => Response::Error(index_error(e)),
-                        },
-                    );
+                    let ix = shared.index.read().expect("index");
+                    let r = if q.mode == ragfleet_proto::SearchMode::Hybrid {
+                        ix.hybrid_parts(&q)
+                            .map(|(dense, bm25)| Response::HybridHits { dense, bm25 })
+                    } else {
+                        ix.search(&q).map(Response::Hits)
+                    };
+                    reply(port, r.unwrap_or_else(|e| Response::Error(index_error(e))));
                 });
             }
             Request::Write { ops, model } => {

@@ -14,6 +14,9 @@ pub enum BenchCmd {
         /// Tokens per stream.
         #[arg(long, default_value_t = 32)]
         tokens: usize,
+        /// `flex` or `ndarray`.
+        #[arg(long, default_value = "flex")]
+        backend: String,
     },
     /// Embedder sentences/s at several batch sizes, ndarray vs flex backends.
     Embed {
@@ -27,8 +30,12 @@ pub enum BenchCmd {
 pub async fn run(cmd: BenchCmd) -> Result<()> {
     match cmd {
         BenchCmd::Embed { models } => tokio::task::spawn_blocking(move || embed(&models)).await?,
-        BenchCmd::Generate { models, tokens } => {
-            tokio::task::spawn_blocking(move || generate(&models, tokens)).await?
+        BenchCmd::Generate { models, tokens, backend } => {
+            tokio::task::spawn_blocking(move || match backend.as_str() {
+                "ndarray" => generate::<ragfleet_models::backend::CpuNdArray>(&models, tokens),
+                _ => generate::<ragfleet_models::backend::Cpu>(&models, tokens),
+            })
+            .await?
         }
     }
 }
@@ -74,8 +81,8 @@ fn embed(models: &std::path::Path) -> Result<()> {
 }
 
 /// Runs `streams` concurrent greedy generations; returns (mean time to first token, tokens/s).
-fn run_streams(
-    g: &ragfleet_models::llama::Generator<ragfleet_models::backend::Cpu>,
+fn run_streams<B: burn::prelude::Backend>(
+    g: &ragfleet_models::llama::Generator<B>,
     prompts: &[&str],
     tokens: usize,
 ) -> (f64, f64) {
@@ -124,8 +131,8 @@ fn run_streams(
     (ttft, n as f64 / total)
 }
 
-fn generate(models: &std::path::Path, tokens: usize) -> Result<()> {
-    let g = ragfleet_models::llama::Generator::<ragfleet_models::backend::Cpu>::load_gguf(
+fn generate<B: burn::prelude::Backend>(models: &std::path::Path, tokens: usize) -> Result<()> {
+    let g = ragfleet_models::llama::Generator::<B>::load_gguf(
         &models.join(ragfleet_models::fetch::GENERATOR_GGUF),
         &Default::default(),
     )?;

@@ -116,3 +116,36 @@ fn refuse_policy_refuses_without_coverage() {
     });
     assert!(err.lines().count() <= 2, "one-line error expected: {err}");
 }
+
+#[test]
+fn a_generator_stalled_before_its_first_token_is_retried_on_another_replica() {
+    let _g = serial();
+    let c = Cluster::start(
+        &[&["coordinator", "embedder", "shard", "generator"], &["shard", "generator"]],
+        // the failure detector must not exclude the stalled replica: the retry path is under test
+        &format!("{GEN}first_token_timeout_ms = 6000\n[failure]\nheartbeat_ms = 100\nsuspect_after_ms = 60000\n"),
+    );
+    let p = c.corpus_path();
+    c.json(&["ingest", "--json", p.to_str().unwrap()]);
+    // n2's generator stops answering (its mailbox is blocked for 60 s) but stays in its group
+    let cfg = c.config.clone();
+    let staller = std::thread::spawn(move || {
+        std::process::Command::new(bin())
+            .args(["chaos", "--group", "generator", "--node", "n2", "--action", "stall:60000", "--config"])
+            .arg(&cfg)
+            .output()
+            .unwrap()
+    });
+    // whichever replica the coordinator tries first, every answer arrives
+    for q in ["What do bees store?", "How does espresso brew?", "What is TCP?"] {
+        let a = ask_json(&c, &["--max-tokens", "4", q]);
+        assert!(!a["answer"].as_str().unwrap().trim().is_empty(), "{a}");
+        assert_eq!(a["truncated"], false, "{a}");
+    }
+    let _ = staller.join();
+    // round robin per group: some ask tried the stalled replica first and moved on
+    assert!(
+        c.log("n1").contains("generator refused; trying another replica") || c.log("n1").contains("stalled before its first token"),
+        "the stalled replica was never tried"
+    );
+}

@@ -94,9 +94,10 @@ impl Cluster {
                 roles.join(", ")
             ));
         }
-        text.push_str(
-            "[index]\nshards = 4\nreplication = 2\nwrite_quorum = 1\n[failure]\nheartbeat_ms = 100\nsuspect_after_ms = 600\n[query]\nshard_deadline_ms = 800\ndeadline_ms = 20000\n",
-        );
+        text.push_str("[index]\nshards = 4\nreplication = 2\nwrite_quorum = 1\n[query]\nshard_deadline_ms = 800\ndeadline_ms = 20000\n");
+        if !extra.contains("[failure]") {
+            text.push_str("[failure]\nheartbeat_ms = 100\nsuspect_after_ms = 600\n");
+        }
         text.push_str(extra);
         let config = dir.path().join("cluster.toml");
         std::fs::write(&config, text).unwrap();

@@ -4,7 +4,6 @@
 //! and answered with a coverage report and per-stage timings. A shard that cannot answer in
 //! time is left out and named; the query still answers.
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -44,7 +43,9 @@ pub struct CoordinatorArgs {
 /// Shared context of a coordinator's requests.
 pub struct Ctx {
     args: CoordinatorArgs,
-    rr: AtomicU64,
+    /// Round-robin position per group (one shared counter would advance by the number of
+    /// groups a request touches and always pick the same replica of some groups).
+    rr: std::sync::Mutex<HashMap<String, u64>>,
     streams: StreamTable,
 }
 
@@ -67,7 +68,10 @@ impl Ctx {
         let h = &self.args.health;
         let mut serving = h.serving(group);
         if !serving.is_empty() {
-            let r = self.rr.fetch_add(1, Ordering::Relaxed) as usize % serving.len();
+            let mut rr = self.rr.lock().expect("rr");
+            let n = rr.entry(group.to_string()).or_insert_with(|| rand::random::<u64>() % 1024);
+            *n += 1;
+            let r = (*n % serving.len() as u64) as usize;
             serving.rotate_left(r);
         }
         serving.extend(
@@ -714,7 +718,8 @@ async fn ask_task(ctx: Arc<Ctx>, question: String, opts: AskOptions, w: StreamWr
             max_tokens,
             sampling: opts.sampling.clone(),
         };
-        let stream = match call(&m.actor, req, left.min(Duration::from_secs(10))).await {
+        let first_token_timeout = Duration::from_millis(cfg.generator.first_token_timeout_ms);
+        let stream = match call(&m.actor, req, left.min(first_token_timeout)).await {
             Ok(Response::StreamStarted { stream }) => stream,
             other => {
                 warn!(?other, "generator refused; trying another replica");
@@ -821,7 +826,7 @@ impl Actor for CoordinatorActor {
         info!(node = %args.node, "coordinator started");
         Ok(Arc::new(Ctx {
             args,
-            rr: AtomicU64::new(rand::random::<u64>() % 1024),
+            rr: std::sync::Mutex::new(HashMap::new()),
             streams: StreamTable::default(),
         }))
     }

@@ -30,7 +30,11 @@ pub enum BenchCmd {
 pub async fn run(cmd: BenchCmd) -> Result<()> {
     match cmd {
         BenchCmd::Embed { models } => tokio::task::spawn_blocking(move || embed(&models)).await?,
-        BenchCmd::Generate { models, tokens, backend } => {
+        BenchCmd::Generate {
+            models,
+            tokens,
+            backend,
+        } => {
             tokio::task::spawn_blocking(move || match backend.as_str() {
                 "ndarray" => generate::<ragfleet_models::backend::CpuNdArray>(&models, tokens),
                 _ => generate::<ragfleet_models::backend::Cpu>(&models, tokens),

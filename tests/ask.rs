@@ -131,13 +131,26 @@ fn a_generator_stalled_before_its_first_token_is_retried_on_another_replica() {
     let cfg = c.config.clone();
     let staller = std::thread::spawn(move || {
         std::process::Command::new(bin())
-            .args(["chaos", "--group", "generator", "--node", "n2", "--action", "stall:60000", "--config"])
+            .args([
+                "chaos",
+                "--group",
+                "generator",
+                "--node",
+                "n2",
+                "--action",
+                "stall:60000",
+                "--config",
+            ])
             .arg(&cfg)
             .output()
             .unwrap()
     });
     // whichever replica the coordinator tries first, every answer arrives
-    for q in ["What do bees store?", "How does espresso brew?", "What is TCP?"] {
+    for q in [
+        "What do bees store?",
+        "How does espresso brew?",
+        "What is TCP?",
+    ] {
         let a = ask_json(&c, &["--max-tokens", "4", q]);
         assert!(!a["answer"].as_str().unwrap().trim().is_empty(), "{a}");
         assert_eq!(a["truncated"], false, "{a}");
@@ -145,7 +158,9 @@ fn a_generator_stalled_before_its_first_token_is_retried_on_another_replica() {
     let _ = staller.join();
     // round robin per group: some ask tried the stalled replica first and moved on
     assert!(
-        c.log("n1").contains("generator refused; trying another replica") || c.log("n1").contains("stalled before its first token"),
+        c.log("n1")
+            .contains("generator refused; trying another replica")
+            || c.log("n1").contains("stalled before its first token"),
         "the stalled replica was never tried"
     );
 }

@@ -27,14 +27,20 @@ fn three_nodes_answer_with_full_coverage_and_survive_a_kill_9() {
             "timings_ms.{k} missing: {r}"
         );
     }
-    let s = c.status().unwrap();
-    let docs: u64 = s["shards"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|sh| sh["replicas"][0]["docs"].as_u64().unwrap())
-        .sum();
-    assert_eq!(docs, 16, "{s}");
+    // replica document counts come with the heartbeats: poll until they show the ingest
+    wait_for(
+        "status to count 16 documents",
+        Duration::from_secs(5),
+        || {
+            let s = c.status()?;
+            let docs: u64 = s["shards"]
+                .as_array()?
+                .iter()
+                .map(|sh| sh["replicas"][0]["docs"].as_u64().unwrap_or(0))
+                .sum();
+            (docs == 16).then_some(())
+        },
+    );
 
     // kill -9 the shard-only node: replication 2 keeps every shard answering
     c.kill9("n3");

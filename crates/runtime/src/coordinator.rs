@@ -69,7 +69,9 @@ impl Ctx {
         let mut serving = h.serving(group);
         if !serving.is_empty() {
             let mut rr = self.rr.lock().expect("rr");
-            let n = rr.entry(group.to_string()).or_insert_with(|| rand::random::<u64>() % 1024);
+            let n = rr
+                .entry(group.to_string())
+                .or_insert_with(|| rand::random::<u64>() % 1024);
             *n += 1;
             let r = (*n % serving.len() as u64) as usize;
             serving.rotate_left(r);

@@ -140,7 +140,10 @@ async fn role_specs(
                         shard: s,
                         dir: cfg.replica_dir(node, s),
                         settings: settings.clone(),
-                        peer_wait: Duration::from_millis(cfg.failure.suspect_after_ms * 2),
+                        // long enough to hear from peers after (re)connecting, bounded
+                        peer_wait: Duration::from_millis(
+                            (cfg.failure.suspect_after_ms * 2).clamp(1_000, 10_000),
+                        ),
                     },
                 ),
             })

@@ -222,6 +222,7 @@ async fn catch_up(me: ActorRef<RoleMsg>, args: ShardArgs, shared: Arc<Shared>) {
     let group = groups::shard(args.shard);
     let mut source = None;
     while start.elapsed() < args.peer_wait {
+        let (mut peers, mut all_catching_up_after_me) = (0, true);
         for cell in ractor::pg::get_members(&group) {
             if cell.get_id() == me.get_id() {
                 continue;
@@ -234,9 +235,16 @@ async fn catch_up(me: ActorRef<RoleMsg>, args: ShardArgs, shared: Arc<Shared>) {
                     source = Some((peer, info.node));
                     break;
                 }
+                peers += 1;
+                all_catching_up_after_me &= info.node > args.node;
             }
         }
         if source.is_some() {
+            break;
+        }
+        // a fresh cluster: every replica is catching up; the one on the lowest-named node
+        // serves first and the others copy from it
+        if peers > 0 && all_catching_up_after_me {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

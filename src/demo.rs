@@ -161,7 +161,7 @@ shard_deadline_ms = 2000
 deadline_ms = 120000
 [generator]
 max_tokens = 96
-context_tokens = 1024
+context_tokens = 768
 "#,
         std::process::id()
     );

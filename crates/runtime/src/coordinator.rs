@@ -694,10 +694,21 @@ async fn ask_task(ctx: Arc<Ctx>, question: String, opts: AskOptions, w: StreamWr
     if unsourced && cfg.generator.on_no_coverage == NoCoverage::Refuse {
         return w.fail("no shard answered and generator.on_no_coverage = \"refuse\"".into());
     }
-    let count = |t: &str| ctx.count_tokens(t);
-    let reserve = max_tokens as usize + count(&question) + count(SYSTEM_PROMPT) + 48;
-    let budget = (cfg.generator.context_tokens as usize).saturating_sub(reserve);
-    let (context, sources) = assemble_context(&hits, budget, &count);
+    // tokenising the passages is CPU work: off the async runtime's threads
+    let (c2, q2, context_tokens) = (
+        ctx.clone(),
+        question.clone(),
+        cfg.generator.context_tokens as usize,
+    );
+    let assembled = tokio::task::spawn_blocking(move || {
+        let count = |t: &str| c2.count_tokens(t);
+        let reserve = max_tokens as usize + count(&q2) + count(SYSTEM_PROMPT) + 48;
+        assemble_context(&hits, context_tokens.saturating_sub(reserve), &count)
+    })
+    .await;
+    let Ok((context, sources)) = assembled else {
+        return w.fail("context assembly failed".into());
+    };
     let user = if unsourced {
         format!("No passages are available. Answer from general knowledge, briefly.\n\nQuestion: {question}")
     } else {

@@ -680,16 +680,26 @@ async fn chaos(client: &Client, group: &str, action: &str, node: Option<&str>) -
         other => bail!("unknown chaos action {other:?} (panic, stall:MS)"),
     };
     let g = format!("ragfleet.{group}");
-    let mut hit = 0;
-    for a in client.members(&g) {
-        let info = ragfleet_runtime::call::call(&a, Request::Ping, Duration::from_secs(2)).await;
-        let on = match &info {
-            Ok(Response::Pong(i)) => i.node.clone(),
-            _ => continue,
-        };
-        if node.is_some_and(|n| n != on) {
-            continue;
+    // groups of every node reach this client shortly after it connects: wait for targets
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let targets = loop {
+        let mut found = Vec::new();
+        for a in client.members(&g) {
+            let info =
+                ragfleet_runtime::call::call(&a, Request::Ping, Duration::from_secs(2)).await;
+            if let Ok(Response::Pong(i)) = info {
+                if node.is_none_or(|n| n == i.node) {
+                    found.push((a, i.node));
+                }
+            }
         }
+        if !found.is_empty() || Instant::now() > deadline {
+            break found;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let mut hit = 0;
+    for (a, on) in targets {
         let r =
             ragfleet_runtime::call::call(&a, Request::Chaos(action), Duration::from_secs(5)).await;
         println!(

@@ -21,7 +21,7 @@ use tracing::{info, warn};
 use crate::call::{call, common, info, reply, unsupported, CallError};
 use crate::health::{Health, Member};
 use crate::models::TokenCount;
-use crate::streams::{StreamTable, StreamWriter};
+use crate::streams::{next_response, StreamTable, StreamWriter};
 
 /// Default system prompt of answers.
 pub const SYSTEM_PROMPT: &str = "You are a helpful assistant. Answer the question using the passages given. \
@@ -900,17 +900,7 @@ impl Actor for CoordinatorActor {
             }
             Request::StreamNext { stream, wait_ms } => {
                 tokio::spawn(async move {
-                    let r = ctx
-                        .streams
-                        .next(stream, Duration::from_millis(wait_ms.min(30_000)))
-                        .await;
-                    reply(
-                        port,
-                        match r {
-                            Ok(c) => Response::Stream(c),
-                            Err(e) => Response::Error(e),
-                        },
-                    );
+                    reply(port, next_response(&ctx.streams, stream, wait_ms).await)
                 });
             }
             other => reply(port, unsupported(&other, "coordinator")),

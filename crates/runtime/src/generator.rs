@@ -1,14 +1,13 @@
 //! A generator replica: one decode thread serving several streams (continuous batching); the
 //! tokens of each stream are read by long polling.
 use std::sync::{mpsc, Arc};
-use std::time::Duration;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use ragfleet_proto::{groups, Request, Response, Role, RoleMsg, WireError};
 
 use crate::call::{common, info, reply, unsupported};
 use crate::models::{GenEvent, GenRequest, GenerateModel};
-use crate::streams::StreamTable;
+use crate::streams::{next_response, StreamTable};
 
 type Job = (GenRequest, tokio::sync::mpsc::UnboundedSender<GenEvent>);
 
@@ -128,18 +127,9 @@ impl Actor for GeneratorActor {
             }
             Request::StreamNext { stream, wait_ms } => {
                 let streams = state.streams.clone();
-                tokio::spawn(async move {
-                    let r = streams
-                        .next(stream, Duration::from_millis(wait_ms.min(30_000)))
-                        .await;
-                    reply(
-                        port,
-                        match r {
-                            Ok(c) => Response::Stream(c),
-                            Err(e) => Response::Error(e),
-                        },
-                    );
-                });
+                tokio::spawn(
+                    async move { reply(port, next_response(&streams, stream, wait_ms).await) },
+                );
             }
             other => reply(port, unsupported(&other, "generator")),
         }

@@ -150,42 +150,15 @@ impl Actor for ShardActor {
                 });
             }
             Request::Write { ops, model } => {
+                let docs: Vec<String> = ops.iter().map(|o| o.doc_id().to_string()).collect();
                 tokio::task::spawn_blocking(move || {
-                    if shared.state() == ReplicaState::CatchingUp {
-                        let mut w = shared.written_while_catching_up.lock().expect("set");
-                        w.extend(ops.iter().map(|o| o.doc_id().to_string()));
-                    }
-                    let mut ix = shared.index.write().expect("index");
-                    let r = ix.write(ops, &model);
-                    shared.refresh_counts(&ix);
-                    reply(
-                        port,
-                        match r {
-                            Ok(seq) => Response::Written { seq },
-                            Err(e) => Response::Error(index_error(e)),
-                        },
-                    );
+                    apply_write(&shared, docs, port, |ix| ix.write(ops, &model))
                 });
             }
             Request::Delete { doc_ids } => {
+                let docs = doc_ids.clone();
                 tokio::task::spawn_blocking(move || {
-                    if shared.state() == ReplicaState::CatchingUp {
-                        shared
-                            .written_while_catching_up
-                            .lock()
-                            .expect("set")
-                            .extend(doc_ids.iter().cloned());
-                    }
-                    let mut ix = shared.index.write().expect("index");
-                    let r = ix.delete(&doc_ids);
-                    shared.refresh_counts(&ix);
-                    reply(
-                        port,
-                        match r {
-                            Ok(seq) => Response::Written { seq },
-                            Err(e) => Response::Error(index_error(e)),
-                        },
-                    );
+                    apply_write(&shared, docs, port, |ix| ix.delete(&doc_ids))
                 });
             }
             Request::Dump => {
@@ -204,6 +177,31 @@ impl Actor for ShardActor {
         }
         Ok(())
     }
+}
+
+/// Applies a durable write (blocking) and answers it; documents written while catching up are
+/// remembered so that the peer's older copies do not overwrite them.
+fn apply_write(
+    shared: &Shared,
+    docs: Vec<String>,
+    port: ractor::RpcReplyPort<ragfleet_proto::Frame<Response>>,
+    write: impl FnOnce(&mut ShardIndex) -> Result<u64, ragfleet_index::IndexError>,
+) {
+    if shared.state() == ReplicaState::CatchingUp {
+        shared
+            .written_while_catching_up
+            .lock()
+            .expect("set")
+            .extend(docs);
+    }
+    let mut ix = shared.index.write().expect("index");
+    let r = write(&mut ix);
+    shared.refresh_counts(&ix);
+    reply(
+        port,
+        r.map(|seq| Response::Written { seq })
+            .unwrap_or_else(|e| Response::Error(index_error(e))),
+    );
 }
 
 fn index_error(e: ragfleet_index::IndexError) -> WireError {

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ragfleet_proto::{AskSummary, StreamChunk, WireError};
+use ragfleet_proto::{AskSummary, Response, StreamChunk, WireError};
 use tokio::sync::Notify;
 
 #[derive(Debug, Default)]
@@ -149,5 +149,16 @@ impl StreamTable {
             }
             let _ = tokio::time::timeout_at(deadline.into(), notified).await;
         }
+    }
+}
+
+/// Answers a `StreamNext` request (waiting at most 30 s) as a response.
+pub async fn next_response(table: &StreamTable, stream: u64, wait_ms: u64) -> Response {
+    match table
+        .next(stream, Duration::from_millis(wait_ms.min(30_000)))
+        .await
+    {
+        Ok(c) => Response::Stream(c),
+        Err(e) => Response::Error(e),
     }
 }

@@ -6,6 +6,18 @@ use clap::Subcommand;
 /// Benchmarks.
 #[derive(Subcommand)]
 pub enum BenchCmd {
+    /// Shard index: HNSW build time, QPS and recall@10 against exact search in the same run.
+    Index {
+        /// Vectors (384 dimensions, clustered like real embeddings).
+        #[arg(long, default_value_t = 20_000)]
+        n: usize,
+        /// Queries.
+        #[arg(long, default_value_t = 500)]
+        queries: usize,
+        /// HNSW search beams to measure (each needs its own build: instant-distance fixes it).
+        #[arg(long, value_delimiter = ',', default_value = "16,64")]
+        ef: Vec<usize>,
+    },
     /// Generator time to first token and tokens/s, 1 stream vs 4 concurrent streams.
     Generate {
         /// Models dir.
@@ -30,6 +42,9 @@ pub enum BenchCmd {
 pub async fn run(cmd: BenchCmd) -> Result<()> {
     match cmd {
         BenchCmd::Embed { models } => tokio::task::spawn_blocking(move || embed(&models)).await?,
+        BenchCmd::Index { n, queries, ef } => {
+            tokio::task::spawn_blocking(move || index(n, queries, &ef)).await?
+        }
         BenchCmd::Generate {
             models,
             tokens,
@@ -155,5 +170,123 @@ fn generate<B: burn::prelude::Backend>(models: &std::path::Path, tokens: usize) 
         "continuous batching: 4 streams give {:.2}x the tokens/s of 1",
         tps4 / tps1
     );
+    Ok(())
+}
+
+/// Clustered vectors of low intrinsic dimension (seeded).
+fn clustered(n: usize, seed: u64, draw: u64) -> Vec<Vec<f32>> {
+    use rand::{Rng, SeedableRng};
+    const DIM: usize = 384;
+    const CLUSTERS: usize = 64;
+    const INTRINSIC: usize = 12;
+    let mut r = rand::rngs::StdRng::seed_from_u64(seed);
+    let centers: Vec<Vec<f32>> = (0..CLUSTERS)
+        .map(|_| (0..DIM).map(|_| r.gen_range(-1.0..1.0)).collect())
+        .collect();
+    let dirs: Vec<Vec<Vec<f32>>> = (0..CLUSTERS)
+        .map(|_| {
+            (0..INTRINSIC)
+                .map(|_| (0..DIM).map(|_| r.gen_range(-0.5..0.5)).collect())
+                .collect()
+        })
+        .collect();
+    let mut r = rand::rngs::StdRng::seed_from_u64(draw);
+    (0..n)
+        .map(|i| {
+            let c = i % CLUSTERS;
+            let coef: Vec<f32> = (0..INTRINSIC).map(|_| r.gen_range(-1.0..1.0)).collect();
+            (0..DIM)
+                .map(|d| {
+                    centers[c][d]
+                        + (0..INTRINSIC).map(|k| coef[k] * dirs[c][k][d]).sum::<f32>()
+                        + r.gen_range(-0.05..0.05)
+                })
+                .collect()
+        })
+        .collect()
+}
+
+fn index(n: usize, nq: usize, efs: &[usize]) -> Result<()> {
+    use ragfleet_index::{IndexSettings, ShardIndex};
+    use ragfleet_proto::{ChunkRecord, ModelIdentity, SearchMode, SearchQuery, WriteOp};
+    use std::time::Instant;
+    let model = ModelIdentity {
+        name: "bench".into(),
+        weights_sha256: "0".into(),
+        dim: 384,
+        max_len: 0,
+        pooling: "mean".into(),
+        normalized: true,
+    };
+    let ops: Vec<WriteOp> = clustered(n, 1, 2)
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| WriteOp::Upsert {
+            doc_id: format!("d{i}"),
+            chunks: vec![ChunkRecord {
+                doc_id: format!("d{i}"),
+                chunk_id: format!("d{i}#0"),
+                text: String::new(),
+                vector: v,
+            }],
+        })
+        .collect();
+    let queries: Vec<SearchQuery> = clustered(nq, 1, 3)
+        .into_iter()
+        .map(|v| SearchQuery {
+            vector: v,
+            text: String::new(),
+            k: 10,
+            mode: SearchMode::Dense,
+            model: None,
+        })
+        .collect();
+    let dir = tempfile::tempdir()?;
+    let exact_settings = IndexSettings {
+        segment_size: usize::MAX,
+        ..IndexSettings::default()
+    };
+    let (mut exact, _) = ShardIndex::open(&dir.path().join("exact"), exact_settings)?;
+    exact.write(ops.clone(), &model)?;
+    let t = Instant::now();
+    let truth: Vec<Vec<String>> = queries
+        .iter()
+        .map(|q| {
+            exact
+                .search(q)
+                .map(|h| h.into_iter().map(|h| h.chunk_id).collect())
+        })
+        .collect::<Result<_, _>>()?;
+    let exact_qps = nq as f64 / t.elapsed().as_secs_f64();
+    println!("{n} vectors x 384, {nq} queries, k = 10; baseline: exact scan {exact_qps:.0} QPS (1 thread)");
+    println!(
+        "{:>4} {:>10} {:>10} {:>10} {:>12}",
+        "ef", "build s", "QPS", "recall@10", "QPS / exact"
+    );
+    for &ef in efs {
+        let settings = IndexSettings {
+            segment_size: n,
+            merge_below: 1,
+            ef_construction: 100,
+            ef_search: ef,
+            background: false,
+        };
+        let (mut ix, _) = ShardIndex::open(&dir.path().join(format!("hnsw-{ef}")), settings)?;
+        let t = Instant::now();
+        ix.write(ops.clone(), &model)?;
+        let build = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let mut found = 0;
+        for (q, want) in queries.iter().zip(&truth) {
+            let got: Vec<String> = ix.search(q)?.into_iter().map(|h| h.chunk_id).collect();
+            found += want.iter().filter(|w| got.contains(w)).count();
+        }
+        let qps = nq as f64 / t.elapsed().as_secs_f64();
+        let recall = found as f64 / (nq * 10) as f64;
+        println!(
+            "{ef:>4} {build:>10.1} {qps:>10.0} {recall:>10.4} {:>12.1}",
+            qps / exact_qps
+        );
+    }
     Ok(())
 }

@@ -128,23 +128,26 @@ fn a_generator_stalled_before_its_first_token_is_retried_on_another_replica() {
     let p = c.corpus_path();
     c.json(&["ingest", "--json", p.to_str().unwrap()]);
     // n2's generator stops answering (its mailbox is blocked for 60 s) but stays in its group
-    let cfg = c.config.clone();
-    let staller = std::thread::spawn(move || {
-        std::process::Command::new(bin())
-            .args([
-                "chaos",
-                "--group",
-                "generator",
-                "--node",
-                "n2",
-                "--action",
-                "stall:60000",
-                "--config",
-            ])
-            .arg(&cfg)
-            .output()
-            .unwrap()
-    });
+    // the chaos call itself times out after 5 s while the actor stays blocked for 60 s: once
+    // the command returns, the stall is in effect
+    let out = std::process::Command::new(bin())
+        .args([
+            "chaos",
+            "--group",
+            "generator",
+            "--node",
+            "n2",
+            "--action",
+            "stall:60000",
+            "--config",
+        ])
+        .arg(&c.config)
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("ragfleet.generator on n2"),
+        "{out:?}"
+    );
     // whichever replica the coordinator tries first, every answer arrives
     for q in [
         "What do bees store?",
@@ -155,7 +158,6 @@ fn a_generator_stalled_before_its_first_token_is_retried_on_another_replica() {
         assert!(!a["answer"].as_str().unwrap().trim().is_empty(), "{a}");
         assert_eq!(a["truncated"], false, "{a}");
     }
-    let _ = staller.join();
     // round robin per group: some ask tried the stalled replica first and moved on
     assert!(
         c.log("n1")

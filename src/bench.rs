@@ -173,42 +173,10 @@ fn generate<B: burn::prelude::Backend>(models: &std::path::Path, tokens: usize) 
     Ok(())
 }
 
-/// Clustered vectors of low intrinsic dimension (seeded).
-fn clustered(n: usize, seed: u64, draw: u64) -> Vec<Vec<f32>> {
-    use rand::{Rng, SeedableRng};
-    const DIM: usize = 384;
-    const CLUSTERS: usize = 64;
-    const INTRINSIC: usize = 12;
-    let mut r = rand::rngs::StdRng::seed_from_u64(seed);
-    let centers: Vec<Vec<f32>> = (0..CLUSTERS)
-        .map(|_| (0..DIM).map(|_| r.gen_range(-1.0..1.0)).collect())
-        .collect();
-    let dirs: Vec<Vec<Vec<f32>>> = (0..CLUSTERS)
-        .map(|_| {
-            (0..INTRINSIC)
-                .map(|_| (0..DIM).map(|_| r.gen_range(-0.5..0.5)).collect())
-                .collect()
-        })
-        .collect();
-    let mut r = rand::rngs::StdRng::seed_from_u64(draw);
-    (0..n)
-        .map(|i| {
-            let c = i % CLUSTERS;
-            let coef: Vec<f32> = (0..INTRINSIC).map(|_| r.gen_range(-1.0..1.0)).collect();
-            (0..DIM)
-                .map(|d| {
-                    centers[c][d]
-                        + (0..INTRINSIC).map(|k| coef[k] * dirs[c][k][d]).sum::<f32>()
-                        + r.gen_range(-0.05..0.05)
-                })
-                .collect()
-        })
-        .collect()
-}
-
 fn index(n: usize, nq: usize, efs: &[usize]) -> Result<()> {
+    use ragfleet_index::eval::{clustered, recall, truth, upserts};
     use ragfleet_index::{IndexSettings, ShardIndex};
-    use ragfleet_proto::{ChunkRecord, ModelIdentity, SearchMode, SearchQuery, WriteOp};
+    use ragfleet_proto::{ModelIdentity, SearchMode, SearchQuery};
     use std::time::Instant;
     let model = ModelIdentity {
         name: "bench".into(),
@@ -218,20 +186,8 @@ fn index(n: usize, nq: usize, efs: &[usize]) -> Result<()> {
         pooling: "mean".into(),
         normalized: true,
     };
-    let ops: Vec<WriteOp> = clustered(n, 1, 2)
-        .into_iter()
-        .enumerate()
-        .map(|(i, v)| WriteOp::Upsert {
-            doc_id: format!("d{i}"),
-            chunks: vec![ChunkRecord {
-                doc_id: format!("d{i}"),
-                chunk_id: format!("d{i}#0"),
-                text: String::new(),
-                vector: v,
-            }],
-        })
-        .collect();
-    let queries: Vec<SearchQuery> = clustered(nq, 1, 3)
+    let ops = upserts(clustered(n, 384, 64, 0.05, 1, 2), None);
+    let queries: Vec<SearchQuery> = clustered(nq, 384, 64, 0.05, 1, 3)
         .into_iter()
         .map(|v| SearchQuery {
             vector: v,
@@ -249,14 +205,7 @@ fn index(n: usize, nq: usize, efs: &[usize]) -> Result<()> {
     let (mut exact, _) = ShardIndex::open(&dir.path().join("exact"), exact_settings)?;
     exact.write(ops.clone(), &model)?;
     let t = Instant::now();
-    let truth: Vec<Vec<String>> = queries
-        .iter()
-        .map(|q| {
-            exact
-                .search(q)
-                .map(|h| h.into_iter().map(|h| h.chunk_id).collect())
-        })
-        .collect::<Result<_, _>>()?;
+    let truth = truth(&exact, &queries)?;
     let exact_qps = nq as f64 / t.elapsed().as_secs_f64();
     println!("{n} vectors x 384, {nq} queries, k = 10; baseline: exact scan {exact_qps:.0} QPS (1 thread)");
     println!(
@@ -276,15 +225,10 @@ fn index(n: usize, nq: usize, efs: &[usize]) -> Result<()> {
         ix.write(ops.clone(), &model)?;
         let build = t.elapsed().as_secs_f64();
         let t = Instant::now();
-        let mut found = 0;
-        for (q, want) in queries.iter().zip(&truth) {
-            let got: Vec<String> = ix.search(q)?.into_iter().map(|h| h.chunk_id).collect();
-            found += want.iter().filter(|w| got.contains(w)).count();
-        }
+        let r = recall(&ix, &queries, &truth)?;
         let qps = nq as f64 / t.elapsed().as_secs_f64();
-        let recall = found as f64 / (nq * 10) as f64;
         println!(
-            "{ef:>4} {build:>10.1} {qps:>10.0} {recall:>10.4} {:>12.1}",
+            "{ef:>4} {build:>10.1} {qps:>10.0} {r:>10.4} {:>12.1}",
             qps / exact_qps
         );
     }

@@ -2,10 +2,11 @@
 //! Book corpus, embedded in the test.
 mod common;
 
+use ragfleet_index::eval::{recall, truth, upserts};
 use ragfleet_index::{IndexSettings, ShardIndex};
 use ragfleet_models::backend::Cpu;
 use ragfleet_models::Embedder;
-use ragfleet_proto::{ChunkRecord, SearchMode, SearchQuery, WriteOp};
+use ragfleet_proto::{SearchMode, SearchQuery};
 
 #[test]
 fn hnsw_recall_at_10_is_at_least_095_on_real_embeddings() {
@@ -26,24 +27,23 @@ fn hnsw_recall_at_10_is_at_least_095_on_real_embeddings() {
     let vectors = emb.embed(&sentences).unwrap();
     let model = emb.identity().clone();
     // every 10th sentence is a query, the rest the index
-    let (mut ops, mut queries) = (Vec::new(), Vec::new());
+    let (mut kept, mut texts, mut queries) = (Vec::new(), Vec::new(), Vec::new());
     for (i, (s, v)) in sentences.iter().zip(vectors).enumerate() {
         if i % 10 == 0 {
-            queries.push(v);
-        } else {
-            let id = format!("s{i}");
-            ops.push(WriteOp::Upsert {
-                doc_id: id.clone(),
-                chunks: vec![ChunkRecord {
-                    doc_id: id.clone(),
-                    chunk_id: format!("{id}#0"),
-                    text: s.clone(),
-                    vector: v,
-                }],
+            queries.push(SearchQuery {
+                vector: v,
+                text: String::new(),
+                k: 10,
+                mode: SearchMode::Dense,
+                model: Some(model.clone()),
             });
+        } else {
+            kept.push(v);
+            texts.push(s.clone());
         }
     }
-    let n = ops.len();
+    let n = kept.len();
+    let ops = upserts(kept, Some(&texts));
     let dir = tempfile::tempdir().unwrap();
     let settings = IndexSettings {
         segment_size: n,
@@ -65,30 +65,7 @@ fn hnsw_recall_at_10_is_at_least_095_on_real_embeddings() {
     };
     let (mut exact, _) = ShardIndex::open(&dir.path().join("exact"), exact_settings).unwrap();
     exact.write(ops, &model).unwrap();
-    let mut found = 0;
-    for q in &queries {
-        let sq = SearchQuery {
-            vector: q.clone(),
-            text: String::new(),
-            k: 10,
-            mode: SearchMode::Dense,
-            model: Some(model.clone()),
-        };
-        let approx: Vec<String> = hnsw
-            .search(&sq)
-            .unwrap()
-            .into_iter()
-            .map(|h| h.chunk_id)
-            .collect();
-        let truth: Vec<String> = exact
-            .search(&sq)
-            .unwrap()
-            .into_iter()
-            .map(|h| h.chunk_id)
-            .collect();
-        found += truth.iter().filter(|t| approx.contains(t)).count();
-    }
-    let recall = found as f64 / (queries.len() * 10) as f64;
+    let recall = recall(&hnsw, &queries, &truth(&exact, &queries).unwrap()).unwrap();
     println!(
         "{} vectors, {} queries: recall@10 = {recall:.4}",
         n,

@@ -6,6 +6,7 @@
 
 mod bm25;
 pub mod chunk;
+pub mod eval;
 mod files;
 mod segment;
 mod shard;

@@ -90,35 +90,57 @@ impl BpeTokenizer {
                 .ok_or_else(|| ModelError::format(g.path(), format!("bad merge {m:?}")))?;
             merges.insert((a.to_string(), b.to_string()), rank);
         }
+        let pre = g
+            .get("tokenizer.ggml.pre")
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        let special = (0..tokens.len())
+            .map(|i| types.get(i).copied().unwrap_or(1) == 3)
+            .collect();
+        let bos = g
+            .get("tokenizer.ggml.bos_token_id")
+            .and_then(Value::as_u64)
+            .unwrap_or(1) as u32;
+        let eos = g
+            .get("tokenizer.ggml.eos_token_id")
+            .and_then(Value::as_u64)
+            .unwrap_or(2) as u32;
+        Ok(Self::build(
+            tokens,
+            special,
+            merges,
+            pre != "gpt2",
+            bos,
+            eos,
+        ))
+    }
+
+    /// Assembles a tokenizer from its parts (both file formats end here).
+    fn build(
+        tokens: Vec<String>,
+        special: Vec<bool>,
+        merges: HashMap<(String, String), usize>,
+        split_digits: bool,
+        bos: u32,
+        eos: u32,
+    ) -> Self {
         let vocab = tokens
             .iter()
             .enumerate()
             .map(|(i, t)| (t.clone(), i as u32))
             .collect();
         let (byte_char, char_byte) = byte_table();
-        let pre = g
-            .get("tokenizer.ggml.pre")
-            .and_then(Value::as_str)
-            .unwrap_or("");
-        Ok(BpeTokenizer {
+        BpeTokenizer {
             vocab,
-            special: (0..tokens.len())
-                .map(|i| types.get(i).copied().unwrap_or(1) == 3)
-                .collect(),
             tokens,
+            special,
             merges,
             byte_char,
             char_byte,
-            split_digits: pre != "gpt2",
-            bos: g
-                .get("tokenizer.ggml.bos_token_id")
-                .and_then(Value::as_u64)
-                .unwrap_or(1) as u32,
-            eos: g
-                .get("tokenizer.ggml.eos_token_id")
-                .and_then(Value::as_u64)
-                .unwrap_or(2) as u32,
-        })
+            split_digits,
+            bos,
+            eos,
+        }
     }
 
     /// Reads a Hugging Face `tokenizer.json` of a byte-level BPE model (`model.vocab`,
@@ -175,12 +197,6 @@ impl BpeTokenizer {
         let split_digits = v["pre_tokenizer"]
             .to_string()
             .contains("\"individual_digits\":true");
-        let vocab = tokens
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.clone(), i as u32))
-            .collect();
-        let (byte_char, char_byte) = byte_table();
         let id_of = |name: &str, default: u32| {
             tokens
                 .iter()
@@ -188,17 +204,8 @@ impl BpeTokenizer {
                 .map(|i| i as u32)
                 .unwrap_or(default)
         };
-        Ok(BpeTokenizer {
-            bos: id_of("<|im_start|>", 1),
-            eos: id_of("<|im_end|>", 2),
-            vocab,
-            special,
-            tokens,
-            merges,
-            byte_char,
-            char_byte,
-            split_digits,
-        })
+        let (bos, eos) = (id_of("<|im_start|>", 1), id_of("<|im_end|>", 2));
+        Ok(Self::build(tokens, special, merges, split_digits, bos, eos))
     }
 
     /// Vocabulary size.

@@ -213,30 +213,41 @@ impl<B: Backend> Llama<B> {
         x / (ms + self.cfg.eps).sqrt() * w.clone()
     }
 
-    fn rope(&self, x: Tensor<B, 4>, start: usize, device: &B::Device) -> Tensor<B, 4> {
-        let [b, nh, s, hd] = x.dims();
+    /// cos and sin tables ([1, 1, s, head_dim]) for positions `start..start + s`.
+    fn rope_tables(
+        &self,
+        start: usize,
+        s: usize,
+        device: &B::Device,
+    ) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        let hd = self.cfg.hidden / self.cfg.heads;
         let half = hd / 2;
         let mut cos = vec![0f32; s * hd];
         let mut sin = vec![0f32; s * hd];
-        for p in 0..s {
-            for i in 0..half {
-                let freq = (self.cfg.rope_theta).powf(-(2.0 * i as f64) / hd as f64);
-                let a = (start + p) as f64 * freq;
-                let (sn, cs) = a.sin_cos();
+        for i in 0..half {
+            let freq = self.cfg.rope_theta.powf(-(2.0 * i as f64) / hd as f64);
+            for p in 0..s {
+                let (sn, cs) = ((start + p) as f64 * freq).sin_cos();
                 cos[p * hd + i] = cs as f32;
                 cos[p * hd + i + half] = cs as f32;
                 sin[p * hd + i] = sn as f32;
                 sin[p * hd + i + half] = sn as f32;
             }
         }
-        let cos =
-            Tensor::<B, 2>::from_data(TensorData::new(cos, [s, hd]), device).reshape([1, 1, s, hd]);
-        let sin =
-            Tensor::<B, 2>::from_data(TensorData::new(sin, [s, hd]), device).reshape([1, 1, s, hd]);
+        let t = |v: Vec<f32>| {
+            Tensor::<B, 2>::from_data(TensorData::new(v, [s, hd]), device).reshape([1, 1, s, hd])
+        };
+        (t(cos), t(sin))
+    }
+
+    /// Rotate-half RoPE with precomputed tables.
+    fn rope(x: Tensor<B, 4>, (cos, sin): &(Tensor<B, 4>, Tensor<B, 4>)) -> Tensor<B, 4> {
+        let [b, nh, s, hd] = x.dims();
+        let half = hd / 2;
         let x1 = x.clone().slice([0..b, 0..nh, 0..s, 0..half]);
         let x2 = x.clone().slice([0..b, 0..nh, 0..s, half..hd]);
         let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-        x * cos + rotated * sin
+        x * cos.clone() + rotated * sin.clone()
     }
 
     /// Runs `tokens[i]` (one new token each, or a whole prompt when there is one stream) for
@@ -259,6 +270,12 @@ impl<B: Backend> Llama<B> {
         let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(flat, [total]), device);
         let mut x = self.embed.clone().select(0, ids); // [total, h]
         let group = cfg.heads / cfg.kv_heads;
+        // position tables of each stream, shared by every layer
+        let tables: Vec<_> = caches
+            .iter()
+            .zip(&lens)
+            .map(|(c, &s)| self.rope_tables(c.len, s, device))
+            .collect();
         for (l, blk) in self.blocks.iter().enumerate() {
             let hn = self.rms(x.clone(), &blk.attn_norm);
             let q = blk.q.forward2(hn.clone());
@@ -284,8 +301,8 @@ impl<B: Backend> Llama<B> {
                     .slice([off..off + s, 0..cfg.kv_heads * hd])
                     .reshape([1, s, cfg.kv_heads, hd])
                     .swap_dims(1, 2);
-                let qs = self.rope(qs, start, device);
-                let ks = self.rope(ks, start, device);
+                let qs = Self::rope(qs, &tables[si]);
+                let ks = Self::rope(ks, &tables[si]);
                 let kc = match cache.k[l].take() {
                     Some(prev) => Tensor::cat(vec![prev, ks], 2),
                     None => ks,

@@ -1,0 +1,95 @@
+//! Measuring an index: recall of the HNSW segments against exact search on the same data, and
+//! clustered synthetic vectors shaped like real embeddings (tests and benchmarks share these).
+use rand::{Rng, SeedableRng};
+
+use ragfleet_proto::{ChunkRecord, Hit, SearchQuery, WriteOp};
+
+use crate::{IndexError, ShardIndex};
+
+/// Clustered vectors of low intrinsic dimension: each of `clusters` clusters is a centre plus a
+/// random combination of a few cluster-specific directions, plus isotropic `noise`. The clusters
+/// depend on `seed` only; `draw` picks the points (so queries can come from the same clusters).
+pub fn clustered(
+    n: usize,
+    dim: usize,
+    clusters: usize,
+    noise: f32,
+    seed: u64,
+    draw: u64,
+) -> Vec<Vec<f32>> {
+    const INTRINSIC: usize = 12;
+    let mut r = rand::rngs::StdRng::seed_from_u64(seed);
+    let centers: Vec<Vec<f32>> = (0..clusters)
+        .map(|_| (0..dim).map(|_| r.gen_range(-1.0..1.0)).collect())
+        .collect();
+    let dirs: Vec<Vec<Vec<f32>>> = (0..clusters)
+        .map(|_| {
+            (0..INTRINSIC)
+                .map(|_| (0..dim).map(|_| r.gen_range(-0.5..0.5)).collect())
+                .collect()
+        })
+        .collect();
+    let mut r = rand::rngs::StdRng::seed_from_u64(draw);
+    (0..n)
+        .map(|i| {
+            let c = i % clusters;
+            let coef: Vec<f32> = (0..INTRINSIC).map(|_| r.gen_range(-1.0..1.0)).collect();
+            (0..dim)
+                .map(|d| {
+                    centers[c][d]
+                        + (0..INTRINSIC).map(|k| coef[k] * dirs[c][k][d]).sum::<f32>()
+                        + r.gen_range(-noise..noise)
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// One single-chunk upsert per vector (`d{i}`, text from `texts` when given).
+pub fn upserts(vectors: Vec<Vec<f32>>, texts: Option<&[String]>) -> Vec<WriteOp> {
+    vectors
+        .into_iter()
+        .enumerate()
+        .map(|(i, vector)| {
+            let id = format!("d{i}");
+            let text = texts.and_then(|t| t.get(i)).cloned().unwrap_or_default();
+            WriteOp::Upsert {
+                doc_id: id.clone(),
+                chunks: vec![ChunkRecord {
+                    doc_id: id.clone(),
+                    chunk_id: format!("{id}#0"),
+                    text,
+                    vector,
+                }],
+            }
+        })
+        .collect()
+}
+
+/// Exact top-k chunk ids of every query (the reference of [`recall`]).
+pub fn truth(exact: &ShardIndex, queries: &[SearchQuery]) -> Result<Vec<Vec<String>>, IndexError> {
+    queries.iter().map(|q| exact.search(q).map(ids)).collect()
+}
+
+/// Mean fraction of the reference top-k that `index` finds.
+pub fn recall(
+    index: &ShardIndex,
+    queries: &[SearchQuery],
+    truth: &[Vec<String>],
+) -> Result<f64, IndexError> {
+    let (mut found, mut total) = (0, 0);
+    for (q, want) in queries.iter().zip(truth) {
+        let got = ids(index.search(q)?);
+        found += want.iter().filter(|w| got.contains(w)).count();
+        total += want.len();
+    }
+    Ok(if total == 0 {
+        1.0
+    } else {
+        found as f64 / total as f64
+    })
+}
+
+fn ids(hits: Vec<Hit>) -> Vec<String> {
+    hits.into_iter().map(|h| h.chunk_id).collect()
+}

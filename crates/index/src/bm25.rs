@@ -18,6 +18,17 @@ pub(crate) fn terms(text: &str) -> Vec<String> {
         .collect()
 }
 
+/// Each term of `text` with its frequency, sorted by term (what a snapshot stores per chunk).
+pub fn term_counts(text: &str) -> Vec<(String, u32)> {
+    let mut tf: HashMap<String, u32> = HashMap::new();
+    for t in terms(text) {
+        *tf.entry(t).or_default() += 1;
+    }
+    let mut v: Vec<(String, u32)> = tf.into_iter().collect();
+    v.sort_unstable();
+    v
+}
+
 /// Inverted index from terms to (slot, term frequency).
 #[derive(Debug, Default, Clone)]
 pub struct Bm25 {
@@ -30,18 +41,19 @@ pub struct Bm25 {
 impl Bm25 {
     /// Indexes `text` under `slot` (replacing what the slot had).
     pub fn insert(&mut self, slot: u32, text: &str) {
+        self.insert_counts(slot, term_counts(text));
+    }
+
+    /// Indexes a chunk given its term counts (from [`term_counts`] or a snapshot).
+    pub fn insert_counts(&mut self, slot: u32, counts: Vec<(String, u32)>) {
         self.remove(slot);
-        let ts = terms(text);
-        let mut tf: HashMap<String, u32> = HashMap::new();
-        for t in &ts {
-            *tf.entry(t.clone()).or_default() += 1;
-        }
-        for (t, f) in &tf {
+        let len: u32 = counts.iter().map(|(_, f)| *f).sum();
+        for (t, f) in &counts {
             self.postings.entry(t.clone()).or_default().insert(slot, *f);
         }
-        self.doc_len.insert(slot, ts.len() as u32);
-        self.total_len += ts.len() as u64;
-        self.doc_terms.insert(slot, tf.into_iter().collect());
+        self.doc_len.insert(slot, len);
+        self.total_len += len as u64;
+        self.doc_terms.insert(slot, counts);
     }
 
     /// Removes a slot.

@@ -109,3 +109,61 @@ pub(crate) fn exact_search(
     scored.sort_by(|a, b| b.0.total_cmp(&a.0));
     scored.into_iter().map(|(s, e)| (s, e.clone())).collect()
 }
+
+/// The BM25 statistics of a sealed segment, snapshotted beside it (`seg-N.bm25`) so that a
+/// restart loads term counts instead of re-tokenising every chunk: a term dictionary and, per
+/// entry, (term index, frequency) pairs.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct SegmentTerms {
+    terms: Vec<String>,
+    entries: Vec<Vec<(u32, u32)>>,
+}
+
+impl SegmentTerms {
+    /// Tokenises the segment's chunks.
+    pub(crate) fn of(seg: &Segment) -> Self {
+        let mut dict: std::collections::HashMap<String, u32> = Default::default();
+        let mut terms = Vec::new();
+        let entries = seg
+            .entries
+            .iter()
+            .map(|e| {
+                crate::bm25::term_counts(&e.text)
+                    .into_iter()
+                    .map(|(t, f)| {
+                        let id = *dict.entry(t.clone()).or_insert_with(|| {
+                            terms.push(t);
+                            (terms.len() - 1) as u32
+                        });
+                        (id, f)
+                    })
+                    .collect()
+            })
+            .collect();
+        SegmentTerms { terms, entries }
+    }
+
+    /// Checks that a decoded snapshot fits a segment of `n` entries.
+    pub(crate) fn check(&self, n: usize) -> Result<(), String> {
+        if self.entries.len() != n {
+            return Err(format!(
+                "holds {} chunks, the segment {}",
+                self.entries.len(),
+                n
+            ));
+        }
+        let dict = self.terms.len() as u32;
+        if self.entries.iter().flatten().any(|(t, _)| *t >= dict) {
+            return Err("term index out of range".into());
+        }
+        Ok(())
+    }
+
+    /// Term counts of entry `i` (after [`SegmentTerms::check`]).
+    pub(crate) fn counts(&self, i: usize) -> Vec<(String, u32)> {
+        self.entries[i]
+            .iter()
+            .map(|(t, f)| (self.terms[*t as usize].clone(), *f))
+            .collect()
+    }
+}

@@ -9,7 +9,7 @@ use tracing::{info, warn};
 
 use crate::bm25::Bm25;
 use crate::files::{read_checked, write_checked};
-use crate::segment::{exact_search, Entry, Graph, Segment};
+use crate::segment::{exact_search, Entry, Graph, Segment, SegmentTerms};
 use crate::vector::normalize;
 use crate::wal::Wal;
 use crate::{rrf, sort_hits, IndexError};
@@ -50,6 +50,8 @@ pub struct RecoveryReport {
     pub replayed: usize,
     /// Problems found (corrupt or torn files); the data they held is not loaded.
     pub problems: Vec<String>,
+    /// Sealed segments whose BM25 statistics came from their snapshot files.
+    pub bm25_snapshots: usize,
     /// Whether data may be missing and the replica should catch up from a peer.
     pub needs_catch_up: bool,
 }
@@ -146,7 +148,27 @@ impl ShardIndex {
             }
         }
         report.segments = ix.sealed.len();
-        ix.rebuild_liveness();
+        let mut seg_terms = HashMap::new();
+        for seg in ix.sealed.clone() {
+            match ix.load_terms(&seg) {
+                Ok(t) => {
+                    report.bm25_snapshots += 1;
+                    seg_terms.insert(seg.id, t);
+                }
+                Err(e) => {
+                    // derivable from the segment: rebuild it and write it again
+                    report
+                        .problems
+                        .push(format!("{e}; BM25 rebuilt from the segment's text"));
+                    let t = SegmentTerms::of(&seg);
+                    if let Err(e) = ix.write_terms(seg.id, &t) {
+                        warn!(error = %e, "could not rewrite the BM25 snapshot");
+                    }
+                    seg_terms.insert(seg.id, t);
+                }
+            }
+        }
+        ix.rebuild_liveness(&seg_terms);
         if let Some(err) = &wal_rec.tail_error {
             report.problems.push(format!(
                 "write-ahead log: {err}; {} bytes dropped",
@@ -187,6 +209,29 @@ impl ShardIndex {
         self.dir.join(format!("seg-{id}.bin"))
     }
 
+    fn terms_path(&self, id: u64) -> PathBuf {
+        self.dir.join(format!("seg-{id}.bm25"))
+    }
+
+    fn write_terms(&self, id: u64, t: &SegmentTerms) -> Result<(), IndexError> {
+        let bytes = postcard::to_stdvec(t).map_err(|e| IndexError::BadInput(e.to_string()))?;
+        write_checked(&self.terms_path(id), &bytes)
+    }
+
+    /// Loads and checks the BM25 snapshot of a sealed segment.
+    fn load_terms(&self, seg: &Segment) -> Result<SegmentTerms, IndexError> {
+        let path = self.terms_path(seg.id);
+        let corrupt = |reason: String| IndexError::Corrupt {
+            path: path.clone(),
+            reason,
+        };
+        let bytes = read_checked(&path)?
+            .ok_or_else(|| corrupt("BM25 snapshot of a listed segment is missing".into()))?;
+        let t: SegmentTerms = postcard::from_bytes(&bytes).map_err(|e| corrupt(e.to_string()))?;
+        t.check(seg.entries.len()).map_err(corrupt)?;
+        Ok(t)
+    }
+
     fn graph_path(dir: &Path, id: u64) -> PathBuf {
         dir.join(format!("seg-{id}.hnsw"))
     }
@@ -208,8 +253,9 @@ impl ShardIndex {
         )))
     }
 
-    /// Recomputes document liveness, slots and BM25 from the sealed segments and tombstones.
-    fn rebuild_liveness(&mut self) {
+    /// Recomputes document liveness, slots and BM25 from the sealed segments (with their BM25
+    /// snapshots) and tombstones.
+    fn rebuild_liveness(&mut self, seg_terms: &HashMap<u64, SegmentTerms>) {
         let mut latest: HashMap<String, u64> = HashMap::new();
         for seg in &self.sealed {
             for e in &seg.entries {
@@ -223,18 +269,28 @@ impl ShardIndex {
         self.bm25 = Bm25::default();
         let sealed = self.sealed.clone();
         for seg in &sealed {
-            for e in &seg.entries {
+            let terms = seg_terms.get(&seg.id);
+            for (i, e) in seg.entries.iter().enumerate() {
                 if latest.get(&e.doc_id) == Some(&e.seq) {
-                    self.add_slot(e.clone());
+                    let counts = match terms {
+                        Some(t) => t.counts(i),
+                        None => crate::bm25::term_counts(&e.text),
+                    };
+                    self.add_slot_counts(e.clone(), counts);
                 }
             }
         }
     }
 
     fn add_slot(&mut self, e: Arc<Entry>) {
+        let counts = crate::bm25::term_counts(&e.text);
+        self.add_slot_counts(e, counts);
+    }
+
+    fn add_slot_counts(&mut self, e: Arc<Entry>, counts: Vec<(String, u32)>) {
         let slot = self.next_slot;
         self.next_slot = self.next_slot.wrapping_add(1);
-        self.bm25.insert(slot, &e.text);
+        self.bm25.insert_counts(slot, counts);
         let d = self.docs.entry(e.doc_id.clone()).or_default();
         d.seq = e.seq;
         d.slots.push(slot);
@@ -362,7 +418,8 @@ impl ShardIndex {
     fn write_segment(&self, seg: &Segment) -> Result<(), IndexError> {
         let plain: Vec<&Entry> = seg.entries.iter().map(|e| e.as_ref()).collect();
         let bytes = postcard::to_stdvec(&plain).map_err(|e| IndexError::BadInput(e.to_string()))?;
-        write_checked(&self.segment_path(seg.id), &bytes)
+        write_checked(&self.segment_path(seg.id), &bytes)?;
+        self.write_terms(seg.id, &SegmentTerms::of(seg))
     }
 
     fn write_manifest(&self) -> Result<(), IndexError> {
@@ -413,6 +470,7 @@ impl ShardIndex {
         self.write_manifest()?;
         for g in gone {
             let _ = std::fs::remove_file(self.segment_path(g));
+            let _ = std::fs::remove_file(self.terms_path(g));
             let _ = std::fs::remove_file(Self::graph_path(&self.dir, g));
         }
         self.spawn_graph(merged, false);

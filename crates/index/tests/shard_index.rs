@@ -240,3 +240,66 @@ fn hybrid_fuses_dense_and_bm25() {
     let ids: Vec<&str> = hits.iter().map(|h| h.doc_id.as_str()).collect();
     assert!(ids.contains(&"a") && ids.contains(&"b"), "{ids:?}");
 }
+
+fn bm25_ids(ix: &ShardIndex, text: &str) -> Vec<(String, u32)> {
+    let mut q = query(0, text, SearchMode::Bm25);
+    q.k = 20;
+    ix.search(&q)
+        .unwrap()
+        .into_iter()
+        .map(|h| (h.chunk_id, (h.score * 1e4) as u32))
+        .collect()
+}
+
+#[test]
+fn bm25_is_snapshotted_per_segment_and_recovered_with_the_log_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    let words = ["proton", "neutron", "electron", "quark", "gluon", "photon"];
+    let text = |i: usize| format!("{} {} number {i}", words[i % 6], words[(i * 7 + 1) % 6]);
+    let before;
+    {
+        // segment_size 10: 25 documents give two sealed segments and a growing tail in the log
+        let (mut ix, _) = ShardIndex::open(dir.path(), settings(10)).unwrap();
+        for i in 0..25 {
+            ix.write(vec![upsert(&format!("d{i}"), &text(i), i as u64)], &model())
+                .unwrap();
+        }
+        // a delete and a replace after the last seal live only in the log
+        ix.write(vec![WriteOp::Delete { doc_id: "d3".into() }], &model())
+            .unwrap();
+        ix.write(vec![upsert("d4", "tachyon", 99)], &model()).unwrap();
+        before = bm25_ids(&ix, "proton quark tachyon");
+        assert!(before.iter().any(|(c, _)| c == "d4#0"));
+        assert!(!before.iter().any(|(c, _)| c == "d3#0"));
+    }
+    let snaps: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().extension().is_some_and(|x| x == "bm25"))
+        .collect();
+    assert!(!snaps.is_empty(), "no BM25 snapshot written");
+    let (ix, rep) = ShardIndex::open(dir.path(), settings(10)).unwrap();
+    assert!(rep.problems.is_empty(), "{:?}", rep.problems);
+    assert!(rep.segments >= 2, "{rep:?}");
+    assert_eq!(rep.bm25_snapshots, rep.segments);
+    assert!(rep.replayed > 0);
+    assert_eq!(bm25_ids(&ix, "proton quark tachyon"), before);
+    drop(ix);
+
+    // a corrupt snapshot is reported, never loaded; BM25 is rebuilt from the segment and the
+    // snapshot rewritten, so the next open is clean again
+    let victim = snaps[0].path();
+    let mut bytes = std::fs::read(&victim).unwrap();
+    let n = bytes.len();
+    bytes[n - 2] ^= 0x5a;
+    std::fs::write(&victim, &bytes).unwrap();
+    let (ix, rep) = ShardIndex::open(dir.path(), settings(10)).unwrap();
+    assert_eq!(rep.problems.len(), 1, "{:?}", rep.problems);
+    assert!(rep.problems[0].contains("checksum"), "{:?}", rep.problems);
+    assert!(!rep.needs_catch_up, "BM25 is derivable from the segment");
+    assert_eq!(bm25_ids(&ix, "proton quark tachyon"), before);
+    drop(ix);
+    let (_ix, rep) = ShardIndex::open(dir.path(), settings(10)).unwrap();
+    assert!(rep.problems.is_empty(), "{:?}", rep.problems);
+    assert_eq!(rep.bm25_snapshots, rep.segments);
+}

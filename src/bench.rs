@@ -6,17 +6,35 @@ use clap::Subcommand;
 /// Benchmarks.
 #[derive(Subcommand)]
 pub enum BenchCmd {
-    /// Shard index: HNSW build time, QPS and recall@10 against exact search in the same run.
+    /// HNSW segments: build time and single-thread QPS across search beams, recall@10 against
+    /// exact search, and the QPS at recall 0.90/0.95/0.99; with `--reference`, hnswlib and
+    /// faiss HNSW on the same vectors, degree, construction beam and threads, in the same run.
     Index {
-        /// Vectors (384 dimensions, clustered like real embeddings).
-        #[arg(long, default_value_t = 20_000)]
+        /// Vectors (384 dimensions, clustered, `--intrinsic` directions per cluster).
+        #[arg(long, default_value_t = 100_000)]
         n: usize,
-        /// Queries.
-        #[arg(long, default_value_t = 500)]
+        /// Queries (drawn from the same clusters, not in the set).
+        #[arg(long, default_value_t = 1000)]
         queries: usize,
-        /// HNSW search beams to measure (each needs its own build: instant-distance fixes it).
-        #[arg(long, value_delimiter = ',', default_value = "16,64")]
+        /// Search beams to sweep.
+        #[arg(long, value_delimiter = ',', default_value = "10,16,24,32,48,64,96,128,192,256,384,512")]
         ef: Vec<usize>,
+        /// Construction beam (all libraries).
+        #[arg(long, default_value_t = 100)]
+        ef_construction: usize,
+        /// Clusters in the synthetic set.
+        #[arg(long, default_value_t = 10)]
+        clusters: usize,
+        /// Directions per cluster (more = harder).
+        #[arg(long, default_value_t = 64)]
+        intrinsic: usize,
+        /// Isotropic noise (more = harder).
+        #[arg(long, default_value_t = 0.5)]
+        noise: f32,
+        /// A Python with numpy, hnswlib and faiss-cpu: runs crates/index/bench/ann_reference.py
+        /// on the same vectors (`python3 -m venv V && V/bin/pip install numpy hnswlib faiss-cpu`).
+        #[arg(long)]
+        reference: Option<std::path::PathBuf>,
     },
     /// Generator time to first token and tokens/s, 1 stream vs 4 concurrent streams.
     Generate {
@@ -42,8 +60,27 @@ pub enum BenchCmd {
 pub async fn run(cmd: BenchCmd) -> Result<()> {
     match cmd {
         BenchCmd::Embed { models } => tokio::task::spawn_blocking(move || embed(&models)).await?,
-        BenchCmd::Index { n, queries, ef } => {
-            tokio::task::spawn_blocking(move || index(n, queries, &ef)).await?
+        BenchCmd::Index {
+            n,
+            queries,
+            ef,
+            ef_construction,
+            clusters,
+            intrinsic,
+            noise,
+            reference,
+        } => {
+            let spec = IndexBench {
+                n,
+                nq: queries,
+                efs: ef,
+                efc: ef_construction,
+                clusters,
+                intrinsic,
+                noise,
+                reference,
+            };
+            tokio::task::spawn_blocking(move || index(spec)).await?
         }
         BenchCmd::Generate {
             models,
@@ -173,64 +210,182 @@ fn generate<B: burn::prelude::Backend>(models: &std::path::Path, tokens: usize) 
     Ok(())
 }
 
-fn index(n: usize, nq: usize, efs: &[usize]) -> Result<()> {
-    use ragfleet_index::eval::{clustered, recall, truth, upserts};
-    use ragfleet_index::{IndexSettings, ShardIndex};
-    use ragfleet_proto::{ModelIdentity, SearchMode, SearchQuery};
+struct IndexBench {
+    n: usize,
+    nq: usize,
+    efs: Vec<usize>,
+    efc: usize,
+    clusters: usize,
+    intrinsic: usize,
+    noise: f32,
+    reference: Option<std::path::PathBuf>,
+}
+
+/// One point of a recall/QPS curve.
+struct Point {
+    lib: String,
+    ef: usize,
+    recall: f64,
+    qps: f64,
+}
+
+fn index(b: IndexBench) -> Result<()> {
+    use ragfleet_index::ann::{exact_top_k, Ann};
+    use ragfleet_index::eval::clustered_with;
+    use ragfleet_index::vector::normalize;
+    use std::io::Write;
     use std::time::Instant;
-    let model = ModelIdentity {
-        name: "bench".into(),
-        weights_sha256: "0".into(),
-        dim: 384,
-        max_len: 0,
-        pooling: "mean".into(),
-        normalized: true,
+    const DIM: usize = 384;
+    const K: usize = 10;
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let norm = |mut v: Vec<f32>| {
+        normalize(&mut v);
+        v
     };
-    let ops = upserts(clustered(n, 384, 64, 0.05, 1, 2), None);
-    let queries: Vec<SearchQuery> = clustered(nq, 384, 64, 0.05, 1, 3)
-        .into_iter()
-        .map(|v| SearchQuery {
-            vector: v,
-            text: String::new(),
-            k: 10,
-            mode: SearchMode::Dense,
-            model: None,
-        })
-        .collect();
-    let dir = tempfile::tempdir()?;
-    let exact_settings = IndexSettings {
-        segment_size: usize::MAX,
-        ..IndexSettings::default()
-    };
-    let (mut exact, _) = ShardIndex::open(&dir.path().join("exact"), exact_settings)?;
-    exact.write(ops.clone(), &model)?;
     let t = Instant::now();
-    let truth = truth(&exact, &queries)?;
-    let exact_qps = nq as f64 / t.elapsed().as_secs_f64();
-    println!("{n} vectors x 384, {nq} queries, k = 10; baseline: exact scan {exact_qps:.0} QPS (1 thread)");
+    let data: Vec<Vec<f32>> = clustered_with(b.n, DIM, b.clusters, b.intrinsic, b.noise, 1, 2)
+        .into_iter()
+        .map(norm)
+        .collect();
+    let queries: Vec<Vec<f32>> =
+        clustered_with(b.nq, DIM, b.clusters, b.intrinsic, b.noise, 1, 3)
+            .into_iter()
+            .map(norm)
+            .collect();
     println!(
-        "{:>4} {:>10} {:>10} {:>10} {:>12}",
-        "ef", "build s", "QPS", "recall@10", "QPS / exact"
+        "{} vectors x {DIM} ({} clusters, {} directions each, noise {}), {} queries, k = {K}, \
+         M = 32, ef_construction = {}, {threads} build threads, 1 search thread; data {:.1} s",
+        b.n,
+        b.clusters,
+        b.intrinsic,
+        b.noise,
+        b.nq,
+        b.efc,
+        t.elapsed().as_secs_f64()
     );
-    for &ef in efs {
-        let settings = IndexSettings {
-            segment_size: n,
-            merge_below: 1,
-            ef_construction: 100,
-            ef_search: ef,
-            background: false,
+    let t = Instant::now();
+    let truth = exact_top_k(&data, &queries, K, threads);
+    let exact_qps = b.nq as f64 / t.elapsed().as_secs_f64() / threads as f64;
+    println!("exact scan: {exact_qps:.0} QPS per thread (the truth for recall)");
+
+    let mut points: Vec<Point> = Vec::new();
+    let mut builds: Vec<(String, f64)> = Vec::new();
+    let ef_list = b
+        .efs
+        .iter()
+        .map(|e| e.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    if let Some(py) = &b.reference {
+        let dir = tempfile::tempdir()?;
+        let write_f32 = |name: &str, rows: &[Vec<f32>]| -> Result<()> {
+            let mut f = std::io::BufWriter::new(std::fs::File::create(dir.path().join(name))?);
+            for r in rows {
+                for x in r {
+                    f.write_all(&x.to_le_bytes())?;
+                }
+            }
+            f.flush()?;
+            Ok(())
         };
-        let (mut ix, _) = ShardIndex::open(&dir.path().join(format!("hnsw-{ef}")), settings)?;
+        write_f32("vectors.f32", &data)?;
+        write_f32("queries.f32", &queries)?;
+        let mut f = std::io::BufWriter::new(std::fs::File::create(dir.path().join("truth.u32"))?);
+        for r in &truth {
+            for x in r {
+                f.write_all(&x.to_le_bytes())?;
+            }
+        }
+        f.flush()?;
+        drop(f);
+        let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("crates/index/bench/ann_reference.py");
+        println!("reference: {} {}", py.display(), script.display());
+        let out = std::process::Command::new(py)
+            .arg(&script)
+            .args(["--dir", &dir.path().to_string_lossy()])
+            .args(["--dim", &DIM.to_string(), "--k", &K.to_string(), "--m", "32"])
+            .args(["--efc", &b.efc.to_string(), "--threads", &threads.to_string()])
+            .args(["--ef", &ef_list])
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .map_err(|e| anyhow::anyhow!("cannot run {}: {e}", py.display()))?;
+        if !out.status.success() {
+            anyhow::bail!("the reference script failed ({})", out.status);
+        }
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let v: serde_json::Value = serde_json::from_str(line)?;
+            let lib = v["lib"].as_str().unwrap_or("?").to_string();
+            if let Some(s) = v["build_s"].as_f64() {
+                builds.push((lib, s));
+            } else {
+                points.push(Point {
+                    lib,
+                    ef: v["ef"].as_u64().unwrap_or(0) as usize,
+                    recall: v["recall"].as_f64().unwrap_or(0.0),
+                    qps: v["qps"].as_f64().unwrap_or(0.0),
+                });
+            }
+        }
+    }
+
+    let t = Instant::now();
+    let mut ann = Ann::build(data, b.efc, b.efs.first().copied().unwrap_or(K), 1);
+    builds.insert(0, ("ragfleet".into(), t.elapsed().as_secs_f64()));
+    let mut search = ragfleet_index::ann::Search::default();
+    for &ef in &b.efs {
+        ann = ann.with_ef_search(ef.max(K))?;
         let t = Instant::now();
-        ix.write(ops.clone(), &model)?;
-        let build = t.elapsed().as_secs_f64();
-        let t = Instant::now();
-        let r = recall(&ix, &queries, &truth)?;
-        let qps = nq as f64 / t.elapsed().as_secs_f64();
-        println!(
-            "{ef:>4} {build:>10.1} {qps:>10.0} {r:>10.4} {:>12.1}",
-            qps / exact_qps
-        );
+        let found: Vec<Vec<u32>> = queries.iter().map(|q| ann.search(q, K, &mut search)).collect();
+        let qps = b.nq as f64 / t.elapsed().as_secs_f64();
+        let hit: usize = found
+            .iter()
+            .zip(&truth)
+            .map(|(f, t)| t.iter().filter(|x| f.contains(x)).count())
+            .sum();
+        points.push(Point {
+            lib: "ragfleet".into(),
+            ef,
+            recall: hit as f64 / (K * b.nq) as f64,
+            qps,
+        });
+    }
+
+    println!("\n{:<10} {:>10}", "library", "build s");
+    for (lib, s) in &builds {
+        println!("{lib:<10} {s:>10.1}");
+    }
+    println!("\n{:<10} {:>5} {:>10} {:>10}", "library", "ef", "recall@10", "QPS");
+    for p in &points {
+        println!("{:<10} {:>5} {:>10.4} {:>10.0}", p.lib, p.ef, p.recall, p.qps);
+    }
+    println!("\nbest QPS at a recall target (ef in brackets); ratios are ragfleet / other");
+    let libs: Vec<String> = builds.iter().map(|(l, _)| l.clone()).collect();
+    for target in [0.90, 0.95, 0.99] {
+        let best = |lib: &str| {
+            points
+                .iter()
+                .filter(|p| p.lib == lib && p.recall >= target)
+                .max_by(|a, b| a.qps.total_cmp(&b.qps))
+        };
+        let mine = best("ragfleet");
+        let mut line = format!("recall >= {target:.2}:");
+        for lib in &libs {
+            match best(lib) {
+                Some(p) => line += &format!("  {lib} {:.0} QPS (ef {})", p.qps, p.ef),
+                None => line += &format!("  {lib} not reached"),
+            }
+        }
+        for lib in libs.iter().skip(1) {
+            if let (Some(m), Some(o)) = (mine, best(lib)) {
+                line += &format!("  x{:.2} vs {lib}", m.qps / o.qps);
+            }
+        }
+        println!("{line}");
+    }
+    let mine = builds[0].1;
+    for (lib, s) in builds.iter().skip(1) {
+        println!("build time: ragfleet / {lib} = {:.2}", mine / s);
     }
     Ok(())
 }

@@ -171,6 +171,9 @@ context_tokens = 768
     Ok(cfg)
 }
 
+/// Bumped when the shards' on-disk format changes (2: write versions).
+const INDEX_FORMAT: u32 = 2;
+
 /// `ragfleet demo`.
 pub async fn run(
     data_dir: PathBuf,
@@ -182,6 +185,20 @@ pub async fn run(
         println!("fetching models into {} ...", models.display());
         let m = models.clone();
         tokio::task::spawn_blocking(move || ragfleet_models::fetch::fetch_models(&m)).await??;
+    }
+    let corpus = Corpus::read_str(DEMO_CORPUS, "rust-book.jsonl");
+    let marker = data_dir.join("ingested.txt");
+    let stamp = format!(
+        "{} documents, corpus {}, index format {INDEX_FORMAT}",
+        corpus.docs.len(),
+        DEMO_CORPUS.len()
+    );
+    let built = std::fs::read_to_string(&marker).ok();
+    if built.as_ref().is_some_and(|b| *b != stamp) {
+        // another corpus or an older on-disk format: start this demo's index afresh
+        println!("rebuilding the demo index in {} ({stamp})", data_dir.display());
+        std::fs::remove_dir_all(&data_dir)
+            .with_context(|| format!("cannot clear {}", data_dir.display()))?;
     }
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("cannot create {}", data_dir.display()))?;
@@ -195,14 +212,7 @@ pub async fn run(
     let client = Client::connect(cfg.clone(), Duration::from_secs(30)).await?;
     println!("cluster up in {:.1} s", t0.elapsed().as_secs_f64());
 
-    let corpus = Corpus::read_str(DEMO_CORPUS, "rust-book.jsonl");
-    let marker = data_dir.join("ingested.txt");
-    let stamp = format!(
-        "{} documents, corpus {}",
-        corpus.docs.len(),
-        DEMO_CORPUS.len()
-    );
-    if std::fs::read_to_string(&marker).ok().as_deref() == Some(stamp.as_str()) {
+    if built.as_deref() == Some(stamp.as_str()) {
         // wait until every shard serves its recovered data
         let start = Instant::now();
         while start.elapsed() < Duration::from_secs(30) {

@@ -19,7 +19,7 @@ pub(crate) fn terms(text: &str) -> Vec<String> {
 }
 
 /// Each term of `text` with its frequency, sorted by term (what a snapshot stores per chunk).
-pub fn term_counts(text: &str) -> Vec<(String, u32)> {
+pub(crate) fn term_counts(text: &str) -> Vec<(String, u32)> {
     let mut tf: HashMap<String, u32> = HashMap::new();
     for t in terms(text) {
         *tf.entry(t).or_default() += 1;

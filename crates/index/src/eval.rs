@@ -17,14 +17,29 @@ pub fn clustered(
     seed: u64,
     draw: u64,
 ) -> Vec<Vec<f32>> {
-    const INTRINSIC: usize = 12;
+    clustered_with(n, dim, clusters, 12, noise, seed, draw)
+}
+
+/// [`clustered`] with `intrinsic` directions per cluster: more directions and more noise make
+/// a harder set for an approximate index (the benchmark uses 10 clusters, 64 and 0.5).
+pub fn clustered_with(
+    n: usize,
+    dim: usize,
+    clusters: usize,
+    intrinsic: usize,
+    noise: f32,
+    seed: u64,
+    draw: u64,
+) -> Vec<Vec<f32>> {
+    const INTRINSIC_MAX: usize = 1024;
+    let intrinsic = intrinsic.clamp(1, INTRINSIC_MAX);
     let mut r = rand::rngs::StdRng::seed_from_u64(seed);
     let centers: Vec<Vec<f32>> = (0..clusters)
         .map(|_| (0..dim).map(|_| r.gen_range(-1.0..1.0)).collect())
         .collect();
     let dirs: Vec<Vec<Vec<f32>>> = (0..clusters)
         .map(|_| {
-            (0..INTRINSIC)
+            (0..intrinsic)
                 .map(|_| (0..dim).map(|_| r.gen_range(-0.5..0.5)).collect())
                 .collect()
         })
@@ -33,11 +48,11 @@ pub fn clustered(
     (0..n)
         .map(|i| {
             let c = i % clusters;
-            let coef: Vec<f32> = (0..INTRINSIC).map(|_| r.gen_range(-1.0..1.0)).collect();
+            let coef: Vec<f32> = (0..intrinsic).map(|_| r.gen_range(-1.0..1.0)).collect();
             (0..dim)
                 .map(|d| {
                     centers[c][d]
-                        + (0..INTRINSIC).map(|k| coef[k] * dirs[c][k][d]).sum::<f32>()
+                        + (0..intrinsic).map(|k| coef[k] * dirs[c][k][d]).sum::<f32>()
                         + r.gen_range(-noise..noise)
                 })
                 .collect()
@@ -54,6 +69,7 @@ pub fn upserts(vectors: Vec<Vec<f32>>, texts: Option<&[String]>) -> Vec<WriteOp>
             let id = format!("d{i}");
             let text = texts.and_then(|t| t.get(i)).cloned().unwrap_or_default();
             WriteOp::Upsert {
+                version: 0,
                 doc_id: id.clone(),
                 chunks: vec![ChunkRecord {
                     doc_id: id.clone(),

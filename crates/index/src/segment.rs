@@ -11,6 +11,7 @@ use crate::vector::{dot, UnitVector};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub(crate) struct Entry {
     pub(crate) seq: u64,
+    pub(crate) version: u64,
     pub(crate) doc_id: String,
     pub(crate) chunk_id: String,
     pub(crate) text: String,

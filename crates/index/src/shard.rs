@@ -62,6 +62,9 @@ struct Manifest {
     last_seq: u64,
     segments: Vec<u64>,
     tombstones: HashMap<String, u64>,
+    /// Version of the latest delete of every deleted document, kept so that an older copy
+    /// (from a retry or a lagging peer) cannot bring it back.
+    deleted: HashMap<String, u64>,
     model: Option<ModelIdentity>,
     next_segment_id: u64,
 }
@@ -76,6 +79,7 @@ struct WalRecord {
 #[derive(Debug, Default)]
 struct DocState {
     seq: u64,
+    version: u64,
     slots: Vec<u32>,
 }
 
@@ -93,6 +97,7 @@ pub struct ShardIndex {
     growing: Vec<Arc<Entry>>,
     docs: HashMap<String, DocState>,
     tombstones: HashMap<String, u64>,
+    deleted: HashMap<String, u64>,
     bm25: Bm25,
     slots: HashMap<u32, Arc<Entry>>,
     next_slot: u32,
@@ -134,6 +139,7 @@ impl ShardIndex {
             growing: Vec::new(),
             docs: HashMap::new(),
             tombstones: manifest.tombstones.clone(),
+            deleted: manifest.deleted.clone(),
             bm25: Bm25::default(),
             slots: HashMap::new(),
             next_slot: 0,
@@ -293,6 +299,7 @@ impl ShardIndex {
         self.bm25.insert_counts(slot, counts);
         let d = self.docs.entry(e.doc_id.clone()).or_default();
         d.seq = e.seq;
+        d.version = e.version;
         d.slots.push(slot);
         self.slots.insert(slot, e);
     }
@@ -308,11 +315,17 @@ impl ShardIndex {
 
     fn apply_in_memory(&mut self, seq: u64, op: WriteOp) {
         match op {
-            WriteOp::Upsert { doc_id, chunks } if !chunks.is_empty() => {
+            WriteOp::Upsert {
+                doc_id,
+                chunks,
+                version,
+            } if !chunks.is_empty() => {
                 self.remove_doc(&doc_id);
+                self.deleted.remove(&doc_id);
                 for c in chunks {
                     let e = Arc::new(Entry {
                         seq,
+                        version,
                         doc_id: c.doc_id,
                         chunk_id: c.chunk_id,
                         text: c.text,
@@ -322,9 +335,10 @@ impl ShardIndex {
                     self.add_slot(e);
                 }
             }
-            WriteOp::Upsert { doc_id, .. } | WriteOp::Delete { doc_id } => {
+            WriteOp::Upsert { doc_id, version, .. } | WriteOp::Delete { doc_id, version } => {
                 self.remove_doc(&doc_id);
-                self.tombstones.insert(doc_id, seq);
+                self.tombstones.insert(doc_id.clone(), seq);
+                self.deleted.insert(doc_id, version);
             }
         }
     }
@@ -344,20 +358,32 @@ impl ShardIndex {
         }
     }
 
-    /// Deletes documents durably (no model check: deletions carry no vectors).
-    pub fn delete(&mut self, doc_ids: &[String]) -> Result<u64, IndexError> {
+    /// The version this replica holds of a document, live or deleted.
+    pub fn version_of(&self, doc_id: &str) -> Option<u64> {
+        self.docs
+            .get(doc_id)
+            .map(|d| d.version)
+            .or_else(|| self.deleted.get(doc_id).copied())
+    }
+
+    /// Deletes documents durably at `version` (no model check: deletions carry no vectors).
+    pub fn delete(&mut self, doc_ids: &[String], version: u64) -> Result<u64, IndexError> {
         let Some(model) = self.model.clone() else {
             return Ok(self.last_seq); // nothing was ever written
         };
         let ops = doc_ids
             .iter()
-            .map(|d| WriteOp::Delete { doc_id: d.clone() })
+            .map(|d| WriteOp::Delete {
+                doc_id: d.clone(),
+                version,
+            })
             .collect();
         self.write(ops, &model)
     }
 
     /// Validates, logs durably (fsync) and applies `ops`; returns the last sequence number.
-    /// The first write pins the model identity.
+    /// The first write pins the model identity. An op older than (or as old as) the version
+    /// held of its document is skipped: last writer wins (see [`WriteOp::version`]).
     pub fn write(&mut self, ops: Vec<WriteOp>, model: &ModelIdentity) -> Result<u64, IndexError> {
         self.check_model(model)?;
         let mut ops = ops;
@@ -365,12 +391,28 @@ impl ShardIndex {
             if op.doc_id().is_empty() {
                 return Err(IndexError::BadInput("empty document id".into()));
             }
-            if let WriteOp::Upsert { doc_id, chunks } = op {
+            if let WriteOp::Upsert { doc_id, chunks, .. } = op {
                 for c in chunks.iter_mut() {
                     validate_chunk(doc_id, c, model.dim as usize)?;
                 }
             }
         }
+        let mut newest: HashMap<String, u64> = HashMap::new();
+        ops.retain(|op| {
+            let v = op.version();
+            if v == 0 {
+                return true;
+            }
+            let held = newest
+                .get(op.doc_id())
+                .copied()
+                .or_else(|| self.version_of(op.doc_id()));
+            if held.is_some_and(|h| h >= v) {
+                return false;
+            }
+            newest.insert(op.doc_id().to_string(), v);
+            true
+        });
         if ops.is_empty() {
             return Ok(self.last_seq);
         }
@@ -427,6 +469,7 @@ impl ShardIndex {
             last_seq: self.last_seq,
             segments: self.sealed.iter().map(|s| s.id).collect(),
             tombstones: self.tombstones.clone(),
+            deleted: self.deleted.clone(),
             model: self.model.clone(),
             next_segment_id: self.next_segment_id,
         };
@@ -597,36 +640,43 @@ impl ShardIndex {
             .into_iter()
             .map(|(d, chunks)| WriteOp::Upsert {
                 doc_id: d.to_string(),
+                version: self.docs.get(d).map_or(0, |s| s.version),
                 chunks,
             })
             .collect();
         ops.sort_by(|a, b| a.doc_id().cmp(b.doc_id()));
-        let mut deleted: Vec<&String> = self
-            .tombstones
-            .keys()
-            .filter(|d| !self.docs.contains_key(*d))
+        let mut deleted: Vec<(&String, &u64)> = self
+            .deleted
+            .iter()
+            .filter(|(d, _)| !self.docs.contains_key(*d))
             .collect();
         deleted.sort();
-        ops.extend(
-            deleted
-                .into_iter()
-                .map(|d| WriteOp::Delete { doc_id: d.clone() }),
-        );
+        ops.extend(deleted.into_iter().map(|(d, v)| WriteOp::Delete {
+            doc_id: d.clone(),
+            version: *v,
+        }));
         ops
     }
 
     /// Whether applying `op` would change nothing (catch-up skips such ops).
     pub fn has_identical(&self, op: &WriteOp) -> bool {
         match op {
-            WriteOp::Upsert { doc_id, chunks } => self.docs.get(doc_id).is_some_and(|d| {
-                d.slots.len() == chunks.len()
+            WriteOp::Upsert {
+                doc_id,
+                chunks,
+                version,
+            } => self.docs.get(doc_id).is_some_and(|d| {
+                d.version == *version
+                    && d.slots.len() == chunks.len()
                     && d.slots.iter().zip(chunks).all(|(s, c)| {
                         self.slots
                             .get(s)
                             .is_some_and(|e| e.chunk_id == c.chunk_id && e.text == c.text)
                     })
             }),
-            WriteOp::Delete { doc_id } => !self.docs.contains_key(doc_id),
+            WriteOp::Delete { doc_id, version } => {
+                !self.docs.contains_key(doc_id) && self.deleted.get(doc_id) == Some(version)
+            }
         }
     }
 

@@ -32,6 +32,7 @@ fn vec_for(seed: u64) -> Vec<f32> {
 
 fn upsert(doc: &str, text: &str, seed: u64) -> WriteOp {
     WriteOp::Upsert {
+        version: 0,
         doc_id: doc.into(),
         chunks: vec![ChunkRecord {
             doc_id: doc.into(),
@@ -77,7 +78,7 @@ fn upserts_and_deletes_are_visible_to_the_next_search() {
         "alpha rays"
     );
     // delete b
-    ix.write(vec![WriteOp::Delete { doc_id: "b".into() }], &model())
+    ix.write(vec![WriteOp::Delete { doc_id: "b".into(), version: 0 }], &model())
         .unwrap();
     let hits = ix.search(&query(2, "beta", SearchMode::Bm25)).unwrap();
     assert!(hits.is_empty());
@@ -99,6 +100,7 @@ fn recovers_from_log_and_segments_after_reopen() {
         ix.write(
             vec![WriteOp::Delete {
                 doc_id: "d3".into(),
+                version: 0,
             }],
             &model(),
         )
@@ -198,6 +200,7 @@ fn bad_vectors_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let (mut ix, _) = ShardIndex::open(dir.path(), settings(100)).unwrap();
     let bad = WriteOp::Upsert {
+        version: 0,
         doc_id: "a".into(),
         chunks: vec![ChunkRecord {
             doc_id: "a".into(),
@@ -208,6 +211,7 @@ fn bad_vectors_are_refused() {
     };
     assert!(ix.write(vec![bad], &model()).is_err());
     let short = WriteOp::Upsert {
+        version: 0,
         doc_id: "a".into(),
         chunks: vec![ChunkRecord {
             doc_id: "a".into(),
@@ -265,7 +269,7 @@ fn bm25_is_snapshotted_per_segment_and_recovered_with_the_log_tail() {
                 .unwrap();
         }
         // a delete and a replace after the last seal live only in the log
-        ix.write(vec![WriteOp::Delete { doc_id: "d3".into() }], &model())
+        ix.write(vec![WriteOp::Delete { doc_id: "d3".into(), version: 0 }], &model())
             .unwrap();
         ix.write(vec![upsert("d4", "tachyon", 99)], &model()).unwrap();
         before = bm25_ids(&ix, "proton quark tachyon");
@@ -302,4 +306,73 @@ fn bm25_is_snapshotted_per_segment_and_recovered_with_the_log_tail() {
     let (_ix, rep) = ShardIndex::open(dir.path(), settings(10)).unwrap();
     assert!(rep.problems.is_empty(), "{:?}", rep.problems);
     assert_eq!(rep.bm25_snapshots, rep.segments);
+}
+
+fn versioned(doc: &str, text: &str, seed: u64, version: u64) -> WriteOp {
+    match upsert(doc, text, seed) {
+        WriteOp::Upsert { doc_id, chunks, .. } => WriteOp::Upsert {
+            doc_id,
+            chunks,
+            version,
+        },
+        other => other,
+    }
+}
+
+fn text_of(ix: &ShardIndex, doc: &str) -> Option<String> {
+    ix.dump().into_iter().find_map(|op| match op {
+        WriteOp::Upsert { doc_id, chunks, .. } if doc_id == doc => Some(chunks[0].text.clone()),
+        _ => None,
+    })
+}
+
+#[test]
+fn older_versions_never_overwrite_newer_ones_or_resurrect_deletes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut ix, _) = ShardIndex::open(dir.path(), settings(4)).unwrap();
+    // a replica that got the newer write of "a" (acknowledged at a quorum its peer missed)
+    ix.write(vec![versioned("a", "new text", 1, 20)], &model()).unwrap();
+    ix.write(
+        vec![
+            versioned("b", "doomed", 2, 10),
+            WriteOp::Delete {
+                doc_id: "b".into(),
+                version: 30,
+            },
+        ],
+        &model(),
+    )
+    .unwrap();
+    // a lagging peer's dump: an older "a", and "b" as it was before the delete
+    let stale = vec![versioned("a", "old text", 3, 15), versioned("b", "doomed", 2, 10)];
+    ix.write(stale.clone(), &model()).unwrap();
+    assert_eq!(text_of(&ix, "a").as_deref(), Some("new text"));
+    assert_eq!(text_of(&ix, "b"), None);
+    assert_eq!(ix.version_of("a"), Some(20));
+    assert_eq!(ix.version_of("b"), Some(30));
+    // the same holds after a restart (versions and deletions are durable), with segments sealed
+    for i in 0..6 {
+        ix.write(vec![versioned(&format!("f{i}"), "filler", 10 + i, 40 + i)], &model())
+            .unwrap();
+    }
+    drop(ix);
+    let (mut ix, rep) = ShardIndex::open(dir.path(), settings(4)).unwrap();
+    assert!(rep.problems.is_empty(), "{:?}", rep.problems);
+    assert!(rep.segments >= 1);
+    ix.write(stale, &model()).unwrap();
+    assert_eq!(text_of(&ix, "a").as_deref(), Some("new text"));
+    assert_eq!(text_of(&ix, "b"), None);
+    // the dump carries versions and deletions, so a peer replaying it converges here
+    let dump = ix.dump();
+    assert!(dump.iter().any(|o| matches!(o, WriteOp::Delete { doc_id, version: 30 } if doc_id == "b")));
+    assert!(dump.iter().any(|o| matches!(o, WriteOp::Upsert { doc_id, version: 20, .. } if doc_id == "a")));
+    let peer_dir = tempfile::tempdir().unwrap();
+    let (mut peer, _) = ShardIndex::open(peer_dir.path(), settings(4)).unwrap();
+    peer.write(vec![versioned("b", "doomed", 2, 10)], &model()).unwrap();
+    peer.write(dump, &model()).unwrap();
+    assert_eq!(text_of(&peer, "b"), None);
+    assert_eq!(text_of(&peer, "a").as_deref(), Some("new text"));
+    // a newer write still replaces
+    ix.write(vec![versioned("a", "newest", 4, 50)], &model()).unwrap();
+    assert_eq!(text_of(&ix, "a").as_deref(), Some("newest"));
 }

@@ -45,16 +45,18 @@ fn all_requests() -> Vec<Request> {
         Request::Write {
             ops: vec![
                 WriteOp::Upsert {
+        version: 0,
                     doc_id: "d".into(),
                     chunks: vec![chunk],
                 },
-                WriteOp::Delete { doc_id: "e".into() },
+                WriteOp::Delete { doc_id: "e".into(), version: 0 },
             ],
             model: model(),
         },
         Request::Dump,
         Request::Delete {
             doc_ids: vec!["a".into(), "b".into()],
+            version: 7,
         },
         Request::ChunkEmbed {
             docs: vec![Document {
@@ -138,11 +140,11 @@ fn all_responses() -> Vec<Response> {
         Response::Written { seq: 42 },
         Response::Chunked {
             model: model(),
-            ops: vec![WriteOp::Delete { doc_id: "x".into() }],
+            ops: vec![WriteOp::Delete { doc_id: "x".into(), version: 0 }],
             failed: vec![("y".into(), "empty".into())],
         },
         Response::Dumped {
-            ops: vec![WriteOp::Delete { doc_id: "x".into() }],
+            ops: vec![WriteOp::Delete { doc_id: "x".into(), version: 0 }],
             model: Some(model()),
         },
         Response::Scores(vec![1.0, -2.0]),

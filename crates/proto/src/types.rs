@@ -84,11 +84,15 @@ pub enum WriteOp {
         doc_id: String,
         /// Its chunks.
         chunks: Vec<ChunkRecord>,
+        /// Write version (see [`WriteOp::version`]).
+        version: u64,
     },
     /// Remove the document.
     Delete {
         /// Document id.
         doc_id: String,
+        /// Write version (see [`WriteOp::version`]).
+        version: u64,
     },
 }
 
@@ -96,7 +100,36 @@ impl WriteOp {
     /// The document the op touches.
     pub fn doc_id(&self) -> &str {
         match self {
-            WriteOp::Upsert { doc_id, .. } | WriteOp::Delete { doc_id } => doc_id,
+            WriteOp::Upsert { doc_id, .. } | WriteOp::Delete { doc_id, .. } => doc_id,
+        }
+    }
+
+    /// The write's version, stamped by the coordinator that accepted it (a hybrid clock:
+    /// microseconds since the epoch, strictly increasing per coordinator). Replicas keep the
+    /// highest version of each document (last writer wins), so a late or replayed older copy,
+    /// from a retry or a catch-up, never overwrites a newer write or resurrects a deleted
+    /// document. Version 0 means unversioned: always applied.
+    pub fn version(&self) -> u64 {
+        match self {
+            WriteOp::Upsert { version, .. } | WriteOp::Delete { version, .. } => *version,
+        }
+    }
+}
+
+/// A new write version: microseconds since the Unix epoch, strictly greater than every version
+/// this process handed out before (see [`WriteOp::version`]).
+pub fn next_write_version() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_micros() as u64);
+    let mut last = LAST.load(Ordering::Relaxed);
+    loop {
+        let v = now.max(last + 1);
+        match LAST.compare_exchange_weak(last, v, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => return v,
+            Err(cur) => last = cur,
         }
     }
 }
@@ -432,6 +465,8 @@ pub enum Request {
     Delete {
         /// Document ids.
         doc_ids: Vec<String>,
+        /// Write version: clients send 0, the coordinator stamps it for the shards.
+        version: u64,
     },
     /// Copy of every live document (shard), for a peer catching up.
     Dump,

@@ -214,7 +214,10 @@ impl Client {
     /// Deletes documents (acknowledged once durable on a write quorum); `documents` counts them.
     pub async fn delete(&self, doc_ids: Vec<String>) -> Result<IngestResult, ClientError> {
         match self
-            .request(Request::Delete { doc_ids }, Duration::from_secs(120))
+            .request(Request::Delete {
+                    doc_ids,
+                    version: 0,
+                }, Duration::from_secs(120))
             .await?
         {
             Response::Ingested(r) => Ok(r),

@@ -420,6 +420,12 @@ pub async fn ingest(ctx: Arc<Ctx>, docs: Vec<Document>) -> Result<IngestResult, 
     let Some(model) = model else {
         return Ok(result);
     };
+    // one version for this request's documents (their ids are distinct)
+    let version = ragfleet_proto::next_write_version();
+    for op in ops.iter_mut() {
+        let (WriteOp::Upsert { version: v, .. } | WriteOp::Delete { version: v, .. }) = op;
+        *v = version;
+    }
     // route and write
     let mut by_shard: HashMap<u32, Vec<WriteOp>> = HashMap::new();
     for op in ops {
@@ -525,6 +531,7 @@ pub async fn delete(ctx: Arc<Ctx>, doc_ids: Vec<String>) -> IngestResult {
             by_shard.entry(ctx.cfg().shard_of(&d)).or_default().push(d);
         }
     }
+    let version = ragfleet_proto::next_write_version();
     let mut set = JoinSet::new();
     for (shard, ids) in by_shard {
         let ctx = ctx.clone();
@@ -534,6 +541,7 @@ pub async fn delete(ctx: Arc<Ctx>, doc_ids: Vec<String>) -> IngestResult {
                 shard,
                 Request::Delete {
                     doc_ids: ids.clone(),
+                    version,
                 },
             )
             .await;
@@ -882,7 +890,7 @@ impl Actor for CoordinatorActor {
                 });
             }
             Request::Status => reply(port, Response::Status(status(&ctx))),
-            Request::Delete { doc_ids } => {
+            Request::Delete { doc_ids, .. } => {
                 tokio::spawn(
                     async move { reply(port, Response::Ingested(delete(ctx, doc_ids).await)) },
                 );

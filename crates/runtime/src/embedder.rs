@@ -142,6 +142,7 @@ async fn chunk_embed(
     let ops = docs
         .into_iter()
         .map(|(doc_id, chunks)| WriteOp::Upsert {
+            version: 0, // stamped by the coordinator
             chunks: chunks
                 .into_iter()
                 .map(|c| ChunkRecord {

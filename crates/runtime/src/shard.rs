@@ -155,10 +155,10 @@ impl Actor for ShardActor {
                     apply_write(&shared, docs, port, |ix| ix.write(ops, &model))
                 });
             }
-            Request::Delete { doc_ids } => {
+            Request::Delete { doc_ids, version } => {
                 let docs = doc_ids.clone();
                 tokio::task::spawn_blocking(move || {
-                    apply_write(&shared, docs, port, |ix| ix.delete(&doc_ids))
+                    apply_write(&shared, docs, port, |ix| ix.delete(&doc_ids, version))
                 });
             }
             Request::Dump => {

@@ -2,6 +2,7 @@
 //! the same run, reported as ratios.
 use anyhow::Result;
 use clap::Subcommand;
+use std::sync::Arc;
 
 /// Benchmarks.
 #[derive(Subcommand)]
@@ -47,19 +48,49 @@ pub enum BenchCmd {
         /// `flex` or `ndarray`.
         #[arg(long, default_value = "flex")]
         backend: String,
+        /// A Python with transformers, torch and gguf: the PyTorch reference on the same
+        /// prompts and threads (crates/models/bench/reference.py).
+        #[arg(long)]
+        reference: Option<std::path::PathBuf>,
     },
-    /// Embedder sentences/s at several batch sizes, ndarray vs flex backends.
+    /// Embedder sentences/s at several batch sizes, ndarray vs flex backends (and the
+    /// sentence-transformers reference with `--reference`).
     Embed {
         /// Models dir.
         #[arg(long, default_value = "models")]
         models: std::path::PathBuf,
+        /// A Python with sentence-transformers (crates/models/bench/reference.py).
+        #[arg(long)]
+        reference: Option<std::path::PathBuf>,
+    },
+    /// Reranker pairs/s: the cross-encoder at MiniLM size (the MiniLM encoder with a seeded
+    /// head, made by the reference script) and the default sentence reranker, beside
+    /// transformers' BertForSequenceClassification with `--reference`.
+    Rerank {
+        /// Models dir.
+        #[arg(long, default_value = "models")]
+        models: std::path::PathBuf,
+        /// A Python with transformers and torch (needed: it makes the MiniLM-sized
+        /// cross-encoder both sides load).
+        #[arg(long)]
+        reference: std::path::PathBuf,
+        /// Pairs per call.
+        #[arg(long, default_value_t = 32)]
+        batch: usize,
     },
 }
 
 /// Runs a benchmark.
 pub async fn run(cmd: BenchCmd) -> Result<()> {
     match cmd {
-        BenchCmd::Embed { models } => tokio::task::spawn_blocking(move || embed(&models)).await?,
+        BenchCmd::Embed { models, reference } => {
+            tokio::task::spawn_blocking(move || embed(&models, reference.as_deref())).await?
+        }
+        BenchCmd::Rerank {
+            models,
+            reference,
+            batch,
+        } => tokio::task::spawn_blocking(move || rerank(&models, &reference, batch)).await?,
         BenchCmd::Index {
             n,
             queries,
@@ -86,53 +117,183 @@ pub async fn run(cmd: BenchCmd) -> Result<()> {
             models,
             tokens,
             backend,
+            reference,
         } => {
             tokio::task::spawn_blocking(move || match backend.as_str() {
-                "ndarray" => generate::<ragfleet_models::backend::CpuNdArray>(&models, tokens),
-                _ => generate::<ragfleet_models::backend::Cpu>(&models, tokens),
+                "ndarray" => generate::<ragfleet_models::backend::CpuNdArray>(
+                    &models,
+                    tokens,
+                    reference.as_deref(),
+                ),
+                _ => generate::<ragfleet_models::backend::Cpu>(
+                    &models,
+                    tokens,
+                    reference.as_deref(),
+                ),
             })
             .await?
         }
     }
 }
 
-fn embed(models: &std::path::Path) -> Result<()> {
+const SHORT: &str = "How do shards bound the latency of a query?";
+
+fn long_text() -> String {
+    "Replication keeps a copy of every shard on another node. ".repeat(40)
+}
+
+fn threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Runs `crates/models/bench/reference.py` with `args`; returns its JSON lines.
+fn reference(py: &std::path::Path, args: &[String]) -> Result<Vec<serde_json::Value>> {
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("crates/models/bench/reference.py");
+    let out = std::process::Command::new(py)
+        .arg(&script)
+        .args(args)
+        .args(["--threads".to_string(), threads().to_string()])
+        .env("HF_HUB_OFFLINE", "1")
+        .env("TRANSFORMERS_OFFLINE", "1")
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .map_err(|e| anyhow::anyhow!("cannot run {}: {e}", py.display()))?;
+    if !out.status.success() {
+        anyhow::bail!("the reference script failed ({})", out.status);
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| Ok(serde_json::from_str(l)?))
+        .collect()
+}
+
+/// Items per second of `f` (each call handles `items`), over at least two seconds.
+fn rate(items: usize, f: &dyn Fn()) -> f64 {
+    f();
+    let t = std::time::Instant::now();
+    let mut n = 0;
+    while t.elapsed().as_secs_f64() < 2.0 || n < 2 {
+        f();
+        n += 1;
+    }
+    (n * items) as f64 / t.elapsed().as_secs_f64()
+}
+
+fn embed(models: &std::path::Path, py: Option<&std::path::Path>) -> Result<()> {
     use ragfleet_models::backend::{Cpu, CpuNdArray};
     use ragfleet_models::Embedder;
     let dir = models.join(ragfleet_models::fetch::EMBEDDER_DIR);
     let flex = Embedder::<Cpu>::load(&dir, &Default::default())?;
     let nd = Embedder::<CpuNdArray>::load(&dir, &Default::default())?;
-    let short = "How do shards bound the latency of a query?".to_string();
-    let long = "Replication keeps a copy of every shard on another node. ".repeat(40);
+    let long = long_text();
+    let torch: Vec<serde_json::Value> = match py {
+        Some(py) => reference(
+            py,
+            &[
+                "embed".into(),
+                "--model".into(),
+                dir.display().to_string(),
+                "--short".into(),
+                SHORT.into(),
+                "--long".into(),
+                long.clone(),
+            ],
+        )?,
+        None => Vec::new(),
+    };
+    println!("{} threads; ratios are flex / other", threads());
     println!(
-        "{:<8} {:>6} {:>14} {:>14} {:>8}",
-        "input", "batch", "flex sent/s", "ndarray sent/s", "ratio"
+        "{:<8} {:>6} {:>12} {:>14} {:>8} {:>12} {:>8}",
+        "input", "batch", "flex sent/s", "ndarray sent/s", "ratio", "torch sent/s", "ratio"
     );
-    for (name, text) in [("short", &short), ("256-tok", &long)] {
+    for (name, text) in [("short", SHORT.to_string()), ("256-tok", long)] {
         for batch in [1usize, 8, 64, 256] {
             if name == "256-tok" && batch == 256 {
                 continue;
             }
             let texts = vec![text.clone(); batch];
-            let rate = |f: &dyn Fn() -> ()| {
-                f();
-                let t = std::time::Instant::now();
-                let mut n = 0;
-                while t.elapsed().as_secs_f64() < 2.0 || n < 2 {
-                    f();
-                    n += 1;
-                }
-                (n * batch) as f64 / t.elapsed().as_secs_f64()
-            };
-            let a = rate(&|| {
+            let a = rate(batch, &|| {
                 flex.embed(&texts).expect("embed");
             });
-            let b = rate(&|| {
+            let b = rate(batch, &|| {
                 nd.embed(&texts).expect("embed");
             });
-            println!("{name:<8} {batch:>6} {a:>14.1} {b:>14.1} {:>8.2}", a / b);
+            let t = torch
+                .iter()
+                .find(|v| v["input"] == name && v["batch"] == batch)
+                .and_then(|v| v["rate"].as_f64());
+            let (tc, tr) = t.map_or(("-".to_string(), "-".to_string()), |t| {
+                (format!("{t:.1}"), format!("{:.2}", a / t))
+            });
+            println!(
+                "{name:<8} {batch:>6} {a:>12.1} {b:>14.1} {:>8.2} {tc:>12} {tr:>8}",
+                a / b
+            );
         }
     }
+    Ok(())
+}
+
+fn rerank(models: &std::path::Path, py: &std::path::Path, batch: usize) -> Result<()> {
+    use ragfleet_models::backend::Cpu;
+    use ragfleet_runtime::RerankModel;
+    let dir = tempfile::tempdir()?;
+    let ce_dir = dir.path().join("cross-encoder");
+    let minilm = models.join(ragfleet_models::fetch::EMBEDDER_DIR);
+    reference(
+        py,
+        &[
+            "make-cross-encoder".into(),
+            "--model".into(),
+            minilm.display().to_string(),
+            "--out".into(),
+            ce_dir.display().to_string(),
+        ],
+    )?;
+    let long = long_text();
+    let torch = reference(
+        py,
+        &[
+            "rerank".into(),
+            "--model".into(),
+            ce_dir.display().to_string(),
+            "--batch".into(),
+            batch.to_string(),
+            "--short".into(),
+            SHORT.into(),
+            "--long".into(),
+            long.clone(),
+        ],
+    )?;
+    let torch = torch
+        .first()
+        .and_then(|v| v["rate"].as_f64())
+        .ok_or_else(|| anyhow::anyhow!("no rate from the reference"))?;
+    let ce = ragfleet_models::CrossEncoder::<Cpu>::load(&ce_dir, &Default::default())?;
+    let passages = vec![long.clone(); batch];
+    let ours = rate(batch, &|| {
+        ce.score(SHORT, &passages).expect("score");
+    });
+    let emb = Arc::new(crate::loader::EmbedderModel(
+        ragfleet_models::Embedder::<Cpu>::load(&minilm, &Default::default())?,
+    ));
+    // distinct passages of real sentences, so the sentence cache does not answer
+    let counter = std::sync::atomic::AtomicUsize::new(0);
+    let sent = rate(batch, &|| {
+        let r = crate::loader::SentenceReranker::new(emb.clone());
+        let k = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let ps: Vec<String> = (0..batch)
+            .map(|i| format!("Passage {k} {i}. {}", long.clone()))
+            .collect();
+        r.score(SHORT, &ps).expect("score");
+    });
+    println!(
+        "{} threads, {batch} pairs per call, 256-token passages (truncated to 256 with the query)",
+        threads()
+    );
+    println!("cross-encoder (MiniLM-L6 size): ragfleet {ours:.1} pairs/s, transformers {torch:.1} pairs/s: {:.2}x", ours / torch);
+    println!("sentence reranker (default, 20 sentences a passage, uncached): {sent:.1} pairs/s");
     Ok(())
 }
 
@@ -187,11 +348,13 @@ fn run_streams<B: burn::prelude::Backend>(
     (ttft, n as f64 / total)
 }
 
-fn generate<B: burn::prelude::Backend>(models: &std::path::Path, tokens: usize) -> Result<()> {
-    let g = ragfleet_models::llama::Generator::<B>::load_gguf(
-        &models.join(ragfleet_models::fetch::GENERATOR_GGUF),
-        &Default::default(),
-    )?;
+fn generate<B: burn::prelude::Backend>(
+    models: &std::path::Path,
+    tokens: usize,
+    py: Option<&std::path::Path>,
+) -> Result<()> {
+    let gguf = models.join(ragfleet_models::fetch::GENERATOR_GGUF);
+    let g = ragfleet_models::llama::Generator::<B>::load_gguf(&gguf, &Default::default())?;
     let prompts = [
         "Write one sentence about vector databases.",
         "What is the capital of France?",
@@ -207,6 +370,34 @@ fn generate<B: burn::prelude::Backend>(models: &std::path::Path, tokens: usize) 
         "continuous batching: 4 streams give {:.2}x the tokens/s of 1",
         tps4 / tps1
     );
+    if let Some(py) = py {
+        let r = reference(
+            py,
+            &[
+                "generate".into(),
+                "--gguf".into(),
+                gguf.display().to_string(),
+                "--tokens".into(),
+                tokens.to_string(),
+                "--prompts".into(),
+                prompts.join("\n"),
+            ],
+        )?;
+        println!("transformers (PyTorch, f32 from the same GGUF, static batch of the same prompts):");
+        for v in r {
+            let (n, ttft, tps) = (
+                v["streams"].as_u64().unwrap_or(0),
+                v["ttft"].as_f64().unwrap_or(0.0),
+                v["rate"].as_f64().unwrap_or(0.0),
+            );
+            let (mt, mr) = if n == 1 { (ttft1, tps1) } else { (ttft4, tps4) };
+            println!(
+                "{n:>7}  {ttft:>13.2}  {tps:>22.1}   ragfleet / transformers: TTFT {:.2}x, tokens/s {:.2}x",
+                mt / ttft,
+                mr / tps
+            );
+        }
+    }
     Ok(())
 }
 

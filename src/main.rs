@@ -221,12 +221,13 @@ enum Cmd {
         /// Texts.
         texts: Vec<String>,
     },
-    /// Print cross-encoder scores of passages for a query (no cluster needed).
+    /// Print reranker scores of passages for a query (no cluster needed): the cross-encoder in
+    /// `--model-dir` or `<models>/reranker/`, else the default sentence reranker.
     Rerank {
         /// Models dir (also RAGFLEET_MODELS).
         #[arg(long)]
         models: Option<PathBuf>,
-        /// A cross-encoder folder instead of `<models>/reranker`.
+        /// A cross-encoder folder (instead of what `<models>` holds).
         #[arg(long)]
         model_dir: Option<PathBuf>,
         /// Print JSON.
@@ -590,15 +591,25 @@ async fn run(cli: Cli) -> Result<()> {
             if passages.is_empty() {
                 bail!("no passages to score");
             }
-            let dir = model_dir
-                .unwrap_or_else(|| models_dir(&models).join(ragfleet_models::fetch::RERANKER_DIR));
+            let models = models_dir(&models);
             let scores = tokio::task::spawn_blocking(move || -> Result<Vec<f32>> {
-                let ce = ragfleet_models::CrossEncoder::<crate::loader::Backend>::load(
-                    &dir,
-                    &Default::default(),
-                )
-                .with_context(|| format!("loading cross-encoder from {}", dir.display()))?;
-                Ok(ce.score(&query, &passages)?)
+                match model_dir {
+                    Some(dir) => {
+                        let ce = ragfleet_models::CrossEncoder::<crate::loader::Backend>::load(
+                            &dir,
+                            &Default::default(),
+                        )
+                        .with_context(|| format!("loading cross-encoder from {}", dir.display()))?;
+                        Ok(ce.score(&query, &passages)?)
+                    }
+                    None => {
+                        use ragfleet_runtime::ModelLoader;
+                        let r = crate::loader::ModelFiles::new(models)
+                            .reranker()
+                            .map_err(anyhow::Error::msg)?;
+                        r.score(&query, &passages).map_err(anyhow::Error::msg)
+                    }
+                }
             })
             .await??;
             if json {

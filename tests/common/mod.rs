@@ -95,10 +95,17 @@ impl Cluster {
             ));
         }
         text.push_str("[index]\nshards = 4\nreplication = 2\nwrite_quorum = 1\n[query]\nshard_deadline_ms = 800\ndeadline_ms = 20000\n");
+        // `query.KEY = VALUE` lines of `extra` go into [query]; the rest is appended
+        let (query, rest): (Vec<&str>, Vec<&str>) =
+            extra.lines().partition(|l| l.starts_with("query."));
+        for l in query {
+            text.push_str(&format!("{}\n", &l["query.".len()..]));
+        }
+        let extra = rest.join("\n");
         if !extra.contains("[failure]") {
             text.push_str("[failure]\nheartbeat_ms = 100\nsuspect_after_ms = 600\n");
         }
-        text.push_str(extra);
+        text.push_str(&extra);
         let config = dir.path().join("cluster.toml");
         std::fs::write(&config, text).unwrap();
         let mut c = Cluster {

@@ -146,6 +146,11 @@ pub struct QueryConfig {
     pub rerank: bool,
     /// Candidates passed to the reranker.
     pub rerank_depth: u32,
+    /// How reranker scores combine with the retrieval ranking.
+    pub rerank_fusion: RerankFusion,
+    /// Weight of the reranker score in `weighted` fusion (the rest goes to the query-chunk
+    /// cosine similarity), 0 to 1.
+    pub rerank_weight: f32,
     /// End-to-end deadline in ms.
     pub deadline_ms: u64,
     /// Longest accepted query in bytes.
@@ -159,6 +164,8 @@ impl Default for QueryConfig {
             shard_deadline_ms: 500,
             rerank: false,
             rerank_depth: 30,
+            rerank_fusion: RerankFusion::Weighted,
+            rerank_weight: 0.5,
             deadline_ms: 30_000,
             max_query_bytes: 8192,
         }
@@ -185,6 +192,20 @@ impl Default for EmbedderConfig {
             ingest_batch: 64,
         }
     }
+}
+
+/// How reranker scores combine with the retrieval ranking.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RerankFusion {
+    /// `rerank_weight` x reranker score + the rest x cosine similarity of query and chunk (both
+    /// cosines with the default sentence reranker); rank fusion for hits without a similarity
+    /// (`bm25` mode).
+    Weighted,
+    /// Reciprocal rank fusion (k = 60) of the retrieval rank and the reranker rank.
+    Rrf,
+    /// The reranker's order alone (for a strong cross-encoder).
+    Replace,
 }
 
 /// What to do when no shard answers an `ask`.
@@ -504,6 +525,9 @@ impl ClusterConfig {
                 "query.deadline_ms",
                 "must be at least shard_deadline_ms",
             ));
+        }
+        if !(0.0..=1.0).contains(&q.rerank_weight) {
+            return Err(invalid("query.rerank_weight", "must be between 0 and 1"));
         }
         if q.rerank_depth == 0 {
             return Err(invalid("query.rerank_depth", "must be positive"));

@@ -564,7 +564,7 @@ impl ShardIndex {
         let k = q.k.clamp(1, 1000) as usize;
         match q.mode {
             SearchMode::Dense => self.dense(q, k),
-            SearchMode::Bm25 => Ok(self.bm25_hits(&q.text, k)),
+            SearchMode::Bm25 => Ok(self.bm25_hits(q, k)),
             SearchMode::Hybrid => {
                 let (d, b) = self.hybrid_parts(q)?;
                 Ok(rrf(&[d, b], 60.0, k))
@@ -575,7 +575,7 @@ impl ShardIndex {
     /// The two rankings a hybrid search fuses (dense, BM25), each `max(2k, 20)` deep.
     pub fn hybrid_parts(&self, q: &SearchQuery) -> Result<(Vec<Hit>, Vec<Hit>), IndexError> {
         let depth = (q.k.clamp(1, 1000) as usize * 2).max(20);
-        Ok((self.dense(q, depth)?, self.bm25_hits(&q.text, depth)))
+        Ok((self.dense(q, depth)?, self.bm25_hits(q, depth)))
     }
 
     fn dense(&self, q: &SearchQuery, k: usize) -> Result<Vec<Hit>, IndexError> {
@@ -605,17 +605,30 @@ impl ShardIndex {
         for seg in &self.sealed {
             all.extend(seg.search(&v, k, &live));
         }
-        let mut hits: Vec<Hit> = all.into_iter().map(|(s, e)| hit(&e, s)).collect();
+        let mut hits: Vec<Hit> = all
+            .into_iter()
+            .map(|(s, e)| hit(&e, s, Some(s)))
+            .collect();
         sort_hits(&mut hits);
         hits.truncate(k);
         Ok(hits)
     }
 
-    fn bm25_hits(&self, text: &str, k: usize) -> Vec<Hit> {
+    /// BM25 hits, with their cosine similarity to the query vector when it has a usable one.
+    fn bm25_hits(&self, q: &SearchQuery, k: usize) -> Vec<Hit> {
+        let mut v = q.vector.clone();
+        let usable = self.model.as_ref().is_some_and(|m| v.len() == m.dim as usize)
+            && q.model.as_ref().is_none_or(|m| self.check_model(m).is_ok())
+            && normalize(&mut v);
         self.bm25
-            .search(text, k)
+            .search(&q.text, k)
             .into_iter()
-            .filter_map(|(slot, s)| self.slots.get(&slot).map(|e| hit(e, s)))
+            .filter_map(|(slot, s)| {
+                self.slots.get(&slot).map(|e| {
+                    let sim = usable.then(|| crate::vector::dot(&v, &e.vector));
+                    hit(e, s, sim)
+                })
+            })
             .collect()
     }
 
@@ -738,11 +751,12 @@ fn seg_id_for_name(dir: &Path) -> String {
         .unwrap_or_default()
 }
 
-fn hit(e: &Entry, score: f32) -> Hit {
+fn hit(e: &Entry, score: f32, similarity: Option<f32>) -> Hit {
     Hit {
         doc_id: e.doc_id.clone(),
         chunk_id: e.chunk_id.clone(),
         score,
+        similarity,
         text: e.text.clone(),
     }
 }

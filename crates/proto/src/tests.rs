@@ -116,6 +116,7 @@ fn all_responses() -> Vec<Response> {
         doc_id: "d".into(),
         chunk_id: "d#0".into(),
         score: 0.25,
+        similarity: Some(0.5),
         text: "t".into(),
     };
     vec![

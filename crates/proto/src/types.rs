@@ -143,6 +143,9 @@ pub struct Hit {
     pub chunk_id: String,
     /// Score (higher is better; its scale depends on the mode).
     pub score: f32,
+    /// Cosine similarity of the chunk to the query embedding, in every mode where the query
+    /// has one (what a reranker's score is fused with).
+    pub similarity: Option<f32>,
     /// Chunk text.
     pub text: String,
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
-use ragfleet_config::{ClusterConfig, NoCoverage};
+use ragfleet_config::{ClusterConfig, NoCoverage, RerankFusion};
 use ragfleet_index::{merge_top_k, rrf};
 use ragfleet_proto::{
     groups, AskOptions, AskSummary, ClusterStatus, Coverage, Document, Hit, IngestResult, LeftOut,
@@ -284,12 +284,12 @@ pub async fn retrieve(
         let t2 = Instant::now();
         hits.truncate(cfg.query.rerank_depth as usize);
         match rerank_hits(&ctx, &query, &hits, deadline).await {
-            Ok(scores) => {
-                for (h, s) in hits.iter_mut().zip(scores) {
-                    h.score = s;
-                }
-                ragfleet_index::sort_hits(&mut hits);
-            }
+            Ok(scores) => fuse_rerank(
+                &mut hits,
+                &scores,
+                cfg.query.rerank_fusion,
+                cfg.query.rerank_weight,
+            ),
             Err(e) => warn!(error = %e, "reranking failed; keeping retrieval order"),
         }
         timings.rerank = ms(t2.elapsed());
@@ -301,6 +301,39 @@ pub async fn retrieve(
         coverage,
         timings_ms: timings,
     })
+}
+
+/// Orders `hits` (in retrieval order) by the reranker's `scores`: alone, weighted with each
+/// hit's query similarity, or fused with the retrieval rank by reciprocal rank fusion (k = 60).
+pub fn fuse_rerank(hits: &mut [Hit], scores: &[f32], fusion: RerankFusion, weight: f32) {
+    let fusion = match fusion {
+        RerankFusion::Weighted if hits.iter().any(|h| h.similarity.is_none()) => RerankFusion::Rrf,
+        f => f,
+    };
+    match fusion {
+        RerankFusion::Weighted => {
+            for (h, s) in hits.iter_mut().zip(scores) {
+                h.score = weight * s + (1.0 - weight) * h.similarity.unwrap_or(0.0);
+            }
+        }
+        RerankFusion::Replace => {
+            for (h, s) in hits.iter_mut().zip(scores) {
+                h.score = *s;
+            }
+        }
+        RerankFusion::Rrf => {
+            let mut order: Vec<usize> = (0..hits.len()).collect();
+            order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
+            let mut rerank_rank = vec![0usize; hits.len()];
+            for (r, &i) in order.iter().enumerate() {
+                rerank_rank[i] = r;
+            }
+            for (i, h) in hits.iter_mut().enumerate() {
+                h.score = 1.0 / (61.0 + i as f32) + 1.0 / (61.0 + rerank_rank[i] as f32);
+            }
+        }
+    }
+    ragfleet_index::sort_hits(hits);
 }
 
 async fn rerank_hits(
@@ -926,8 +959,48 @@ mod tests {
             doc_id: doc.into(),
             chunk_id: format!("{doc}#0"),
             score,
+            similarity: Some(score),
             text: text.into(),
         }
+    }
+
+    #[test]
+    fn rerank_fusion_replaces_or_fuses_ranks() {
+        let base: Vec<Hit> = ["a", "b", "c", "d"]
+            .iter()
+            .enumerate()
+            .map(|(i, d)| hit(d, d, 1.0 - i as f32 * 0.1))
+            .collect();
+        // the reranker loves d, then c
+        let scores = [0.1, 0.2, 0.8, 0.9];
+        let mut h = base.clone();
+        fuse_rerank(&mut h, &scores, RerankFusion::Replace, 0.5);
+        let ids: Vec<&str> = h.iter().map(|x| x.doc_id.as_str()).collect();
+        assert_eq!(ids, ["d", "c", "b", "a"]);
+        // fused: a (ranks 0 and 3) ties d (3 and 0) and beats the tie of b (1 and 2) and
+        // c (2 and 1), reciprocal ranks being convex; the chunk id breaks ties
+        let mut h = base.clone();
+        fuse_rerank(&mut h, &scores, RerankFusion::Rrf, 0.5);
+        let ids: Vec<&str> = h.iter().map(|x| x.doc_id.as_str()).collect();
+        assert_eq!(ids, ["a", "d", "b", "c"]);
+        assert_eq!(h[0].score, h[1].score);
+        // a reranker that agrees with retrieval changes nothing
+        let mut h = base.clone();
+        fuse_rerank(&mut h, &[0.9, 0.8, 0.7, 0.6], RerankFusion::Rrf, 0.5);
+        let ids: Vec<&str> = h.iter().map(|x| x.doc_id.as_str()).collect();
+        assert_eq!(ids, ["a", "b", "c", "d"]);
+        // weighted: 0.5 x score + 0.5 x similarity (1.0, 0.9, 0.8, 0.7)
+        let mut h = base.clone();
+        fuse_rerank(&mut h, &[0.0, 0.3, 0.8, 0.95], RerankFusion::Weighted, 0.5);
+        let ids: Vec<&str> = h.iter().map(|x| x.doc_id.as_str()).collect();
+        assert_eq!(ids, ["d", "c", "b", "a"]);
+        assert!((h[0].score - 0.825).abs() < 1e-6);
+        // without similarities (bm25 mode) weighted falls back to rank fusion
+        let mut h = base.clone();
+        h.iter_mut().for_each(|x| x.similarity = None);
+        fuse_rerank(&mut h, &scores, RerankFusion::Weighted, 0.5);
+        let ids: Vec<&str> = h.iter().map(|x| x.doc_id.as_str()).collect();
+        assert_eq!(ids, ["a", "d", "b", "c"]);
     }
 
     #[test]

@@ -149,7 +149,7 @@ roles = ["coordinator", "embedder", "shard", "generator"]
 [[node]]
 name = "b"
 addr = "127.0.0.1:{p2}"
-roles = ["embedder", "shard"]
+roles = ["embedder", "shard", "reranker"]
 [index]
 shards = 4
 replication = 2

@@ -64,9 +64,13 @@ struct RetrieveArgs {
     /// dense, bm25 or hybrid.
     #[arg(long, default_value = "dense")]
     mode: String,
-    /// Rerank with the cross-encoder.
+    /// Rerank (the default when the cluster has a reranker node, unless cluster.toml says
+    /// otherwise).
     #[arg(long)]
     rerank: bool,
+    /// Do not rerank.
+    #[arg(long, conflicts_with = "rerank")]
+    no_rerank: bool,
     /// End-to-end deadline in ms.
     #[arg(long)]
     deadline_ms: Option<u64>,
@@ -80,7 +84,11 @@ impl RetrieveArgs {
                 .mode
                 .parse::<SearchMode>()
                 .map_err(anyhow::Error::msg)?,
-            rerank: if self.rerank { Some(true) } else { None },
+            rerank: match (self.rerank, self.no_rerank) {
+                (true, _) => Some(true),
+                (_, true) => Some(false),
+                _ => None,
+            },
             deadline_ms: self.deadline_ms,
         })
     }

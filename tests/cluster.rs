@@ -388,8 +388,9 @@ fn rerank_stage_reorders_candidates_by_cross_encoder_scores() {
     let p = c.corpus_path();
     c.json(&["ingest", "--json", p.to_str().unwrap()]);
     let q = "how do plants make sugar";
-    let plain = c.json(&["retrieve", "--json", "--k", "5", q]);
-    let reranked = c.json(&["retrieve", "--json", "--k", "5", "--rerank", q]);
+    let plain = c.json(&["retrieve", "--json", "--k", "5", "--no-rerank", q]);
+    // a reranker node makes reranking the default
+    let reranked = c.json(&["retrieve", "--json", "--k", "5", q]);
     assert!(
         reranked["timings_ms"]["rerank"].as_f64().unwrap() > 0.0,
         "{reranked}"

@@ -142,8 +142,9 @@ pub struct QueryConfig {
     pub top_k: u32,
     /// Time a shard has to answer, in ms.
     pub shard_deadline_ms: u64,
-    /// Whether to rerank by default.
-    pub rerank: bool,
+    /// Whether to rerank when a query does not say; unset: whenever some node has the reranker
+    /// role (see [`ClusterConfig::rerank_by_default`]).
+    pub rerank: Option<bool>,
     /// Candidates passed to the reranker.
     pub rerank_depth: u32,
     /// How reranker scores combine with the retrieval ranking.
@@ -162,7 +163,7 @@ impl Default for QueryConfig {
         QueryConfig {
             top_k: 10,
             shard_deadline_ms: 500,
-            rerank: false,
+            rerank: None,
             rerank_depth: 30,
             rerank_fusion: RerankFusion::Weighted,
             rerank_weight: 0.5,
@@ -371,6 +372,14 @@ impl ClusterConfig {
         Ok(cfg)
     }
 
+    /// Whether queries are reranked when they do not say: `query.rerank`, or when unset,
+    /// whether some node has the reranker role.
+    pub fn rerank_by_default(&self) -> bool {
+        self.query
+            .rerank
+            .unwrap_or_else(|| self.nodes.iter().any(|n| n.has(NodeRole::Reranker)))
+    }
+
     /// Checks every rule; the error names the field.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.version != 1 {
@@ -532,7 +541,7 @@ impl ClusterConfig {
         if q.rerank_depth == 0 {
             return Err(invalid("query.rerank_depth", "must be positive"));
         }
-        if q.rerank && !self.nodes.iter().any(|n| n.has(NodeRole::Reranker)) {
+        if q.rerank == Some(true) && !self.nodes.iter().any(|n| n.has(NodeRole::Reranker)) {
             return Err(invalid(
                 "query.rerank",
                 "is true but no node has the reranker role",

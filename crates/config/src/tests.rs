@@ -121,3 +121,14 @@ fn unknown_node_is_an_error() {
     let cfg = ClusterConfig::parse(GOOD).unwrap();
     assert!(matches!(cfg.node("zz"), Err(ConfigError::UnknownNode(_))));
 }
+
+#[test]
+fn reranking_defaults_to_on_when_a_node_has_the_reranker_role() {
+    let cfg = ClusterConfig::parse(GOOD).unwrap();
+    assert!(cfg.nodes.iter().any(|n| n.has(NodeRole::Reranker)));
+    assert!(cfg.rerank_by_default());
+    let off = ClusterConfig::parse(&format!("{GOOD}\n[query]\nrerank = false\n")).unwrap();
+    assert!(!off.rerank_by_default());
+    let none = ClusterConfig::parse(&GOOD.replace("\"shard\", \"reranker\"", "\"shard\"")).unwrap();
+    assert!(!none.rerank_by_default());
+}

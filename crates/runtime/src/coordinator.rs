@@ -230,7 +230,7 @@ pub async fn retrieve(
     let deadline =
         t0 + Duration::from_millis(opts.deadline_ms.unwrap_or(cfg.query.deadline_ms).max(1));
     let k = opts.k.unwrap_or(cfg.query.top_k).clamp(1, 1000);
-    let rerank = opts.rerank.unwrap_or(cfg.query.rerank);
+    let rerank = opts.rerank.unwrap_or_else(|| cfg.rerank_by_default());
     let mut timings = Timings::default();
 
     let (vector, model) = if opts.mode == SearchMode::Bm25 {
@@ -282,7 +282,8 @@ pub async fn retrieve(
 
     if rerank && hits.len() > 1 {
         let t2 = Instant::now();
-        hits.truncate(cfg.query.rerank_depth as usize);
+        // the reranker orders the head; the tail follows in retrieval order (and scores)
+        let tail = hits.split_off(hits.len().min(cfg.query.rerank_depth as usize));
         match rerank_hits(&ctx, &query, &hits, deadline).await {
             Ok(scores) => fuse_rerank(
                 &mut hits,
@@ -292,6 +293,7 @@ pub async fn retrieve(
             ),
             Err(e) => warn!(error = %e, "reranking failed; keeping retrieval order"),
         }
+        hits.extend(tail);
         timings.rerank = ms(t2.elapsed());
     }
     hits.truncate(k as usize);

@@ -2,7 +2,7 @@
 
 Runs the original PyTorch implementations (sentence-transformers / transformers, CPU, f32) on
 the inputs and thread count the Rust side used, and prints one JSON object per line.
-Needs: pip install sentence-transformers gguf (torch comes with sentence-transformers).
+Needs: pip install sentence-transformers gguf accelerate (torch comes with sentence-transformers).
 """
 import argparse
 import json
@@ -78,7 +78,7 @@ def generate(a):
 
     d, f = os.path.split(a.gguf)
     tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
-    m = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, torch_dtype=torch.float32).eval()
+    m = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
     prompts = a.prompts.split("\n")
     for streams in (1, 4):
         ps = prompts[:streams]

@@ -243,6 +243,17 @@ fn hybrid_fuses_dense_and_bm25() {
     let hits = ix.search(&q).unwrap();
     let ids: Vec<&str> = hits.iter().map(|h| h.doc_id.as_str()).collect();
     assert!(ids.contains(&"a") && ids.contains(&"b"), "{ids:?}");
+    // every hit carries its cosine similarity to the query vector, BM25 hits included
+    let (dense, bm25) = ix.hybrid_parts(&q).unwrap();
+    let b_sim = dense.iter().find(|h| h.doc_id == "b").unwrap().similarity.unwrap();
+    assert!(b_sim > 0.99, "{b_sim}");
+    let a_bm25 = bm25.iter().find(|h| h.doc_id == "a").unwrap();
+    let a_dense = dense.iter().find(|h| h.doc_id == "a").unwrap();
+    assert!((a_bm25.similarity.unwrap() - a_dense.similarity.unwrap()).abs() < 1e-5);
+    // a BM25 query without a vector has none
+    let mut q = query(2, "zebra", SearchMode::Bm25);
+    q.vector.clear();
+    assert!(ix.search(&q).unwrap().iter().all(|h| h.similarity.is_none()));
 }
 
 fn bm25_ids(ix: &ShardIndex, text: &str) -> Vec<(String, u32)> {

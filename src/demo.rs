@@ -204,7 +204,7 @@ pub async fn run(
         .with_context(|| format!("cannot create {}", data_dir.display()))?;
     let cfg = Arc::new(demo_config(&data_dir, &models)?);
     let t0 = Instant::now();
-    println!("starting an embedded cluster: 2 embedder replicas, 4 shards x 2 replicas, a generator, a coordinator");
+    println!("starting an embedded cluster: 2 embedder replicas, 4 shards x 2 replicas, a reranker, a generator, a coordinator");
     let loader = Arc::new(ModelFiles::new(models.clone()));
     let node =
         ragfleet_runtime::start_node(cfg.clone(), "a", loader, NodeOptions { embedded: true })

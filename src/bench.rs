@@ -18,7 +18,11 @@ pub enum BenchCmd {
         #[arg(long, default_value_t = 1000)]
         queries: usize,
         /// Search beams to sweep.
-        #[arg(long, value_delimiter = ',', default_value = "10,16,24,32,48,64,96,128,192,256,384,512")]
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "10,16,24,32,48,64,96,128,192,256,384,512"
+        )]
         ef: Vec<usize>,
         /// Construction beam (all libraries).
         #[arg(long, default_value_t = 100)]
@@ -125,11 +129,9 @@ pub async fn run(cmd: BenchCmd) -> Result<()> {
                     tokens,
                     reference.as_deref(),
                 ),
-                _ => generate::<ragfleet_models::backend::Cpu>(
-                    &models,
-                    tokens,
-                    reference.as_deref(),
-                ),
+                _ => {
+                    generate::<ragfleet_models::backend::Cpu>(&models, tokens, reference.as_deref())
+                }
             })
             .await?
         }
@@ -275,9 +277,12 @@ fn rerank(models: &std::path::Path, py: &std::path::Path, batch: usize) -> Resul
     let ours = rate(batch, &|| {
         ce.score(SHORT, &passages).expect("score");
     });
-    let emb = Arc::new(crate::loader::EmbedderModel(
-        ragfleet_models::Embedder::<Cpu>::load(&minilm, &Default::default())?,
-    ));
+    let emb = Arc::new(crate::loader::EmbedderModel(ragfleet_models::Embedder::<
+        crate::loader::Backend,
+    >::load(
+        &minilm,
+        &Default::default(),
+    )?));
     // distinct passages of real sentences, so the sentence cache does not answer
     let counter = std::sync::atomic::AtomicUsize::new(0);
     let sent = rate(batch, &|| {
@@ -383,7 +388,9 @@ fn generate<B: burn::prelude::Backend>(
                 prompts.join("\n"),
             ],
         )?;
-        println!("transformers (PyTorch, f32 from the same GGUF, static batch of the same prompts):");
+        println!(
+            "transformers (PyTorch, f32 from the same GGUF, static batch of the same prompts):"
+        );
         for v in r {
             let (n, ttft, tps) = (
                 v["streams"].as_u64().unwrap_or(0),
@@ -438,11 +445,10 @@ fn index(b: IndexBench) -> Result<()> {
         .into_iter()
         .map(norm)
         .collect();
-    let queries: Vec<Vec<f32>> =
-        clustered_with(b.nq, DIM, b.clusters, b.intrinsic, b.noise, 1, 3)
-            .into_iter()
-            .map(norm)
-            .collect();
+    let queries: Vec<Vec<f32>> = clustered_with(b.nq, DIM, b.clusters, b.intrinsic, b.noise, 1, 3)
+        .into_iter()
+        .map(norm)
+        .collect();
     println!(
         "{} vectors x {DIM} ({} clusters, {} directions each, noise {}), {} queries, k = {K}, \
          M = 32, ef_construction = {}, {threads} build threads, 1 search thread; data {:.1} s",
@@ -495,8 +501,20 @@ fn index(b: IndexBench) -> Result<()> {
         let out = std::process::Command::new(py)
             .arg(&script)
             .args(["--dir", &dir.path().to_string_lossy()])
-            .args(["--dim", &DIM.to_string(), "--k", &K.to_string(), "--m", "32"])
-            .args(["--efc", &b.efc.to_string(), "--threads", &threads.to_string()])
+            .args([
+                "--dim",
+                &DIM.to_string(),
+                "--k",
+                &K.to_string(),
+                "--m",
+                "32",
+            ])
+            .args([
+                "--efc",
+                &b.efc.to_string(),
+                "--threads",
+                &threads.to_string(),
+            ])
             .args(["--ef", &ef_list])
             .stderr(std::process::Stdio::inherit())
             .output()
@@ -527,7 +545,10 @@ fn index(b: IndexBench) -> Result<()> {
     for &ef in &b.efs {
         ann = ann.with_ef_search(ef.max(K))?;
         let t = Instant::now();
-        let found: Vec<Vec<u32>> = queries.iter().map(|q| ann.search(q, K, &mut search)).collect();
+        let found: Vec<Vec<u32>> = queries
+            .iter()
+            .map(|q| ann.search(q, K, &mut search))
+            .collect();
         let qps = b.nq as f64 / t.elapsed().as_secs_f64();
         let hit: usize = found
             .iter()
@@ -546,9 +567,15 @@ fn index(b: IndexBench) -> Result<()> {
     for (lib, s) in &builds {
         println!("{lib:<10} {s:>10.1}");
     }
-    println!("\n{:<10} {:>5} {:>10} {:>10}", "library", "ef", "recall@10", "QPS");
+    println!(
+        "\n{:<10} {:>5} {:>10} {:>10}",
+        "library", "ef", "recall@10", "QPS"
+    );
     for p in &points {
-        println!("{:<10} {:>5} {:>10.4} {:>10.0}", p.lib, p.ef, p.recall, p.qps);
+        println!(
+            "{:<10} {:>5} {:>10.4} {:>10.0}",
+            p.lib, p.ef, p.recall, p.qps
+        );
     }
     println!("\nbest QPS at a recall target (ef in brackets); ratios are ragfleet / other");
     let libs: Vec<String> = builds.iter().map(|(l, _)| l.clone()).collect();

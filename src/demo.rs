@@ -196,7 +196,10 @@ pub async fn run(
     let built = std::fs::read_to_string(&marker).ok();
     if built.as_ref().is_some_and(|b| *b != stamp) {
         // another corpus or an older on-disk format: start this demo's index afresh
-        println!("rebuilding the demo index in {} ({stamp})", data_dir.display());
+        println!(
+            "rebuilding the demo index in {} ({stamp})",
+            data_dir.display()
+        );
         std::fs::remove_dir_all(&data_dir)
             .with_context(|| format!("cannot clear {}", data_dir.display()))?;
     }

@@ -271,7 +271,12 @@ impl ModelLoader for ModelFiles {
     fn reranker(&self) -> Result<Arc<dyn RerankModel>, String> {
         let mut g = self.reranker.lock().expect("loader");
         if g.is_none() {
-            let m: Arc<dyn RerankModel> = if self.dir.join(RERANKER_DIR).join("model.safetensors").is_file() {
+            let m: Arc<dyn RerankModel> = if self
+                .dir
+                .join(RERANKER_DIR)
+                .join("model.safetensors")
+                .is_file()
+            {
                 Arc::new(RerankerModel(self.load_reranker()?))
             } else {
                 Arc::new(SentenceReranker::new(self.embedder()?))

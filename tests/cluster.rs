@@ -431,33 +431,59 @@ fn default_sentence_reranker_fuses_best_sentence_with_similarity() {
     // no cross-encoder in the models dir: the reranker role runs the sentence reranker on the
     // embedder, fused with equal weight with each hit's query similarity (the default)
     let c = Cluster::start(
-        &[&["coordinator", "embedder", "shard", "reranker"], &["shard"]],
+        &[
+            &["coordinator", "embedder", "shard", "reranker"],
+            &["shard"],
+        ],
         "",
     );
     let p = c.corpus_path();
     c.json(&["ingest", "--json", p.to_str().unwrap()]);
     let q = "how do plants make sugar";
     let reranked = c.json(&["retrieve", "--json", "--k", "5", "--rerank", q]);
-    assert!(reranked["timings_ms"]["rerank"].as_f64().unwrap() > 0.0, "{reranked}");
+    assert!(
+        reranked["timings_ms"]["rerank"].as_f64().unwrap() > 0.0,
+        "{reranked}"
+    );
     let hits = reranked["hits"].as_array().unwrap();
     assert!(hits.len() >= 2, "{reranked}");
     let mut args: Vec<String> = vec!["rerank".into(), "--json".into(), "--models".into()];
     args.push(models_dir().display().to_string());
     args.push(q.into());
     args.extend(hits.iter().map(|h| h["text"].as_str().unwrap().to_string()));
-    let out = std::process::Command::new(bin()).args(&args).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = std::process::Command::new(bin())
+        .args(&args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let scores: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     for (h, s) in hits.iter().zip(scores["scores"].as_array().unwrap()) {
-        let sim = h["similarity"].as_f64().expect("dense hits carry their similarity");
+        let sim = h["similarity"]
+            .as_f64()
+            .expect("dense hits carry their similarity");
         let best_sentence = s.as_f64().unwrap();
         // a cosine of unit vectors
         assert!(best_sentence > -1.0 && best_sentence <= 1.0001, "{s}");
         let want = 0.5 * best_sentence + 0.5 * sim;
-        assert!((h["score"].as_f64().unwrap() - want).abs() < 1e-3, "{h} vs {want}");
+        assert!(
+            (h["score"].as_f64().unwrap() - want).abs() < 1e-3,
+            "{h} vs {want}"
+        );
     }
     let sc: Vec<f64> = hits.iter().map(|h| h["score"].as_f64().unwrap()).collect();
     assert!(sc.windows(2).all(|w| w[0] >= w[1]), "not sorted: {sc:?}");
     // the photosynthesis passage is first
-    assert!(hits[0]["text"].as_str().unwrap().to_lowercase().contains("photosynth"), "{}", hits[0]);
+    assert!(
+        hits[0]["text"]
+            .as_str()
+            .unwrap()
+            .to_lowercase()
+            .contains("photosynth"),
+        "{}",
+        hits[0]
+    );
 }

@@ -106,7 +106,12 @@ impl Ann {
 }
 
 /// Exact top-`k` positions by dot product for every query, on `threads` threads.
-pub fn exact_top_k(vectors: &[Vec<f32>], queries: &[Vec<f32>], k: usize, threads: usize) -> Vec<Vec<u32>> {
+pub fn exact_top_k(
+    vectors: &[Vec<f32>],
+    queries: &[Vec<f32>],
+    k: usize,
+    threads: usize,
+) -> Vec<Vec<u32>> {
     let per = queries.len().div_ceil(threads.max(1)).max(1);
     std::thread::scope(|s| {
         let handles: Vec<_> = queries

@@ -335,7 +335,10 @@ impl ShardIndex {
                     self.add_slot(e);
                 }
             }
-            WriteOp::Upsert { doc_id, version, .. } | WriteOp::Delete { doc_id, version } => {
+            WriteOp::Upsert {
+                doc_id, version, ..
+            }
+            | WriteOp::Delete { doc_id, version } => {
                 self.remove_doc(&doc_id);
                 self.tombstones.insert(doc_id.clone(), seq);
                 self.deleted.insert(doc_id, version);
@@ -605,10 +608,7 @@ impl ShardIndex {
         for seg in &self.sealed {
             all.extend(seg.search(&v, k, &live));
         }
-        let mut hits: Vec<Hit> = all
-            .into_iter()
-            .map(|(s, e)| hit(&e, s, Some(s)))
-            .collect();
+        let mut hits: Vec<Hit> = all.into_iter().map(|(s, e)| hit(&e, s, Some(s))).collect();
         sort_hits(&mut hits);
         hits.truncate(k);
         Ok(hits)
@@ -617,7 +617,10 @@ impl ShardIndex {
     /// BM25 hits, with their cosine similarity to the query vector when it has a usable one.
     fn bm25_hits(&self, q: &SearchQuery, k: usize) -> Vec<Hit> {
         let mut v = q.vector.clone();
-        let usable = self.model.as_ref().is_some_and(|m| v.len() == m.dim as usize)
+        let usable = self
+            .model
+            .as_ref()
+            .is_some_and(|m| v.len() == m.dim as usize)
             && q.model.as_ref().is_none_or(|m| self.check_model(m).is_ok())
             && normalize(&mut v);
         self.bm25

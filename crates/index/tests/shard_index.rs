@@ -78,8 +78,14 @@ fn upserts_and_deletes_are_visible_to_the_next_search() {
         "alpha rays"
     );
     // delete b
-    ix.write(vec![WriteOp::Delete { doc_id: "b".into(), version: 0 }], &model())
-        .unwrap();
+    ix.write(
+        vec![WriteOp::Delete {
+            doc_id: "b".into(),
+            version: 0,
+        }],
+        &model(),
+    )
+    .unwrap();
     let hits = ix.search(&query(2, "beta", SearchMode::Bm25)).unwrap();
     assert!(hits.is_empty());
     assert_eq!(ix.doc_count(), 1);
@@ -245,7 +251,12 @@ fn hybrid_fuses_dense_and_bm25() {
     assert!(ids.contains(&"a") && ids.contains(&"b"), "{ids:?}");
     // every hit carries its cosine similarity to the query vector, BM25 hits included
     let (dense, bm25) = ix.hybrid_parts(&q).unwrap();
-    let b_sim = dense.iter().find(|h| h.doc_id == "b").unwrap().similarity.unwrap();
+    let b_sim = dense
+        .iter()
+        .find(|h| h.doc_id == "b")
+        .unwrap()
+        .similarity
+        .unwrap();
     assert!(b_sim > 0.99, "{b_sim}");
     let a_bm25 = bm25.iter().find(|h| h.doc_id == "a").unwrap();
     let a_dense = dense.iter().find(|h| h.doc_id == "a").unwrap();
@@ -253,7 +264,11 @@ fn hybrid_fuses_dense_and_bm25() {
     // a BM25 query without a vector has none
     let mut q = query(2, "zebra", SearchMode::Bm25);
     q.vector.clear();
-    assert!(ix.search(&q).unwrap().iter().all(|h| h.similarity.is_none()));
+    assert!(ix
+        .search(&q)
+        .unwrap()
+        .iter()
+        .all(|h| h.similarity.is_none()));
 }
 
 fn bm25_ids(ix: &ShardIndex, text: &str) -> Vec<(String, u32)> {
@@ -280,9 +295,16 @@ fn bm25_is_snapshotted_per_segment_and_recovered_with_the_log_tail() {
                 .unwrap();
         }
         // a delete and a replace after the last seal live only in the log
-        ix.write(vec![WriteOp::Delete { doc_id: "d3".into(), version: 0 }], &model())
+        ix.write(
+            vec![WriteOp::Delete {
+                doc_id: "d3".into(),
+                version: 0,
+            }],
+            &model(),
+        )
+        .unwrap();
+        ix.write(vec![upsert("d4", "tachyon", 99)], &model())
             .unwrap();
-        ix.write(vec![upsert("d4", "tachyon", 99)], &model()).unwrap();
         before = bm25_ids(&ix, "proton quark tachyon");
         assert!(before.iter().any(|(c, _)| c == "d4#0"));
         assert!(!before.iter().any(|(c, _)| c == "d3#0"));
@@ -342,7 +364,8 @@ fn older_versions_never_overwrite_newer_ones_or_resurrect_deletes() {
     let dir = tempfile::tempdir().unwrap();
     let (mut ix, _) = ShardIndex::open(dir.path(), settings(4)).unwrap();
     // a replica that got the newer write of "a" (acknowledged at a quorum its peer missed)
-    ix.write(vec![versioned("a", "new text", 1, 20)], &model()).unwrap();
+    ix.write(vec![versioned("a", "new text", 1, 20)], &model())
+        .unwrap();
     ix.write(
         vec![
             versioned("b", "doomed", 2, 10),
@@ -355,7 +378,10 @@ fn older_versions_never_overwrite_newer_ones_or_resurrect_deletes() {
     )
     .unwrap();
     // a lagging peer's dump: an older "a", and "b" as it was before the delete
-    let stale = vec![versioned("a", "old text", 3, 15), versioned("b", "doomed", 2, 10)];
+    let stale = vec![
+        versioned("a", "old text", 3, 15),
+        versioned("b", "doomed", 2, 10),
+    ];
     ix.write(stale.clone(), &model()).unwrap();
     assert_eq!(text_of(&ix, "a").as_deref(), Some("new text"));
     assert_eq!(text_of(&ix, "b"), None);
@@ -363,8 +389,11 @@ fn older_versions_never_overwrite_newer_ones_or_resurrect_deletes() {
     assert_eq!(ix.version_of("b"), Some(30));
     // the same holds after a restart (versions and deletions are durable), with segments sealed
     for i in 0..6 {
-        ix.write(vec![versioned(&format!("f{i}"), "filler", 10 + i, 40 + i)], &model())
-            .unwrap();
+        ix.write(
+            vec![versioned(&format!("f{i}"), "filler", 10 + i, 40 + i)],
+            &model(),
+        )
+        .unwrap();
     }
     drop(ix);
     let (mut ix, rep) = ShardIndex::open(dir.path(), settings(4)).unwrap();
@@ -375,15 +404,21 @@ fn older_versions_never_overwrite_newer_ones_or_resurrect_deletes() {
     assert_eq!(text_of(&ix, "b"), None);
     // the dump carries versions and deletions, so a peer replaying it converges here
     let dump = ix.dump();
-    assert!(dump.iter().any(|o| matches!(o, WriteOp::Delete { doc_id, version: 30 } if doc_id == "b")));
-    assert!(dump.iter().any(|o| matches!(o, WriteOp::Upsert { doc_id, version: 20, .. } if doc_id == "a")));
+    assert!(dump
+        .iter()
+        .any(|o| matches!(o, WriteOp::Delete { doc_id, version: 30 } if doc_id == "b")));
+    assert!(dump
+        .iter()
+        .any(|o| matches!(o, WriteOp::Upsert { doc_id, version: 20, .. } if doc_id == "a")));
     let peer_dir = tempfile::tempdir().unwrap();
     let (mut peer, _) = ShardIndex::open(peer_dir.path(), settings(4)).unwrap();
-    peer.write(vec![versioned("b", "doomed", 2, 10)], &model()).unwrap();
+    peer.write(vec![versioned("b", "doomed", 2, 10)], &model())
+        .unwrap();
     peer.write(dump, &model()).unwrap();
     assert_eq!(text_of(&peer, "b"), None);
     assert_eq!(text_of(&peer, "a").as_deref(), Some("new text"));
     // a newer write still replaces
-    ix.write(vec![versioned("a", "newest", 4, 50)], &model()).unwrap();
+    ix.write(vec![versioned("a", "newest", 4, 50)], &model())
+        .unwrap();
     assert_eq!(text_of(&ix, "a").as_deref(), Some("newest"));
 }

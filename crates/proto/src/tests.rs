@@ -45,11 +45,14 @@ fn all_requests() -> Vec<Request> {
         Request::Write {
             ops: vec![
                 WriteOp::Upsert {
-        version: 0,
+                    version: 0,
                     doc_id: "d".into(),
                     chunks: vec![chunk],
                 },
-                WriteOp::Delete { doc_id: "e".into(), version: 0 },
+                WriteOp::Delete {
+                    doc_id: "e".into(),
+                    version: 0,
+                },
             ],
             model: model(),
         },
@@ -141,11 +144,17 @@ fn all_responses() -> Vec<Response> {
         Response::Written { seq: 42 },
         Response::Chunked {
             model: model(),
-            ops: vec![WriteOp::Delete { doc_id: "x".into(), version: 0 }],
+            ops: vec![WriteOp::Delete {
+                doc_id: "x".into(),
+                version: 0,
+            }],
             failed: vec![("y".into(), "empty".into())],
         },
         Response::Dumped {
-            ops: vec![WriteOp::Delete { doc_id: "x".into(), version: 0 }],
+            ops: vec![WriteOp::Delete {
+                doc_id: "x".into(),
+                version: 0,
+            }],
             model: Some(model()),
         },
         Response::Scores(vec![1.0, -2.0]),

@@ -214,10 +214,13 @@ impl Client {
     /// Deletes documents (acknowledged once durable on a write quorum); `documents` counts them.
     pub async fn delete(&self, doc_ids: Vec<String>) -> Result<IngestResult, ClientError> {
         match self
-            .request(Request::Delete {
+            .request(
+                Request::Delete {
                     doc_ids,
                     version: 0,
-                }, Duration::from_secs(120))
+                },
+                Duration::from_secs(120),
+            )
             .await?
         {
             Response::Ingested(r) => Ok(r),

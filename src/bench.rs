@@ -148,10 +148,20 @@ fn threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
-/// Runs `crates/models/bench/reference.py` with `args`; returns its JSON lines.
-fn reference(py: &std::path::Path, args: &[String]) -> Result<Vec<serde_json::Value>> {
-    let script =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("crates/models/bench/reference.py");
+/// The models' reference script (sentence-transformers / transformers).
+const MODELS_REFERENCE: &str = "crates/models/bench/reference.py";
+/// The index's reference script (hnswlib, faiss).
+const ANN_REFERENCE: &str = "crates/index/bench/ann_reference.py";
+
+/// Runs a reference `script` (relative to the project) with `args` and this machine's thread
+/// count; returns its JSON lines.
+fn reference(
+    py: &std::path::Path,
+    script: &str,
+    args: &[String],
+) -> Result<Vec<serde_json::Value>> {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(script);
+    println!("reference: {} {}", py.display(), script.display());
     let out = std::process::Command::new(py)
         .arg(&script)
         .args(args)
@@ -192,6 +202,7 @@ fn embed(models: &std::path::Path, py: Option<&std::path::Path>) -> Result<()> {
     let torch: Vec<serde_json::Value> = match py {
         Some(py) => reference(
             py,
+            MODELS_REFERENCE,
             &[
                 "embed".into(),
                 "--model".into(),
@@ -245,6 +256,7 @@ fn rerank(models: &std::path::Path, py: &std::path::Path, batch: usize) -> Resul
     let minilm = models.join(ragfleet_models::fetch::EMBEDDER_DIR);
     reference(
         py,
+        MODELS_REFERENCE,
         &[
             "make-cross-encoder".into(),
             "--model".into(),
@@ -256,6 +268,7 @@ fn rerank(models: &std::path::Path, py: &std::path::Path, batch: usize) -> Resul
     let long = long_text();
     let torch = reference(
         py,
+        MODELS_REFERENCE,
         &[
             "rerank".into(),
             "--model".into(),
@@ -378,6 +391,7 @@ fn generate<B: burn::prelude::Backend>(
     if let Some(py) = py {
         let r = reference(
             py,
+            MODELS_REFERENCE,
             &[
                 "generate".into(),
                 "--gguf".into(),
@@ -408,6 +422,21 @@ fn generate<B: burn::prelude::Backend>(
     Ok(())
 }
 
+/// Writes `rows` as consecutive little-endian values (what the reference scripts read).
+fn write_le<T: Copy, const N: usize>(
+    path: &std::path::Path,
+    rows: &[Vec<T>],
+    bytes: fn(T) -> [u8; N],
+) -> Result<()> {
+    use std::io::Write;
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
+    for x in rows.iter().flatten() {
+        f.write_all(&bytes(*x))?;
+    }
+    f.flush()?;
+    Ok(())
+}
+
 struct IndexBench {
     n: usize,
     nq: usize,
@@ -431,11 +460,10 @@ fn index(b: IndexBench) -> Result<()> {
     use ragfleet_index::ann::{exact_top_k, Ann};
     use ragfleet_index::eval::clustered_with;
     use ragfleet_index::vector::normalize;
-    use std::io::Write;
     use std::time::Instant;
     const DIM: usize = 384;
     const K: usize = 10;
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = threads();
     let norm = |mut v: Vec<f32>| {
         normalize(&mut v);
         v
@@ -475,55 +503,26 @@ fn index(b: IndexBench) -> Result<()> {
         .join(",");
     if let Some(py) = &b.reference {
         let dir = tempfile::tempdir()?;
-        let write_f32 = |name: &str, rows: &[Vec<f32>]| -> Result<()> {
-            let mut f = std::io::BufWriter::new(std::fs::File::create(dir.path().join(name))?);
-            for r in rows {
-                for x in r {
-                    f.write_all(&x.to_le_bytes())?;
-                }
-            }
-            f.flush()?;
-            Ok(())
-        };
-        write_f32("vectors.f32", &data)?;
-        write_f32("queries.f32", &queries)?;
-        let mut f = std::io::BufWriter::new(std::fs::File::create(dir.path().join("truth.u32"))?);
-        for r in &truth {
-            for x in r {
-                f.write_all(&x.to_le_bytes())?;
-            }
-        }
-        f.flush()?;
-        drop(f);
-        let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("crates/index/bench/ann_reference.py");
-        println!("reference: {} {}", py.display(), script.display());
-        let out = std::process::Command::new(py)
-            .arg(&script)
-            .args(["--dir", &dir.path().to_string_lossy()])
-            .args([
-                "--dim",
-                &DIM.to_string(),
-                "--k",
-                &K.to_string(),
-                "--m",
-                "32",
-            ])
-            .args([
-                "--efc",
-                &b.efc.to_string(),
-                "--threads",
-                &threads.to_string(),
-            ])
-            .args(["--ef", &ef_list])
-            .stderr(std::process::Stdio::inherit())
-            .output()
-            .map_err(|e| anyhow::anyhow!("cannot run {}: {e}", py.display()))?;
-        if !out.status.success() {
-            anyhow::bail!("the reference script failed ({})", out.status);
-        }
-        for line in String::from_utf8_lossy(&out.stdout).lines() {
-            let v: serde_json::Value = serde_json::from_str(line)?;
+        write_le(&dir.path().join("vectors.f32"), &data, f32::to_le_bytes)?;
+        write_le(&dir.path().join("queries.f32"), &queries, f32::to_le_bytes)?;
+        write_le(&dir.path().join("truth.u32"), &truth, u32::to_le_bytes)?;
+        let args: Vec<String> = [
+            "--dir",
+            &dir.path().to_string_lossy(),
+            "--dim",
+            &DIM.to_string(),
+            "--k",
+            &K.to_string(),
+            "--m",
+            "32",
+            "--efc",
+            &b.efc.to_string(),
+            "--ef",
+            &ef_list,
+        ]
+        .map(String::from)
+        .to_vec();
+        for v in reference(py, ANN_REFERENCE, &args)? {
             let lib = v["lib"].as_str().unwrap_or("?").to_string();
             if let Some(s) = v["build_s"].as_f64() {
                 builds.push((lib, s));

@@ -588,6 +588,20 @@ impl ShardIndex {
         if self.slots.is_empty() {
             return Ok(Vec::new());
         }
+        let v = self.query_unit(q)?;
+        let live = |e: &Entry| self.is_live(e);
+        let mut all: Vec<(f32, Arc<Entry>)> = exact_search(&self.growing, &v, k, &live);
+        for seg in &self.sealed {
+            all.extend(seg.search(&v, k, &live));
+        }
+        let mut hits: Vec<Hit> = all.into_iter().map(|(s, e)| hit(&e, s, Some(s))).collect();
+        sort_hits(&mut hits);
+        hits.truncate(k);
+        Ok(hits)
+    }
+
+    /// The query vector at unit length, checked against the index's dimension.
+    fn query_unit(&self, q: &SearchQuery) -> Result<Vec<f32>, IndexError> {
         let mut v = q.vector.clone();
         if let Some(m) = &self.model {
             if v.len() != m.dim as usize {
@@ -603,32 +617,22 @@ impl ShardIndex {
                 "query vector is zero or not finite".into(),
             ));
         }
-        let live = |e: &Entry| self.is_live(e);
-        let mut all: Vec<(f32, Arc<Entry>)> = exact_search(&self.growing, &v, k, &live);
-        for seg in &self.sealed {
-            all.extend(seg.search(&v, k, &live));
-        }
-        let mut hits: Vec<Hit> = all.into_iter().map(|(s, e)| hit(&e, s, Some(s))).collect();
-        sort_hits(&mut hits);
-        hits.truncate(k);
-        Ok(hits)
+        Ok(v)
     }
 
     /// BM25 hits, with their cosine similarity to the query vector when it has a usable one.
     fn bm25_hits(&self, q: &SearchQuery, k: usize) -> Vec<Hit> {
-        let mut v = q.vector.clone();
-        let usable = self
-            .model
-            .as_ref()
-            .is_some_and(|m| v.len() == m.dim as usize)
-            && q.model.as_ref().is_none_or(|m| self.check_model(m).is_ok())
-            && normalize(&mut v);
+        let model_ok = q.model.as_ref().is_none_or(|m| self.check_model(m).is_ok());
+        let v = self
+            .query_unit(q)
+            .ok()
+            .filter(|_| model_ok && self.model.is_some());
         self.bm25
             .search(&q.text, k)
             .into_iter()
             .filter_map(|(slot, s)| {
                 self.slots.get(&slot).map(|e| {
-                    let sim = usable.then(|| crate::vector::dot(&v, &e.vector));
+                    let sim = v.as_ref().map(|v| crate::vector::dot(v, &e.vector));
                     hit(e, s, sim)
                 })
             })

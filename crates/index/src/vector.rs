@@ -1,7 +1,7 @@
 //! Vectors and the distance the HNSW graph calls in its inner loop.
 use serde::{Deserialize, Serialize};
 
-/// Dot product: AVX2 + FMA when the CPU has them (detected once), else the portable loop.
+/// Dot product: AVX2 + FMA when the CPU has them, else the portable loop.
 #[inline]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
@@ -17,21 +17,11 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;
-    use std::sync::atomic::{AtomicU8, Ordering};
 
-    static STATE: AtomicU8 = AtomicU8::new(0); // 0 unknown, 1 yes, 2 no
-
+    /// Whether the CPU has AVX2 and FMA (std caches the detection).
     #[inline]
     pub(super) fn available() -> bool {
-        match STATE.load(Ordering::Relaxed) {
-            1 => true,
-            2 => false,
-            _ => {
-                let yes = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
-                STATE.store(if yes { 1 } else { 2 }, Ordering::Relaxed);
-                yes
-            }
-        }
+        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
     }
 
     /// Four 8-lane FMA accumulators, then the tail.

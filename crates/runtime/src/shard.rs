@@ -1,6 +1,5 @@
 //! A shard replica: wraps a [`ShardIndex`]; recovers from disk, catches up from a serving peer
 //! replica before it serves, answers searches and durable writes.
-use std::collections::HashSet;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
@@ -38,7 +37,6 @@ pub struct ShardActor;
 struct Shared {
     index: RwLock<ShardIndex>,
     state: Mutex<ReplicaState>,
-    written_while_catching_up: Mutex<HashSet<String>>,
     counts: Mutex<(u64, u64, u64)>,
 }
 
@@ -78,7 +76,6 @@ impl Actor for ShardActor {
         let shared = Arc::new(Shared {
             index: RwLock::new(index),
             state: Mutex::new(ReplicaState::CatchingUp),
-            written_while_catching_up: Mutex::new(HashSet::new()),
             counts: Mutex::new((0, 0, 0)),
         });
         shared.refresh_counts(&shared.index.read().expect("index"));
@@ -150,15 +147,13 @@ impl Actor for ShardActor {
                 });
             }
             Request::Write { ops, model } => {
-                let docs: Vec<String> = ops.iter().map(|o| o.doc_id().to_string()).collect();
                 tokio::task::spawn_blocking(move || {
-                    apply_write(&shared, docs, port, |ix| ix.write(ops, &model))
+                    apply_write(&shared, port, |ix| ix.write(ops, &model))
                 });
             }
             Request::Delete { doc_ids, version } => {
-                let docs = doc_ids.clone();
                 tokio::task::spawn_blocking(move || {
-                    apply_write(&shared, docs, port, |ix| ix.delete(&doc_ids, version))
+                    apply_write(&shared, port, |ix| ix.delete(&doc_ids, version))
                 });
             }
             Request::Dump => {
@@ -179,21 +174,13 @@ impl Actor for ShardActor {
     }
 }
 
-/// Applies a durable write (blocking) and answers it; documents written while catching up are
-/// remembered so that the peer's older copies do not overwrite them.
+/// Applies a durable write (blocking) and answers it. Writes that arrive while catching up are
+/// applied too: write versions keep the peer's older copies from overwriting them.
 fn apply_write(
     shared: &Shared,
-    docs: Vec<String>,
     port: ractor::RpcReplyPort<ragfleet_proto::Frame<Response>>,
     write: impl FnOnce(&mut ShardIndex) -> Result<u64, ragfleet_index::IndexError>,
 ) {
-    if shared.state() == ReplicaState::CatchingUp {
-        shared
-            .written_while_catching_up
-            .lock()
-            .expect("set")
-            .extend(docs);
-    }
     let mut ix = shared.index.write().expect("index");
     let r = write(&mut ix);
     shared.refresh_counts(&ix);
@@ -277,11 +264,6 @@ async fn catch_up(me: ActorRef<RoleMsg>, args: ShardArgs, shared: Arc<Shared>) {
         info!(shard = args.shard, "no serving peer; serving local data");
     }
     *shared.state.lock().expect("state") = ReplicaState::Serving;
-    shared
-        .written_while_catching_up
-        .lock()
-        .expect("set")
-        .clear();
 }
 
 fn apply_dump(
@@ -289,19 +271,11 @@ fn apply_dump(
     ops: Vec<WriteOp>,
     model: &ragfleet_proto::ModelIdentity,
 ) -> Result<usize, String> {
-    // Documents written here while catching up are newer than the peer's copy. Local documents
-    // the peer lacks are kept: they may be acknowledged writes the peer missed (deletions
-    // arrive as the peer's tombstones).
-    let skip = shared
-        .written_while_catching_up
-        .lock()
-        .expect("set")
-        .clone();
+    // The index keeps the newer version of every document, so the peer's older copies (of
+    // documents written here while catching up, or acknowledged here and missed by the peer)
+    // are skipped. Local documents the peer lacks are kept (its deletions arrive as deletes).
     let mut ix = shared.index.write().expect("index");
-    let changes: Vec<WriteOp> = ops
-        .into_iter()
-        .filter(|o| !skip.contains(o.doc_id()) && !ix.has_identical(o))
-        .collect();
+    let changes: Vec<WriteOp> = ops.into_iter().filter(|o| !ix.has_identical(o)).collect();
     let n = changes.len();
     for batch in changes.chunks(256) {
         ix.write(batch.to_vec(), model).map_err(|e| e.to_string())?;

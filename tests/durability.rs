@@ -132,11 +132,14 @@ fn kill_9_mid_ingest_loses_no_acknowledged_document_and_the_replica_catches_up()
     }
 }
 
-#[test]
-fn a_replica_that_was_down_catches_up_replaced_new_and_deleted_documents() {
-    use ragfleet_proto::{groups, Request, Response, SearchQuery};
-    let _g = serial();
-    let mut c = Cluster::three("");
+/// A client of `c`, after ingesting documents 0..20.
+fn connect_and_ingest_20(
+    c: &Cluster,
+) -> (
+    tokio::runtime::Runtime,
+    Arc<ragfleet_config::ClusterConfig>,
+    ragfleet_runtime::Client,
+) {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let cfg = Arc::new(ragfleet_config::ClusterConfig::load(&c.config).unwrap());
     let client = rt
@@ -149,6 +152,15 @@ fn a_replica_that_was_down_catches_up_replaced_new_and_deleted_documents() {
         .block_on(client.ingest((0..20).map(doc).collect()))
         .unwrap();
     assert_eq!(r.documents, 20);
+    (rt, cfg, client)
+}
+
+#[test]
+fn a_replica_that_was_down_catches_up_replaced_new_and_deleted_documents() {
+    use ragfleet_proto::{groups, Request, Response, SearchQuery};
+    let _g = serial();
+    let mut c = Cluster::three("");
+    let (rt, cfg, client) = connect_and_ingest_20(&c);
     // documents whose shard has a replica on n2
     let placement = cfg.placement();
     let on_n2 = |i: &usize| {
@@ -225,5 +237,156 @@ fn a_replica_that_was_down_catches_up_replaced_new_and_deleted_documents() {
     assert!(
         h.iter().all(|x| x.doc_id != format!("doc-{deleted}")),
         "n2 still serves a deleted document"
+    );
+}
+
+/// The replica of `shard` on `node`, asked through the client's view of the cluster.
+fn replica_on(
+    rt: &tokio::runtime::Runtime,
+    client: &ragfleet_runtime::Client,
+    shard: u32,
+    node: &str,
+) -> Option<ractor::ActorRef<ragfleet_proto::RoleMsg>> {
+    use ragfleet_proto::{groups, Request, Response};
+    rt.block_on(async {
+        for m in client.members(&groups::shard(shard)) {
+            if let Ok(Response::Pong(info)) =
+                ragfleet_runtime::call::call(&m, Request::Ping, Duration::from_secs(2)).await
+            {
+                if info.node == node {
+                    return Some(m);
+                }
+            }
+        }
+        None
+    })
+}
+
+/// BM25 search of one replica.
+fn bm25_on(
+    rt: &tokio::runtime::Runtime,
+    replica: &ractor::ActorRef<ragfleet_proto::RoleMsg>,
+    text: &str,
+) -> Vec<ragfleet_proto::Hit> {
+    use ragfleet_proto::{Request, Response, SearchQuery};
+    let q = SearchQuery {
+        vector: vec![],
+        text: text.into(),
+        k: 5,
+        mode: SearchMode::Bm25,
+        model: None,
+    };
+    match rt.block_on(ragfleet_runtime::call::call(
+        replica,
+        Request::Search(q),
+        Duration::from_secs(5),
+    )) {
+        Ok(Response::Hits(h)) => h,
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn anti_entropy_repairs_a_live_replica_that_missed_a_write_and_a_delete() {
+    use ragfleet_proto::{next_write_version, ChunkRecord, Request, Response, WriteOp};
+    let _g = serial();
+    let c = Cluster::three("index.anti_entropy_ms = 300");
+    let (rt, cfg, client) = connect_and_ingest_20(&c);
+    // a shard with a replica on n2, and a document of it
+    let placement = cfg.placement();
+    let victim = (0..20)
+        .find(|i| placement[cfg.shard_of(&format!("doc-{i}")) as usize].contains(&"n2".to_string()))
+        .unwrap();
+    let shard = cfg.shard_of(&format!("doc-{victim}"));
+    let other = placement[shard as usize]
+        .iter()
+        .find(|n| *n != "n2")
+        .unwrap()
+        .clone();
+    let on_n2 = wait_for("n2's replica", Duration::from_secs(10), || {
+        replica_on(&rt, &client, shard, "n2")
+    });
+    let on_other = wait_for("the other replica", Duration::from_secs(10), || {
+        replica_on(&rt, &client, shard, &other)
+    });
+    // a write and a delete that reach only the other replica (as if n2 had dropped them),
+    // while both replicas stay up and serving
+    let (model, vector) = match rt.block_on(ragfleet_runtime::call::call(
+        &on_other,
+        Request::Fetch {
+            doc_ids: vec![format!("doc-{victim}")],
+        },
+        Duration::from_secs(5),
+    )) {
+        Ok(Response::Fetched {
+            ops,
+            model: Some(model),
+        }) => match &ops[0] {
+            WriteOp::Upsert { chunks, .. } => (model, chunks[0].vector.clone()),
+            other => panic!("{other:?}"),
+        },
+        other => panic!("{other:?}"),
+    };
+    let upsert = WriteOp::Upsert {
+        doc_id: "ae-1".into(),
+        version: next_write_version(),
+        chunks: vec![ChunkRecord {
+            doc_id: "ae-1".into(),
+            chunk_id: "ae-1#0".into(),
+            text: "Record zqaex was written to one replica only.".into(),
+            vector,
+        }],
+    };
+    for req in [
+        Request::Write {
+            ops: vec![upsert],
+            model,
+        },
+        Request::Delete {
+            doc_ids: vec![format!("doc-{victim}")],
+            version: next_write_version(),
+        },
+    ] {
+        match rt.block_on(ragfleet_runtime::call::call(
+            &on_other,
+            req,
+            Duration::from_secs(10),
+        )) {
+            Ok(Response::Written { .. }) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(
+        bm25_on(&rt, &on_n2, "zqaex").is_empty(),
+        "n2 got the write directly"
+    );
+    // anti-entropy brings both to n2
+    wait_for(
+        "n2 to pull the write and the delete",
+        Duration::from_secs(20),
+        || {
+            let added = bm25_on(&rt, &on_n2, "zqaex")
+                .iter()
+                .any(|h| h.doc_id == "ae-1");
+            let gone = bm25_on(&rt, &on_n2, &format!("zq{victim}x"))
+                .iter()
+                .all(|h| h.doc_id != format!("doc-{victim}"));
+            (added && gone).then_some(())
+        },
+    );
+    // and the two replicas now agree exactly
+    let digest = |r: &ractor::ActorRef<ragfleet_proto::RoleMsg>| match rt.block_on(
+        ragfleet_runtime::call::call(r, Request::Digest, Duration::from_secs(5)),
+    ) {
+        Ok(Response::Digest { digest, .. }) => digest,
+        other => panic!("{other:?}"),
+    };
+    wait_for("equal digests", Duration::from_secs(10), || {
+        (digest(&on_n2) == digest(&on_other)).then_some(())
+    });
+    assert!(
+        c.log("n2").contains("anti-entropy pulled"),
+        "{}",
+        c.log("n2")
     );
 }

@@ -94,14 +94,25 @@ impl Cluster {
                 roles.join(", ")
             ));
         }
-        text.push_str("[index]\nshards = 4\nreplication = 2\nwrite_quorum = 1\n[query]\nshard_deadline_ms = 800\ndeadline_ms = 20000\n");
-        // `query.KEY = VALUE` lines of `extra` go into [query]; the rest is appended
-        let (query, rest): (Vec<&str>, Vec<&str>) =
-            extra.lines().partition(|l| l.starts_with("query."));
-        for l in query {
-            text.push_str(&format!("{}\n", &l["query.".len()..]));
-        }
-        let extra = rest.join("\n");
+        // `index.KEY = VALUE` and `query.KEY = VALUE` lines of `extra` go into [index] and
+        // [query]; the rest is appended
+        let section = |name: &str| -> String {
+            let prefix = format!("{name}.");
+            extra
+                .lines()
+                .filter_map(|l| l.strip_prefix(prefix.as_str()))
+                .map(|l| format!("{l}\n"))
+                .collect()
+        };
+        text.push_str("[index]\nshards = 4\nreplication = 2\nwrite_quorum = 1\n");
+        text.push_str(&section("index"));
+        text.push_str("[query]\nshard_deadline_ms = 800\ndeadline_ms = 20000\n");
+        text.push_str(&section("query"));
+        let extra: Vec<&str> = extra
+            .lines()
+            .filter(|l| !l.starts_with("query.") && !l.starts_with("index."))
+            .collect();
+        let extra = extra.join("\n");
         if !extra.contains("[failure]") {
             text.push_str("[failure]\nheartbeat_ms = 100\nsuspect_after_ms = 600\n");
         }

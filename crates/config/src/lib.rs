@@ -115,6 +115,9 @@ pub struct IndexConfig {
     pub chunk_tokens: usize,
     /// Overlap between consecutive chunks in tokens.
     pub chunk_overlap: usize,
+    /// How often a serving shard replica compares its digest with its peers' and pulls what it
+    /// lacks (anti-entropy), in ms; 0 turns it off (catch-up at start still runs).
+    pub anti_entropy_ms: u64,
 }
 
 impl Default for IndexConfig {
@@ -130,6 +133,7 @@ impl Default for IndexConfig {
             ef_search: 64,
             chunk_tokens: 200,
             chunk_overlap: 32,
+            anti_entropy_ms: 30_000,
         }
     }
 }
@@ -470,6 +474,12 @@ impl ClusterConfig {
         }
         if ix.segment_size < 16 {
             return Err(invalid("index.segment_size", "must be at least 16"));
+        }
+        if ix.anti_entropy_ms != 0 && ix.anti_entropy_ms < 100 {
+            return Err(invalid(
+                "index.anti_entropy_ms",
+                "must be 0 (off) or at least 100",
+            ));
         }
         if ix.chunk_tokens < 16 || ix.chunk_tokens > 512 {
             return Err(invalid("index.chunk_tokens", "must be between 16 and 512"));

@@ -81,6 +81,10 @@ fn errors_name_the_field() {
         (GOOD.replace("secret-cookie", "x"), "cookie"),
         (GOOD.replace("shards = 4", "shards = 0"), "index.shards"),
         (
+            GOOD.replace("shards = 4", "shards = 4\nanti_entropy_ms = 5"),
+            "index.anti_entropy_ms",
+        ),
+        (
             format!("{GOOD}\n[query]\nshard_deadline_ms = 0\n"),
             "query.shard_deadline_ms",
         ),

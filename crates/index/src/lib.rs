@@ -16,7 +16,7 @@ mod wal;
 
 pub use bm25::Bm25;
 pub use files::{read_checked, write_checked};
-pub use shard::{IndexSettings, RecoveryReport, ShardIndex};
+pub use shard::{IndexSettings, PullPlan, RecoveryReport, ShardIndex};
 pub use wal::{Wal, WalRecovery};
 
 use ragfleet_proto::Hit;

@@ -3,7 +3,9 @@ use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use ragfleet_proto::{ChunkRecord, Hit, ModelIdentity, SearchMode, SearchQuery, WriteOp};
+use ragfleet_proto::{
+    ChunkRecord, Hit, ModelIdentity, SearchMode, SearchQuery, ShardVersions, WriteOp,
+};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
@@ -38,6 +40,22 @@ impl Default for IndexSettings {
             ef_search: 64,
             background: true,
         }
+    }
+}
+
+/// What a replica must pull from a peer (see [`ShardIndex::plan_pull`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PullPlan {
+    /// Documents the peer holds at a newer version: fetch their copies.
+    pub fetch: Vec<String>,
+    /// The peer's deletions newer than what is held here.
+    pub deletes: Vec<WriteOp>,
+}
+
+impl PullPlan {
+    /// Whether there is nothing to pull.
+    pub fn is_empty(&self) -> bool {
+        self.fetch.is_empty() && self.deletes.is_empty()
     }
 }
 
@@ -639,65 +657,105 @@ impl ShardIndex {
             .collect()
     }
 
-    /// Every live document as an upsert, then every known deletion as a delete (for a peer
-    /// replica catching up).
-    pub fn dump(&self) -> Vec<WriteOp> {
-        let mut by_doc: HashMap<&str, Vec<ChunkRecord>> = HashMap::new();
-        let mut slots: Vec<&Arc<Entry>> = self.slots.values().collect();
-        slots.sort_by(|a, b| a.chunk_id.cmp(&b.chunk_id));
-        for e in slots {
-            by_doc
-                .entry(e.doc_id.as_str())
-                .or_default()
-                .push(ChunkRecord {
-                    doc_id: e.doc_id.clone(),
-                    chunk_id: e.chunk_id.clone(),
-                    text: e.text.clone(),
-                    vector: e.vector.clone(),
-                });
-        }
-        let mut ops: Vec<WriteOp> = by_doc
-            .into_iter()
-            .map(|(d, chunks)| WriteOp::Upsert {
-                doc_id: d.to_string(),
-                version: self.docs.get(d).map_or(0, |s| s.version),
-                chunks,
-            })
+    /// What this replica holds: the version of every live document and remembered deletion,
+    /// sorted by document id (what a peer replica compares against its own to pull changes).
+    pub fn versions(&self) -> ShardVersions {
+        let mut live: Vec<(String, u64)> = self
+            .docs
+            .iter()
+            .map(|(d, s)| (d.clone(), s.version))
             .collect();
-        ops.sort_by(|a, b| a.doc_id().cmp(b.doc_id()));
-        let mut deleted: Vec<(&String, &u64)> = self
+        live.sort();
+        let mut deleted: Vec<(String, u64)> = self
             .deleted
             .iter()
             .filter(|(d, _)| !self.docs.contains_key(*d))
+            .map(|(d, v)| (d.clone(), *v))
             .collect();
         deleted.sort();
-        ops.extend(deleted.into_iter().map(|(d, v)| WriteOp::Delete {
-            doc_id: d.clone(),
-            version: *v,
-        }));
+        ShardVersions {
+            model: self.model.clone(),
+            live,
+            deleted,
+        }
+    }
+
+    /// The live copies of `doc_ids` as upserts, chunks in order; absent documents are left out.
+    pub fn fetch(&self, doc_ids: &[String]) -> Vec<WriteOp> {
+        doc_ids
+            .iter()
+            .filter_map(|d| {
+                let state = self.docs.get(d)?;
+                let chunks = state
+                    .slots
+                    .iter()
+                    .filter_map(|s| self.slots.get(s))
+                    .map(|e| ChunkRecord {
+                        doc_id: e.doc_id.clone(),
+                        chunk_id: e.chunk_id.clone(),
+                        text: e.text.clone(),
+                        vector: e.vector.clone(),
+                    })
+                    .collect();
+                Some(WriteOp::Upsert {
+                    doc_id: d.clone(),
+                    version: state.version,
+                    chunks,
+                })
+            })
+            .collect()
+    }
+
+    /// Every live document as an upsert, then every remembered deletion as a delete.
+    pub fn dump(&self) -> Vec<WriteOp> {
+        let v = self.versions();
+        let ids: Vec<String> = v.live.into_iter().map(|(d, _)| d).collect();
+        let mut ops = self.fetch(&ids);
+        ops.extend(
+            v.deleted
+                .into_iter()
+                .map(|(doc_id, version)| WriteOp::Delete { doc_id, version }),
+        );
         ops
     }
 
-    /// Whether applying `op` would change nothing (catch-up skips such ops).
-    pub fn has_identical(&self, op: &WriteOp) -> bool {
-        match op {
-            WriteOp::Upsert {
-                doc_id,
-                chunks,
-                version,
-            } => self.docs.get(doc_id).is_some_and(|d| {
-                d.version == *version
-                    && d.slots.len() == chunks.len()
-                    && d.slots.iter().zip(chunks).all(|(s, c)| {
-                        self.slots
-                            .get(s)
-                            .is_some_and(|e| e.chunk_id == c.chunk_id && e.text == c.text)
-                    })
-            }),
-            WriteOp::Delete { doc_id, version } => {
-                !self.docs.contains_key(doc_id) && self.deleted.get(doc_id) == Some(version)
-            }
+    /// What this replica lacks of a peer's state: the documents the peer holds at a newer
+    /// version (to fetch), and the peer's deletions newer than what is held here (applied as
+    /// deletes, no data needed). Documents held here at a newer version, or that the peer
+    /// lacks, are left alone: the peer pulls them from here in its own turn.
+    pub fn plan_pull(&self, peer: &ShardVersions) -> PullPlan {
+        let newer = |d: &str, v: u64| self.version_of(d).is_none_or(|held| held < v);
+        PullPlan {
+            fetch: peer
+                .live
+                .iter()
+                .filter(|(d, v)| newer(d, *v))
+                .map(|(d, _)| d.clone())
+                .collect(),
+            deletes: peer
+                .deleted
+                .iter()
+                .filter(|(d, v)| newer(d, *v))
+                .map(|(d, v)| WriteOp::Delete {
+                    doc_id: d.clone(),
+                    version: *v,
+                })
+                .collect(),
         }
+    }
+
+    /// The digest of [`ShardIndex::versions`], computed without copying them.
+    pub fn digest(&self) -> u64 {
+        let live = self
+            .docs
+            .iter()
+            .map(|(d, s)| ragfleet_proto::entry_hash(d, s.version, true));
+        let deleted = self
+            .deleted
+            .iter()
+            .filter(|(d, _)| !self.docs.contains_key(*d))
+            .map(|(d, v)| ragfleet_proto::entry_hash(d, *v, false));
+        live.chain(deleted).fold(0u64, u64::wrapping_add)
     }
 
     /// Ids of the live documents.

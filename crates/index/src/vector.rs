@@ -87,6 +87,11 @@ pub fn normalize(v: &mut [f32]) -> bool {
     if !n.is_finite() || n == 0.0 {
         return false;
     }
+    // already unit length (a copy from a peer replica): leave it bit for bit as it is, so that
+    // replicas hold identical vectors
+    if (n - 1.0).abs() <= 4.0 * f32::EPSILON {
+        return true;
+    }
     for x in v.iter_mut() {
         *x /= n;
     }
@@ -126,5 +131,16 @@ mod tests {
         let mut v = vec![3.0, 4.0];
         assert!(normalize(&mut v));
         assert!((dot(&v, &v) - 1.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn normalizing_a_unit_vector_again_keeps_every_bit() {
+        for n in [3usize, 32, 384] {
+            let mut v: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin() + 0.01).collect();
+            assert!(normalize(&mut v));
+            let once = v.clone();
+            assert!(normalize(&mut v));
+            assert_eq!(v, once, "n={n}");
+        }
     }
 }

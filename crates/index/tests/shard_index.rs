@@ -422,3 +422,79 @@ fn older_versions_never_overwrite_newer_ones_or_resurrect_deletes() {
         .unwrap();
     assert_eq!(text_of(&ix, "a").as_deref(), Some("newest"));
 }
+
+/// Pulls what `to` lacks of `from`'s state, the way a catching-up or repairing replica does.
+fn pull(to: &mut ShardIndex, from: &ShardIndex) -> ragfleet_index::PullPlan {
+    let plan = to.plan_pull(&from.versions());
+    let mut ops = from.fetch(&plan.fetch);
+    ops.extend(plan.deletes.iter().cloned());
+    to.write(ops, &model()).unwrap();
+    plan
+}
+
+#[test]
+fn replicas_that_diverged_both_ways_converge_by_pulling_only_what_differs() {
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (mut a, _) = ShardIndex::open(da.path(), settings(4)).unwrap();
+    let (mut b, _) = ShardIndex::open(db.path(), settings(4)).unwrap();
+    // both got the same 10 documents, in different orders
+    let common: Vec<WriteOp> = (0..10)
+        .map(|i| versioned(&format!("c{i}"), &format!("common {i}"), i, 100 + i))
+        .collect();
+    a.write(common.clone(), &model()).unwrap();
+    b.write(common.into_iter().rev().collect(), &model())
+        .unwrap();
+    assert_eq!(a.versions().digest(), b.versions().digest());
+    // then each missed writes the other got: a new document, a newer copy, a deletion
+    a.write(vec![versioned("only-a", "written on a", 20, 200)], &model())
+        .unwrap();
+    a.write(vec![versioned("c1", "c1 rewritten", 21, 201)], &model())
+        .unwrap();
+    b.write(vec![versioned("only-b", "written on b", 22, 202)], &model())
+        .unwrap();
+    b.delete(&["c2".to_string()], 203).unwrap();
+    b.write(
+        vec![versioned("c3", "c3 rewritten on b", 23, 204)],
+        &model(),
+    )
+    .unwrap();
+    assert_ne!(a.versions().digest(), b.versions().digest());
+    assert_ne!(a.digest(), b.digest());
+    assert_eq!(b.digest(), b.versions().digest());
+
+    let plan = pull(&mut a, &b);
+    // only what differs travels: b's new document and newer copy, and b's deletion
+    let mut fetched = plan.fetch.clone();
+    fetched.sort();
+    assert_eq!(fetched, vec!["c3".to_string(), "only-b".to_string()]);
+    assert_eq!(plan.deletes.len(), 1);
+    assert_eq!(text_of(&a, "c2"), None);
+    assert_eq!(
+        text_of(&a, "c1").as_deref(),
+        Some("c1 rewritten"),
+        "a's newer copy kept"
+    );
+    let plan = pull(&mut b, &a);
+    let mut fetched = plan.fetch.clone();
+    fetched.sort();
+    assert_eq!(fetched, vec!["c1".to_string(), "only-a".to_string()]);
+    assert!(plan.deletes.is_empty());
+    assert_eq!(a.versions(), b.versions());
+    assert_eq!(a.versions().digest(), b.versions().digest());
+    assert_eq!(a.digest(), a.versions().digest());
+    assert_eq!(a.digest(), b.digest());
+    assert_eq!(a.dump(), b.dump());
+    // converged: nothing left to pull either way
+    assert!(a.plan_pull(&b.versions()).is_empty());
+    assert!(b.plan_pull(&a.versions()).is_empty());
+    // a stale peer (older copies, a deleted document still live) gives nothing to pull
+    let dc = tempfile::tempdir().unwrap();
+    let (mut stale, _) = ShardIndex::open(dc.path(), settings(4)).unwrap();
+    stale
+        .write(vec![versioned("c2", "common 2", 2, 102)], &model())
+        .unwrap();
+    stale
+        .write(vec![versioned("c1", "common 1", 1, 101)], &model())
+        .unwrap();
+    assert!(a.plan_pull(&stale.versions()).is_empty());
+}

@@ -56,7 +56,11 @@ fn all_requests() -> Vec<Request> {
             ],
             model: model(),
         },
-        Request::Dump,
+        Request::Versions,
+        Request::Digest,
+        Request::Fetch {
+            doc_ids: vec!["a".into()],
+        },
         Request::Delete {
             doc_ids: vec!["a".into(), "b".into()],
             version: 7,
@@ -150,7 +154,13 @@ fn all_responses() -> Vec<Response> {
             }],
             failed: vec![("y".into(), "empty".into())],
         },
-        Response::Dumped {
+        Response::Versions(ShardVersions {
+            model: Some(model()),
+            live: vec![("a".into(), 3)],
+            deleted: vec![("b".into(), 4)],
+        }),
+        Response::Digest { digest: 9, docs: 1 },
+        Response::Fetched {
             ops: vec![WriteOp::Delete {
                 doc_id: "x".into(),
                 version: 0,
@@ -311,4 +321,25 @@ async fn role_message_with_garbage_args_gives_error_frame() {
         metadata: None,
     };
     assert!(RoleMsg::deserialize(ser).is_err());
+}
+
+#[test]
+fn shard_digest_ignores_order_and_sees_every_version_and_deletion() {
+    let a = ShardVersions {
+        model: None,
+        live: vec![("a".into(), 1), ("b".into(), 2)],
+        deleted: vec![("c".into(), 3)],
+    };
+    let mut b = a.clone();
+    b.live.reverse();
+    assert_eq!(a.digest(), b.digest());
+    b.live[0].1 = 5;
+    assert_ne!(a.digest(), b.digest(), "a newer version changes the digest");
+    let mut c = a.clone();
+    let moved = c.deleted.pop().unwrap();
+    c.live.push(moved);
+    assert_ne!(a.digest(), c.digest(), "live and deleted differ");
+    // the id/version boundary is unambiguous
+    assert_ne!(entry_hash("a1", 2, true), entry_hash("a", 12, true));
+    assert_eq!(ShardVersions::default().digest(), 0);
 }

@@ -427,6 +427,46 @@ pub struct StreamChunk {
     pub summary: Option<AskSummary>,
 }
 
+/// What a shard replica holds of every document: the version of each live document and of each
+/// deletion it remembers, sorted by document id.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardVersions {
+    /// Model pinned by the replica.
+    pub model: Option<ModelIdentity>,
+    /// (document id, version) of every live document.
+    pub live: Vec<(String, u64)>,
+    /// (document id, version) of every remembered deletion.
+    pub deleted: Vec<(String, u64)>,
+}
+
+impl ShardVersions {
+    /// Order-independent digest: the wrapping sum of a 64-bit FNV-1a hash of every entry, so two
+    /// replicas holding the same versions agree whatever order they were written in.
+    pub fn digest(&self) -> u64 {
+        let live = self.live.iter().map(|(d, v)| entry_hash(d, *v, true));
+        let deleted = self.deleted.iter().map(|(d, v)| entry_hash(d, *v, false));
+        live.chain(deleted).fold(0u64, u64::wrapping_add)
+    }
+}
+
+/// 64-bit FNV-1a of (document id, version, live or deleted), stable across processes.
+pub fn entry_hash(doc_id: &str, version: u64, live: bool) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |b: u8| {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    };
+    for &b in doc_id.as_bytes() {
+        eat(b);
+    }
+    eat(0xff); // no id byte is 0xff in UTF-8: separates the id from the version
+    for b in version.to_le_bytes() {
+        eat(b);
+    }
+    eat(live as u8);
+    h
+}
+
 /// Fault injection for chaos experiments and supervision tests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ChaosAction {
@@ -471,8 +511,17 @@ pub enum Request {
         /// Write version: clients send 0, the coordinator stamps it for the shards.
         version: u64,
     },
-    /// Copy of every live document (shard), for a peer catching up.
-    Dump,
+    /// What a shard replica holds of every document (shard): the start of a catch-up or an
+    /// anti-entropy repair by a peer replica.
+    Versions,
+    /// A digest of what a shard replica holds (shard): replicas compare digests and exchange
+    /// versions only when they differ.
+    Digest,
+    /// The live copies of these documents (shard), for a peer replica pulling what it lacks.
+    Fetch {
+        /// Document ids.
+        doc_ids: Vec<String>,
+    },
     /// Score (query, passage) pairs (reranker).
     Rerank {
         /// Query.
@@ -564,9 +613,18 @@ pub enum Response {
         /// Last sequence number.
         seq: u64,
     },
-    /// Live documents of a shard.
-    Dumped {
-        /// Upserts of every live document.
+    /// What a shard replica holds.
+    Versions(ShardVersions),
+    /// A shard replica's digest (see [`ShardVersions::digest`]).
+    Digest {
+        /// Order-independent hash of every (document, version, live or deleted).
+        digest: u64,
+        /// Live documents.
+        docs: u64,
+    },
+    /// Live documents of a shard, as upserts (answer to `Fetch`).
+    Fetched {
+        /// Upserts of the live documents asked for (absent ones are left out).
         ops: Vec<WriteOp>,
         /// Model pinned by the shard.
         model: Option<ModelIdentity>,

@@ -144,6 +144,8 @@ async fn role_specs(
                         peer_wait: Duration::from_millis(
                             (cfg.failure.suspect_after_ms * 2).clamp(1_000, 10_000),
                         ),
+                        anti_entropy: (cfg.index.anti_entropy_ms > 0)
+                            .then(|| Duration::from_millis(cfg.index.anti_entropy_ms)),
                     },
                 ),
             })

@@ -1,5 +1,12 @@
 //! A shard replica: wraps a [`ShardIndex`]; recovers from disk, catches up from a serving peer
-//! replica before it serves, answers searches and durable writes.
+//! replica before it serves, answers searches and durable writes, and keeps converging with its
+//! peers (anti-entropy).
+//!
+//! Catch-up and anti-entropy are the same pull: ask a peer for the version of every document it
+//! holds ([`Request::Versions`]), fetch only the documents it holds at a newer version, in
+//! batches ([`Request::Fetch`]), and apply its newer deletions. Write versions (last writer wins)
+//! make the pull safe beside concurrent writes. Anti-entropy first compares digests
+//! ([`Request::Digest`]), so replicas that agree exchange two numbers.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
@@ -27,6 +34,8 @@ pub struct ShardArgs {
     pub settings: IndexSettings,
     /// How long to look for a serving peer before serving alone.
     pub peer_wait: Duration,
+    /// How often to compare digests with the peer replicas and pull what differs (None: never).
+    pub anti_entropy: Option<Duration>,
 }
 
 /// The shard actor.
@@ -156,16 +165,42 @@ impl Actor for ShardActor {
                     apply_write(&shared, port, |ix| ix.delete(&doc_ids, version))
                 });
             }
-            Request::Dump => {
+            Request::Versions => {
+                tokio::task::spawn_blocking(move || {
+                    let v = shared.index.read().expect("index").versions();
+                    reply(port, Response::Versions(v));
+                });
+            }
+            Request::Digest => {
                 tokio::task::spawn_blocking(move || {
                     let ix = shared.index.read().expect("index");
+                    let r = Response::Digest {
+                        digest: ix.digest(),
+                        docs: ix.doc_count(),
+                    };
+                    drop(ix);
+                    reply(port, r);
+                });
+            }
+            Request::Fetch { doc_ids } => {
+                if doc_ids.len() > MAX_FETCH {
                     reply(
                         port,
-                        Response::Dumped {
-                            ops: ix.dump(),
-                            model: ix.model().cloned(),
-                        },
+                        Response::Error(WireError::BadRequest(format!(
+                            "fetch of {} documents (at most {MAX_FETCH} a call)",
+                            doc_ids.len()
+                        ))),
                     );
+                    return Ok(());
+                }
+                tokio::task::spawn_blocking(move || {
+                    let ix = shared.index.read().expect("index");
+                    let r = Response::Fetched {
+                        ops: ix.fetch(&doc_ids),
+                        model: ix.model().cloned(),
+                    };
+                    drop(ix);
+                    reply(port, r);
                 });
             }
             other => reply(port, unsupported(&other, "shard")),
@@ -201,7 +236,11 @@ fn index_error(e: ragfleet_index::IndexError) -> WireError {
     }
 }
 
-/// Finds a serving peer replica and copies its documents; serves alone if none shows up.
+/// Documents a `Fetch` may ask for (the pull fetches in batches of this size).
+const MAX_FETCH: usize = 256;
+
+/// Finds a serving peer replica and pulls what it lacks; serves alone if none shows up. Then runs
+/// anti-entropy for the life of the replica.
 async fn catch_up(me: ActorRef<RoleMsg>, args: ShardArgs, shared: Arc<Shared>) {
     let start = Instant::now();
     let group = groups::shard(args.shard);
@@ -234,52 +273,142 @@ async fn catch_up(me: ActorRef<RoleMsg>, args: ShardArgs, shared: Arc<Shared>) {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    if let Some((peer, node)) = source {
-        match call(&peer, Request::Dump, Duration::from_secs(120)).await {
-            Ok(Response::Dumped {
-                ops,
-                model: Some(model),
-            }) => {
-                let shared2 = shared.clone();
-                let res =
-                    tokio::task::spawn_blocking(move || apply_dump(&shared2, ops, &model)).await;
-                match res {
-                    Ok(Ok(n)) => {
-                        info!(shard = args.shard, from = %node, changed = n, "caught up from peer")
-                    }
-                    Ok(Err(e)) => {
-                        error!(shard = args.shard, error = %e, "catch-up failed; serving local data")
-                    }
-                    Err(e) => error!(shard = args.shard, error = %e, "catch-up task failed"),
-                }
-            }
-            Ok(Response::Dumped { model: None, .. }) => info!(shard = args.shard, "peer is empty"),
-            other => warn!(
+    match source {
+        Some((peer, node)) => match pull(&peer, &shared).await {
+            Ok(p) => info!(
                 shard = args.shard,
-                ?other,
-                "catch-up dump failed; serving local data"
+                from = %node,
+                fetched = p.fetched,
+                deleted = p.deleted,
+                peer_docs = p.peer_docs,
+                "caught up from peer"
             ),
-        }
-    } else {
-        info!(shard = args.shard, "no serving peer; serving local data");
+            Err(e) => error!(shard = args.shard, from = %node, error = %e,
+                "catch-up failed; serving local data"),
+        },
+        None => info!(shard = args.shard, "no serving peer; serving local data"),
     }
     *shared.state.lock().expect("state") = ReplicaState::Serving;
+    if let Some(every) = args.anti_entropy {
+        anti_entropy(&me, &args, &shared, every).await;
+    }
 }
 
-fn apply_dump(
-    shared: &Shared,
+/// Every `every`, compares this replica's digest with each serving peer's and pulls from a peer
+/// whose digest differs. Every replica does the same, so changes flow both ways.
+async fn anti_entropy(
+    me: &ActorRef<RoleMsg>,
+    args: &ShardArgs,
+    shared: &Arc<Shared>,
+    every: Duration,
+) {
+    let group = groups::shard(args.shard);
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await; // the first tick is immediate: catch-up has just run
+    loop {
+        tick.tick().await;
+        for cell in ractor::pg::get_members(&group) {
+            if cell.get_id() == me.get_id() {
+                continue;
+            }
+            let peer: ActorRef<RoleMsg> = cell.into();
+            let theirs = match call(&peer, Request::Digest, Duration::from_secs(5)).await {
+                Ok(Response::Digest { digest, .. }) => digest,
+                _ => continue, // down or busy: the next round tries again
+            };
+            let s = shared.clone();
+            let Ok(mine) =
+                tokio::task::spawn_blocking(move || s.index.read().expect("index").digest()).await
+            else {
+                continue;
+            };
+            if mine == theirs {
+                continue;
+            }
+            match pull(&peer, shared).await {
+                Ok(p) if p.fetched + p.deleted > 0 => info!(
+                    shard = args.shard,
+                    peer = %peer.get_id(),
+                    fetched = p.fetched,
+                    deleted = p.deleted,
+                    "anti-entropy pulled what this replica lacked"
+                ),
+                Ok(_) => {} // the difference is on the peer's side: it pulls from here
+                Err(e) => warn!(shard = args.shard, error = %e, "anti-entropy pull failed"),
+            }
+        }
+    }
+}
+
+/// What one pull moved.
+#[derive(Debug, Default)]
+struct Pulled {
+    fetched: usize,
+    deleted: usize,
+    peer_docs: usize,
+}
+
+/// Pulls from `peer` the documents it holds at a newer version than this replica (in batches)
+/// and its newer deletions; applies them durably.
+async fn pull(peer: &ActorRef<RoleMsg>, shared: &Arc<Shared>) -> Result<Pulled, String> {
+    let versions = match call(peer, Request::Versions, Duration::from_secs(60)).await {
+        Ok(Response::Versions(v)) => v,
+        Ok(other) => return Err(format!("versions: unexpected answer {other:?}")),
+        Err(e) => return Err(format!("versions: {e}")),
+    };
+    let Some(model) = versions.model.clone() else {
+        return Ok(Pulled::default()); // the peer never had a write
+    };
+    let peer_docs = versions.live.len();
+    let s = shared.clone();
+    let plan =
+        tokio::task::spawn_blocking(move || s.index.read().expect("index").plan_pull(&versions))
+            .await
+            .map_err(|e| e.to_string())?;
+    let mut done = Pulled {
+        peer_docs,
+        ..Pulled::default()
+    };
+    for batch in plan.fetch.chunks(MAX_FETCH) {
+        let ops = match call(
+            peer,
+            Request::Fetch {
+                doc_ids: batch.to_vec(),
+            },
+            Duration::from_secs(60),
+        )
+        .await
+        {
+            Ok(Response::Fetched { ops, .. }) => ops,
+            Ok(other) => return Err(format!("fetch: unexpected answer {other:?}")),
+            Err(e) => return Err(format!("fetch: {e}")),
+        };
+        done.fetched += ops.len();
+        apply(shared, ops, &model).await?;
+    }
+    done.deleted = plan.deletes.len();
+    apply(shared, plan.deletes, &model).await?;
+    Ok(done)
+}
+
+/// Applies a peer's ops durably (blocking thread); the index skips any op older than what it
+/// holds, so writes that landed meanwhile win.
+async fn apply(
+    shared: &Arc<Shared>,
     ops: Vec<WriteOp>,
     model: &ragfleet_proto::ModelIdentity,
-) -> Result<usize, String> {
-    // The index keeps the newer version of every document, so the peer's older copies (of
-    // documents written here while catching up, or acknowledged here and missed by the peer)
-    // are skipped. Local documents the peer lacks are kept (its deletions arrive as deletes).
-    let mut ix = shared.index.write().expect("index");
-    let changes: Vec<WriteOp> = ops.into_iter().filter(|o| !ix.has_identical(o)).collect();
-    let n = changes.len();
-    for batch in changes.chunks(256) {
-        ix.write(batch.to_vec(), model).map_err(|e| e.to_string())?;
+) -> Result<(), String> {
+    if ops.is_empty() {
+        return Ok(());
     }
-    shared.refresh_counts(&ix);
-    Ok(n)
+    let (s, model) = (shared.clone(), model.clone());
+    tokio::task::spawn_blocking(move || {
+        let mut ix = s.index.write().expect("index");
+        let r = ix.write(ops, &model).map(|_| ()).map_err(|e| e.to_string());
+        s.refresh_counts(&ix);
+        r
+    })
+    .await
+    .map_err(|e| e.to_string())?
 }

@@ -51,6 +51,7 @@ fn hnsw_recall_at_10_is_at_least_095_on_real_embeddings() {
         ef_construction: 100,
         ef_search: 64,
         background: false,
+        deletion_grace: None,
     };
     let (mut hnsw, _) = ShardIndex::open(&dir.path().join("hnsw"), settings).unwrap();
     hnsw.write(ops.clone(), &model).unwrap();

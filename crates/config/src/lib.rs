@@ -118,6 +118,9 @@ pub struct IndexConfig {
     /// How often a serving shard replica compares its digest with its peers' and pulls what it
     /// lacks (anti-entropy), in ms; 0 turns it off (catch-up at start still runs).
     pub anti_entropy_ms: u64,
+    /// How long a deletion record is kept, in seconds (0: for ever). A replica down for longer
+    /// than this may hold documents deleted meanwhile: bring it back empty.
+    pub deletion_grace_secs: u64,
 }
 
 impl Default for IndexConfig {
@@ -134,6 +137,7 @@ impl Default for IndexConfig {
             chunk_tokens: 200,
             chunk_overlap: 32,
             anti_entropy_ms: 30_000,
+            deletion_grace_secs: 7 * 24 * 3600,
         }
     }
 }

@@ -29,6 +29,10 @@ pub struct IndexSettings {
     pub ef_search: usize,
     /// Build graphs on background threads (false: build inline, for tests and benches).
     pub background: bool,
+    /// How long a deletion record (document id + version) is kept; older ones are dropped at
+    /// the next seal (None: kept for ever). Write versions are microseconds on the
+    /// coordinators' clocks, so a record's age is read off its version.
+    pub deletion_grace: Option<std::time::Duration>,
 }
 
 impl Default for IndexSettings {
@@ -39,6 +43,7 @@ impl Default for IndexSettings {
             ef_construction: 100,
             ef_search: 64,
             background: true,
+            deletion_grace: None,
         }
     }
 }
@@ -119,6 +124,16 @@ pub struct ShardIndex {
     bm25: Bm25,
     slots: HashMap<u32, Arc<Entry>>,
     next_slot: u32,
+    /// Deletion records with a version below this were dropped: a copy of a document this
+    /// replica does not hold, at a version below this, may be one deleted since, and is refused.
+    purged_below: u64,
+}
+
+/// Microseconds since the Unix epoch (the unit of write versions).
+fn now_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
 }
 
 impl ShardIndex {
@@ -161,7 +176,23 @@ impl ShardIndex {
             bm25: Bm25::default(),
             slots: HashMap::new(),
             next_slot: 0,
+            purged_below: 0,
         };
+        let purge_path = dir.join("purged.bin");
+        match read_checked(&purge_path).map(|b| b.map(|b| postcard::from_bytes::<u64>(&b))) {
+            Ok(None) => {}
+            Ok(Some(Ok(v))) => ix.purged_below = v,
+            Ok(Some(Err(e))) => report
+                .problems
+                .push(format!("{}: {e}", purge_path.display())),
+            Err(e) => report.problems.push(e.to_string()),
+        }
+        if ix.purged_below == 0 && report.problems.iter().any(|p| p.contains("purged.bin")) {
+            // unknown horizon: assume every record past the grace period was dropped
+            if let Some(g) = ix.settings.deletion_grace {
+                ix.purged_below = now_micros().saturating_sub(g.as_micros() as u64);
+            }
+        }
         for id in &manifest.segments {
             match ix.load_segment(*id) {
                 Ok(seg) => ix.sealed.push(seg),
@@ -431,6 +462,10 @@ impl ShardIndex {
             if held.is_some_and(|h| h >= v) {
                 return false;
             }
+            // older than the dropped deletion records and not held: it may have been deleted
+            if held.is_none() && v <= self.purged_below {
+                return false;
+            }
             newest.insert(op.doc_id().to_string(), v);
             true
         });
@@ -473,8 +508,33 @@ impl ShardIndex {
         }
         self.merge_small()?;
         self.sealed_seq = self.last_seq;
+        self.purge_deletions()?;
         self.write_manifest()?;
         self.wal.reset()?;
+        Ok(())
+    }
+
+    /// Drops deletion records older than the grace period (before the manifest that no longer
+    /// lists them is written, the new horizon is durable).
+    fn purge_deletions(&mut self) -> Result<(), IndexError> {
+        let Some(grace) = self.settings.deletion_grace else {
+            return Ok(());
+        };
+        let horizon = now_micros().saturating_sub(grace.as_micros() as u64);
+        if !self.deleted.values().any(|&v| v < horizon) {
+            return Ok(());
+        }
+        let horizon = horizon.max(self.purged_below);
+        let bytes =
+            postcard::to_stdvec(&horizon).map_err(|e| IndexError::BadInput(e.to_string()))?;
+        write_checked(&self.dir.join("purged.bin"), &bytes)?;
+        self.purged_below = horizon;
+        let before = self.deleted.len();
+        self.deleted.retain(|_, v| *v >= horizon);
+        info!(
+            dropped = before - self.deleted.len(),
+            "deletion records past the grace period dropped"
+        );
         Ok(())
     }
 
@@ -724,7 +784,10 @@ impl ShardIndex {
     /// deletes, no data needed). Documents held here at a newer version, or that the peer
     /// lacks, are left alone: the peer pulls them from here in its own turn.
     pub fn plan_pull(&self, peer: &ShardVersions) -> PullPlan {
-        let newer = |d: &str, v: u64| self.version_of(d).is_none_or(|held| held < v);
+        let newer = |d: &str, v: u64| match self.version_of(d) {
+            Some(held) => held < v,
+            None => v == 0 || v > self.purged_below,
+        };
         PullPlan {
             fetch: peer
                 .live

@@ -22,6 +22,7 @@ fn settings(segment_size: usize) -> IndexSettings {
         ef_construction: 64,
         ef_search: 64,
         background: false,
+        deletion_grace: None,
     }
 }
 
@@ -497,4 +498,67 @@ fn replicas_that_diverged_both_ways_converge_by_pulling_only_what_differs() {
         .write(vec![versioned("c1", "common 1", 1, 101)], &model())
         .unwrap();
     assert!(a.plan_pull(&stale.versions()).is_empty());
+}
+
+#[test]
+fn deletion_records_past_the_grace_period_are_dropped_and_their_documents_stay_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let graced = || IndexSettings {
+        deletion_grace: Some(std::time::Duration::from_secs(3600)),
+        ..settings(4)
+    };
+    let now = ragfleet_proto::next_write_version();
+    let hours_ago = |h: u64| now - h * 3600 * 1_000_000;
+    let (mut ix, _) = ShardIndex::open(dir.path(), graced()).unwrap();
+    // "old" was deleted 3 hours ago, "recent" a minute ago
+    ix.write(
+        vec![
+            versioned("old", "old text", 1, hours_ago(4)),
+            versioned("recent", "recent text", 2, hours_ago(4)),
+        ],
+        &model(),
+    )
+    .unwrap();
+    ix.delete(&["old".to_string()], hours_ago(3)).unwrap();
+    ix.delete(&["recent".to_string()], now - 60_000_000)
+        .unwrap();
+    assert_eq!(ix.versions().deleted.len(), 2);
+    ix.seal().unwrap();
+    // the old record is gone, the recent one kept
+    let deleted: Vec<String> = ix.versions().deleted.into_iter().map(|(d, _)| d).collect();
+    assert_eq!(deleted, vec!["recent".to_string()]);
+    // a stale copy of "old" (from a lagging peer or a late retry) still cannot bring it back,
+    // neither written nor pulled, and neither can it after a restart
+    let stale = versioned("old", "old text", 1, hours_ago(4));
+    ix.write(vec![stale.clone()], &model()).unwrap();
+    assert_eq!(text_of(&ix, "old"), None);
+    drop(ix);
+    let (mut ix, rep) = ShardIndex::open(dir.path(), graced()).unwrap();
+    assert!(rep.problems.is_empty(), "{:?}", rep.problems);
+    ix.write(vec![stale.clone()], &model()).unwrap();
+    assert_eq!(text_of(&ix, "old"), None);
+    let pd = tempfile::tempdir().unwrap();
+    let (mut peer, _) = ShardIndex::open(pd.path(), settings(4)).unwrap();
+    peer.write(vec![stale], &model()).unwrap();
+    assert!(ix.plan_pull(&peer.versions()).is_empty());
+    // a new write of the same id is a new document
+    ix.write(
+        vec![versioned(
+            "old",
+            "written again",
+            3,
+            ragfleet_proto::next_write_version(),
+        )],
+        &model(),
+    )
+    .unwrap();
+    assert_eq!(text_of(&ix, "old").as_deref(), Some("written again"));
+    // without a grace period nothing is dropped
+    let kd = tempfile::tempdir().unwrap();
+    let (mut keep, _) = ShardIndex::open(kd.path(), settings(4)).unwrap();
+    keep.write(vec![versioned("x", "x", 4, hours_ago(5))], &model())
+        .unwrap();
+    keep.delete(&["x".to_string()], hours_ago(4)).unwrap();
+    keep.seal().unwrap();
+    assert_eq!(keep.versions().deleted.len(), 1);
 }

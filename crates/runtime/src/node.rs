@@ -127,6 +127,8 @@ async fn role_specs(
             ef_construction: cfg.index.ef_construction,
             ef_search: cfg.index.ef_search,
             background: true,
+            deletion_grace: (cfg.index.deletion_grace_secs > 0)
+                .then(|| Duration::from_secs(cfg.index.deletion_grace_secs)),
         };
         let children = cfg
             .shards_of(node)

@@ -366,6 +366,36 @@ fn run_streams<B: burn::prelude::Backend>(
     (ttft, n as f64 / total)
 }
 
+/// Tokens/s of decode steps alone, one stream vs `prompts.len()` streams in one batch: every
+/// prompt is prefilled first, then `steps` batched steps run (greedy, fixed next tokens).
+fn decode_only<B: burn::prelude::Backend>(
+    g: &ragfleet_models::llama::Generator<B>,
+    prompts: &[&str],
+    steps: usize,
+) -> (f64, f64) {
+    use ragfleet_models::llama::KvCache;
+    let m = g.model();
+    let device = Default::default();
+    let rate = |n: usize| {
+        let mut caches: Vec<KvCache<B>> = prompts[..n]
+            .iter()
+            .map(|p| {
+                let mut c = KvCache::new(m.cfg.layers);
+                m.forward(&[g.tokenizer().chat_prompt("", p)], &mut [&mut c], &device);
+                c
+            })
+            .collect();
+        let t = std::time::Instant::now();
+        for step in 0..steps {
+            let tokens: Vec<Vec<u32>> = (0..n).map(|i| vec![(100 + step + i) as u32]).collect();
+            let mut refs: Vec<&mut KvCache<B>> = caches.iter_mut().collect();
+            m.forward(&tokens, &mut refs, &device);
+        }
+        (n * steps) as f64 / t.elapsed().as_secs_f64()
+    };
+    (rate(1), rate(prompts.len()))
+}
+
 fn generate<B: burn::prelude::Backend>(
     models: &std::path::Path,
     tokens: usize,
@@ -387,6 +417,12 @@ fn generate<B: burn::prelude::Backend>(
     println!(
         "continuous batching: 4 streams give {:.2}x the tokens/s of 1",
         tps4 / tps1
+    );
+    let (d1, d4) = decode_only(&g, &prompts, tokens);
+    println!(
+        "decode steps alone (prompts prefilled first): 1 stream {d1:.1} tokens/s, 4 streams \
+         {d4:.1} tokens/s in all = {:.2}x",
+        d4 / d1
     );
     if let Some(py) = py {
         let r = reference(

@@ -129,13 +129,6 @@ pub struct ShardIndex {
     purged_below: u64,
 }
 
-/// Microseconds since the Unix epoch (the unit of write versions).
-fn now_micros() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as u64)
-}
-
 impl ShardIndex {
     /// Opens the index in `dir` (created if missing), recovering from the snapshot files and the
     /// log tail. Corrupt files are reported, never loaded.
@@ -179,19 +172,21 @@ impl ShardIndex {
             purged_below: 0,
         };
         let purge_path = dir.join("purged.bin");
-        match read_checked(&purge_path).map(|b| b.map(|b| postcard::from_bytes::<u64>(&b))) {
-            Ok(None) => {}
-            Ok(Some(Ok(v))) => ix.purged_below = v,
-            Ok(Some(Err(e))) => report
-                .problems
-                .push(format!("{}: {e}", purge_path.display())),
-            Err(e) => report.problems.push(e.to_string()),
-        }
-        if ix.purged_below == 0 && report.problems.iter().any(|p| p.contains("purged.bin")) {
+        let problem = match read_checked(&purge_path) {
+            Ok(None) => None,
+            Ok(Some(b)) => match postcard::from_bytes::<u64>(&b) {
+                Ok(v) => {
+                    ix.purged_below = v;
+                    None
+                }
+                Err(e) => Some(format!("{}: {e}", purge_path.display())),
+            },
+            Err(e) => Some(e.to_string()),
+        };
+        if let Some(p) = problem {
+            report.problems.push(p);
             // unknown horizon: assume every record past the grace period was dropped
-            if let Some(g) = ix.settings.deletion_grace {
-                ix.purged_below = now_micros().saturating_sub(g.as_micros() as u64);
-            }
+            ix.purged_below = ix.grace_horizon().unwrap_or(0);
         }
         for id in &manifest.segments {
             match ix.load_segment(*id) {
@@ -517,10 +512,9 @@ impl ShardIndex {
     /// Drops deletion records older than the grace period (before the manifest that no longer
     /// lists them is written, the new horizon is durable).
     fn purge_deletions(&mut self) -> Result<(), IndexError> {
-        let Some(grace) = self.settings.deletion_grace else {
+        let Some(horizon) = self.grace_horizon() else {
             return Ok(());
         };
-        let horizon = now_micros().saturating_sub(grace.as_micros() as u64);
         if !self.deleted.values().any(|&v| v < horizon) {
             return Ok(());
         }
@@ -536,6 +530,13 @@ impl ShardIndex {
             "deletion records past the grace period dropped"
         );
         Ok(())
+    }
+
+    /// The version (a time in microseconds) below which deletion records are past the grace
+    /// period; None when they are kept for ever.
+    fn grace_horizon(&self) -> Option<u64> {
+        let grace = self.settings.deletion_grace?;
+        Some(ragfleet_proto::clock_micros().saturating_sub(grace.as_micros() as u64))
     }
 
     fn write_segment(&self, seg: &Segment) -> Result<(), IndexError> {
@@ -727,10 +728,8 @@ impl ShardIndex {
             .collect();
         live.sort();
         let mut deleted: Vec<(String, u64)> = self
-            .deleted
-            .iter()
-            .filter(|(d, _)| !self.docs.contains_key(*d))
-            .map(|(d, v)| (d.clone(), *v))
+            .remembered_deletions()
+            .map(|(d, v)| (d.to_string(), v))
             .collect();
         deleted.sort();
         ShardVersions {
@@ -809,16 +808,18 @@ impl ShardIndex {
 
     /// The digest of [`ShardIndex::versions`], computed without copying them.
     pub fn digest(&self) -> u64 {
-        let live = self
-            .docs
-            .iter()
-            .map(|(d, s)| ragfleet_proto::entry_hash(d, s.version, true));
-        let deleted = self
-            .deleted
+        ragfleet_proto::shard_digest(
+            self.docs.iter().map(|(d, s)| (d.as_str(), s.version)),
+            self.remembered_deletions(),
+        )
+    }
+
+    /// (id, version) of every deletion record of a document not live now.
+    fn remembered_deletions(&self) -> impl Iterator<Item = (&str, u64)> {
+        self.deleted
             .iter()
             .filter(|(d, _)| !self.docs.contains_key(*d))
-            .map(|(d, v)| ragfleet_proto::entry_hash(d, *v, false));
-        live.chain(deleted).fold(0u64, u64::wrapping_add)
+            .map(|(d, v)| (d.as_str(), *v))
     }
 
     /// Ids of the live documents.

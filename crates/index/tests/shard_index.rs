@@ -26,6 +26,15 @@ fn settings(segment_size: usize) -> IndexSettings {
     }
 }
 
+/// Deletes `doc` through the write path with no version (as an unversioned client write).
+fn delete_unversioned(ix: &mut ShardIndex, doc: &str) {
+    let op = WriteOp::Delete {
+        doc_id: doc.into(),
+        version: 0,
+    };
+    ix.write(vec![op], &model()).unwrap();
+}
+
 fn vec_for(seed: u64) -> Vec<f32> {
     let mut r = rand::rngs::StdRng::seed_from_u64(seed);
     (0..DIM).map(|_| r.gen_range(-1.0..1.0)).collect()
@@ -79,14 +88,7 @@ fn upserts_and_deletes_are_visible_to_the_next_search() {
         "alpha rays"
     );
     // delete b
-    ix.write(
-        vec![WriteOp::Delete {
-            doc_id: "b".into(),
-            version: 0,
-        }],
-        &model(),
-    )
-    .unwrap();
+    delete_unversioned(&mut ix, "b");
     let hits = ix.search(&query(2, "beta", SearchMode::Bm25)).unwrap();
     assert!(hits.is_empty());
     assert_eq!(ix.doc_count(), 1);
@@ -104,14 +106,7 @@ fn recovers_from_log_and_segments_after_reopen() {
             )
             .unwrap();
         }
-        ix.write(
-            vec![WriteOp::Delete {
-                doc_id: "d3".into(),
-                version: 0,
-            }],
-            &model(),
-        )
-        .unwrap();
+        delete_unversioned(&mut ix, "d3");
         assert!(ix.segment_stats().0 >= 1);
     }
     let (ix, report) = ShardIndex::open(dir.path(), settings(16)).unwrap();
@@ -296,14 +291,7 @@ fn bm25_is_snapshotted_per_segment_and_recovered_with_the_log_tail() {
                 .unwrap();
         }
         // a delete and a replace after the last seal live only in the log
-        ix.write(
-            vec![WriteOp::Delete {
-                doc_id: "d3".into(),
-                version: 0,
-            }],
-            &model(),
-        )
-        .unwrap();
+        delete_unversioned(&mut ix, "d3");
         ix.write(vec![upsert("d4", "tachyon", 99)], &model())
             .unwrap();
         before = bm25_ids(&ix, "proton quark tachyon");

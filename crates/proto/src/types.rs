@@ -121,9 +121,7 @@ impl WriteOp {
 pub fn next_write_version() -> u64 {
     use std::sync::atomic::{AtomicU64, Ordering};
     static LAST: AtomicU64 = AtomicU64::new(0);
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(1, |d| d.as_micros() as u64);
+    let now = clock_micros().max(1);
     let mut last = LAST.load(Ordering::Relaxed);
     loop {
         let v = now.max(last + 1);
@@ -132,6 +130,14 @@ pub fn next_write_version() -> u64 {
             Err(cur) => last = cur,
         }
     }
+}
+
+/// This machine's wall clock in microseconds since the Unix epoch: the unit of write versions
+/// (0 if the clock is before the epoch).
+pub fn clock_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
 }
 
 /// A search hit.
@@ -443,10 +449,22 @@ impl ShardVersions {
     /// Order-independent digest: the wrapping sum of a 64-bit FNV-1a hash of every entry, so two
     /// replicas holding the same versions agree whatever order they were written in.
     pub fn digest(&self) -> u64 {
-        let live = self.live.iter().map(|(d, v)| entry_hash(d, *v, true));
-        let deleted = self.deleted.iter().map(|(d, v)| entry_hash(d, *v, false));
-        live.chain(deleted).fold(0u64, u64::wrapping_add)
+        shard_digest(
+            self.live.iter().map(|(d, v)| (d.as_str(), *v)),
+            self.deleted.iter().map(|(d, v)| (d.as_str(), *v)),
+        )
     }
+}
+
+/// The digest of live documents and remembered deletions given as (id, version) pairs, in any
+/// order (what [`ShardVersions::digest`] computes, for callers that hold them otherwise).
+pub fn shard_digest<'a>(
+    live: impl Iterator<Item = (&'a str, u64)>,
+    deleted: impl Iterator<Item = (&'a str, u64)>,
+) -> u64 {
+    let live = live.map(|(d, v)| entry_hash(d, v, true));
+    let deleted = deleted.map(|(d, v)| entry_hash(d, v, false));
+    live.chain(deleted).fold(0u64, u64::wrapping_add)
 }
 
 /// 64-bit FNV-1a of (document id, version, live or deleted), stable across processes.

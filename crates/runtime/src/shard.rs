@@ -306,8 +306,16 @@ async fn anti_entropy(
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await; // the first tick is immediate: catch-up has just run
+    let digest = || {
+        let s = shared.clone();
+        tokio::task::spawn_blocking(move || s.index.read().expect("index").digest())
+    };
     loop {
         tick.tick().await;
+        // this replica's digest, computed once a round and again only after a pull changed it
+        let Ok(mut mine) = digest().await else {
+            continue;
+        };
         for cell in ractor::pg::get_members(&group) {
             if cell.get_id() == me.get_id() {
                 continue;
@@ -317,23 +325,22 @@ async fn anti_entropy(
                 Ok(Response::Digest { digest, .. }) => digest,
                 _ => continue, // down or busy: the next round tries again
             };
-            let s = shared.clone();
-            let Ok(mine) =
-                tokio::task::spawn_blocking(move || s.index.read().expect("index").digest()).await
-            else {
-                continue;
-            };
             if mine == theirs {
                 continue;
             }
             match pull(&peer, shared).await {
-                Ok(p) if p.fetched + p.deleted > 0 => info!(
+                Ok(p) if p.fetched + p.deleted > 0 => {
+                    info!(
                     shard = args.shard,
                     peer = %peer.get_id(),
                     fetched = p.fetched,
                     deleted = p.deleted,
                     "anti-entropy pulled what this replica lacked"
-                ),
+                    );
+                    if let Ok(d) = digest().await {
+                        mine = d;
+                    }
+                }
                 Ok(_) => {} // the difference is on the peer's side: it pulls from here
                 Err(e) => warn!(shard = args.shard, error = %e, "anti-entropy pull failed"),
             }

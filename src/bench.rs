@@ -196,8 +196,10 @@ fn embed(models: &std::path::Path, py: Option<&std::path::Path>) -> Result<()> {
     use ragfleet_models::backend::{Cpu, CpuNdArray};
     use ragfleet_models::Embedder;
     let dir = models.join(ragfleet_models::fetch::EMBEDDER_DIR);
-    let flex = Embedder::<Cpu>::load(&dir, &Default::default())?;
-    let nd = Embedder::<CpuNdArray>::load(&dir, &Default::default())?;
+    let lanes = ragfleet_models::lanes::cpu_lanes();
+    let flex = Embedder::<Cpu>::load(&dir, &Default::default())?.with_lanes(lanes);
+    let flex1 = Embedder::<Cpu>::load(&dir, &Default::default())?;
+    let nd = Embedder::<CpuNdArray>::load(&dir, &Default::default())?.with_lanes(lanes);
     let long = long_text();
     let torch: Vec<serde_json::Value> = match py {
         Some(py) => reference(
@@ -215,10 +217,21 @@ fn embed(models: &std::path::Path, py: Option<&std::path::Path>) -> Result<()> {
         )?,
         None => Vec::new(),
     };
-    println!("{} threads; ratios are flex / other", threads());
     println!(
-        "{:<8} {:>6} {:>12} {:>14} {:>8} {:>12} {:>8}",
-        "input", "batch", "flex sent/s", "ndarray sent/s", "ratio", "torch sent/s", "ratio"
+        "{} threads; flex runs sub-batches on {lanes} lanes (1 lane: one forward pass at a time); ratios are flex / other",
+        threads()
+    );
+    println!(
+        "{:<8} {:>6} {:>12} {:>12} {:>7} {:>14} {:>7} {:>12} {:>7}",
+        "input",
+        "batch",
+        "flex sent/s",
+        "1 lane",
+        "ratio",
+        "ndarray sent/s",
+        "ratio",
+        "torch sent/s",
+        "ratio"
     );
     for (name, text) in [("short", SHORT.to_string()), ("256-tok", long)] {
         for batch in [1usize, 8, 64, 256] {
@@ -228,6 +241,9 @@ fn embed(models: &std::path::Path, py: Option<&std::path::Path>) -> Result<()> {
             let texts = vec![text.clone(); batch];
             let a = rate(batch, &|| {
                 flex.embed(&texts).expect("embed");
+            });
+            let one = rate(batch, &|| {
+                flex1.embed(&texts).expect("embed");
             });
             let b = rate(batch, &|| {
                 nd.embed(&texts).expect("embed");
@@ -240,7 +256,8 @@ fn embed(models: &std::path::Path, py: Option<&std::path::Path>) -> Result<()> {
                 (format!("{t:.1}"), format!("{:.2}", a / t))
             });
             println!(
-                "{name:<8} {batch:>6} {a:>12.1} {b:>14.1} {:>8.2} {tc:>12} {tr:>8}",
+                "{name:<8} {batch:>6} {a:>12.1} {one:>12.1} {:>7.2} {b:>14.1} {:>7.2} {tc:>12} {tr:>7}",
+                a / one,
                 a / b
             );
         }
@@ -285,17 +302,21 @@ fn rerank(models: &std::path::Path, py: &std::path::Path, batch: usize) -> Resul
         .first()
         .and_then(|v| v["rate"].as_f64())
         .ok_or_else(|| anyhow::anyhow!("no rate from the reference"))?;
-    let ce = ragfleet_models::CrossEncoder::<Cpu>::load(&ce_dir, &Default::default())?;
+    let lanes = ragfleet_models::lanes::cpu_lanes();
+    let ce =
+        ragfleet_models::CrossEncoder::<Cpu>::load(&ce_dir, &Default::default())?.with_lanes(lanes);
+    let ce1 = ragfleet_models::CrossEncoder::<Cpu>::load(&ce_dir, &Default::default())?;
     let passages = vec![long.clone(); batch];
     let ours = rate(batch, &|| {
         ce.score(SHORT, &passages).expect("score");
     });
-    let emb = Arc::new(crate::loader::EmbedderModel(ragfleet_models::Embedder::<
-        crate::loader::Backend,
-    >::load(
-        &minilm,
-        &Default::default(),
-    )?));
+    let ours1 = rate(batch, &|| {
+        ce1.score(SHORT, &passages).expect("score");
+    });
+    let emb = Arc::new(crate::loader::EmbedderModel(
+        ragfleet_models::Embedder::<crate::loader::Backend>::load(&minilm, &Default::default())?
+            .with_lanes(crate::loader::lanes()),
+    ));
     // distinct passages of real sentences, so the sentence cache does not answer
     let counter = std::sync::atomic::AtomicUsize::new(0);
     let sent = rate(batch, &|| {
@@ -310,7 +331,11 @@ fn rerank(models: &std::path::Path, py: &std::path::Path, batch: usize) -> Resul
         "{} threads, {batch} pairs per call, 256-token passages (truncated to 256 with the query)",
         threads()
     );
-    println!("cross-encoder (MiniLM-L6 size): ragfleet {ours:.1} pairs/s, transformers {torch:.1} pairs/s: {:.2}x", ours / torch);
+    println!(
+        "cross-encoder (MiniLM-L6 size): ragfleet {ours:.1} pairs/s on {lanes} lanes ({ours1:.1} on 1 lane: {:.2}x), transformers {torch:.1} pairs/s: {:.2}x",
+        ours / ours1,
+        ours / torch
+    );
     println!("sentence reranker (default, 20 sentences a passage, uncached): {sent:.1} pairs/s");
     Ok(())
 }

@@ -16,6 +16,16 @@ use ragfleet_runtime::models::{GenEvent, GenRequest, TokenCount};
 use ragfleet_runtime::{EmbedModel, GenerateModel, ModelLoader, RerankModel};
 use Backend as Cpu;
 
+/// Host threads a model's forward passes run on side by side: one per core on the CPU
+/// backend, one on a GPU (see `ragfleet_models::lanes`).
+pub fn lanes() -> usize {
+    if cfg!(feature = "cuda") {
+        1
+    } else {
+        ragfleet_models::lanes::cpu_lanes()
+    }
+}
+
 /// Embedder adapter.
 pub struct EmbedderModel(pub Embedder<Cpu>);
 
@@ -214,12 +224,14 @@ impl ModelFiles {
     /// Loads the embedder (not cached).
     pub fn load_embedder(&self) -> Result<Embedder<Cpu>, String> {
         let dir = self.dir.join(EMBEDDER_DIR);
-        Embedder::<Cpu>::load(&dir, &Default::default()).map_err(|e| {
-            format!(
-                "{e} (run `ragfleet models fetch` to download the models into {})",
-                self.dir.display()
-            )
-        })
+        Embedder::<Cpu>::load(&dir, &Default::default())
+            .map(|e| e.with_lanes(lanes()))
+            .map_err(|e| {
+                format!(
+                    "{e} (run `ragfleet models fetch` to download the models into {})",
+                    self.dir.display()
+                )
+            })
     }
 
     /// Loads the generator (not cached): a Llama of the user's in `<models>/generator/` (a
@@ -254,7 +266,9 @@ impl ModelFiles {
                 dir.display()
             ));
         }
-        CrossEncoder::<Cpu>::load(&dir, &Default::default()).map_err(|e| e.to_string())
+        CrossEncoder::<Cpu>::load(&dir, &Default::default())
+            .map(|c| c.with_lanes(lanes()))
+            .map_err(|e| e.to_string())
     }
 }
 

@@ -607,7 +607,8 @@ async fn run(cli: Cli) -> Result<()> {
                             &dir,
                             &Default::default(),
                         )
-                        .with_context(|| format!("loading cross-encoder from {}", dir.display()))?;
+                        .with_context(|| format!("loading cross-encoder from {}", dir.display()))?
+                        .with_lanes(crate::loader::lanes());
                         Ok(ce.score(&query, &passages)?)
                     }
                     None => {

@@ -20,6 +20,7 @@ pub struct CrossEncoder<B: Backend> {
     classifier: Linear<B>,
     tokenizer: Tokenizer,
     device: B::Device,
+    lanes: usize,
 }
 
 impl<B: Backend> CrossEncoder<B> {
@@ -39,7 +40,14 @@ impl<B: Backend> CrossEncoder<B> {
             classifier,
             tokenizer,
             device: device.clone(),
+            lanes: 1,
         })
+    }
+
+    /// Runs sub-batches on `lanes` host threads at once (see [`crate::lanes`]); 1 by default.
+    pub fn with_lanes(mut self, lanes: usize) -> Self {
+        self.lanes = lanes.max(1);
+        self
     }
 
     /// Token ids and types of a pair, the passage truncated.
@@ -64,17 +72,23 @@ impl<B: Backend> CrossEncoder<B> {
         }
         let mut order: Vec<usize> = (0..pairs.len()).collect();
         order.sort_by_key(|&i| pairs[i].0.len());
-        let mut out = vec![0f32; pairs.len()];
-        for group in order.chunks(SUB_BATCH) {
+        let groups: Vec<&[usize]> = crate::lanes::split(order.len(), SUB_BATCH, self.lanes)
+            .into_iter()
+            .map(|r| &order[r])
+            .collect();
+        let logits = crate::lanes::map(groups.clone(), self.lanes, |group| {
             let ids: Vec<Vec<u32>> = group.iter().map(|&i| pairs[i].0.clone()).collect();
             let types: Vec<Vec<u32>> = group.iter().map(|&i| pairs[i].1.clone()).collect();
             let hidden = self.model.forward(&ids, &types, &self.device);
-            let logits = self.classifier.forward2(self.model.pool(hidden));
-            let v: Vec<f32> = logits
+            self.classifier
+                .forward2(self.model.pool(hidden))
                 .into_data()
                 .convert::<f32>()
-                .to_vec()
-                .unwrap_or_default();
+                .to_vec::<f32>()
+                .unwrap_or_default()
+        });
+        let mut out = vec![0f32; pairs.len()];
+        for (group, v) in groups.into_iter().zip(logits) {
             for (&i, s) in group.iter().zip(v) {
                 out[i] = s;
             }

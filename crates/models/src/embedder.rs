@@ -39,6 +39,7 @@ pub struct Embedder<B: Backend> {
     tokenizer: Tokenizer,
     identity: ModelIdentity,
     device: B::Device,
+    lanes: usize,
 }
 
 impl<B: Backend> Embedder<B> {
@@ -72,7 +73,14 @@ impl<B: Backend> Embedder<B> {
             tokenizer,
             identity,
             device: device.clone(),
+            lanes: 1,
         })
+    }
+
+    /// Runs sub-batches on `lanes` host threads at once (see [`crate::lanes`]); 1 by default.
+    pub fn with_lanes(mut self, lanes: usize) -> Self {
+        self.lanes = lanes.max(1);
+        self
     }
 
     /// The model identity vectors from this embedder carry.
@@ -112,10 +120,16 @@ impl<B: Backend> Embedder<B> {
         }
         let mut order: Vec<usize> = (0..texts.len()).collect();
         order.sort_by_key(|&i| ids[i].len());
-        let mut out = vec![Vec::new(); texts.len()];
-        for group in order.chunks(SUB_BATCH) {
+        let groups: Vec<&[usize]> = crate::lanes::split(order.len(), SUB_BATCH, self.lanes)
+            .into_iter()
+            .map(|r| &order[r])
+            .collect();
+        let vecs = crate::lanes::map(groups.clone(), self.lanes, |group| {
             let batch: Vec<Vec<u32>> = group.iter().map(|&i| ids[i].clone()).collect();
-            let vecs = self.embed_ids(&batch);
+            self.embed_ids(&batch)
+        });
+        let mut out = vec![Vec::new(); texts.len()];
+        for (group, vecs) in groups.into_iter().zip(vecs) {
             for (&i, v) in group.iter().zip(vecs) {
                 out[i] = v;
             }

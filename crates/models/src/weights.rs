@@ -127,6 +127,19 @@ pub struct Linear<B: Backend> {
 }
 
 impl<B: Backend> Linear<B> {
+    /// Multiplies weight and bias by `factor` (folds a constant that follows the layer into it).
+    pub fn scale(&mut self, factor: f64) {
+        // scaled in the checkpoint's [out, in] layout and viewed transposed again: the matmul
+        // is faster on that view than on a contiguous [in, out] copy (flex backend)
+        self.weight_t = self
+            .weight_t
+            .clone()
+            .transpose()
+            .mul_scalar(factor)
+            .transpose();
+        self.bias = self.bias.take().map(|b| b.mul_scalar(factor));
+    }
+
     /// Applies the layer to the last dimension of a rank-3 input.
     pub fn forward3(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let [b, s, d] = x.dims();

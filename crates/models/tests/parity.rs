@@ -48,6 +48,18 @@ fn minilm_token_ids_and_embeddings_match_reference() {
         .map(|c| c["text"].as_str().unwrap().to_string())
         .collect();
     let got = emb.embed(&texts).unwrap();
+    // the same inputs split into sub-batches on two lanes (threads) at once
+    let emb2 = Embedder::<Cpu>::load(&dir, &device).unwrap().with_lanes(2);
+    let got2 = emb2.embed(&texts).unwrap();
+    assert_eq!(got2.len(), got.len());
+    for (c, (v, v2)) in cases.iter().zip(got.iter().zip(&got2)) {
+        let cos = cosine(v, v2);
+        assert!(
+            cos >= 0.99999,
+            "cosine {cos} between 1 and 2 lanes for {:?}",
+            c["text"]
+        );
+    }
     for (c, v) in cases.iter().zip(&got) {
         let ids: Vec<u32> = c["input_ids"]
             .as_array()
@@ -82,6 +94,10 @@ fn cross_encoder_logits_match_reference() {
     let device = Default::default();
     let ce = CrossEncoder::<Cpu>::load(&root().join("tests/fixtures/tiny-cross-encoder"), &device)
         .expect("loads");
+    let lanes2 =
+        CrossEncoder::<Cpu>::load(&root().join("tests/fixtures/tiny-cross-encoder"), &device)
+            .expect("loads")
+            .with_lanes(2);
     let fx = fixture("cross_encoder_scores.json");
     for c in fx["cases"].as_array().unwrap() {
         let (q, p) = (c["query"].as_str().unwrap(), c["passage"].as_str().unwrap());
@@ -103,6 +119,27 @@ fn cross_encoder_logits_match_reference() {
         let got = ce.score(q, &[p.to_string()]).unwrap()[0];
         let want = c["score"].as_f64().unwrap() as f32;
         assert!((got - want).abs() <= 1e-4 + 5e-5, "logit {got} vs {want}");
+        // in one padded batch with longer and shorter passages, the padding changes nothing
+        let batch = vec![
+            format!("{p} {p} {p}"),
+            p.to_string(),
+            "a".to_string(),
+            format!("{p} and then some more words"),
+        ];
+        let scores = ce.score(q, &batch).unwrap();
+        let on_two_lanes = lanes2.score(q, &batch).unwrap();
+        for (a, b) in scores.iter().zip(&on_two_lanes) {
+            assert!((a - b).abs() <= 1e-5, "{a} on 1 lane vs {b} on 2");
+        }
+        assert!(
+            (scores[1] - got).abs() <= 1e-5,
+            "logit {} in a padded batch vs {got} alone",
+            scores[1]
+        );
+        for (passage, batched) in batch.iter().zip(&scores) {
+            let alone = ce.score(q, std::slice::from_ref(passage)).unwrap()[0];
+            assert!((alone - batched).abs() <= 1e-5, "{alone} vs {batched}");
+        }
     }
 }
 

@@ -9,6 +9,7 @@ mod bert;
 pub mod cross_encoder;
 pub mod embedder;
 pub mod fetch;
+mod host;
 pub mod lanes;
 pub mod llama;
 pub mod weights;

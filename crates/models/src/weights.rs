@@ -148,9 +148,18 @@ impl<B: Backend> Linear<B> {
         out.reshape([b, s, o])
     }
 
-    /// Applies the layer to a rank-2 input.
+    /// Applies the layer to a rank-2 input. A few rows on a host backend take the small-batch
+    /// kernel of [`crate::host`] (decode steps); the rest burn's matmul.
     pub fn forward2(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
-        let y = x.matmul(self.weight_t.clone());
+        let small = if x.dims()[0] <= crate::host::MAX_ROWS {
+            crate::host::matmul_rows(&x, &self.weight_t.clone().transpose())
+        } else {
+            None
+        };
+        let y = match small {
+            Some(y) => y,
+            None => x.matmul(self.weight_t.clone()),
+        };
         match &self.bias {
             Some(b) => y + b.clone(),
             None => y,

@@ -61,7 +61,7 @@ pub struct Llama<B: Backend> {
     embed: Tensor<B, 2>,
     blocks: Vec<Block<B>>,
     norm: Tensor<B, 2>,
-    lm_head_t: Tensor<B, 2>,
+    lm_head: Linear<B>,
 }
 
 /// One stream's key/value cache: per layer, [1, kv_heads, t, head_dim].
@@ -171,11 +171,14 @@ impl<B: Backend> Llama<B> {
     ) -> Result<Self, ModelError> {
         let (h, hd) = (cfg.hidden, cfg.hidden / cfg.heads);
         let embed: Tensor<B, 2> = w.take("model.embed_tokens.weight", [cfg.vocab, h], device)?;
-        let lm_head_t = if w.has("lm_head.weight") {
-            w.take::<B, 2>("lm_head.weight", [cfg.vocab, h], device)?
-                .transpose()
-        } else {
-            embed.clone().transpose()
+        let lm_head = Linear {
+            weight_t: if w.has("lm_head.weight") {
+                w.take::<B, 2>("lm_head.weight", [cfg.vocab, h], device)?
+                    .transpose()
+            } else {
+                embed.clone().transpose()
+            },
+            bias: None,
         };
         let norm = w
             .take::<B, 1>("model.norm.weight", [h], device)?
@@ -204,7 +207,7 @@ impl<B: Backend> Llama<B> {
             embed,
             blocks,
             norm,
-            lm_head_t,
+            lm_head,
         })
     }
 
@@ -362,7 +365,7 @@ impl<B: Backend> Llama<B> {
         }
         let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(last, [lens.len()]), device);
         let xl = self.rms(x.select(0, idx), &self.norm);
-        let logits = xl.matmul(self.lm_head_t.clone());
+        let logits = self.lm_head.forward2(xl);
         let data: Vec<f32> = logits
             .into_data()
             .convert::<f32>()

@@ -148,15 +148,16 @@ impl<B: Backend> Linear<B> {
         out.reshape([b, s, o])
     }
 
-    /// Applies the layer to a rank-2 input. A few rows on a host backend take the small-batch
-    /// kernel of [`crate::host`] (decode steps); the rest burn's matmul.
+    /// Applies the layer to a rank-2 input. On a host backend a few rows (decode steps) take
+    /// the small-batch kernel of [`crate::host`] and many rows are split across cores; other
+    /// backends use burn's matmul.
     pub fn forward2(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
-        let small = if x.dims()[0] <= crate::host::MAX_ROWS {
+        let host = if x.dims()[0] <= crate::host::MAX_ROWS {
             crate::host::matmul_rows(&x, &self.weight_t.clone().transpose())
         } else {
-            None
+            crate::host::matmul_split(&x, &self.weight_t)
         };
-        let y = match small {
+        let y = match host {
             Some(y) => y,
             None => x.matmul(self.weight_t.clone()),
         };

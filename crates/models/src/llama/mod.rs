@@ -279,6 +279,24 @@ impl<B: Backend> Llama<B> {
             .zip(&lens)
             .map(|(c, &s)| self.rope_tables(c.len, s, device))
             .collect();
+        // causal masks of prefilling streams, built once at the full score shape (a broadcast
+        // add costs ~15x a same-shape one on burn's CPU backends) and shared by every layer
+        let masks: Vec<Option<Tensor<B, 4>>> = caches
+            .iter()
+            .zip(&lens)
+            .map(|(c, &s)| {
+                (s > 1).then(|| {
+                    let (start, t, rows) = (c.len, c.len + s, group * s);
+                    let mut m = vec![0f32; rows * t];
+                    for r in 0..rows {
+                        m[r * t + start + r % s + 1..(r + 1) * t].fill(f32::NEG_INFINITY);
+                    }
+                    Tensor::<B, 2>::from_data(TensorData::new(m, [rows, t]), device)
+                        .reshape([1, 1, rows, t])
+                        .repeat_dim(1, cfg.kv_heads)
+                })
+            })
+            .collect();
         for (l, blk) in self.blocks.iter().enumerate() {
             let hn = self.rms(x.clone(), &blk.attn_norm);
             let q = blk.q.forward2(hn.clone());
@@ -288,7 +306,6 @@ impl<B: Backend> Llama<B> {
             let mut off = 0;
             for (si, cache) in caches.iter_mut().enumerate() {
                 let s = lens[si];
-                let start = cache.len;
                 let qs = q
                     .clone()
                     .slice([off..off + s, 0..cfg.heads * hd])
@@ -316,24 +333,14 @@ impl<B: Backend> Llama<B> {
                 };
                 cache.k[l] = Some(kc.clone());
                 cache.v[l] = Some(vc.clone());
-                let t = start + s;
                 // query heads grouped by the key/value head they share (q head = kv * group + g):
                 // attention runs per kv head on [group * s] query rows, with no copy of the cache
                 let qg = qs.reshape([1, cfg.kv_heads, group * s, hd]);
                 let mut scores = qg
                     .matmul(kc.swap_dims(2, 3))
                     .mul_scalar(1.0 / (hd as f64).sqrt());
-                if s > 1 {
-                    let rows = group * s;
-                    let mut m = vec![0f32; rows * t];
-                    for r in 0..rows {
-                        for j in (start + r % s + 1)..t {
-                            m[r * t + j] = f32::NEG_INFINITY;
-                        }
-                    }
-                    scores = scores
-                        + Tensor::<B, 2>::from_data(TensorData::new(m, [rows, t]), device)
-                            .reshape([1, 1, rows, t]);
+                if let Some(m) = &masks[si] {
+                    scores = scores + m.clone();
                 }
                 let ctx = softmax(scores, 3)
                     .matmul(vc)

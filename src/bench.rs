@@ -421,6 +421,9 @@ fn decode_only<B: burn::prelude::Backend>(
     (rate(1), rate(prompts.len()))
 }
 
+/// A sentence repeated into a long generator prompt (~13 tokens).
+const LONG_PROMPT: &str = "Rust's ownership model makes memory safety a compile-time property. ";
+
 fn generate<B: burn::prelude::Backend>(
     models: &std::path::Path,
     tokens: usize,
@@ -449,6 +452,22 @@ fn generate<B: burn::prelude::Backend>(
          {d4:.1} tokens/s in all = {:.2}x",
         d4 / d1
     );
+    // prefill of a long prompt (a RAG context): one forward pass over every token, best of 3
+    let long = LONG_PROMPT.repeat(40);
+    let long_ids = g.tokenizer().encode(&long);
+    let prefill = (0..3)
+        .map(|_| {
+            let t = std::time::Instant::now();
+            g.prompt_logits(&long_ids);
+            t.elapsed().as_secs_f64()
+        })
+        .fold(f64::INFINITY, f64::min);
+    println!(
+        "prefill of a {}-token prompt: {:.2} s ({:.0} tokens/s)",
+        long_ids.len(),
+        prefill,
+        long_ids.len() as f64 / prefill
+    );
     if let Some(py) = py {
         let r = reference(
             py,
@@ -461,12 +480,22 @@ fn generate<B: burn::prelude::Backend>(
                 tokens.to_string(),
                 "--prompts".into(),
                 prompts.join("\n"),
+                "--long".into(),
+                long,
             ],
         )?;
         println!(
             "transformers (PyTorch, f32 from the same GGUF, static batch of the same prompts):"
         );
         for v in r {
+            if let Some(t) = v["prefill_s"].as_f64() {
+                println!(
+                    "prefill of the same {}-token prompt: {t:.2} s; ragfleet / transformers: {:.2}x the speed",
+                    v["prefill_tokens"].as_u64().unwrap_or(0),
+                    t / prefill
+                );
+                continue;
+            }
             let (n, ttft, tps) = (
                 v["streams"].as_u64().unwrap_or(0),
                 v["ttft"].as_f64().unwrap_or(0.0),

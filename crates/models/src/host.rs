@@ -62,32 +62,46 @@ pub(crate) fn matmul_rows<B: Backend>(
 /// Rows per part below which a product is not split.
 const SPLIT_MIN_ROWS: usize = 32;
 
-/// `x w_t` for many rows of a host (Flex) tensor: the rows split into one part per rayon thread,
-/// the parts multiplied at once and concatenated. burn-flex's gemm scales poorly across cores
-/// inside one call (2048x384x1536 on 2 cores: 69 GFLOP/s in one call, 170 in two at once).
-/// `None` when the input is not a Flex tensor or too short to split.
+/// One single-thread rayon pool per core: a matmul part run inside one of them gets gemm's
+/// sequential path, so parts on different pools do not contend for the same workers.
+static PART_POOLS: std::sync::LazyLock<Vec<rayon::ThreadPool>> = std::sync::LazyLock::new(|| {
+    (0..crate::lanes::cpu_lanes())
+        .filter_map(|i| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(1)
+                .thread_name(move |_| format!("matmul-part-{i}"))
+                .build()
+                .ok()
+        })
+        .collect()
+});
+
+/// `x w_t` for many rows of a host (Flex) tensor: the rows split into one part per core, each
+/// part multiplied by single-threaded gemm on its own pool, the parts concatenated. burn-flex's
+/// gemm scales poorly across cores inside one call (527x576x1536 on 2 cores: 69-76 GFLOP/s in
+/// one call, 134-151 in two parts this way). `None` when the input is not a Flex tensor or too
+/// short to split.
 pub(crate) fn matmul_split<B: Backend>(
     x: &Tensor<B, 2>,
     w_t: &Tensor<B, 2>,
 ) -> Option<Tensor<B, 2>> {
     let [m, k] = x.dims();
-    let threads = rayon::current_num_threads();
-    if threads < 2 || m < 2 * SPLIT_MIN_ROWS {
+    let pools = &*PART_POOLS;
+    if pools.len() < 2 || m < 2 * SPLIT_MIN_ROWS {
         return None;
     }
     let xp = x.clone().into_primitive().tensor();
     (&xp as &dyn Any).downcast_ref::<FlexTensor>()?;
-    let parts = threads.min(m / SPLIT_MIN_ROWS);
+    let parts = pools.len().min(m / SPLIT_MIN_ROWS);
     let per = m.div_ceil(parts);
+    let part = |p: usize| {
+        let rows = p * per..((p + 1) * per).min(m);
+        let (x, w_t) = (x.clone(), w_t.clone());
+        pools[p].install(move || x.slice([rows, 0..k]).matmul(w_t))
+    };
     let outs: Vec<Tensor<B, 2>> = std::thread::scope(|s| {
-        let handles: Vec<_> = (1..parts)
-            .map(|p| {
-                let rows = p * per..((p + 1) * per).min(m);
-                let (x, w_t) = (x.clone(), w_t.clone());
-                s.spawn(move || x.slice([rows, 0..k]).matmul(w_t))
-            })
-            .collect();
-        let mut outs = vec![x.clone().slice([0..per.min(m), 0..k]).matmul(w_t.clone())];
+        let handles: Vec<_> = (1..parts).map(|p| s.spawn(move || part(p))).collect();
+        let mut outs = vec![part(0)];
         outs.extend(handles.into_iter().map(|h| h.join().expect("matmul part")));
         outs
     });
@@ -316,7 +330,7 @@ mod tests {
                         assert!((g - b).abs() < 1e-4, "m {m}: {g} vs {b}");
                     }
                 }
-                None => assert!(m < 2 * SPLIT_MIN_ROWS || rayon::current_num_threads() < 2),
+                None => assert!(m < 2 * SPLIT_MIN_ROWS || PART_POOLS.len() < 2),
             }
         }
     }

@@ -70,13 +70,8 @@ impl<B: Backend> CrossEncoder<B> {
         for p in passages {
             pairs.push(self.encode_pair(query, p)?);
         }
-        let mut order: Vec<usize> = (0..pairs.len()).collect();
-        order.sort_by_key(|&i| pairs[i].0.len());
-        let groups: Vec<&[usize]> = crate::lanes::split(order.len(), SUB_BATCH, self.lanes)
-            .into_iter()
-            .map(|r| &order[r])
-            .collect();
-        let logits = crate::lanes::map(groups.clone(), self.lanes, |group| {
+        let lengths: Vec<usize> = pairs.iter().map(|p| p.0.len()).collect();
+        let out = crate::lanes::by_length(&lengths, SUB_BATCH, self.lanes, |group| {
             let ids: Vec<Vec<u32>> = group.iter().map(|&i| pairs[i].0.clone()).collect();
             let types: Vec<Vec<u32>> = group.iter().map(|&i| pairs[i].1.clone()).collect();
             let hidden = self.model.forward(&ids, &types, &self.device);
@@ -87,12 +82,6 @@ impl<B: Backend> CrossEncoder<B> {
                 .to_vec::<f32>()
                 .unwrap_or_default()
         });
-        let mut out = vec![0f32; pairs.len()];
-        for (group, v) in groups.into_iter().zip(logits) {
-            for (&i, s) in group.iter().zip(v) {
-                out[i] = s;
-            }
-        }
         Ok(out)
     }
 }

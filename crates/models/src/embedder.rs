@@ -118,22 +118,11 @@ impl<B: Backend> Embedder<B> {
         for t in texts {
             ids.push(self.token_ids(t)?);
         }
-        let mut order: Vec<usize> = (0..texts.len()).collect();
-        order.sort_by_key(|&i| ids[i].len());
-        let groups: Vec<&[usize]> = crate::lanes::split(order.len(), SUB_BATCH, self.lanes)
-            .into_iter()
-            .map(|r| &order[r])
-            .collect();
-        let vecs = crate::lanes::map(groups.clone(), self.lanes, |group| {
+        let lengths: Vec<usize> = ids.iter().map(Vec::len).collect();
+        let out = crate::lanes::by_length(&lengths, SUB_BATCH, self.lanes, |group| {
             let batch: Vec<Vec<u32>> = group.iter().map(|&i| ids[i].clone()).collect();
             self.embed_ids(&batch)
         });
-        let mut out = vec![Vec::new(); texts.len()];
-        for (group, vecs) in groups.into_iter().zip(vecs) {
-            for (&i, v) in group.iter().zip(vecs) {
-                out[i] = v;
-            }
-        }
         Ok(out)
     }
 

@@ -20,35 +20,39 @@ use burn::tensor::TensorData;
 /// Most rows the kernel takes; longer inputs (prefill) go to burn's gemm.
 pub(crate) const MAX_ROWS: usize = 8;
 
-/// Output columns below which the product runs on the calling thread alone.
+/// Weights (n x k) below which the small-batch product runs on the calling thread alone.
 const PARALLEL_MIN_WEIGHTS: usize = 1 << 18;
 
+/// `x w_t` (`w_t` [k, n], a transposed view of the checkpoint's [n, k] weight) on a host
+/// backend: a few rows take [`matmul_rows`], many rows [`matmul_split`]. `None` when the tensors
+/// are not Flex host tensors (the caller then uses burn's matmul).
+pub(crate) fn matmul<B: Backend>(x: &Tensor<B, 2>, w_t: &Tensor<B, 2>) -> Option<Tensor<B, 2>> {
+    if x.dims()[0] <= MAX_ROWS {
+        matmul_rows(x, &w_t.clone().transpose())
+    } else {
+        matmul_split(x, w_t)
+    }
+}
+
+/// The Flex tensor behind `t` (a shared handle to the same storage), if the backend is Flex.
+fn flex<B: Backend>(t: &Tensor<B, 2>) -> Option<FlexTensor> {
+    let p = t.clone().into_primitive().tensor();
+    (&p as &dyn Any).downcast_ref::<FlexTensor>().cloned()
+}
+
 /// `x W^T` for `x` [m, k] (m <= [`MAX_ROWS`]) and `w_out_in` [n, k] (the checkpoint's
-/// layout), or `None` when the tensors are not contiguous f32 host (Flex) tensors.
-pub(crate) fn matmul_rows<B: Backend>(
-    x: &Tensor<B, 2>,
-    w_out_in: &Tensor<B, 2>,
-) -> Option<Tensor<B, 2>> {
+/// layout), or `None` when the tensors are not f32 host (Flex) tensors or the weight is not
+/// contiguous.
+fn matmul_rows<B: Backend>(x: &Tensor<B, 2>, w_out_in: &Tensor<B, 2>) -> Option<Tensor<B, 2>> {
     let [m, k] = x.dims();
     let [n, wk] = w_out_in.dims();
     if m == 0 || m > MAX_ROWS || wk != k {
         return None;
     }
-    let wp = w_out_in.clone().into_primitive().tensor();
-    let w = (&wp as &dyn Any)
-        .downcast_ref::<FlexTensor>()?
-        .as_slice::<f32>()?;
-    let xp = x.clone().into_primitive().tensor();
-    let xf = (&xp as &dyn Any).downcast_ref::<FlexTensor>()?;
-    let xc;
-    let xs = match xf.as_slice::<f32>() {
-        Some(s) => s,
-        None => {
-            xc = xf.to_contiguous();
-            xc.as_slice::<f32>()?
-        }
-    };
-    let out_t = columns(xs, m, k, w, n);
+    let wf = flex(w_out_in)?;
+    let w = wf.as_slice::<f32>()?;
+    let xf = flex(x)?.to_contiguous();
+    let out_t = columns(xf.as_slice::<f32>()?, m, k, w, n);
     // out_t is [n, m]; the result is [m, n]
     let mut out = vec![0f32; m * n];
     for (j, col) in out_t.chunks_exact(m).enumerate() {
@@ -81,17 +85,13 @@ static PART_POOLS: std::sync::LazyLock<Vec<rayon::ThreadPool>> = std::sync::Lazy
 /// gemm scales poorly across cores inside one call (527x576x1536 on 2 cores: 69-76 GFLOP/s in
 /// one call, 134-151 in two parts this way). `None` when the input is not a Flex tensor or too
 /// short to split.
-pub(crate) fn matmul_split<B: Backend>(
-    x: &Tensor<B, 2>,
-    w_t: &Tensor<B, 2>,
-) -> Option<Tensor<B, 2>> {
+fn matmul_split<B: Backend>(x: &Tensor<B, 2>, w_t: &Tensor<B, 2>) -> Option<Tensor<B, 2>> {
     let [m, k] = x.dims();
     let pools = &*PART_POOLS;
     if pools.len() < 2 || m < 2 * SPLIT_MIN_ROWS {
         return None;
     }
-    let xp = x.clone().into_primitive().tensor();
-    (&xp as &dyn Any).downcast_ref::<FlexTensor>()?;
+    flex(x)?;
     let parts = pools.len().min(m / SPLIT_MIN_ROWS);
     let per = m.div_ceil(parts);
     let part = |p: usize| {

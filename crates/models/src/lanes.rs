@@ -5,7 +5,6 @@
 //! callers at once), and its element-wise kernels run on the calling thread. So an encoder
 //! splits a batch into sub-batches and runs them on `lanes` threads at once, one per core.
 //! On a GPU one lane is right: the device is the parallel part.
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 /// Lanes the calling machine's CPU offers (its available parallelism, at least 1).
@@ -32,6 +31,32 @@ pub(crate) fn split(n: usize, max_batch: usize, lanes: usize) -> Vec<std::ops::R
     out
 }
 
+/// Runs `f` over sub-batches of inputs grouped by length: `lengths[i]` is input `i`'s length;
+/// the inputs are sorted by it (so padding stays small), split as [`split`] does and the
+/// sub-batches run on `lanes` threads. `f` gets a sub-batch's input indices and returns one
+/// result per index; the results come back in input order.
+pub(crate) fn by_length<R, F>(lengths: &[usize], max_batch: usize, lanes: usize, f: F) -> Vec<R>
+where
+    R: Send,
+    F: Fn(&[usize]) -> Vec<R> + Sync,
+{
+    let mut order: Vec<usize> = (0..lengths.len()).collect();
+    order.sort_by_key(|&i| lengths[i]);
+    let groups: Vec<&[usize]> = split(order.len(), max_batch, lanes)
+        .into_iter()
+        .map(|r| &order[r])
+        .collect();
+    let mut out: Vec<Option<R>> = (0..lengths.len()).map(|_| None).collect();
+    for (group, results) in groups.clone().into_iter().zip(map(groups, lanes, &f)) {
+        for (&i, r) in group.iter().zip(results) {
+            out[i] = Some(r);
+        }
+    }
+    out.into_iter()
+        .map(|r| r.expect("f returns one result per input of its sub-batch"))
+        .collect()
+}
+
 /// Applies `f` to every job on up to `lanes` threads (the caller's among them), each taking the
 /// next job when done with one; results come back in job order.
 pub(crate) fn map<T, R, F>(jobs: Vec<T>, lanes: usize, f: F) -> Vec<R>
@@ -40,39 +65,31 @@ where
     R: Send,
     F: Fn(T) -> R + Sync,
 {
-    let n = jobs.len();
-    let lanes = lanes.clamp(1, n.max(1));
+    let lanes = lanes.clamp(1, jobs.len().max(1));
     if lanes == 1 {
         return jobs.into_iter().map(f).collect();
     }
-    let slots: Vec<Mutex<Option<T>>> = jobs.into_iter().map(|j| Mutex::new(Some(j))).collect();
-    let results: Vec<Mutex<Option<R>>> = (0..n).map(|_| Mutex::new(None)).collect();
-    let next = AtomicUsize::new(0);
-    let work = || loop {
-        let i = next.fetch_add(1, Ordering::Relaxed);
-        if i >= n {
-            break;
-        }
-        let job = slots[i].lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(job) = job {
-            let r = f(job);
-            *results[i].lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+    let queue = Mutex::new(jobs.into_iter().enumerate());
+    let work = || {
+        let mut done = Vec::new();
+        loop {
+            let next = queue.lock().unwrap_or_else(|p| p.into_inner()).next();
+            let Some((i, job)) = next else {
+                return done;
+            };
+            done.push((i, f(job)));
         }
     };
-    std::thread::scope(|s| {
-        for _ in 1..lanes {
-            s.spawn(work);
+    let mut all = std::thread::scope(|s| {
+        let others: Vec<_> = (1..lanes).map(|_| s.spawn(work)).collect();
+        let mut all = work();
+        for lane in others {
+            all.extend(lane.join().expect("a lane panicked"));
         }
-        work();
+        all
     });
-    results
-        .into_iter()
-        .map(|r| {
-            r.into_inner()
-                .unwrap_or_else(|p| p.into_inner())
-                .expect("every job ran: a panicking lane propagates out of the scope")
-        })
-        .collect()
+    all.sort_unstable_by_key(|(i, _)| *i);
+    all.into_iter().map(|(_, r)| r).collect()
 }
 
 #[cfg(test)]
@@ -102,6 +119,25 @@ mod tests {
                     assert!(hi - lo <= 1);
                 }
             }
+        }
+    }
+
+    #[test]
+    fn by_length_groups_similar_lengths_and_answers_in_input_order() {
+        let lengths = [5usize, 1, 9, 3, 3, 7, 2];
+        for lanes in [1, 2, 3] {
+            let got = by_length(&lengths, 2, lanes, |group| {
+                let lens: Vec<usize> = group.iter().map(|&i| lengths[i]).collect();
+                // a sub-batch holds neighbours in length order
+                assert!(lens.iter().max().unwrap() - lens.iter().min().unwrap() <= 2);
+                group.iter().map(|&i| (i, lengths[i] * 10)).collect()
+            });
+            let want: Vec<(usize, usize)> = lengths
+                .iter()
+                .enumerate()
+                .map(|(i, l)| (i, l * 10))
+                .collect();
+            assert_eq!(got, want);
         }
     }
 

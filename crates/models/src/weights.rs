@@ -152,12 +152,7 @@ impl<B: Backend> Linear<B> {
     /// the small-batch kernel of [`crate::host`] and many rows are split across cores; other
     /// backends use burn's matmul.
     pub fn forward2(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
-        let host = if x.dims()[0] <= crate::host::MAX_ROWS {
-            crate::host::matmul_rows(&x, &self.weight_t.clone().transpose())
-        } else {
-            crate::host::matmul_split(&x, &self.weight_t)
-        };
-        let y = match host {
+        let y = match crate::host::matmul(&x, &self.weight_t) {
             Some(y) => y,
             None => x.matmul(self.weight_t.clone()),
         };

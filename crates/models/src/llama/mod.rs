@@ -298,7 +298,7 @@ impl<B: Backend> Llama<B> {
                 })
             })
             .collect();
-        let scale = AttentionModuleOptions {
+        let attn_opts = AttentionModuleOptions {
             scale: Some(1.0 / (hd as f64).sqrt()),
             softcap: None,
             is_causal: false,
@@ -344,7 +344,7 @@ impl<B: Backend> Llama<B> {
                 let qg = qs.reshape([1, cfg.kv_heads, group * s, hd]);
                 // burn's fused attention: 1.8x the separate matmul/softmax/matmul on a
                 // 527-token prefill (flex)
-                let ctx = attention(qg, kc, vc, masks[si].clone(), None, scale)
+                let ctx = attention(qg, kc, vc, masks[si].clone(), None, attn_opts)
                     .reshape([1, cfg.heads, s, hd])
                     .swap_dims(1, 2)
                     .reshape([s, cfg.heads * hd]);

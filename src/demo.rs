@@ -41,36 +41,67 @@ pub async fn ingest_corpus(
     );
     let (mut docs, mut chunks) = (0u64, 0u64);
     let mut failed = Vec::new();
-    for b in corpus.docs.chunks(batch) {
-        let r = client.ingest(b.to_vec()).await?;
-        docs += r.documents;
-        chunks += r.chunks;
-        failed.extend(r.failed);
+    let mut batches = corpus.docs.chunks(batch);
+    for b in batches.by_ref() {
+        match client.ingest(b.to_vec()).await {
+            Ok(r) => {
+                docs += r.documents;
+                chunks += r.chunks;
+                failed.extend(r.failed);
+            }
+            Err(e) => {
+                // what was acknowledged stays reported; this batch and the rest were not
+                let why = e.to_string();
+                failed.extend(b.iter().map(|d| (d.id.clone(), why.clone())));
+                break;
+            }
+        }
         bar.inc(b.len() as u64);
+    }
+    for b in batches {
+        failed.extend(b.iter().map(|d| (d.id.clone(), "not sent: an earlier batch failed".to_string())));
     }
     bar.finish_and_clear();
     let secs = t0.elapsed().as_secs_f64();
-    if json {
-        let skipped: Vec<serde_json::Value> = corpus
-            .skipped
-            .iter()
+    let listed = |v: &[crate::corpus::Skipped]| -> Vec<serde_json::Value> {
+        v.iter()
             .map(|s| serde_json::json!({"path": s.path, "line": s.line, "reason": s.reason}))
-            .collect();
+            .collect()
+    };
+    if json {
         println!(
             "{}",
-            serde_json::json!({"documents": docs, "chunks": chunks, "seconds": secs, "skipped": skipped, "failed": failed})
+            serde_json::json!({"documents": docs, "chunks": chunks, "seconds": secs,
+                "skipped": listed(&corpus.skipped), "ignored": listed(&corpus.ignored),
+                "replaced": listed(&corpus.replaced),
+                "failed": failed})
         );
     } else {
         println!(
             "ingested {docs} documents ({chunks} chunks) in {secs:.1} s ({:.1} docs/s)",
             docs as f64 / secs.max(1e-9)
         );
+        for s in &corpus.ignored {
+            println!("ignored {}: {}", s.path.display(), s.reason);
+        }
+        for s in &corpus.replaced {
+            println!("replaced {}:{}: {}", s.path.display(), s.line, s.reason);
+        }
         for s in &corpus.skipped {
             println!("skipped {}:{}: {}", s.path.display(), s.line, s.reason);
         }
         for (id, e) in &failed {
             println!("failed {id}: {e}");
         }
+    }
+    // a partial ingest is an error: the caller must not take it for a complete one
+    if !failed.is_empty() || !corpus.skipped.is_empty() {
+        bail!(
+            "{} records not ingested: {} failed, {} skipped ({docs} documents acknowledged)",
+            failed.len() + corpus.skipped.len(),
+            failed.len(),
+            corpus.skipped.len()
+        );
     }
     if docs == 0 && total > 0 {
         bail!("no document was acknowledged");
@@ -120,6 +151,15 @@ pub async fn ask_and_print(
         }
     );
     crate::print_coverage(&s.coverage);
+    if let Some(r) = s.rerank.as_deref().filter(|r| *r != "applied") {
+        println!("rerank: {r}");
+    }
+    if s.truncated {
+        println!(
+            "(answer incomplete: {})",
+            s.truncated_reason.as_deref().unwrap_or("cut short")
+        );
+    }
     let t = &s.timings_ms;
     println!(
         "timings: embed {:.0} ms, search {:.0} ms, rerank {:.0} ms, first token {:.0} ms, generate {:.0} ms, total {:.0} ms",

@@ -169,6 +169,9 @@ enum Cmd {
         /// Documents per request.
         #[arg(long, default_value_t = 64)]
         batch: usize,
+        /// Follow symbolic links that lead out of a folder being read.
+        #[arg(long)]
+        follow_links: bool,
         /// Files or folders.
         paths: Vec<PathBuf>,
     },
@@ -360,6 +363,9 @@ fn print_retrieval(r: &RetrieveResult) {
         );
     }
     print_coverage(&r.coverage);
+    if let Some(x) = &r.rerank {
+        println!("rerank: {x}");
+    }
     let t = &r.timings_ms;
     println!(
         "timings: embed {:.1} ms, search {:.1} ms, rerank {:.1} ms, total {:.1} ms",
@@ -380,6 +386,7 @@ fn retrieval_json(r: &RetrieveResult) -> serde_json::Value {
         "hits": r.hits,
         "coverage": r.coverage,
         "timings_ms": {"embed": r.timings_ms.embed, "search": r.timings_ms.search, "rerank": r.timings_ms.rerank, "total": r.timings_ms.total},
+        "rerank": r.rerank,
     })
 }
 
@@ -462,13 +469,14 @@ async fn run(cli: Cli) -> Result<()> {
             cluster,
             json,
             batch,
+            follow_links,
             paths,
         } => {
             init_logs("warn,ractor_cluster=error");
             if paths.is_empty() {
                 bail!("no paths to ingest");
             }
-            let corpus = corpus::Corpus::read(&paths)?;
+            let corpus = corpus::Corpus::read_with(&paths, follow_links)?;
             let client = connect(cluster.load()?).await?;
             demo::ingest_corpus(&client, corpus, batch.max(1), json).await
         }
@@ -720,13 +728,16 @@ async fn chaos(client: &Client, group: &str, action: &str, node: Option<&str>) -
     };
     let mut hit = 0;
     for (a, on) in targets {
+        // a stall is acknowledged when it begins: once this returns, it is in effect
         let r =
             ragfleet_runtime::call::call(&a, Request::Chaos(action), Duration::from_secs(5)).await;
         println!(
             "{g} on {on}: {action:?} -> {}",
-            match r {
-                Ok(_) => "done".to_string(),
-                Err(e) => e.to_string(),
+            match (r, action) {
+                (Ok(_), _) => "done".to_string(),
+                // the actor panicked before it could answer: that is the point
+                (Err(_), ChaosAction::Panic) => "panicked (its supervisor restarts it)".to_string(),
+                (Err(e), _) => e.to_string(),
             }
         );
         hit += 1;

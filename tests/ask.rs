@@ -128,8 +128,8 @@ fn a_generator_stalled_before_its_first_token_is_retried_on_another_replica() {
     let p = c.corpus_path();
     c.json(&["ingest", "--json", p.to_str().unwrap()]);
     // n2's generator stops answering (its mailbox is blocked for 60 s) but stays in its group
-    // the chaos call itself times out after 5 s while the actor stays blocked for 60 s: once
-    // the command returns, the stall is in effect
+    // the chaos call is acknowledged when the stall begins and the actor stays blocked for
+    // 60 s: once the command returns, the stall is in effect
     let out = std::process::Command::new(bin())
         .args([
             "chaos",

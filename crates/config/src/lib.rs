@@ -162,6 +162,9 @@ pub struct QueryConfig {
     pub rerank_weight: f32,
     /// End-to-end deadline in ms.
     pub deadline_ms: u64,
+    /// Time the rerank stage has, in ms, inside the end-to-end deadline; past it the hits keep
+    /// their retrieval order and the answer says `rerank: "skipped: deadline"`.
+    pub rerank_deadline_ms: u64,
     /// Longest accepted query in bytes.
     pub max_query_bytes: usize,
 }
@@ -176,6 +179,7 @@ impl Default for QueryConfig {
             rerank_fusion: RerankFusion::Weighted,
             rerank_weight: 0.5,
             deadline_ms: 30_000,
+            rerank_deadline_ms: 3_000,
             max_query_bytes: 8192,
         }
     }
@@ -200,6 +204,21 @@ impl Default for EmbedderConfig {
             max_wait_ms: 3,
             ingest_batch: 64,
         }
+    }
+}
+
+/// `[reranker]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RerankerConfig {
+    /// Requests a reranker replica holds waiting beside the one it scores; past it a request
+    /// is refused at once (`overloaded`) and the coordinator tries another replica or skips.
+    pub max_queue: usize,
+}
+
+impl Default for RerankerConfig {
+    fn default() -> Self {
+        RerankerConfig { max_queue: 8 }
     }
 }
 
@@ -324,6 +343,9 @@ pub struct ClusterConfig {
     /// Embedder settings.
     #[serde(default)]
     pub embedder: EmbedderConfig,
+    /// Reranker settings.
+    #[serde(default)]
+    pub reranker: RerankerConfig,
     /// Generator settings.
     #[serde(default)]
     pub generator: GeneratorConfig,
@@ -552,6 +574,12 @@ impl ClusterConfig {
         if !(0.0..=1.0).contains(&q.rerank_weight) {
             return Err(invalid("query.rerank_weight", "must be between 0 and 1"));
         }
+        if q.rerank_deadline_ms == 0 {
+            return Err(invalid("query.rerank_deadline_ms", "must be positive"));
+        }
+        if self.reranker.max_queue == 0 || self.reranker.max_queue > 4096 {
+            return Err(invalid("reranker.max_queue", "must be between 1 and 4096"));
+        }
         if q.rerank_depth == 0 {
             return Err(invalid("query.rerank_depth", "must be positive"));
         }
@@ -569,6 +597,9 @@ impl ClusterConfig {
                 "embedder.max_batch",
                 "batch sizes must be positive",
             ));
+        }
+        if self.generator.max_tokens == 0 || self.generator.max_tokens > 2048 {
+            return Err(invalid("generator.max_tokens", "must be between 1 and 2048"));
         }
         if self.generator.max_streams == 0 {
             return Err(invalid("generator.max_streams", "must be positive"));

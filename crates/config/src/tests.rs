@@ -94,6 +94,18 @@ fn errors_name_the_field() {
             "query.rerank",
         ),
         (
+            format!("{GOOD}\n[generator]\nmax_tokens = 0\n"),
+            "generator.max_tokens",
+        ),
+        (
+            format!("{GOOD}\n[query]\nrerank_deadline_ms = 0\n"),
+            "query.rerank_deadline_ms",
+        ),
+        (
+            format!("{GOOD}\n[reranker]\nmax_queue = 0\n"),
+            "reranker.max_queue",
+        ),
+        (
             GOOD.replace(
                 "shards = 4",
                 "shards = 2\nplacement = [[\"a\",\"zz\"],[\"a\",\"b\"]]",

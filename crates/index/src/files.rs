@@ -9,17 +9,26 @@ const MAGIC: &[u8; 8] = b"RFSNAP01";
 /// Writes `body` with a header (magic, length, crc32) atomically.
 pub fn write_checked(path: &Path, body: &[u8]) -> Result<(), IndexError> {
     let tmp = path.with_extension("tmp");
+    let r = write_then_rename(&tmp, path, body);
+    if r.is_err() {
+        // a failed write (disk full) leaves no temporary file behind
+        let _ = std::fs::remove_file(&tmp);
+    }
+    r
+}
+
+fn write_then_rename(tmp: &Path, path: &Path, body: &[u8]) -> Result<(), IndexError> {
     {
-        let mut f = std::fs::File::create(&tmp).map_err(|e| IndexError::io(&tmp, e))?;
+        let mut f = std::fs::File::create(tmp).map_err(|e| IndexError::io(tmp, e))?;
         let mut header = Vec::with_capacity(20);
         header.extend_from_slice(MAGIC);
         header.extend_from_slice(&(body.len() as u64).to_le_bytes());
         header.extend_from_slice(&crc32fast::hash(body).to_le_bytes());
-        f.write_all(&header).map_err(|e| IndexError::io(&tmp, e))?;
-        f.write_all(body).map_err(|e| IndexError::io(&tmp, e))?;
-        f.sync_all().map_err(|e| IndexError::io(&tmp, e))?;
+        f.write_all(&header).map_err(|e| IndexError::io(tmp, e))?;
+        f.write_all(body).map_err(|e| IndexError::io(tmp, e))?;
+        f.sync_all().map_err(|e| IndexError::io(tmp, e))?;
     }
-    std::fs::rename(&tmp, path).map_err(|e| IndexError::io(path, e))?;
+    std::fs::rename(tmp, path).map_err(|e| IndexError::io(path, e))?;
     if let Some(dir) = path.parent() {
         if let Ok(d) = std::fs::File::open(dir) {
             let _ = d.sync_all();

@@ -9,6 +9,7 @@ mod bm25;
 pub mod chunk;
 pub mod eval;
 mod files;
+mod lock;
 mod segment;
 mod shard;
 pub mod vector;
@@ -16,6 +17,7 @@ mod wal;
 
 pub use bm25::Bm25;
 pub use files::{read_checked, write_checked};
+pub use lock::DirLock;
 pub use shard::{IndexSettings, PullPlan, RecoveryReport, ShardIndex};
 pub use wal::{Wal, WalRecovery};
 
@@ -51,6 +53,13 @@ pub enum IndexError {
     /// Invalid input.
     #[error("bad input: {0}")]
     BadInput(String),
+    /// Another owner (an earlier instance of the replica, another process) holds the data
+    /// folder: one owner of a shard's files at a time.
+    #[error("{path} is locked by another owner of this shard's files")]
+    Locked {
+        /// The data folder.
+        path: std::path::PathBuf,
+    },
 }
 
 impl IndexError {

@@ -109,6 +109,8 @@ struct DocState {
 /// A shard replica's index.
 #[derive(Debug)]
 pub struct ShardIndex {
+    /// Held for the life of the index: one owner of the folder's files at a time.
+    _lock: crate::DirLock,
     dir: PathBuf,
     settings: IndexSettings,
     wal: Wal,
@@ -131,12 +133,13 @@ pub struct ShardIndex {
 
 impl ShardIndex {
     /// Opens the index in `dir` (created if missing), recovering from the snapshot files and the
-    /// log tail. Corrupt files are reported, never loaded.
+    /// log tail. Corrupt files are reported, never loaded. Takes an exclusive lock on `dir`
+    /// ([`IndexError::Locked`] while another owner holds it), released when the index drops.
     pub fn open(
         dir: &Path,
         settings: IndexSettings,
     ) -> Result<(ShardIndex, RecoveryReport), IndexError> {
-        std::fs::create_dir_all(dir).map_err(|e| IndexError::io(dir, e))?;
+        let lock = crate::DirLock::acquire(dir)?;
         let mut report = RecoveryReport::default();
         let manifest_path = dir.join("manifest.bin");
         let manifest: Manifest = match read_checked(&manifest_path) {
@@ -154,6 +157,7 @@ impl ShardIndex {
         };
         let (wal, wal_rec) = Wal::open(&dir.join("wal.log"))?;
         let mut ix = ShardIndex {
+            _lock: lock,
             dir: dir.to_path_buf(),
             settings,
             wal,
@@ -484,24 +488,37 @@ impl ShardIndex {
         }
         self.last_seq = first_seq + n - 1;
         if self.growing.len() >= self.settings.segment_size {
-            self.seal()?;
+            // the write is durable (logged) and applied whatever happens here: a seal that
+            // fails (disk full) leaves the growing segment and the log as they were, and the
+            // next write tries again
+            if let Err(e) = self.seal() {
+                warn!(dir = %self.dir.display(), error = %e, "seal failed; the growing segment stays in memory and in the log");
+            }
         }
         Ok(self.last_seq)
     }
 
     /// Seals the growing segment: writes it and a new manifest, empties the log, and builds the
     /// segment's graph in the background. Then merges small segments.
+    /// A failed seal leaves the index as it was (the growing segment searchable, the log
+    /// intact); the files it did write are unreferenced and removed.
     pub fn seal(&mut self) -> Result<(), IndexError> {
         if !self.growing.is_empty() {
             let id = self.next_segment_id;
+            let seg = Arc::new(Segment::new(id, self.growing.clone()));
+            if let Err(e) = self.write_segment(&seg) {
+                self.remove_segment_files(id);
+                return Err(e);
+            }
             self.next_segment_id += 1;
-            let entries = std::mem::take(&mut self.growing);
-            let seg = Arc::new(Segment::new(id, entries));
-            self.write_segment(&seg)?;
+            self.growing.clear();
             self.sealed.push(seg.clone());
             self.spawn_graph(seg, false);
         }
-        self.merge_small()?;
+        if let Err(e) = self.merge_small() {
+            // the sources stay as they are; a later seal merges them
+            warn!(dir = %self.dir.display(), error = %e, "merge failed");
+        }
         self.sealed_seq = self.last_seq;
         self.purge_deletions()?;
         self.write_manifest()?;
@@ -537,6 +554,17 @@ impl ShardIndex {
     fn grace_horizon(&self) -> Option<u64> {
         let grace = self.settings.deletion_grace?;
         Some(ragfleet_proto::clock_micros().saturating_sub(grace.as_micros() as u64))
+    }
+
+    /// Removes a segment's files (best effort: unreferenced files are garbage, not data).
+    fn remove_segment_files(&self, id: u64) {
+        for p in [
+            self.segment_path(id),
+            self.terms_path(id),
+            Self::graph_path(&self.dir, id),
+        ] {
+            let _ = std::fs::remove_file(p);
+        }
     }
 
     fn write_segment(&self, seg: &Segment) -> Result<(), IndexError> {
@@ -580,7 +608,11 @@ impl ShardIndex {
             .cloned()
             .collect();
         let merged = Arc::new(Segment::new(id, entries));
-        self.write_segment(&merged)?;
+        if let Err(e) = self.write_segment(&merged) {
+            self.next_segment_id -= 1;
+            self.remove_segment_files(id);
+            return Err(e);
+        }
         let gone: HashSet<u64> = small.iter().map(|s| s.id).collect();
         self.sealed.retain(|s| !gone.contains(&s.id));
         self.sealed.push(merged.clone());

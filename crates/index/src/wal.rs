@@ -1,4 +1,8 @@
 //! The write-ahead log: length- and crc32-framed records, fsynced before a write is acknowledged.
+//!
+//! The file is opened in append mode, so a record can only ever land after the last byte of the
+//! file, never over another handle's records; and every append first checks that the file is
+//! still as long as this handle left it, refusing to write after bytes it did not write.
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -33,7 +37,7 @@ impl Wal {
     pub fn open(path: &Path) -> Result<(Wal, WalRecovery), IndexError> {
         let mut file = OpenOptions::new()
             .read(true)
-            .write(true)
+            .append(true)
             .create(true)
             .truncate(false)
             .open(path)
@@ -86,6 +90,20 @@ impl Wal {
 
     /// Appends records and fsyncs; when this returns Ok they survive a crash.
     pub fn append(&mut self, records: &[Vec<u8>]) -> Result<(), IndexError> {
+        let on_disk = self
+            .file
+            .metadata()
+            .map_err(|e| IndexError::io(&self.path, e))?
+            .len();
+        if on_disk != self.len {
+            return Err(IndexError::Corrupt {
+                path: self.path.clone(),
+                reason: format!(
+                    "the log is {on_disk} bytes but this handle wrote {}: another writer? refusing to append",
+                    self.len
+                ),
+            });
+        }
         let mut buf = Vec::new();
         for r in records {
             buf.extend_from_slice(&(r.len() as u32).to_le_bytes());
@@ -97,9 +115,8 @@ impl Wal {
             .write_all(&buf)
             .and_then(|_| self.file.sync_data());
         if let Err(e) = res {
-            // leave no half record behind us
+            // leave no half record behind us (appends go to the end, wherever the cursor is)
             let _ = self.file.set_len(self.len);
-            let _ = self.file.seek(SeekFrom::Start(self.len));
             return Err(IndexError::io(&self.path, e));
         }
         self.len += buf.len() as u64;
@@ -149,6 +166,28 @@ mod tests {
         assert_eq!(
             rec.records,
             vec![b"one".to_vec(), b"two".to_vec(), b"three".to_vec()]
+        );
+        assert_eq!(rec.dropped_bytes, 0);
+    }
+
+    #[test]
+    fn a_second_handle_can_neither_overwrite_nor_append_after_foreign_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("wal");
+        let (mut a, _) = Wal::open(&p).unwrap();
+        let (mut b, _) = Wal::open(&p).unwrap();
+        a.append(&[b"first".to_vec()]).unwrap();
+        a.append(&[b"second".to_vec()]).unwrap();
+        // b's view of the file is stale: it must not write at its old offset (over a's
+        // records) nor after bytes it did not write
+        let e = b.append(&[b"stale".to_vec()]).unwrap_err().to_string();
+        assert!(e.contains("another writer"), "{e}");
+        a.append(&[b"third".to_vec()]).unwrap();
+        drop((a, b));
+        let (_, rec) = Wal::open(&p).unwrap();
+        assert_eq!(
+            rec.records,
+            vec![b"first".to_vec(), b"second".to_vec(), b"third".to_vec()]
         );
         assert_eq!(rec.dropped_bytes, 0);
     }

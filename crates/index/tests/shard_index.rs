@@ -550,3 +550,58 @@ fn deletion_records_past_the_grace_period_are_dropped_and_their_documents_stay_d
     keep.seal().unwrap();
     assert_eq!(keep.versions().deleted.len(), 1);
 }
+
+#[test]
+fn a_second_open_of_a_held_folder_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut ix, _) = ShardIndex::open(dir.path(), settings(1000)).unwrap();
+    ix.write(vec![upsert("a", "alpha", 1)], &model()).unwrap();
+    // a restarted replica whose earlier instance still lives must not write beside it
+    let e = ShardIndex::open(dir.path(), settings(1000)).unwrap_err();
+    assert!(
+        matches!(e, ragfleet_index::IndexError::Locked { .. }),
+        "{e}"
+    );
+    drop(ix);
+    let (ix, _) = ShardIndex::open(dir.path(), settings(1000)).unwrap();
+    assert_eq!(ix.doc_count(), 1);
+}
+
+#[test]
+fn a_failed_seal_keeps_the_growing_segment_searchable_and_the_write_durable() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut ix, _) = ShardIndex::open(dir.path(), settings(4)).unwrap();
+    // the segment file cannot be written: a folder stands where its temporary file goes (as
+    // a full disk would refuse it)
+    std::fs::create_dir(dir.path().join("seg-0.tmp")).unwrap();
+    let docs: Vec<WriteOp> = (0..4)
+        .map(|i| upsert(&format!("d{i}"), &format!("text {i}"), 100 + i))
+        .collect();
+    // the write is logged before the seal: it is acknowledged, not reported failed
+    ix.write(docs, &model()).unwrap();
+    assert_eq!(ix.segment_stats().0, 0, "no segment was sealed");
+    for i in 0..4u64 {
+        let hits = ix.search(&query(100 + i, "", SearchMode::Dense)).unwrap();
+        assert_eq!(hits[0].doc_id, format!("d{i}"), "dense search lost d{i}");
+    }
+    assert!(dir.path().join("seg-0.tmp").is_dir());
+    assert!(!dir.path().join("seg-0.bin").exists());
+    // space returns: the next write seals everything
+    std::fs::remove_dir(dir.path().join("seg-0.tmp")).unwrap();
+    ix.write(vec![upsert("d4", "text 4", 104)], &model()).unwrap();
+    assert_eq!(ix.segment_stats().0, 1);
+    drop(ix);
+    let (ix, report) = ShardIndex::open(dir.path(), settings(4)).unwrap();
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    assert_eq!(ix.doc_count(), 5);
+    for i in 0..5u64 {
+        let hits = ix.search(&query(100 + i, "", SearchMode::Dense)).unwrap();
+        assert_eq!(hits[0].doc_id, format!("d{i}"));
+    }
+    let leftovers: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .filter(|n| n.ends_with(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}

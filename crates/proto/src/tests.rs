@@ -186,12 +186,15 @@ fn all_responses() -> Vec<Response> {
                 },
                 unsourced: false,
                 truncated: true,
+                truncated_reason: Some("deadline".into()),
+                rerank: Some("skipped: deadline".into()),
             }),
         }),
         Response::Retrieved(RetrieveResult {
             hits: vec![hit],
             coverage: coverage(),
             timings_ms: Timings::default(),
+            rerank: Some("applied".into()),
         }),
         Response::Ingested(IngestResult {
             documents: 1,

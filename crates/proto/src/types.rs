@@ -241,6 +241,10 @@ pub struct RetrieveResult {
     pub coverage: Coverage,
     /// Stage timings.
     pub timings_ms: Timings,
+    /// What the rerank stage did: `None` when reranking was not asked for, `"applied"`, or
+    /// `"skipped: REASON"` (deadline, overloaded, no reranker replica, error) when the hits
+    /// kept their retrieval order.
+    pub rerank: Option<String>,
 }
 
 /// A document to ingest.
@@ -416,8 +420,13 @@ pub struct AskSummary {
     pub timings_ms: Timings,
     /// No shard answered: the model answered alone.
     pub unsourced: bool,
-    /// The deadline cut the answer short.
+    /// The answer ended before its natural end (see `truncated_reason`).
     pub truncated: bool,
+    /// Why the answer ended early: `"deadline"` (the end-to-end deadline) or
+    /// `"error: ..."` (the generator failed or stalled mid-answer); `None` when complete.
+    pub truncated_reason: Option<String>,
+    /// What the rerank stage did (see [`RetrieveResult::rerank`]).
+    pub rerank: Option<String>,
 }
 
 /// A piece of a token stream.
@@ -697,4 +706,17 @@ pub enum WireError {
     /// The frame did not decode.
     #[error("bad frame: {0}")]
     Frame(FrameError),
+    /// The actor's queue is full: refused at once rather than queued without limit.
+    #[error("overloaded: {0}")]
+    Overloaded(String),
 }
+
+/// The largest cluster frame a node accepts (ractor_cluster's inbound limit); larger requests
+/// are refused by the client before they are sent.
+pub const MAX_FRAME_BYTES: usize = 16 << 20;
+
+/// The largest document text an ingest accepts (its chunks and vectors must fit one frame).
+pub const MAX_DOCUMENT_BYTES: usize = 4 << 20;
+
+/// The most document text the client sends in one ingest request (it splits larger batches).
+pub const MAX_INGEST_REQUEST_BYTES: usize = 2 << 20;

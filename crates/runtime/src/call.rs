@@ -76,7 +76,7 @@ pub fn info(node: &str, role: Role) -> ActorInfo {
 
 /// The handling every role shares: a malformed frame is answered with an error, a ping with
 /// `describe()`, chaos by panicking (the supervisor restarts the actor) or stalling the
-/// mailbox. Anything else is returned for the role to handle.
+/// mailbox (acknowledged when the stall begins). Anything else is returned for the role to handle.
 pub async fn common(
     msg: RoleMsg,
     role: &str,
@@ -98,8 +98,11 @@ pub async fn common(
             panic!("chaos: {role} told to panic");
         }
         Ok(Request::Chaos(ChaosAction::Stall(ms))) => {
-            tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+            // acknowledged at once (the caller learns the stall is in effect, whatever its
+            // length), then the mailbox stays blocked for `ms`
+            tracing::warn!(role, ms, "chaos: stalling");
             reply(port, Response::Ack);
+            tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
             None
         }
         Ok(req) => Some((req, port)),

@@ -34,6 +34,44 @@ pub enum ClientError {
     /// The client's own transport failed to start.
     #[error("client transport: {0}")]
     Transport(String),
+    /// The request is larger than a cluster frame may be: refused before it is sent, never
+    /// retried.
+    #[error("request of {bytes} bytes exceeds the cluster frame limit of {limit} bytes")]
+    TooLarge {
+        /// Encoded size of the request.
+        bytes: usize,
+        /// The limit ([`ragfleet_proto::MAX_FRAME_BYTES`]).
+        limit: usize,
+    },
+}
+
+/// Refuses a request whose encoding would not fit one cluster frame (with room for the
+/// frame's own header): the receiving node would drop the connection and the client would
+/// retry for ever.
+fn check_size(req: &Request) -> Result<(), ClientError> {
+    let bytes = postcard::to_stdvec(req).map(|b| b.len()).unwrap_or(usize::MAX);
+    let limit = ragfleet_proto::MAX_FRAME_BYTES - 4096;
+    if bytes > limit {
+        return Err(ClientError::TooLarge { bytes, limit });
+    }
+    Ok(())
+}
+
+/// Splits `docs` into requests of at most `max_bytes` of text each (a larger document goes
+/// alone), keeping their order.
+fn batches_by_size(docs: Vec<Document>, max_bytes: usize) -> Vec<Vec<Document>> {
+    let mut out: Vec<Vec<Document>> = Vec::new();
+    let mut size = 0;
+    for d in docs {
+        let n = d.text.len() + d.title.len() + d.id.len();
+        if out.is_empty() || (size + n > max_bytes && !out.last().is_some_and(|b| b.is_empty())) {
+            out.push(Vec::new());
+            size = 0;
+        }
+        size += n;
+        out.last_mut().expect("pushed").push(d);
+    }
+    out
 }
 
 /// A connection to a cluster.
@@ -129,6 +167,7 @@ impl Client {
 
     /// Calls a coordinator, failing over to another one while `timeout` allows.
     pub async fn request(&self, req: Request, timeout: Duration) -> Result<Response, ClientError> {
+        check_size(&req)?;
         let deadline = Instant::now() + timeout;
         let mut tried: HashSet<ActorId> = HashSet::new();
         let mut last = String::from("no coordinator visible");
@@ -198,17 +237,44 @@ impl Client {
         }
     }
 
-    /// Ingests documents (acknowledged once durable on a write quorum).
+    /// Ingests documents (acknowledged once durable on a write quorum). A document larger than
+    /// [`ragfleet_proto::MAX_DOCUMENT_BYTES`] is reported failed without being sent; the rest
+    /// go in requests of at most [`ragfleet_proto::MAX_INGEST_REQUEST_BYTES`] of text.
     pub async fn ingest(&self, docs: Vec<Document>) -> Result<IngestResult, ClientError> {
-        match self
-            .request(Request::Ingest { docs }, Duration::from_secs(900))
-            .await?
-        {
-            Response::Ingested(r) => Ok(r),
-            other => Err(ClientError::Rejected(WireError::Internal(format!(
-                "unexpected answer {other:?}"
-            )))),
+        let mut result = IngestResult::default();
+        let mut sendable = Vec::with_capacity(docs.len());
+        for d in docs {
+            let size = d.text.len() + d.title.len();
+            if size > ragfleet_proto::MAX_DOCUMENT_BYTES {
+                result.failed.push((
+                    d.id,
+                    format!(
+                        "document of {size} bytes exceeds the limit of {} bytes (not sent)",
+                        ragfleet_proto::MAX_DOCUMENT_BYTES
+                    ),
+                ));
+            } else {
+                sendable.push(d);
+            }
         }
+        for batch in batches_by_size(sendable, ragfleet_proto::MAX_INGEST_REQUEST_BYTES) {
+            match self
+                .request(Request::Ingest { docs: batch }, Duration::from_secs(900))
+                .await?
+            {
+                Response::Ingested(r) => {
+                    result.documents += r.documents;
+                    result.chunks += r.chunks;
+                    result.failed.extend(r.failed);
+                }
+                other => {
+                    return Err(ClientError::Rejected(WireError::Internal(format!(
+                        "unexpected answer {other:?}"
+                    ))))
+                }
+            }
+        }
+        Ok(result)
     }
 
     /// Deletes documents (acknowledged once durable on a write quorum); `documents` counts them.
@@ -292,6 +358,51 @@ impl Client {
             t.abort();
         }
         self.server.stop(None);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn doc(id: &str, bytes: usize) -> Document {
+        Document {
+            id: id.into(),
+            title: String::new(),
+            text: "x".repeat(bytes),
+        }
+    }
+
+    #[test]
+    fn oversized_requests_are_refused_before_sending() {
+        let big = Request::Ingest {
+            docs: vec![doc("big", 20 << 20)],
+        };
+        match check_size(&big) {
+            Err(ClientError::TooLarge { bytes, limit }) => {
+                assert!(bytes > 20 << 20);
+                assert!(limit < ragfleet_proto::MAX_FRAME_BYTES);
+            }
+            other => panic!("{other:?}"),
+        }
+        let e = check_size(&big).unwrap_err().to_string();
+        assert!(e.contains("exceeds the cluster frame limit"), "{e}");
+        assert!(check_size(&Request::Ingest {
+            docs: vec![doc("small", 1000)]
+        })
+        .is_ok());
+    }
+
+    #[test]
+    fn ingest_batches_split_by_size_in_order() {
+        let docs = vec![doc("a", 600), doc("b", 600), doc("c", 2000), doc("d", 10)];
+        let b = batches_by_size(docs, 1300);
+        let ids: Vec<Vec<&str>> = b
+            .iter()
+            .map(|x| x.iter().map(|d| d.id.as_str()).collect())
+            .collect();
+        assert_eq!(ids, vec![vec!["a", "b"], vec!["c"], vec!["d"]]);
+        assert!(batches_by_size(Vec::new(), 10).is_empty());
     }
 }
 

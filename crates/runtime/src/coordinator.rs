@@ -280,21 +280,32 @@ pub async fn retrieve(
     let mut hits = merge_shard_answers(answers, depth as usize);
     timings.search = ms(t1.elapsed());
 
+    let mut rerank_outcome = None;
     if rerank && hits.len() > 1 {
         let t2 = Instant::now();
+        // the stage's own deadline, inside the end-to-end one
+        let rerank_deadline = (t2 + Duration::from_millis(cfg.query.rerank_deadline_ms)).min(deadline);
         // the reranker orders the head; the tail follows in retrieval order (and scores)
         let tail = hits.split_off(hits.len().min(cfg.query.rerank_depth as usize));
-        match rerank_hits(&ctx, &query, &hits, deadline).await {
-            Ok(scores) => fuse_rerank(
-                &mut hits,
-                &scores,
-                cfg.query.rerank_fusion,
-                cfg.query.rerank_weight,
-            ),
-            Err(e) => warn!(error = %e, "reranking failed; keeping retrieval order"),
+        match rerank_hits(&ctx, &query, &hits, rerank_deadline).await {
+            Ok(scores) => {
+                fuse_rerank(
+                    &mut hits,
+                    &scores,
+                    cfg.query.rerank_fusion,
+                    cfg.query.rerank_weight,
+                );
+                rerank_outcome = Some("applied".to_string());
+            }
+            Err(reason) => {
+                warn!(%reason, "rerank stage skipped; keeping retrieval order");
+                rerank_outcome = Some(format!("skipped: {reason}"));
+            }
         }
         hits.extend(tail);
         timings.rerank = ms(t2.elapsed());
+    } else if rerank {
+        rerank_outcome = Some("skipped: fewer than two hits".to_string());
     }
     hits.truncate(k as usize);
     timings.total = ms(t0.elapsed());
@@ -302,6 +313,7 @@ pub async fn retrieve(
         hits,
         coverage,
         timings_ms: timings,
+        rerank: rerank_outcome,
     })
 }
 
@@ -338,6 +350,9 @@ pub fn fuse_rerank(hits: &mut [Hit], scores: &[f32], fusion: RerankFusion, weigh
     ragfleet_index::sort_hits(hits);
 }
 
+/// Scores `hits` on a reranker replica before `deadline`, failing over to another replica
+/// (each attempt but the last gets half the time left). `Err` names why the stage was skipped:
+/// `deadline`, `overloaded`, `no reranker replica` or `error: ...`.
 async fn rerank_hits(
     ctx: &Ctx,
     query: &str,
@@ -345,31 +360,43 @@ async fn rerank_hits(
     deadline: Instant,
 ) -> Result<Vec<f32>, String> {
     let passages: Vec<String> = hits.iter().map(|h| h.text.clone()).collect();
-    let mut last = "no reranker replica is reachable".to_string();
-    for m in ctx.candidates(groups::RERANKERS) {
+    let replicas = ctx.candidates(groups::RERANKERS);
+    if replicas.is_empty() {
+        return Err("no reranker replica".into());
+    }
+    let n = replicas.len();
+    let mut reason = "no reranker replica".to_string();
+    for (i, m) in replicas.into_iter().enumerate() {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Err("deadline".into());
         }
+        let budget = if i + 1 < n { left / 2 } else { left };
         match call(
             &m.actor,
             Request::Rerank {
                 query: query.to_string(),
                 passages: passages.clone(),
             },
-            left,
+            budget,
         )
         .await
         {
             Ok(Response::Scores(s)) if s.len() == passages.len() => return Ok(s),
-            Ok(other) => last = format!("unexpected answer {other:?}"),
+            Ok(other) => reason = format!("error: unexpected answer {other:?}"),
+            // busy, not broken: another replica may have room
+            Err(CallError::Remote(WireError::Overloaded(_))) => reason = "overloaded".into(),
+            Err(CallError::Timeout) => {
+                ctx.args.health.mark_failed(m.actor.get_id());
+                reason = "deadline".into();
+            }
             Err(e) => {
                 ctx.args.health.mark_failed(m.actor.get_id());
-                last = e.to_string();
+                reason = format!("error: {e}");
             }
         }
     }
-    Err(last)
+    Err(reason)
 }
 
 /// The ingest path: chunk and embed on every embedder replica in parallel, route each document
@@ -377,21 +404,29 @@ async fn rerank_hits(
 pub async fn ingest(ctx: Arc<Ctx>, docs: Vec<Document>) -> Result<IngestResult, WireError> {
     let cfg = ctx.cfg().clone();
     let mut result = IngestResult::default();
+    // a document id given twice: the last copy wins (as later writes win everywhere else)
     let mut seen = HashSet::new();
     let mut good = Vec::new();
-    for d in docs {
+    for d in docs.into_iter().rev() {
+        let size = d.text.len() + d.title.len();
         if d.id.trim().is_empty() {
             result.failed.push((d.id, "empty document id".into()));
         } else if d.text.trim().is_empty() && d.title.trim().is_empty() {
             result.failed.push((d.id, "document has no text".into()));
-        } else if d.text.len() > 4 << 20 {
-            result
-                .failed
-                .push((d.id, "document larger than 4 MiB".into()));
+        } else if size > ragfleet_proto::MAX_DOCUMENT_BYTES {
+            result.failed.push((
+                d.id,
+                format!(
+                    "document of {size} bytes exceeds the limit of {} bytes",
+                    ragfleet_proto::MAX_DOCUMENT_BYTES
+                ),
+            ));
         } else if seen.insert(d.id.clone()) {
             good.push(d);
         }
     }
+    good.reverse();
+    result.failed.reverse();
     if good.is_empty() {
         return Ok(result);
     }
@@ -714,9 +749,9 @@ async fn ask_task(ctx: Arc<Ctx>, question: String, opts: AskOptions, w: StreamWr
         .max_tokens
         .unwrap_or(cfg.generator.max_tokens)
         .clamp(1, 2048);
-    let (hits, coverage, mut timings) =
+    let (hits, coverage, mut timings, rerank) =
         match retrieve(ctx.clone(), question.clone(), opts.retrieve.clone()).await {
-            Ok(r) => (r.hits, r.coverage, r.timings_ms),
+            Ok(r) => (r.hits, r.coverage, r.timings_ms, r.rerank),
             Err(e @ WireError::BadRequest(_)) => return w.fail(e.to_string()),
             Err(e) => {
                 warn!(error = %e, "retrieval failed; answering without sources");
@@ -730,7 +765,7 @@ async fn ask_task(ctx: Arc<Ctx>, question: String, opts: AskOptions, w: StreamWr
                         })
                         .collect(),
                 };
-                (Vec::new(), cov, Timings::default())
+                (Vec::new(), cov, Timings::default(), None)
             }
         };
     let unsourced = coverage.shards_answered == 0 || hits.is_empty();
@@ -834,7 +869,11 @@ async fn ask_task(ctx: Arc<Ctx>, question: String, opts: AskOptions, w: StreamWr
                         );
                         continue 'replicas;
                     }
-                    error = Some(format!("generator failed mid-answer: {other:?}"));
+                    let why = match &other {
+                        Err(e) => e.to_string(),
+                        Ok(r) => format!("unexpected answer {r:?}"),
+                    };
+                    error = Some(format!("generator failed mid-answer: {why}"));
                     break 'replicas;
                 }
             }
@@ -843,6 +882,7 @@ async fn ask_task(ctx: Arc<Ctx>, question: String, opts: AskOptions, w: StreamWr
     if first_token.is_none() && !truncated && error.is_none() {
         error = Some("no generator replica could answer".into());
     }
+    let mut truncated_reason = truncated.then(|| "deadline".to_string());
     if truncated {
         let marker = " [answer cut: end-to-end deadline reached]";
         answer.push_str(marker);
@@ -852,7 +892,13 @@ async fn ask_task(ctx: Arc<Ctx>, question: String, opts: AskOptions, w: StreamWr
         if answer.is_empty() {
             return w.fail(e);
         }
+        // an answer that ends for any reason but its natural end says so
         warn!(error = %e, "answer incomplete");
+        let marker = " [answer cut: the generator failed mid-answer]";
+        answer.push_str(marker);
+        w.push(marker, 0);
+        truncated = true;
+        truncated_reason = Some(format!("error: {e}"));
     }
     timings.first_token = first_token.map(ms).unwrap_or(0.0);
     timings.generate = ms(t_gen.elapsed());
@@ -864,6 +910,8 @@ async fn ask_task(ctx: Arc<Ctx>, question: String, opts: AskOptions, w: StreamWr
         timings_ms: timings,
         unsourced,
         truncated,
+        truncated_reason,
+        rerank,
     };
     w.finish(Some(summary));
 }

@@ -71,10 +71,19 @@ impl Health {
         })
     }
 
-    /// Members of `group`, healthy or not.
+    /// Members of `group`, healthy or not, that are still in the process group: a member whose
+    /// node's session ended (kill -9 closes its socket) is gone at once, not at the next tick.
     pub fn members(&self, group: &str) -> Vec<Member> {
+        let present: std::collections::HashSet<ActorId> = ractor::pg::get_members(&group.to_string())
+            .into_iter()
+            .map(|c| c.get_id())
+            .collect();
         let m = self.members.read().expect("health lock");
-        let mut v: Vec<Member> = m.values().filter(|x| x.group == group).cloned().collect();
+        let mut v: Vec<Member> = m
+            .values()
+            .filter(|x| x.group == group && present.contains(&x.actor.get_id()))
+            .cloned()
+            .collect();
         v.sort_by_key(|x| x.actor.get_id());
         v
     }
@@ -144,10 +153,16 @@ impl Health {
                 let mut m = me.members.write().expect("health lock");
                 if let Some(e) = m.get_mut(&id) {
                     e.ping_in_flight = false;
-                    if let Ok(Response::Pong(info)) = res {
-                        e.info = Some(info);
-                        e.last_ok = Some(Instant::now());
-                        e.failed = false;
+                    match res {
+                        Ok(Response::Pong(info)) => {
+                            e.info = Some(info);
+                            e.last_ok = Some(Instant::now());
+                            e.failed = false;
+                        }
+                        // gone (its node's session ended, the actor stopped): no need to
+                        // wait for the silence to pass suspect_after
+                        Err(crate::call::CallError::Unreachable(_)) => e.failed = true,
+                        _ => {}
                     }
                 }
             });

@@ -185,6 +185,7 @@ async fn role_specs(
                 let args = RerankerArgs {
                     node: node.to_string(),
                     model,
+                    max_queue: cfg.reranker.max_queue,
                 };
                 let c = vec![ChildSpec {
                     name: format!("{node}/reranker"),

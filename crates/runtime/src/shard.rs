@@ -58,12 +58,48 @@ impl Shared {
     }
 }
 
+/// A task owned by an actor's state: aborted when the state drops, which ractor does when the
+/// actor stops *and* when it panics (it skips `post_stop` then), so no task of an earlier
+/// instance outlives it beside its successor.
+#[derive(Debug)]
+pub struct OwnedTask(tokio::task::JoinHandle<()>);
+
+impl Drop for OwnedTask {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// How long a restarted replica waits for its earlier instance to let go of the data folder
+/// (a blocking write of the earlier instance may still be finishing).
+const LOCK_WAIT: Duration = Duration::from_secs(30);
+
+/// Opens the shard's index, waiting (polling, up to [`LOCK_WAIT`]) while another owner holds
+/// its folder.
+async fn open_index(
+    args: &ShardArgs,
+) -> Result<(ShardIndex, ragfleet_index::RecoveryReport), ragfleet_index::IndexError> {
+    let start = Instant::now();
+    loop {
+        let (dir, settings) = (args.dir.clone(), args.settings.clone());
+        let r = tokio::task::spawn_blocking(move || ShardIndex::open(&dir, settings))
+            .await
+            .map_err(|e| ragfleet_index::IndexError::BadInput(format!("open task: {e}")))?;
+        match r {
+            Err(ragfleet_index::IndexError::Locked { .. }) if start.elapsed() < LOCK_WAIT => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Its state.
 #[derive(Debug)]
 pub struct ShardState {
     args: ShardArgs,
     shared: Arc<Shared>,
-    catch_up: Option<tokio::task::JoinHandle<()>>,
+    catch_up: Option<OwnedTask>,
 }
 
 impl Actor for ShardActor {
@@ -76,9 +112,7 @@ impl Actor for ShardActor {
         myself: ActorRef<RoleMsg>,
         args: ShardArgs,
     ) -> Result<ShardState, ActorProcessingErr> {
-        let (dir, settings) = (args.dir.clone(), args.settings.clone());
-        let (index, report) =
-            tokio::task::spawn_blocking(move || ShardIndex::open(&dir, settings)).await??;
+        let (index, report) = open_index(&args).await?;
         for p in &report.problems {
             warn!(shard = args.shard, problem = %p, "recovery found a problem");
         }
@@ -89,11 +123,11 @@ impl Actor for ShardActor {
         });
         shared.refresh_counts(&shared.index.read().expect("index"));
         ractor::pg::join(groups::shard(args.shard), vec![myself.get_cell()]);
-        let catch_up = Some(tokio::spawn(catch_up(
+        let catch_up = Some(OwnedTask(tokio::spawn(catch_up(
             myself.clone(),
             args.clone(),
             shared.clone(),
-        )));
+        ))));
         Ok(ShardState {
             args,
             shared,
@@ -106,9 +140,7 @@ impl Actor for ShardActor {
         _me: ActorRef<RoleMsg>,
         state: &mut ShardState,
     ) -> Result<(), ActorProcessingErr> {
-        if let Some(h) = state.catch_up.take() {
-            h.abort();
-        }
+        drop(state.catch_up.take());
         Ok(())
     }
 

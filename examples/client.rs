@@ -1,10 +1,12 @@
 //! Using the client library against a running cluster:
-//! `cargo run --example client -- cluster.toml "what is a trait object"`.
+//! `cargo run -p ragfleet-client --example client -- cluster.toml "what is a trait object"`.
+//! It depends on `ragfleet-client` alone (with the plain data of `ragfleet-proto` and
+//! `ragfleet-config`): no index, model or role actor is compiled into it.
 use std::sync::Arc;
 use std::time::Duration;
 
 use ragfleet_config::ClusterConfig;
-use ragfleet_runtime::Client;
+use ragfleet_client::Client;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {

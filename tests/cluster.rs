@@ -270,7 +270,7 @@ fn a_malformed_wire_frame_is_answered_with_an_error_not_a_panic() {
         let client = ragfleet_runtime::Client::connect(cfg, Duration::from_secs(10))
             .await
             .unwrap();
-        let coord = client.members(ragfleet_proto::groups::COORDINATORS)[0].get_cell();
+        let coord = client.members(ragfleet_runtime::groups::COORDINATORS)[0].get_cell();
         // the same variant name as RoleMsg::Call, but raw bytes as the payload
         let evil: ractor::ActorRef<EvilMsg> = coord.into();
         let reply = evil

@@ -157,7 +157,8 @@ fn connect_and_ingest_20(
 
 #[test]
 fn a_replica_that_was_down_catches_up_replaced_new_and_deleted_documents() {
-    use ragfleet_proto::{groups, Request, Response, SearchQuery};
+    use ragfleet_proto::{Request, Response, SearchQuery};
+    use ragfleet_runtime::groups;
     let _g = serial();
     let mut c = Cluster::three("");
     let (rt, cfg, client) = connect_and_ingest_20(&c);
@@ -246,8 +247,9 @@ fn replica_on(
     client: &ragfleet_runtime::Client,
     shard: u32,
     node: &str,
-) -> Option<ractor::ActorRef<ragfleet_proto::RoleMsg>> {
-    use ragfleet_proto::{groups, Request, Response};
+) -> Option<ractor::ActorRef<ragfleet_runtime::RoleMsg>> {
+    use ragfleet_proto::{Request, Response};
+    use ragfleet_runtime::groups;
     rt.block_on(async {
         for m in client.members(&groups::shard(shard)) {
             if let Ok(Response::Pong(info)) =
@@ -265,7 +267,7 @@ fn replica_on(
 /// BM25 search of one replica.
 fn bm25_on(
     rt: &tokio::runtime::Runtime,
-    replica: &ractor::ActorRef<ragfleet_proto::RoleMsg>,
+    replica: &ractor::ActorRef<ragfleet_runtime::RoleMsg>,
     text: &str,
 ) -> Vec<ragfleet_proto::Hit> {
     use ragfleet_proto::{Request, Response, SearchQuery};
@@ -375,7 +377,7 @@ fn anti_entropy_repairs_a_live_replica_that_missed_a_write_and_a_delete() {
         },
     );
     // and the two replicas now agree exactly
-    let digest = |r: &ractor::ActorRef<ragfleet_proto::RoleMsg>| match rt.block_on(
+    let digest = |r: &ractor::ActorRef<ragfleet_runtime::RoleMsg>| match rt.block_on(
         ragfleet_runtime::call::call(r, Request::Digest, Duration::from_secs(5)),
     ) {
         Ok(Response::Digest { digest, .. }) => digest,

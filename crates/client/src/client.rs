@@ -11,13 +11,15 @@ use ractor::{ActorId, ActorRef};
 use ractor_cluster::NodeServerMessage;
 use ragfleet_config::ClusterConfig;
 use ragfleet_proto::{
-    groups, AskOptions, ClusterStatus, Document, IngestResult, Request, Response, RetrieveOptions,
-    RetrieveResult, RoleMsg, StreamChunk, WireError,
+    AskOptions, ClusterStatus, Document, IngestResult, Request, Response, RetrieveOptions,
+    RetrieveResult, StreamChunk, WireError,
 };
 use tracing::debug;
 
 use crate::call::{call, CallError};
-use crate::node::start_server;
+use crate::groups;
+use crate::transport::start_server;
+use crate::RoleMsg;
 
 /// Client errors.
 #[derive(Debug, thiserror::Error)]

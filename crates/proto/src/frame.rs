@@ -89,12 +89,3 @@ impl<T: Serialize + DeserializeOwned> Frame<T> {
 fn tracing_free_log(msg: &str) {
     eprintln!("ragfleet-proto: encode failed: {msg}");
 }
-
-impl<T: Serialize + DeserializeOwned> ractor::BytesConvertable for Frame<T> {
-    fn into_bytes(self) -> Vec<u8> {
-        self.encode()
-    }
-    fn from_bytes(bytes: Vec<u8>) -> Self {
-        Frame::decode(&bytes)
-    }
-}

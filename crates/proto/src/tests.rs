@@ -1,5 +1,4 @@
 use super::*;
-use ractor::Message;
 
 fn model() -> ModelIdentity {
     ModelIdentity {
@@ -286,44 +285,6 @@ fn malformed_frames_are_errors_not_panics() {
     // a huge declared length must not allocate or panic
     let bytes = [b'R', b'F', 0, 1, 1, 0xff, 0xff, 0xff, 0xff, 0x0f];
     assert!(Frame::<Request>::decode(&bytes).0.is_err());
-}
-
-#[tokio::test]
-async fn role_message_round_trips_through_ractor_serialization() {
-    let (tx, _rx) = ractor::concurrency::oneshot();
-    let msg = RoleMsg::Call(Frame::ok(Request::Ping), ractor::RpcReplyPort::from(tx));
-    let ser = msg.serialize().expect("serializes");
-    let back = RoleMsg::deserialize(ser).expect("deserializes");
-    match back {
-        RoleMsg::Call(frame, _) => assert_eq!(frame, Frame::ok(Request::Ping)),
-    }
-}
-
-#[tokio::test]
-async fn role_message_with_garbage_args_gives_error_frame() {
-    let (tx, _rx) = ractor::concurrency::oneshot::<Vec<u8>>();
-    // one argument of 3 garbage bytes, length-prefixed as the derive macro expects
-    let mut args = 3u64.to_be_bytes().to_vec();
-    args.extend_from_slice(&[1, 2, 3]);
-    let ser = ractor::message::SerializedMessage::Call {
-        variant: "Call".into(),
-        args,
-        reply: ractor::RpcReplyPort::from(tx),
-        metadata: None,
-    };
-    match RoleMsg::deserialize(ser) {
-        Ok(RoleMsg::Call(frame, _)) => assert!(frame.0.is_err()),
-        Err(_) => {} // rejected outright is fine too
-    }
-    // a truncated length prefix is rejected
-    let (tx, _rx) = ractor::concurrency::oneshot::<Vec<u8>>();
-    let ser = ractor::message::SerializedMessage::Call {
-        variant: "Call".into(),
-        args: vec![0, 0, 0],
-        reply: ractor::RpcReplyPort::from(tx),
-        metadata: None,
-    };
-    assert!(RoleMsg::deserialize(ser).is_err());
 }
 
 #[test]

@@ -1,54 +1,8 @@
-//! Calling a role actor with a timeout, mapping every failure to one error type.
-use std::time::Duration;
-
-use ractor::rpc::CallResult;
-use ractor::ActorRef;
-use ragfleet_proto::{
-    ActorInfo, ChaosAction, Frame, ReplicaState, Request, Response, Role, RoleMsg, WireError,
-};
-
-/// Why a call produced no response.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum CallError {
-    /// No answer in time.
-    #[error("timed out")]
-    Timeout,
-    /// The actor is gone (stopped, crashed, its node disconnected).
-    #[error("actor unreachable: {0}")]
-    Unreachable(String),
-    /// The actor answered with an error.
-    #[error("{0}")]
-    Remote(WireError),
-}
-
-/// Calls `actor` with `req`, waiting at most `timeout`.
-pub async fn call(
-    actor: &ActorRef<RoleMsg>,
-    req: Request,
-    timeout: Duration,
-) -> Result<Response, CallError> {
-    let timeout = timeout.max(Duration::from_millis(1));
-    let fut = actor.call(|port| RoleMsg::Call(Frame::ok(req), port), Some(timeout));
-    // the reply port's own timeout covers the answer; this one covers a stuck send
-    match tokio::time::timeout(timeout + Duration::from_millis(50), fut).await {
-        Err(_) => Err(CallError::Timeout),
-        Ok(Err(e)) => Err(CallError::Unreachable(e.to_string())),
-        Ok(Ok(CallResult::Timeout)) => Err(CallError::Timeout),
-        Ok(Ok(CallResult::SenderError)) => {
-            Err(CallError::Unreachable("reply channel closed".into()))
-        }
-        Ok(Ok(CallResult::Success(Frame(Ok(Response::Error(e)))))) => Err(CallError::Remote(e)),
-        Ok(Ok(CallResult::Success(Frame(Ok(r))))) => Ok(r),
-        Ok(Ok(CallResult::Success(Frame(Err(e))))) => Err(CallError::Remote(WireError::Frame(e))),
-    }
-}
-
-/// Replies to a request, logging a failed send (the caller gave up or is gone).
-pub fn reply(port: ractor::RpcReplyPort<Frame<Response>>, resp: Response) {
-    if port.send(Frame::ok(resp)).is_err() {
-        tracing::debug!("caller went away before the reply");
-    }
-}
+//! Calling a role actor (from `ragfleet-client`), and the handling every role shares on the
+//! serving side.
+pub use ragfleet_client::call::{call, reply, CallError};
+use ragfleet_client::{Envelope, RoleMsg};
+use ragfleet_proto::{ActorInfo, ChaosAction, ReplicaState, Request, Response, Role, WireError};
 
 /// Error response for a request the role does not serve.
 pub fn unsupported(req: &Request, role: &str) -> Response {
@@ -81,8 +35,8 @@ pub async fn common(
     msg: RoleMsg,
     role: &str,
     describe: impl FnOnce() -> ActorInfo,
-) -> Option<(Request, ractor::RpcReplyPort<Frame<Response>>)> {
-    let RoleMsg::Call(frame, port) = msg;
+) -> Option<(Request, ractor::RpcReplyPort<Envelope<Response>>)> {
+    let RoleMsg::Call(Envelope(frame), port) = msg;
     match frame.0 {
         Err(e) => {
             tracing::warn!(role, error = %e, "malformed request frame refused");

@@ -10,11 +10,8 @@ use std::time::{Duration, Instant};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use ragfleet_config::{ClusterConfig, NoCoverage, RerankFusion};
 use ragfleet_index::{merge_top_k, rrf};
-use ragfleet_proto::{
-    groups, AskOptions, AskSummary, ClusterStatus, Coverage, Document, Hit, IngestResult, LeftOut,
-    ModelIdentity, NodeStatus, ReplicaStatus, Request, Response, RetrieveOptions, RetrieveResult,
-    Role, RoleMsg, SearchMode, SearchQuery, ShardStatus, Source, Timings, WireError, WriteOp,
-};
+use ragfleet_proto::{AskOptions, AskSummary, ClusterStatus, Coverage, Document, Hit, IngestResult, LeftOut, ModelIdentity, NodeStatus, ReplicaStatus, Request, Response, RetrieveOptions, RetrieveResult, Role, SearchMode, SearchQuery, ShardStatus, Source, Timings, WireError, WriteOp};
+use ragfleet_client::{groups, RoleMsg};
 use tokio::task::JoinSet;
 use tracing::{info, warn};
 

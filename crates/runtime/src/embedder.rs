@@ -6,9 +6,8 @@ use std::time::{Duration, Instant};
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use ragfleet_index::chunk::chunk_document;
-use ragfleet_proto::{
-    groups, ChunkRecord, Document, Request, Response, Role, RoleMsg, WireError, WriteOp,
-};
+use ragfleet_proto::{ChunkRecord, Document, Request, Response, Role, WireError, WriteOp};
+use ragfleet_client::{groups, RoleMsg};
 use tokio::sync::oneshot;
 use tracing::debug;
 

@@ -3,7 +3,8 @@
 use std::sync::{mpsc, Arc};
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
-use ragfleet_proto::{groups, Request, Response, Role, RoleMsg, WireError};
+use ragfleet_proto::{Request, Response, Role, WireError};
+use ragfleet_client::{groups, RoleMsg};
 
 use crate::call::{common, info, reply, unsupported};
 use crate::models::{GenEvent, GenRequest, GenerateModel};

@@ -6,7 +6,8 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use ractor::{ActorId, ActorRef};
-use ragfleet_proto::{ActorInfo, ReplicaState, Request, Response, RoleMsg};
+use ragfleet_proto::{ActorInfo, ReplicaState, Request, Response};
+use ragfleet_client::RoleMsg;
 
 use crate::call::call;
 

@@ -1,13 +1,13 @@
 //! The ragfleet cluster runtime: supervised role actors on ractor, a cluster transport on
 //! ractor_cluster, failure detection by heartbeats, a coordinator that scatters and gathers
-//! under deadlines and reports coverage, and the client library.
+//! under deadlines and reports coverage. The client library and the actor message the runtime
+//! exchanges over the transport come from `ragfleet-client` (re-exported here).
 //!
 //! Models reach the runtime through the traits of [`models`], so this crate knows no backend.
 #![warn(missing_docs, unreachable_pub)]
 
 pub mod agent;
 pub mod call;
-pub mod client;
 pub mod coordinator;
 pub mod embedder;
 pub mod generator;
@@ -19,13 +19,16 @@ pub mod shard;
 pub mod streams;
 pub mod supervisor;
 
-pub use client::{Client, ClientError};
+pub use ragfleet_client::{groups, AskStream, Client, ClientError, Envelope, RoleMsg};
 pub use models::{EmbedModel, GenerateModel, ModelLoader, RerankModel};
 pub use node::{start_node, NodeHandle, NodeOptions};
 
 /// Errors starting or running a node.
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
+    /// The cluster transport could not start.
+    #[error(transparent)]
+    Transport(#[from] ragfleet_client::transport::TransportError),
     /// Configuration problem.
     #[error(transparent)]
     Config(#[from] ragfleet_config::ConfigError),

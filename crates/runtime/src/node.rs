@@ -7,11 +7,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ractor::{Actor, ActorCell, ActorRef};
-use ractor_cluster::node::NodeConnectionMode;
-use ractor_cluster::{NodeServer, NodeServerMessage};
+use ractor_cluster::NodeServerMessage;
 use ragfleet_config::{ClusterConfig, NodeRole};
 use ragfleet_index::IndexSettings;
-use ragfleet_proto::groups;
+use ragfleet_client::groups;
 use tracing::{debug, error, info, warn};
 
 use crate::agent::NodeAgent;
@@ -285,35 +284,6 @@ async fn connector(
     }
 }
 
-/// Starts the transport on `addr`.
-pub async fn start_server(
-    name: &str,
-    addr: SocketAddr,
-    cookie: &str,
-) -> Result<ActorRef<NodeServerMessage>, RuntimeError> {
-    // bind once ourselves so that a taken port is a clear error, not a dead listener actor
-    std::net::TcpListener::bind(addr).map_err(|e| RuntimeError::Listen {
-        addr: addr.to_string(),
-        reason: e.to_string(),
-    })?;
-    let server = NodeServer::new(
-        addr.port(),
-        cookie.to_string(),
-        name.to_string(),
-        addr.ip().to_string(),
-        None,
-        Some(NodeConnectionMode::Isolated),
-    )
-    .with_listen_addr(addr.ip());
-    let (r, _) = Actor::spawn(None, server, ())
-        .await
-        .map_err(|e| RuntimeError::Spawn {
-            name: format!("{name} node server"),
-            reason: e.to_string(),
-        })?;
-    Ok(r)
-}
-
 /// Starts node `name` of `cfg` (or, with `opts.embedded`, every node in this process).
 pub async fn start_node(
     cfg: Arc<ClusterConfig>,
@@ -326,7 +296,7 @@ pub async fn start_node(
         addr: me.addr.clone(),
         reason: "bad address".into(),
     })?;
-    let server = start_server(name, addr, &cfg.cookie).await?;
+    let server = ragfleet_client::transport::start_server(name, addr, &cfg.cookie).await?;
     let mut tasks = Vec::new();
     let local: Vec<String> = if opts.embedded {
         cfg.nodes.iter().map(|n| n.name.clone()).collect()

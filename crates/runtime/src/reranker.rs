@@ -11,7 +11,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
-use ragfleet_proto::{groups, Frame, Request, Response, Role, RoleMsg, WireError};
+use ragfleet_proto::{Request, Response, Role, WireError};
+use ragfleet_client::{groups, Envelope, RoleMsg};
 use tracing::debug;
 
 use crate::call::{common, info, reply, unsupported};
@@ -36,7 +37,7 @@ pub struct RerankerActor;
 struct Job {
     query: String,
     passages: Vec<String>,
-    port: RpcReplyPort<Frame<Response>>,
+    port: RpcReplyPort<Envelope<Response>>,
     /// When the caller stops waiting (from the call's timeout), if it said.
     deadline: Option<Instant>,
 }

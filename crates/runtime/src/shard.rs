@@ -14,9 +14,8 @@ use std::time::{Duration, Instant};
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use ragfleet_index::{IndexSettings, ShardIndex};
-use ragfleet_proto::{
-    groups, ActorInfo, ReplicaState, Request, Response, Role, RoleMsg, WireError, WriteOp,
-};
+use ragfleet_proto::{ActorInfo, ReplicaState, Request, Response, Role, WireError, WriteOp};
+use ragfleet_client::{groups, RoleMsg};
 use tracing::{error, info, warn};
 
 use crate::call::{call, common, reply, unsupported};
@@ -245,7 +244,7 @@ impl Actor for ShardActor {
 /// applied too: write versions keep the peer's older copies from overwriting them.
 fn apply_write(
     shared: &Shared,
-    port: ractor::RpcReplyPort<ragfleet_proto::Frame<Response>>,
+    port: ractor::RpcReplyPort<ragfleet_client::Envelope<Response>>,
     write: impl FnOnce(&mut ShardIndex) -> Result<u64, ragfleet_index::IndexError>,
 ) {
     let mut ix = shared.index.write().expect("index");

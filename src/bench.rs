@@ -358,10 +358,12 @@ fn run_streams<B: burn::prelude::Backend>(
         let req = GenerationRequest {
             system: String::new(),
             user: p.to_string(),
-            max_tokens: tokens,
-            temperature: 0.0,
-            top_p: 1.0,
-            seed: 0,
+            max_tokens: tokens as u32,
+            sampling: ragfleet_proto::Sampling {
+                temperature: 0.0,
+                top_p: 1.0,
+                seed: 0,
+            },
         };
         tx.send((req, st.clone())).expect("queue");
     }

@@ -150,7 +150,7 @@ pub async fn ask_and_print(
             src.join(", ")
         }
     );
-    crate::print_coverage(&s.coverage);
+    crate::output::print_coverage(&s.coverage);
     if let Some(r) = s.rerank.as_deref().filter(|r| *r != "applied") {
         println!("rerank: {r}");
     }

@@ -10,9 +10,11 @@ pub type Backend = ragfleet_models::backend::Gpu;
 #[cfg(not(feature = "cuda"))]
 pub type Backend = ragfleet_models::backend::Cpu;
 use ragfleet_models::fetch::{EMBEDDER_DIR, GENERATOR_GGUF, RERANKER_DIR};
+use ragfleet_index::ranking::SentenceScorer;
 use ragfleet_models::{CrossEncoder, Embedder};
 use ragfleet_proto::ModelIdentity;
-use ragfleet_runtime::models::{GenEvent, GenRequest, TokenCount};
+use ragfleet_proto::GenerationRequest;
+use ragfleet_runtime::models::{GenEvent, TokenCount};
 use ragfleet_runtime::{EmbedModel, GenerateModel, ModelLoader, RerankModel};
 use Backend as Cpu;
 
@@ -50,108 +52,29 @@ impl RerankModel for RerankerModel {
     }
 }
 
-/// The default reranker while no trained cross-encoder can be fetched: scores a passage by
-/// its sentence closest to the query, each sentence embedded on its own with the embedder
-/// (late interaction at sentence granularity). A passage's best sentence often carries the
-/// answer that its single whole-passage vector blurs; the coordinator fuses this ranking with
-/// the retrieval ranking. Sentence vectors are cached per passage text, so passages that come
-/// back for many queries are embedded once.
+/// The default reranker while no trained cross-encoder can be fetched: a passage scores its
+/// sentence closest to the query ([`SentenceScorer`], in `ragfleet_index::ranking`), the
+/// sentences embedded with the embedder. The coordinator fuses this ranking with the retrieval
+/// ranking.
 pub struct SentenceReranker {
     embedder: Arc<dyn EmbedModel>,
-    cache: Mutex<SentenceCache>,
+    scorer: SentenceScorer,
 }
-
-/// Sentence vectors by passage-text hash, dropped oldest first past a capacity.
-#[derive(Default)]
-struct SentenceCache {
-    map: std::collections::HashMap<u64, Arc<Vec<Vec<f32>>>>,
-    order: std::collections::VecDeque<u64>,
-}
-
-/// Passages whose sentence vectors are kept.
-const SENTENCE_CACHE: usize = 20_000;
-/// Sentences of one passage that are scored (the rest are dropped).
-const MAX_SENTENCES: usize = 48;
 
 impl SentenceReranker {
     /// A reranker on `embedder`.
     pub fn new(embedder: Arc<dyn EmbedModel>) -> Self {
         SentenceReranker {
             embedder,
-            cache: Mutex::new(SentenceCache::default()),
+            scorer: SentenceScorer::default(),
         }
     }
-
-    fn units(passage: &str) -> Vec<String> {
-        let mut u: Vec<String> = ragfleet_index::chunk::sentences(passage)
-            .into_iter()
-            .map(|s| s.trim().to_string())
-            .filter(|s| s.chars().any(|c| c.is_alphanumeric()))
-            .take(MAX_SENTENCES)
-            .collect();
-        if u.is_empty() {
-            u.push(passage.to_string());
-        }
-        u
-    }
-}
-
-fn text_key(text: &str) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    text.hash(&mut h);
-    h.finish()
 }
 
 impl RerankModel for SentenceReranker {
     fn score(&self, query: &str, passages: &[String]) -> Result<Vec<f32>, String> {
-        let keys: Vec<u64> = passages.iter().map(|p| text_key(p)).collect();
-        let mut have: Vec<Option<Arc<Vec<Vec<f32>>>>> = {
-            let c = self.cache.lock().expect("cache");
-            keys.iter().map(|k| c.map.get(k).cloned()).collect()
-        };
-        // one batch: the query and every sentence of the passages not cached
-        let mut texts = vec![query.to_string()];
-        let mut owners = Vec::new();
-        for (i, p) in passages.iter().enumerate() {
-            if have[i].is_none() {
-                for u in Self::units(p) {
-                    texts.push(u);
-                    owners.push(i);
-                }
-            }
-        }
-        let mut vecs = self.embedder.embed(&texts)?.into_iter();
-        let q = vecs.next().ok_or("the embedder returned nothing")?;
-        let mut fresh: std::collections::HashMap<usize, Vec<Vec<f32>>> = Default::default();
-        for (i, v) in owners.into_iter().zip(vecs) {
-            fresh.entry(i).or_default().push(v);
-        }
-        {
-            let mut c = self.cache.lock().expect("cache");
-            for (i, vs) in fresh {
-                let vs = Arc::new(vs);
-                if c.map.insert(keys[i], vs.clone()).is_none() {
-                    c.order.push_back(keys[i]);
-                }
-                have[i] = Some(vs);
-            }
-            while c.order.len() > SENTENCE_CACHE {
-                if let Some(k) = c.order.pop_front() {
-                    c.map.remove(&k);
-                }
-            }
-        }
-        Ok(have
-            .into_iter()
-            .map(|vs| {
-                vs.map_or(f32::MIN, |vs| {
-                    vs.iter()
-                        .map(|v| ragfleet_index::vector::dot(&q, v))
-                        .fold(f32::MIN, f32::max)
-                })
-            })
-            .collect())
+        self.scorer
+            .score(query, passages, &|texts| self.embedder.embed(texts))
     }
 }
 
@@ -164,7 +87,7 @@ impl GenerateModel for GeneratorModel {
     }
     fn serve(
         &self,
-        rx: std::sync::mpsc::Receiver<(GenRequest, tokio::sync::mpsc::UnboundedSender<GenEvent>)>,
+        rx: std::sync::mpsc::Receiver<(GenerationRequest, tokio::sync::mpsc::UnboundedSender<GenEvent>)>,
         max_streams: usize,
     ) {
         self.0.serve(rx, max_streams, |job| {
@@ -177,16 +100,8 @@ impl GenerateModel for GeneratorModel {
                 };
                 tx.send(ev).is_ok()
             };
-            let r = ragfleet_models::llama::GenerationRequest {
-                system: req.system,
-                user: req.user,
-                max_tokens: req.max_tokens as usize,
-                temperature: req.sampling.temperature,
-                top_p: req.sampling.top_p,
-                seed: req.sampling.seed,
-            };
             (
-                r,
+                req,
                 Box::new(sink)
                     as Box<dyn FnMut(ragfleet_models::llama::StreamEvent) -> bool + Send>,
             )

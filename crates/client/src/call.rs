@@ -19,6 +19,9 @@ pub enum CallError {
     /// The actor answered with an error.
     #[error("{0}")]
     Remote(WireError),
+    /// The actor answered with a reply of another shape than the request expects.
+    #[error("unexpected answer to {0}")]
+    Unexpected(String),
 }
 
 /// Calls `actor` with `req`, waiting at most `timeout`.

@@ -11,12 +11,13 @@ use ractor::{ActorId, ActorRef};
 use ractor_cluster::NodeServerMessage;
 use ragfleet_config::ClusterConfig;
 use ragfleet_proto::{
-    AskOptions, ClusterStatus, Document, IngestResult, Request, Response, RetrieveOptions,
-    RetrieveResult, StreamChunk, WireError,
+    AskOptions, ClusterStatus, Document, IngestResult, Request, RetrieveOptions, RetrieveResult,
+    StreamChunk, WireError,
 };
 use tracing::debug;
 
-use crate::call::{call, CallError};
+use crate::call::CallError;
+use crate::typed::{self, call_typed, Typed};
 use crate::groups;
 use crate::transport::start_server;
 use crate::RoleMsg;
@@ -168,8 +169,12 @@ impl Client {
     }
 
     /// Calls a coordinator, failing over to another one while `timeout` allows.
-    pub async fn request(&self, req: Request, timeout: Duration) -> Result<Response, ClientError> {
-        check_size(&req)?;
+    pub async fn request<R: Typed>(
+        &self,
+        req: R,
+        timeout: Duration,
+    ) -> Result<R::Reply, ClientError> {
+        check_size(&req.clone().request())?;
         let deadline = Instant::now() + timeout;
         let mut tried: HashSet<ActorId> = HashSet::new();
         let mut last = String::from("no coordinator visible");
@@ -195,12 +200,17 @@ impl Client {
             if left.is_zero() {
                 return Err(ClientError::Timeout);
             }
-            match call(&c, req.clone(), left).await {
+            match call_typed(&c, req.clone(), left).await {
                 Ok(r) => {
                     *self.current.lock().expect("client") = Some(c);
                     return Ok(r);
                 }
                 Err(CallError::Remote(e)) => return Err(ClientError::Rejected(e)),
+                Err(CallError::Unexpected(e)) => {
+                    return Err(ClientError::Rejected(WireError::Internal(format!(
+                        "unexpected answer to {e}"
+                    ))))
+                }
                 Err(CallError::Timeout) if Instant::now() >= deadline => {
                     return Err(ClientError::Timeout)
                 }
@@ -222,21 +232,8 @@ impl Client {
     ) -> Result<RetrieveResult, ClientError> {
         let t = Duration::from_millis(options.deadline_ms.unwrap_or(self.cfg.query.deadline_ms))
             + Duration::from_secs(5);
-        match self
-            .request(
-                Request::Retrieve {
-                    query: query.to_string(),
-                    options,
-                },
-                t,
-            )
-            .await?
-        {
-            Response::Retrieved(r) => Ok(r),
-            other => Err(ClientError::Rejected(WireError::Internal(format!(
-                "unexpected answer {other:?}"
-            )))),
-        }
+        let query = query.to_string();
+        self.request(typed::Retrieve { query, options }, t).await
     }
 
     /// Ingests documents (acknowledged once durable on a write quorum). A document larger than
@@ -248,102 +245,62 @@ impl Client {
         for d in docs {
             let size = d.text.len() + d.title.len();
             if size > ragfleet_proto::MAX_DOCUMENT_BYTES {
-                result.failed.push((
-                    d.id,
-                    format!(
-                        "document of {size} bytes exceeds the limit of {} bytes (not sent)",
-                        ragfleet_proto::MAX_DOCUMENT_BYTES
-                    ),
-                ));
+                // refused here, not sent: the cluster would refuse it (Document::check)
+                let e = d.check().err().unwrap_or_default();
+                result.failed.push((d.id, format!("{e} (not sent)")));
             } else {
                 sendable.push(d);
             }
         }
-        for batch in batches_by_size(sendable, ragfleet_proto::MAX_INGEST_REQUEST_BYTES) {
-            match self
-                .request(Request::Ingest { docs: batch }, Duration::from_secs(900))
-                .await?
-            {
-                Response::Ingested(r) => {
-                    result.documents += r.documents;
-                    result.chunks += r.chunks;
-                    result.failed.extend(r.failed);
-                }
-                other => {
-                    return Err(ClientError::Rejected(WireError::Internal(format!(
-                        "unexpected answer {other:?}"
-                    ))))
-                }
-            }
+        for docs in batches_by_size(sendable, ragfleet_proto::MAX_INGEST_REQUEST_BYTES) {
+            let r = self
+                .request(typed::Ingest { docs }, Duration::from_secs(900))
+                .await?;
+            result.documents += r.documents;
+            result.chunks += r.chunks;
+            result.failed.extend(r.failed);
         }
         Ok(result)
     }
 
     /// Deletes documents (acknowledged once durable on a write quorum); `documents` counts them.
     pub async fn delete(&self, doc_ids: Vec<String>) -> Result<IngestResult, ClientError> {
-        match self
-            .request(
-                Request::Delete {
-                    doc_ids,
-                    version: 0,
-                },
-                Duration::from_secs(120),
-            )
-            .await?
-        {
-            Response::Ingested(r) => Ok(r),
-            other => Err(ClientError::Rejected(WireError::Internal(format!(
-                "unexpected answer {other:?}"
-            )))),
-        }
+        self.request(typed::DeleteDocuments { doc_ids }, Duration::from_secs(120))
+            .await
     }
 
     /// Cluster status.
     pub async fn status(&self) -> Result<ClusterStatus, ClientError> {
-        match self
-            .request(Request::Status, Duration::from_secs(10))
-            .await?
-        {
-            Response::Status(s) => Ok(s),
-            other => Err(ClientError::Rejected(WireError::Internal(format!(
-                "unexpected answer {other:?}"
-            )))),
-        }
+        self.request(typed::Status {}, Duration::from_secs(10)).await
     }
 
     /// Asks a question; the answer streams through the returned [`AskStream`].
     pub async fn ask(&self, question: &str, options: AskOptions) -> Result<AskStream, ClientError> {
-        let req = Request::Ask {
+        let req = typed::Ask {
             question: question.to_string(),
             options,
         };
-        match self.request(req, Duration::from_secs(10)).await? {
-            Response::StreamStarted { stream } => {
-                let coordinator = self
-                    .current
-                    .lock()
-                    .expect("client")
-                    .clone()
-                    .ok_or(ClientError::Timeout)?;
-                Ok(AskStream {
-                    coordinator,
-                    stream,
-                    done: false,
-                })
-            }
-            other => Err(ClientError::Rejected(WireError::Internal(format!(
-                "unexpected answer {other:?}"
-            )))),
-        }
+        let stream = self.request(req, Duration::from_secs(10)).await?;
+        let coordinator = self
+            .current
+            .lock()
+            .expect("client")
+            .clone()
+            .ok_or(ClientError::Timeout)?;
+        Ok(AskStream {
+            coordinator,
+            stream,
+            done: false,
+        })
     }
 
     /// Node of the coordinator this client currently uses (after a first request).
     pub async fn coordinator_node(&self) -> Option<String> {
         let c = self.current.lock().expect("client").clone()?;
-        match call(&c, Request::Ping, Duration::from_secs(2)).await {
-            Ok(Response::Pong(info)) => Some(info.node),
-            _ => None,
-        }
+        call_typed(&c, typed::Ping {}, Duration::from_secs(2))
+            .await
+            .ok()
+            .map(|info| info.node)
     }
 
     /// Actors of a process group as this client sees them (chaos experiments, tests).
@@ -421,20 +378,14 @@ impl AskStream {
         if self.done {
             return None;
         }
-        let req = Request::StreamNext {
+        let req = typed::StreamNext {
             stream: self.stream,
             wait_ms: 2_000,
         };
-        match call(&self.coordinator, req, Duration::from_secs(30)).await {
-            Ok(Response::Stream(c)) => {
+        match call_typed(&self.coordinator, req, Duration::from_secs(30)).await {
+            Ok(c) => {
                 self.done = c.done;
                 Some(Ok(c))
-            }
-            Ok(other) => {
-                self.done = true;
-                Some(Err(ClientError::Rejected(WireError::Internal(format!(
-                    "unexpected answer {other:?}"
-                )))))
             }
             Err(CallError::Remote(e)) => {
                 self.done = true;

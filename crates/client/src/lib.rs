@@ -13,6 +13,7 @@
 pub mod call;
 mod client;
 pub mod transport;
+pub mod typed;
 
 pub use client::{AskStream, Client, ClientError};
 

@@ -222,19 +222,8 @@ impl Default for RerankerConfig {
     }
 }
 
-/// How reranker scores combine with the retrieval ranking.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum RerankFusion {
-    /// `rerank_weight` x reranker score + the rest x cosine similarity of query and chunk (both
-    /// cosines with the default sentence reranker); rank fusion for hits without a similarity
-    /// (`bm25` mode).
-    Weighted,
-    /// Reciprocal rank fusion (k = 60) of the retrieval rank and the reranker rank.
-    Rrf,
-    /// The reranker's order alone (for a strong cross-encoder).
-    Replace,
-}
+/// How reranker scores combine with the retrieval ranking (plain data, from the wire crate).
+pub use ragfleet_proto::RerankFusion;
 
 /// What to do when no shard answers an `ask`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -8,6 +8,7 @@ pub mod ann;
 mod bm25;
 pub mod chunk;
 pub mod eval;
+pub mod ranking;
 mod files;
 mod lock;
 mod segment;
@@ -18,10 +19,10 @@ mod wal;
 pub use bm25::Bm25;
 pub use files::{read_checked, write_checked};
 pub use lock::DirLock;
+pub use ranking::{merge_top_k, rrf, sort_hits};
 pub use shard::{IndexSettings, PullPlan, RecoveryReport, ShardIndex};
 pub use wal::{Wal, WalRecovery};
 
-use ragfleet_proto::Hit;
 
 /// Errors of the index layer.
 #[derive(Debug, thiserror::Error)]
@@ -71,38 +72,3 @@ impl IndexError {
     }
 }
 
-/// Reciprocal rank fusion with constant `k` (60 in ragfleet) of several ranked lists, keyed by
-/// chunk id. Returns at most `limit` hits with the fused score.
-pub fn rrf(lists: &[Vec<Hit>], k: f32, limit: usize) -> Vec<Hit> {
-    let mut fused: std::collections::HashMap<&str, (f32, &Hit)> = std::collections::HashMap::new();
-    for list in lists {
-        for (rank, hit) in list.iter().enumerate() {
-            let e = fused.entry(hit.chunk_id.as_str()).or_insert((0.0, hit));
-            e.0 += 1.0 / (k + rank as f32 + 1.0);
-        }
-    }
-    let mut out: Vec<Hit> = fused
-        .into_values()
-        .map(|(score, h)| Hit { score, ..h.clone() })
-        .collect();
-    sort_hits(&mut out);
-    out.truncate(limit);
-    out
-}
-
-/// Sorts hits best first, ties broken by chunk id so results are deterministic.
-pub fn sort_hits(hits: &mut [Hit]) {
-    hits.sort_by(|a, b| {
-        b.score
-            .total_cmp(&a.score)
-            .then_with(|| a.chunk_id.cmp(&b.chunk_id))
-    });
-}
-
-/// Merges per-shard top-k lists by score.
-pub fn merge_top_k(lists: Vec<Vec<Hit>>, k: usize) -> Vec<Hit> {
-    let mut all: Vec<Hit> = lists.into_iter().flatten().collect();
-    sort_hits(&mut all);
-    all.truncate(k);
-    all
-}

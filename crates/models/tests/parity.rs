@@ -235,9 +235,11 @@ fn continuous_batching_gives_each_stream_its_solo_greedy_answer() {
             system: String::new(),
             user: p.to_string(),
             max_tokens: 10,
-            temperature: 0.0,
-            top_p: 1.0,
-            seed: 0,
+            sampling: ragfleet_proto::Sampling {
+                temperature: 0.0,
+                top_p: 1.0,
+                seed: 0,
+            },
         };
         tx.send((req, o.clone())).unwrap();
     }

@@ -77,7 +77,7 @@ fn all_requests() -> Vec<Request> {
             query: "q".into(),
             passages: vec!["p".into()],
         },
-        Request::Generate {
+        Request::Generate(GenerationRequest {
             system: String::new(),
             user: "u".into(),
             max_tokens: 5,
@@ -86,7 +86,7 @@ fn all_requests() -> Vec<Request> {
                 top_p: 0.9,
                 seed: 3,
             },
-        },
+        }),
         Request::StreamNext {
             stream: 7,
             wait_ms: 100,

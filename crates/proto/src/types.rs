@@ -557,16 +557,7 @@ pub enum Request {
         passages: Vec<String>,
     },
     /// Start generating an answer to a chat prompt (generator).
-    Generate {
-        /// System prompt (default when empty).
-        system: String,
-        /// User message.
-        user: String,
-        /// Token limit.
-        max_tokens: u32,
-        /// Sampling.
-        sampling: Sampling,
-    },
+    Generate(GenerationRequest),
     /// Next piece of a stream, waiting up to `wait_ms` for news (generator, coordinator).
     StreamNext {
         /// Stream id.
@@ -720,3 +711,59 @@ pub const MAX_DOCUMENT_BYTES: usize = 4 << 20;
 
 /// The most document text the client sends in one ingest request (it splits larger batches).
 pub const MAX_INGEST_REQUEST_BYTES: usize = 2 << 20;
+
+/// How reranker scores combine with the retrieval ranking.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RerankFusion {
+    /// `rerank_weight` x reranker score + the rest x cosine similarity of query and chunk (both
+    /// cosines with the default sentence reranker); rank fusion for hits without a similarity
+    /// (`bm25` mode).
+    Weighted,
+    /// Reciprocal rank fusion (k = 60) of the retrieval rank and the reranker rank.
+    Rrf,
+    /// The reranker's order alone (for a strong cross-encoder).
+    Replace,
+}
+
+/// A shard's answer to a search: one ranking, or the two unfused rankings of a hybrid search
+/// (the coordinator fuses them across shards; see `ragfleet_index::ranking`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum ShardHits {
+    /// Dense or BM25 hits, by score.
+    One(Vec<Hit>),
+    /// A hybrid search's dense and BM25 rankings, unfused.
+    Two(Vec<Hit>, Vec<Hit>),
+}
+
+/// A chat generation request: the one shape it has from the wire to the model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenerationRequest {
+    /// System prompt (the model's default when empty).
+    pub system: String,
+    /// User message.
+    pub user: String,
+    /// Token limit.
+    pub max_tokens: u32,
+    /// Sampling.
+    pub sampling: Sampling,
+}
+
+impl Document {
+    /// Why this document cannot be ingested (no id, no text, larger than
+    /// [`MAX_DOCUMENT_BYTES`]); the one check of a document, wherever it is made.
+    pub fn check(&self) -> Result<(), String> {
+        let size = self.text.len() + self.title.len();
+        if self.id.trim().is_empty() {
+            Err("empty document id".into())
+        } else if self.text.trim().is_empty() && self.title.trim().is_empty() {
+            Err("document has no text".into())
+        } else if size > MAX_DOCUMENT_BYTES {
+            Err(format!(
+                "document of {size} bytes exceeds the limit of {MAX_DOCUMENT_BYTES} bytes"
+            ))
+        } else {
+            Ok(())
+        }
+    }
+}

@@ -106,8 +106,8 @@ async fn chunk_embed(
         let mut ok = Vec::new();
         let mut failed = Vec::new();
         for d in docs {
-            if d.id.trim().is_empty() {
-                failed.push((d.id, "empty document id".to_string()));
+            if let Err(e) = d.check() {
+                failed.push((d.id, e));
                 continue;
             }
             let body = if d.title.trim().is_empty() {
@@ -118,7 +118,7 @@ async fn chunk_embed(
             let chunks =
                 chunk_document(&d.id, &body, &|t| m.count_tokens(t), chunk_tokens, overlap);
             if chunks.is_empty() {
-                failed.push((d.id, "document has no text".to_string()));
+                failed.push((d.id, "document has no words to embed".to_string()));
                 continue;
             }
             ok.push((d.id, chunks));

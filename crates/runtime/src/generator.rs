@@ -7,10 +7,11 @@ use ragfleet_proto::{Request, Response, Role, WireError};
 use ragfleet_client::{groups, RoleMsg};
 
 use crate::call::{common, info, reply, unsupported};
-use crate::models::{GenEvent, GenRequest, GenerateModel};
+use crate::models::{GenEvent, GenerateModel};
+use ragfleet_proto::GenerationRequest;
 use crate::streams::{next_response, StreamTable};
 
-type Job = (GenRequest, tokio::sync::mpsc::UnboundedSender<GenEvent>);
+type Job = (GenerationRequest, tokio::sync::mpsc::UnboundedSender<GenEvent>);
 
 /// Start arguments.
 #[derive(Clone)]
@@ -71,13 +72,8 @@ impl Actor for GeneratorActor {
             return Ok(());
         };
         match req {
-            Request::Generate {
-                system,
-                user,
-                max_tokens,
-                sampling,
-            } => {
-                if user.trim().is_empty() {
+            Request::Generate(mut job) => {
+                if job.user.trim().is_empty() {
                     reply(
                         port,
                         Response::Error(WireError::BadRequest("empty prompt".into())),
@@ -86,13 +82,7 @@ impl Actor for GeneratorActor {
                 }
                 let (id, writer) = state.streams.open();
                 let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-                let max_tokens = max_tokens.clamp(1, state.args.max_tokens.max(1));
-                let job = GenRequest {
-                    system,
-                    user,
-                    max_tokens,
-                    sampling,
-                };
+                job.max_tokens = job.max_tokens.clamp(1, state.args.max_tokens.max(1));
                 if state.jobs.send((job, tx)).is_err() {
                     reply(
                         port,

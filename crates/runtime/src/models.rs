@@ -2,7 +2,7 @@
 //! backend it picks; forward passes run on dedicated threads, never on the async runtime.
 use std::sync::Arc;
 
-use ragfleet_proto::{ModelIdentity, Sampling};
+use ragfleet_proto::{GenerationRequest, ModelIdentity};
 
 /// A sentence embedder.
 pub trait EmbedModel: Send + Sync + 'static {
@@ -20,18 +20,6 @@ pub trait RerankModel: Send + Sync + 'static {
     fn score(&self, query: &str, passages: &[String]) -> Result<Vec<f32>, String>;
 }
 
-/// One request to a generator.
-#[derive(Debug, Clone)]
-pub struct GenRequest {
-    /// System prompt (default when empty).
-    pub system: String,
-    /// User message.
-    pub user: String,
-    /// Token limit.
-    pub max_tokens: u32,
-    /// Sampling.
-    pub sampling: Sampling,
-}
 
 /// A piece of generated text.
 #[derive(Debug, Clone, PartialEq)]
@@ -53,7 +41,7 @@ pub trait GenerateModel: Send + Sync + 'static {
     /// is closed and every stream has ended.
     fn serve(
         &self,
-        rx: std::sync::mpsc::Receiver<(GenRequest, tokio::sync::mpsc::UnboundedSender<GenEvent>)>,
+        rx: std::sync::mpsc::Receiver<(GenerationRequest, tokio::sync::mpsc::UnboundedSender<GenEvent>)>,
         max_streams: usize,
     );
 }

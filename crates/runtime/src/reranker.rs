@@ -128,3 +128,95 @@ impl Actor for RerankerActor {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    use ragfleet_client::typed::{call_typed, Rerank};
+
+    use crate::call::CallError;
+
+    /// A model that blocks until released and counts the requests it scored.
+    struct Gate {
+        entered: AtomicUsize,
+        open: Mutex<bool>,
+        cv: std::sync::Condvar,
+        scored: AtomicUsize,
+    }
+
+    impl RerankModel for Gate {
+        fn score(&self, _q: &str, passages: &[String]) -> Result<Vec<f32>, String> {
+            self.entered.fetch_add(1, Ordering::SeqCst);
+            let mut open = self.open.lock().unwrap();
+            while !*open {
+                open = self.cv.wait(open).unwrap();
+            }
+            self.scored.fetch_add(1, Ordering::SeqCst);
+            Ok(vec![0.5; passages.len()])
+        }
+    }
+
+    fn req() -> Rerank {
+        Rerank {
+            query: "q".into(),
+            passages: vec!["p".into()],
+        }
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_refuses_at_once_and_abandoned_work_is_not_scored() {
+        let gate = Arc::new(Gate {
+            entered: AtomicUsize::new(0),
+            open: Mutex::new(false),
+            cv: std::sync::Condvar::new(),
+            scored: AtomicUsize::new(0),
+        });
+        let args = RerankerArgs {
+            node: "n".into(),
+            model: gate.clone(),
+            max_queue: 1,
+        };
+        let (actor, _) = Actor::spawn(None, RerankerActor, args).await.unwrap();
+        // the first request is taken by the worker and blocks in the model; its caller gives up
+        let first = call_typed(&actor, req(), Duration::from_millis(100)).await;
+        assert!(matches!(first, Err(CallError::Timeout)), "{first:?}");
+        let start = std::time::Instant::now();
+        while gate.entered.load(Ordering::SeqCst) == 0 {
+            assert!(start.elapsed() < Duration::from_secs(5), "the worker never took it");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // the second waits in the queue (its caller gives up too); the third finds it full
+        let second = call_typed(&actor, req(), Duration::from_millis(100)).await;
+        assert!(matches!(second, Err(CallError::Timeout)), "{second:?}");
+        let t = std::time::Instant::now();
+        match call_typed(&actor, req(), Duration::from_secs(5)).await {
+            Err(CallError::Remote(WireError::Overloaded(m))) => {
+                assert!(m.contains("queue is full"), "{m}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(t.elapsed() < Duration::from_secs(1), "refused at once");
+        // release the model: the request it holds is scored; the queued ones whose callers
+        // left are dropped unscored
+        *gate.open.lock().unwrap() = true;
+        gate.cv.notify_all();
+        let released = std::time::Instant::now();
+        let ok = loop {
+            match call_typed(&actor, req(), Duration::from_secs(5)).await {
+                // the abandoned request may still sit in the queue for a moment
+                Err(CallError::Remote(WireError::Overloaded(_))) => {
+                    assert!(released.elapsed() < Duration::from_secs(5));
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                r => break r.unwrap(),
+            }
+        };
+        assert_eq!(ok, vec![0.5]);
+        assert_eq!(gate.scored.load(Ordering::SeqCst), 2, "abandoned work was scored");
+        actor.stop(None);
+    }
+}

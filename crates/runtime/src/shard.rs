@@ -18,7 +18,9 @@ use ragfleet_proto::{ActorInfo, ReplicaState, Request, Response, Role, WireError
 use ragfleet_client::{groups, RoleMsg};
 use tracing::{error, info, warn};
 
-use crate::call::{call, common, reply, unsupported};
+use ragfleet_client::typed::{self, call_typed};
+
+use crate::call::{common, reply, unsupported};
 
 /// Start arguments of a shard replica.
 #[derive(Debug, Clone)]
@@ -283,8 +285,8 @@ async fn catch_up(me: ActorRef<RoleMsg>, args: ShardArgs, shared: Arc<Shared>) {
                 continue;
             }
             let peer: ActorRef<RoleMsg> = cell.into();
-            if let Ok(Response::Pong(info)) =
-                call(&peer, Request::Ping, Duration::from_millis(500)).await
+            if let Ok(info) =
+                call_typed(&peer, typed::Ping {}, Duration::from_millis(500)).await
             {
                 if info.state == ReplicaState::Serving {
                     source = Some((peer, info.node));
@@ -352,8 +354,8 @@ async fn anti_entropy(
                 continue;
             }
             let peer: ActorRef<RoleMsg> = cell.into();
-            let theirs = match call(&peer, Request::Digest, Duration::from_secs(5)).await {
-                Ok(Response::Digest { digest, .. }) => digest,
+            let theirs = match call_typed(&peer, typed::Digest {}, Duration::from_secs(5)).await {
+                Ok((digest, _)) => digest,
                 _ => continue, // down or busy: the next round tries again
             };
             if mine == theirs {
@@ -390,11 +392,9 @@ struct Pulled {
 /// Pulls from `peer` the documents it holds at a newer version than this replica (in batches)
 /// and its newer deletions; applies them durably.
 async fn pull(peer: &ActorRef<RoleMsg>, shared: &Arc<Shared>) -> Result<Pulled, String> {
-    let versions = match call(peer, Request::Versions, Duration::from_secs(60)).await {
-        Ok(Response::Versions(v)) => v,
-        Ok(other) => return Err(format!("versions: unexpected answer {other:?}")),
-        Err(e) => return Err(format!("versions: {e}")),
-    };
+    let versions = call_typed(peer, typed::Versions {}, Duration::from_secs(60))
+        .await
+        .map_err(|e| format!("versions: {e}"))?;
     let Some(model) = versions.model.clone() else {
         return Ok(Pulled::default()); // the peer never had a write
     };
@@ -409,19 +409,12 @@ async fn pull(peer: &ActorRef<RoleMsg>, shared: &Arc<Shared>) -> Result<Pulled, 
         ..Pulled::default()
     };
     for batch in plan.fetch.chunks(MAX_FETCH) {
-        let ops = match call(
-            peer,
-            Request::Fetch {
-                doc_ids: batch.to_vec(),
-            },
-            Duration::from_secs(60),
-        )
-        .await
-        {
-            Ok(Response::Fetched { ops, .. }) => ops,
-            Ok(other) => return Err(format!("fetch: unexpected answer {other:?}")),
-            Err(e) => return Err(format!("fetch: {e}")),
+        let fetch = typed::Fetch {
+            doc_ids: batch.to_vec(),
         };
+        let (ops, _) = call_typed(peer, fetch, Duration::from_secs(60))
+            .await
+            .map_err(|e| format!("fetch: {e}"))?;
         done.fetched += ops.len();
         apply(shared, ops, &model).await?;
     }

@@ -432,22 +432,8 @@ fn gguf_to_hf(name: &str) -> String {
     name.to_string()
 }
 
-/// What a generation asks for.
-#[derive(Debug, Clone)]
-pub struct GenerationRequest {
-    /// System prompt (SmolLM2's default when empty).
-    pub system: String,
-    /// User message.
-    pub user: String,
-    /// Token limit.
-    pub max_tokens: usize,
-    /// 0 for greedy.
-    pub temperature: f32,
-    /// Nucleus mass.
-    pub top_p: f32,
-    /// RNG seed.
-    pub seed: u64,
-}
+/// A chat generation request (the wire's own type: one shape from the client to the model).
+pub use ragfleet_proto::GenerationRequest;
 
 /// An event of a token stream.
 #[derive(Debug, Clone, PartialEq)]
@@ -627,7 +613,7 @@ impl<B: Backend> Generator<B> {
 
     fn admit(&self, req: GenerationRequest, mut sink: Sink) -> Option<Active<B>> {
         let ids = self.tokenizer.chat_prompt(&req.system, &req.user);
-        let limit = self.model.cfg.context.saturating_sub(req.max_tokens + 1);
+        let limit = self.model.cfg.context.saturating_sub(req.max_tokens as usize + 1);
         if ids.len() > limit {
             sink(StreamEvent::Error(format!(
                 "prompt of {} tokens exceeds the context of {}",
@@ -637,20 +623,20 @@ impl<B: Backend> Generator<B> {
             return None;
         }
         let mut cache = KvCache::new(self.model.cfg.layers);
-        let mut rng = rand::rngs::StdRng::seed_from_u64(req.seed);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(req.sampling.seed);
         let logits = self
             .model
             .forward(&[ids], &mut [&mut cache], &self.device)
             .pop()
             .unwrap_or_default();
-        let next = sample(&logits, req.temperature, req.top_p, &mut rng);
+        let next = sample(&logits, req.sampling.temperature, req.sampling.top_p, &mut rng);
         Some(Active {
             cache,
             next,
             produced: 0,
-            max: req.max_tokens.max(1),
-            temperature: req.temperature,
-            top_p: req.top_p,
+            max: (req.max_tokens as usize).max(1),
+            temperature: req.sampling.temperature,
+            top_p: req.sampling.top_p,
             rng,
             pending: Vec::new(),
             sink,

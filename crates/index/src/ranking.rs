@@ -1,0 +1,375 @@
+//! Ranking, in one place: reciprocal rank fusion (one constant), merging per-shard lists,
+//! fusing a hybrid search's two rankings, fusing reranker scores with the retrieval ranking,
+//! and the sentence reranker's scoring (a passage scored by its sentence closest to the query).
+//!
+//! Everything here is pure computation on hits and vectors: the shard index, the coordinator
+//! and the binary's reranker adapter call it, and its tests need no cluster.
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+
+pub use ragfleet_proto::ShardHits;
+use ragfleet_proto::{Hit, RerankFusion};
+
+/// The reciprocal rank fusion constant: a list's hit at 0-based rank `r` adds
+/// `1 / (RRF_K + r + 1)`.
+pub const RRF_K: f32 = 60.0;
+
+/// How deep each ranking of a hybrid search goes to return `k` fused hits.
+pub fn hybrid_depth(k: usize) -> usize {
+    (k * 2).max(20)
+}
+
+/// The reciprocal-rank contribution of 0-based rank `rank`.
+fn rrf_term(rank: usize) -> f32 {
+    1.0 / (RRF_K + rank as f32 + 1.0)
+}
+
+/// Reciprocal rank fusion of several ranked lists, keyed by chunk id. Returns at most `limit`
+/// hits with the fused score.
+pub fn rrf(lists: &[Vec<Hit>], limit: usize) -> Vec<Hit> {
+    let mut fused: HashMap<&str, (f32, &Hit)> = HashMap::new();
+    for list in lists {
+        for (rank, hit) in list.iter().enumerate() {
+            let e = fused.entry(hit.chunk_id.as_str()).or_insert((0.0, hit));
+            e.0 += rrf_term(rank);
+        }
+    }
+    let mut out: Vec<Hit> = fused
+        .into_values()
+        .map(|(score, h)| Hit { score, ..h.clone() })
+        .collect();
+    sort_hits(&mut out);
+    out.truncate(limit);
+    out
+}
+
+/// Sorts hits best first, ties broken by chunk id so results are deterministic.
+pub fn sort_hits(hits: &mut [Hit]) {
+    hits.sort_by(|a, b| {
+        b.score
+            .total_cmp(&a.score)
+            .then_with(|| a.chunk_id.cmp(&b.chunk_id))
+    });
+}
+
+/// Merges per-shard top-k lists by score.
+pub fn merge_top_k(lists: Vec<Vec<Hit>>, k: usize) -> Vec<Hit> {
+    let mut all: Vec<Hit> = lists.into_iter().flatten().collect();
+    sort_hits(&mut all);
+    all.truncate(k);
+    all
+}
+
+/// Merges the shards' answers: single rankings by score; for hybrid, each ranking across shards
+/// by score, then the two global rankings fused by reciprocal rank. Fusing the shards' own
+/// fused lists by rank would rank every shard's first hit alike.
+pub fn merge_shard_answers(answers: Vec<ShardHits>, depth: usize) -> Vec<Hit> {
+    let (mut lists, mut dense, mut bm25) = (Vec::new(), Vec::new(), Vec::new());
+    for a in answers {
+        match a {
+            ShardHits::One(h) => lists.push(h),
+            ShardHits::Two(d, b) => {
+                dense.push(d);
+                bm25.push(b);
+            }
+        }
+    }
+    if dense.is_empty() {
+        return merge_top_k(lists, depth);
+    }
+    let deep = hybrid_depth(depth);
+    rrf(&[merge_top_k(dense, deep), merge_top_k(bm25, deep)], depth)
+}
+
+/// Orders `hits` (in retrieval order) by the reranker's `scores`: alone, weighted with each
+/// hit's query similarity, or fused with the retrieval rank by reciprocal rank fusion.
+pub fn fuse_rerank(hits: &mut [Hit], scores: &[f32], fusion: RerankFusion, weight: f32) {
+    let fusion = match fusion {
+        RerankFusion::Weighted if hits.iter().any(|h| h.similarity.is_none()) => RerankFusion::Rrf,
+        f => f,
+    };
+    match fusion {
+        RerankFusion::Weighted => {
+            for (h, s) in hits.iter_mut().zip(scores) {
+                h.score = weight * s + (1.0 - weight) * h.similarity.unwrap_or(0.0);
+            }
+        }
+        RerankFusion::Replace => {
+            for (h, s) in hits.iter_mut().zip(scores) {
+                h.score = *s;
+            }
+        }
+        RerankFusion::Rrf => {
+            let mut order: Vec<usize> = (0..hits.len()).collect();
+            order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
+            let mut rerank_rank = vec![0usize; hits.len()];
+            for (r, &i) in order.iter().enumerate() {
+                rerank_rank[i] = r;
+            }
+            for (i, h) in hits.iter_mut().enumerate() {
+                h.score = rrf_term(i) + rrf_term(rerank_rank[i]);
+            }
+        }
+    }
+    sort_hits(hits);
+}
+
+/// Passages whose sentence vectors a [`SentenceScorer`] keeps.
+const SENTENCE_CACHE: usize = 20_000;
+/// Sentences of one passage that are scored (the rest are dropped).
+const MAX_SENTENCES: usize = 48;
+
+/// Sentence vectors by passage-text hash, dropped oldest first past a capacity.
+#[derive(Default)]
+struct SentenceCache {
+    map: HashMap<u64, Arc<Vec<Vec<f32>>>>,
+    order: VecDeque<u64>,
+}
+
+/// The sentence reranker's scoring: a passage scores the cosine of its sentence closest to the
+/// query, each sentence embedded on its own (late interaction at sentence granularity). A
+/// passage's best sentence often carries the answer that its single whole-passage vector
+/// blurs. Sentence vectors are cached per passage text, so passages that come back for many
+/// queries are embedded once.
+#[derive(Default)]
+pub struct SentenceScorer {
+    cache: Mutex<SentenceCache>,
+}
+
+/// The sentences of a passage that are scored (at most [`MAX_SENTENCES`]; the whole passage
+/// when it has none).
+pub fn sentence_units(passage: &str) -> Vec<String> {
+    let mut u: Vec<String> = crate::chunk::sentences(passage)
+        .into_iter()
+        .map(|s| s.trim().to_string())
+        .filter(|s| s.chars().any(|c| c.is_alphanumeric()))
+        .take(MAX_SENTENCES)
+        .collect();
+    if u.is_empty() {
+        u.push(passage.to_string());
+    }
+    u
+}
+
+fn text_key(text: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    text.hash(&mut h);
+    h.finish()
+}
+
+impl std::fmt::Debug for SentenceScorer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.cache.lock().map(|c| c.map.len()).unwrap_or(0);
+        f.debug_struct("SentenceScorer")
+            .field("cached_passages", &n)
+            .finish()
+    }
+}
+
+impl SentenceScorer {
+    /// Scores `passages` for `query`; `embed` turns texts into unit vectors (one batch: the
+    /// query and every sentence of the passages not cached).
+    pub fn score(
+        &self,
+        query: &str,
+        passages: &[String],
+        embed: &dyn Fn(&[String]) -> Result<Vec<Vec<f32>>, String>,
+    ) -> Result<Vec<f32>, String> {
+        let keys: Vec<u64> = passages.iter().map(|p| text_key(p)).collect();
+        let mut have: Vec<Option<Arc<Vec<Vec<f32>>>>> = {
+            let c = self.cache.lock().expect("cache");
+            keys.iter().map(|k| c.map.get(k).cloned()).collect()
+        };
+        let mut texts = vec![query.to_string()];
+        let mut owners = Vec::new();
+        for (i, p) in passages.iter().enumerate() {
+            if have[i].is_none() {
+                for u in sentence_units(p) {
+                    texts.push(u);
+                    owners.push(i);
+                }
+            }
+        }
+        let vecs = embed(&texts)?;
+        if vecs.len() != texts.len() {
+            return Err(format!(
+                "the embedder returned {} vectors for {} texts",
+                vecs.len(),
+                texts.len()
+            ));
+        }
+        let mut vecs = vecs.into_iter();
+        let q = vecs.next().ok_or("the embedder returned nothing")?;
+        let mut fresh: HashMap<usize, Vec<Vec<f32>>> = HashMap::new();
+        for (i, v) in owners.into_iter().zip(vecs) {
+            fresh.entry(i).or_default().push(v);
+        }
+        {
+            let mut c = self.cache.lock().expect("cache");
+            for (i, vs) in fresh {
+                let vs = Arc::new(vs);
+                if c.map.insert(keys[i], vs.clone()).is_none() {
+                    c.order.push_back(keys[i]);
+                }
+                have[i] = Some(vs);
+            }
+            while c.order.len() > SENTENCE_CACHE {
+                if let Some(k) = c.order.pop_front() {
+                    c.map.remove(&k);
+                }
+            }
+        }
+        Ok(have
+            .into_iter()
+            .map(|vs| {
+                vs.map_or(f32::MIN, |vs| {
+                    vs.iter()
+                        .map(|v| crate::vector::dot(&q, v))
+                        .fold(f32::MIN, f32::max)
+                })
+            })
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::RefCell;
+
+    fn hit(doc: &str, text: &str, score: f32) -> Hit {
+        Hit {
+            doc_id: doc.into(),
+            chunk_id: format!("{doc}#0"),
+            score,
+            similarity: Some(score),
+            text: text.into(),
+        }
+    }
+
+    fn ids(h: &[Hit]) -> Vec<&str> {
+        h.iter().map(|x| x.doc_id.as_str()).collect()
+    }
+
+    #[test]
+    fn rrf_uses_one_constant_and_sums_over_lists() {
+        let a = vec![hit("x", "", 9.0), hit("y", "", 8.0)];
+        let b = vec![hit("y", "", 1.0), hit("z", "", 0.5)];
+        let fused = rrf(&[a, b], 10);
+        assert_eq!(ids(&fused), ["y", "x", "z"]);
+        let y = 1.0 / (RRF_K + 2.0) + 1.0 / (RRF_K + 1.0);
+        assert!((fused[0].score - y).abs() < 1e-7);
+        assert!((fused[1].score - 1.0 / (RRF_K + 1.0)).abs() < 1e-7);
+        assert_eq!(rrf(&[vec![hit("x", "", 1.0)]], 0).len(), 0);
+        assert_eq!(hybrid_depth(3), 20);
+        assert_eq!(hybrid_depth(15), 30);
+    }
+
+    #[test]
+    fn rerank_fusion_replaces_or_fuses_ranks() {
+        let base: Vec<Hit> = ["a", "b", "c", "d"]
+            .iter()
+            .enumerate()
+            .map(|(i, d)| hit(d, d, 1.0 - i as f32 * 0.1))
+            .collect();
+        // the reranker loves d, then c
+        let scores = [0.1, 0.2, 0.8, 0.9];
+        let mut h = base.clone();
+        fuse_rerank(&mut h, &scores, RerankFusion::Replace, 0.5);
+        assert_eq!(ids(&h), ["d", "c", "b", "a"]);
+        // fused: a (ranks 0 and 3) ties d (3 and 0) and beats the tie of b (1 and 2) and
+        // c (2 and 1), reciprocal ranks being convex; the chunk id breaks ties
+        let mut h = base.clone();
+        fuse_rerank(&mut h, &scores, RerankFusion::Rrf, 0.5);
+        assert_eq!(ids(&h), ["a", "d", "b", "c"]);
+        assert_eq!(h[0].score, h[1].score);
+        // a reranker that agrees with retrieval changes nothing
+        let mut h = base.clone();
+        fuse_rerank(&mut h, &[0.9, 0.8, 0.7, 0.6], RerankFusion::Rrf, 0.5);
+        assert_eq!(ids(&h), ["a", "b", "c", "d"]);
+        // weighted: 0.5 x score + 0.5 x similarity (1.0, 0.9, 0.8, 0.7)
+        let mut h = base.clone();
+        fuse_rerank(&mut h, &[0.0, 0.3, 0.8, 0.95], RerankFusion::Weighted, 0.5);
+        assert_eq!(ids(&h), ["d", "c", "b", "a"]);
+        assert!((h[0].score - 0.825).abs() < 1e-6);
+        // without similarities (bm25 mode) weighted falls back to rank fusion
+        let mut h = base.clone();
+        h.iter_mut().for_each(|x| x.similarity = None);
+        fuse_rerank(&mut h, &scores, RerankFusion::Weighted, 0.5);
+        assert_eq!(ids(&h), ["a", "d", "b", "c"]);
+    }
+
+    #[test]
+    fn hybrid_merge_fuses_global_rankings_not_shard_lists() {
+        // shard 0 holds the two best documents; shard 1 only weak ones
+        let a = ShardHits::Two(
+            vec![hit("a1", "x", 0.9), hit("a2", "x", 0.8)],
+            vec![hit("a1", "x", 9.0), hit("a2", "x", 8.0)],
+        );
+        let b = ShardHits::Two(vec![hit("b1", "x", 0.1)], vec![hit("b1", "x", 0.5)]);
+        let merged = merge_shard_answers(vec![b, a], 3);
+        assert_eq!(ids(&merged), vec!["a1", "a2", "b1"]);
+        // single rankings merge by score
+        let merged = merge_shard_answers(
+            vec![
+                ShardHits::One(vec![hit("x", "t", 0.2)]),
+                ShardHits::One(vec![hit("y", "t", 0.7)]),
+            ],
+            2,
+        );
+        assert_eq!(merged[0].doc_id, "y");
+        assert!(merge_shard_answers(Vec::new(), 5).is_empty());
+    }
+
+    /// A deterministic stand-in for the embedder: hashed bags of lower-cased words, at unit
+    /// length, so texts sharing words are close.
+    fn bag_of_words(texts: &[String]) -> Result<Vec<Vec<f32>>, String> {
+        Ok(texts
+            .iter()
+            .map(|t| {
+                let mut v = vec![0f32; 64];
+                for w in t.split(|c: char| !c.is_alphanumeric()).filter(|w| !w.is_empty()) {
+                    v[(text_key(&w.to_lowercase()) % 64) as usize] += 1.0;
+                }
+                let n = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-9);
+                v.iter().map(|x| x / n).collect()
+            })
+            .collect())
+    }
+
+    #[test]
+    fn a_passage_scores_its_best_sentence_and_sentences_are_embedded_once() {
+        let scorer = SentenceScorer::default();
+        let passages = vec![
+            "Rivers flow to the sea. Glaciers carve valleys slowly.".to_string(),
+            "Honey bees store honey in wax combs.".to_string(),
+        ];
+        let calls = RefCell::new(Vec::new());
+        let embed = |t: &[String]| {
+            calls.borrow_mut().push(t.len());
+            bag_of_words(t)
+        };
+        let s = scorer
+            .score("how do glaciers carve valleys", &passages, &embed)
+            .unwrap();
+        assert!(s[0] > s[1], "{s:?}");
+        // the first passage scores its second sentence, not the whole passage
+        let best = bag_of_words(&[
+            "how do glaciers carve valleys".into(),
+            "Glaciers carve valleys slowly.".into(),
+        ])
+        .unwrap();
+        assert!((s[0] - crate::vector::dot(&best[0], &best[1])).abs() < 1e-6);
+        // query + 2 + 1 sentences; then only the query (cached sentence vectors)
+        let s2 = scorer
+            .score("where do bees keep honey", &passages, &embed)
+            .unwrap();
+        assert!(s2[1] > s2[0], "{s2:?}");
+        assert_eq!(*calls.borrow(), vec![4, 1]);
+        // an embedder that returns too few vectors is an error, not a panic
+        let short = |_: &[String]| Ok(vec![vec![1.0f32]]);
+        assert!(scorer.score("q", &["new passage".into()], &short).is_err());
+        assert_eq!(sentence_units("  ").len(), 1);
+    }
+}

@@ -1,0 +1,196 @@
+//! One shard replica's index: segments, BM25, write-ahead log, snapshots, recovery.
+//!
+//! The type and its small accessors are here; each concern has its module: [`recovery`],
+//! [`write`], [`seal`] (seal, merge, purge, graphs), [`search`], [`sync`] (replica sync).
+mod recovery;
+mod seal;
+mod search;
+mod sync;
+mod write;
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use ragfleet_proto::{
+    ChunkRecord, Hit, ModelIdentity, SearchMode, SearchQuery, ShardVersions, WriteOp,
+};
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+use crate::bm25::Bm25;
+use crate::files::{read_checked, write_checked};
+use crate::segment::{exact_search, Entry, Graph, Segment, SegmentTerms};
+use crate::vector::normalize;
+use crate::wal::Wal;
+use crate::{rrf, sort_hits, IndexError};
+
+/// Tunables of a shard index.
+#[derive(Debug, Clone)]
+pub struct IndexSettings {
+    /// Chunks in the growing segment before it is sealed.
+    pub segment_size: usize,
+    /// Sealed segments with fewer live chunks are merged.
+    pub merge_below: usize,
+    /// HNSW construction beam.
+    pub ef_construction: usize,
+    /// HNSW search beam.
+    pub ef_search: usize,
+    /// Build graphs on background threads (false: build inline, for tests and benches).
+    pub background: bool,
+    /// How long a deletion record (document id + version) is kept; older ones are dropped at
+    /// the next seal (None: kept for ever). Write versions are microseconds on the
+    /// coordinators' clocks, so a record's age is read off its version.
+    pub deletion_grace: Option<std::time::Duration>,
+}
+
+impl Default for IndexSettings {
+    fn default() -> Self {
+        IndexSettings {
+            segment_size: 4096,
+            merge_below: 1024,
+            ef_construction: 100,
+            ef_search: 64,
+            background: true,
+            deletion_grace: None,
+        }
+    }
+}
+
+/// What a replica must pull from a peer (see [`ShardIndex::plan_pull`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PullPlan {
+    /// Documents the peer holds at a newer version: fetch their copies.
+    pub fetch: Vec<String>,
+    /// The peer's deletions newer than what is held here.
+    pub deletes: Vec<WriteOp>,
+}
+
+impl PullPlan {
+    /// Whether there is nothing to pull.
+    pub fn is_empty(&self) -> bool {
+        self.fetch.is_empty() && self.deletes.is_empty()
+    }
+}
+
+/// What opening an index found on disk.
+#[derive(Debug, Clone, Default)]
+pub struct RecoveryReport {
+    /// Sealed segments loaded.
+    pub segments: usize,
+    /// Log records replayed.
+    pub replayed: usize,
+    /// Problems found (corrupt or torn files); the data they held is not loaded.
+    pub problems: Vec<String>,
+    /// Sealed segments whose BM25 statistics came from their snapshot files.
+    pub bm25_snapshots: usize,
+    /// Whether data may be missing and the replica should catch up from a peer.
+    pub needs_catch_up: bool,
+}
+
+#[derive(Debug, Serialize, Deserialize, Default)]
+struct Manifest {
+    /// Every op with seq <= this is in the segments.
+    last_seq: u64,
+    segments: Vec<u64>,
+    tombstones: HashMap<String, u64>,
+    /// Version of the latest delete of every deleted document, kept so that an older copy
+    /// (from a retry or a lagging peer) cannot bring it back.
+    deleted: HashMap<String, u64>,
+    model: Option<ModelIdentity>,
+    next_segment_id: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct WalRecord {
+    first_seq: u64,
+    model: ModelIdentity,
+    ops: Vec<WriteOp>,
+}
+
+#[derive(Debug, Default)]
+struct DocState {
+    seq: u64,
+    version: u64,
+    slots: Vec<u32>,
+}
+
+/// A shard replica's index.
+#[derive(Debug)]
+pub struct ShardIndex {
+    /// Held for the life of the index: one owner of the folder's files at a time.
+    _lock: crate::DirLock,
+    dir: PathBuf,
+    settings: IndexSettings,
+    wal: Wal,
+    model: Option<ModelIdentity>,
+    last_seq: u64,
+    sealed_seq: u64,
+    next_segment_id: u64,
+    sealed: Vec<Arc<Segment>>,
+    growing: Vec<Arc<Entry>>,
+    docs: HashMap<String, DocState>,
+    tombstones: HashMap<String, u64>,
+    deleted: HashMap<String, u64>,
+    bm25: Bm25,
+    slots: HashMap<u32, Arc<Entry>>,
+    next_slot: u32,
+    /// Deletion records with a version below this were dropped: a copy of a document this
+    /// replica does not hold, at a version below this, may be one deleted since, and is refused.
+    purged_below: u64,
+}
+
+impl ShardIndex {
+
+    /// Ids of the live documents.
+    pub fn doc_ids(&self) -> Vec<String> {
+        self.docs.keys().cloned().collect()
+    }
+
+    /// Live documents.
+    pub fn doc_count(&self) -> u64 {
+        self.docs.len() as u64
+    }
+
+    /// Live chunks.
+    pub fn chunk_count(&self) -> u64 {
+        self.slots.len() as u64
+    }
+
+    /// Last applied sequence number.
+    pub fn last_seq(&self) -> u64 {
+        self.last_seq
+    }
+
+    /// Pinned model.
+    pub fn model(&self) -> Option<&ModelIdentity> {
+        self.model.as_ref()
+    }
+
+    /// Sealed segments and how many have their graph built.
+    pub fn segment_stats(&self) -> (usize, usize) {
+        (
+            self.sealed.len(),
+            self.sealed
+                .iter()
+                .filter(|s| s.graph.get().is_some())
+                .count(),
+        )
+    }
+
+    /// Blocks until every sealed segment has its graph (tests, benches, clean shutdown).
+    pub fn wait_for_graphs(&self, timeout: std::time::Duration) -> bool {
+        let start = std::time::Instant::now();
+        loop {
+            let (n, built) = self.segment_stats();
+            if n == built {
+                return true;
+            }
+            if start.elapsed() > timeout {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}
+

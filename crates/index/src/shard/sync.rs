@@ -1,0 +1,109 @@
+//! Replica sync: what a replica holds (versions, digest), what it lacks of a peer's (a pull
+//! plan), and the copies it hands out.
+use super::*;
+
+impl ShardIndex {
+    /// What this replica holds: the version of every live document and remembered deletion,
+    /// sorted by document id (what a peer replica compares against its own to pull changes).
+    pub fn versions(&self) -> ShardVersions {
+        let mut live: Vec<(String, u64)> = self
+            .docs
+            .iter()
+            .map(|(d, s)| (d.clone(), s.version))
+            .collect();
+        live.sort();
+        let mut deleted: Vec<(String, u64)> = self
+            .remembered_deletions()
+            .map(|(d, v)| (d.to_string(), v))
+            .collect();
+        deleted.sort();
+        ShardVersions {
+            model: self.model.clone(),
+            live,
+            deleted,
+        }
+    }
+
+    /// The live copies of `doc_ids` as upserts, chunks in order; absent documents are left out.
+    pub fn fetch(&self, doc_ids: &[String]) -> Vec<WriteOp> {
+        doc_ids
+            .iter()
+            .filter_map(|d| {
+                let state = self.docs.get(d)?;
+                let chunks = state
+                    .slots
+                    .iter()
+                    .filter_map(|s| self.slots.get(s))
+                    .map(|e| ChunkRecord {
+                        doc_id: e.doc_id.clone(),
+                        chunk_id: e.chunk_id.clone(),
+                        text: e.text.clone(),
+                        vector: e.vector.clone(),
+                    })
+                    .collect();
+                Some(WriteOp::Upsert {
+                    doc_id: d.clone(),
+                    version: state.version,
+                    chunks,
+                })
+            })
+            .collect()
+    }
+
+    /// Every live document as an upsert, then every remembered deletion as a delete.
+    pub fn dump(&self) -> Vec<WriteOp> {
+        let v = self.versions();
+        let ids: Vec<String> = v.live.into_iter().map(|(d, _)| d).collect();
+        let mut ops = self.fetch(&ids);
+        ops.extend(
+            v.deleted
+                .into_iter()
+                .map(|(doc_id, version)| WriteOp::Delete { doc_id, version }),
+        );
+        ops
+    }
+
+    /// What this replica lacks of a peer's state: the documents the peer holds at a newer
+    /// version (to fetch), and the peer's deletions newer than what is held here (applied as
+    /// deletes, no data needed). Documents held here at a newer version, or that the peer
+    /// lacks, are left alone: the peer pulls them from here in its own turn.
+    pub fn plan_pull(&self, peer: &ShardVersions) -> PullPlan {
+        let newer = |d: &str, v: u64| match self.version_of(d) {
+            Some(held) => held < v,
+            None => v == 0 || v > self.purged_below,
+        };
+        PullPlan {
+            fetch: peer
+                .live
+                .iter()
+                .filter(|(d, v)| newer(d, *v))
+                .map(|(d, _)| d.clone())
+                .collect(),
+            deletes: peer
+                .deleted
+                .iter()
+                .filter(|(d, v)| newer(d, *v))
+                .map(|(d, v)| WriteOp::Delete {
+                    doc_id: d.clone(),
+                    version: *v,
+                })
+                .collect(),
+        }
+    }
+
+    /// The digest of [`ShardIndex::versions`], computed without copying them.
+    pub fn digest(&self) -> u64 {
+        ragfleet_proto::shard_digest(
+            self.docs.iter().map(|(d, s)| (d.as_str(), s.version)),
+            self.remembered_deletions(),
+        )
+    }
+
+    /// (id, version) of every deletion record of a document not live now.
+    pub(super) fn remembered_deletions(&self) -> impl Iterator<Item = (&str, u64)> {
+        self.deleted
+            .iter()
+            .filter(|(d, _)| !self.docs.contains_key(*d))
+            .map(|(d, v)| (d.as_str(), *v))
+    }
+}

@@ -1,0 +1,187 @@
+//! The write path: validation, last-writer-wins by version, the durable log, and the
+//! in-memory apply.
+use super::*;
+
+impl ShardIndex {
+    pub(super) fn add_slot(&mut self, e: Arc<Entry>) {
+        let counts = crate::bm25::term_counts(&e.text);
+        self.add_slot_counts(e, counts);
+    }
+
+    pub(super) fn add_slot_counts(&mut self, e: Arc<Entry>, counts: Vec<(String, u32)>) {
+        let slot = self.next_slot;
+        self.next_slot = self.next_slot.wrapping_add(1);
+        self.bm25.insert_counts(slot, counts);
+        let d = self.docs.entry(e.doc_id.clone()).or_default();
+        d.seq = e.seq;
+        d.version = e.version;
+        d.slots.push(slot);
+        self.slots.insert(slot, e);
+    }
+
+    pub(super) fn remove_doc(&mut self, doc_id: &str) {
+        if let Some(d) = self.docs.remove(doc_id) {
+            for s in d.slots {
+                self.bm25.remove(s);
+                self.slots.remove(&s);
+            }
+        }
+    }
+
+    pub(super) fn apply_in_memory(&mut self, seq: u64, op: WriteOp) {
+        match op {
+            WriteOp::Upsert {
+                doc_id,
+                chunks,
+                version,
+            } if !chunks.is_empty() => {
+                self.remove_doc(&doc_id);
+                self.deleted.remove(&doc_id);
+                for c in chunks {
+                    let e = Arc::new(Entry {
+                        seq,
+                        version,
+                        doc_id: c.doc_id,
+                        chunk_id: c.chunk_id,
+                        text: c.text,
+                        vector: c.vector,
+                    });
+                    self.growing.push(e.clone());
+                    self.add_slot(e);
+                }
+            }
+            WriteOp::Upsert {
+                doc_id, version, ..
+            }
+            | WriteOp::Delete { doc_id, version } => {
+                self.remove_doc(&doc_id);
+                self.tombstones.insert(doc_id.clone(), seq);
+                self.deleted.insert(doc_id, version);
+            }
+        }
+    }
+
+    /// Checks a write or query model against the pinned one.
+    pub fn check_model(&self, model: &ModelIdentity) -> Result<(), IndexError> {
+        match &self.model {
+            Some(m) if m != model => Err(IndexError::ModelMismatch {
+                index: m.to_string(),
+                request: model.to_string(),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// The version this replica holds of a document, live or deleted.
+    pub fn version_of(&self, doc_id: &str) -> Option<u64> {
+        self.docs
+            .get(doc_id)
+            .map(|d| d.version)
+            .or_else(|| self.deleted.get(doc_id).copied())
+    }
+
+    /// Deletes documents durably at `version` (no model check: deletions carry no vectors).
+    pub fn delete(&mut self, doc_ids: &[String], version: u64) -> Result<u64, IndexError> {
+        let Some(model) = self.model.clone() else {
+            return Ok(self.last_seq); // nothing was ever written
+        };
+        let ops = doc_ids
+            .iter()
+            .map(|d| WriteOp::Delete {
+                doc_id: d.clone(),
+                version,
+            })
+            .collect();
+        self.write(ops, &model)
+    }
+
+    /// Validates, logs durably (fsync) and applies `ops`; returns the last sequence number.
+    /// The first write pins the model identity. An op older than (or as old as) the version
+    /// held of its document is skipped: last writer wins (see [`WriteOp::version`]).
+    pub fn write(&mut self, ops: Vec<WriteOp>, model: &ModelIdentity) -> Result<u64, IndexError> {
+        self.check_model(model)?;
+        let mut ops = ops;
+        for op in ops.iter_mut() {
+            if op.doc_id().is_empty() {
+                return Err(IndexError::BadInput("empty document id".into()));
+            }
+            if let WriteOp::Upsert { doc_id, chunks, .. } = op {
+                for c in chunks.iter_mut() {
+                    validate_chunk(doc_id, c, model.dim as usize)?;
+                }
+            }
+        }
+        let mut newest: HashMap<String, u64> = HashMap::new();
+        ops.retain(|op| {
+            let v = op.version();
+            if v == 0 {
+                return true;
+            }
+            let held = newest
+                .get(op.doc_id())
+                .copied()
+                .or_else(|| self.version_of(op.doc_id()));
+            if held.is_some_and(|h| h >= v) {
+                return false;
+            }
+            // older than the dropped deletion records and not held: it may have been deleted
+            if held.is_none() && v <= self.purged_below {
+                return false;
+            }
+            newest.insert(op.doc_id().to_string(), v);
+            true
+        });
+        if ops.is_empty() {
+            return Ok(self.last_seq);
+        }
+        let first_seq = self.last_seq + 1;
+        let rec = WalRecord {
+            first_seq,
+            model: model.clone(),
+            ops,
+        };
+        let bytes = postcard::to_stdvec(&rec).map_err(|e| IndexError::BadInput(e.to_string()))?;
+        self.wal.append(&[bytes])?;
+        if self.model.is_none() {
+            self.model = Some(model.clone());
+        }
+        let n = rec.ops.len() as u64;
+        for (j, op) in rec.ops.into_iter().enumerate() {
+            self.apply_in_memory(first_seq + j as u64, op);
+        }
+        self.last_seq = first_seq + n - 1;
+        if self.growing.len() >= self.settings.segment_size {
+            // the write is durable (logged) and applied whatever happens here: a seal that
+            // fails (disk full) leaves the growing segment and the log as they were, and the
+            // next write tries again
+            if let Err(e) = self.seal() {
+                warn!(dir = %self.dir.display(), error = %e, "seal failed; the growing segment stays in memory and in the log");
+            }
+        }
+        Ok(self.last_seq)
+    }
+}
+
+pub(super) fn validate_chunk(doc_id: &str, c: &mut ChunkRecord, dim: usize) -> Result<(), IndexError> {
+    if c.doc_id != doc_id {
+        return Err(IndexError::BadInput(format!(
+            "chunk {} belongs to {}, not {}",
+            c.chunk_id, c.doc_id, doc_id
+        )));
+    }
+    if c.vector.len() != dim {
+        return Err(IndexError::BadInput(format!(
+            "chunk {} has {} dimensions, model has {}",
+            c.chunk_id,
+            c.vector.len(),
+            dim
+        )));
+    }
+    if !normalize(&mut c.vector) {
+        return Err(IndexError::BadInput(format!(
+            "chunk {} has a zero or non-finite vector",
+            c.chunk_id
+        )));
+    }
+    Ok(())
+}

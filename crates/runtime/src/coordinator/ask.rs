@@ -1,0 +1,220 @@
+//! The answer path: retrieve, assemble the context under the token budget, and relay a
+//! generator replica's stream to the client. A generator that refuses, fails or stalls before
+//! its first token is failed over to another replica; an answer that ends for any reason but
+//! its natural end says so (`truncated`, the reason, and a marker in the text).
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ragfleet_client::groups;
+use ragfleet_client::typed::{call_typed, Cancel, Generate, StreamNext};
+use ragfleet_config::NoCoverage;
+use ragfleet_proto::{
+    AskOptions, AskSummary, Coverage, GenerationRequest, LeftOut, Timings, WireError,
+};
+use tracing::warn;
+
+use super::prompt::{assemble_context, SYSTEM_PROMPT};
+use super::replicas::{with_failover, Budget, Failed};
+use super::retrieve::retrieve;
+use super::{ms, Ctx};
+use crate::call::CallError;
+use crate::streams::StreamWriter;
+
+/// How a replica's stream ended, once it had started answering.
+#[derive(Debug)]
+enum End {
+    /// Its natural end (end of sequence or the token limit).
+    Complete,
+    /// The end-to-end deadline passed; the stream was cancelled.
+    Deadline,
+    /// The replica failed mid-answer.
+    Failed(String),
+}
+
+/// What the relay has produced so far (shared by the attempts, which run one after another).
+#[derive(Default)]
+struct Relayed {
+    answer: String,
+    first_token: Option<Duration>,
+}
+
+pub(crate) async fn ask_task(ctx: Arc<Ctx>, question: String, opts: AskOptions, w: StreamWriter) {
+    let t0 = Instant::now();
+    let cfg = ctx.cfg().clone();
+    let deadline =
+        t0 + Duration::from_millis(opts.retrieve.deadline_ms.unwrap_or(cfg.query.deadline_ms));
+    let max_tokens = opts
+        .max_tokens
+        .unwrap_or(cfg.generator.max_tokens)
+        .clamp(1, 2048);
+    let (hits, coverage, mut timings, rerank) =
+        match retrieve(ctx.clone(), question.clone(), opts.retrieve.clone()).await {
+            Ok(r) => (r.hits, r.coverage, r.timings_ms, r.rerank),
+            Err(e @ WireError::BadRequest(_)) => return w.fail(e.to_string()),
+            Err(e) => {
+                warn!(error = %e, "retrieval failed; answering without sources");
+                let cov = Coverage {
+                    shards_total: cfg.index.shards,
+                    shards_answered: 0,
+                    left_out: (0..cfg.index.shards)
+                        .map(|s| LeftOut {
+                            shard: s,
+                            reason: format!("error: {e}"),
+                        })
+                        .collect(),
+                };
+                (Vec::new(), cov, Timings::default(), None)
+            }
+        };
+    let unsourced = coverage.shards_answered == 0 || hits.is_empty();
+    if unsourced && cfg.generator.on_no_coverage == NoCoverage::Refuse {
+        return w.fail("no shard answered and generator.on_no_coverage = \"refuse\"".into());
+    }
+    // tokenising the passages is CPU work: off the async runtime's threads
+    let (c2, q2, context_tokens) = (
+        ctx.clone(),
+        question.clone(),
+        cfg.generator.context_tokens as usize,
+    );
+    let assembled = tokio::task::spawn_blocking(move || {
+        let count = |t: &str| c2.count_tokens(t);
+        let reserve = max_tokens as usize + count(&q2) + count(SYSTEM_PROMPT) + 48;
+        assemble_context(&hits, context_tokens.saturating_sub(reserve), &count)
+    })
+    .await;
+    let Ok((context, sources)) = assembled else {
+        return w.fail("context assembly failed".into());
+    };
+    let user = if unsourced {
+        format!("No passages are available. Answer from general knowledge, briefly.\n\nQuestion: {question}")
+    } else {
+        format!("Passages:\n\n{context}Question: {question}")
+    };
+    let req = Generate {
+        request: GenerationRequest {
+            system: SYSTEM_PROMPT.into(),
+            user,
+            max_tokens,
+            sampling: opts.sampling.clone(),
+        },
+    };
+    let t_gen = Instant::now();
+    let first_token_timeout = Duration::from_millis(cfg.generator.first_token_timeout_ms);
+    let relayed = Mutex::new(Relayed::default());
+    let replicas = ctx.candidates(groups::GENERATORS);
+    let outcome = with_failover(
+        &ctx.args.health,
+        replicas,
+        Budget::Until(deadline),
+        |actor, _left| {
+            let (req, relayed, w) = (req.clone(), &relayed, &w);
+            async move {
+                relay(&actor, req, deadline, first_token_timeout, t0, relayed, w).await
+            }
+        },
+    )
+    .await;
+    let Relayed {
+        mut answer,
+        first_token,
+    } = relayed.into_inner().unwrap_or_else(|e| e.into_inner());
+    let cut = match outcome {
+        Ok(End::Complete) => None,
+        Ok(End::Deadline) | Err(Failed::Deadline) => Some(("deadline".to_string(), None)),
+        Ok(End::Failed(e)) => Some((format!("error: {e}"), Some(e))),
+        Err(f) => {
+            // no replica produced a token: nothing to relay
+            let e = format!(
+                "no generator replica could answer: {}",
+                f.reason("no generator replica is reachable")
+            );
+            return w.fail(e);
+        }
+    };
+    let (truncated, truncated_reason) = match cut {
+        None => (false, None),
+        Some((reason, failure)) => {
+            let marker = match &failure {
+                None => " [answer cut: end-to-end deadline reached]",
+                Some(e) => {
+                    warn!(error = %e, "answer incomplete");
+                    " [answer cut: the generator failed mid-answer]"
+                }
+            };
+            answer.push_str(marker);
+            w.push(marker, 0);
+            (true, Some(reason))
+        }
+    };
+    timings.first_token = first_token.map(ms).unwrap_or(0.0);
+    timings.generate = ms(t_gen.elapsed());
+    timings.total = ms(t0.elapsed());
+    w.finish(Some(AskSummary {
+        answer,
+        sources,
+        coverage,
+        timings_ms: timings,
+        unsourced,
+        truncated,
+        truncated_reason,
+        rerank,
+    }));
+}
+
+/// One replica's attempt: start a stream and relay it until it ends. `Err` (fail over to the
+/// next replica) only while no token has been relayed; after that the outcome is an [`End`].
+async fn relay(
+    actor: &ractor::ActorRef<ragfleet_client::RoleMsg>,
+    req: Generate,
+    deadline: Instant,
+    first_token_timeout: Duration,
+    t0: Instant,
+    relayed: &Mutex<Relayed>,
+    w: &StreamWriter,
+) -> Result<End, CallError> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    let stream = match call_typed(actor, req, left.min(first_token_timeout)).await {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(error = %e, "generator refused; trying another replica");
+            return Err(e);
+        }
+    };
+    let started = Instant::now();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            let _ = call_typed(actor, Cancel { stream }, Duration::from_millis(500)).await;
+            return Ok(End::Deadline);
+        }
+        let wait = left.min(Duration::from_millis(250));
+        let next = StreamNext {
+            stream,
+            wait_ms: wait.as_millis() as u64,
+        };
+        let started_answering = relayed.lock().expect("relay").first_token.is_some();
+        match call_typed(actor, next, wait + Duration::from_secs(2)).await {
+            Ok(c) => {
+                if !c.text.is_empty() {
+                    let mut r = relayed.lock().expect("relay");
+                    r.first_token.get_or_insert_with(|| t0.elapsed());
+                    r.answer.push_str(&c.text);
+                    w.push(&c.text, c.tokens);
+                }
+                if c.done {
+                    return Ok(End::Complete);
+                }
+                if !started_answering && c.text.is_empty() && started.elapsed() > first_token_timeout
+                {
+                    warn!("generator stalled before its first token; trying another replica");
+                    return Err(CallError::Timeout);
+                }
+            }
+            Err(e) if !started_answering => {
+                warn!(error = %e, "generator failed before its first token; trying another replica");
+                return Err(e);
+            }
+            Err(e) => return Ok(End::Failed(format!("generator failed mid-answer: {e}"))),
+        }
+    }
+}

@@ -1,0 +1,171 @@
+//! The coordinator: answers clients; owns the deadline of every stage. A query is embedded on an
+//! embedder replica, scattered to one serving replica of every shard (failing over to another
+//! replica of the same shard while the shard deadline leaves time), merged, optionally reranked,
+//! and answered with a coverage report and per-stage timings. A shard that cannot answer in
+//! time is left out and named; the query still answers.
+//!
+//! One module per concern: [`replicas`] (replica choice and the one failover helper),
+//! [`retrieve`], [`ingest`] (and delete), [`ask`] (the answer relay), [`prompt`] (context
+//! assembly), [`status`]. Ranking itself lives in `ragfleet_index::ranking`.
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use ragfleet_client::{groups, RoleMsg};
+use ragfleet_config::ClusterConfig;
+use ragfleet_proto::{Request, Response, Role};
+use tracing::info;
+
+use crate::call::{common, info, reply, unsupported};
+use crate::health::Health;
+use crate::models::TokenCount;
+use crate::streams::{next_response, StreamTable};
+
+mod ask;
+pub mod ingest;
+pub mod prompt;
+pub(crate) mod replicas;
+pub mod retrieve;
+pub mod status;
+#[cfg(test)]
+mod tests;
+
+pub use ingest::{delete, ingest};
+pub use prompt::{assemble_context, SYSTEM_PROMPT};
+pub use retrieve::retrieve;
+pub use status::status;
+
+/// Start arguments.
+#[derive(Clone)]
+pub struct CoordinatorArgs {
+    /// Node name.
+    pub node: String,
+    /// The cluster.
+    pub cfg: Arc<ClusterConfig>,
+    /// The node's failure detector.
+    pub health: Arc<Health>,
+    /// The generator's tokenizer, when available (else ~4 characters a token).
+    pub gen_tokens: Option<Arc<dyn TokenCount>>,
+}
+
+/// Shared context of a coordinator's requests.
+pub struct Ctx {
+    args: CoordinatorArgs,
+    /// Round-robin position per group (one shared counter would advance by the number of
+    /// groups a request touches and always pick the same replica of some groups).
+    rr: std::sync::Mutex<HashMap<String, u64>>,
+    streams: StreamTable,
+}
+
+impl Ctx {
+    /// A context for `args`.
+    pub fn new(args: CoordinatorArgs) -> Self {
+        Ctx {
+            args,
+            rr: std::sync::Mutex::new(HashMap::new()),
+            streams: StreamTable::default(),
+        }
+    }
+
+    fn cfg(&self) -> &ClusterConfig {
+        &self.args.cfg
+    }
+
+    fn count_tokens(&self, text: &str) -> usize {
+        match &self.args.gen_tokens {
+            Some(t) => t.count(text),
+            None => text.len().div_ceil(4),
+        }
+    }
+}
+
+/// The coordinator actor.
+#[derive(Debug, Default, Clone)]
+pub struct CoordinatorActor;
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+impl Actor for CoordinatorActor {
+    type Msg = RoleMsg;
+    type State = Arc<Ctx>;
+    type Arguments = CoordinatorArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<RoleMsg>,
+        args: CoordinatorArgs,
+    ) -> Result<Arc<Ctx>, ActorProcessingErr> {
+        ractor::pg::join(groups::COORDINATORS.to_string(), vec![myself.get_cell()]);
+        info!(node = %args.node, "coordinator started");
+        Ok(Arc::new(Ctx::new(args)))
+    }
+
+    async fn handle(
+        &self,
+        _me: ActorRef<RoleMsg>,
+        msg: RoleMsg,
+        ctx: &mut Arc<Ctx>,
+    ) -> Result<(), ActorProcessingErr> {
+        let Some((req, port)) = common(msg, "coordinator", || {
+            info(&ctx.args.node, Role::Coordinator)
+        })
+        .await
+        else {
+            return Ok(());
+        };
+        let ctx = ctx.clone();
+        match req {
+            Request::Retrieve { query, options } => {
+                tokio::spawn(async move {
+                    reply(
+                        port,
+                        match retrieve(ctx, query, options).await {
+                            Ok(r) => Response::Retrieved(r),
+                            Err(e) => Response::Error(e),
+                        },
+                    );
+                });
+            }
+            Request::Ingest { docs } => {
+                tokio::spawn(async move {
+                    reply(
+                        port,
+                        match ingest(ctx, docs).await {
+                            Ok(r) => Response::Ingested(r),
+                            Err(e) => Response::Error(e),
+                        },
+                    );
+                });
+            }
+            Request::Status => reply(port, Response::Status(status(&ctx))),
+            Request::Delete { doc_ids, .. } => {
+                tokio::spawn(
+                    async move { reply(port, Response::Ingested(delete(ctx, doc_ids).await)) },
+                );
+            }
+            Request::Ask { question, options } => {
+                if let Err(e) = retrieve::validate_text(
+                    &question,
+                    ctx.cfg().query.max_query_bytes,
+                    "question",
+                ) {
+                    reply(port, Response::Error(e));
+                    return Ok(());
+                }
+                let (id, w) = ctx.streams.open();
+                tokio::spawn(ask::ask_task(ctx, question, options, w));
+                reply(port, Response::StreamStarted { stream: id });
+            }
+            Request::StreamNext { stream, wait_ms } => {
+                tokio::spawn(async move {
+                    reply(port, next_response(&ctx.streams, stream, wait_ms).await)
+                });
+            }
+            other => reply(port, unsupported(&other, "coordinator")),
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,343 @@
+//! The coordinator's logic without processes: replica choice, failover decisions, coverage
+//! accounting, ingest validation, context assembly; and failover across in-process replicas
+//! (plain ractor actors standing in for shard replicas).
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use ragfleet_client::{groups, Envelope, RoleMsg};
+use ragfleet_config::ClusterConfig;
+use ragfleet_proto::{
+    Document, Hit, Request, Response, Role, SearchMode, SearchQuery, ShardHits, WireError,
+};
+
+use super::ingest::{quorum_met, validate_documents};
+use super::prompt::assemble_context;
+use super::replicas::{on_failure, rotate, Budget, Failed, OnFailure};
+use super::retrieve::{account, validate_text};
+use super::{CoordinatorArgs, Ctx};
+use crate::call::{common, info, reply, CallError};
+use crate::health::Health;
+
+fn hit(doc: &str, text: &str, score: f32) -> Hit {
+    Hit {
+        doc_id: doc.into(),
+        chunk_id: format!("{doc}#0"),
+        score,
+        similarity: Some(score),
+        text: text.into(),
+    }
+}
+
+#[test]
+fn replicas_rotate_round_robin() {
+    let mut v = vec!["a", "b", "c"];
+    rotate(&mut v, 1);
+    assert_eq!(v, ["b", "c", "a"]);
+    let mut v = vec!["a", "b", "c"];
+    rotate(&mut v, 3);
+    assert_eq!(v, ["a", "b", "c"]);
+    let mut empty: Vec<&str> = Vec::new();
+    rotate(&mut empty, 7);
+    // consecutive positions start at every replica in turn
+    let firsts: Vec<&str> = (0..3)
+        .map(|n| {
+            let mut v = vec!["a", "b", "c"];
+            rotate(&mut v, n);
+            v[0]
+        })
+        .collect();
+    assert_eq!(firsts, ["a", "b", "c"]);
+}
+
+#[test]
+fn failover_decisions() {
+    // the request itself is wrong: no other replica would do better
+    for w in [
+        WireError::BadRequest("x".into()),
+        WireError::ModelMismatch {
+            index: "a".into(),
+            request: "b".into(),
+        },
+    ] {
+        assert_eq!(on_failure(&CallError::Remote(w.clone())), OnFailure::Stop(w));
+    }
+    // busy: next replica, not suspected
+    assert_eq!(
+        on_failure(&CallError::Remote(WireError::Overloaded("full".into()))),
+        OnFailure::Next {
+            suspect: false,
+            reason: Some("overloaded".into())
+        }
+    );
+    // slow: suspected, reason deadline
+    assert_eq!(
+        on_failure(&CallError::Timeout),
+        OnFailure::Next {
+            suspect: true,
+            reason: Some("deadline".into())
+        }
+    );
+    // gone: suspected, keeps the reason reported so far
+    assert_eq!(
+        on_failure(&CallError::Unreachable("closed".into())),
+        OnFailure::Next {
+            suspect: true,
+            reason: None
+        }
+    );
+    assert!(matches!(
+        on_failure(&CallError::Remote(WireError::Internal("disk".into()))),
+        OnFailure::Next { suspect: true, reason: Some(r) } if r.contains("disk")
+    ));
+    // how failures read in coverage
+    assert_eq!(Failed::NoReplica.reason("no_live_replica"), "no_live_replica");
+    assert_eq!(Failed::Exhausted(None).reason("no_live_replica"), "no_live_replica");
+    assert_eq!(Failed::Deadline.reason("x"), "deadline");
+    assert_eq!(
+        Failed::Exhausted(Some("deadline".into())).reason("x"),
+        "deadline"
+    );
+}
+
+#[test]
+fn each_attempt_but_the_last_gets_half_the_time_left() {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let b = Budget::Split(deadline);
+    let first = b.attempt(0, 2).unwrap();
+    let last = b.attempt(1, 2).unwrap();
+    assert!(first <= Duration::from_secs(5) && first > Duration::from_secs(4));
+    assert!(last > Duration::from_secs(9));
+    assert!(Budget::Split(Instant::now()).attempt(0, 1).is_none());
+    assert_eq!(
+        Budget::Each(Duration::from_secs(3)).attempt(5, 6),
+        Some(Duration::from_secs(3))
+    );
+    assert!(Budget::Until(deadline).attempt(0, 2).unwrap() > Duration::from_secs(9));
+}
+
+#[test]
+fn coverage_counts_answers_and_names_every_shard_left_out() {
+    let results = vec![
+        (2, Err("deadline".to_string())),
+        (0, Ok(ShardHits::One(vec![hit("a", "t", 1.0)]))),
+        (3, Err("no_live_replica".to_string())),
+    ];
+    // shard 1's task never reported (it panicked)
+    let (c, answers) = account(4, results);
+    assert_eq!(c.shards_total, 4);
+    assert_eq!(c.shards_answered, 1);
+    assert_eq!(answers.len(), 1);
+    let left: Vec<(u32, &str)> = c
+        .left_out
+        .iter()
+        .map(|l| (l.shard, l.reason.as_str()))
+        .collect();
+    assert_eq!(
+        left,
+        vec![
+            (1, "error: search task failed"),
+            (2, "deadline"),
+            (3, "no_live_replica")
+        ]
+    );
+}
+
+#[test]
+fn ingest_validation_keeps_the_last_copy_and_names_refusals() {
+    let d = |id: &str, text: &str| Document {
+        id: id.into(),
+        title: String::new(),
+        text: text.into(),
+    };
+    let big = "x".repeat(ragfleet_proto::MAX_DOCUMENT_BYTES + 1);
+    let (good, failed) = validate_documents(vec![
+        d("a", "first"),
+        d("", "no id"),
+        d("b", "  "),
+        d("a", "second"),
+        d("c", &big),
+        d("e", "fine"),
+    ]);
+    let kept: Vec<(&str, &str)> = good
+        .iter()
+        .map(|x| (x.id.as_str(), x.text.as_str()))
+        .collect();
+    assert_eq!(kept, vec![("a", "second"), ("e", "fine")]);
+    let refused: Vec<&str> = failed.iter().map(|f| f.0.as_str()).collect();
+    assert_eq!(refused, vec!["", "b", "c"]);
+    assert!(failed[2].1.contains("exceeds the limit"));
+    assert!(quorum_met(0, 2, 2, &[]).is_ok());
+    let e = quorum_met(3, 1, 2, &["timed out".into()]).unwrap_err();
+    assert!(e.contains("shard 3: 1 of 2") && e.contains("timed out"), "{e}");
+}
+
+#[test]
+fn context_drops_near_duplicates_and_respects_the_budget() {
+    let words = |t: &str| t.split_whitespace().count();
+    let hits = vec![
+        hit(
+            "a",
+            "the quick brown fox jumps over the lazy dog today",
+            3.0,
+        ),
+        hit(
+            "b",
+            "the quick brown fox jumps over the lazy dog today!",
+            2.5,
+        ),
+        hit(
+            "c",
+            "an entirely different passage about shard replicas",
+            2.0,
+        ),
+        hit("d", &"long ".repeat(500), 1.0),
+    ];
+    let (ctx, sources) = assemble_context(&hits, 40, &words);
+    assert!(ctx.starts_with("[a] the quick"));
+    assert!(!ctx.contains("[b]"), "near duplicate kept");
+    assert!(ctx.contains("[c]"));
+    assert!(!ctx.contains("[d]"), "over budget kept");
+    assert_eq!(
+        sources
+            .iter()
+            .map(|s| s.doc_id.as_str())
+            .collect::<Vec<_>>(),
+        vec!["a", "c"]
+    );
+}
+
+#[test]
+fn empty_and_huge_queries_are_refused() {
+    assert!(matches!(
+        validate_text("  ", 10, "query"),
+        Err(WireError::BadRequest(_))
+    ));
+    let e = validate_text(&"x".repeat(11), 10, "query")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("11 bytes"), "{e}");
+    assert!(validate_text("ok", 10, "query").is_ok());
+}
+
+/// A shard replica stand-in: answers pings (so the failure detector sees it serving) and either
+/// answers searches with one hit, or holds them unanswered (a stalled replica).
+struct FakeReplica;
+
+struct FakeState {
+    name: String,
+    stalled: bool,
+    held: Vec<RpcReplyPort<Envelope<Response>>>,
+}
+
+impl Actor for FakeReplica {
+    type Msg = RoleMsg;
+    type State = FakeState;
+    type Arguments = (u32, String, bool);
+
+    async fn pre_start(
+        &self,
+        me: ActorRef<RoleMsg>,
+        (shard, name, stalled): (u32, String, bool),
+    ) -> Result<FakeState, ActorProcessingErr> {
+        ractor::pg::join(groups::shard(shard), vec![me.get_cell()]);
+        Ok(FakeState {
+            name,
+            stalled,
+            held: Vec::new(),
+        })
+    }
+
+    async fn handle(
+        &self,
+        _me: ActorRef<RoleMsg>,
+        msg: RoleMsg,
+        st: &mut FakeState,
+    ) -> Result<(), ActorProcessingErr> {
+        let name = st.name.clone();
+        let Some((req, port)) = common(msg, "shard", || info(&name, Role::Shard)).await else {
+            return Ok(());
+        };
+        match req {
+            Request::Search(_) if st.stalled => st.held.push(port),
+            Request::Search(_) => reply(port, Response::Hits(vec![hit(&st.name, "t", 0.9)])),
+            _ => reply(port, Response::Error(WireError::Unsupported("fake".into()))),
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_stalled_replica_is_failed_over_inside_the_shard_deadline_and_suspected() {
+    // a shard id no other test uses: process groups are process-wide
+    let shard = 901;
+    let (slow, _) = Actor::spawn(None, FakeReplica, (shard, "slow".to_string(), true))
+        .await
+        .unwrap();
+    let (fast, _) = Actor::spawn(None, FakeReplica, (shard, "fast".to_string(), false))
+        .await
+        .unwrap();
+    let cfg = ClusterConfig::parse(
+        "version = 1\nname = \"t\"\ncookie = \"secret-cookie\"\n[[node]]\nname = \"a\"\naddr = \"127.0.0.1:7001\"\nroles = [\"coordinator\", \"embedder\", \"shard\"]\n[index]\nreplication = 1\nwrite_quorum = 1\n",
+    )
+    .unwrap();
+    let health = Health::new(Duration::from_secs(30));
+    let group = vec![groups::shard(shard)];
+    health.tick(&group, Duration::from_secs(1));
+    let start = Instant::now();
+    while health.serving(&group[0]).len() < 2 {
+        assert!(start.elapsed() < Duration::from_secs(10), "pings unanswered");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let ctx = Arc::new(Ctx::new(CoordinatorArgs {
+        node: "a".into(),
+        cfg: Arc::new(cfg),
+        health: health.clone(),
+        gen_tokens: None,
+    }));
+    let q = SearchQuery {
+        vector: vec![1.0],
+        text: "q".into(),
+        k: 3,
+        mode: SearchMode::Dense,
+        model: None,
+    };
+    // whichever replica round robin puts first, the answer comes from the live one inside the
+    // deadline; the first time the slow one is tried first, it is suspected after
+    let mut slow_suspected = false;
+    for _ in 0..4 {
+        let t = Instant::now();
+        let deadline = t + Duration::from_millis(600);
+        let r = super::retrieve::shard_search(ctx.clone(), shard, q.clone(), deadline).await;
+        match r {
+            Ok(ShardHits::One(h)) => assert_eq!(h[0].doc_id, "fast"),
+            other => panic!("{other:?}"),
+        }
+        assert!(t.elapsed() < Duration::from_millis(700), "{:?}", t.elapsed());
+        let serving: Vec<String> = health
+            .serving(&group[0])
+            .iter()
+            .filter_map(|m| m.info.as_ref().map(|i| i.node.clone()))
+            .collect();
+        if !serving.contains(&"slow".to_string()) {
+            slow_suspected = true;
+            // suspected: no longer tried, so the next search answers at once
+            let t = Instant::now();
+            let r = super::retrieve::shard_search(ctx.clone(), shard, q.clone(), t + Duration::from_millis(600)).await;
+            assert!(r.is_ok());
+            assert!(t.elapsed() < Duration::from_millis(200), "{:?}", t.elapsed());
+            break;
+        }
+    }
+    assert!(slow_suspected, "the stalled replica was never tried first");
+    // every replica gone: the shard is left out as having no live replica
+    slow.stop(None);
+    fast.stop(None);
+    let start = Instant::now();
+    while !ractor::pg::get_members(&group[0]).is_empty() {
+        assert!(start.elapsed() < Duration::from_secs(5));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let r = super::retrieve::shard_search(ctx, shard, q, Instant::now() + Duration::from_millis(300)).await;
+    assert_eq!(r.unwrap_err(), "no_live_replica");
+}

@@ -1,0 +1,433 @@
+//! What each command does.
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use ragfleet_config::ClusterConfig;
+use ragfleet_proto::{AskOptions, RetrieveOptions, Sampling, SearchMode};
+use ragfleet_runtime::{Client, NodeOptions};
+
+use crate::cli::{init_logs, joined, models_dir, Cli, ClusterArgs, Cmd, ModelsCmd};
+use crate::loader::ModelFiles;
+use crate::output::{print_retrieval, retrieval_json};
+use crate::{bench, corpus, demo, eval};
+
+async fn connect(cfg: ClusterConfig) -> Result<Client> {
+    Ok(Client::connect(Arc::new(cfg), Duration::from_secs(10)).await?)
+}
+
+pub(crate) async fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Node { cluster, node } => {
+            init_logs("info");
+            let cfg = Arc::new(cluster.load()?);
+            cfg.node(&node)?;
+            let loader = Arc::new(ModelFiles::new(cfg.models_dir.clone()));
+            let mut handle =
+                ragfleet_runtime::start_node(cfg, &node, loader, NodeOptions::default()).await?;
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+            tokio::select! {
+                _ = handle.wait() => bail!("node {node}: root supervisor stopped (a role failed past its restart limit)"),
+                _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; shutting down"),
+                _ = term.recv() => tracing::info!("terminated; shutting down"),
+            }
+            handle.shutdown().await;
+            Ok(())
+        }
+        Cmd::Up { cluster, logs } => up(cluster, logs).await,
+        Cmd::Demo {
+            question,
+            data_dir,
+            models,
+            max_tokens,
+        } => {
+            init_logs("warn,ractor_cluster=error");
+            demo::run(
+                data_dir,
+                models_dir(&models),
+                question.join(" "),
+                max_tokens,
+            )
+            .await
+        }
+        Cmd::Retrieve {
+            cluster,
+            opts,
+            json,
+            query,
+        } => {
+            init_logs("warn,ractor_cluster=error");
+            let q = joined(&query, "query")?;
+            let client = connect(cluster.load()?).await?;
+            let r = client.retrieve(&q, opts.options()?).await?;
+            if json {
+                println!("{}", retrieval_json(&r));
+            } else {
+                print_retrieval(&r);
+            }
+            Ok(())
+        }
+        Cmd::Ask {
+            cluster,
+            opts,
+            max_tokens,
+            temperature,
+            seed,
+            json,
+            question,
+        } => {
+            init_logs("warn,ractor_cluster=error");
+            let q = joined(&question, "question")?;
+            let client = connect(cluster.load()?).await?;
+            let options = AskOptions {
+                retrieve: opts.options()?,
+                max_tokens,
+                sampling: Sampling {
+                    temperature,
+                    top_p: 0.9,
+                    seed,
+                },
+            };
+            demo::ask_and_print(&client, &q, options, json).await
+        }
+        Cmd::Ingest {
+            cluster,
+            json,
+            batch,
+            follow_links,
+            paths,
+        } => {
+            init_logs("warn,ractor_cluster=error");
+            if paths.is_empty() {
+                bail!("no paths to ingest");
+            }
+            let corpus = corpus::Corpus::read_with(&paths, follow_links)?;
+            let client = connect(cluster.load()?).await?;
+            demo::ingest_corpus(&client, corpus, batch.max(1), json).await
+        }
+        Cmd::Delete { cluster, json, ids } => {
+            init_logs("warn,ractor_cluster=error");
+            if ids.is_empty() {
+                bail!("no document ids to delete");
+            }
+            let client = connect(cluster.load()?).await?;
+            let r = client.delete(ids).await?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"deleted": r.documents, "failed": r.failed})
+                );
+            } else {
+                println!("deleted {} documents", r.documents);
+                for (id, e) in &r.failed {
+                    println!("failed {id}: {e}");
+                }
+            }
+            if !r.failed.is_empty() {
+                bail!("{} deletions failed", r.failed.len());
+            }
+            Ok(())
+        }
+        Cmd::Status { cluster, json } => {
+            init_logs("warn,ractor_cluster=error");
+            let client = connect(cluster.load()?).await?;
+            let s = client.status().await?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"nodes": s.nodes, "shards": s.shards})
+                );
+            } else {
+                for n in &s.nodes {
+                    println!(
+                        "node {:<12} {:<22} {}",
+                        n.name,
+                        n.addr,
+                        if n.alive { "alive" } else { "DEAD" }
+                    );
+                }
+                for sh in &s.shards {
+                    let r: Vec<String> = sh
+                        .replicas
+                        .iter()
+                        .map(|r| format!("{}:{}({} docs)", r.node, r.state, r.docs))
+                        .collect();
+                    println!("shard {:<3} {}", sh.id, r.join("  "));
+                }
+            }
+            Ok(())
+        }
+        Cmd::Eval {
+            cluster,
+            queries,
+            qrels,
+            mode,
+            rerank,
+            limit,
+            json,
+        } => {
+            init_logs("warn,ractor_cluster=error");
+            let client = connect(cluster.load()?).await?;
+            let opts = RetrieveOptions {
+                k: Some(100),
+                mode: mode.parse::<SearchMode>().map_err(anyhow::Error::msg)?,
+                rerank: Some(rerank),
+                deadline_ms: None,
+            };
+            eval::run(&client, &queries, &qrels, opts, limit, json).await
+        }
+        Cmd::Models {
+            cmd: ModelsCmd::Fetch { dir },
+        } => {
+            init_logs("info");
+            let dir = models_dir(&dir);
+            let d2 = dir.clone();
+            let rep =
+                tokio::task::spawn_blocking(move || ragfleet_models::fetch::fetch_models(&d2))
+                    .await??;
+            for p in &rep.fetched {
+                println!("fetched {}", p.display());
+            }
+            for p in &rep.present {
+                println!("present {}", p.display());
+            }
+            println!("models ready in {}", dir.display());
+            Ok(())
+        }
+        Cmd::Embed {
+            models,
+            json,
+            texts,
+        } => {
+            let loader = ModelFiles::new(models_dir(&models));
+            if texts.is_empty() {
+                bail!("no text to embed");
+            }
+            let vecs = tokio::task::spawn_blocking(move || -> Result<_, String> {
+                let e = loader.load_embedder()?;
+                e.embed(&texts)
+                    .map(|v| (texts, v, e.identity().clone()))
+                    .map_err(|e| e.to_string())
+            })
+            .await?
+            .map_err(anyhow::Error::msg)?;
+            let (texts, v, id) = vecs;
+            if json {
+                println!("{}", serde_json::json!({"model": id, "embeddings": v}));
+            } else {
+                for (t, e) in texts.iter().zip(&v) {
+                    let head: Vec<String> = e.iter().take(6).map(|x| format!("{x:.4}")).collect();
+                    println!("{}  [{} ...] ({} dims)", t, head.join(", "), e.len());
+                }
+            }
+            Ok(())
+        }
+        Cmd::Rerank {
+            models,
+            model_dir,
+            json,
+            query,
+            passages,
+        } => {
+            if passages.is_empty() {
+                bail!("no passages to score");
+            }
+            let models = models_dir(&models);
+            let scores = tokio::task::spawn_blocking(move || -> Result<Vec<f32>> {
+                match model_dir {
+                    Some(dir) => {
+                        let ce = ragfleet_models::CrossEncoder::<crate::loader::Backend>::load(
+                            &dir,
+                            &Default::default(),
+                        )
+                        .with_context(|| format!("loading cross-encoder from {}", dir.display()))?
+                        .with_lanes(crate::loader::lanes());
+                        Ok(ce.score(&query, &passages)?)
+                    }
+                    None => {
+                        use ragfleet_runtime::ModelLoader;
+                        let r = crate::loader::ModelFiles::new(models)
+                            .reranker()
+                            .map_err(anyhow::Error::msg)?;
+                        r.score(&query, &passages).map_err(anyhow::Error::msg)
+                    }
+                }
+            })
+            .await??;
+            if json {
+                println!("{}", serde_json::json!({"scores": scores}));
+            } else {
+                for s in scores {
+                    println!("{s:.5}");
+                }
+            }
+            Ok(())
+        }
+        Cmd::Generate {
+            models,
+            max_tokens,
+            temperature,
+            top_p,
+            seed,
+            prompt,
+        } => {
+            let p = joined(&prompt, "prompt")?;
+            let loader = ModelFiles::new(models_dir(&models));
+            tokio::task::spawn_blocking(move || -> Result<()> {
+                let g = loader.load_generator().map_err(anyhow::Error::msg)?;
+                let (tx, rx) = std::sync::mpsc::channel();
+                let req = ragfleet_proto::GenerationRequest {
+                    system: String::new(),
+                    user: p,
+                    max_tokens: max_tokens as u32,
+                    sampling: ragfleet_proto::Sampling {
+                        temperature,
+                        top_p,
+                        seed,
+                    },
+                };
+                tx.send(req).ok();
+                drop(tx);
+                let t0 = Instant::now();
+                g.serve(rx, 1, |req| {
+                    let sink = Box::new(move |ev: ragfleet_models::llama::StreamEvent| {
+                        match ev {
+                            ragfleet_models::llama::StreamEvent::Text(t) => {
+                                print!("{t}");
+                                let _ = std::io::stdout().flush();
+                            }
+                            ragfleet_models::llama::StreamEvent::Done => println!(),
+                            ragfleet_models::llama::StreamEvent::Error(e) => {
+                                eprintln!("error: {e}")
+                            }
+                        }
+                        true
+                    });
+                    (req, sink as ragfleet_models::llama::Sink)
+                });
+                eprintln!("({:.1} s)", t0.elapsed().as_secs_f64());
+                Ok(())
+            })
+            .await?
+        }
+        Cmd::Chaos {
+            cluster,
+            group,
+            action,
+            node,
+        } => {
+            init_logs("warn,ractor_cluster=error");
+            let client = connect(cluster.load()?).await?;
+            chaos(&client, &group, &action, node.as_deref()).await
+        }
+        Cmd::Bench { cmd } => {
+            init_logs("warn,ractor_cluster=error");
+            bench::run(cmd).await
+        }
+    }
+}
+
+async fn chaos(client: &Client, group: &str, action: &str, node: Option<&str>) -> Result<()> {
+    use ragfleet_client::typed::{self, call_typed};
+    use ragfleet_proto::ChaosAction;
+    let action = match action {
+        "panic" => ChaosAction::Panic,
+        a if a.starts_with("stall:") => ChaosAction::Stall(a[6..].parse().context("stall:MS")?),
+        other => bail!("unknown chaos action {other:?} (panic, stall:MS)"),
+    };
+    let g = format!("ragfleet.{group}");
+    // groups of every node reach this client shortly after it connects: wait for targets
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let targets = loop {
+        let mut found = Vec::new();
+        for a in client.members(&g) {
+            let info = call_typed(&a, typed::Ping {}, Duration::from_secs(2)).await;
+            if let Ok(i) = info {
+                if node.is_none_or(|n| n == i.node) {
+                    found.push((a, i.node));
+                }
+            }
+        }
+        if !found.is_empty() || Instant::now() > deadline {
+            break found;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let mut hit = 0;
+    for (a, on) in targets {
+        // a stall is acknowledged when it begins: once this returns, it is in effect
+        let r = call_typed(&a, typed::Chaos { action }, Duration::from_secs(5)).await;
+        println!(
+            "{g} on {on}: {action:?} -> {}",
+            match (r, action) {
+                (Ok(_), _) => "done".to_string(),
+                // the actor panicked before it could answer: that is the point
+                (Err(_), ChaosAction::Panic) => "panicked (its supervisor restarts it)".to_string(),
+                (Err(e), _) => e.to_string(),
+            }
+        );
+        hit += 1;
+    }
+    if hit == 0 {
+        bail!(
+            "no actor of group {g} found{}",
+            node.map(|n| format!(" on node {n}")).unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
+async fn up(cluster: ClusterArgs, logs: PathBuf) -> Result<()> {
+    init_logs("info");
+    let cfg = cluster.load()?;
+    std::fs::create_dir_all(&logs).with_context(|| format!("cannot create {}", logs.display()))?;
+    let exe = std::env::current_exe()?;
+    let mut children = Vec::new();
+    for n in &cfg.nodes {
+        let log = logs.join(format!("{}.log", n.name));
+        let f = std::fs::File::create(&log)
+            .with_context(|| format!("cannot create {}", log.display()))?;
+        let mut cmd = tokio::process::Command::new(&exe);
+        cmd.arg("node")
+            .arg("--config")
+            .arg(&cluster.config)
+            .arg("--node")
+            .arg(&n.name);
+        if let Some(d) = &cluster.data_dir {
+            cmd.arg("--data-dir").arg(d);
+        }
+        if let Some(m) = &cluster.models {
+            cmd.arg("--models").arg(m);
+        }
+        cmd.stdout(f.try_clone()?).stderr(f).kill_on_drop(true);
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("cannot start node {}", n.name))?;
+        println!(
+            "started node {} on {} (log: {})",
+            n.name,
+            n.addr,
+            log.display()
+        );
+        children.push((n.name.clone(), child));
+    }
+    println!("cluster {} is up; Ctrl-C stops every node", cfg.name);
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    for (name, child) in &mut children {
+        if let Some(pid) = child.id() {
+            // SIGTERM first: nodes shut down cleanly
+            unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
+        let _ = child.kill().await;
+        println!("stopped node {name}");
+    }
+    Ok(())
+}

@@ -143,9 +143,10 @@ fn oversized_documents_are_refused_before_sending_and_partial_ingests_exit_non_z
 #[test]
 fn a_stalled_reranker_costs_the_rerank_deadline_and_the_answer_says_it_was_skipped() {
     let _g = serial();
-    // the failure detector must not exclude the stalled replica: the deadline is under test
+    // the failure detector must not exclude the stalled replica: the deadline is under test;
+    // the reranker on another node than the coordinator (a remote call that times out)
     let c = Cluster::start(
-        &[&["coordinator", "embedder", "shard", "reranker"], &["shard"]],
+        &[&["coordinator", "embedder", "shard"], &["shard", "reranker"]],
         "query.rerank_deadline_ms = 1000\n[failure]\nheartbeat_ms = 100\nsuspect_after_ms = 60000\n",
     );
     let p = c.corpus_path();

@@ -31,10 +31,16 @@ pub async fn call(
     timeout: Duration,
 ) -> Result<Response, CallError> {
     let timeout = timeout.max(Duration::from_millis(1));
+    let started = std::time::Instant::now();
+    // a remote call's reply port is bridged by a task with the same timeout: when that task
+    // gives up first, the port closes at the timeout instead of timing out. A port that
+    // closes at (about) the timeout is a timeout; one that closes early is a peer gone.
+    let timed_out = || started.elapsed() + Duration::from_millis(25) >= timeout;
     let fut = actor.call(|port| RoleMsg::Call(Envelope::ok(req), port), Some(timeout));
     // the reply port's own timeout covers the answer; this one covers a stuck send
     match tokio::time::timeout(timeout + Duration::from_millis(50), fut).await {
         Err(_) => Err(CallError::Timeout),
+        Ok(Err(_)) | Ok(Ok(CallResult::SenderError)) if timed_out() => Err(CallError::Timeout),
         Ok(Err(e)) => Err(CallError::Unreachable(e.to_string())),
         Ok(Ok(CallResult::Timeout)) => Err(CallError::Timeout),
         Ok(Ok(CallResult::SenderError)) => {

@@ -188,3 +188,59 @@ impl Health {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ractor::{Actor, ActorProcessingErr};
+
+    struct Pinged;
+
+    impl Actor for Pinged {
+        type Msg = RoleMsg;
+        type State = ();
+        type Arguments = String;
+        async fn pre_start(
+            &self,
+            me: ActorRef<RoleMsg>,
+            group: String,
+        ) -> Result<(), ActorProcessingErr> {
+            ractor::pg::join(group, vec![me.get_cell()]);
+            Ok(())
+        }
+        async fn handle(
+            &self,
+            _me: ActorRef<RoleMsg>,
+            msg: RoleMsg,
+            _st: &mut (),
+        ) -> Result<(), ActorProcessingErr> {
+            crate::call::common(msg, "node", || {
+                crate::call::info("n", ragfleet_proto::Role::Coordinator)
+            })
+            .await;
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_member_that_left_its_group_is_gone_at_once_not_at_the_next_tick() {
+        let group = "ragfleet.test.health".to_string();
+        let (a, _) = Actor::spawn(None, Pinged, group.clone()).await.unwrap();
+        let h = Health::new(Duration::from_secs(30));
+        h.tick(std::slice::from_ref(&group), Duration::from_secs(1));
+        let start = Instant::now();
+        while h.serving(&group).is_empty() {
+            assert!(start.elapsed() < Duration::from_secs(5), "no pong");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // its node's session ended (here: the actor stopped): the process group drops it
+        a.stop(None);
+        while !ractor::pg::get_members(&group).is_empty() {
+            assert!(start.elapsed() < Duration::from_secs(5), "still in the group");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // no tick since, yet it is neither a member nor serving (it answered 30 s ago at most)
+        assert!(h.members(&group).is_empty());
+        assert!(h.serving(&group).is_empty());
+    }
+}

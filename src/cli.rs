@@ -256,13 +256,17 @@ pub(crate) enum Cmd {
         /// The prompt.
         prompt: Vec<String>,
     },
-    /// Chaos: make role actors panic (their supervisors restart them) or stall.
+    /// Chaos: make role actors panic (their supervisors restart them) or stall; or, with
+    /// `run`, a seeded experiment against a whole cluster under load.
+    #[command(args_conflicts_with_subcommands = true)]
     Chaos {
+        #[command(subcommand)]
+        cmd: Option<ChaosCmd>,
         #[command(flatten)]
         cluster: ClusterArgs,
         /// Role group: embedder, shard.N, coordinator, reranker, generator, node.
         #[arg(long)]
-        group: String,
+        group: Option<String>,
         /// `panic` or `stall:MS`.
         #[arg(long, default_value = "panic")]
         action: String,
@@ -274,6 +278,28 @@ pub(crate) enum Cmd {
     Bench {
         #[command(subcommand)]
         cmd: crate::bench::BenchCmd,
+    },
+}
+
+#[derive(Subcommand)]
+pub(crate) enum ChaosCmd {
+    /// Start the nodes of the cluster file, drive a workload, inject the plan's faults at times
+    /// drawn from the seed, check the invariants; exits non-zero naming any violation.
+    Run {
+        #[command(flatten)]
+        cluster: ClusterArgs,
+        /// The plan (`chaos/plans/NAME.toml`).
+        #[arg(long)]
+        plan: PathBuf,
+        /// Seed of the fault schedule and the workload.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Length of the faulty part in seconds (default: the plan's).
+        #[arg(long)]
+        duration: Option<f64>,
+        /// Print one JSON report (the last line).
+        #[arg(long)]
+        json: bool,
     },
 }
 

@@ -9,7 +9,7 @@ use ragfleet_config::ClusterConfig;
 use ragfleet_proto::{AskOptions, RetrieveOptions, Sampling, SearchMode};
 use ragfleet_runtime::{Client, NodeOptions};
 
-use crate::cli::{init_logs, joined, models_dir, Cli, ClusterArgs, Cmd, ModelsCmd};
+use crate::cli::{init_logs, joined, models_dir, ChaosCmd, Cli, ClusterArgs, Cmd, ModelsCmd};
 use crate::loader::ModelFiles;
 use crate::output::{print_retrieval, retrieval_json};
 use crate::{bench, corpus, demo, eval};
@@ -314,70 +314,61 @@ pub(crate) async fn run(cli: Cli) -> Result<()> {
             .await?
         }
         Cmd::Chaos {
+            cmd: Some(ChaosCmd::Run {
+                cluster,
+                plan,
+                seed,
+                duration,
+                json,
+            }),
+            ..
+        } => {
+            init_logs("warn,ractor_cluster=off");
+            let plan_path = plan;
+            let plan = crate::chaos::plan::Plan::load(&plan_path)?;
+            let mut cfg = cluster.load()?;
+            let data_dir = cluster
+                .data_dir
+                .clone()
+                .unwrap_or_else(|| crate::chaos::run::default_data_dir(&plan_path, seed));
+            cfg.data_dir = data_dir.clone();
+            let duration_s = duration.unwrap_or(plan.duration_s);
+            let code = crate::chaos::run::run(crate::chaos::run::RunArgs {
+                config: cluster.config.clone(),
+                cfg,
+                data_dir,
+                models: cluster.models.clone(),
+                plan,
+                plan_path,
+                seed,
+                duration_s,
+                json,
+            })
+            .await?;
+            if code != 0 {
+                bail!("chaos run found invariant violations");
+            }
+            Ok(())
+        }
+        Cmd::Chaos {
+            cmd: None,
             cluster,
             group,
             action,
             node,
         } => {
             init_logs("warn,ractor_cluster=error");
+            let Some(group) = group else {
+                bail!("chaos needs --group G (or the subcommand `run`)");
+            };
             let client = connect(cluster.load()?).await?;
-            chaos(&client, &group, &action, node.as_deref()).await
+            crate::chaos::actors(&client, &group, &action, node.as_deref()).await
         }
         Cmd::Bench { cmd } => {
             init_logs("warn,ractor_cluster=error");
             bench::run(cmd).await
         }
     }
-}
-
-async fn chaos(client: &Client, group: &str, action: &str, node: Option<&str>) -> Result<()> {
-    use ragfleet_client::typed::{self, call_typed};
-    use ragfleet_proto::ChaosAction;
-    let action = match action {
-        "panic" => ChaosAction::Panic,
-        a if a.starts_with("stall:") => ChaosAction::Stall(a[6..].parse().context("stall:MS")?),
-        other => bail!("unknown chaos action {other:?} (panic, stall:MS)"),
-    };
-    let g = format!("ragfleet.{group}");
-    // groups of every node reach this client shortly after it connects: wait for targets
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let targets = loop {
-        let mut found = Vec::new();
-        for a in client.members(&g) {
-            let info = call_typed(&a, typed::Ping {}, Duration::from_secs(2)).await;
-            if let Ok(i) = info {
-                if node.is_none_or(|n| n == i.node) {
-                    found.push((a, i.node));
-                }
-            }
-        }
-        if !found.is_empty() || Instant::now() > deadline {
-            break found;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    let mut hit = 0;
-    for (a, on) in targets {
-        // a stall is acknowledged when it begins: once this returns, it is in effect
-        let r = call_typed(&a, typed::Chaos { action }, Duration::from_secs(5)).await;
-        println!(
-            "{g} on {on}: {action:?} -> {}",
-            match (r, action) {
-                (Ok(_), _) => "done".to_string(),
-                // the actor panicked before it could answer: that is the point
-                (Err(_), ChaosAction::Panic) => "panicked (its supervisor restarts it)".to_string(),
-                (Err(e), _) => e.to_string(),
-            }
-        );
-        hit += 1;
-    }
-    if hit == 0 {
-        bail!(
-            "no actor of group {g} found{}",
-            node.map(|n| format!(" on node {n}")).unwrap_or_default()
-        );
-    }
-    Ok(())
 }
 
 async fn up(cluster: ClusterArgs, logs: PathBuf) -> Result<()> {

@@ -83,11 +83,62 @@ pub struct Client {
     server: ActorRef<NodeServerMessage>,
     current: Mutex<Option<ActorRef<RoleMsg>>>,
     redial: Option<tokio::task::JoinHandle<()>>,
+    watch: Option<tokio::task::JoinHandle<()>>,
+    suspects: Suspects,
+}
+
+/// Coordinators that did not answer a heartbeat within `failure.suspect_after_ms`: a frozen
+/// coordinator node keeps its TCP session, so only silence tells.
+#[derive(Clone, Default)]
+struct Suspects(Arc<Mutex<HashSet<ActorId>>>);
+
+impl Suspects {
+    fn has(&self, id: ActorId) -> bool {
+        self.0.lock().expect("suspects").contains(&id)
+    }
+    fn set(&self, id: ActorId, suspected: bool) {
+        let mut s = self.0.lock().expect("suspects");
+        if suspected {
+            s.insert(id);
+        } else {
+            s.remove(&id);
+        }
+    }
+    /// Resolves once `id` is suspected (polled every 50 ms).
+    async fn until(&self, id: ActorId) {
+        while !self.has(id) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// Pings every coordinator each heartbeat; one that stays silent past `suspect_after` is
+/// suspected until it answers again.
+async fn watch_coordinators(suspects: Suspects, heartbeat: Duration, suspect_after: Duration) {
+    let in_flight: Arc<Mutex<HashSet<ActorId>>> = Arc::default();
+    loop {
+        for c in coordinators() {
+            let id = c.get_id();
+            if !in_flight.lock().expect("watch").insert(id) {
+                continue;
+            }
+            let (suspects, in_flight) = (suspects.clone(), in_flight.clone());
+            tokio::spawn(async move {
+                let ok = call_typed(&c, typed::Ping {}, suspect_after).await.is_ok();
+                suspects.set(id, !ok);
+                in_flight.lock().expect("watch").remove(&id);
+            });
+        }
+        tokio::time::sleep(heartbeat).await;
+    }
 }
 
 impl Drop for Client {
     fn drop(&mut self) {
         if let Some(t) = self.redial.take() {
+            t.abort();
+        }
+        if let Some(t) = self.watch.take() {
             t.abort();
         }
     }
@@ -134,6 +185,8 @@ impl Client {
             server,
             current: Mutex::new(None),
             redial: None,
+            watch: None,
+            suspects: Suspects::default(),
         };
         client.dial().await;
         let start = Instant::now();
@@ -161,6 +214,11 @@ impl Client {
                 dial(&server, &cfg).await;
             }
         }));
+        client.watch = Some(tokio::spawn(watch_coordinators(
+            client.suspects.clone(),
+            Duration::from_millis(client.cfg.failure.heartbeat_ms),
+            Duration::from_millis(client.cfg.failure.suspect_after_ms),
+        )));
         Ok(client)
     }
 
@@ -186,6 +244,8 @@ impl Client {
                 cands.insert(0, p);
             }
             cands.retain(|c| !tried.contains(&c.get_id()));
+            // suspected coordinators last (all may be: then they are tried anyway)
+            cands.sort_by_key(|c| self.suspects.has(c.get_id()));
             let Some(c) = cands.into_iter().next() else {
                 if Instant::now() >= deadline {
                     return Err(ClientError::Unreachable(last));
@@ -200,7 +260,16 @@ impl Client {
             if left.is_zero() {
                 return Err(ClientError::Timeout);
             }
-            match call_typed(&c, req.clone(), left).await {
+            // a coordinator that falls silent (its node frozen) is left for another: every
+            // request is idempotent
+            let suspected_now = self.suspects.has(c.get_id());
+            let outcome = tokio::select! {
+                r = call_typed(&c, req.clone(), left) => r,
+                _ = self.suspects.until(c.get_id()), if !suspected_now => Err(CallError::Unreachable(
+                    "coordinator stopped answering heartbeats".into(),
+                )),
+            };
+            match outcome {
                 Ok(r) => {
                     *self.current.lock().expect("client") = Some(c);
                     return Ok(r);
@@ -291,6 +360,7 @@ impl Client {
             coordinator,
             stream,
             done: false,
+            suspects: self.suspects.clone(),
         })
     }
 
@@ -370,6 +440,7 @@ pub struct AskStream {
     coordinator: ActorRef<RoleMsg>,
     stream: u64,
     done: bool,
+    suspects: Suspects,
 }
 
 impl AskStream {
@@ -382,7 +453,14 @@ impl AskStream {
             stream: self.stream,
             wait_ms: 2_000,
         };
-        match call_typed(&self.coordinator, req, Duration::from_secs(30)).await {
+        let id = self.coordinator.get_id();
+        let outcome = tokio::select! {
+            r = call_typed(&self.coordinator, req, Duration::from_secs(30)) => r,
+            _ = self.suspects.until(id) => Err(CallError::Unreachable(
+                "it stopped answering heartbeats".into(),
+            )),
+        };
+        match outcome {
             Ok(c) => {
                 self.done = c.done;
                 Some(Ok(c))

@@ -113,6 +113,24 @@ impl Health {
         v
     }
 
+    /// Resolves once member `id`, having answered before, stops being healthy (silent past
+    /// `suspect_after`, or seen failing); never for a member not heard from yet. Polled every
+    /// 50 ms: a call in flight to a replica whose node froze is abandoned by racing this.
+    pub async fn until_suspected(&self, id: ActorId) {
+        loop {
+            let suspected = self
+                .members
+                .read()
+                .expect("health lock")
+                .get(&id)
+                .is_some_and(|m| m.last_ok.is_some() && !m.healthy(self.suspect_after));
+            if suspected {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Records a failed call so the member is skipped until it answers a heartbeat.
     pub fn mark_failed(&self, id: ActorId) {
         if let Some(m) = self.members.write().expect("health lock").get_mut(&id) {

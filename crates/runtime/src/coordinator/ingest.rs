@@ -10,7 +10,7 @@ use ragfleet_proto::{Document, IngestResult, WireError, WriteOp};
 use tokio::task::JoinSet;
 use tracing::warn;
 
-use super::replicas::{call_replicas, Budget};
+use super::replicas::{call_unless_suspected, with_failover, Budget};
 use super::Ctx;
 use crate::health::Member;
 
@@ -78,11 +78,16 @@ pub async fn ingest(ctx: Arc<Ctx>, docs: Vec<Document>) -> Result<IngestResult, 
         let ctx = ctx.clone();
         set.spawn(async move {
             let ids: Vec<String> = req.docs.iter().map(|d| d.id.clone()).collect();
-            call_replicas(
+            // long batch work, not latency-bound: a busy embedder is waited for, not
+            // abandoned on a late heartbeat
+            with_failover(
                 &ctx.args.health,
                 order,
-                req,
                 Budget::Each(CHUNK_EMBED_TIMEOUT),
+                |actor, time| {
+                    let req = req.clone();
+                    async move { call_typed(&actor, req, time).await }
+                },
             )
             .await
             .map_err(|f| (ids, f.reason("no embedder replica answered")))
@@ -194,8 +199,10 @@ where
     }
     let mut writes = JoinSet::new();
     for r in replicas {
-        let req = req.clone();
-        writes.spawn(async move { call_typed(&r.actor, req, WRITE_TIMEOUT).await });
+        let (req, health) = (req.clone(), ctx.args.health.clone());
+        writes.spawn(async move {
+            call_unless_suspected(&health, &r.actor, req, WRITE_TIMEOUT).await
+        });
     }
     let mut acks = 0;
     let mut errors = Vec::new();

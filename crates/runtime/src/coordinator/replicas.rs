@@ -188,7 +188,8 @@ where
     Err(Failed::Exhausted(reason))
 }
 
-/// [`with_failover`] for one typed request.
+/// [`with_failover`] for one typed request. An attempt whose replica falls silent meanwhile
+/// (its node frozen: the failure detector suspects it) is abandoned as timed out at once.
 pub(crate) async fn call_replicas<R: Typed>(
     health: &Health,
     replicas: Vec<Member>,
@@ -197,7 +198,20 @@ pub(crate) async fn call_replicas<R: Typed>(
 ) -> Result<R::Reply, Failed> {
     with_failover(health, replicas, budget, |actor, time| {
         let req = req.clone();
-        async move { call_typed(&actor, req, time).await }
+        async move { call_unless_suspected(health, &actor, req, time).await }
     })
     .await
+}
+
+/// Calls `actor`, giving up (as a timeout) when the failure detector suspects it meanwhile.
+pub(crate) async fn call_unless_suspected<R: Typed>(
+    health: &Health,
+    actor: &ActorRef<RoleMsg>,
+    req: R,
+    time: Duration,
+) -> Result<R::Reply, CallError> {
+    tokio::select! {
+        r = call_typed(actor, req, time) => r,
+        _ = health.until_suspected(actor.get_id()) => Err(CallError::Timeout),
+    }
 }

@@ -1,0 +1,392 @@
+//! Chaos plans: a TOML file of faults and a workload, expanded with a seed into a schedule of
+//! timed events. The same plan and seed give the same schedule and the same workload.
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use serde::Deserialize;
+
+/// A plan file (`chaos/plans/NAME.toml`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Plan {
+    /// Plan name.
+    pub name: String,
+    /// What it shows.
+    #[serde(default)]
+    pub description: String,
+    /// Length of the faulty part of the run, in seconds (`--duration` overrides).
+    pub duration_s: f64,
+    /// Time replicas have to converge once the last fault ended, in seconds.
+    #[serde(default = "default_converge")]
+    pub converge_within_s: f64,
+    /// Resident memory a node may reach, in MiB.
+    #[serde(default = "default_rss")]
+    pub max_rss_mib: u64,
+    /// Whether queries may fail (e.g. every coordinator or every replica down at once).
+    #[serde(default)]
+    pub allow_query_failures: bool,
+    /// The steady workload.
+    #[serde(default)]
+    pub workload: Workload,
+    /// The faults.
+    #[serde(default, rename = "fault")]
+    pub faults: Vec<Fault>,
+}
+
+fn default_converge() -> f64 {
+    60.0
+}
+fn default_rss() -> u64 {
+    4096
+}
+
+/// The workload driven through the client while faults happen.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct Workload {
+    /// Retrievals a second (BM25 for a written document's marker, or dense for a corpus
+    /// question).
+    pub retrieve_per_s: f64,
+    /// An ingest of new documents this often, in ms.
+    pub ingest_every_ms: u64,
+    /// Documents per ingest.
+    pub ingest_batch: usize,
+    /// Every Nth ingest also rewrites an acknowledged document (0: never).
+    pub update_every: usize,
+    /// Every Nth ingest also deletes an acknowledged document (0: never).
+    pub delete_every: usize,
+    /// Answers asked a second (0: none).
+    pub ask_per_s: f64,
+}
+
+impl Default for Workload {
+    fn default() -> Self {
+        Workload {
+            retrieve_per_s: 4.0,
+            ingest_every_ms: 1000,
+            ingest_batch: 3,
+            update_every: 4,
+            delete_every: 5,
+            ask_per_s: 0.0,
+        }
+    }
+}
+
+/// One fault entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Fault {
+    /// kill (kill -9, restart after `down_s`), freeze (SIGSTOP, SIGCONT after `down_s`),
+    /// panic or stall (actors of `groups`), corrupt (kill -9, damage a file, restart).
+    pub kind: FaultKind,
+    /// Nodes it hits, in turn (empty: every node of the cluster).
+    #[serde(default)]
+    pub nodes: Vec<String>,
+    /// Seconds after the start of the run of the first hit.
+    #[serde(default)]
+    pub at_s: f64,
+    /// Seconds between hits (a node each, in turn; for panic/stall, a random node and group).
+    #[serde(default)]
+    pub every_s: Option<f64>,
+    /// Last second a repeating fault may hit (default: the end of the faulty part).
+    #[serde(default)]
+    pub until_s: Option<f64>,
+    /// Each hit's time moves by up to this many seconds, drawn from the seed.
+    #[serde(default)]
+    pub jitter_s: f64,
+    /// How long a killed or frozen node stays down.
+    #[serde(default = "default_down")]
+    pub down_s: f64,
+    /// Role groups for panic/stall (`embedder`, `shard.0`, ...; empty: every role group).
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// Stall length in ms.
+    #[serde(default = "default_stall")]
+    pub stall_ms: u64,
+    /// corrupt: `wal` (truncated mid-record or a flipped byte) or `segment`.
+    #[serde(default)]
+    pub target: Option<String>,
+    /// Whether nodes are hit in an order drawn from the seed (default: as listed).
+    #[serde(default)]
+    pub shuffle: bool,
+}
+
+fn default_down() -> f64 {
+    3.0
+}
+fn default_stall() -> u64 {
+    2000
+}
+
+/// Kinds of fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub(crate) enum FaultKind {
+    /// kill -9, then a restart.
+    Kill,
+    /// SIGSTOP, then SIGCONT.
+    Freeze,
+    /// Actors of a role group panic (their supervisors restart them).
+    Panic,
+    /// Actors of a role group stall their mailbox.
+    Stall,
+    /// kill -9, a data file damaged, then a restart.
+    Corrupt,
+}
+
+/// One scheduled action.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Action {
+    Kill(String),
+    Restart(String),
+    Freeze(String),
+    Thaw(String),
+    Panic { node: String, group: String },
+    Stall { node: String, group: String, ms: u64 },
+    /// Damage a file of a stopped node: `target` wal or segment; `pick` chooses the shard and
+    /// the byte deterministically.
+    Corrupt { node: String, target: String, pick: u64 },
+}
+
+impl std::fmt::Display for Action {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Action::Kill(n) => write!(f, "kill -9 {n}"),
+            Action::Restart(n) => write!(f, "restart {n}"),
+            Action::Freeze(n) => write!(f, "SIGSTOP {n}"),
+            Action::Thaw(n) => write!(f, "SIGCONT {n}"),
+            Action::Panic { node, group } => write!(f, "panic {group} on {node}"),
+            Action::Stall { node, group, ms } => write!(f, "stall {group} on {node} for {ms} ms"),
+            Action::Corrupt { node, target, .. } => write!(f, "damage a {target} file of {node}"),
+        }
+    }
+}
+
+/// A timed action; `fault` is the index of the plan entry it comes from.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Event {
+    pub at_ms: u64,
+    pub fault: usize,
+    pub action: Action,
+}
+
+impl Plan {
+    /// Reads and checks a plan file.
+    pub(crate) fn load(path: &Path) -> Result<Plan> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read plan {}", path.display()))?;
+        let p: Plan =
+            toml::from_str(&text).with_context(|| format!("invalid plan {}", path.display()))?;
+        p.check()?;
+        Ok(p)
+    }
+
+    fn check(&self) -> Result<()> {
+        if !(self.duration_s > 0.0) {
+            bail!("plan {}: duration_s must be positive", self.name);
+        }
+        if self.workload.ingest_batch == 0 || self.workload.ingest_every_ms == 0 {
+            bail!("plan {}: workload.ingest_batch and ingest_every_ms must be positive", self.name);
+        }
+        for (i, f) in self.faults.iter().enumerate() {
+            if f.every_s.is_some_and(|e| e <= 0.0) {
+                bail!("plan {}: fault[{i}].every_s must be positive", self.name);
+            }
+            if f.kind == FaultKind::Corrupt
+                && !matches!(f.target.as_deref(), Some("wal") | Some("segment"))
+            {
+                bail!("plan {}: fault[{i}].target must be \"wal\" or \"segment\"", self.name);
+            }
+        }
+        Ok(())
+    }
+
+    /// The events of the faulty part (`duration_s` long), from `seed`, in time order; the
+    /// nodes and role groups the cluster has.
+    pub(crate) fn schedule(
+        &self,
+        seed: u64,
+        duration_s: f64,
+        nodes: &[String],
+        groups: &[(String, String)],
+    ) -> Result<Vec<Event>> {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut events = Vec::new();
+        let ms = |s: f64| (s.max(0.0) * 1000.0) as u64;
+        for (i, f) in self.faults.iter().enumerate() {
+            let mut targets: Vec<String> = if f.nodes.is_empty() {
+                nodes.to_vec()
+            } else {
+                f.nodes.clone()
+            };
+            if let Some(bad) = targets.iter().find(|n| !nodes.contains(n)) {
+                bail!("plan {}: fault[{i}] names node {bad:?}, not in the cluster", self.name);
+            }
+            if f.shuffle {
+                targets.shuffle(&mut rng);
+            }
+            let until = f.until_s.unwrap_or(duration_s).min(duration_s);
+            let jitter = |rng: &mut rand::rngs::StdRng| {
+                if f.jitter_s > 0.0 {
+                    rng.gen_range(-f.jitter_s..f.jitter_s)
+                } else {
+                    0.0
+                }
+            };
+            match f.kind {
+                FaultKind::Kill | FaultKind::Freeze | FaultKind::Corrupt => {
+                    let every = f.every_s.unwrap_or(f.down_s + 5.0);
+                    for (k, node) in targets.iter().enumerate() {
+                        let t = f.at_s + k as f64 * every + jitter(&mut rng);
+                        if t > until {
+                            break;
+                        }
+                        let back = t + f.down_s;
+                        let (down, up) = match f.kind {
+                            FaultKind::Freeze => {
+                                (Action::Freeze(node.clone()), Action::Thaw(node.clone()))
+                            }
+                            _ => (Action::Kill(node.clone()), Action::Restart(node.clone())),
+                        };
+                        events.push(Event {
+                            at_ms: ms(t),
+                            fault: i,
+                            action: down,
+                        });
+                        if f.kind == FaultKind::Corrupt {
+                            events.push(Event {
+                                at_ms: ms(t) + 200,
+                                fault: i,
+                                action: Action::Corrupt {
+                                    node: node.clone(),
+                                    target: f.target.clone().unwrap_or_default(),
+                                    pick: rng.gen(),
+                                },
+                            });
+                        }
+                        events.push(Event {
+                            at_ms: ms(back),
+                            fault: i,
+                            action: up,
+                        });
+                    }
+                }
+                FaultKind::Panic | FaultKind::Stall => {
+                    let every = f.every_s.unwrap_or(1.0);
+                    let pool: Vec<&(String, String)> = groups
+                        .iter()
+                        .filter(|(n, g)| {
+                            targets.contains(n) && (f.groups.is_empty() || f.groups.contains(g))
+                        })
+                        .collect();
+                    if pool.is_empty() {
+                        bail!("plan {}: fault[{i}] hits no role group of the cluster", self.name);
+                    }
+                    let mut t = f.at_s;
+                    while t <= until {
+                        let (node, group) = pool[rng.gen_range(0..pool.len())].clone();
+                        let action = if f.kind == FaultKind::Panic {
+                            Action::Panic { node, group }
+                        } else {
+                            Action::Stall {
+                                node,
+                                group,
+                                ms: f.stall_ms,
+                            }
+                        };
+                        events.push(Event {
+                            at_ms: ms(t + jitter(&mut rng)),
+                            fault: i,
+                            action,
+                        });
+                        t += every;
+                    }
+                }
+            }
+        }
+        events.sort_by_key(|e| e.at_ms);
+        Ok(events)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(text: &str) -> Plan {
+        let p: Plan = toml::from_str(text).unwrap();
+        p.check().unwrap();
+        p
+    }
+
+    fn nodes() -> Vec<String> {
+        vec!["n1".into(), "n2".into(), "n3".into()]
+    }
+
+    #[test]
+    fn the_same_seed_gives_the_same_schedule_and_another_seed_another() {
+        let p = plan(
+            "name = \"t\"\nduration_s = 60\n[[fault]]\nkind = \"kill\"\nat_s = 5\nevery_s = 10\ndown_s = 3\njitter_s = 2\nshuffle = true\n[[fault]]\nkind = \"panic\"\nat_s = 1\nevery_s = 0.5\nuntil_s = 10\n",
+        );
+        let groups: Vec<(String, String)> = nodes()
+            .into_iter()
+            .flat_map(|n| [(n.clone(), "embedder".to_string()), (n, "shard.0".to_string())])
+            .collect();
+        let a = p.schedule(7, 60.0, &nodes(), &groups).unwrap();
+        let b = p.schedule(7, 60.0, &nodes(), &groups).unwrap();
+        let c = p.schedule(8, 60.0, &nodes(), &groups).unwrap();
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        // every node killed once and restarted down_s later, in time order
+        let kills: Vec<&Event> = a
+            .iter()
+            .filter(|e| matches!(e.action, Action::Kill(_)))
+            .collect();
+        assert_eq!(kills.len(), 3);
+        for k in &kills {
+            let Action::Kill(n) = &k.action else { unreachable!() };
+            let r = a
+                .iter()
+                .find(|e| e.action == Action::Restart(n.clone()))
+                .unwrap();
+            assert_eq!(r.at_ms - k.at_ms, 3000);
+        }
+        assert!(a.windows(2).all(|w| w[0].at_ms <= w[1].at_ms));
+        // panics every 0.5 s from 1 s to 10 s
+        assert_eq!(
+            a.iter()
+                .filter(|e| matches!(e.action, Action::Panic { .. }))
+                .count(),
+            19
+        );
+    }
+
+    #[test]
+    fn bad_plans_are_refused_naming_the_field() {
+        let bad: Result<Plan, _> = toml::from_str("name = \"t\"\nduration_s = 5\nbogus = 1\n");
+        assert!(bad.is_err());
+        let p: Plan = toml::from_str(
+            "name = \"t\"\nduration_s = 5\n[[fault]]\nkind = \"corrupt\"\n",
+        )
+        .unwrap();
+        assert!(p.check().unwrap_err().to_string().contains("target"));
+        let p = plan("name = \"t\"\nduration_s = 5\n[[fault]]\nkind = \"kill\"\nnodes = [\"n9\"]\n");
+        let e = p.schedule(1, 5.0, &nodes(), &[]).unwrap_err().to_string();
+        assert!(e.contains("n9"), "{e}");
+    }
+
+    #[test]
+    fn every_shipped_plan_is_valid() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("chaos/plans");
+        let mut n = 0;
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = Plan::load(&e.unwrap().path()).unwrap();
+            let groups = vec![("n1".to_string(), "embedder".to_string())];
+            p.schedule(7, p.duration_s, &nodes(), &groups).unwrap();
+            n += 1;
+        }
+        assert!(n >= 5, "{n} plans");
+    }
+}

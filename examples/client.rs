@@ -5,8 +5,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use ragfleet_config::ClusterConfig;
 use ragfleet_client::Client;
+use ragfleet_config::ClusterConfig;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {

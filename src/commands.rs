@@ -314,13 +314,14 @@ pub(crate) async fn run(cli: Cli) -> Result<()> {
             .await?
         }
         Cmd::Chaos {
-            cmd: Some(ChaosCmd::Run {
-                cluster,
-                plan,
-                seed,
-                duration,
-                json,
-            }),
+            cmd:
+                Some(ChaosCmd::Run {
+                    cluster,
+                    plan,
+                    seed,
+                    duration,
+                    json,
+                }),
             ..
         } => {
             init_logs("warn,ractor_cluster=off");

@@ -128,8 +128,7 @@ impl Corpus {
                 line: old_line,
                 reason,
             });
-            self.seen
-                .insert(d.id.clone(), (i, p.to_path_buf(), line));
+            self.seen.insert(d.id.clone(), (i, p.to_path_buf(), line));
             self.docs[i] = d;
         } else {
             self.seen
@@ -339,8 +338,14 @@ mod tests {
         assert!(c.skipped.is_empty());
         assert_eq!(c.replaced.len(), 1);
         assert_eq!(c.replaced[0].line, 1);
-        assert!(c.replaced[0].reason.contains("replaced by the later record"));
-        assert!(c.replaced[0].reason.contains(":3"), "{}", c.replaced[0].reason);
+        assert!(c.replaced[0]
+            .reason
+            .contains("replaced by the later record"));
+        assert!(
+            c.replaced[0].reason.contains(":3"),
+            "{}",
+            c.replaced[0].reason
+        );
     }
 
     #[test]

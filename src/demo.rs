@@ -59,7 +59,12 @@ pub async fn ingest_corpus(
         bar.inc(b.len() as u64);
     }
     for b in batches {
-        failed.extend(b.iter().map(|d| (d.id.clone(), "not sent: an earlier batch failed".to_string())));
+        failed.extend(b.iter().map(|d| {
+            (
+                d.id.clone(),
+                "not sent: an earlier batch failed".to_string(),
+            )
+        }));
     }
     bar.finish_and_clear();
     let secs = t0.elapsed().as_secs_f64();

@@ -9,11 +9,11 @@ pub type Backend = ragfleet_models::backend::Gpu;
 /// The backend the binary runs models on: CUDA with `--features cuda`, else the CPU default.
 #[cfg(not(feature = "cuda"))]
 pub type Backend = ragfleet_models::backend::Cpu;
-use ragfleet_models::fetch::{EMBEDDER_DIR, GENERATOR_GGUF, RERANKER_DIR};
 use ragfleet_index::ranking::SentenceScorer;
+use ragfleet_models::fetch::{EMBEDDER_DIR, GENERATOR_GGUF, RERANKER_DIR};
 use ragfleet_models::{CrossEncoder, Embedder};
-use ragfleet_proto::ModelIdentity;
 use ragfleet_proto::GenerationRequest;
+use ragfleet_proto::ModelIdentity;
 use ragfleet_runtime::models::{GenEvent, TokenCount};
 use ragfleet_runtime::{EmbedModel, GenerateModel, ModelLoader, RerankModel};
 use Backend as Cpu;
@@ -87,7 +87,10 @@ impl GenerateModel for GeneratorModel {
     }
     fn serve(
         &self,
-        rx: std::sync::mpsc::Receiver<(GenerationRequest, tokio::sync::mpsc::UnboundedSender<GenEvent>)>,
+        rx: std::sync::mpsc::Receiver<(
+            GenerationRequest,
+            tokio::sync::mpsc::UnboundedSender<GenEvent>,
+        )>,
         max_streams: usize,
     ) {
         self.0.serve(rx, max_streams, |job| {

@@ -26,7 +26,9 @@ fn cluster_file(dir: &std::path::Path) -> std::path::PathBuf {
             free_port()
         ));
     }
-    text.push_str("[index]\nshards = 4\nreplication = 2\nwrite_quorum = 2\nanti_entropy_ms = 1000\n");
+    text.push_str(
+        "[index]\nshards = 4\nreplication = 2\nwrite_quorum = 2\nanti_entropy_ms = 1000\n",
+    );
     text.push_str("[failure]\nheartbeat_ms = 100\nsuspect_after_ms = 600\n");
     let p = dir.join("cluster.toml");
     std::fs::write(&p, text).unwrap();
@@ -50,16 +52,25 @@ fn run(dir: &std::path::Path, plan: &str, seed: &str) -> (bool, serde_json::Valu
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     let last = stdout.lines().last().unwrap_or("").to_string();
-    let report = serde_json::from_str(&last)
-        .unwrap_or_else(|e| panic!("no JSON report ({e}): {stdout}\n{}", String::from_utf8_lossy(&out.stderr)));
-    (out.status.success(), report, String::from_utf8_lossy(&out.stderr).to_string())
+    let report = serde_json::from_str(&last).unwrap_or_else(|e| {
+        panic!(
+            "no JSON report ({e}): {stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (
+        out.status.success(),
+        report,
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
 }
 
 #[test]
 fn a_kill_and_a_freeze_under_load_lose_nothing_and_every_query_answers() {
     let _g = serial();
     let dir = tempfile::tempdir().unwrap();
-    let plan = "name = \"t\"\nduration_s = 14\n[workload]\nretrieve_per_s = 4\ningest_every_ms = 700\n\
+    let plan =
+        "name = \"t\"\nduration_s = 14\n[workload]\nretrieve_per_s = 4\ningest_every_ms = 700\n\
         [[fault]]\nkind = \"kill\"\nnodes = [\"n1\"]\nat_s = 2\ndown_s = 3\n\
         [[fault]]\nkind = \"freeze\"\nnodes = [\"n3\"]\nat_s = 8\ndown_s = 3\n\
         [[fault]]\nkind = \"panic\"\ngroups = [\"embedder\"]\nat_s = 1\nevery_s = 5\n";
@@ -98,6 +109,9 @@ fn a_violated_invariant_exits_non_zero_naming_it_and_the_seed() {
     let (ok, r, err) = run(dir.path(), plan, "5");
     assert!(!ok, "{r}");
     let v = r["violations"].as_array().unwrap();
-    assert!(!v.is_empty() && v[0].as_str().unwrap().contains("MiB resident"), "{r}");
+    assert!(
+        !v.is_empty() && v[0].as_str().unwrap().contains("MiB resident"),
+        "{r}"
+    );
     assert!(err.contains("--seed 5"), "{err}");
 }

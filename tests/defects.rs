@@ -36,15 +36,19 @@ fn docs_jsonl(c: &Cluster, name: &str, from: usize, to: usize) -> std::path::Pat
 fn shard_panics_leave_one_owner_of_the_files_and_lose_no_acknowledged_write() {
     let _g = serial();
     // shard 0 lives on n1 and n2; anti-entropy runs often, as it would over a long run
-    let mut c = Cluster::three("index.anti_entropy_ms = 200\n[supervision]\nmax_restarts = 5\nwithin_secs = 10\n");
+    let mut c = Cluster::three(
+        "index.anti_entropy_ms = 200\n[supervision]\nmax_restarts = 5\nwithin_secs = 10\n",
+    );
     let p = docs_jsonl(&c, "a", 0, 8);
     c.json(&["ingest", "--json", p.to_str().unwrap()]);
     for n in ["n1", "n2"] {
         let (ok, out, err) = c.cli(&["chaos", "--group", "shard.0", "--node", n]);
         assert!(ok, "{out}{err}");
-        wait_for(&format!("shard 0 on {n} restarted"), Duration::from_secs(20), || {
-            c.log(n).contains("child failed: restarting").then_some(())
-        });
+        wait_for(
+            &format!("shard 0 on {n} restarted"),
+            Duration::from_secs(20),
+            || c.log(n).contains("child failed: restarting").then_some(()),
+        );
     }
     c.wait_all_alive();
     // the restarted replica is the only owner of its files: the earlier instance (and its
@@ -83,11 +87,21 @@ fn shard_panics_leave_one_owner_of_the_files_and_lose_no_acknowledged_write() {
     }
     for (name, i) in acked {
         let r = c.json(&[
-            "retrieve", "--json", "--mode", "bm25", "--no-rerank", "--k", "3",
+            "retrieve",
+            "--json",
+            "--mode",
+            "bm25",
+            "--no-rerank",
+            "--k",
+            "3",
             &format!("zqp{name}x{i}"),
         ]);
         assert_eq!(answered(&r), 4);
-        assert_eq!(top_doc(&r), format!("p-{name}-{i}"), "lost p-{name}-{i}: {r}");
+        assert_eq!(
+            top_doc(&r),
+            format!("p-{name}-{i}"),
+            "lost p-{name}-{i}: {r}"
+        );
     }
 }
 
@@ -119,7 +133,10 @@ fn oversized_documents_are_refused_before_sending_and_partial_ingests_exit_non_z
     assert_eq!(failed.len(), 1, "{v}");
     assert_eq!(failed[0][0], "big");
     assert!(
-        failed[0][1].as_str().unwrap().contains("exceeds the limit of 4194304 bytes"),
+        failed[0][1]
+            .as_str()
+            .unwrap()
+            .contains("exceeds the limit of 4194304 bytes"),
         "{v}"
     );
     assert!(err.contains("1 failed"), "{err}");
@@ -134,10 +151,31 @@ fn oversized_documents_are_refused_before_sending_and_partial_ingests_exit_non_z
     let v = c.json(&["ingest", "--json", p.to_str().unwrap()]);
     assert_eq!(v["documents"], 1);
     assert_eq!(v["replaced"][0]["line"], 1, "{v}");
-    let r = c.json(&["retrieve", "--json", "--mode", "bm25", "--no-rerank", "pelicans"]);
+    let r = c.json(&[
+        "retrieve",
+        "--json",
+        "--mode",
+        "bm25",
+        "--no-rerank",
+        "pelicans",
+    ]);
     assert_eq!(top_doc(&r), "dup");
-    let r = c.json(&["retrieve", "--json", "--mode", "bm25", "--no-rerank", "walruses"]);
-    assert!(r["hits"].as_array().unwrap().iter().all(|h| h["doc_id"] != "dup" || !h["text"].as_str().unwrap().contains("walruses")), "{r}");
+    let r = c.json(&[
+        "retrieve",
+        "--json",
+        "--mode",
+        "bm25",
+        "--no-rerank",
+        "walruses",
+    ]);
+    assert!(
+        r["hits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|h| h["doc_id"] != "dup" || !h["text"].as_str().unwrap().contains("walruses")),
+        "{r}"
+    );
 }
 
 #[test]
@@ -153,11 +191,12 @@ fn a_stalled_reranker_costs_the_rerank_deadline_and_the_answer_says_it_was_skipp
     c.json(&["ingest", "--json", p.to_str().unwrap()]);
     let r = c.json(&["retrieve", "--json", "--rerank", "honey bees and nectar"]);
     assert_eq!(r["rerank"], "applied", "{r}");
-    let (ok, out, err) = c.cli(&[
-        "chaos", "--group", "reranker", "--action", "stall:30000",
-    ]);
+    let (ok, out, err) = c.cli(&["chaos", "--group", "reranker", "--action", "stall:30000"]);
     assert!(ok && out.contains("done"), "{out}{err}");
-    for (i, q) in ["honey bees and nectar", "how do glaciers move"].iter().enumerate() {
+    for (i, q) in ["honey bees and nectar", "how do glaciers move"]
+        .iter()
+        .enumerate()
+    {
         let r = c.json(&["retrieve", "--json", "--rerank", q]);
         // the first query waits out the stage deadline; the replica that missed it is then
         // suspected until it answers a heartbeat, so later queries skip at once
@@ -195,7 +234,10 @@ fn an_answer_cut_mid_stream_by_a_stalled_generator_is_reported_truncated() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let cfg = std::sync::Arc::new(ragfleet_config::ClusterConfig::load(&c.config).unwrap());
     let client = rt
-        .block_on(ragfleet_runtime::Client::connect(cfg, Duration::from_secs(10)))
+        .block_on(ragfleet_runtime::Client::connect(
+            cfg,
+            Duration::from_secs(10),
+        ))
         .unwrap();
     let summary = rt.block_on(async {
         let options = AskOptions {
@@ -236,9 +278,14 @@ fn an_answer_cut_mid_stream_by_a_stalled_generator_is_reported_truncated() {
     });
     assert!(summary.truncated, "{summary:?}");
     let reason = summary.truncated_reason.clone().unwrap_or_default();
-    assert!(reason.starts_with("error: generator failed mid-answer"), "{summary:?}");
     assert!(
-        summary.answer.ends_with("[answer cut: the generator failed mid-answer]"),
+        reason.starts_with("error: generator failed mid-answer"),
+        "{summary:?}"
+    );
+    assert!(
+        summary
+            .answer
+            .ends_with("[answer cut: the generator failed mid-answer]"),
         "{summary:?}"
     );
 }

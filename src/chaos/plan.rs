@@ -143,11 +143,22 @@ pub(crate) enum Action {
     Restart(String),
     Freeze(String),
     Thaw(String),
-    Panic { node: String, group: String },
-    Stall { node: String, group: String, ms: u64 },
+    Panic {
+        node: String,
+        group: String,
+    },
+    Stall {
+        node: String,
+        group: String,
+        ms: u64,
+    },
     /// Damage a file of a stopped node: `target` wal or segment; `pick` chooses the shard and
     /// the byte deterministically.
-    Corrupt { node: String, target: String, pick: u64 },
+    Corrupt {
+        node: String,
+        target: String,
+        pick: u64,
+    },
 }
 
 impl std::fmt::Display for Action {
@@ -188,7 +199,10 @@ impl Plan {
             bail!("plan {}: duration_s must be positive", self.name);
         }
         if self.workload.ingest_batch == 0 || self.workload.ingest_every_ms == 0 {
-            bail!("plan {}: workload.ingest_batch and ingest_every_ms must be positive", self.name);
+            bail!(
+                "plan {}: workload.ingest_batch and ingest_every_ms must be positive",
+                self.name
+            );
         }
         for (i, f) in self.faults.iter().enumerate() {
             if f.every_s.is_some_and(|e| e <= 0.0) {
@@ -197,7 +211,10 @@ impl Plan {
             if f.kind == FaultKind::Corrupt
                 && !matches!(f.target.as_deref(), Some("wal") | Some("segment"))
             {
-                bail!("plan {}: fault[{i}].target must be \"wal\" or \"segment\"", self.name);
+                bail!(
+                    "plan {}: fault[{i}].target must be \"wal\" or \"segment\"",
+                    self.name
+                );
             }
         }
         Ok(())
@@ -222,7 +239,10 @@ impl Plan {
                 f.nodes.clone()
             };
             if let Some(bad) = targets.iter().find(|n| !nodes.contains(n)) {
-                bail!("plan {}: fault[{i}] names node {bad:?}, not in the cluster", self.name);
+                bail!(
+                    "plan {}: fault[{i}] names node {bad:?}, not in the cluster",
+                    self.name
+                );
             }
             if f.shuffle {
                 targets.shuffle(&mut rng);
@@ -282,7 +302,10 @@ impl Plan {
                         })
                         .collect();
                     if pool.is_empty() {
-                        bail!("plan {}: fault[{i}] hits no role group of the cluster", self.name);
+                        bail!(
+                            "plan {}: fault[{i}] hits no role group of the cluster",
+                            self.name
+                        );
                     }
                     let mut t = f.at_s;
                     while t <= until {
@@ -332,7 +355,12 @@ mod tests {
         );
         let groups: Vec<(String, String)> = nodes()
             .into_iter()
-            .flat_map(|n| [(n.clone(), "embedder".to_string()), (n, "shard.0".to_string())])
+            .flat_map(|n| {
+                [
+                    (n.clone(), "embedder".to_string()),
+                    (n, "shard.0".to_string()),
+                ]
+            })
             .collect();
         let a = p.schedule(7, 60.0, &nodes(), &groups).unwrap();
         let b = p.schedule(7, 60.0, &nodes(), &groups).unwrap();
@@ -346,7 +374,9 @@ mod tests {
             .collect();
         assert_eq!(kills.len(), 3);
         for k in &kills {
-            let Action::Kill(n) = &k.action else { unreachable!() };
+            let Action::Kill(n) = &k.action else {
+                unreachable!()
+            };
             let r = a
                 .iter()
                 .find(|e| e.action == Action::Restart(n.clone()))
@@ -367,12 +397,12 @@ mod tests {
     fn bad_plans_are_refused_naming_the_field() {
         let bad: Result<Plan, _> = toml::from_str("name = \"t\"\nduration_s = 5\nbogus = 1\n");
         assert!(bad.is_err());
-        let p: Plan = toml::from_str(
-            "name = \"t\"\nduration_s = 5\n[[fault]]\nkind = \"corrupt\"\n",
-        )
-        .unwrap();
+        let p: Plan =
+            toml::from_str("name = \"t\"\nduration_s = 5\n[[fault]]\nkind = \"corrupt\"\n")
+                .unwrap();
         assert!(p.check().unwrap_err().to_string().contains("target"));
-        let p = plan("name = \"t\"\nduration_s = 5\n[[fault]]\nkind = \"kill\"\nnodes = [\"n9\"]\n");
+        let p =
+            plan("name = \"t\"\nduration_s = 5\n[[fault]]\nkind = \"kill\"\nnodes = [\"n9\"]\n");
         let e = p.schedule(1, 5.0, &nodes(), &[]).unwrap_err().to_string();
         assert!(e.contains("n9"), "{e}");
     }

@@ -10,12 +10,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use rand::{Rng, SeedableRng};
 use ragfleet_client::groups;
 use ragfleet_client::typed::{call_typed, Chaos, Digest, Fetch};
 use ragfleet_config::{ClusterConfig, NodeRole};
 use ragfleet_proto::{ChaosAction, Document, RetrieveOptions, SearchMode, WriteOp};
 use ragfleet_runtime::Client;
+use rand::{Rng, SeedableRng};
 use serde_json::json;
 
 use super::plan::{Action, Plan};
@@ -121,7 +121,13 @@ impl Nodes {
     }
 
     fn stop_all(&self) {
-        let names: Vec<String> = self.children.lock().expect("nodes").keys().cloned().collect();
+        let names: Vec<String> = self
+            .children
+            .lock()
+            .expect("nodes")
+            .keys()
+            .cloned()
+            .collect();
         for n in names {
             self.signal(&n, libc::SIGCONT);
             self.kill(&n);
@@ -345,7 +351,10 @@ pub(crate) async fn run(a: RunArgs) -> Result<i32> {
     }
     shared.stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let _ = workload.await;
-    shared.note("faults and workload end; waiting for convergence".into(), a.json);
+    shared.note(
+        "faults and workload end; waiting for convergence".into(),
+        a.json,
+    );
     let mut violations: Vec<String> = Vec::new();
     let mut recovery_ms = serde_json::Map::new();
     for (what, h) in recovery {
@@ -353,11 +362,18 @@ pub(crate) async fn run(a: RunArgs) -> Result<i32> {
             Some(ms) => {
                 recovery_ms.insert(what, json!(ms));
             }
-            None => violations.push(format!("{what}: its replicas did not serve again within 120 s")),
+            None => violations.push(format!(
+                "{what}: its replicas did not serve again within 120 s"
+            )),
         }
     }
     let t_conv = Instant::now();
-    let converged = converge(&client, &cfg, Duration::from_secs_f64(a.plan.converge_within_s)).await;
+    let converged = converge(
+        &client,
+        &cfg,
+        Duration::from_secs_f64(a.plan.converge_within_s),
+    )
+    .await;
     match converged {
         Ok(()) => {
             recovery_ms.insert(
@@ -426,7 +442,14 @@ pub(crate) async fn run(a: RunArgs) -> Result<i32> {
         }
     }
     drop(timeline);
-    violations.extend(nodes.unexpected_exits.lock().expect("nodes").iter().cloned());
+    violations.extend(
+        nodes
+            .unexpected_exits
+            .lock()
+            .expect("nodes")
+            .iter()
+            .cloned(),
+    );
     let max_rss: BTreeMap<String, u64> = nodes
         .max_rss_kib
         .lock()
@@ -492,14 +515,20 @@ pub(crate) async fn run(a: RunArgs) -> Result<i32> {
         println!("{report}");
     } else {
         println!();
-        println!("{:>9}  {:<34} {:>7} {:>6} {:>7} {:>7}", "at", "fault", "queries", "failed", "partial", "max ms");
+        println!(
+            "{:>9}  {:<34} {:>7} {:>6} {:>7} {:>7}",
+            "at", "fault", "queries", "failed", "partial", "max ms"
+        );
         for row in &fault_rows {
             let q = &row["queries_next_5s"];
             println!(
                 "{:>8.1}s  {:<34} {:>7} {:>6} {:>7} {:>7}",
                 row["at_ms"].as_u64().unwrap_or(0) as f64 / 1000.0,
                 row["action"].as_str().unwrap_or(""),
-                q["total"], q["failed"], q["partial"], q["max_ms"]
+                q["total"],
+                q["failed"],
+                q["partial"],
+                q["max_ms"]
             );
         }
         println!(
@@ -523,7 +552,10 @@ pub(crate) async fn run(a: RunArgs) -> Result<i32> {
                 .join(", ")
         );
         if violations.is_empty() {
-            println!("no invariant violated (plan {}, seed {})", a.plan.name, a.seed);
+            println!(
+                "no invariant violated (plan {}, seed {})",
+                a.plan.name, a.seed
+            );
         }
     }
     if !violations.is_empty() {
@@ -549,7 +581,9 @@ fn doc(seed: u64, n: u64, version: u64, rng: &mut rand::rngs::StdRng) -> Documen
         "replica", "shard", "ledger", "harbour", "lantern", "orchard", "granite", "meadow",
         "signal", "quarry", "beacon", "thicket",
     ];
-    let filler: Vec<&str> = (0..8).map(|_| WORDS[rng.gen_range(0..WORDS.len())]).collect();
+    let filler: Vec<&str> = (0..8)
+        .map(|_| WORDS[rng.gen_range(0..WORDS.len())])
+        .collect();
     Document {
         id: format!("chaos-{seed}-{n}"),
         title: String::new(),
@@ -590,7 +624,10 @@ async fn workload(
                     let n = id.rsplit('-').next().unwrap_or("0");
                     (format!("zq{seed}x{n}"), SearchMode::Bm25)
                 } else {
-                    ("which replica holds the ledger".to_string(), SearchMode::Dense)
+                    (
+                        "which replica holds the ledger".to_string(),
+                        SearchMode::Dense,
+                    )
                 };
                 let opts = RetrieveOptions {
                     k: Some(5),
@@ -651,7 +688,11 @@ async fn workload(
             .collect();
         if w.update_every > 0 && tick % w.update_every == 0 && !known.is_empty() {
             let id = &known[rng.gen_range(0..known.len())];
-            let k: u64 = id.rsplit('-').next().and_then(|x| x.parse().ok()).unwrap_or(0);
+            let k: u64 = id
+                .rsplit('-')
+                .next()
+                .and_then(|x| x.parse().ok())
+                .unwrap_or(0);
             docs.push(doc(seed, k, tick as u64, &mut rng));
         }
         let r = client.ingest(docs.clone()).await;
@@ -665,7 +706,10 @@ async fn workload(
                 if failed.contains(&d.id) {
                     // not acknowledged: it may or may not have landed
                     l.failed += 1;
-                    l.maybe.entry(d.id.clone()).or_default().push(d.text.clone());
+                    l.maybe
+                        .entry(d.id.clone())
+                        .or_default()
+                        .push(d.text.clone());
                 } else {
                     l.acked += 1;
                     l.deleted.remove(&d.id);
@@ -739,14 +783,16 @@ async fn apply(
             if group.starts_with("shard.") {
                 let back = 2 * cfg.failure.suspect_after_ms.clamp(1000, 10_000) + 3000;
                 let mut tl = shared.timeline.lock().expect("t");
-                tl.intervals.push((format!("{node}/{group}"), now, now + back));
+                tl.intervals
+                    .push((format!("{node}/{group}"), now, now + back));
             }
             chaos_call(client, node, group, ChaosAction::Panic).await
         }
         Action::Stall { node, group, ms } => {
             if group.starts_with("shard.") {
                 let mut tl = shared.timeline.lock().expect("t");
-                tl.intervals.push((format!("{node}/{group}"), now, now + ms));
+                tl.intervals
+                    .push((format!("{node}/{group}"), now, now + ms));
             }
             chaos_call(client, node, group, ChaosAction::Stall(*ms)).await
         }
@@ -758,7 +804,12 @@ async fn chaos_call(client: &Client, node: &str, group: &str, action: ChaosActio
     let g = format!("ragfleet.{group}");
     let mut hit = 0;
     for a in client.members(&g) {
-        let info = call_typed(&a, ragfleet_client::typed::Ping {}, Duration::from_millis(500)).await;
+        let info = call_typed(
+            &a,
+            ragfleet_client::typed::Ping {},
+            Duration::from_millis(500),
+        )
+        .await;
         if info.is_ok_and(|i| i.node == node) {
             let _ = call_typed(&a, Chaos { action }, Duration::from_millis(500)).await;
             hit += 1;
@@ -787,7 +838,11 @@ fn corrupt(cfg: &ClusterConfig, node: &str, target: &str, pick: u64) -> String {
     let wal = file(dir.join("wal.log"));
     let seg = std::fs::read_dir(&dir).ok().and_then(|d| {
         d.filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "bin") && p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("seg-")))
+            .filter(|p| {
+                p.extension().is_some_and(|x| x == "bin")
+                    && p.file_name()
+                        .is_some_and(|n| n.to_string_lossy().starts_with("seg-"))
+            })
             .find_map(file)
     });
     let chosen = match target {
@@ -862,7 +917,10 @@ async fn converge(client: &Client, cfg: &ClusterConfig, within: Duration) -> Res
     let start = Instant::now();
     let mut last = String::new();
     while start.elapsed() < within {
-        if wait_serving(client, cfg, Duration::from_millis(1)).await.is_ok() {
+        if wait_serving(client, cfg, Duration::from_millis(1))
+            .await
+            .is_ok()
+        {
             let mut all_equal = true;
             for s in 0..cfg.index.shards {
                 let members = client.members(&groups::shard(s));
@@ -875,7 +933,10 @@ async fn converge(client: &Client, cfg: &ClusterConfig, within: Duration) -> Res
                 let expected = cfg.placement()[s as usize].len();
                 if digests.len() < expected || digests.windows(2).any(|w| w[0] != w[1]) {
                     all_equal = false;
-                    last = format!("shard {s}: {} of {expected} replicas answered, digests {digests:?}", digests.len());
+                    last = format!(
+                        "shard {s}: {} of {expected} replicas answered, digests {digests:?}",
+                        digests.len()
+                    );
                     break;
                 }
             }
@@ -904,7 +965,10 @@ async fn check_writes(
     };
     let mut by_shard: BTreeMap<u32, Vec<String>> = BTreeMap::new();
     for id in live.keys().chain(deleted.iter()) {
-        by_shard.entry(cfg.shard_of(id)).or_default().push(id.clone());
+        by_shard
+            .entry(cfg.shard_of(id))
+            .or_default()
+            .push(id.clone());
     }
     let (mut lost, mut resurrected) = (Vec::new(), Vec::new());
     for (s, ids) in by_shard {
@@ -914,7 +978,15 @@ async fn check_writes(
                 .map(|i| i.node)
                 .unwrap_or_else(|_| "?".into());
             for batch in ids.chunks(200) {
-                let got = match call_typed(&m, Fetch { doc_ids: batch.to_vec() }, Duration::from_secs(30)).await {
+                let got = match call_typed(
+                    &m,
+                    Fetch {
+                        doc_ids: batch.to_vec(),
+                    },
+                    Duration::from_secs(30),
+                )
+                .await
+                {
                     Ok((ops, _)) => ops,
                     Err(e) => {
                         lost.push(format!("shard {s} on {replica}: fetch failed: {e}"));
@@ -924,9 +996,14 @@ async fn check_writes(
                 let held: HashMap<String, String> = got
                     .into_iter()
                     .filter_map(|op| match op {
-                        WriteOp::Upsert { doc_id, chunks, .. } => {
-                            Some((doc_id, chunks.iter().map(|c| c.text.clone()).collect::<Vec<_>>().join(" ")))
-                        }
+                        WriteOp::Upsert { doc_id, chunks, .. } => Some((
+                            doc_id,
+                            chunks
+                                .iter()
+                                .map(|c| c.text.clone())
+                                .collect::<Vec<_>>()
+                                .join(" "),
+                        )),
                         WriteOp::Delete { .. } => None,
                     })
                     .collect();
@@ -940,7 +1017,9 @@ async fn check_writes(
                     let want = &live[id];
                     let ok = held.get(id).is_some_and(|t| {
                         t.contains(want.as_str())
-                            || maybe.get(id).is_some_and(|m| m.iter().any(|x| !x.is_empty() && t.contains(x.as_str())))
+                            || maybe.get(id).is_some_and(|m| {
+                                m.iter().any(|x| !x.is_empty() && t.contains(x.as_str()))
+                            })
                     });
                     if !ok {
                         lost.push(format!(

@@ -17,9 +17,9 @@ use ragfleet_proto::{
 use tracing::debug;
 
 use crate::call::CallError;
-use crate::typed::{self, call_typed, Typed};
 use crate::groups;
 use crate::transport::start_server;
+use crate::typed::{self, call_typed, Typed};
 use crate::RoleMsg;
 
 /// Client errors.
@@ -52,7 +52,9 @@ pub enum ClientError {
 /// frame's own header): the receiving node would drop the connection and the client would
 /// retry for ever.
 fn check_size(req: &Request) -> Result<(), ClientError> {
-    let bytes = postcard::to_stdvec(req).map(|b| b.len()).unwrap_or(usize::MAX);
+    let bytes = postcard::to_stdvec(req)
+        .map(|b| b.len())
+        .unwrap_or(usize::MAX);
     let limit = ragfleet_proto::MAX_FRAME_BYTES - 4096;
     if bytes > limit {
         return Err(ClientError::TooLarge { bytes, limit });
@@ -340,7 +342,8 @@ impl Client {
 
     /// Cluster status.
     pub async fn status(&self) -> Result<ClusterStatus, ClientError> {
-        self.request(typed::Status {}, Duration::from_secs(10)).await
+        self.request(typed::Status {}, Duration::from_secs(10))
+            .await
     }
 
     /// Asks a question; the answer streams through the returned [`AskStream`].

@@ -111,5 +111,4 @@ mod tests {
         };
         assert!(RoleMsg::deserialize(ser).is_err());
     }
-
 }

@@ -152,13 +152,17 @@ mod tests {
         assert_eq!(Rerank::reply(Response::Scores(vec![0.5])), Ok(vec![0.5]));
         let e = Response::Error(WireError::Deadline);
         assert_eq!(Rerank::reply(e.clone()), Err(e));
+        assert!(matches!((Ping {}).request(), Request::Ping));
         assert!(matches!(
-            (Ping {}).request(),
-            Request::Ping
-        ));
-        assert!(matches!(
-            (StreamNext { stream: 3, wait_ms: 9 }).request(),
-            Request::StreamNext { stream: 3, wait_ms: 9 }
+            (StreamNext {
+                stream: 3,
+                wait_ms: 9
+            })
+            .request(),
+            Request::StreamNext {
+                stream: 3,
+                wait_ms: 9
+            }
         ));
     }
 }

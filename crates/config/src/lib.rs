@@ -588,7 +588,10 @@ impl ClusterConfig {
             ));
         }
         if self.generator.max_tokens == 0 || self.generator.max_tokens > 2048 {
-            return Err(invalid("generator.max_tokens", "must be between 1 and 2048"));
+            return Err(invalid(
+                "generator.max_tokens",
+                "must be between 1 and 2048",
+            ));
         }
         if self.generator.max_streams == 0 {
             return Err(invalid("generator.max_streams", "must be positive"));

@@ -8,9 +8,9 @@ pub mod ann;
 mod bm25;
 pub mod chunk;
 pub mod eval;
-pub mod ranking;
 mod files;
 mod lock;
+pub mod ranking;
 mod segment;
 mod shard;
 pub mod vector;
@@ -22,7 +22,6 @@ pub use lock::DirLock;
 pub use ranking::{merge_top_k, rrf, sort_hits};
 pub use shard::{IndexSettings, PullPlan, RecoveryReport, ShardIndex};
 pub use wal::{Wal, WalRecovery};
-
 
 /// Errors of the index layer.
 #[derive(Debug, thiserror::Error)]
@@ -71,4 +70,3 @@ impl IndexError {
         }
     }
 }
-

@@ -588,7 +588,8 @@ fn a_failed_seal_keeps_the_growing_segment_searchable_and_the_write_durable() {
     assert!(!dir.path().join("seg-0.bin").exists());
     // space returns: the next write seals everything
     std::fs::remove_dir(dir.path().join("seg-0.tmp")).unwrap();
-    ix.write(vec![upsert("d4", "text 4", 104)], &model()).unwrap();
+    ix.write(vec![upsert("d4", "text 4", 104)], &model())
+        .unwrap();
     assert_eq!(ix.segment_stats().0, 1);
     drop(ix);
     let (ix, report) = ShardIndex::open(dir.path(), settings(4)).unwrap();

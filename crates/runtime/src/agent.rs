@@ -1,8 +1,8 @@
 //! The node agent: one per node, in the `ragfleet.node` group; its answers are the node's
 //! heartbeat.
 use ractor::{Actor, ActorProcessingErr, ActorRef};
-use ragfleet_proto::Role;
 use ragfleet_client::{groups, RoleMsg};
+use ragfleet_proto::Role;
 
 use crate::call::{common, info, reply, unsupported};
 

@@ -5,9 +5,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
+use ragfleet_client::{groups, RoleMsg};
 use ragfleet_index::chunk::chunk_document;
 use ragfleet_proto::{ChunkRecord, Document, Request, Response, Role, WireError, WriteOp};
-use ragfleet_client::{groups, RoleMsg};
 use tokio::sync::oneshot;
 use tracing::debug;
 

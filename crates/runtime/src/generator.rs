@@ -3,15 +3,18 @@
 use std::sync::{mpsc, Arc};
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
-use ragfleet_proto::{Request, Response, Role, WireError};
 use ragfleet_client::{groups, RoleMsg};
+use ragfleet_proto::{Request, Response, Role, WireError};
 
 use crate::call::{common, info, reply, unsupported};
 use crate::models::{GenEvent, GenerateModel};
-use ragfleet_proto::GenerationRequest;
 use crate::streams::{next_response, StreamTable};
+use ragfleet_proto::GenerationRequest;
 
-type Job = (GenerationRequest, tokio::sync::mpsc::UnboundedSender<GenEvent>);
+type Job = (
+    GenerationRequest,
+    tokio::sync::mpsc::UnboundedSender<GenEvent>,
+);
 
 /// Start arguments.
 #[derive(Clone)]

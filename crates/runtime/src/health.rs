@@ -6,8 +6,8 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use ractor::{ActorId, ActorRef};
-use ragfleet_proto::{ActorInfo, ReplicaState, Request, Response};
 use ragfleet_client::RoleMsg;
+use ragfleet_proto::{ActorInfo, ReplicaState, Request, Response};
 
 use crate::call::call;
 
@@ -75,10 +75,11 @@ impl Health {
     /// Members of `group`, healthy or not, that are still in the process group: a member whose
     /// node's session ended (kill -9 closes its socket) is gone at once, not at the next tick.
     pub fn members(&self, group: &str) -> Vec<Member> {
-        let present: std::collections::HashSet<ActorId> = ractor::pg::get_members(&group.to_string())
-            .into_iter()
-            .map(|c| c.get_id())
-            .collect();
+        let present: std::collections::HashSet<ActorId> =
+            ractor::pg::get_members(&group.to_string())
+                .into_iter()
+                .map(|c| c.get_id())
+                .collect();
         let m = self.members.read().expect("health lock");
         let mut v: Vec<Member> = m
             .values()
@@ -254,7 +255,10 @@ mod tests {
         // its node's session ended (here: the actor stopped): the process group drops it
         a.stop(None);
         while !ractor::pg::get_members(&group).is_empty() {
-            assert!(start.elapsed() < Duration::from_secs(5), "still in the group");
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "still in the group"
+            );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         // no tick since, yet it is neither a member nor serving (it answered 30 s ago at most)

@@ -19,9 +19,9 @@ pub mod shard;
 pub mod streams;
 pub mod supervisor;
 
-pub use ragfleet_client::{groups, AskStream, Client, ClientError, Envelope, RoleMsg};
 pub use models::{EmbedModel, GenerateModel, ModelLoader, RerankModel};
 pub use node::{start_node, NodeHandle, NodeOptions};
+pub use ragfleet_client::{groups, AskStream, Client, ClientError, Envelope, RoleMsg};
 
 /// Errors starting or running a node.
 #[derive(Debug, thiserror::Error)]

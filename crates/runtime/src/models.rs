@@ -20,7 +20,6 @@ pub trait RerankModel: Send + Sync + 'static {
     fn score(&self, query: &str, passages: &[String]) -> Result<Vec<f32>, String>;
 }
 
-
 /// A piece of generated text.
 #[derive(Debug, Clone, PartialEq)]
 pub enum GenEvent {
@@ -41,7 +40,10 @@ pub trait GenerateModel: Send + Sync + 'static {
     /// is closed and every stream has ended.
     fn serve(
         &self,
-        rx: std::sync::mpsc::Receiver<(GenerationRequest, tokio::sync::mpsc::UnboundedSender<GenEvent>)>,
+        rx: std::sync::mpsc::Receiver<(
+            GenerationRequest,
+            tokio::sync::mpsc::UnboundedSender<GenEvent>,
+        )>,
         max_streams: usize,
     );
 }

@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 
 use ractor::{Actor, ActorCell, ActorRef};
 use ractor_cluster::NodeServerMessage;
+use ragfleet_client::groups;
 use ragfleet_config::{ClusterConfig, NodeRole};
 use ragfleet_index::IndexSettings;
-use ragfleet_client::groups;
 use tracing::{debug, error, info, warn};
 
 use crate::agent::NodeAgent;
@@ -21,7 +21,9 @@ use crate::health::Health;
 use crate::models::ModelLoader;
 use crate::reranker::{RerankerActor, RerankerArgs};
 use crate::shard::{ShardActor, ShardArgs};
-use crate::supervisor::{ChildSpec, SpawnFn, Supervisor, SupervisorArgs, SupervisorMsg};
+use crate::supervisor::{
+    ChildSpec, OnIntensity, SpawnFn, Supervisor, SupervisorArgs, SupervisorMsg,
+};
 use crate::RuntimeError;
 
 /// How to start.
@@ -92,6 +94,7 @@ fn supervisor_spec(label: String, children: Vec<ChildSpec>, cfg: &ClusterConfig)
                 children: children.clone(),
                 max_restarts: max,
                 within,
+                on_intensity: OnIntensity::Escalate,
             };
             Box::pin(async move {
                 Actor::spawn_linked(None, Supervisor, args, sup)
@@ -338,6 +341,11 @@ pub async fn start_node(
         children: roles,
         max_restarts: cfg.supervision.max_restarts,
         within: Duration::from_secs(cfg.supervision.within_secs),
+        // nothing above the root but the process: back off rather than exit
+        on_intensity: OnIntensity::Backoff {
+            first: Duration::from_millis(250),
+            max: Duration::from_secs(10),
+        },
     };
     let (root, root_join) = Actor::spawn(None, Supervisor, root_args)
         .await

@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
-use ragfleet_proto::{Request, Response, Role, WireError};
 use ragfleet_client::{groups, Envelope, RoleMsg};
+use ragfleet_proto::{Request, Response, Role, WireError};
 use tracing::debug;
 
 use crate::call::{common, info, reply, unsupported};
@@ -113,9 +113,7 @@ impl Actor for RerankerActor {
                     Ok(()) => {}
                     Err(TrySendError::Full(job)) => reply(
                         job.port,
-                        Response::Error(WireError::Overloaded(
-                            "reranker queue is full".into(),
-                        )),
+                        Response::Error(WireError::Overloaded("reranker queue is full".into())),
                     ),
                     Err(TrySendError::Disconnected(job)) => reply(
                         job.port,
@@ -186,7 +184,10 @@ mod tests {
         assert!(matches!(first, Err(CallError::Timeout)), "{first:?}");
         let start = std::time::Instant::now();
         while gate.entered.load(Ordering::SeqCst) == 0 {
-            assert!(start.elapsed() < Duration::from_secs(5), "the worker never took it");
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "the worker never took it"
+            );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         // the second waits in the queue (its caller gives up too); the third finds it full
@@ -216,7 +217,11 @@ mod tests {
             }
         };
         assert_eq!(ok, vec![0.5]);
-        assert_eq!(gate.scored.load(Ordering::SeqCst), 2, "abandoned work was scored");
+        assert_eq!(
+            gate.scored.load(Ordering::SeqCst),
+            2,
+            "abandoned work was scored"
+        );
         actor.stop(None);
     }
 }

@@ -13,9 +13,9 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
+use ragfleet_client::{groups, RoleMsg};
 use ragfleet_index::{IndexSettings, ShardIndex};
 use ragfleet_proto::{ActorInfo, ReplicaState, Request, Response, Role, WireError, WriteOp};
-use ragfleet_client::{groups, RoleMsg};
 use tracing::{error, info, warn};
 
 use ragfleet_client::typed::{self, call_typed};
@@ -285,9 +285,7 @@ async fn catch_up(me: ActorRef<RoleMsg>, args: ShardArgs, shared: Arc<Shared>) {
                 continue;
             }
             let peer: ActorRef<RoleMsg> = cell.into();
-            if let Ok(info) =
-                call_typed(&peer, typed::Ping {}, Duration::from_millis(500)).await
-            {
+            if let Ok(info) = call_typed(&peer, typed::Ping {}, Duration::from_millis(500)).await {
                 if info.state == ReplicaState::Serving {
                     source = Some((peer, info.node));
                     break;

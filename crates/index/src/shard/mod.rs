@@ -141,7 +141,6 @@ pub struct ShardIndex {
 }
 
 impl ShardIndex {
-
     /// Ids of the live documents.
     pub fn doc_ids(&self) -> Vec<String> {
         self.docs.keys().cloned().collect()
@@ -193,4 +192,3 @@ impl ShardIndex {
         }
     }
 }
-

@@ -162,7 +162,11 @@ impl ShardIndex {
     }
 }
 
-pub(super) fn validate_chunk(doc_id: &str, c: &mut ChunkRecord, dim: usize) -> Result<(), IndexError> {
+pub(super) fn validate_chunk(
+    doc_id: &str,
+    c: &mut ChunkRecord,
+    dim: usize,
+) -> Result<(), IndexError> {
     if c.doc_id != doc_id {
         return Err(IndexError::BadInput(format!(
             "chunk {} belongs to {}, not {}",

@@ -613,7 +613,11 @@ impl<B: Backend> Generator<B> {
 
     fn admit(&self, req: GenerationRequest, mut sink: Sink) -> Option<Active<B>> {
         let ids = self.tokenizer.chat_prompt(&req.system, &req.user);
-        let limit = self.model.cfg.context.saturating_sub(req.max_tokens as usize + 1);
+        let limit = self
+            .model
+            .cfg
+            .context
+            .saturating_sub(req.max_tokens as usize + 1);
         if ids.len() > limit {
             sink(StreamEvent::Error(format!(
                 "prompt of {} tokens exceeds the context of {}",
@@ -629,7 +633,12 @@ impl<B: Backend> Generator<B> {
             .forward(&[ids], &mut [&mut cache], &self.device)
             .pop()
             .unwrap_or_default();
-        let next = sample(&logits, req.sampling.temperature, req.sampling.top_p, &mut rng);
+        let next = sample(
+            &logits,
+            req.sampling.temperature,
+            req.sampling.top_p,
+            &mut rng,
+        );
         Some(Active {
             cache,
             next,

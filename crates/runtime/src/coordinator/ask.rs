@@ -108,9 +108,7 @@ pub(crate) async fn ask_task(ctx: Arc<Ctx>, question: String, opts: AskOptions, 
         Budget::Until(deadline),
         |actor, _left| {
             let (req, relayed, w) = (req.clone(), &relayed, &w);
-            async move {
-                relay(&actor, req, deadline, first_token_timeout, t0, relayed, w).await
-            }
+            async move { relay(&actor, req, deadline, first_token_timeout, t0, relayed, w).await }
         },
     )
     .await;
@@ -204,7 +202,9 @@ async fn relay(
                 if c.done {
                     return Ok(End::Complete);
                 }
-                if !started_answering && c.text.is_empty() && started.elapsed() > first_token_timeout
+                if !started_answering
+                    && c.text.is_empty()
+                    && started.elapsed() > first_token_timeout
                 {
                     warn!("generator stalled before its first token; trying another replica");
                     return Err(CallError::Timeout);

@@ -200,9 +200,9 @@ where
     let mut writes = JoinSet::new();
     for r in replicas {
         let (req, health) = (req.clone(), ctx.args.health.clone());
-        writes.spawn(async move {
-            call_unless_suspected(&health, &r.actor, req, WRITE_TIMEOUT).await
-        });
+        writes.spawn(
+            async move { call_unless_suspected(&health, &r.actor, req, WRITE_TIMEOUT).await },
+        );
     }
     let mut acks = 0;
     let mut errors = Vec::new();

@@ -147,11 +147,9 @@ impl Actor for CoordinatorActor {
                 );
             }
             Request::Ask { question, options } => {
-                if let Err(e) = retrieve::validate_text(
-                    &question,
-                    ctx.cfg().query.max_query_bytes,
-                    "question",
-                ) {
+                if let Err(e) =
+                    retrieve::validate_text(&question, ctx.cfg().query.max_query_bytes, "question")
+                {
                     reply(port, Response::Error(e));
                     return Ok(());
                 }

@@ -58,4 +58,3 @@ pub fn assemble_context(
     }
     (out, sources)
 }
-

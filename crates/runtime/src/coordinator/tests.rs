@@ -60,7 +60,10 @@ fn failover_decisions() {
             request: "b".into(),
         },
     ] {
-        assert_eq!(on_failure(&CallError::Remote(w.clone())), OnFailure::Stop(w));
+        assert_eq!(
+            on_failure(&CallError::Remote(w.clone())),
+            OnFailure::Stop(w)
+        );
     }
     // busy: next replica, not suspected
     assert_eq!(
@@ -91,8 +94,14 @@ fn failover_decisions() {
         OnFailure::Next { suspect: true, reason: Some(r) } if r.contains("disk")
     ));
     // how failures read in coverage
-    assert_eq!(Failed::NoReplica.reason("no_live_replica"), "no_live_replica");
-    assert_eq!(Failed::Exhausted(None).reason("no_live_replica"), "no_live_replica");
+    assert_eq!(
+        Failed::NoReplica.reason("no_live_replica"),
+        "no_live_replica"
+    );
+    assert_eq!(
+        Failed::Exhausted(None).reason("no_live_replica"),
+        "no_live_replica"
+    );
     assert_eq!(Failed::Deadline.reason("x"), "deadline");
     assert_eq!(
         Failed::Exhausted(Some("deadline".into())).reason("x"),
@@ -169,7 +178,10 @@ fn ingest_validation_keeps_the_last_copy_and_names_refusals() {
     assert!(failed[2].1.contains("exceeds the limit"));
     assert!(quorum_met(0, 2, 2, &[]).is_ok());
     let e = quorum_met(3, 1, 2, &["timed out".into()]).unwrap_err();
-    assert!(e.contains("shard 3: 1 of 2") && e.contains("timed out"), "{e}");
+    assert!(
+        e.contains("shard 3: 1 of 2") && e.contains("timed out"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -286,7 +298,10 @@ async fn a_stalled_replica_is_failed_over_inside_the_shard_deadline_and_suspecte
     health.tick(&group, Duration::from_secs(1));
     let start = Instant::now();
     while health.serving(&group[0]).len() < 2 {
-        assert!(start.elapsed() < Duration::from_secs(10), "pings unanswered");
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "pings unanswered"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let ctx = Arc::new(Ctx::new(CoordinatorArgs {
@@ -313,7 +328,11 @@ async fn a_stalled_replica_is_failed_over_inside_the_shard_deadline_and_suspecte
             Ok(ShardHits::One(h)) => assert_eq!(h[0].doc_id, "fast"),
             other => panic!("{other:?}"),
         }
-        assert!(t.elapsed() < Duration::from_millis(700), "{:?}", t.elapsed());
+        assert!(
+            t.elapsed() < Duration::from_millis(700),
+            "{:?}",
+            t.elapsed()
+        );
         let serving: Vec<String> = health
             .serving(&group[0])
             .iter()
@@ -323,9 +342,19 @@ async fn a_stalled_replica_is_failed_over_inside_the_shard_deadline_and_suspecte
             slow_suspected = true;
             // suspected: no longer tried, so the next search answers at once
             let t = Instant::now();
-            let r = super::retrieve::shard_search(ctx.clone(), shard, q.clone(), t + Duration::from_millis(600)).await;
+            let r = super::retrieve::shard_search(
+                ctx.clone(),
+                shard,
+                q.clone(),
+                t + Duration::from_millis(600),
+            )
+            .await;
             assert!(r.is_ok());
-            assert!(t.elapsed() < Duration::from_millis(200), "{:?}", t.elapsed());
+            assert!(
+                t.elapsed() < Duration::from_millis(200),
+                "{:?}",
+                t.elapsed()
+            );
             break;
         }
     }
@@ -338,6 +367,8 @@ async fn a_stalled_replica_is_failed_over_inside_the_shard_deadline_and_suspecte
         assert!(start.elapsed() < Duration::from_secs(5));
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let r = super::retrieve::shard_search(ctx, shard, q, Instant::now() + Duration::from_millis(300)).await;
+    let r =
+        super::retrieve::shard_search(ctx, shard, q, Instant::now() + Duration::from_millis(300))
+            .await;
     assert_eq!(r.unwrap_err(), "no_live_replica");
 }

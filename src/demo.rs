@@ -159,6 +159,9 @@ pub async fn ask_and_print(
     if let Some(r) = s.rerank.as_deref().filter(|r| *r != "applied") {
         println!("rerank: {r}");
     }
+    if let Some(d) = &s.degraded {
+        println!("degraded: {d}");
+    }
     if s.truncated {
         println!(
             "(answer incomplete: {})",

@@ -16,6 +16,9 @@ pub(crate) fn print_retrieval(r: &RetrieveResult) {
     if let Some(x) = &r.rerank {
         println!("rerank: {x}");
     }
+    if let Some(x) = &r.degraded {
+        println!("degraded: {x}");
+    }
     let t = &r.timings_ms;
     println!(
         "timings: embed {:.1} ms, search {:.1} ms, rerank {:.1} ms, total {:.1} ms",
@@ -37,5 +40,6 @@ pub(crate) fn retrieval_json(r: &RetrieveResult) -> serde_json::Value {
         "coverage": r.coverage,
         "timings_ms": {"embed": r.timings_ms.embed, "search": r.timings_ms.search, "rerank": r.timings_ms.rerank, "total": r.timings_ms.total},
         "rerank": r.rerank,
+        "degraded": r.degraded,
     })
 }

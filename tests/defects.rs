@@ -289,3 +289,28 @@ fn an_answer_cut_mid_stream_by_a_stalled_generator_is_reported_truncated() {
         "{summary:?}"
     );
 }
+
+#[test]
+fn with_no_embedder_reachable_a_dense_query_degrades_to_bm25_and_says_so() {
+    let _g = serial();
+    // found by the actor-storm chaos plan: while every embedder restarted, queries failed
+    let mut c = Cluster::start(
+        &[&["coordinator", "shard"], &["embedder", "shard"]],
+        "",
+    );
+    let p = c.corpus_path();
+    c.json(&["ingest", "--json", p.to_str().unwrap()]);
+    let r = c.retrieve("honey bees");
+    assert!(r["degraded"].is_null(), "{r}");
+    c.kill9("n2");
+    let r = wait_for("n2 seen gone", Duration::from_secs(20), || {
+        let r = c.try_json(&["retrieve", "--json", "honey bees store honey"])?;
+        (!r["degraded"].is_null()).then_some(r)
+    });
+    assert!(
+        r["degraded"].as_str().unwrap().starts_with("bm25 only"),
+        "{r}"
+    );
+    assert_eq!(top_doc(&r), "bees", "{r}");
+    assert_eq!(answered(&r), 4, "{r}");
+}

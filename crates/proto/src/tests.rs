@@ -187,6 +187,7 @@ fn all_responses() -> Vec<Response> {
                 truncated: true,
                 truncated_reason: Some("deadline".into()),
                 rerank: Some("skipped: deadline".into()),
+                degraded: None,
             }),
         }),
         Response::Retrieved(RetrieveResult {
@@ -194,6 +195,7 @@ fn all_responses() -> Vec<Response> {
             coverage: coverage(),
             timings_ms: Timings::default(),
             rerank: Some("applied".into()),
+            degraded: None,
         }),
         Response::Ingested(IngestResult {
             documents: 1,

@@ -245,6 +245,9 @@ pub struct RetrieveResult {
     /// `"skipped: REASON"` (deadline, overloaded, no reranker replica, error) when the hits
     /// kept their retrieval order.
     pub rerank: Option<String>,
+    /// How the search was degraded, if it was: a dense or hybrid query whose embedding could
+    /// not be had (no embedder replica reachable) is answered by BM25 alone and says so here.
+    pub degraded: Option<String>,
 }
 
 /// A document to ingest.
@@ -427,6 +430,8 @@ pub struct AskSummary {
     pub truncated_reason: Option<String>,
     /// What the rerank stage did (see [`RetrieveResult::rerank`]).
     pub rerank: Option<String>,
+    /// How retrieval was degraded, if it was (see [`RetrieveResult::degraded`]).
+    pub degraded: Option<String>,
 }
 
 /// A piece of a token stream.

@@ -47,9 +47,9 @@ pub(crate) async fn ask_task(ctx: Arc<Ctx>, question: String, opts: AskOptions, 
         .max_tokens
         .unwrap_or(cfg.generator.max_tokens)
         .clamp(1, 2048);
-    let (hits, coverage, mut timings, rerank) =
+    let (hits, coverage, mut timings, rerank, degraded) =
         match retrieve(ctx.clone(), question.clone(), opts.retrieve.clone()).await {
-            Ok(r) => (r.hits, r.coverage, r.timings_ms, r.rerank),
+            Ok(r) => (r.hits, r.coverage, r.timings_ms, r.rerank, r.degraded),
             Err(e @ WireError::BadRequest(_)) => return w.fail(e.to_string()),
             Err(e) => {
                 warn!(error = %e, "retrieval failed; answering without sources");
@@ -63,7 +63,7 @@ pub(crate) async fn ask_task(ctx: Arc<Ctx>, question: String, opts: AskOptions, 
                         })
                         .collect(),
                 };
-                (Vec::new(), cov, Timings::default(), None)
+                (Vec::new(), cov, Timings::default(), None, None)
             }
         };
     let unsourced = coverage.shards_answered == 0 || hits.is_empty();
@@ -156,6 +156,7 @@ pub(crate) async fn ask_task(ctx: Arc<Ctx>, question: String, opts: AskOptions, 
         truncated,
         truncated_reason,
         rerank,
+        degraded,
     }));
 }
 

@@ -125,11 +125,22 @@ pub async fn retrieve(
     let rerank = opts.rerank.unwrap_or_else(|| cfg.rerank_by_default());
     let mut timings = Timings::default();
 
-    let (vector, model) = if opts.mode == SearchMode::Bm25 {
+    let mut mode = opts.mode;
+    let mut degraded = None;
+    let (vector, model) = if mode == SearchMode::Bm25 {
         (Vec::new(), None)
     } else {
-        let (v, m) = embed_query(&ctx, &query, deadline).await?;
-        (v, Some(m))
+        match embed_query(&ctx, &query, deadline).await {
+            Ok((v, m)) => (v, Some(m)),
+            Err(e @ WireError::BadRequest(_)) => return Err(e),
+            Err(e) => {
+                // degrade rather than fail: BM25 needs no embedding, and the answer says so
+                warn!(error = %e, "no query embedding; answering with BM25 alone");
+                degraded = Some(format!("bm25 only: no query embedding ({e})"));
+                mode = SearchMode::Bm25;
+                (Vec::new(), None)
+            }
+        }
     };
     timings.embed = ms(t0.elapsed());
 
@@ -143,7 +154,7 @@ pub async fn retrieve(
         vector,
         text: query.clone(),
         k: depth,
-        mode: opts.mode,
+        mode,
         model,
     };
     let shard_deadline =
@@ -199,6 +210,7 @@ pub async fn retrieve(
         coverage,
         timings_ms: timings,
         rerank: rerank_outcome,
+        degraded,
     })
 }
 

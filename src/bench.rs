@@ -363,6 +363,7 @@ fn run_streams<B: burn::prelude::Backend>(
                 temperature: 0.0,
                 top_p: 1.0,
                 seed: 0,
+                ..Default::default()
             },
         };
         tx.send((req, st.clone())).expect("queue");

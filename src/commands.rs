@@ -89,6 +89,7 @@ pub(crate) async fn run(cli: Cli) -> Result<()> {
                     temperature,
                     top_p: 0.9,
                     seed,
+                    ..Default::default()
                 },
             };
             demo::ask_and_print(&client, &q, options, json).await
@@ -287,6 +288,7 @@ pub(crate) async fn run(cli: Cli) -> Result<()> {
                         temperature,
                         top_p,
                         seed,
+                        ..Default::default()
                     },
                 };
                 tx.send(req).ok();
@@ -299,7 +301,7 @@ pub(crate) async fn run(cli: Cli) -> Result<()> {
                                 print!("{t}");
                                 let _ = std::io::stdout().flush();
                             }
-                            ragfleet_models::llama::StreamEvent::Done => println!(),
+                            ragfleet_models::llama::StreamEvent::Done(_) => println!(),
                             ragfleet_models::llama::StreamEvent::Error(e) => {
                                 eprintln!("error: {e}")
                             }

@@ -98,7 +98,7 @@ impl GenerateModel for GeneratorModel {
             let sink = move |ev: ragfleet_models::llama::StreamEvent| {
                 let ev = match ev {
                     ragfleet_models::llama::StreamEvent::Text(t) => GenEvent::Text(t),
-                    ragfleet_models::llama::StreamEvent::Done => GenEvent::Done,
+                    ragfleet_models::llama::StreamEvent::Done(r) => GenEvent::Done(r),
                     ragfleet_models::llama::StreamEvent::Error(e) => GenEvent::Error(e),
                 };
                 tx.send(ev).is_ok()

@@ -246,6 +246,7 @@ fn an_answer_cut_mid_stream_by_a_stalled_generator_is_reported_truncated() {
                 temperature: 0.0,
                 top_p: 1.0,
                 seed: 1,
+                ..Default::default()
             },
             ..AskOptions::default()
         };
@@ -294,10 +295,7 @@ fn an_answer_cut_mid_stream_by_a_stalled_generator_is_reported_truncated() {
 fn with_no_embedder_reachable_a_dense_query_degrades_to_bm25_and_says_so() {
     let _g = serial();
     // found by the actor-storm chaos plan: while every embedder restarted, queries failed
-    let mut c = Cluster::start(
-        &[&["coordinator", "shard"], &["embedder", "shard"]],
-        "",
-    );
+    let mut c = Cluster::start(&[&["coordinator", "shard"], &["embedder", "shard"]], "");
     let p = c.corpus_path();
     c.json(&["ingest", "--json", p.to_str().unwrap()]);
     let r = c.retrieve("honey bees");

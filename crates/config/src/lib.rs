@@ -249,6 +249,14 @@ pub struct GeneratorConfig {
     pub first_token_timeout_ms: u64,
     /// Behaviour with zero coverage.
     pub on_no_coverage: NoCoverage,
+    /// Default repetition penalty of answers (1: off; see `Sampling::repetition_penalty`).
+    pub repetition_penalty: f32,
+    /// Default frequency penalty of answers (0: off).
+    pub frequency_penalty: f32,
+    /// Default presence penalty of answers (0: off).
+    pub presence_penalty: f32,
+    /// Default size of n-grams an answer may not repeat (0: off).
+    pub no_repeat_ngram: u32,
 }
 
 impl Default for GeneratorConfig {
@@ -259,6 +267,10 @@ impl Default for GeneratorConfig {
             max_streams: 4,
             first_token_timeout_ms: 15_000,
             on_no_coverage: NoCoverage::Unsourced,
+            repetition_penalty: 1.15,
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
+            no_repeat_ngram: 4,
         }
     }
 }
@@ -591,6 +603,31 @@ impl ClusterConfig {
             return Err(invalid(
                 "generator.max_tokens",
                 "must be between 1 and 2048",
+            ));
+        }
+        let g = &self.generator;
+        if !(1.0..=3.0).contains(&g.repetition_penalty) {
+            return Err(invalid(
+                "generator.repetition_penalty",
+                "must be between 1 and 3",
+            ));
+        }
+        if !(-2.0..=2.0).contains(&g.frequency_penalty) {
+            return Err(invalid(
+                "generator.frequency_penalty",
+                "must be between -2 and 2",
+            ));
+        }
+        if !(-2.0..=2.0).contains(&g.presence_penalty) {
+            return Err(invalid(
+                "generator.presence_penalty",
+                "must be between -2 and 2",
+            ));
+        }
+        if g.no_repeat_ngram == 1 || g.no_repeat_ngram > 16 {
+            return Err(invalid(
+                "generator.no_repeat_ngram",
+                "must be 0 (off) or 2 to 16",
             ));
         }
         if self.generator.max_streams == 0 {

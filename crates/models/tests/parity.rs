@@ -200,46 +200,28 @@ fn smollm2_greedy_ids_and_first_logits_match_reference() {
     }
 }
 
-#[test]
-fn continuous_batching_gives_each_stream_its_solo_greedy_answer() {
-    use ragfleet_models::llama::{GenerationRequest, Generator, Sink, StreamEvent};
+/// Serves `jobs` (prompt, sampling) together through the continuous-batching loop; returns
+/// each stream's text and end reason.
+fn serve_together(
+    g: &ragfleet_models::llama::Generator<Cpu>,
+    jobs: &[(&str, ragfleet_proto::Sampling)],
+    max_tokens: u32,
+) -> Vec<(String, Option<&'static str>)> {
+    use ragfleet_models::llama::{GenerationRequest, Sink, StreamEvent};
     use std::sync::{Arc, Mutex};
-    let path = models_dir().join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    let g = Generator::<Cpu>::load_gguf(&path, &Default::default()).expect("loads");
-    let prompts = [
-        "What is the capital of France?",
-        "Write one sentence about vector databases.",
-        "Name a color.",
-    ];
-    let solo: Vec<String> = prompts
-        .iter()
-        .map(|p| {
-            let ids = g.tokenizer().chat_prompt("", p);
-            let out = g.generate_ids(&ids, 10, 0.0, 1.0, 0);
-            let out: Vec<u32> = out
-                .into_iter()
-                .filter(|&t| t != g.tokenizer().eos)
-                .collect();
-            g.tokenizer().decode(&out)
-        })
-        .collect();
-    // all three submitted before the loop starts: they are admitted together and decoded in
-    // one batch per step
+    // all submitted before the loop starts: they are admitted together and decoded in one batch
+    // per step
     let (tx, rx) = std::sync::mpsc::channel();
-    let outs: Vec<Arc<Mutex<(String, bool)>>> = prompts
+    let outs: Vec<Arc<Mutex<(String, Option<&'static str>)>>> = jobs
         .iter()
-        .map(|_| Arc::new(Mutex::new((String::new(), false))))
+        .map(|_| Arc::new(Mutex::new((String::new(), None))))
         .collect();
-    for (p, o) in prompts.iter().zip(&outs) {
+    for ((p, s), o) in jobs.iter().zip(&outs) {
         let req = GenerationRequest {
             system: String::new(),
             user: p.to_string(),
-            max_tokens: 10,
-            sampling: ragfleet_proto::Sampling {
-                temperature: 0.0,
-                top_p: 1.0,
-                seed: 0,
-            },
+            max_tokens,
+            sampling: s.clone(),
         };
         tx.send((req, o.clone())).unwrap();
     }
@@ -247,12 +229,15 @@ fn continuous_batching_gives_each_stream_its_solo_greedy_answer() {
     g.serve(
         rx,
         4,
-        |(req, out): (GenerationRequest, Arc<Mutex<(String, bool)>>)| {
+        |(req, out): (
+            GenerationRequest,
+            Arc<Mutex<(String, Option<&'static str>)>>,
+        )| {
             let sink: Sink = Box::new(move |ev| {
                 let mut o = out.lock().unwrap();
                 match ev {
                     StreamEvent::Text(t) => o.0.push_str(&t),
-                    StreamEvent::Done => o.1 = true,
+                    StreamEvent::Done(r) => o.1 = Some(r),
                     StreamEvent::Error(e) => panic!("{e}"),
                 }
                 true
@@ -260,11 +245,84 @@ fn continuous_batching_gives_each_stream_its_solo_greedy_answer() {
             (req, sink)
         },
     );
-    for (o, want) in outs.iter().zip(&solo) {
-        let o = o.lock().unwrap();
-        assert!(o.1, "stream not finished");
-        assert_eq!(&o.0, want);
+    outs.iter().map(|o| o.lock().unwrap().clone()).collect()
+}
+
+#[test]
+fn continuous_batching_gives_each_stream_its_solo_answer_with_or_without_penalties() {
+    use ragfleet_models::llama::Generator;
+    let path = models_dir().join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let g = Generator::<Cpu>::load_gguf(&path, &Default::default()).expect("loads");
+    let greedy = ragfleet_proto::Sampling::default();
+    let penalised = ragfleet_proto::Sampling {
+        repetition_penalty: Some(1.3),
+        frequency_penalty: Some(0.2),
+        no_repeat_ngram: Some(3),
+        ..Default::default()
+    };
+    let jobs = [
+        ("What is the capital of France?", greedy.clone()),
+        ("Write one sentence about vector databases.", penalised),
+        ("Name a color.", greedy.clone()),
+    ];
+    let batched = serve_together(&g, &jobs, 12);
+    for (job, b) in jobs.iter().zip(&batched) {
+        let solo = serve_together(&g, std::slice::from_ref(job), 12);
+        assert_eq!(&solo[0], b, "{:?}", job.0);
+        assert!(b.1.is_some(), "stream not finished");
     }
+    // with penalties off, a stream's tokens are the plain greedy ones (up to where it ended)
+    let ids = g.tokenizer().chat_prompt("", jobs[0].0);
+    let plain = g.generate_ids(&ids, 40, 0.0, 1.0, 0);
+    let plain: Vec<u32> = plain
+        .into_iter()
+        .filter(|&t| t != g.tokenizer().eos)
+        .collect();
+    let plain = g.tokenizer().decode(&plain);
+    assert!(
+        plain.starts_with(&batched[0].0),
+        "{plain:?} vs {:?}",
+        batched[0].0
+    );
+}
+
+/// How often the most repeated 4-gram of words occurs in `text`.
+fn most_repeated_4gram(text: &str) -> usize {
+    let words: Vec<String> = text
+        .split(|c: char| !c.is_alphanumeric() && c != '!' && c != '\'')
+        .filter(|w| !w.is_empty())
+        .map(|w| w.to_lowercase())
+        .collect();
+    let mut grams = std::collections::HashMap::new();
+    for w in words.windows(4) {
+        *grams.entry(w.to_vec()).or_insert(0) += 1;
+    }
+    grams.values().copied().max().unwrap_or(0)
+}
+
+#[test]
+fn penalties_stop_a_looping_answer_repeating_itself() {
+    use ragfleet_models::llama::Generator;
+    let path = models_dir().join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let g = Generator::<Cpu>::load_gguf(&path, &Default::default()).expect("loads");
+    // greedy SmolLM2 loops on this one ("... is used to create a panic exception, which is a
+    // runtime exception ..." again and again)
+    let prompt = "What is the panic macro? The panic macro is";
+    let plain = serve_together(&g, &[(prompt, ragfleet_proto::Sampling::default())], 120);
+    assert!(
+        most_repeated_4gram(&plain[0].0) > 2,
+        "the unpenalised answer no longer loops: {:?}",
+        plain[0].0
+    );
+    let penalised = ragfleet_proto::Sampling {
+        repetition_penalty: Some(1.15),
+        no_repeat_ngram: Some(4),
+        ..Default::default()
+    };
+    let out = serve_together(&g, &[(prompt, penalised)], 120);
+    let (text, end) = &out[0];
+    assert!(most_repeated_4gram(text) <= 2, "{text:?}");
+    assert!(end.is_some(), "stream not finished");
 }
 
 #[test]

@@ -85,6 +85,9 @@ fn all_requests() -> Vec<Request> {
                 temperature: 0.7,
                 top_p: 0.9,
                 seed: 3,
+                repetition_penalty: Some(1.2),
+                no_repeat_ngram: Some(4),
+                ..Sampling::default()
             },
         }),
         Request::StreamNext {
@@ -172,6 +175,7 @@ fn all_responses() -> Vec<Response> {
             text: "to".into(),
             tokens: 1,
             done: true,
+            end: Some("stop".into()),
             summary: Some(AskSummary {
                 answer: "a".into(),
                 sources: vec![Source {
@@ -184,6 +188,7 @@ fn all_responses() -> Vec<Response> {
                     ..Default::default()
                 },
                 unsourced: false,
+                end_reason: "deadline".into(),
                 truncated: true,
                 truncated_reason: Some("deadline".into()),
                 rerank: Some("skipped: deadline".into()),

@@ -378,6 +378,19 @@ pub struct Sampling {
     pub top_p: f32,
     /// RNG seed.
     pub seed: u64,
+    /// Repetition penalty (CTRL-style, over the stream's own generated tokens): a positive logit
+    /// of a token already generated is divided by it, a negative one multiplied; 1 or `None`:
+    /// off. `None` takes the cluster's `generator.repetition_penalty`.
+    pub repetition_penalty: Option<f32>,
+    /// Subtracted from a token's logit once per time it was generated (OpenAI's
+    /// `frequency_penalty`); `None` takes the cluster default.
+    pub frequency_penalty: Option<f32>,
+    /// Subtracted from the logit of any token generated before (OpenAI's `presence_penalty`);
+    /// `None` takes the cluster default.
+    pub presence_penalty: Option<f32>,
+    /// A token that would repeat an n-gram of this size already generated is never picked
+    /// (0: off); `None` takes the cluster default.
+    pub no_repeat_ngram: Option<u32>,
 }
 
 impl Default for Sampling {
@@ -386,6 +399,10 @@ impl Default for Sampling {
             temperature: 0.0,
             top_p: 1.0,
             seed: 0,
+            repetition_penalty: None,
+            frequency_penalty: None,
+            presence_penalty: None,
+            no_repeat_ngram: None,
         }
     }
 }
@@ -423,6 +440,9 @@ pub struct AskSummary {
     pub timings_ms: Timings,
     /// No shard answered: the model answered alone.
     pub unsourced: bool,
+    /// Why the answer ended: `stop` (the model ended it, at a sentence end or its end of
+    /// sequence), `length` (the token budget ran out), `deadline`, `error`.
+    pub end_reason: String,
     /// The answer ended before its natural end (see `truncated_reason`).
     pub truncated: bool,
     /// Why the answer ended early: `"deadline"` (the end-to-end deadline) or
@@ -443,6 +463,8 @@ pub struct StreamChunk {
     pub tokens: u32,
     /// Whether the stream has ended.
     pub done: bool,
+    /// With `done`: why a generation ended (`stop` or `length`), when the producer says.
+    pub end: Option<String>,
     /// Set on the last chunk of an ask stream.
     pub summary: Option<AskSummary>,
 }

@@ -101,8 +101,8 @@ impl Actor for GeneratorActor {
                         }
                         match ev {
                             GenEvent::Text(t) => writer.push(&t, 1),
-                            GenEvent::Done => {
-                                writer.finish(None);
+                            GenEvent::Done(reason) => {
+                                writer.finish_end(reason);
                                 return;
                             }
                             GenEvent::Error(e) => {

@@ -25,8 +25,8 @@ pub trait RerankModel: Send + Sync + 'static {
 pub enum GenEvent {
     /// Text of one or more tokens.
     Text(String),
-    /// End of the stream (EOS or token limit).
-    Done,
+    /// End of the stream: `"stop"` or `"length"`.
+    Done(&'static str),
     /// Generation failed.
     Error(String),
 }

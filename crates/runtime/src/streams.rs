@@ -12,6 +12,7 @@ struct Buf {
     text: String,
     tokens: u32,
     done: bool,
+    end: Option<String>,
     error: Option<String>,
     summary: Option<AskSummary>,
     touched: Option<Instant>,
@@ -45,6 +46,15 @@ impl StreamWriter {
         let mut b = self.buf.lock().expect("stream");
         b.done = true;
         b.summary = summary;
+        drop(b);
+        self.notify.notify_waiters();
+    }
+
+    /// Ends a generation stream, saying why (`stop`, `length`).
+    pub fn finish_end(&self, reason: &str) {
+        let mut b = self.buf.lock().expect("stream");
+        b.done = true;
+        b.end = Some(reason.to_string());
         drop(b);
         self.notify.notify_waiters();
     }
@@ -139,6 +149,7 @@ impl StreamTable {
                         text: std::mem::take(&mut b.text),
                         tokens: std::mem::take(&mut b.tokens),
                         done: b.done,
+                        end: b.end.take(),
                         summary: b.summary.take(),
                     };
                     if chunk.done {

@@ -440,8 +440,9 @@ pub use ragfleet_proto::GenerationRequest;
 pub enum StreamEvent {
     /// Newly decoded text.
     Text(String),
-    /// End (EOS or limit).
-    Done,
+    /// End: `"stop"` (end of sequence, or a sentence end near the budget) or `"length"` (the
+    /// budget ran out).
+    Done(&'static str),
     /// Failure.
     Error(String),
 }
@@ -485,6 +486,82 @@ pub fn sample(logits: &[f32], temperature: f32, top_p: f32, rng: &mut rand::rngs
     kept.last().map(|p| p.0).unwrap_or(0)
 }
 
+/// Penalties on repeating what a stream already generated, applied to its logits before
+/// sampling. They read the stream's own tokens only: batching never changes another stream.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Penalties {
+    /// CTRL-style repetition penalty (1: off).
+    pub repetition: f32,
+    /// Subtracted per earlier occurrence.
+    pub frequency: f32,
+    /// Subtracted once for any earlier occurrence.
+    pub presence: f32,
+    /// Size of n-grams that may not repeat (0: off).
+    pub no_repeat_ngram: usize,
+}
+
+impl Penalties {
+    /// From a request's sampling settings (unset: off).
+    pub fn of(s: &ragfleet_proto::Sampling) -> Self {
+        Penalties {
+            repetition: s.repetition_penalty.unwrap_or(1.0),
+            frequency: s.frequency_penalty.unwrap_or(0.0),
+            presence: s.presence_penalty.unwrap_or(0.0),
+            no_repeat_ngram: s.no_repeat_ngram.unwrap_or(0) as usize,
+        }
+    }
+
+    fn off(&self) -> bool {
+        self.repetition == 1.0
+            && self.frequency == 0.0
+            && self.presence == 0.0
+            && self.no_repeat_ngram == 0
+    }
+
+    /// Applies the penalties for `history` (the tokens generated so far) to `logits`.
+    pub fn apply(&self, logits: &mut [f32], history: &[u32]) {
+        if self.off() || history.is_empty() {
+            return;
+        }
+        let mut counts: std::collections::HashMap<u32, u32> = std::collections::HashMap::new();
+        for &t in history {
+            *counts.entry(t).or_default() += 1;
+        }
+        for (&t, &n) in &counts {
+            let Some(l) = logits.get_mut(t as usize) else {
+                continue;
+            };
+            if self.repetition != 1.0 && self.repetition > 0.0 {
+                *l = if *l > 0.0 {
+                    *l / self.repetition
+                } else {
+                    *l * self.repetition
+                };
+            }
+            *l -= self.frequency * n as f32 + self.presence;
+        }
+        let n = self.no_repeat_ngram;
+        if n > 0 && history.len() >= n {
+            // the last n-1 tokens: any token that followed them before would repeat an n-gram
+            let tail = &history[history.len() - (n - 1)..];
+            for w in history.windows(n) {
+                if &w[..n - 1] == tail {
+                    if let Some(l) = logits.get_mut(w[n - 1] as usize) {
+                        *l = f32::NEG_INFINITY;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Whether decoded text ends a sentence (punctuation, maybe closed by a quote or bracket).
+pub fn ends_sentence(text: &str) -> bool {
+    let t = text.trim_end();
+    let t = t.trim_end_matches(['"', '\'', ')', ']', '*', '`']);
+    t.ends_with(['.', '!', '?'])
+}
+
 /// A sink for stream events; returning false cancels the stream.
 pub type Sink = Box<dyn FnMut(StreamEvent) -> bool + Send>;
 
@@ -498,6 +575,28 @@ struct Active<B: Backend> {
     rng: rand::rngs::StdRng,
     pending: Vec<u8>,
     sink: Sink,
+    penalties: Penalties,
+    /// Tokens generated so far (what the penalties read).
+    history: Vec<u32>,
+    /// The text emitted so far ends a sentence.
+    at_sentence_end: bool,
+}
+
+impl<B: Backend> Active<B> {
+    /// Samples the next token from `logits` with the stream's penalties and settings.
+    fn pick(&mut self, logits: &mut [f32]) -> u32 {
+        self.penalties.apply(logits, &self.history);
+        sample(logits, self.temperature, self.top_p, &mut self.rng)
+    }
+}
+
+/// Once this share of the budget is spent, a stream ends at the next sentence end.
+const WIND_DOWN: f32 = 0.75;
+
+/// Tokens a stream may run past its budget to finish a sentence (then it ends at the next word
+/// boundary, never mid-word).
+fn grace(max: usize) -> usize {
+    (max / 4).clamp(8, 48)
 }
 
 /// A loaded generator: model + tokenizer.
@@ -627,42 +726,62 @@ impl<B: Backend> Generator<B> {
             return None;
         }
         let mut cache = KvCache::new(self.model.cfg.layers);
-        let mut rng = rand::rngs::StdRng::seed_from_u64(req.sampling.seed);
-        let logits = self
+        let mut logits = self
             .model
             .forward(&[ids], &mut [&mut cache], &self.device)
             .pop()
             .unwrap_or_default();
-        let next = sample(
-            &logits,
-            req.sampling.temperature,
-            req.sampling.top_p,
-            &mut rng,
-        );
-        Some(Active {
+        let mut a = Active {
             cache,
-            next,
+            next: 0,
             produced: 0,
             max: (req.max_tokens as usize).max(1),
             temperature: req.sampling.temperature,
             top_p: req.sampling.top_p,
-            rng,
+            rng: rand::rngs::StdRng::seed_from_u64(req.sampling.seed),
             pending: Vec::new(),
             sink,
-        })
+            penalties: Penalties::of(&req.sampling),
+            history: Vec::new(),
+            at_sentence_end: false,
+        };
+        a.next = a.pick(&mut logits);
+        Some(a)
     }
 
-    /// Emits `a.next`; returns false when the stream ended.
+    /// Ends a stream: flushes a split character, then `Done(reason)`.
+    fn end(&self, a: &mut Active<B>, reason: &'static str) -> bool {
+        if !a.pending.is_empty() {
+            let t = String::from_utf8_lossy(&a.pending).into_owned();
+            a.pending.clear();
+            (a.sink)(StreamEvent::Text(t));
+        }
+        (a.sink)(StreamEvent::Done(reason));
+        false
+    }
+
+    /// Emits `a.next`; returns false when the stream ended. Near its budget a stream ends at a
+    /// sentence end; past the budget it may finish its sentence within a grace, and ends at a
+    /// word boundary at the latest.
     fn emit(&self, a: &mut Active<B>) -> bool {
         if a.next == self.tokenizer.eos || self.tokenizer.is_special(a.next) {
-            if !a.pending.is_empty() {
-                let t = String::from_utf8_lossy(&a.pending).into_owned();
-                (a.sink)(StreamEvent::Text(t));
-            }
-            (a.sink)(StreamEvent::Done);
-            return false;
+            return self.end(a, "stop");
         }
-        a.pending.extend(self.tokenizer.token_bytes(a.next));
+        let bytes = self.tokenizer.token_bytes(a.next);
+        let starts_word = bytes.first().is_some_and(|b| b.is_ascii_whitespace());
+        if a.produced >= a.max {
+            if a.at_sentence_end {
+                return self.end(a, "stop");
+            }
+            if a.produced >= a.max + grace(a.max) && starts_word {
+                return self.end(a, "length");
+            }
+        }
+        if a.produced as f32 >= a.max as f32 * WIND_DOWN && a.at_sentence_end && starts_word {
+            return self.end(a, "stop");
+        }
+        a.history.push(a.next);
+        a.pending.extend(bytes);
         a.produced += 1;
         // emit the longest valid UTF-8 prefix; keep a split character for the next token
         let valid = match std::str::from_utf8(&a.pending) {
@@ -673,18 +792,15 @@ impl<B: Backend> Generator<B> {
         if valid > 0 {
             let text = String::from_utf8_lossy(&a.pending[..valid]).into_owned();
             a.pending.drain(..valid);
+            if !text.trim().is_empty() {
+                a.at_sentence_end = ends_sentence(&text);
+            }
             if !(a.sink)(StreamEvent::Text(text)) {
                 return false;
             }
         }
-        if a.produced >= a.max || a.cache.len() + 1 >= self.model.cfg.context {
-            if !a.pending.is_empty() {
-                (a.sink)(StreamEvent::Text(
-                    String::from_utf8_lossy(&a.pending).into_owned(),
-                ));
-            }
-            (a.sink)(StreamEvent::Done);
-            return false;
+        if a.produced >= a.max + 2 * grace(a.max) || a.cache.len() + 1 >= self.model.cfg.context {
+            return self.end(a, "length");
         }
         true
     }
@@ -741,8 +857,8 @@ impl<B: Backend> Generator<B> {
                 self.model.forward(&tokens, &mut caches, &self.device)
             };
             let mut keep = Vec::with_capacity(active.len());
-            for (mut a, l) in active.drain(..).zip(logits) {
-                a.next = sample(&l, a.temperature, a.top_p, &mut a.rng);
+            for (mut a, mut l) in active.drain(..).zip(logits) {
+                a.next = a.pick(&mut l);
                 if self.emit(&mut a) {
                     keep.push(a);
                 }
@@ -770,6 +886,58 @@ mod tests {
             }
         }
         assert_eq!(unpermute(heads * hd, cols, heads, &permuted), hf);
+    }
+
+    #[test]
+    fn penalties_read_the_streams_own_history() {
+        let base = vec![2.0f32, -1.0, 1.0, 0.5];
+        // off: nothing changes
+        let mut l = base.clone();
+        Penalties::of(&ragfleet_proto::Sampling::default()).apply(&mut l, &[0, 1, 0]);
+        assert_eq!(l, base);
+        // repetition: positive logits divided, negative multiplied; frequency per occurrence;
+        // presence once
+        let p = Penalties {
+            repetition: 2.0,
+            frequency: 0.1,
+            presence: 0.5,
+            no_repeat_ngram: 0,
+        };
+        let mut l = base.clone();
+        p.apply(&mut l, &[0, 1, 0]);
+        assert!((l[0] - (1.0 - 0.2 - 0.5)).abs() < 1e-6, "{l:?}");
+        assert!((l[1] - (-2.0 - 0.1 - 0.5)).abs() < 1e-6, "{l:?}");
+        assert_eq!(&l[2..], &base[2..]);
+        // greedy would pick token 0 again; penalised it does not
+        let mut r = rand::rngs::StdRng::seed_from_u64(0);
+        assert_eq!(sample(&l, 0.0, 1.0, &mut r), 2);
+        // no-repeat 3-grams: after (1, 2), token 3 followed before and is banned
+        let p = Penalties {
+            repetition: 1.0,
+            no_repeat_ngram: 3,
+            ..Default::default()
+        };
+        let mut l = vec![0.0f32; 5];
+        l[3] = 9.0;
+        p.apply(&mut l, &[1, 2, 3, 4, 1, 2]);
+        assert_eq!(l[3], f32::NEG_INFINITY);
+        assert_eq!(l[4], 0.0);
+    }
+
+    #[test]
+    fn sentence_ends_are_recognised() {
+        for t in [
+            "It is.",
+            "Really?",
+            "Go! ",
+            "He said \"yes.\"",
+            "(see above.)",
+        ] {
+            assert!(ends_sentence(t), "{t}");
+        }
+        for t in ["It is", "e.g", "a, b", ""] {
+            assert!(!ends_sentence(t), "{t}");
+        }
     }
 
     #[test]

@@ -23,8 +23,8 @@ use crate::streams::StreamWriter;
 /// How a replica's stream ended, once it had started answering.
 #[derive(Debug)]
 enum End {
-    /// Its natural end (end of sequence or the token limit).
-    Complete,
+    /// Its natural end: `stop` (end of sequence, a sentence end near the budget) or `length`.
+    Complete(String),
     /// The end-to-end deadline passed; the stream was cancelled.
     Deadline,
     /// The replica failed mid-answer.
@@ -90,12 +90,19 @@ pub(crate) async fn ask_task(ctx: Arc<Ctx>, question: String, opts: AskOptions, 
     } else {
         format!("Passages:\n\n{context}Question: {question}")
     };
+    // penalties the request leaves unset take the cluster's defaults
+    let mut sampling = opts.sampling.clone();
+    let g = &cfg.generator;
+    sampling.repetition_penalty = sampling.repetition_penalty.or(Some(g.repetition_penalty));
+    sampling.frequency_penalty = sampling.frequency_penalty.or(Some(g.frequency_penalty));
+    sampling.presence_penalty = sampling.presence_penalty.or(Some(g.presence_penalty));
+    sampling.no_repeat_ngram = sampling.no_repeat_ngram.or(Some(g.no_repeat_ngram));
     let req = Generate {
         request: GenerationRequest {
             system: SYSTEM_PROMPT.into(),
             user,
             max_tokens,
-            sampling: opts.sampling.clone(),
+            sampling,
         },
     };
     let t_gen = Instant::now();
@@ -116,8 +123,13 @@ pub(crate) async fn ask_task(ctx: Arc<Ctx>, question: String, opts: AskOptions, 
         mut answer,
         first_token,
     } = relayed.into_inner().unwrap_or_else(|e| e.into_inner());
+    let end_reason = match &outcome {
+        Ok(End::Complete(r)) => r.clone(),
+        Ok(End::Failed(_)) => "error".into(),
+        _ => "deadline".into(),
+    };
     let cut = match outcome {
-        Ok(End::Complete) => None,
+        Ok(End::Complete(_)) => None,
         Ok(End::Deadline) | Err(Failed::Deadline) => Some(("deadline".to_string(), None)),
         Ok(End::Failed(e)) => Some((format!("error: {e}"), Some(e))),
         Err(f) => {
@@ -153,6 +165,7 @@ pub(crate) async fn ask_task(ctx: Arc<Ctx>, question: String, opts: AskOptions, 
         coverage,
         timings_ms: timings,
         unsourced,
+        end_reason,
         truncated,
         truncated_reason,
         rerank,
@@ -201,7 +214,7 @@ async fn relay(
                     w.push(&c.text, c.tokens);
                 }
                 if c.done {
-                    return Ok(End::Complete);
+                    return Ok(End::Complete(c.end.unwrap_or_else(|| "stop".into())));
                 }
                 if !started_answering
                     && c.text.is_empty()

@@ -1,7 +1,11 @@
 //! Chaos: one-off faults on live actors (`ragfleet chaos --group G --action panic|stall:MS`),
 //! and seeded experiments against a whole cluster under load (`ragfleet chaos run`).
+mod checks;
+mod faults;
+mod nodes;
 pub(crate) mod plan;
 pub(crate) mod run;
+mod workload;
 
 use std::time::{Duration, Instant};
 

@@ -3,22 +3,26 @@
 //! invariants: every acknowledged write on every replica (latest content), no deleted document
 //! back, truthful coverage, queries failing only where the plan allows, replicas converged
 //! within a bound, no node panicking or exiting unasked, memory bounded.
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+pub(super) use std::collections::{BTreeMap, HashMap, HashSet};
+pub(super) use std::path::{Path, PathBuf};
+pub(super) use std::process::{Child, Command, Stdio};
+pub(super) use std::sync::{Arc, Mutex};
+pub(super) use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
-use ragfleet_client::groups;
-use ragfleet_client::typed::{call_typed, Chaos, Digest, Fetch};
-use ragfleet_config::{ClusterConfig, NodeRole};
-use ragfleet_proto::{ChaosAction, Document, RetrieveOptions, SearchMode, WriteOp};
-use ragfleet_runtime::Client;
-use rand::{Rng, SeedableRng};
-use serde_json::json;
+pub(super) use anyhow::{bail, Context, Result};
+pub(super) use ragfleet_client::groups;
+pub(super) use ragfleet_client::typed::{call_typed, Chaos, Digest, Fetch};
+pub(super) use ragfleet_config::{ClusterConfig, NodeRole};
+pub(super) use ragfleet_proto::{ChaosAction, Document, RetrieveOptions, SearchMode, WriteOp};
+pub(super) use ragfleet_runtime::Client;
+pub(super) use rand::{Rng, SeedableRng};
+pub(super) use serde_json::json;
 
-use super::plan::{Action, Plan};
+pub(super) use super::checks::{check_writes, converge, node_serving, wait_serving};
+pub(super) use super::faults::apply;
+pub(super) use super::nodes::Nodes;
+pub(super) use super::plan::{Action, Plan};
+pub(super) use super::workload::{doc, workload};
 
 /// What `chaos run` was asked.
 pub(crate) struct RunArgs {
@@ -33,159 +37,45 @@ pub(crate) struct RunArgs {
     pub json: bool,
 }
 
-/// The node processes of the run.
-struct Nodes {
-    exe: PathBuf,
-    config: PathBuf,
-    data_dir: PathBuf,
-    models: Option<PathBuf>,
-    logs: PathBuf,
-    children: Mutex<HashMap<String, Child>>,
-    /// Nodes the runner took down on purpose (killed, not yet restarted).
-    down: Mutex<HashSet<String>>,
-    /// Nodes that exited without being asked.
-    unexpected_exits: Mutex<Vec<String>>,
-    max_rss_kib: Mutex<BTreeMap<String, u64>>,
-}
-
-impl Nodes {
-    fn spawn(&self, name: &str) -> Result<()> {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.logs.join(format!("{name}.log")))?;
-        let mut cmd = Command::new(&self.exe);
-        cmd.args(["node", "--config"])
-            .arg(&self.config)
-            .args(["--node", name, "--data-dir"])
-            .arg(&self.data_dir)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
-        if let Some(m) = &self.models {
-            cmd.arg("--models").arg(m);
-        }
-        if std::env::var_os("RAGFLEET_LOG").is_none() {
-            cmd.env("RAGFLEET_LOG", "info,ractor_cluster=warn");
-        }
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("cannot start node {name}"))?;
-        self.children
-            .lock()
-            .expect("nodes")
-            .insert(name.to_string(), child);
-        self.down.lock().expect("nodes").remove(name);
-        Ok(())
-    }
-
-    fn signal(&self, name: &str, sig: i32) {
-        if let Some(c) = self.children.lock().expect("nodes").get(name) {
-            // SAFETY: signalling a child process this runner started
-            unsafe { libc::kill(c.id() as i32, sig) };
-        }
-    }
-
-    fn kill(&self, name: &str) {
-        self.down.lock().expect("nodes").insert(name.to_string());
-        if let Some(mut c) = self.children.lock().expect("nodes").remove(name) {
-            // a frozen process dies of SIGKILL too
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    /// Notes nodes that exited unasked, and samples every node's resident memory.
-    fn watch(&self) {
-        let mut children = self.children.lock().expect("nodes");
-        let mut gone = Vec::new();
-        for (name, c) in children.iter_mut() {
-            match c.try_wait() {
-                Ok(Some(status)) => gone.push((name.clone(), status)),
-                _ => {
-                    if let Some(kib) = rss_kib(c.id()) {
-                        let mut m = self.max_rss_kib.lock().expect("nodes");
-                        let e = m.entry(name.clone()).or_insert(0);
-                        *e = (*e).max(kib);
-                    }
-                }
-            }
-        }
-        for (name, status) in gone {
-            children.remove(&name);
-            self.unexpected_exits
-                .lock()
-                .expect("nodes")
-                .push(format!("node {name} exited unasked ({status})"));
-        }
-    }
-
-    fn stop_all(&self) {
-        let names: Vec<String> = self
-            .children
-            .lock()
-            .expect("nodes")
-            .keys()
-            .cloned()
-            .collect();
-        for n in names {
-            self.signal(&n, libc::SIGCONT);
-            self.kill(&n);
-        }
-    }
-}
-
-impl Drop for Nodes {
-    fn drop(&mut self) {
-        self.stop_all();
-    }
-}
-
-fn rss_kib(pid: u32) -> Option<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
-    line.split_whitespace().nth(1)?.parse().ok()
-}
-
 /// A query's outcome, for the coverage check.
-struct QueryRecord {
-    start_ms: u64,
-    end_ms: u64,
+pub(super) struct QueryRecord {
+    pub(super) start_ms: u64,
+    pub(super) end_ms: u64,
     /// Shards left out and why; `None` when the query failed.
-    left_out: Option<Vec<(u32, String)>>,
-    error: Option<String>,
+    pub(super) left_out: Option<Vec<(u32, String)>>,
+    pub(super) error: Option<String>,
 }
 
 /// What the writes did: the acknowledged content of each live document, documents whose
 /// state is uncertain (a write or delete that was not acknowledged), and acknowledged deletes.
 #[derive(Default)]
-struct Ledger {
-    live: BTreeMap<String, String>,
+pub(super) struct Ledger {
+    pub(super) live: BTreeMap<String, String>,
     /// Contents a document may hold after unacknowledged writes (any of them is correct).
-    maybe: HashMap<String, Vec<String>>,
-    deleted: HashSet<String>,
-    acked: u64,
-    failed: u64,
+    pub(super) maybe: HashMap<String, Vec<String>>,
+    pub(super) deleted: HashSet<String>,
+    pub(super) acked: u64,
+    pub(super) failed: u64,
 }
 
 /// Up/down intervals of each node (down while killed or frozen), from the runner's actions.
 #[derive(Default)]
-struct Timeline {
-    down_since: HashMap<String, u64>,
-    intervals: Vec<(String, u64, u64)>,
+pub(super) struct Timeline {
+    pub(super) down_since: HashMap<String, u64>,
+    pub(super) intervals: Vec<(String, u64, u64)>,
 }
 
 impl Timeline {
-    fn down(&mut self, node: &str, at: u64) {
+    pub(super) fn down(&mut self, node: &str, at: u64) {
         self.down_since.entry(node.to_string()).or_insert(at);
     }
-    fn up(&mut self, node: &str, at: u64) {
+    pub(super) fn up(&mut self, node: &str, at: u64) {
         if let Some(s) = self.down_since.remove(node) {
             self.intervals.push((node.to_string(), s, at));
         }
     }
     /// Whether `node` was down (or within `grace` ms of coming back) at some point of [a, b].
-    fn faulty(&self, node: &str, a: u64, b: u64, grace: u64) -> bool {
+    pub(super) fn faulty(&self, node: &str, a: u64, b: u64, grace: u64) -> bool {
         self.down_since.get(node).is_some_and(|&s| s <= b)
             || self
                 .intervals
@@ -194,27 +84,27 @@ impl Timeline {
     }
 }
 
-struct Shared {
+pub(super) struct Shared {
     t0: Instant,
-    queries: Mutex<Vec<QueryRecord>>,
-    ledger: Mutex<Ledger>,
-    timeline: Mutex<Timeline>,
-    log: Mutex<Vec<String>>,
-    stop: std::sync::atomic::AtomicBool,
+    pub(super) queries: Mutex<Vec<QueryRecord>>,
+    pub(super) ledger: Mutex<Ledger>,
+    pub(super) timeline: Mutex<Timeline>,
+    pub(super) log: Mutex<Vec<String>>,
+    pub(super) stop: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
-    fn now_ms(&self) -> u64 {
+    pub(super) fn now_ms(&self) -> u64 {
         self.t0.elapsed().as_millis() as u64
     }
-    fn note(&self, what: String, json: bool) {
+    pub(super) fn note(&self, what: String, json: bool) {
         let line = format!("{:>8.1} s  {what}", self.t0.elapsed().as_secs_f64());
         if !json {
             println!("{line}");
         }
         self.log.lock().expect("log").push(line);
     }
-    fn stopped(&self) -> bool {
+    pub(super) fn stopped(&self) -> bool {
         self.stop.load(std::sync::atomic::Ordering::SeqCst)
     }
 }
@@ -572,470 +462,6 @@ pub(crate) async fn run(a: RunArgs) -> Result<i32> {
         return Ok(1);
     }
     Ok(0)
-}
-
-/// A document of this run: a unique marker token (`zq<seed>x<n>v<version>`), so BM25 finds it
-/// and its content shows which write it came from.
-fn doc(seed: u64, n: u64, version: u64, rng: &mut rand::rngs::StdRng) -> Document {
-    const WORDS: [&str; 12] = [
-        "replica", "shard", "ledger", "harbour", "lantern", "orchard", "granite", "meadow",
-        "signal", "quarry", "beacon", "thicket",
-    ];
-    let filler: Vec<&str> = (0..8)
-        .map(|_| WORDS[rng.gen_range(0..WORDS.len())])
-        .collect();
-    Document {
-        id: format!("chaos-{seed}-{n}"),
-        title: String::new(),
-        text: format!(
-            "Record zq{seed}x{n} version v{version}: {}.",
-            filler.join(" ")
-        ),
-    }
-}
-
-/// The steady workload: retrievals at a rate, ingests of new documents, rewrites and deletes of
-/// acknowledged ones, until the run stops.
-async fn workload(
-    client: Arc<Client>,
-    shared: Arc<Shared>,
-    w: super::plan::Workload,
-    seed: u64,
-    json: bool,
-) {
-    let querier = {
-        let (client, shared) = (client.clone(), shared.clone());
-        tokio::spawn(async move {
-            let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x9e37);
-            let every = Duration::from_secs_f64(1.0 / w.retrieve_per_s.max(0.01));
-            let mut next = Instant::now();
-            while !shared.stopped() {
-                next += every;
-                let known: Vec<String> = shared
-                    .ledger
-                    .lock()
-                    .expect("ledger")
-                    .live
-                    .keys()
-                    .cloned()
-                    .collect();
-                let (q, mode) = if !known.is_empty() && rng.gen_bool(0.7) {
-                    let id = &known[rng.gen_range(0..known.len())];
-                    let n = id.rsplit('-').next().unwrap_or("0");
-                    (format!("zq{seed}x{n}"), SearchMode::Bm25)
-                } else {
-                    (
-                        "which replica holds the ledger".to_string(),
-                        SearchMode::Dense,
-                    )
-                };
-                let opts = RetrieveOptions {
-                    k: Some(5),
-                    mode,
-                    rerank: None,
-                    deadline_ms: None,
-                };
-                let start_ms = shared.now_ms();
-                let r = client.retrieve(&q, opts).await;
-                let end_ms = shared.now_ms();
-                let rec = match r {
-                    Ok(r) => QueryRecord {
-                        start_ms,
-                        end_ms,
-                        left_out: Some(
-                            r.coverage
-                                .left_out
-                                .iter()
-                                .map(|l| (l.shard, l.reason.clone()))
-                                .collect(),
-                        ),
-                        error: None,
-                    },
-                    Err(e) => {
-                        shared.note(format!("query failed: {e}"), json);
-                        QueryRecord {
-                            start_ms,
-                            end_ms,
-                            left_out: None,
-                            error: Some(e.to_string()),
-                        }
-                    }
-                };
-                shared.queries.lock().expect("q").push(rec);
-                tokio::time::sleep_until(next.into()).await;
-            }
-        })
-    };
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x1b9e57);
-    let mut n: u64 = 8; // the seed corpus took 0..8
-    let mut tick: usize = 0;
-    let every = Duration::from_millis(w.ingest_every_ms);
-    let mut next = Instant::now();
-    while !shared.stopped() {
-        next += every;
-        tick += 1;
-        let mut docs: Vec<Document> = (0..w.ingest_batch as u64)
-            .map(|i| doc(seed, n + i, 0, &mut rng))
-            .collect();
-        n += w.ingest_batch as u64;
-        let known: Vec<String> = shared
-            .ledger
-            .lock()
-            .expect("ledger")
-            .live
-            .keys()
-            .cloned()
-            .collect();
-        if w.update_every > 0 && tick % w.update_every == 0 && !known.is_empty() {
-            let id = &known[rng.gen_range(0..known.len())];
-            let k: u64 = id
-                .rsplit('-')
-                .next()
-                .and_then(|x| x.parse().ok())
-                .unwrap_or(0);
-            docs.push(doc(seed, k, tick as u64, &mut rng));
-        }
-        let r = client.ingest(docs.clone()).await;
-        {
-            let mut l = shared.ledger.lock().expect("ledger");
-            let failed: HashSet<String> = match &r {
-                Ok(r) => r.failed.iter().map(|f| f.0.clone()).collect(),
-                Err(_) => docs.iter().map(|d| d.id.clone()).collect(),
-            };
-            for d in &docs {
-                if failed.contains(&d.id) {
-                    // not acknowledged: it may or may not have landed
-                    l.failed += 1;
-                    l.maybe
-                        .entry(d.id.clone())
-                        .or_default()
-                        .push(d.text.clone());
-                } else {
-                    l.acked += 1;
-                    l.deleted.remove(&d.id);
-                    l.maybe.remove(&d.id);
-                    l.live.insert(d.id.clone(), d.text.clone());
-                }
-            }
-        }
-        if w.delete_every > 0 && tick % w.delete_every == 0 && !known.is_empty() {
-            let id = known[rng.gen_range(0..known.len())].clone();
-            let r = client.delete(vec![id.clone()]).await;
-            let mut l = shared.ledger.lock().expect("ledger");
-            match r {
-                Ok(r) if r.failed.is_empty() => {
-                    l.acked += 1;
-                    l.live.remove(&id);
-                    l.maybe.remove(&id);
-                    l.deleted.insert(id);
-                }
-                _ => {
-                    // uncertain: deleted or not
-                    l.failed += 1;
-                    if let Some(text) = l.live.remove(&id) {
-                        l.maybe.entry(id.clone()).or_default().push(text);
-                    }
-                    l.maybe.entry(id).or_default().push(String::new());
-                }
-            }
-        }
-        tokio::time::sleep_until(next.into()).await;
-    }
-    let _ = querier.await;
-}
-
-/// Carries out one action; returns what happened, in words.
-async fn apply(
-    action: &Action,
-    nodes: &Nodes,
-    client: &Client,
-    cfg: &ClusterConfig,
-    shared: &Shared,
-    now: u64,
-) -> String {
-    match action {
-        Action::Kill(n) => {
-            shared.timeline.lock().expect("t").down(n, now);
-            nodes.kill(n);
-            "done".into()
-        }
-        Action::Freeze(n) => {
-            shared.timeline.lock().expect("t").down(n, now);
-            nodes.signal(n, libc::SIGSTOP);
-            "done".into()
-        }
-        Action::Thaw(n) => {
-            nodes.signal(n, libc::SIGCONT);
-            shared.timeline.lock().expect("t").up(n, now);
-            "done".into()
-        }
-        Action::Restart(n) => {
-            let r = nodes.spawn(n);
-            shared.timeline.lock().expect("t").up(n, now);
-            match r {
-                Ok(()) => "done".into(),
-                Err(e) => format!("failed: {e}"),
-            }
-        }
-        Action::Panic { node, group } => {
-            // a panicked shard replica restarts, recovers and catches up (or waits for a
-            // peer) before it serves again
-            if group.starts_with("shard.") {
-                let back = 2 * cfg.failure.suspect_after_ms.clamp(1000, 10_000) + 3000;
-                let mut tl = shared.timeline.lock().expect("t");
-                tl.intervals
-                    .push((format!("{node}/{group}"), now, now + back));
-            }
-            chaos_call(client, node, group, ChaosAction::Panic).await
-        }
-        Action::Stall { node, group, ms } => {
-            if group.starts_with("shard.") {
-                let mut tl = shared.timeline.lock().expect("t");
-                tl.intervals
-                    .push((format!("{node}/{group}"), now, now + ms));
-            }
-            chaos_call(client, node, group, ChaosAction::Stall(*ms)).await
-        }
-        Action::Corrupt { node, target, pick } => corrupt(cfg, node, target, *pick),
-    }
-}
-
-async fn chaos_call(client: &Client, node: &str, group: &str, action: ChaosAction) -> String {
-    let g = format!("ragfleet.{group}");
-    let mut hit = 0;
-    for a in client.members(&g) {
-        let info = call_typed(
-            &a,
-            ragfleet_client::typed::Ping {},
-            Duration::from_millis(500),
-        )
-        .await;
-        if info.is_ok_and(|i| i.node == node) {
-            let _ = call_typed(&a, Chaos { action }, Duration::from_millis(500)).await;
-            hit += 1;
-        }
-    }
-    if hit == 0 {
-        "no such actor up".into()
-    } else {
-        format!("{hit} actors")
-    }
-}
-
-/// Damages a file of a stopped node: the write-ahead log cut in the middle of its last record
-/// (or, when empty, a sealed segment with a flipped byte) of a shard chosen by `pick`.
-fn corrupt(cfg: &ClusterConfig, node: &str, target: &str, pick: u64) -> String {
-    let shards = cfg.shards_of(node);
-    if shards.is_empty() {
-        return "no shard on this node".into();
-    }
-    let (s, _) = shards[(pick % shards.len() as u64) as usize];
-    let dir = cfg.replica_dir(node, s);
-    let file = |p: PathBuf| -> Option<(PathBuf, u64)> {
-        let len = std::fs::metadata(&p).ok()?.len();
-        (len > 0).then_some((p, len))
-    };
-    let wal = file(dir.join("wal.log"));
-    let seg = std::fs::read_dir(&dir).ok().and_then(|d| {
-        d.filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| {
-                p.extension().is_some_and(|x| x == "bin")
-                    && p.file_name()
-                        .is_some_and(|n| n.to_string_lossy().starts_with("seg-"))
-            })
-            .find_map(file)
-    });
-    let chosen = match target {
-        "segment" => seg.or(wal),
-        _ => wal.or(seg),
-    };
-    let Some((path, len)) = chosen else {
-        return format!("shard {s}: no file to damage yet");
-    };
-    let r = if path.extension().is_some_and(|x| x == "log") {
-        // a torn tail: cut inside the last bytes
-        let cut = len - 1 - pick % len.min(16);
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&path)
-            .and_then(|f| f.set_len(cut))
-            .map(|_| format!("{} cut from {len} to {cut} bytes", path.display()))
-    } else {
-        std::fs::read(&path).and_then(|mut b| {
-            let i = (pick as usize) % b.len();
-            b[i] ^= 0x5a;
-            std::fs::write(&path, b).map(|_| format!("{} byte {i} flipped", path.display()))
-        })
-    };
-    r.unwrap_or_else(|e| format!("could not damage {}: {e}", path.display()))
-}
-
-/// Waits until every node is alive and every replica serving.
-async fn wait_serving(client: &Client, cfg: &ClusterConfig, within: Duration) -> Result<()> {
-    let start = Instant::now();
-    loop {
-        if let Ok(s) = client.status().await {
-            let alive = s.nodes.iter().all(|n| n.alive);
-            let serving = s
-                .shards
-                .iter()
-                .all(|sh| sh.replicas.iter().all(|r| r.state == "serving"));
-            if alive && serving && s.nodes.len() == cfg.nodes.len() {
-                return Ok(());
-            }
-        }
-        if start.elapsed() > within {
-            bail!("not every node alive and replica serving within {within:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-/// Whether `node` is alive with all its replicas serving, within `within`.
-async fn node_serving(client: &Client, node: &str, within: Duration) -> bool {
-    let start = Instant::now();
-    while start.elapsed() < within {
-        if let Ok(s) = client.status().await {
-            let alive = s.nodes.iter().any(|n| n.name == node && n.alive);
-            let serving = s.shards.iter().all(|sh| {
-                sh.replicas
-                    .iter()
-                    .filter(|r| r.node == node)
-                    .all(|r| r.state == "serving")
-            });
-            if alive && serving {
-                return true;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    false
-}
-
-/// Waits until every node serves and every shard's replicas hold equal digests.
-async fn converge(client: &Client, cfg: &ClusterConfig, within: Duration) -> Result<()> {
-    let start = Instant::now();
-    let mut last = String::new();
-    while start.elapsed() < within {
-        if wait_serving(client, cfg, Duration::from_millis(1))
-            .await
-            .is_ok()
-        {
-            let mut all_equal = true;
-            for s in 0..cfg.index.shards {
-                let members = client.members(&groups::shard(s));
-                let mut digests = Vec::new();
-                for m in &members {
-                    if let Ok((d, _)) = call_typed(m, Digest {}, Duration::from_secs(2)).await {
-                        digests.push(d);
-                    }
-                }
-                let expected = cfg.placement()[s as usize].len();
-                if digests.len() < expected || digests.windows(2).any(|w| w[0] != w[1]) {
-                    all_equal = false;
-                    last = format!(
-                        "shard {s}: {} of {expected} replicas answered, digests {digests:?}",
-                        digests.len()
-                    );
-                    break;
-                }
-            }
-            if all_equal {
-                return Ok(());
-            }
-        } else {
-            last = "not every replica serving".into();
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-    bail!("{last}")
-}
-
-/// Checks every document the run wrote on every replica of its shard: acknowledged content
-/// present (or one of the contents of later unacknowledged writes), deleted documents absent.
-/// Returns (lost, resurrected, documents checked).
-async fn check_writes(
-    client: &Client,
-    cfg: &ClusterConfig,
-    shared: &Shared,
-) -> (Vec<String>, Vec<String>, usize) {
-    let (live, maybe, deleted) = {
-        let l = shared.ledger.lock().expect("ledger");
-        (l.live.clone(), l.maybe.clone(), l.deleted.clone())
-    };
-    let mut by_shard: BTreeMap<u32, Vec<String>> = BTreeMap::new();
-    for id in live.keys().chain(deleted.iter()) {
-        by_shard
-            .entry(cfg.shard_of(id))
-            .or_default()
-            .push(id.clone());
-    }
-    let (mut lost, mut resurrected) = (Vec::new(), Vec::new());
-    for (s, ids) in by_shard {
-        for m in client.members(&groups::shard(s)) {
-            let replica = call_typed(&m, ragfleet_client::typed::Ping {}, Duration::from_secs(2))
-                .await
-                .map(|i| i.node)
-                .unwrap_or_else(|_| "?".into());
-            for batch in ids.chunks(200) {
-                let got = match call_typed(
-                    &m,
-                    Fetch {
-                        doc_ids: batch.to_vec(),
-                    },
-                    Duration::from_secs(30),
-                )
-                .await
-                {
-                    Ok((ops, _)) => ops,
-                    Err(e) => {
-                        lost.push(format!("shard {s} on {replica}: fetch failed: {e}"));
-                        continue;
-                    }
-                };
-                let held: HashMap<String, String> = got
-                    .into_iter()
-                    .filter_map(|op| match op {
-                        WriteOp::Upsert { doc_id, chunks, .. } => Some((
-                            doc_id,
-                            chunks
-                                .iter()
-                                .map(|c| c.text.clone())
-                                .collect::<Vec<_>>()
-                                .join(" "),
-                        )),
-                        WriteOp::Delete { .. } => None,
-                    })
-                    .collect();
-                for id in batch {
-                    if deleted.contains(id) {
-                        if held.contains_key(id) {
-                            resurrected.push(format!("{id} on {replica} (shard {s})"));
-                        }
-                        continue;
-                    }
-                    let want = &live[id];
-                    let ok = held.get(id).is_some_and(|t| {
-                        t.contains(want.as_str())
-                            || maybe.get(id).is_some_and(|m| {
-                                m.iter().any(|x| !x.is_empty() && t.contains(x.as_str()))
-                            })
-                    });
-                    if !ok {
-                        lost.push(format!(
-                            "{id} on {replica} (shard {s}): {}",
-                            match held.get(id) {
-                                None => "missing".to_string(),
-                                Some(t) => format!("holds {t:?}, acknowledged {want:?}"),
-                            }
-                        ));
-                    }
-                }
-            }
-        }
-    }
-    let checked = live.len() + deleted.len();
-    (lost, resurrected, checked)
 }
 
 /// Where a run keeps its data by default.

@@ -1,0 +1,133 @@
+//! Carrying out a plan's actions on the nodes and actors of a run.
+use super::run::*;
+
+/// Carries out one action; returns what happened, in words.
+pub(super) async fn apply(
+    action: &Action,
+    nodes: &Nodes,
+    client: &Client,
+    cfg: &ClusterConfig,
+    shared: &Shared,
+    now: u64,
+) -> String {
+    match action {
+        Action::Kill(n) => {
+            shared.timeline.lock().expect("t").down(n, now);
+            nodes.kill(n);
+            "done".into()
+        }
+        Action::Freeze(n) => {
+            shared.timeline.lock().expect("t").down(n, now);
+            nodes.signal(n, libc::SIGSTOP);
+            "done".into()
+        }
+        Action::Thaw(n) => {
+            nodes.signal(n, libc::SIGCONT);
+            shared.timeline.lock().expect("t").up(n, now);
+            "done".into()
+        }
+        Action::Restart(n) => {
+            let r = nodes.spawn(n);
+            shared.timeline.lock().expect("t").up(n, now);
+            match r {
+                Ok(()) => "done".into(),
+                Err(e) => format!("failed: {e}"),
+            }
+        }
+        Action::Panic { node, group } => {
+            // a panicked shard replica restarts, recovers and catches up (or waits for a
+            // peer) before it serves again
+            if group.starts_with("shard.") {
+                let back = 2 * cfg.failure.suspect_after_ms.clamp(1000, 10_000) + 3000;
+                let mut tl = shared.timeline.lock().expect("t");
+                tl.intervals
+                    .push((format!("{node}/{group}"), now, now + back));
+            }
+            chaos_call(client, node, group, ChaosAction::Panic).await
+        }
+        Action::Stall { node, group, ms } => {
+            if group.starts_with("shard.") {
+                let mut tl = shared.timeline.lock().expect("t");
+                tl.intervals
+                    .push((format!("{node}/{group}"), now, now + ms));
+            }
+            chaos_call(client, node, group, ChaosAction::Stall(*ms)).await
+        }
+        Action::Corrupt { node, target, pick } => corrupt(cfg, node, target, *pick),
+    }
+}
+
+pub(super) async fn chaos_call(
+    client: &Client,
+    node: &str,
+    group: &str,
+    action: ChaosAction,
+) -> String {
+    let g = format!("ragfleet.{group}");
+    let mut hit = 0;
+    for a in client.members(&g) {
+        let info = call_typed(
+            &a,
+            ragfleet_client::typed::Ping {},
+            Duration::from_millis(500),
+        )
+        .await;
+        if info.is_ok_and(|i| i.node == node) {
+            let _ = call_typed(&a, Chaos { action }, Duration::from_millis(500)).await;
+            hit += 1;
+        }
+    }
+    if hit == 0 {
+        "no such actor up".into()
+    } else {
+        format!("{hit} actors")
+    }
+}
+
+/// Damages a file of a stopped node: the write-ahead log cut in the middle of its last record
+/// (or, when empty, a sealed segment with a flipped byte) of a shard chosen by `pick`.
+pub(super) fn corrupt(cfg: &ClusterConfig, node: &str, target: &str, pick: u64) -> String {
+    let shards = cfg.shards_of(node);
+    if shards.is_empty() {
+        return "no shard on this node".into();
+    }
+    let (s, _) = shards[(pick % shards.len() as u64) as usize];
+    let dir = cfg.replica_dir(node, s);
+    let file = |p: PathBuf| -> Option<(PathBuf, u64)> {
+        let len = std::fs::metadata(&p).ok()?.len();
+        (len > 0).then_some((p, len))
+    };
+    let wal = file(dir.join("wal.log"));
+    let seg = std::fs::read_dir(&dir).ok().and_then(|d| {
+        d.filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.extension().is_some_and(|x| x == "bin")
+                    && p.file_name()
+                        .is_some_and(|n| n.to_string_lossy().starts_with("seg-"))
+            })
+            .find_map(file)
+    });
+    let chosen = match target {
+        "segment" => seg.or(wal),
+        _ => wal.or(seg),
+    };
+    let Some((path, len)) = chosen else {
+        return format!("shard {s}: no file to damage yet");
+    };
+    let r = if path.extension().is_some_and(|x| x == "log") {
+        // a torn tail: cut inside the last bytes
+        let cut = len - 1 - pick % len.min(16);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .and_then(|f| f.set_len(cut))
+            .map(|_| format!("{} cut from {len} to {cut} bytes", path.display()))
+    } else {
+        std::fs::read(&path).and_then(|mut b| {
+            let i = (pick as usize) % b.len();
+            b[i] ^= 0x5a;
+            std::fs::write(&path, b).map(|_| format!("{} byte {i} flipped", path.display()))
+        })
+    };
+    r.unwrap_or_else(|e| format!("could not damage {}: {e}", path.display()))
+}

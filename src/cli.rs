@@ -140,6 +140,9 @@ pub(crate) enum Cmd {
         /// Sampling seed.
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// generate, extractive or auto (default: the cluster's generator.answer_mode).
+        #[arg(long)]
+        answer_mode: Option<String>,
         /// Print one JSON object at the end.
         #[arg(long)]
         json: bool,

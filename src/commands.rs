@@ -76,11 +76,16 @@ pub(crate) async fn run(cli: Cli) -> Result<()> {
             max_tokens,
             temperature,
             seed,
+            answer_mode,
             json,
             question,
         } => {
             init_logs("warn,ractor_cluster=error");
             let q = joined(&question, "question")?;
+            let answer_mode = answer_mode
+                .map(|m| m.parse::<ragfleet_proto::AnswerMode>())
+                .transpose()
+                .map_err(anyhow::Error::msg)?;
             let client = connect(cluster.load()?).await?;
             let options = AskOptions {
                 retrieve: opts.options()?,
@@ -91,6 +96,7 @@ pub(crate) async fn run(cli: Cli) -> Result<()> {
                     seed,
                     ..Default::default()
                 },
+                answer_mode,
             };
             demo::ask_and_print(&client, &q, options, json).await
         }

@@ -155,6 +155,34 @@ pub async fn ask_and_print(
             src.join(", ")
         }
     );
+    if s.answer_mode != "generate" {
+        println!("(answer mode: {}: quoted from the sources)", s.answer_mode);
+    }
+    if let Some(g) = &s.grounding {
+        let weak: Vec<&str> = g
+            .sentences
+            .iter()
+            .filter(|x| x.weak)
+            .map(|x| x.text.as_str())
+            .collect();
+        print!(
+            "grounding: {:.2} ({} of {} sentences weakly supported",
+            g.score,
+            weak.len(),
+            g.sentences.len()
+        );
+        if weak.is_empty() {
+            println!(")");
+        } else {
+            println!(
+                ": {})",
+                weak.iter()
+                    .map(|w| format!("{w:?}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+    }
     crate::output::print_coverage(&s.coverage);
     if let Some(r) = s.rerank.as_deref().filter(|r| *r != "applied") {
         println!("rerank: {r}");

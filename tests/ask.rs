@@ -168,3 +168,60 @@ fn a_generator_stalled_before_its_first_token_is_retried_on_another_replica() {
         "the stalled replica was never tried"
     );
 }
+
+#[test]
+fn extractive_answers_quote_the_sources_and_every_answer_carries_its_grounding() {
+    let _g = serial();
+    // no generator anywhere: `auto` (the default) answers extractively instead of failing
+    let c = Cluster::start(
+        &[&["coordinator", "embedder", "shard"], &["shard"]],
+        "[generator]\nmax_tokens = 60\n",
+    );
+    let p = c.corpus_path();
+    c.json(&["ingest", "--json", p.to_str().unwrap()]);
+    let a = ask_json(&c, &["What do honey bees store in their hive?"]);
+    assert_eq!(a["answer_mode"], "extractive", "{a}");
+    let text = a["answer"].as_str().unwrap();
+    assert!(text.contains("[bees]"), "{a}");
+    assert!(text.contains("wax combs"), "{a}");
+    assert_eq!(a["sources"][0]["doc_id"], "bees", "{a}");
+    assert_eq!(a["end_reason"], "stop");
+    assert_eq!(a["truncated"], false);
+    // quoted sentences are fully supported by the passages they come from
+    let g = a["grounding"]["score"].as_f64().unwrap();
+    assert!(g > 0.8, "{a}");
+    // told to generate, with no generator, it fails with a clear error
+    let (ok, _, err) = c.cli(&["ask", "--answer-mode", "generate", "What do bees store?"]);
+    assert!(!ok && err.contains("no generator replica"), "{err}");
+    let (ok, _, err) = c.cli(&["ask", "--answer-mode", "poetic", "What do bees store?"]);
+    assert!(!ok && err.contains("unknown answer mode"), "{err}");
+}
+
+#[test]
+fn a_generated_answer_reports_its_grounding_and_end_reason() {
+    let _g = serial();
+    let c = Cluster::start(
+        &[
+            &["coordinator", "embedder", "shard", "generator"],
+            &["shard"],
+        ],
+        GEN,
+    );
+    let p = c.corpus_path();
+    c.json(&["ingest", "--json", p.to_str().unwrap()]);
+    let a = ask_json(&c, &["--max-tokens", "24", "What causes ocean tides?"]);
+    assert_eq!(a["answer_mode"], "generate", "{a}");
+    assert!(
+        ["stop", "length"].contains(&a["end_reason"].as_str().unwrap()),
+        "{a}"
+    );
+    let g = &a["grounding"];
+    let n = g["sentences"].as_array().unwrap().len();
+    assert!(n >= 1, "{a}");
+    let score = g["score"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&score), "{a}");
+    // the text output shows it
+    let (ok, out, err) = c.cli(&["ask", "--max-tokens", "24", "What causes ocean tides?"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("grounding: "), "{out}");
+}

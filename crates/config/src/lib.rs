@@ -179,7 +179,7 @@ impl Default for QueryConfig {
             rerank_fusion: RerankFusion::Weighted,
             rerank_weight: 0.5,
             deadline_ms: 30_000,
-            rerank_deadline_ms: 3_000,
+            rerank_deadline_ms: 5_000,
             max_query_bytes: 8192,
         }
     }
@@ -257,6 +257,9 @@ pub struct GeneratorConfig {
     pub presence_penalty: f32,
     /// Default size of n-grams an answer may not repeat (0: off).
     pub no_repeat_ngram: u32,
+    /// How answers are made unless a request says: `generate`, `extractive` (the sources'
+    /// sentences closest to the question), or `auto` (extractive when no generator can answer).
+    pub answer_mode: ragfleet_proto::AnswerMode,
 }
 
 impl Default for GeneratorConfig {
@@ -271,6 +274,7 @@ impl Default for GeneratorConfig {
             frequency_penalty: 0.0,
             presence_penalty: 0.0,
             no_repeat_ngram: 4,
+            answer_mode: ragfleet_proto::AnswerMode::Auto,
         }
     }
 }

@@ -233,6 +233,106 @@ impl SentenceScorer {
     }
 }
 
+/// Support under which an answer sentence is marked weakly supported.
+pub const WEAK_SUPPORT: f32 = 0.5;
+
+const STOPWORDS: [&str; 40] = [
+    "about", "above", "after", "again", "also", "because", "been", "before", "being", "between",
+    "both", "can", "could", "does", "doing", "each", "from", "have", "having", "here", "into",
+    "more", "most", "other", "same", "should", "some", "such", "than", "that", "their", "them",
+    "then", "there", "these", "they", "this", "those", "what", "when",
+];
+
+/// Content words of a text: lower-cased words of four or more letters, stop words dropped.
+pub fn content_words(text: &str) -> std::collections::HashSet<String> {
+    text.split(|c: char| !c.is_alphanumeric())
+        .filter(|w| w.chars().count() >= 4)
+        .map(|w| w.to_lowercase())
+        .filter(|w| !STOPWORDS.contains(&w.as_str()))
+        .collect()
+}
+
+/// How well each answer sentence is supported by the context sentences: half its best cosine
+/// to a context sentence (vectors at unit length), half the share of its content words that
+/// appear in the context. The score is the mean support.
+pub fn grounding(
+    answer: &[String],
+    answer_vecs: &[Vec<f32>],
+    context: &[String],
+    context_vecs: &[Vec<f32>],
+) -> ragfleet_proto::Grounding {
+    let ctx_words: std::collections::HashSet<String> =
+        context.iter().flat_map(|c| content_words(c)).collect();
+    let sentences: Vec<ragfleet_proto::SentenceSupport> = answer
+        .iter()
+        .zip(answer_vecs)
+        .map(|(s, v)| {
+            let cos = context_vecs
+                .iter()
+                .map(|c| crate::vector::dot(v, c))
+                .fold(0.0f32, f32::max)
+                .clamp(0.0, 1.0);
+            let words = content_words(s);
+            let overlap = if words.is_empty() {
+                cos
+            } else {
+                words.iter().filter(|w| ctx_words.contains(*w)).count() as f32 / words.len() as f32
+            };
+            let support = 0.5 * cos + 0.5 * overlap;
+            ragfleet_proto::SentenceSupport {
+                text: s.clone(),
+                support,
+                weak: support < WEAK_SUPPORT,
+            }
+        })
+        .collect();
+    let score = if sentences.is_empty() {
+        0.0
+    } else {
+        sentences.iter().map(|s| s.support).sum::<f32>() / sentences.len() as f32
+    };
+    ragfleet_proto::Grounding { score, sentences }
+}
+
+/// Picks the sentences of an extractive answer: the candidates (label, sentence, unit vector)
+/// closest to the question, best first, dropping near-duplicates (cosine >= 0.95 to one
+/// already picked), while their token count stays within `budget`; at most `max` of them.
+pub fn extract<'a>(
+    question: &[f32],
+    candidates: &'a [(String, String, Vec<f32>)],
+    budget: usize,
+    max: usize,
+    count: &dyn Fn(&str) -> usize,
+) -> Vec<&'a (String, String, Vec<f32>)> {
+    let mut order: Vec<(f32, usize)> = candidates
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (crate::vector::dot(question, &c.2), i))
+        .collect();
+    order.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    let mut picked: Vec<&(String, String, Vec<f32>)> = Vec::new();
+    let mut spent = 0;
+    for (_, i) in order {
+        if picked.len() >= max {
+            break;
+        }
+        let c = &candidates[i];
+        if picked
+            .iter()
+            .any(|p| crate::vector::dot(&p.2, &c.2) >= 0.95 || p.1 == c.1)
+        {
+            continue;
+        }
+        let n = count(&c.1);
+        if spent + n > budget {
+            continue;
+        }
+        spent += n;
+        picked.push(c);
+    }
+    picked
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -374,5 +474,54 @@ mod tests {
         let short = |_: &[String]| Ok(vec![vec![1.0f32]]);
         assert!(scorer.score("q", &["new passage".into()], &short).is_err());
         assert_eq!(sentence_units("  ").len(), 1);
+    }
+
+    #[test]
+    fn grounding_scores_supported_sentences_above_unsupported_ones() {
+        let context = vec![
+            "Glaciers carve valleys slowly.".to_string(),
+            "Honey bees store honey in wax combs.".to_string(),
+        ];
+        let answer = vec![
+            "Glaciers carve valleys.".to_string(),
+            "Volcanoes erupt lava on Jupiter.".to_string(),
+        ];
+        let cv = bag_of_words(&context).unwrap();
+        let av = bag_of_words(&answer).unwrap();
+        let g = grounding(&answer, &av, &context, &cv);
+        assert_eq!(g.sentences.len(), 2);
+        assert!(g.sentences[0].support > 0.8, "{g:?}");
+        assert!(!g.sentences[0].weak);
+        assert!(g.sentences[1].support < WEAK_SUPPORT, "{g:?}");
+        assert!(g.sentences[1].weak);
+        assert!((g.score - (g.sentences[0].support + g.sentences[1].support) / 2.0).abs() < 1e-6);
+        assert_eq!(grounding(&[], &[], &context, &cv).score, 0.0);
+    }
+
+    #[test]
+    fn extraction_takes_the_closest_distinct_sentences_within_the_budget() {
+        let texts = [
+            ("a", "Glaciers carve valleys slowly."),
+            ("b", "Glaciers carve valleys slowly."),
+            ("c", "Glaciers are rivers of ice in mountains."),
+            ("d", "Honey bees store honey."),
+        ];
+        let strings: Vec<String> = texts.iter().map(|t| t.1.to_string()).collect();
+        let vecs = bag_of_words(&strings).unwrap();
+        let cands: Vec<(String, String, Vec<f32>)> = texts
+            .iter()
+            .zip(vecs)
+            .map(|((l, s), v)| (l.to_string(), s.to_string(), v))
+            .collect();
+        let q = bag_of_words(&["how do glaciers carve valleys".to_string()]).unwrap();
+        let words = |s: &str| s.split_whitespace().count();
+        let got = extract(&q[0], &cands, 100, 3, &words);
+        let labels: Vec<&str> = got.iter().map(|c| c.0.as_str()).collect();
+        // the duplicate of a is dropped; bees come last
+        assert_eq!(labels, vec!["a", "c", "d"]);
+        // a budget of 8 words keeps the best sentence and what else fits
+        let got = extract(&q[0], &cands, 8, 3, &words);
+        let labels: Vec<&str> = got.iter().map(|c| c.0.as_str()).collect();
+        assert_eq!(labels, vec!["a", "d"]);
     }
 }

@@ -193,6 +193,15 @@ fn all_responses() -> Vec<Response> {
                 truncated_reason: Some("deadline".into()),
                 rerank: Some("skipped: deadline".into()),
                 degraded: None,
+                answer_mode: "generate".into(),
+                grounding: Some(Grounding {
+                    score: 0.7,
+                    sentences: vec![SentenceSupport {
+                        text: "a".into(),
+                        support: 0.7,
+                        weak: false,
+                    }],
+                }),
             }),
         }),
         Response::Retrieved(RetrieveResult {

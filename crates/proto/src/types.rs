@@ -416,6 +416,55 @@ pub struct AskOptions {
     pub max_tokens: Option<u32>,
     /// Sampling.
     pub sampling: Sampling,
+    /// How to answer (the cluster's `generator.answer_mode` when `None`).
+    pub answer_mode: Option<AnswerMode>,
+}
+
+/// How an answer is made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AnswerMode {
+    /// The generator writes it.
+    Generate,
+    /// Built from the sources' sentences closest to the question, quoted with their labels.
+    Extractive,
+    /// Generated, or extractive when no generator replica can answer.
+    Auto,
+}
+
+impl std::str::FromStr for AnswerMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "generate" => Ok(AnswerMode::Generate),
+            "extractive" => Ok(AnswerMode::Extractive),
+            "auto" => Ok(AnswerMode::Auto),
+            other => Err(format!(
+                "unknown answer mode {other:?} (generate, extractive, auto)"
+            )),
+        }
+    }
+}
+
+/// How well one sentence of an answer is supported by the passages it was given.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SentenceSupport {
+    /// The sentence.
+    pub text: String,
+    /// Support in [0, 1]: half its best cosine similarity to a passage sentence, half the share
+    /// of its content words found in the passages.
+    pub support: f32,
+    /// Below the weak-support line (0.5).
+    pub weak: bool,
+}
+
+/// The grounding of an answer in its context.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Grounding {
+    /// Mean support of the sentences.
+    pub score: f32,
+    /// Each sentence's support.
+    pub sentences: Vec<SentenceSupport>,
 }
 
 /// A cited source of an answer.
@@ -452,6 +501,11 @@ pub struct AskSummary {
     pub rerank: Option<String>,
     /// How retrieval was degraded, if it was (see [`RetrieveResult::degraded`]).
     pub degraded: Option<String>,
+    /// How the answer was made: `generate` or `extractive`.
+    pub answer_mode: String,
+    /// How well each sentence of a generated answer is supported by its context (`None` when
+    /// it could not be measured: no context, no embedder).
+    pub grounding: Option<Grounding>,
 }
 
 /// A piece of a token stream.

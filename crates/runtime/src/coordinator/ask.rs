@@ -9,10 +9,11 @@ use ragfleet_client::groups;
 use ragfleet_client::typed::{call_typed, Cancel, Generate, StreamNext};
 use ragfleet_config::NoCoverage;
 use ragfleet_proto::{
-    AskOptions, AskSummary, Coverage, GenerationRequest, LeftOut, Timings, WireError,
+    AnswerMode, AskOptions, AskSummary, Coverage, GenerationRequest, LeftOut, Timings, WireError,
 };
 use tracing::warn;
 
+use super::answer::{extractive, ground};
 use super::prompt::{assemble_context, SYSTEM_PROMPT};
 use super::replicas::{with_failover, Budget, Failed};
 use super::retrieve::retrieve;
@@ -67,6 +68,8 @@ pub(crate) async fn ask_task(ctx: Arc<Ctx>, question: String, opts: AskOptions, 
             }
         };
     let unsourced = coverage.shards_answered == 0 || hits.is_empty();
+    let mode = opts.answer_mode.unwrap_or(cfg.generator.answer_mode);
+    let hits_kept = hits.clone();
     if unsourced && cfg.generator.on_no_coverage == NoCoverage::Refuse {
         return w.fail("no shard answered and generator.on_no_coverage = \"refuse\"".into());
     }
@@ -106,6 +109,26 @@ pub(crate) async fn ask_task(ctx: Arc<Ctx>, question: String, opts: AskOptions, 
         },
     };
     let t_gen = Instant::now();
+    let mut summary = AskSummary {
+        answer: String::new(),
+        sources,
+        coverage,
+        timings_ms: timings.clone(),
+        unsourced,
+        end_reason: "stop".into(),
+        truncated: false,
+        truncated_reason: None,
+        rerank,
+        degraded,
+        answer_mode: "generate".into(),
+        grounding: None,
+    };
+    if mode == AnswerMode::Extractive && !unsourced {
+        return finish_extractive(
+            &ctx, &question, &hits_kept, &context, max_tokens, deadline, summary, timings, t0, &w,
+        )
+        .await;
+    }
     let first_token_timeout = Duration::from_millis(cfg.generator.first_token_timeout_ms);
     let relayed = Mutex::new(Relayed::default());
     let replicas = ctx.candidates(groups::GENERATORS);
@@ -138,6 +161,14 @@ pub(crate) async fn ask_task(ctx: Arc<Ctx>, question: String, opts: AskOptions, 
                 "no generator replica could answer: {}",
                 f.reason("no generator replica is reachable")
             );
+            if mode == AnswerMode::Auto && !unsourced {
+                warn!(error = %e, "answering extractively");
+                return finish_extractive(
+                    &ctx, &question, &hits_kept, &context, max_tokens, deadline, summary, timings,
+                    t0, &w,
+                )
+                .await;
+            }
             return w.fail(e);
         }
     };
@@ -158,19 +189,49 @@ pub(crate) async fn ask_task(ctx: Arc<Ctx>, question: String, opts: AskOptions, 
     };
     timings.first_token = first_token.map(ms).unwrap_or(0.0);
     timings.generate = ms(t_gen.elapsed());
+    if !unsourced {
+        summary.grounding = ground(&ctx, &answer, &context).await;
+    }
     timings.total = ms(t0.elapsed());
-    w.finish(Some(AskSummary {
-        answer,
-        sources,
-        coverage,
-        timings_ms: timings,
-        unsourced,
-        end_reason,
-        truncated,
-        truncated_reason,
-        rerank,
-        degraded,
-    }));
+    summary.answer = answer;
+    summary.timings_ms = timings;
+    summary.end_reason = end_reason;
+    summary.truncated = truncated;
+    summary.truncated_reason = truncated_reason;
+    w.finish(Some(summary));
+}
+
+/// Answers from the sources' sentences (no generator): streams the quoted sentences, then the
+/// summary.
+#[allow(clippy::too_many_arguments)]
+async fn finish_extractive(
+    ctx: &Ctx,
+    question: &str,
+    hits: &[ragfleet_proto::Hit],
+    context: &str,
+    max_tokens: u32,
+    deadline: Instant,
+    mut summary: AskSummary,
+    mut timings: Timings,
+    t0: Instant,
+    w: &StreamWriter,
+) {
+    let t_gen = Instant::now();
+    let Some((text, sources)) =
+        extractive(ctx, question, hits, max_tokens as usize, deadline).await
+    else {
+        return w.fail("no sentence of the sources could be quoted (no embedder answered)".into());
+    };
+    w.push(&text, 0);
+    timings.first_token = ms(t0.elapsed());
+    timings.generate = ms(t_gen.elapsed());
+    summary.grounding = ground(ctx, &text, context).await;
+    timings.total = ms(t0.elapsed());
+    summary.answer = text;
+    summary.sources = sources;
+    summary.answer_mode = "extractive".into();
+    summary.timings_ms = timings;
+    w.finish(Some(summary));
 }
 
 /// One replica's attempt: start a stream and relay it until it ends. `Err` (fail over to the

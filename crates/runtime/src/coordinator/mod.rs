@@ -22,6 +22,7 @@ use crate::health::Health;
 use crate::models::TokenCount;
 use crate::streams::{next_response, StreamTable};
 
+mod answer;
 mod ask;
 pub mod ingest;
 pub mod prompt;

@@ -29,7 +29,9 @@ fn cluster_file(dir: &std::path::Path) -> std::path::PathBuf {
     text.push_str(
         "[index]\nshards = 4\nreplication = 2\nwrite_quorum = 2\nanti_entropy_ms = 1000\n",
     );
-    text.push_str("[failure]\nheartbeat_ms = 100\nsuspect_after_ms = 600\n");
+    // generous timings: the test checks the runner, on a loaded 2-core machine
+    text.push_str("[query]\nshard_deadline_ms = 2000\n");
+    text.push_str("[failure]\nheartbeat_ms = 200\nsuspect_after_ms = 1500\n");
     let p = dir.join("cluster.toml");
     std::fs::write(&p, text).unwrap();
     p

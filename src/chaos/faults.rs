@@ -54,6 +54,14 @@ pub(super) async fn apply(
             chaos_call(client, node, group, ChaosAction::Stall(*ms)).await
         }
         Action::Corrupt { node, target, pick } => corrupt(cfg, node, target, *pick),
+        Action::Fill(node) => fill(&cfg.data_dir.join(node)),
+        Action::Free(node) => {
+            let p = cfg.data_dir.join(node).join(FILLER);
+            match std::fs::remove_file(&p) {
+                Ok(()) => "space back".into(),
+                Err(e) => format!("could not remove {}: {e}", p.display()),
+            }
+        }
     }
 }
 
@@ -131,3 +139,54 @@ pub(super) fn corrupt(cfg: &ClusterConfig, node: &str, target: &str, pick: u64) 
     };
     r.unwrap_or_else(|e| format!("could not damage {}: {e}", path.display()))
 }
+
+/// The file that fills a node's data folder.
+const FILLER: &str = "chaos-filler.bin";
+
+/// Writes a file into `dir` until the disk refuses more.
+fn fill(dir: &std::path::Path) -> String {
+    use std::io::Write;
+    let p = dir.join(FILLER);
+    let mut f = match std::fs::File::create(&p) {
+        Ok(f) => f,
+        Err(e) => return format!("could not create {}: {e}", p.display()),
+    };
+    let block = vec![0u8; 64 << 10];
+    let mut written: u64 = 0;
+    loop {
+        match f.write(&block) {
+            Ok(0) => break,
+            Ok(n) => written += n as u64,
+            Err(_) => break,
+        }
+        if written > (64u64 << 30) {
+            break; // not a small tmpfs: do not fill a real disk
+        }
+    }
+    let _ = f.sync_all();
+    format!("{} MiB written, the disk is full", written >> 20)
+}
+
+/// Mounts a tmpfs of `mib` MiB at `dir` (the data folder of a node under a disk-full fault).
+pub(super) fn mount_tmpfs(dir: &std::path::Path, mib: u64) -> Result<(), String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let out = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+        .arg(dir)
+        .output()
+        .map_err(|e| format!("mount: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "mount -t tmpfs at {} failed (disk-full faults need root): {}",
+            dir.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(())
+}
+
+/// Unmounts what [`mount_tmpfs`] mounted.
+pub(super) fn unmount(dir: &std::path::Path) {
+    let _ = std::process::Command::new("umount").arg(dir).output();
+}
+

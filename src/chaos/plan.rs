@@ -105,6 +105,9 @@ pub(crate) struct Fault {
     /// Stall length in ms.
     #[serde(default = "default_stall")]
     pub stall_ms: u64,
+    /// disk-full: size of the tmpfs mounted as each hit node's data folder, in MiB.
+    #[serde(default = "default_disk")]
+    pub size_mib: u64,
     /// corrupt: `wal` (truncated mid-record or a flipped byte) or `segment`.
     #[serde(default)]
     pub target: Option<String>,
@@ -118,6 +121,9 @@ fn default_down() -> f64 {
 }
 fn default_stall() -> u64 {
     2000
+}
+fn default_disk() -> u64 {
+    16
 }
 
 /// Kinds of fault.
@@ -134,6 +140,9 @@ pub(crate) enum FaultKind {
     Stall,
     /// kill -9, a data file damaged, then a restart.
     Corrupt,
+    /// The node's data folder (a small tmpfs mounted for the run) fills up; after `down_s`
+    /// the space returns.
+    DiskFull,
 }
 
 /// One scheduled action.
@@ -159,6 +168,10 @@ pub(crate) enum Action {
         target: String,
         pick: u64,
     },
+    /// Fill the node's data folder (its tmpfs) to the last byte.
+    Fill(String),
+    /// Give the space back.
+    Free(String),
 }
 
 impl std::fmt::Display for Action {
@@ -171,6 +184,8 @@ impl std::fmt::Display for Action {
             Action::Panic { node, group } => write!(f, "panic {group} on {node}"),
             Action::Stall { node, group, ms } => write!(f, "stall {group} on {node} for {ms} ms"),
             Action::Corrupt { node, target, .. } => write!(f, "damage a {target} file of {node}"),
+            Action::Fill(n) => write!(f, "fill the data folder of {n}"),
+            Action::Free(n) => write!(f, "free the data folder of {n}"),
         }
     }
 }
@@ -220,6 +235,24 @@ impl Plan {
         Ok(())
     }
 
+    /// Nodes whose data folder must be a small tmpfs (disk-full faults), with its size in MiB.
+    pub(crate) fn tmpfs_nodes(&self, nodes: &[String]) -> Vec<(String, u64)> {
+        let mut out: Vec<(String, u64)> = Vec::new();
+        for f in self.faults.iter().filter(|f| f.kind == FaultKind::DiskFull) {
+            let targets = if f.nodes.is_empty() {
+                nodes.to_vec()
+            } else {
+                f.nodes.clone()
+            };
+            for n in targets {
+                if !out.iter().any(|(m, _)| m == &n) {
+                    out.push((n, f.size_mib.max(1)));
+                }
+            }
+        }
+        out
+    }
+
     /// The events of the faulty part (`duration_s` long), from `seed`, in time order; the
     /// nodes and role groups the cluster has.
     pub(crate) fn schedule(
@@ -256,6 +289,25 @@ impl Plan {
                 }
             };
             match f.kind {
+                FaultKind::DiskFull => {
+                    let every = f.every_s.unwrap_or(f.down_s + 5.0);
+                    for (k, node) in targets.iter().enumerate() {
+                        let t = f.at_s + k as f64 * every + jitter(&mut rng);
+                        if t > until {
+                            break;
+                        }
+                        events.push(Event {
+                            at_ms: ms(t),
+                            fault: i,
+                            action: Action::Fill(node.clone()),
+                        });
+                        events.push(Event {
+                            at_ms: ms(t + f.down_s),
+                            fault: i,
+                            action: Action::Free(node.clone()),
+                        });
+                    }
+                }
                 FaultKind::Kill | FaultKind::Freeze | FaultKind::Corrupt => {
                     let every = f.every_s.unwrap_or(f.down_s + 5.0);
                     for (k, node) in targets.iter().enumerate() {

@@ -167,6 +167,19 @@ pub(crate) async fn run(a: RunArgs) -> Result<i32> {
             logs.display()
         );
     }
+    // disk-full faults: those nodes' data folders are small tmpfs mounts for the run
+    let tmpfs: Vec<PathBuf> = a
+        .plan
+        .tmpfs_nodes(&names)
+        .into_iter()
+        .map(|(n, mib)| {
+            let dir = a.data_dir.join(&n);
+            let _ = std::fs::remove_dir_all(&dir);
+            super::faults::mount_tmpfs(&dir, mib).map(|_| dir)
+        })
+        .collect::<Result<_, String>>()
+        .map_err(anyhow::Error::msg)?;
+    let _unmount = Unmount(tmpfs);
     for n in &names {
         nodes.spawn(n)?;
     }
@@ -476,3 +489,15 @@ pub(crate) fn default_data_dir(plan: &Path, seed: u64) -> PathBuf {
         .unwrap_or_else(|| "plan".into());
     PathBuf::from("data").join(format!("chaos-{name}-{seed}"))
 }
+
+/// Unmounts the run's tmpfs data folders when the run ends (after the nodes stop).
+struct Unmount(Vec<PathBuf>);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        for d in &self.0 {
+            super::faults::unmount(d);
+        }
+    }
+}
+

@@ -56,6 +56,8 @@ pub(super) struct Ledger {
     pub(super) deleted: HashSet<String>,
     pub(super) acked: u64,
     pub(super) failed: u64,
+    /// Why writes were refused (the first few distinct reasons).
+    pub(super) fail_reasons: Vec<String>,
 }
 
 /// Up/down intervals of each node (down while killed or frozen), from the runner's actions.
@@ -411,7 +413,7 @@ pub(crate) async fn run(a: RunArgs) -> Result<i32> {
         "plan_file": a.plan_path,
         "duration_s": a.duration_s,
         "queries": {"total": total, "failed": failed.len(), "partial": partial},
-        "writes": {"acked": ledger.acked, "failed": ledger.failed, "checked_docs": checked,
+        "writes": {"acked": ledger.acked, "failed": ledger.failed, "failure_reasons": ledger.fail_reasons, "checked_docs": checked,
                    "lost": lost.len(), "resurrected": resurrected.len()},
         "faults": fault_rows,
         "violations": violations,

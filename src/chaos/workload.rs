@@ -129,6 +129,17 @@ pub(super) async fn workload(
                 Ok(r) => r.failed.iter().map(|f| f.0.clone()).collect(),
                 Err(_) => docs.iter().map(|d| d.id.clone()).collect(),
             };
+            let reasons: Vec<String> = match &r {
+                Ok(r) => r.failed.iter().map(|f| f.1.clone()).collect(),
+                Err(e) => vec![e.to_string()],
+            };
+            for why in reasons {
+                let mut why = why;
+                why.truncate(240);
+                if l.fail_reasons.len() < 5 && !l.fail_reasons.contains(&why) {
+                    l.fail_reasons.push(why);
+                }
+            }
             for d in &docs {
                 if failed.contains(&d.id) {
                     // not acknowledged: it may or may not have landed

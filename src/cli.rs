@@ -190,9 +190,16 @@ pub(crate) enum Cmd {
         /// queries.jsonl.
         #[arg(long)]
         queries: PathBuf,
-        /// qrels tsv (query-id, corpus-id, score).
+        /// qrels tsv (query-id, corpus-id, score); not needed with --answers.
+        #[arg(long, required_unless_present = "answers")]
+        qrels: Option<PathBuf>,
+        /// Evaluate answers instead of retrieval: repetition, end reasons, grounding, length
+        /// and latency per answer mode (generate, extractive) over the queries.
         #[arg(long)]
-        qrels: PathBuf,
+        answers: bool,
+        /// With --answers: answer length limit in tokens.
+        #[arg(long, default_value_t = 96)]
+        max_tokens: u32,
         /// dense, bm25 or hybrid.
         #[arg(long, default_value = "dense")]
         mode: String,

@@ -175,15 +175,23 @@ pub(crate) async fn run(cli: Cli) -> Result<()> {
             rerank,
             limit,
             json,
+            answers,
+            max_tokens,
         } => {
             init_logs("warn,ractor_cluster=error");
             let client = connect(cluster.load()?).await?;
+            let mode = mode.parse::<SearchMode>().map_err(anyhow::Error::msg)?;
+            if answers {
+                return crate::eval_answers::run(&client, &queries, mode, max_tokens, limit, json)
+                    .await;
+            }
             let opts = RetrieveOptions {
                 k: Some(100),
-                mode: mode.parse::<SearchMode>().map_err(anyhow::Error::msg)?,
+                mode,
                 rerank: Some(rerank),
                 deadline_ms: None,
             };
+            let qrels = qrels.context("--qrels is required")?;
             eval::run(&client, &queries, &qrels, opts, limit, json).await
         }
         Cmd::Models {

@@ -7,6 +7,7 @@ mod commands;
 mod corpus;
 mod demo;
 mod eval;
+mod eval_answers;
 mod loader;
 mod output;
 

@@ -225,3 +225,39 @@ fn a_generated_answer_reports_its_grounding_and_end_reason() {
     assert!(ok, "{err}");
     assert!(out.contains("grounding: "), "{out}");
 }
+
+#[test]
+fn eval_answers_reports_repetition_endings_and_grounding_per_answer_mode() {
+    let _g = serial();
+    let c = Cluster::start(
+        &[&["coordinator", "embedder", "shard", "generator"], &["shard"]],
+        GEN,
+    );
+    let p = c.corpus_path();
+    c.json(&["ingest", "--json", p.to_str().unwrap()]);
+    let q = c.dir.path().join("queries.jsonl");
+    std::fs::write(
+        &q,
+        "{\"_id\": \"1\", \"text\": \"What do honey bees store?\"}\n{\"_id\": \"2\", \"text\": \"What causes ocean tides?\"}\n",
+    )
+    .unwrap();
+    let r = c.json(&[
+        "eval", "--answers", "--json", "--max-tokens", "12", "--queries", q.to_str().unwrap(),
+    ]);
+    for mode in ["generate", "extractive"] {
+        let m = &r[mode];
+        assert_eq!(m["answers"], 2, "{r}");
+        assert_eq!(m["failed"], 0, "{r}");
+        let reasons: u64 = m["end_reasons"]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|v| v.as_u64().unwrap())
+            .sum();
+        assert_eq!(reasons, 2, "{r}");
+        assert!(m["grounding_mean"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(m["latency_ms"]["p50"].as_f64().unwrap() > 0.0, "{r}");
+    }
+    // quoted sentences are grounded in what they quote
+    assert!(r["extractive"]["grounding_mean"].as_f64().unwrap() > 0.8, "{r}");
+}

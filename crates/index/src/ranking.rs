@@ -310,6 +310,7 @@ pub fn extract<'a>(
         .map(|(i, c)| (crate::vector::dot(question, &c.2), i))
         .collect();
     order.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    let order_first = order.first().copied();
     let mut picked: Vec<&(String, String, Vec<f32>)> = Vec::new();
     let mut spent = 0;
     for (_, i) in order {
@@ -329,6 +330,12 @@ pub fn extract<'a>(
         }
         spent += n;
         picked.push(c);
+    }
+    // a budget smaller than the best sentence still quotes it whole (a cut quote says less)
+    if picked.is_empty() {
+        if let Some(&(_, i)) = order_first.as_ref() {
+            picked.push(&candidates[i]);
+        }
     }
     picked
 }
@@ -523,5 +530,10 @@ mod tests {
         let got = extract(&q[0], &cands, 8, 3, &words);
         let labels: Vec<&str> = got.iter().map(|c| c.0.as_str()).collect();
         assert_eq!(labels, vec!["a", "d"]);
+        // a budget below any sentence still quotes the best one, whole
+        let got = extract(&q[0], &cands, 1, 3, &words);
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].0, "a");
+        assert!(extract(&q[0], &[], 10, 3, &words).is_empty());
     }
 }

@@ -230,7 +230,10 @@ fn a_generated_answer_reports_its_grounding_and_end_reason() {
 fn eval_answers_reports_repetition_endings_and_grounding_per_answer_mode() {
     let _g = serial();
     let c = Cluster::start(
-        &[&["coordinator", "embedder", "shard", "generator"], &["shard"]],
+        &[
+            &["coordinator", "embedder", "shard", "generator"],
+            &["shard"],
+        ],
         GEN,
     );
     let p = c.corpus_path();
@@ -242,7 +245,13 @@ fn eval_answers_reports_repetition_endings_and_grounding_per_answer_mode() {
     )
     .unwrap();
     let r = c.json(&[
-        "eval", "--answers", "--json", "--max-tokens", "12", "--queries", q.to_str().unwrap(),
+        "eval",
+        "--answers",
+        "--json",
+        "--max-tokens",
+        "12",
+        "--queries",
+        q.to_str().unwrap(),
     ]);
     for mode in ["generate", "extractive"] {
         let m = &r[mode];
@@ -259,5 +268,8 @@ fn eval_answers_reports_repetition_endings_and_grounding_per_answer_mode() {
         assert!(m["latency_ms"]["p50"].as_f64().unwrap() > 0.0, "{r}");
     }
     // quoted sentences are grounded in what they quote
-    assert!(r["extractive"]["grounding_mean"].as_f64().unwrap() > 0.8, "{r}");
+    assert!(
+        r["extractive"]["grounding_mean"].as_f64().unwrap() > 0.8,
+        "{r}"
+    );
 }

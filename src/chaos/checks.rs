@@ -2,6 +2,19 @@
 //! replica.
 use super::run::*;
 
+/// Whether every node is alive and every replica serving, as the cluster's status says now.
+async fn serving_now(client: &Client, cfg: &ClusterConfig) -> bool {
+    let Ok(s) = client.status().await else {
+        return false;
+    };
+    let alive = s.nodes.iter().all(|n| n.alive);
+    let serving = s
+        .shards
+        .iter()
+        .all(|sh| sh.replicas.iter().all(|r| r.state == "serving"));
+    alive && serving && s.nodes.len() == cfg.nodes.len()
+}
+
 /// Waits until every node is alive and every replica serving.
 pub(super) async fn wait_serving(
     client: &Client,
@@ -10,15 +23,8 @@ pub(super) async fn wait_serving(
 ) -> Result<()> {
     let start = Instant::now();
     loop {
-        if let Ok(s) = client.status().await {
-            let alive = s.nodes.iter().all(|n| n.alive);
-            let serving = s
-                .shards
-                .iter()
-                .all(|sh| sh.replicas.iter().all(|r| r.state == "serving"));
-            if alive && serving && s.nodes.len() == cfg.nodes.len() {
-                return Ok(());
-            }
+        if serving_now(client, cfg).await {
+            return Ok(());
         }
         if start.elapsed() > within {
             bail!("not every node alive and replica serving within {within:?}");
@@ -53,10 +59,7 @@ pub(super) async fn converge(client: &Client, cfg: &ClusterConfig, within: Durat
     let start = Instant::now();
     let mut last = String::new();
     while start.elapsed() < within {
-        if wait_serving(client, cfg, Duration::from_millis(1))
-            .await
-            .is_ok()
-        {
+        if serving_now(client, cfg).await {
             let mut all_equal = true;
             for s in 0..cfg.index.shards {
                 let members = client.members(&groups::shard(s));

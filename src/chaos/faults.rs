@@ -53,8 +53,19 @@ pub(super) async fn apply(
             }
             chaos_call(client, node, group, ChaosAction::Stall(*ms)).await
         }
-        Action::Corrupt { node, target, pick } => corrupt(cfg, node, target, *pick),
-        Action::Fill(node) => fill(&cfg.data_dir.join(node)),
+        // file work off the async runtime's threads
+        Action::Corrupt { node, target, pick } => {
+            let (cfg, node, target, pick) = (cfg.clone(), node.clone(), target.clone(), *pick);
+            tokio::task::spawn_blocking(move || corrupt(&cfg, &node, &target, pick))
+                .await
+                .unwrap_or_else(|e| format!("failed: {e}"))
+        }
+        Action::Fill(node) => {
+            let dir = cfg.data_dir.join(node);
+            tokio::task::spawn_blocking(move || fill(&dir))
+                .await
+                .unwrap_or_else(|e| format!("failed: {e}"))
+        }
         Action::Free(node) => {
             let p = cfg.data_dir.join(node).join(FILLER);
             match std::fs::remove_file(&p) {
@@ -189,4 +200,3 @@ pub(super) fn mount_tmpfs(dir: &std::path::Path, mib: u64) -> Result<(), String>
 pub(super) fn unmount(dir: &std::path::Path) {
     let _ = std::process::Command::new("umount").arg(dir).output();
 }
-

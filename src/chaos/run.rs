@@ -60,6 +60,13 @@ pub(super) struct Ledger {
     pub(super) fail_reasons: Vec<String>,
 }
 
+impl Ledger {
+    /// Ids of the documents acknowledged live.
+    pub(super) fn live_ids(&self) -> Vec<String> {
+        self.live.keys().cloned().collect()
+    }
+}
+
 /// Up/down intervals of each node (down while killed or frozen), from the runner's actions.
 #[derive(Default)]
 pub(super) struct Timeline {
@@ -502,4 +509,3 @@ impl Drop for Unmount {
         }
     }
 }
-

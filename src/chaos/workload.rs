@@ -21,6 +21,14 @@ pub(super) fn doc(seed: u64, n: u64, version: u64, rng: &mut rand::rngs::StdRng)
     }
 }
 
+/// The number of a run's document id (`chaos-SEED-N`).
+fn doc_number(id: &str) -> u64 {
+    id.rsplit('-')
+        .next()
+        .and_then(|x| x.parse().ok())
+        .unwrap_or(0)
+}
+
 /// The steady workload: retrievals at a rate, ingests of new documents, rewrites and deletes of
 /// acknowledged ones, until the run stops.
 pub(super) async fn workload(
@@ -38,18 +46,10 @@ pub(super) async fn workload(
             let mut next = Instant::now();
             while !shared.stopped() {
                 next += every;
-                let known: Vec<String> = shared
-                    .ledger
-                    .lock()
-                    .expect("ledger")
-                    .live
-                    .keys()
-                    .cloned()
-                    .collect();
+                let known = shared.ledger.lock().expect("ledger").live_ids();
                 let (q, mode) = if !known.is_empty() && rng.gen_bool(0.7) {
                     let id = &known[rng.gen_range(0..known.len())];
-                    let n = id.rsplit('-').next().unwrap_or("0");
-                    (format!("zq{seed}x{n}"), SearchMode::Bm25)
+                    (format!("zq{seed}x{}", doc_number(id)), SearchMode::Bm25)
                 } else {
                     (
                         "which replica holds the ledger".to_string(),
@@ -105,22 +105,10 @@ pub(super) async fn workload(
             .map(|i| doc(seed, n + i, 0, &mut rng))
             .collect();
         n += w.ingest_batch as u64;
-        let known: Vec<String> = shared
-            .ledger
-            .lock()
-            .expect("ledger")
-            .live
-            .keys()
-            .cloned()
-            .collect();
+        let known = shared.ledger.lock().expect("ledger").live_ids();
         if w.update_every > 0 && tick % w.update_every == 0 && !known.is_empty() {
             let id = &known[rng.gen_range(0..known.len())];
-            let k: u64 = id
-                .rsplit('-')
-                .next()
-                .and_then(|x| x.parse().ok())
-                .unwrap_or(0);
-            docs.push(doc(seed, k, tick as u64, &mut rng));
+            docs.push(doc(seed, doc_number(id), tick as u64, &mut rng));
         }
         let r = client.ingest(docs.clone()).await;
         {

@@ -141,7 +141,7 @@ impl Actor for Supervisor {
 
     async fn handle(
         &self,
-        _myself: ActorRef<Self::Msg>,
+        myself: ActorRef<Self::Msg>,
         msg: Self::Msg,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
@@ -160,7 +160,7 @@ impl Actor for Supervisor {
             }
             SupervisorMsg::Restart(idx) => {
                 let name = state.args.children[idx].name.clone();
-                match start_child(&state.args.children[idx], _myself.get_cell()).await {
+                match start_child(&state.args.children[idx], myself.get_cell()).await {
                     Ok(cell) => {
                         info!(supervisor = %state.args.label, child = %name, "restarted after backoff");
                         state.running.insert(cell.get_id(), idx);
@@ -170,7 +170,7 @@ impl Actor for Supervisor {
                         // could not even start: try again later, longer
                         let delay = next_backoff(state);
                         error!(supervisor = %state.args.label, child = %name, error = %e, ?delay, "restart failed; trying again");
-                        _myself.send_after(delay, move || SupervisorMsg::Restart(idx));
+                        myself.send_after(delay, move || SupervisorMsg::Restart(idx));
                     }
                 }
             }

@@ -44,14 +44,16 @@ async fn embed(ctx: &Ctx, texts: Vec<String>, deadline: Instant) -> Option<Vec<V
 }
 
 /// An extractive answer to `question` from `hits` within `budget` tokens: its text (each
-/// sentence followed by its `[doc_id]`) and sources; `None` when nothing could be quoted.
+/// sentence followed by its `[doc_id]`), sources, and grounding (the quoted sentences against
+/// the sources' sentences, from the vectors already computed); `None` when nothing could be
+/// quoted.
 pub(crate) async fn extractive(
     ctx: &Ctx,
     question: &str,
     hits: &[Hit],
     budget: usize,
     deadline: Instant,
-) -> Option<(String, Vec<Source>)> {
+) -> Option<(String, Vec<Source>, Grounding)> {
     let mut cands: Vec<(String, String)> = Vec::new();
     for h in hits {
         for s in sentences_of(&h.text) {
@@ -77,6 +79,11 @@ pub(crate) async fn extractive(
     if picked.is_empty() {
         return None;
     }
+    let quoted: Vec<String> = picked.iter().map(|c| c.1.clone()).collect();
+    let quoted_vecs: Vec<Vec<f32>> = picked.iter().map(|c| c.2.clone()).collect();
+    let all: Vec<String> = cands.iter().map(|c| c.1.clone()).collect();
+    let all_vecs: Vec<Vec<f32>> = cands.iter().map(|c| c.2.clone()).collect();
+    let grounded = grounding(&quoted, &quoted_vecs, &all, &all_vecs);
     let mut text = String::new();
     let mut sources: Vec<Source> = Vec::new();
     for (doc, s, _) in picked {
@@ -96,7 +103,7 @@ pub(crate) async fn extractive(
             });
         }
     }
-    Some((text, sources))
+    Some((text, sources, grounded))
 }
 
 /// The grounding of `answer` in `context` (the passages it was given, with their `[id]`

@@ -48,7 +48,7 @@ pub(crate) async fn ask_task(ctx: Arc<Ctx>, question: String, opts: AskOptions, 
         .max_tokens
         .unwrap_or(cfg.generator.max_tokens)
         .clamp(1, 2048);
-    let (hits, coverage, mut timings, rerank, degraded) =
+    let (hits, coverage, timings, rerank, degraded) =
         match retrieve(ctx.clone(), question.clone(), opts.retrieve.clone()).await {
             Ok(r) => (r.hits, r.coverage, r.timings_ms, r.rerank, r.degraded),
             Err(e @ WireError::BadRequest(_)) => return w.fail(e.to_string()),
@@ -69,20 +69,21 @@ pub(crate) async fn ask_task(ctx: Arc<Ctx>, question: String, opts: AskOptions, 
         };
     let unsourced = coverage.shards_answered == 0 || hits.is_empty();
     let mode = opts.answer_mode.unwrap_or(cfg.generator.answer_mode);
-    let hits_kept = hits.clone();
+    let hits = Arc::new(hits);
     if unsourced && cfg.generator.on_no_coverage == NoCoverage::Refuse {
         return w.fail("no shard answered and generator.on_no_coverage = \"refuse\"".into());
     }
     // tokenising the passages is CPU work: off the async runtime's threads
-    let (c2, q2, context_tokens) = (
+    let (c2, q2, h2, context_tokens) = (
         ctx.clone(),
         question.clone(),
+        hits.clone(),
         cfg.generator.context_tokens as usize,
     );
     let assembled = tokio::task::spawn_blocking(move || {
         let count = |t: &str| c2.count_tokens(t);
         let reserve = max_tokens as usize + count(&q2) + count(SYSTEM_PROMPT) + 48;
-        assemble_context(&hits, context_tokens.saturating_sub(reserve), &count)
+        assemble_context(&h2, context_tokens.saturating_sub(reserve), &count)
     })
     .await;
     let Ok((context, sources)) = assembled else {
@@ -113,7 +114,7 @@ pub(crate) async fn ask_task(ctx: Arc<Ctx>, question: String, opts: AskOptions, 
         answer: String::new(),
         sources,
         coverage,
-        timings_ms: timings.clone(),
+        timings_ms: timings,
         unsourced,
         end_reason: "stop".into(),
         truncated: false,
@@ -125,7 +126,7 @@ pub(crate) async fn ask_task(ctx: Arc<Ctx>, question: String, opts: AskOptions, 
     };
     if mode == AnswerMode::Extractive && !unsourced {
         return finish_extractive(
-            &ctx, &question, &hits_kept, &context, max_tokens, deadline, summary, timings, t0, &w,
+            &ctx, &question, &hits, max_tokens, deadline, summary, t0, &w,
         )
         .await;
     }
@@ -164,8 +165,7 @@ pub(crate) async fn ask_task(ctx: Arc<Ctx>, question: String, opts: AskOptions, 
             if mode == AnswerMode::Auto && !unsourced {
                 warn!(error = %e, "answering extractively");
                 return finish_extractive(
-                    &ctx, &question, &hits_kept, &context, max_tokens, deadline, summary, timings,
-                    t0, &w,
+                    &ctx, &question, &hits, max_tokens, deadline, summary, t0, &w,
                 )
                 .await;
             }
@@ -187,14 +187,13 @@ pub(crate) async fn ask_task(ctx: Arc<Ctx>, question: String, opts: AskOptions, 
             (true, Some(reason))
         }
     };
-    timings.first_token = first_token.map(ms).unwrap_or(0.0);
-    timings.generate = ms(t_gen.elapsed());
+    summary.timings_ms.first_token = first_token.map(ms).unwrap_or(0.0);
+    summary.timings_ms.generate = ms(t_gen.elapsed());
     if !unsourced {
         summary.grounding = ground(&ctx, &answer, &context).await;
     }
-    timings.total = ms(t0.elapsed());
+    summary.timings_ms.total = ms(t0.elapsed());
     summary.answer = answer;
-    summary.timings_ms = timings;
     summary.end_reason = end_reason;
     summary.truncated = truncated;
     summary.truncated_reason = truncated_reason;
@@ -208,29 +207,27 @@ async fn finish_extractive(
     ctx: &Ctx,
     question: &str,
     hits: &[ragfleet_proto::Hit],
-    context: &str,
     max_tokens: u32,
     deadline: Instant,
     mut summary: AskSummary,
-    mut timings: Timings,
     t0: Instant,
     w: &StreamWriter,
 ) {
     let t_gen = Instant::now();
-    let Some((text, sources)) =
+    let Some((text, sources, grounded)) =
         extractive(ctx, question, hits, max_tokens as usize, deadline).await
     else {
         return w.fail("no sentence of the sources could be quoted (no embedder answered)".into());
     };
     w.push(&text, 0);
-    timings.first_token = ms(t0.elapsed());
-    timings.generate = ms(t_gen.elapsed());
-    summary.grounding = ground(ctx, &text, context).await;
-    timings.total = ms(t0.elapsed());
+    let t = &mut summary.timings_ms;
+    t.first_token = ms(t0.elapsed());
+    t.generate = ms(t_gen.elapsed());
+    t.total = ms(t0.elapsed());
+    summary.grounding = Some(grounded);
     summary.answer = text;
     summary.sources = sources;
     summary.answer_mode = "extractive".into();
-    summary.timings_ms = timings;
     w.finish(Some(summary));
 }
 

@@ -27,6 +27,12 @@ pub enum BenchCmd {
         /// Construction beam (all libraries).
         #[arg(long, default_value_t = 100)]
         ef_construction: usize,
+        /// Graph degree M (all libraries but instant-distance, whose degree is fixed).
+        #[arg(long, default_value_t = 16)]
+        m: usize,
+        /// Leave instant-distance out (its build is slow at 1M vectors).
+        #[arg(long)]
+        no_instant: bool,
         /// Clusters in the synthetic set.
         #[arg(long, default_value_t = 10)]
         clusters: usize,
@@ -100,6 +106,8 @@ pub async fn run(cmd: BenchCmd) -> Result<()> {
             queries,
             ef,
             ef_construction,
+            m,
+            no_instant,
             clusters,
             intrinsic,
             noise,
@@ -110,6 +118,8 @@ pub async fn run(cmd: BenchCmd) -> Result<()> {
                 nq: queries,
                 efs: ef,
                 efc: ef_construction,
+                m,
+                instant: !no_instant,
                 clusters,
                 intrinsic,
                 noise,
@@ -535,6 +545,8 @@ struct IndexBench {
     nq: usize,
     efs: Vec<usize>,
     efc: usize,
+    m: usize,
+    instant: bool,
     clusters: usize,
     intrinsic: usize,
     noise: f32,
@@ -551,6 +563,7 @@ struct Point {
 
 fn index(b: IndexBench) -> Result<()> {
     use ragfleet_index::ann::{exact_top_k, Ann};
+    use ragfleet_index::hnsw::{Hnsw, HnswParams};
     use ragfleet_index::eval::clustered_with;
     use ragfleet_index::vector::normalize;
     use std::time::Instant;
@@ -572,12 +585,13 @@ fn index(b: IndexBench) -> Result<()> {
         .collect();
     println!(
         "{} vectors x {DIM} ({} clusters, {} directions each, noise {}), {} queries, k = {K}, \
-         M = 32, ef_construction = {}, {threads} build threads, 1 search thread; data {:.1} s",
+         M = {}, ef_construction = {}, {threads} build threads, 1 search thread; data {:.1} s",
         b.n,
         b.clusters,
         b.intrinsic,
         b.noise,
         b.nq,
+        b.m,
         b.efc,
         t.elapsed().as_secs_f64()
     );
@@ -607,7 +621,9 @@ fn index(b: IndexBench) -> Result<()> {
             "--k",
             &K.to_string(),
             "--m",
-            "32",
+            &b.m.to_string(),
+            "--threads",
+            &threads.to_string(),
             "--efc",
             &b.efc.to_string(),
             "--ef",
@@ -630,29 +646,64 @@ fn index(b: IndexBench) -> Result<()> {
         }
     }
 
-    let t = Instant::now();
-    let mut ann = Ann::build(data, b.efc, b.efs.first().copied().unwrap_or(K), 1);
-    builds.insert(0, ("ragfleet".into(), t.elapsed().as_secs_f64()));
-    let mut search = ragfleet_index::ann::Search::default();
-    for &ef in &b.efs {
-        ann = ann.with_ef_search(ef.max(K))?;
-        let t = Instant::now();
-        let found: Vec<Vec<u32>> = queries
-            .iter()
-            .map(|q| ann.search(q, K, &mut search))
-            .collect();
-        let qps = b.nq as f64 / t.elapsed().as_secs_f64();
+    let dim_flat: Vec<f32> = data.iter().flatten().copied().collect();
+    let score = |found: &[Vec<u32>]| -> f64 {
         let hit: usize = found
             .iter()
             .zip(&truth)
             .map(|(f, t)| t.iter().filter(|x| f.contains(x)).count())
             .sum();
+        hit as f64 / (K * b.nq) as f64
+    };
+    let t = Instant::now();
+    let params = HnswParams {
+        m: b.m,
+        ef_construction: b.efc,
+        seed: 1,
+    };
+    let own = Hnsw::build(DIM, &dim_flat, params, threads);
+    builds.insert(0, ("ragfleet".into(), t.elapsed().as_secs_f64()));
+    drop(dim_flat);
+    for &ef in &b.efs {
+        let t = Instant::now();
+        let found: Vec<Vec<u32>> = queries
+            .iter()
+            .map(|q| own.search(q, K, ef, &|_| true).into_iter().map(|x| x.1).collect())
+            .collect();
+        let qps = b.nq as f64 / t.elapsed().as_secs_f64();
         points.push(Point {
             lib: "ragfleet".into(),
             ef,
-            recall: hit as f64 / (K * b.nq) as f64,
+            recall: score(&found),
             qps,
         });
+    }
+    println!(
+        "ragfleet graph in memory: {:.1} MB ({:.0} bytes a vector)",
+        own.memory_bytes() as f64 / 1e6,
+        own.memory_bytes() as f64 / b.n as f64
+    );
+    drop(own);
+    if b.instant {
+        let t = Instant::now();
+        let mut ann = Ann::build(data, b.efc, b.efs.first().copied().unwrap_or(K), 1);
+        builds.push(("instant".into(), t.elapsed().as_secs_f64()));
+        let mut search = ragfleet_index::ann::Search::default();
+        for &ef in &b.efs {
+            ann = ann.with_ef_search(ef.max(K))?;
+            let t = Instant::now();
+            let found: Vec<Vec<u32>> = queries
+                .iter()
+                .map(|q| ann.search(q, K, &mut search))
+                .collect();
+            let qps = b.nq as f64 / t.elapsed().as_secs_f64();
+            points.push(Point {
+                lib: "instant".into(),
+                ef,
+                recall: score(&found),
+                qps,
+            });
+        }
     }
 
     println!("\n{:<10} {:>10}", "library", "build s");

@@ -9,6 +9,7 @@ mod bm25;
 pub mod chunk;
 pub mod eval;
 mod files;
+pub mod hnsw;
 mod lock;
 pub mod ranking;
 mod segment;

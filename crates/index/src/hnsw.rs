@@ -1,0 +1,786 @@
+//! ragfleet's own HNSW graph over unit vectors (distance `1 - dot`).
+//!
+//! Laid out for search speed: the vectors in one contiguous array, the level-0 adjacency in one
+//! flat array of fixed-width rows (`count, ids...`), the rarer upper levels in a second flat
+//! array; a search reuses a per-thread visited set (epoch-stamped, never cleared) and heaps, and
+//! prefetches neighbour vectors before it scores them. Built on many threads (a lock per node
+//! while its list changes; readers may see a list mid-update, which only costs a little
+//! construction quality, never an invalid id), and able to grow: [`Hnsw::extend`] copies a
+//! graph and inserts new vectors into the copy, so a merge of a small segment into a large one
+//! pays for the small one's vectors only.
+use std::cell::RefCell;
+use std::cmp::{Ordering, Reverse};
+use std::collections::BinaryHeap;
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering::Relaxed};
+use std::sync::Mutex;
+
+use rand::{Rng, SeedableRng};
+
+use crate::vector::{dot, dot_i8};
+
+/// Highest level a node can get.
+const MAX_LEVEL: usize = 16;
+const MAGIC: &[u8; 8] = b"RFHNSW01";
+
+/// Build parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HnswParams {
+    /// Neighbours per node on the upper levels (twice as many on level 0).
+    pub m: usize,
+    /// Construction beam.
+    pub ef_construction: usize,
+    /// Seed of the level draws.
+    pub seed: u64,
+}
+
+impl Default for HnswParams {
+    fn default() -> Self {
+        HnswParams {
+            m: 16,
+            ef_construction: 100,
+            seed: 1,
+        }
+    }
+}
+
+/// A candidate: distance and node.
+#[derive(Debug, Clone, Copy)]
+struct Near {
+    d: f32,
+    id: u32,
+}
+
+impl PartialEq for Near {
+    fn eq(&self, o: &Self) -> bool {
+        self.cmp(o) == Ordering::Equal
+    }
+}
+impl Eq for Near {}
+impl PartialOrd for Near {
+    fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Near {
+    fn cmp(&self, o: &Self) -> Ordering {
+        self.d.total_cmp(&o.d).then(self.id.cmp(&o.id))
+    }
+}
+
+/// Per-thread search state, reused across searches.
+#[derive(Default)]
+struct Scratch {
+    visited: Vec<u32>,
+    epoch: u32,
+    candidates: BinaryHeap<Reverse<Near>>,
+    best: BinaryHeap<Near>,
+}
+
+impl Scratch {
+    fn reset(&mut self, n: usize) {
+        if self.visited.len() < n {
+            self.visited.resize(n, 0);
+        }
+        self.epoch = self.epoch.wrapping_add(1);
+        if self.epoch == 0 {
+            self.visited.iter_mut().for_each(|v| *v = 0);
+            self.epoch = 1;
+        }
+        self.candidates.clear();
+        self.best.clear();
+    }
+
+    /// Marks `i` visited; false when it already was.
+    #[inline]
+    fn visit(&mut self, i: u32) -> bool {
+        let slot = &mut self.visited[i as usize];
+        if *slot == self.epoch {
+            false
+        } else {
+            *slot = self.epoch;
+            true
+        }
+    }
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+}
+
+/// An HNSW graph. Vectors must be unit length.
+pub struct Hnsw {
+    dim: usize,
+    params: HnswParams,
+    len: usize,
+    vectors: Vec<f32>,
+    /// The vectors as int8 (`round(x * scale)`): what a search walks the graph with, before it
+    /// re-scores its beam with the exact vectors.
+    codes: Vec<i8>,
+    scale: f32,
+    levels: Vec<u8>,
+    /// `len` rows of `m0 + 1`: the count, then the ids.
+    layer0: Vec<AtomicU32>,
+    /// Per node, where its upper rows start in `upper` (rows of `m + 1`, level 1 first).
+    upper_at: Vec<usize>,
+    upper: Vec<AtomicU32>,
+    /// (entry node, its level); None while empty.
+    entry: Mutex<Option<(u32, usize)>>,
+    locks: Vec<Mutex<()>>,
+}
+
+impl std::fmt::Debug for Hnsw {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hnsw")
+            .field("len", &self.len)
+            .field("dim", &self.dim)
+            .field("params", &self.params)
+            .finish()
+    }
+}
+
+impl Hnsw {
+    /// Builds a graph over `vectors` (`dim` floats each, unit length) on `threads` threads.
+    pub fn build(dim: usize, vectors: &[f32], params: HnswParams, threads: usize) -> Hnsw {
+        Hnsw::empty(dim, params).extend(vectors, threads)
+    }
+
+    /// An empty graph.
+    pub fn empty(dim: usize, params: HnswParams) -> Hnsw {
+        let params = HnswParams {
+            m: params.m.clamp(2, 128),
+            ef_construction: params.ef_construction.max(1),
+            ..params
+        };
+        Hnsw {
+            dim: dim.max(1),
+            params,
+            len: 0,
+            vectors: Vec::new(),
+            codes: Vec::new(),
+            scale: 0.0,
+            levels: Vec::new(),
+            layer0: Vec::new(),
+            upper_at: Vec::new(),
+            upper: Vec::new(),
+            entry: Mutex::new(None),
+            locks: Vec::new(),
+        }
+    }
+
+    /// Nodes held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the graph is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Vector dimension.
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+
+    /// Build parameters.
+    pub fn params(&self) -> HnswParams {
+        self.params
+    }
+
+    /// The vector of node `i`.
+    pub fn vector(&self, i: u32) -> &[f32] {
+        let s = i as usize * self.dim;
+        &self.vectors[s..s + self.dim]
+    }
+
+    /// Bytes held in memory (vectors, adjacency, levels).
+    pub fn memory_bytes(&self) -> usize {
+        self.vectors.len() * 4
+            + self.codes.len()
+            + (self.layer0.len() + self.upper.len()) * 4
+            + self.levels.len()
+            + self.upper_at.len() * 8
+            + self.locks.len() * std::mem::size_of::<Mutex<()>>()
+    }
+
+    fn m0(&self) -> usize {
+        self.params.m * 2
+    }
+
+    /// A copy of this graph with `more` (unit vectors, `dim` floats each) inserted, on
+    /// `threads` threads; the new nodes get the positions after the existing ones.
+    pub fn extend(&self, more: &[f32], threads: usize) -> Hnsw {
+        let dim = self.dim;
+        let added = more.len() / dim;
+        let n = self.len + added;
+        let (m, m0) = (self.params.m, self.m0());
+        let mut rng = rand::rngs::StdRng::seed_from_u64(self.params.seed ^ (self.len as u64));
+        let mult = 1.0 / (m as f64).ln();
+        let mut levels = Vec::with_capacity(n);
+        levels.extend_from_slice(&self.levels);
+        for _ in 0..added {
+            let u: f64 = rng.gen_range(f64::EPSILON..1.0);
+            levels.push(((-u.ln() * mult) as usize).min(MAX_LEVEL) as u8);
+        }
+        let mut upper_at = Vec::with_capacity(n);
+        upper_at.extend_from_slice(&self.upper_at);
+        let mut upper_len = self.upper.len();
+        for &l in &levels[self.len..] {
+            upper_at.push(upper_len);
+            upper_len += l as usize * (m + 1);
+        }
+        let copy = |v: &[AtomicU32], extra: usize| -> Vec<AtomicU32> {
+            let mut out = Vec::with_capacity(v.len() + extra);
+            out.extend(v.iter().map(|x| AtomicU32::new(x.load(Relaxed))));
+            out.resize_with(v.len() + extra, || AtomicU32::new(0));
+            out
+        };
+        let mut vectors = Vec::with_capacity(n * dim);
+        vectors.extend_from_slice(&self.vectors);
+        vectors.extend_from_slice(&more[..added * dim]);
+        // the scale is fixed by the first vectors; later ones are clamped to it
+        let scale = if self.len == 0 {
+            quant_scale(&vectors)
+        } else {
+            self.scale
+        };
+        let mut codes = Vec::with_capacity(n * dim);
+        codes.extend_from_slice(&self.codes);
+        codes.extend(quantize(&more[..added * dim], scale));
+        let grown = Hnsw {
+            dim,
+            params: self.params,
+            len: n,
+            vectors,
+            codes,
+            scale,
+            levels,
+            layer0: copy(&self.layer0, added * (m0 + 1)),
+            upper_at,
+            upper: copy(&self.upper, upper_len - self.upper.len()),
+            entry: Mutex::new(*self.entry.lock().expect("entry lock")),
+            locks: (0..n).map(|_| Mutex::new(())).collect(),
+        };
+        let first = self.len;
+        if added == 0 {
+            return grown;
+        }
+        // the first node of an empty graph becomes the entry point on its own
+        let mut start = first;
+        if grown.entry().is_none() {
+            grown.insert(first as u32);
+            start += 1;
+        }
+        let next = AtomicUsize::new(start);
+        let threads = threads.clamp(1, 256).min(n - start).max(1);
+        std::thread::scope(|s| {
+            for _ in 0..threads {
+                s.spawn(|| loop {
+                    let i = next.fetch_add(1, Relaxed);
+                    if i >= n {
+                        break;
+                    }
+                    grown.insert(i as u32);
+                });
+            }
+        });
+        grown
+    }
+
+    fn entry(&self) -> Option<(u32, usize)> {
+        *self.entry.lock().expect("entry lock")
+    }
+
+    #[inline]
+    fn distance(&self, q: &[f32], i: u32) -> f32 {
+        1.0 - dot(q, self.vector(i))
+    }
+
+    /// The row of node `i` at `level` (count first).
+    #[inline]
+    fn row(&self, i: u32, level: usize) -> &[AtomicU32] {
+        if level == 0 {
+            let w = self.m0() + 1;
+            let s = i as usize * w;
+            &self.layer0[s..s + w]
+        } else {
+            let w = self.params.m + 1;
+            let s = self.upper_at[i as usize] + (level - 1) * w;
+            &self.upper[s..s + w]
+        }
+    }
+
+    /// Neighbours of `i` at `level` into `out`.
+    #[inline]
+    fn neighbours(&self, i: u32, level: usize, out: &mut Vec<u32>) {
+        out.clear();
+        let row = self.row(i, level);
+        let count = (row[0].load(Relaxed) as usize).min(row.len() - 1);
+        out.extend(row[1..1 + count].iter().map(|x| x.load(Relaxed)));
+    }
+
+    fn set_row(&self, i: u32, level: usize, ids: &[u32]) {
+        let row = self.row(i, level);
+        let count = ids.len().min(row.len() - 1);
+        for (slot, id) in row[1..].iter().zip(&ids[..count]) {
+            slot.store(*id, Relaxed);
+        }
+        row[0].store(count as u32, Relaxed);
+    }
+
+    #[inline]
+    fn prefetch(&self, i: u32) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let p = self.codes.as_ptr().wrapping_add(i as usize * self.dim);
+            // SAFETY: prefetching is a hint; it never faults, whatever the address.
+            unsafe {
+                std::arch::x86_64::_mm_prefetch(p as *const i8, std::arch::x86_64::_MM_HINT_T0)
+            };
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = i;
+    }
+
+    /// Greedy descent from `from` through the levels above `down_to`.
+    fn descend(
+        &self,
+        dist: &impl Fn(u32) -> f32,
+        from: (u32, usize),
+        down_to: usize,
+        buf: &mut Vec<u32>,
+    ) -> Near {
+        let mut cur = Near {
+            d: dist(from.0),
+            id: from.0,
+        };
+        let mut level = from.1;
+        while level > down_to {
+            loop {
+                let mut moved = false;
+                self.neighbours(cur.id, level, buf);
+                for &e in buf.iter() {
+                    let d = dist(e);
+                    if d < cur.d {
+                        cur = Near { d, id: e };
+                        moved = true;
+                    }
+                }
+                if !moved {
+                    break;
+                }
+            }
+            level -= 1;
+        }
+        cur
+    }
+
+    /// The beam search of one level: the `ef` nearest found from `starts`, nearest first.
+    fn search_level(
+        &self,
+        dist: &impl Fn(u32) -> f32,
+        starts: &[Near],
+        ef: usize,
+        level: usize,
+        s: &mut Scratch,
+        buf: &mut Vec<u32>,
+    ) -> Vec<Near> {
+        s.reset(self.len);
+        for &p in starts {
+            if s.visit(p.id) {
+                s.candidates.push(Reverse(p));
+                s.best.push(p);
+            }
+        }
+        while s.best.len() > ef {
+            s.best.pop();
+        }
+        while let Some(Reverse(c)) = s.candidates.pop() {
+            if s.best.len() >= ef && s.best.peek().is_some_and(|w| c.d > w.d) {
+                break;
+            }
+            self.neighbours(c.id, level, buf);
+            // the unvisited ones, each scored while the next one's vector is fetched
+            buf.retain(|&e| s.visit(e));
+            if let Some(&e) = buf.first() {
+                self.prefetch(e);
+            }
+            for j in 0..buf.len() {
+                let e = buf[j];
+                if let Some(&next) = buf.get(j + 1) {
+                    self.prefetch(next);
+                }
+                let d = dist(e);
+                if s.best.len() < ef || s.best.peek().is_some_and(|w| d < w.d) {
+                    let n = Near { d, id: e };
+                    s.candidates.push(Reverse(n));
+                    s.best.push(n);
+                    if s.best.len() > ef {
+                        s.best.pop();
+                    }
+                }
+            }
+        }
+        let mut out: Vec<Near> = s.best.drain().collect();
+        out.sort_unstable();
+        out
+    }
+
+    /// HNSW's neighbour heuristic: keep a candidate only if it is nearer to the base than to
+    /// every candidate kept before it (`sorted` nearest first).
+    fn select(&self, sorted: &[Near], m: usize) -> Vec<u32> {
+        let mut kept: Vec<u32> = Vec::with_capacity(m);
+        for c in sorted {
+            if kept.len() >= m {
+                break;
+            }
+            let v = self.vector(c.id);
+            if kept.iter().all(|&r| self.distance(v, r) > c.d) {
+                kept.push(c.id);
+            }
+        }
+        kept
+    }
+
+    fn insert(&self, i: u32) {
+        let level = self.levels[i as usize] as usize;
+        let (m, m0) = (self.params.m, self.m0());
+        let Some(entry) = self.entry() else {
+            let mut g = self.entry.lock().expect("entry lock");
+            if g.is_none() {
+                *g = Some((i, level));
+                return;
+            }
+            drop(g);
+            return self.insert(i);
+        };
+        let q = self.vector(i);
+        let dist = |e: u32| self.distance(q, e);
+        let mut buf = Vec::with_capacity(m0);
+        let cur = self.descend(&dist, entry, level, &mut buf);
+        let mut starts = vec![cur];
+        SCRATCH.with(|s| {
+            let mut s = s.borrow_mut();
+            for lc in (0..=level.min(entry.1)).rev() {
+                let mut found =
+                    self.search_level(&dist, &starts, self.params.ef_construction, lc, &mut s, &mut buf);
+                found.retain(|n| n.id != i);
+                let chosen = self.select(&found, m);
+                {
+                    let _g = self.locks[i as usize].lock().expect("node lock");
+                    self.set_row(i, lc, &chosen);
+                }
+                let cap = if lc == 0 { m0 } else { m };
+                for &e in &chosen {
+                    self.link(e, i, lc, cap, &mut buf);
+                }
+                if !found.is_empty() {
+                    starts = found;
+                }
+            }
+        });
+        if level > entry.1 {
+            let mut g = self.entry.lock().expect("entry lock");
+            if g.is_none_or(|(_, l)| level > l) {
+                *g = Some((i, level));
+            }
+        }
+    }
+
+    /// Adds `new` to `e`'s list at `level`, pruning it with the heuristic when full.
+    fn link(&self, e: u32, new: u32, level: usize, cap: usize, buf: &mut Vec<u32>) {
+        let _g = self.locks[e as usize].lock().expect("node lock");
+        self.neighbours(e, level, buf);
+        if buf.contains(&new) {
+            return;
+        }
+        if buf.len() < cap {
+            let row = self.row(e, level);
+            row[1 + buf.len()].store(new, Relaxed);
+            row[0].store(buf.len() as u32 + 1, Relaxed);
+            return;
+        }
+        let v = self.vector(e);
+        let mut cands: Vec<Near> = buf
+            .iter()
+            .chain(std::iter::once(&new))
+            .map(|&id| Near {
+                d: self.distance(v, id),
+                id,
+            })
+            .collect();
+        cands.sort_unstable();
+        let kept = self.select(&cands, cap);
+        self.set_row(e, level, &kept);
+    }
+
+    /// The (approximately) `k` nearest nodes to the unit vector `q`, with a beam of
+    /// `max(ef, k)`, keeping only nodes `accept` takes; as (dot, node), nearest first. When
+    /// the beam holds fewer than `k` accepted nodes it is widened (up to the whole graph).
+    pub fn search(
+        &self,
+        q: &[f32],
+        k: usize,
+        ef: usize,
+        accept: &dyn Fn(u32) -> bool,
+    ) -> Vec<(f32, u32)> {
+        let Some(entry) = self.entry() else {
+            return Vec::new();
+        };
+        if k == 0 {
+            return Vec::new();
+        }
+        let mut buf = Vec::with_capacity(self.m0());
+        // walk the graph with int8 codes, then re-score the beam exactly
+        let code = quantize(q, self.scale);
+        let inv = 1.0 / (self.scale * self.scale);
+        let dim = self.dim;
+        let dist = |e: u32| {
+            let s = e as usize * dim;
+            1.0 - dot_i8(&code, &self.codes[s..s + dim]) as f32 * inv
+        };
+        let start = self.descend(&dist, entry, 0, &mut buf);
+        let mut ef = ef.max(k);
+        SCRATCH.with(|s| {
+            let mut s = s.borrow_mut();
+            loop {
+                let found = self.search_level(&dist, &[start], ef, 0, &mut s, &mut buf);
+                let seen = found.len();
+                let mut out: Vec<(f32, u32)> = found
+                    .into_iter()
+                    .filter(|n| accept(n.id))
+                    .map(|n| (dot(q, self.vector(n.id)), n.id))
+                    .collect();
+                out.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+                out.truncate(k);
+                if out.len() >= k || seen < ef || ef >= self.len {
+                    return out;
+                }
+                ef = (ef * 4).min(self.len);
+            }
+        })
+    }
+
+    /// The adjacency (not the vectors) in a self-describing binary form.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let (entry, top) = self.entry().map_or((u32::MAX, 0), |(e, l)| (e, l));
+        let mut out = Vec::with_capacity(48 + self.len + (self.layer0.len() + self.upper.len()) * 4);
+        out.extend_from_slice(MAGIC);
+        for x in [
+            self.dim as u64,
+            self.params.m as u64,
+            self.params.ef_construction as u64,
+            self.params.seed,
+            self.len as u64,
+            entry as u64,
+            top as u64,
+            self.upper.len() as u64,
+            self.scale.to_bits() as u64,
+        ] {
+            out.extend_from_slice(&x.to_le_bytes());
+        }
+        out.extend_from_slice(&self.levels);
+        for x in self.layer0.iter().chain(&self.upper) {
+            out.extend_from_slice(&x.load(Relaxed).to_le_bytes());
+        }
+        out
+    }
+
+    /// A graph from [`Hnsw::to_bytes`] and its vectors; every field and id is checked.
+    pub fn from_bytes(bytes: &[u8], vectors: Vec<f32>) -> Result<Hnsw, String> {
+        let head = 8 + 9 * 8;
+        if bytes.len() < head || &bytes[..8] != MAGIC {
+            return Err("not an HNSW graph file".into());
+        }
+        let word = |i: usize| {
+            u64::from_le_bytes(bytes[8 + 8 * i..16 + 8 * i].try_into().expect("8 bytes"))
+        };
+        let (dim, m, efc, seed, len) = (
+            word(0) as usize,
+            word(1) as usize,
+            word(2) as usize,
+            word(3),
+            word(4) as usize,
+        );
+        let (entry, top, upper_len) = (word(5), word(6) as usize, word(7) as usize);
+        let scale = f32::from_bits(word(8) as u32);
+        if !(scale.is_finite() && (len == 0 || scale > 0.0)) {
+            return Err(format!("bad int8 scale {scale}"));
+        }
+        if dim == 0 || !(2..=128).contains(&m) || top > MAX_LEVEL {
+            return Err(format!("bad header: dim {dim}, m {m}, top level {top}"));
+        }
+        if vectors.len() != len * dim {
+            return Err(format!(
+                "graph has {len} nodes of {dim}, given {} floats",
+                vectors.len()
+            ));
+        }
+        let m0 = 2 * m;
+        let words = len
+            .checked_mul(m0 + 1)
+            .and_then(|x| x.checked_add(upper_len))
+            .ok_or("size overflow")?;
+        if bytes.len() != head + len + words * 4 {
+            return Err(format!(
+                "{} bytes, expected {}",
+                bytes.len(),
+                head + len + words * 4
+            ));
+        }
+        let levels = bytes[head..head + len].to_vec();
+        let mut upper_at = Vec::with_capacity(len);
+        let mut at = 0usize;
+        for &l in &levels {
+            if l as usize > top {
+                return Err(format!("node level {l} above the top level {top}"));
+            }
+            upper_at.push(at);
+            at += l as usize * (m + 1);
+        }
+        if at != upper_len {
+            return Err("upper levels do not add up".into());
+        }
+        let ids: Vec<AtomicU32> = bytes[head + len..]
+            .chunks_exact(4)
+            .map(|c| AtomicU32::new(u32::from_le_bytes(c.try_into().expect("4 bytes"))))
+            .collect();
+        let (layer0, upper) = {
+            let mut ids = ids;
+            let upper = ids.split_off(len * (m0 + 1));
+            (ids, upper)
+        };
+        let entry = match entry {
+            e if e == u32::MAX as u64 && len == 0 => None,
+            e if (e as usize) < len && levels[e as usize] as usize == top => Some((e as u32, top)),
+            e => return Err(format!("bad entry point {e}")),
+        };
+        let g = Hnsw {
+            dim,
+            params: HnswParams {
+                m,
+                ef_construction: efc,
+                seed,
+            },
+            len,
+            codes: quantize(&vectors, scale),
+            scale,
+            vectors,
+            levels,
+            layer0,
+            upper_at,
+            upper,
+            entry: Mutex::new(entry),
+            locks: (0..len).map(|_| Mutex::new(())).collect(),
+        };
+        for i in 0..len as u32 {
+            for l in 0..=g.levels[i as usize] as usize {
+                let row = g.row(i, l);
+                let count = row[0].load(Relaxed) as usize;
+                if count > row.len() - 1 {
+                    return Err(format!("node {i} level {l}: {count} neighbours"));
+                }
+                if row[1..1 + count].iter().any(|x| x.load(Relaxed) as usize >= len) {
+                    return Err(format!("node {i} level {l}: neighbour out of range"));
+                }
+            }
+        }
+        Ok(g)
+    }
+}
+
+/// The int8 scale of a set of vectors: its largest magnitude maps to 127.
+fn quant_scale(v: &[f32]) -> f32 {
+    let max = v.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+    127.0 / max.max(1e-6)
+}
+
+fn quantize(v: &[f32], scale: f32) -> Vec<i8> {
+    v.iter()
+        .map(|x| (x * scale).round().clamp(-127.0, 127.0) as i8)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vector::normalize;
+
+    fn data(n: usize, seed: u64) -> Vec<f32> {
+        crate::eval::clustered(n, 32, 8, 0.3, 1, seed)
+            .into_iter()
+            .flat_map(|mut v| {
+                normalize(&mut v);
+                v
+            })
+            .collect()
+    }
+
+    fn recall(g: &Hnsw, base: &[f32], queries: &[f32], ef: usize) -> f64 {
+        let rows: Vec<Vec<f32>> = base.chunks(32).map(|c| c.to_vec()).collect();
+        let qs: Vec<Vec<f32>> = queries.chunks(32).map(|c| c.to_vec()).collect();
+        let truth = crate::ann::exact_top_k(&rows, &qs, 10, 2);
+        let mut found = 0;
+        for (q, t) in qs.iter().zip(&truth) {
+            let got: Vec<u32> = g.search(q, 10, ef, &|_| true).into_iter().map(|x| x.1).collect();
+            found += t.iter().filter(|x| got.contains(x)).count();
+        }
+        found as f64 / (10 * qs.len()) as f64
+    }
+
+    #[test]
+    fn finds_the_true_neighbours_and_grows_without_losing_them() {
+        let base = data(3000, 2);
+        let queries = data(100, 3);
+        let p = HnswParams::default();
+        let g = Hnsw::build(32, &base[..2000 * 32], p, 2);
+        assert_eq!(g.len(), 2000);
+        let r = recall(&g, &base[..2000 * 32], &queries, 64);
+        assert!(r >= 0.97, "recall {r}");
+        // grow by 1000: the copy holds all 3000, the original is untouched
+        let grown = g.extend(&base[2000 * 32..], 2);
+        assert_eq!(grown.len(), 3000);
+        assert_eq!(g.len(), 2000);
+        let r2 = recall(&grown, &base, &queries, 64);
+        assert!(r2 >= 0.97, "recall after extend {r2}");
+        // a narrow beam finds fewer
+        let low = recall(&grown, &base, &queries, 10);
+        assert!(low <= r2);
+    }
+
+    #[test]
+    fn a_filter_keeps_k_results_by_widening_the_beam() {
+        let base = data(2000, 4);
+        let g = Hnsw::build(32, &base, HnswParams::default(), 2);
+        let q = &base[..32];
+        // only one node in 50 is accepted
+        let got = g.search(q, 10, 16, &|i| i % 50 == 0);
+        assert_eq!(got.len(), 10);
+        assert!(got.iter().all(|(_, i)| i % 50 == 0));
+        assert!(got.windows(2).all(|w| w[0].0 >= w[1].0));
+        assert_eq!(g.search(q, 5, 16, &|_| false).len(), 0);
+    }
+
+    #[test]
+    fn round_trips_and_rejects_damaged_files() {
+        let base = data(500, 5);
+        let g = Hnsw::build(32, &base, HnswParams::default(), 1);
+        let bytes = g.to_bytes();
+        let back = Hnsw::from_bytes(&bytes, base.clone()).unwrap();
+        let q = &base[32..64];
+        assert_eq!(
+            g.search(q, 10, 32, &|_| true),
+            back.search(q, 10, 32, &|_| true)
+        );
+        assert!(Hnsw::from_bytes(&bytes[..bytes.len() - 4], base.clone()).is_err());
+        assert!(Hnsw::from_bytes(&bytes, base[..32 * 10].to_vec()).is_err());
+        // an id out of range
+        let mut bad = bytes.clone();
+        let at = 8 + 72 + 500 + 4; // first neighbour of node 0
+        bad[at..at + 4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(Hnsw::from_bytes(&bad, base.clone()).is_err());
+        let empty = Hnsw::empty(32, HnswParams::default());
+        let e = Hnsw::from_bytes(&empty.to_bytes(), Vec::new()).unwrap();
+        assert!(e.search(q, 3, 10, &|_| true).is_empty());
+    }
+}

@@ -563,8 +563,8 @@ struct Point {
 
 fn index(b: IndexBench) -> Result<()> {
     use ragfleet_index::ann::{exact_top_k, Ann};
-    use ragfleet_index::hnsw::{Hnsw, HnswParams};
     use ragfleet_index::eval::clustered_with;
+    use ragfleet_index::hnsw::{Hnsw, HnswParams};
     use ragfleet_index::vector::normalize;
     use std::time::Instant;
     const DIM: usize = 384;
@@ -668,7 +668,12 @@ fn index(b: IndexBench) -> Result<()> {
         let t = Instant::now();
         let found: Vec<Vec<u32>> = queries
             .iter()
-            .map(|q| own.search(q, K, ef, &|_| true).into_iter().map(|x| x.1).collect())
+            .map(|q| {
+                own.search(q, K, ef, &|_| true)
+                    .into_iter()
+                    .map(|x| x.1)
+                    .collect()
+            })
             .collect();
         let qps = b.nq as f64 / t.elapsed().as_secs_f64();
         points.push(Point {

@@ -231,7 +231,6 @@ shards = 4
 replication = 2
 write_quorum = 2
 segment_size = 1024
-merge_below = 256
 [query]
 shard_deadline_ms = 2000
 deadline_ms = 120000

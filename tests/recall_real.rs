@@ -47,11 +47,11 @@ fn hnsw_recall_at_10_is_at_least_095_on_real_embeddings() {
     let dir = tempfile::tempdir().unwrap();
     let settings = IndexSettings {
         segment_size: n,
-        merge_below: 1,
         ef_construction: 100,
         ef_search: 64,
         background: false,
         deletion_grace: None,
+        ..IndexSettings::default()
     };
     let (mut hnsw, _) = ShardIndex::open(&dir.path().join("hnsw"), settings).unwrap();
     hnsw.write(ops.clone(), &model).unwrap();

@@ -105,8 +105,20 @@ pub struct IndexConfig {
     pub placement: Option<Vec<Vec<String>>>,
     /// Chunks in the growing segment before it is sealed and its HNSW graph built.
     pub segment_size: usize,
-    /// Sealed segments smaller than this are merged.
-    pub merge_below: usize,
+    /// Deprecated and ignored: the tiered policy of `merge_ratio` replaced it.
+    #[serde(skip_serializing)]
+    pub merge_below: Option<usize>,
+    /// Tiered merging: a sealed segment merges with the smaller ones once they together hold
+    /// 1/`merge_ratio` of its live chunks, so a shard keeps about log_ratio(chunks /
+    /// segment_size) + 1 segments (2..=64).
+    pub merge_ratio: usize,
+    /// The HNSW implementation: "hnsw" (ragfleet's own; grows by insertion when merging) or
+    /// "instant-distance".
+    pub ann: String,
+    /// HNSW degree M of "hnsw" (4..=64; level 0 holds 2M).
+    pub hnsw_m: usize,
+    /// Threads a graph build may use (0: all cores).
+    pub build_threads: usize,
     /// HNSW construction beam.
     pub ef_construction: usize,
     /// HNSW search beam.
@@ -131,7 +143,11 @@ impl Default for IndexConfig {
             write_quorum: 1,
             placement: None,
             segment_size: 4096,
-            merge_below: 1024,
+            merge_below: None,
+            merge_ratio: 4,
+            ann: "hnsw".into(),
+            hnsw_m: 16,
+            build_threads: 0,
             ef_construction: 100,
             ef_search: 64,
             chunk_tokens: 200,
@@ -505,6 +521,18 @@ impl ClusterConfig {
         }
         if ix.segment_size < 16 {
             return Err(invalid("index.segment_size", "must be at least 16"));
+        }
+        if !(2..=64).contains(&ix.merge_ratio) {
+            return Err(invalid("index.merge_ratio", "must be between 2 and 64"));
+        }
+        if !["hnsw", "instant-distance"].contains(&ix.ann.as_str()) {
+            return Err(invalid(
+                "index.ann",
+                format!("{:?} is not one of \"hnsw\", \"instant-distance\"", ix.ann),
+            ));
+        }
+        if !(4..=64).contains(&ix.hnsw_m) {
+            return Err(invalid("index.hnsw_m", "must be between 4 and 64"));
         }
         if ix.anti_entropy_ms != 0 && ix.anti_entropy_ms < 100 {
             return Err(invalid(

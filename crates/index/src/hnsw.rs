@@ -334,9 +334,7 @@ impl Hnsw {
         {
             let p = self.codes.as_ptr().wrapping_add(i as usize * self.dim);
             // SAFETY: prefetching is a hint; it never faults, whatever the address.
-            unsafe {
-                std::arch::x86_64::_mm_prefetch(p as *const i8, std::arch::x86_64::_MM_HINT_T0)
-            };
+            unsafe { std::arch::x86_64::_mm_prefetch(p, std::arch::x86_64::_MM_HINT_T0) };
         }
         #[cfg(not(target_arch = "x86_64"))]
         let _ = i;
@@ -462,8 +460,14 @@ impl Hnsw {
         SCRATCH.with(|s| {
             let mut s = s.borrow_mut();
             for lc in (0..=level.min(entry.1)).rev() {
-                let mut found =
-                    self.search_level(&dist, &starts, self.params.ef_construction, lc, &mut s, &mut buf);
+                let mut found = self.search_level(
+                    &dist,
+                    &starts,
+                    self.params.ef_construction,
+                    lc,
+                    &mut s,
+                    &mut buf,
+                );
                 found.retain(|n| n.id != i);
                 let chosen = self.select(&found, m);
                 {
@@ -564,7 +568,8 @@ impl Hnsw {
     /// The adjacency (not the vectors) in a self-describing binary form.
     pub fn to_bytes(&self) -> Vec<u8> {
         let (entry, top) = self.entry().map_or((u32::MAX, 0), |(e, l)| (e, l));
-        let mut out = Vec::with_capacity(48 + self.len + (self.layer0.len() + self.upper.len()) * 4);
+        let mut out =
+            Vec::with_capacity(48 + self.len + (self.layer0.len() + self.upper.len()) * 4);
         out.extend_from_slice(MAGIC);
         for x in [
             self.dim as u64,
@@ -680,7 +685,10 @@ impl Hnsw {
                 if count > row.len() - 1 {
                     return Err(format!("node {i} level {l}: {count} neighbours"));
                 }
-                if row[1..1 + count].iter().any(|x| x.load(Relaxed) as usize >= len) {
+                if row[1..1 + count]
+                    .iter()
+                    .any(|x| x.load(Relaxed) as usize >= len)
+                {
                     return Err(format!("node {i} level {l}: neighbour out of range"));
                 }
             }
@@ -722,7 +730,11 @@ mod tests {
         let truth = crate::ann::exact_top_k(&rows, &qs, 10, 2);
         let mut found = 0;
         for (q, t) in qs.iter().zip(&truth) {
-            let got: Vec<u32> = g.search(q, 10, ef, &|_| true).into_iter().map(|x| x.1).collect();
+            let got: Vec<u32> = g
+                .search(q, 10, ef, &|_| true)
+                .into_iter()
+                .map(|x| x.1)
+                .collect();
             found += t.iter().filter(|x| got.contains(x)).count();
         }
         found as f64 / (10 * qs.len()) as f64

@@ -21,6 +21,7 @@ pub use bm25::Bm25;
 pub use files::{read_checked, write_checked};
 pub use lock::DirLock;
 pub use ranking::{merge_top_k, rrf, sort_hits};
+pub use segment::AnnKind;
 pub use shard::{IndexSettings, PullPlan, RecoveryReport, ShardIndex};
 pub use wal::{Wal, WalRecovery};
 

@@ -20,17 +20,125 @@ pub(crate) struct Entry {
 
 pub(crate) type Graph = HnswMap<UnitVector, u32>;
 
-/// An immutable segment.
+/// Which HNSW implementation a shard's segments use (`index.ann`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AnnKind {
+    /// ragfleet's own graph ([`crate::hnsw::Hnsw`]): int8 walk, exact re-scoring, grows by
+    /// insertion, so a merge pays for the smaller segments only.
+    #[default]
+    Hnsw,
+    /// instant-distance's graph: built once, every merge rebuilds it.
+    InstantDistance,
+}
+
+impl std::str::FromStr for AnnKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "hnsw" => Ok(AnnKind::Hnsw),
+            "instant-distance" => Ok(AnnKind::InstantDistance),
+            other => Err(format!(
+                "unknown ANN implementation {other:?} (hnsw, instant-distance)"
+            )),
+        }
+    }
+}
+
+/// How a segment's graph is built and searched.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct GraphSpec {
+    pub(crate) ann: AnnKind,
+    pub(crate) m: usize,
+    pub(crate) ef_construction: usize,
+    pub(crate) ef_search: usize,
+    pub(crate) threads: usize,
+}
+
+/// A segment's HNSW graph, positions = entry indexes.
+pub(crate) enum SegGraph {
+    Own(crate::hnsw::Hnsw),
+    Instant(Graph),
+}
+
+impl SegGraph {
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            SegGraph::Own(g) => g.len(),
+            SegGraph::Instant(g) => g.values.len(),
+        }
+    }
+
+    /// The graph's file form: a tag byte, then the graph.
+    pub(crate) fn to_bytes(&self) -> Result<Vec<u8>, String> {
+        match self {
+            SegGraph::Own(g) => {
+                let mut out = vec![0u8];
+                out.extend(g.to_bytes());
+                Ok(out)
+            }
+            SegGraph::Instant(g) => {
+                let mut out = vec![1u8];
+                out.extend(postcard::to_stdvec(g).map_err(|e| e.to_string())?);
+                Ok(out)
+            }
+        }
+    }
+
+    /// A graph from [`SegGraph::to_bytes`] for `entries`, of the kind `ann` asks for.
+    pub(crate) fn from_bytes(
+        bytes: &[u8],
+        entries: &[Arc<Entry>],
+        ann: AnnKind,
+    ) -> Result<SegGraph, String> {
+        let g = match (bytes.first(), ann) {
+            (Some(0), AnnKind::Hnsw) => {
+                SegGraph::Own(crate::hnsw::Hnsw::from_bytes(&bytes[1..], flat(entries))?)
+            }
+            (Some(1), AnnKind::InstantDistance) => {
+                SegGraph::Instant(postcard::from_bytes(&bytes[1..]).map_err(|e| e.to_string())?)
+            }
+            (Some(t), _) => return Err(format!("graph of kind {t}, the index uses {ann:?}")),
+            (None, _) => return Err("empty graph file".into()),
+        };
+        if g.len() != entries.len() {
+            return Err(format!(
+                "graph of {} nodes for a segment of {}",
+                g.len(),
+                entries.len()
+            ));
+        }
+        Ok(g)
+    }
+}
+
+/// The vectors of `entries`, end to end.
+pub(crate) fn flat(entries: &[Arc<Entry>]) -> Vec<f32> {
+    let dim = entries.first().map_or(0, |e| e.vector.len());
+    let mut out = Vec::with_capacity(entries.len() * dim);
+    for e in entries {
+        out.extend_from_slice(&e.vector);
+    }
+    out
+}
+
+/// A searchable, immutable segment: the chunks of one or more data files (its parts, in
+/// position order) and, once built, one graph over all of them.
 pub(crate) struct Segment {
+    /// The graph's id (its file is `seg-<id>.hnsw`); a freshly sealed segment has one part
+    /// with the same id.
     pub(crate) id: u64,
+    /// Data files (`seg-<part>.bin`, `seg-<part>.bm25`) and how many chunks each holds.
+    pub(crate) parts: Vec<(u64, usize)>,
     pub(crate) entries: Vec<Arc<Entry>>,
-    pub(crate) graph: OnceLock<Graph>,
+    pub(crate) graph: OnceLock<SegGraph>,
 }
 
 impl std::fmt::Debug for Segment {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Segment")
             .field("id", &self.id)
+            .field("parts", &self.parts)
             .field("entries", &self.entries.len())
             .field("graph_built", &self.graph.get().is_some())
             .finish()
@@ -38,26 +146,63 @@ impl std::fmt::Debug for Segment {
 }
 
 impl Segment {
+    /// A segment of one data file with the same id.
     pub(crate) fn new(id: u64, entries: Vec<Arc<Entry>>) -> Self {
         Segment {
             id,
+            parts: vec![(id, entries.len())],
             entries,
             graph: OnceLock::new(),
         }
     }
 
-    pub(crate) fn build_graph(&self, ef_construction: usize, ef_search: usize) -> Graph {
-        let points: Vec<UnitVector> = self
-            .entries
-            .iter()
-            .map(|e| UnitVector(e.vector.clone()))
-            .collect();
-        let values: Vec<u32> = (0..self.entries.len() as u32).collect();
-        Builder::default()
-            .ef_construction(ef_construction)
-            .ef_search(ef_search)
-            .seed(self.id)
-            .build(points, values)
+    /// A segment over several data files.
+    pub(crate) fn with_parts(id: u64, parts: Vec<(u64, usize)>, entries: Vec<Arc<Entry>>) -> Self {
+        Segment {
+            id,
+            parts,
+            entries,
+            graph: OnceLock::new(),
+        }
+    }
+
+    pub(crate) fn build_graph(&self, spec: GraphSpec) -> SegGraph {
+        match spec.ann {
+            AnnKind::Hnsw => {
+                let dim = self.entries.first().map_or(1, |e| e.vector.len());
+                let params = crate::hnsw::HnswParams {
+                    m: spec.m,
+                    ef_construction: spec.ef_construction,
+                    seed: self.id,
+                };
+                SegGraph::Own(crate::hnsw::Hnsw::build(
+                    dim,
+                    &flat(&self.entries),
+                    params,
+                    spec.threads,
+                ))
+            }
+            AnnKind::InstantDistance => {
+                let points: Vec<UnitVector> = self
+                    .entries
+                    .iter()
+                    .map(|e| UnitVector(e.vector.clone()))
+                    .collect();
+                let values: Vec<u32> = (0..self.entries.len() as u32).collect();
+                SegGraph::Instant(
+                    Builder::default()
+                        .ef_construction(spec.ef_construction)
+                        .ef_search(spec.ef_search)
+                        .seed(self.id)
+                        .build(points, values),
+                )
+            }
+        }
+    }
+
+    /// Live entries out of this segment's positions.
+    pub(crate) fn live_count(&self, live: &dyn Fn(&Entry) -> bool) -> usize {
+        self.entries.iter().filter(|e| live(e)).count()
     }
 
     /// Best `k` live entries for a unit query vector, as (dot, entry).
@@ -65,27 +210,39 @@ impl Segment {
         &self,
         q: &[f32],
         k: usize,
+        ef: usize,
         live: &dyn Fn(&Entry) -> bool,
     ) -> Vec<(f32, Arc<Entry>)> {
-        if let Some(graph) = self.graph.get() {
-            let mut search = Search::default();
-            let point = UnitVector(q.to_vec());
-            let mut out = Vec::with_capacity(k);
-            let mut seen = 0usize;
-            for item in graph.search(&point, &mut search) {
-                seen += 1;
-                let e = &self.entries[*item.value as usize];
-                if live(e) {
-                    out.push((1.0 - item.distance, e.clone()));
-                    if out.len() == k {
-                        return out;
+        match self.graph.get() {
+            Some(SegGraph::Own(g)) => {
+                let accept = |i: u32| live(&self.entries[i as usize]);
+                return g
+                    .search(q, k, ef, &accept)
+                    .into_iter()
+                    .map(|(s, i)| (s, self.entries[i as usize].clone()))
+                    .collect();
+            }
+            Some(SegGraph::Instant(graph)) => {
+                let mut search = Search::default();
+                let point = UnitVector(q.to_vec());
+                let mut out = Vec::with_capacity(k);
+                let mut seen = 0usize;
+                for item in graph.search(&point, &mut search) {
+                    seen += 1;
+                    let e = &self.entries[*item.value as usize];
+                    if live(e) {
+                        out.push((1.0 - item.distance, e.clone()));
+                        if out.len() == k {
+                            return out;
+                        }
                     }
                 }
+                // the beam held fewer than k live entries: fall back to an exact scan
+                if seen >= self.entries.len() {
+                    return out;
+                }
             }
-            // the beam held fewer than k live entries: fall back to an exact scan
-            if seen >= self.entries.len() {
-                return out;
-            }
+            None => {}
         }
         exact_search(&self.entries, q, k, live)
     }
@@ -121,12 +278,11 @@ pub(crate) struct SegmentTerms {
 }
 
 impl SegmentTerms {
-    /// Tokenises the segment's chunks.
-    pub(crate) fn of(seg: &Segment) -> Self {
+    /// Tokenises chunks.
+    pub(crate) fn of(entries: &[Arc<Entry>]) -> Self {
         let mut dict: std::collections::HashMap<String, u32> = Default::default();
         let mut terms = Vec::new();
-        let entries = seg
-            .entries
+        let entries = entries
             .iter()
             .map(|e| {
                 crate::bm25::term_counts(&e.text)

@@ -23,11 +23,11 @@ fn hnsw_recall_at_10_is_at_least_095_on_clustered_vectors() {
     let dir = tempfile::tempdir().unwrap();
     let settings = IndexSettings {
         segment_size: n,
-        merge_below: 1,
         ef_construction: 100,
         ef_search: 64,
         background: false,
         deletion_grace: None,
+        ..IndexSettings::default()
     };
     let (mut ix, _) = ShardIndex::open(dir.path(), settings).unwrap();
     ix.write(upserts(clustered(n, DIM, 40, 0.02, 7, 1), None), &model())

@@ -125,7 +125,10 @@ async fn role_specs(
     if n.has(NodeRole::Shard) {
         let settings = IndexSettings {
             segment_size: cfg.index.segment_size,
-            merge_below: cfg.index.merge_below,
+            merge_ratio: cfg.index.merge_ratio,
+            ann: cfg.index.ann.parse().unwrap_or_default(),
+            hnsw_m: cfg.index.hnsw_m,
+            build_threads: cfg.index.build_threads,
             ef_construction: cfg.index.ef_construction,
             ef_search: cfg.index.ef_search,
             background: true,

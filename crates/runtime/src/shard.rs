@@ -101,6 +101,7 @@ pub struct ShardState {
     args: ShardArgs,
     shared: Arc<Shared>,
     catch_up: Option<OwnedTask>,
+    maintenance: Option<OwnedTask>,
 }
 
 impl Actor for ShardActor {
@@ -129,10 +130,15 @@ impl Actor for ShardActor {
             args.clone(),
             shared.clone(),
         ))));
+        let maintenance = Some(OwnedTask(tokio::spawn(maintain(
+            args.shard,
+            shared.clone(),
+        ))));
         Ok(ShardState {
             args,
             shared,
             catch_up,
+            maintenance,
         })
     }
 
@@ -142,6 +148,7 @@ impl Actor for ShardActor {
         state: &mut ShardState,
     ) -> Result<(), ActorProcessingErr> {
         drop(state.catch_up.take());
+        drop(state.maintenance.take());
         Ok(())
     }
 
@@ -239,6 +246,32 @@ impl Actor for ShardActor {
             other => reply(port, unsupported(&other, "shard")),
         }
         Ok(())
+    }
+}
+
+/// How often the index is asked whether a merge finished or should start.
+const MAINTAIN_EVERY: Duration = Duration::from_millis(250);
+
+/// Commits finished background merges and starts the next ones: a check under the read lock,
+/// the write lock only when there is something to do (a commit is a rename and a manifest).
+async fn maintain(shard: u32, shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(MAINTAIN_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let s = shared.clone();
+        let r = tokio::task::spawn_blocking(move || {
+            if !s.index.read().expect("index").needs_maintenance() {
+                return Ok(false);
+            }
+            s.index.write().expect("index").maintain()
+        })
+        .await;
+        match r {
+            Ok(Err(e)) => warn!(shard, error = %e, "index maintenance failed"),
+            Err(e) => warn!(shard, error = %e, "index maintenance task failed"),
+            Ok(Ok(_)) => {}
+        }
     }
 }
 

@@ -1,7 +1,9 @@
 //! One shard replica's index: segments, BM25, write-ahead log, snapshots, recovery.
 //!
 //! The type and its small accessors are here; each concern has its module: [`recovery`],
-//! [`write`], [`seal`] (seal, merge, purge, graphs), [`search`], [`sync`] (replica sync).
+//! [`write`], [`seal`] (seal, purge, graphs), [`merge`] (the tiered background merges),
+//! [`search`], [`sync`] (replica sync).
+mod merge;
 mod recovery;
 mod seal;
 mod search;
@@ -20,7 +22,7 @@ use tracing::{info, warn};
 
 use crate::bm25::Bm25;
 use crate::files::{read_checked, write_checked};
-use crate::segment::{exact_search, Entry, Graph, Segment, SegmentTerms};
+use crate::segment::{exact_search, AnnKind, Entry, Segment, SegmentTerms};
 use crate::vector::normalize;
 use crate::wal::Wal;
 use crate::{rrf, sort_hits, IndexError};
@@ -30,8 +32,15 @@ use crate::{rrf, sort_hits, IndexError};
 pub struct IndexSettings {
     /// Chunks in the growing segment before it is sealed.
     pub segment_size: usize,
-    /// Sealed segments with fewer live chunks are merged.
-    pub merge_below: usize,
+    /// Tiered merging: a segment merges with the smaller ones once they together hold
+    /// 1/`merge_ratio` of its live chunks (at least 2).
+    pub merge_ratio: usize,
+    /// The HNSW implementation of sealed segments.
+    pub ann: AnnKind,
+    /// HNSW degree M (own implementation).
+    pub hnsw_m: usize,
+    /// Threads a graph build may use (0: all cores).
+    pub build_threads: usize,
     /// HNSW construction beam.
     pub ef_construction: usize,
     /// HNSW search beam.
@@ -44,11 +53,24 @@ pub struct IndexSettings {
     pub deletion_grace: Option<std::time::Duration>,
 }
 
+impl IndexSettings {
+    /// Threads a graph build uses.
+    pub fn build_threads(&self) -> usize {
+        match self.build_threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+    }
+}
+
 impl Default for IndexSettings {
     fn default() -> Self {
         IndexSettings {
             segment_size: 4096,
-            merge_below: 1024,
+            merge_ratio: 4,
+            ann: AnnKind::Hnsw,
+            hnsw_m: 16,
+            build_threads: 0,
             ef_construction: 100,
             ef_search: 64,
             background: true,
@@ -88,11 +110,52 @@ pub struct RecoveryReport {
     pub needs_catch_up: bool,
 }
 
+/// A sealed segment as the manifest lists it: its graph id and its data files, in order.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+struct SegmentMeta {
+    id: u64,
+    parts: Vec<u64>,
+}
+
+/// The manifest of the first format (`manifest.bin`): one data file per segment. Read when no
+/// newer manifest exists; the next write replaces it.
+#[derive(Debug, Serialize, Deserialize, Default)]
+struct ManifestV1 {
+    last_seq: u64,
+    segments: Vec<u64>,
+    tombstones: HashMap<String, u64>,
+    deleted: HashMap<String, u64>,
+    model: Option<ModelIdentity>,
+    next_segment_id: u64,
+}
+
+impl From<ManifestV1> for Manifest {
+    fn from(m: ManifestV1) -> Self {
+        Manifest {
+            last_seq: m.last_seq,
+            segments: m
+                .segments
+                .into_iter()
+                .map(|id| SegmentMeta {
+                    id,
+                    parts: vec![id],
+                })
+                .collect(),
+            tombstones: m.tombstones,
+            deleted: m.deleted,
+            model: m.model,
+            next_segment_id: m.next_segment_id,
+        }
+    }
+}
+
+/// The manifest (`manifest2.bin`): what the sealed state is; writing it is the atomic switch of
+/// seals and merges.
 #[derive(Debug, Serialize, Deserialize, Default)]
 struct Manifest {
     /// Every op with seq <= this is in the segments.
     last_seq: u64,
-    segments: Vec<u64>,
+    segments: Vec<SegmentMeta>,
     tombstones: HashMap<String, u64>,
     /// Version of the latest delete of every deleted document, kept so that an older copy
     /// (from a retry or a lagging peer) cannot bring it back.
@@ -138,7 +201,19 @@ pub struct ShardIndex {
     /// Deletion records with a version below this were dropped: a copy of a document this
     /// replica does not hold, at a version below this, may be one deleted since, and is refused.
     purged_below: u64,
+    /// The merge in progress, if any.
+    merge: Option<merge::MergeJob>,
+    /// Bumped by every change the merge policy looks at; the policy runs when it moved.
+    generation: u64,
+    /// Graphs finished by the background builders (the policy merges built segments only).
+    graphs_done: Arc<std::sync::atomic::AtomicU64>,
+    /// (generation, graphs_done) when the policy last ran.
+    planned_at: (u64, u64),
 }
+
+/// The manifest file, and the first format's.
+const MANIFEST: &str = "manifest2.bin";
+const MANIFEST_V1: &str = "manifest.bin";
 
 impl ShardIndex {
     /// Ids of the live documents.

@@ -12,20 +12,18 @@ impl ShardIndex {
     ) -> Result<(ShardIndex, RecoveryReport), IndexError> {
         let lock = crate::DirLock::acquire(dir)?;
         let mut report = RecoveryReport::default();
-        let manifest_path = dir.join("manifest.bin");
-        let manifest: Manifest = match read_checked(&manifest_path) {
-            Ok(Some(b)) => postcard::from_bytes(&b).map_err(|e| IndexError::Corrupt {
-                path: manifest_path.clone(),
-                reason: e.to_string(),
-            })?,
-            Ok(None) => Manifest::default(),
+        let (manifest, manifest_ok) = match read_manifest(dir) {
+            Ok(m) => (m, true),
             Err(e) => {
                 // without the manifest the segments cannot be trusted: start empty, catch up
                 report.problems.push(e.to_string());
                 report.needs_catch_up = true;
-                Manifest::default()
+                (Manifest::default(), false)
             }
         };
+        if manifest_ok {
+            remove_unreferenced(dir, &manifest);
+        }
         let (wal, wal_rec) = Wal::open(&dir.join("wal.log"))?;
         let mut ix = ShardIndex {
             _lock: lock,
@@ -45,6 +43,10 @@ impl ShardIndex {
             slots: HashMap::new(),
             next_slot: 0,
             purged_below: 0,
+            merge: None,
+            generation: 0,
+            graphs_done: Default::default(),
+            planned_at: (u64::MAX, 0),
         };
         let purge_path = dir.join("purged.bin");
         let problem = match read_checked(&purge_path) {
@@ -63,8 +65,9 @@ impl ShardIndex {
             // unknown horizon: assume every record past the grace period was dropped
             ix.purged_below = ix.grace_horizon().unwrap_or(0);
         }
-        for id in &manifest.segments {
-            match ix.load_segment(*id) {
+        let mut seg_terms = HashMap::new();
+        for meta in &manifest.segments {
+            match ix.load_segment(meta) {
                 Ok(seg) => ix.sealed.push(seg),
                 Err(e) => {
                     report.problems.push(e.to_string());
@@ -73,23 +76,27 @@ impl ShardIndex {
             }
         }
         report.segments = ix.sealed.len();
-        let mut seg_terms = HashMap::new();
         for seg in ix.sealed.clone() {
-            match ix.load_terms(&seg) {
-                Ok(t) => {
-                    report.bm25_snapshots += 1;
-                    seg_terms.insert(seg.id, t);
-                }
-                Err(e) => {
-                    // derivable from the segment: rebuild it and write it again
-                    report
-                        .problems
-                        .push(format!("{e}; BM25 rebuilt from the segment's text"));
-                    let t = SegmentTerms::of(&seg);
-                    if let Err(e) = ix.write_terms(seg.id, &t) {
-                        warn!(error = %e, "could not rewrite the BM25 snapshot");
+            let mut at = 0;
+            for &(part, len) in &seg.parts {
+                let entries = &seg.entries[at..at + len];
+                at += len;
+                match ix.load_terms(part, len) {
+                    Ok(t) => {
+                        report.bm25_snapshots += 1;
+                        seg_terms.insert(part, t);
                     }
-                    seg_terms.insert(seg.id, t);
+                    Err(e) => {
+                        // derivable from the data file: rebuild it and write it again
+                        report
+                            .problems
+                            .push(format!("{e}; BM25 rebuilt from the segment's text"));
+                        let t = SegmentTerms::of(entries);
+                        if let Err(e) = ix.write_terms(part, &t) {
+                            warn!(error = %e, "could not rewrite the BM25 snapshot");
+                        }
+                        seg_terms.insert(part, t);
+                    }
                 }
             }
         }
@@ -126,13 +133,18 @@ impl ShardIndex {
         for seg in &ix.sealed {
             ix.spawn_graph(seg.clone(), true);
         }
+        // segments left unmerged by a crash (or listed by the first format) merge now or, in
+        // the background, once their graphs are loaded
+        if let Err(e) = ix.maintain() {
+            warn!(dir = %dir.display(), error = %e, "merge at open failed");
+        }
         info!(dir = %dir.display(), segments = report.segments, replayed = report.replayed, docs = ix.docs.len(), "shard index opened");
         Ok((ix, report))
     }
 
-    /// Loads and checks the BM25 snapshot of a sealed segment.
-    pub(super) fn load_terms(&self, seg: &Segment) -> Result<SegmentTerms, IndexError> {
-        let path = self.terms_path(seg.id);
+    /// Loads and checks the BM25 snapshot of a data file of `len` chunks.
+    pub(super) fn load_terms(&self, part: u64, len: usize) -> Result<SegmentTerms, IndexError> {
+        let path = self.terms_path(part);
         let corrupt = |reason: String| IndexError::Corrupt {
             path: path.clone(),
             reason,
@@ -140,25 +152,29 @@ impl ShardIndex {
         let bytes = read_checked(&path)?
             .ok_or_else(|| corrupt("BM25 snapshot of a listed segment is missing".into()))?;
         let t: SegmentTerms = postcard::from_bytes(&bytes).map_err(|e| corrupt(e.to_string()))?;
-        t.check(seg.entries.len()).map_err(corrupt)?;
+        t.check(len).map_err(corrupt)?;
         Ok(t)
     }
 
-    pub(super) fn load_segment(&self, id: u64) -> Result<Arc<Segment>, IndexError> {
-        let path = self.segment_path(id);
-        let bytes = read_checked(&path)?.ok_or_else(|| IndexError::Corrupt {
-            path: path.clone(),
-            reason: "segment file listed in the manifest is missing".into(),
-        })?;
-        let entries: Vec<Entry> =
-            postcard::from_bytes(&bytes).map_err(|e| IndexError::Corrupt {
+    /// Loads a sealed segment's data files (its graph comes later, in the background).
+    fn load_segment(&self, meta: &SegmentMeta) -> Result<Arc<Segment>, IndexError> {
+        let mut parts = Vec::with_capacity(meta.parts.len());
+        let mut all = Vec::new();
+        for &part in &meta.parts {
+            let path = self.segment_path(part);
+            let bytes = read_checked(&path)?.ok_or_else(|| IndexError::Corrupt {
                 path: path.clone(),
-                reason: e.to_string(),
+                reason: "segment file listed in the manifest is missing".into(),
             })?;
-        Ok(Arc::new(Segment::new(
-            id,
-            entries.into_iter().map(Arc::new).collect(),
-        )))
+            let entries: Vec<Entry> =
+                postcard::from_bytes(&bytes).map_err(|e| IndexError::Corrupt {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })?;
+            parts.push((part, entries.len()));
+            all.extend(entries.into_iter().map(Arc::new));
+        }
+        Ok(Arc::new(Segment::with_parts(meta.id, parts, all)))
     }
 
     /// Recomputes document liveness, slots and BM25 from the sealed segments (with their BM25
@@ -177,15 +193,67 @@ impl ShardIndex {
         self.bm25 = Bm25::default();
         let sealed = self.sealed.clone();
         for seg in &sealed {
-            let terms = seg_terms.get(&seg.id);
-            for (i, e) in seg.entries.iter().enumerate() {
-                if latest.get(&e.doc_id) == Some(&e.seq) {
-                    let counts = match terms {
-                        Some(t) => t.counts(i),
-                        None => crate::bm25::term_counts(&e.text),
-                    };
-                    self.add_slot_counts(e.clone(), counts);
+            let mut at = 0;
+            for &(part, len) in &seg.parts {
+                let terms = seg_terms.get(&part);
+                for (i, e) in seg.entries[at..at + len].iter().enumerate() {
+                    if latest.get(&e.doc_id) == Some(&e.seq) {
+                        let counts = match terms {
+                            Some(t) => t.counts(i),
+                            None => crate::bm25::term_counts(&e.text),
+                        };
+                        self.add_slot_counts(e.clone(), counts);
+                    }
                 }
+                at += len;
+            }
+        }
+    }
+}
+
+/// The manifest: the current format, else the first one; an empty one when neither exists.
+fn read_manifest(dir: &Path) -> Result<Manifest, IndexError> {
+    let path = dir.join(MANIFEST);
+    let corrupt = |path: &Path, e: postcard::Error| IndexError::Corrupt {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    };
+    if let Some(b) = read_checked(&path)? {
+        return postcard::from_bytes(&b).map_err(|e| corrupt(&path, e));
+    }
+    let v1 = dir.join(MANIFEST_V1);
+    match read_checked(&v1)? {
+        Some(b) => postcard::from_bytes::<ManifestV1>(&b)
+            .map(Manifest::from)
+            .map_err(|e| corrupt(&v1, e)),
+        None => Ok(Manifest::default()),
+    }
+}
+
+/// Removes what a crash can leave behind: temporary files, and segment files (data, BM25,
+/// graph) the manifest does not list (a merge or seal that did not reach its manifest write,
+/// or the sources of one that did).
+fn remove_unreferenced(dir: &Path, m: &Manifest) {
+    let mut keep: HashSet<String> = HashSet::new();
+    for s in &m.segments {
+        keep.insert(format!("seg-{}.hnsw", s.id));
+        for p in &s.parts {
+            keep.insert(format!("seg-{p}.bin"));
+            keep.insert(format!("seg-{p}.bm25"));
+        }
+    }
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for f in rd.flatten() {
+        let name = f.file_name().to_string_lossy().to_string();
+        let temporary = name.ends_with(".tmp") || name.ends_with(".merging");
+        let segment_file = name.starts_with("seg-")
+            && [".bin", ".bm25", ".hnsw"].iter().any(|x| name.ends_with(x));
+        if temporary || (segment_file && !keep.contains(&name)) {
+            match std::fs::remove_file(f.path()) {
+                Ok(()) => info!(file = %name, "removed a file no manifest lists"),
+                Err(e) => warn!(file = %name, error = %e, "could not remove an unlisted file"),
             }
         }
     }

@@ -1,10 +1,11 @@
 //! Sealing the growing segment, merging small segments, dropping old deletion records, and
 //! building graphs on background threads. A failed seal or merge leaves the index as it was.
 use super::*;
+use crate::segment::SegGraph;
 
 impl ShardIndex {
     /// Seals the growing segment: writes it and a new manifest, empties the log, and builds the
-    /// segment's graph in the background. Then merges small segments.
+    /// segment's graph in the background. Then runs the merge policy ([`ShardIndex::maintain`]).
     /// A failed seal leaves the index as it was (the growing segment searchable, the log
     /// intact); the files it did write are unreferenced and removed.
     pub fn seal(&mut self) -> Result<(), IndexError> {
@@ -20,14 +21,15 @@ impl ShardIndex {
             self.sealed.push(seg.clone());
             self.spawn_graph(seg, false);
         }
-        if let Err(e) = self.merge_small() {
-            // the sources stay as they are; a later seal merges them
-            warn!(dir = %self.dir.display(), error = %e, "merge failed");
-        }
         self.sealed_seq = self.last_seq;
         self.purge_deletions()?;
         self.write_manifest()?;
         self.wal.reset()?;
+        self.generation += 1;
+        if let Err(e) = self.maintain() {
+            // the sources stay as they are; a later pass merges them
+            warn!(dir = %self.dir.display(), error = %e, "merge failed");
+        }
         Ok(())
     }
 
@@ -76,20 +78,32 @@ impl ShardIndex {
         let plain: Vec<&Entry> = seg.entries.iter().map(|e| e.as_ref()).collect();
         let bytes = postcard::to_stdvec(&plain).map_err(|e| IndexError::BadInput(e.to_string()))?;
         write_checked(&self.segment_path(seg.id), &bytes)?;
-        self.write_terms(seg.id, &SegmentTerms::of(seg))
+        self.write_terms(seg.id, &SegmentTerms::of(&seg.entries))
     }
 
     pub(super) fn write_manifest(&self) -> Result<(), IndexError> {
         let m = Manifest {
-            last_seq: self.last_seq,
-            segments: self.sealed.iter().map(|s| s.id).collect(),
+            // what the sealed segments hold: a merge commits between seals, while the growing
+            // segment's writes are in the log only
+            last_seq: self.sealed_seq,
+            segments: self
+                .sealed
+                .iter()
+                .map(|s| SegmentMeta {
+                    id: s.id,
+                    parts: s.parts.iter().map(|(p, _)| *p).collect(),
+                })
+                .collect(),
             tombstones: self.tombstones.clone(),
             deleted: self.deleted.clone(),
             model: self.model.clone(),
             next_segment_id: self.next_segment_id,
         };
         let bytes = postcard::to_stdvec(&m).map_err(|e| IndexError::BadInput(e.to_string()))?;
-        write_checked(&self.dir.join("manifest.bin"), &bytes)
+        write_checked(&self.dir.join(MANIFEST), &bytes)?;
+        // the first format's manifest, if any, is superseded
+        let _ = std::fs::remove_file(self.dir.join(MANIFEST_V1));
+        Ok(())
     }
 
     pub(super) fn write_terms(&self, id: u64, t: &SegmentTerms) -> Result<(), IndexError> {
@@ -97,81 +111,39 @@ impl ShardIndex {
         write_checked(&self.terms_path(id), &bytes)
     }
 
-    pub(super) fn merge_small(&mut self) -> Result<(), IndexError> {
-        let small: Vec<Arc<Segment>> = self
-            .sealed
-            .iter()
-            .filter(|s| {
-                s.entries.iter().filter(|e| self.is_live(e)).count() < self.settings.merge_below
-            })
-            .cloned()
-            .collect();
-        if small.len() < 2 {
-            return Ok(());
-        }
-        let id = self.next_segment_id;
-        self.next_segment_id += 1;
-        let entries: Vec<Arc<Entry>> = small
-            .iter()
-            .flat_map(|s| s.entries.iter())
-            .filter(|e| self.is_live(e))
-            .cloned()
-            .collect();
-        let merged = Arc::new(Segment::new(id, entries));
-        if let Err(e) = self.write_segment(&merged) {
-            self.next_segment_id -= 1;
-            self.remove_segment_files(id);
-            return Err(e);
-        }
-        let gone: HashSet<u64> = small.iter().map(|s| s.id).collect();
-        self.sealed.retain(|s| !gone.contains(&s.id));
-        self.sealed.push(merged.clone());
-        // tombstones matter only while a sealed segment still holds an older copy
-        let present: HashSet<&str> = self
-            .sealed
-            .iter()
-            .flat_map(|s| s.entries.iter().map(|e| e.doc_id.as_str()))
-            .collect();
-        let present: HashSet<String> = present.into_iter().map(str::to_string).collect();
-        self.tombstones.retain(|d, _| present.contains(d));
-        self.write_manifest()?;
-        for g in gone {
-            let _ = std::fs::remove_file(self.segment_path(g));
-            let _ = std::fs::remove_file(self.terms_path(g));
-            let _ = std::fs::remove_file(Self::graph_path(&self.dir, g));
-        }
-        self.spawn_graph(merged, false);
-        info!(segment = id, "merged small segments");
-        Ok(())
-    }
-
     pub(super) fn spawn_graph(&self, seg: Arc<Segment>, try_load: bool) {
         let dir = self.dir.clone();
-        let (efc, efs) = (self.settings.ef_construction, self.settings.ef_search);
+        let spec = self.graph_spec();
+        let done = self.graphs_done.clone();
         let work = move || {
             let path = Self::graph_path(&dir, seg.id);
             if try_load {
                 match read_checked(&path) {
-                    Ok(Some(bytes)) => match postcard::from_bytes::<Graph>(&bytes) {
+                    Ok(Some(bytes)) => match SegGraph::from_bytes(&bytes, &seg.entries, spec.ann) {
                         Ok(g) => {
                             let _ = seg.graph.set(g);
+                            done.fetch_add(1, std::sync::atomic::Ordering::Release);
                             return;
                         }
                         Err(e) => {
-                            warn!(path = %path.display(), error = %e, "graph file does not decode; rebuilding")
+                            warn!(path = %path.display(), error = %e, "graph file does not fit its segment; rebuilding")
                         }
                     },
                     Ok(None) => {}
                     Err(e) => warn!(error = %e, "graph file rejected; rebuilding"),
                 }
             }
-            let g = seg.build_graph(efc, efs);
-            if let Ok(bytes) = postcard::to_stdvec(&g) {
-                if let Err(e) = write_checked(&path, &bytes) {
-                    warn!(error = %e, "could not persist graph");
+            let g = seg.build_graph(spec);
+            match g.to_bytes() {
+                Ok(bytes) => {
+                    if let Err(e) = write_checked(&path, &bytes) {
+                        warn!(error = %e, "could not persist graph");
+                    }
                 }
+                Err(e) => warn!(error = %e, "could not encode graph"),
             }
             let _ = seg.graph.set(g);
+            done.fetch_add(1, std::sync::atomic::Ordering::Release);
         };
         if self.settings.background {
             std::thread::Builder::new()

@@ -33,7 +33,7 @@ impl ShardIndex {
         let live = |e: &Entry| self.is_live(e);
         let mut all: Vec<(f32, Arc<Entry>)> = exact_search(&self.growing, &v, k, &live);
         for seg in &self.sealed {
-            all.extend(seg.search(&v, k, &live));
+            all.extend(seg.search(&v, k, self.settings.ef_search, &live));
         }
         let mut hits: Vec<Hit> = all.into_iter().map(|(s, e)| hit(&e, s, Some(s))).collect();
         sort_hits(&mut hits);

@@ -1,0 +1,402 @@
+//! Background merges under a tiered policy, so a shard of N chunks holds O(log N) segments.
+//!
+//! Policy: segments (with their graphs built) sorted by live chunks, largest first; the first
+//! position j from which the smaller segments together hold at least 1/`merge_ratio` of
+//! segment j's live chunks starts a merge of j and everything smaller. In the steady state each
+//! segment is more than `merge_ratio` times the next one, so a shard has about
+//! log_ratio(N / segment_size) + 1 segments. A merge either *extends* (the largest source's graph
+//! is copied and the others' vectors inserted into the copy: no data file is rewritten, the new
+//! segment lists the sources' data files as its parts) or *compacts* (when a quarter or more of
+//! the sources' chunks are dead: the live chunks go into a new data file and a fresh graph).
+//!
+//! Safety: the work (graph, files) runs on a low-priority thread and writes files under
+//! temporary names; the owner commits it (renames, one manifest write: the atomic switch) only
+//! if every source is still there. Searches see the sources until the commit and the merged
+//! segment after it, never both and never neither; a chunk deleted or replaced meanwhile is
+//! dead by its sequence number in either. A crash before the manifest write leaves temporary or
+//! unreferenced files, removed at the next open; after it, the sources' obsolete files are.
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use super::*;
+use crate::segment::{flat, GraphSpec, SegGraph};
+
+/// A merge in progress or done, waiting for its commit.
+pub(super) struct MergeJob {
+    sources: Vec<u64>,
+    state: JobState,
+    cancel: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for MergeJob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MergeJob")
+            .field("sources", &self.sources)
+            .finish()
+    }
+}
+
+impl Drop for MergeJob {
+    fn drop(&mut self) {
+        // an index dropped mid-merge (actor restart): the thread stops before writing more
+        self.cancel.store(true, Ordering::Relaxed);
+    }
+}
+
+enum JobState {
+    Running(std::thread::JoinHandle<Result<Merged, IndexError>>),
+    Done(Result<Merged, IndexError>),
+}
+
+/// What a merge produced: the segment (graph built) and its files under temporary names.
+pub(super) struct Merged {
+    segment: Arc<Segment>,
+    /// (temporary, final) file names, data files first.
+    files: Vec<(PathBuf, PathBuf)>,
+    compacted: bool,
+}
+
+/// Share of dead chunks from which a merge compacts instead of extending.
+const COMPACT_DEAD_SHARE: f64 = 0.25;
+/// Share of dead chunks from which a segment is compacted on its own.
+const COMPACT_ALONE_SHARE: f64 = 0.5;
+
+impl ShardIndex {
+    /// Commits a finished merge, then starts the next one the policy asks for. Called after
+    /// every seal and periodically by the shard's owner; with `background: false` the merges
+    /// run here, to the end. Returns whether the segment set changed.
+    pub fn maintain(&mut self) -> Result<bool, IndexError> {
+        let mut changed = false;
+        for _ in 0..64 {
+            if let Some(job) = &self.merge {
+                let done = match &job.state {
+                    JobState::Running(h) => h.is_finished(),
+                    JobState::Done(_) => true,
+                };
+                if !done {
+                    return Ok(changed);
+                }
+                let mut job = self.merge.take().expect("job");
+                let result = match std::mem::replace(
+                    &mut job.state,
+                    JobState::Done(Err(IndexError::BadInput("taken".into()))),
+                ) {
+                    JobState::Running(h) => h.join().unwrap_or_else(|_| {
+                        Err(IndexError::BadInput("merge thread panicked".into()))
+                    }),
+                    JobState::Done(r) => r,
+                };
+                match result {
+                    Ok(merged) => {
+                        self.commit_merge(&job.sources, merged)?;
+                        changed = true;
+                    }
+                    Err(e) => {
+                        warn!(dir = %self.dir.display(), error = %e, "merge failed; its sources stay");
+                        return Ok(changed);
+                    }
+                }
+            }
+            if !self.start_merge() {
+                return Ok(changed);
+            }
+        }
+        Ok(changed)
+    }
+
+    /// Whether a merge is running or waiting for its commit.
+    pub fn merging(&self) -> bool {
+        self.merge.is_some()
+    }
+
+    /// Whether [`ShardIndex::maintain`] has something to do now (cheap: the owner polls it under
+    /// a read lock and takes the write lock only when it says yes).
+    pub fn needs_maintenance(&self) -> bool {
+        match &self.merge {
+            Some(job) => match &job.state {
+                JobState::Running(h) => h.is_finished(),
+                JobState::Done(_) => true,
+            },
+            None => self.planned_at != self.plan_key(),
+        }
+    }
+
+    fn plan_key(&self) -> (u64, u64) {
+        (self.generation, self.graphs_done.load(Ordering::Acquire))
+    }
+
+    /// Picks the next merge; None when the segments are in shape.
+    fn plan_merge(&self) -> Option<(Vec<Arc<Segment>>, bool)> {
+        let live = |e: &Entry| self.is_live(e);
+        let mut segs: Vec<(usize, Arc<Segment>)> = self
+            .sealed
+            .iter()
+            .filter(|s| s.graph.get().is_some())
+            .map(|s| (s.live_count(&live), s.clone()))
+            .collect();
+        segs.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.id.cmp(&b.1.id)));
+        let ratio = self.settings.merge_ratio.max(2);
+        let dead_share = |set: &[(usize, Arc<Segment>)]| {
+            let total: usize = set.iter().map(|(_, s)| s.entries.len()).sum();
+            let live: usize = set.iter().map(|(l, _)| *l).sum();
+            if total == 0 {
+                0.0
+            } else {
+                1.0 - live as f64 / total as f64
+            }
+        };
+        for j in 0..segs.len().saturating_sub(1) {
+            let rest: usize = segs[j + 1..].iter().map(|(l, _)| *l).sum();
+            if rest * ratio >= segs[j].0 {
+                let set = &segs[j..];
+                let compact =
+                    self.settings.ann != AnnKind::Hnsw || dead_share(set) >= COMPACT_DEAD_SHARE;
+                return Some((set.iter().map(|(_, s)| s.clone()).collect(), compact));
+            }
+        }
+        segs.iter()
+            .find(|(l, s)| {
+                !s.entries.is_empty()
+                    && 1.0 - *l as f64 / s.entries.len() as f64 >= COMPACT_ALONE_SHARE
+            })
+            .map(|(_, s)| (vec![s.clone()], true))
+    }
+
+    /// Starts the merge the policy picks (running it to the end when not in the background).
+    fn start_merge(&mut self) -> bool {
+        self.planned_at = self.plan_key();
+        let Some((sources, compact)) = self.plan_merge() else {
+            return false;
+        };
+        let id = self.next_segment_id;
+        self.next_segment_id += 1;
+        let live = |e: &Entry| self.is_live(e);
+        // compaction snapshots the live chunks now; a chunk that dies later is dead by its
+        // sequence number in the merged segment too
+        let entries: Option<Vec<Arc<Entry>>> = compact.then(|| {
+            sources
+                .iter()
+                .flat_map(|s| s.entries.iter())
+                .filter(|e| live(e))
+                .cloned()
+                .collect()
+        });
+        let nonce: u64 = rand::random();
+        let (dir, spec) = (self.dir.clone(), self.graph_spec());
+        let cancel = Arc::new(AtomicBool::new(false));
+        let job_sources = sources.clone();
+        let stop = cancel.clone();
+        let background = self.settings.background;
+        let work = move || {
+            if background {
+                lower_priority();
+            }
+            run_merge(&dir, id, nonce, &job_sources, entries, spec, &stop)
+        };
+        let ids: Vec<u64> = sources.iter().map(|s| s.id).collect();
+        info!(dir = %self.dir.display(), segment = id, sources = ?ids, compact, "merge started");
+        let state = if background {
+            match std::thread::Builder::new()
+                .name(format!("merge-{}", seal::seg_id_for_name(&self.dir)))
+                .spawn(work)
+            {
+                Ok(h) => JobState::Running(h),
+                Err(e) => JobState::Done(Err(IndexError::io(&self.dir, e))),
+            }
+        } else {
+            JobState::Done(work())
+        };
+        self.merge = Some(MergeJob {
+            sources: ids,
+            state,
+            cancel,
+        });
+        true
+    }
+
+    pub(super) fn graph_spec(&self) -> GraphSpec {
+        GraphSpec {
+            ann: self.settings.ann,
+            m: self.settings.hnsw_m,
+            ef_construction: self.settings.ef_construction,
+            ef_search: self.settings.ef_search,
+            threads: self.settings.build_threads(),
+        }
+    }
+
+    /// Puts a finished merge in place of its sources: files renamed, one manifest write, then
+    /// the sources' obsolete files removed. Discarded when a source has gone meanwhile.
+    fn commit_merge(&mut self, sources: &[u64], merged: Merged) -> Result<(), IndexError> {
+        let discard = |m: &Merged| {
+            for (tmp, _) in &m.files {
+                let _ = std::fs::remove_file(tmp);
+            }
+        };
+        let present = |id: &u64| self.sealed.iter().any(|s| s.id == *id);
+        if !sources.iter().all(present) {
+            discard(&merged);
+            return Ok(());
+        }
+        for (tmp, path) in &merged.files {
+            if let Err(e) = std::fs::rename(tmp, path) {
+                discard(&merged);
+                return Err(IndexError::io(path, e));
+            }
+        }
+        sync_dir(&self.dir);
+        let before = self.sealed.clone();
+        let before_tombstones = self.tombstones.clone();
+        let at = self
+            .sealed
+            .iter()
+            .position(|s| sources.contains(&s.id))
+            .unwrap_or(self.sealed.len());
+        self.sealed.retain(|s| !sources.contains(&s.id));
+        self.sealed
+            .insert(at.min(self.sealed.len()), merged.segment.clone());
+        self.prune_tombstones();
+        if let Err(e) = self.write_manifest() {
+            self.sealed = before;
+            self.tombstones = before_tombstones;
+            for (_, path) in &merged.files {
+                let _ = std::fs::remove_file(path);
+            }
+            return Err(e);
+        }
+        let kept: HashSet<u64> = merged.segment.parts.iter().map(|(p, _)| *p).collect();
+        for s in before.iter().filter(|s| sources.contains(&s.id)) {
+            let _ = std::fs::remove_file(Self::graph_path(&self.dir, s.id));
+            for (p, _) in &s.parts {
+                if !kept.contains(p) {
+                    let _ = std::fs::remove_file(self.segment_path(*p));
+                    let _ = std::fs::remove_file(self.terms_path(*p));
+                }
+            }
+        }
+        self.generation += 1;
+        info!(
+            dir = %self.dir.display(),
+            segment = merged.segment.id,
+            chunks = merged.segment.entries.len(),
+            compacted = merged.compacted,
+            segments = self.sealed.len(),
+            "merge committed"
+        );
+        Ok(())
+    }
+
+    /// Tombstones matter only while a sealed segment still holds an older copy.
+    pub(super) fn prune_tombstones(&mut self) {
+        let present: HashSet<&str> = self
+            .sealed
+            .iter()
+            .flat_map(|s| s.entries.iter().map(|e| e.doc_id.as_str()))
+            .collect();
+        let present: HashSet<String> = present.into_iter().map(str::to_string).collect();
+        self.tombstones.retain(|d, _| present.contains(d));
+    }
+}
+
+/// The merge itself, off the owner's thread: the new data file (compaction), the graph, each
+/// written under a temporary name.
+fn run_merge(
+    dir: &Path,
+    id: u64,
+    nonce: u64,
+    sources: &[Arc<Segment>],
+    compacted: Option<Vec<Arc<Entry>>>,
+    spec: GraphSpec,
+    cancel: &AtomicBool,
+) -> Result<Merged, IndexError> {
+    let tmp = |name: &str| dir.join(format!("{name}.{nonce:016x}.merging"));
+    let cancelled = || IndexError::BadInput("merge cancelled: the index was dropped".into());
+    let mut files = Vec::new();
+    let result = (|| {
+        let compact = compacted.is_some();
+        let segment = match compacted {
+            Some(entries) => {
+                let (bin, bm25) = (format!("seg-{id}.bin"), format!("seg-{id}.bm25"));
+                let plain: Vec<&Entry> = entries.iter().map(|e| e.as_ref()).collect();
+                let bytes =
+                    postcard::to_stdvec(&plain).map_err(|e| IndexError::BadInput(e.to_string()))?;
+                write_checked(&tmp(&bin), &bytes)?;
+                files.push((tmp(&bin), dir.join(&bin)));
+                let terms = postcard::to_stdvec(&SegmentTerms::of(&entries))
+                    .map_err(|e| IndexError::BadInput(e.to_string()))?;
+                write_checked(&tmp(&bm25), &terms)?;
+                files.push((tmp(&bm25), dir.join(&bm25)));
+                let seg = Segment::new(id, entries);
+                if cancel.load(Ordering::Relaxed) {
+                    return Err(cancelled());
+                }
+                let g = seg.build_graph(spec);
+                let _ = seg.graph.set(g);
+                seg
+            }
+            None => {
+                // extend the largest source's graph with the others' vectors
+                let base = &sources[0];
+                let Some(SegGraph::Own(g)) = base.graph.get() else {
+                    return Err(IndexError::BadInput(
+                        "extending needs an own HNSW graph".into(),
+                    ));
+                };
+                let mut parts = base.parts.clone();
+                let mut entries = base.entries.clone();
+                for s in &sources[1..] {
+                    parts.extend(s.parts.iter().copied());
+                    entries.extend(s.entries.iter().cloned());
+                }
+                let more = flat(&entries[base.entries.len()..]);
+                if cancel.load(Ordering::Relaxed) {
+                    return Err(cancelled());
+                }
+                let grown = g.extend(&more, spec.threads);
+                let seg = Segment::with_parts(id, parts, entries);
+                let _ = seg.graph.set(SegGraph::Own(grown));
+                seg
+            }
+        };
+        if cancel.load(Ordering::Relaxed) {
+            return Err(cancelled());
+        }
+        let graph = segment
+            .graph
+            .get()
+            .expect("graph set above")
+            .to_bytes()
+            .map_err(IndexError::BadInput)?;
+        let name = format!("seg-{id}.hnsw");
+        write_checked(&tmp(&name), &graph)?;
+        files.push((tmp(&name), dir.join(&name)));
+        Ok((Arc::new(segment), compact))
+    })();
+    match result {
+        Ok((segment, compacted)) => Ok(Merged {
+            segment,
+            files,
+            compacted,
+        }),
+        Err(e) => {
+            for (t, _) in &files {
+                let _ = std::fs::remove_file(t);
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Background work yields to queries: the calling thread gets a lower scheduling priority.
+fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: gettid and setpriority take plain integers and only affect this thread.
+    unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, 10);
+    }
+}
+
+pub(super) fn sync_dir(dir: &Path) {
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+}

@@ -47,6 +47,11 @@ pub enum BenchCmd {
         #[arg(long)]
         reference: Option<std::path::PathBuf>,
     },
+    /// One shard's index at growing sizes, through its write path (log, seals, background
+    /// merges and graphs): ingest time, resident memory per million chunks, dense and BM25
+    /// single-query latency p50/p99, recall@10 against exact search, the ratio between sizes,
+    /// and p99 while a merge runs against p99 without.
+    Shard(crate::bench_shard::ShardBench),
     /// Generator time to first token and tokens/s, 1 stream vs 4 concurrent streams.
     Generate {
         /// Models dir.
@@ -93,6 +98,9 @@ pub enum BenchCmd {
 /// Runs a benchmark.
 pub async fn run(cmd: BenchCmd) -> Result<()> {
     match cmd {
+        BenchCmd::Shard(b) => {
+            tokio::task::spawn_blocking(move || crate::bench_shard::run(b)).await?
+        }
         BenchCmd::Embed { models, reference } => {
             tokio::task::spawn_blocking(move || embed(&models, reference.as_deref())).await?
         }
@@ -622,8 +630,6 @@ fn index(b: IndexBench) -> Result<()> {
             &K.to_string(),
             "--m",
             &b.m.to_string(),
-            "--threads",
-            &threads.to_string(),
             "--efc",
             &b.efc.to_string(),
             "--ef",

@@ -144,7 +144,7 @@ impl Default for IndexConfig {
             placement: None,
             segment_size: 4096,
             merge_below: None,
-            merge_ratio: 4,
+            merge_ratio: 16,
             ann: "hnsw".into(),
             hnsw_m: 16,
             build_threads: 0,

@@ -1,5 +1,6 @@
 //! A BM25 inverted index (k1 = 1.2, b = 0.75) over chunk slots.
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet};
 
 const K1: f32 = 1.2;
 const B: f32 = 0.75;
@@ -81,28 +82,98 @@ impl Bm25 {
         self.doc_len.is_empty()
     }
 
-    /// The `k` best slots for `query` with their scores, best first.
+    /// The `k` best slots for `query` with their scores, best first (ties: lower slot first).
+    ///
+    /// Exact top-k without scoring every matching chunk (MaxScore, term at a time): terms go
+    /// rarest first; a chunk first met in term i's postings holds none of the rarer terms, so
+    /// its score is bounded by the sum of the upper bounds (idf x (k1 + 1)) of terms i and
+    /// after; once the k-th best score reaches that bound, the commoner terms' long postings
+    /// are never read.
     pub fn search(&self, query: &str, k: usize) -> Vec<(u32, f32)> {
         let n = self.doc_len.len() as f32;
         if n == 0.0 || k == 0 {
             return Vec::new();
         }
-        let avg = self.total_len as f32 / n;
+        let avg = (self.total_len as f32 / n).max(1e-6);
+        let mut q = terms(query);
+        q.sort();
+        q.dedup();
+        let mut qt: Vec<(&HashMap<u32, u32>, f32)> = q
+            .iter()
+            .filter_map(|t| self.postings.get(t))
+            .map(|p| {
+                let df = p.len() as f32;
+                (p, (1.0 + (n - df + 0.5) / (df + 0.5)).ln())
+            })
+            .collect();
+        qt.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.len().cmp(&b.0.len())));
+        // bound[i]: the most a chunk holding only terms i.. can score
+        let mut bound = vec![0.0f32; qt.len() + 1];
+        for i in (0..qt.len()).rev() {
+            bound[i] = bound[i + 1] + qt[i].1 * (K1 + 1.0);
+        }
+        let score = |slot: u32, from: usize| -> f32 {
+            let len = self.doc_len.get(&slot).copied().unwrap_or(0) as f32;
+            let norm = K1 * (1.0 - B + B * len / avg);
+            qt[from..]
+                .iter()
+                .filter_map(|(p, idf)| p.get(&slot).map(|&tf| (tf as f32, idf)))
+                .map(|(tf, idf)| idf * tf * (K1 + 1.0) / (tf + norm))
+                .sum()
+        };
+        // min-heap of the best k: (score, slot) with the worse (lower score, higher slot) on top
+        let mut best: BinaryHeap<Reverse<Ranked>> = BinaryHeap::with_capacity(k + 1);
+        let mut seen: HashSet<u32> = HashSet::new();
+        for i in 0..qt.len() {
+            if best.len() == k && best.peek().is_some_and(|w| w.0.score >= bound[i]) {
+                break;
+            }
+            for &slot in qt[i].0.keys() {
+                if !seen.insert(slot) {
+                    continue;
+                }
+                let r = Ranked {
+                    score: score(slot, i),
+                    slot,
+                };
+                if best.len() < k {
+                    best.push(Reverse(r));
+                } else if best.peek().is_some_and(|w| r > w.0) {
+                    best.pop();
+                    best.push(Reverse(r));
+                }
+            }
+        }
+        let mut out: Vec<(u32, f32)> = best.into_iter().map(|r| (r.0.slot, r.0.score)).collect();
+        out.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        out
+    }
+
+    /// Every matching slot scored (the reference the tests hold [`Bm25::search`] to).
+    #[cfg(test)]
+    fn search_exhaustive(&self, query: &str, k: usize) -> Vec<(u32, f32)> {
+        let n = self.doc_len.len() as f32;
+        let avg = (self.total_len as f32 / n).max(1e-6);
         let mut q = terms(query);
         q.sort();
         q.dedup();
         let mut scores: HashMap<u32, f32> = HashMap::new();
-        for t in &q {
-            let Some(p) = self.postings.get(t) else {
-                continue;
-            };
-            let df = p.len() as f32;
-            let idf = (1.0 + (n - df + 0.5) / (df + 0.5)).ln();
+        // the same term order as the search, so that the sums round the same way
+        let mut qt: Vec<(&HashMap<u32, u32>, f32)> = q
+            .iter()
+            .filter_map(|t| self.postings.get(t))
+            .map(|p| {
+                let df = p.len() as f32;
+                (p, (1.0 + (n - df + 0.5) / (df + 0.5)).ln())
+            })
+            .collect();
+        qt.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.len().cmp(&b.0.len())));
+        for (p, idf) in qt {
             for (&slot, &tf) in p {
                 let len = self.doc_len.get(&slot).copied().unwrap_or(0) as f32;
                 let tf = tf as f32;
-                let s = idf * tf * (K1 + 1.0) / (tf + K1 * (1.0 - B + B * len / avg.max(1e-6)));
-                *scores.entry(slot).or_default() += s;
+                *scores.entry(slot).or_default() +=
+                    idf * tf * (K1 + 1.0) / (tf + K1 * (1.0 - B + B * len / avg));
             }
         }
         let mut out: Vec<(u32, f32)> = scores.into_iter().collect();
@@ -112,9 +183,53 @@ impl Bm25 {
     }
 }
 
+/// A scored slot: ordered by score, then the lower slot ranks higher.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Ranked {
+    score: f32,
+    slot: u32,
+}
+
+impl Eq for Ranked {}
+
+impl PartialOrd for Ranked {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+
+impl Ord for Ranked {
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        self.score.total_cmp(&o.score).then(o.slot.cmp(&self.slot))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn maxscore_returns_exactly_what_scoring_everything_does() {
+        use rand::{Rng, SeedableRng};
+        let mut r = rand::rngs::StdRng::seed_from_u64(3);
+        let mut b = Bm25::default();
+        // Zipf-like words: w0 is in most chunks, w300 in few
+        let word = |r: &mut rand::rngs::StdRng| {
+            let u: f64 = r.gen_range(0.0..1.0);
+            format!("w{}", (u.powi(3) * 400.0) as u32)
+        };
+        for slot in 0..3000u32 {
+            let text: Vec<String> = (0..r.gen_range(3..30)).map(|_| word(&mut r)).collect();
+            b.insert(slot, &text.join(" "));
+        }
+        for _ in 0..300 {
+            let q: Vec<String> = (0..r.gen_range(1..6)).map(|_| word(&mut r)).collect();
+            let q = q.join(" ");
+            for k in [1, 10, 100] {
+                assert_eq!(b.search(&q, k), b.search_exhaustive(&q, k), "{q} k={k}");
+            }
+        }
+    }
 
     #[test]
     fn ranks_matching_documents_first_and_forgets_removed() {

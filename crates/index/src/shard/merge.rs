@@ -181,7 +181,12 @@ impl ShardIndex {
                 .collect()
         });
         let nonce: u64 = rand::random();
-        let (dir, spec) = (self.dir.clone(), self.graph_spec());
+        // a merge leaves half the cores to the queries
+        let spec = GraphSpec {
+            threads: (self.settings.build_threads() / 2).max(1),
+            ..self.graph_spec()
+        };
+        let dir = self.dir.clone();
         let cancel = Arc::new(AtomicBool::new(false));
         let job_sources = sources.clone();
         let stop = cancel.clone();

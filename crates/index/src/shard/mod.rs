@@ -67,7 +67,7 @@ impl Default for IndexSettings {
     fn default() -> Self {
         IndexSettings {
             segment_size: 4096,
-            merge_ratio: 4,
+            merge_ratio: 16,
             ann: AnnKind::Hnsw,
             hnsw_m: 16,
             build_threads: 0,

@@ -1,0 +1,360 @@
+//! `ragfleet bench shard`: one shard's index at growing sizes, through its normal write path.
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use ragfleet_index::ann::exact_top_k;
+use ragfleet_index::eval::clustered_with;
+use ragfleet_index::vector::normalize;
+use ragfleet_index::{AnnKind, IndexSettings, ShardIndex};
+use ragfleet_proto::{ChunkRecord, ModelIdentity, SearchMode, SearchQuery, WriteOp};
+use rand::{Rng, SeedableRng};
+
+/// Arguments of `bench shard`.
+#[derive(clap::Args, Debug)]
+pub struct ShardBench {
+    /// Chunk counts, each ingested into a fresh index (add 1000000 for the million; on two
+    /// cores it takes tens of minutes).
+    #[arg(long, value_delimiter = ',', default_value = "10000,100000")]
+    sizes: Vec<usize>,
+    /// Queries per size.
+    #[arg(long, default_value_t = 300)]
+    queries: usize,
+    /// Vector dimension.
+    #[arg(long, default_value_t = 384)]
+    dim: usize,
+    /// Chunks per sealed segment (cluster.toml's).
+    #[arg(long, default_value_t = 2048)]
+    segment_size: usize,
+    /// HNSW search beam.
+    #[arg(long, default_value_t = 64)]
+    ef_search: usize,
+    /// HNSW construction beam.
+    #[arg(long, default_value_t = 100)]
+    ef_construction: usize,
+    /// HNSW implementation: hnsw or instant-distance.
+    #[arg(long, default_value = "hnsw")]
+    ann: String,
+    /// Where the indexes are written (default: a temporary folder).
+    #[arg(long)]
+    dir: Option<std::path::PathBuf>,
+}
+
+fn model(dim: usize) -> ModelIdentity {
+    ModelIdentity {
+        name: "bench-synthetic".into(),
+        weights_sha256: "00".repeat(32),
+        dim: dim as u32,
+        max_len: 256,
+        pooling: "mean".into(),
+        normalized: true,
+    }
+}
+
+/// A Zipf-distributed vocabulary sampler (s = 1), so that BM25 sees common and rare terms.
+struct Zipf {
+    cdf: Vec<f64>,
+}
+
+impl Zipf {
+    fn new(n: usize) -> Zipf {
+        let mut acc = 0.0;
+        let mut cdf: Vec<f64> = (1..=n)
+            .map(|r| {
+                acc += 1.0 / r as f64;
+                acc
+            })
+            .collect();
+        cdf.iter_mut().for_each(|c| *c /= acc);
+        Zipf { cdf }
+    }
+    fn word(&self, r: &mut impl Rng) -> String {
+        let u: f64 = r.gen();
+        let i = self.cdf.partition_point(|c| *c < u);
+        format!("t{i}")
+    }
+}
+
+fn resident_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |pages| pages * 4096)
+}
+
+fn percentile(xs: &mut [f64], p: f64) -> f64 {
+    xs.sort_by(|a, b| a.total_cmp(b));
+    if xs.is_empty() {
+        return f64::NAN;
+    }
+    xs[((xs.len() as f64 - 1.0) * p).round() as usize]
+}
+
+struct Row {
+    n: usize,
+    ingest_s: f64,
+    segments: usize,
+    mem_per_million: f64,
+    dense: (f64, f64),
+    recall: f64,
+    bm25: (f64, f64),
+}
+
+/// Latency (ms) of every query, run one at a time.
+fn timed(ix: &ShardIndex, qs: &[SearchQuery]) -> Result<Vec<f64>> {
+    qs.iter()
+        .map(|q| {
+            let t = Instant::now();
+            ix.search(q)?;
+            Ok(t.elapsed().as_secs_f64() * 1e3)
+        })
+        .collect()
+}
+
+/// Runs the benchmark.
+pub fn run(b: ShardBench) -> Result<()> {
+    let ann: AnnKind = b.ann.parse().map_err(anyhow::Error::msg)?;
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let root = match &b.dir {
+        Some(d) => {
+            std::fs::create_dir_all(d)?;
+            tempfile::tempdir_in(d)?
+        }
+        None => tempfile::tempdir()?,
+    };
+    println!(
+        "one shard, {} dims, segment_size {}, ef_search {}, ef_construction {}, ann {}, {} queries a size, {threads} cores",
+        b.dim, b.segment_size, b.ef_search, b.ef_construction, b.ann, b.queries
+    );
+    let zipf = Zipf::new(20_000);
+    let mut rows = Vec::new();
+    let mut merge_line = None;
+    let largest = b.sizes.iter().copied().max().unwrap_or(0);
+    for &n in &b.sizes {
+        let dir = root.path().join(format!("n{n}"));
+        let settings = IndexSettings {
+            segment_size: b.segment_size,
+            ef_construction: b.ef_construction,
+            ef_search: b.ef_search,
+            ann,
+            background: true,
+            ..IndexSettings::default()
+        };
+        let rss0 = resident_bytes();
+        let (mut ix, _) = ShardIndex::open(&dir, settings)?;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(n as u64);
+        let t = Instant::now();
+        let mut vectors: Vec<Vec<f32>> = Vec::with_capacity(n);
+        let batch = 2048;
+        for start in (0..n).step_by(batch) {
+            let count = batch.min(n - start);
+            let vs: Vec<Vec<f32>> = clustered_with(count, b.dim, 50, 24, 0.1, 7, start as u64 + 1)
+                .into_iter()
+                .map(|mut v| {
+                    normalize(&mut v);
+                    v
+                })
+                .collect();
+            let ops: Vec<WriteOp> = vs
+                .iter()
+                .enumerate()
+                .map(|(j, v)| {
+                    let id = format!("d{}", start + j);
+                    let text: Vec<String> = (0..12).map(|_| zipf.word(&mut rng)).collect();
+                    WriteOp::Upsert {
+                        version: 0,
+                        doc_id: id.clone(),
+                        chunks: vec![ChunkRecord {
+                            doc_id: id.clone(),
+                            chunk_id: format!("{id}#0"),
+                            text: text.join(" "),
+                            vector: v.clone(),
+                        }],
+                    }
+                })
+                .collect();
+            ix.write(ops, &model(b.dim))?;
+            ix.maintain()?;
+            vectors.extend(vs);
+        }
+        // the background work to its end: graphs built, merges committed
+        loop {
+            ix.maintain()?;
+            let (segs, built) = ix.segment_stats();
+            if segs == built && !ix.merging() && !ix.needs_maintenance() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let ingest_s = t.elapsed().as_secs_f64();
+        let rss = resident_bytes().saturating_sub(rss0);
+        // the bench's own copy of the vectors is not the index's
+        let own = (vectors.len() * (b.dim * 4 + 24)) as u64;
+        let mem_per_million = rss.saturating_sub(own) as f64 / n as f64 * 1e6 / 1e9;
+        let qv: Vec<Vec<f32>> = clustered_with(b.queries, b.dim, 50, 24, 0.1, 7, u64::MAX - 1)
+            .into_iter()
+            .map(|mut v| {
+                normalize(&mut v);
+                v
+            })
+            .collect();
+        let truth = exact_top_k(&vectors, &qv, 10, threads);
+        drop(vectors);
+        let dense: Vec<SearchQuery> = qv
+            .iter()
+            .map(|v| SearchQuery {
+                vector: v.clone(),
+                text: String::new(),
+                k: 10,
+                mode: SearchMode::Dense,
+                model: None,
+            })
+            .collect();
+        let bm25: Vec<SearchQuery> = (0..b.queries)
+            .map(|_| SearchQuery {
+                vector: Vec::new(),
+                text: (0..3)
+                    .map(|_| zipf.word(&mut rng))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+                k: 10,
+                mode: SearchMode::Bm25,
+                model: None,
+            })
+            .collect();
+        timed(&ix, &dense[..dense.len().min(20)])?; // warm the caches
+        let mut d = timed(&ix, &dense)?;
+        let mut found = 0;
+        for (q, t) in dense.iter().zip(&truth) {
+            let hits = ix.search(q)?;
+            found += t
+                .iter()
+                .filter(|i| hits.iter().any(|h| h.doc_id == format!("d{i}")))
+                .count();
+        }
+        let mut bm = timed(&ix, &bm25)?;
+        let row = Row {
+            n,
+            ingest_s,
+            segments: ix.segment_stats().0,
+            mem_per_million,
+            dense: (percentile(&mut d, 0.5), percentile(&mut d, 0.99)),
+            recall: found as f64 / (10 * dense.len()).max(1) as f64,
+            bm25: (percentile(&mut bm, 0.5), percentile(&mut bm, 0.99)),
+        };
+        println!(
+            "{n:>9} chunks: ingest {:.1} s, {} segments, dense p50 {:.2} ms p99 {:.2} ms recall@10 {:.4}, bm25 p50 {:.2} ms p99 {:.2} ms, {:.2} GB resident a million chunks",
+            row.ingest_s, row.segments, row.dense.0, row.dense.1, row.recall, row.bm25.0, row.bm25.1, row.mem_per_million
+        );
+        if n == largest {
+            merge_line = Some(during_merge(&mut ix, &dense, &zipf, b.dim, n)?);
+        }
+        rows.push(row);
+        drop(ix);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    println!(
+        "\n{:>9} {:>9} {:>5} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
+        "chunks",
+        "ingest s",
+        "segs",
+        "dense p50",
+        "dense p99",
+        "recall@10",
+        "bm25 p50",
+        "bm25 p99",
+        "GB/M",
+        "p50 ratio"
+    );
+    let base = rows.first().map(|r| (r.dense.0, r.bm25.0));
+    for r in &rows {
+        let (d0, b0) = base.unwrap_or((1.0, 1.0));
+        println!(
+            "{:>9} {:>9.1} {:>5} {:>9.3} {:>9.3} {:>9.4} {:>9.3} {:>9.3} {:>9.2} {:>4.2}/{:<4.2}",
+            r.n,
+            r.ingest_s,
+            r.segments,
+            r.dense.0,
+            r.dense.1,
+            r.recall,
+            r.bm25.0,
+            r.bm25.1,
+            r.mem_per_million,
+            r.dense.0 / d0,
+            r.bm25.0 / b0
+        );
+    }
+    println!("(p50 ratio: dense / BM25 p50 against the first size)");
+    for w in rows.windows(2) {
+        let x = w[1].n as f64 / w[0].n as f64;
+        println!(
+            "{}x the chunks ({} -> {}): dense p50 x{:.2}, BM25 p50 x{:.2} (goal: x{x:.0} the chunks <= x1.3 dense at recall >= 0.95)",
+            x, w[0].n, w[1].n, w[1].dense.0 / w[0].dense.0, w[1].bm25.0 / w[0].bm25.0
+        );
+    }
+    if let Some(l) = merge_line {
+        println!("{l}");
+    }
+    Ok(())
+}
+
+/// Dense p99 while a merge runs against p99 with none, at the largest size: enough chunks
+/// are written to seal segments until a merge starts, then queries run until it is done.
+fn during_merge(
+    ix: &mut ShardIndex,
+    dense: &[SearchQuery],
+    zipf: &Zipf,
+    dim: usize,
+    n: usize,
+) -> Result<String> {
+    let mut quiet = timed(ix, dense)?;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(99);
+    let mut next = n;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while !ix.merging() {
+        if Instant::now() > deadline {
+            return Ok("no merge started within 600 s".into());
+        }
+        let vs = clustered_with(512, dim, 50, 24, 0.1, 7, next as u64 + 1);
+        let ops: Vec<WriteOp> = vs
+            .into_iter()
+            .enumerate()
+            .map(|(j, v)| {
+                let id = format!("m{}", next + j);
+                WriteOp::Upsert {
+                    version: 0,
+                    doc_id: id.clone(),
+                    chunks: vec![ChunkRecord {
+                        doc_id: id.clone(),
+                        chunk_id: format!("{id}#0"),
+                        text: (0..12)
+                            .map(|_| zipf.word(&mut rng))
+                            .collect::<Vec<_>>()
+                            .join(" "),
+                        vector: v,
+                    }],
+                }
+            })
+            .collect();
+        next += 512;
+        ix.write(ops, &model(dim))?;
+        ix.maintain()?;
+    }
+    let mut during = Vec::new();
+    let t = Instant::now();
+    while ix.merging() && !ix.needs_maintenance() {
+        for q in dense.iter().take(50) {
+            let s = Instant::now();
+            ix.search(q)?;
+            during.push(s.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    let merge_s = t.elapsed().as_secs_f64();
+    ix.maintain()?;
+    let (q99, q50) = (percentile(&mut quiet, 0.99), percentile(&mut quiet, 0.5));
+    let n_during = during.len();
+    let (d99, d50) = (percentile(&mut during, 0.99), percentile(&mut during, 0.5));
+    Ok(format!(
+        "during a merge ({merge_s:.1} s, {n_during} queries): dense p50 {d50:.2} ms p99 {d99:.2} ms; without: p50 {q50:.2} ms p99 {q99:.2} ms (p99 x{:.2})",
+        d99 / q99
+    ))
+}

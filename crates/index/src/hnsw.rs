@@ -796,3 +796,36 @@ mod tests {
         assert!(e.search(q, 3, 10, &|_| true).is_empty());
     }
 }
+#[cfg(test)]
+mod grow_tests {
+    use super::*;
+    use crate::vector::normalize;
+
+    #[test]
+    fn many_small_extends_keep_every_node_reachable() {
+        let dim = 64;
+        let base: Vec<f32> = crate::eval::clustered(8192, dim, 8, 0.1, 9, 1)
+            .into_iter()
+            .flat_map(|mut v| {
+                normalize(&mut v);
+                v
+            })
+            .collect();
+        let mut g = Hnsw::build(dim, &base[..256 * dim], HnswParams::default(), 2);
+        for c in base[256 * dim..].chunks(256 * dim) {
+            g = g.extend(c, 2);
+        }
+        let whole = Hnsw::build(dim, &base, HnswParams::default(), 2);
+        let misses = |g: &Hnsw| {
+            (0..8192u32)
+                .filter(|&i| {
+                    let q = &base[i as usize * dim..(i as usize + 1) * dim];
+                    !g.search(q, 10, 64, &|_| true).iter().any(|x| x.1 == i)
+                })
+                .count()
+        };
+        let (grown, built) = (misses(&g), misses(&whole));
+        println!("self-search misses: grown {grown}, built at once {built}");
+        assert!(grown <= 8 && built <= 8, "grown {grown}, built {built}");
+    }
+}

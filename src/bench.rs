@@ -675,7 +675,8 @@ fn index(b: IndexBench) -> Result<()> {
         let found: Vec<Vec<u32>> = queries
             .iter()
             .map(|q| {
-                own.search(q, K, ef, &|_| true)
+                let exact = |i: u32| ragfleet_index::vector::dot(q, &data[i as usize]);
+                own.search_with(q, K, ef, &|_| true, Some(&exact))
                     .into_iter()
                     .map(|x| x.1)
                     .collect()

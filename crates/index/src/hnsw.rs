@@ -1,9 +1,12 @@
 //! ragfleet's own HNSW graph over unit vectors (distance `1 - dot`).
 //!
-//! Laid out for search speed: the vectors in one contiguous array, the level-0 adjacency in one
-//! flat array of fixed-width rows (`count, ids...`), the rarer upper levels in a second flat
-//! array; a search reuses a per-thread visited set (epoch-stamped, never cleared) and heaps, and
-//! prefetches neighbour vectors before it scores them. Built on many threads (a lock per node
+//! Laid out for search speed and memory: the vectors as int8 codes (`round(x * scale)`, a
+//! quarter of f32's bytes) in one contiguous array, the level-0 adjacency in one flat array of
+//! fixed-width rows (`count, ids...`), the rarer upper levels in a second flat array; building
+//! and walking the graph use the codes, and a search re-scores its final beam with the exact
+//! vectors the caller holds (a segment's chunks), so the graph keeps no f32 copy. A search
+//! reuses a per-thread visited set (epoch-stamped, never cleared) and heaps, and prefetches
+//! neighbour codes before it scores them. Built on many threads (a lock per node
 //! while its list changes; readers may see a list mid-update, which only costs a little
 //! construction quality, never an invalid id), and able to grow: [`Hnsw::extend`] copies a
 //! graph and inserts new vectors into the copy, so a merge of a small segment into a large one
@@ -16,7 +19,7 @@ use std::sync::Mutex;
 
 use rand::{Rng, SeedableRng};
 
-use crate::vector::{dot, dot_i8};
+use crate::vector::dot_i8;
 
 /// Highest level a node can get.
 const MAX_LEVEL: usize = 16;
@@ -112,9 +115,7 @@ pub struct Hnsw {
     dim: usize,
     params: HnswParams,
     len: usize,
-    vectors: Vec<f32>,
-    /// The vectors as int8 (`round(x * scale)`): what a search walks the graph with, before it
-    /// re-scores its beam with the exact vectors.
+    /// The vectors as int8 (`round(x * scale)`): what the graph is built and walked with.
     codes: Vec<i8>,
     scale: f32,
     levels: Vec<u8>,
@@ -155,7 +156,6 @@ impl Hnsw {
             dim: dim.max(1),
             params,
             len: 0,
-            vectors: Vec::new(),
             codes: Vec::new(),
             scale: 0.0,
             levels: Vec::new(),
@@ -187,16 +187,16 @@ impl Hnsw {
         self.params
     }
 
-    /// The vector of node `i`.
-    pub fn vector(&self, i: u32) -> &[f32] {
+    /// The int8 code of node `i`.
+    #[inline]
+    fn code(&self, i: u32) -> &[i8] {
         let s = i as usize * self.dim;
-        &self.vectors[s..s + self.dim]
+        &self.codes[s..s + self.dim]
     }
 
-    /// Bytes held in memory (vectors, adjacency, levels).
+    /// Bytes held in memory (codes, adjacency, levels).
     pub fn memory_bytes(&self) -> usize {
-        self.vectors.len() * 4
-            + self.codes.len()
+        self.codes.len()
             + (self.layer0.len() + self.upper.len()) * 4
             + self.levels.len()
             + self.upper_at.len() * 8
@@ -235,12 +235,9 @@ impl Hnsw {
             out.resize_with(v.len() + extra, || AtomicU32::new(0));
             out
         };
-        let mut vectors = Vec::with_capacity(n * dim);
-        vectors.extend_from_slice(&self.vectors);
-        vectors.extend_from_slice(&more[..added * dim]);
         // the scale is fixed by the first vectors; later ones are clamped to it
         let scale = if self.len == 0 {
-            quant_scale(&vectors)
+            quant_scale(&more[..added * dim])
         } else {
             self.scale
         };
@@ -251,7 +248,6 @@ impl Hnsw {
             dim,
             params: self.params,
             len: n,
-            vectors,
             codes,
             scale,
             levels,
@@ -291,9 +287,10 @@ impl Hnsw {
         *self.entry.lock().expect("entry lock")
     }
 
+    /// The distance of node `i` to a code.
     #[inline]
-    fn distance(&self, q: &[f32], i: u32) -> f32 {
-        1.0 - dot(q, self.vector(i))
+    fn distance(&self, q: &[i8], i: u32) -> f32 {
+        1.0 - dot_i8(q, self.code(i)) as f32 / (self.scale * self.scale)
     }
 
     /// The row of node `i` at `level` (count first).
@@ -432,7 +429,7 @@ impl Hnsw {
             if kept.len() >= m {
                 break;
             }
-            let v = self.vector(c.id);
+            let v = self.code(c.id);
             if kept.iter().all(|&r| self.distance(v, r) > c.d) {
                 kept.push(c.id);
             }
@@ -452,7 +449,7 @@ impl Hnsw {
             drop(g);
             return self.insert(i);
         };
-        let q = self.vector(i);
+        let q = self.code(i);
         let dist = |e: u32| self.distance(q, e);
         let mut buf = Vec::with_capacity(m0);
         let cur = self.descend(&dist, entry, level, &mut buf);
@@ -504,7 +501,7 @@ impl Hnsw {
             row[0].store(buf.len() as u32 + 1, Relaxed);
             return;
         }
-        let v = self.vector(e);
+        let v = self.code(e);
         let mut cands: Vec<Near> = buf
             .iter()
             .chain(std::iter::once(&new))
@@ -518,15 +515,29 @@ impl Hnsw {
         self.set_row(e, level, &kept);
     }
 
-    /// The (approximately) `k` nearest nodes to the unit vector `q`, with a beam of
-    /// `max(ef, k)`, keeping only nodes `accept` takes; as (dot, node), nearest first. When
-    /// the beam holds fewer than `k` accepted nodes it is widened (up to the whole graph).
+    /// [`Hnsw::search_with`], ranked by the codes' dot products.
     pub fn search(
         &self,
         q: &[f32],
         k: usize,
         ef: usize,
         accept: &dyn Fn(u32) -> bool,
+    ) -> Vec<(f32, u32)> {
+        self.search_with(q, k, ef, accept, None)
+    }
+
+    /// The (approximately) `k` nearest nodes to the unit vector `q`, with a beam of
+    /// `max(ef, k)`, keeping only nodes `accept` takes; as (dot, node), nearest first. The
+    /// graph is walked with int8 codes; `exact(i)`, when given, re-scores the beam (the dot of
+    /// `q` with node `i`'s own vector). When the beam holds fewer than `k` accepted nodes it
+    /// is widened (up to the whole graph).
+    pub fn search_with(
+        &self,
+        q: &[f32],
+        k: usize,
+        ef: usize,
+        accept: &dyn Fn(u32) -> bool,
+        exact: Option<&dyn Fn(u32) -> f32>,
     ) -> Vec<(f32, u32)> {
         let Some(entry) = self.entry() else {
             return Vec::new();
@@ -538,11 +549,7 @@ impl Hnsw {
         // walk the graph with int8 codes, then re-score the beam exactly
         let code = quantize(q, self.scale);
         let inv = 1.0 / (self.scale * self.scale);
-        let dim = self.dim;
-        let dist = |e: u32| {
-            let s = e as usize * dim;
-            1.0 - dot_i8(&code, &self.codes[s..s + dim]) as f32 * inv
-        };
+        let dist = |e: u32| 1.0 - dot_i8(&code, self.code(e)) as f32 * inv;
         let start = self.descend(&dist, entry, 0, &mut buf);
         let mut ef = ef.max(k);
         SCRATCH.with(|s| {
@@ -553,7 +560,7 @@ impl Hnsw {
                 let mut out: Vec<(f32, u32)> = found
                     .into_iter()
                     .filter(|n| accept(n.id))
-                    .map(|n| (dot(q, self.vector(n.id)), n.id))
+                    .map(|n| (exact.map_or(1.0 - n.d, |f| f(n.id)), n.id))
                     .collect();
                 out.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
                 out.truncate(k);
@@ -588,11 +595,12 @@ impl Hnsw {
         for x in self.layer0.iter().chain(&self.upper) {
             out.extend_from_slice(&x.load(Relaxed).to_le_bytes());
         }
+        out.extend(self.codes.iter().map(|c| *c as u8));
         out
     }
 
-    /// A graph from [`Hnsw::to_bytes`] and its vectors; every field and id is checked.
-    pub fn from_bytes(bytes: &[u8], vectors: Vec<f32>) -> Result<Hnsw, String> {
+    /// A graph from [`Hnsw::to_bytes`]; every field and id is checked.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Hnsw, String> {
         let head = 8 + 9 * 8;
         if bytes.len() < head || &bytes[..8] != MAGIC {
             return Err("not an HNSW graph file".into());
@@ -615,24 +623,20 @@ impl Hnsw {
         if dim == 0 || !(2..=128).contains(&m) || top > MAX_LEVEL {
             return Err(format!("bad header: dim {dim}, m {m}, top level {top}"));
         }
-        if vectors.len() != len * dim {
-            return Err(format!(
-                "graph has {len} nodes of {dim}, given {} floats",
-                vectors.len()
-            ));
-        }
         let m0 = 2 * m;
         let words = len
             .checked_mul(m0 + 1)
             .and_then(|x| x.checked_add(upper_len))
             .ok_or("size overflow")?;
-        if bytes.len() != head + len + words * 4 {
-            return Err(format!(
-                "{} bytes, expected {}",
-                bytes.len(),
-                head + len + words * 4
-            ));
+        let codes_len = len.checked_mul(dim).ok_or("size overflow")?;
+        let expected = head + len + words * 4 + codes_len;
+        if bytes.len() != expected {
+            return Err(format!("{} bytes, expected {expected}", bytes.len()));
         }
+        let codes: Vec<i8> = bytes[expected - codes_len..]
+            .iter()
+            .map(|b| *b as i8)
+            .collect();
         let levels = bytes[head..head + len].to_vec();
         let mut upper_at = Vec::with_capacity(len);
         let mut at = 0usize;
@@ -646,7 +650,7 @@ impl Hnsw {
         if at != upper_len {
             return Err("upper levels do not add up".into());
         }
-        let ids: Vec<AtomicU32> = bytes[head + len..]
+        let ids: Vec<AtomicU32> = bytes[head + len..head + len + words * 4]
             .chunks_exact(4)
             .map(|c| AtomicU32::new(u32::from_le_bytes(c.try_into().expect("4 bytes"))))
             .collect();
@@ -668,9 +672,8 @@ impl Hnsw {
                 seed,
             },
             len,
-            codes: quantize(&vectors, scale),
+            codes,
             scale,
-            vectors,
             levels,
             layer0,
             upper_at,
@@ -778,21 +781,20 @@ mod tests {
         let base = data(500, 5);
         let g = Hnsw::build(32, &base, HnswParams::default(), 1);
         let bytes = g.to_bytes();
-        let back = Hnsw::from_bytes(&bytes, base.clone()).unwrap();
+        let back = Hnsw::from_bytes(&bytes).unwrap();
         let q = &base[32..64];
         assert_eq!(
             g.search(q, 10, 32, &|_| true),
             back.search(q, 10, 32, &|_| true)
         );
-        assert!(Hnsw::from_bytes(&bytes[..bytes.len() - 4], base.clone()).is_err());
-        assert!(Hnsw::from_bytes(&bytes, base[..32 * 10].to_vec()).is_err());
+        assert!(Hnsw::from_bytes(&bytes[..bytes.len() - 4]).is_err());
         // an id out of range
         let mut bad = bytes.clone();
         let at = 8 + 72 + 500 + 4; // first neighbour of node 0
         bad[at..at + 4].copy_from_slice(&u32::MAX.to_le_bytes());
-        assert!(Hnsw::from_bytes(&bad, base.clone()).is_err());
+        assert!(Hnsw::from_bytes(&bad).is_err());
         let empty = Hnsw::empty(32, HnswParams::default());
-        let e = Hnsw::from_bytes(&empty.to_bytes(), Vec::new()).unwrap();
+        let e = Hnsw::from_bytes(&empty.to_bytes()).unwrap();
         assert!(e.search(q, 3, 10, &|_| true).is_empty());
     }
 }
@@ -820,7 +822,12 @@ mod grow_tests {
             (0..8192u32)
                 .filter(|&i| {
                     let q = &base[i as usize * dim..(i as usize + 1) * dim];
-                    !g.search(q, 10, 64, &|_| true).iter().any(|x| x.1 == i)
+                    let exact = |j: u32| {
+                        crate::vector::dot(q, &base[j as usize * dim..(j as usize + 1) * dim])
+                    };
+                    !g.search_with(q, 10, 64, &|_| true, Some(&exact))
+                        .iter()
+                        .any(|x| x.1 == i)
                 })
                 .count()
         };

@@ -93,7 +93,12 @@ impl SegGraph {
     ) -> Result<SegGraph, String> {
         let g = match (bytes.first(), ann) {
             (Some(0), AnnKind::Hnsw) => {
-                SegGraph::Own(crate::hnsw::Hnsw::from_bytes(&bytes[1..], flat(entries))?)
+                let g = crate::hnsw::Hnsw::from_bytes(&bytes[1..])?;
+                let dim = entries.first().map_or(g.dim(), |e| e.vector.len());
+                if g.dim() != dim {
+                    return Err(format!("graph of {} dimensions, chunks of {dim}", g.dim()));
+                }
+                SegGraph::Own(g)
             }
             (Some(1), AnnKind::InstantDistance) => {
                 SegGraph::Instant(postcard::from_bytes(&bytes[1..]).map_err(|e| e.to_string())?)
@@ -216,8 +221,9 @@ impl Segment {
         match self.graph.get() {
             Some(SegGraph::Own(g)) => {
                 let accept = |i: u32| live(&self.entries[i as usize]);
+                let exact = |i: u32| dot(q, &self.entries[i as usize].vector);
                 return g
-                    .search(q, k, ef, &accept)
+                    .search_with(q, k, ef, &accept, Some(&exact))
                     .into_iter()
                     .map(|(s, i)| (s, self.entries[i as usize].clone()))
                     .collect();

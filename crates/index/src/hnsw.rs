@@ -24,6 +24,8 @@ use crate::vector::dot_i8;
 /// Highest level a node can get.
 const MAX_LEVEL: usize = 16;
 const MAGIC: &[u8; 8] = b"RFHNSW01";
+/// Candidates re-scored beyond `k` (at least `2k` are).
+const RESCORE_EXTRA: usize = 10;
 
 /// Build parameters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -552,14 +554,18 @@ impl Hnsw {
         let dist = |e: u32| 1.0 - dot_i8(&code, self.code(e)) as f32 * inv;
         let start = self.descend(&dist, entry, 0, &mut buf);
         let mut ef = ef.max(k);
+        let rescore = (2 * k).max(k + RESCORE_EXTRA);
         SCRATCH.with(|s| {
             let mut s = s.borrow_mut();
             loop {
                 let found = self.search_level(&dist, &[start], ef, 0, &mut s, &mut buf);
                 let seen = found.len();
+                // re-score the nearest few by the codes: the exact vectors are read at random
+                // places in memory, so only as many as the codes' error can reorder
                 let mut out: Vec<(f32, u32)> = found
                     .into_iter()
                     .filter(|n| accept(n.id))
+                    .take(rescore)
                     .map(|n| (exact.map_or(1.0 - n.d, |f| f(n.id)), n.id))
                     .collect();
                 out.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));

@@ -258,3 +258,81 @@ fn remove_unreferenced(dir: &Path, m: &Manifest) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ragfleet_proto::ChunkRecord;
+
+    fn model() -> ModelIdentity {
+        ModelIdentity {
+            name: "m".into(),
+            weights_sha256: "0".into(),
+            dim: 4,
+            max_len: 16,
+            pooling: "mean".into(),
+            normalized: true,
+        }
+    }
+
+    fn doc(i: usize) -> WriteOp {
+        WriteOp::Upsert {
+            version: 0,
+            doc_id: format!("d{i}"),
+            chunks: vec![ChunkRecord {
+                doc_id: format!("d{i}"),
+                chunk_id: format!("d{i}#0"),
+                text: format!("text {i}"),
+                vector: vec![1.0, i as f32, 0.5, -(i as f32)],
+            }],
+        }
+    }
+
+    #[test]
+    fn a_folder_of_the_first_manifest_format_opens_and_is_upgraded() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = || IndexSettings {
+            segment_size: 8,
+            background: false,
+            ..IndexSettings::default()
+        };
+        {
+            let (mut ix, _) = ShardIndex::open(dir.path(), settings()).unwrap();
+            ix.write((0..20).map(doc).collect(), &model()).unwrap();
+        }
+        // rewrite the manifest in the first format: one data file per segment
+        let m: Manifest =
+            postcard::from_bytes(&read_checked(&dir.path().join(MANIFEST)).unwrap().unwrap())
+                .unwrap();
+        let parts: Vec<u64> = m.segments.iter().flat_map(|s| s.parts.clone()).collect();
+        for s in &m.segments {
+            let _ = std::fs::remove_file(dir.path().join(format!("seg-{}.hnsw", s.id)));
+        }
+        let v1 = ManifestV1 {
+            last_seq: m.last_seq,
+            segments: parts.clone(),
+            tombstones: m.tombstones.clone(),
+            deleted: m.deleted.clone(),
+            model: m.model.clone(),
+            next_segment_id: m.next_segment_id,
+        };
+        write_checked(
+            &dir.path().join(MANIFEST_V1),
+            &postcard::to_stdvec(&v1).unwrap(),
+        )
+        .unwrap();
+        std::fs::remove_file(dir.path().join(MANIFEST)).unwrap();
+        let (mut ix, rep) = ShardIndex::open(dir.path(), settings()).unwrap();
+        assert!(rep.problems.is_empty(), "{:?}", rep.problems);
+        assert_eq!(ix.doc_count(), 20);
+        assert_eq!(ix.fetch(&["d3".to_string()]).len(), 1);
+        // the next manifest write is in the current format and retires the first one
+        ix.write((20..30).map(doc).collect(), &model()).unwrap();
+        assert!(dir.path().join(MANIFEST).exists());
+        assert!(!dir.path().join(MANIFEST_V1).exists());
+        drop(ix);
+        let (ix, rep) = ShardIndex::open(dir.path(), settings()).unwrap();
+        assert!(rep.problems.is_empty(), "{:?}", rep.problems);
+        assert_eq!(ix.doc_count(), 30);
+    }
+}

@@ -21,7 +21,10 @@ const SAMPLE_QUESTIONS: &[&str] = &[
     "What is a trait object?",
 ];
 
-/// Ingests a corpus in batches with a progress bar; prints the totals.
+/// Ingest requests a client keeps in flight at once.
+const INGEST_IN_FLIGHT: usize = 4;
+
+/// Ingests a corpus in batches (several in flight) with a progress bar; prints the totals.
 pub async fn ingest_corpus(
     client: &Client,
     corpus: Corpus,
@@ -41,19 +44,31 @@ pub async fn ingest_corpus(
     );
     let (mut docs, mut chunks) = (0u64, 0u64);
     let mut failed = Vec::new();
+    // up to `INGEST_IN_FLIGHT` requests at once, so that the embedders work on the next batch
+    // while the previous one is written; memory stays bounded by that many batches
     let mut batches = corpus.docs.chunks(batch);
-    for b in batches.by_ref() {
-        match client.ingest(b.to_vec()).await {
+    let mut in_flight = futures::stream::FuturesOrdered::new();
+    let mut stopped = false;
+    loop {
+        while !stopped && in_flight.len() < INGEST_IN_FLIGHT {
+            let Some(b) = batches.next() else { break };
+            in_flight.push_back(async move { (b, client.ingest(b.to_vec()).await) });
+        }
+        let Some((b, r)) = futures::StreamExt::next(&mut in_flight).await else {
+            break;
+        };
+        match r {
             Ok(r) => {
                 docs += r.documents;
                 chunks += r.chunks;
                 failed.extend(r.failed);
             }
             Err(e) => {
-                // what was acknowledged stays reported; this batch and the rest were not
+                // what was acknowledged stays reported; this batch failed, those in flight
+                // finish, and the rest are not sent
                 let why = e.to_string();
                 failed.extend(b.iter().map(|d| (d.id.clone(), why.clone())));
-                break;
+                stopped = true;
             }
         }
         bar.inc(b.len() as u64);

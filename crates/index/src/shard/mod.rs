@@ -252,6 +252,12 @@ impl ShardIndex {
         )
     }
 
+    /// Changes the HNSW search beam of later searches (ragfleet's graphs; an instant-distance
+    /// graph keeps the beam it was built with).
+    pub fn set_ef_search(&mut self, ef: usize) {
+        self.settings.ef_search = ef.max(1);
+    }
+
     /// Blocks until every sealed segment has its graph (tests, benches, clean shutdown).
     pub fn wait_for_graphs(&self, timeout: std::time::Duration) -> bool {
         let start = std::time::Instant::now();

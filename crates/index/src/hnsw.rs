@@ -24,8 +24,8 @@ use crate::vector::dot_i8;
 /// Highest level a node can get.
 const MAX_LEVEL: usize = 16;
 const MAGIC: &[u8; 8] = b"RFHNSW01";
-/// Candidates re-scored beyond `k` (at least `2k` are).
-const RESCORE_EXTRA: usize = 10;
+/// Candidates re-scored beyond `k` (at least `3k` are).
+const RESCORE_EXTRA: usize = 20;
 
 /// Build parameters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -554,7 +554,7 @@ impl Hnsw {
         let dist = |e: u32| 1.0 - dot_i8(&code, self.code(e)) as f32 * inv;
         let start = self.descend(&dist, entry, 0, &mut buf);
         let mut ef = ef.max(k);
-        let rescore = (2 * k).max(k + RESCORE_EXTRA);
+        let rescore = (3 * k).max(k + RESCORE_EXTRA);
         SCRATCH.with(|s| {
             let mut s = s.borrow_mut();
             loop {

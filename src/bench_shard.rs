@@ -68,10 +68,29 @@ impl Zipf {
         cdf.iter_mut().for_each(|c| *c /= acc);
         Zipf { cdf }
     }
+    /// Twelve words: a chunk's text.
+    fn text(&self, r: &mut impl Rng) -> String {
+        (0..12).map(|_| self.word(r)).collect::<Vec<_>>().join(" ")
+    }
+
     fn word(&self, r: &mut impl Rng) -> String {
         let u: f64 = r.gen();
         let i = self.cdf.partition_point(|c| *c < u);
         format!("t{i}")
+    }
+}
+
+/// A one-chunk document.
+fn upsert(id: String, vector: Vec<f32>, text: String) -> WriteOp {
+    WriteOp::Upsert {
+        version: 0,
+        chunks: vec![ChunkRecord {
+            doc_id: id.clone(),
+            chunk_id: format!("{id}#0"),
+            text,
+            vector,
+        }],
+        doc_id: id,
     }
 }
 
@@ -159,20 +178,7 @@ pub fn run(b: ShardBench) -> Result<()> {
             let ops: Vec<WriteOp> = vs
                 .iter()
                 .enumerate()
-                .map(|(j, v)| {
-                    let id = format!("d{}", start + j);
-                    let text: Vec<String> = (0..12).map(|_| zipf.word(&mut rng)).collect();
-                    WriteOp::Upsert {
-                        version: 0,
-                        doc_id: id.clone(),
-                        chunks: vec![ChunkRecord {
-                            doc_id: id.clone(),
-                            chunk_id: format!("{id}#0"),
-                            text: text.join(" "),
-                            vector: v.clone(),
-                        }],
-                    }
-                })
+                .map(|(j, v)| upsert(format!("d{}", start + j), v.clone(), zipf.text(&mut rng)))
                 .collect();
             ix.write(ops, &model(b.dim))?;
             ix.maintain()?;
@@ -330,22 +336,7 @@ fn during_merge(
         let ops: Vec<WriteOp> = vs
             .into_iter()
             .enumerate()
-            .map(|(j, v)| {
-                let id = format!("m{}", next + j);
-                WriteOp::Upsert {
-                    version: 0,
-                    doc_id: id.clone(),
-                    chunks: vec![ChunkRecord {
-                        doc_id: id.clone(),
-                        chunk_id: format!("{id}#0"),
-                        text: (0..12)
-                            .map(|_| zipf.word(&mut rng))
-                            .collect::<Vec<_>>()
-                            .join(" "),
-                        vector: v,
-                    }],
-                }
-            })
+            .map(|(j, v)| upsert(format!("m{}", next + j), v, zipf.text(&mut rng)))
             .collect();
         next += 512;
         ix.write(ops, &model(dim))?;

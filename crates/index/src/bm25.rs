@@ -82,6 +82,24 @@ impl Bm25 {
         self.doc_len.is_empty()
     }
 
+    /// The distinct terms of `query` the index holds, as (postings, idf), rarest first.
+    fn query_terms(&self, query: &str) -> Vec<(&HashMap<u32, u32>, f32)> {
+        let n = self.doc_len.len() as f32;
+        let mut q = terms(query);
+        q.sort();
+        q.dedup();
+        let mut qt: Vec<(&HashMap<u32, u32>, f32)> = q
+            .iter()
+            .filter_map(|t| self.postings.get(t))
+            .map(|p| {
+                let df = p.len() as f32;
+                (p, (1.0 + (n - df + 0.5) / (df + 0.5)).ln())
+            })
+            .collect();
+        qt.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.len().cmp(&b.0.len())));
+        qt
+    }
+
     /// The `k` best slots for `query` with their scores, best first (ties: lower slot first).
     ///
     /// Exact top-k without scoring every matching chunk (MaxScore, term at a time): terms go
@@ -95,18 +113,7 @@ impl Bm25 {
             return Vec::new();
         }
         let avg = (self.total_len as f32 / n).max(1e-6);
-        let mut q = terms(query);
-        q.sort();
-        q.dedup();
-        let mut qt: Vec<(&HashMap<u32, u32>, f32)> = q
-            .iter()
-            .filter_map(|t| self.postings.get(t))
-            .map(|p| {
-                let df = p.len() as f32;
-                (p, (1.0 + (n - df + 0.5) / (df + 0.5)).ln())
-            })
-            .collect();
-        qt.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.len().cmp(&b.0.len())));
+        let qt = self.query_terms(query);
         // bound[i]: the most a chunk holding only terms i.. can score
         let mut bound = vec![0.0f32; qt.len() + 1];
         for i in (0..qt.len()).rev() {
@@ -154,21 +161,9 @@ impl Bm25 {
     fn search_exhaustive(&self, query: &str, k: usize) -> Vec<(u32, f32)> {
         let n = self.doc_len.len() as f32;
         let avg = (self.total_len as f32 / n).max(1e-6);
-        let mut q = terms(query);
-        q.sort();
-        q.dedup();
         let mut scores: HashMap<u32, f32> = HashMap::new();
         // the same term order as the search, so that the sums round the same way
-        let mut qt: Vec<(&HashMap<u32, u32>, f32)> = q
-            .iter()
-            .filter_map(|t| self.postings.get(t))
-            .map(|p| {
-                let df = p.len() as f32;
-                (p, (1.0 + (n - df + 0.5) / (df + 0.5)).ln())
-            })
-            .collect();
-        qt.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.len().cmp(&b.0.len())));
-        for (p, idf) in qt {
+        for (p, idf) in self.query_terms(query) {
             for (&slot, &tf) in p {
                 let len = self.doc_len.get(&slot).copied().unwrap_or(0) as f32;
                 let tf = tf as f32;

@@ -85,6 +85,18 @@ fn errors_name_the_field() {
             "index.anti_entropy_ms",
         ),
         (
+            GOOD.replace("shards = 4", "shards = 4\nmerge_ratio = 1"),
+            "index.merge_ratio",
+        ),
+        (
+            GOOD.replace("shards = 4", "shards = 4\nann = \"faiss\""),
+            "index.ann",
+        ),
+        (
+            GOOD.replace("shards = 4", "shards = 4\nhnsw_m = 200"),
+            "index.hnsw_m",
+        ),
+        (
             format!("{GOOD}\n[query]\nshard_deadline_ms = 0\n"),
             "query.shard_deadline_ms",
         ),
@@ -147,4 +159,13 @@ fn reranking_defaults_to_on_when_a_node_has_the_reranker_role() {
     assert!(!off.rerank_by_default());
     let none = ClusterConfig::parse(&GOOD.replace("\"shard\", \"reranker\"", "\"shard\"")).unwrap();
     assert!(!none.rerank_by_default());
+}
+
+#[test]
+fn the_retired_merge_below_key_still_parses_and_the_ann_defaults_to_ragfleets_own() {
+    let c = ClusterConfig::parse(&GOOD.replace("shards = 4", "shards = 4\nmerge_below = 1024"))
+        .unwrap();
+    assert_eq!(c.index.merge_below, Some(1024));
+    assert_eq!(c.index.ann, "hnsw");
+    assert_eq!(c.index.merge_ratio, 16);
 }

@@ -177,11 +177,11 @@ mod tests {
     fn int8_dot_matches_naive_for_all_lengths() {
         for n in 0..100 {
             let a: Vec<i8> = (0..n)
-                .map(|i| ((i * 37) % 255) as i32 - 127)
+                .map(|i: i32| (i * 37) % 255 - 127)
                 .map(|x| x as i8)
                 .collect();
             let b: Vec<i8> = (0..n)
-                .map(|i| ((i * 11 + 5) % 255) as i32 - 127)
+                .map(|i: i32| (i * 11 + 5) % 255 - 127)
                 .map(|x| x as i8)
                 .collect();
             let naive: i32 = a.iter().zip(&b).map(|(x, y)| *x as i32 * *y as i32).sum();

@@ -123,6 +123,9 @@ async fn role_specs(
         cfg,
     )];
     if n.has(NodeRole::Shard) {
+        if cfg.index.merge_below.is_some() {
+            warn!("index.merge_below is ignored: tiered merging (index.merge_ratio) replaced it");
+        }
         let settings = IndexSettings {
             segment_size: cfg.index.segment_size,
             merge_ratio: cfg.index.merge_ratio,

@@ -670,25 +670,25 @@ fn index(b: IndexBench) -> Result<()> {
     let own = Hnsw::build(DIM, &dim_flat, params, threads);
     builds.insert(0, ("ragfleet".into(), t.elapsed().as_secs_f64()));
     drop(dim_flat);
-    for &ef in &b.efs {
+    // one point of a curve: every query timed on one thread, recall against the truth
+    let point = |lib: &str, ef: usize, search: &mut dyn FnMut(&[f32]) -> Vec<u32>| {
         let t = Instant::now();
-        let found: Vec<Vec<u32>> = queries
-            .iter()
-            .map(|q| {
-                let exact = |i: u32| ragfleet_index::vector::dot(q, &data[i as usize]);
-                own.search_with(q, K, ef, &|_| true, Some(&exact))
-                    .into_iter()
-                    .map(|x| x.1)
-                    .collect()
-            })
-            .collect();
-        let qps = b.nq as f64 / t.elapsed().as_secs_f64();
-        points.push(Point {
-            lib: "ragfleet".into(),
+        let found: Vec<Vec<u32>> = queries.iter().map(|q| search(q)).collect();
+        Point {
+            lib: lib.into(),
             ef,
             recall: score(&found),
-            qps,
-        });
+            qps: b.nq as f64 / t.elapsed().as_secs_f64(),
+        }
+    };
+    for &ef in &b.efs {
+        points.push(point("ragfleet", ef, &mut |q| {
+            let exact = |i: u32| ragfleet_index::vector::dot(q, &data[i as usize]);
+            own.search_with(q, K, ef, &|_| true, Some(&exact))
+                .into_iter()
+                .map(|x| x.1)
+                .collect()
+        }));
     }
     println!(
         "ragfleet graph in memory: {:.1} MB ({:.0} bytes a vector)",
@@ -703,18 +703,7 @@ fn index(b: IndexBench) -> Result<()> {
         let mut search = ragfleet_index::ann::Search::default();
         for &ef in &b.efs {
             ann = ann.with_ef_search(ef.max(K))?;
-            let t = Instant::now();
-            let found: Vec<Vec<u32>> = queries
-                .iter()
-                .map(|q| ann.search(q, K, &mut search))
-                .collect();
-            let qps = b.nq as f64 / t.elapsed().as_secs_f64();
-            points.push(Point {
-                lib: "instant".into(),
-                ef,
-                recall: score(&found),
-                qps,
-            });
+            points.push(point("instant", ef, &mut |q| ann.search(q, K, &mut search)));
         }
     }
 

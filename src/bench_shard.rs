@@ -7,6 +7,8 @@ use ragfleet_index::eval::clustered_with;
 use ragfleet_index::vector::normalize;
 use ragfleet_index::{AnnKind, IndexSettings, ShardIndex};
 use ragfleet_proto::{ChunkRecord, ModelIdentity, SearchMode, SearchQuery, WriteOp};
+
+use crate::eval_answers::percentile;
 use rand::{Rng, SeedableRng};
 
 /// Arguments of `bench shard`.
@@ -99,14 +101,6 @@ fn resident_bytes() -> u64 {
         .ok()
         .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
         .map_or(0, |pages| pages * 4096)
-}
-
-fn percentile(xs: &mut [f64], p: f64) -> f64 {
-    xs.sort_by(|a, b| a.total_cmp(b));
-    if xs.is_empty() {
-        return f64::NAN;
-    }
-    xs[((xs.len() as f64 - 1.0) * p).round() as usize]
 }
 
 struct Row {

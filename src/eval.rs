@@ -111,11 +111,7 @@ pub fn mrr(ranked: &[String], rel: &HashMap<String, u32>, k: usize) -> f64 {
 }
 
 fn pct(v: &mut [f64], p: f64) -> f64 {
-    if v.is_empty() {
-        return 0.0;
-    }
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[((p / 100.0) * (v.len() - 1) as f64).round() as usize]
+    crate::eval_answers::percentile(v, p / 100.0)
 }
 
 /// Runs the evaluation.

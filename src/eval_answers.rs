@@ -37,7 +37,8 @@ pub fn ends_well(text: &str) -> bool {
     ragfleet_models::llama::ends_sentence(text) || text.trim_end().ends_with(']')
 }
 
-fn percentile(v: &mut [f64], p: f64) -> f64 {
+/// The `p` quantile (0..=1) of `v` (sorted in place); 0 for an empty set.
+pub(crate) fn percentile(v: &mut [f64], p: f64) -> f64 {
     if v.is_empty() {
         return 0.0;
     }

@@ -30,11 +30,16 @@ fn write_then_rename(tmp: &Path, path: &Path, body: &[u8]) -> Result<(), IndexEr
     }
     std::fs::rename(tmp, path).map_err(|e| IndexError::io(path, e))?;
     if let Some(dir) = path.parent() {
-        if let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
+        sync_dir(dir);
     }
     Ok(())
+}
+
+/// Makes a folder's entries (renames, new files) durable; best effort.
+pub(crate) fn sync_dir(dir: &Path) {
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
 }
 
 /// Reads a file written by [`write_checked`]; `Ok(None)` when it does not exist, an error when

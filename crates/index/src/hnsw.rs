@@ -803,11 +803,6 @@ mod tests {
         let e = Hnsw::from_bytes(&empty.to_bytes()).unwrap();
         assert!(e.search(q, 3, 10, &|_| true).is_empty());
     }
-}
-#[cfg(test)]
-mod grow_tests {
-    use super::*;
-    use crate::vector::normalize;
 
     #[test]
     fn many_small_extends_keep_every_node_reachable() {

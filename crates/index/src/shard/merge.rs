@@ -24,7 +24,37 @@ use crate::segment::{flat, GraphSpec, SegGraph};
 pub(super) struct MergeJob {
     sources: Vec<u64>,
     state: JobState,
-    cancel: Arc<AtomicBool>,
+    _cancel: CancelOnDrop,
+}
+
+/// Tells the merge thread to stop before writing more once its job is dropped (an index
+/// dropped mid-merge: an actor restart).
+struct CancelOnDrop(Arc<AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+impl MergeJob {
+    fn finished(&self) -> bool {
+        match &self.state {
+            JobState::Running(h) => h.is_finished(),
+            JobState::Done(_) => true,
+        }
+    }
+
+    /// The merge's result (waits for its thread).
+    fn result(self) -> (Vec<u64>, Result<Merged, IndexError>) {
+        let r = match self.state {
+            JobState::Running(h) => h
+                .join()
+                .unwrap_or_else(|_| Err(IndexError::BadInput("merge thread panicked".into()))),
+            JobState::Done(r) => r,
+        };
+        (self.sources, r)
+    }
 }
 
 impl std::fmt::Debug for MergeJob {
@@ -32,13 +62,6 @@ impl std::fmt::Debug for MergeJob {
         f.debug_struct("MergeJob")
             .field("sources", &self.sources)
             .finish()
-    }
-}
-
-impl Drop for MergeJob {
-    fn drop(&mut self) {
-        // an index dropped mid-merge (actor restart): the thread stops before writing more
-        self.cancel.store(true, Ordering::Relaxed);
     }
 }
 
@@ -67,27 +90,11 @@ impl ShardIndex {
     pub fn maintain(&mut self) -> Result<bool, IndexError> {
         let mut changed = false;
         for _ in 0..64 {
-            if let Some(job) = &self.merge {
-                let done = match &job.state {
-                    JobState::Running(h) => h.is_finished(),
-                    JobState::Done(_) => true,
-                };
-                if !done {
-                    return Ok(changed);
-                }
-                let mut job = self.merge.take().expect("job");
-                let result = match std::mem::replace(
-                    &mut job.state,
-                    JobState::Done(Err(IndexError::BadInput("taken".into()))),
-                ) {
-                    JobState::Running(h) => h.join().unwrap_or_else(|_| {
-                        Err(IndexError::BadInput("merge thread panicked".into()))
-                    }),
-                    JobState::Done(r) => r,
-                };
+            if let Some(job) = self.merge.take_if(|j| j.finished()) {
+                let (sources, result) = job.result();
                 match result {
                     Ok(merged) => {
-                        self.commit_merge(&job.sources, merged)?;
+                        self.commit_merge(&sources, merged)?;
                         changed = true;
                     }
                     Err(e) => {
@@ -95,6 +102,8 @@ impl ShardIndex {
                         return Ok(changed);
                     }
                 }
+            } else if self.merge.is_some() {
+                return Ok(changed);
             }
             if !self.start_merge() {
                 return Ok(changed);
@@ -112,10 +121,7 @@ impl ShardIndex {
     /// a read lock and takes the write lock only when it says yes).
     pub fn needs_maintenance(&self) -> bool {
         match &self.merge {
-            Some(job) => match &job.state {
-                JobState::Running(h) => h.is_finished(),
-                JobState::Done(_) => true,
-            },
+            Some(job) => job.finished(),
             None => self.planned_at != self.plan_key(),
         }
     }
@@ -213,7 +219,7 @@ impl ShardIndex {
         self.merge = Some(MergeJob {
             sources: ids,
             state,
-            cancel,
+            _cancel: CancelOnDrop(cancel),
         });
         true
     }
@@ -247,7 +253,7 @@ impl ShardIndex {
                 return Err(IndexError::io(path, e));
             }
         }
-        sync_dir(&self.dir);
+        crate::files::sync_dir(&self.dir);
         let before = self.sealed.clone();
         let before_tombstones = self.tombstones.clone();
         let at = self
@@ -397,11 +403,5 @@ fn lower_priority() {
     unsafe {
         let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
         libc::setpriority(libc::PRIO_PROCESS, tid, 10);
-    }
-}
-
-pub(super) fn sync_dir(dir: &Path) {
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
     }
 }

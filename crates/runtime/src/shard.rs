@@ -269,6 +269,8 @@ async fn maintain(shard: u32, shared: Arc<Shared>) {
         .await;
         match r {
             Ok(Err(e)) => warn!(shard, error = %e, "index maintenance failed"),
+            // the runtime is shutting down
+            Err(e) if e.is_cancelled() => return,
             Err(e) => warn!(shard, error = %e, "index maintenance task failed"),
             Ok(Ok(_)) => {}
         }

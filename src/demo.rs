@@ -171,7 +171,13 @@ pub async fn ask_and_print(
         }
     );
     if s.answer_mode != "generate" {
-        println!("(answer mode: {}: quoted from the sources)", s.answer_mode);
+        match &s.fallback {
+            Some(why) => println!(
+                "(answer mode: {}: quoted from the sources, since {why})",
+                s.answer_mode
+            ),
+            None => println!("(answer mode: {}: quoted from the sources)", s.answer_mode),
+        }
     }
     if let Some(g) = &s.grounding {
         let weak: Vec<&str> = g

@@ -60,12 +60,13 @@ pub async fn run(
     ids.sort();
     ids.truncate(limit.unwrap_or(50));
     let mut report = serde_json::Map::new();
-    for am in [AnswerMode::Generate, AnswerMode::Extractive] {
+    for am in [AnswerMode::Generate, AnswerMode::Extractive, AnswerMode::Auto] {
         let name = format!("{am:?}").to_lowercase();
         let (mut rep_share, mut rep_max, mut ends, mut words) = (0.0, 0usize, 0usize, 0usize);
         let (mut grounding, mut grounded) = (0.0f64, 0usize);
         let mut over_twice = 0;
         let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
+        let mut made: BTreeMap<String, usize> = BTreeMap::new();
         let mut latency = Vec::new();
         let mut failed = 0;
         for id in &ids {
@@ -92,6 +93,7 @@ pub async fn run(
             ends += usize::from(ends_well(&s.answer));
             words += s.answer.split_whitespace().count();
             *reasons.entry(s.end_reason.clone()).or_default() += 1;
+            *made.entry(s.answer_mode.clone()).or_default() += 1;
             if let Some(g) = &s.grounding {
                 grounding += g.score as f64;
                 grounded += 1;
@@ -106,15 +108,16 @@ pub async fn run(
             "answers_repeating_a_4gram_over_twice": over_twice,
             "ending_at_a_sentence_end": ends,
             "end_reasons": reasons,
+            "answer_modes": made,
             "grounding_mean": if grounded > 0 { grounding / grounded as f64 } else { 0.0 },
             "words_mean": words as f64 / n,
             "latency_ms": {"p50": percentile(&mut latency.clone(), 0.5), "p95": percentile(&mut latency, 0.95)},
         });
         if !json_out {
             println!(
-                "{name:<10} {} answers ({} failed): repeated 4-grams {:.3} (max x{}, {} answers over x2), ends at a sentence end {}/{}, end reasons {:?}, grounding {:.3}, {:.0} words, latency p50 {:.0} ms p95 {:.0} ms",
+                "{name:<10} {} answers ({} failed): repeated 4-grams {:.3} (max x{}, {} answers over x2), ends at a sentence end {}/{}, end reasons {:?}, made by {:?}, grounding {:.3}, {:.0} words, latency p50 {:.0} ms p95 {:.0} ms",
                 row["answers"], failed, row["repeated_4gram_share"].as_f64().unwrap_or(0.0),
-                rep_max, over_twice, ends, ids.len() - failed, reasons,
+                rep_max, over_twice, ends, ids.len() - failed, reasons, made,
                 row["grounding_mean"].as_f64().unwrap_or(0.0), row["words_mean"].as_f64().unwrap_or(0.0),
                 row["latency_ms"]["p50"].as_f64().unwrap_or(0.0), row["latency_ms"]["p95"].as_f64().unwrap_or(0.0),
             );

@@ -205,12 +205,14 @@ fn a_generated_answer_reports_its_grounding_and_end_reason() {
             &["coordinator", "embedder", "shard", "generator"],
             &["shard"],
         ],
-        GEN,
+        &format!("{GEN}min_grounding = 0.0\n"),
     );
     let p = c.corpus_path();
     c.json(&["ingest", "--json", p.to_str().unwrap()]);
+    // auto (the default) with no grounding bar keeps the generated answer
     let a = ask_json(&c, &["--max-tokens", "24", "What causes ocean tides?"]);
     assert_eq!(a["answer_mode"], "generate", "{a}");
+    assert!(a["fallback"].is_null(), "{a}");
     assert!(
         ["stop", "length"].contains(&a["end_reason"].as_str().unwrap()),
         "{a}"
@@ -221,9 +223,49 @@ fn a_generated_answer_reports_its_grounding_and_end_reason() {
     let score = g["score"].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&score), "{a}");
     // the text output shows it
-    let (ok, out, err) = c.cli(&["ask", "--max-tokens", "24", "What causes ocean tides?"]);
+    let (ok, out, err) = c.cli(&[
+        "ask",
+        "--answer-mode",
+        "generate",
+        "--max-tokens",
+        "24",
+        "What causes ocean tides?",
+    ]);
     assert!(ok, "{err}");
     assert!(out.contains("grounding: "), "{out}");
+}
+
+#[test]
+fn auto_answers_replace_a_weakly_grounded_generated_answer_with_quoted_sources() {
+    let _g = serial();
+    // a grounding bar no generated answer of 24 tokens reaches
+    let c = Cluster::start(
+        &[
+            &["coordinator", "embedder", "shard", "generator"],
+            &["shard"],
+        ],
+        &format!("{GEN}min_grounding = 0.99\n"),
+    );
+    let p = c.corpus_path();
+    c.json(&["ingest", "--json", p.to_str().unwrap()]);
+    let q = "What causes ocean tides?";
+    let g = ask_json(&c, &["--answer-mode", "generate", "--max-tokens", "24", q]);
+    let generated = g["grounding"]["score"].as_f64().unwrap();
+    assert!(
+        generated < 0.99,
+        "a 24-token generated answer was grounded at {generated}: {g}"
+    );
+    let a = ask_json(&c, &["--max-tokens", "24", q]);
+    assert_eq!(a["answer_mode"], "extractive", "{a}");
+    let why = a["fallback"].as_str().unwrap();
+    assert!(why.contains("below generator.min_grounding 0.99"), "{a}");
+    assert!(a["answer"].as_str().unwrap().contains("[tides]"), "{a}");
+    let quoted = a["grounding"]["score"].as_f64().unwrap();
+    assert!(quoted > generated, "{a} vs generated {g}");
+    // the text output says why the answer is quoted
+    let (ok, out, err) = c.cli(&["ask", "--max-tokens", "24", q]);
+    assert!(ok, "{err}");
+    assert!(out.contains("since the generated answer's grounding"), "{out}");
 }
 
 #[test]
@@ -253,8 +295,15 @@ fn eval_answers_reports_repetition_endings_and_grounding_per_answer_mode() {
         "--queries",
         q.to_str().unwrap(),
     ]);
-    for mode in ["generate", "extractive"] {
+    for mode in ["generate", "extractive", "auto"] {
         let m = &r[mode];
+        let made: u64 = m["answer_modes"]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|v| v.as_u64().unwrap())
+            .sum();
+        assert_eq!(made, 2, "{r}");
         assert_eq!(m["answers"], 2, "{r}");
         assert_eq!(m["failed"], 0, "{r}");
         let reasons: u64 = m["end_reasons"]

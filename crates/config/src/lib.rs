@@ -274,8 +274,12 @@ pub struct GeneratorConfig {
     /// Default size of n-grams an answer may not repeat (0: off).
     pub no_repeat_ngram: u32,
     /// How answers are made unless a request says: `generate`, `extractive` (the sources'
-    /// sentences closest to the question), or `auto` (extractive when no generator can answer).
+    /// sentences closest to the question), or `auto` (generated, checked against its sources,
+    /// and extractive when no generator can answer or the generated answer's grounding is below
+    /// `min_grounding`).
     pub answer_mode: ragfleet_proto::AnswerMode,
+    /// The grounding score (0..=1) below which an `auto` answer is replaced by an extractive one.
+    pub min_grounding: f32,
 }
 
 impl Default for GeneratorConfig {
@@ -291,6 +295,7 @@ impl Default for GeneratorConfig {
             presence_penalty: 0.0,
             no_repeat_ngram: 4,
             answer_mode: ragfleet_proto::AnswerMode::Auto,
+            min_grounding: 0.6,
         }
     }
 }
@@ -660,6 +665,12 @@ impl ClusterConfig {
             return Err(invalid(
                 "generator.no_repeat_ngram",
                 "must be 0 (off) or 2 to 16",
+            ));
+        }
+        if !(0.0..=1.0).contains(&g.min_grounding) {
+            return Err(invalid(
+                "generator.min_grounding",
+                "must be between 0 and 1",
             ));
         }
         if self.generator.max_streams == 0 {

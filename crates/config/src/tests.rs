@@ -110,6 +110,10 @@ fn errors_name_the_field() {
             "generator.max_tokens",
         ),
         (
+            format!("{GOOD}\n[generator]\nmin_grounding = 1.5\n"),
+            "generator.min_grounding",
+        ),
+        (
             format!("{GOOD}\n[query]\nrerank_deadline_ms = 0\n"),
             "query.rerank_deadline_ms",
         ),

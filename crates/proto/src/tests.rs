@@ -194,6 +194,7 @@ fn all_responses() -> Vec<Response> {
                 rerank: Some("skipped: deadline".into()),
                 degraded: None,
                 answer_mode: "generate".into(),
+                fallback: Some("a reason".into()),
                 grounding: Some(Grounding {
                     score: 0.7,
                     sentences: vec![SentenceSupport {

@@ -428,7 +428,8 @@ pub enum AnswerMode {
     Generate,
     /// Built from the sources' sentences closest to the question, quoted with their labels.
     Extractive,
-    /// Generated, or extractive when no generator replica can answer.
+    /// Generated and checked against the sources before it is sent: extractive when no
+    /// generator replica can answer or the generated answer is weakly grounded.
     Auto,
 }
 
@@ -503,6 +504,9 @@ pub struct AskSummary {
     pub degraded: Option<String>,
     /// How the answer was made: `generate` or `extractive`.
     pub answer_mode: String,
+    /// Why an `auto` answer is extractive although a generator answered (its grounding was
+    /// below `generator.min_grounding`), or why it fell back at all; `None` otherwise.
+    pub fallback: Option<String>,
     /// How well each sentence of a generated answer is supported by its context (`None` when
     /// it could not be measured: no context, no embedder).
     pub grounding: Option<Grounding>,

@@ -122,6 +122,7 @@ pub(crate) async fn ask_task(ctx: Arc<Ctx>, question: String, opts: AskOptions, 
         rerank,
         degraded,
         answer_mode: "generate".into(),
+        fallback: None,
         grounding: None,
     };
     if mode == AnswerMode::Extractive && !unsourced {
@@ -131,6 +132,8 @@ pub(crate) async fn ask_task(ctx: Arc<Ctx>, question: String, opts: AskOptions, 
         .await;
     }
     let first_token_timeout = Duration::from_millis(cfg.generator.first_token_timeout_ms);
+    // `auto` holds the generated text back until its grounding is checked; `generate` streams
+    let live = !(mode == AnswerMode::Auto && !unsourced);
     let relayed = Mutex::new(Relayed::default());
     let replicas = ctx.candidates(groups::GENERATORS);
     let outcome = with_failover(
@@ -139,7 +142,10 @@ pub(crate) async fn ask_task(ctx: Arc<Ctx>, question: String, opts: AskOptions, 
         Budget::Until(deadline),
         |actor, _left| {
             let (req, relayed, w) = (req.clone(), &relayed, &w);
-            async move { relay(&actor, req, deadline, first_token_timeout, t0, relayed, w).await }
+            async move {
+                let sink = live.then_some(w);
+                relay(&actor, req, deadline, first_token_timeout, t0, relayed, sink).await
+            }
         },
     )
     .await;
@@ -164,6 +170,7 @@ pub(crate) async fn ask_task(ctx: Arc<Ctx>, question: String, opts: AskOptions, 
             );
             if mode == AnswerMode::Auto && !unsourced {
                 warn!(error = %e, "answering extractively");
+                summary.fallback = Some(e);
                 return finish_extractive(
                     &ctx, &question, &hits, max_tokens, deadline, summary, t0, &w,
                 )
@@ -183,7 +190,9 @@ pub(crate) async fn ask_task(ctx: Arc<Ctx>, question: String, opts: AskOptions, 
                 }
             };
             answer.push_str(marker);
-            w.push(marker, 0);
+            if live {
+                w.push(marker, 0);
+            }
             (true, Some(reason))
         }
     };
@@ -191,6 +200,30 @@ pub(crate) async fn ask_task(ctx: Arc<Ctx>, question: String, opts: AskOptions, 
     summary.timings_ms.generate = ms(t_gen.elapsed());
     if !unsourced {
         summary.grounding = ground(&ctx, &answer, &context).await;
+    }
+    if !live {
+        // auto: a weakly grounded answer gives way to the sources' own sentences
+        let weak = summary
+            .grounding
+            .as_ref()
+            .map(|g| g.score)
+            .filter(|s| *s < cfg.generator.min_grounding);
+        if let Some(score) = weak {
+            summary.fallback = Some(format!(
+                "the generated answer's grounding {score:.2} is below generator.min_grounding {:.2}",
+                cfg.generator.min_grounding
+            ));
+            let generated = summary.clone();
+            if finish_extractive_or_not(&ctx, &question, &hits, max_tokens, deadline, summary, t0, &w)
+                .await
+            {
+                return;
+            }
+            summary = generated;
+            summary.fallback = None;
+        }
+        w.push(&answer, 0);
+        summary.timings_ms.first_token = ms(t0.elapsed());
     }
     summary.timings_ms.total = ms(t0.elapsed());
     summary.answer = answer;
@@ -209,15 +242,32 @@ async fn finish_extractive(
     hits: &[ragfleet_proto::Hit],
     max_tokens: u32,
     deadline: Instant,
-    mut summary: AskSummary,
+    summary: AskSummary,
     t0: Instant,
     w: &StreamWriter,
 ) {
+    if !finish_extractive_or_not(ctx, question, hits, max_tokens, deadline, summary, t0, w).await {
+        w.fail("no sentence of the sources could be quoted (no embedder answered)".into());
+    }
+}
+
+/// [`finish_extractive`], or `false` (nothing sent) when nothing could be quoted.
+#[allow(clippy::too_many_arguments)]
+async fn finish_extractive_or_not(
+    ctx: &Ctx,
+    question: &str,
+    hits: &[ragfleet_proto::Hit],
+    max_tokens: u32,
+    deadline: Instant,
+    mut summary: AskSummary,
+    t0: Instant,
+    w: &StreamWriter,
+) -> bool {
     let t_gen = Instant::now();
     let Some((text, sources, grounded)) =
         extractive(ctx, question, hits, max_tokens as usize, deadline).await
     else {
-        return w.fail("no sentence of the sources could be quoted (no embedder answered)".into());
+        return false;
     };
     w.push(&text, 0);
     let t = &mut summary.timings_ms;
@@ -229,6 +279,7 @@ async fn finish_extractive(
     summary.sources = sources;
     summary.answer_mode = "extractive".into();
     w.finish(Some(summary));
+    true
 }
 
 /// One replica's attempt: start a stream and relay it until it ends. `Err` (fail over to the
@@ -240,7 +291,7 @@ async fn relay(
     first_token_timeout: Duration,
     t0: Instant,
     relayed: &Mutex<Relayed>,
-    w: &StreamWriter,
+    w: Option<&StreamWriter>,
 ) -> Result<End, CallError> {
     let left = deadline.saturating_duration_since(Instant::now());
     let stream = match call_typed(actor, req, left.min(first_token_timeout)).await {
@@ -269,7 +320,9 @@ async fn relay(
                     let mut r = relayed.lock().expect("relay");
                     r.first_token.get_or_insert_with(|| t0.elapsed());
                     r.answer.push_str(&c.text);
-                    w.push(&c.text, c.tokens);
+                    if let Some(w) = w {
+                        w.push(&c.text, c.tokens);
+                    }
                 }
                 if c.done {
                     return Ok(End::Complete(c.end.unwrap_or_else(|| "stop".into())));

@@ -194,7 +194,7 @@ pub(crate) enum Cmd {
         #[arg(long, required_unless_present = "answers")]
         qrels: Option<PathBuf>,
         /// Evaluate answers instead of retrieval: repetition, end reasons, grounding, length
-        /// and latency per answer mode (generate, extractive) over the queries.
+        /// and latency per answer mode (generate, extractive, auto) over the queries.
         #[arg(long)]
         answers: bool,
         /// With --answers: answer length limit in tokens.

@@ -97,6 +97,7 @@ pub(crate) async fn run(cli: Cli) -> Result<()> {
                     ..Default::default()
                 },
                 answer_mode,
+                ..Default::default()
             };
             demo::ask_and_print(&client, &q, options, json).await
         }

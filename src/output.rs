@@ -34,12 +34,4 @@ pub(crate) fn print_coverage(c: &ragfleet_proto::Coverage) {
     println!();
 }
 
-pub(crate) fn retrieval_json(r: &RetrieveResult) -> serde_json::Value {
-    serde_json::json!({
-        "hits": r.hits,
-        "coverage": r.coverage,
-        "timings_ms": {"embed": r.timings_ms.embed, "search": r.timings_ms.search, "rerank": r.timings_ms.rerank, "total": r.timings_ms.total},
-        "rerank": r.rerank,
-        "degraded": r.degraded,
-    })
-}
+pub(crate) use ragfleet_gateway::retrieval_json;

@@ -56,6 +56,8 @@ pub struct Cluster {
     pub config: PathBuf,
     pub models: PathBuf,
     pub nodes: Vec<(String, Option<Child>)>,
+    /// (node, HTTP gateway address) of every coordinator node.
+    pub http: Vec<(String, String)>,
 }
 
 pub struct Spec {
@@ -85,6 +87,7 @@ impl Cluster {
         let mut text = String::from(
             "version = 1\nname = \"test\"\ncookie = \"test-cookie-123\"\ndata_dir = \"data\"\n",
         );
+        let mut http = Vec::new();
         for (i, r) in roles.iter().enumerate() {
             let roles: Vec<String> = r.iter().map(|x| format!("\"{x}\"")).collect();
             text.push_str(&format!(
@@ -93,6 +96,12 @@ impl Cluster {
                 free_port(),
                 roles.join(", ")
             ));
+            if r.contains(&"coordinator") {
+                // every coordinator node serves the HTTP gateway
+                let addr = format!("127.0.0.1:{}", free_port());
+                text.push_str(&format!("http_addr = \"{addr}\"\n"));
+                http.push((format!("n{}", i + 1), addr));
+            }
         }
         // `index.KEY = VALUE` and `query.KEY = VALUE` lines of `extra` go into [index] and
         // [query]; the rest is appended
@@ -124,6 +133,7 @@ impl Cluster {
             config,
             models,
             nodes: Vec::new(),
+            http,
         };
         for i in 0..roles.len() {
             let name = format!("n{}", i + 1);
@@ -132,6 +142,12 @@ impl Cluster {
         }
         c.wait_all_alive();
         c
+    }
+
+    /// `http://ADDR` of a node's HTTP gateway.
+    pub fn http_url(&self, node: &str) -> String {
+        let addr = &self.http.iter().find(|(n, _)| n == node).expect("a coordinator node").1;
+        format!("http://{addr}")
     }
 
     pub fn spawn_node(&self, name: &str) -> Child {

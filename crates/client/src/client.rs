@@ -87,6 +87,9 @@ pub struct Client {
     redial: Option<tokio::task::JoinHandle<()>>,
     watch: Option<tokio::task::JoinHandle<()>>,
     suspects: Suspects,
+    /// Inside a node (the HTTP gateway): the node's own transport, which the client must not
+    /// stop, and its coordinators first.
+    in_node: bool,
 }
 
 /// Coordinators that did not answer a heartbeat within `failure.suspect_after_ms`: a frozen
@@ -161,6 +164,10 @@ async fn dial(server: &ActorRef<NodeServerMessage>, cfg: &ClusterConfig) {
     }
 }
 
+fn preferred_is_none(current: &Mutex<Option<ActorRef<RoleMsg>>>) -> bool {
+    current.lock().expect("client").is_none()
+}
+
 fn coordinators() -> Vec<ActorRef<RoleMsg>> {
     let mut v: Vec<ActorRef<RoleMsg>> = ractor::pg::get_members(&groups::COORDINATORS.to_string())
         .into_iter()
@@ -189,6 +196,7 @@ impl Client {
             redial: None,
             watch: None,
             suspects: Suspects::default(),
+            in_node: false,
         };
         client.dial().await;
         let start = Instant::now();
@@ -224,8 +232,36 @@ impl Client {
         Ok(client)
     }
 
+    /// A client inside a running node (the HTTP gateway): it uses the node's own transport
+    /// (whose sessions the node keeps open), prefers the coordinators of this process and fails
+    /// over to the others like any client. Coordinators need not be visible yet.
+    pub fn attach(cfg: Arc<ClusterConfig>, server: ActorRef<NodeServerMessage>) -> Client {
+        let suspects = Suspects::default();
+        let watch = tokio::spawn(watch_coordinators(
+            suspects.clone(),
+            Duration::from_millis(cfg.failure.heartbeat_ms),
+            Duration::from_millis(cfg.failure.suspect_after_ms),
+        ));
+        Client {
+            cfg,
+            server,
+            current: Mutex::new(None),
+            redial: None,
+            watch: Some(watch),
+            suspects,
+            in_node: true,
+        }
+    }
+
+    /// The cluster this client talks to.
+    pub fn config(&self) -> &ClusterConfig {
+        &self.cfg
+    }
+
     async fn dial(&self) {
-        dial(&self.server, &self.cfg).await;
+        if !self.in_node {
+            dial(&self.server, &self.cfg).await;
+        }
     }
 
     /// Calls a coordinator, failing over to another one while `timeout` allows.
@@ -246,6 +282,10 @@ impl Client {
                 cands.insert(0, p);
             }
             cands.retain(|c| !tried.contains(&c.get_id()));
+            if self.in_node && preferred_is_none(&self.current) {
+                // inside a node: this process's coordinators first
+                cands.sort_by_key(|c| !c.get_id().is_local());
+            }
             // suspected coordinators last (all may be: then they are tried anyway)
             cands.sort_by_key(|c| self.suspects.has(c.get_id()));
             let Some(c) = cands.into_iter().next() else {
@@ -384,12 +424,24 @@ impl Client {
             .collect()
     }
 
-    /// Leaves the cluster.
+    /// Leaves the cluster (a client inside a node leaves the node's transport running).
     pub fn close(mut self) {
         if let Some(t) = self.redial.take() {
             t.abort();
         }
-        self.server.stop(None);
+        if !self.in_node {
+            self.server.stop(None);
+        }
+    }
+
+    /// Embeds texts with the cluster's embedding model (through a coordinator, which fails
+    /// over between embedder replicas).
+    pub async fn embed(
+        &self,
+        texts: Vec<String>,
+    ) -> Result<(ragfleet_proto::ModelIdentity, Vec<Vec<f32>>), ClientError> {
+        let t = Duration::from_millis(self.cfg.query.deadline_ms) + Duration::from_secs(5);
+        self.request(typed::Embed { texts }, t).await
     }
 }
 
@@ -444,6 +496,22 @@ pub struct AskStream {
     stream: u64,
     done: bool,
     suspects: Suspects,
+}
+
+impl Drop for AskStream {
+    /// An answer abandoned before its end (a client that went away) is cancelled: the
+    /// coordinator stops relaying it and cancels the generator's stream.
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let (c, stream) = (self.coordinator.clone(), self.stream);
+            rt.spawn(async move {
+                let _ = call_typed(&c, typed::Cancel { stream }, Duration::from_secs(2)).await;
+            });
+        }
+    }
 }
 
 impl AskStream {

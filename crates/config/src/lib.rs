@@ -78,6 +78,9 @@ pub struct NodeConfig {
     /// Embedder replicas on this node (default 1 when the role is present).
     #[serde(default = "one")]
     pub embedder_replicas: u32,
+    /// host:port of the node's HTTP gateway (coordinator nodes only; none: no gateway).
+    #[serde(default)]
+    pub http_addr: Option<String>,
 }
 
 fn one() -> u32 {
@@ -381,6 +384,48 @@ pub struct ClusterConfig {
     /// Supervision.
     #[serde(default)]
     pub supervision: SupervisionConfig,
+    /// The HTTP gateway of coordinator nodes.
+    #[serde(default)]
+    pub http: HttpConfig,
+}
+
+/// `[http]`: the HTTP gateway (`http_addr` of a coordinator node turns it on).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Bearer tokens accepted by the API (with those of the environment variable
+    /// `api_keys_env`); none at all: the API is open.
+    pub api_keys: Vec<String>,
+    /// Environment variable holding more API keys, comma-separated.
+    pub api_keys_env: String,
+    /// Largest request body in bytes (413 past it).
+    pub max_body_bytes: usize,
+    /// Documents one `POST /v1/documents` may carry.
+    pub max_documents: usize,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            api_keys: Vec::new(),
+            api_keys_env: "RAGFLEET_API_KEYS".into(),
+            max_body_bytes: 8 << 20,
+            max_documents: 1000,
+        }
+    }
+}
+
+impl HttpConfig {
+    /// Every accepted key: the file's and the environment's (blank entries dropped).
+    pub fn keys(&self) -> Vec<String> {
+        let env = std::env::var(&self.api_keys_env).unwrap_or_default();
+        self.api_keys
+            .iter()
+            .cloned()
+            .chain(env.split(',').map(|k| k.trim().to_string()))
+            .filter(|k| !k.is_empty())
+            .collect()
+    }
 }
 
 fn default_data_dir() -> PathBuf {
@@ -491,6 +536,23 @@ impl ClusterConfig {
             }
             if n.has(NodeRole::Embedder) && (n.embedder_replicas == 0 || n.embedder_replicas > 16) {
                 return Err(invalid(f("embedder_replicas"), "must be between 1 and 16"));
+            }
+            if let Some(h) = &n.http_addr {
+                let http: SocketAddr = h.parse().map_err(|_| {
+                    invalid(
+                        f("http_addr"),
+                        format!("{h:?} is not host:port (an IP address and a port)"),
+                    )
+                })?;
+                if !n.has(NodeRole::Coordinator) {
+                    return Err(invalid(
+                        f("http_addr"),
+                        "only a node with the coordinator role serves HTTP",
+                    ));
+                }
+                if !addrs.insert(http) {
+                    return Err(invalid(f("http_addr"), format!("duplicate address {h}")));
+                }
             }
         }
         for role in [NodeRole::Coordinator, NodeRole::Embedder, NodeRole::Shard] {
@@ -678,6 +740,16 @@ impl ClusterConfig {
         }
         if self.generator.context_tokens < 64 {
             return Err(invalid("generator.context_tokens", "must be at least 64"));
+        }
+        let h = &self.http;
+        if h.max_body_bytes < 1024 || h.max_body_bytes > 256 << 20 {
+            return Err(invalid("http.max_body_bytes", "must be between 1 KiB and 256 MiB"));
+        }
+        if h.max_documents == 0 {
+            return Err(invalid("http.max_documents", "must be positive"));
+        }
+        if h.api_keys.iter().any(|k| k.len() < 16) {
+            return Err(invalid("http.api_keys", "every key must be at least 16 characters"));
         }
         let fl = &self.failure;
         if fl.heartbeat_ms == 0 || fl.suspect_after_ms <= fl.heartbeat_ms {

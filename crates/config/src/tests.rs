@@ -110,6 +110,26 @@ fn errors_name_the_field() {
             "generator.max_tokens",
         ),
         (
+            GOOD.replace("\"embedder\", \"shard\"]", "\"embedder\", \"shard\"]\nhttp_addr = \"nowhere\""),
+            "node[0].http_addr",
+        ),
+        (
+            GOOD.replace("\"shard\", \"reranker\"]", "\"shard\", \"reranker\"]\nhttp_addr = \"127.0.0.1:8101\""),
+            "node[1].http_addr",
+        ),
+        (
+            GOOD.replace("[\"shard\", \"coordinator\"]", "[\"shard\", \"coordinator\"]\nhttp_addr = \"127.0.0.1:7001\""),
+            "node[2].http_addr",
+        ),
+        (
+            format!("{GOOD}\n[http]\napi_keys = [\"short\"]\n"),
+            "http.api_keys",
+        ),
+        (
+            format!("{GOOD}\n[http]\nmax_body_bytes = 10\n"),
+            "http.max_body_bytes",
+        ),
+        (
             format!("{GOOD}\n[generator]\nmin_grounding = 1.5\n"),
             "generator.min_grounding",
         ),

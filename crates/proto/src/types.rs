@@ -418,6 +418,11 @@ pub struct AskOptions {
     pub sampling: Sampling,
     /// How to answer (the cluster's `generator.answer_mode` when `None`).
     pub answer_mode: Option<AnswerMode>,
+    /// Answer without retrieval (the model alone; no coverage is claimed).
+    pub skip_retrieval: bool,
+    /// The client's own system prompt: it replaces ragfleet's when retrieval is skipped and
+    /// follows it otherwise.
+    pub system: Option<String>,
 }
 
 /// How an answer is made.

@@ -48,6 +48,9 @@ pub enum RuntimeError {
         /// Cause.
         reason: String,
     },
+    /// The HTTP gateway could not start.
+    #[error(transparent)]
+    Gateway(#[from] ragfleet_gateway::GatewayError),
     /// A model could not be loaded.
     #[error("cannot load model: {0}")]
     Model(String),

@@ -46,6 +46,8 @@ pub struct NodeHandle {
     tasks: Vec<tokio::task::JoinHandle<()>>,
     /// The node's failure detector.
     pub health: Arc<Health>,
+    /// The HTTP gateway, when the node has an `http_addr`.
+    gateway: Option<ragfleet_gateway::Gateway>,
 }
 
 impl NodeHandle {
@@ -54,8 +56,16 @@ impl NodeHandle {
         let _ = (&mut self.root_join).await;
     }
 
-    /// Stops everything.
-    pub async fn shutdown(self) {
+    /// Where the HTTP gateway listens, if the node serves one.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.gateway.as_ref().map(|g| g.local_addr())
+    }
+
+    /// Stops everything (the HTTP gateway first, letting its requests finish).
+    pub async fn shutdown(mut self) {
+        if let Some(g) = self.gateway.take() {
+            g.shutdown().await;
+        }
         for t in &self.tasks {
             t.abort();
         }
@@ -360,6 +370,13 @@ pub async fn start_node(
             reason: e.to_string(),
         })?;
     info!(node = name, addr = %addr, roles = ?me.roles, embedded = opts.embedded, "node started");
+    let gateway = match &me.http_addr {
+        Some(http) => {
+            let client = Arc::new(ragfleet_client::Client::attach(cfg.clone(), server.clone()));
+            Some(ragfleet_gateway::serve(cfg.clone(), client, http).await?)
+        }
+        None => None,
+    };
     let root_join = tokio::spawn(async move {
         if root_join.await.is_err() {
             error!("root supervisor task failed");
@@ -372,5 +389,6 @@ pub async fn start_node(
         root_join,
         tasks,
         health,
+        gateway,
     })
 }

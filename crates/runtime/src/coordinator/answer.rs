@@ -8,9 +8,10 @@ use ragfleet_client::groups;
 use ragfleet_client::typed::Embed;
 use ragfleet_index::chunk::sentences;
 use ragfleet_index::ranking::{extract, grounding};
-use ragfleet_proto::{Grounding, Hit, Source};
+use ragfleet_proto::{Grounding, Hit, Response, Source, WireError};
 
-use super::replicas::{call_replicas, Budget};
+use super::replicas::{call_replicas, Budget, Failed};
+use super::retrieve::validate_text;
 use super::Ctx;
 
 /// Sentences of the sources an extractive answer picks from.
@@ -26,6 +27,40 @@ fn sentences_of(text: &str) -> Vec<String> {
         .filter(|s| s.chars().filter(|c| c.is_alphanumeric()).count() >= 3)
         .collect()
 }
+
+/// A client's `Embed` request (the HTTP gateway's `/v1/embeddings`): validated, then embedded
+/// on an embedder replica within the query deadline, failing over between replicas.
+pub(crate) async fn embed_request(ctx: &Ctx, texts: Vec<String>) -> Response {
+    let cfg = ctx.cfg();
+    if texts.is_empty() {
+        return Response::Error(WireError::BadRequest("no texts to embed".into()));
+    }
+    if texts.len() > MAX_EMBED_TEXTS {
+        return Response::Error(WireError::BadRequest(format!(
+            "{} texts exceed the limit of {MAX_EMBED_TEXTS} a request",
+            texts.len()
+        )));
+    }
+    for t in &texts {
+        if let Err(e) = validate_text(t, cfg.query.max_query_bytes, "text") {
+            return Response::Error(e);
+        }
+    }
+    let deadline = Instant::now() + Duration::from_millis(cfg.query.deadline_ms);
+    let replicas = ctx.candidates(groups::EMBEDDERS);
+    match call_replicas(&ctx.args.health, replicas, Embed { texts }, Budget::Split(deadline)).await
+    {
+        Ok((model, vectors)) => Response::Embeddings { model, vectors },
+        Err(Failed::Deadline) => Response::Error(WireError::Deadline),
+        Err(f) => Response::Error(WireError::Unavailable(format!(
+            "no embedder replica could answer: {}",
+            f.reason("no embedder replica is reachable")
+        ))),
+    }
+}
+
+/// Texts one `Embed` request of a client may carry.
+pub(crate) const MAX_EMBED_TEXTS: usize = 2048;
 
 async fn embed(ctx: &Ctx, texts: Vec<String>, deadline: Instant) -> Option<Vec<Vec<f32>>> {
     let n = texts.len();

@@ -30,6 +30,8 @@ enum End {
     Deadline,
     /// The replica failed mid-answer.
     Failed(String),
+    /// The client abandoned the answer; the generator's stream was cancelled.
+    Cancelled,
 }
 
 /// What the relay has produced so far (shared by the attempts, which run one after another).
@@ -48,8 +50,29 @@ pub(crate) async fn ask_task(ctx: Arc<Ctx>, question: String, opts: AskOptions, 
         .max_tokens
         .unwrap_or(cfg.generator.max_tokens)
         .clamp(1, 2048);
+    if let Some(s) = &opts.system {
+        if s.len() > cfg.query.max_query_bytes {
+            return w.fail(format!(
+                "system prompt of {} bytes exceeds the limit of {} bytes (query.max_query_bytes)",
+                s.len(),
+                cfg.query.max_query_bytes
+            ));
+        }
+    }
+    let skip = opts.skip_retrieval;
+    let retrieved = if skip {
+        Ok(ragfleet_proto::RetrieveResult {
+            hits: Vec::new(),
+            coverage: Coverage::default(),
+            timings_ms: Timings::default(),
+            rerank: None,
+            degraded: None,
+        })
+    } else {
+        retrieve(ctx.clone(), question.clone(), opts.retrieve.clone()).await
+    };
     let (hits, coverage, timings, rerank, degraded) =
-        match retrieve(ctx.clone(), question.clone(), opts.retrieve.clone()).await {
+        match retrieved {
             Ok(r) => (r.hits, r.coverage, r.timings_ms, r.rerank, r.degraded),
             Err(e @ WireError::BadRequest(_)) => return w.fail(e.to_string()),
             Err(e) => {
@@ -70,26 +93,30 @@ pub(crate) async fn ask_task(ctx: Arc<Ctx>, question: String, opts: AskOptions, 
     let unsourced = coverage.shards_answered == 0 || hits.is_empty();
     let mode = opts.answer_mode.unwrap_or(cfg.generator.answer_mode);
     let hits = Arc::new(hits);
-    if unsourced && cfg.generator.on_no_coverage == NoCoverage::Refuse {
+    if unsourced && !skip && cfg.generator.on_no_coverage == NoCoverage::Refuse {
         return w.fail("no shard answered and generator.on_no_coverage = \"refuse\"".into());
     }
     // tokenising the passages is CPU work: off the async runtime's threads
-    let (c2, q2, h2, context_tokens) = (
+    let (c2, q2, h2, context_tokens, s2) = (
         ctx.clone(),
         question.clone(),
         hits.clone(),
         cfg.generator.context_tokens as usize,
+        opts.system.clone().unwrap_or_default(),
     );
     let assembled = tokio::task::spawn_blocking(move || {
         let count = |t: &str| c2.count_tokens(t);
-        let reserve = max_tokens as usize + count(&q2) + count(SYSTEM_PROMPT) + 48;
+        let reserve =
+            max_tokens as usize + count(&q2) + count(SYSTEM_PROMPT) + count(&s2) + 48;
         assemble_context(&h2, context_tokens.saturating_sub(reserve), &count)
     })
     .await;
     let Ok((context, sources)) = assembled else {
         return w.fail("context assembly failed".into());
     };
-    let user = if unsourced {
+    let user = if skip {
+        question.clone()
+    } else if unsourced {
         format!("No passages are available. Answer from general knowledge, briefly.\n\nQuestion: {question}")
     } else {
         format!("Passages:\n\n{context}Question: {question}")
@@ -101,9 +128,14 @@ pub(crate) async fn ask_task(ctx: Arc<Ctx>, question: String, opts: AskOptions, 
     sampling.frequency_penalty = sampling.frequency_penalty.or(Some(g.frequency_penalty));
     sampling.presence_penalty = sampling.presence_penalty.or(Some(g.presence_penalty));
     sampling.no_repeat_ngram = sampling.no_repeat_ngram.or(Some(g.no_repeat_ngram));
+    let system = match (&opts.system, skip) {
+        (Some(s), true) => s.clone(),
+        (Some(s), false) => format!("{SYSTEM_PROMPT}\n{s}"),
+        (None, _) => SYSTEM_PROMPT.into(),
+    };
     let req = Generate {
         request: GenerationRequest {
-            system: SYSTEM_PROMPT.into(),
+            system,
             user,
             max_tokens,
             sampling,
@@ -144,7 +176,7 @@ pub(crate) async fn ask_task(ctx: Arc<Ctx>, question: String, opts: AskOptions, 
             let (req, relayed, w) = (req.clone(), &relayed, &w);
             async move {
                 let sink = live.then_some(w);
-                relay(&actor, req, deadline, first_token_timeout, t0, relayed, sink).await
+                relay(&actor, req, deadline, first_token_timeout, t0, relayed, sink, w).await
             }
         },
     )
@@ -153,6 +185,9 @@ pub(crate) async fn ask_task(ctx: Arc<Ctx>, question: String, opts: AskOptions, 
         mut answer,
         first_token,
     } = relayed.into_inner().unwrap_or_else(|e| e.into_inner());
+    if matches!(outcome, Ok(End::Cancelled)) {
+        return; // nobody is listening
+    }
     let end_reason = match &outcome {
         Ok(End::Complete(r)) => r.clone(),
         Ok(End::Failed(_)) => "error".into(),
@@ -160,7 +195,9 @@ pub(crate) async fn ask_task(ctx: Arc<Ctx>, question: String, opts: AskOptions, 
     };
     let cut = match outcome {
         Ok(End::Complete(_)) => None,
-        Ok(End::Deadline) | Err(Failed::Deadline) => Some(("deadline".to_string(), None)),
+        Ok(End::Deadline | End::Cancelled) | Err(Failed::Deadline) => {
+            Some(("deadline".to_string(), None))
+        }
         Ok(End::Failed(e)) => Some((format!("error: {e}"), Some(e))),
         Err(f) => {
             // no replica produced a token: nothing to relay
@@ -284,6 +321,9 @@ async fn finish_extractive_or_not(
 
 /// One replica's attempt: start a stream and relay it until it ends. `Err` (fail over to the
 /// next replica) only while no token has been relayed; after that the outcome is an [`End`].
+/// Tokens go to `sink` (none while an `auto` answer is held back); `client` tells whether the
+/// client abandoned the answer.
+#[allow(clippy::too_many_arguments)]
 async fn relay(
     actor: &ractor::ActorRef<ragfleet_client::RoleMsg>,
     req: Generate,
@@ -291,7 +331,8 @@ async fn relay(
     first_token_timeout: Duration,
     t0: Instant,
     relayed: &Mutex<Relayed>,
-    w: Option<&StreamWriter>,
+    sink: Option<&StreamWriter>,
+    client: &StreamWriter,
 ) -> Result<End, CallError> {
     let left = deadline.saturating_duration_since(Instant::now());
     let stream = match call_typed(actor, req, left.min(first_token_timeout)).await {
@@ -304,8 +345,13 @@ async fn relay(
     let started = Instant::now();
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
+        let client_gone = client.is_cancelled();
+        if left.is_zero() || client_gone {
             let _ = call_typed(actor, Cancel { stream }, Duration::from_millis(500)).await;
+            if client_gone {
+                tracing::info!("the client went away: generation cancelled");
+                return Ok(End::Cancelled);
+            }
             return Ok(End::Deadline);
         }
         let wait = left.min(Duration::from_millis(250));
@@ -320,7 +366,7 @@ async fn relay(
                     let mut r = relayed.lock().expect("relay");
                     r.first_token.get_or_insert_with(|| t0.elapsed());
                     r.answer.push_str(&c.text);
-                    if let Some(w) = w {
+                    if let Some(w) = sink {
                         w.push(&c.text, c.tokens);
                     }
                 }

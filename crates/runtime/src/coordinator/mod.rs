@@ -158,6 +158,16 @@ impl Actor for CoordinatorActor {
                 tokio::spawn(ask::ask_task(ctx, question, options, w));
                 reply(port, Response::StreamStarted { stream: id });
             }
+            Request::Embed { texts } => {
+                tokio::spawn(async move { reply(port, answer::embed_request(&ctx, texts).await) });
+            }
+            Request::Cancel { stream } => {
+                // the client went away: the answer's relay sees it and cancels its generator
+                if ctx.streams.cancel(stream) {
+                    info!(stream, "answer cancelled by its client");
+                }
+                reply(port, Response::Ack);
+            }
             Request::StreamNext { stream, wait_ms } => {
                 tokio::spawn(async move {
                     reply(port, next_response(&ctx.streams, stream, wait_ms).await)

@@ -112,6 +112,12 @@ pub(crate) enum Cmd {
         /// Answer length limit.
         #[arg(long, default_value_t = 96)]
         max_tokens: u32,
+        /// After the answers, keep the cluster and its HTTP API up until Ctrl-C.
+        #[arg(long)]
+        serve: bool,
+        /// The HTTP API's address (a free port when it is taken).
+        #[arg(long, default_value = "127.0.0.1:8101")]
+        http: String,
     },
     /// Retrieve passages for a query.
     Retrieve {

@@ -43,6 +43,8 @@ pub(crate) async fn run(cli: Cli) -> Result<()> {
             data_dir,
             models,
             max_tokens,
+            serve,
+            http,
         } => {
             init_logs("warn,ractor_cluster=error");
             demo::run(
@@ -50,6 +52,7 @@ pub(crate) async fn run(cli: Cli) -> Result<()> {
                 models_dir(&models),
                 question.join(" "),
                 max_tokens,
+                demo::Serve { keep: serve, http },
             )
             .await
         }

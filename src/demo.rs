@@ -231,8 +231,25 @@ fn free_port() -> Result<u16> {
         .port())
 }
 
-/// The embedded cluster's configuration: two logical nodes in one process.
-pub fn demo_config(data_dir: &Path, models: &Path) -> Result<ClusterConfig> {
+/// How the demo serves HTTP.
+pub struct Serve {
+    /// Keep running after the answers, until Ctrl-C.
+    pub keep: bool,
+    /// The gateway's address, when free (else a free port).
+    pub http: String,
+}
+
+/// `addr` when it can be bound now, else a free loopback port.
+fn free_or_any(addr: &str) -> Result<String> {
+    match std::net::TcpListener::bind(addr) {
+        Ok(_) => Ok(addr.to_string()),
+        Err(_) => Ok(format!("127.0.0.1:{}", free_port()?)),
+    }
+}
+
+/// The embedded cluster's configuration: two logical nodes in one process, the first serving
+/// the HTTP API on `http`.
+pub fn demo_config(data_dir: &Path, models: &Path, http: &str) -> Result<ClusterConfig> {
     let (p1, p2) = (free_port()?, free_port()?);
     let text = format!(
         r#"
@@ -243,6 +260,7 @@ cookie = "ragfleet-demo-cookie-{}"
 name = "a"
 addr = "127.0.0.1:{p1}"
 roles = ["coordinator", "embedder", "shard", "generator"]
+http_addr = "{http}"
 [[node]]
 name = "b"
 addr = "127.0.0.1:{p2}"
@@ -276,6 +294,7 @@ pub async fn run(
     models: PathBuf,
     question: String,
     max_tokens: u32,
+    serve: Serve,
 ) -> Result<()> {
     if !ragfleet_models::fetch::models_present(&models) {
         println!("fetching models into {} ...", models.display());
@@ -301,7 +320,7 @@ pub async fn run(
     }
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("cannot create {}", data_dir.display()))?;
-    let cfg = Arc::new(demo_config(&data_dir, &models)?);
+    let cfg = Arc::new(demo_config(&data_dir, &models, &free_or_any(&serve.http)?)?);
     let t0 = Instant::now();
     println!("starting an embedded cluster: 2 embedder replicas, 4 shards x 2 replicas, a reranker, a generator, a coordinator");
     let loader = Arc::new(ModelFiles::new(models.clone()));
@@ -310,6 +329,12 @@ pub async fn run(
             .await?;
     let client = Client::connect(cfg.clone(), Duration::from_secs(30)).await?;
     println!("cluster up in {:.1} s", t0.elapsed().as_secs_f64());
+    if let Some(http) = node.http_addr() {
+        println!("HTTP API (OpenAI-compatible) on http://{http}{}:", if serve.keep { "" } else { " while the demo runs (--serve keeps it up)" });
+        println!(
+            "  curl -N http://{http}/v1/chat/completions -H 'content-type: application/json' \\\n    -d '{{\"messages\": [{{\"role\": \"user\", \"content\": \"What is a crate?\"}}], \"stream\": true}}'"
+        );
+    }
 
     if built.as_deref() == Some(stamp.as_str()) {
         // wait until every shard serves its recovered data
@@ -346,6 +371,12 @@ pub async fn run(
             ..Default::default()
         };
         ask_and_print(&client, &q, opts, false).await?;
+    }
+    if serve.keep {
+        if let Some(http) = node.http_addr() {
+            println!("\nserving the HTTP API on http://{http} (Ctrl-C stops)");
+        }
+        tokio::signal::ctrl_c().await?;
     }
     client.close();
     node.shutdown().await;

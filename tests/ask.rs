@@ -3,6 +3,8 @@
 //! deadline cuts the answer.
 mod common;
 
+use std::time::Duration;
+
 use common::*;
 
 const GEN: &str = "[generator]\nmax_tokens = 12\ncontext_tokens = 320\n";
@@ -233,6 +235,31 @@ fn a_generated_answer_reports_its_grounding_and_end_reason() {
     ]);
     assert!(ok, "{err}");
     assert!(out.contains("grounding: "), "{out}");
+
+    // a client killed mid-answer (no cancel is ever sent): its silence cancels the answer
+    let out_path = c.dir.path().join("vanishing.out");
+    let mut child = std::process::Command::new(bin())
+        .args(["ask", "--answer-mode", "generate", "--max-tokens", "400"])
+        .arg("Write a very long and detailed essay on the moon, the seas and the tides, with many examples.")
+        .arg("--config")
+        .arg(&c.config)
+        .arg("--models")
+        .arg(models_dir())
+        .stdout(std::fs::File::create(&out_path).unwrap())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for("the first tokens", Duration::from_secs(60), || {
+        let t = std::fs::read_to_string(&out_path).ok()?;
+        (t.split("A:").nth(1).unwrap_or(&t).trim().len() > 3).then_some(())
+    });
+    child.kill().unwrap();
+    let _ = child.wait();
+    wait_for("the cancellation", Duration::from_secs(15), || {
+        c.log("n1")
+            .contains("the client went away: generation cancelled")
+            .then_some(())
+    });
 }
 
 #[test]

@@ -522,7 +522,7 @@ impl AskStream {
         }
         let req = typed::StreamNext {
             stream: self.stream,
-            wait_ms: 2_000,
+            wait_ms: crate::ANSWER_POLL.as_millis() as u64,
         };
         let id = self.coordinator.get_id();
         let outcome = tokio::select! {

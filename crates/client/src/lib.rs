@@ -17,6 +17,10 @@ pub mod typed;
 
 pub use client::{AskStream, Client, ClientError};
 
+/// The longest a client's poll for the next piece of an answer waits: a coordinator that hears
+/// no poll for a few times this takes the client for gone and cancels the answer.
+pub const ANSWER_POLL: std::time::Duration = std::time::Duration::from_millis(500);
+
 use ractor::RpcReplyPort;
 use ractor_cluster::RactorClusterMessage;
 use ragfleet_proto::{Frame, Request, Response};

@@ -322,7 +322,7 @@ fn stream_answer(
     answered: bool,
     guard: InFlight,
 ) -> Sse<impl futures::Stream<Item = Result<Event, Infallible>>> {
-    let (tx, rx) = tokio::sync::mpsc::channel::<Event>(32);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Event>(256);
     tokio::spawn(async move {
         let _guard = guard;
         let send = |v: Value| Event::default().data(v.to_string());

@@ -32,6 +32,12 @@ impl StreamWriter {
         self.cancelled.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// How long since the consumer last polled (`None` before its first poll). A consumer
+    /// long-polls without pause while it reads, so a long silence means it went away.
+    pub fn unpolled_for(&self) -> Option<Duration> {
+        self.buf.lock().expect("stream").touched.map(|t| t.elapsed())
+    }
+
     /// Appends text.
     pub fn push(&self, text: &str, tokens: u32) {
         let mut b = self.buf.lock().expect("stream");

@@ -34,6 +34,10 @@ enum End {
     Cancelled,
 }
 
+/// A client reading an answer polls at least every [`ragfleet_client::ANSWER_POLL`]; silence
+/// this long means it is gone and the answer is cancelled.
+const CLIENT_SILENCE: Duration = Duration::from_millis(1500);
+
 /// What the relay has produced so far (shared by the attempts, which run one after another).
 #[derive(Default)]
 struct Relayed {
@@ -345,7 +349,11 @@ async fn relay(
     let started = Instant::now();
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        let client_gone = client.is_cancelled();
+        // a client that cancelled, or stopped polling (its process died: nobody will cancel)
+        let client_gone = client.is_cancelled()
+            || client
+                .unpolled_for()
+                .is_some_and(|d| d > CLIENT_SILENCE);
         if left.is_zero() || client_gone {
             let _ = call_typed(actor, Cancel { stream }, Duration::from_millis(500)).await;
             if client_gone {

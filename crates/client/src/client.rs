@@ -18,7 +18,7 @@ use tracing::debug;
 
 use crate::call::CallError;
 use crate::groups;
-use crate::transport::start_server;
+use crate::transport::{connect, start_server, Tls};
 use crate::typed::{self, call_typed, Typed};
 use crate::RoleMsg;
 
@@ -90,6 +90,7 @@ pub struct Client {
     /// Inside a node (the HTTP gateway): the node's own transport, which the client must not
     /// stop, and its coordinators first.
     in_node: bool,
+    tls: Option<Tls>,
 }
 
 /// Coordinators that did not answer a heartbeat within `failure.suspect_after_ms`: a frozen
@@ -150,7 +151,7 @@ impl Drop for Client {
 }
 
 /// Opens a session to every node of `cfg` not connected yet.
-async fn dial(server: &ActorRef<NodeServerMessage>, cfg: &ClusterConfig) {
+async fn dial(server: &ActorRef<NodeServerMessage>, cfg: &ClusterConfig, tls: Option<&Tls>) {
     let sessions =
         ractor::call_t!(server, NodeServerMessage::GetSessions, 1_000).unwrap_or_default();
     let connected: Vec<String> = sessions.values().map(|s| s.peer_addr.clone()).collect();
@@ -158,7 +159,7 @@ async fn dial(server: &ActorRef<NodeServerMessage>, cfg: &ClusterConfig) {
         if connected.iter().any(|a| a == &n.addr) {
             continue;
         }
-        if let Err(e) = ractor_cluster::client_connect(server, n.addr.as_str()).await {
+        if let Err(e) = connect(server, n.addr.as_str(), tls).await {
             debug!(node = %n.name, error = %e, "node unreachable");
         }
     }
@@ -186,7 +187,8 @@ impl Client {
             rand::random::<u32>()
         );
         let addr: SocketAddr = "127.0.0.1:0".parse().expect("literal");
-        let server = start_server(&name, addr, &cfg.cookie)
+        let tls = Tls::of(&cfg).map_err(|e| ClientError::Transport(e.to_string()))?;
+        let server = start_server(&name, addr, &cfg.cookie, tls.as_ref())
             .await
             .map_err(|e| ClientError::Transport(e.to_string()))?;
         let mut client = Client {
@@ -197,6 +199,7 @@ impl Client {
             watch: None,
             suspects: Suspects::default(),
             in_node: false,
+            tls,
         };
         client.dial().await;
         let start = Instant::now();
@@ -217,11 +220,15 @@ impl Client {
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
         // keep sessions to every node: a node that restarts is seen again
-        let (server, cfg) = (client.server.clone(), client.cfg.clone());
+        let (server, cfg, tls) = (
+            client.server.clone(),
+            client.cfg.clone(),
+            client.tls.clone(),
+        );
         client.redial = Some(tokio::spawn(async move {
             loop {
                 tokio::time::sleep(Duration::from_millis(500)).await;
-                dial(&server, &cfg).await;
+                dial(&server, &cfg, tls.as_ref()).await;
             }
         }));
         client.watch = Some(tokio::spawn(watch_coordinators(
@@ -250,6 +257,7 @@ impl Client {
             watch: Some(watch),
             suspects,
             in_node: true,
+            tls: None,
         }
     }
 
@@ -260,7 +268,7 @@ impl Client {
 
     async fn dial(&self) {
         if !self.in_node {
-            dial(&self.server, &self.cfg).await;
+            dial(&self.server, &self.cfg, self.tls.as_ref()).await;
         }
     }
 

@@ -387,6 +387,29 @@ pub struct ClusterConfig {
     /// The HTTP gateway of coordinator nodes.
     #[serde(default)]
     pub http: HttpConfig,
+    /// TLS between nodes (and clients): none means plain TCP with the cookie.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+}
+
+/// `[tls]`: mutual TLS on the cluster transport. Every node and client presents a certificate
+/// the CA signed for `server_name`; one without cannot join. The cookie stays a second check.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM file of the CA that signs every node's and client's certificate.
+    pub ca: PathBuf,
+    /// PEM file of this process's certificate (chain).
+    pub cert: PathBuf,
+    /// PEM file of its private key.
+    pub key: PathBuf,
+    /// The DNS name every node certificate carries (checked by whoever dials a node).
+    #[serde(default = "default_server_name")]
+    pub server_name: String,
+}
+
+fn default_server_name() -> String {
+    "ragfleet".into()
 }
 
 /// `[http]`: the HTTP gateway (`http_addr` of a coordinator node turns it on).
@@ -459,6 +482,13 @@ impl ClusterConfig {
         }
         if let Some(dir) = std::env::var_os(MODELS_ENV) {
             cfg.models_dir = PathBuf::from(dir);
+        }
+        if let Some(t) = &mut cfg.tls {
+            for p in [&mut t.ca, &mut t.cert, &mut t.key] {
+                if p.is_relative() {
+                    *p = base.join(&*p);
+                }
+            }
         }
         Ok(cfg)
     }
@@ -740,6 +770,16 @@ impl ClusterConfig {
         }
         if self.generator.context_tokens < 64 {
             return Err(invalid("generator.context_tokens", "must be at least 64"));
+        }
+        if let Some(t) = &self.tls {
+            if t.server_name.trim().is_empty() {
+                return Err(invalid("tls.server_name", "must not be empty"));
+            }
+            for (k, p) in [("tls.ca", &t.ca), ("tls.cert", &t.cert), ("tls.key", &t.key)] {
+                if p.as_os_str().is_empty() {
+                    return Err(invalid(k, "must name a PEM file"));
+                }
+            }
         }
         let h = &self.http;
         if h.max_body_bytes < 1024 || h.max_body_bytes > 256 << 20 {

@@ -266,6 +266,7 @@ async fn role_specs(
 async fn connector(
     server: ActorRef<NodeServerMessage>,
     peers: Vec<(String, String)>,
+    tls: Option<ragfleet_client::transport::Tls>,
     max_backoff: Duration,
 ) {
     let mut next_try: HashMap<String, (Instant, Duration)> = HashMap::new();
@@ -292,7 +293,7 @@ async fn connector(
             if Instant::now() < at {
                 continue;
             }
-            match ractor_cluster::client_connect(&server, addr.as_str()).await {
+            match ragfleet_client::transport::connect(&server, addr.as_str(), tls.as_ref()).await {
                 Ok(()) => debug!(peer = %name, "connecting"),
                 Err(e) => debug!(peer = %name, error = %e, "peer unreachable"),
             }
@@ -315,7 +316,9 @@ pub async fn start_node(
         addr: me.addr.clone(),
         reason: "bad address".into(),
     })?;
-    let server = ragfleet_client::transport::start_server(name, addr, &cfg.cookie).await?;
+    let tls = ragfleet_client::transport::Tls::of(&cfg)?;
+    let server =
+        ragfleet_client::transport::start_server(name, addr, &cfg.cookie, tls.as_ref()).await?;
     let mut tasks = Vec::new();
     let local: Vec<String> = if opts.embedded {
         cfg.nodes.iter().map(|n| n.name.clone()).collect()
@@ -332,6 +335,7 @@ pub async fn start_node(
         tasks.push(tokio::spawn(connector(
             server.clone(),
             peers,
+            tls.clone(),
             Duration::from_millis(cfg.failure.reconnect_max_ms),
         )));
     }

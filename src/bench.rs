@@ -52,6 +52,10 @@ pub enum BenchCmd {
     /// single-query latency p50/p99, recall@10 against exact search, the ratio between sizes,
     /// and p99 while a merge runs against p99 without.
     Shard(crate::bench_shard::ShardBench),
+    /// Open-loop Poisson load on a running cluster's HTTP API (retrieve and chat) at several
+    /// offered rates: throughput, errors, refusals, latency and per-stage percentiles; writes
+    /// load.json and an SVG plot of latency against offered load.
+    Load(crate::bench_load::LoadBench),
     /// Generator time to first token and tokens/s, 1 stream vs 4 concurrent streams.
     Generate {
         /// Models dir.
@@ -98,6 +102,7 @@ pub enum BenchCmd {
 /// Runs a benchmark.
 pub async fn run(cmd: BenchCmd) -> Result<()> {
     match cmd {
+        BenchCmd::Load(b) => crate::bench_load::run(b).await,
         BenchCmd::Shard(b) => {
             tokio::task::spawn_blocking(move || crate::bench_shard::run(b)).await?
         }

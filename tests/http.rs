@@ -245,6 +245,7 @@ fn the_gateway_serves_openai_chat_embeddings_retrieval_documents_and_metrics() {
         let r = http()
             .post(format!("{base}/v1/chat/completions"))
             .bearer_auth(KEY)
+            .header("x-request-id", "test-cancel-7")
             .json(&long)
             .send()
             .unwrap();
@@ -257,11 +258,14 @@ fn the_gateway_serves_openai_chat_embeddings_retrieval_documents_and_metrics() {
             }
         }
     }
-    wait_for("the cancellation", Duration::from_secs(30), || {
+    let line = wait_for("the cancellation", Duration::from_secs(30), || {
         c.log("n1")
-            .contains("the client went away: generation cancelled")
-            .then_some(())
+            .lines()
+            .find(|l| l.contains("the client went away: generation cancelled"))
+            .map(str::to_string)
     });
+    // the coordinator's log line names the request it served
+    assert!(line.contains("test-cancel-7"), "{line}");
 
     // deleting a document: acknowledged, then gone from answers
     let r = http()
@@ -296,6 +300,11 @@ fn the_gateway_serves_openai_chat_embeddings_retrieval_documents_and_metrics() {
         "ragfleet_replicas{state=\"serving\"} 8",
         "ragfleet_nodes_alive 2",
         "ragfleet_coverage_ratio_count",
+        // every node process's own metrics, labelled with its instance
+        "ragfleet_shard_search_seconds_count{instance=",
+        "ragfleet_wal_fsyncs_total{instance=",
+        "ragfleet_role_in_flight{instance=",
+        "ragfleet_coordinator_ingested_total{instance=",
     ] {
         assert!(m.contains(needle), "metrics lack {needle}:\n{m}");
     }

@@ -46,11 +46,11 @@ pub async fn call(
         Ok(Ok(CallResult::SenderError)) => {
             Err(CallError::Unreachable("reply channel closed".into()))
         }
-        Ok(Ok(CallResult::Success(Envelope(Frame(Ok(Response::Error(e))))))) => {
+        Ok(Ok(CallResult::Success(Envelope(Frame(Ok(Response::Error(e))), _)))) => {
             Err(CallError::Remote(e))
         }
-        Ok(Ok(CallResult::Success(Envelope(Frame(Ok(r)))))) => Ok(r),
-        Ok(Ok(CallResult::Success(Envelope(Frame(Err(e)))))) => {
+        Ok(Ok(CallResult::Success(Envelope(Frame(Ok(r)), _)))) => Ok(r),
+        Ok(Ok(CallResult::Success(Envelope(Frame(Err(e)), _)))) => {
             Err(CallError::Remote(WireError::Frame(e)))
         }
     }

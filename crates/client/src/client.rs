@@ -165,6 +165,22 @@ async fn dial(server: &ActorRef<NodeServerMessage>, cfg: &ClusterConfig, tls: Op
     }
 }
 
+/// Awaits every future, in order (concurrently).
+async fn join_all<F>(futs: impl Iterator<Item = F>) -> Vec<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = futs.map(tokio::spawn).collect();
+    let mut out = Vec::with_capacity(handles.len());
+    for h in handles {
+        if let Ok(v) = h.await {
+            out.push(v);
+        }
+    }
+    out
+}
+
 fn preferred_is_none(current: &Mutex<Option<ActorRef<RoleMsg>>>) -> bool {
     current.lock().expect("client").is_none()
 }
@@ -422,6 +438,22 @@ impl Client {
             .await
             .ok()
             .map(|info| info.node)
+    }
+
+    /// Every reachable node process's metrics (Prometheus text), once per process:
+    /// `(instance, text)` where `instance` is the process's transport address.
+    pub async fn node_metrics(&self) -> Vec<(String, String)> {
+        let agents = self.members(groups::NODES);
+        let calls = agents.into_iter().map(|a| async move {
+            call_typed(&a, typed::Metrics {}, Duration::from_secs(2)).await
+        });
+        let mut seen = HashSet::new();
+        join_all(calls)
+            .await
+            .into_iter()
+            .flatten()
+            .filter(|(instance, _)| seen.insert(instance.clone()))
+            .collect()
     }
 
     /// Actors of a process group as this client sees them (chaos experiments, tests).

@@ -26,24 +26,79 @@ use ractor_cluster::RactorClusterMessage;
 use ragfleet_proto::{Frame, Request, Response};
 use serde::{de::DeserializeOwned, Serialize};
 
-/// A [`Frame`] as the actor transport carries it: encoded with the frame's own header, decoded
-/// defensively (a malformed payload becomes an error frame, never a panic).
+/// A [`Frame`] as the actor transport carries it, with the id of the client request it serves
+/// (if any): encoded as the id's length (one byte, at most [`MAX_REQUEST_ID`]), the id, then the
+/// frame with its own header; decoded defensively (a malformed payload becomes an error frame,
+/// never a panic).
 #[derive(Debug, Clone, PartialEq)]
-pub struct Envelope<T>(pub Frame<T>);
+pub struct Envelope<T>(pub Frame<T>, pub Option<String>);
+
+/// The longest request id an envelope carries (longer ones are dropped).
+pub const MAX_REQUEST_ID: usize = 64;
 
 impl<T> Envelope<T> {
-    /// Wraps a value.
+    /// Wraps a value, tagged with the request id of the task that sends it.
     pub fn ok(value: T) -> Self {
-        Envelope(Frame::ok(value))
+        Envelope(Frame::ok(value), request_id())
     }
 }
 
 impl<T: Serialize + DeserializeOwned> ractor::BytesConvertable for Envelope<T> {
     fn into_bytes(self) -> Vec<u8> {
-        self.0.encode()
+        let id = self.1.filter(|i| i.len() <= MAX_REQUEST_ID).unwrap_or_default();
+        let frame = self.0.encode();
+        let mut out = Vec::with_capacity(1 + id.len() + frame.len());
+        out.push(id.len() as u8);
+        out.extend_from_slice(id.as_bytes());
+        out.extend_from_slice(&frame);
+        out
     }
     fn from_bytes(bytes: Vec<u8>) -> Self {
-        Envelope(Frame::decode(&bytes))
+        let Some((&n, rest)) = bytes.split_first() else {
+            return Envelope(Frame(Err(ragfleet_proto::FrameError::TooShort(0))), None);
+        };
+        let n = n as usize;
+        if n > MAX_REQUEST_ID || rest.len() < n {
+            return Envelope(
+                Frame(Err(ragfleet_proto::FrameError::Body(
+                    "bad request id in the envelope".into(),
+                ))),
+                None,
+            );
+        }
+        let id = std::str::from_utf8(&rest[..n])
+            .ok()
+            .filter(|s| !s.is_empty())
+            .map(str::to_string);
+        Envelope(Frame::decode(&rest[n..]), id)
+    }
+}
+
+tokio::task_local! {
+    static REQUEST_ID: String;
+}
+
+/// The id of the client request the current task serves, if it serves one.
+pub fn request_id() -> Option<String> {
+    REQUEST_ID.try_with(|id| id.clone()).ok()
+}
+
+/// Runs `fut` with `id` as its request id (no span: see [`traced`]).
+pub async fn with_request_id<F: std::future::Future>(id: String, fut: F) -> F::Output {
+    REQUEST_ID.scope(id, fut).await
+}
+
+/// Runs `fut` as part of request `id` (when there is one): every call it makes carries the id
+/// to the actor it calls, and its log lines (and those of the actors that receive them, which
+/// do the same) carry it in a `request` span.
+pub async fn traced<F: std::future::Future>(id: Option<String>, fut: F) -> F::Output {
+    use tracing::Instrument;
+    match id {
+        Some(id) => {
+            let span = tracing::info_span!("request", id = %id);
+            REQUEST_ID.scope(id, fut.instrument(span)).await
+        }
+        None => fut.await,
     }
 }
 
@@ -114,5 +169,47 @@ mod tests {
             metadata: None,
         };
         assert!(RoleMsg::deserialize(ser).is_err());
+    }
+}
+
+#[cfg(test)]
+mod envelope_tests {
+    use super::*;
+    use ractor::BytesConvertable;
+    use ragfleet_proto::{Request, WireError};
+
+    #[test]
+    fn an_envelope_carries_its_request_id_across_the_wire() {
+        let e = Envelope(Frame::ok(Request::Status), Some("req-42".to_string()));
+        let back = Envelope::<Request>::from_bytes(e.clone().into_bytes());
+        assert_eq!(back, e);
+        let none = Envelope(Frame::ok(Request::Status), None);
+        assert_eq!(Envelope::<Request>::from_bytes(none.clone().into_bytes()), none);
+        // an id too long is not sent
+        let long = Envelope(Frame::ok(Request::Status), Some("x".repeat(MAX_REQUEST_ID + 1)));
+        assert_eq!(Envelope::<Request>::from_bytes(long.into_bytes()).1, None);
+    }
+
+    #[test]
+    fn malformed_envelopes_decode_to_errors_not_panics() {
+        for bytes in [vec![], vec![200], vec![5, b'a'], vec![3, 0xff, 0xfe, 0xfd, b'R', b'F']] {
+            let e = Envelope::<Request>::from_bytes(bytes.clone());
+            assert!(e.0 .0.is_err(), "{bytes:?} decoded to {e:?}");
+        }
+        let r = Envelope::<Response>::from_bytes(
+            Envelope(Frame::ok(Response::Error(WireError::Deadline)), None).into_bytes(),
+        );
+        assert_eq!(r.0 .0, Ok(Response::Error(WireError::Deadline)));
+    }
+
+    #[tokio::test]
+    async fn calls_made_inside_a_request_carry_its_id() {
+        assert_eq!(request_id(), None);
+        let inside = traced(Some("abc".into()), async {
+            (request_id(), Envelope::ok(Request::Status).1)
+        })
+        .await;
+        assert_eq!(inside, (Some("abc".into()), Some("abc".into())));
+        assert_eq!(Envelope::ok(Request::Status).1, None);
     }
 }

@@ -20,6 +20,7 @@ pub trait Typed: Clone + Send + 'static {
     /// The wire request.
     fn request(self) -> Request;
     /// The reply, or the response back when it has another shape.
+    #[allow(clippy::result_large_err)] // the response is handed back once, not carried
     fn reply(r: Response) -> Result<Self::Reply, Response>;
 }
 
@@ -68,6 +69,9 @@ macro_rules! typed {
 typed! {
     /// Any role: who are you, how are you.
     Ping {} => ActorInfo, |_| Request::Ping, { Response::Pong(i) => i };
+
+    /// Node agent: its process's transport address and metrics (Prometheus text).
+    Metrics {} => (String, String), |_| Request::Metrics, { Response::Metrics { instance, text } => (instance, text) };
     /// Any role: fault injection.
     Chaos { action: ChaosAction } => (), |x| Request::Chaos(x.action), { Response::Ack => () };
     /// Embedder: unit vectors of texts, with the model identity they carry.

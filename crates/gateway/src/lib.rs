@@ -269,9 +269,15 @@ fn request_id(req: &Request) -> String {
 async fn observe(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     let id = request_id(&req);
     let endpoint = endpoint_of(req.uri().path());
-    let span = tracing::info_span!("http", request_id = %id, method = %req.method(), path = %req.uri().path());
+    let outer = tracing::info_span!("request", id = %id);
+    let span = outer.in_scope(
+        || tracing::info_span!("http", method = %req.method(), path = %req.uri().path()),
+    );
     let t = Instant::now();
-    let mut resp = next.run(req).instrument(span.clone()).await;
+    // the id travels with every call the request makes, to every node
+    let mut resp = ragfleet_client::with_request_id(id.clone(), next.run(req))
+        .instrument(span.clone())
+        .await;
     let status = resp.status();
     st.metrics
         .http_seconds
@@ -341,9 +347,11 @@ async fn models(State(st): State<Arc<AppState>>) -> Response {
     .into_response()
 }
 
-/// `GET /metrics`: the gateway's metrics, with the cluster's state read now.
+/// `GET /metrics`: the gateway's metrics, the cluster's state read now, and every node
+/// process's own metrics (labelled with its `instance`).
 async fn metrics_text(State(st): State<Arc<AppState>>) -> Response {
-    if let Ok(s) = st.client.status().await {
+    let (status, nodes) = tokio::join!(st.client.status(), st.client.node_metrics());
+    if let Ok(s) = status {
         st.metrics.cluster(&s);
     }
     (
@@ -351,7 +359,7 @@ async fn metrics_text(State(st): State<Arc<AppState>>) -> Response {
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        st.metrics.render(),
+        metrics::merge(&st.metrics.render(), &nodes),
     )
         .into_response()
 }

@@ -164,6 +164,72 @@ impl Metrics {
     }
 }
 
+/// Merges Prometheus text expositions into one: every sample of `labelled` gets an
+/// `instance="..."` label, and each metric family is written once (its `# HELP` and `# TYPE`,
+/// then its samples from every source), as the format requires.
+pub fn merge(own: &str, labelled: &[(String, String)]) -> String {
+    // family name -> (help/type lines, samples), in first-seen order
+    let mut order: Vec<String> = Vec::new();
+    let mut families: std::collections::HashMap<String, (Vec<String>, Vec<String>)> =
+        std::collections::HashMap::new();
+    let mut take = |text: &str, instance: Option<&str>| {
+        let mut current = String::new();
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            if let Some(rest) = line
+                .strip_prefix("# HELP ")
+                .or_else(|| line.strip_prefix("# TYPE "))
+            {
+                current = rest.split_whitespace().next().unwrap_or("").to_string();
+                let f = families.entry(current.clone()).or_insert_with(|| {
+                    order.push(current.clone());
+                    Default::default()
+                });
+                if !f.0.iter().any(|l| l == line) {
+                    f.0.push(line.to_string());
+                }
+                continue;
+            }
+            if line.starts_with('#') {
+                continue;
+            }
+            let sample = match instance {
+                None => line.to_string(),
+                Some(i) => {
+                    let i = i.replace('\\', "\\\\").replace('"', "\\\"");
+                    match line.find('{') {
+                        Some(p) if line[..p].find(' ').is_none() => {
+                            format!("{}{{instance=\"{i}\",{}", &line[..p], &line[p + 1..])
+                        }
+                        _ => match line.find(' ') {
+                            Some(p) => format!("{}{{instance=\"{i}\"}}{}", &line[..p], &line[p..]),
+                            None => continue,
+                        },
+                    }
+                }
+            };
+            let f = families.entry(current.clone()).or_insert_with(|| {
+                order.push(current.clone());
+                Default::default()
+            });
+            f.1.push(sample);
+        }
+    };
+    take(own, None);
+    for (instance, text) in labelled {
+        take(text, Some(instance));
+    }
+    let mut out = String::new();
+    for name in order {
+        if let Some((head, samples)) = families.get(&name) {
+            for l in head.iter().chain(samples) {
+                out.push_str(l);
+                out.push('\n');
+            }
+        }
+    }
+    out
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
@@ -174,6 +240,23 @@ impl Default for Metrics {
 mod tests {
     use super::*;
     use ragfleet_proto::LeftOut;
+
+    #[test]
+    fn merged_expositions_label_each_process_and_keep_families_whole() {
+        let own = "# HELP a_total A.\n# TYPE a_total counter\na_total{x=\"1\"} 3\n";
+        let node = "# HELP b B.\n# TYPE b gauge\nb 7\n# HELP c_total C.\n# TYPE c_total counter\nc_total{shard=\"0\"} 1\n";
+        let other = "# HELP b B.\n# TYPE b gauge\nb 9\n";
+        let m = merge(
+            own,
+            &[("n1:1".into(), node.into()), ("n2:2".into(), other.into())],
+        );
+        assert_eq!(
+            m,
+            "# HELP a_total A.\n# TYPE a_total counter\na_total{x=\"1\"} 3\n\
+             # HELP b B.\n# TYPE b gauge\nb{instance=\"n1:1\"} 7\nb{instance=\"n2:2\"} 9\n\
+             # HELP c_total C.\n# TYPE c_total counter\nc_total{instance=\"n1:1\",shard=\"0\"} 1\n"
+        );
+    }
 
     #[test]
     fn a_query_feeds_stage_histograms_coverage_and_left_out_reasons() {

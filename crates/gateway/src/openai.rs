@@ -323,7 +323,8 @@ fn stream_answer(
     guard: InFlight,
 ) -> Sse<impl futures::Stream<Item = Result<Event, Infallible>>> {
     let (tx, rx) = tokio::sync::mpsc::channel::<Event>(256);
-    tokio::spawn(async move {
+    let rid = ragfleet_client::request_id();
+    tokio::spawn(ragfleet_client::traced(rid, async move {
         let _guard = guard;
         let send = |v: Value| Event::default().data(v.to_string());
         let first = chunk(&id, created, &model, json!({"role": "assistant", "content": ""}), None);
@@ -356,7 +357,7 @@ fn stream_answer(
             }
         }
         let _ = tx.send(Event::default().data("[DONE]")).await;
-    });
+    }));
     let events = futures::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|e| (Ok::<_, Infallible>(e), rx))
     });

@@ -16,6 +16,7 @@ mod segment;
 mod shard;
 pub mod vector;
 mod wal;
+pub use wal::fsyncs as wal_fsyncs;
 
 pub use bm25::Bm25;
 pub use files::{read_checked, write_checked};

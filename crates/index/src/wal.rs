@@ -114,6 +114,7 @@ impl Wal {
             .file
             .write_all(&buf)
             .and_then(|_| self.file.sync_data());
+        FSYNCS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if let Err(e) = res {
             // leave no half record behind us (appends go to the end, wherever the cursor is)
             let _ = self.file.set_len(self.len);
@@ -147,6 +148,14 @@ impl Wal {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+}
+
+/// WAL fsyncs (appends made durable) in this process so far.
+static FSYNCS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// WAL fsyncs made by this process so far (for its metrics).
+pub fn fsyncs() -> u64 {
+    FSYNCS.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 #[cfg(test)]

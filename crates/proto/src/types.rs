@@ -683,13 +683,25 @@ pub enum Request {
     Status,
     /// Fault injection.
     Chaos(ChaosAction),
+    /// The node process's metrics (node agent), in Prometheus text format.
+    Metrics,
 }
 
 /// Every response.
+// a stream's last chunk carries the answer's summary inline: responses are moved once, from
+// the decoder to their caller, so the size of the largest variant costs nothing worth boxing
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Response {
     /// Answer to `Ping`.
     Pong(ActorInfo),
+    /// A node process's metrics.
+    Metrics {
+        /// The process's transport address (one process may host several logical nodes).
+        instance: String,
+        /// Prometheus text exposition.
+        text: String,
+    },
     /// Embeddings, in input order.
     Embeddings {
         /// Model identity.

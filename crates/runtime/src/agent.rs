@@ -2,7 +2,7 @@
 //! heartbeat.
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use ragfleet_client::{groups, RoleMsg};
-use ragfleet_proto::Role;
+use ragfleet_proto::{Request, Response, Role};
 
 use crate::call::{common, info, reply, unsupported};
 
@@ -14,20 +14,22 @@ pub struct NodeAgent;
 #[derive(Debug)]
 pub struct AgentState {
     node: String,
+    instance: String,
 }
 
 impl Actor for NodeAgent {
     type Msg = RoleMsg;
     type State = AgentState;
-    type Arguments = String;
+    /// The node's name and its process's transport address.
+    type Arguments = (String, String);
 
     async fn pre_start(
         &self,
         myself: ActorRef<RoleMsg>,
-        node: String,
+        (node, instance): (String, String),
     ) -> Result<AgentState, ActorProcessingErr> {
         ractor::pg::join(groups::NODES.to_string(), vec![myself.get_cell()]);
-        Ok(AgentState { node })
+        Ok(AgentState { node, instance })
     }
 
     async fn handle(
@@ -38,7 +40,14 @@ impl Actor for NodeAgent {
     ) -> Result<(), ActorProcessingErr> {
         if let Some((req, port)) = common(msg, "node agent", || info(&state.node, Role::Node)).await
         {
-            reply(port, unsupported(&req, "node agent"));
+            match req {
+                Request::Metrics => {
+                    let text = crate::metrics::get().render();
+                    let instance = state.instance.clone();
+                    reply(port, Response::Metrics { instance, text });
+                }
+                other => reply(port, unsupported(&other, "node agent")),
+            }
         }
         Ok(())
     }

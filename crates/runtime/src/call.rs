@@ -1,6 +1,7 @@
 //! Calling a role actor (from `ragfleet-client`), and the handling every role shares on the
 //! serving side.
 pub use ragfleet_client::call::{call, reply, CallError};
+pub use ragfleet_client::traced;
 use ragfleet_client::{Envelope, RoleMsg};
 use ragfleet_proto::{ActorInfo, ChaosAction, ReplicaState, Request, Response, Role, WireError};
 
@@ -28,6 +29,12 @@ pub fn info(node: &str, role: Role) -> ActorInfo {
     }
 }
 
+/// The id of the client request a message serves (see [`ragfleet_client::traced`]).
+pub fn request_id_of(msg: &RoleMsg) -> Option<String> {
+    let RoleMsg::Call(Envelope(_, id), _) = msg;
+    id.clone()
+}
+
 /// The handling every role shares: a malformed frame is answered with an error, a ping with
 /// `describe()`, chaos by panicking (the supervisor restarts the actor) or stalling the
 /// mailbox (acknowledged when the stall begins). Anything else is returned for the role to handle.
@@ -36,7 +43,7 @@ pub async fn common(
     role: &str,
     describe: impl FnOnce() -> ActorInfo,
 ) -> Option<(Request, ractor::RpcReplyPort<Envelope<Response>>)> {
-    let RoleMsg::Call(Envelope(frame), port) = msg;
+    let RoleMsg::Call(Envelope(frame, _), port) = msg;
     match frame.0 {
         Err(e) => {
             tracing::warn!(role, error = %e, "malformed request frame refused");

@@ -204,7 +204,9 @@ impl Actor for EmbedderActor {
                 }
                 let jobs = state.jobs.clone();
                 let identity = state.args.model.identity();
+                let serving = crate::metrics::get().serving("embedder");
                 tokio::spawn(async move {
+                    let _serving = serving;
                     let r = match embed(&jobs, texts).await {
                         Ok(vectors) => Response::Embeddings {
                             model: identity,
@@ -221,7 +223,9 @@ impl Actor for EmbedderActor {
                 overlap,
             } => {
                 let (model, jobs) = (state.args.model.clone(), state.jobs.clone());
+                let serving = crate::metrics::get().serving("embedder");
                 tokio::spawn(async move {
+                    let _serving = serving;
                     let r = chunk_embed(model, jobs, docs, chunk_tokens as usize, overlap as usize)
                         .await;
                     reply(port, r);

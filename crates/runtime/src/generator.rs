@@ -93,7 +93,9 @@ impl Actor for GeneratorActor {
                     );
                     return Ok(());
                 }
+                let serving = crate::metrics::get().serving("generator");
                 tokio::spawn(async move {
+                    let _serving = serving;
                     while let Some(ev) = rx.recv().await {
                         if writer.is_cancelled() {
                             // dropping the receiver stops the decode loop for this stream

@@ -12,6 +12,7 @@ pub mod coordinator;
 pub mod embedder;
 pub mod generator;
 pub mod health;
+pub mod metrics;
 pub mod models;
 pub mod node;
 pub mod reranker;

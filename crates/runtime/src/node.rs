@@ -120,6 +120,7 @@ fn supervisor_spec(label: String, children: Vec<ChildSpec>, cfg: &ClusterConfig)
 async fn role_specs(
     cfg: &Arc<ClusterConfig>,
     node: &str,
+    instance: &str,
     loader: &Arc<dyn ModelLoader>,
     health: &Arc<Health>,
 ) -> Result<Vec<ChildSpec>, RuntimeError> {
@@ -128,7 +129,7 @@ async fn role_specs(
         format!("{node}/agent"),
         vec![ChildSpec {
             name: format!("{node}/agent"),
-            spawn: spawn_fn(NodeAgent, node.to_string()),
+            spawn: spawn_fn(NodeAgent, (node.to_string(), instance.to_string())),
         }],
         cfg,
     )];
@@ -354,7 +355,7 @@ pub async fn start_node(
     tasks.push(health.spawn_loop(watched, Duration::from_millis(cfg.failure.heartbeat_ms)));
     let mut roles = Vec::new();
     for n in &local {
-        roles.extend(role_specs(&cfg, n, &loader, &health).await?);
+        roles.extend(role_specs(&cfg, n, &me.addr, &loader, &health).await?);
     }
     let root_args = SupervisorArgs {
         label: format!("{name}/root"),

@@ -171,9 +171,12 @@ impl Actor for ShardActor {
                 last_seq,
             }
         };
+        let rid = crate::call::request_id_of(&msg);
         let Some((req, port)) = common(msg, "shard", describe).await else {
             return Ok(());
         };
+        // log lines of a client request's work carry its id
+        let span = rid.map(|id| tracing::info_span!("request", id = %id));
         let shared = state.shared.clone();
         match req {
             Request::Search(q) => {
@@ -184,7 +187,10 @@ impl Actor for ShardActor {
                     );
                     return Ok(());
                 }
+                let shard = state.args.shard;
                 tokio::task::spawn_blocking(move || {
+                    let _in = span.as_ref().map(|s| s.enter());
+                    let t = std::time::Instant::now();
                     let ix = shared.index.read().expect("index");
                     let r = if q.mode == ragfleet_proto::SearchMode::Hybrid {
                         ix.hybrid_parts(&q)
@@ -192,11 +198,14 @@ impl Actor for ShardActor {
                     } else {
                         ix.search(&q).map(Response::Hits)
                     };
+                    drop(ix);
+                    crate::metrics::get().shard_search(shard, t.elapsed());
                     reply(port, r.unwrap_or_else(|e| Response::Error(index_error(e))));
                 });
             }
             Request::Write { ops, model } => {
                 tokio::task::spawn_blocking(move || {
+                    let _in = span.as_ref().map(|s| s.enter());
                     apply_write(&shared, port, |ix| ix.write(ops, &model))
                 });
             }

@@ -165,6 +165,10 @@ impl Actor for Supervisor {
                         info!(supervisor = %state.args.label, child = %name, "restarted after backoff");
                         state.running.insert(cell.get_id(), idx);
                         state.restarts += 1;
+                        crate::metrics::get()
+                            .restarts
+                            .with_label_values(&[&state.args.label])
+                            .inc();
                     }
                     Err(e) => {
                         // could not even start: try again later, longer
@@ -220,6 +224,10 @@ impl Actor for Supervisor {
                 let cell = start_child(&state.args.children[idx], myself.get_cell()).await?;
                 state.running.insert(cell.get_id(), idx);
                 state.restarts += 1;
+                crate::metrics::get()
+                    .restarts
+                    .with_label_values(&[&state.args.label])
+                    .inc();
             }
             SupervisionEvent::ActorTerminated(cell, _, reason) => {
                 if let Some(idx) = state.running.remove(&cell.get_id()) {

@@ -169,7 +169,7 @@ pub(crate) async fn ask_task(ctx: Arc<Ctx>, question: String, opts: AskOptions, 
     }
     let first_token_timeout = Duration::from_millis(cfg.generator.first_token_timeout_ms);
     // `auto` holds the generated text back until its grounding is checked; `generate` streams
-    let live = !(mode == AnswerMode::Auto && !unsourced);
+    let live = mode != AnswerMode::Auto || unsourced;
     let relayed = Mutex::new(Relayed::default());
     let replicas = ctx.candidates(groups::GENERATORS);
     let outcome = with_failover(

@@ -17,7 +17,7 @@ use ragfleet_config::ClusterConfig;
 use ragfleet_proto::{Request, Response, Role};
 use tracing::info;
 
-use crate::call::{common, info, reply, unsupported};
+use crate::call::{common, info, reply, request_id_of, traced, unsupported};
 use crate::health::Health;
 use crate::models::TokenCount;
 use crate::streams::{next_response, StreamTable};
@@ -110,6 +110,7 @@ impl Actor for CoordinatorActor {
         msg: RoleMsg,
         ctx: &mut Arc<Ctx>,
     ) -> Result<(), ActorProcessingErr> {
+        let rid = request_id_of(&msg);
         let Some((req, port)) = common(msg, "coordinator", || {
             info(&ctx.args.node, Role::Coordinator)
         })
@@ -118,9 +119,12 @@ impl Actor for CoordinatorActor {
             return Ok(());
         };
         let ctx = ctx.clone();
+        // a request in flight is counted until its answer is sent
+        let serving = crate::metrics::get().serving("coordinator");
         match req {
             Request::Retrieve { query, options } => {
-                tokio::spawn(async move {
+                tokio::spawn(traced(rid, async move {
+                    let _serving = serving;
                     reply(
                         port,
                         match retrieve(ctx, query, options).await {
@@ -128,24 +132,31 @@ impl Actor for CoordinatorActor {
                             Err(e) => Response::Error(e),
                         },
                     );
-                });
+                }));
             }
             Request::Ingest { docs } => {
-                tokio::spawn(async move {
+                tokio::spawn(traced(rid, async move {
+                    let _serving = serving;
                     reply(
                         port,
                         match ingest(ctx, docs).await {
-                            Ok(r) => Response::Ingested(r),
+                            Ok(r) => {
+                                let m = &crate::metrics::get().ingested;
+                                m.with_label_values(&["documents"]).inc_by(r.documents);
+                                m.with_label_values(&["chunks"]).inc_by(r.chunks);
+                                Response::Ingested(r)
+                            }
                             Err(e) => Response::Error(e),
                         },
                     );
-                });
+                }));
             }
             Request::Status => reply(port, Response::Status(status(&ctx))),
             Request::Delete { doc_ids, .. } => {
-                tokio::spawn(
-                    async move { reply(port, Response::Ingested(delete(ctx, doc_ids).await)) },
-                );
+                tokio::spawn(traced(rid, async move {
+                    let _serving = serving;
+                    reply(port, Response::Ingested(delete(ctx, doc_ids).await))
+                }));
             }
             Request::Ask { question, options } => {
                 if let Err(e) =
@@ -155,11 +166,17 @@ impl Actor for CoordinatorActor {
                     return Ok(());
                 }
                 let (id, w) = ctx.streams.open();
-                tokio::spawn(ask::ask_task(ctx, question, options, w));
+                tokio::spawn(traced(rid, async move {
+                    let _serving = serving;
+                    ask::ask_task(ctx, question, options, w).await
+                }));
                 reply(port, Response::StreamStarted { stream: id });
             }
             Request::Embed { texts } => {
-                tokio::spawn(async move { reply(port, answer::embed_request(&ctx, texts).await) });
+                tokio::spawn(traced(rid, async move {
+                    let _serving = serving;
+                    reply(port, answer::embed_request(&ctx, texts).await)
+                }));
             }
             Request::Cancel { stream } => {
                 // the client went away: the answer's relay sees it and cancels its generator

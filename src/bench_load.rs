@@ -1,0 +1,447 @@
+//! `ragfleet bench load`: an open-loop load generator against the HTTP API of a running cluster.
+//! Requests arrive as a Poisson process at each offered rate for a set time, whether or not the
+//! earlier ones have finished (so queueing shows, unlike a closed loop). Retrieval goes to
+//! `/v1/retrieve`, chat to `/v1/chat/completions` streamed (time to first token measured at the
+//! client). Per rate: throughput, errors, refusals (429), client-side latency percentiles and the
+//! server's per-stage percentiles; a JSON report and an SVG plot of latency against offered load.
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use futures::StreamExt;
+use plotters::prelude::*;
+use rand::{Rng, SeedableRng};
+use serde_json::{json, Value};
+
+use crate::eval_answers::percentile;
+
+/// Arguments of `bench load`.
+#[derive(clap::Args, Debug)]
+pub struct LoadBench {
+    /// The gateway, e.g. http://127.0.0.1:8101 (a coordinator node's http_addr).
+    #[arg(long, default_value = "http://127.0.0.1:8101")]
+    url: String,
+    /// API key (else $RAGFLEET_API_KEY).
+    #[arg(long)]
+    api_key: Option<String>,
+    /// What to load: retrieve, chat, or both (one after the other).
+    #[arg(long, default_value = "both")]
+    kind: String,
+    /// Offered retrieval rates, requests/s.
+    #[arg(long, value_delimiter = ',', default_value = "2,5,10,20,40")]
+    retrieve_rates: Vec<f64>,
+    /// Offered chat rates, requests/s.
+    #[arg(long, value_delimiter = ',', default_value = "0.1,0.25,0.5,1")]
+    chat_rates: Vec<f64>,
+    /// Seconds of arrivals at each rate (the requests then in flight are waited for).
+    #[arg(long, default_value_t = 20.0)]
+    duration: f64,
+    /// Questions, one a line (default: the demo corpus's sample questions).
+    #[arg(long)]
+    queries: Option<PathBuf>,
+    /// Retrieval mode.
+    #[arg(long, default_value = "hybrid")]
+    mode: String,
+    /// Chat answer length in tokens.
+    #[arg(long, default_value_t = 32)]
+    max_tokens: u32,
+    /// A request still unanswered after this many seconds counts as an error.
+    #[arg(long, default_value_t = 120.0)]
+    timeout: f64,
+    /// Arrival schedule seed.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Where the report (load.json) and the plot (load.svg) go.
+    #[arg(long, default_value = "data/bench-load")]
+    out: PathBuf,
+}
+
+const QUESTIONS: &[&str] = &[
+    "When is a value dropped?",
+    "What is a dangling reference?",
+    "How do I handle errors that can be recovered from?",
+    "What is a trait object?",
+    "How do closures capture their environment?",
+    "What does the borrow checker do?",
+    "How are packages and crates organised?",
+    "What is a smart pointer?",
+    "How do threads share data safely?",
+    "What is pattern matching used for?",
+    "How does a vector grow?",
+    "What is a lifetime annotation?",
+];
+
+/// One request's outcome.
+#[derive(Debug, Default, Clone)]
+struct Outcome {
+    status: u16,
+    error: Option<String>,
+    total_ms: f64,
+    first_token_ms: Option<f64>,
+    stages: BTreeMap<String, f64>,
+}
+
+async fn one(
+    http: &reqwest::Client,
+    a: &LoadBench,
+    kind: &str,
+    question: &str,
+) -> Outcome {
+    let t = Instant::now();
+    let mut out = Outcome::default();
+    let (path, body) = if kind == "retrieve" {
+        (
+            "/v1/retrieve",
+            json!({"query": question, "mode": a.mode, "k": 5}),
+        )
+    } else {
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": question}], "stream": true,
+                   "max_tokens": a.max_tokens, "ragfleet": {"mode": a.mode, "answer_mode": "generate"}}),
+        )
+    };
+    let mut req = http
+        .post(format!("{}{path}", a.url.trim_end_matches('/')))
+        .json(&body);
+    if let Some(k) = &a.api_key {
+        req = req.bearer_auth(k);
+    }
+    let resp = match req.send().await {
+        Ok(r) => r,
+        Err(e) => {
+            out.error = Some(e.to_string());
+            out.total_ms = t.elapsed().as_secs_f64() * 1000.0;
+            return out;
+        }
+    };
+    out.status = resp.status().as_u16();
+    if !resp.status().is_success() {
+        out.error = Some(format!("HTTP {}", out.status));
+        out.total_ms = t.elapsed().as_secs_f64() * 1000.0;
+        return out;
+    }
+    let timings = if kind == "retrieve" {
+        match resp.json::<Value>().await {
+            Ok(v) => v["timings_ms"].clone(),
+            Err(e) => {
+                out.error = Some(e.to_string());
+                Value::Null
+            }
+        }
+    } else {
+        // server-sent events: the first text piece, then the last chunk's ragfleet timings
+        let mut stream = resp.bytes_stream();
+        let mut buf = String::new();
+        let mut timings = Value::Null;
+        while let Some(piece) = stream.next().await {
+            let Ok(piece) = piece else {
+                out.error = Some("stream broken".into());
+                break;
+            };
+            buf.push_str(&String::from_utf8_lossy(&piece));
+            while let Some(i) = buf.find('\n') {
+                let line: String = buf.drain(..=i).collect();
+                let Some(data) = line.trim().strip_prefix("data: ") else {
+                    continue;
+                };
+                if data == "[DONE]" {
+                    continue;
+                }
+                let Ok(v) = serde_json::from_str::<Value>(data) else {
+                    continue;
+                };
+                if v.get("error").is_some() {
+                    out.error = Some(v["error"]["message"].to_string());
+                }
+                let text = v["choices"][0]["delta"]["content"].as_str().unwrap_or("");
+                if !text.is_empty() && out.first_token_ms.is_none() {
+                    out.first_token_ms = Some(t.elapsed().as_secs_f64() * 1000.0);
+                }
+                if v.get("ragfleet").is_some() {
+                    timings = v["ragfleet"]["timings_ms"].clone();
+                }
+            }
+        }
+        timings
+    };
+    if let Some(o) = timings.as_object() {
+        for (k, v) in o {
+            if let Some(ms) = v.as_f64() {
+                out.stages.insert(k.clone(), ms);
+            }
+        }
+    }
+    out.total_ms = t.elapsed().as_secs_f64() * 1000.0;
+    out
+}
+
+fn pcts(mut v: Vec<f64>) -> Value {
+    if v.is_empty() {
+        return Value::Null;
+    }
+    json!({
+        "p50": percentile(&mut v, 0.50),
+        "p95": percentile(&mut v, 0.95),
+        "p99": percentile(&mut v, 0.99),
+    })
+}
+
+/// Offers `rate` requests/s of `kind` for the set duration; returns the rate's report row.
+async fn at_rate(
+    http: &reqwest::Client,
+    a: &Arc<LoadBench>,
+    kind: &str,
+    rate: f64,
+    questions: &Arc<Vec<String>>,
+    rng: &mut rand::rngs::StdRng,
+) -> Value {
+    let start = Instant::now();
+    let mut next = 0.0f64;
+    let mut tasks = Vec::new();
+    let mut i = 0usize;
+    while next < a.duration {
+        let at = start + Duration::from_secs_f64(next);
+        tokio::time::sleep_until(at.into()).await;
+        let (http, a2, q, kind) = (
+            http.clone(),
+            a.clone(),
+            questions[i % questions.len()].clone(),
+            kind.to_string(),
+        );
+        let timeout = Duration::from_secs_f64(a.timeout);
+        tasks.push(tokio::spawn(async move {
+            match tokio::time::timeout(timeout, one(&http, &a2, &kind, &q)).await {
+                Ok(o) => o,
+                Err(_) => Outcome {
+                    error: Some("timeout".into()),
+                    total_ms: timeout.as_secs_f64() * 1000.0,
+                    ..Default::default()
+                },
+            }
+        }));
+        i += 1;
+        // exponential inter-arrival times: a Poisson process at `rate`
+        let u: f64 = rng.gen_range(f64::EPSILON..1.0);
+        next += -u.ln() / rate;
+    }
+    let mut outcomes = Vec::new();
+    for t in tasks {
+        if let Ok(o) = t.await {
+            outcomes.push(o);
+        }
+    }
+    let wall = start.elapsed().as_secs_f64();
+    let ok: Vec<&Outcome> = outcomes.iter().filter(|o| o.error.is_none()).collect();
+    let refused = outcomes.iter().filter(|o| o.status == 429).count();
+    let errors = outcomes.len() - ok.len() - refused;
+    let mut stages: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    for o in &ok {
+        for (k, v) in &o.stages {
+            if *v > 0.0 {
+                stages.entry(k.clone()).or_default().push(*v);
+            }
+        }
+    }
+    let first_tokens: Vec<f64> = ok.iter().filter_map(|o| o.first_token_ms).collect();
+    let mut errors_seen: BTreeMap<String, usize> = BTreeMap::new();
+    for o in &outcomes {
+        if let Some(e) = &o.error {
+            *errors_seen.entry(e.chars().take(80).collect()).or_default() += 1;
+        }
+    }
+    json!({
+        "kind": kind,
+        "offered_rps": rate,
+        "sent": outcomes.len(),
+        "ok": ok.len(),
+        "errors": errors,
+        "refused_429": refused,
+        "throughput_rps": ok.len() as f64 / wall,
+        "wall_s": wall,
+        "latency_ms": pcts(ok.iter().map(|o| o.total_ms).collect()),
+        "client_first_token_ms": pcts(first_tokens),
+        "server_stages_ms": stages.into_iter().map(|(k, v)| (k, pcts(v))).collect::<serde_json::Map<_, _>>(),
+        "error_kinds": errors_seen,
+    })
+}
+
+fn print_row(r: &Value) {
+    let l = &r["latency_ms"];
+    let f = |v: &Value| v.as_f64().map_or("-".to_string(), |x| format!("{x:.0}"));
+    let stages: Vec<String> = r["server_stages_ms"]
+        .as_object()
+        .map(|o| {
+            o.iter()
+                .map(|(k, v)| format!("{k} {}/{}", f(&v["p50"]), f(&v["p99"])))
+                .collect()
+        })
+        .unwrap_or_default();
+    println!(
+        "{:<8} {:>7.2} {:>6} {:>6} {:>6} {:>7} {:>8.2} {:>8} {:>8} {:>8}  {}",
+        r["kind"].as_str().unwrap_or(""),
+        r["offered_rps"].as_f64().unwrap_or(0.0),
+        r["sent"].as_u64().unwrap_or(0),
+        r["ok"].as_u64().unwrap_or(0),
+        r["errors"].as_u64().unwrap_or(0),
+        r["refused_429"].as_u64().unwrap_or(0),
+        r["throughput_rps"].as_f64().unwrap_or(0.0),
+        f(&l["p50"]),
+        f(&l["p95"]),
+        f(&l["p99"]),
+        stages.join(", ")
+    );
+}
+
+/// Latency percentiles against offered load, one panel per kind.
+fn plot(rows: &[Value], path: &std::path::Path) -> Result<()> {
+    let kinds: Vec<&str> = ["retrieve", "chat"]
+        .into_iter()
+        .filter(|k| rows.iter().any(|r| r["kind"] == *k))
+        .collect();
+    let root = SVGBackend::new(path, (520 * kinds.len().max(1) as u32, 420)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let panels = root.split_evenly((1, kinds.len().max(1)));
+    for (panel, kind) in panels.iter().zip(&kinds) {
+        let rs: Vec<&Value> = rows.iter().filter(|r| r["kind"] == *kind).collect();
+        let x_max = rs
+            .iter()
+            .filter_map(|r| r["offered_rps"].as_f64())
+            .fold(0.0, f64::max)
+            * 1.1;
+        let y_max = rs
+            .iter()
+            .filter_map(|r| r["latency_ms"]["p99"].as_f64())
+            .fold(1.0, f64::max)
+            * 1.15;
+        let mut chart = ChartBuilder::on(panel)
+            .caption(
+                format!("{kind}: latency against offered load"),
+                ("sans-serif", 18),
+            )
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(60)
+            .build_cartesian_2d(0.0..x_max.max(0.1), 0.0..y_max)?;
+        chart
+            .configure_mesh()
+            .x_desc("offered load (requests/s)")
+            .y_desc("latency (ms)")
+            .draw()?;
+        for (p, color) in [("p50", &BLUE), ("p95", &GREEN), ("p99", &RED)] {
+            let pts: Vec<(f64, f64)> = rs
+                .iter()
+                .filter_map(|r| Some((r["offered_rps"].as_f64()?, r["latency_ms"][p].as_f64()?)))
+                .collect();
+            chart
+                .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))?
+                .label(p)
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color));
+            chart.draw_series(pts.iter().map(|&(x, y)| Circle::new((x, y), 3, color.filled())))?;
+        }
+        let tp: Vec<(f64, f64)> = rs
+            .iter()
+            .filter_map(|r| {
+                let offered = r["offered_rps"].as_f64()?;
+                let done = r["throughput_rps"].as_f64()?;
+                // throughput as a share of the offered rate, drawn on the latency scale's top
+                Some((offered, y_max * (done / offered).min(1.0) * 0.95))
+            })
+            .collect();
+        chart
+            .draw_series(LineSeries::new(tp, BLACK.mix(0.4)))?
+            .label("throughput / offered (top = 1)")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], BLACK.mix(0.4)));
+        chart
+            .configure_series_labels()
+            .border_style(BLACK)
+            .background_style(WHITE.mix(0.8))
+            .position(SeriesLabelPosition::UpperLeft)
+            .draw()?;
+    }
+    root.present()?;
+    Ok(())
+}
+
+/// Runs the bench.
+pub async fn run(a: LoadBench) -> Result<()> {
+    let kinds: Vec<&str> = match a.kind.as_str() {
+        "retrieve" => vec!["retrieve"],
+        "chat" => vec!["chat"],
+        "both" => vec!["retrieve", "chat"],
+        other => bail!("--kind {other:?}: retrieve, chat or both"),
+    };
+    if a.duration <= 0.0 {
+        bail!("--duration must be positive");
+    }
+    if a.retrieve_rates.iter().chain(&a.chat_rates).any(|r| *r <= 0.0) {
+        bail!("rates must be positive");
+    }
+    let mut a = a;
+    a.api_key = a.api_key.or_else(|| std::env::var("RAGFLEET_API_KEY").ok());
+    let questions: Vec<String> = match &a.queries {
+        Some(p) => std::fs::read_to_string(p)
+            .with_context(|| format!("cannot read {}", p.display()))?
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(str::to_string)
+            .collect(),
+        None => QUESTIONS.iter().map(|s| s.to_string()).collect(),
+    };
+    if questions.is_empty() {
+        bail!("no questions");
+    }
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(256)
+        .build()?;
+    // the API must answer before the load starts
+    let mut probe = http.get(format!("{}/v1/status", a.url.trim_end_matches('/')));
+    if let Some(k) = &a.api_key {
+        probe = probe.bearer_auth(k);
+    }
+    let st = probe
+        .send()
+        .await
+        .with_context(|| format!("no HTTP API at {}", a.url))?;
+    if !st.status().is_success() {
+        bail!("{}/v1/status answered {}", a.url, st.status());
+    }
+    let questions = Arc::new(questions);
+    let a = Arc::new(a);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(a.seed);
+    println!(
+        "open-loop Poisson load on {} for {} s a rate ({} questions)",
+        a.url,
+        a.duration,
+        questions.len()
+    );
+    println!(
+        "{:<8} {:>7} {:>6} {:>6} {:>6} {:>7} {:>8} {:>8} {:>8} {:>8}  server stages p50/p99 ms",
+        "kind", "offered", "sent", "ok", "errors", "refused", "done/s", "p50 ms", "p95 ms", "p99 ms"
+    );
+    let mut rows = Vec::new();
+    for kind in kinds {
+        let rates = if kind == "retrieve" {
+            &a.retrieve_rates
+        } else {
+            &a.chat_rates
+        };
+        for &rate in rates {
+            let row = at_rate(&http, &a, kind, rate, &questions, &mut rng).await;
+            print_row(&row);
+            rows.push(row);
+        }
+    }
+    std::fs::create_dir_all(&a.out)?;
+    let report = json!({"url": a.url, "duration_s": a.duration, "seed": a.seed, "mode": a.mode,
+                        "max_tokens": a.max_tokens, "rows": rows});
+    let json_path = a.out.join("load.json");
+    std::fs::write(&json_path, serde_json::to_string_pretty(&report)?)?;
+    let svg = a.out.join("load.svg");
+    plot(&rows, &svg)?;
+    println!("report: {}\nplot: {}", json_path.display(), svg.display());
+    Ok(())
+}

@@ -71,7 +71,7 @@ fn the_gateway_serves_openai_chat_embeddings_retrieval_documents_and_metrics() {
             &["shard"],
         ],
         &format!(
-            "[generator]\nmax_tokens = 16\ncontext_tokens = 320\n[http]\napi_keys = [\"{KEY}\"]\nmax_body_bytes = 65536\n"
+            "query.max_answers_in_flight = 1\n[generator]\nmax_tokens = 16\ncontext_tokens = 320\n[http]\napi_keys = [\"{KEY}\"]\nmax_body_bytes = 65536\n"
         ),
     );
     let base = c.http_url("n1");
@@ -250,13 +250,37 @@ fn the_gateway_serves_openai_chat_embeddings_retrieval_documents_and_metrics() {
             .send()
             .unwrap();
         let mut lines = BufReader::new(r).lines();
-        // read until the first piece of text, then hang up
+        // read until the first piece of text
         for l in lines.by_ref() {
             let l = l.unwrap();
             if l.contains("\"content\":\"") && !l.contains("\"content\":\"\"") {
                 break;
             }
         }
+        // admission control: with query.max_answers_in_flight = 1 and this answer running,
+        // another answer is refused at once (429, Retry-After), not queued; retrieval still
+        // answers
+        let t = std::time::Instant::now();
+        let r = http()
+            .post(format!("{base}/v1/chat/completions"))
+            .bearer_auth(KEY)
+            .json(&ask)
+            .send()
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 429);
+        assert_eq!(r.headers()["retry-after"], "1");
+        let e: Value = r.json().unwrap();
+        assert_eq!(e["error"]["code"], "overloaded", "{e}");
+        assert!(
+            e["error"]["message"].as_str().unwrap().contains("query.max_answers_in_flight"),
+            "{e}"
+        );
+        assert!(t.elapsed() < Duration::from_secs(5), "the refusal took {:?}", t.elapsed());
+        let (ok, _, err) = c.cli(&["ask", "What do honey bees store?"]);
+        assert!(!ok && err.contains("overloaded"), "{err}");
+        let (s, r) = post(&base, "/v1/retrieve", &json!({"query": "What causes ocean tides?"}));
+        assert_eq!(s, 200, "{r}");
+        // then hang up
     }
     let line = wait_for("the cancellation", Duration::from_secs(30), || {
         c.log("n1")
@@ -305,6 +329,7 @@ fn the_gateway_serves_openai_chat_embeddings_retrieval_documents_and_metrics() {
         "ragfleet_wal_fsyncs_total{instance=",
         "ragfleet_role_in_flight{instance=",
         "ragfleet_coordinator_ingested_total{instance=",
+        "ragfleet_admission_refused_total{instance=",
     ] {
         assert!(m.contains(needle), "metrics lack {needle}:\n{m}");
     }

@@ -186,6 +186,12 @@ pub struct QueryConfig {
     pub rerank_deadline_ms: u64,
     /// Longest accepted query in bytes.
     pub max_query_bytes: usize,
+    /// Requests a coordinator serves at once (retrievals, answers, ingests, deletes,
+    /// embeddings); past it a request is refused at once as overloaded (HTTP 429), never queued.
+    pub max_in_flight: usize,
+    /// Answers a coordinator relays at once (a part of `max_in_flight`): generation is the
+    /// scarce stage, and an answer queued behind others would only time out.
+    pub max_answers_in_flight: usize,
 }
 
 impl Default for QueryConfig {
@@ -200,6 +206,8 @@ impl Default for QueryConfig {
             deadline_ms: 30_000,
             rerank_deadline_ms: 5_000,
             max_query_bytes: 8192,
+            max_in_flight: 256,
+            max_answers_in_flight: 8,
         }
     }
 }
@@ -717,6 +725,15 @@ impl ClusterConfig {
             return Err(invalid(
                 "query.rerank",
                 "is true but no node has the reranker role",
+            ));
+        }
+        if q.max_in_flight == 0 {
+            return Err(invalid("query.max_in_flight", "must be positive"));
+        }
+        if q.max_answers_in_flight == 0 || q.max_answers_in_flight > q.max_in_flight {
+            return Err(invalid(
+                "query.max_answers_in_flight",
+                "must be between 1 and query.max_in_flight",
             ));
         }
         if q.max_query_bytes == 0 {

@@ -130,6 +130,14 @@ fn errors_name_the_field() {
             "http.max_body_bytes",
         ),
         (
+            format!("{GOOD}\n[query]\nmax_in_flight = 4\nmax_answers_in_flight = 5\n"),
+            "query.max_answers_in_flight",
+        ),
+        (
+            format!("{GOOD}\n[query]\nmax_in_flight = 0\n"),
+            "query.max_in_flight",
+        ),
+        (
             format!("{GOOD}\n[generator]\nmin_grounding = 1.5\n"),
             "generator.min_grounding",
         ),

@@ -21,6 +21,8 @@ pub struct RuntimeMetrics {
     pub restarts: IntCounterVec,
     /// Documents and chunks acknowledged by this process's coordinators.
     pub ingested: IntCounterVec,
+    /// Requests refused at once by admission control, by kind (`request`, `answer`).
+    pub refused: IntCounterVec,
     wal_fsyncs: IntCounter,
     wal_seen: AtomicU64,
 }
@@ -62,6 +64,14 @@ impl RuntimeMetrics {
             &["kind"],
         )
         .expect("metric");
+        let refused = IntCounterVec::new(
+            Opts::new(
+                "admission_refused_total",
+                "Requests a coordinator refused at once (overloaded), by kind",
+            ),
+            &["kind"],
+        )
+        .expect("metric");
         let wal_fsyncs =
             IntCounter::new("wal_fsyncs_total", "WAL fsyncs of this process").expect("metric");
         for m in [
@@ -69,6 +79,7 @@ impl RuntimeMetrics {
             Box::new(in_flight.clone()),
             Box::new(restarts.clone()),
             Box::new(ingested.clone()),
+            Box::new(refused.clone()),
             Box::new(wal_fsyncs.clone()),
         ] {
             registry.register(m).expect("register");
@@ -79,6 +90,7 @@ impl RuntimeMetrics {
             in_flight,
             restarts,
             ingested,
+            refused,
             wal_fsyncs,
             wal_seen: AtomicU64::new(0),
         }

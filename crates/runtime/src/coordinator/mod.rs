@@ -8,13 +8,14 @@
 //! [`retrieve`], [`ingest`] (and delete), [`ask`] (the answer relay), [`prompt`] (context
 //! assembly), [`status`]. Ranking itself lives in `ragfleet_index::ranking`.
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use ragfleet_client::{groups, RoleMsg};
 use ragfleet_config::ClusterConfig;
-use ragfleet_proto::{Request, Response, Role};
+use ragfleet_proto::{Request, Response, Role, WireError};
 use tracing::info;
 
 use crate::call::{common, info, reply, request_id_of, traced, unsupported};
@@ -53,6 +54,9 @@ pub struct CoordinatorArgs {
 /// Shared context of a coordinator's requests.
 pub struct Ctx {
     args: CoordinatorArgs,
+    /// Requests being served, and answers being relayed (admission control).
+    in_flight: Arc<AtomicUsize>,
+    answers: Arc<AtomicUsize>,
     /// Round-robin position per group (one shared counter would advance by the number of
     /// groups a request touches and always pick the same replica of some groups).
     rr: std::sync::Mutex<HashMap<String, u64>>,
@@ -64,6 +68,8 @@ impl Ctx {
     pub fn new(args: CoordinatorArgs) -> Self {
         Ctx {
             args,
+            in_flight: Arc::default(),
+            answers: Arc::default(),
             rr: std::sync::Mutex::new(HashMap::new()),
             streams: StreamTable::default(),
         }
@@ -73,10 +79,61 @@ impl Ctx {
         &self.args.cfg
     }
 
+    /// Admits one more request (an answer when `answer`), or refuses it at once as overloaded
+    /// when the coordinator already serves `query.max_in_flight` requests (or
+    /// `query.max_answers_in_flight` answers): work past the bound is never queued.
+    pub(crate) fn admit(&self, answer: bool) -> Result<Admission, WireError> {
+        let q = &self.cfg().query;
+        let refuse = |what: String| {
+            crate::metrics::get()
+                .refused
+                .with_label_values(&[if answer { "answer" } else { "request" }])
+                .inc();
+            WireError::Overloaded(what)
+        };
+        if self.in_flight.fetch_add(1, Ordering::SeqCst) >= q.max_in_flight {
+            self.in_flight.fetch_sub(1, Ordering::SeqCst);
+            return Err(refuse(format!(
+                "this coordinator is serving its limit of {} requests (query.max_in_flight); retry shortly",
+                q.max_in_flight
+            )));
+        }
+        let mut admitted = Admission {
+            all: self.in_flight.clone(),
+            answers: None,
+        };
+        if answer {
+            if self.answers.fetch_add(1, Ordering::SeqCst) >= q.max_answers_in_flight {
+                self.answers.fetch_sub(1, Ordering::SeqCst);
+                return Err(refuse(format!(
+                    "this coordinator is relaying its limit of {} answers (query.max_answers_in_flight); retry shortly",
+                    q.max_answers_in_flight
+                )));
+            }
+            admitted.answers = Some(self.answers.clone());
+        }
+        Ok(admitted)
+    }
+
     fn count_tokens(&self, text: &str) -> usize {
         match &self.args.gen_tokens {
             Some(t) => t.count(text),
             None => text.len().div_ceil(4),
+        }
+    }
+}
+
+/// An admitted request: counted until dropped.
+pub(crate) struct Admission {
+    all: Arc<AtomicUsize>,
+    answers: Option<Arc<AtomicUsize>>,
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        self.all.fetch_sub(1, Ordering::SeqCst);
+        if let Some(a) = &self.answers {
+            a.fetch_sub(1, Ordering::SeqCst);
         }
     }
 }
@@ -119,8 +176,23 @@ impl Actor for CoordinatorActor {
             return Ok(());
         };
         let ctx = ctx.clone();
+        // admission: work past the coordinator's bounds is refused at once, never queued
+        let admitted = match &req {
+            Request::Retrieve { .. }
+            | Request::Ingest { .. }
+            | Request::Delete { .. }
+            | Request::Embed { .. }
+            | Request::Ask { .. } => match ctx.admit(matches!(req, Request::Ask { .. })) {
+                Ok(a) => Some(a),
+                Err(e) => {
+                    reply(port, Response::Error(e));
+                    return Ok(());
+                }
+            },
+            _ => None,
+        };
         // a request in flight is counted until its answer is sent
-        let serving = crate::metrics::get().serving("coordinator");
+        let serving = (crate::metrics::get().serving("coordinator"), admitted);
         match req {
             Request::Retrieve { query, options } => {
                 tokio::spawn(traced(rid, async move {

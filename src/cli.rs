@@ -206,6 +206,9 @@ pub(crate) enum Cmd {
         /// With --answers: answer length limit in tokens.
         #[arg(long, default_value_t = 96)]
         max_tokens: u32,
+        /// With --answers: the answer modes to measure.
+        #[arg(long, value_delimiter = ',', default_value = "generate,extractive,auto")]
+        answer_modes: Vec<String>,
         /// dense, bm25 or hybrid.
         #[arg(long, default_value = "dense")]
         mode: String,

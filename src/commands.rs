@@ -181,13 +181,25 @@ pub(crate) async fn run(cli: Cli) -> Result<()> {
             json,
             answers,
             max_tokens,
+            answer_modes,
         } => {
             init_logs("warn,ractor_cluster=error");
-            let client = connect(cluster.load()?).await?;
             let mode = mode.parse::<SearchMode>().map_err(anyhow::Error::msg)?;
+            let answer_modes = answer_modes
+                .iter()
+                .map(|m| m.parse::<ragfleet_proto::AnswerMode>())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(anyhow::Error::msg)?;
+            let client = connect(cluster.load()?).await?;
             if answers {
-                return crate::eval_answers::run(&client, &queries, mode, max_tokens, limit, json)
-                    .await;
+                let run = crate::eval_answers::Run {
+                    mode,
+                    max_tokens,
+                    limit,
+                    answer_modes,
+                    json,
+                };
+                return crate::eval_answers::run(&client, &queries, run).await;
             }
             let opts = RetrieveOptions {
                 k: Some(100),

@@ -46,21 +46,35 @@ pub(crate) fn percentile(v: &mut [f64], p: f64) -> f64 {
     v[((v.len() as f64 - 1.0) * p).round() as usize]
 }
 
+/// What `eval --answers` measures.
+pub struct Run {
+    /// Retrieval mode of the answers.
+    pub mode: SearchMode,
+    /// Answer length limit.
+    pub max_tokens: u32,
+    /// Questions (the first N by id; 50 when `None`).
+    pub limit: Option<usize>,
+    /// Answer modes, each over every question.
+    pub answer_modes: Vec<AnswerMode>,
+    /// One JSON object instead of a table.
+    pub json: bool,
+}
+
 /// Asks every question in each answer mode and prints one table (or one JSON object).
-pub async fn run(
-    client: &Client,
-    queries: &Path,
-    mode: SearchMode,
-    max_tokens: u32,
-    limit: Option<usize>,
-    json_out: bool,
-) -> Result<()> {
+pub async fn run(client: &Client, queries: &Path, run: Run) -> Result<()> {
+    let Run {
+        mode,
+        max_tokens,
+        limit,
+        answer_modes,
+        json: json_out,
+    } = run;
     let qs = crate::eval::read_queries(queries)?;
     let mut ids: Vec<&String> = qs.keys().collect();
     ids.sort();
     ids.truncate(limit.unwrap_or(50));
     let mut report = serde_json::Map::new();
-    for am in [AnswerMode::Generate, AnswerMode::Extractive, AnswerMode::Auto] {
+    for am in answer_modes {
         let name = format!("{am:?}").to_lowercase();
         let (mut rep_share, mut rep_max, mut ends, mut words) = (0.0, 0usize, 0usize, 0usize);
         let (mut grounding, mut grounded) = (0.0f64, 0usize);

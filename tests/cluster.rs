@@ -283,8 +283,9 @@ fn a_malformed_wire_frame_is_answered_with_an_error_not_a_panic() {
         let ractor::rpc::CallResult::Success(bytes) = reply else {
             panic!("no reply: {reply:?}")
         };
-        let frame = ragfleet_proto::Frame::<ragfleet_proto::Response>::decode(&bytes);
-        match frame.0 {
+        // the answer is an envelope (request id, then the frame)
+        let envelope = <ragfleet_runtime::Envelope<ragfleet_proto::Response> as ractor::BytesConvertable>::from_bytes(bytes);
+        match envelope.0 .0 {
             Ok(ragfleet_proto::Response::Error(ragfleet_proto::WireError::Frame(_))) => {}
             other => panic!("expected a frame error, got {other:?}"),
         }

@@ -340,8 +340,54 @@ pub fn extract<'a>(
     picked
 }
 
+/// An answer that stopped after its last full sentence, mid-way through another (the model
+/// ended it there): the text up to that last sentence end, when one exists with at least three
+/// words before it; `None` when the text already ends a sentence or has no earlier end.
+pub fn drop_trailing_fragment(text: &str) -> Option<String> {
+    let t = text.trim_end();
+    let closers = ['"', '\'', ')', ']', '*', '`'];
+    if t.trim_end_matches(closers).ends_with(['.', '!', '?']) {
+        return None;
+    }
+    let bytes = t.as_bytes();
+    let mut cut = None;
+    for (i, &c) in bytes.iter().enumerate() {
+        if matches!(c, b'.' | b'!' | b'?') {
+            // a sentence end is followed by white space (after any closing marks)
+            let mut j = i + 1;
+            while j < bytes.len() && closers.contains(&(bytes[j] as char)) {
+                j += 1;
+            }
+            if j < bytes.len() && bytes[j].is_ascii_whitespace() {
+                cut = Some(j);
+            }
+        }
+    }
+    let kept = t[..cut?].trim_end();
+    (kept.split_whitespace().count() >= 3).then(|| kept.to_string())
+}
+
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_trailing_fragment_is_dropped_after_the_last_full_sentence() {
+        assert_eq!(
+            drop_trailing_fragment("Tides follow the moon. They rise twice a day. The sun also"),
+            Some("Tides follow the moon. They rise twice a day.".to_string())
+        );
+        assert_eq!(
+            drop_trailing_fragment("It said \"stop.\" Then the"),
+            Some("It said \"stop.\"".to_string())
+        );
+        // whole sentences, nothing to drop; no earlier end, or too little before it: kept
+        assert_eq!(drop_trailing_fragment("Tides follow the moon."), None);
+        assert_eq!(drop_trailing_fragment("Tides follow (the moon.)"), None);
+        assert_eq!(drop_trailing_fragment("No sentence end at all"), None);
+        assert_eq!(drop_trailing_fragment("Yes. and then"), None);
+        // a decimal point is not a sentence end
+        assert_eq!(drop_trailing_fragment("It is 3.5 metres high and"), None);
+    }
     use super::*;
     use std::cell::RefCell;
 

@@ -239,6 +239,12 @@ pub(crate) async fn ask_task(ctx: Arc<Ctx>, question: String, opts: AskOptions, 
     };
     summary.timings_ms.first_token = first_token.map(ms).unwrap_or(0.0);
     summary.timings_ms.generate = ms(t_gen.elapsed());
+    if !live && !truncated {
+        // a held-back answer the model ended mid-sentence ends at its last full sentence
+        if let Some(t) = ragfleet_index::ranking::drop_trailing_fragment(&answer) {
+            answer = t;
+        }
+    }
     if !unsourced {
         summary.grounding = ground(&ctx, &answer, &context).await;
     }

@@ -330,6 +330,7 @@ fn the_gateway_serves_openai_chat_embeddings_retrieval_documents_and_metrics() {
         "ragfleet_role_in_flight{instance=",
         "ragfleet_coordinator_ingested_total{instance=",
         "ragfleet_admission_refused_total{instance=",
+        "ragfleet_queue_depth{instance=",
     ] {
         assert!(m.contains(needle), "metrics lack {needle}:\n{m}");
     }

@@ -62,6 +62,10 @@ fn batch_loop(
             }
         }
         let texts: Vec<String> = jobs.iter().flat_map(|j| j.0.iter().cloned()).collect();
+        crate::metrics::get()
+            .queued
+            .with_label_values(&["embedder"])
+            .sub(texts.len() as i64);
         debug!(
             requests = jobs.len(),
             texts = texts.len(),
@@ -86,8 +90,13 @@ fn batch_loop(
 
 async fn embed(jobs: &mpsc::Sender<Job>, texts: Vec<String>) -> Result<Vec<Vec<f32>>, WireError> {
     let (tx, rx) = oneshot::channel();
-    jobs.send((texts, tx))
-        .map_err(|_| WireError::Unavailable("embedding thread stopped".into()))?;
+    let queued = crate::metrics::get().queued.with_label_values(&["embedder"]);
+    let n = texts.len() as i64;
+    queued.add(n);
+    if jobs.send((texts, tx)).is_err() {
+        queued.sub(n);
+        return Err(WireError::Unavailable("embedding thread stopped".into()));
+    }
     rx.await
         .map_err(|_| WireError::Unavailable("embedding thread stopped".into()))?
         .map_err(WireError::Internal)

@@ -23,6 +23,9 @@ pub struct RuntimeMetrics {
     pub ingested: IntCounterVec,
     /// Requests refused at once by admission control, by kind (`request`, `answer`).
     pub refused: IntCounterVec,
+    /// Work waiting for a role's model thread: texts for the embedders, requests for the
+    /// rerankers.
+    pub queued: IntGaugeVec,
     wal_fsyncs: IntCounter,
     wal_seen: AtomicU64,
 }
@@ -72,6 +75,14 @@ impl RuntimeMetrics {
             &["kind"],
         )
         .expect("metric");
+        let queued = IntGaugeVec::new(
+            Opts::new(
+                "queue_depth",
+                "Work waiting for a role's model thread (embedder: texts, reranker: requests)",
+            ),
+            &["role"],
+        )
+        .expect("metric");
         let wal_fsyncs =
             IntCounter::new("wal_fsyncs_total", "WAL fsyncs of this process").expect("metric");
         for m in [
@@ -80,6 +91,7 @@ impl RuntimeMetrics {
             Box::new(restarts.clone()),
             Box::new(ingested.clone()),
             Box::new(refused.clone()),
+            Box::new(queued.clone()),
             Box::new(wal_fsyncs.clone()),
         ] {
             registry.register(m).expect("register");
@@ -91,6 +103,7 @@ impl RuntimeMetrics {
             restarts,
             ingested,
             refused,
+            queued,
             wal_fsyncs,
             wal_seen: AtomicU64::new(0),
         }

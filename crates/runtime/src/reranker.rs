@@ -55,7 +55,9 @@ pub struct RerankerState {
 }
 
 fn work(model: Arc<dyn RerankModel>, jobs: Receiver<Job>) {
+    let queued = crate::metrics::get().queued.with_label_values(&["reranker"]);
     while let Ok(job) = jobs.recv() {
+        queued.dec();
         if job.abandoned() {
             debug!("rerank request abandoned by its caller; skipped");
             continue;
@@ -109,16 +111,28 @@ impl Actor for RerankerActor {
                     port,
                     deadline,
                 };
+                let queued = crate::metrics::get().queued.with_label_values(&["reranker"]);
+                queued.inc();
                 match state.jobs.try_send(job) {
                     Ok(()) => {}
-                    Err(TrySendError::Full(job)) => reply(
-                        job.port,
-                        Response::Error(WireError::Overloaded("reranker queue is full".into())),
-                    ),
-                    Err(TrySendError::Disconnected(job)) => reply(
-                        job.port,
-                        Response::Error(WireError::Unavailable("reranker thread stopped".into())),
-                    ),
+                    Err(TrySendError::Full(job)) => {
+                        queued.dec();
+                        reply(
+                            job.port,
+                            Response::Error(WireError::Overloaded(
+                                "reranker queue is full".into(),
+                            )),
+                        )
+                    }
+                    Err(TrySendError::Disconnected(job)) => {
+                        queued.dec();
+                        reply(
+                            job.port,
+                            Response::Error(WireError::Unavailable(
+                                "reranker thread stopped".into(),
+                            )),
+                        )
+                    }
                 }
             }
             other => reply(port, unsupported(&other, "reranker")),

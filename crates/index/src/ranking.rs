@@ -342,28 +342,65 @@ pub fn extract<'a>(
 
 /// An answer that stopped after its last full sentence, mid-way through another (the model
 /// ended it there): the text up to that last sentence end, when one exists with at least three
-/// words before it; `None` when the text already ends a sentence or has no earlier end.
+/// words before it; `None` when the text already ends a sentence or has no earlier end. A list
+/// marker (`1.`, `a)`, `-`) opening a line is not a sentence end, and a trailing one is a
+/// fragment.
 pub fn drop_trailing_fragment(text: &str) -> Option<String> {
-    let t = text.trim_end();
     let closers = ['"', '\'', ')', ']', '*', '`'];
-    if t.trim_end_matches(closers).ends_with(['.', '!', '?']) {
+    let is_marker = |w: &str| {
+        let w = w.trim();
+        let core = w.trim_end_matches(['.', ')']);
+        !w.is_empty()
+            && w.len() <= 4
+            && (core.chars().all(|c| c.is_ascii_digit())
+                || (core.len() == 1 && core.chars().all(|c| c.is_ascii_alphabetic()))
+                || matches!(w, "-" | "*" | "•"))
+    };
+    let mut t = text.trim_end();
+    // a last line that is only a list marker opens an item that never came
+    while let Some(nl) = t.rfind('\n') {
+        if is_marker(&t[nl + 1..]) {
+            t = t[..nl].trim_end();
+        } else {
+            break;
+        }
+    }
+    let ends = t.trim_end_matches(closers).ends_with(['.', '!', '?']);
+    if ends && t.len() == text.trim_end().len() {
         return None;
     }
     let bytes = t.as_bytes();
+    // where the line holding byte `i` starts, and whether the word ending at `i` opens it
+    let opens_line_as_marker = |i: usize| {
+        let start = t[..i].rfind(char::is_whitespace).map_or(0, |p| p + 1);
+        let line_start = start == 0 || bytes[start - 1] == b'\n';
+        line_start && is_marker(&t[start..=i])
+    };
     let mut cut = None;
     for (i, &c) in bytes.iter().enumerate() {
         if matches!(c, b'.' | b'!' | b'?') {
-            // a sentence end is followed by white space (after any closing marks)
+            // a sentence end is followed by white space (after any closing marks), or ends
+            // the (marker-stripped) text
             let mut j = i + 1;
             while j < bytes.len() && closers.contains(&(bytes[j] as char)) {
                 j += 1;
             }
-            if j < bytes.len() && bytes[j].is_ascii_whitespace() {
+            let boundary = j == bytes.len() || bytes[j].is_ascii_whitespace();
+            // ... and the next sentence does not start in lower case (`panic! macro`)
+            let next_lower = t[j..]
+                .trim_start()
+                .chars()
+                .next()
+                .is_some_and(char::is_lowercase);
+            if boundary && !next_lower && !opens_line_as_marker(i) {
                 cut = Some(j);
             }
         }
     }
     let kept = t[..cut?].trim_end();
+    if kept.len() == text.trim_end().len() {
+        return None;
+    }
     (kept.split_whitespace().count() >= 3).then(|| kept.to_string())
 }
 
@@ -385,8 +422,24 @@ mod tests {
         assert_eq!(drop_trailing_fragment("Tides follow (the moon.)"), None);
         assert_eq!(drop_trailing_fragment("No sentence end at all"), None);
         assert_eq!(drop_trailing_fragment("Yes. and then"), None);
-        // a decimal point is not a sentence end
+        // a decimal point is not a sentence end, nor a macro's bang before a lower-case word
         assert_eq!(drop_trailing_fragment("It is 3.5 metres high and"), None);
+        assert_eq!(
+            drop_trailing_fragment("Use the panic! macro. Besides the panic! function, use"),
+            Some("Use the panic! macro.".to_string())
+        );
+        // a list that never came: the marker and the sentence announcing it go
+        assert_eq!(
+            drop_trailing_fragment(
+                "Use the Result type. It can be matched.\n\nThere are other ways such as:\n\n1."
+            ),
+            Some("Use the Result type. It can be matched.".to_string())
+        );
+        // an item marker is not a sentence end to cut back to
+        assert_eq!(
+            drop_trailing_fragment("Use these tools:\n1. Result for errors.\n2. Option for"),
+            Some("Use these tools:\n1. Result for errors.".to_string())
+        );
     }
     use super::*;
     use std::cell::RefCell;

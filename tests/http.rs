@@ -331,6 +331,8 @@ fn the_gateway_serves_openai_chat_embeddings_retrieval_documents_and_metrics() {
         "ragfleet_coordinator_ingested_total{instance=",
         "ragfleet_admission_refused_total{instance=",
         "ragfleet_queue_depth{instance=",
+        // the tides query was asked twice: its embedding came from the cache the second time
+        "cache=\"query_embedding\",outcome=\"hit\"}",
     ] {
         assert!(m.contains(needle), "metrics lack {needle}:\n{m}");
     }

@@ -192,6 +192,8 @@ pub struct QueryConfig {
     /// Answers a coordinator relays at once (a part of `max_in_flight`): generation is the
     /// scarce stage, and an answer queued behind others would only time out.
     pub max_answers_in_flight: usize,
+    /// Query embeddings a coordinator keeps for queries asked again (0: none).
+    pub embed_cache_entries: usize,
 }
 
 impl Default for QueryConfig {
@@ -208,6 +210,7 @@ impl Default for QueryConfig {
             max_query_bytes: 8192,
             max_in_flight: 256,
             max_answers_in_flight: 8,
+            embed_cache_entries: 4096,
         }
     }
 }
@@ -725,6 +728,12 @@ impl ClusterConfig {
             return Err(invalid(
                 "query.rerank",
                 "is true but no node has the reranker role",
+            ));
+        }
+        if q.embed_cache_entries > 1_000_000 {
+            return Err(invalid(
+                "query.embed_cache_entries",
+                "must be at most 1000000 (0 turns the cache off)",
             ));
         }
         if q.max_in_flight == 0 {

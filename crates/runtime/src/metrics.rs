@@ -23,6 +23,8 @@ pub struct RuntimeMetrics {
     pub ingested: IntCounterVec,
     /// Requests refused at once by admission control, by kind (`request`, `answer`).
     pub refused: IntCounterVec,
+    /// Cache lookups by cache and outcome (`hit`, `miss`).
+    pub cache: IntCounterVec,
     /// Work waiting for a role's model thread: texts for the embedders, requests for the
     /// rerankers.
     pub queued: IntGaugeVec,
@@ -75,6 +77,11 @@ impl RuntimeMetrics {
             &["kind"],
         )
         .expect("metric");
+        let cache = IntCounterVec::new(
+            Opts::new("cache_lookups_total", "Cache lookups by cache and outcome"),
+            &["cache", "outcome"],
+        )
+        .expect("metric");
         let queued = IntGaugeVec::new(
             Opts::new(
                 "queue_depth",
@@ -92,6 +99,7 @@ impl RuntimeMetrics {
             Box::new(ingested.clone()),
             Box::new(refused.clone()),
             Box::new(queued.clone()),
+            Box::new(cache.clone()),
             Box::new(wal_fsyncs.clone()),
         ] {
             registry.register(m).expect("register");
@@ -104,6 +112,7 @@ impl RuntimeMetrics {
             ingested,
             refused,
             queued,
+            cache,
             wal_fsyncs,
             wal_seen: AtomicU64::new(0),
         }

@@ -25,6 +25,7 @@ use crate::streams::{next_response, StreamTable};
 
 mod answer;
 mod ask;
+mod cache;
 pub mod ingest;
 pub mod prompt;
 pub(crate) mod replicas;
@@ -56,6 +57,8 @@ pub struct Ctx {
     args: CoordinatorArgs,
     /// Requests being served, and answers being relayed (admission control).
     in_flight: Arc<AtomicUsize>,
+    /// Query embeddings already made.
+    embed_cache: cache::EmbedCache,
     answers: Arc<AtomicUsize>,
     /// Round-robin position per group (one shared counter would advance by the number of
     /// groups a request touches and always pick the same replica of some groups).
@@ -67,6 +70,7 @@ impl Ctx {
     /// A context for `args`.
     pub fn new(args: CoordinatorArgs) -> Self {
         Ctx {
+            embed_cache: cache::EmbedCache::new(args.cfg.query.embed_cache_entries),
             args,
             in_flight: Arc::default(),
             answers: Arc::default(),

@@ -35,13 +35,18 @@ async fn embed_query(
     text: &str,
     deadline: Instant,
 ) -> Result<(Vec<f32>, ModelIdentity), WireError> {
+    if let Some(hit) = ctx.embed_cache.get(text) {
+        return Ok(hit);
+    }
     let req = Embed {
         texts: vec![text.to_string()],
     };
     let replicas = ctx.candidates(groups::EMBEDDERS);
     match call_replicas(&ctx.args.health, replicas, req, Budget::Split(deadline)).await {
         Ok((model, mut vectors)) if vectors.len() == 1 => {
-            Ok((vectors.pop().unwrap_or_default(), model))
+            let v = vectors.pop().unwrap_or_default();
+            ctx.embed_cache.put(text, &v, &model);
+            Ok((v, model))
         }
         Ok((_, v)) => Err(WireError::Internal(format!(
             "the embedder returned {} vectors for one query",

@@ -248,6 +248,8 @@ fn an_answer_cut_mid_stream_by_a_stalled_generator_is_reported_truncated() {
                 seed: 1,
                 ..Default::default()
             },
+            // streamed as generated (auto holds the answer back until it is checked)
+            answer_mode: Some(ragfleet_proto::AnswerMode::Generate),
             ..AskOptions::default()
         };
         let mut s = client

@@ -294,9 +294,15 @@ pub fn grounding(
     ragfleet_proto::Grounding { score, sentences }
 }
 
+/// The share of the best sentence's similarity to the question another sentence needs to be
+/// quoted beside it.
+pub const EXTRACT_RELEVANCE: f32 = 0.6;
+
 /// Picks the sentences of an extractive answer: the candidates (label, sentence, unit vector)
 /// closest to the question, best first, dropping near-duplicates (cosine >= 0.95 to one
-/// already picked), while their token count stays within `budget`; at most `max` of them.
+/// already picked) and sentences far less related to the question than the best one (below
+/// [`EXTRACT_RELEVANCE`] of its similarity), while their token count stays within `budget`; at
+/// most `max` of them.
 pub fn extract<'a>(
     question: &[f32],
     candidates: &'a [(String, String, Vec<f32>)],
@@ -311,10 +317,11 @@ pub fn extract<'a>(
         .collect();
     order.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
     let order_first = order.first().copied();
+    let floor = order_first.map_or(0.0, |(best, _)| best * EXTRACT_RELEVANCE);
     let mut picked: Vec<&(String, String, Vec<f32>)> = Vec::new();
     let mut spent = 0;
-    for (_, i) in order {
-        if picked.len() >= max {
+    for (sim, i) in order {
+        if picked.len() >= max || sim < floor {
             break;
         }
         let c = &candidates[i];
@@ -609,7 +616,7 @@ mod tests {
         let texts = [
             ("a", "Glaciers carve valleys slowly."),
             ("b", "Glaciers carve valleys slowly."),
-            ("c", "Glaciers are rivers of ice in mountains."),
+            ("c", "Glaciers carve deep valleys in mountains."),
             ("d", "Honey bees store honey."),
         ];
         let strings: Vec<String> = texts.iter().map(|t| t.1.to_string()).collect();
@@ -623,16 +630,16 @@ mod tests {
         let words = |s: &str| s.split_whitespace().count();
         let got = extract(&q[0], &cands, 100, 3, &words);
         let labels: Vec<&str> = got.iter().map(|c| c.0.as_str()).collect();
-        // the duplicate of a is dropped; bees come last
-        assert_eq!(labels, vec!["a", "c", "d"]);
-        // a budget of 8 words keeps the best sentence and what else fits
+        // the duplicate of a is dropped, and bees, unrelated to the question, are not quoted
+        assert_eq!(labels, vec!["c", "a"]);
+        // a budget of 8 words keeps the best sentence (6 words) and what else fits (not a's 4)
         let got = extract(&q[0], &cands, 8, 3, &words);
         let labels: Vec<&str> = got.iter().map(|c| c.0.as_str()).collect();
-        assert_eq!(labels, vec!["a", "d"]);
+        assert_eq!(labels, vec!["c"]);
         // a budget below any sentence still quotes the best one, whole
         let got = extract(&q[0], &cands, 1, 3, &words);
         assert_eq!(got.len(), 1);
-        assert_eq!(got[0].0, "a");
+        assert_eq!(got[0].0, "c");
         assert!(extract(&q[0], &[], 10, 3, &words).is_empty());
     }
 }

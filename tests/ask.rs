@@ -349,3 +349,46 @@ fn eval_answers_reports_repetition_endings_and_grounding_per_answer_mode() {
         "{r}"
     );
 }
+
+#[test]
+fn a_busy_generator_refuses_at_once_and_auto_answers_from_the_sources() {
+    let _g = serial();
+    // one stream and no queue: while one answer decodes, the generator refuses another
+    let c = Cluster::start(
+        &[
+            &["coordinator", "embedder", "shard", "generator"],
+            &["shard"],
+        ],
+        "[generator]\nmax_tokens = 12\ncontext_tokens = 320\nmax_streams = 1\nmax_queue = 0\n",
+    );
+    let p = c.corpus_path();
+    c.json(&["ingest", "--json", p.to_str().unwrap()]);
+    let out_path = c.dir.path().join("long.out");
+    let mut long = std::process::Command::new(bin())
+        .args(["ask", "--answer-mode", "generate", "--max-tokens", "400"])
+        .arg("Write a very long and detailed essay on the moon, the seas and the tides, with many examples.")
+        .arg("--config")
+        .arg(&c.config)
+        .arg("--models")
+        .arg(models_dir())
+        .stdout(std::fs::File::create(&out_path).unwrap())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for("the first tokens", Duration::from_secs(60), || {
+        let t = std::fs::read_to_string(&out_path).ok()?;
+        (t.trim().len() > 3).then_some(())
+    });
+    // told to generate: refused with the reason, not queued behind the long answer
+    let t = std::time::Instant::now();
+    let (ok, _, err) = c.cli(&["ask", "--answer-mode", "generate", "What do honey bees store?"]);
+    assert!(!ok && err.contains("overloaded"), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
+    // auto: answered from the sources, saying why
+    let a = ask_json(&c, &["What do honey bees store in their hive?"]);
+    assert_eq!(a["answer_mode"], "extractive", "{a}");
+    assert!(a["fallback"].as_str().unwrap().contains("overloaded"), "{a}");
+    assert!(a["answer"].as_str().unwrap().contains("[bees]"), "{a}");
+    let _ = long.kill();
+    let _ = long.wait();
+}

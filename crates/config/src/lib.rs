@@ -275,6 +275,9 @@ pub struct GeneratorConfig {
     pub context_tokens: u32,
     /// Streams decoded together.
     pub max_streams: usize,
+    /// Answers a generator replica lets wait for a free stream; past `max_streams + max_queue`
+    /// it refuses at once (overloaded) and the coordinator tries another replica.
+    pub max_queue: usize,
     /// Time allowed before the first token, in ms, before another replica is tried.
     pub first_token_timeout_ms: u64,
     /// Behaviour with zero coverage.
@@ -302,6 +305,7 @@ impl Default for GeneratorConfig {
             max_tokens: 96,
             context_tokens: 1024,
             max_streams: 4,
+            max_queue: 4,
             first_token_timeout_ms: 15_000,
             on_no_coverage: NoCoverage::Unsourced,
             repetition_penalty: 1.15,
@@ -790,6 +794,9 @@ impl ClusterConfig {
                 "generator.min_grounding",
                 "must be between 0 and 1",
             ));
+        }
+        if self.generator.max_queue > 1024 {
+            return Err(invalid("generator.max_queue", "must be at most 1024"));
         }
         if self.generator.max_streams == 0 {
             return Err(invalid("generator.max_streams", "must be positive"));

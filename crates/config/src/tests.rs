@@ -138,6 +138,10 @@ fn errors_name_the_field() {
             "query.max_in_flight",
         ),
         (
+            format!("{GOOD}\n[generator]\nmax_queue = 5000\n"),
+            "generator.max_queue",
+        ),
+        (
             format!("{GOOD}\n[generator]\nmin_grounding = 1.5\n"),
             "generator.min_grounding",
         ),

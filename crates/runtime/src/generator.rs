@@ -1,5 +1,6 @@
 //! A generator replica: one decode thread serving several streams (continuous batching); the
 //! tokens of each stream are read by long polling.
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
@@ -25,6 +26,9 @@ pub struct GeneratorArgs {
     pub model: Arc<dyn GenerateModel>,
     /// Streams decoded together.
     pub max_streams: usize,
+    /// Answers that may wait for a free stream; past `max_streams + max_queue` a request is
+    /// refused at once as overloaded.
+    pub max_queue: usize,
     /// Longest accepted answer.
     pub max_tokens: u32,
 }
@@ -38,6 +42,17 @@ pub struct GeneratorState {
     args: GeneratorArgs,
     jobs: mpsc::Sender<Job>,
     streams: Arc<StreamTable>,
+    /// Answers decoding or waiting.
+    active: Arc<AtomicUsize>,
+}
+
+/// Counts an answer as active until its stream ends.
+struct Active(Arc<AtomicUsize>);
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Actor for GeneratorActor {
@@ -60,6 +75,7 @@ impl Actor for GeneratorActor {
             args,
             jobs: tx,
             streams: Arc::new(StreamTable::default()),
+            active: Arc::default(),
         })
     }
 
@@ -83,6 +99,16 @@ impl Actor for GeneratorActor {
                     );
                     return Ok(());
                 }
+                let bound = state.args.max_streams + state.args.max_queue;
+                if state.active.fetch_add(1, Ordering::SeqCst) >= bound {
+                    state.active.fetch_sub(1, Ordering::SeqCst);
+                    let e = format!(
+                        "generator busy: {bound} answers decoding or queued (generator.max_streams + generator.max_queue)"
+                    );
+                    reply(port, Response::Error(WireError::Overloaded(e)));
+                    return Ok(());
+                }
+                let active = Active(state.active.clone());
                 let (id, writer) = state.streams.open();
                 let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
                 job.max_tokens = job.max_tokens.clamp(1, state.args.max_tokens.max(1));
@@ -95,7 +121,7 @@ impl Actor for GeneratorActor {
                 }
                 let serving = crate::metrics::get().serving("generator");
                 tokio::spawn(async move {
-                    let _serving = serving;
+                    let _serving = (serving, active);
                     while let Some(ev) = rx.recv().await {
                         if writer.is_cancelled() {
                             // dropping the receiver stops the decode loop for this stream

@@ -226,6 +226,7 @@ async fn role_specs(
                     node: node.to_string(),
                     model,
                     max_streams: cfg.generator.max_streams,
+                    max_queue: cfg.generator.max_queue,
                     max_tokens: 2048,
                 };
                 let c = vec![ChildSpec {

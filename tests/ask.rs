@@ -13,6 +13,27 @@ fn ask_json(c: &Cluster, args: &[&str]) -> serde_json::Value {
     c.json(&[&["ask", "--json"], args].concat())
 }
 
+/// A CLI `ask` streaming a long generated answer, returned once its first tokens are out.
+fn start_long_answer(c: &Cluster) -> std::process::Child {
+    let out_path = c.dir.path().join("long-answer.out");
+    let child = std::process::Command::new(bin())
+        .args(["ask", "--answer-mode", "generate", "--max-tokens", "400"])
+        .arg("Write a very long and detailed essay on the moon, the seas and the tides, with many examples.")
+        .arg("--config")
+        .arg(&c.config)
+        .arg("--models")
+        .arg(models_dir())
+        .stdout(std::fs::File::create(&out_path).unwrap())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for("the first tokens", Duration::from_secs(60), || {
+        let t = std::fs::read_to_string(&out_path).ok()?;
+        (t.trim().len() > 3).then_some(())
+    });
+    child
+}
+
 #[test]
 fn ask_streams_a_sourced_answer_with_coverage_and_timings() {
     let _g = serial();
@@ -237,22 +258,7 @@ fn a_generated_answer_reports_its_grounding_and_end_reason() {
     assert!(out.contains("grounding: "), "{out}");
 
     // a client killed mid-answer (no cancel is ever sent): its silence cancels the answer
-    let out_path = c.dir.path().join("vanishing.out");
-    let mut child = std::process::Command::new(bin())
-        .args(["ask", "--answer-mode", "generate", "--max-tokens", "400"])
-        .arg("Write a very long and detailed essay on the moon, the seas and the tides, with many examples.")
-        .arg("--config")
-        .arg(&c.config)
-        .arg("--models")
-        .arg(models_dir())
-        .stdout(std::fs::File::create(&out_path).unwrap())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_for("the first tokens", Duration::from_secs(60), || {
-        let t = std::fs::read_to_string(&out_path).ok()?;
-        (t.split("A:").nth(1).unwrap_or(&t).trim().len() > 3).then_some(())
-    });
+    let mut child = start_long_answer(&c);
     child.kill().unwrap();
     let _ = child.wait();
     wait_for("the cancellation", Duration::from_secs(15), || {
@@ -363,22 +369,7 @@ fn a_busy_generator_refuses_at_once_and_auto_answers_from_the_sources() {
     );
     let p = c.corpus_path();
     c.json(&["ingest", "--json", p.to_str().unwrap()]);
-    let out_path = c.dir.path().join("long.out");
-    let mut long = std::process::Command::new(bin())
-        .args(["ask", "--answer-mode", "generate", "--max-tokens", "400"])
-        .arg("Write a very long and detailed essay on the moon, the seas and the tides, with many examples.")
-        .arg("--config")
-        .arg(&c.config)
-        .arg("--models")
-        .arg(models_dir())
-        .stdout(std::fs::File::create(&out_path).unwrap())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_for("the first tokens", Duration::from_secs(60), || {
-        let t = std::fs::read_to_string(&out_path).ok()?;
-        (t.trim().len() > 3).then_some(())
-    });
+    let mut long = start_long_answer(&c);
     // told to generate: refused with the reason, not queued behind the long answer
     let t = std::time::Instant::now();
     let (ok, _, err) = c.cli(&["ask", "--answer-mode", "generate", "What do honey bees store?"]);

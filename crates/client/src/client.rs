@@ -165,20 +165,13 @@ async fn dial(server: &ActorRef<NodeServerMessage>, cfg: &ClusterConfig, tls: Op
     }
 }
 
-/// Awaits every future, in order (concurrently).
-async fn join_all<F>(futs: impl Iterator<Item = F>) -> Vec<F::Output>
-where
-    F: std::future::Future + Send + 'static,
-    F::Output: Send + 'static,
-{
-    let handles: Vec<_> = futs.map(tokio::spawn).collect();
-    let mut out = Vec::with_capacity(handles.len());
-    for h in handles {
-        if let Ok(v) = h.await {
-            out.push(v);
-        }
-    }
-    out
+/// Watches the coordinators' heartbeats at the pace of `cfg.failure`.
+fn spawn_watch(cfg: &ClusterConfig, suspects: &Suspects) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(watch_coordinators(
+        suspects.clone(),
+        Duration::from_millis(cfg.failure.heartbeat_ms),
+        Duration::from_millis(cfg.failure.suspect_after_ms),
+    ))
 }
 
 fn preferred_is_none(current: &Mutex<Option<ActorRef<RoleMsg>>>) -> bool {
@@ -247,11 +240,7 @@ impl Client {
                 dial(&server, &cfg, tls.as_ref()).await;
             }
         }));
-        client.watch = Some(tokio::spawn(watch_coordinators(
-            client.suspects.clone(),
-            Duration::from_millis(client.cfg.failure.heartbeat_ms),
-            Duration::from_millis(client.cfg.failure.suspect_after_ms),
-        )));
+        client.watch = Some(spawn_watch(&client.cfg, &client.suspects));
         Ok(client)
     }
 
@@ -260,11 +249,7 @@ impl Client {
     /// over to the others like any client. Coordinators need not be visible yet.
     pub fn attach(cfg: Arc<ClusterConfig>, server: ActorRef<NodeServerMessage>) -> Client {
         let suspects = Suspects::default();
-        let watch = tokio::spawn(watch_coordinators(
-            suspects.clone(),
-            Duration::from_millis(cfg.failure.heartbeat_ms),
-            Duration::from_millis(cfg.failure.suspect_after_ms),
-        ));
+        let watch = spawn_watch(&cfg, &suspects);
         Client {
             cfg,
             server,
@@ -448,7 +433,7 @@ impl Client {
             call_typed(&a, typed::Metrics {}, Duration::from_secs(2)).await
         });
         let mut seen = HashSet::new();
-        join_all(calls)
+        futures::future::join_all(calls)
             .await
             .into_iter()
             .flatten()

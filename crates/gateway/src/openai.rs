@@ -222,22 +222,14 @@ fn finish_reason(s: &AskSummary) -> &'static str {
     }
 }
 
-/// ragfleet's extra field of a chat answer.
+/// ragfleet's extra field of a chat answer: the answer's summary without its text (which is
+/// the message content).
 fn extra(s: &AskSummary) -> Value {
-    json!({
-        "sources": s.sources,
-        "coverage": s.coverage,
-        "timings_ms": s.timings_ms,
-        "unsourced": s.unsourced,
-        "end_reason": s.end_reason,
-        "truncated": s.truncated,
-        "truncated_reason": s.truncated_reason,
-        "rerank": s.rerank,
-        "degraded": s.degraded,
-        "answer_mode": s.answer_mode,
-        "fallback": s.fallback,
-        "grounding": s.grounding,
-    })
+    let mut v = serde_json::to_value(s).unwrap_or_default();
+    if let Some(o) = v.as_object_mut() {
+        o.remove("answer");
+    }
+    v
 }
 
 /// `POST /v1/chat/completions`.

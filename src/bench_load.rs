@@ -56,6 +56,19 @@ pub struct LoadBench {
     /// Where the report (load.json) and the plot (load.svg) go.
     #[arg(long, default_value = "data/bench-load")]
     out: PathBuf,
+    /// Share of retrievals that repeat a question of the list (the rest ask a question never
+    /// asked before: a list question with a request number appended). 1: every request repeats.
+    #[arg(long, default_value_t = 1.0)]
+    repeat: f64,
+    /// Run every rate twice, with a feature off then on (per request, same build, same
+    /// cluster): `cache` (the retrieval-result and query-embedding caches) or `hedge` (hedged
+    /// shard requests).
+    #[arg(long)]
+    compare: Option<String>,
+    /// Closed loop instead of the offered rates: this many clients each sending its next
+    /// retrieval as soon as the last one answers (the throughput a cluster sustains).
+    #[arg(long)]
+    closed: Option<usize>,
 }
 
 const QUESTIONS: &[&str] = &[
@@ -81,6 +94,29 @@ struct Outcome {
     total_ms: f64,
     first_token_ms: Option<f64>,
     stages: BTreeMap<String, f64>,
+    cache_hit: bool,
+    hedged: bool,
+}
+
+/// What one run of requests is.
+#[derive(Clone)]
+struct Load {
+    kind: String,
+    /// Poisson arrivals at this rate, or `closed` clients back to back.
+    rate: f64,
+    closed: Option<usize>,
+    /// The feature compared (`cache`, `hedge`) and whether it is on.
+    feature: Option<(String, bool)>,
+}
+
+/// The question of request `i`: a list question, or (past the `repeat` share) one never asked.
+fn question(questions: &[String], repeat: f64, i: usize, rng: &mut impl Rng) -> String {
+    let q = &questions[rng.gen_range(0..questions.len())];
+    if repeat >= 1.0 || rng.gen_bool(repeat.max(0.0)) {
+        q.clone()
+    } else {
+        format!("{q} (request {i})")
+    }
 }
 
 async fn one(
@@ -88,14 +124,16 @@ async fn one(
     a: &LoadBench,
     kind: &str,
     question: &str,
+    feature: Option<(&str, bool)>,
 ) -> Outcome {
     let t = Instant::now();
     let mut out = Outcome::default();
     let (path, body) = if kind == "retrieve" {
-        (
-            "/v1/retrieve",
-            json!({"query": question, "mode": a.mode, "k": 5}),
-        )
+        let mut body = json!({"query": question, "mode": a.mode, "k": 5});
+        if let Some((name, on)) = feature {
+            body[name] = json!(on);
+        }
+        ("/v1/retrieve", body)
     } else {
         (
             "/v1/chat/completions",
@@ -125,7 +163,11 @@ async fn one(
     }
     let timings = if kind == "retrieve" {
         match resp.json::<Value>().await {
-            Ok(v) => v["timings_ms"].clone(),
+            Ok(v) => {
+                out.cache_hit = v["cache"] == "hit";
+                out.hedged = v["hedged"].as_array().is_some_and(|h| !h.is_empty());
+                v["timings_ms"].clone()
+            }
             Err(e) => {
                 out.error = Some(e.to_string());
                 Value::Null
@@ -189,48 +231,79 @@ fn pcts(mut v: Vec<f64>) -> Value {
     })
 }
 
-/// Offers `rate` requests/s of `kind` for the set duration; returns the rate's report row.
+/// Offers the load for the set duration; returns its report row.
 async fn at_rate(
     http: &reqwest::Client,
     a: &Arc<LoadBench>,
-    kind: &str,
-    rate: f64,
+    load: &Load,
     questions: &Arc<Vec<String>>,
     rng: &mut rand::rngs::StdRng,
 ) -> Value {
+    let kind = load.kind.as_str();
+    let rate = load.rate;
     let start = Instant::now();
-    let mut next = 0.0f64;
-    let mut tasks = Vec::new();
-    let mut i = 0usize;
-    while next < a.duration {
-        let at = start + Duration::from_secs_f64(next);
-        tokio::time::sleep_until(at.into()).await;
-        let (http, a2, q, kind) = (
+    let timeout = Duration::from_secs_f64(a.timeout);
+    let send = {
+        let (http, a, kind, feature) = (
             http.clone(),
             a.clone(),
-            questions[i % questions.len()].clone(),
             kind.to_string(),
+            load.feature.clone(),
         );
-        let timeout = Duration::from_secs_f64(a.timeout);
-        tasks.push(tokio::spawn(async move {
-            match tokio::time::timeout(timeout, one(&http, &a2, &kind, &q)).await {
-                Ok(o) => o,
-                Err(_) => Outcome {
-                    error: Some("timeout".into()),
-                    total_ms: timeout.as_secs_f64() * 1000.0,
-                    ..Default::default()
-                },
+        move |q: String| {
+            let (http, a2, kind, feature) =
+                (http.clone(), a.clone(), kind.clone(), feature.clone());
+            async move {
+                let f = feature.as_ref().map(|(n, on)| (n.as_str(), *on));
+                match tokio::time::timeout(timeout, one(&http, &a2, &kind, &q, f)).await {
+                    Ok(o) => o,
+                    Err(_) => Outcome {
+                        error: Some("timeout".into()),
+                        total_ms: timeout.as_secs_f64() * 1000.0,
+                        ..Default::default()
+                    },
+                }
             }
-        }));
-        i += 1;
-        // exponential inter-arrival times: a Poisson process at `rate`
-        let u: f64 = rng.gen_range(f64::EPSILON..1.0);
-        next += -u.ln() / rate;
+        }
+    };
+    let mut tasks = Vec::new();
+    if let Some(clients) = load.closed {
+        // closed loop: each client asks its next question when the last is answered
+        let counter = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let end = start + Duration::from_secs_f64(a.duration);
+        for c in 0..clients {
+            let (send, questions, counter) = (send.clone(), questions.clone(), counter.clone());
+            let mut rng = rand::rngs::StdRng::seed_from_u64(a.seed ^ (c as u64 + 1) << 32);
+            let repeat = a.repeat;
+            tasks.push(tokio::spawn(async move {
+                let mut done = Vec::new();
+                while Instant::now() < end {
+                    let i = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let q = question(&questions, repeat, i, &mut rng);
+                    done.push(send(q).await);
+                }
+                done
+            }));
+        }
+    } else {
+        let mut next = 0.0f64;
+        let mut i = 0usize;
+        while next < a.duration {
+            let at = start + Duration::from_secs_f64(next);
+            tokio::time::sleep_until(at.into()).await;
+            let q = question(questions, a.repeat, i, rng);
+            let f = send(q);
+            tasks.push(tokio::spawn(async move { vec![f.await] }));
+            i += 1;
+            // exponential inter-arrival times: a Poisson process at `rate`
+            let u: f64 = rng.gen_range(f64::EPSILON..1.0);
+            next += -u.ln() / rate;
+        }
     }
     let mut outcomes = Vec::new();
     for t in tasks {
         if let Ok(o) = t.await {
-            outcomes.push(o);
+            outcomes.extend(o);
         }
     }
     let wall = start.elapsed().as_secs_f64();
@@ -252,9 +325,16 @@ async fn at_rate(
             *errors_seen.entry(e.chars().take(80).collect()).or_default() += 1;
         }
     }
+    let cache_hits = ok.iter().filter(|o| o.cache_hit).count();
+    let hedged = ok.iter().filter(|o| o.hedged).count();
     json!({
         "kind": kind,
-        "offered_rps": rate,
+        "offered_rps": if load.closed.is_some() { Value::Null } else { json!(rate) },
+        "closed_clients": load.closed,
+        "feature": load.feature.as_ref().map(|(n, _)| n.clone()),
+        "feature_on": load.feature.as_ref().map(|(_, on)| *on),
+        "cache_hits": cache_hits,
+        "hedged": hedged,
         "sent": outcomes.len(),
         "ok": ok.len(),
         "errors": errors,
@@ -279,10 +359,19 @@ fn print_row(r: &Value) {
                 .collect()
         })
         .unwrap_or_default();
+    let variant = match (r["feature"].as_str(), r["feature_on"].as_bool()) {
+        (Some(f), Some(on)) => format!("{f} {}", if on { "on" } else { "off" }),
+        _ => String::new(),
+    };
+    let offered = match r["closed_clients"].as_u64() {
+        Some(c) => format!("{c} cl"),
+        None => format!("{:.2}", r["offered_rps"].as_f64().unwrap_or(0.0)),
+    };
     println!(
-        "{:<8} {:>7.2} {:>6} {:>6} {:>6} {:>7} {:>8.2} {:>8} {:>8} {:>8}  {}",
+        "{:<8} {:<9} {:>7} {:>6} {:>6} {:>6} {:>7} {:>8.2} {:>8} {:>8} {:>8} {:>5} {:>6}  {}",
         r["kind"].as_str().unwrap_or(""),
-        r["offered_rps"].as_f64().unwrap_or(0.0),
+        variant,
+        offered,
         r["sent"].as_u64().unwrap_or(0),
         r["ok"].as_u64().unwrap_or(0),
         r["errors"].as_u64().unwrap_or(0),
@@ -291,6 +380,8 @@ fn print_row(r: &Value) {
         f(&l["p50"]),
         f(&l["p95"]),
         f(&l["p99"]),
+        r["cache_hits"].as_u64().unwrap_or(0),
+        r["hedged"].as_u64().unwrap_or(0),
         stages.join(", ")
     );
 }
@@ -339,7 +430,10 @@ fn plot(rows: &[Value], path: &std::path::Path) -> Result<()> {
                 .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))?
                 .label(p)
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color));
-            chart.draw_series(pts.iter().map(|&(x, y)| Circle::new((x, y), 3, color.filled())))?;
+            chart.draw_series(
+                pts.iter()
+                    .map(|&(x, y)| Circle::new((x, y), 3, color.filled())),
+            )?;
         }
         let tp: Vec<(f64, f64)> = rs
             .iter()
@@ -376,8 +470,26 @@ pub async fn run(a: LoadBench) -> Result<()> {
     if a.duration <= 0.0 {
         bail!("--duration must be positive");
     }
-    if a.retrieve_rates.iter().chain(&a.chat_rates).any(|r| *r <= 0.0) {
+    if a.retrieve_rates
+        .iter()
+        .chain(&a.chat_rates)
+        .any(|r| *r <= 0.0)
+    {
         bail!("rates must be positive");
+    }
+    if !(0.0..=1.0).contains(&a.repeat) {
+        bail!("--repeat must be between 0 and 1");
+    }
+    if let Some(f) = &a.compare {
+        if f != "cache" && f != "hedge" {
+            bail!("--compare {f:?}: cache or hedge");
+        }
+        if a.kind != "retrieve" {
+            bail!("--compare needs --kind retrieve");
+        }
+    }
+    if a.closed == Some(0) {
+        bail!("--closed needs at least one client");
     }
     let mut a = a;
     a.api_key = a.api_key.or_else(|| std::env::var("RAGFLEET_API_KEY").ok());
@@ -419,25 +531,53 @@ pub async fn run(a: LoadBench) -> Result<()> {
         questions.len()
     );
     println!(
-        "{:<8} {:>7} {:>6} {:>6} {:>6} {:>7} {:>8} {:>8} {:>8} {:>8}  server stages p50/p99 ms",
-        "kind", "offered", "sent", "ok", "errors", "refused", "done/s", "p50 ms", "p95 ms", "p99 ms"
+        "{:<8} {:<9} {:>7} {:>6} {:>6} {:>6} {:>7} {:>8} {:>8} {:>8} {:>8} {:>5} {:>6}  server stages p50/p99 ms",
+        "kind", "variant", "offered", "sent", "ok", "errors", "refused", "done/s", "p50 ms", "p95 ms",
+        "p99 ms", "hits", "hedged"
     );
+    let features: Vec<Option<(String, bool)>> = match &a.compare {
+        Some(f) => vec![Some((f.clone(), false)), Some((f.clone(), true))],
+        None => vec![None],
+    };
     let mut rows = Vec::new();
     for kind in kinds {
-        let rates = if kind == "retrieve" {
-            &a.retrieve_rates
-        } else {
-            &a.chat_rates
+        let rates = match (kind, a.closed) {
+            (_, Some(_)) => vec![0.0],
+            ("retrieve", _) => a.retrieve_rates.clone(),
+            _ => a.chat_rates.clone(),
         };
-        for &rate in rates {
-            let row = at_rate(&http, &a, kind, rate, &questions, &mut rng).await;
-            print_row(&row);
-            rows.push(row);
+        for &rate in &rates {
+            for feature in &features {
+                let load = Load {
+                    kind: kind.to_string(),
+                    rate,
+                    closed: a.closed,
+                    feature: feature.clone(),
+                };
+                let row = at_rate(&http, &a, &load, &questions, &mut rng).await;
+                print_row(&row);
+                rows.push(row);
+            }
         }
+    }
+    if let (Some(f), Some(_)) = (&a.compare, a.closed) {
+        let tp = |on: bool| {
+            rows.iter()
+                .find(|r| r["feature_on"] == on)
+                .and_then(|r| r["throughput_rps"].as_f64())
+                .unwrap_or(0.0)
+        };
+        println!(
+            "{f} on / off throughput: {:.2} / {:.2} = {:.2}x",
+            tp(true),
+            tp(false),
+            tp(true) / tp(false).max(1e-9)
+        );
     }
     std::fs::create_dir_all(&a.out)?;
     let report = json!({"url": a.url, "duration_s": a.duration, "seed": a.seed, "mode": a.mode,
-                        "max_tokens": a.max_tokens, "rows": rows});
+                        "max_tokens": a.max_tokens, "repeat": a.repeat, "compare": a.compare,
+                        "closed": a.closed, "rows": rows});
     let json_path = a.out.join("load.json");
     std::fs::write(&json_path, serde_json::to_string_pretty(&report)?)?;
     let svg = a.out.join("load.svg");

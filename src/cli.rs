@@ -61,6 +61,12 @@ pub(crate) struct RetrieveArgs {
     /// End-to-end deadline in ms.
     #[arg(long)]
     pub(crate) deadline_ms: Option<u64>,
+    /// Compute afresh: bypass the coordinator's retrieval-result cache.
+    #[arg(long)]
+    pub(crate) no_cache: bool,
+    /// Never hedge a slow shard replica.
+    #[arg(long)]
+    pub(crate) no_hedge: bool,
 }
 
 impl RetrieveArgs {
@@ -77,6 +83,8 @@ impl RetrieveArgs {
                 _ => None,
             },
             deadline_ms: self.deadline_ms,
+            cache: self.no_cache.then_some(false),
+            hedge: self.no_hedge.then_some(false),
         })
     }
 }
@@ -207,7 +215,11 @@ pub(crate) enum Cmd {
         #[arg(long, default_value_t = 96)]
         max_tokens: u32,
         /// With --answers: the answer modes to measure.
-        #[arg(long, value_delimiter = ',', default_value = "generate,extractive,auto")]
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "generate,extractive,auto"
+        )]
         answer_modes: Vec<String>,
         /// dense, bm25 or hybrid.
         #[arg(long, default_value = "dense")]

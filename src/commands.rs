@@ -206,6 +206,7 @@ pub(crate) async fn run(cli: Cli) -> Result<()> {
                 mode,
                 rerank: Some(rerank),
                 deadline_ms: None,
+                ..RetrieveOptions::default()
             };
             let qrels = qrels.context("--qrels is required")?;
             eval::run(&client, &queries, &qrels, opts, limit, json).await

@@ -330,7 +330,14 @@ pub async fn run(
     let client = Client::connect(cfg.clone(), Duration::from_secs(30)).await?;
     println!("cluster up in {:.1} s", t0.elapsed().as_secs_f64());
     if let Some(http) = node.http_addr() {
-        println!("HTTP API (OpenAI-compatible) on http://{http}{}:", if serve.keep { "" } else { " while the demo runs (--serve keeps it up)" });
+        println!(
+            "HTTP API (OpenAI-compatible) on http://{http}{}:",
+            if serve.keep {
+                ""
+            } else {
+                " while the demo runs (--serve keeps it up)"
+            }
+        );
         println!(
             "  curl -N http://{http}/v1/chat/completions -H 'content-type: application/json' \\\n    -d '{{\"messages\": [{{\"role\": \"user\", \"content\": \"What is a crate?\"}}], \"stream\": true}}'"
         );

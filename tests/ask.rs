@@ -298,7 +298,10 @@ fn auto_answers_replace_a_weakly_grounded_generated_answer_with_quoted_sources()
     // the text output says why the answer is quoted
     let (ok, out, err) = c.cli(&["ask", "--max-tokens", "24", q]);
     assert!(ok, "{err}");
-    assert!(out.contains("since the generated answer's grounding"), "{out}");
+    assert!(
+        out.contains("since the generated answer's grounding"),
+        "{out}"
+    );
 }
 
 #[test]
@@ -372,13 +375,21 @@ fn a_busy_generator_refuses_at_once_and_auto_answers_from_the_sources() {
     let mut long = start_long_answer(&c);
     // told to generate: refused with the reason, not queued behind the long answer
     let t = std::time::Instant::now();
-    let (ok, _, err) = c.cli(&["ask", "--answer-mode", "generate", "What do honey bees store?"]);
+    let (ok, _, err) = c.cli(&[
+        "ask",
+        "--answer-mode",
+        "generate",
+        "What do honey bees store?",
+    ]);
     assert!(!ok && err.contains("overloaded"), "{err}");
     assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
     // auto: answered from the sources, saying why
     let a = ask_json(&c, &["What do honey bees store in their hive?"]);
     assert_eq!(a["answer_mode"], "extractive", "{a}");
-    assert!(a["fallback"].as_str().unwrap().contains("overloaded"), "{a}");
+    assert!(
+        a["fallback"].as_str().unwrap().contains("overloaded"),
+        "{a}"
+    );
     assert!(a["answer"].as_str().unwrap().contains("[bees]"), "{a}");
     let _ = long.kill();
     let _ = long.wait();

@@ -23,6 +23,7 @@ fn bm25(k: u32) -> RetrieveOptions {
         mode: SearchMode::Bm25,
         rerank: Some(false),
         deadline_ms: None,
+        ..RetrieveOptions::default()
     }
 }
 

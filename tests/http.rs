@@ -110,7 +110,11 @@ fn the_gateway_serves_openai_chat_embeddings_retrieval_documents_and_metrics() {
     assert_eq!(r["failed"].as_array().unwrap().len(), 2, "{r}");
 
     // retrieval: the same JSON as `retrieve --json`
-    let (s, r) = post(&base, "/v1/retrieve", &json!({"query": "What causes ocean tides?", "k": 3}));
+    let (s, r) = post(
+        &base,
+        "/v1/retrieve",
+        &json!({"query": "What causes ocean tides?", "k": 3}),
+    );
     assert_eq!(s, 200, "{r}");
     assert_eq!(top_doc(&r), "tides", "{r}");
     assert_eq!(r["coverage"]["shards_answered"], 4, "{r}");
@@ -126,11 +130,27 @@ fn the_gateway_serves_openai_chat_embeddings_retrieval_documents_and_metrics() {
 
     // errors: a stable code and a fitting status
     let (s, e) = post(&base, "/v1/retrieve", &json!({"query": "  "}));
-    assert_eq!((s, e["error"]["code"].as_str()), (400, Some("bad_request")), "{e}");
-    let (s, e) = post(&base, "/v1/retrieve", &json!({"query": "x", "mode": "fuzzy"}));
+    assert_eq!(
+        (s, e["error"]["code"].as_str()),
+        (400, Some("bad_request")),
+        "{e}"
+    );
+    let (s, e) = post(
+        &base,
+        "/v1/retrieve",
+        &json!({"query": "x", "mode": "fuzzy"}),
+    );
     assert_eq!(s, 400, "{e}");
-    let (s, e) = post(&base, "/v1/retrieve", &json!({"query": "x".repeat(100_000)}));
-    assert_eq!((s, e["error"]["code"].as_str()), (413, Some("too_large")), "{e}");
+    let (s, e) = post(
+        &base,
+        "/v1/retrieve",
+        &json!({"query": "x".repeat(100_000)}),
+    );
+    assert_eq!(
+        (s, e["error"]["code"].as_str()),
+        (413, Some("too_large")),
+        "{e}"
+    );
     let r = http()
         .post(format!("{base}/v1/retrieve"))
         .bearer_auth(KEY)
@@ -145,7 +165,11 @@ fn the_gateway_serves_openai_chat_embeddings_retrieval_documents_and_metrics() {
     assert_eq!(s, 404, "{e}");
 
     // embeddings, as floats and as base64 (what the OpenAI SDKs ask for), the same vectors
-    let (s, f) = post(&base, "/v1/embeddings", &json!({"input": ["bees make honey", "tides"]}));
+    let (s, f) = post(
+        &base,
+        "/v1/embeddings",
+        &json!({"input": ["bees make honey", "tides"]}),
+    );
     assert_eq!(s, 200, "{f}");
     assert_eq!(f["object"], "list");
     let v0: Vec<f32> = serde_json::from_value(f["data"][0]["embedding"].clone()).unwrap();
@@ -199,7 +223,11 @@ fn the_gateway_serves_openai_chat_embeddings_retrieval_documents_and_metrics() {
     assert_eq!(a["ragfleet"]["sources"].as_array().unwrap().len(), 0, "{a}");
     assert_eq!(a["ragfleet"]["coverage"]["shards_total"], 0, "{a}");
     let (s, e) = post(&base, "/v1/chat/completions", &json!({"messages": []}));
-    assert_eq!((s, e["error"]["code"].as_str()), (400, Some("bad_request")), "{e}");
+    assert_eq!(
+        (s, e["error"]["code"].as_str()),
+        (400, Some("bad_request")),
+        "{e}"
+    );
 
     // streamed: role first, text pieces, a last chunk with the finish reason and ragfleet's
     // figures, then [DONE]
@@ -219,14 +247,20 @@ fn the_gateway_serves_openai_chat_embeddings_retrieval_documents_and_metrics() {
         .unwrap()
         .starts_with("text/event-stream"));
     let events = sse_data(r);
-    assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "{events:?}");
+    assert_eq!(
+        events.last().map(String::as_str),
+        Some("[DONE]"),
+        "{events:?}"
+    );
     let chunks: Vec<Value> = events[..events.len() - 1]
         .iter()
         .map(|e| serde_json::from_str(e).unwrap())
         .collect();
     assert!(chunks.len() >= 3, "{chunks:?}");
     assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
-    assert!(chunks.iter().all(|c| c["object"] == "chat.completion.chunk"));
+    assert!(chunks
+        .iter()
+        .all(|c| c["object"] == "chat.completion.chunk"));
     let content: String = chunks
         .iter()
         .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
@@ -235,7 +269,10 @@ fn the_gateway_serves_openai_chat_embeddings_retrieval_documents_and_metrics() {
     let last = chunks.last().unwrap();
     assert!(last["choices"][0]["finish_reason"].is_string(), "{last}");
     assert_eq!(last["ragfleet"]["sources"][0]["doc_id"], "bees", "{last}");
-    assert!(c.log("n1").contains("test-req-42"), "the request id is not in the node's log");
+    assert!(
+        c.log("n1").contains("test-req-42"),
+        "the request id is not in the node's log"
+    );
 
     // a client that goes away mid-answer: the answer is cancelled, not generated to the end
     let mut long = streamed.clone();
@@ -272,13 +309,24 @@ fn the_gateway_serves_openai_chat_embeddings_retrieval_documents_and_metrics() {
         let e: Value = r.json().unwrap();
         assert_eq!(e["error"]["code"], "overloaded", "{e}");
         assert!(
-            e["error"]["message"].as_str().unwrap().contains("query.max_answers_in_flight"),
+            e["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("query.max_answers_in_flight"),
             "{e}"
         );
-        assert!(t.elapsed() < Duration::from_secs(5), "the refusal took {:?}", t.elapsed());
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "the refusal took {:?}",
+            t.elapsed()
+        );
         let (ok, _, err) = c.cli(&["ask", "What do honey bees store?"]);
         assert!(!ok && err.contains("overloaded"), "{err}");
-        let (s, r) = post(&base, "/v1/retrieve", &json!({"query": "What causes ocean tides?"}));
+        let (s, r) = post(
+            &base,
+            "/v1/retrieve",
+            &json!({"query": "What causes ocean tides?"}),
+        );
         assert_eq!(s, 200, "{r}");
         // then hang up
     }
@@ -300,9 +348,17 @@ fn the_gateway_serves_openai_chat_embeddings_retrieval_documents_and_metrics() {
     assert_eq!(r.status().as_u16(), 200);
     let d: Value = r.json().unwrap();
     assert_eq!(d["deleted"], true, "{d}");
-    let (_, r) = post(&base, "/v1/retrieve", &json!({"query": "What do honey bees store?"}));
+    let (_, r) = post(
+        &base,
+        "/v1/retrieve",
+        &json!({"query": "What do honey bees store?"}),
+    );
     assert!(
-        r["hits"].as_array().unwrap().iter().all(|h| h["doc_id"] != "bees"),
+        r["hits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|h| h["doc_id"] != "bees"),
         "{r}"
     );
 
@@ -367,7 +423,10 @@ fn the_gateway_serves_openai_chat_embeddings_retrieval_documents_and_metrics() {
     );
     let report: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
     assert!(report["chunks"].as_u64().unwrap() >= 2, "{report}");
-    assert!(!report["text"].as_str().unwrap().trim().is_empty(), "{report}");
+    assert!(
+        !report["text"].as_str().unwrap().trim().is_empty(),
+        "{report}"
+    );
     assert_eq!(report["sources"][0], "tides", "{report}");
     assert_eq!(report["embedding_dim"], 384, "{report}");
     assert_eq!(report["unauthorized"], true, "{report}");

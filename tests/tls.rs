@@ -6,9 +6,7 @@ mod common;
 use std::path::Path;
 
 use common::*;
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-};
+use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair};
 
 /// A CA, and a certificate it signs for `ragfleet`: (ca.pem, cert.pem, key.pem) in `dir`.
 fn make_certs(dir: &Path, label: &str) -> (String, String, String) {
@@ -92,7 +90,10 @@ fn only_holders_of_a_certificate_the_ca_signed_join_a_tls_cluster() {
     let missing = with(&config.replace(&cert, "/nonexistent/cert.pem"));
     let (ok, err) = try_status(&missing);
     assert!(!ok);
-    assert!(err.contains("tls.cert") && err.contains("/nonexistent/cert.pem"), "{err}");
+    assert!(
+        err.contains("tls.cert") && err.contains("/nonexistent/cert.pem"),
+        "{err}"
+    );
     // and the cluster still serves its own
     let r = c.retrieve("Why do volcanoes erupt?");
     assert_eq!(top_doc(&r), "volcano", "{r}");

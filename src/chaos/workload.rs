@@ -61,6 +61,7 @@ pub(super) async fn workload(
                     mode,
                     rerank: None,
                     deadline_ms: None,
+                    ..RetrieveOptions::default()
                 };
                 let start_ms = shared.now_ms();
                 let r = client.retrieve(&q, opts).await;

@@ -113,10 +113,30 @@ impl Cluster {
                 .map(|l| format!("{l}\n"))
                 .collect()
         };
-        text.push_str("[index]\nshards = 4\nreplication = 2\nwrite_quorum = 1\n");
-        text.push_str(&section("index"));
-        text.push_str("[query]\nshard_deadline_ms = 800\ndeadline_ms = 20000\n");
-        text.push_str(&section("query"));
+        // a default the extra lines set again is left out (a key twice is a TOML error)
+        let defaults = |name: &str, lines: &[&str]| -> String {
+            let own = section(name);
+            lines
+                .iter()
+                .filter(|l| {
+                    let key = l.split('=').next().unwrap_or("").trim();
+                    !own.lines()
+                        .any(|o| o.split('=').next().unwrap_or("").trim() == key)
+                })
+                .map(|l| format!("{l}\n"))
+                .collect::<String>()
+                + &own
+        };
+        text.push_str("[index]\n");
+        text.push_str(&defaults(
+            "index",
+            &["shards = 4", "replication = 2", "write_quorum = 1"],
+        ));
+        text.push_str("[query]\n");
+        text.push_str(&defaults(
+            "query",
+            &["shard_deadline_ms = 800", "deadline_ms = 20000"],
+        ));
         let extra: Vec<&str> = extra
             .lines()
             .filter(|l| !l.starts_with("query.") && !l.starts_with("index."))
@@ -146,7 +166,12 @@ impl Cluster {
 
     /// `http://ADDR` of a node's HTTP gateway.
     pub fn http_url(&self, node: &str) -> String {
-        let addr = &self.http.iter().find(|(n, _)| n == node).expect("a coordinator node").1;
+        let addr = &self
+            .http
+            .iter()
+            .find(|(n, _)| n == node)
+            .expect("a coordinator node")
+            .1;
         format!("http://{addr}")
     }
 

@@ -45,7 +45,10 @@ impl<T> Envelope<T> {
 
 impl<T: Serialize + DeserializeOwned> ractor::BytesConvertable for Envelope<T> {
     fn into_bytes(self) -> Vec<u8> {
-        let id = self.1.filter(|i| i.len() <= MAX_REQUEST_ID).unwrap_or_default();
+        let id = self
+            .1
+            .filter(|i| i.len() <= MAX_REQUEST_ID)
+            .unwrap_or_default();
         let frame = self.0.encode();
         let mut out = Vec::with_capacity(1 + id.len() + frame.len());
         out.push(id.len() as u8);
@@ -184,15 +187,26 @@ mod envelope_tests {
         let back = Envelope::<Request>::from_bytes(e.clone().into_bytes());
         assert_eq!(back, e);
         let none = Envelope(Frame::ok(Request::Status), None);
-        assert_eq!(Envelope::<Request>::from_bytes(none.clone().into_bytes()), none);
+        assert_eq!(
+            Envelope::<Request>::from_bytes(none.clone().into_bytes()),
+            none
+        );
         // an id too long is not sent
-        let long = Envelope(Frame::ok(Request::Status), Some("x".repeat(MAX_REQUEST_ID + 1)));
+        let long = Envelope(
+            Frame::ok(Request::Status),
+            Some("x".repeat(MAX_REQUEST_ID + 1)),
+        );
         assert_eq!(Envelope::<Request>::from_bytes(long.into_bytes()).1, None);
     }
 
     #[test]
     fn malformed_envelopes_decode_to_errors_not_panics() {
-        for bytes in [vec![], vec![200], vec![5, b'a'], vec![3, 0xff, 0xfe, 0xfd, b'R', b'F']] {
+        for bytes in [
+            vec![],
+            vec![200],
+            vec![5, b'a'],
+            vec![3, 0xff, 0xfe, 0xfd, b'R', b'F'],
+        ] {
             let e = Envelope::<Request>::from_bytes(bytes.clone());
             assert!(e.0 .0.is_err(), "{bytes:?} decoded to {e:?}");
         }

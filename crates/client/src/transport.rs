@@ -76,12 +76,11 @@ impl Tls {
         };
         let ca = certs("tls.ca", &cfg.ca)?;
         let chain = certs("tls.cert", &cfg.cert)?;
-        let key = PrivateKeyDer::from_pem_file(&cfg.key).map_err(|e| tls_err("tls.key", &cfg.key, e))?;
+        let key =
+            PrivateKeyDer::from_pem_file(&cfg.key).map_err(|e| tls_err("tls.key", &cfg.key, e))?;
         let mut roots = rustls::RootCertStore::empty();
         for c in ca {
-            roots
-                .add(c)
-                .map_err(|e| tls_err("tls.ca", &cfg.ca, e))?;
+            roots.add(c).map_err(|e| tls_err("tls.ca", &cfg.ca, e))?;
         }
         let roots = Arc::new(roots);
         let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(

@@ -6,8 +6,8 @@ use std::time::Duration;
 use ractor::ActorRef;
 use ragfleet_proto::{
     ActorInfo, AskOptions, ChaosAction, ClusterStatus, Document, GenerationRequest, IngestResult,
-    ModelIdentity, Request, Response, RetrieveOptions, RetrieveResult, SearchQuery, ShardHits,
-    ShardVersions, StreamChunk, WriteOp,
+    ModelIdentity, Request, Response, RetrieveOptions, RetrieveResult, SearchAnswer, SearchQuery,
+    ShardHits, ShardVersions, StreamChunk, WriteOp,
 };
 
 use crate::call::{call, CallError};
@@ -85,6 +85,10 @@ typed! {
     Search { query: SearchQuery } => ShardHits,
         |x| Request::Search(x.query), { Response::Hits(h) => ShardHits::One(h),
             Response::HybridHits { dense, bm25 } => ShardHits::Two(dense, bm25) };
+    /// Shard replica: search unless its digest is still `known_digest`; the digest it read at.
+    SearchAt { query: SearchQuery, known_digest: Option<u64> } => (u64, SearchAnswer),
+        |x| Request::SearchAt { query: x.query, known_digest: x.known_digest },
+        { Response::Searched { digest, answer } => (digest, answer) };
     /// Shard replica: a durable write; the last sequence number.
     Write { ops: Vec<WriteOp>, model: ModelIdentity } => u64,
         |x| Request::Write { ops: x.ops, model: x.model }, { Response::Written { seq } => seq };

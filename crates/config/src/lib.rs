@@ -194,6 +194,17 @@ pub struct QueryConfig {
     pub max_answers_in_flight: usize,
     /// Query embeddings a coordinator keeps for queries asked again (0: none).
     pub embed_cache_entries: usize,
+    /// Retrieval results a coordinator keeps for queries asked again (0: none). A kept result
+    /// answers only while every shard replica asked still has the digest it was read at (any
+    /// write or deletion changes it), so it is never older than an acknowledged write.
+    pub result_cache_entries: usize,
+    /// Hedged shard requests: a replica that has not answered within its recent p95 search
+    /// time gets a second replica of its shard asked the same; the first answer wins.
+    pub hedge: bool,
+    /// Most hedges as a share of shard requests (a token bucket; 0 to 1).
+    pub hedge_max_ratio: f64,
+    /// Shortest wait before a hedge, in ms (the p95 of a fast replica can be tiny).
+    pub hedge_min_ms: u64,
 }
 
 impl Default for QueryConfig {
@@ -211,6 +222,10 @@ impl Default for QueryConfig {
             max_in_flight: 256,
             max_answers_in_flight: 8,
             embed_cache_entries: 4096,
+            result_cache_entries: 1024,
+            hedge: true,
+            hedge_max_ratio: 0.1,
+            hedge_min_ms: 2,
         }
     }
 }
@@ -740,6 +755,21 @@ impl ClusterConfig {
                 "must be at most 1000000 (0 turns the cache off)",
             ));
         }
+        if q.result_cache_entries > 1_000_000 {
+            return Err(invalid(
+                "query.result_cache_entries",
+                "must be at most 1000000 (0 turns the cache off)",
+            ));
+        }
+        if !(0.0..=1.0).contains(&q.hedge_max_ratio) {
+            return Err(invalid("query.hedge_max_ratio", "must be between 0 and 1"));
+        }
+        if q.hedge_min_ms >= q.shard_deadline_ms {
+            return Err(invalid(
+                "query.hedge_min_ms",
+                "must be below query.shard_deadline_ms",
+            ));
+        }
         if q.max_in_flight == 0 {
             return Err(invalid("query.max_in_flight", "must be positive"));
         }
@@ -808,7 +838,11 @@ impl ClusterConfig {
             if t.server_name.trim().is_empty() {
                 return Err(invalid("tls.server_name", "must not be empty"));
             }
-            for (k, p) in [("tls.ca", &t.ca), ("tls.cert", &t.cert), ("tls.key", &t.key)] {
+            for (k, p) in [
+                ("tls.ca", &t.ca),
+                ("tls.cert", &t.cert),
+                ("tls.key", &t.key),
+            ] {
                 if p.as_os_str().is_empty() {
                     return Err(invalid(k, "must name a PEM file"));
                 }
@@ -816,13 +850,19 @@ impl ClusterConfig {
         }
         let h = &self.http;
         if h.max_body_bytes < 1024 || h.max_body_bytes > 256 << 20 {
-            return Err(invalid("http.max_body_bytes", "must be between 1 KiB and 256 MiB"));
+            return Err(invalid(
+                "http.max_body_bytes",
+                "must be between 1 KiB and 256 MiB",
+            ));
         }
         if h.max_documents == 0 {
             return Err(invalid("http.max_documents", "must be positive"));
         }
         if h.api_keys.iter().any(|k| k.len() < 16) {
-            return Err(invalid("http.api_keys", "every key must be at least 16 characters"));
+            return Err(invalid(
+                "http.api_keys",
+                "every key must be at least 16 characters",
+            ));
         }
         let fl = &self.failure;
         if fl.heartbeat_ms == 0 || fl.suspect_after_ms <= fl.heartbeat_ms {

@@ -110,15 +110,24 @@ fn errors_name_the_field() {
             "generator.max_tokens",
         ),
         (
-            GOOD.replace("\"embedder\", \"shard\"]", "\"embedder\", \"shard\"]\nhttp_addr = \"nowhere\""),
+            GOOD.replace(
+                "\"embedder\", \"shard\"]",
+                "\"embedder\", \"shard\"]\nhttp_addr = \"nowhere\"",
+            ),
             "node[0].http_addr",
         ),
         (
-            GOOD.replace("\"shard\", \"reranker\"]", "\"shard\", \"reranker\"]\nhttp_addr = \"127.0.0.1:8101\""),
+            GOOD.replace(
+                "\"shard\", \"reranker\"]",
+                "\"shard\", \"reranker\"]\nhttp_addr = \"127.0.0.1:8101\"",
+            ),
             "node[1].http_addr",
         ),
         (
-            GOOD.replace("[\"shard\", \"coordinator\"]", "[\"shard\", \"coordinator\"]\nhttp_addr = \"127.0.0.1:7001\""),
+            GOOD.replace(
+                "[\"shard\", \"coordinator\"]",
+                "[\"shard\", \"coordinator\"]\nhttp_addr = \"127.0.0.1:7001\"",
+            ),
             "node[2].http_addr",
         ),
         (
@@ -136,6 +145,18 @@ fn errors_name_the_field() {
         (
             format!("{GOOD}\n[query]\nmax_in_flight = 0\n"),
             "query.max_in_flight",
+        ),
+        (
+            format!("{GOOD}\n[query]\nresult_cache_entries = 2000000\n"),
+            "query.result_cache_entries",
+        ),
+        (
+            format!("{GOOD}\n[query]\nhedge_max_ratio = 1.5\n"),
+            "query.hedge_max_ratio",
+        ),
+        (
+            format!("{GOOD}\n[query]\nshard_deadline_ms = 100\nhedge_min_ms = 100\n"),
+            "query.hedge_min_ms",
         ),
         (
             format!("{GOOD}\n[generator]\nmax_queue = 5000\n"),

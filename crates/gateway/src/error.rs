@@ -95,9 +95,7 @@ impl From<WireError> for ApiError {
                 ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", m)
             },
             WireError::Deadline => Self::new(StatusCode::GATEWAY_TIMEOUT, "deadline", m),
-            WireError::ModelMismatch { .. } => {
-                Self::new(StatusCode::CONFLICT, "model_mismatch", m)
-            }
+            WireError::ModelMismatch { .. } => Self::new(StatusCode::CONFLICT, "model_mismatch", m),
             WireError::Unsupported(_) | WireError::Internal(_) | WireError::Frame(_) => {
                 Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", m)
             }
@@ -133,10 +131,8 @@ impl IntoResponse for ApiError {
                 .insert(header::RETRY_AFTER, HeaderValue::from(s));
         }
         if self.status == StatusCode::UNAUTHORIZED {
-            r.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                HeaderValue::from_static("Bearer"),
-            );
+            r.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         r
     }

@@ -223,7 +223,12 @@ async fn authenticate(State(st): State<Arc<AppState>>, req: Request, next: Next)
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
     match presented {
-        Some(k) if st.keys.iter().any(|key| same_key(key.as_bytes(), k.as_bytes())) => {
+        Some(k)
+            if st
+                .keys
+                .iter()
+                .any(|key| same_key(key.as_bytes(), k.as_bytes())) =>
+        {
             next.run(req).await
         }
         _ => {
@@ -270,9 +275,8 @@ async fn observe(State(st): State<Arc<AppState>>, req: Request, next: Next) -> R
     let id = request_id(&req);
     let endpoint = endpoint_of(req.uri().path());
     let outer = tracing::info_span!("request", id = %id);
-    let span = outer.in_scope(
-        || tracing::info_span!("http", method = %req.method(), path = %req.uri().path()),
-    );
+    let span = outer
+        .in_scope(|| tracing::info_span!("http", method = %req.method(), path = %req.uri().path()));
     let t = Instant::now();
     // the id travels with every call the request makes, to every node
     let mut resp = ragfleet_client::with_request_id(id.clone(), next.run(req))
@@ -372,6 +376,8 @@ pub fn retrieval_json(r: &RetrieveResult) -> Value {
         "timings_ms": {"embed": r.timings_ms.embed, "search": r.timings_ms.search, "rerank": r.timings_ms.rerank, "total": r.timings_ms.total},
         "rerank": r.rerank,
         "degraded": r.degraded,
+        "cache": r.cache,
+        "hedged": r.hedged,
     })
 }
 
@@ -388,6 +394,12 @@ struct RetrieveRequest {
     rerank: Option<bool>,
     #[serde(default)]
     deadline_ms: Option<u64>,
+    /// `false`: computed afresh, bypassing the retrieval-result cache.
+    #[serde(default)]
+    cache: Option<bool>,
+    /// `false`: no hedged shard requests.
+    #[serde(default)]
+    hedge: Option<bool>,
 }
 
 async fn retrieve(
@@ -406,6 +418,8 @@ async fn retrieve(
         mode,
         rerank: req.rerank,
         deadline_ms: req.deadline_ms,
+        cache: req.cache,
+        hedge: req.hedge,
     };
     let r = st.client.retrieve(&req.query, options).await?;
     st.metrics.query(&r.coverage, &r.timings_ms, false);

@@ -277,10 +277,19 @@ mod tests {
         };
         m.query(&cov, &t, false);
         let text = m.render();
-        assert!(text.contains("ragfleet_stage_seconds_count{stage=\"embed\"} 1"), "{text}");
-        assert!(text.contains("ragfleet_stage_seconds_count{stage=\"total\"} 1"), "{text}");
+        assert!(
+            text.contains("ragfleet_stage_seconds_count{stage=\"embed\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("ragfleet_stage_seconds_count{stage=\"total\"} 1"),
+            "{text}"
+        );
         assert!(!text.contains("stage=\"generate\""), "{text}");
-        assert!(text.contains("ragfleet_shards_left_out_total{reason=\"error\"} 1"), "{text}");
+        assert!(
+            text.contains("ragfleet_shards_left_out_total{reason=\"error\"} 1"),
+            "{text}"
+        );
         assert!(text.contains("ragfleet_coverage_ratio_sum 0.75"), "{text}");
     }
 }

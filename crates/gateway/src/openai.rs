@@ -195,6 +195,7 @@ fn ask_of(req: &ChatRequest) -> Result<(String, AskOptions), ApiError> {
             mode,
             rerank: r.rerank,
             deadline_ms: r.deadline_ms,
+            ..RetrieveOptions::default()
         },
         max_tokens,
         sampling: Sampling {
@@ -319,7 +320,13 @@ fn stream_answer(
     tokio::spawn(ragfleet_client::traced(rid, async move {
         let _guard = guard;
         let send = |v: Value| Event::default().data(v.to_string());
-        let first = chunk(&id, created, &model, json!({"role": "assistant", "content": ""}), None);
+        let first = chunk(
+            &id,
+            created,
+            &model,
+            json!({"role": "assistant", "content": ""}),
+            None,
+        );
         if tx.send(send(first)).await.is_err() {
             return;
         }
@@ -490,11 +497,26 @@ mod tests {
     fn bad_chat_requests_are_refused_with_the_reason() {
         for (v, needle) in [
             (json!({"messages": []}), "no user message"),
-            (json!({"messages": [{"role": "system", "content": "x"}]}), "no user message"),
-            (json!({"messages": [{"role": "user", "content": "q"}], "n": 2}), "n = 1"),
-            (json!({"messages": [{"role": "user", "content": "q"}], "temperature": 9}), "temperature"),
-            (json!({"messages": [{"role": "user", "content": "q"}], "max_tokens": 0}), "max_tokens"),
-            (json!({"messages": [{"role": "user", "content": "q"}], "ragfleet": {"mode": "fuzzy"}}), "ragfleet.mode"),
+            (
+                json!({"messages": [{"role": "system", "content": "x"}]}),
+                "no user message",
+            ),
+            (
+                json!({"messages": [{"role": "user", "content": "q"}], "n": 2}),
+                "n = 1",
+            ),
+            (
+                json!({"messages": [{"role": "user", "content": "q"}], "temperature": 9}),
+                "temperature",
+            ),
+            (
+                json!({"messages": [{"role": "user", "content": "q"}], "max_tokens": 0}),
+                "max_tokens",
+            ),
+            (
+                json!({"messages": [{"role": "user", "content": "q"}], "ragfleet": {"mode": "fuzzy"}}),
+                "ragfleet.mode",
+            ),
         ] {
             let e = parse(v).unwrap_err();
             assert_eq!(e.code, "bad_request");

@@ -608,3 +608,43 @@ fn a_failed_seal_keeps_the_growing_segment_searchable_and_the_write_durable() {
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
+
+#[test]
+fn the_remembered_digest_follows_every_write_deletion_and_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut ix, _) = ShardIndex::open(dir.path(), settings(4)).unwrap();
+    let mut seen = vec![ix.digest()];
+    ix.write(vec![versioned("a", "first", 1, 10)], &model())
+        .unwrap();
+    seen.push(ix.digest());
+    // asked again without a change: the same (remembered) digest
+    assert_eq!(ix.digest(), *seen.last().unwrap());
+    ix.write(vec![versioned("a", "second", 2, 11)], &model())
+        .unwrap();
+    seen.push(ix.digest());
+    ix.write(vec![versioned("b", "other", 3, 12)], &model())
+        .unwrap();
+    seen.push(ix.digest());
+    ix.delete(&["a".to_string()], 13).unwrap();
+    seen.push(ix.digest());
+    // an older copy is skipped (last writer wins): nothing changed
+    ix.write(vec![versioned("a", "stale", 4, 9)], &model())
+        .unwrap();
+    assert_eq!(ix.digest(), *seen.last().unwrap());
+    for (i, d) in seen.iter().enumerate() {
+        for e in &seen[i + 1..] {
+            assert_ne!(d, e, "every change gives a new digest");
+        }
+    }
+    assert_eq!(ix.digest(), ix.versions().digest());
+    ix.seal().unwrap();
+    let before = ix.digest();
+    drop(ix);
+    let (ix, _) = ShardIndex::open(dir.path(), settings(4)).unwrap();
+    assert_eq!(
+        ix.digest(),
+        before,
+        "a reopened replica has the digest it had"
+    );
+    assert_eq!(ix.digest(), ix.versions().digest());
+}

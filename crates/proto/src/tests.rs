@@ -101,7 +101,19 @@ fn all_requests() -> Vec<Request> {
                 mode: SearchMode::Bm25,
                 rerank: Some(true),
                 deadline_ms: None,
+                cache: Some(false),
+                hedge: None,
             },
+        },
+        Request::SearchAt {
+            query: SearchQuery {
+                vector: vec![0.5],
+                text: "q".into(),
+                k: 2,
+                mode: SearchMode::Hybrid,
+                model: None,
+            },
+            known_digest: Some(7),
         },
         Request::Ask {
             question: "q".into(),
@@ -211,7 +223,17 @@ fn all_responses() -> Vec<Response> {
             timings_ms: Timings::default(),
             rerank: Some("applied".into()),
             degraded: None,
+            cache: Some("hit".into()),
+            hedged: vec![1],
         }),
+        Response::Searched {
+            digest: 3,
+            answer: SearchAnswer::Two(vec![], vec![]),
+        },
+        Response::Searched {
+            digest: 4,
+            answer: SearchAnswer::Unchanged,
+        },
         Response::Ingested(IngestResult {
             documents: 1,
             chunks: 2,
@@ -232,6 +254,20 @@ fn all_responses() -> Vec<Response> {
                 }],
             }],
             model: None,
+            caches: vec![CacheStatus {
+                name: "retrieval".into(),
+                entries: 1,
+                capacity: 2,
+                hits: 3,
+                misses: 4,
+                stale: 5,
+            }],
+            hedges: HedgeStatus {
+                requests: 9,
+                sent: 1,
+                won: 1,
+                capped: 0,
+            },
         }),
         Response::Ack,
         Response::Error(WireError::ModelMismatch {

@@ -230,6 +230,13 @@ pub struct RetrieveOptions {
     pub rerank: Option<bool>,
     /// End-to-end deadline in ms (cluster default when `None`).
     pub deadline_ms: Option<u64>,
+    /// Whether the retrieval-result cache may answer (cluster default, on, when `None`;
+    /// `Some(false)`: computed afresh and not kept).
+    #[serde(default)]
+    pub cache: Option<bool>,
+    /// Whether a slow shard replica may be hedged (cluster default `query.hedge` when `None`).
+    #[serde(default)]
+    pub hedge: Option<bool>,
 }
 
 /// Result of a retrieval.
@@ -248,6 +255,15 @@ pub struct RetrieveResult {
     /// How the search was degraded, if it was: a dense or hybrid query whose embedding could
     /// not be had (no embedder replica reachable) is answered by BM25 alone and says so here.
     pub degraded: Option<String>,
+    /// What the retrieval-result cache did: `None` when it was not asked (off or bypassed),
+    /// `"hit"` (every shard still held the state the cached result was computed from),
+    /// `"miss"`, or `"stale"` (a cached result existed but a shard had changed since).
+    #[serde(default)]
+    pub cache: Option<String>,
+    /// Shards whose answer came from a hedged request (a second replica asked because the
+    /// first was slower than its recent p95).
+    #[serde(default)]
+    pub hedged: Vec<u32>,
 }
 
 /// A document to ingest.
@@ -367,6 +383,54 @@ pub struct ClusterStatus {
     pub shards: Vec<ShardStatus>,
     /// Embedding model the cluster runs.
     pub model: Option<ModelIdentity>,
+    /// The answering coordinator's caches.
+    #[serde(default)]
+    pub caches: Vec<CacheStatus>,
+    /// The answering coordinator's hedged shard requests.
+    #[serde(default)]
+    pub hedges: HedgeStatus,
+}
+
+/// One cache of a coordinator, counted since it started.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CacheStatus {
+    /// `query_embedding` or `retrieval`.
+    pub name: String,
+    /// Entries held.
+    pub entries: u64,
+    /// Most entries it holds.
+    pub capacity: u64,
+    /// Lookups answered from the cache.
+    pub hits: u64,
+    /// Lookups that found nothing.
+    pub misses: u64,
+    /// Lookups that found an entry made stale by a write since (retrieval only).
+    pub stale: u64,
+}
+
+impl CacheStatus {
+    /// Hits over all lookups (0 before the first).
+    pub fn hit_rate(&self) -> f64 {
+        let all = self.hits + self.misses + self.stale;
+        if all == 0 {
+            0.0
+        } else {
+            self.hits as f64 / all as f64
+        }
+    }
+}
+
+/// Hedged shard requests of a coordinator, counted since it started.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct HedgeStatus {
+    /// Shard requests sent (first attempts).
+    pub requests: u64,
+    /// Hedges sent: the same request to a second replica.
+    pub sent: u64,
+    /// Hedges whose answer came first.
+    pub won: u64,
+    /// Hedges not sent because the cap (`query.hedge_max_ratio`) was reached.
+    pub capped: u64,
 }
 
 /// Sampling settings of generation.
@@ -614,6 +678,14 @@ pub enum Request {
     },
     /// Search (shard).
     Search(SearchQuery),
+    /// Search (shard) unless the replica's digest is still `known_digest` (then it answers
+    /// `Unchanged`): the coordinator's retrieval-result cache checks a cached result this way.
+    SearchAt {
+        /// The query.
+        query: SearchQuery,
+        /// The digest the caller's cached answer was read at.
+        known_digest: Option<u64>,
+    },
     /// Apply writes durably (shard); answered once fsynced.
     Write {
         /// Operations.
@@ -728,6 +800,13 @@ pub enum Response {
         /// BM25 ranking.
         bm25: Vec<Hit>,
     },
+    /// A shard's answer to `SearchAt`, with the digest of the state it read.
+    Searched {
+        /// The replica's digest (see [`ShardVersions::digest`]) when it searched.
+        digest: u64,
+        /// The hits, or that nothing changed since `known_digest`.
+        answer: SearchAnswer,
+    },
     /// Writes durable up to this sequence number.
     Written {
         /// Last sequence number.
@@ -835,6 +914,17 @@ pub enum ShardHits {
     /// Dense or BM25 hits, by score.
     One(Vec<Hit>),
     /// A hybrid search's dense and BM25 rankings, unfused.
+    Two(Vec<Hit>, Vec<Hit>),
+}
+
+/// What a shard replica answers to `SearchAt`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum SearchAnswer {
+    /// Its digest is still the one the caller knows: the caller's cached answer stands.
+    Unchanged,
+    /// Dense or BM25 hits.
+    One(Vec<Hit>),
+    /// Hybrid: dense and BM25 rankings, unfused.
     Two(Vec<Hit>, Vec<Hit>),
 }
 

@@ -90,7 +90,9 @@ fn batch_loop(
 
 async fn embed(jobs: &mpsc::Sender<Job>, texts: Vec<String>) -> Result<Vec<Vec<f32>>, WireError> {
     let (tx, rx) = oneshot::channel();
-    let queued = crate::metrics::get().queued.with_label_values(&["embedder"]);
+    let queued = crate::metrics::get()
+        .queued
+        .with_label_values(&["embedder"]);
     let n = texts.len() as i64;
     queued.add(n);
     if jobs.send((texts, tx)).is_err() {

@@ -23,8 +23,10 @@ pub struct RuntimeMetrics {
     pub ingested: IntCounterVec,
     /// Requests refused at once by admission control, by kind (`request`, `answer`).
     pub refused: IntCounterVec,
-    /// Cache lookups by cache and outcome (`hit`, `miss`).
+    /// Cache lookups by cache and outcome (`hit`, `miss`, `stale`).
     pub cache: IntCounterVec,
+    /// Hedged shard requests by outcome (`sent`, `won`, `capped`).
+    pub hedges: IntCounterVec,
     /// Work waiting for a role's model thread: texts for the embedders, requests for the
     /// rerankers.
     pub queued: IntGaugeVec,
@@ -43,11 +45,12 @@ impl RuntimeMetrics {
     fn new() -> Self {
         let registry = Registry::new_custom(Some("ragfleet".into()), None).expect("registry");
         let search_seconds = HistogramVec::new(
-            HistogramOpts::new("shard_search_seconds", "Search time of a shard replica")
-                .buckets(vec![
+            HistogramOpts::new("shard_search_seconds", "Search time of a shard replica").buckets(
+                vec![
                     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
                     1.0,
-                ]),
+                ],
+            ),
             &["shard"],
         )
         .expect("metric");
@@ -82,6 +85,14 @@ impl RuntimeMetrics {
             &["cache", "outcome"],
         )
         .expect("metric");
+        let hedges = IntCounterVec::new(
+            Opts::new(
+                "hedges_total",
+                "Hedged shard requests: sent, won (answered first), capped (not sent)",
+            ),
+            &["outcome"],
+        )
+        .expect("metric");
         let queued = IntGaugeVec::new(
             Opts::new(
                 "queue_depth",
@@ -100,6 +111,7 @@ impl RuntimeMetrics {
             Box::new(refused.clone()),
             Box::new(queued.clone()),
             Box::new(cache.clone()),
+            Box::new(hedges.clone()),
             Box::new(wal_fsyncs.clone()),
         ] {
             registry.register(m).expect("register");
@@ -113,6 +125,7 @@ impl RuntimeMetrics {
             refused,
             queued,
             cache,
+            hedges,
             wal_fsyncs,
             wal_seen: AtomicU64::new(0),
         }

@@ -55,7 +55,9 @@ pub struct RerankerState {
 }
 
 fn work(model: Arc<dyn RerankModel>, jobs: Receiver<Job>) {
-    let queued = crate::metrics::get().queued.with_label_values(&["reranker"]);
+    let queued = crate::metrics::get()
+        .queued
+        .with_label_values(&["reranker"]);
     while let Ok(job) = jobs.recv() {
         queued.dec();
         if job.abandoned() {
@@ -111,7 +113,9 @@ impl Actor for RerankerActor {
                     port,
                     deadline,
                 };
-                let queued = crate::metrics::get().queued.with_label_values(&["reranker"]);
+                let queued = crate::metrics::get()
+                    .queued
+                    .with_label_values(&["reranker"]);
                 queued.inc();
                 match state.jobs.try_send(job) {
                     Ok(()) => {}
@@ -119,9 +123,7 @@ impl Actor for RerankerActor {
                         queued.dec();
                         reply(
                             job.port,
-                            Response::Error(WireError::Overloaded(
-                                "reranker queue is full".into(),
-                            )),
+                            Response::Error(WireError::Overloaded("reranker queue is full".into())),
                         )
                     }
                     Err(TrySendError::Disconnected(job)) => {

@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use ragfleet_client::{groups, RoleMsg};
 use ragfleet_index::{IndexSettings, ShardIndex};
-use ragfleet_proto::{ActorInfo, ReplicaState, Request, Response, Role, WireError, WriteOp};
+use ragfleet_proto::{
+    ActorInfo, ReplicaState, Request, Response, Role, SearchAnswer, WireError, WriteOp,
+};
 use tracing::{error, info, warn};
 
 use ragfleet_client::typed::{self, call_typed};
@@ -179,27 +181,35 @@ impl Actor for ShardActor {
         let span = rid.map(|id| tracing::info_span!("request", id = %id));
         let shared = state.shared.clone();
         match req {
+            Request::Search(_) | Request::SearchAt { .. }
+                if shared.state() != ReplicaState::Serving =>
+            {
+                reply(
+                    port,
+                    Response::Error(WireError::Unavailable("replica is catching up".into())),
+                );
+            }
             Request::Search(q) => {
-                if shared.state() != ReplicaState::Serving {
-                    reply(
-                        port,
-                        Response::Error(WireError::Unavailable("replica is catching up".into())),
-                    );
-                    return Ok(());
-                }
                 let shard = state.args.shard;
                 tokio::task::spawn_blocking(move || {
                     let _in = span.as_ref().map(|s| s.enter());
-                    let t = std::time::Instant::now();
-                    let ix = shared.index.read().expect("index");
-                    let r = if q.mode == ragfleet_proto::SearchMode::Hybrid {
-                        ix.hybrid_parts(&q)
-                            .map(|(dense, bm25)| Response::HybridHits { dense, bm25 })
-                    } else {
-                        ix.search(&q).map(Response::Hits)
-                    };
-                    drop(ix);
-                    crate::metrics::get().shard_search(shard, t.elapsed());
+                    let r = search(&shared, shard, &q, None).map(|(_, a)| match a {
+                        SearchAnswer::Two(dense, bm25) => Response::HybridHits { dense, bm25 },
+                        SearchAnswer::One(h) => Response::Hits(h),
+                        SearchAnswer::Unchanged => Response::Hits(Vec::new()),
+                    });
+                    reply(port, r.unwrap_or_else(|e| Response::Error(index_error(e))));
+                });
+            }
+            Request::SearchAt {
+                query,
+                known_digest,
+            } => {
+                let shard = state.args.shard;
+                tokio::task::spawn_blocking(move || {
+                    let _in = span.as_ref().map(|s| s.enter());
+                    let r = search(&shared, shard, &query, known_digest)
+                        .map(|(digest, answer)| Response::Searched { digest, answer });
                     reply(port, r.unwrap_or_else(|e| Response::Error(index_error(e))));
                 });
             }
@@ -284,6 +294,30 @@ async fn maintain(shard: u32, shared: Arc<Shared>) {
             Ok(Ok(_)) => {}
         }
     }
+}
+
+/// Searches the replica (blocking) unless its digest is still `known` (then `Unchanged`);
+/// returns the digest of the state it read.
+fn search(
+    shared: &Shared,
+    shard: u32,
+    q: &ragfleet_proto::SearchQuery,
+    known: Option<u64>,
+) -> Result<(u64, SearchAnswer), ragfleet_index::IndexError> {
+    let t = Instant::now();
+    let ix = shared.index.read().expect("index");
+    let digest = ix.digest();
+    if known == Some(digest) {
+        return Ok((digest, SearchAnswer::Unchanged));
+    }
+    let answer = if q.mode == ragfleet_proto::SearchMode::Hybrid {
+        ix.hybrid_parts(q).map(|(d, b)| SearchAnswer::Two(d, b))
+    } else {
+        ix.search(q).map(SearchAnswer::One)
+    }?;
+    drop(ix);
+    crate::metrics::get().shard_search(shard, t.elapsed());
+    Ok((digest, answer))
 }
 
 /// Applies a durable write (blocking) and answers it. Writes that arrive while catching up are

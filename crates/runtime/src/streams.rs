@@ -35,7 +35,11 @@ impl StreamWriter {
     /// How long since the consumer last polled (`None` before its first poll). A consumer
     /// long-polls without pause while it reads, so a long silence means it went away.
     pub fn unpolled_for(&self) -> Option<Duration> {
-        self.buf.lock().expect("stream").touched.map(|t| t.elapsed())
+        self.buf
+            .lock()
+            .expect("stream")
+            .touched
+            .map(|t| t.elapsed())
     }
 
     /// Appends text.

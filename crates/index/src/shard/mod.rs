@@ -209,6 +209,9 @@ pub struct ShardIndex {
     graphs_done: Arc<std::sync::atomic::AtomicU64>,
     /// (generation, graphs_done) when the policy last ran.
     planned_at: (u64, u64),
+    /// [`ShardIndex::digest`] as of the last change (`None`: changed since; computed again
+    /// when next asked). Lets every search say which state of the shard it read.
+    digest_memo: std::sync::Mutex<Option<u64>>,
 }
 
 /// The manifest file, and the first format's.

@@ -47,6 +47,7 @@ impl ShardIndex {
             generation: 0,
             graphs_done: Default::default(),
             planned_at: (u64::MAX, 0),
+            digest_memo: Default::default(),
         };
         let purge_path = dir.join("purged.bin");
         let problem = match read_checked(&purge_path) {
@@ -180,6 +181,7 @@ impl ShardIndex {
     /// Recomputes document liveness, slots and BM25 from the sealed segments (with their BM25
     /// snapshots) and tombstones.
     pub(super) fn rebuild_liveness(&mut self, seg_terms: &HashMap<u64, SegmentTerms>) {
+        self.changed();
         let mut latest: HashMap<String, u64> = HashMap::new();
         for seg in &self.sealed {
             for e in &seg.entries {

@@ -49,6 +49,7 @@ impl ShardIndex {
         self.purged_below = horizon;
         let before = self.deleted.len();
         self.deleted.retain(|_, v| *v >= horizon);
+        self.changed();
         info!(
             dropped = before - self.deleted.len(),
             "deletion records past the grace period dropped"

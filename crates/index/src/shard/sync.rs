@@ -91,8 +91,20 @@ impl ShardIndex {
         }
     }
 
-    /// The digest of [`ShardIndex::versions`], computed without copying them.
+    /// The digest of [`ShardIndex::versions`], computed without copying them, once per change
+    /// of the documents or deletion records (then remembered): replicas that hold the same
+    /// versions have the same digest, and any write or deletion changes it.
     pub fn digest(&self) -> u64 {
+        let mut memo = self.digest_memo.lock().expect("digest memo");
+        *memo.get_or_insert_with(|| self.compute_digest())
+    }
+
+    /// Forgets the remembered digest: the documents or deletion records changed.
+    pub(super) fn changed(&mut self) {
+        *self.digest_memo.get_mut().expect("digest memo") = None;
+    }
+
+    fn compute_digest(&self) -> u64 {
         ragfleet_proto::shard_digest(
             self.docs.iter().map(|(d, s)| (d.as_str(), s.version)),
             self.remembered_deletions(),

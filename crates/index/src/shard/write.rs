@@ -29,6 +29,7 @@ impl ShardIndex {
     }
 
     pub(super) fn apply_in_memory(&mut self, seq: u64, op: WriteOp) {
+        self.changed();
         match op {
             WriteOp::Upsert {
                 doc_id,

@@ -48,7 +48,13 @@ pub(crate) async fn embed_request(ctx: &Ctx, texts: Vec<String>) -> Response {
     }
     let deadline = Instant::now() + Duration::from_millis(cfg.query.deadline_ms);
     let replicas = ctx.candidates(groups::EMBEDDERS);
-    match call_replicas(&ctx.args.health, replicas, Embed { texts }, Budget::Split(deadline)).await
+    match call_replicas(
+        &ctx.args.health,
+        replicas,
+        Embed { texts },
+        Budget::Split(deadline),
+    )
+    .await
     {
         Ok((model, vectors)) => Response::Embeddings { model, vectors },
         Err(Failed::Deadline) => Response::Error(WireError::Deadline),

@@ -71,29 +71,30 @@ pub(crate) async fn ask_task(ctx: Arc<Ctx>, question: String, opts: AskOptions, 
             timings_ms: Timings::default(),
             rerank: None,
             degraded: None,
+            cache: None,
+            hedged: Vec::new(),
         })
     } else {
         retrieve(ctx.clone(), question.clone(), opts.retrieve.clone()).await
     };
-    let (hits, coverage, timings, rerank, degraded) =
-        match retrieved {
-            Ok(r) => (r.hits, r.coverage, r.timings_ms, r.rerank, r.degraded),
-            Err(e @ WireError::BadRequest(_)) => return w.fail(e.to_string()),
-            Err(e) => {
-                warn!(error = %e, "retrieval failed; answering without sources");
-                let cov = Coverage {
-                    shards_total: cfg.index.shards,
-                    shards_answered: 0,
-                    left_out: (0..cfg.index.shards)
-                        .map(|s| LeftOut {
-                            shard: s,
-                            reason: format!("error: {e}"),
-                        })
-                        .collect(),
-                };
-                (Vec::new(), cov, Timings::default(), None, None)
-            }
-        };
+    let (hits, coverage, timings, rerank, degraded) = match retrieved {
+        Ok(r) => (r.hits, r.coverage, r.timings_ms, r.rerank, r.degraded),
+        Err(e @ WireError::BadRequest(_)) => return w.fail(e.to_string()),
+        Err(e) => {
+            warn!(error = %e, "retrieval failed; answering without sources");
+            let cov = Coverage {
+                shards_total: cfg.index.shards,
+                shards_answered: 0,
+                left_out: (0..cfg.index.shards)
+                    .map(|s| LeftOut {
+                        shard: s,
+                        reason: format!("error: {e}"),
+                    })
+                    .collect(),
+            };
+            (Vec::new(), cov, Timings::default(), None, None)
+        }
+    };
     let unsourced = coverage.shards_answered == 0 || hits.is_empty();
     let mode = opts.answer_mode.unwrap_or(cfg.generator.answer_mode);
     let hits = Arc::new(hits);
@@ -110,8 +111,7 @@ pub(crate) async fn ask_task(ctx: Arc<Ctx>, question: String, opts: AskOptions, 
     );
     let assembled = tokio::task::spawn_blocking(move || {
         let count = |t: &str| c2.count_tokens(t);
-        let reserve =
-            max_tokens as usize + count(&q2) + count(SYSTEM_PROMPT) + count(&s2) + 48;
+        let reserve = max_tokens as usize + count(&q2) + count(SYSTEM_PROMPT) + count(&s2) + 48;
         assemble_context(&h2, context_tokens.saturating_sub(reserve), &count)
     })
     .await;
@@ -180,7 +180,17 @@ pub(crate) async fn ask_task(ctx: Arc<Ctx>, question: String, opts: AskOptions, 
             let (req, relayed, w) = (req.clone(), &relayed, &w);
             async move {
                 let sink = live.then_some(w);
-                relay(&actor, req, deadline, first_token_timeout, t0, relayed, sink, w).await
+                relay(
+                    &actor,
+                    req,
+                    deadline,
+                    first_token_timeout,
+                    t0,
+                    relayed,
+                    sink,
+                    w,
+                )
+                .await
             }
         },
     )
@@ -261,8 +271,10 @@ pub(crate) async fn ask_task(ctx: Arc<Ctx>, question: String, opts: AskOptions, 
                 cfg.generator.min_grounding
             ));
             let generated = summary.clone();
-            if finish_extractive_or_not(&ctx, &question, &hits, max_tokens, deadline, summary, t0, &w)
-                .await
+            if finish_extractive_or_not(
+                &ctx, &question, &hits, max_tokens, deadline, summary, t0, &w,
+            )
+            .await
             {
                 return;
             }
@@ -356,10 +368,8 @@ async fn relay(
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         // a client that cancelled, or stopped polling (its process died: nobody will cancel)
-        let client_gone = client.is_cancelled()
-            || client
-                .unpolled_for()
-                .is_some_and(|d| d > CLIENT_SILENCE);
+        let client_gone =
+            client.is_cancelled() || client.unpolled_for().is_some_and(|d| d > CLIENT_SILENCE);
         if left.is_zero() || client_gone {
             let _ = call_typed(actor, Cancel { stream }, Duration::from_millis(500)).await;
             if client_gone {

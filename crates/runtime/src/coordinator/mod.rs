@@ -5,6 +5,7 @@
 //! time is left out and named; the query still answers.
 //!
 //! One module per concern: [`replicas`] (replica choice and the one failover helper),
+//! `hedge` (hedged shard requests), `cache` (query embeddings and retrieval results),
 //! [`retrieve`], [`ingest`] (and delete), [`ask`] (the answer relay), [`prompt`] (context
 //! assembly), [`status`]. Ranking itself lives in `ragfleet_index::ranking`.
 use std::collections::HashMap;
@@ -26,6 +27,7 @@ use crate::streams::{next_response, StreamTable};
 mod answer;
 mod ask;
 mod cache;
+mod hedge;
 pub mod ingest;
 pub mod prompt;
 pub(crate) mod replicas;
@@ -59,6 +61,10 @@ pub struct Ctx {
     in_flight: Arc<AtomicUsize>,
     /// Query embeddings already made.
     embed_cache: cache::EmbedCache,
+    /// Retrieval results already computed (checked against the shards' digests before use).
+    results: cache::ResultCache,
+    /// Per-replica search times and the hedge budget.
+    hedging: hedge::Hedging,
     answers: Arc<AtomicUsize>,
     /// Round-robin position per group (one shared counter would advance by the number of
     /// groups a request touches and always pick the same replica of some groups).
@@ -71,6 +77,8 @@ impl Ctx {
     pub fn new(args: CoordinatorArgs) -> Self {
         Ctx {
             embed_cache: cache::EmbedCache::new(args.cfg.query.embed_cache_entries),
+            results: cache::ResultCache::new(args.cfg.query.result_cache_entries),
+            hedging: hedge::Hedging::new(),
             args,
             in_flight: Arc::default(),
             answers: Arc::default(),

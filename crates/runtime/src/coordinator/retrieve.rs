@@ -4,17 +4,19 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ragfleet_client::groups;
-use ragfleet_client::typed::{Embed, Rerank, Search};
+use ragfleet_client::typed::{Embed, Rerank, SearchAt};
 use ragfleet_index::ranking::{fuse_rerank, merge_shard_answers};
 use ragfleet_proto::{
-    Coverage, Hit, LeftOut, ModelIdentity, RetrieveOptions, RetrieveResult, SearchMode,
-    SearchQuery, ShardHits, Timings, WireError,
+    Coverage, Hit, LeftOut, ModelIdentity, RetrieveOptions, RetrieveResult, SearchAnswer,
+    SearchMode, SearchQuery, ShardHits, Timings, WireError,
 };
 use tokio::task::JoinSet;
 use tracing::warn;
 
-use super::replicas::{call_replicas, Budget, Failed};
+use super::cache::{self, CachedResult};
+use super::replicas::{call_replicas, call_unless_suspected, with_failover, Budget, Failed};
 use super::{ms, Ctx};
+use crate::health::Member;
 
 /// Refuses an empty or oversized query.
 pub(crate) fn validate_text(text: &str, max: usize, what: &str) -> Result<(), WireError> {
@@ -34,8 +36,9 @@ async fn embed_query(
     ctx: &Ctx,
     text: &str,
     deadline: Instant,
+    use_cache: bool,
 ) -> Result<(Vec<f32>, ModelIdentity), WireError> {
-    if let Some(hit) = ctx.embed_cache.get(text) {
+    if let Some(hit) = use_cache.then(|| ctx.embed_cache.get(text)).flatten() {
         return Ok(hit);
     }
     let req = Embed {
@@ -45,7 +48,9 @@ async fn embed_query(
     match call_replicas(&ctx.args.health, replicas, req, Budget::Split(deadline)).await {
         Ok((model, mut vectors)) if vectors.len() == 1 => {
             let v = vectors.pop().unwrap_or_default();
-            ctx.embed_cache.put(text, &v, &model);
+            if use_cache {
+                ctx.embed_cache.put(text, &v, &model);
+            }
             Ok((v, model))
         }
         Ok((_, v)) => Err(WireError::Internal(format!(
@@ -61,23 +66,132 @@ async fn embed_query(
     }
 }
 
+/// One shard's answer.
+#[derive(Debug)]
+pub(crate) struct ShardAnswer {
+    /// The digest of the replica that answered.
+    pub digest: u64,
+    pub answer: SearchAnswer,
+    /// Whether a hedged request answered it.
+    pub hedged: bool,
+}
+
 /// One shard's search on a serving replica, failing over to another replica of the same shard
-/// inside the shard deadline; `Err` is the reason the shard is left out.
+/// inside the shard deadline, and hedged (when `hedge`) on another replica when the first is
+/// slower than its recent p95; `Err` is the reason the shard is left out. With `known_digest`
+/// the replica answers `Unchanged` when it still holds that state.
 pub(crate) async fn shard_search(
     ctx: Arc<Ctx>,
     shard: u32,
     query: SearchQuery,
+    known_digest: Option<u64>,
     deadline: Instant,
-) -> Result<ShardHits, String> {
-    let replicas = ctx.candidates(&groups::shard(shard));
-    call_replicas(
-        &ctx.args.health,
-        replicas,
-        Search { query },
-        Budget::Split(deadline),
-    )
+    hedge: bool,
+) -> Result<ShardAnswer, String> {
+    let mut replicas = ctx.candidates(&groups::shard(shard));
+    let q = &ctx.cfg().query;
+    let hedge = hedge && q.hedge && q.hedge_max_ratio > 0.0 && replicas.len() > 1;
+    if hedge {
+        // a replica that just lost to a hedge is asked last for a while
+        ctx.hedging.order(&mut replicas);
+    }
+    ctx.hedging.request(q.hedge_max_ratio);
+    let req = SearchAt {
+        query,
+        known_digest,
+    };
+    let done = |r: Result<(u64, SearchAnswer), Failed>, hedged| {
+        r.map(|(digest, answer)| ShardAnswer {
+            digest,
+            answer,
+            hedged,
+        })
+        .map_err(|f| f.reason("no_live_replica"))
+    };
+    let first = replicas[..].first().map(|m| m.actor.get_id());
+    let delay = first.and_then(|id| ctx.hedging.delay(id, Duration::from_millis(q.hedge_min_ms)));
+    let primary = search_on(&ctx, replicas.clone(), req.clone(), deadline);
+    let (Some(delay), Some(slow), true) = (delay, first, hedge) else {
+        return done(primary.await, false);
+    };
+    tokio::pin!(primary);
+    tokio::select! {
+        r = &mut primary => return done(r, false),
+        _ = tokio::time::sleep(delay) => {}
+    }
+    if !ctx.hedging.try_hedge() {
+        return done(primary.await, false);
+    }
+    tracing::debug!(shard, ?delay, "hedging a slow shard replica");
+    let hedged = search_on(&ctx, replicas[1..].to_vec(), req, deadline);
+    tokio::pin!(hedged);
+    // the first answer wins; the other call is dropped
+    let (mut primary_failed, mut hedge_failed) = (None, None);
+    loop {
+        tokio::select! {
+            r = &mut primary, if primary_failed.is_none() => match r {
+                Ok(v) => return done(Ok(v), false),
+                Err(f) => primary_failed = Some(f),
+            },
+            r = &mut hedged, if hedge_failed.is_none() => match r {
+                Ok(v) => {
+                    ctx.hedging.won(slow);
+                    return done(Ok(v), true);
+                }
+                Err(f) => hedge_failed = Some(f),
+            },
+        }
+        if let (Some(p), Some(_)) = (&primary_failed, &hedge_failed) {
+            return done(Err(p.clone()), false);
+        }
+    }
+}
+
+/// A `SearchAt` on `replicas` with failover, recording each replica's answer time.
+async fn search_on(
+    ctx: &Ctx,
+    replicas: Vec<Member>,
+    req: SearchAt,
+    deadline: Instant,
+) -> Result<(u64, SearchAnswer), Failed> {
+    let health = &ctx.args.health;
+    with_failover(health, replicas, Budget::Split(deadline), |actor, time| {
+        let req = req.clone();
+        async move {
+            let t = Instant::now();
+            let r = call_unless_suspected(health, &actor, req, time).await;
+            if r.is_ok() {
+                ctx.hedging.record(actor.get_id(), t.elapsed());
+            }
+            r
+        }
+    })
     .await
-    .map_err(|f| f.reason("no_live_replica"))
+}
+
+/// Scatters `q` to the listed shards (each with the digest its cached answer was read at, if
+/// any) under `deadline`.
+async fn scatter(
+    ctx: &Arc<Ctx>,
+    q: &SearchQuery,
+    shards: Vec<(u32, Option<u64>)>,
+    deadline: Instant,
+    hedge: bool,
+) -> Vec<(u32, Result<ShardAnswer, String>)> {
+    let mut set = JoinSet::new();
+    for (s, known) in shards {
+        let (ctx, q) = (ctx.clone(), q.clone());
+        set.spawn(async move { (s, shard_search(ctx, s, q, known, deadline, hedge).await) });
+    }
+    let mut results = Vec::new();
+    while let Some(res) = set.join_next().await {
+        match res {
+            Ok(r) => results.push(r),
+            Err(e) => warn!(error = %e, "shard task failed"),
+        }
+    }
+    results.sort_by_key(|(s, _)| *s);
+    results
 }
 
 /// Coverage of a scatter: every shard that answered counts; every other is left out, named,
@@ -132,10 +246,19 @@ pub async fn retrieve(
 
     let mut mode = opts.mode;
     let mut degraded = None;
+    let cache_key = if opts.cache == Some(false) {
+        None
+    } else {
+        ctx.results.key(&query, mode, k, rerank)
+    };
+    let cached = cache_key.as_ref().and_then(|key| ctx.results.get(key));
     let (vector, model) = if mode == SearchMode::Bm25 {
         (Vec::new(), None)
+    } else if let Some(c) = &cached {
+        // the cached result's own embedding: no embedder round trip
+        (c.vector.clone(), c.model.clone())
     } else {
-        match embed_query(&ctx, &query, deadline).await {
+        match embed_query(&ctx, &query, deadline, opts.cache != Some(false)).await {
             Ok((v, m)) => (v, Some(m)),
             Err(e @ WireError::BadRequest(_)) => return Err(e),
             Err(e) => {
@@ -163,19 +286,67 @@ pub async fn retrieve(
         model,
     };
     let shard_deadline =
-        (Instant::now() + Duration::from_millis(cfg.query.shard_deadline_ms)).min(deadline);
-    let mut set = JoinSet::new();
-    for s in 0..cfg.index.shards {
-        let (ctx, q) = (ctx.clone(), q.clone());
-        set.spawn(async move { (s, shard_search(ctx, s, q, shard_deadline).await) });
-    }
-    let mut results = Vec::new();
-    while let Some(res) = set.join_next().await {
-        match res {
-            Ok(r) => results.push(r),
-            Err(e) => warn!(error = %e, "shard task failed"),
+        || (Instant::now() + Duration::from_millis(cfg.query.shard_deadline_ms)).min(deadline);
+    let hedge = opts.hedge.unwrap_or(true);
+    let known = |s: u32| {
+        cached
+            .as_ref()
+            .and_then(|c| c.digests.get(s as usize).copied())
+    };
+    let shards = (0..cfg.index.shards).map(|s| (s, known(s))).collect();
+    let mut results = scatter(&ctx, &q, shards, shard_deadline(), hedge).await;
+    let unchanged =
+        |r: &Result<ShardAnswer, String>| matches!(r, Ok(a) if a.answer == SearchAnswer::Unchanged);
+    let hedged: Vec<u32> = results
+        .iter()
+        .filter(|(_, r)| r.as_ref().is_ok_and(|a| a.hedged))
+        .map(|(s, _)| *s)
+        .collect();
+    if let Some(c) = &cached {
+        if results.len() == cfg.index.shards as usize && results.iter().all(|(_, r)| unchanged(r)) {
+            // every shard still holds what the cached result was read from
+            ctx.results.count(cache::Outcome::Hit);
+            let mut out = c.result.clone();
+            out.timings_ms = Timings {
+                search: ms(t1.elapsed()),
+                total: ms(t0.elapsed()),
+                ..Timings::default()
+            };
+            out.cache = Some("hit".into());
+            out.hedged = hedged;
+            return Ok(out);
         }
+        ctx.results.count(cache::Outcome::Stale);
+        // a shard changed: those that said `Unchanged` are asked for their hits now
+        let again: Vec<(u32, Option<u64>)> = results
+            .iter()
+            .filter(|(_, r)| unchanged(r))
+            .map(|(s, _)| (*s, None))
+            .collect();
+        if !again.is_empty() {
+            let more = scatter(&ctx, &q, again, shard_deadline(), hedge).await;
+            results.retain(|(_, r)| !unchanged(r));
+            results.extend(more);
+            results.sort_by_key(|(s, _)| *s);
+        }
+    } else if cache_key.is_some() {
+        ctx.results.count(cache::Outcome::Miss);
     }
+    let digests: Vec<u64> = results
+        .iter()
+        .filter_map(|(_, r)| r.as_ref().ok().map(|a| a.digest))
+        .collect();
+    let results = results
+        .into_iter()
+        .map(|(s, r)| {
+            let hits = r.and_then(|a| match a.answer {
+                SearchAnswer::One(h) => Ok(ShardHits::One(h)),
+                SearchAnswer::Two(d, b) => Ok(ShardHits::Two(d, b)),
+                SearchAnswer::Unchanged => Err("error: the replica answered unchanged".into()),
+            });
+            (s, hits)
+        })
+        .collect();
     let (coverage, answers) = account(cfg.index.shards, results);
     let mut hits = merge_shard_answers(answers, depth as usize);
     timings.search = ms(t1.elapsed());
@@ -210,13 +381,38 @@ pub async fn retrieve(
     }
     hits.truncate(k as usize);
     timings.total = ms(t0.elapsed());
-    Ok(RetrieveResult {
+    let mut out = RetrieveResult {
         hits,
         coverage,
         timings_ms: timings,
         rerank: rerank_outcome,
         degraded,
-    })
+        cache: None,
+        hedged,
+    };
+    if let Some(key) = cache_key {
+        out.cache = Some(if cached.is_some() { "stale" } else { "miss" }.into());
+        // only a whole answer is kept: every shard answered, nothing degraded or skipped
+        let whole = out.coverage.left_out.is_empty()
+            && digests.len() == cfg.index.shards as usize
+            && out.degraded.is_none()
+            && out.rerank.as_deref().is_none_or(|r| r == "applied");
+        if whole {
+            let mut result = out.clone();
+            result.cache = None;
+            result.hedged = Vec::new();
+            ctx.results.put(
+                key,
+                CachedResult {
+                    vector: q.vector,
+                    model: q.model,
+                    digests,
+                    result,
+                },
+            );
+        }
+    }
+    Ok(out)
 }
 
 /// Scores `hits` on a reranker replica before `deadline`, failing over to another replica.

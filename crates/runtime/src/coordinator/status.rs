@@ -59,5 +59,7 @@ pub fn status(ctx: &Ctx) -> ClusterStatus {
         nodes,
         shards,
         model: None,
+        caches: vec![ctx.embed_cache.status(), ctx.results.status()],
+        hedges: ctx.hedging.status(),
     }
 }

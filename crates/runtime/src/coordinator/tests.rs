@@ -8,7 +8,8 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use ragfleet_client::{groups, Envelope, RoleMsg};
 use ragfleet_config::ClusterConfig;
 use ragfleet_proto::{
-    Document, Hit, Request, Response, Role, SearchMode, SearchQuery, ShardHits, WireError,
+    Document, Hit, Request, Response, Role, SearchAnswer, SearchMode, SearchQuery, ShardHits,
+    WireError,
 };
 
 use super::ingest::{quorum_met, validate_documents};
@@ -271,18 +272,34 @@ impl Actor for FakeReplica {
             return Ok(());
         };
         match req {
-            Request::Search(_) if st.stalled => st.held.push(port),
+            Request::Search(_) | Request::SearchAt { .. } if st.stalled => st.held.push(port),
             Request::Search(_) => reply(port, Response::Hits(vec![hit(&st.name, "t", 0.9)])),
+            Request::SearchAt { .. } => reply(
+                port,
+                Response::Searched {
+                    digest: 1,
+                    answer: ragfleet_proto::SearchAnswer::One(vec![hit(&st.name, "t", 0.9)]),
+                },
+            ),
             _ => reply(port, Response::Error(WireError::Unsupported("fake".into()))),
         }
         Ok(())
     }
 }
 
-#[tokio::test]
-async fn a_stalled_replica_is_failed_over_inside_the_shard_deadline_and_suspected() {
-    // a shard id no other test uses: process groups are process-wide
-    let shard = 901;
+fn dense_query() -> SearchQuery {
+    SearchQuery {
+        vector: vec![1.0],
+        text: "q".into(),
+        k: 3,
+        mode: SearchMode::Dense,
+        model: None,
+    }
+}
+
+/// A slow (stalled) and a fast fake replica of `shard`, both seen serving, and a coordinator
+/// context over them.
+async fn two_replicas(shard: u32) -> (Arc<Ctx>, Arc<Health>, Vec<String>, [ActorRef<RoleMsg>; 2]) {
     let (slow, _) = Actor::spawn(None, FakeReplica, (shard, "slow".to_string(), true))
         .await
         .unwrap();
@@ -310,22 +327,26 @@ async fn a_stalled_replica_is_failed_over_inside_the_shard_deadline_and_suspecte
         health: health.clone(),
         gen_tokens: None,
     }));
-    let q = SearchQuery {
-        vector: vec![1.0],
-        text: "q".into(),
-        k: 3,
-        mode: SearchMode::Dense,
-        model: None,
-    };
+    (ctx, health, group, [slow, fast])
+}
+
+#[tokio::test]
+async fn a_stalled_replica_is_failed_over_inside_the_shard_deadline_and_suspected() {
+    // a shard id no other test uses: process groups are process-wide
+    let shard = 901;
+    let (ctx, health, group, [slow, fast]) = two_replicas(shard).await;
+    let q = dense_query();
     // whichever replica round robin puts first, the answer comes from the live one inside the
     // deadline; the first time the slow one is tried first, it is suspected after
     let mut slow_suspected = false;
     for _ in 0..4 {
         let t = Instant::now();
         let deadline = t + Duration::from_millis(600);
-        let r = super::retrieve::shard_search(ctx.clone(), shard, q.clone(), deadline).await;
+        let r = super::retrieve::shard_search(ctx.clone(), shard, q.clone(), None, deadline, false)
+            .await
+            .map(|a| a.answer);
         match r {
-            Ok(ShardHits::One(h)) => assert_eq!(h[0].doc_id, "fast"),
+            Ok(SearchAnswer::One(h)) => assert_eq!(h[0].doc_id, "fast"),
             other => panic!("{other:?}"),
         }
         assert!(
@@ -346,7 +367,9 @@ async fn a_stalled_replica_is_failed_over_inside_the_shard_deadline_and_suspecte
                 ctx.clone(),
                 shard,
                 q.clone(),
+                None,
                 t + Duration::from_millis(600),
+                false,
             )
             .await;
             assert!(r.is_ok());
@@ -367,8 +390,36 @@ async fn a_stalled_replica_is_failed_over_inside_the_shard_deadline_and_suspecte
         assert!(start.elapsed() < Duration::from_secs(5));
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let r =
-        super::retrieve::shard_search(ctx, shard, q, Instant::now() + Duration::from_millis(300))
-            .await;
+    let deadline = Instant::now() + Duration::from_millis(300);
+    let r = super::retrieve::shard_search(ctx, shard, q, None, deadline, false).await;
     assert_eq!(r.unwrap_err(), "no_live_replica");
+}
+
+#[tokio::test]
+async fn a_stalled_replica_is_hedged_on_the_other_and_then_asked_last() {
+    let shard = 902;
+    let (ctx, _health, _group, _replicas) = two_replicas(shard).await;
+    // recent search times on record: the hedge waits their p95 (5 ms)
+    for _ in 0..20 {
+        ctx.hedging
+            .record(ractor::ActorId::Local(u64::MAX), Duration::from_millis(5));
+    }
+    let q = dense_query();
+    let mut hedged = 0;
+    for _ in 0..4 {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let a = super::retrieve::shard_search(ctx.clone(), shard, q.clone(), None, deadline, true)
+            .await
+            .unwrap();
+        match &a.answer {
+            SearchAnswer::One(h) => assert_eq!(h[0].doc_id, "fast"),
+            other => panic!("{other:?}"),
+        }
+        hedged += a.hedged as u32;
+    }
+    // round robin put the stalled replica first within two searches; its hedge answered, and
+    // then it went last (demoted), so it was hedged once only
+    assert_eq!(hedged, 1);
+    let s = ctx.hedging.status();
+    assert_eq!((s.requests, s.sent, s.won, s.capped), (4, 1, 1, 0));
 }

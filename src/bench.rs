@@ -388,6 +388,7 @@ fn run_streams<B: burn::prelude::Backend>(
                 seed: 0,
                 ..Default::default()
             },
+            push_to: None,
         };
         tx.send((req, st.clone())).expect("queue");
     }

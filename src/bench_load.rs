@@ -61,10 +61,13 @@ pub struct LoadBench {
     #[arg(long, default_value_t = 1.0)]
     repeat: f64,
     /// Run every rate twice, with a feature off then on (per request, same build, same
-    /// cluster): `cache` (the retrieval-result and query-embedding caches) or `hedge` (hedged
-    /// shard requests).
+    /// cluster): `cache` (the retrieval-result and query-embedding caches), `hedge` (hedged
+    /// shard requests) or, for chat, `push` (tokens pushed rather than long-polled).
     #[arg(long)]
     compare: Option<String>,
+    /// Retrieve without the rerank stage (to see the search stage's own latency).
+    #[arg(long)]
+    no_rerank: bool,
     /// Closed loop instead of the offered rates: this many clients each sending its next
     /// retrieval as soon as the last one answers (the throughput a cluster sustains).
     #[arg(long)]
@@ -130,16 +133,23 @@ async fn one(
     let mut out = Outcome::default();
     let (path, body) = if kind == "retrieve" {
         let mut body = json!({"query": question, "mode": a.mode, "k": 5});
+        if a.no_rerank {
+            body["rerank"] = json!(false);
+        }
         if let Some((name, on)) = feature {
             body[name] = json!(on);
         }
         ("/v1/retrieve", body)
     } else {
-        (
-            "/v1/chat/completions",
-            json!({"messages": [{"role": "user", "content": question}], "stream": true,
-                   "max_tokens": a.max_tokens, "ragfleet": {"mode": a.mode, "answer_mode": "generate"}}),
-        )
+        let mut body = json!({"messages": [{"role": "user", "content": question}], "stream": true,
+               "max_tokens": a.max_tokens, "ragfleet": {"mode": a.mode, "answer_mode": "generate"}});
+        if a.no_rerank {
+            body["ragfleet"]["rerank"] = json!(false);
+        }
+        if let Some((name, on)) = feature {
+            body["ragfleet"][name] = json!(on);
+        }
+        ("/v1/chat/completions", body)
     };
     let mut req = http
         .post(format!("{}{path}", a.url.trim_end_matches('/')))
@@ -348,10 +358,18 @@ async fn at_rate(
     })
 }
 
+/// `FEATURE on|off` of a compared row, else empty.
+fn variant(r: &Value) -> String {
+    match (r["feature"].as_str(), r["feature_on"].as_bool()) {
+        (Some(f), Some(on)) => format!("{f} {}", if on { "on" } else { "off" }),
+        _ => String::new(),
+    }
+}
+
 fn print_row(r: &Value) {
     let l = &r["latency_ms"];
     let f = |v: &Value| v.as_f64().map_or("-".to_string(), |x| format!("{x:.0}"));
-    let stages: Vec<String> = r["server_stages_ms"]
+    let mut stages: Vec<String> = r["server_stages_ms"]
         .as_object()
         .map(|o| {
             o.iter()
@@ -359,10 +377,11 @@ fn print_row(r: &Value) {
                 .collect()
         })
         .unwrap_or_default();
-    let variant = match (r["feature"].as_str(), r["feature_on"].as_bool()) {
-        (Some(f), Some(on)) => format!("{f} {}", if on { "on" } else { "off" }),
-        _ => String::new(),
-    };
+    let ttft = &r["client_first_token_ms"];
+    if !ttft.is_null() {
+        stages.insert(0, format!("client TTFT {}/{}", f(&ttft["p50"]), f(&ttft["p99"])));
+    }
+    let variant = variant(r);
     let offered = match r["closed_clients"].as_u64() {
         Some(c) => format!("{c} cl"),
         None => format!("{:.2}", r["offered_rps"].as_f64().unwrap_or(0.0)),
@@ -388,15 +407,32 @@ fn print_row(r: &Value) {
 
 /// Latency percentiles against offered load, one panel per kind.
 fn plot(rows: &[Value], path: &std::path::Path) -> Result<()> {
-    let kinds: Vec<&str> = ["retrieve", "chat"]
-        .into_iter()
-        .filter(|k| rows.iter().any(|r| r["kind"] == *k))
-        .collect();
-    let root = SVGBackend::new(path, (520 * kinds.len().max(1) as u32, 420)).into_drawing_area();
+    // one panel per kind and compared variant; closed-loop rows have no offered load to plot
+    let rows: Vec<&Value> = rows.iter().filter(|r| r["offered_rps"].is_number()).collect();
+    let mut kinds: Vec<(String, String)> = Vec::new();
+    for r in &rows {
+        let k = (r["kind"].as_str().unwrap_or("").to_string(), variant(r));
+        if !kinds.contains(&k) {
+            kinds.push(k);
+        }
+    }
+    if kinds.is_empty() {
+        return Ok(());
+    }
+    let root = SVGBackend::new(path, (520 * kinds.len() as u32, 420)).into_drawing_area();
     root.fill(&WHITE)?;
-    let panels = root.split_evenly((1, kinds.len().max(1)));
-    for (panel, kind) in panels.iter().zip(&kinds) {
-        let rs: Vec<&Value> = rows.iter().filter(|r| r["kind"] == *kind).collect();
+    let panels = root.split_evenly((1, kinds.len()));
+    for (panel, (kind, var)) in panels.iter().zip(&kinds) {
+        let rs: Vec<&Value> = rows
+            .iter()
+            .copied()
+            .filter(|r| r["kind"] == kind.as_str() && variant(r) == *var)
+            .collect();
+        let kind = if var.is_empty() {
+            kind.clone()
+        } else {
+            format!("{kind} ({var})")
+        };
         let x_max = rs
             .iter()
             .filter_map(|r| r["offered_rps"].as_f64())
@@ -480,13 +516,11 @@ pub async fn run(a: LoadBench) -> Result<()> {
     if !(0.0..=1.0).contains(&a.repeat) {
         bail!("--repeat must be between 0 and 1");
     }
-    if let Some(f) = &a.compare {
-        if f != "cache" && f != "hedge" {
-            bail!("--compare {f:?}: cache or hedge");
-        }
-        if a.kind != "retrieve" {
-            bail!("--compare needs --kind retrieve");
-        }
+    match (a.compare.as_deref(), a.kind.as_str()) {
+        (None, _) | (Some("cache" | "hedge"), "retrieve") | (Some("push" | "cache"), "chat") => {}
+        (Some(f), k) => bail!(
+            "--compare {f:?} with --kind {k}: cache or hedge for retrieve, push or cache for chat"
+        ),
     }
     if a.closed == Some(0) {
         bail!("--closed needs at least one client");

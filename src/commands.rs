@@ -321,6 +321,7 @@ pub(crate) async fn run(cli: Cli) -> Result<()> {
                         seed,
                         ..Default::default()
                     },
+                    push_to: None,
                 };
                 tx.send(req).ok();
                 drop(tx);

@@ -197,7 +197,8 @@ fn a_stalled_reranker_costs_the_rerank_deadline_and_the_answer_says_it_was_skipp
         .iter()
         .enumerate()
     {
-        let r = c.json(&["retrieve", "--json", "--rerank", q]);
+        // computed afresh: the first query's result is cached, and the shards did not change
+        let r = c.json(&["retrieve", "--json", "--rerank", "--no-cache", q]);
         // the first query waits out the stage deadline; the replica that missed it is then
         // suspected until it answers a heartbeat, so later queries skip at once
         let outcome = r["rerank"].as_str().unwrap_or("").to_string();
@@ -250,6 +251,9 @@ fn an_answer_cut_mid_stream_by_a_stalled_generator_is_reported_truncated() {
             },
             // streamed as generated (auto holds the answer back until it is checked)
             answer_mode: Some(ragfleet_proto::AnswerMode::Generate),
+            // long-polled: a stalled generator actor stops answering the polls (pushed tokens
+            // come from its decode task, which a mailbox stall does not stop)
+            push: Some(false),
             ..AskOptions::default()
         };
         let mut s = client

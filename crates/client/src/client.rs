@@ -396,7 +396,20 @@ impl Client {
     }
 
     /// Asks a question; the answer streams through the returned [`AskStream`].
-    pub async fn ask(&self, question: &str, options: AskOptions) -> Result<AskStream, ClientError> {
+    pub async fn ask(
+        &self,
+        question: &str,
+        mut options: AskOptions,
+    ) -> Result<AskStream, ClientError> {
+        // the answer's pieces are pushed to this process's inbox, unless asked otherwise
+        let inbox = match options.push {
+            Some(false) => None,
+            _ => crate::inbox::inbox().await.map(|ib| {
+                let (target, sub) = ib.subscribe();
+                options.push_to = Some(target);
+                (ib, sub)
+            }),
+        };
         let req = typed::Ask {
             question: question.to_string(),
             options,
@@ -413,6 +426,7 @@ impl Client {
             stream,
             done: false,
             suspects: self.suspects.clone(),
+            inbox,
         })
     }
 
@@ -515,18 +529,25 @@ mod tests {
     }
 }
 
-/// The token stream of an answer.
+/// The token stream of an answer: pieces pushed to this process's inbox as the coordinator
+/// relays them (the coordinator is polled, without waiting, only when they stop coming for
+/// [`crate::ANSWER_POLL`], to tell that it is still there and that this client is); or, for a
+/// client without an inbox or asked not to, long-polled.
 pub struct AskStream {
     coordinator: ActorRef<RoleMsg>,
     stream: u64,
     done: bool,
     suspects: Suspects,
+    inbox: Option<(std::sync::Arc<crate::inbox::Inbox>, u64)>,
 }
 
 impl Drop for AskStream {
     /// An answer abandoned before its end (a client that went away) is cancelled: the
     /// coordinator stops relaying it and cancels the generator's stream.
     fn drop(&mut self) {
+        if let Some((ib, sub)) = &self.inbox {
+            ib.close(*sub);
+        }
         if self.done {
             return;
         }
@@ -545,9 +566,24 @@ impl AskStream {
         if self.done {
             return None;
         }
+        let mut wait = crate::ANSWER_POLL;
+        if let Some((ib, sub)) = &self.inbox {
+            match ib.next(*sub, crate::ANSWER_POLL).await {
+                Ok(c) if !c.text.is_empty() || c.done || c.summary.is_some() => {
+                    self.done = c.done;
+                    return Some(Ok(c));
+                }
+                // silence: ask the coordinator, without waiting
+                Ok(_) => wait = Duration::ZERO,
+                Err(e) => {
+                    self.done = true;
+                    return Some(Err(ClientError::Rejected(e)));
+                }
+            }
+        }
         let req = typed::StreamNext {
             stream: self.stream,
-            wait_ms: crate::ANSWER_POLL.as_millis() as u64,
+            wait_ms: wait.as_millis() as u64,
         };
         let id = self.coordinator.get_id();
         let outcome = tokio::select! {
@@ -558,6 +594,10 @@ impl AskStream {
         };
         match outcome {
             Ok(c) => {
+                let c = match &self.inbox {
+                    Some((ib, sub)) => ib.settle(*sub, c).await,
+                    None => c,
+                };
                 self.done = c.done;
                 Some(Ok(c))
             }

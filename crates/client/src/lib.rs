@@ -12,6 +12,8 @@
 
 pub mod call;
 mod client;
+pub mod inbox;
+pub mod streams;
 pub mod transport;
 pub mod typed;
 
@@ -111,6 +113,8 @@ pub enum RoleMsg {
     /// A request that expects one response.
     #[rpc]
     Call(Envelope<Request>, RpcReplyPort<Envelope<Response>>),
+    /// A piece of a stream pushed to an inbox (`Request::Pushed`); no response.
+    Push(Envelope<Request>),
 }
 
 /// Process-group names under which role actors register.
@@ -144,6 +148,12 @@ mod tests {
         let back = RoleMsg::deserialize(ser).expect("deserializes");
         match back {
             RoleMsg::Call(frame, _) => assert_eq!(frame, Envelope::ok(Request::Ping)),
+            RoleMsg::Push(_) => panic!("a call came back as a push"),
+        }
+        let push = RoleMsg::Push(Envelope::ok(Request::Status));
+        match RoleMsg::deserialize(push.serialize().expect("serializes")).expect("deserializes") {
+            RoleMsg::Push(frame) => assert_eq!(frame, Envelope::ok(Request::Status)),
+            RoleMsg::Call(..) => panic!("a push came back as a call"),
         }
     }
 
@@ -161,6 +171,7 @@ mod tests {
         };
         match RoleMsg::deserialize(ser) {
             Ok(RoleMsg::Call(frame, _)) => assert!(frame.0 .0.is_err()),
+            Ok(RoleMsg::Push(_)) => panic!("a call came back as a push"),
             Err(_) => {} // rejected outright is fine too
         }
         // a truncated length prefix is rejected

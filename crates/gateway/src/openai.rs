@@ -83,6 +83,10 @@ pub struct RagOptions {
     pub deadline_ms: Option<u64>,
     /// Repetition penalty (1: off).
     pub repetition_penalty: Option<f32>,
+    /// `false`: the answer's tokens are long-polled instead of pushed (to compare the two).
+    pub push: Option<bool>,
+    /// `false`: computed afresh, bypassing the retrieval caches.
+    pub cache: Option<bool>,
 }
 
 /// `POST /v1/chat/completions`. Fields of the OpenAI API this server has no use for (`user`,
@@ -195,7 +199,8 @@ fn ask_of(req: &ChatRequest) -> Result<(String, AskOptions), ApiError> {
             mode,
             rerank: r.rerank,
             deadline_ms: r.deadline_ms,
-            ..RetrieveOptions::default()
+            cache: r.cache,
+            hedge: None,
         },
         max_tokens,
         sampling: Sampling {
@@ -210,6 +215,8 @@ fn ask_of(req: &ChatRequest) -> Result<(String, AskOptions), ApiError> {
         answer_mode,
         skip_retrieval: r.retrieval == Some(false),
         system: (!system.is_empty()).then(|| system.join("\n")),
+        push: r.push,
+        push_to: None,
     };
     Ok((question, options))
 }

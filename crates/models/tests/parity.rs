@@ -222,6 +222,7 @@ fn serve_together(
             user: p.to_string(),
             max_tokens,
             sampling: s.clone(),
+            push_to: None,
         };
         tx.send((req, o.clone())).unwrap();
     }

@@ -89,6 +89,7 @@ fn all_requests() -> Vec<Request> {
                 no_repeat_ngram: Some(4),
                 ..Sampling::default()
             },
+            push_to: None,
         }),
         Request::StreamNext {
             stream: 7,

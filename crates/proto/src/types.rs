@@ -487,6 +487,14 @@ pub struct AskOptions {
     /// The client's own system prompt: it replaces ragfleet's when retrieval is skipped and
     /// follows it otherwise.
     pub system: Option<String>,
+    /// Push the answer's pieces as they are produced (`None`: yes, when the client has an
+    /// inbox); `Some(false)`: the client long-polls for them, and so does the coordinator for
+    /// the generator's.
+    #[serde(default)]
+    pub push: Option<bool>,
+    /// The client's inbox (set by the client library).
+    #[serde(default)]
+    pub push_to: Option<PushTarget>,
 }
 
 /// How an answer is made.
@@ -727,6 +735,16 @@ pub enum Request {
         /// Long-poll wait.
         wait_ms: u64,
     },
+    /// A piece of a stream pushed by its producer to the consumer's inbox (sent as a cast,
+    /// `RoleMsg::Push`, never as a call).
+    Pushed {
+        /// The consumer's subscription (see [`PushTarget`]).
+        sub: u64,
+        /// What the producer had since its last push.
+        chunk: StreamChunk,
+        /// Set when the stream failed.
+        error: Option<String>,
+    },
     /// Abandon a stream (generator, coordinator): its producer stops.
     Cancel {
         /// Stream id.
@@ -939,6 +957,19 @@ pub struct GenerationRequest {
     pub max_tokens: u32,
     /// Sampling.
     pub sampling: Sampling,
+    /// Where to push the tokens as they are produced (else they wait for `StreamNext` polls).
+    #[serde(default)]
+    pub push_to: Option<PushTarget>,
+}
+
+/// A consumer's inbox for pushed stream pieces: the process group its inbox actor is in, and
+/// the subscription the pieces belong to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PushTarget {
+    /// The inbox actor's process group (one inbox per process).
+    pub group: String,
+    /// The subscription.
+    pub sub: u64,
 }
 
 impl Document {

@@ -31,8 +31,9 @@ pub fn info(node: &str, role: Role) -> ActorInfo {
 
 /// The id of the client request a message serves (see [`ragfleet_client::traced`]).
 pub fn request_id_of(msg: &RoleMsg) -> Option<String> {
-    let RoleMsg::Call(Envelope(_, id), _) = msg;
-    id.clone()
+    match msg {
+        RoleMsg::Call(Envelope(_, id), _) | RoleMsg::Push(Envelope(_, id)) => id.clone(),
+    }
 }
 
 /// The handling every role shares: a malformed frame is answered with an error, a ping with
@@ -43,7 +44,10 @@ pub async fn common(
     role: &str,
     describe: impl FnOnce() -> ActorInfo,
 ) -> Option<(Request, ractor::RpcReplyPort<Envelope<Response>>)> {
-    let RoleMsg::Call(Envelope(frame, _), port) = msg;
+    let RoleMsg::Call(Envelope(frame, _), port) = msg else {
+        tracing::debug!(role, "a pushed stream piece sent to a role actor dropped");
+        return None;
+    };
     match frame.0 {
         Err(e) => {
             tracing::warn!(role, error = %e, "malformed request frame refused");

@@ -1,5 +1,6 @@
 //! A generator replica: one decode thread serving several streams (continuous batching); the
-//! tokens of each stream are read by long polling.
+//! tokens of each stream are pushed to the caller's inbox as they are decoded (or, for a caller
+//! without one, read by long polling).
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 
@@ -109,7 +110,8 @@ impl Actor for GeneratorActor {
                     return Ok(());
                 }
                 let active = Active(state.active.clone());
-                let (id, writer) = state.streams.open();
+                // pushed to the caller's inbox as they come when it has one, else polled
+                let (id, writer) = state.streams.open_to(job.push_to.take());
                 let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
                 job.max_tokens = job.max_tokens.clamp(1, state.args.max_tokens.max(1));
                 if state.jobs.send((job, tx)).is_err() {

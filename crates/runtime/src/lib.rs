@@ -17,7 +17,8 @@ pub mod models;
 pub mod node;
 pub mod reranker;
 pub mod shard;
-pub mod streams;
+/// Token streams (see [`ragfleet_client::streams`]).
+pub use ragfleet_client::streams;
 pub mod supervisor;
 
 pub use models::{EmbedModel, GenerateModel, ModelLoader, RerankModel};

@@ -34,8 +34,9 @@ enum End {
     Cancelled,
 }
 
-/// A client reading an answer polls at least every [`ragfleet_client::ANSWER_POLL`]; silence
-/// this long means it is gone and the answer is cancelled.
+/// A client reading a polled answer polls at least every [`ragfleet_client::ANSWER_POLL`];
+/// silence this long means it is gone and the answer is cancelled. (A client of a pushed answer
+/// is gone when its inbox leaves the cluster.)
 const CLIENT_SILENCE: Duration = Duration::from_millis(1500);
 
 /// What the relay has produced so far (shared by the attempts, which run one after another).
@@ -143,6 +144,7 @@ pub(crate) async fn ask_task(ctx: Arc<Ctx>, question: String, opts: AskOptions, 
             user,
             max_tokens,
             sampling,
+            push_to: None,
         },
     };
     let t_gen = Instant::now();
@@ -168,6 +170,7 @@ pub(crate) async fn ask_task(ctx: Arc<Ctx>, question: String, opts: AskOptions, 
         .await;
     }
     let first_token_timeout = Duration::from_millis(cfg.generator.first_token_timeout_ms);
+    let push = opts.push != Some(false);
     // `auto` holds the generated text back until its grounding is checked; `generate` streams
     let live = mode != AnswerMode::Auto || unsourced;
     let relayed = Mutex::new(Relayed::default());
@@ -189,6 +192,7 @@ pub(crate) async fn ask_task(ctx: Arc<Ctx>, question: String, opts: AskOptions, 
                     relayed,
                     sink,
                     w,
+                    push,
                 )
                 .await
             }
@@ -200,7 +204,8 @@ pub(crate) async fn ask_task(ctx: Arc<Ctx>, question: String, opts: AskOptions, 
         first_token,
     } = relayed.into_inner().unwrap_or_else(|e| e.into_inner());
     if matches!(outcome, Ok(End::Cancelled)) {
-        return; // nobody is listening
+        // nobody is listening (should a client still be, it learns why its answer stopped)
+        return w.fail("the answer was cancelled: its client went away".into());
     }
     let end_reason = match &outcome {
         Ok(End::Complete(r)) => r.clone(),
@@ -344,18 +349,29 @@ async fn finish_extractive_or_not(
 /// One replica's attempt: start a stream and relay it until it ends. `Err` (fail over to the
 /// next replica) only while no token has been relayed; after that the outcome is an [`End`].
 /// Tokens go to `sink` (none while an `auto` answer is held back); `client` tells whether the
-/// client abandoned the answer.
+/// client abandoned the answer. With `push`, the generator pushes its tokens to this process's
+/// inbox as it decodes them (a silent stream is checked on the generator every
+/// [`PUSH_PROBE`]); else they are long-polled.
 #[allow(clippy::too_many_arguments)]
 async fn relay(
     actor: &ractor::ActorRef<ragfleet_client::RoleMsg>,
-    req: Generate,
+    mut req: Generate,
     deadline: Instant,
     first_token_timeout: Duration,
     t0: Instant,
     relayed: &Mutex<Relayed>,
     sink: Option<&StreamWriter>,
     client: &StreamWriter,
+    push: bool,
 ) -> Result<End, CallError> {
+    let sub = match push {
+        true => ragfleet_client::inbox::inbox().await.map(|ib| {
+            let (target, id) = ib.subscribe();
+            req.request.push_to = Some(target);
+            Subscription(ib, id)
+        }),
+        false => None,
+    };
     let left = deadline.saturating_duration_since(Instant::now());
     let stream = match call_typed(actor, req, left.min(first_token_timeout)).await {
         Ok(s) => s,
@@ -365,11 +381,13 @@ async fn relay(
         }
     };
     let started = Instant::now();
+    let mut news = Instant::now();
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         // a client that cancelled, or stopped polling (its process died: nobody will cancel)
-        let client_gone =
-            client.is_cancelled() || client.unpolled_for().is_some_and(|d| d > CLIENT_SILENCE);
+        // (a pushed answer's client is gone when its inbox left the cluster: is_cancelled)
+        let client_gone = client.is_cancelled()
+            || (!client.is_pushed() && client.unpolled_for().is_some_and(|d| d > CLIENT_SILENCE));
         if left.is_zero() || client_gone {
             let _ = call_typed(actor, Cancel { stream }, Duration::from_millis(500)).await;
             if client_gone {
@@ -379,12 +397,18 @@ async fn relay(
             return Ok(End::Deadline);
         }
         let wait = left.min(Duration::from_millis(250));
-        let next = StreamNext {
-            stream,
-            wait_ms: wait.as_millis() as u64,
-        };
         let started_answering = relayed.lock().expect("relay").first_token.is_some();
-        match call_typed(actor, next, wait + Duration::from_secs(2)).await {
+        let polled = match &sub {
+            Some(s) => s.next(actor, stream, wait, &mut news).await,
+            None => {
+                let next = StreamNext {
+                    stream,
+                    wait_ms: wait.as_millis() as u64,
+                };
+                call_typed(actor, next, wait + Duration::from_secs(2)).await
+            }
+        };
+        match polled {
             Ok(c) => {
                 if !c.text.is_empty() {
                     let mut r = relayed.lock().expect("relay");
@@ -411,5 +435,43 @@ async fn relay(
             }
             Err(e) => return Ok(End::Failed(format!("generator failed mid-answer: {e}"))),
         }
+    }
+}
+
+/// How long a pushed stream may stay silent before the generator is asked about it (is it
+/// still there; did it keep pieces it could not push).
+const PUSH_PROBE: Duration = Duration::from_secs(1);
+
+/// A subscription of this process's inbox, closed when dropped.
+struct Subscription(Arc<ragfleet_client::inbox::Inbox>, u64);
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.0.close(self.1);
+    }
+}
+
+impl Subscription {
+    /// The next pushed piece (empty after `wait` without one); after [`PUSH_PROBE`] of
+    /// silence, what the generator says of the stream instead (a failed call: it is gone).
+    async fn next(
+        &self,
+        actor: &ractor::ActorRef<ragfleet_client::RoleMsg>,
+        stream: u64,
+        wait: Duration,
+        news: &mut Instant,
+    ) -> Result<ragfleet_proto::StreamChunk, CallError> {
+        let c = self.0.next(self.1, wait).await.map_err(CallError::Remote)?;
+        if !c.text.is_empty() || c.done {
+            *news = Instant::now();
+            return Ok(c);
+        }
+        if news.elapsed() < PUSH_PROBE {
+            return Ok(c);
+        }
+        *news = Instant::now();
+        let probe = StreamNext { stream, wait_ms: 0 };
+        let c = call_typed(actor, probe, Duration::from_secs(2)).await?;
+        Ok(self.0.settle(self.1, c).await)
     }
 }

@@ -249,7 +249,12 @@ impl Actor for CoordinatorActor {
                     reply(port, Response::Error(e));
                     return Ok(());
                 }
-                let (id, w) = ctx.streams.open();
+                // the answer's pieces are pushed to the client's inbox when it gave one
+                let target = options
+                    .push_to
+                    .clone()
+                    .filter(|_| options.push != Some(false));
+                let (id, w) = ctx.streams.open_to(target);
                 tokio::spawn(traced(rid, async move {
                     let _serving = serving;
                     ask::ask_task(ctx, question, options, w).await

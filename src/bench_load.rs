@@ -112,13 +112,19 @@ struct Load {
     feature: Option<(String, bool)>,
 }
 
-/// The question of request `i`: a list question, or (past the `repeat` share) one never asked.
-fn question(questions: &[String], repeat: f64, i: usize, rng: &mut impl Rng) -> String {
+/// A number no other run of this process, and no earlier process, used: questions never asked
+/// before are numbered with it, so no cache holds them.
+static RUN: std::sync::LazyLock<u32> = std::sync::LazyLock::new(rand::random);
+static ASKED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// A list question, or (past the `repeat` share) one never asked before.
+fn question(questions: &[String], repeat: f64, rng: &mut impl Rng) -> String {
     let q = &questions[rng.gen_range(0..questions.len())];
     if repeat >= 1.0 || rng.gen_bool(repeat.max(0.0)) {
         q.clone()
     } else {
-        format!("{q} (request {i})")
+        let i = ASKED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        format!("{q} (request {:x}-{i})", *RUN)
     }
 }
 
@@ -279,17 +285,15 @@ async fn at_rate(
     let mut tasks = Vec::new();
     if let Some(clients) = load.closed {
         // closed loop: each client asks its next question when the last is answered
-        let counter = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let end = start + Duration::from_secs_f64(a.duration);
         for c in 0..clients {
-            let (send, questions, counter) = (send.clone(), questions.clone(), counter.clone());
+            let (send, questions) = (send.clone(), questions.clone());
             let mut rng = rand::rngs::StdRng::seed_from_u64(a.seed ^ (c as u64 + 1) << 32);
             let repeat = a.repeat;
             tasks.push(tokio::spawn(async move {
                 let mut done = Vec::new();
                 while Instant::now() < end {
-                    let i = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let q = question(&questions, repeat, i, &mut rng);
+                    let q = question(&questions, repeat, &mut rng);
                     done.push(send(q).await);
                 }
                 done
@@ -297,14 +301,12 @@ async fn at_rate(
         }
     } else {
         let mut next = 0.0f64;
-        let mut i = 0usize;
         while next < a.duration {
             let at = start + Duration::from_secs_f64(next);
             tokio::time::sleep_until(at.into()).await;
-            let q = question(questions, a.repeat, i, rng);
+            let q = question(questions, a.repeat, rng);
             let f = send(q);
             tasks.push(tokio::spawn(async move { vec![f.await] }));
-            i += 1;
             // exponential inter-arrival times: a Poisson process at `rate`
             let u: f64 = rng.gen_range(f64::EPSILON..1.0);
             next += -u.ln() / rate;
@@ -379,7 +381,10 @@ fn print_row(r: &Value) {
         .unwrap_or_default();
     let ttft = &r["client_first_token_ms"];
     if !ttft.is_null() {
-        stages.insert(0, format!("client TTFT {}/{}", f(&ttft["p50"]), f(&ttft["p99"])));
+        stages.insert(
+            0,
+            format!("client TTFT {}/{}", f(&ttft["p50"]), f(&ttft["p99"])),
+        );
     }
     let variant = variant(r);
     let offered = match r["closed_clients"].as_u64() {
@@ -408,7 +413,10 @@ fn print_row(r: &Value) {
 /// Latency percentiles against offered load, one panel per kind.
 fn plot(rows: &[Value], path: &std::path::Path) -> Result<()> {
     // one panel per kind and compared variant; closed-loop rows have no offered load to plot
-    let rows: Vec<&Value> = rows.iter().filter(|r| r["offered_rps"].is_number()).collect();
+    let rows: Vec<&Value> = rows
+        .iter()
+        .filter(|r| r["offered_rps"].is_number())
+        .collect();
     let mut kinds: Vec<(String, String)> = Vec::new();
     for r in &rows {
         let k = (r["kind"].as_str().unwrap_or("").to_string(), variant(r));

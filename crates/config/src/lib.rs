@@ -240,6 +240,9 @@ pub struct EmbedderConfig {
     pub max_wait_ms: u64,
     /// Texts per embedding request on the ingest path.
     pub ingest_batch: usize,
+    /// Texts an embedder replica holds waiting or embedding at once; past it a request is
+    /// refused at once as overloaded (the coordinator tries another replica).
+    pub max_queue: usize,
 }
 
 impl Default for EmbedderConfig {
@@ -248,6 +251,7 @@ impl Default for EmbedderConfig {
             max_batch: 32,
             max_wait_ms: 3,
             ingest_batch: 64,
+            max_queue: 4096,
         }
     }
 }
@@ -736,6 +740,13 @@ impl ClusterConfig {
         }
         if q.rerank_deadline_ms == 0 {
             return Err(invalid("query.rerank_deadline_ms", "must be positive"));
+        }
+        let e = &self.embedder;
+        if e.max_queue < e.ingest_batch.max(e.max_batch) || e.max_queue > 1 << 20 {
+            return Err(invalid(
+                "embedder.max_queue",
+                "must be at least embedder.ingest_batch and max_batch, and at most 1048576",
+            ));
         }
         if self.reranker.max_queue == 0 || self.reranker.max_queue > 4096 {
             return Err(invalid("reranker.max_queue", "must be between 1 and 4096"));

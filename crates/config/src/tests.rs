@@ -147,6 +147,10 @@ fn errors_name_the_field() {
             "query.max_in_flight",
         ),
         (
+            format!("{GOOD}\n[embedder]\nmax_queue = 8\n"),
+            "embedder.max_queue",
+        ),
+        (
             format!("{GOOD}\n[query]\nresult_cache_entries = 2000000\n"),
             "query.result_cache_entries",
         ),

@@ -1,5 +1,8 @@
 //! An embedder replica: requests are batched dynamically (up to `max_batch` texts, waiting at
-//! most `max_wait` for a batch to fill) and run on a dedicated thread.
+//! most `max_wait` for a batch to fill) and run on a dedicated thread. At most `max_queue` texts
+//! wait or are embedded at once; past it a request is refused at once as overloaded (the
+//! coordinator tries another replica).
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -29,6 +32,8 @@ pub struct EmbedderArgs {
     pub max_wait: Duration,
     /// Longest accepted text in bytes.
     pub max_text_bytes: usize,
+    /// Texts that may wait or be embedded at once; past it a request is refused as overloaded.
+    pub max_queue: usize,
 }
 
 /// The embedder actor.
@@ -38,7 +43,7 @@ pub struct EmbedderActor;
 /// Its state.
 pub struct EmbedderState {
     args: EmbedderArgs,
-    jobs: mpsc::Sender<Job>,
+    jobs: Queue,
 }
 
 fn batch_loop(
@@ -88,26 +93,55 @@ fn batch_loop(
     }
 }
 
-async fn embed(jobs: &mpsc::Sender<Job>, texts: Vec<String>) -> Result<Vec<Vec<f32>>, WireError> {
-    let (tx, rx) = oneshot::channel();
-    let queued = crate::metrics::get()
-        .queued
-        .with_label_values(&["embedder"]);
-    let n = texts.len() as i64;
-    queued.add(n);
-    if jobs.send((texts, tx)).is_err() {
-        queued.sub(n);
-        return Err(WireError::Unavailable("embedding thread stopped".into()));
+/// The way to the batch thread, bounded: texts waiting or being embedded are counted, and a
+/// request that would take them past `max` is refused at once as overloaded.
+#[derive(Clone)]
+struct Queue {
+    jobs: mpsc::Sender<Job>,
+    pending: Arc<AtomicUsize>,
+    max: usize,
+}
+
+/// Uncounts texts when their request ends, however it ends.
+struct Pending(Arc<AtomicUsize>, usize);
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.0.fetch_sub(self.1, Ordering::SeqCst);
     }
-    rx.await
-        .map_err(|_| WireError::Unavailable("embedding thread stopped".into()))?
-        .map_err(WireError::Internal)
+}
+
+impl Queue {
+    async fn embed(&self, texts: Vec<String>) -> Result<Vec<Vec<f32>>, WireError> {
+        let n = texts.len();
+        let before = self.pending.fetch_add(n, Ordering::SeqCst);
+        let _pending = Pending(self.pending.clone(), n);
+        // one request larger than the bound alone is still taken when nothing waits
+        if before > 0 && before + n > self.max {
+            return Err(WireError::Overloaded(format!(
+                "embedder busy: {before} texts waiting or embedding (embedder.max_queue {})",
+                self.max
+            )));
+        }
+        let (tx, rx) = oneshot::channel();
+        let queued = crate::metrics::get()
+            .queued
+            .with_label_values(&["embedder"]);
+        queued.add(n as i64);
+        if self.jobs.send((texts, tx)).is_err() {
+            queued.sub(n as i64);
+            return Err(WireError::Unavailable("embedding thread stopped".into()));
+        }
+        rx.await
+            .map_err(|_| WireError::Unavailable("embedding thread stopped".into()))?
+            .map_err(WireError::Internal)
+    }
 }
 
 /// Chunks and embeds documents (the same code for bulk and incremental ingest).
 async fn chunk_embed(
     model: Arc<dyn EmbedModel>,
-    jobs: mpsc::Sender<Job>,
+    jobs: Queue,
     docs: Vec<Document>,
     chunk_tokens: usize,
     overlap: usize,
@@ -144,7 +178,7 @@ async fn chunk_embed(
         .iter()
         .flat_map(|(_, cs)| cs.iter().map(|c| c.text.clone()))
         .collect();
-    let vecs = match embed(&jobs, texts).await {
+    let vecs = match jobs.embed(texts).await {
         Ok(v) => v,
         Err(e) => return Response::Error(e),
     };
@@ -188,7 +222,12 @@ impl Actor for EmbedderActor {
             .name("embedder".into())
             .spawn(move || batch_loop(model, rx, mb, mw))?;
         ractor::pg::join(groups::EMBEDDERS.to_string(), vec![myself.get_cell()]);
-        Ok(EmbedderState { args, jobs: tx })
+        let jobs = Queue {
+            jobs: tx,
+            pending: Arc::default(),
+            max: args.max_queue.max(1),
+        };
+        Ok(EmbedderState { args, jobs })
     }
 
     async fn handle(
@@ -218,7 +257,7 @@ impl Actor for EmbedderActor {
                 let serving = crate::metrics::get().serving("embedder");
                 tokio::spawn(async move {
                     let _serving = serving;
-                    let r = match embed(&jobs, texts).await {
+                    let r = match jobs.embed(texts).await {
                         Ok(vectors) => Response::Embeddings {
                             model: identity,
                             vectors,
@@ -245,5 +284,53 @@ impl Actor for EmbedderActor {
             other => reply(port, unsupported(&other, "embedder")),
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod queue_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn texts_past_the_bound_are_refused_at_once_and_uncounted_when_done() {
+        let (tx, rx) = mpsc::channel::<Job>();
+        let q = Queue {
+            jobs: tx,
+            pending: Arc::default(),
+            max: 4,
+        };
+        // a batch thread that holds the first job until told
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        std::thread::spawn(move || {
+            while let Ok((texts, reply)) = rx.recv() {
+                let _ = held.recv();
+                let _ = reply.send(Ok(texts.iter().map(|_| vec![1.0]).collect()));
+            }
+        });
+        let q1 = q.clone();
+        let first = tokio::spawn(async move { q1.embed(vec!["a".into(); 3]).await });
+        let start = Instant::now();
+        while q.pending.load(Ordering::SeqCst) < 3 {
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "first request not counted"
+            );
+            tokio::task::yield_now().await;
+        }
+        match q.embed(vec!["b".into(); 2]).await {
+            Err(WireError::Overloaded(m)) => assert!(m.contains("embedder.max_queue"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            q.pending.load(Ordering::SeqCst),
+            3,
+            "a refused request is uncounted"
+        );
+        release.send(()).unwrap();
+        assert_eq!(first.await.unwrap().unwrap().len(), 3);
+        assert_eq!(q.pending.load(Ordering::SeqCst), 0);
+        // one request larger than the bound is taken when nothing waits
+        release.send(()).unwrap();
+        assert_eq!(q.embed(vec!["c".into(); 6]).await.unwrap().len(), 6);
     }
 }

@@ -185,6 +185,7 @@ async fn role_specs(
             max_batch: cfg.embedder.max_batch,
             max_wait: Duration::from_millis(cfg.embedder.max_wait_ms),
             max_text_bytes: cfg.query.max_query_bytes.max(1 << 20),
+            max_queue: cfg.embedder.max_queue,
         };
         let children = (0..n.embedder_replicas)
             .map(|i| ChildSpec {

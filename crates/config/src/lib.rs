@@ -136,6 +136,9 @@ pub struct IndexConfig {
     /// How long a deletion record is kept, in seconds (0: for ever). A replica down for longer
     /// than this may hold documents deleted meanwhile: bring it back empty.
     pub deletion_grace_secs: u64,
+    /// Searches a shard replica runs or holds at once; past it a search is refused at once as
+    /// overloaded (the coordinator asks the shard's other replica).
+    pub max_searches: usize,
 }
 
 impl Default for IndexConfig {
@@ -157,6 +160,7 @@ impl Default for IndexConfig {
             chunk_overlap: 32,
             anti_entropy_ms: 30_000,
             deletion_grace_secs: 7 * 24 * 3600,
+            max_searches: 64,
         }
     }
 }
@@ -747,6 +751,9 @@ impl ClusterConfig {
                 "embedder.max_queue",
                 "must be at least embedder.ingest_batch and max_batch, and at most 1048576",
             ));
+        }
+        if self.index.max_searches == 0 || self.index.max_searches > 4096 {
+            return Err(invalid("index.max_searches", "must be between 1 and 4096"));
         }
         if self.reranker.max_queue == 0 || self.reranker.max_queue > 4096 {
             return Err(invalid("reranker.max_queue", "must be between 1 and 4096"));

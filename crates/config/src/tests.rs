@@ -147,6 +147,10 @@ fn errors_name_the_field() {
             "query.max_in_flight",
         ),
         (
+            GOOD.replace("[index]", "[index]\nmax_searches = 0"),
+            "index.max_searches",
+        ),
+        (
             format!("{GOOD}\n[embedder]\nmax_queue = 8\n"),
             "embedder.max_queue",
         ),

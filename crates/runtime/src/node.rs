@@ -167,6 +167,7 @@ async fn role_specs(
                         ),
                         anti_entropy: (cfg.index.anti_entropy_ms > 0)
                             .then(|| Duration::from_millis(cfg.index.anti_entropy_ms)),
+                        max_searches: cfg.index.max_searches,
                     },
                 ),
             })

@@ -39,6 +39,8 @@ pub struct ShardArgs {
     pub peer_wait: Duration,
     /// How often to compare digests with the peer replicas and pull what differs (None: never).
     pub anti_entropy: Option<Duration>,
+    /// Searches run or held at once; past it a search is refused as overloaded.
+    pub max_searches: usize,
 }
 
 /// The shard actor.
@@ -104,6 +106,8 @@ pub struct ShardState {
     shared: Arc<Shared>,
     catch_up: Option<OwnedTask>,
     maintenance: Option<OwnedTask>,
+    /// Searches running or waiting for a blocking thread.
+    searching: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Actor for ShardActor {
@@ -141,6 +145,7 @@ impl Actor for ShardActor {
             shared,
             catch_up,
             maintenance,
+            searching: Arc::default(),
         })
     }
 
@@ -206,7 +211,16 @@ impl Actor for ShardActor {
                 known_digest,
             } => {
                 let shard = state.args.shard;
+                let Some(admitted) = admit(&state.searching, state.args.max_searches) else {
+                    let e = format!(
+                        "shard replica busy: {} searches at once (index.max_searches)",
+                        state.args.max_searches
+                    );
+                    reply(port, Response::Error(WireError::Overloaded(e)));
+                    return Ok(());
+                };
                 tokio::task::spawn_blocking(move || {
+                    let _admitted = admitted;
                     let _in = span.as_ref().map(|s| s.enter());
                     let r = search(&shared, shard, &query, known_digest)
                         .map(|(digest, answer)| Response::Searched { digest, answer });
@@ -294,6 +308,24 @@ async fn maintain(shard: u32, shared: Arc<Shared>) {
             Ok(Ok(_)) => {}
         }
     }
+}
+
+/// Counts a search until dropped.
+struct Admitted(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Admits one more search, or `None` when `max` run or wait already.
+fn admit(n: &Arc<std::sync::atomic::AtomicUsize>, max: usize) -> Option<Admitted> {
+    if n.fetch_add(1, std::sync::atomic::Ordering::SeqCst) >= max {
+        n.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        return None;
+    }
+    Some(Admitted(n.clone()))
 }
 
 /// Searches the replica (blocking) unless its digest is still `known` (then `Unchanged`);
@@ -518,4 +550,22 @@ async fn apply(
     })
     .await
     .map_err(|e| e.to_string())?
+}
+
+#[cfg(test)]
+mod admit_tests {
+    use super::*;
+
+    #[test]
+    fn searches_past_the_bound_are_refused_and_a_finished_one_frees_its_place() {
+        let n = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let a = admit(&n, 2).expect("first");
+        let b = admit(&n, 2).expect("second");
+        assert!(admit(&n, 2).is_none(), "a third past the bound");
+        assert_eq!(n.load(std::sync::atomic::Ordering::SeqCst), 2);
+        drop(a);
+        let c = admit(&n, 2).expect("a place was freed");
+        drop((b, c));
+        assert_eq!(n.load(std::sync::atomic::Ordering::SeqCst), 0);
+    }
 }

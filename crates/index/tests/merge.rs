@@ -268,6 +268,7 @@ fn merge_crash_child() {
         .unwrap();
     let (mut ix, _) = ShardIndex::open(std::path::Path::new(&dir), settings(256, true)).unwrap();
     let mut merging = false;
+    let mut batches_while_merging = 0;
     for b in 0.. {
         let first = start + b * 64;
         let vecs = clustered(64, DIM, 8, 0.1, 9, first as u64);
@@ -280,6 +281,15 @@ fn merge_crash_child() {
         println!("acked {} {}", first, first + 64);
         if ix.maintain().unwrap() {
             println!("merged");
+        }
+        // pace the writer: on a busy machine the low-priority merge thread would otherwise fall
+        // ever further behind a shard that keeps growing, and no merge would finish in time
+        batches_while_merging = if ix.merging() { batches_while_merging + 1 } else { 0 };
+        while ix.merging() && batches_while_merging > 16 {
+            if ix.maintain().unwrap() {
+                println!("merged");
+            }
+            std::thread::sleep(Duration::from_millis(5));
         }
         if ix.merging() != merging {
             merging = ix.merging();

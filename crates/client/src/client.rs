@@ -404,12 +404,9 @@ impl Client {
         // the answer's pieces are pushed to this process's inbox, unless asked otherwise
         let inbox = match options.push {
             Some(false) => None,
-            _ => crate::inbox::inbox().await.map(|ib| {
-                let (target, sub) = ib.subscribe();
-                options.push_to = Some(target);
-                (ib, sub)
-            }),
+            _ => crate::inbox::subscribe().await,
         };
+        options.push_to = inbox.as_ref().map(|s| s.target());
         let req = typed::Ask {
             question: question.to_string(),
             options,
@@ -538,16 +535,13 @@ pub struct AskStream {
     stream: u64,
     done: bool,
     suspects: Suspects,
-    inbox: Option<(std::sync::Arc<crate::inbox::Inbox>, u64)>,
+    inbox: Option<crate::inbox::Subscription>,
 }
 
 impl Drop for AskStream {
     /// An answer abandoned before its end (a client that went away) is cancelled: the
     /// coordinator stops relaying it and cancels the generator's stream.
     fn drop(&mut self) {
-        if let Some((ib, sub)) = &self.inbox {
-            ib.close(*sub);
-        }
         if self.done {
             return;
         }
@@ -567,8 +561,8 @@ impl AskStream {
             return None;
         }
         let mut wait = crate::ANSWER_POLL;
-        if let Some((ib, sub)) = &self.inbox {
-            match ib.next(*sub, crate::ANSWER_POLL).await {
+        if let Some(sub) = &self.inbox {
+            match sub.next(crate::ANSWER_POLL).await {
                 Ok(c) if !c.text.is_empty() || c.done || c.summary.is_some() => {
                     self.done = c.done;
                     return Some(Ok(c));
@@ -595,7 +589,7 @@ impl AskStream {
         match outcome {
             Ok(c) => {
                 let c = match &self.inbox {
-                    Some((ib, sub)) => ib.settle(*sub, c).await,
+                    Some(sub) => sub.settle(c).await,
                     None => c,
                 };
                 self.done = c.done;

@@ -23,7 +23,7 @@ pub struct Inbox {
 static INBOX: OnceCell<Arc<Inbox>> = OnceCell::const_new();
 
 /// This process's inbox, started on first use; `None` when its actor cannot start.
-pub async fn inbox() -> Option<Arc<Inbox>> {
+async fn inbox() -> Option<Arc<Inbox>> {
     INBOX
         .get_or_try_init(|| async {
             let inbox = Arc::new(Inbox {
@@ -41,29 +41,54 @@ pub async fn inbox() -> Option<Arc<Inbox>> {
         .cloned()
 }
 
+/// A new subscription of this process's inbox (started on first use); `None` when the inbox
+/// cannot start.
+pub async fn subscribe() -> Option<Subscription> {
+    let inbox = inbox().await?;
+    let (id, _) = inbox.table.open();
+    Some(Subscription { inbox, id })
+}
+
 impl Inbox {
-    /// A new subscription: where producers push its pieces, and its id here.
-    pub fn subscribe(&self) -> (PushTarget, u64) {
-        let (sub, _) = self.table.open();
-        (
-            PushTarget {
-                group: self.group.clone(),
-                sub,
-            },
-            sub,
-        )
+    fn deliver(&self, sub: u64, chunk: StreamChunk, error: Option<String>) {
+        match self.table.get(sub) {
+            Some(w) => w.apply(chunk, error),
+            None => tracing::debug!(sub, "a pushed piece for a closed subscription dropped"),
+        }
+    }
+}
+
+/// One stream's pieces as this process receives them; closed when dropped.
+#[derive(Debug)]
+pub struct Subscription {
+    inbox: Arc<Inbox>,
+    id: u64,
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.inbox.table.cancel(self.id);
+    }
+}
+
+impl Subscription {
+    /// Where producers push its pieces.
+    pub fn target(&self) -> PushTarget {
+        PushTarget {
+            group: self.inbox.group.clone(),
+            sub: self.id,
+        }
     }
 
-    /// What subscription `sub` received, waiting up to `wait` for news (an empty piece when
-    /// nothing came).
-    pub async fn next(&self, sub: u64, wait: Duration) -> Result<StreamChunk, WireError> {
-        self.table.next(sub, wait).await
+    /// What it received, waiting up to `wait` for news (an empty piece when nothing came).
+    pub async fn next(&self, wait: Duration) -> Result<StreamChunk, WireError> {
+        self.inbox.table.next(self.id, wait).await
     }
 
     /// A piece got by polling the producer while subscribed: when it says the stream ended,
     /// the end was pushed too (with the summary or end reason the poll no longer has), so that
     /// pushed piece is waited for (a little) and merged in.
-    pub async fn settle(&self, sub: u64, polled: StreamChunk) -> StreamChunk {
+    pub async fn settle(&self, polled: StreamChunk) -> StreamChunk {
         if !polled.done {
             return polled;
         }
@@ -71,7 +96,7 @@ impl Inbox {
         let mut merged = polled;
         while std::time::Instant::now() < deadline {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
-            match self.table.next(sub, left).await {
+            match self.next(left).await {
                 Ok(p) => {
                     merged.text.push_str(&p.text);
                     merged.tokens += p.tokens;
@@ -85,23 +110,6 @@ impl Inbox {
             }
         }
         merged
-    }
-
-    /// Ends a subscription.
-    pub fn close(&self, sub: u64) {
-        self.table.cancel(sub);
-    }
-
-    /// Open subscriptions.
-    pub fn open_subscriptions(&self) -> usize {
-        self.table.len()
-    }
-
-    fn deliver(&self, sub: u64, chunk: StreamChunk, error: Option<String>) {
-        match self.table.get(sub) {
-            Some(w) => w.apply(chunk, error),
-            None => tracing::debug!(sub, "a pushed piece for a closed subscription dropped"),
-        }
     }
 }
 
@@ -149,8 +157,8 @@ mod tests {
 
     #[tokio::test]
     async fn pushed_pieces_reach_the_subscription_in_order_and_unpushable_ones_wait_for_a_poll() {
-        let ib = inbox().await.expect("inbox");
-        let (target, sub) = ib.subscribe();
+        let sub = subscribe().await.expect("inbox");
+        let target = sub.target();
         // the producer side: a stream that pushes to the inbox
         let producers = StreamTable::default();
         let (_, w) = producers.open_to(Some(target));
@@ -162,23 +170,23 @@ mod tests {
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         while text.len() < "Hello, world".len() {
             assert!(std::time::Instant::now() < deadline, "got {text:?}");
-            let c = ib.next(sub, Duration::from_millis(200)).await.unwrap();
+            let c = sub.next(Duration::from_millis(200)).await.unwrap();
             text.push_str(&c.text);
             tokens += c.tokens;
         }
         assert_eq!((text.as_str(), tokens), ("Hello, world", 3));
         w.finish_end("stop");
-        let c = ib.next(sub, Duration::from_secs(5)).await.unwrap();
+        let c = sub.next(Duration::from_secs(5)).await.unwrap();
         assert!(c.done);
         assert_eq!(c.end.as_deref(), Some("stop"));
         // nothing is left for a poll of the producer: it was all pushed
         assert!(!w.is_cancelled());
 
         // an error reaches the consumer as one
-        let (target, sub) = ib.subscribe();
-        let (_, w) = producers.open_to(Some(target));
+        let sub = subscribe().await.expect("inbox");
+        let (_, w) = producers.open_to(Some(sub.target()));
         w.fail("boom".into());
-        let e = ib.next(sub, Duration::from_secs(5)).await.unwrap_err();
+        let e = sub.next(Duration::from_secs(5)).await.unwrap_err();
         assert!(e.to_string().contains("boom"), "{e}");
 
         // a consumer whose inbox group is gone cancels its producer

@@ -114,7 +114,7 @@ impl Forward {
 pub struct StreamWriter {
     buf: Arc<Mutex<Buf>>,
     notify: Arc<Notify>,
-    cancelled: Arc<std::sync::atomic::AtomicBool>,
+    cancelled: Arc<AtomicBool>,
     forward: Option<Arc<Forward>>,
 }
 
@@ -122,8 +122,7 @@ impl StreamWriter {
     /// Whether the consumer abandoned the stream (the producer should stop): it cancelled it,
     /// or, for a pushed stream, its inbox left the cluster.
     pub fn is_cancelled(&self) -> bool {
-        self.cancelled.load(std::sync::atomic::Ordering::Relaxed)
-            || self.forward.as_ref().is_some_and(|f| f.gone())
+        self.cancelled.load(Ordering::Relaxed) || self.forward.as_ref().is_some_and(|f| f.gone())
     }
 
     /// Whether the pieces are pushed to an inbox.
@@ -225,7 +224,7 @@ impl StreamTable {
         let w = StreamWriter {
             buf: Arc::new(Mutex::new(Buf::default())),
             notify: Arc::new(Notify::new()),
-            cancelled: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            cancelled: Arc::new(AtomicBool::new(false)),
             forward: target.map(|target| {
                 Arc::new(Forward {
                     target,
@@ -244,16 +243,6 @@ impl StreamTable {
         self.streams.lock().expect("streams").get(&id).cloned()
     }
 
-    /// Open streams.
-    pub fn len(&self) -> usize {
-        self.streams.lock().expect("streams").len()
-    }
-
-    /// Whether no stream is open.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// Drops (and cancels) streams nobody polled for five minutes, and pushed streams whose
     /// last piece was delivered.
     fn gc(&self) {
@@ -265,8 +254,7 @@ impl StreamTable {
                     .is_none_or(|t| t.elapsed() < Duration::from_secs(300));
             drop(b);
             if !keep {
-                w.cancelled
-                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                w.cancelled.store(true, Ordering::Relaxed);
             }
             keep
         });
@@ -276,8 +264,7 @@ impl StreamTable {
     pub fn cancel(&self, id: u64) -> bool {
         match self.streams.lock().expect("streams").remove(&id) {
             Some(w) => {
-                w.cancelled
-                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                w.cancelled.store(true, Ordering::Relaxed);
                 true
             }
             None => false,
@@ -296,20 +283,22 @@ impl StreamTable {
         let deadline = Instant::now() + wait;
         loop {
             let notified = w.notify.notified();
-            {
+            let outcome = {
                 let mut b = w.buf.lock().expect("stream");
                 b.touched = Some(Instant::now());
-                if !b.text.is_empty() || b.done || Instant::now() >= deadline {
-                    if let Some(e) = b.error.take() {
-                        self.streams.lock().expect("streams").remove(&id);
-                        return Err(WireError::Unavailable(e));
+                (!b.text.is_empty() || b.done || Instant::now() >= deadline).then(|| {
+                    match b.error.take() {
+                        Some(e) => Err(WireError::Unavailable(e)),
+                        None => Ok(b.take().0),
                     }
-                    let (chunk, _) = b.take();
-                    if chunk.done {
-                        self.streams.lock().expect("streams").remove(&id);
-                    }
-                    return Ok(chunk);
+                })
+            };
+            // the stream's lock is let go first: `gc` takes the table's lock, then a stream's
+            if let Some(r) = outcome {
+                if r.as_ref().map_or(true, |c| c.done) {
+                    self.streams.lock().expect("streams").remove(&id);
                 }
+                return r;
             }
             let _ = tokio::time::timeout_at(deadline.into(), notified).await;
         }

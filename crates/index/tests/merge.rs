@@ -284,7 +284,11 @@ fn merge_crash_child() {
         }
         // pace the writer: on a busy machine the low-priority merge thread would otherwise fall
         // ever further behind a shard that keeps growing, and no merge would finish in time
-        batches_while_merging = if ix.merging() { batches_while_merging + 1 } else { 0 };
+        batches_while_merging = if ix.merging() {
+            batches_while_merging + 1
+        } else {
+            0
+        };
         while ix.merging() && batches_while_merging > 16 {
             if ix.maintain().unwrap() {
                 println!("merged");

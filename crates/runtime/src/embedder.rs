@@ -2,7 +2,7 @@
 //! most `max_wait` for a batch to fill) and run on a dedicated thread. At most `max_queue` texts
 //! wait or are embedded at once; past it a request is refused at once as overloaded (the
 //! coordinator tries another replica).
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -102,27 +102,16 @@ struct Queue {
     max: usize,
 }
 
-/// Uncounts texts when their request ends, however it ends.
-struct Pending(Arc<AtomicUsize>, usize);
-
-impl Drop for Pending {
-    fn drop(&mut self) {
-        self.0.fetch_sub(self.1, Ordering::SeqCst);
-    }
-}
-
 impl Queue {
     async fn embed(&self, texts: Vec<String>) -> Result<Vec<Vec<f32>>, WireError> {
         let n = texts.len();
-        let before = self.pending.fetch_add(n, Ordering::SeqCst);
-        let _pending = Pending(self.pending.clone(), n);
         // one request larger than the bound alone is still taken when nothing waits
-        if before > 0 && before + n > self.max {
-            return Err(WireError::Overloaded(format!(
+        let _pending = crate::bound::take(&self.pending, n, self.max).map_err(|before| {
+            WireError::Overloaded(format!(
                 "embedder busy: {before} texts waiting or embedding (embedder.max_queue {})",
                 self.max
-            )));
-        }
+            ))
+        })?;
         let (tx, rx) = oneshot::channel();
         let queued = crate::metrics::get()
             .queued
@@ -290,6 +279,7 @@ impl Actor for EmbedderActor {
 #[cfg(test)]
 mod queue_tests {
     use super::*;
+    use std::sync::atomic::Ordering;
 
     #[tokio::test]
     async fn texts_past_the_bound_are_refused_at_once_and_uncounted_when_done() {

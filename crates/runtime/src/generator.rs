@@ -1,7 +1,7 @@
 //! A generator replica: one decode thread serving several streams (continuous batching); the
 //! tokens of each stream are pushed to the caller's inbox as they are decoded (or, for a caller
 //! without one, read by long polling).
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
 use std::sync::{mpsc, Arc};
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
@@ -45,15 +45,6 @@ pub struct GeneratorState {
     streams: Arc<StreamTable>,
     /// Answers decoding or waiting.
     active: Arc<AtomicUsize>,
-}
-
-/// Counts an answer as active until its stream ends.
-struct Active(Arc<AtomicUsize>);
-
-impl Drop for Active {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
-    }
 }
 
 impl Actor for GeneratorActor {
@@ -101,15 +92,13 @@ impl Actor for GeneratorActor {
                     return Ok(());
                 }
                 let bound = state.args.max_streams + state.args.max_queue;
-                if state.active.fetch_add(1, Ordering::SeqCst) >= bound {
-                    state.active.fetch_sub(1, Ordering::SeqCst);
+                let Ok(active) = crate::bound::take(&state.active, 1, bound) else {
                     let e = format!(
                         "generator busy: {bound} answers decoding or queued (generator.max_streams + generator.max_queue)"
                     );
                     reply(port, Response::Error(WireError::Overloaded(e)));
                     return Ok(());
-                }
-                let active = Active(state.active.clone());
+                };
                 // pushed to the caller's inbox as they come when it has one, else polled
                 let (id, writer) = state.streams.open_to(job.push_to.take());
                 let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();

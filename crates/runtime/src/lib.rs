@@ -7,6 +7,7 @@
 #![warn(missing_docs, unreachable_pub)]
 
 pub mod agent;
+mod bound;
 pub mod call;
 pub mod coordinator;
 pub mod embedder;

@@ -195,38 +195,18 @@ impl Actor for ShardActor {
                 );
             }
             Request::Search(q) => {
-                let shard = state.args.shard;
-                tokio::task::spawn_blocking(move || {
-                    let _in = span.as_ref().map(|s| s.enter());
-                    let r = search(&shared, shard, &q, None).map(|(_, a)| match a {
-                        SearchAnswer::Two(dense, bm25) => Response::HybridHits { dense, bm25 },
-                        SearchAnswer::One(h) => Response::Hits(h),
-                        SearchAnswer::Unchanged => Response::Hits(Vec::new()),
-                    });
-                    reply(port, r.unwrap_or_else(|e| Response::Error(index_error(e))));
-                });
+                spawn_search(state, port, span, q, None, |_, answer| match answer {
+                    SearchAnswer::Two(dense, bm25) => Response::HybridHits { dense, bm25 },
+                    SearchAnswer::One(h) => Response::Hits(h),
+                    SearchAnswer::Unchanged => Response::Hits(Vec::new()),
+                })
             }
             Request::SearchAt {
                 query,
                 known_digest,
-            } => {
-                let shard = state.args.shard;
-                let Some(admitted) = admit(&state.searching, state.args.max_searches) else {
-                    let e = format!(
-                        "shard replica busy: {} searches at once (index.max_searches)",
-                        state.args.max_searches
-                    );
-                    reply(port, Response::Error(WireError::Overloaded(e)));
-                    return Ok(());
-                };
-                tokio::task::spawn_blocking(move || {
-                    let _admitted = admitted;
-                    let _in = span.as_ref().map(|s| s.enter());
-                    let r = search(&shared, shard, &query, known_digest)
-                        .map(|(digest, answer)| Response::Searched { digest, answer });
-                    reply(port, r.unwrap_or_else(|e| Response::Error(index_error(e))));
-                });
-            }
+            } => spawn_search(state, port, span, query, known_digest, |digest, answer| {
+                Response::Searched { digest, answer }
+            }),
             Request::Write { ops, model } => {
                 tokio::task::spawn_blocking(move || {
                     let _in = span.as_ref().map(|s| s.enter());
@@ -310,22 +290,28 @@ async fn maintain(shard: u32, shared: Arc<Shared>) {
     }
 }
 
-/// Counts a search until dropped.
-struct Admitted(Arc<std::sync::atomic::AtomicUsize>);
-
-impl Drop for Admitted {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-    }
-}
-
-/// Admits one more search, or `None` when `max` run or wait already.
-fn admit(n: &Arc<std::sync::atomic::AtomicUsize>, max: usize) -> Option<Admitted> {
-    if n.fetch_add(1, std::sync::atomic::Ordering::SeqCst) >= max {
-        n.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-        return None;
-    }
-    Some(Admitted(n.clone()))
+/// Runs a search on the blocking pool and answers it as `answer` makes it; past
+/// `index.max_searches` searches at once it is refused as overloaded.
+fn spawn_search(
+    state: &ShardState,
+    port: ractor::RpcReplyPort<ragfleet_client::Envelope<Response>>,
+    span: Option<tracing::Span>,
+    q: ragfleet_proto::SearchQuery,
+    known: Option<u64>,
+    answer: impl FnOnce(u64, SearchAnswer) -> Response + Send + 'static,
+) {
+    let max = state.args.max_searches;
+    let Ok(admitted) = crate::bound::take(&state.searching, 1, max) else {
+        let e = format!("shard replica busy: {max} searches at once (index.max_searches)");
+        return reply(port, Response::Error(WireError::Overloaded(e)));
+    };
+    let (shared, shard) = (state.shared.clone(), state.args.shard);
+    tokio::task::spawn_blocking(move || {
+        let _admitted = admitted;
+        let _in = span.as_ref().map(|s| s.enter());
+        let r = search(&shared, shard, &q, known).map(|(digest, a)| answer(digest, a));
+        reply(port, r.unwrap_or_else(|e| Response::Error(index_error(e))));
+    });
 }
 
 /// Searches the replica (blocking) unless its digest is still `known` (then `Unchanged`);
@@ -550,22 +536,4 @@ async fn apply(
     })
     .await
     .map_err(|e| e.to_string())?
-}
-
-#[cfg(test)]
-mod admit_tests {
-    use super::*;
-
-    #[test]
-    fn searches_past_the_bound_are_refused_and_a_finished_one_frees_its_place() {
-        let n = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let a = admit(&n, 2).expect("first");
-        let b = admit(&n, 2).expect("second");
-        assert!(admit(&n, 2).is_none(), "a third past the bound");
-        assert_eq!(n.load(std::sync::atomic::Ordering::SeqCst), 2);
-        drop(a);
-        let c = admit(&n, 2).expect("a place was freed");
-        drop((b, c));
-        assert_eq!(n.load(std::sync::atomic::Ordering::SeqCst), 0);
-    }
 }

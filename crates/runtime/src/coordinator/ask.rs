@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ragfleet_client::groups;
+use ragfleet_client::inbox::Subscription;
 use ragfleet_client::typed::{call_typed, Cancel, Generate, StreamNext};
 use ragfleet_config::NoCoverage;
 use ragfleet_proto::{
@@ -365,13 +366,10 @@ async fn relay(
     push: bool,
 ) -> Result<End, CallError> {
     let sub = match push {
-        true => ragfleet_client::inbox::inbox().await.map(|ib| {
-            let (target, id) = ib.subscribe();
-            req.request.push_to = Some(target);
-            Subscription(ib, id)
-        }),
+        true => ragfleet_client::inbox::subscribe().await,
         false => None,
     };
+    req.request.push_to = sub.as_ref().map(|s| s.target());
     let left = deadline.saturating_duration_since(Instant::now());
     let stream = match call_typed(actor, req, left.min(first_token_timeout)).await {
         Ok(s) => s,
@@ -399,7 +397,7 @@ async fn relay(
         let wait = left.min(Duration::from_millis(250));
         let started_answering = relayed.lock().expect("relay").first_token.is_some();
         let polled = match &sub {
-            Some(s) => s.next(actor, stream, wait, &mut news).await,
+            Some(s) => next_pushed(s, actor, stream, wait, &mut news).await,
             None => {
                 let next = StreamNext {
                     stream,
@@ -442,36 +440,25 @@ async fn relay(
 /// still there; did it keep pieces it could not push).
 const PUSH_PROBE: Duration = Duration::from_secs(1);
 
-/// A subscription of this process's inbox, closed when dropped.
-struct Subscription(Arc<ragfleet_client::inbox::Inbox>, u64);
-
-impl Drop for Subscription {
-    fn drop(&mut self) {
-        self.0.close(self.1);
-    }
-}
-
-impl Subscription {
-    /// The next pushed piece (empty after `wait` without one); after [`PUSH_PROBE`] of
-    /// silence, what the generator says of the stream instead (a failed call: it is gone).
-    async fn next(
-        &self,
-        actor: &ractor::ActorRef<ragfleet_client::RoleMsg>,
-        stream: u64,
-        wait: Duration,
-        news: &mut Instant,
-    ) -> Result<ragfleet_proto::StreamChunk, CallError> {
-        let c = self.0.next(self.1, wait).await.map_err(CallError::Remote)?;
-        if !c.text.is_empty() || c.done {
-            *news = Instant::now();
-            return Ok(c);
-        }
-        if news.elapsed() < PUSH_PROBE {
-            return Ok(c);
-        }
+/// The next piece pushed to `sub` (empty after `wait` without one); after [`PUSH_PROBE`] of
+/// silence, what the generator says of the stream instead (a failed call: it is gone).
+async fn next_pushed(
+    sub: &Subscription,
+    actor: &ractor::ActorRef<ragfleet_client::RoleMsg>,
+    stream: u64,
+    wait: Duration,
+    news: &mut Instant,
+) -> Result<ragfleet_proto::StreamChunk, CallError> {
+    let c = sub.next(wait).await.map_err(CallError::Remote)?;
+    if !c.text.is_empty() || c.done {
         *news = Instant::now();
-        let probe = StreamNext { stream, wait_ms: 0 };
-        let c = call_typed(actor, probe, Duration::from_secs(2)).await?;
-        Ok(self.0.settle(self.1, c).await)
+        return Ok(c);
     }
+    if news.elapsed() < PUSH_PROBE {
+        return Ok(c);
+    }
+    *news = Instant::now();
+    let probe = StreamNext { stream, wait_ms: 0 };
+    let c = call_typed(actor, probe, Duration::from_secs(2)).await?;
+    Ok(sub.settle(c).await)
 }

@@ -9,7 +9,7 @@
 //! [`retrieve`], [`ingest`] (and delete), [`ask`] (the answer relay), [`prompt`] (context
 //! assembly), [`status`]. Ranking itself lives in `ragfleet_index::ranking`.
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -103,28 +103,25 @@ impl Ctx {
                 .inc();
             WireError::Overloaded(what)
         };
-        if self.in_flight.fetch_add(1, Ordering::SeqCst) >= q.max_in_flight {
-            self.in_flight.fetch_sub(1, Ordering::SeqCst);
-            return Err(refuse(format!(
+        let all = crate::bound::take(&self.in_flight, 1, q.max_in_flight).map_err(|_| {
+            refuse(format!(
                 "this coordinator is serving its limit of {} requests (query.max_in_flight); retry shortly",
                 q.max_in_flight
-            )));
-        }
-        let mut admitted = Admission {
-            all: self.in_flight.clone(),
-            answers: None,
-        };
-        if answer {
-            if self.answers.fetch_add(1, Ordering::SeqCst) >= q.max_answers_in_flight {
-                self.answers.fetch_sub(1, Ordering::SeqCst);
-                return Err(refuse(format!(
+            ))
+        })?;
+        let answers = answer
+            .then(|| crate::bound::take(&self.answers, 1, q.max_answers_in_flight))
+            .transpose()
+            .map_err(|_| {
+                refuse(format!(
                     "this coordinator is relaying its limit of {} answers (query.max_answers_in_flight); retry shortly",
                     q.max_answers_in_flight
-                )));
-            }
-            admitted.answers = Some(self.answers.clone());
-        }
-        Ok(admitted)
+                ))
+            })?;
+        Ok(Admission {
+            _all: all,
+            _answers: answers,
+        })
     }
 
     fn count_tokens(&self, text: &str) -> usize {
@@ -137,17 +134,8 @@ impl Ctx {
 
 /// An admitted request: counted until dropped.
 pub(crate) struct Admission {
-    all: Arc<AtomicUsize>,
-    answers: Option<Arc<AtomicUsize>>,
-}
-
-impl Drop for Admission {
-    fn drop(&mut self) {
-        self.all.fetch_sub(1, Ordering::SeqCst);
-        if let Some(a) = &self.answers {
-            a.fetch_sub(1, Ordering::SeqCst);
-        }
-    }
+    _all: crate::bound::Taken,
+    _answers: Option<crate::bound::Taken>,
 }
 
 /// The coordinator actor.

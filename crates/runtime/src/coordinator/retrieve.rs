@@ -108,7 +108,7 @@ pub(crate) async fn shard_search(
         })
         .map_err(|f| f.reason("no_live_replica"))
     };
-    let first = replicas[..].first().map(|m| m.actor.get_id());
+    let first = replicas.first().map(|m| m.actor.get_id());
     let delay = first.and_then(|id| ctx.hedging.delay(id, Duration::from_millis(q.hedge_min_ms)));
     let primary = search_on(&ctx, replicas.clone(), req.clone(), deadline);
     let (Some(delay), Some(slow), true) = (delay, first, hedge) else {

@@ -117,3 +117,35 @@ fn a_violated_invariant_exits_non_zero_naming_it_and_the_seed() {
     );
     assert!(err.contains("--seed 5"), "{err}");
 }
+
+#[test]
+fn a_partitioned_coordinator_answers_truthfully_and_acknowledges_nothing_alone() {
+    let _g = serial();
+    let dir = tempfile::tempdir().unwrap();
+    // the client starts on n1; n1 is cut off from its peers (the client still reaches it),
+    // then from everyone (the client must move to n2), then n3's links slow down
+    let plan = "name = \"p\"\nduration_s = 22\n[workload]\nretrieve_per_s = 4\ningest_every_ms = 700\ncoordinator = \"n1\"\n\
+        [[fault]]\nkind = \"partition\"\nnodes = [\"n1\"]\nat_s = 2\ndown_s = 6\n\
+        [[fault]]\nkind = \"partition\"\nnodes = [\"n1\"]\nclient = true\nat_s = 10\ndown_s = 5\n\
+        [[fault]]\nkind = \"delay\"\nnodes = [\"n3\"]\ndelay_ms = 60\njitter_ms = 20\nat_s = 16\ndown_s = 4\n";
+    let (ok, r, err) = run(dir.path(), plan, "13");
+    assert!(ok, "{r}\n{err}");
+    assert_eq!(r["network"], "tcp-proxy", "{r}");
+    assert_eq!(r["violations"].as_array().unwrap().len(), 0, "{r}");
+    assert_eq!(r["queries"]["failed"], 0, "{r}");
+    // n1 alone answered with partial coverage (checked truthful by the runner) ...
+    assert!(r["queries"]["partial"].as_u64().unwrap() > 0, "{r}");
+    // ... and could acknowledge no write: it cannot reach a write quorum
+    assert!(r["writes"]["failed"].as_u64().unwrap() > 0, "{r}");
+    assert_eq!(r["writes"]["lost"], 0, "{r}");
+    assert_eq!(r["writes"]["resurrected"], 0, "{r}");
+    let recovered: Vec<&String> = r["recovery_ms"].as_object().unwrap().keys().collect();
+    assert!(
+        recovered
+            .iter()
+            .filter(|k| k.starts_with("heal n1"))
+            .count()
+            == 2,
+        "{recovered:?}"
+    );
+}

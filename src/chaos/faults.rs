@@ -1,4 +1,6 @@
 //! Carrying out a plan's actions on the nodes and actors of a run.
+use super::net::LinkState;
+use super::plan::NetFault;
 use super::run::*;
 
 /// Carries out one action; returns what happened, in words.
@@ -65,6 +67,48 @@ pub(super) async fn apply(
             tokio::task::spawn_blocking(move || fill(&dir))
                 .await
                 .unwrap_or_else(|e| format!("failed: {e}"))
+        }
+        Action::Net { node, net, client } => {
+            let Some(proxies) = &shared.net else {
+                return "no proxies on this run's links".into();
+            };
+            let state = match *net {
+                NetFault::Cut => {
+                    let mut tl = shared.timeline.lock().expect("t");
+                    for o in shared.names.iter().filter(|o| *o != node) {
+                        tl.down(&link(node, o), now);
+                    }
+                    LinkState {
+                        cut: true,
+                        ..LinkState::default()
+                    }
+                }
+                NetFault::Delay { ms, jitter_ms } => LinkState {
+                    delay_ms: ms,
+                    jitter_ms,
+                    ..LinkState::default()
+                },
+                NetFault::Loss { pct } => LinkState {
+                    loss: pct / 100.0,
+                    ..LinkState::default()
+                },
+            };
+            proxies.set_node(node, Some((state, *client)), &shared.names);
+            "done".into()
+        }
+        Action::Heal(node) => {
+            let Some(proxies) = &shared.net else {
+                return "no proxies on this run's links".into();
+            };
+            proxies.set_node(node, None, &shared.names);
+            let mut tl = shared.timeline.lock().expect("t");
+            for o in shared.names.iter().filter(|o| *o != node) {
+                // a link stays cut while its other end is partitioned off
+                if !proxies.state(node, o).cut {
+                    tl.up(&link(node, o), now);
+                }
+            }
+            "done".into()
         }
         Action::Free(node) => {
             let p = cfg.data_dir.join(node).join(FILLER);

@@ -2,6 +2,7 @@
 //! and seeded experiments against a whole cluster under load (`ragfleet chaos run`).
 mod checks;
 mod faults;
+pub(crate) mod net;
 mod nodes;
 pub(crate) mod plan;
 pub(crate) mod run;

@@ -5,6 +5,8 @@ use super::run::*;
 pub(super) struct Nodes {
     pub(super) exe: PathBuf,
     pub(super) config: PathBuf,
+    /// A node's own config file when the run proxies its links (peers at their proxies).
+    pub(super) configs: HashMap<String, PathBuf>,
     pub(super) data_dir: PathBuf,
     pub(super) models: Option<PathBuf>,
     pub(super) logs: PathBuf,
@@ -24,7 +26,7 @@ impl Nodes {
             .open(self.logs.join(format!("{name}.log")))?;
         let mut cmd = Command::new(&self.exe);
         cmd.args(["node", "--config"])
-            .arg(&self.config)
+            .arg(self.configs.get(name).unwrap_or(&self.config))
             .args(["--node", name, "--data-dir"])
             .arg(&self.data_dir)
             .stdin(Stdio::null())

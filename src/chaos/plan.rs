@@ -59,6 +59,9 @@ pub(crate) struct Workload {
     pub delete_every: usize,
     /// Answers asked a second (0: none).
     pub ask_per_s: f64,
+    /// The coordinator node the client starts on (default: the first coordinator of the
+    /// cluster file); it moves only when that one fails.
+    pub coordinator: Option<String>,
 }
 
 impl Default for Workload {
@@ -70,6 +73,7 @@ impl Default for Workload {
             update_every: 4,
             delete_every: 5,
             ask_per_s: 0.0,
+            coordinator: None,
         }
     }
 }
@@ -114,6 +118,19 @@ pub(crate) struct Fault {
     /// Whether nodes are hit in an order drawn from the seed (default: as listed).
     #[serde(default)]
     pub shuffle: bool,
+    /// delay: ms every chunk of the node's links is held (each way).
+    #[serde(default = "default_delay")]
+    pub delay_ms: u64,
+    /// delay: the hold varies by up to this many ms either way.
+    #[serde(default)]
+    pub jitter_ms: u64,
+    /// loss: percent of the chunks lost (each costs a retransmission timeout).
+    #[serde(default = "default_loss")]
+    pub loss_pct: f64,
+    /// partition, delay, loss: the link between the runner's client and the node is hit too
+    /// (default: only the links between nodes).
+    #[serde(default)]
+    pub client: bool,
 }
 
 fn default_down() -> f64 {
@@ -124,6 +141,12 @@ fn default_stall() -> u64 {
 }
 fn default_disk() -> u64 {
     16
+}
+fn default_delay() -> u64 {
+    100
+}
+fn default_loss() -> f64 {
+    5.0
 }
 
 /// Kinds of fault.
@@ -143,6 +166,23 @@ pub(crate) enum FaultKind {
     /// The node's data folder (a small tmpfs mounted for the run) fills up; after `down_s`
     /// the space returns.
     DiskFull,
+    /// The node is cut off from every other node (and the client, with `client`) for
+    /// `down_s`: its links go silent, then heal.
+    Partition,
+    /// The node's links hold every chunk `delay_ms` (± `jitter_ms`) for `down_s`.
+    Delay,
+    /// The node's links lose `loss_pct` percent of their chunks for `down_s`.
+    Loss,
+}
+
+impl FaultKind {
+    /// Whether the fault acts on the network (the run then puts proxies on every link).
+    pub(crate) fn is_network(self) -> bool {
+        matches!(
+            self,
+            FaultKind::Partition | FaultKind::Delay | FaultKind::Loss
+        )
+    }
 }
 
 /// One scheduled action.
@@ -172,6 +212,22 @@ pub(crate) enum Action {
     Fill(String),
     /// Give the space back.
     Free(String),
+    /// Set every link of `node` (to the other nodes; to the client too with `client`).
+    Net {
+        node: String,
+        net: NetFault,
+        client: bool,
+    },
+    /// Every link of `node` back to normal.
+    Heal(String),
+}
+
+/// What a network fault does to a node's links.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum NetFault {
+    Cut,
+    Delay { ms: u64, jitter_ms: u64 },
+    Loss { pct: f64 },
 }
 
 impl std::fmt::Display for Action {
@@ -186,6 +242,17 @@ impl std::fmt::Display for Action {
             Action::Corrupt { node, target, .. } => write!(f, "damage a {target} file of {node}"),
             Action::Fill(n) => write!(f, "fill the data folder of {n}"),
             Action::Free(n) => write!(f, "free the data folder of {n}"),
+            Action::Net { node, net, client } => {
+                let to = if *client { ", client too" } else { "" };
+                match net {
+                    NetFault::Cut => write!(f, "partition {node} off{to}"),
+                    NetFault::Delay { ms, jitter_ms } => {
+                        write!(f, "delay {node}'s links {ms}±{jitter_ms} ms{to}")
+                    }
+                    NetFault::Loss { pct } => write!(f, "lose {pct}% on {node}'s links{to}"),
+                }
+            }
+            Action::Heal(n) => write!(f, "heal {n}'s links"),
         }
     }
 }
@@ -223,6 +290,18 @@ impl Plan {
             if f.every_s.is_some_and(|e| e <= 0.0) {
                 bail!("plan {}: fault[{i}].every_s must be positive", self.name);
             }
+            if f.kind == FaultKind::Loss && !(f.loss_pct > 0.0 && f.loss_pct <= 100.0) {
+                bail!(
+                    "plan {}: fault[{i}].loss_pct must be in (0, 100]",
+                    self.name
+                );
+            }
+            if f.kind == FaultKind::Delay && f.jitter_ms > f.delay_ms {
+                bail!(
+                    "plan {}: fault[{i}].jitter_ms must not exceed delay_ms",
+                    self.name
+                );
+            }
             if f.kind == FaultKind::Corrupt
                 && !matches!(f.target.as_deref(), Some("wal") | Some("segment"))
             {
@@ -233,6 +312,11 @@ impl Plan {
             }
         }
         Ok(())
+    }
+
+    /// Whether the run needs proxies on its links (a network fault is planned).
+    pub(crate) fn needs_proxies(&self) -> bool {
+        self.faults.iter().any(|f| f.kind.is_network())
     }
 
     /// Nodes whose data folder must be a small tmpfs (disk-full faults), with its size in MiB.
@@ -305,6 +389,37 @@ impl Plan {
                             at_ms: ms(t + f.down_s),
                             fault: i,
                             action: Action::Free(node.clone()),
+                        });
+                    }
+                }
+                FaultKind::Partition | FaultKind::Delay | FaultKind::Loss => {
+                    let every = f.every_s.unwrap_or(f.down_s + 5.0);
+                    let net = match f.kind {
+                        FaultKind::Partition => NetFault::Cut,
+                        FaultKind::Delay => NetFault::Delay {
+                            ms: f.delay_ms,
+                            jitter_ms: f.jitter_ms,
+                        },
+                        _ => NetFault::Loss { pct: f.loss_pct },
+                    };
+                    for (k, node) in targets.iter().enumerate() {
+                        let t = f.at_s + k as f64 * every + jitter(&mut rng);
+                        if t > until {
+                            break;
+                        }
+                        events.push(Event {
+                            at_ms: ms(t),
+                            fault: i,
+                            action: Action::Net {
+                                node: node.clone(),
+                                net,
+                                client: f.client,
+                            },
+                        });
+                        events.push(Event {
+                            at_ms: ms(t + f.down_s),
+                            fault: i,
+                            action: Action::Heal(node.clone()),
                         });
                     }
                 }
@@ -460,6 +575,74 @@ mod tests {
     }
 
     #[test]
+    fn network_faults_cut_slow_or_lose_and_then_heal_each_node_in_turn() {
+        let p = plan(
+            "name = \"t\"\nduration_s = 60\n[[fault]]\nkind = \"partition\"\nnodes = [\"n1\", \"n3\"]\nclient = true\nat_s = 4\nevery_s = 20\ndown_s = 8\n[[fault]]\nkind = \"delay\"\nnodes = [\"n2\"]\ndelay_ms = 80\njitter_ms = 40\nat_s = 50\n[[fault]]\nkind = \"loss\"\nnodes = [\"n2\"]\nat_s = 55\n",
+        );
+        assert!(p.needs_proxies());
+        let e = p.schedule(1, 60.0, &nodes(), &[]).unwrap();
+        let acts: Vec<(u64, Action)> = e.into_iter().map(|e| (e.at_ms, e.action)).collect();
+        let cut = |n: &str| Action::Net {
+            node: n.into(),
+            net: NetFault::Cut,
+            client: true,
+        };
+        assert_eq!(acts[0], (4000, cut("n1")));
+        assert_eq!(acts[1], (12000, Action::Heal("n1".into())));
+        assert_eq!(acts[2], (24000, cut("n3")));
+        assert_eq!(acts[3], (32000, Action::Heal("n3".into())));
+        assert_eq!(
+            acts[4].1,
+            Action::Net {
+                node: "n2".into(),
+                net: NetFault::Delay {
+                    ms: 80,
+                    jitter_ms: 40
+                },
+                client: false
+            }
+        );
+        // defaults: 5% loss, healed down_s (3 s) later
+        assert_eq!(
+            acts.iter()
+                .find(|(_, a)| matches!(
+                    a,
+                    Action::Net {
+                        net: NetFault::Loss { .. },
+                        ..
+                    }
+                ))
+                .unwrap()
+                .1,
+            Action::Net {
+                node: "n2".into(),
+                net: NetFault::Loss { pct: 5.0 },
+                client: false
+            }
+        );
+        assert_eq!(acts.last().unwrap(), &(58000, Action::Heal("n2".into())));
+        // a plan without network faults runs without proxies
+        assert!(
+            !plan("name = \"t\"\nduration_s = 5\n[[fault]]\nkind = \"kill\"\n").needs_proxies()
+        );
+        // nonsense is refused naming the field
+        for (bad, field) in [
+            ("kind = \"loss\"\nloss_pct = 0", "loss_pct"),
+            ("kind = \"loss\"\nloss_pct = 101", "loss_pct"),
+            (
+                "kind = \"delay\"\ndelay_ms = 10\njitter_ms = 20",
+                "jitter_ms",
+            ),
+        ] {
+            let p: Plan =
+                toml::from_str(&format!("name = \"t\"\nduration_s = 5\n[[fault]]\n{bad}\n"))
+                    .unwrap();
+            let e = p.check().unwrap_err().to_string();
+            assert!(e.contains(field), "{e}");
+        }
+    }
+
+    #[test]
     fn every_shipped_plan_is_valid() {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("chaos/plans");
         let mut n = 0;
@@ -469,6 +652,6 @@ mod tests {
             p.schedule(7, p.duration_s, &nodes(), &groups).unwrap();
             n += 1;
         }
-        assert!(n >= 5, "{n} plans");
+        assert!(n >= 8, "{n} plans");
     }
 }

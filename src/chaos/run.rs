@@ -20,6 +20,7 @@ pub(super) use serde_json::json;
 
 pub(super) use super::checks::{check_writes, converge, node_serving, wait_serving};
 pub(super) use super::faults::apply;
+pub(super) use super::net::Net;
 pub(super) use super::nodes::Nodes;
 pub(super) use super::plan::{Action, Plan};
 pub(super) use super::workload::{doc, workload};
@@ -41,6 +42,8 @@ pub(crate) struct RunArgs {
 pub(super) struct QueryRecord {
     pub(super) start_ms: u64,
     pub(super) end_ms: u64,
+    /// The coordinator node that answered (empty when the query failed).
+    pub(super) coordinator: String,
     /// Shards left out and why; `None` when the query failed.
     pub(super) left_out: Option<Vec<(u32, String)>>,
     pub(super) error: Option<String>,
@@ -100,6 +103,10 @@ pub(super) struct Shared {
     pub(super) timeline: Mutex<Timeline>,
     pub(super) log: Mutex<Vec<String>>,
     pub(super) stop: std::sync::atomic::AtomicBool,
+    /// The proxies on every link, when the plan has network faults.
+    pub(super) net: Option<Arc<Net>>,
+    /// Node names of the cluster.
+    pub(super) names: Vec<String>,
 }
 
 impl Shared {
@@ -145,9 +152,18 @@ pub(crate) async fn run(a: RunArgs) -> Result<i32> {
         .with_context(|| format!("cannot create {}", a.data_dir.display()))?;
     let logs = a.data_dir.join("logs");
     std::fs::create_dir_all(&logs)?;
+    // network faults: every link through a proxy of the runner's
+    let (net, configs, client_cfg) = if a.plan.needs_proxies() {
+        let (net, files, client_cfg) =
+            super::net::wire(&cfg, &a.data_dir.join("net"), a.seed).await?;
+        (Some(net), files, Arc::new(client_cfg))
+    } else {
+        (None, HashMap::new(), cfg.clone())
+    };
     let nodes = Arc::new(Nodes {
         exe: std::env::current_exe()?,
         config: a.config.clone(),
+        configs,
         data_dir: a.data_dir.clone(),
         models: a.models.clone(),
         logs: logs.clone(),
@@ -163,17 +179,24 @@ pub(crate) async fn run(a: RunArgs) -> Result<i32> {
         timeline: Mutex::new(Timeline::default()),
         log: Mutex::new(Vec::new()),
         stop: std::sync::atomic::AtomicBool::new(false),
+        net: net.clone(),
+        names: names.clone(),
     });
     if !a.json {
         println!(
-            "chaos run: plan {} ({}), seed {}, {} events over {:.0} s; nodes {}; logs in {}",
+            "chaos run: plan {} ({}), seed {}, {} events over {:.0} s; nodes {}; logs in {}{}",
             a.plan.name,
             a.plan.description,
             a.seed,
             events.len(),
             a.duration_s,
             names.join(", "),
-            logs.display()
+            logs.display(),
+            if net.is_some() {
+                "; network faults through a TCP proxy on every link"
+            } else {
+                ""
+            }
         );
     }
     // disk-full faults: those nodes' data folders are small tmpfs mounts for the run
@@ -192,10 +215,22 @@ pub(crate) async fn run(a: RunArgs) -> Result<i32> {
     for n in &names {
         nodes.spawn(n)?;
     }
-    let client = Arc::new(Client::connect(cfg.clone(), Duration::from_secs(120)).await?);
+    let client = Arc::new(Client::connect(client_cfg, Duration::from_secs(120)).await?);
     wait_serving(&client, &cfg, Duration::from_secs(180))
         .await
         .context("the cluster did not come up")?;
+    let start_on = a.plan.workload.coordinator.clone().or_else(|| {
+        cfg.nodes
+            .iter()
+            .find(|n| n.has(NodeRole::Coordinator))
+            .map(|n| n.name.clone())
+    });
+    if let Some(c) = start_on {
+        client
+            .prefer(&c, Duration::from_secs(10))
+            .await
+            .with_context(|| format!("no coordinator on node {c}"))?;
+    }
     // a seed corpus so that the first queries have something to find
     let mut rng = rand::rngs::StdRng::seed_from_u64(a.seed ^ 0x5eed);
     let seed_docs: Vec<Document> = (0..8).map(|i| doc(a.seed, i, 0, &mut rng)).collect();
@@ -238,22 +273,34 @@ pub(crate) async fn run(a: RunArgs) -> Result<i32> {
         let outcome = apply(&e.action, &nodes, &client, &cfg, &shared, now).await;
         shared.note(format!("{} ({outcome})", e.action), a.json);
         fault_rows.push(json!({"at_ms": e.at_ms, "fault": e.fault, "action": e.action.to_string(), "outcome": outcome}));
-        if let Action::Restart(n) | Action::Thaw(n) = &e.action {
-            let (client, n2) = (client.clone(), n.clone());
+        if let Action::Restart(n) | Action::Thaw(n) | Action::Heal(n) = &e.action {
+            let (client, n2, cfg2) = (client.clone(), n.clone(), cfg.clone());
             let since = Instant::now();
+            // after a heal the node may see itself serving at once: what counts is that the
+            // coordinator asked sees every node and replica again
+            let healed = matches!(e.action, Action::Heal(_));
             recovery.push((
                 format!("{} at {:.1} s", e.action, e.at_ms as f64 / 1000.0),
                 tokio::spawn(async move {
-                    node_serving(&client, &n2, Duration::from_secs(120))
-                        .await
-                        .then(|| since.elapsed().as_millis() as u64)
+                    let within = Duration::from_secs(120);
+                    let back = if healed {
+                        wait_serving(&client, &cfg2, within).await.is_ok()
+                    } else {
+                        node_serving(&client, &n2, within).await
+                    };
+                    back.then(|| since.elapsed().as_millis() as u64)
                 }),
             ));
         }
     }
     let end = t_faults + Duration::from_secs_f64(a.duration_s);
     tokio::time::sleep_until(end.into()).await;
-    // everything back: nodes still down are restarted, frozen ones thawed
+    // everything back: links healed, nodes still down restarted, frozen ones thawed
+    if let Some(net) = &net {
+        for n in &names {
+            net.set_node(n, None, &names);
+        }
+    }
     for n in &names {
         nodes.signal(n, libc::SIGCONT);
         shared.timeline.lock().expect("t").up(n, shared.now_ms());
@@ -339,9 +386,13 @@ pub(crate) async fn run(a: RunArgs) -> Result<i32> {
         for (s, reason) in q.left_out.iter().flatten() {
             // each replica down: its node killed or frozen, or the replica itself panicked
             // (restarting) or stalled
+            // (or cut off from the coordinator that answered)
             let all_down = placement[*s as usize].iter().all(|n| {
                 timeline.faulty(n, q.start_ms, q.end_ms, grace)
                     || timeline.faulty(&format!("{n}/shard.{s}"), q.start_ms, q.end_ms, grace)
+                    || (!q.coordinator.is_empty()
+                        && q.coordinator != *n
+                        && timeline.faulty(&link(&q.coordinator, n), q.start_ms, q.end_ms, grace))
             });
             // "deadline" is the truth whatever the replicas' state (the shard did not answer
             // in time: a slow replica on a loaded machine is not a lie); a claim that no
@@ -382,6 +433,9 @@ pub(crate) async fn run(a: RunArgs) -> Result<i32> {
         }
     }
     nodes.stop_all();
+    if let Some(net) = &net {
+        net.shutdown();
+    }
     for n in &names {
         let log = std::fs::read_to_string(logs.join(format!("{n}.log"))).unwrap_or_default();
         // a panic the runner asked for names itself ("chaos: ... told to panic") on the line
@@ -417,6 +471,7 @@ pub(crate) async fn run(a: RunArgs) -> Result<i32> {
     let report = json!({
         "seed": a.seed,
         "plan": a.plan.name,
+        "network": if net.is_some() { "tcp-proxy" } else { "direct" },
         "plan_file": a.plan_path,
         "duration_s": a.duration_s,
         "queries": {"total": total, "failed": failed.len(), "partial": partial},
@@ -488,6 +543,12 @@ pub(crate) async fn run(a: RunArgs) -> Result<i32> {
         return Ok(1);
     }
     Ok(0)
+}
+
+/// The timeline's name of the link between two parties.
+pub(super) fn link(a: &str, b: &str) -> String {
+    let (x, y) = super::net::key(a, b);
+    format!("link {x}|{y}")
 }
 
 /// Where a run keeps its data by default.

@@ -70,6 +70,7 @@ pub(super) async fn workload(
                     Ok(r) => QueryRecord {
                         start_ms,
                         end_ms,
+                        coordinator: r.coordinator.clone(),
                         left_out: Some(
                             r.coverage
                                 .left_out
@@ -84,6 +85,7 @@ pub(super) async fn workload(
                         QueryRecord {
                             start_ms,
                             end_ms,
+                            coordinator: String::new(),
                             left_out: None,
                             error: Some(e.to_string()),
                         }

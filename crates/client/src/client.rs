@@ -436,6 +436,28 @@ impl Client {
             .map(|info| info.node)
     }
 
+    /// Makes the coordinator on `node` the one this client asks first (waiting up to `wait`
+    /// for it to be visible); like any, it is left for another when it fails.
+    pub async fn prefer(&self, node: &str, wait: Duration) -> Result<(), ClientError> {
+        let start = Instant::now();
+        loop {
+            for c in coordinators() {
+                if let Ok(info) = call_typed(&c, typed::Ping {}, Duration::from_secs(2)).await {
+                    if info.node == node {
+                        *self.current.lock().expect("client") = Some(c);
+                        return Ok(());
+                    }
+                }
+            }
+            if start.elapsed() > wait {
+                return Err(ClientError::Unreachable(format!(
+                    "no coordinator on node {node} answered within {wait:?}"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Every reachable node process's metrics (Prometheus text), once per process:
     /// `(instance, text)` where `instance` is the process's transport address.
     pub async fn node_metrics(&self) -> Vec<(String, String)> {

@@ -234,3 +234,12 @@ fn the_retired_merge_below_key_still_parses_and_the_ann_defaults_to_ragfleets_ow
     assert_eq!(c.index.ann, "hnsw");
     assert_eq!(c.index.merge_ratio, 16);
 }
+
+#[test]
+fn a_written_config_reads_back_equal() {
+    // chaos run writes a config per node (its peers at proxy addresses) from a loaded one
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../cluster.toml");
+    let c = ClusterConfig::load(&path).unwrap();
+    let back = ClusterConfig::parse(&toml::to_string(&c).unwrap()).unwrap();
+    assert_eq!(back, c);
+}

@@ -378,6 +378,7 @@ pub fn retrieval_json(r: &RetrieveResult) -> Value {
         "degraded": r.degraded,
         "cache": r.cache,
         "hedged": r.hedged,
+        "coordinator": r.coordinator,
     })
 }
 

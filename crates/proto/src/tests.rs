@@ -226,6 +226,7 @@ fn all_responses() -> Vec<Response> {
             degraded: None,
             cache: Some("hit".into()),
             hedged: vec![1],
+            coordinator: "n2".into(),
         }),
         Response::Searched {
             digest: 3,

@@ -264,6 +264,9 @@ pub struct RetrieveResult {
     /// first was slower than its recent p95).
     #[serde(default)]
     pub hedged: Vec<u32>,
+    /// The coordinator node that answered.
+    #[serde(default)]
+    pub coordinator: String,
 }
 
 /// A document to ingest.

@@ -75,6 +75,7 @@ pub(crate) async fn ask_task(ctx: Arc<Ctx>, question: String, opts: AskOptions, 
             degraded: None,
             cache: None,
             hedged: Vec::new(),
+            coordinator: ctx.args.node.clone(),
         })
     } else {
         retrieve(ctx.clone(), question.clone(), opts.retrieve.clone()).await

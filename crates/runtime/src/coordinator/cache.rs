@@ -293,6 +293,7 @@ mod tests {
                 degraded: None,
                 cache: None,
                 hedged: Vec::new(),
+                coordinator: "n1".into(),
             },
         }
     }

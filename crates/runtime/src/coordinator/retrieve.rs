@@ -389,6 +389,7 @@ pub async fn retrieve(
         degraded,
         cache: None,
         hedged,
+        coordinator: ctx.args.node.clone(),
     };
     if let Some(key) = cache_key {
         out.cache = Some(if cached.is_some() { "stale" } else { "miss" }.into());

@@ -91,6 +91,7 @@ fn upsert(id: String, vector: Vec<f32>, text: String) -> WriteOp {
             chunk_id: format!("{id}#0"),
             text,
             vector,
+            sentences: Default::default(),
         }],
         doc_id: id,
     }

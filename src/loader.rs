@@ -76,6 +76,9 @@ impl RerankModel for SentenceReranker {
         self.scorer
             .score(query, passages, &|texts| self.embedder.embed(texts))
     }
+    fn sentence_model(&self) -> Option<ModelIdentity> {
+        Some(self.embedder.identity())
+    }
 }
 
 /// Generator adapter.

@@ -338,6 +338,7 @@ fn anti_entropy_repairs_a_live_replica_that_missed_a_write_and_a_delete() {
             chunk_id: "ae-1#0".into(),
             text: "Record zqaex was written to one replica only.".into(),
             vector,
+            sentences: Default::default(),
         }],
     };
     for req in [

@@ -78,9 +78,9 @@ typed! {
     Embed { texts: Vec<String> } => (ModelIdentity, Vec<Vec<f32>>),
         |x| Request::Embed { texts: x.texts }, { Response::Embeddings { model, vectors } => (model, vectors) };
     /// Embedder: chunk and embed documents (ingest); documents that failed come back named.
-    ChunkEmbed { docs: Vec<Document>, chunk_tokens: u32, overlap: u32 }
+    ChunkEmbed { docs: Vec<Document>, chunk_tokens: u32, overlap: u32, sentences: bool }
         => (ModelIdentity, Vec<WriteOp>, Vec<(String, String)>),
-        |x| Request::ChunkEmbed { docs: x.docs, chunk_tokens: x.chunk_tokens, overlap: x.overlap }, { Response::Chunked { model, ops, failed } => (model, ops, failed) };
+        |x| Request::ChunkEmbed { docs: x.docs, chunk_tokens: x.chunk_tokens, overlap: x.overlap, sentences: x.sentences }, { Response::Chunked { model, ops, failed } => (model, ops, failed) };
     /// Shard replica: search.
     Search { query: SearchQuery } => ShardHits,
         |x| Request::Search(x.query), { Response::Hits(h) => ShardHits::One(h),
@@ -108,8 +108,8 @@ typed! {
     Fetch { doc_ids: Vec<String> } => (Vec<WriteOp>, Option<ModelIdentity>),
         |x| Request::Fetch { doc_ids: x.doc_ids }, { Response::Fetched { ops, model } => (ops, model) };
     /// Reranker: relevance scores of passages for a query.
-    Rerank { query: String, passages: Vec<String> } => Vec<f32>,
-        |x| Request::Rerank { query: x.query, passages: x.passages }, { Response::Scores(s) => s };
+    Rerank { query: String, passages: Vec<String>, known: Vec<Option<f32>>, model: Option<ModelIdentity> } => Vec<f32>,
+        |x| Request::Rerank { query: x.query, passages: x.passages, known: x.known, model: x.model }, { Response::Scores(s) => s };
     /// Generator: start a stream; its id.
     Generate { request: GenerationRequest } => u64,
         |x| Request::Generate(x.request), { Response::StreamStarted { stream } => stream };
@@ -144,6 +144,7 @@ mod tests {
             score: 1.0,
             similarity: None,
             text: "t".into(),
+            sentence_score: None,
         };
         assert_eq!(
             Search::reply(Response::Hits(vec![hit.clone()])),

@@ -139,6 +139,12 @@ pub struct IndexConfig {
     /// Searches a shard replica runs or holds at once; past it a search is refused at once as
     /// overloaded (the coordinator asks the shard's other replica).
     pub max_searches: usize,
+    /// Whether ingest embeds each chunk's sentences too and stores their vectors (int8) with
+    /// the chunk, so the sentence reranker scores at the shard in microseconds instead of
+    /// embedding every candidate's sentences at query time (ingest embeds about twice the
+    /// text). Default: on when a node has the reranker role.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sentence_vectors: Option<bool>,
 }
 
 impl Default for IndexConfig {
@@ -161,6 +167,7 @@ impl Default for IndexConfig {
             anti_entropy_ms: 30_000,
             deletion_grace_secs: 7 * 24 * 3600,
             max_searches: 64,
+            sentence_vectors: None,
         }
     }
 }
@@ -546,6 +553,14 @@ impl ClusterConfig {
     pub fn rerank_by_default(&self) -> bool {
         self.query
             .rerank
+            .unwrap_or_else(|| self.nodes.iter().any(|n| n.has(NodeRole::Reranker)))
+    }
+
+    /// Whether ingest stores sentence vectors (`index.sentence_vectors`, by default on when a
+    /// node has the reranker role).
+    pub fn sentence_vectors(&self) -> bool {
+        self.index
+            .sentence_vectors
             .unwrap_or_else(|| self.nodes.iter().any(|n| n.has(NodeRole::Reranker)))
     }
 

@@ -76,6 +76,7 @@ pub fn upserts(vectors: Vec<Vec<f32>>, texts: Option<&[String]>) -> Vec<WriteOp>
                     chunk_id: format!("{id}#0"),
                     text,
                     vector,
+                    sentences: Default::default(),
                 }],
             }
         })

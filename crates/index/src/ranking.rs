@@ -458,6 +458,7 @@ mod tests {
             score,
             similarity: Some(score),
             text: text.into(),
+            sentence_score: None,
         }
     }
 

@@ -16,6 +16,8 @@ pub(crate) struct Entry {
     pub(crate) chunk_id: String,
     pub(crate) text: String,
     pub(crate) vector: Vec<f32>,
+    /// Its sentences' vectors (empty: none stored).
+    pub(crate) sentences: ragfleet_proto::SentenceVectors,
 }
 
 pub(crate) type Graph = HnswMap<UnitVector, u32>;

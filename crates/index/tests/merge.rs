@@ -85,6 +85,7 @@ fn one(doc: &str, text: &str, v: Vec<f32>, version: u64) -> WriteOp {
             chunk_id: format!("{doc}#0"),
             text: text.into(),
             vector: v,
+            sentences: Default::default(),
         }],
     }
 }

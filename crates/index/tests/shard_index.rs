@@ -49,6 +49,7 @@ fn upsert(doc: &str, text: &str, seed: u64) -> WriteOp {
             chunk_id: format!("{doc}#0"),
             text: text.into(),
             vector: vec_for(seed),
+            sentences: Default::default(),
         }],
     }
 }
@@ -209,6 +210,7 @@ fn bad_vectors_are_refused() {
             chunk_id: "a#0".into(),
             text: "t".into(),
             vector: vec![0.0; DIM],
+            sentences: Default::default(),
         }],
     };
     assert!(ix.write(vec![bad], &model()).is_err());
@@ -220,6 +222,7 @@ fn bad_vectors_are_refused() {
             chunk_id: "a#0".into(),
             text: "t".into(),
             vector: vec![1.0; 3],
+            sentences: Default::default(),
         }],
     };
     assert!(ix.write(vec![short], &model()).is_err());
@@ -647,4 +650,94 @@ fn the_remembered_digest_follows_every_write_deletion_and_reopen() {
         "a reopened replica has the digest it had"
     );
     assert_eq!(ix.digest(), ix.versions().digest());
+}
+
+/// A document whose chunk stores the vectors of three "sentences" (seeds s, s+1000, s+2000),
+/// its own vector their sum.
+fn with_sentences(doc: &str, seed: u64) -> WriteOp {
+    let unit = |mut v: Vec<f32>| {
+        let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        v.iter_mut().for_each(|x| *x /= n);
+        v
+    };
+    let sentences: Vec<Vec<f32>> = [seed, seed + 1000, seed + 2000]
+        .iter()
+        .map(|&s| unit(vec_for(s)))
+        .collect();
+    WriteOp::Upsert {
+        version: 0,
+        doc_id: doc.into(),
+        chunks: vec![ChunkRecord {
+            doc_id: doc.into(),
+            chunk_id: format!("{doc}#0"),
+            text: format!("{doc} first. {doc} second. {doc} third."),
+            // the chunk's vector near all three of its sentences
+            vector: (0..DIM)
+                .map(|i| sentences.iter().map(|s| s[i]).sum())
+                .collect(),
+            sentences: ragfleet_proto::SentenceVectors::quantize(&sentences),
+        }],
+    }
+}
+
+#[test]
+fn stored_sentence_vectors_score_hits_through_the_log_seals_merges_reopen_and_fetch() {
+    let dir = tempfile::tempdir().unwrap();
+    // a query near d5's second sentence: d5's sentence score is about 1, others' lower
+    let q = |mode| SearchQuery {
+        vector: vec_for(1005),
+        text: "d5".into(),
+        k: 5,
+        mode,
+        model: Some(model()),
+    };
+    let check = |ix: &ShardIndex, when: &str| {
+        for mode in [SearchMode::Dense, SearchMode::Bm25] {
+            let hits = ix.search(&q(mode)).unwrap();
+            assert!(!hits.is_empty(), "{when} {mode:?}");
+            let d5 = hits.iter().find(|h| h.doc_id == "d5");
+            let d5 = d5.unwrap_or_else(|| panic!("{when} {mode:?}: d5 not found"));
+            let s = d5.sentence_score.unwrap();
+            assert!(s > 0.99, "{when} {mode:?}: {s}");
+            for h in &hits {
+                let s = h.sentence_score.unwrap_or_else(|| panic!("{when}: no score"));
+                assert!(s <= d5.sentence_score.unwrap() + 1e-6, "{when}: {h:?}");
+            }
+        }
+        // a document written without sentence vectors has no sentence score
+        let plain = ix.search(&query(77, "", SearchMode::Dense)).unwrap();
+        assert_eq!(plain[0].doc_id, "plain");
+        assert_eq!(plain[0].sentence_score, None, "{when}");
+        // a query without a vector has none either
+        let no_vec = SearchQuery {
+            vector: Vec::new(),
+            model: None,
+            ..q(SearchMode::Bm25)
+        };
+        assert!(ix.search(&no_vec).unwrap().iter().all(|h| h.sentence_score.is_none()));
+    };
+    {
+        let (mut ix, _) = ShardIndex::open(dir.path(), settings(8)).unwrap();
+        for i in 0..30u64 {
+            ix.write(vec![with_sentences(&format!("d{i}"), i)], &model())
+                .unwrap();
+        }
+        ix.write(vec![upsert("plain", "no sentences here", 77)], &model())
+            .unwrap();
+        check(&ix, "live");
+        // the segments merge: their entries keep their sentence vectors
+        while ix.maintain().unwrap() {}
+        assert!(ix.wait_for_graphs(std::time::Duration::from_secs(30)));
+        check(&ix, "merged");
+        // a replica catching up receives them with the document
+        let fetched = ix.fetch(&["d5".to_string()]);
+        let WriteOp::Upsert { chunks, .. } = &fetched[0] else {
+            panic!("{fetched:?}")
+        };
+        assert_eq!(chunks[0].sentences.len(), 3);
+    }
+    let (ix, report) = ShardIndex::open(dir.path(), settings(8)).unwrap();
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    assert!(ix.wait_for_graphs(std::time::Duration::from_secs(30)));
+    check(&ix, "reopened");
 }

@@ -28,6 +28,7 @@ fn all_requests() -> Vec<Request> {
         chunk_id: "d#0".into(),
         text: "héllo".into(),
         vector: vec![0.5, -1.0, f32::MIN_POSITIVE],
+        sentences: Default::default(),
     };
     vec![
         Request::Ping,
@@ -72,10 +73,13 @@ fn all_requests() -> Vec<Request> {
             }],
             chunk_tokens: 200,
             overlap: 20,
+            sentences: true,
         },
         Request::Rerank {
             query: "q".into(),
-            passages: vec!["p".into()],
+            passages: vec!["p".into(), "p2".into()],
+            known: vec![Some(0.5), None],
+            model: None,
         },
         Request::Generate(GenerationRequest {
             system: String::new(),
@@ -140,6 +144,7 @@ fn all_responses() -> Vec<Response> {
         score: 0.25,
         similarity: Some(0.5),
         text: "t".into(),
+        sentence_score: Some(0.75),
     };
     vec![
         Response::Pong(ActorInfo {
@@ -361,4 +366,40 @@ fn shard_digest_ignores_order_and_sees_every_version_and_deletion() {
     // the id/version boundary is unambiguous
     assert_ne!(entry_hash("a1", 2, true), entry_hash("a", 12, true));
     assert_eq!(ShardVersions::default().digest(), 0);
+}
+
+#[test]
+fn quantised_sentence_vectors_score_within_a_hundredth_of_the_exact_cosine() {
+    let unit = |v: Vec<f32>| {
+        let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        v.into_iter().map(|x| x / n).collect::<Vec<f32>>()
+    };
+    // deterministic pseudo-random unit vectors of 384 dimensions
+    let mut x = 12345u64;
+    let mut next = || {
+        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((x >> 33) as f32 / (1u64 << 31) as f32) - 0.5
+    };
+    let sentences: Vec<Vec<f32>> = (0..6).map(|_| unit((0..384).map(|_| next()).collect())).collect();
+    let q = unit(
+        sentences[2]
+            .iter()
+            .map(|s| s + 0.05 * next())
+            .collect(),
+    );
+    let exact = sentences
+        .iter()
+        .map(|s| s.iter().zip(&q).map(|(a, b)| a * b).sum::<f32>())
+        .fold(f32::MIN, f32::max);
+    let sv = SentenceVectors::quantize(&sentences);
+    assert_eq!(sv.len(), 6);
+    assert_eq!(sv.codes.len(), 6 * 384);
+    let got = sv.best_dot(&q).unwrap();
+    assert!((got - exact).abs() < 0.01, "{got} vs {exact}");
+    // nothing stored, no query, or another dimension: no score
+    assert_eq!(SentenceVectors::default().best_dot(&q), None);
+    assert_eq!(sv.best_dot(&[]), None);
+    assert_eq!(sv.best_dot(&q[..100]), None);
+    // vectors of unequal length are not stored
+    assert!(SentenceVectors::quantize(&[vec![1.0, 0.0], vec![1.0]]).is_empty());
 }

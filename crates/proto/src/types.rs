@@ -73,6 +73,63 @@ pub struct ChunkRecord {
     pub text: String,
     /// Its embedding.
     pub vector: Vec<f32>,
+    /// Its sentences' embeddings, computed once at ingest (empty: none stored).
+    #[serde(default)]
+    pub sentences: SentenceVectors,
+}
+
+/// The embeddings of a chunk's sentences, int8 codes with one scale per sentence: what the
+/// sentence reranker scores (a passage's sentence closest to the query), computed once at
+/// ingest and stored with the chunk, so reranking is a few dot products at the shard.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct SentenceVectors {
+    /// One per sentence: code x scale is the vector's component.
+    pub scales: Vec<f32>,
+    /// The codes, sentence after sentence, `codes.len() / scales.len()` each.
+    pub codes: Vec<i8>,
+}
+
+impl SentenceVectors {
+    /// Quantises unit vectors (one per sentence) to int8 codes.
+    pub fn quantize(vectors: &[Vec<f32>]) -> SentenceVectors {
+        let mut out = SentenceVectors::default();
+        let dim = vectors.first().map_or(0, Vec::len);
+        if dim == 0 || vectors.iter().any(|v| v.len() != dim) {
+            return out;
+        }
+        for v in vectors {
+            let max = v.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+            let scale = if max > 0.0 { max / 127.0 } else { 1.0 };
+            out.scales.push(scale);
+            out.codes
+                .extend(v.iter().map(|x| (x / scale).round().clamp(-127.0, 127.0) as i8));
+        }
+        out
+    }
+
+    /// Sentences stored.
+    pub fn len(&self) -> usize {
+        self.scales.len()
+    }
+
+    /// Whether none are stored.
+    pub fn is_empty(&self) -> bool {
+        self.scales.is_empty()
+    }
+
+    /// The largest dot product of `query` with a sentence (its cosine, for unit vectors);
+    /// `None` when none is stored or the dimensions differ.
+    pub fn best_dot(&self, query: &[f32]) -> Option<f32> {
+        let n = self.scales.len();
+        if n == 0 || query.is_empty() || self.codes.len() != n * query.len() {
+            return None;
+        }
+        self.codes
+            .chunks_exact(query.len())
+            .zip(&self.scales)
+            .map(|(c, s)| c.iter().zip(query).map(|(&c, q)| c as f32 * q).sum::<f32>() * s)
+            .reduce(f32::max)
+    }
 }
 
 /// A change to a shard.
@@ -154,6 +211,11 @@ pub struct Hit {
     pub similarity: Option<f32>,
     /// Chunk text.
     pub text: String,
+    /// The cosine of the chunk's sentence closest to the query (its stored sentence vectors;
+    /// `None` when the chunk has none or the query no embedding): the sentence reranker's
+    /// score, computed where the vectors are.
+    #[serde(default)]
+    pub sentence_score: Option<f32>,
 }
 
 /// A query as a shard sees it.
@@ -686,6 +748,8 @@ pub enum Request {
         chunk_tokens: u32,
         /// Overlap in tokens.
         overlap: u32,
+        /// Whether each chunk's sentences are embedded too (`index.sentence_vectors`).
+        sentences: bool,
     },
     /// Search (shard).
     Search(SearchQuery),
@@ -728,6 +792,12 @@ pub enum Request {
         query: String,
         /// Passages.
         passages: Vec<String>,
+        /// Each passage's best-sentence cosine as its shard computed it from stored sentence
+        /// vectors (`None` where it had none): a sentence reranker of the same `model` uses
+        /// them instead of embedding the sentences again; a cross-encoder ignores them.
+        known: Vec<Option<f32>>,
+        /// The model that embedded the stored sentence vectors and the query.
+        model: Option<ModelIdentity>,
     },
     /// Start generating an answer to a chat prompt (generator).
     Generate(GenerationRequest),

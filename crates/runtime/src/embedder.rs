@@ -10,12 +10,18 @@ use std::time::{Duration, Instant};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use ragfleet_client::{groups, RoleMsg};
 use ragfleet_index::chunk::chunk_document;
-use ragfleet_proto::{ChunkRecord, Document, Request, Response, Role, WireError, WriteOp};
+use ragfleet_index::ranking::sentence_units;
+use ragfleet_proto::{
+    ChunkRecord, Document, Request, Response, Role, SentenceVectors, WireError, WriteOp,
+};
 use tokio::sync::oneshot;
 use tracing::debug;
 
 use crate::call::{common, info, reply, unsupported};
 use crate::models::EmbedModel;
+
+/// How long bulk (ingest) work waits for room in a full queue before it is refused.
+const BULK_PATIENCE: Duration = Duration::from_secs(60);
 
 type Job = (Vec<String>, oneshot::Sender<Result<Vec<Vec<f32>>, String>>);
 
@@ -103,6 +109,35 @@ struct Queue {
 }
 
 impl Queue {
+    /// Bulk work (ingest): embeds `texts` in pieces of at most a quarter of the bound, each
+    /// waiting for room rather than being refused (queries keep their share of the queue);
+    /// overloaded only when no room came within `patience`.
+    async fn embed_bulk(
+        &self,
+        texts: Vec<String>,
+        patience: Duration,
+    ) -> Result<Vec<Vec<f32>>, WireError> {
+        let piece = (self.max / 4).max(1);
+        let mut out = Vec::with_capacity(texts.len());
+        for part in texts.chunks(piece) {
+            let give_up = tokio::time::Instant::now() + patience;
+            let mut wait = Duration::from_millis(5);
+            loop {
+                match self.embed(part.to_vec()).await {
+                    Err(WireError::Overloaded(_)) if tokio::time::Instant::now() < give_up => {
+                        tokio::time::sleep(wait).await;
+                        wait = (wait * 2).min(Duration::from_millis(200));
+                    }
+                    r => {
+                        out.extend(r?);
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
     async fn embed(&self, texts: Vec<String>) -> Result<Vec<Vec<f32>>, WireError> {
         let n = texts.len();
         // one request larger than the bound alone is still taken when nothing waits
@@ -127,13 +162,16 @@ impl Queue {
     }
 }
 
-/// Chunks and embeds documents (the same code for bulk and incremental ingest).
+/// Chunks and embeds documents (the same code for bulk and incremental ingest); with
+/// `sentences`, each chunk's sentences too, in the same batches (their vectors are stored with
+/// the chunk for the sentence reranker).
 async fn chunk_embed(
     model: Arc<dyn EmbedModel>,
     jobs: Queue,
     docs: Vec<Document>,
     chunk_tokens: usize,
     overlap: usize,
+    sentences: bool,
 ) -> Response {
     let m = model.clone();
     let chunked = tokio::task::spawn_blocking(move || {
@@ -163,15 +201,31 @@ async fn chunk_embed(
     let Ok((docs, failed)) = chunked else {
         return Response::Error(WireError::Internal("chunking failed".into()));
     };
-    let texts: Vec<String> = docs
+    let mut texts: Vec<String> = docs
         .iter()
         .flat_map(|(_, cs)| cs.iter().map(|c| c.text.clone()))
         .collect();
-    let vecs = match jobs.embed(texts).await {
+    let n_chunks = texts.len();
+    // each chunk's sentence units (as the sentence reranker scores them), after the chunks
+    let units: Vec<Vec<String>> = if sentences {
+        docs.iter()
+            .flat_map(|(_, cs)| cs.iter().map(|c| sentence_units(&c.text)))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    texts.extend(units.iter().flatten().cloned());
+    let vecs = match jobs.embed_bulk(texts, BULK_PATIENCE).await {
         Ok(v) => v,
         Err(e) => return Response::Error(e),
     };
     let mut it = vecs.into_iter();
+    let chunk_vecs: Vec<Vec<f32>> = it.by_ref().take(n_chunks).collect();
+    let mut sentence_vecs = units.iter().map(|u| {
+        let vs: Vec<Vec<f32>> = it.by_ref().take(u.len()).collect();
+        SentenceVectors::quantize(&vs)
+    });
+    let mut it = chunk_vecs.into_iter();
     let ops = docs
         .into_iter()
         .map(|(doc_id, chunks)| WriteOp::Upsert {
@@ -183,6 +237,7 @@ async fn chunk_embed(
                     chunk_id: c.chunk_id,
                     text: c.text,
                     vector: it.next().unwrap_or_default(),
+                    sentences: sentence_vecs.next().unwrap_or_default(),
                 })
                 .collect(),
             doc_id,
@@ -260,13 +315,21 @@ impl Actor for EmbedderActor {
                 docs,
                 chunk_tokens,
                 overlap,
+                sentences,
             } => {
                 let (model, jobs) = (state.args.model.clone(), state.jobs.clone());
                 let serving = crate::metrics::get().serving("embedder");
                 tokio::spawn(async move {
                     let _serving = serving;
-                    let r = chunk_embed(model, jobs, docs, chunk_tokens as usize, overlap as usize)
-                        .await;
+                    let r = chunk_embed(
+                        model,
+                        jobs,
+                        docs,
+                        chunk_tokens as usize,
+                        overlap as usize,
+                        sentences,
+                    )
+                    .await;
                     reply(port, r);
                 });
             }

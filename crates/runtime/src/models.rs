@@ -18,6 +18,13 @@ pub trait EmbedModel: Send + Sync + 'static {
 pub trait RerankModel: Send + Sync + 'static {
     /// Relevance scores of `passages` for `query` (blocking).
     fn score(&self, query: &str, passages: &[String]) -> Result<Vec<f32>, String>;
+    /// When the model's score of a passage is the cosine of its sentence closest to the
+    /// query under an embedding model (the sentence reranker), that model's identity: scores
+    /// the shards computed from stored sentence vectors of the same model then stand for its
+    /// own. `None` (a cross-encoder): it scores every passage itself.
+    fn sentence_model(&self) -> Option<ModelIdentity> {
+        None
+    }
 }
 
 /// A piece of generated text.

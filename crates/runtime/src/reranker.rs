@@ -37,6 +37,8 @@ pub struct RerankerActor;
 struct Job {
     query: String,
     passages: Vec<String>,
+    /// Scores already known (from stored sentence vectors): only the others are scored.
+    known: Vec<Option<f32>>,
     port: RpcReplyPort<Envelope<Response>>,
     /// When the caller stops waiting (from the call's timeout), if it said.
     deadline: Option<Instant>,
@@ -52,6 +54,8 @@ impl Job {
 pub struct RerankerState {
     node: String,
     jobs: SyncSender<Job>,
+    /// The model's [`RerankModel::sentence_model`].
+    sentence_model: Option<ragfleet_proto::ModelIdentity>,
 }
 
 fn work(model: Arc<dyn RerankModel>, jobs: Receiver<Job>) {
@@ -64,12 +68,44 @@ fn work(model: Arc<dyn RerankModel>, jobs: Receiver<Job>) {
             debug!("rerank request abandoned by its caller; skipped");
             continue;
         }
-        let r = match model.score(&job.query, &job.passages) {
+        let r = match score_unknown(&*model, &job.query, &job.passages, &job.known) {
             Ok(s) => Response::Scores(s),
             Err(e) => Response::Error(WireError::Internal(e)),
         };
         reply(job.port, r);
     }
+}
+
+/// Scores the passages whose score is not known (`known` empty or shorter: none is).
+fn score_unknown(
+    model: &dyn RerankModel,
+    query: &str,
+    passages: &[String],
+    known: &[Option<f32>],
+) -> Result<Vec<f32>, String> {
+    let todo: Vec<usize> = (0..passages.len())
+        .filter(|&i| known.get(i).copied().flatten().is_none())
+        .collect();
+    let texts: Vec<String> = todo.iter().map(|&i| passages[i].clone()).collect();
+    let fresh = if texts.is_empty() {
+        Vec::new()
+    } else {
+        model.score(query, &texts)?
+    };
+    if fresh.len() != texts.len() {
+        return Err(format!(
+            "the model scored {} of {} passages",
+            fresh.len(),
+            texts.len()
+        ));
+    }
+    let mut out: Vec<f32> = (0..passages.len())
+        .map(|i| known.get(i).copied().flatten().unwrap_or(f32::MIN))
+        .collect();
+    for (i, s) in todo.into_iter().zip(fresh) {
+        out[i] = s;
+    }
+    Ok(out)
 }
 
 impl Actor for RerankerActor {
@@ -91,6 +127,7 @@ impl Actor for RerankerActor {
         Ok(RerankerState {
             node: args.node,
             jobs: tx,
+            sentence_model: args.model.sentence_model(),
         })
     }
 
@@ -105,11 +142,30 @@ impl Actor for RerankerActor {
             return Ok(());
         };
         match req {
-            Request::Rerank { query, passages } => {
+            Request::Rerank {
+                query,
+                passages,
+                known,
+                model,
+            } => {
+                // the shards' scores from stored sentence vectors stand for this model's own
+                // when it is the sentence reranker of the same embedding model
+                let usable = model.is_some() && model == state.sentence_model;
+                let known = if usable && known.len() == passages.len() {
+                    known
+                } else {
+                    Vec::new()
+                };
+                if !known.is_empty() && known.iter().all(Option::is_some) {
+                    // every score known: no model work, no queue
+                    reply(port, Response::Scores(known.into_iter().flatten().collect()));
+                    return Ok(());
+                }
                 let deadline = port.get_timeout().map(|t| Instant::now() + t);
                 let job = Job {
                     query,
                     passages,
+                    known,
                     port,
                     deadline,
                 };
@@ -178,6 +234,8 @@ mod tests {
         Rerank {
             query: "q".into(),
             passages: vec!["p".into()],
+            known: Vec::new(),
+            model: None,
         }
     }
 
@@ -238,6 +296,76 @@ mod tests {
             2,
             "abandoned work was scored"
         );
+        actor.stop(None);
+    }
+
+    /// A sentence reranker stand-in: scores a passage by its length, records what it scored.
+    struct Lengths {
+        model: ragfleet_proto::ModelIdentity,
+        seen: Mutex<Vec<String>>,
+    }
+
+    impl RerankModel for Lengths {
+        fn score(&self, _q: &str, passages: &[String]) -> Result<Vec<f32>, String> {
+            self.seen.lock().unwrap().extend(passages.iter().cloned());
+            Ok(passages.iter().map(|p| p.len() as f32).collect())
+        }
+        fn sentence_model(&self) -> Option<ragfleet_proto::ModelIdentity> {
+            Some(self.model.clone())
+        }
+    }
+
+    fn identity(name: &str) -> ragfleet_proto::ModelIdentity {
+        ragfleet_proto::ModelIdentity {
+            name: name.into(),
+            weights_sha256: "00".into(),
+            dim: 4,
+            max_len: 8,
+            pooling: "mean".into(),
+            normalized: true,
+        }
+    }
+
+    #[tokio::test]
+    async fn stored_sentence_scores_of_the_same_model_are_used_and_only_the_rest_scored() {
+        let model = Arc::new(Lengths {
+            model: identity("m"),
+            seen: Mutex::new(Vec::new()),
+        });
+        let args = RerankerArgs {
+            node: "n".into(),
+            model: model.clone(),
+            max_queue: 4,
+        };
+        let (actor, _) = Actor::spawn(None, RerankerActor, args).await.unwrap();
+        let ask = |known: Vec<Option<f32>>, m: Option<&str>| Rerank {
+            query: "q".into(),
+            passages: vec!["a".into(), "bb".into(), "ccc".into()],
+            known,
+            model: m.map(identity),
+        };
+        let t = Duration::from_secs(5);
+        // every score known, same model: the model does nothing
+        let s = call_typed(&actor, ask(vec![Some(0.9), Some(0.1), Some(0.5)], Some("m")), t)
+            .await
+            .unwrap();
+        assert_eq!(s, vec![0.9, 0.1, 0.5]);
+        assert!(model.seen.lock().unwrap().is_empty());
+        // one unknown: only it is scored
+        let s = call_typed(&actor, ask(vec![Some(0.9), None, Some(0.5)], Some("m")), t)
+            .await
+            .unwrap();
+        assert_eq!(s, vec![0.9, 2.0, 0.5]);
+        assert_eq!(*model.seen.lock().unwrap(), vec!["bb".to_string()]);
+        // another model's scores, or none said: every passage is scored afresh
+        model.seen.lock().unwrap().clear();
+        for m in [Some("other"), None] {
+            let s = call_typed(&actor, ask(vec![Some(0.9), Some(0.1), Some(0.5)], m), t)
+                .await
+                .unwrap();
+            assert_eq!(s, vec![1.0, 2.0, 3.0]);
+        }
+        assert_eq!(model.seen.lock().unwrap().len(), 6);
         actor.stop(None);
     }
 }

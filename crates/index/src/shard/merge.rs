@@ -327,8 +327,8 @@ fn run_merge(
             Some(entries) => {
                 let (bin, bm25) = (format!("seg-{id}.bin"), format!("seg-{id}.bm25"));
                 let plain: Vec<&Entry> = entries.iter().map(|e| e.as_ref()).collect();
-                let bytes =
-                    postcard::to_stdvec(&plain).map_err(|e| IndexError::BadInput(e.to_string()))?;
+                let bytes = super::codec::encode_entries(&plain)
+                    .map_err(|e| IndexError::BadInput(e.to_string()))?;
                 write_checked(&tmp(&bin), &bytes)?;
                 files.push((tmp(&bin), dir.join(&bin)));
                 let terms = postcard::to_stdvec(&SegmentTerms::of(&entries))

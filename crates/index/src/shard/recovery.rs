@@ -109,7 +109,7 @@ impl ShardIndex {
             ));
         }
         for (i, raw) in wal_rec.records.iter().enumerate() {
-            let rec: WalRecord = match postcard::from_bytes(raw) {
+            let rec: WalRecord = match codec::decode_wal(raw) {
                 Ok(r) => r,
                 Err(e) => {
                     report
@@ -168,7 +168,7 @@ impl ShardIndex {
                 reason: "segment file listed in the manifest is missing".into(),
             })?;
             let entries: Vec<Entry> =
-                postcard::from_bytes(&bytes).map_err(|e| IndexError::Corrupt {
+                codec::decode_entries(&bytes).map_err(|e| IndexError::Corrupt {
                     path: path.clone(),
                     reason: e.to_string(),
                 })?;
@@ -286,6 +286,7 @@ mod tests {
                 chunk_id: format!("d{i}#0"),
                 text: format!("text {i}"),
                 vector: vec![1.0, i as f32, 0.5, -(i as f32)],
+                sentences: Default::default(),
             }],
         }
     }

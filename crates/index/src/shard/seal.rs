@@ -77,7 +77,8 @@ impl ShardIndex {
 
     pub(super) fn write_segment(&self, seg: &Segment) -> Result<(), IndexError> {
         let plain: Vec<&Entry> = seg.entries.iter().map(|e| e.as_ref()).collect();
-        let bytes = postcard::to_stdvec(&plain).map_err(|e| IndexError::BadInput(e.to_string()))?;
+        let bytes =
+            codec::encode_entries(&plain).map_err(|e| IndexError::BadInput(e.to_string()))?;
         write_checked(&self.segment_path(seg.id), &bytes)?;
         self.write_terms(seg.id, &SegmentTerms::of(&seg.entries))
     }

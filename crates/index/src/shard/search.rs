@@ -35,7 +35,10 @@ impl ShardIndex {
         for seg in &self.sealed {
             all.extend(seg.search(&v, k, self.settings.ef_search, &live));
         }
-        let mut hits: Vec<Hit> = all.into_iter().map(|(s, e)| hit(&e, s, Some(s))).collect();
+        let mut hits: Vec<Hit> = all
+            .into_iter()
+            .map(|(s, e)| hit(&e, s, Some(s), Some(&v)))
+            .collect();
         sort_hits(&mut hits);
         hits.truncate(k);
         Ok(hits)
@@ -74,7 +77,7 @@ impl ShardIndex {
             .filter_map(|(slot, s)| {
                 self.slots.get(&slot).map(|e| {
                     let sim = v.as_ref().map(|v| crate::vector::dot(v, &e.vector));
-                    hit(e, s, sim)
+                    hit(e, s, sim, v.as_deref())
                 })
             })
             .collect()
@@ -85,12 +88,14 @@ impl ShardIndex {
     }
 }
 
-pub(super) fn hit(e: &Entry, score: f32, similarity: Option<f32>) -> Hit {
+/// A hit of `e`; with the query's unit vector, the score of its best stored sentence too.
+pub(super) fn hit(e: &Entry, score: f32, similarity: Option<f32>, query: Option<&[f32]>) -> Hit {
     Hit {
         doc_id: e.doc_id.clone(),
         chunk_id: e.chunk_id.clone(),
         score,
         similarity,
         text: e.text.clone(),
+        sentence_score: query.and_then(|q| e.sentences.best_dot(q)),
     }
 }

@@ -39,6 +39,7 @@ impl ShardIndex {
                         chunk_id: e.chunk_id.clone(),
                         text: e.text.clone(),
                         vector: e.vector.clone(),
+                        sentences: e.sentences.clone(),
                     })
                     .collect();
                 Some(WriteOp::Upsert {

@@ -46,6 +46,7 @@ impl ShardIndex {
                         chunk_id: c.chunk_id,
                         text: c.text,
                         vector: c.vector,
+                        sentences: c.sentences,
                     });
                     self.growing.push(e.clone());
                     self.add_slot(e);
@@ -141,7 +142,7 @@ impl ShardIndex {
             model: model.clone(),
             ops,
         };
-        let bytes = postcard::to_stdvec(&rec).map_err(|e| IndexError::BadInput(e.to_string()))?;
+        let bytes = codec::encode_wal(&rec).map_err(|e| IndexError::BadInput(e.to_string()))?;
         self.wal.append(&[bytes])?;
         if self.model.is_none() {
             self.model = Some(model.clone());

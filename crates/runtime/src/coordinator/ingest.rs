@@ -74,6 +74,7 @@ pub async fn ingest(ctx: Arc<Ctx>, docs: Vec<Document>) -> Result<IngestResult, 
             docs: batch.to_vec(),
             chunk_tokens: cfg.index.chunk_tokens as u32,
             overlap: cfg.index.chunk_overlap as u32,
+            sentences: cfg.sentence_vectors(),
         };
         let ctx = ctx.clone();
         set.spawn(async move {

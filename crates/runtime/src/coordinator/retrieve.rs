@@ -252,7 +252,10 @@ pub async fn retrieve(
         ctx.results.key(&query, mode, k, rerank)
     };
     let cached = cache_key.as_ref().and_then(|key| ctx.results.get(key));
-    let (vector, model) = if mode == SearchMode::Bm25 {
+    // a BM25 query is embedded too when it is reranked against stored sentence vectors (the
+    // shards score its candidates' sentences with it); it ranks by BM25 all the same
+    let bm25 = mode == SearchMode::Bm25;
+    let (vector, model) = if bm25 && !(rerank && cfg.sentence_vectors()) {
         (Vec::new(), None)
     } else if let Some(c) = &cached {
         // the cached result's own embedding: no embedder round trip
@@ -261,6 +264,8 @@ pub async fn retrieve(
         match embed_query(&ctx, &query, deadline, opts.cache != Some(false)).await {
             Ok((v, m)) => (v, Some(m)),
             Err(e @ WireError::BadRequest(_)) => return Err(e),
+            // BM25 needed no embedding: its sentence scores are computed at the reranker
+            Err(_) if bm25 => (Vec::new(), None),
             Err(e) => {
                 // degrade rather than fail: BM25 needs no embedding, and the answer says so
                 warn!(error = %e, "no query embedding; answering with BM25 alone");
@@ -359,7 +364,7 @@ pub async fn retrieve(
             (t2 + Duration::from_millis(cfg.query.rerank_deadline_ms)).min(deadline);
         // the reranker orders the head; the tail follows in retrieval order (and scores)
         let tail = hits.split_off(hits.len().min(cfg.query.rerank_depth as usize));
-        match rerank_hits(&ctx, &query, &hits, stage_deadline).await {
+        match rerank_hits(&ctx, &query, &hits, q.model.as_ref(), stage_deadline).await {
             Ok(scores) => {
                 fuse_rerank(
                     &mut hits,
@@ -419,15 +424,20 @@ pub async fn retrieve(
 /// Scores `hits` on a reranker replica before `deadline`, failing over to another replica.
 /// `Err` names why the stage was skipped: `deadline`, `overloaded`, `no reranker replica` or
 /// `error: ...`.
+/// Scores of the head hits on a reranker replica; `model` embedded the query (the shards'
+/// stored-sentence scores are of that model).
 async fn rerank_hits(
     ctx: &Ctx,
     query: &str,
     hits: &[Hit],
+    model: Option<&ModelIdentity>,
     deadline: Instant,
 ) -> Result<Vec<f32>, String> {
     let req = Rerank {
         query: query.to_string(),
         passages: hits.iter().map(|h| h.text.clone()).collect(),
+        known: hits.iter().map(|h| h.sentence_score).collect(),
+        model: model.cloned(),
     };
     let replicas = ctx.candidates(groups::RERANKERS);
     match call_replicas(&ctx.args.health, replicas, req, Budget::Split(deadline)).await {

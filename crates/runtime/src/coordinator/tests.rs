@@ -27,6 +27,7 @@ fn hit(doc: &str, text: &str, score: f32) -> Hit {
         score,
         similarity: Some(score),
         text: text.into(),
+        sentence_score: None,
     }
 }
 

@@ -1,0 +1,216 @@
+//! The byte layouts of write-ahead log records and segment data files, and reading the files
+//! of earlier versions.
+//!
+//! Format 2 (chunks carry their sentence vectors) opens both kinds of payload with a marker
+//! that format 1 can never begin with: `u64::MAX`, as a record's first sequence number or as a
+//! segment's entry count. Format 1 payloads are read as they are and their chunks get no
+//! sentence vectors (reranking then embeds their sentences at query time, as before).
+use ragfleet_proto::{ChunkRecord, ModelIdentity, SentenceVectors, WriteOp};
+use serde::{Deserialize, Serialize};
+
+use super::WalRecord;
+use crate::segment::Entry;
+
+/// Opens every format 2 payload.
+const FORMAT2: u64 = u64::MAX;
+
+pub(super) fn encode_wal(rec: &WalRecord) -> Result<Vec<u8>, postcard::Error> {
+    postcard::to_stdvec(&(FORMAT2, rec))
+}
+
+pub(super) fn decode_wal(bytes: &[u8]) -> Result<WalRecord, postcard::Error> {
+    if let Ok((FORMAT2, rest)) = postcard::take_from_bytes::<u64>(bytes) {
+        return postcard::from_bytes(rest);
+    }
+    let old: WalRecordV1 = postcard::from_bytes(bytes)?;
+    Ok(WalRecord {
+        first_seq: old.first_seq,
+        model: old.model,
+        ops: old.ops.into_iter().map(WriteOpV1::upgrade).collect(),
+    })
+}
+
+pub(super) fn encode_entries(entries: &[&Entry]) -> Result<Vec<u8>, postcard::Error> {
+    postcard::to_stdvec(&(FORMAT2, entries))
+}
+
+pub(super) fn decode_entries(bytes: &[u8]) -> Result<Vec<Entry>, postcard::Error> {
+    if let Ok((FORMAT2, rest)) = postcard::take_from_bytes::<u64>(bytes) {
+        return postcard::from_bytes(rest);
+    }
+    let old: Vec<EntryV1> = postcard::from_bytes(bytes)?;
+    Ok(old
+        .into_iter()
+        .map(|e| Entry {
+            seq: e.seq,
+            version: e.version,
+            doc_id: e.doc_id,
+            chunk_id: e.chunk_id,
+            text: e.text,
+            vector: e.vector,
+            sentences: SentenceVectors::default(),
+        })
+        .collect())
+}
+
+#[derive(Serialize, Deserialize)]
+struct WalRecordV1 {
+    first_seq: u64,
+    model: ModelIdentity,
+    ops: Vec<WriteOpV1>,
+}
+
+#[derive(Serialize, Deserialize)]
+enum WriteOpV1 {
+    Upsert {
+        doc_id: String,
+        chunks: Vec<ChunkRecordV1>,
+        version: u64,
+    },
+    Delete {
+        doc_id: String,
+        version: u64,
+    },
+}
+
+#[derive(Serialize, Deserialize)]
+struct ChunkRecordV1 {
+    doc_id: String,
+    chunk_id: String,
+    text: String,
+    vector: Vec<f32>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct EntryV1 {
+    seq: u64,
+    version: u64,
+    doc_id: String,
+    chunk_id: String,
+    text: String,
+    vector: Vec<f32>,
+}
+
+impl WriteOpV1 {
+    fn upgrade(self) -> WriteOp {
+        match self {
+            WriteOpV1::Upsert {
+                doc_id,
+                chunks,
+                version,
+            } => WriteOp::Upsert {
+                doc_id,
+                version,
+                chunks: chunks
+                    .into_iter()
+                    .map(|c| ChunkRecord {
+                        doc_id: c.doc_id,
+                        chunk_id: c.chunk_id,
+                        text: c.text,
+                        vector: c.vector,
+                        sentences: SentenceVectors::default(),
+                    })
+                    .collect(),
+            },
+            WriteOpV1::Delete { doc_id, version } => WriteOp::Delete { doc_id, version },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn model() -> ModelIdentity {
+        ModelIdentity {
+            name: "m".into(),
+            weights_sha256: "d".into(),
+            dim: 2,
+            max_len: 8,
+            pooling: "mean".into(),
+            normalized: true,
+        }
+    }
+
+    #[test]
+    fn format_1_records_and_segments_read_back_without_sentence_vectors() {
+        let v1 = WalRecordV1 {
+            first_seq: 7,
+            model: model(),
+            ops: vec![
+                WriteOpV1::Upsert {
+                    doc_id: "a".into(),
+                    chunks: vec![ChunkRecordV1 {
+                        doc_id: "a".into(),
+                        chunk_id: "a#0".into(),
+                        text: "alpha".into(),
+                        vector: vec![1.0, 0.0],
+                    }],
+                    version: 3,
+                },
+                WriteOpV1::Delete {
+                    doc_id: "b".into(),
+                    version: 4,
+                },
+            ],
+        };
+        let r = decode_wal(&postcard::to_stdvec(&v1).unwrap()).unwrap();
+        assert_eq!(r.first_seq, 7);
+        let WriteOp::Upsert { chunks, version, .. } = &r.ops[0] else {
+            panic!("{:?}", r.ops[0])
+        };
+        assert_eq!((chunks[0].text.as_str(), *version), ("alpha", 3));
+        assert!(chunks[0].sentences.is_empty());
+        assert_eq!(r.ops[1].doc_id(), "b");
+        let seg = vec![EntryV1 {
+            seq: 1,
+            version: 2,
+            doc_id: "a".into(),
+            chunk_id: "a#0".into(),
+            text: "alpha".into(),
+            vector: vec![0.0, 1.0],
+        }];
+        let e = decode_entries(&postcard::to_stdvec(&seg).unwrap()).unwrap();
+        assert_eq!((e[0].seq, e[0].text.as_str()), (1, "alpha"));
+        assert!(e[0].sentences.is_empty());
+    }
+
+    #[test]
+    fn format_2_keeps_sentence_vectors_and_damage_is_an_error() {
+        let s = SentenceVectors::quantize(&[vec![0.6, 0.8], vec![1.0, 0.0]]);
+        let rec = WalRecord {
+            first_seq: 1,
+            model: model(),
+            ops: vec![WriteOp::Upsert {
+                doc_id: "a".into(),
+                version: 1,
+                chunks: vec![ChunkRecord {
+                    doc_id: "a".into(),
+                    chunk_id: "a#0".into(),
+                    text: "alpha. beta.".into(),
+                    vector: vec![1.0, 0.0],
+                    sentences: s.clone(),
+                }],
+            }],
+        };
+        let bytes = encode_wal(&rec).unwrap();
+        let back = decode_wal(&bytes).unwrap();
+        let WriteOp::Upsert { chunks, .. } = &back.ops[0] else {
+            panic!()
+        };
+        assert_eq!(chunks[0].sentences, s);
+        assert!(decode_wal(&bytes[..bytes.len() - 3]).is_err());
+        let e = Entry {
+            seq: 1,
+            version: 1,
+            doc_id: "a".into(),
+            chunk_id: "a#0".into(),
+            text: "t".into(),
+            vector: vec![1.0, 0.0],
+            sentences: s.clone(),
+        };
+        let bytes = encode_entries(&[&e]).unwrap();
+        assert_eq!(decode_entries(&bytes).unwrap(), vec![e]);
+        assert!(decode_entries(&bytes[..bytes.len() - 2]).is_err());
+    }
+}

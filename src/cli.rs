@@ -227,6 +227,10 @@ pub(crate) enum Cmd {
         /// Rerank.
         #[arg(long)]
         rerank: bool,
+        /// Several modes in one run and one table (`dense,bm25,hybrid,dense+rerank,...`),
+        /// each with the paired bootstrap 95% interval of its nDCG@10 difference to dense.
+        #[arg(long, value_delimiter = ',', conflicts_with_all = ["mode", "rerank"])]
+        modes: Vec<String>,
         /// Only the first N judged queries.
         #[arg(long)]
         limit: Option<usize>,

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use ragfleet_config::ClusterConfig;
-use ragfleet_proto::{AskOptions, RetrieveOptions, Sampling, SearchMode};
+use ragfleet_proto::{AskOptions, Sampling, SearchMode};
 use ragfleet_runtime::{Client, NodeOptions};
 
 use crate::cli::{init_logs, joined, models_dir, ChaosCmd, Cli, ClusterArgs, Cmd, ModelsCmd};
@@ -177,6 +177,7 @@ pub(crate) async fn run(cli: Cli) -> Result<()> {
             qrels,
             mode,
             rerank,
+            modes,
             limit,
             json,
             answers,
@@ -201,15 +202,17 @@ pub(crate) async fn run(cli: Cli) -> Result<()> {
                 };
                 return crate::eval_answers::run(&client, &queries, run).await;
             }
-            let opts = RetrieveOptions {
-                k: Some(100),
-                mode,
-                rerank: Some(rerank),
-                deadline_ms: None,
-                ..RetrieveOptions::default()
+            let modes = if modes.is_empty() {
+                vec![eval::EvalMode { mode, rerank }]
+            } else {
+                modes
+                    .iter()
+                    .map(|m| m.parse::<eval::EvalMode>())
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(anyhow::Error::msg)?
             };
             let qrels = qrels.context("--qrels is required")?;
-            eval::run(&client, &queries, &qrels, opts, limit, json).await
+            eval::run(&client, &queries, &qrels, &modes, limit, json).await
         }
         Cmd::Models {
             cmd: ModelsCmd::Fetch { dir },

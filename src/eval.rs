@@ -4,8 +4,9 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use ragfleet_proto::RetrieveOptions;
+use ragfleet_proto::{RetrieveOptions, SearchMode};
 use ragfleet_runtime::Client;
+use rand::{Rng, SeedableRng};
 
 /// Reads BEIR queries (`_id`, `text`).
 pub fn read_queries(path: &Path) -> Result<HashMap<String, String>> {
@@ -114,12 +115,79 @@ fn pct(v: &mut [f64], p: f64) -> f64 {
     crate::eval_answers::percentile(v, p / 100.0)
 }
 
-/// Runs the evaluation.
+/// One retrieval configuration to evaluate: a mode, with or without reranking.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EvalMode {
+    pub mode: SearchMode,
+    pub rerank: bool,
+}
+
+impl std::str::FromStr for EvalMode {
+    type Err = String;
+    /// `dense`, `bm25`, `hybrid`, each optionally `+rerank`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (m, rerank) = match s.strip_suffix("+rerank") {
+            Some(m) => (m, true),
+            None => (s, false),
+        };
+        Ok(EvalMode {
+            mode: m.parse()?,
+            rerank,
+        })
+    }
+}
+
+impl std::fmt::Display for EvalMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let m = format!("{:?}", self.mode).to_lowercase();
+        write!(f, "{m}{}", if self.rerank { "+rerank" } else { "" })
+    }
+}
+
+/// The paired bootstrap of the mean of `diffs` (per query, mode minus baseline): the 95%
+/// interval of the resampled means and the share of resamples above zero (seeded).
+pub fn paired_bootstrap(diffs: &[f64], resamples: usize, seed: u64) -> (f64, f64, f64) {
+    if diffs.is_empty() {
+        return (0.0, 0.0, 0.0);
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let n = diffs.len();
+    let mut means: Vec<f64> = (0..resamples)
+        .map(|_| (0..n).map(|_| diffs[rng.gen_range(0..n)]).sum::<f64>() / n as f64)
+        .collect();
+    let above = means.iter().filter(|m| **m > 0.0).count() as f64 / resamples as f64;
+    let lo = pct(&mut means, 2.5);
+    let hi = pct(&mut means, 97.5);
+    (lo, hi, above)
+}
+
+/// Per-query figures of one mode.
+#[derive(Default)]
+struct ModeRun {
+    ndcg: Vec<f64>,
+    recall: Vec<f64>,
+    mrr: Vec<f64>,
+    coverage: Vec<f64>,
+    lat: HashMap<&'static str, Vec<f64>>,
+    rerank_outcomes: HashMap<String, usize>,
+}
+
+fn mean(v: &[f64]) -> f64 {
+    if v.is_empty() {
+        0.0
+    } else {
+        v.iter().sum::<f64>() / v.len() as f64
+    }
+}
+
+/// Runs the evaluation: every judged query through every mode, one table, and for each mode
+/// the paired bootstrap interval of its nDCG@10 difference to the first mode (dense, when
+/// asked).
 pub async fn run(
     client: &Client,
     queries: &Path,
     qrels: &Path,
-    opts: RetrieveOptions,
+    modes: &[EvalMode],
     limit: Option<usize>,
     json: bool,
 ) -> Result<()> {
@@ -137,68 +205,137 @@ pub async fn run(
             queries.display()
         );
     }
-    let (mut n, mut r, mut m, mut cov) = (0.0, 0.0, 0.0, 0.0);
-    let mut lat: HashMap<&str, Vec<f64>> = HashMap::new();
-    for q in &ids {
-        let res = client.retrieve(&qs[*q], opts.clone()).await?;
-        let mut ranked: Vec<String> = Vec::new();
-        for h in &res.hits {
-            if !ranked.contains(&h.doc_id) {
-                ranked.push(h.doc_id.clone());
+    if modes.is_empty() {
+        bail!("no mode to evaluate");
+    }
+    let mut runs: Vec<ModeRun> = Vec::new();
+    for m in modes {
+        let opts = RetrieveOptions {
+            k: Some(100),
+            mode: m.mode,
+            rerank: Some(m.rerank),
+            deadline_ms: None,
+            // every query computed afresh: the figures are of the path, not of the cache
+            cache: Some(false),
+            ..RetrieveOptions::default()
+        };
+        let mut run = ModeRun::default();
+        for q in &ids {
+            let res = client.retrieve(&qs[*q], opts.clone()).await?;
+            let mut ranked: Vec<String> = Vec::new();
+            for h in &res.hits {
+                if !ranked.contains(&h.doc_id) {
+                    ranked.push(h.doc_id.clone());
+                }
+            }
+            let rel = &qr[*q];
+            run.ndcg.push(ndcg(&ranked, rel, 10));
+            run.recall.push(recall(&ranked, rel, 100));
+            run.mrr.push(mrr(&ranked, rel, 10));
+            run.coverage.push(res.coverage.fraction());
+            if let Some(r) = &res.rerank {
+                *run.rerank_outcomes.entry(r.clone()).or_default() += 1;
+            }
+            let t = &res.timings_ms;
+            for (k, v) in [
+                ("embed", t.embed),
+                ("search", t.search),
+                ("rerank", t.rerank),
+                ("total", t.total),
+            ] {
+                run.lat.entry(k).or_default().push(v);
             }
         }
-        let rel = &qr[*q];
-        n += ndcg(&ranked, rel, 10);
-        r += recall(&ranked, rel, 100);
-        m += mrr(&ranked, rel, 10);
-        cov += res.coverage.fraction();
-        let t = &res.timings_ms;
-        for (k, v) in [
-            ("embed", t.embed),
-            ("search", t.search),
-            ("rerank", t.rerank),
-            ("total", t.total),
-        ] {
-            lat.entry(k).or_default().push(v);
-        }
+        runs.push(run);
     }
-    let c = ids.len() as f64;
-    let mut stages = serde_json::Map::new();
-    for k in ["embed", "search", "rerank", "total"] {
-        let v = lat.get_mut(k).expect("filled");
-        stages.insert(
-            k.into(),
-            serde_json::json!({"p50": pct(v, 50.0), "p95": pct(v, 95.0), "p99": pct(v, 99.0)}),
-        );
-    }
-    let out = serde_json::json!({
-        "queries": ids.len(), "mode": format!("{:?}", opts.mode).to_lowercase(), "rerank": opts.rerank.unwrap_or(false),
-        "ndcg@10": n / c, "recall@100": r / c, "mrr@10": m / c, "mean_coverage": cov / c, "latency_ms": stages,
-    });
-    if json {
-        println!("{out}");
-    } else {
-        println!(
-            "queries {}  mode {}  rerank {}",
-            ids.len(),
-            out["mode"],
-            out["rerank"]
-        );
-        println!(
-            "nDCG@10 {:.4}  recall@100 {:.4}  MRR@10 {:.4}  mean coverage {:.3}",
-            n / c,
-            r / c,
-            m / c,
-            cov / c
-        );
-        for (k, v) in stages {
-            println!(
-                "{k:>7}: p50 {:.1} ms  p95 {:.1} ms  p99 {:.1} ms",
-                v["p50"].as_f64().unwrap_or(0.0),
-                v["p95"].as_f64().unwrap_or(0.0),
-                v["p99"].as_f64().unwrap_or(0.0)
+    let base = modes
+        .iter()
+        .position(|m| {
+            *m == EvalMode {
+                mode: SearchMode::Dense,
+                rerank: false,
+            }
+        })
+        .unwrap_or(0);
+    let mut rows = Vec::new();
+    for (i, (m, run)) in modes.iter().zip(runs.iter_mut()).enumerate() {
+        let mut stages = serde_json::Map::new();
+        for k in ["embed", "search", "rerank", "total"] {
+            let v = run.lat.get_mut(k).expect("filled");
+            stages.insert(
+                k.into(),
+                serde_json::json!({"p50": pct(v, 50.0), "p95": pct(v, 95.0), "p99": pct(v, 99.0)}),
             );
         }
+        rows.push(serde_json::json!({
+            "mode": m.to_string(), "ndcg@10": mean(&run.ndcg), "recall@100": mean(&run.recall),
+            "mrr@10": mean(&run.mrr), "mean_coverage": mean(&run.coverage), "latency_ms": stages,
+            "rerank_outcomes": run.rerank_outcomes, "baseline": i == base,
+        }));
+    }
+    let base_ndcg = runs[base].ndcg.clone();
+    for (i, run) in runs.iter().enumerate() {
+        if i == base {
+            continue;
+        }
+        let diffs: Vec<f64> = run
+            .ndcg
+            .iter()
+            .zip(&base_ndcg)
+            .map(|(a, b)| a - b)
+            .collect();
+        let (lo, hi, p) = paired_bootstrap(&diffs, 2000, 17);
+        rows[i]["ndcg@10_vs_baseline"] = serde_json::json!({
+            "baseline": modes[base].to_string(), "mean": mean(&diffs), "ci95": [lo, hi], "p_gain": p,
+        });
+    }
+    let out = serde_json::json!({"queries": ids.len(), "modes": rows});
+    if json {
+        println!("{out}");
+        return Ok(());
+    }
+    println!(
+        "{} judged queries; nDCG@10 differences to {} with a paired bootstrap 95% interval (2,000 resamples)",
+        ids.len(),
+        modes[base]
+    );
+    println!(
+        "{:<15} {:>8} {:>28} {:>10} {:>7} {:>8} {:>19} {:>19}",
+        "mode",
+        "nDCG@10",
+        "vs baseline [95% CI] P(gain)",
+        "recall@100",
+        "MRR@10",
+        "coverage",
+        "total p50/p99 ms",
+        "rerank p50/p99 ms"
+    );
+    for r in &rows {
+        let d = &r["ndcg@10_vs_baseline"];
+        let vs = if d.is_null() {
+            "baseline".to_string()
+        } else {
+            format!(
+                "{:+.3} [{:+.3}, {:+.3}] {:.2}",
+                d["mean"].as_f64().unwrap_or(0.0),
+                d["ci95"][0].as_f64().unwrap_or(0.0),
+                d["ci95"][1].as_f64().unwrap_or(0.0),
+                d["p_gain"].as_f64().unwrap_or(0.0)
+            )
+        };
+        let l = &r["latency_ms"];
+        let f = |k: &str, p: &str| l[k][p].as_f64().unwrap_or(0.0);
+        println!(
+            "{:<15} {:>8.4} {:>28} {:>10.4} {:>7.4} {:>8.3} {:>19} {:>19}",
+            r["mode"].as_str().unwrap_or(""),
+            r["ndcg@10"].as_f64().unwrap_or(0.0),
+            vs,
+            r["recall@100"].as_f64().unwrap_or(0.0),
+            r["mrr@10"].as_f64().unwrap_or(0.0),
+            r["mean_coverage"].as_f64().unwrap_or(0.0),
+            format!("{:.1} / {:.1}", f("total", "p50"), f("total", "p99")),
+            format!("{:.1} / {:.1}", f("rerank", "p50"), f("rerank", "p99")),
+        );
     }
     Ok(())
 }
@@ -218,5 +355,29 @@ mod tests {
         assert!((ndcg(&ranked, &rel, 10) - dcg / idcg).abs() < 1e-9);
         let perfect: Vec<String> = ["a", "b"].iter().map(|s| s.to_string()).collect();
         assert!((ndcg(&perfect, &rel, 10) - 1.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn modes_parse_and_the_bootstrap_interval_brackets_the_mean_difference() {
+        let m: EvalMode = "hybrid+rerank".parse().unwrap();
+        assert_eq!((m.mode, m.rerank), (SearchMode::Hybrid, true));
+        assert_eq!(m.to_string(), "hybrid+rerank");
+        assert_eq!("bm25".parse::<EvalMode>().unwrap().to_string(), "bm25");
+        assert!("sparse".parse::<EvalMode>().is_err());
+        // a clear gain: every query +0.05 or +0.15
+        let gain: Vec<f64> = (0..200)
+            .map(|i| if i % 2 == 0 { 0.05 } else { 0.15 })
+            .collect();
+        let (lo, hi, p) = paired_bootstrap(&gain, 1000, 1);
+        assert!(lo > 0.08 && hi < 0.12 && lo < 0.1 && hi > 0.1, "{lo} {hi}");
+        assert_eq!(p, 1.0);
+        // no difference on average: the interval straddles zero
+        let noise: Vec<f64> = (0..200)
+            .map(|i| if i % 2 == 0 { 0.1 } else { -0.1 })
+            .collect();
+        let (lo, hi, p) = paired_bootstrap(&noise, 1000, 1);
+        assert!(lo < 0.0 && hi > 0.0 && p > 0.1 && p < 0.9, "{lo} {hi} {p}");
+        // the same seed, the same interval
+        assert_eq!(paired_bootstrap(&noise, 1000, 1), (lo, hi, p));
     }
 }

@@ -176,3 +176,70 @@ pub(super) async fn check_writes(
     let checked = live.len() + deleted.len();
     (lost, resurrected, checked)
 }
+
+/// When (ms into the run) `node`'s shard supervisor restarted all its replicas, as its log
+/// says (restart intensity exceeded: escalated, or restarted after a backoff), each with the
+/// backoff it waited (ms).
+pub(super) fn shard_restarts(log: &str, node: &str, t0: std::time::SystemTime) -> Vec<(u64, u64)> {
+    let day_ms = 86_400_000u64;
+    let t0_ms = t0
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64 % day_ms)
+        .unwrap_or(0);
+    let shards = format!("{node}/shards");
+    log.lines()
+        .filter(|l| l.contains("restart intensity exceeded") && l.contains(&shards))
+        .filter_map(|l| {
+            // 2026-12-01T05:39:15.674673Z: the time of day, UTC
+            let t = l.get(11..23)?;
+            let h: u64 = t.get(0..2)?.parse().ok()?;
+            let m: u64 = t.get(3..5)?.parse().ok()?;
+            let s: f64 = t.get(6..12)?.parse().ok()?;
+            let at = h * 3_600_000 + m * 60_000 + (s * 1000.0) as u64;
+            let since = (at + day_ms - t0_ms) % day_ms;
+            Some((since, backoff_ms(l)))
+        })
+        .collect()
+}
+
+/// The `delay=...` of a supervisor's log line (Rust's Duration debug form), in ms; 0 if none.
+fn backoff_ms(line: &str) -> u64 {
+    let Some(v) = line.split("delay=").nth(1) else {
+        return 0;
+    };
+    let v = v.split_whitespace().next().unwrap_or("");
+    let num: String = v
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '.')
+        .collect();
+    let x: f64 = num.parse().unwrap_or(0.0);
+    let unit = &v[num.len()..];
+    let ms = match unit {
+        "s" => x * 1000.0,
+        "ms" => x,
+        "µs" | "us" => x / 1000.0,
+        _ => 0.0,
+    };
+    ms.ceil() as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_shard_supervisors_escalation_is_placed_on_the_runs_time_line_with_its_backoff() {
+        // the run started at 05:39:00.000 UTC on some day
+        let t0 = std::time::UNIX_EPOCH + Duration::from_secs(20_000 * 86_400 + 5 * 3600 + 39 * 60);
+        let log = "2026-12-01T05:39:15.674673Z ERROR Actor{id=\"0.14\"}: restart intensity exceeded: escalating supervisor=n2/shards child=n2/shard-1\n\
+            2026-12-01T05:39:16.000000Z ERROR Actor{id=\"0.11\"}: restart intensity exceeded: restarting after a backoff supervisor=n2/root child=n2/shards error=x delay=2.5s\n\
+            2026-12-01T05:39:17.000000Z ERROR x: restart intensity exceeded: escalating supervisor=n2/embedders child=n2/embedder\n\
+            2026-12-01T05:39:18.000000Z INFO shard index opened dir=/tmp/n2/shard-0";
+        assert_eq!(
+            shard_restarts(log, "n2", t0),
+            vec![(15_674, 0), (16_000, 2_500)]
+        );
+        assert!(shard_restarts(log, "n1", t0).is_empty());
+        assert_eq!(backoff_ms("x delay=250ms y"), 250);
+    }
+}

@@ -98,6 +98,8 @@ impl Timeline {
 
 pub(super) struct Shared {
     t0: Instant,
+    /// The wall clock at `t0` (to place node log lines on the run's time line).
+    pub(super) t0_wall: std::time::SystemTime,
     pub(super) queries: Mutex<Vec<QueryRecord>>,
     pub(super) ledger: Mutex<Ledger>,
     pub(super) timeline: Mutex<Timeline>,
@@ -174,6 +176,7 @@ pub(crate) async fn run(a: RunArgs) -> Result<i32> {
     });
     let shared = Arc::new(Shared {
         t0: Instant::now(),
+        t0_wall: std::time::SystemTime::now(),
         queries: Mutex::new(Vec::new()),
         ledger: Mutex::new(Ledger::default()),
         timeline: Mutex::new(Timeline::default()),
@@ -380,6 +383,20 @@ pub(crate) async fn run(a: RunArgs) -> Result<i32> {
     // while none of its replicas was up
     let placement = cfg.placement();
     let grace = cfg.failure.suspect_after_ms + 2000;
+    // a node's shard supervisor that gave up (too many panics of one replica) restarts every
+    // replica of the node: each is down while it restarts and catches up
+    let back = 2 * cfg.failure.suspect_after_ms.clamp(1000, 10_000) + 3000;
+    for n in &names {
+        let log = std::fs::read_to_string(logs.join(format!("{n}.log"))).unwrap_or_default();
+        let shards = cfg.shards_of(n);
+        let mut tl = shared.timeline.lock().expect("t");
+        for (at, down_ms) in super::checks::shard_restarts(&log, n, shared.t0_wall) {
+            for (s, _) in &shards {
+                tl.intervals
+                    .push((format!("{n}/shard.{s}"), at, at + down_ms + back));
+            }
+        }
+    }
     let timeline = shared.timeline.lock().expect("t");
     let mut untruthful = 0;
     for q in queries.iter() {

@@ -700,7 +700,9 @@ fn stored_sentence_vectors_score_hits_through_the_log_seals_merges_reopen_and_fe
             let s = d5.sentence_score.unwrap();
             assert!(s > 0.99, "{when} {mode:?}: {s}");
             for h in &hits {
-                let s = h.sentence_score.unwrap_or_else(|| panic!("{when}: no score"));
+                let s = h
+                    .sentence_score
+                    .unwrap_or_else(|| panic!("{when}: no score"));
                 assert!(s <= d5.sentence_score.unwrap() + 1e-6, "{when}: {h:?}");
             }
         }
@@ -714,7 +716,11 @@ fn stored_sentence_vectors_score_hits_through_the_log_seals_merges_reopen_and_fe
             model: None,
             ..q(SearchMode::Bm25)
         };
-        assert!(ix.search(&no_vec).unwrap().iter().all(|h| h.sentence_score.is_none()));
+        assert!(ix
+            .search(&no_vec)
+            .unwrap()
+            .iter()
+            .all(|h| h.sentence_score.is_none()));
     };
     {
         let (mut ix, _) = ShardIndex::open(dir.path(), settings(8)).unwrap();

@@ -377,16 +377,15 @@ fn quantised_sentence_vectors_score_within_a_hundredth_of_the_exact_cosine() {
     // deterministic pseudo-random unit vectors of 384 dimensions
     let mut x = 12345u64;
     let mut next = || {
-        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         ((x >> 33) as f32 / (1u64 << 31) as f32) - 0.5
     };
-    let sentences: Vec<Vec<f32>> = (0..6).map(|_| unit((0..384).map(|_| next()).collect())).collect();
-    let q = unit(
-        sentences[2]
-            .iter()
-            .map(|s| s + 0.05 * next())
-            .collect(),
-    );
+    let sentences: Vec<Vec<f32>> = (0..6)
+        .map(|_| unit((0..384).map(|_| next()).collect()))
+        .collect();
+    let q = unit(sentences[2].iter().map(|s| s + 0.05 * next()).collect());
     let exact = sentences
         .iter()
         .map(|s| s.iter().zip(&q).map(|(a, b)| a * b).sum::<f32>())

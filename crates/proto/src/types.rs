@@ -101,8 +101,10 @@ impl SentenceVectors {
             let max = v.iter().fold(0.0f32, |m, x| m.max(x.abs()));
             let scale = if max > 0.0 { max / 127.0 } else { 1.0 };
             out.scales.push(scale);
-            out.codes
-                .extend(v.iter().map(|x| (x / scale).round().clamp(-127.0, 127.0) as i8));
+            out.codes.extend(
+                v.iter()
+                    .map(|x| (x / scale).round().clamp(-127.0, 127.0) as i8),
+            );
         }
         out
     }

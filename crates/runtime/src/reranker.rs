@@ -158,7 +158,10 @@ impl Actor for RerankerActor {
                 };
                 if !known.is_empty() && known.iter().all(Option::is_some) {
                     // every score known: no model work, no queue
-                    reply(port, Response::Scores(known.into_iter().flatten().collect()));
+                    reply(
+                        port,
+                        Response::Scores(known.into_iter().flatten().collect()),
+                    );
                     return Ok(());
                 }
                 let deadline = port.get_timeout().map(|t| Instant::now() + t);
@@ -346,9 +349,13 @@ mod tests {
         };
         let t = Duration::from_secs(5);
         // every score known, same model: the model does nothing
-        let s = call_typed(&actor, ask(vec![Some(0.9), Some(0.1), Some(0.5)], Some("m")), t)
-            .await
-            .unwrap();
+        let s = call_typed(
+            &actor,
+            ask(vec![Some(0.9), Some(0.1), Some(0.5)], Some("m")),
+            t,
+        )
+        .await
+        .unwrap();
         assert_eq!(s, vec![0.9, 0.1, 0.5]);
         assert!(model.seen.lock().unwrap().is_empty());
         // one unknown: only it is scored

@@ -156,7 +156,10 @@ mod tests {
         };
         let r = decode_wal(&postcard::to_stdvec(&v1).unwrap()).unwrap();
         assert_eq!(r.first_seq, 7);
-        let WriteOp::Upsert { chunks, version, .. } = &r.ops[0] else {
+        let WriteOp::Upsert {
+            chunks, version, ..
+        } = &r.ops[0]
+        else {
             panic!("{:?}", r.ops[0])
         };
         assert_eq!((chunks[0].text.as_str(), *version), ("alpha", 3));

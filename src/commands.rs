@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use ragfleet_config::ClusterConfig;
+use ragfleet_config::NodeRole;
 use ragfleet_proto::{AskOptions, Sampling, SearchMode};
 use ragfleet_runtime::{Client, NodeOptions};
 
@@ -23,7 +24,13 @@ pub(crate) async fn run(cli: Cli) -> Result<()> {
         Cmd::Node { cluster, node } => {
             init_logs("info");
             let cfg = Arc::new(cluster.load()?);
-            cfg.node(&node)?;
+            let me = cfg.node(&node)?;
+            if [NodeRole::Embedder, NodeRole::Reranker, NodeRole::Generator]
+                .iter()
+                .any(|r| me.has(*r))
+            {
+                crate::loader::require_backend().map_err(anyhow::Error::msg)?;
+            }
             let loader = Arc::new(ModelFiles::new(cfg.models_dir.clone()));
             let mut handle =
                 ragfleet_runtime::start_node(cfg, &node, loader, NodeOptions::default()).await?;
@@ -47,6 +54,7 @@ pub(crate) async fn run(cli: Cli) -> Result<()> {
             http,
         } => {
             init_logs("warn,ractor_cluster=error");
+            crate::loader::require_backend().map_err(anyhow::Error::msg)?;
             demo::run(
                 data_dir,
                 models_dir(&models),
@@ -237,6 +245,7 @@ pub(crate) async fn run(cli: Cli) -> Result<()> {
             json,
             texts,
         } => {
+            crate::loader::require_backend().map_err(anyhow::Error::msg)?;
             let loader = ModelFiles::new(models_dir(&models));
             if texts.is_empty() {
                 bail!("no text to embed");
@@ -404,6 +413,7 @@ pub(crate) async fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Bench { cmd } => {
             init_logs("warn,ractor_cluster=error");
+            crate::loader::require_backend().map_err(anyhow::Error::msg)?;
             bench::run(cmd).await
         }
     }

@@ -39,10 +39,14 @@ pub async fn ingest_corpus(
         indicatif::ProgressBar::new(total)
     };
     bar.set_style(
-        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} docs  {per_sec}  eta {eta}")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        indicatif::ProgressStyle::with_template(
+            "{bar:40} {pos}/{len} docs  {per_sec}  {msg}  eta {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     let (mut docs, mut chunks) = (0u64, 0u64);
+    // the requests' stage times, summed (requests overlap: shares, not wall time)
+    let (mut embed_ms, mut write_ms) = (0.0f64, 0.0f64);
     let mut failed = Vec::new();
     // up to `INGEST_IN_FLIGHT` requests at once, so that the embedders work on the next batch
     // while the previous one is written; memory stays bounded by that many batches
@@ -61,6 +65,8 @@ pub async fn ingest_corpus(
             Ok(r) => {
                 docs += r.documents;
                 chunks += r.chunks;
+                embed_ms += r.timings_ms.embed;
+                write_ms += r.timings_ms.write;
                 failed.extend(r.failed);
             }
             Err(e) => {
@@ -72,6 +78,13 @@ pub async fn ingest_corpus(
             }
         }
         bar.inc(b.len() as u64);
+        let busy = (embed_ms + write_ms).max(1e-9);
+        bar.set_message(format!(
+            "{:.0} chunks/s  embed {:.0}% / write {:.0}%",
+            chunks as f64 / t0.elapsed().as_secs_f64().max(1e-9),
+            100.0 * embed_ms / busy,
+            100.0 * write_ms / busy
+        ));
     }
     for b in batches {
         failed.extend(b.iter().map(|d| {
@@ -92,14 +105,20 @@ pub async fn ingest_corpus(
         println!(
             "{}",
             serde_json::json!({"documents": docs, "chunks": chunks, "seconds": secs,
+                "docs_per_s": docs as f64 / secs.max(1e-9), "chunks_per_s": chunks as f64 / secs.max(1e-9),
+                "stages_ms": {"embed": embed_ms, "write": write_ms},
                 "skipped": listed(&corpus.skipped), "ignored": listed(&corpus.ignored),
                 "replaced": listed(&corpus.replaced),
                 "failed": failed})
         );
     } else {
+        let busy = (embed_ms + write_ms).max(1e-9);
         println!(
-            "ingested {docs} documents ({chunks} chunks) in {secs:.1} s ({:.1} docs/s)",
-            docs as f64 / secs.max(1e-9)
+            "ingested {docs} documents ({chunks} chunks) in {secs:.1} s ({:.1} docs/s, {:.1} chunks/s); requests spent {:.0}% embedding, {:.0}% writing",
+            docs as f64 / secs.max(1e-9),
+            chunks as f64 / secs.max(1e-9),
+            100.0 * embed_ms / busy,
+            100.0 * write_ms / busy
         );
         for s in &corpus.ignored {
             println!("ignored {}: {}", s.path.display(), s.reason);
@@ -285,8 +304,8 @@ context_tokens = 768
     Ok(cfg)
 }
 
-/// Bumped when the shards' on-disk format changes (2: write versions).
-const INDEX_FORMAT: u32 = 2;
+/// Bumped when the shards' on-disk format changes (2: write versions; 3: sentence vectors).
+const INDEX_FORMAT: u32 = 3;
 
 /// `ragfleet demo`.
 pub async fn run(

@@ -18,6 +18,37 @@ use ragfleet_runtime::models::{GenEvent, TokenCount};
 use ragfleet_runtime::{EmbedModel, GenerateModel, ModelLoader, RerankModel};
 use Backend as Cpu;
 
+/// The CUDA driver library the GPU backend loads at its first kernel.
+const CUDA_DRIVER: &str = "libcuda.so.1";
+
+/// Checks, before any model touches the GPU, that this machine can run the binary's backend:
+/// with `--features cuda`, the CUDA driver library must load (without it the driver loader
+/// panics deep inside the backend). Always Ok on the CPU backend.
+pub fn require_backend() -> Result<(), String> {
+    if cfg!(feature = "cuda") {
+        require_libraries(&[CUDA_DRIVER]).map_err(|e| {
+            format!("this is a CUDA build (--features cuda) but {e}: install the NVIDIA driver, set LD_LIBRARY_PATH to its folder, or use a CPU build")
+        })
+    } else {
+        Ok(())
+    }
+}
+
+/// Whether each shared library loads; the error names the first that does not.
+fn require_libraries(names: &[&str]) -> Result<(), String> {
+    for name in names {
+        let c = std::ffi::CString::new(*name).map_err(|e| e.to_string())?;
+        // SAFETY: dlopen with a valid C string; the handle is closed at once
+        let h = unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_LAZY | libc::RTLD_LOCAL) };
+        if h.is_null() {
+            return Err(format!("the library {name} cannot be loaded"));
+        }
+        // SAFETY: a handle dlopen returned
+        unsafe { libc::dlclose(h) };
+    }
+    Ok(())
+}
+
 /// Host threads a model's forward passes run on side by side: one per core on the CPU
 /// backend, one on a GPU (see `ragfleet_models::lanes`).
 pub fn lanes() -> usize {
@@ -232,5 +263,21 @@ impl ModelLoader for ModelFiles {
         let t =
             ragfleet_models::llama::BpeTokenizer::from_gguf(&path).map_err(|e| e.to_string())?;
         Ok(Arc::new(Tokens(t)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_backend_library_is_named_and_a_present_one_passes() {
+        let e = require_libraries(&["libc.so.6", "libragfleet-no-such-driver.so.9"]).unwrap_err();
+        assert!(e.contains("libragfleet-no-such-driver.so.9"), "{e}");
+        require_libraries(&["libc.so.6"]).unwrap();
+        // the CPU build needs nothing more
+        if !cfg!(feature = "cuda") {
+            require_backend().unwrap();
+        }
     }
 }

@@ -379,6 +379,8 @@ impl Client {
             result.documents += r.documents;
             result.chunks += r.chunks;
             result.failed.extend(r.failed);
+            result.timings_ms.embed += r.timings_ms.embed;
+            result.timings_ms.write += r.timings_ms.write;
         }
         Ok(result)
     }

@@ -245,6 +245,10 @@ fn all_responses() -> Vec<Response> {
             documents: 1,
             chunks: 2,
             failed: vec![("x".into(), "bad".into())],
+            timings_ms: IngestTimings {
+                embed: 1.5,
+                write: 0.25,
+            },
         }),
         Response::Status(ClusterStatus {
             nodes: vec![NodeStatus {

@@ -353,6 +353,18 @@ pub struct IngestResult {
     pub chunks: u64,
     /// Documents that failed, with the reason.
     pub failed: Vec<(String, String)>,
+    /// Where the request's time went, in ms.
+    #[serde(default)]
+    pub timings_ms: IngestTimings,
+}
+
+/// Wall time of an ingest request's stages, in ms.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+pub struct IngestTimings {
+    /// Chunking and embedding on the embedder replicas (in parallel across them).
+    pub embed: f64,
+    /// Routing and the durable writes on every shard's replicas, to the write quorum.
+    pub write: f64,
 }
 
 /// Role of an actor.

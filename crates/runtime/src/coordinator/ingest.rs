@@ -49,6 +49,7 @@ fn chunk_count(ops: &[WriteOp]) -> u64 {
 /// to its shard, write to every reachable replica, acknowledge at the write quorum.
 pub async fn ingest(ctx: Arc<Ctx>, docs: Vec<Document>) -> Result<IngestResult, WireError> {
     let cfg = ctx.cfg().clone();
+    let t0 = std::time::Instant::now();
     let (good, failed) = validate_documents(docs);
     let mut result = IngestResult {
         failed,
@@ -110,6 +111,8 @@ pub async fn ingest(ctx: Arc<Ctx>, docs: Vec<Document>) -> Result<IngestResult, 
             Err(e) => warn!(error = %e, "embedding task failed"),
         }
     }
+    result.timings_ms.embed = t0.elapsed().as_secs_f64() * 1000.0;
+    let t1 = std::time::Instant::now();
     let Some(model) = model else {
         return Ok(result);
     };
@@ -152,6 +155,7 @@ pub async fn ingest(ctx: Arc<Ctx>, docs: Vec<Document>) -> Result<IngestResult, 
             Err(e) => warn!(error = %e, "write task failed"),
         }
     }
+    result.timings_ms.write = t1.elapsed().as_secs_f64() * 1000.0;
     Ok(result)
 }
 

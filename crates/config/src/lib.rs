@@ -190,6 +190,10 @@ pub struct QueryConfig {
     /// Weight of the reranker score in `weighted` fusion (the rest goes to the query-chunk
     /// cosine similarity), 0 to 1.
     pub rerank_weight: f32,
+    /// Whether the sentence reranker keeps the first-stage order when it has nothing to add:
+    /// the candidates' best sentences are the passages themselves (one-sentence passages), or
+    /// its scores barely differ (`rerank: "abstained: ..."`).
+    pub rerank_abstain: bool,
     /// End-to-end deadline in ms.
     pub deadline_ms: u64,
     /// Time the rerank stage has, in ms, inside the end-to-end deadline; past it the hits keep
@@ -227,6 +231,7 @@ impl Default for QueryConfig {
             rerank_depth: 30,
             rerank_fusion: RerankFusion::Weighted,
             rerank_weight: 0.5,
+            rerank_abstain: true,
             deadline_ms: 30_000,
             rerank_deadline_ms: 5_000,
             max_query_bytes: 8192,

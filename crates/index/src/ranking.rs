@@ -81,6 +81,54 @@ pub fn merge_shard_answers(answers: Vec<ShardHits>, depth: usize) -> Vec<Hit> {
     rrf(&[merge_top_k(dense, deep), merge_top_k(bm25, deep)], depth)
 }
 
+/// Passages whose best sentence scores within this of the whole passage's similarity count as
+/// one-sentence passages (int8 sentence vectors round by a few thousandths).
+const SAME_AS_PASSAGE: f32 = 0.02;
+/// Scores spread less than this (cosines) do not separate the candidates.
+const NO_SPREAD: f32 = 0.02;
+
+/// Why the sentence reranker should keep the first-stage order for these candidates, if it
+/// should: when `scores` are best-sentence cosines (the shards' stored-sentence scores) and
+/// the candidates' best sentences are (nearly all) the passages themselves, it has nothing to
+/// add to their similarity; when its scores barely differ, it cannot separate them.
+pub fn sentence_rerank_abstains(hits: &[Hit], scores: &[f32]) -> Option<String> {
+    if hits.len() < 2 || scores.len() != hits.len() {
+        return None;
+    }
+    // only scores that are the shards' best-sentence cosines
+    let sentence_scores = hits
+        .iter()
+        .zip(scores)
+        .all(|(h, s)| h.sentence_score == Some(*s));
+    if !sentence_scores {
+        return None;
+    }
+    let same = hits
+        .iter()
+        .zip(scores)
+        .filter(|(h, s)| {
+            h.similarity
+                .is_some_and(|sim| (*s - sim).abs() < SAME_AS_PASSAGE)
+        })
+        .count();
+    if same * 10 >= hits.len() * 9 {
+        return Some(format!(
+            "abstained: the best sentence of {same} of {} candidates is the passage itself",
+            hits.len()
+        ));
+    }
+    let (lo, hi) = scores
+        .iter()
+        .fold((f32::MAX, f32::MIN), |(l, h), s| (l.min(*s), h.max(*s)));
+    if hi - lo < NO_SPREAD {
+        return Some(format!(
+            "abstained: its scores differ by {:.3} at most",
+            hi - lo
+        ));
+    }
+    None
+}
+
 /// Orders `hits` (in retrieval order) by the reranker's `scores`: alone, weighted with each
 /// hit's query similarity, or fused with the retrieval rank by reciprocal rank fusion.
 pub fn fuse_rerank(hits: &mut [Hit], scores: &[f32], fusion: RerankFusion, weight: f32) {
@@ -642,5 +690,37 @@ mod tests {
         assert_eq!(got.len(), 1);
         assert_eq!(got[0].0, "c");
         assert!(extract(&q[0], &[], 10, 3, &words).is_empty());
+    }
+    #[test]
+    fn the_sentence_reranker_abstains_on_one_sentence_passages_and_flat_scores_only() {
+        let with = |sim: f32, sent: f32| Hit {
+            similarity: Some(sim),
+            sentence_score: Some(sent),
+            ..hit("d", "t", sim)
+        };
+        // multi-sentence passages: a best sentence well above the passage's similarity
+        let hits: Vec<Hit> = (0..10)
+            .map(|i| with(0.5 - 0.01 * i as f32, 0.7 - 0.03 * i as f32))
+            .collect();
+        let scores: Vec<f32> = hits.iter().map(|h| h.sentence_score.unwrap()).collect();
+        assert_eq!(sentence_rerank_abstains(&hits, &scores), None);
+        // one-sentence passages: best sentence = passage (within int8 rounding)
+        let single: Vec<Hit> = (0..10)
+            .map(|i| with(0.6 - 0.02 * i as f32, 0.603 - 0.02 * i as f32))
+            .collect();
+        let s1: Vec<f32> = single.iter().map(|h| h.sentence_score.unwrap()).collect();
+        let why = sentence_rerank_abstains(&single, &s1).unwrap();
+        assert!(why.contains("10 of 10"), "{why}");
+        // flat scores
+        let flat: Vec<Hit> = (0..10)
+            .map(|i| with(0.2 + 0.05 * i as f32, 0.611 + 0.001 * i as f32))
+            .collect();
+        let s2: Vec<f32> = flat.iter().map(|h| h.sentence_score.unwrap()).collect();
+        assert!(sentence_rerank_abstains(&flat, &s2)
+            .unwrap()
+            .contains("differ by"));
+        // scores that are not the stored sentence scores (a cross-encoder's): never
+        let logits: Vec<f32> = s1.iter().map(|s| s * 10.0).collect();
+        assert_eq!(sentence_rerank_abstains(&single, &logits), None);
     }
 }

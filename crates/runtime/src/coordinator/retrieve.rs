@@ -366,13 +366,22 @@ pub async fn retrieve(
         let tail = hits.split_off(hits.len().min(cfg.query.rerank_depth as usize));
         match rerank_hits(&ctx, &query, &hits, q.model.as_ref(), stage_deadline).await {
             Ok(scores) => {
-                fuse_rerank(
-                    &mut hits,
-                    &scores,
-                    cfg.query.rerank_fusion,
-                    cfg.query.rerank_weight,
-                );
-                rerank_outcome = Some("applied".to_string());
+                let abstains = cfg
+                    .query
+                    .rerank_abstain
+                    .then(|| ragfleet_index::ranking::sentence_rerank_abstains(&hits, &scores))
+                    .flatten();
+                if let Some(why) = abstains {
+                    rerank_outcome = Some(why);
+                } else {
+                    fuse_rerank(
+                        &mut hits,
+                        &scores,
+                        cfg.query.rerank_fusion,
+                        cfg.query.rerank_weight,
+                    );
+                    rerank_outcome = Some("applied".to_string());
+                }
             }
             Err(reason) => {
                 warn!(%reason, "rerank stage skipped; keeping retrieval order");
@@ -402,7 +411,10 @@ pub async fn retrieve(
         let whole = out.coverage.left_out.is_empty()
             && digests.len() == cfg.index.shards as usize
             && out.degraded.is_none()
-            && out.rerank.as_deref().is_none_or(|r| r == "applied");
+            && out
+                .rerank
+                .as_deref()
+                .is_none_or(|r| r == "applied" || r.starts_with("abstained"));
         if whole {
             let mut result = out.clone();
             result.cache = None;

@@ -191,8 +191,8 @@ pub struct QueryConfig {
     /// cosine similarity), 0 to 1.
     pub rerank_weight: f32,
     /// Whether the sentence reranker keeps the first-stage order when it has nothing to add:
-    /// the candidates' best sentences are the passages themselves (one-sentence passages), or
-    /// its scores barely differ (`rerank: "abstained: ..."`).
+    /// its scores barely differ, or (after a dense first stage) the candidates' best sentences
+    /// are the passages themselves (`rerank: "abstained: ..."`).
     pub rerank_abstain: bool,
     /// End-to-end deadline in ms.
     pub deadline_ms: u64,

@@ -88,10 +88,17 @@ const SAME_AS_PASSAGE: f32 = 0.02;
 const NO_SPREAD: f32 = 0.02;
 
 /// Why the sentence reranker should keep the first-stage order for these candidates, if it
-/// should: when `scores` are best-sentence cosines (the shards' stored-sentence scores) and
-/// the candidates' best sentences are (nearly all) the passages themselves, it has nothing to
-/// add to their similarity; when its scores barely differ, it cannot separate them.
-pub fn sentence_rerank_abstains(hits: &[Hit], scores: &[f32]) -> Option<String> {
+/// should, when `scores` are best-sentence cosines (the shards' stored-sentence scores): when
+/// they barely differ, it cannot separate the candidates; after a dense first stage, when the
+/// candidates' best sentences are (nearly all) the passages themselves, it has nothing to add
+/// to the similarity they were ranked by. (After a hybrid or BM25 first stage it does not
+/// abstain on one-sentence passages: its fusion with the similarity brings the dense signal
+/// back, worth +0.040 nDCG@10 over the hybrid order on SciFact's titles.)
+pub fn sentence_rerank_abstains(
+    hits: &[Hit],
+    scores: &[f32],
+    dense_first_stage: bool,
+) -> Option<String> {
     if hits.len() < 2 || scores.len() != hits.len() {
         return None;
     }
@@ -111,7 +118,7 @@ pub fn sentence_rerank_abstains(hits: &[Hit], scores: &[f32]) -> Option<String> 
                 .is_some_and(|sim| (*s - sim).abs() < SAME_AS_PASSAGE)
         })
         .count();
-    if same * 10 >= hits.len() * 9 {
+    if dense_first_stage && same * 10 >= hits.len() * 9 {
         return Some(format!(
             "abstained: the best sentence of {same} of {} candidates is the passage itself",
             hits.len()
@@ -703,24 +710,28 @@ mod tests {
             .map(|i| with(0.5 - 0.01 * i as f32, 0.7 - 0.03 * i as f32))
             .collect();
         let scores: Vec<f32> = hits.iter().map(|h| h.sentence_score.unwrap()).collect();
-        assert_eq!(sentence_rerank_abstains(&hits, &scores), None);
+        assert_eq!(sentence_rerank_abstains(&hits, &scores, true), None);
         // one-sentence passages: best sentence = passage (within int8 rounding)
         let single: Vec<Hit> = (0..10)
             .map(|i| with(0.6 - 0.02 * i as f32, 0.603 - 0.02 * i as f32))
             .collect();
         let s1: Vec<f32> = single.iter().map(|h| h.sentence_score.unwrap()).collect();
-        let why = sentence_rerank_abstains(&single, &s1).unwrap();
+        let why = sentence_rerank_abstains(&single, &s1, true).unwrap();
         assert!(why.contains("10 of 10"), "{why}");
+        // ... after a dense first stage only: after hybrid, the fusion with similarity helps
+        assert_eq!(sentence_rerank_abstains(&single, &s1, false), None);
         // flat scores
         let flat: Vec<Hit> = (0..10)
             .map(|i| with(0.2 + 0.05 * i as f32, 0.611 + 0.001 * i as f32))
             .collect();
         let s2: Vec<f32> = flat.iter().map(|h| h.sentence_score.unwrap()).collect();
-        assert!(sentence_rerank_abstains(&flat, &s2)
-            .unwrap()
-            .contains("differ by"));
+        for dense in [true, false] {
+            assert!(sentence_rerank_abstains(&flat, &s2, dense)
+                .unwrap()
+                .contains("differ by"));
+        }
         // scores that are not the stored sentence scores (a cross-encoder's): never
         let logits: Vec<f32> = s1.iter().map(|s| s * 10.0).collect();
-        assert_eq!(sentence_rerank_abstains(&single, &logits), None);
+        assert_eq!(sentence_rerank_abstains(&single, &logits, true), None);
     }
 }

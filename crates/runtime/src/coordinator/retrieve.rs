@@ -369,7 +369,13 @@ pub async fn retrieve(
                 let abstains = cfg
                     .query
                     .rerank_abstain
-                    .then(|| ragfleet_index::ranking::sentence_rerank_abstains(&hits, &scores))
+                    .then(|| {
+                        ragfleet_index::ranking::sentence_rerank_abstains(
+                            &hits,
+                            &scores,
+                            mode == SearchMode::Dense,
+                        )
+                    })
                     .flatten();
                 if let Some(why) = abstains {
                     rerank_outcome = Some(why);

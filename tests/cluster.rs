@@ -446,7 +446,22 @@ fn default_sentence_reranker_fuses_best_sentence_with_similarity() {
     let p = c.corpus_path();
     c.json(&["ingest", "--json", p.to_str().unwrap()]);
     let q = "how do plants make sugar";
-    let reranked = c.json(&["retrieve", "--json", "--k", "5", "--rerank", q]);
+    // the corpus is of one-sentence passages: after a dense first stage the reranker has
+    // nothing to add to their similarity and abstains, keeping the dense order
+    let dense = c.json(&["retrieve", "--json", "--k", "5", "--rerank", q]);
+    let outcome = dense["rerank"].as_str().unwrap();
+    assert!(
+        outcome.starts_with("abstained: the best sentence of"),
+        "{dense}"
+    );
+    for h in dense["hits"].as_array().unwrap() {
+        assert_eq!(h["score"], h["similarity"], "{h}");
+    }
+    // after a hybrid first stage it reranks: its similarity term repairs the fusion
+    let reranked = c.json(&[
+        "retrieve", "--json", "--k", "5", "--mode", "hybrid", "--rerank", q,
+    ]);
+    assert_eq!(reranked["rerank"], "applied", "{reranked}");
     assert!(
         reranked["timings_ms"]["rerank"].as_f64().unwrap() > 0.0,
         "{reranked}"
@@ -470,7 +485,7 @@ fn default_sentence_reranker_fuses_best_sentence_with_similarity() {
     for (h, s) in hits.iter().zip(scores["scores"].as_array().unwrap()) {
         let sim = h["similarity"]
             .as_f64()
-            .expect("dense hits carry their similarity");
+            .expect("hits carry their similarity when the query has a vector");
         let best_sentence = s.as_f64().unwrap();
         // a cosine of unit vectors
         assert!(best_sentence > -1.0 && best_sentence <= 1.0001, "{s}");

@@ -185,7 +185,7 @@ fn a_stalled_reranker_costs_the_rerank_deadline_and_the_answer_says_it_was_skipp
     // the reranker on another node than the coordinator (a remote call that times out)
     let c = Cluster::start(
         &[&["coordinator", "embedder", "shard"], &["shard", "reranker"]],
-        "query.rerank_deadline_ms = 1000\n[failure]\nheartbeat_ms = 100\nsuspect_after_ms = 60000\n",
+        "query.rerank_deadline_ms = 1000\nquery.rerank_abstain = false\n[failure]\nheartbeat_ms = 100\nsuspect_after_ms = 60000\n",
     );
     let p = c.corpus_path();
     c.json(&["ingest", "--json", p.to_str().unwrap()]);

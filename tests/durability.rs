@@ -324,6 +324,7 @@ fn anti_entropy_repairs_a_live_replica_that_missed_a_write_and_a_delete() {
         Ok(Response::Fetched {
             ops,
             model: Some(model),
+            ..
         }) => match &ops[0] {
             WriteOp::Upsert { chunks, .. } => (model, chunks[0].vector.clone()),
             other => panic!("{other:?}"),

@@ -117,21 +117,16 @@ pub(super) async fn check_writes(
                 .map(|i| i.node)
                 .unwrap_or_else(|_| "?".into());
             for batch in ids.chunks(200) {
-                let got = match call_typed(
-                    &m,
-                    Fetch {
-                        doc_ids: batch.to_vec(),
-                    },
-                    Duration::from_secs(30),
-                )
-                .await
-                {
-                    Ok((ops, _)) => ops,
-                    Err(e) => {
-                        lost.push(format!("shard {s} on {replica}: fetch failed: {e}"));
-                        continue;
-                    }
-                };
+                let got =
+                    match ragfleet_client::typed::fetch_all(&m, batch, Duration::from_secs(30))
+                        .await
+                    {
+                        Ok((ops, _)) => ops,
+                        Err(e) => {
+                            lost.push(format!("shard {s} on {replica}: fetch failed: {e}"));
+                            continue;
+                        }
+                    };
                 let held: HashMap<String, String> = got
                     .into_iter()
                     .filter_map(|op| match op {

@@ -11,7 +11,7 @@ pub(super) use std::time::{Duration, Instant};
 
 pub(super) use anyhow::{bail, Context, Result};
 pub(super) use ragfleet_client::groups;
-pub(super) use ragfleet_client::typed::{call_typed, Chaos, Digest, Fetch};
+pub(super) use ragfleet_client::typed::{call_typed, Chaos, Digest};
 pub(super) use ragfleet_config::{ClusterConfig, NodeRole};
 pub(super) use ragfleet_proto::{ChaosAction, Document, RetrieveOptions, SearchMode, WriteOp};
 pub(super) use ragfleet_runtime::Client;

@@ -105,8 +105,8 @@ typed! {
     /// Shard replica: the digest of its versions, and its document count.
     Digest {} => (u64, u64), |_| Request::Digest, { Response::Digest { digest, docs } => (digest, docs) };
     /// Shard replica: the live copies of documents.
-    Fetch { doc_ids: Vec<String> } => (Vec<WriteOp>, Option<ModelIdentity>),
-        |x| Request::Fetch { doc_ids: x.doc_ids }, { Response::Fetched { ops, model } => (ops, model) };
+    Fetch { doc_ids: Vec<String> } => (Vec<WriteOp>, Option<ModelIdentity>, u32),
+        |x| Request::Fetch { doc_ids: x.doc_ids }, { Response::Fetched { ops, model, covered } => (ops, model, covered) };
     /// Reranker: relevance scores of passages for a query.
     Rerank { query: String, passages: Vec<String>, known: Vec<Option<f32>>, model: Option<ModelIdentity> } => Vec<f32>,
         |x| Request::Rerank { query: x.query, passages: x.passages, known: x.known, model: x.model }, { Response::Scores(s) => s };
@@ -129,6 +129,37 @@ typed! {
         |x| Request::Ingest { docs: x.docs }, { Response::Ingested(r) => r };
     /// Coordinator: the cluster's status.
     Status {} => ClusterStatus, |_| Request::Status, { Response::Status(s) => s };
+}
+
+/// Fetches the live copies of `doc_ids` from shard replica `replica`, asking again for the ids
+/// an answer did not cover (answers stop at a size bound); each call gets `timeout`.
+pub async fn fetch_all(
+    replica: &ActorRef<RoleMsg>,
+    doc_ids: &[String],
+    timeout: std::time::Duration,
+) -> Result<(Vec<WriteOp>, Option<ModelIdentity>), CallError> {
+    let (mut ops, mut model) = (Vec::new(), None);
+    let mut rest = doc_ids;
+    while !rest.is_empty() {
+        let (got, m, covered) = call_typed(
+            replica,
+            Fetch {
+                doc_ids: rest.to_vec(),
+            },
+            timeout,
+        )
+        .await?;
+        ops.extend(got);
+        model = model.or(m);
+        let covered = (covered as usize).min(rest.len());
+        if covered == 0 {
+            return Err(CallError::Unexpected(
+                "the replica covered none of the ids asked for".into(),
+            ));
+        }
+        rest = &rest[covered..];
+    }
+    Ok((ops, model))
 }
 
 #[cfg(test)]

@@ -747,3 +747,29 @@ fn stored_sentence_vectors_score_hits_through_the_log_seals_merges_reopen_and_fe
     assert!(ix.wait_for_graphs(std::time::Duration::from_secs(30)));
     check(&ix, "reopened");
 }
+
+#[test]
+fn a_bounded_fetch_covers_the_ids_that_fit_and_says_how_many() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut ix, _) = ShardIndex::open(dir.path(), settings(1000)).unwrap();
+    let long = "word ".repeat(200); // ~1 KB of text a document
+    for i in 0..10u64 {
+        ix.write(vec![upsert(&format!("d{i}"), &long, i)], &model())
+            .unwrap();
+    }
+    let ids: Vec<String> = ["d0", "gone", "d1", "d2", "d3"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    // room for about two documents: d0 and the absent id, then d1; d2 does not fit
+    let (ops, covered) = ix.fetch_bounded(&ids, 2500);
+    assert_eq!(covered, 3);
+    let got: Vec<&str> = ops.iter().map(|o| o.doc_id()).collect();
+    assert_eq!(got, vec!["d0", "d1"]);
+    // the first id is always covered, however large
+    let (ops, covered) = ix.fetch_bounded(&ids, 10);
+    assert_eq!((ops.len(), covered), (1, 1));
+    // room for everything: every id covered, absent ones left out
+    let (ops, covered) = ix.fetch_bounded(&ids, usize::MAX);
+    assert_eq!((ops.len(), covered), (4, 5));
+}

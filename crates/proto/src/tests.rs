@@ -186,6 +186,7 @@ fn all_responses() -> Vec<Response> {
                 version: 0,
             }],
             model: Some(model()),
+            covered: 1,
         },
         Response::Scores(vec![1.0, -2.0]),
         Response::StreamStarted { stream: 1 },

@@ -134,6 +134,31 @@ impl SentenceVectors {
     }
 }
 
+impl WriteOp {
+    /// About how many bytes the op takes on the wire (texts, ids, vectors, sentence codes).
+    pub fn approx_bytes(&self) -> usize {
+        match self {
+            WriteOp::Upsert { doc_id, chunks, .. } => {
+                doc_id.len()
+                    + 16
+                    + chunks
+                        .iter()
+                        .map(|c| {
+                            c.doc_id.len()
+                                + c.chunk_id.len()
+                                + c.text.len()
+                                + 4 * c.vector.len()
+                                + c.sentences.codes.len()
+                                + 4 * c.sentences.scales.len()
+                                + 16
+                        })
+                        .sum::<usize>()
+            }
+            WriteOp::Delete { doc_id, .. } => doc_id.len() + 16,
+        }
+    }
+}
+
 /// A change to a shard.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum WriteOp {
@@ -932,6 +957,9 @@ pub enum Response {
         ops: Vec<WriteOp>,
         /// Model pinned by the shard.
         model: Option<ModelIdentity>,
+        /// How many of the ids asked for (from the first) this answer covers: an answer stops
+        /// at a size bound, and the rest are asked for again.
+        covered: u32,
     },
     /// Reranker scores, in input order.
     Scores(Vec<f32>),

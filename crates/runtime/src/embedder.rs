@@ -20,6 +20,10 @@ use tracing::debug;
 use crate::call::{common, info, reply, unsupported};
 use crate::models::EmbedModel;
 
+/// Sentence-vector bytes one document may store (beyond it, none: a document's op must fit a
+/// cluster frame with its text and chunk vectors).
+const MAX_DOC_SENTENCE_BYTES: usize = 2 << 20;
+
 /// How long bulk (ingest) work waits for room in a full queue before it is refused.
 const BULK_PATIENCE: Duration = Duration::from_secs(60);
 
@@ -206,10 +210,19 @@ async fn chunk_embed(
         .flat_map(|(_, cs)| cs.iter().map(|c| c.text.clone()))
         .collect();
     let n_chunks = texts.len();
-    // each chunk's sentence units (as the sentence reranker scores them), after the chunks
+    // each chunk's sentence units (as the sentence reranker scores them), after the chunks;
+    // none for a document whose sentence vectors would pass MAX_DOC_SENTENCE_BYTES (its op
+    // must fit a frame; its sentences are then embedded at query time)
+    let dim = model.identity().dim as usize + 4;
     let units: Vec<Vec<String>> = if sentences {
         docs.iter()
-            .flat_map(|(_, cs)| cs.iter().map(|c| sentence_units(&c.text)))
+            .flat_map(|(_, cs)| {
+                let per: Vec<Vec<String>> = cs.iter().map(|c| sentence_units(&c.text)).collect();
+                let bytes: usize = per.iter().map(|u| u.len() * dim).sum();
+                let keep = bytes <= MAX_DOC_SENTENCE_BYTES;
+                per.into_iter()
+                    .map(move |u| if keep { u } else { Vec::new() })
+            })
             .collect()
     } else {
         Vec::new()

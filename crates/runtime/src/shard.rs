@@ -248,9 +248,11 @@ impl Actor for ShardActor {
                 }
                 tokio::task::spawn_blocking(move || {
                     let ix = shared.index.read().expect("index");
+                    let (ops, covered) = ix.fetch_bounded(&doc_ids, FETCH_BYTES);
                     let r = Response::Fetched {
-                        ops: ix.fetch(&doc_ids),
+                        ops,
                         model: ix.model().cloned(),
+                        covered: covered as u32,
                     };
                     drop(ix);
                     reply(port, r);
@@ -367,6 +369,9 @@ fn index_error(e: ragfleet_index::IndexError) -> WireError {
 
 /// Documents a `Fetch` may ask for (the pull fetches in batches of this size).
 const MAX_FETCH: usize = 256;
+/// About how many bytes one `Fetch` answer carries at most (a frame holds 16 MiB): the rest of
+/// the ids asked for are asked again.
+const FETCH_BYTES: usize = 4 << 20;
 
 /// Finds a serving peer replica and pulls what it lacks; serves alone if none shows up. Then runs
 /// anti-entropy for the life of the replica.
@@ -503,10 +508,7 @@ async fn pull(peer: &ActorRef<RoleMsg>, shared: &Arc<Shared>) -> Result<Pulled, 
         ..Pulled::default()
     };
     for batch in plan.fetch.chunks(MAX_FETCH) {
-        let fetch = typed::Fetch {
-            doc_ids: batch.to_vec(),
-        };
-        let (ops, _) = call_typed(peer, fetch, Duration::from_secs(60))
+        let (ops, _) = typed::fetch_all(peer, batch, Duration::from_secs(60))
             .await
             .map_err(|e| format!("fetch: {e}"))?;
         done.fetched += ops.len();

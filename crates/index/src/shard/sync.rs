@@ -24,6 +24,22 @@ impl ShardIndex {
         }
     }
 
+    /// The live copies of the first of `doc_ids`, as upserts (absent documents left out), as
+    /// many ids as fit in about `max_bytes` (always at least one); with how many ids it covered.
+    pub fn fetch_bounded(&self, doc_ids: &[String], max_bytes: usize) -> (Vec<WriteOp>, usize) {
+        let (mut out, mut bytes) = (Vec::new(), 0usize);
+        for (i, d) in doc_ids.iter().enumerate() {
+            let mut op = self.fetch(std::slice::from_ref(d));
+            let size: usize = op.iter().map(WriteOp::approx_bytes).sum();
+            if i > 0 && bytes + size > max_bytes {
+                return (out, i);
+            }
+            bytes += size;
+            out.append(&mut op);
+        }
+        (out, doc_ids.len())
+    }
+
     /// The live copies of `doc_ids` as upserts, chunks in order; absent documents are left out.
     pub fn fetch(&self, doc_ids: &[String]) -> Vec<WriteOp> {
         doc_ids

@@ -131,7 +131,11 @@ pub async fn ingest(ctx: Arc<Ctx>, docs: Vec<Document>) -> Result<IngestResult, 
             .push(op);
     }
     let mut set = JoinSet::new();
-    for (shard, ops) in by_shard {
+    for (shard, ops) in by_shard.into_iter().flat_map(|(s, ops)| {
+        split_by_size(ops, WRITE_BYTES)
+            .into_iter()
+            .map(move |o| (s, o))
+    }) {
         let ctx = ctx.clone();
         let model = model.clone();
         set.spawn(async move {
@@ -157,6 +161,32 @@ pub async fn ingest(ctx: Arc<Ctx>, docs: Vec<Document>) -> Result<IngestResult, 
     }
     result.timings_ms.write = t1.elapsed().as_secs_f64() * 1000.0;
     Ok(result)
+}
+
+/// About how many bytes one write request to a replica carries at most (a frame holds 16 MiB;
+/// one document's op is never split, and a document's stored sentence vectors are capped so
+/// that it fits).
+const WRITE_BYTES: usize = 6 << 20;
+
+/// Splits ops into consecutive groups of about `max` bytes at most (an op larger than `max`
+/// alone is a group of its own).
+pub(crate) fn split_by_size(ops: Vec<WriteOp>, max: usize) -> Vec<Vec<WriteOp>> {
+    let mut out: Vec<Vec<WriteOp>> = Vec::new();
+    let mut bytes = 0usize;
+    for op in ops {
+        let size = op.approx_bytes();
+        match out.last_mut() {
+            Some(g) if bytes + size <= max => {
+                bytes += size;
+                g.push(op);
+            }
+            _ => {
+                bytes = size;
+                out.push(vec![op]);
+            }
+        }
+    }
+    out
 }
 
 /// Whether `acks` acknowledgements meet the write quorum; the error names the shard, the

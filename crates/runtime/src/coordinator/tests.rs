@@ -12,7 +12,7 @@ use ragfleet_proto::{
     WireError,
 };
 
-use super::ingest::{quorum_met, validate_documents};
+use super::ingest::{quorum_met, split_by_size, validate_documents};
 use super::prompt::assemble_context;
 use super::replicas::{on_failure, rotate, Budget, Failed, OnFailure};
 use super::retrieve::{account, validate_text};
@@ -423,4 +423,41 @@ async fn a_stalled_replica_is_hedged_on_the_other_and_then_asked_last() {
     assert_eq!(hedged, 1);
     let s = ctx.hedging.status();
     assert_eq!((s.requests, s.sent, s.won, s.capped), (4, 1, 1, 0));
+}
+
+#[test]
+fn writes_are_split_into_requests_that_fit_a_frame_without_splitting_a_document() {
+    let op = |id: &str, text_bytes: usize| ragfleet_proto::WriteOp::Upsert {
+        doc_id: id.into(),
+        version: 1,
+        chunks: vec![ragfleet_proto::ChunkRecord {
+            doc_id: id.into(),
+            chunk_id: format!("{id}#0"),
+            text: "x".repeat(text_bytes),
+            vector: vec![0.0; 4],
+            sentences: Default::default(),
+        }],
+    };
+    let ops = vec![
+        op("a", 400),
+        op("b", 400),
+        op("c", 400),
+        op("huge", 5000),
+        op("d", 10),
+    ];
+    let groups = split_by_size(ops, 1000);
+    let ids: Vec<Vec<&str>> = groups
+        .iter()
+        .map(|g| g.iter().map(|o| o.doc_id()).collect())
+        .collect();
+    // in order; each group within the bound except a lone op larger than it
+    assert_eq!(
+        ids,
+        vec![vec!["a", "b"], vec!["c"], vec!["huge"], vec!["d"]]
+    );
+    for g in &groups {
+        let bytes: usize = g.iter().map(|o| o.approx_bytes()).sum();
+        assert!(bytes <= 1000 || g.len() == 1, "{bytes}");
+    }
+    assert!(split_by_size(Vec::new(), 1000).is_empty());
 }

@@ -373,53 +373,41 @@ impl Plan {
                 }
             };
             match f.kind {
-                FaultKind::DiskFull => {
-                    let every = f.every_s.unwrap_or(f.down_s + 5.0);
-                    for (k, node) in targets.iter().enumerate() {
-                        let t = f.at_s + k as f64 * every + jitter(&mut rng);
-                        if t > until {
-                            break;
-                        }
-                        events.push(Event {
-                            at_ms: ms(t),
-                            fault: i,
-                            action: Action::Fill(node.clone()),
-                        });
-                        events.push(Event {
-                            at_ms: ms(t + f.down_s),
-                            fault: i,
-                            action: Action::Free(node.clone()),
-                        });
-                    }
-                }
-                FaultKind::Partition | FaultKind::Delay | FaultKind::Loss => {
+                FaultKind::DiskFull | FaultKind::Partition | FaultKind::Delay | FaultKind::Loss => {
                     let every = f.every_s.unwrap_or(f.down_s + 5.0);
                     let net = match f.kind {
-                        FaultKind::Partition => NetFault::Cut,
                         FaultKind::Delay => NetFault::Delay {
                             ms: f.delay_ms,
                             jitter_ms: f.jitter_ms,
                         },
-                        _ => NetFault::Loss { pct: f.loss_pct },
+                        FaultKind::Loss => NetFault::Loss { pct: f.loss_pct },
+                        _ => NetFault::Cut,
                     };
                     for (k, node) in targets.iter().enumerate() {
                         let t = f.at_s + k as f64 * every + jitter(&mut rng);
                         if t > until {
                             break;
                         }
-                        events.push(Event {
-                            at_ms: ms(t),
-                            fault: i,
-                            action: Action::Net {
+                        // the fault, then its end down_s later
+                        let (down, up) = if f.kind == FaultKind::DiskFull {
+                            (Action::Fill(node.clone()), Action::Free(node.clone()))
+                        } else {
+                            let down = Action::Net {
                                 node: node.clone(),
                                 net,
                                 client: f.client,
-                            },
+                            };
+                            (down, Action::Heal(node.clone()))
+                        };
+                        events.push(Event {
+                            at_ms: ms(t),
+                            fault: i,
+                            action: down,
                         });
                         events.push(Event {
                             at_ms: ms(t + f.down_s),
                             fault: i,
-                            action: Action::Heal(node.clone()),
+                            action: up,
                         });
                     }
                 }

@@ -185,6 +185,10 @@ pub struct QueryConfig {
     pub rerank: Option<bool>,
     /// Candidates passed to the reranker.
     pub rerank_depth: u32,
+    /// How hybrid search fuses dense and BM25: `rrf` (default) or `convex`.
+    pub hybrid_fusion: ragfleet_proto::HybridFusion,
+    /// `convex` fusion: the weight of the query similarity (the rest is BM25's).
+    pub hybrid_dense_weight: f32,
     /// How reranker scores combine with the retrieval ranking.
     pub rerank_fusion: RerankFusion,
     /// Weight of the reranker score in `weighted` fusion (the rest goes to the query-chunk
@@ -229,6 +233,8 @@ impl Default for QueryConfig {
             shard_deadline_ms: 500,
             rerank: None,
             rerank_depth: 30,
+            hybrid_fusion: ragfleet_proto::HybridFusion::Rrf,
+            hybrid_dense_weight: 0.7,
             rerank_fusion: RerankFusion::Weighted,
             rerank_weight: 0.5,
             rerank_abstain: true,
@@ -757,6 +763,12 @@ impl ClusterConfig {
             return Err(invalid(
                 "query.deadline_ms",
                 "must be at least shard_deadline_ms",
+            ));
+        }
+        if !(0.0..=1.0).contains(&q.hybrid_dense_weight) {
+            return Err(invalid(
+                "query.hybrid_dense_weight",
+                "must be between 0 and 1",
             ));
         }
         if !(0.0..=1.0).contains(&q.rerank_weight) {

@@ -147,6 +147,10 @@ fn errors_name_the_field() {
             "query.max_in_flight",
         ),
         (
+            format!("{GOOD}\n[query]\nhybrid_dense_weight = 1.5\n"),
+            "query.hybrid_dense_weight",
+        ),
+        (
             GOOD.replace("[index]", "[index]\nmax_searches = 0"),
             "index.max_searches",
         ),

@@ -8,7 +8,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
 pub use ragfleet_proto::ShardHits;
-use ragfleet_proto::{Hit, RerankFusion};
+use ragfleet_proto::{Hit, HybridFusion, RerankFusion};
 
 /// The reciprocal rank fusion constant: a list's hit at 0-based rank `r` adds
 /// `1 / (RRF_K + r + 1)`.
@@ -64,6 +64,17 @@ pub fn merge_top_k(lists: Vec<Vec<Hit>>, k: usize) -> Vec<Hit> {
 /// by score, then the two global rankings fused by reciprocal rank. Fusing the shards' own
 /// fused lists by rank would rank every shard's first hit alike.
 pub fn merge_shard_answers(answers: Vec<ShardHits>, depth: usize) -> Vec<Hit> {
+    merge_shard_answers_with(answers, depth, HybridFusion::Rrf, 0.0)
+}
+
+/// [`merge_shard_answers`] with the hybrid rankings fused as `fusion` says (`dense_weight`:
+/// the similarity's share in a convex fusion).
+pub fn merge_shard_answers_with(
+    answers: Vec<ShardHits>,
+    depth: usize,
+    fusion: HybridFusion,
+    dense_weight: f32,
+) -> Vec<Hit> {
     let (mut lists, mut dense, mut bm25) = (Vec::new(), Vec::new(), Vec::new());
     for a in answers {
         match a {
@@ -78,7 +89,50 @@ pub fn merge_shard_answers(answers: Vec<ShardHits>, depth: usize) -> Vec<Hit> {
         return merge_top_k(lists, depth);
     }
     let deep = hybrid_depth(depth);
-    rrf(&[merge_top_k(dense, deep), merge_top_k(bm25, deep)], depth)
+    let (dense, bm25) = (merge_top_k(dense, deep), merge_top_k(bm25, deep));
+    match fusion {
+        HybridFusion::Rrf => rrf(&[dense, bm25], depth),
+        HybridFusion::Convex => convex(&dense, &bm25, dense_weight, depth),
+    }
+}
+
+/// Convex fusion of a dense and a BM25 ranking: each candidate scores `w` x its query
+/// similarity + `1 - w` x its BM25 score, each min-max normalised over the candidates (a
+/// candidate the BM25 ranking lacks gets its lowest score; one without a similarity, the
+/// lowest similarity).
+pub fn convex(dense: &[Hit], bm25: &[Hit], w: f32, limit: usize) -> Vec<Hit> {
+    let mut cand: HashMap<&str, (Option<f32>, Option<f32>, &Hit)> = HashMap::new();
+    for h in dense {
+        let e = cand.entry(h.chunk_id.as_str()).or_insert((None, None, h));
+        e.0 = h.similarity.or(Some(h.score));
+    }
+    for h in bm25 {
+        let e = cand.entry(h.chunk_id.as_str()).or_insert((None, None, h));
+        e.1 = Some(h.score);
+        if e.0.is_none() {
+            e.0 = h.similarity;
+        }
+    }
+    let range = |v: &mut dyn Iterator<Item = f32>| {
+        v.fold((f32::MAX, f32::MIN), |(lo, hi), x| (lo.min(x), hi.max(x)))
+    };
+    let (slo, shi) = range(&mut cand.values().filter_map(|c| c.0));
+    let (blo, bhi) = range(&mut cand.values().filter_map(|c| c.1));
+    let norm = |x: Option<f32>, lo: f32, hi: f32| match x {
+        Some(x) if hi > lo => (x - lo) / (hi - lo),
+        Some(_) => 1.0,
+        None => 0.0,
+    };
+    let mut out: Vec<Hit> = cand
+        .into_values()
+        .map(|(s, b, h)| Hit {
+            score: w * norm(s, slo, shi) + (1.0 - w) * norm(b, blo, bhi),
+            ..h.clone()
+        })
+        .collect();
+    sort_hits(&mut out);
+    out.truncate(limit);
+    out
 }
 
 /// Passages whose best sentence scores within this of the whole passage's similarity count as
@@ -733,5 +787,33 @@ mod tests {
         // scores that are not the stored sentence scores (a cross-encoder's): never
         let logits: Vec<f32> = s1.iter().map(|s| s * 10.0).collect();
         assert_eq!(sentence_rerank_abstains(&single, &logits, true), None);
+    }
+    #[test]
+    fn convex_fusion_weighs_normalised_similarity_and_bm25() {
+        let h = |id: &str, score: f32, sim: Option<f32>| Hit {
+            similarity: sim,
+            ..hit(id, "t", score)
+        };
+        // dense ranking: a (0.9) > b (0.5); BM25 ranking: c (12) > b (6); c's similarity 0.7
+        let dense = vec![h("a", 0.9, Some(0.9)), h("b", 0.5, Some(0.5))];
+        let bm25 = vec![h("c", 12.0, Some(0.7)), h("b", 6.0, Some(0.5))];
+        // similarity normalised over {0.9, 0.5, 0.7}: a 1, c 0.5, b 0; BM25 over {12, 6}: c 1, b 0
+        let all_dense = convex(&dense, &bm25, 1.0, 10);
+        assert_eq!(ids(&all_dense), vec!["a", "c", "b"]);
+        let all_bm25 = convex(&dense, &bm25, 0.0, 10);
+        assert_eq!(ids(&all_bm25)[0], "c");
+        let mixed = convex(&dense, &bm25, 0.7, 10);
+        // a: 0.7; c: 0.7 x 0.5 + 0.3 = 0.65; b: 0
+        assert_eq!(ids(&mixed), vec!["a", "c", "b"]);
+        assert!((mixed[0].score - 0.7).abs() < 1e-6 && (mixed[1].score - 0.65).abs() < 1e-6);
+        assert_eq!(convex(&dense, &bm25, 0.7, 2).len(), 2);
+        // through the shards' merge
+        let merged = merge_shard_answers_with(
+            vec![ShardHits::Two(dense.clone(), bm25.clone())],
+            3,
+            HybridFusion::Convex,
+            0.7,
+        );
+        assert_eq!(ids(&merged), vec!["a", "c", "b"]);
     }
 }

@@ -1040,6 +1040,18 @@ pub enum RerankFusion {
     Replace,
 }
 
+/// How a hybrid search fuses its dense and BM25 rankings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HybridFusion {
+    /// Reciprocal rank fusion (k = 60) of the two ranks.
+    #[default]
+    Rrf,
+    /// A convex combination of the two scores, each min-max normalised over the candidates:
+    /// `hybrid_dense_weight` x the query similarity + the rest x the BM25 score.
+    Convex,
+}
+
 /// A shard's answer to a search: one ranking, or the two unfused rankings of a hybrid search
 /// (the coordinator fuses them across shards; see `ragfleet_index::ranking`).
 #[derive(Debug, Clone, PartialEq)]

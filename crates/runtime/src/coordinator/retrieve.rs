@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use ragfleet_client::groups;
 use ragfleet_client::typed::{Embed, Rerank, SearchAt};
-use ragfleet_index::ranking::{fuse_rerank, merge_shard_answers};
+use ragfleet_index::ranking::{fuse_rerank, merge_shard_answers_with};
 use ragfleet_proto::{
     Coverage, Hit, LeftOut, ModelIdentity, RetrieveOptions, RetrieveResult, SearchAnswer,
     SearchMode, SearchQuery, ShardHits, Timings, WireError,
@@ -353,7 +353,12 @@ pub async fn retrieve(
         })
         .collect();
     let (coverage, answers) = account(cfg.index.shards, results);
-    let mut hits = merge_shard_answers(answers, depth as usize);
+    let mut hits = merge_shard_answers_with(
+        answers,
+        depth as usize,
+        cfg.query.hybrid_fusion,
+        cfg.query.hybrid_dense_weight,
+    );
     timings.search = ms(t1.elapsed());
 
     let mut rerank_outcome = None;

@@ -185,7 +185,7 @@ pub struct QueryConfig {
     pub rerank: Option<bool>,
     /// Candidates passed to the reranker.
     pub rerank_depth: u32,
-    /// How hybrid search fuses dense and BM25: `rrf` (default) or `convex`.
+    /// How hybrid search fuses dense and BM25: `convex` (default) or `rrf`.
     pub hybrid_fusion: ragfleet_proto::HybridFusion,
     /// `convex` fusion: the weight of the query similarity (the rest is BM25's).
     pub hybrid_dense_weight: f32,
@@ -233,8 +233,8 @@ impl Default for QueryConfig {
             shard_deadline_ms: 500,
             rerank: None,
             rerank_depth: 30,
-            hybrid_fusion: ragfleet_proto::HybridFusion::Rrf,
-            hybrid_dense_weight: 0.7,
+            hybrid_fusion: ragfleet_proto::HybridFusion::Convex,
+            hybrid_dense_weight: 0.8,
             rerank_fusion: RerankFusion::Weighted,
             rerank_weight: 0.5,
             rerank_abstain: true,

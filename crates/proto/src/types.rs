@@ -1045,10 +1045,12 @@ pub enum RerankFusion {
 #[serde(rename_all = "lowercase")]
 pub enum HybridFusion {
     /// Reciprocal rank fusion (k = 60) of the two ranks.
-    #[default]
     Rrf,
     /// A convex combination of the two scores, each min-max normalised over the candidates:
-    /// `hybrid_dense_weight` x the query similarity + the rest x the BM25 score.
+    /// `hybrid_dense_weight` x the query similarity + the rest x the BM25 score (the default:
+    /// never below dense retrieval on the corpora measured, where equal-weight RRF lost up to
+    /// 0.044 nDCG@10).
+    #[default]
     Convex,
 }
 

@@ -193,14 +193,34 @@ pub fn sentence_rerank_abstains(
 /// Orders `hits` (in retrieval order) by the reranker's `scores`: alone, weighted with each
 /// hit's query similarity, or fused with the retrieval rank by reciprocal rank fusion.
 pub fn fuse_rerank(hits: &mut [Hit], scores: &[f32], fusion: RerankFusion, weight: f32) {
+    fuse_rerank_on(hits, scores, fusion, weight, false)
+}
+
+/// [`fuse_rerank`]; with `on_score`, `weighted` fusion weighs the reranker score against each
+/// hit's first-stage score (a convex hybrid's, in 0..1, which holds the BM25 evidence the
+/// similarity alone lacks) instead of its similarity.
+pub fn fuse_rerank_on(
+    hits: &mut [Hit],
+    scores: &[f32],
+    fusion: RerankFusion,
+    weight: f32,
+    on_score: bool,
+) {
     let fusion = match fusion {
-        RerankFusion::Weighted if hits.iter().any(|h| h.similarity.is_none()) => RerankFusion::Rrf,
+        RerankFusion::Weighted if !on_score && hits.iter().any(|h| h.similarity.is_none()) => {
+            RerankFusion::Rrf
+        }
         f => f,
     };
     match fusion {
         RerankFusion::Weighted => {
             for (h, s) in hits.iter_mut().zip(scores) {
-                h.score = weight * s + (1.0 - weight) * h.similarity.unwrap_or(0.0);
+                let base = if on_score {
+                    h.score
+                } else {
+                    h.similarity.unwrap_or(0.0)
+                };
+                h.score = weight * s + (1.0 - weight) * base;
             }
         }
         RerankFusion::Replace => {
@@ -616,6 +636,25 @@ mod tests {
         fuse_rerank(&mut h, &[0.0, 0.3, 0.8, 0.95], RerankFusion::Weighted, 0.5);
         assert_eq!(ids(&h), ["d", "c", "b", "a"]);
         assert!((h[0].score - 0.825).abs() < 1e-6);
+        // weighed against the first-stage score instead (a convex hybrid's): hits whose
+        // similarity is low but first-stage score high keep their lead
+        let mut h: Vec<Hit> = base
+            .iter()
+            .map(|x| Hit {
+                similarity: Some(0.1),
+                ..x.clone()
+            })
+            .collect();
+        fuse_rerank_on(
+            &mut h,
+            &[0.5, 0.5, 0.5, 0.9],
+            RerankFusion::Weighted,
+            0.5,
+            true,
+        );
+        // a: 0.25 + 0.5, b: 0.25 + 0.45, c: 0.25 + 0.4, d: 0.45 + 0.35
+        assert_eq!(ids(&h), ["d", "a", "b", "c"]);
+        assert!((h[0].score - 0.8).abs() < 1e-6);
         // without similarities (bm25 mode) weighted falls back to rank fusion
         let mut h = base.clone();
         h.iter_mut().for_each(|x| x.similarity = None);

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use ragfleet_client::groups;
 use ragfleet_client::typed::{Embed, Rerank, SearchAt};
-use ragfleet_index::ranking::{fuse_rerank, merge_shard_answers_with};
+use ragfleet_index::ranking::{fuse_rerank_on, merge_shard_answers_with};
 use ragfleet_proto::{
     Coverage, Hit, LeftOut, ModelIdentity, RetrieveOptions, RetrieveResult, SearchAnswer,
     SearchMode, SearchQuery, ShardHits, Timings, WireError,
@@ -385,11 +385,16 @@ pub async fn retrieve(
                 if let Some(why) = abstains {
                     rerank_outcome = Some(why);
                 } else {
-                    fuse_rerank(
+                    // after a convex hybrid, the reranker is weighed against the fused score
+                    // (the similarity alone would drop the BM25 evidence)
+                    let on_score = mode == SearchMode::Hybrid
+                        && cfg.query.hybrid_fusion == ragfleet_proto::HybridFusion::Convex;
+                    fuse_rerank_on(
                         &mut hits,
                         &scores,
                         cfg.query.rerank_fusion,
                         cfg.query.rerank_weight,
+                        on_score,
                     );
                     rerank_outcome = Some("applied".to_string());
                 }

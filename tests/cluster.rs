@@ -435,13 +435,15 @@ fn rerank_stage_reorders_candidates_by_cross_encoder_scores() {
 fn default_sentence_reranker_fuses_best_sentence_with_similarity() {
     let _g = serial();
     // no cross-encoder in the models dir: the reranker role runs the sentence reranker on the
-    // embedder, fused with equal weight with each hit's query similarity (the default)
+    // embedder, fused with equal weight with each hit's query similarity (the default after a
+    // dense or an RRF hybrid first stage; after a convex hybrid it is weighed against the
+    // fused score instead, unit-tested in `ranking`)
     let c = Cluster::start(
         &[
             &["coordinator", "embedder", "shard", "reranker"],
             &["shard"],
         ],
-        "",
+        "query.hybrid_fusion = \"rrf\"",
     );
     let p = c.corpus_path();
     c.json(&["ingest", "--json", p.to_str().unwrap()]);

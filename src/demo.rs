@@ -78,12 +78,10 @@ pub async fn ingest_corpus(
             }
         }
         bar.inc(b.len() as u64);
-        let busy = (embed_ms + write_ms).max(1e-9);
+        let (e, w) = shares(embed_ms, write_ms);
         bar.set_message(format!(
-            "{:.0} chunks/s  embed {:.0}% / write {:.0}%",
+            "{:.0} chunks/s  embed {e:.0}% / write {w:.0}%",
             chunks as f64 / t0.elapsed().as_secs_f64().max(1e-9),
-            100.0 * embed_ms / busy,
-            100.0 * write_ms / busy
         ));
     }
     for b in batches {
@@ -112,13 +110,11 @@ pub async fn ingest_corpus(
                 "failed": failed})
         );
     } else {
-        let busy = (embed_ms + write_ms).max(1e-9);
+        let (e, w) = shares(embed_ms, write_ms);
         println!(
-            "ingested {docs} documents ({chunks} chunks) in {secs:.1} s ({:.1} docs/s, {:.1} chunks/s); requests spent {:.0}% embedding, {:.0}% writing",
+            "ingested {docs} documents ({chunks} chunks) in {secs:.1} s ({:.1} docs/s, {:.1} chunks/s); requests spent {e:.0}% embedding, {w:.0}% writing",
             docs as f64 / secs.max(1e-9),
             chunks as f64 / secs.max(1e-9),
-            100.0 * embed_ms / busy,
-            100.0 * write_ms / busy
         );
         for s in &corpus.ignored {
             println!("ignored {}: {}", s.path.display(), s.reason);
@@ -146,6 +142,12 @@ pub async fn ingest_corpus(
         bail!("no document was acknowledged");
     }
     Ok(())
+}
+
+/// The embedding and writing shares (percent) of the requests' summed stage times.
+fn shares(embed_ms: f64, write_ms: f64) -> (f64, f64) {
+    let busy = (embed_ms + write_ms).max(1e-9);
+    (100.0 * embed_ms / busy, 100.0 * write_ms / busy)
 }
 
 /// Asks a question and prints the streamed answer, then sources, coverage and timings.

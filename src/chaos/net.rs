@@ -83,19 +83,7 @@ pub(crate) async fn wire(
     let mut files = HashMap::new();
     let mut parties: Vec<&str> = real.iter().map(|(n, _)| n.as_str()).collect();
     parties.push(CLIENT);
-    // the files live elsewhere: every path made absolute (against this process's folder)
-    let mut cfg = cfg.clone();
-    let abs = |p: &mut PathBuf| -> Result<()> {
-        *p = std::path::absolute(&*p)?;
-        Ok(())
-    };
-    abs(&mut cfg.data_dir)?;
-    abs(&mut cfg.models_dir)?;
-    if let Some(t) = &mut cfg.tls {
-        for p in [&mut t.ca, &mut t.cert, &mut t.key] {
-            abs(p)?;
-        }
-    }
+    // the paths of a loaded config are absolute: its copies mean the same under `dir`
     let mut client_cfg = cfg.clone();
     for from in parties {
         let mut view = cfg.clone();

@@ -354,6 +354,18 @@ pub(crate) async fn run(a: RunArgs) -> Result<i32> {
 
     // invariants
     let (lost, resurrected, checked) = check_writes(&client, &cfg, &shared).await;
+    // the nodes are done with: stopped, and each log read once for the checks below
+    nodes.stop_all();
+    if let Some(net) = &net {
+        net.shutdown();
+    }
+    let node_logs: Vec<(&String, String)> = names
+        .iter()
+        .map(|n| {
+            let log = std::fs::read_to_string(logs.join(format!("{n}.log")));
+            (n, log.unwrap_or_default())
+        })
+        .collect();
     for l in &lost {
         violations.push(format!("acknowledged write lost: {l}"));
     }
@@ -386,11 +398,10 @@ pub(crate) async fn run(a: RunArgs) -> Result<i32> {
     // a node's shard supervisor that gave up (too many panics of one replica) restarts every
     // replica of the node: each is down while it restarts and catches up
     let back = 2 * cfg.failure.suspect_after_ms.clamp(1000, 10_000) + 3000;
-    for n in &names {
-        let log = std::fs::read_to_string(logs.join(format!("{n}.log"))).unwrap_or_default();
+    for (n, log) in &node_logs {
         let shards = cfg.shards_of(n);
         let mut tl = shared.timeline.lock().expect("t");
-        for (at, down_ms) in super::checks::shard_restarts(&log, n, shared.t0_wall) {
+        for (at, down_ms) in super::checks::shard_restarts(log, n, shared.t0_wall) {
             for (s, _) in &shards {
                 tl.intervals
                     .push((format!("{n}/shard.{s}"), at, at + down_ms + back));
@@ -401,9 +412,8 @@ pub(crate) async fn run(a: RunArgs) -> Result<i32> {
     let mut untruthful = 0;
     for q in queries.iter() {
         for (s, reason) in q.left_out.iter().flatten() {
-            // each replica down: its node killed or frozen, or the replica itself panicked
-            // (restarting) or stalled
-            // (or cut off from the coordinator that answered)
+            // each replica down: its node killed or frozen, the replica itself panicked
+            // (restarting) or stalled, or its node cut off from the coordinator that answered
             let all_down = placement[*s as usize].iter().all(|n| {
                 timeline.faulty(n, q.start_ms, q.end_ms, grace)
                     || timeline.faulty(&format!("{n}/shard.{s}"), q.start_ms, q.end_ms, grace)
@@ -449,12 +459,7 @@ pub(crate) async fn run(a: RunArgs) -> Result<i32> {
             ));
         }
     }
-    nodes.stop_all();
-    if let Some(net) = &net {
-        net.shutdown();
-    }
-    for n in &names {
-        let log = std::fs::read_to_string(logs.join(format!("{n}.log"))).unwrap_or_default();
+    for (n, log) in &node_logs {
         // a panic the runner asked for names itself ("chaos: ... told to panic") on the line
         // after the panic's location
         let lines: Vec<&str> = log.lines().collect();

@@ -514,6 +514,11 @@ fn default_models_dir() -> PathBuf {
     PathBuf::from("models")
 }
 
+/// A path from the environment, absolute (against the process's folder).
+fn resolve_env(p: PathBuf) -> PathBuf {
+    std::path::absolute(&p).unwrap_or(p)
+}
+
 impl ClusterConfig {
     /// Reads, parses and validates a file; relative dirs are resolved against its folder and
     /// `RAGFLEET_MODELS` overrides the models dir.
@@ -529,21 +534,21 @@ impl ClusterConfig {
             },
             other => other,
         })?;
+        // absolute, so that the config means the same written elsewhere (chaos run writes one
+        // per node) or read from another folder
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
-        if cfg.data_dir.is_relative() {
-            cfg.data_dir = base.join(&cfg.data_dir);
-        }
-        if cfg.models_dir.is_relative() {
-            cfg.models_dir = base.join(&cfg.models_dir);
-        }
-        if let Some(dir) = std::env::var_os(MODELS_ENV) {
-            cfg.models_dir = PathBuf::from(dir);
-        }
+        let resolve = |p: &Path| {
+            let p = base.join(p);
+            std::path::absolute(&p).unwrap_or(p)
+        };
+        cfg.data_dir = resolve(&cfg.data_dir);
+        cfg.models_dir = match std::env::var_os(MODELS_ENV) {
+            Some(dir) => resolve_env(PathBuf::from(dir)),
+            None => resolve(&cfg.models_dir),
+        };
         if let Some(t) = &mut cfg.tls {
             for p in [&mut t.ca, &mut t.cert, &mut t.key] {
-                if p.is_relative() {
-                    *p = base.join(&*p);
-                }
+                *p = resolve(p);
             }
         }
         Ok(cfg)

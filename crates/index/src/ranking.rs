@@ -61,15 +61,10 @@ pub fn merge_top_k(lists: Vec<Vec<Hit>>, k: usize) -> Vec<Hit> {
 }
 
 /// Merges the shards' answers: single rankings by score; for hybrid, each ranking across shards
-/// by score, then the two global rankings fused by reciprocal rank. Fusing the shards' own
-/// fused lists by rank would rank every shard's first hit alike.
-pub fn merge_shard_answers(answers: Vec<ShardHits>, depth: usize) -> Vec<Hit> {
-    merge_shard_answers_with(answers, depth, HybridFusion::Rrf, 0.0)
-}
-
-/// [`merge_shard_answers`] with the hybrid rankings fused as `fusion` says (`dense_weight`:
-/// the similarity's share in a convex fusion).
-pub fn merge_shard_answers_with(
+/// by score, then the two global rankings fused as `fusion` says (`dense_weight`: the
+/// similarity's share in a convex fusion). Fusing the shards' own fused lists would rank every
+/// shard's first hit alike.
+pub fn merge_shard_answers(
     answers: Vec<ShardHits>,
     depth: usize,
     fusion: HybridFusion,
@@ -191,15 +186,11 @@ pub fn sentence_rerank_abstains(
 }
 
 /// Orders `hits` (in retrieval order) by the reranker's `scores`: alone, weighted with each
-/// hit's query similarity, or fused with the retrieval rank by reciprocal rank fusion.
-pub fn fuse_rerank(hits: &mut [Hit], scores: &[f32], fusion: RerankFusion, weight: f32) {
-    fuse_rerank_on(hits, scores, fusion, weight, false)
-}
-
-/// [`fuse_rerank`]; with `on_score`, `weighted` fusion weighs the reranker score against each
-/// hit's first-stage score (a convex hybrid's, in 0..1, which holds the BM25 evidence the
-/// similarity alone lacks) instead of its similarity.
-pub fn fuse_rerank_on(
+/// hit's query similarity, or fused with the retrieval rank by reciprocal rank fusion. With
+/// `on_score`, `weighted` fusion weighs the reranker score against each hit's first-stage
+/// score instead (a convex hybrid's, in 0..1, which holds the BM25 evidence the similarity
+/// alone lacks).
+pub fn fuse_rerank(
     hits: &mut [Hit],
     scores: &[f32],
     fusion: RerankFusion,
@@ -619,21 +610,27 @@ mod tests {
         // the reranker loves d, then c
         let scores = [0.1, 0.2, 0.8, 0.9];
         let mut h = base.clone();
-        fuse_rerank(&mut h, &scores, RerankFusion::Replace, 0.5);
+        fuse_rerank(&mut h, &scores, RerankFusion::Replace, 0.5, false);
         assert_eq!(ids(&h), ["d", "c", "b", "a"]);
         // fused: a (ranks 0 and 3) ties d (3 and 0) and beats the tie of b (1 and 2) and
         // c (2 and 1), reciprocal ranks being convex; the chunk id breaks ties
         let mut h = base.clone();
-        fuse_rerank(&mut h, &scores, RerankFusion::Rrf, 0.5);
+        fuse_rerank(&mut h, &scores, RerankFusion::Rrf, 0.5, false);
         assert_eq!(ids(&h), ["a", "d", "b", "c"]);
         assert_eq!(h[0].score, h[1].score);
         // a reranker that agrees with retrieval changes nothing
         let mut h = base.clone();
-        fuse_rerank(&mut h, &[0.9, 0.8, 0.7, 0.6], RerankFusion::Rrf, 0.5);
+        fuse_rerank(&mut h, &[0.9, 0.8, 0.7, 0.6], RerankFusion::Rrf, 0.5, false);
         assert_eq!(ids(&h), ["a", "b", "c", "d"]);
         // weighted: 0.5 x score + 0.5 x similarity (1.0, 0.9, 0.8, 0.7)
         let mut h = base.clone();
-        fuse_rerank(&mut h, &[0.0, 0.3, 0.8, 0.95], RerankFusion::Weighted, 0.5);
+        fuse_rerank(
+            &mut h,
+            &[0.0, 0.3, 0.8, 0.95],
+            RerankFusion::Weighted,
+            0.5,
+            false,
+        );
         assert_eq!(ids(&h), ["d", "c", "b", "a"]);
         assert!((h[0].score - 0.825).abs() < 1e-6);
         // weighed against the first-stage score instead (a convex hybrid's): hits whose
@@ -645,7 +642,7 @@ mod tests {
                 ..x.clone()
             })
             .collect();
-        fuse_rerank_on(
+        fuse_rerank(
             &mut h,
             &[0.5, 0.5, 0.5, 0.9],
             RerankFusion::Weighted,
@@ -658,7 +655,7 @@ mod tests {
         // without similarities (bm25 mode) weighted falls back to rank fusion
         let mut h = base.clone();
         h.iter_mut().for_each(|x| x.similarity = None);
-        fuse_rerank(&mut h, &scores, RerankFusion::Weighted, 0.5);
+        fuse_rerank(&mut h, &scores, RerankFusion::Weighted, 0.5, false);
         assert_eq!(ids(&h), ["a", "d", "b", "c"]);
     }
 
@@ -670,7 +667,7 @@ mod tests {
             vec![hit("a1", "x", 9.0), hit("a2", "x", 8.0)],
         );
         let b = ShardHits::Two(vec![hit("b1", "x", 0.1)], vec![hit("b1", "x", 0.5)]);
-        let merged = merge_shard_answers(vec![b, a], 3);
+        let merged = merge_shard_answers(vec![b, a], 3, HybridFusion::Rrf, 0.0);
         assert_eq!(ids(&merged), vec!["a1", "a2", "b1"]);
         // single rankings merge by score
         let merged = merge_shard_answers(
@@ -679,9 +676,11 @@ mod tests {
                 ShardHits::One(vec![hit("y", "t", 0.7)]),
             ],
             2,
+            HybridFusion::Rrf,
+            0.0,
         );
         assert_eq!(merged[0].doc_id, "y");
-        assert!(merge_shard_answers(Vec::new(), 5).is_empty());
+        assert!(merge_shard_answers(Vec::new(), 5, HybridFusion::Rrf, 0.0).is_empty());
     }
 
     /// A deterministic stand-in for the embedder: hashed bags of lower-cased words, at unit
@@ -847,7 +846,7 @@ mod tests {
         assert!((mixed[0].score - 0.7).abs() < 1e-6 && (mixed[1].score - 0.65).abs() < 1e-6);
         assert_eq!(convex(&dense, &bm25, 0.7, 2).len(), 2);
         // through the shards' merge
-        let merged = merge_shard_answers_with(
+        let merged = merge_shard_answers(
             vec![ShardHits::Two(dense.clone(), bm25.clone())],
             3,
             HybridFusion::Convex,

@@ -664,20 +664,19 @@ fn with_sentences(doc: &str, seed: u64) -> WriteOp {
         .iter()
         .map(|&s| unit(vec_for(s)))
         .collect();
-    WriteOp::Upsert {
-        version: 0,
-        doc_id: doc.into(),
-        chunks: vec![ChunkRecord {
-            doc_id: doc.into(),
-            chunk_id: format!("{doc}#0"),
-            text: format!("{doc} first. {doc} second. {doc} third."),
-            // the chunk's vector near all three of its sentences
-            vector: (0..DIM)
-                .map(|i| sentences.iter().map(|s| s[i]).sum())
-                .collect(),
-            sentences: ragfleet_proto::SentenceVectors::quantize(&sentences),
-        }],
+    let mut op = upsert(
+        doc,
+        &format!("{doc} first. {doc} second. {doc} third."),
+        seed,
+    );
+    if let WriteOp::Upsert { chunks, .. } = &mut op {
+        // the chunk's vector near all three of its sentences
+        chunks[0].vector = (0..DIM)
+            .map(|i| sentences.iter().map(|s| s[i]).sum())
+            .collect();
+        chunks[0].sentences = ragfleet_proto::SentenceVectors::quantize(&sentences);
     }
+    op
 }
 
 #[test]

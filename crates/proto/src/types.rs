@@ -134,6 +134,27 @@ impl SentenceVectors {
     }
 }
 
+/// A change to a shard.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum WriteOp {
+    /// Replace every chunk of `doc_id` with these.
+    Upsert {
+        /// Document id.
+        doc_id: String,
+        /// Its chunks.
+        chunks: Vec<ChunkRecord>,
+        /// Write version (see [`WriteOp::version`]).
+        version: u64,
+    },
+    /// Remove the document.
+    Delete {
+        /// Document id.
+        doc_id: String,
+        /// Write version (see [`WriteOp::version`]).
+        version: u64,
+    },
+}
+
 impl WriteOp {
     /// About how many bytes the op takes on the wire (texts, ids, vectors, sentence codes).
     pub fn approx_bytes(&self) -> usize {
@@ -157,30 +178,7 @@ impl WriteOp {
             WriteOp::Delete { doc_id, .. } => doc_id.len() + 16,
         }
     }
-}
 
-/// A change to a shard.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub enum WriteOp {
-    /// Replace every chunk of `doc_id` with these.
-    Upsert {
-        /// Document id.
-        doc_id: String,
-        /// Its chunks.
-        chunks: Vec<ChunkRecord>,
-        /// Write version (see [`WriteOp::version`]).
-        version: u64,
-    },
-    /// Remove the document.
-    Delete {
-        /// Document id.
-        doc_id: String,
-        /// Write version (see [`WriteOp::version`]).
-        version: u64,
-    },
-}
-
-impl WriteOp {
     /// The document the op touches.
     pub fn doc_id(&self) -> &str {
         match self {

@@ -178,8 +178,14 @@ async fn chunk_embed(
     sentences: bool,
 ) -> Response {
     let m = model.clone();
+    // bytes one stored sentence vector takes (int8 codes and a scale)
+    let sentence_bytes = model.identity().dim as usize + 4;
     let chunked = tokio::task::spawn_blocking(move || {
         let mut ok = Vec::new();
+        // each chunk's sentence units (as the sentence reranker scores them); none for a
+        // document whose sentence vectors would pass MAX_DOC_SENTENCE_BYTES (its op must fit
+        // a frame; its sentences are then embedded at query time)
+        let mut units: Vec<Vec<String>> = Vec::new();
         let mut failed = Vec::new();
         for d in docs {
             if let Err(e) = d.check() {
@@ -197,12 +203,22 @@ async fn chunk_embed(
                 failed.push((d.id, "document has no words to embed".to_string()));
                 continue;
             }
+            if sentences {
+                let per: Vec<Vec<String>> =
+                    chunks.iter().map(|c| sentence_units(&c.text)).collect();
+                let bytes: usize = per.iter().map(|u| u.len() * sentence_bytes).sum();
+                if bytes <= MAX_DOC_SENTENCE_BYTES {
+                    units.extend(per);
+                } else {
+                    units.extend(chunks.iter().map(|_| Vec::new()));
+                }
+            }
             ok.push((d.id, chunks));
         }
-        (ok, failed)
+        (ok, units, failed)
     })
     .await;
-    let Ok((docs, failed)) = chunked else {
+    let Ok((docs, units, failed)) = chunked else {
         return Response::Error(WireError::Internal("chunking failed".into()));
     };
     let mut texts: Vec<String> = docs
@@ -210,23 +226,7 @@ async fn chunk_embed(
         .flat_map(|(_, cs)| cs.iter().map(|c| c.text.clone()))
         .collect();
     let n_chunks = texts.len();
-    // each chunk's sentence units (as the sentence reranker scores them), after the chunks;
-    // none for a document whose sentence vectors would pass MAX_DOC_SENTENCE_BYTES (its op
-    // must fit a frame; its sentences are then embedded at query time)
-    let dim = model.identity().dim as usize + 4;
-    let units: Vec<Vec<String>> = if sentences {
-        docs.iter()
-            .flat_map(|(_, cs)| {
-                let per: Vec<Vec<String>> = cs.iter().map(|c| sentence_units(&c.text)).collect();
-                let bytes: usize = per.iter().map(|u| u.len() * dim).sum();
-                let keep = bytes <= MAX_DOC_SENTENCE_BYTES;
-                per.into_iter()
-                    .map(move |u| if keep { u } else { Vec::new() })
-            })
-            .collect()
-    } else {
-        Vec::new()
-    };
+    // the sentences after the chunks, in the same batches
     texts.extend(units.iter().flatten().cloned());
     let vecs = match jobs.embed_bulk(texts, BULK_PATIENCE).await {
         Ok(v) => v,

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use ragfleet_client::groups;
 use ragfleet_client::typed::{Embed, Rerank, SearchAt};
-use ragfleet_index::ranking::{fuse_rerank_on, merge_shard_answers_with};
+use ragfleet_index::ranking::{fuse_rerank, merge_shard_answers};
 use ragfleet_proto::{
     Coverage, Hit, LeftOut, ModelIdentity, RetrieveOptions, RetrieveResult, SearchAnswer,
     SearchMode, SearchQuery, ShardHits, Timings, WireError,
@@ -353,7 +353,7 @@ pub async fn retrieve(
         })
         .collect();
     let (coverage, answers) = account(cfg.index.shards, results);
-    let mut hits = merge_shard_answers_with(
+    let mut hits = merge_shard_answers(
         answers,
         depth as usize,
         cfg.query.hybrid_fusion,
@@ -389,7 +389,7 @@ pub async fn retrieve(
                     // (the similarity alone would drop the BM25 evidence)
                     let on_score = mode == SearchMode::Hybrid
                         && cfg.query.hybrid_fusion == ragfleet_proto::HybridFusion::Convex;
-                    fuse_rerank_on(
+                    fuse_rerank(
                         &mut hits,
                         &scores,
                         cfg.query.rerank_fusion,
@@ -449,11 +449,10 @@ pub async fn retrieve(
     Ok(out)
 }
 
-/// Scores `hits` on a reranker replica before `deadline`, failing over to another replica.
-/// `Err` names why the stage was skipped: `deadline`, `overloaded`, `no reranker replica` or
+/// Scores `hits` on a reranker replica before `deadline`, failing over to another replica;
+/// `model` embedded the query (the shards' stored-sentence scores are of that model). `Err`
+/// names why the stage was skipped: `deadline`, `overloaded`, `no reranker replica` or
 /// `error: ...`.
-/// Scores of the head hits on a reranker replica; `model` embedded the query (the shards'
-/// stored-sentence scores are of that model).
 async fn rerank_hits(
     ctx: &Ctx,
     query: &str,

@@ -48,9 +48,9 @@ pub(crate) struct RetrieveArgs {
     /// Hits wanted.
     #[arg(long)]
     pub(crate) k: Option<u32>,
-    /// dense, bm25 or hybrid.
-    #[arg(long, default_value = "dense")]
-    pub(crate) mode: String,
+    /// dense, bm25 or hybrid (default: the cluster's `query.mode`).
+    #[arg(long)]
+    pub(crate) mode: Option<String>,
     /// Rerank (the default when the cluster has a reranker node, unless cluster.toml says
     /// otherwise).
     #[arg(long)]
@@ -75,7 +75,9 @@ impl RetrieveArgs {
             k: self.k,
             mode: self
                 .mode
-                .parse::<SearchMode>()
+                .as_deref()
+                .map(str::parse::<SearchMode>)
+                .transpose()
                 .map_err(anyhow::Error::msg)?,
             rerank: match (self.rerank, self.no_rerank) {
                 (true, _) => Some(true),
@@ -197,16 +199,27 @@ pub(crate) enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Evaluate retrieval on judged queries (BEIR queries.jsonl + qrels tsv).
+    /// Evaluate retrieval on judged queries (BEIR queries.jsonl + qrels tsv): on the running
+    /// cluster, or with --suite on several corpora, each indexed by an embedded cluster with
+    /// cluster.toml's settings, in one table.
     Eval {
         #[command(flatten)]
         cluster: ClusterArgs,
         /// queries.jsonl.
-        #[arg(long)]
-        queries: PathBuf,
+        #[arg(long, required_unless_present = "suite")]
+        queries: Option<PathBuf>,
         /// qrels tsv (query-id, corpus-id, score); not needed with --answers.
-        #[arg(long, required_unless_present = "answers")]
+        #[arg(long, required_unless_present_any = ["answers", "suite"])]
         qrels: Option<PathBuf>,
+        /// A suite file listing corpora (`[[corpus]]` name, corpus, queries, qrels, limit):
+        /// each is ingested once into its own embedded one-node cluster under --work-dir (kept
+        /// and reused while the corpus, the index settings and the index format are unchanged)
+        /// and measured in every mode; one table for all.
+        #[arg(long, conflicts_with_all = ["queries", "qrels", "answers"])]
+        suite: Option<PathBuf>,
+        /// With --suite: where the corpora's indexes live (default: `<data_dir>/eval`).
+        #[arg(long, requires = "suite")]
+        work_dir: Option<PathBuf>,
         /// Evaluate answers instead of retrieval: repetition, end reasons, grounding, length
         /// and latency per answer mode (generate, extractive, auto) over the queries.
         #[arg(long)]
@@ -221,14 +234,15 @@ pub(crate) enum Cmd {
             default_value = "generate,extractive,auto"
         )]
         answer_modes: Vec<String>,
-        /// dense, bm25 or hybrid.
-        #[arg(long, default_value = "dense")]
-        mode: String,
+        /// dense, bm25 or hybrid (default: the cluster's `query.mode`, and its reranking).
+        #[arg(long)]
+        mode: Option<String>,
         /// Rerank.
         #[arg(long)]
         rerank: bool,
-        /// Several modes in one run and one table (`dense,bm25,hybrid,dense+rerank,...`),
-        /// each with the paired bootstrap 95% interval of its nDCG@10 difference to dense.
+        /// Several modes in one run and one table (`dense,bm25,hybrid,dense+rerank,...`;
+        /// `default`: what a query that says nothing gets), each with the paired bootstrap 95%
+        /// interval of its nDCG@10 difference to dense.
         #[arg(long, value_delimiter = ',', conflicts_with_all = ["mode", "rerank"])]
         modes: Vec<String>,
         /// Only the first N judged queries.

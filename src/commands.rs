@@ -125,7 +125,12 @@ pub(crate) async fn run(cli: Cli) -> Result<()> {
             }
             let corpus = corpus::Corpus::read_with(&paths, follow_links)?;
             let client = connect(cluster.load()?).await?;
-            demo::ingest_corpus(&client, corpus, batch.max(1), json).await
+            let report = if json {
+                demo::IngestReport::Json
+            } else {
+                demo::IngestReport::Text
+            };
+            demo::ingest_corpus(&client, corpus, batch.max(1), report).await
         }
         Cmd::Delete { cluster, json, ids } => {
             init_logs("warn,ractor_cluster=error");
@@ -183,6 +188,8 @@ pub(crate) async fn run(cli: Cli) -> Result<()> {
             cluster,
             queries,
             qrels,
+            suite,
+            work_dir,
             mode,
             rerank,
             modes,
@@ -193,13 +200,43 @@ pub(crate) async fn run(cli: Cli) -> Result<()> {
             answer_modes,
         } => {
             init_logs("warn,ractor_cluster=error");
-            let mode = mode.parse::<SearchMode>().map_err(anyhow::Error::msg)?;
+            let mode = mode
+                .as_deref()
+                .map(str::parse::<SearchMode>)
+                .transpose()
+                .map_err(anyhow::Error::msg)?;
             let answer_modes = answer_modes
                 .iter()
                 .map(|m| m.parse::<ragfleet_proto::AnswerMode>())
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(anyhow::Error::msg)?;
-            let client = connect(cluster.load()?).await?;
+            let modes = if modes.is_empty() {
+                vec![match mode {
+                    None if !rerank => eval::EvalMode {
+                        mode: None,
+                        rerank: None,
+                    },
+                    m => eval::EvalMode {
+                        mode: Some(m.unwrap_or_default()),
+                        rerank: Some(rerank),
+                    },
+                }]
+            } else {
+                modes
+                    .iter()
+                    .map(|m| m.parse::<eval::EvalMode>())
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(anyhow::Error::msg)?
+            };
+            let cfg = cluster.load()?;
+            if let Some(suite) = suite {
+                let work = work_dir.unwrap_or_else(|| cfg.data_dir.join("eval"));
+                let models = cfg.models_dir.clone();
+                return crate::eval_suite::run(&suite, cfg, &work, &models, &modes, limit, json)
+                    .await;
+            }
+            let queries = queries.context("--queries is required")?;
+            let client = connect(cfg).await?;
             if answers {
                 let run = crate::eval_answers::Run {
                     mode,
@@ -210,15 +247,6 @@ pub(crate) async fn run(cli: Cli) -> Result<()> {
                 };
                 return crate::eval_answers::run(&client, &queries, run).await;
             }
-            let modes = if modes.is_empty() {
-                vec![eval::EvalMode { mode, rerank }]
-            } else {
-                modes
-                    .iter()
-                    .map(|m| m.parse::<eval::EvalMode>())
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(anyhow::Error::msg)?
-            };
             let qrels = qrels.context("--qrels is required")?;
             eval::run(&client, &queries, &qrels, &modes, limit, json).await
         }

@@ -24,16 +24,27 @@ const SAMPLE_QUESTIONS: &[&str] = &[
 /// Ingest requests a client keeps in flight at once.
 const INGEST_IN_FLIGHT: usize = 4;
 
+/// How [`ingest_corpus`] reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IngestReport {
+    /// A progress bar, then the totals as text.
+    Text,
+    /// The totals as one JSON object.
+    Json,
+    /// Nothing (errors still return).
+    Silent,
+}
+
 /// Ingests a corpus in batches (several in flight) with a progress bar; prints the totals.
 pub async fn ingest_corpus(
     client: &Client,
     corpus: Corpus,
     batch: usize,
-    json: bool,
+    report: IngestReport,
 ) -> Result<()> {
     let t0 = Instant::now();
     let total = corpus.docs.len() as u64;
-    let bar = if json {
+    let bar = if report != IngestReport::Text {
         indicatif::ProgressBar::hidden()
     } else {
         indicatif::ProgressBar::new(total)
@@ -99,7 +110,7 @@ pub async fn ingest_corpus(
             .map(|s| serde_json::json!({"path": s.path, "line": s.line, "reason": s.reason}))
             .collect()
     };
-    if json {
+    if report == IngestReport::Json {
         println!(
             "{}",
             serde_json::json!({"documents": docs, "chunks": chunks, "seconds": secs,
@@ -109,7 +120,7 @@ pub async fn ingest_corpus(
                 "replaced": listed(&corpus.replaced),
                 "failed": failed})
         );
-    } else {
+    } else if report == IngestReport::Text {
         let (e, w) = shares(embed_ms, write_ms);
         println!(
             "ingested {docs} documents ({chunks} chunks) in {secs:.1} s ({:.1} docs/s, {:.1} chunks/s); requests spent {e:.0}% embedding, {w:.0}% writing",
@@ -246,6 +257,25 @@ pub async fn ask_and_print(
     Ok(())
 }
 
+/// Waits (polling, up to `limit`) until every shard replica serves its recovered data;
+/// whether they all do.
+pub async fn wait_all_serving(client: &Client, limit: Duration) -> Result<bool> {
+    let start = Instant::now();
+    loop {
+        let s = client.status().await?;
+        if s.shards
+            .iter()
+            .all(|sh| sh.replicas.iter().all(|r| r.state == "serving"))
+        {
+            return Ok(true);
+        }
+        if start.elapsed() >= limit {
+            return Ok(false);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
@@ -307,7 +337,7 @@ context_tokens = 768
 }
 
 /// Bumped when the shards' on-disk format changes (2: write versions; 3: sentence vectors).
-const INDEX_FORMAT: u32 = 3;
+pub const INDEX_FORMAT: u32 = 3;
 
 /// `ragfleet demo`.
 pub async fn run(
@@ -365,25 +395,15 @@ pub async fn run(
     }
 
     if built.as_deref() == Some(stamp.as_str()) {
-        // wait until every shard serves its recovered data
-        let start = Instant::now();
-        while start.elapsed() < Duration::from_secs(30) {
-            let s = client.status().await?;
-            if s.shards
-                .iter()
-                .all(|sh| sh.replicas.iter().all(|r| r.state == "serving"))
-            {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        // past the wait, queries report the coverage they get
+        wait_all_serving(&client, Duration::from_secs(30)).await?;
         println!("index already built in {} ({stamp})", data_dir.display());
     } else {
         println!(
             "ingesting the bundled corpus ({} sections of The Rust Programming Language) ...",
             corpus.docs.len()
         );
-        ingest_corpus(&client, corpus, 32, false).await?;
+        ingest_corpus(&client, corpus, 32, IngestReport::Text).await?;
         std::fs::write(&marker, &stamp)?;
     }
     let questions: Vec<String> = if question.trim().is_empty() {

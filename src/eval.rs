@@ -115,32 +115,58 @@ fn pct(v: &mut [f64], p: f64) -> f64 {
     crate::eval_answers::percentile(v, p / 100.0)
 }
 
-/// One retrieval configuration to evaluate: a mode, with or without reranking.
+/// One retrieval configuration to evaluate: a mode, with or without reranking; `None` is the
+/// cluster's default (`query.mode`, and reranking whenever a reranker node exists).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct EvalMode {
-    pub mode: SearchMode,
-    pub rerank: bool,
+    pub mode: Option<SearchMode>,
+    pub rerank: Option<bool>,
+}
+
+impl EvalMode {
+    /// Plain dense retrieval, the baseline every other mode is compared with.
+    pub const DENSE: EvalMode = EvalMode {
+        mode: Some(SearchMode::Dense),
+        rerank: Some(false),
+    };
 }
 
 impl std::str::FromStr for EvalMode {
     type Err = String;
-    /// `dense`, `bm25`, `hybrid`, each optionally `+rerank`.
+    /// `dense`, `bm25`, `hybrid`, each optionally `+rerank`; `default`: what a query that says
+    /// nothing gets.
     fn from_str(s: &str) -> Result<Self, String> {
+        if s == "default" {
+            return Ok(EvalMode {
+                mode: None,
+                rerank: None,
+            });
+        }
         let (m, rerank) = match s.strip_suffix("+rerank") {
             Some(m) => (m, true),
             None => (s, false),
         };
         Ok(EvalMode {
-            mode: m.parse()?,
-            rerank,
+            mode: Some(m.parse()?),
+            rerank: Some(rerank),
         })
     }
 }
 
 impl std::fmt::Display for EvalMode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let m = format!("{:?}", self.mode).to_lowercase();
-        write!(f, "{m}{}", if self.rerank { "+rerank" } else { "" })
+        match (self.mode, self.rerank) {
+            (None, None) => write!(f, "default"),
+            (m, r) => {
+                let m = m.map_or("default".to_string(), |m| format!("{m:?}").to_lowercase());
+                let r = match r {
+                    Some(true) => "+rerank",
+                    Some(false) => "",
+                    None => "+default-rerank",
+                };
+                write!(f, "{m}{r}")
+            }
+        }
     }
 }
 
@@ -180,17 +206,16 @@ fn mean(v: &[f64]) -> f64 {
     }
 }
 
-/// Runs the evaluation: every judged query through every mode, one table, and for each mode
-/// the paired bootstrap interval of its nDCG@10 difference to the first mode (dense, when
-/// asked).
-pub async fn run(
+/// Measures one corpus: every judged query through every mode, and for each mode the paired
+/// bootstrap interval of its nDCG@10 difference to dense (the first mode when dense is not
+/// asked). Returns `{"queries": N, "modes": [...]}`.
+pub async fn measure(
     client: &Client,
     queries: &Path,
     qrels: &Path,
     modes: &[EvalMode],
     limit: Option<usize>,
-    json: bool,
-) -> Result<()> {
+) -> Result<serde_json::Value> {
     let qs = read_queries(queries)?;
     let qr = read_qrels(qrels)?;
     let mut ids: Vec<&String> = qr.keys().filter(|q| qs.contains_key(*q)).collect();
@@ -213,7 +238,7 @@ pub async fn run(
         let opts = RetrieveOptions {
             k: Some(100),
             mode: m.mode,
-            rerank: Some(m.rerank),
+            rerank: m.rerank,
             deadline_ms: None,
             // every query computed afresh: the figures are of the path, not of the cache
             cache: Some(false),
@@ -250,12 +275,7 @@ pub async fn run(
     }
     let base = modes
         .iter()
-        .position(|m| {
-            *m == EvalMode {
-                mode: SearchMode::Dense,
-                rerank: false,
-            }
-        })
+        .position(|m| *m == EvalMode::DENSE)
         .unwrap_or(0);
     let mut rows = Vec::new();
     for (i, (m, run)) in modes.iter().zip(runs.iter_mut()).enumerate() {
@@ -289,15 +309,36 @@ pub async fn run(
             "baseline": modes[base].to_string(), "mean": mean(&diffs), "ci95": [lo, hi], "p_gain": p,
         });
     }
-    let out = serde_json::json!({"queries": ids.len(), "modes": rows});
+    Ok(
+        serde_json::json!({"queries": ids.len(), "baseline": modes[base].to_string(), "modes": rows}),
+    )
+}
+
+/// Runs the evaluation of one cluster's corpus and prints its table (or its JSON object).
+pub async fn run(
+    client: &Client,
+    queries: &Path,
+    qrels: &Path,
+    modes: &[EvalMode],
+    limit: Option<usize>,
+    json: bool,
+) -> Result<()> {
+    let out = measure(client, queries, qrels, modes, limit).await?;
     if json {
         println!("{out}");
-        return Ok(());
+    } else {
+        print_table(None, &out);
     }
+    Ok(())
+}
+
+/// Prints one corpus's figures as a table (`corpus`: its name, when several are printed).
+pub fn print_table(corpus: Option<&str>, out: &serde_json::Value) {
     println!(
-        "{} judged queries; nDCG@10 differences to {} with a paired bootstrap 95% interval (2,000 resamples)",
-        ids.len(),
-        modes[base]
+        "{}{} judged queries; nDCG@10 differences to {} with a paired bootstrap 95% interval (2,000 resamples)",
+        corpus.map(|c| format!("{c}: ")).unwrap_or_default(),
+        out["queries"],
+        out["baseline"].as_str().unwrap_or("")
     );
     println!(
         "{:<15} {:>8} {:>28} {:>10} {:>7} {:>8} {:>19} {:>19}",
@@ -310,7 +351,7 @@ pub async fn run(
         "total p50/p99 ms",
         "rerank p50/p99 ms"
     );
-    for r in &rows {
+    for r in out["modes"].as_array().into_iter().flatten() {
         let d = &r["ndcg@10_vs_baseline"];
         let vs = if d.is_null() {
             "baseline".to_string()
@@ -337,7 +378,6 @@ pub async fn run(
             format!("{:.1} / {:.1}", f("rerank", "p50"), f("rerank", "p99")),
         );
     }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -360,8 +400,12 @@ mod tests {
     #[test]
     fn modes_parse_and_the_bootstrap_interval_brackets_the_mean_difference() {
         let m: EvalMode = "hybrid+rerank".parse().unwrap();
-        assert_eq!((m.mode, m.rerank), (SearchMode::Hybrid, true));
+        assert_eq!((m.mode, m.rerank), (Some(SearchMode::Hybrid), Some(true)));
         assert_eq!(m.to_string(), "hybrid+rerank");
+        let d: EvalMode = "default".parse().unwrap();
+        assert_eq!((d.mode, d.rerank), (None, None));
+        assert_eq!(d.to_string(), "default");
+        assert_eq!("dense".parse::<EvalMode>().unwrap(), EvalMode::DENSE);
         assert_eq!("bm25".parse::<EvalMode>().unwrap().to_string(), "bm25");
         assert!("sparse".parse::<EvalMode>().is_err());
         // a clear gain: every query +0.05 or +0.15

@@ -49,7 +49,7 @@ pub(crate) fn percentile(v: &mut [f64], p: f64) -> f64 {
 /// What `eval --answers` measures.
 pub struct Run {
     /// Retrieval mode of the answers.
-    pub mode: SearchMode,
+    pub mode: Option<SearchMode>,
     /// Answer length limit.
     pub max_tokens: u32,
     /// Questions (the first N by id; 50 when `None`).

@@ -10,6 +10,7 @@ mod corpus;
 mod demo;
 mod eval;
 mod eval_answers;
+mod eval_suite;
 mod loader;
 mod output;
 

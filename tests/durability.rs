@@ -20,7 +20,7 @@ fn doc(i: usize) -> Document {
 fn bm25(k: u32) -> RetrieveOptions {
     RetrieveOptions {
         k: Some(k),
-        mode: SearchMode::Bm25,
+        mode: Some(SearchMode::Bm25),
         rerank: Some(false),
         deadline_ms: None,
         ..RetrieveOptions::default()

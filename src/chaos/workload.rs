@@ -58,7 +58,7 @@ pub(super) async fn workload(
                 };
                 let opts = RetrieveOptions {
                     k: Some(5),
-                    mode,
+                    mode: Some(mode),
                     rerank: None,
                     deadline_ms: None,
                     ..RetrieveOptions::default()

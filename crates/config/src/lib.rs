@@ -185,6 +185,9 @@ pub struct QueryConfig {
     pub rerank: Option<bool>,
     /// Candidates passed to the reranker.
     pub rerank_depth: u32,
+    /// Ranking when a query does not say: `hybrid` (default: measured at or above the better
+    /// single retriever on every judged corpus at hand, see the README), `dense` or `bm25`.
+    pub mode: ragfleet_proto::SearchMode,
     /// How hybrid search fuses dense and BM25: `convex` (default) or `rrf`.
     pub hybrid_fusion: ragfleet_proto::HybridFusion,
     /// `convex` fusion: the weight of the query similarity (the rest is BM25's).
@@ -233,6 +236,7 @@ impl Default for QueryConfig {
             shard_deadline_ms: 500,
             rerank: None,
             rerank_depth: 30,
+            mode: ragfleet_proto::SearchMode::Hybrid,
             hybrid_fusion: ragfleet_proto::HybridFusion::Convex,
             hybrid_dense_weight: 0.8,
             rerank_fusion: RerankFusion::Weighted,

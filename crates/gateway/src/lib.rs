@@ -407,12 +407,13 @@ async fn retrieve(
     State(st): State<Arc<AppState>>,
     ApiJson(req): ApiJson<RetrieveRequest>,
 ) -> Result<Response, ApiError> {
-    let mode = match &req.mode {
-        Some(m) => m
-            .parse::<SearchMode>()
-            .map_err(|e| ApiError::bad_request(format!("mode: {e}")))?,
-        None => SearchMode::default(),
-    };
+    // unset: the cluster's `query.mode`
+    let mode = req
+        .mode
+        .as_deref()
+        .map(str::parse::<SearchMode>)
+        .transpose()
+        .map_err(|e| ApiError::bad_request(format!("mode: {e}")))?;
     let _guard = InFlight::new(&st, "retrieve");
     let options = RetrieveOptions {
         k: req.k,

@@ -157,12 +157,13 @@ fn ask_of(req: &ChatRequest) -> Result<(String, AskOptions), ApiError> {
         .filter(|t| !t.trim().is_empty())
         .collect();
     let r = &req.ragfleet;
-    let mode = match &r.mode {
-        Some(m) => m
-            .parse::<SearchMode>()
-            .map_err(|e| ApiError::bad_request(format!("ragfleet.mode: {e}")))?,
-        None => SearchMode::default(),
-    };
+    // unset: the cluster's `query.mode`
+    let mode = r
+        .mode
+        .as_deref()
+        .map(str::parse::<SearchMode>)
+        .transpose()
+        .map_err(|e| ApiError::bad_request(format!("ragfleet.mode: {e}")))?;
     let answer_mode = r
         .answer_mode
         .as_deref()
@@ -487,7 +488,7 @@ mod tests {
         assert_eq!(o.sampling.temperature, 0.5);
         assert_eq!(o.sampling.seed, 7);
         assert_eq!(o.sampling.frequency_penalty, Some(0.3));
-        assert_eq!(o.retrieve.mode, SearchMode::Hybrid);
+        assert_eq!(o.retrieve.mode, Some(SearchMode::Hybrid));
         assert_eq!(o.retrieve.k, Some(3));
         assert_eq!(o.retrieve.rerank, Some(false));
         assert_eq!(o.answer_mode, Some(AnswerMode::Extractive));

@@ -103,7 +103,7 @@ fn all_requests() -> Vec<Request> {
             query: "q".into(),
             options: RetrieveOptions {
                 k: Some(3),
-                mode: SearchMode::Bm25,
+                mode: Some(SearchMode::Bm25),
                 rerank: Some(true),
                 deadline_ms: None,
                 cache: Some(false),

@@ -38,13 +38,14 @@ impl std::fmt::Display for ModelIdentity {
 
 /// How a shard ranks chunks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum SearchMode {
     /// Vector search (HNSW + exact growing segment).
     #[default]
     Dense,
     /// BM25 over the chunk text.
     Bm25,
-    /// Reciprocal rank fusion of dense and BM25 (k = 60).
+    /// Dense and BM25 rankings fused (`query.hybrid_fusion`: convex or reciprocal rank).
     Hybrid,
 }
 
@@ -311,8 +312,9 @@ pub struct Timings {
 pub struct RetrieveOptions {
     /// Hits wanted (cluster default when `None`).
     pub k: Option<u32>,
-    /// Ranking mode.
-    pub mode: SearchMode,
+    /// Ranking mode (cluster default `query.mode` when `None`).
+    #[serde(default)]
+    pub mode: Option<SearchMode>,
     /// Rerank on/off (cluster default when `None`).
     pub rerank: Option<bool>,
     /// End-to-end deadline in ms (cluster default when `None`).

@@ -244,7 +244,7 @@ pub async fn retrieve(
     let rerank = opts.rerank.unwrap_or_else(|| cfg.rerank_by_default());
     let mut timings = Timings::default();
 
-    let mut mode = opts.mode;
+    let mut mode = opts.mode.unwrap_or(cfg.query.mode);
     let mut degraded = None;
     let cache_key = if opts.cache == Some(false) {
         None

@@ -52,6 +52,10 @@ pub enum BenchCmd {
     /// single-query latency p50/p99, recall@10 against exact search, the ratio between sizes,
     /// and p99 while a merge runs against p99 without.
     Shard(crate::bench_shard::ShardBench),
+    /// Ingest throughput: a corpus into a fresh embedded cluster (docs/s, chunks/s, where the
+    /// time goes, WAL fsyncs), beside the binary's embedder encoding the same chunks alone and
+    /// sentence-transformers with `--reference`, in the same run.
+    Ingest(crate::bench_ingest::IngestBench),
     /// Open-loop Poisson load on a running cluster's HTTP API (retrieve and chat) at several
     /// offered rates: throughput, errors, refusals, latency and per-stage percentiles; writes
     /// load.json and an SVG plot of latency against offered load.
@@ -103,6 +107,7 @@ pub enum BenchCmd {
 pub async fn run(cmd: BenchCmd) -> Result<()> {
     match cmd {
         BenchCmd::Load(b) => crate::bench_load::run(b).await,
+        BenchCmd::Ingest(b) => crate::bench_ingest::run(b).await,
         BenchCmd::Shard(b) => {
             tokio::task::spawn_blocking(move || crate::bench_shard::run(b)).await?
         }
@@ -172,13 +177,13 @@ fn threads() -> usize {
 }
 
 /// The models' reference script (sentence-transformers / transformers).
-const MODELS_REFERENCE: &str = "crates/models/bench/reference.py";
+pub(crate) const MODELS_REFERENCE: &str = "crates/models/bench/reference.py";
 /// The index's reference script (hnswlib, faiss).
 const ANN_REFERENCE: &str = "crates/index/bench/ann_reference.py";
 
 /// Runs a reference `script` (relative to the project) with `args` and this machine's thread
 /// count; returns its JSON lines.
-fn reference(
+pub(crate) fn reference(
     py: &std::path::Path,
     script: &str,
     args: &[String],

@@ -130,7 +130,8 @@ pub(crate) async fn run(cli: Cli) -> Result<()> {
             } else {
                 demo::IngestReport::Text
             };
-            demo::ingest_corpus(&client, corpus, batch.max(1), report).await
+            demo::ingest_corpus(&client, corpus, batch.max(1), report).await?;
+            Ok(())
         }
         Cmd::Delete { cluster, json, ids } => {
             init_logs("warn,ractor_cluster=error");

@@ -35,13 +35,26 @@ pub enum IngestReport {
     Silent,
 }
 
+/// What an ingest did: acknowledged documents and chunks, wall time, and the requests' summed
+/// stage times (requests overlap: shares, not wall time).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct IngestSummary {
+    pub docs: u64,
+    pub chunks: u64,
+    pub seconds: f64,
+    pub embed_ms: f64,
+    pub write_ms: f64,
+    /// Ingest requests sent.
+    pub requests: u64,
+}
+
 /// Ingests a corpus in batches (several in flight) with a progress bar; prints the totals.
 pub async fn ingest_corpus(
     client: &Client,
     corpus: Corpus,
     batch: usize,
     report: IngestReport,
-) -> Result<()> {
+) -> Result<IngestSummary> {
     let t0 = Instant::now();
     let total = corpus.docs.len() as u64;
     let bar = if report != IngestReport::Text {
@@ -64,9 +77,11 @@ pub async fn ingest_corpus(
     let mut batches = corpus.docs.chunks(batch);
     let mut in_flight = futures::stream::FuturesOrdered::new();
     let mut stopped = false;
+    let mut requests = 0u64;
     loop {
         while !stopped && in_flight.len() < INGEST_IN_FLIGHT {
             let Some(b) = batches.next() else { break };
+            requests += 1;
             in_flight.push_back(async move { (b, client.ingest(b.to_vec()).await) });
         }
         let Some((b, r)) = futures::StreamExt::next(&mut in_flight).await else {
@@ -152,7 +167,14 @@ pub async fn ingest_corpus(
     if docs == 0 && total > 0 {
         bail!("no document was acknowledged");
     }
-    Ok(())
+    Ok(IngestSummary {
+        docs,
+        chunks,
+        seconds: secs,
+        embed_ms,
+        write_ms,
+        requests,
+    })
 }
 
 /// The embedding and writing shares (percent) of the requests' summed stage times.

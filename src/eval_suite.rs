@@ -96,12 +96,17 @@ impl Suite {
 }
 
 /// The embedded one-node cluster that indexes one corpus: `base`'s settings, one node with
-/// the coordinator, embedder, shard and reranker roles (a reranker only where `base` has
-/// one), each shard once, its data in `data_dir`.
-pub fn corpus_cluster(base: &ClusterConfig, data_dir: &Path, port: u16) -> ClusterConfig {
+/// the coordinator, embedder and shard roles, and the reranker's where `reranker` says, each
+/// shard once, its data in `data_dir`.
+pub fn corpus_cluster(
+    base: &ClusterConfig,
+    data_dir: &Path,
+    port: u16,
+    reranker: bool,
+) -> ClusterConfig {
     let mut cfg = base.clone();
     let mut roles = vec![NodeRole::Coordinator, NodeRole::Embedder, NodeRole::Shard];
-    if base.nodes.iter().any(|n| n.has(NodeRole::Reranker)) {
+    if reranker {
         roles.push(NodeRole::Reranker);
     }
     cfg.name = format!("{}-eval", base.name);
@@ -141,7 +146,7 @@ fn stamp(c: &SuiteCorpus, cfg: &ClusterConfig) -> Result<String> {
     ))
 }
 
-fn free_port() -> Result<u16> {
+pub fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
@@ -158,7 +163,9 @@ async fn measure_corpus(
     json: bool,
 ) -> Result<serde_json::Value> {
     let data_dir = work.join(&c.name);
-    let cfg = corpus_cluster(base, &data_dir, free_port()?);
+    // a reranker where the cluster file has one (so are the stored sentence vectors)
+    let reranker = base.nodes.iter().any(|n| n.has(NodeRole::Reranker));
+    let cfg = corpus_cluster(base, &data_dir, free_port()?, reranker);
     let stamp = stamp(c, &cfg)?;
     let marker = data_dir.join("ingested.txt");
     let built = std::fs::read_to_string(&marker).ok();
@@ -177,7 +184,6 @@ async fn measure_corpus(
             .with_context(|| format!("{}: the embedded cluster did not start", c.name))?;
     let result = async {
         let client = Client::connect(cfg.clone(), Duration::from_secs(30)).await?;
-        let t0 = std::time::Instant::now();
         let mut ingest = serde_json::Value::Null;
         // every shard serving (its recovered data, or none) before anything is written or asked
         if !crate::demo::wait_all_serving(&client, Duration::from_secs(120)).await? {
@@ -197,8 +203,7 @@ async fn measure_corpus(
                     data_dir.display()
                 );
             }
-            let docs = corpus.docs.len();
-            crate::demo::ingest_corpus(
+            let done = crate::demo::ingest_corpus(
                 &client,
                 corpus,
                 cfg.embedder.ingest_batch.max(1),
@@ -207,7 +212,8 @@ async fn measure_corpus(
             .await
             .with_context(|| format!("{}: ingest", c.name))?;
             std::fs::write(&marker, &stamp)?;
-            ingest = serde_json::json!({"documents": docs, "seconds": t0.elapsed().as_secs_f64()});
+            ingest = serde_json::json!({"documents": done.docs, "chunks": done.chunks,
+                "seconds": done.seconds, "docs_per_s": done.docs as f64 / done.seconds.max(1e-9)});
         }
         let out =
             crate::eval::measure(&client, &c.queries, &c.qrels, modes, limit.or(c.limit)).await?;
@@ -267,16 +273,38 @@ fn print_summary(corpora: &[serde_json::Value]) {
         .flatten()
         .filter_map(|m| m["mode"].as_str().map(str::to_string))
         .collect();
+    // the default against the better of the single retrievers measured (dense, bm25)
+    let vs_best =
+        names.iter().any(|n| n == "default") && names.iter().any(|n| n == "dense" || n == "bm25");
     println!("\nnDCG@10 by corpus and mode");
     print!("{:<16}", "corpus");
     for n in &names {
         print!(" {n:>14}");
     }
+    if vs_best {
+        print!(" {:>22}", "default - best single");
+    }
     println!();
     for c in corpora {
         print!("{:<16}", c["corpus"].as_str().unwrap_or(""));
-        for m in c["modes"].as_array().into_iter().flatten() {
+        let modes = c["modes"].as_array().cloned().unwrap_or_default();
+        for m in &modes {
             print!(" {:>14.4}", m["ndcg@10"].as_f64().unwrap_or(0.0));
+        }
+        if vs_best {
+            let of = |name: &str| {
+                modes
+                    .iter()
+                    .find(|m| m["mode"] == name)
+                    .and_then(|m| m["ndcg@10"].as_f64())
+            };
+            let best = of("dense")
+                .into_iter()
+                .chain(of("bm25"))
+                .fold(f64::MIN, f64::max);
+            if let Some(d) = of("default") {
+                print!(" {:>+22.4}", d - best);
+            }
         }
         println!();
     }
@@ -362,7 +390,7 @@ hybrid_dense_weight = 0.7
 "#,
         )
         .unwrap();
-        let c = corpus_cluster(&base, Path::new("/tmp/x"), 7555);
+        let c = corpus_cluster(&base, Path::new("/tmp/x"), 7555, true);
         c.validate().unwrap();
         assert_eq!(c.nodes.len(), 1);
         assert!(c.nodes[0].has(NodeRole::Reranker) && c.nodes[0].has(NodeRole::Shard));

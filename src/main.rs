@@ -1,6 +1,7 @@
 //! `ragfleet`: nodes, the local cluster launcher, the embedded demo, the client commands, the
 //! model commands, evaluation and benchmarks.
 mod bench;
+mod bench_ingest;
 mod bench_load;
 mod bench_shard;
 mod chaos;

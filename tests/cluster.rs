@@ -450,7 +450,9 @@ fn default_sentence_reranker_fuses_best_sentence_with_similarity() {
     let q = "how do plants make sugar";
     // the corpus is of one-sentence passages: after a dense first stage the reranker has
     // nothing to add to their similarity and abstains, keeping the dense order
-    let dense = c.json(&["retrieve", "--json", "--k", "5", "--rerank", q]);
+    let dense = c.json(&[
+        "retrieve", "--json", "--k", "5", "--mode", "dense", "--rerank", q,
+    ]);
     let outcome = dense["rerank"].as_str().unwrap();
     assert!(
         outcome.starts_with("abstained: the best sentence of"),

@@ -247,3 +247,16 @@ fn a_written_config_reads_back_equal() {
     let back = ClusterConfig::parse(&toml::to_string(&c).unwrap()).unwrap();
     assert_eq!(back, c);
 }
+
+#[test]
+fn the_query_mode_defaults_to_hybrid_and_a_bad_one_is_named() {
+    use ragfleet_proto::SearchMode;
+    assert_eq!(
+        ClusterConfig::parse(GOOD).unwrap().query.mode,
+        SearchMode::Hybrid
+    );
+    let dense = ClusterConfig::parse(&format!("{GOOD}\n[query]\nmode = \"dense\"\n")).unwrap();
+    assert_eq!(dense.query.mode, SearchMode::Dense);
+    let e = err_of(&format!("{GOOD}\n[query]\nmode = \"sparse\"\n"));
+    assert!(e.contains("mode") && e.contains("sparse"), "{e}");
+}

@@ -66,6 +66,28 @@ pub enum IndexError {
 }
 
 impl IndexError {
+    /// The same error again (for each write of a group that failed together); an I/O error
+    /// keeps its kind and message.
+    pub fn duplicate(&self) -> IndexError {
+        match self {
+            IndexError::Io { path, source } => IndexError::Io {
+                path: path.clone(),
+                source: std::io::Error::new(source.kind(), source.to_string()),
+            },
+            IndexError::Corrupt { path, reason } => IndexError::Corrupt {
+                path: path.clone(),
+                reason: reason.clone(),
+            },
+            IndexError::ModelMismatch { index, request } => IndexError::ModelMismatch {
+                index: index.clone(),
+                request: request.clone(),
+            },
+            other => IndexError::BadInput(other.to_string()),
+        }
+    }
+}
+
+impl IndexError {
     pub(crate) fn io(path: &std::path::Path, source: std::io::Error) -> Self {
         IndexError::Io {
             path: path.to_path_buf(),

@@ -29,6 +29,7 @@ pub struct Wal {
     path: PathBuf,
     file: File,
     len: u64,
+    syncs: u64,
 }
 
 impl Wal {
@@ -83,6 +84,7 @@ impl Wal {
                 path: path.to_path_buf(),
                 file,
                 len: pos as u64,
+                syncs: 0,
             },
             rec,
         ))
@@ -115,6 +117,7 @@ impl Wal {
             .write_all(&buf)
             .and_then(|_| self.file.sync_data());
         FSYNCS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.syncs += 1;
         if let Err(e) = res {
             // leave no half record behind us (appends go to the end, wherever the cursor is)
             let _ = self.file.set_len(self.len);
@@ -137,6 +140,11 @@ impl Wal {
             .map_err(|e| IndexError::io(&self.path, e))?;
         self.len = 0;
         Ok(())
+    }
+
+    /// Appends (each one fsync) made through this handle.
+    pub fn syncs(&self) -> u64 {
+        self.syncs
     }
 
     /// Bytes in the log.

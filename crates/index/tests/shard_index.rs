@@ -772,3 +772,53 @@ fn a_bounded_fetch_covers_the_ids_that_fit_and_says_how_many() {
     let (ops, covered) = ix.fetch_bounded(&ids, usize::MAX);
     assert_eq!((ops.len(), covered), (4, 5));
 }
+
+#[test]
+fn a_group_commit_logs_many_writes_with_one_fsync_and_refuses_a_bad_one_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut ix, _) = ShardIndex::open(dir.path(), settings(100)).unwrap();
+    let mut other = model();
+    other.name = "other-model".into();
+    let mut bad_dim = upsert("bad", "wrong dimension", 9);
+    if let WriteOp::Upsert { chunks, .. } = &mut bad_dim {
+        chunks[0].vector.truncate(3);
+    }
+    let before = ix.log_syncs();
+    // the first write of an empty index pins the model for the rest of the group
+    let results = ix.write_group(vec![
+        (vec![versioned("a", "alpha first", 1, 5)], model()),
+        (vec![upsert("b", "beta", 2)], other.clone()),
+        (vec![bad_dim], model()),
+        // an older version of "a" within the same group is skipped, as it would be alone
+        (vec![versioned("a", "alpha stale", 3, 4)], model()),
+        (
+            vec![upsert("c", "gamma", 4), upsert("d", "delta", 5)],
+            model(),
+        ),
+    ]);
+    assert_eq!(ix.log_syncs() - before, 1, "one fsync for the whole group");
+    assert_eq!(results.len(), 5);
+    assert_eq!(*results[0].as_ref().unwrap(), 1);
+    let e = results[1].as_ref().unwrap_err().to_string();
+    assert!(e.contains("other-model"), "{e}");
+    assert!(results[2].is_err(), "a bad chunk refuses its write");
+    assert_eq!(
+        *results[3].as_ref().unwrap(),
+        1,
+        "nothing new: the seq reached"
+    );
+    assert_eq!(*results[4].as_ref().unwrap(), 3);
+    assert_eq!(ix.doc_count(), 3);
+    assert_eq!(text_of(&ix, "a").as_deref(), Some("alpha first"));
+    assert_eq!(ix.model(), Some(&model()));
+    // a group of only refused or stale writes logs nothing
+    let none = ix.write_group(vec![(vec![versioned("a", "older", 6, 2)], model())]);
+    assert_eq!(*none[0].as_ref().unwrap(), 3);
+    assert_eq!(ix.log_syncs() - before, 1);
+    // what the group acknowledged survives a reopen
+    drop(ix);
+    let (ix, _) = ShardIndex::open(dir.path(), settings(100)).unwrap();
+    assert_eq!(ix.doc_count(), 3);
+    assert_eq!(ix.last_seq(), 3);
+    assert_eq!(text_of(&ix, "c").as_deref(), Some("gamma"));
+}

@@ -1,4 +1,4 @@
-"""Reference implementations for `ragfleet bench {embed,rerank,generate} --reference PYTHON`.
+"""Reference implementations for `ragfleet bench {embed,rerank,generate,ingest} --reference PYTHON`.
 
 Runs the original PyTorch implementations (sentence-transformers / transformers, CPU, f32) on
 the inputs and thread count the Rust side used, and prints one JSON object per line.
@@ -36,6 +36,21 @@ def embed(a):
             texts = [text] * b
             r = rate(lambda: m.encode(texts, batch_size=b, convert_to_numpy=True), b, a.secs)
             emit({"input": name, "batch": b, "rate": r})
+
+
+def encode(a):
+    """Encodes every text of a JSON list once (after a warm-up batch): `bench ingest`'s
+    reference, the same chunks the ingest embedded."""
+    from sentence_transformers import SentenceTransformer
+
+    m = SentenceTransformer(a.model, device="cpu")
+    m.max_seq_length = 256
+    texts = json.load(open(a.texts))
+    m.encode(texts[: a.batch], batch_size=a.batch, convert_to_numpy=True)
+    t = time.perf_counter()
+    m.encode(texts, batch_size=a.batch, convert_to_numpy=True)
+    secs = time.perf_counter() - t
+    emit({"texts": len(texts), "seconds": secs, "rate": len(texts) / secs})
 
 
 def make_cross_encoder(a):
@@ -114,7 +129,7 @@ def generate(a):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("what", choices=["embed", "make-cross-encoder", "rerank", "generate"])
+    p.add_argument("what", choices=["embed", "encode", "make-cross-encoder", "rerank", "generate"])
     p.add_argument("--model")
     p.add_argument("--out")
     p.add_argument("--gguf")
@@ -126,11 +141,12 @@ def main():
     p.add_argument("--short", default="")
     p.add_argument("--long", default="")
     p.add_argument("--prompts", default="")
+    p.add_argument("--texts", default="")
     a = p.parse_args()
     import torch
 
     torch.set_num_threads(a.threads)
-    {"embed": embed, "make-cross-encoder": make_cross_encoder, "rerank": rerank,
+    {"embed": embed, "encode": encode, "make-cross-encoder": make_cross_encoder, "rerank": rerank,
      "generate": generate}[a.what](a)
 
 

@@ -47,11 +47,21 @@ pub struct ShardArgs {
 #[derive(Debug, Default, Clone)]
 pub struct ShardActor;
 
+/// A write waiting for the next group commit: its ops, model, reply port and request span.
+type PendingWrite = (
+    Vec<WriteOp>,
+    ragfleet_proto::ModelIdentity,
+    ractor::RpcReplyPort<ragfleet_client::Envelope<Response>>,
+    Option<tracing::Span>,
+);
+
 #[derive(Debug)]
 struct Shared {
     index: RwLock<ShardIndex>,
     state: Mutex<ReplicaState>,
     counts: Mutex<(u64, u64, u64)>,
+    /// Writes queued for the next group commit (see [`commit_writes`]).
+    pending: Mutex<Vec<PendingWrite>>,
 }
 
 impl Shared {
@@ -128,6 +138,7 @@ impl Actor for ShardActor {
             index: RwLock::new(index),
             state: Mutex::new(ReplicaState::CatchingUp),
             counts: Mutex::new((0, 0, 0)),
+            pending: Mutex::new(Vec::new()),
         });
         shared.refresh_counts(&shared.index.read().expect("index"));
         ractor::pg::join(groups::shard(args.shard), vec![myself.get_cell()]);
@@ -208,10 +219,12 @@ impl Actor for ShardActor {
                 Response::Searched { digest, answer }
             }),
             Request::Write { ops, model } => {
-                tokio::task::spawn_blocking(move || {
-                    let _in = span.as_ref().map(|s| s.enter());
-                    apply_write(&shared, port, |ix| ix.write(ops, &model))
-                });
+                shared
+                    .pending
+                    .lock()
+                    .expect("pending")
+                    .push((ops, model, port, span));
+                tokio::task::spawn_blocking(move || commit_writes(&shared));
             }
             Request::Delete { doc_ids, version } => {
                 tokio::task::spawn_blocking(move || {
@@ -338,6 +351,39 @@ fn search(
     drop(ix);
     crate::metrics::get().shard_search(shard, t.elapsed());
     Ok((digest, answer))
+}
+
+/// Group commit (blocking): whoever holds the index lock first logs every queued write with
+/// one fsync and answers each; a task that finds the queue emptied by an earlier one has
+/// nothing left to do. Concurrent writes (ingest keeps several in flight, from every
+/// coordinator) thus share fsyncs, and nothing is answered before it is durable.
+fn commit_writes(shared: &Shared) {
+    let mut ix = shared.index.write().expect("index");
+    let group = std::mem::take(&mut *shared.pending.lock().expect("pending"));
+    if group.is_empty() {
+        return;
+    }
+    let mut ops = Vec::with_capacity(group.len());
+    let mut answers = Vec::with_capacity(group.len());
+    for (o, model, port, span) in group {
+        ops.push((o, model));
+        answers.push((port, span));
+    }
+    let n = ops.len();
+    let results = ix.write_group(ops);
+    shared.refresh_counts(&ix);
+    drop(ix);
+    if n > 1 {
+        tracing::debug!(writes = n, "group commit");
+    }
+    for ((port, span), r) in answers.into_iter().zip(results) {
+        let _in = span.as_ref().map(|s| s.enter());
+        reply(
+            port,
+            r.map(|seq| Response::Written { seq })
+                .unwrap_or_else(|e| Response::Error(index_error(e))),
+        );
+    }
 }
 
 /// Applies a durable write (blocking) and answers it. Writes that arrive while catching up are

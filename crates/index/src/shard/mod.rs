@@ -235,6 +235,11 @@ impl ShardIndex {
         self.slots.len() as u64
     }
 
+    /// Durable log appends (one fsync each) since this index was opened.
+    pub fn log_syncs(&self) -> u64 {
+        self.wal.syncs()
+    }
+
     /// Last applied sequence number.
     pub fn last_seq(&self) -> u64 {
         self.last_seq

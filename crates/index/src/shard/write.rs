@@ -101,8 +101,118 @@ impl ShardIndex {
     /// The first write pins the model identity. An op older than (or as old as) the version
     /// held of its document is skipped: last writer wins (see [`WriteOp::version`]).
     pub fn write(&mut self, ops: Vec<WriteOp>, model: &ModelIdentity) -> Result<u64, IndexError> {
-        self.check_model(model)?;
-        let mut ops = ops;
+        self.write_group(vec![(ops, model.clone())])
+            .pop()
+            .expect("one result a write")
+    }
+
+    /// Group commit: several writes (each as [`write`](Self::write) would take it) logged with
+    /// one fsync, then applied in order; one result each, the last sequence number of that
+    /// write or why it was refused. A refused write (bad input, another model) refuses alone;
+    /// a log that cannot be written refuses them all and applies none.
+    pub fn write_group(
+        &mut self,
+        group: Vec<(Vec<WriteOp>, ModelIdentity)>,
+    ) -> Vec<Result<u64, IndexError>> {
+        let mut results: Vec<Option<Result<u64, IndexError>>> = Vec::with_capacity(group.len());
+        // (index in `group`, its record)
+        let mut records: Vec<(usize, WalRecord)> = Vec::new();
+        let mut pinned = self.model.clone();
+        let mut next_seq = self.last_seq + 1;
+        // the newest version of each document in this group so far
+        let mut newest: HashMap<String, u64> = HashMap::new();
+        for (i, (mut ops, model)) in group.into_iter().enumerate() {
+            if let Err(e) = self.validate_write(&mut ops, &model, pinned.as_ref()) {
+                results.push(Some(Err(e)));
+                continue;
+            }
+            ops.retain(|op| {
+                let v = op.version();
+                if v == 0 {
+                    return true;
+                }
+                let held = newest
+                    .get(op.doc_id())
+                    .copied()
+                    .or_else(|| self.version_of(op.doc_id()));
+                if held.is_some_and(|h| h >= v) {
+                    return false;
+                }
+                // older than the dropped deletion records and not held: it may have been deleted
+                if held.is_none() && v <= self.purged_below {
+                    return false;
+                }
+                newest.insert(op.doc_id().to_string(), v);
+                true
+            });
+            if ops.is_empty() {
+                // nothing new: answered with the sequence number reached before this write
+                results.push(Some(Ok(next_seq - 1)));
+                continue;
+            }
+            pinned.get_or_insert_with(|| model.clone());
+            let n = ops.len() as u64;
+            records.push((
+                i,
+                WalRecord {
+                    first_seq: next_seq,
+                    model,
+                    ops,
+                },
+            ));
+            next_seq += n;
+            results.push(None);
+        }
+        if records.is_empty() {
+            return results.into_iter().map(|r| r.expect("answered")).collect();
+        }
+        let encoded: Result<Vec<Vec<u8>>, IndexError> = records
+            .iter()
+            .map(|(_, rec)| codec::encode_wal(rec).map_err(|e| IndexError::BadInput(e.to_string())))
+            .collect();
+        if let Err(e) = encoded.and_then(|bytes| self.wal.append(&bytes)) {
+            // nothing of the group is applied; each logged write gets the error
+            for (i, _) in &records {
+                results[*i] = Some(Err(e.duplicate()));
+            }
+            return results.into_iter().map(|r| r.expect("answered")).collect();
+        }
+        if self.model.is_none() {
+            self.model = pinned;
+        }
+        for (i, rec) in records {
+            let n = rec.ops.len() as u64;
+            for (j, op) in rec.ops.into_iter().enumerate() {
+                self.apply_in_memory(rec.first_seq + j as u64, op);
+            }
+            self.last_seq = rec.first_seq + n - 1;
+            results[i] = Some(Ok(self.last_seq));
+        }
+        if self.growing.len() >= self.settings.segment_size {
+            // the writes are durable (logged) and applied whatever happens here: a seal that
+            // fails (disk full) leaves the growing segment and the log as they were, and the
+            // next write tries again
+            if let Err(e) = self.seal() {
+                warn!(dir = %self.dir.display(), error = %e, "seal failed; the growing segment stays in memory and in the log");
+            }
+        }
+        results.into_iter().map(|r| r.expect("answered")).collect()
+    }
+
+    /// One write's checks: the model (against the pinned one, or the group's first), document
+    /// ids, and every chunk.
+    fn validate_write(
+        &self,
+        ops: &mut [WriteOp],
+        model: &ModelIdentity,
+        pinned: Option<&ModelIdentity>,
+    ) -> Result<(), IndexError> {
+        if let Some(m) = pinned.filter(|m| *m != model) {
+            return Err(IndexError::ModelMismatch {
+                index: m.to_string(),
+                request: model.to_string(),
+            });
+        }
         for op in ops.iter_mut() {
             if op.doc_id().is_empty() {
                 return Err(IndexError::BadInput("empty document id".into()));
@@ -113,54 +223,7 @@ impl ShardIndex {
                 }
             }
         }
-        let mut newest: HashMap<String, u64> = HashMap::new();
-        ops.retain(|op| {
-            let v = op.version();
-            if v == 0 {
-                return true;
-            }
-            let held = newest
-                .get(op.doc_id())
-                .copied()
-                .or_else(|| self.version_of(op.doc_id()));
-            if held.is_some_and(|h| h >= v) {
-                return false;
-            }
-            // older than the dropped deletion records and not held: it may have been deleted
-            if held.is_none() && v <= self.purged_below {
-                return false;
-            }
-            newest.insert(op.doc_id().to_string(), v);
-            true
-        });
-        if ops.is_empty() {
-            return Ok(self.last_seq);
-        }
-        let first_seq = self.last_seq + 1;
-        let rec = WalRecord {
-            first_seq,
-            model: model.clone(),
-            ops,
-        };
-        let bytes = codec::encode_wal(&rec).map_err(|e| IndexError::BadInput(e.to_string()))?;
-        self.wal.append(&[bytes])?;
-        if self.model.is_none() {
-            self.model = Some(model.clone());
-        }
-        let n = rec.ops.len() as u64;
-        for (j, op) in rec.ops.into_iter().enumerate() {
-            self.apply_in_memory(first_seq + j as u64, op);
-        }
-        self.last_seq = first_seq + n - 1;
-        if self.growing.len() >= self.settings.segment_size {
-            // the write is durable (logged) and applied whatever happens here: a seal that
-            // fails (disk full) leaves the growing segment and the log as they were, and the
-            // next write tries again
-            if let Err(e) = self.seal() {
-                warn!(dir = %self.dir.display(), error = %e, "seal failed; the growing segment stays in memory and in the log");
-            }
-        }
-        Ok(self.last_seq)
+        Ok(())
     }
 }
 

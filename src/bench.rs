@@ -225,7 +225,15 @@ fn embed(models: &std::path::Path, py: Option<&std::path::Path>) -> Result<()> {
     use ragfleet_models::Embedder;
     let dir = models.join(ragfleet_models::fetch::EMBEDDER_DIR);
     let lanes = ragfleet_models::lanes::cpu_lanes();
-    let flex = Embedder::<Cpu>::load(&dir, &Default::default())?.with_lanes(lanes);
+    // the binary's backend (flex on the CPU, CUDA in a cuda build) with its lanes; the other
+    // columns are the CPU backends
+    let backend = if cfg!(feature = "cuda") {
+        "cuda"
+    } else {
+        "flex"
+    };
+    let flex = Embedder::<crate::loader::Backend>::load(&dir, &Default::default())?
+        .with_lanes(crate::loader::lanes());
     let flex1 = Embedder::<Cpu>::load(&dir, &Default::default())?;
     let nd = Embedder::<CpuNdArray>::load(&dir, &Default::default())?.with_lanes(lanes);
     let long = long_text();
@@ -246,14 +254,15 @@ fn embed(models: &std::path::Path, py: Option<&std::path::Path>) -> Result<()> {
         None => Vec::new(),
     };
     println!(
-        "{} threads; flex runs sub-batches on {lanes} lanes (1 lane: one forward pass at a time); ratios are flex / other",
-        threads()
+        "{} threads; the binary's backend ({backend}) runs sub-batches on {} lanes (1 lane: flex, one forward pass at a time); ratios are {backend} / other",
+        threads(),
+        crate::loader::lanes()
     );
     println!(
         "{:<8} {:>6} {:>12} {:>12} {:>7} {:>14} {:>7} {:>12} {:>7}",
         "input",
         "batch",
-        "flex sent/s",
+        format!("{backend} sent/s"),
         "1 lane",
         "ratio",
         "ndarray sent/s",

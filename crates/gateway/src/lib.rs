@@ -408,12 +408,7 @@ async fn retrieve(
     ApiJson(req): ApiJson<RetrieveRequest>,
 ) -> Result<Response, ApiError> {
     // unset: the cluster's `query.mode`
-    let mode = req
-        .mode
-        .as_deref()
-        .map(str::parse::<SearchMode>)
-        .transpose()
-        .map_err(|e| ApiError::bad_request(format!("mode: {e}")))?;
+    let mode = error::parse_field::<SearchMode>(req.mode.as_deref(), "mode")?;
     let _guard = InFlight::new(&st, "retrieve");
     let options = RetrieveOptions {
         k: req.k,

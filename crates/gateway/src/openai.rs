@@ -17,7 +17,7 @@ use ragfleet_proto::{AnswerMode, AskOptions, AskSummary, RetrieveOptions, Sampli
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::error::ApiError;
+use crate::error::{parse_field, ApiError};
 use crate::{ApiJson, AppState, InFlight};
 
 /// A chat message; `content` is a string or a list of text parts.
@@ -158,18 +158,8 @@ fn ask_of(req: &ChatRequest) -> Result<(String, AskOptions), ApiError> {
         .collect();
     let r = &req.ragfleet;
     // unset: the cluster's `query.mode`
-    let mode = r
-        .mode
-        .as_deref()
-        .map(str::parse::<SearchMode>)
-        .transpose()
-        .map_err(|e| ApiError::bad_request(format!("ragfleet.mode: {e}")))?;
-    let answer_mode = r
-        .answer_mode
-        .as_deref()
-        .map(str::parse::<AnswerMode>)
-        .transpose()
-        .map_err(|e| ApiError::bad_request(format!("ragfleet.answer_mode: {e}")))?;
+    let mode = parse_field::<SearchMode>(r.mode.as_deref(), "ragfleet.mode")?;
+    let answer_mode = parse_field::<AnswerMode>(r.answer_mode.as_deref(), "ragfleet.answer_mode")?;
     if let Some(t) = req.temperature {
         if !(0.0..=2.0).contains(&t) {
             return Err(ApiError::bad_request("temperature must be between 0 and 2"));

@@ -30,10 +30,35 @@ pub(crate) fn term_counts(text: &str) -> Vec<(String, u32)> {
     v
 }
 
+/// A term's postings (slot -> term frequency) with what bounds its contribution to a score:
+/// its highest frequency and the shortest chunk it is in. Removals leave both as they were
+/// (still bounds, only looser) until the term has no chunk left.
+#[derive(Debug, Clone)]
+struct Postings {
+    docs: HashMap<u32, u32>,
+    max_tf: u32,
+    min_len: u32,
+}
+
+impl Default for Postings {
+    fn default() -> Self {
+        Postings {
+            docs: HashMap::new(),
+            max_tf: 0,
+            min_len: u32::MAX,
+        }
+    }
+}
+
+/// One term's BM25 contribution at frequency `tf` in a chunk of `len` terms.
+fn term_score(idf: f32, tf: f32, len: f32, avg: f32) -> f32 {
+    idf * tf * (K1 + 1.0) / (tf + K1 * (1.0 - B + B * len / avg))
+}
+
 /// Inverted index from terms to (slot, term frequency).
 #[derive(Debug, Default, Clone)]
 pub struct Bm25 {
-    postings: HashMap<String, HashMap<u32, u32>>,
+    postings: HashMap<String, Postings>,
     doc_terms: HashMap<u32, Vec<(String, u32)>>,
     doc_len: HashMap<u32, u32>,
     total_len: u64,
@@ -50,7 +75,10 @@ impl Bm25 {
         self.remove(slot);
         let len: u32 = counts.iter().map(|(_, f)| *f).sum();
         for (t, f) in &counts {
-            self.postings.entry(t.clone()).or_default().insert(slot, *f);
+            let p = self.postings.entry(t.clone()).or_default();
+            p.docs.insert(slot, *f);
+            p.max_tf = p.max_tf.max(*f);
+            p.min_len = p.min_len.min(len);
         }
         self.doc_len.insert(slot, len);
         self.total_len += len as u64;
@@ -62,8 +90,8 @@ impl Bm25 {
         if let Some(ts) = self.doc_terms.remove(&slot) {
             for (t, _) in ts {
                 if let Some(p) = self.postings.get_mut(&t) {
-                    p.remove(&slot);
-                    if p.is_empty() {
+                    p.docs.remove(&slot);
+                    if p.docs.is_empty() {
                         self.postings.remove(&t);
                     }
                 }
@@ -83,20 +111,23 @@ impl Bm25 {
     }
 
     /// The distinct terms of `query` the index holds, as (postings, idf), rarest first.
-    fn query_terms(&self, query: &str) -> Vec<(&HashMap<u32, u32>, f32)> {
+    fn query_terms(&self, query: &str) -> Vec<(&Postings, f32)> {
         let n = self.doc_len.len() as f32;
         let mut q = terms(query);
         q.sort();
         q.dedup();
-        let mut qt: Vec<(&HashMap<u32, u32>, f32)> = q
+        let mut qt: Vec<(&Postings, f32)> = q
             .iter()
             .filter_map(|t| self.postings.get(t))
             .map(|p| {
-                let df = p.len() as f32;
+                let df = p.docs.len() as f32;
                 (p, (1.0 + (n - df + 0.5) / (df + 0.5)).ln())
             })
             .collect();
-        qt.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.len().cmp(&b.0.len())));
+        qt.sort_by(|a, b| {
+            b.1.total_cmp(&a.1)
+                .then(a.0.docs.len().cmp(&b.0.docs.len()))
+        });
         qt
     }
 
@@ -104,9 +135,9 @@ impl Bm25 {
     ///
     /// Exact top-k without scoring every matching chunk (MaxScore, term at a time): terms go
     /// rarest first; a chunk first met in term i's postings holds none of the rarer terms, so
-    /// its score is bounded by the sum of the upper bounds (idf x (k1 + 1)) of terms i and
-    /// after; once the k-th best score reaches that bound, the commoner terms' long postings
-    /// are never read.
+    /// its score is bounded by the sum of the upper bounds of terms i and after (each term's
+    /// contribution at its highest frequency in its shortest chunk); once the k-th best score
+    /// passes that bound, the commoner terms' long postings are never read.
     pub fn search(&self, query: &str, k: usize) -> Vec<(u32, f32)> {
         let n = self.doc_len.len() as f32;
         if n == 0.0 || k == 0 {
@@ -114,28 +145,31 @@ impl Bm25 {
         }
         let avg = (self.total_len as f32 / n).max(1e-6);
         let qt = self.query_terms(query);
-        // bound[i]: the most a chunk holding only terms i.. can score
+        // bound[i]: the most a chunk holding only terms i.. can score (a contribution grows
+        // with the frequency and shrinks with the chunk's length), a hair above it so that
+        // rounding in the other order of summation cannot cross it
         let mut bound = vec![0.0f32; qt.len() + 1];
         for i in (0..qt.len()).rev() {
-            bound[i] = bound[i + 1] + qt[i].1 * (K1 + 1.0);
+            let (p, idf) = qt[i];
+            let top = term_score(idf, p.max_tf as f32, p.min_len as f32, avg);
+            bound[i] = bound[i + 1] + top * (1.0 + 1e-5);
         }
         let score = |slot: u32, from: usize| -> f32 {
             let len = self.doc_len.get(&slot).copied().unwrap_or(0) as f32;
-            let norm = K1 * (1.0 - B + B * len / avg);
             qt[from..]
                 .iter()
-                .filter_map(|(p, idf)| p.get(&slot).map(|&tf| (tf as f32, idf)))
-                .map(|(tf, idf)| idf * tf * (K1 + 1.0) / (tf + norm))
+                .filter_map(|(p, idf)| p.docs.get(&slot).map(|&tf| (tf as f32, *idf)))
+                .map(|(tf, idf)| term_score(idf, tf, len, avg))
                 .sum()
         };
         // min-heap of the best k: (score, slot) with the worse (lower score, higher slot) on top
         let mut best: BinaryHeap<Reverse<Ranked>> = BinaryHeap::with_capacity(k + 1);
         let mut seen: HashSet<u32> = HashSet::new();
         for i in 0..qt.len() {
-            if best.len() == k && best.peek().is_some_and(|w| w.0.score >= bound[i]) {
+            if best.len() == k && best.peek().is_some_and(|w| w.0.score > bound[i]) {
                 break;
             }
-            for &slot in qt[i].0.keys() {
+            for &slot in qt[i].0.docs.keys() {
                 if !seen.insert(slot) {
                     continue;
                 }
@@ -164,11 +198,9 @@ impl Bm25 {
         let mut scores: HashMap<u32, f32> = HashMap::new();
         // the same term order as the search, so that the sums round the same way
         for (p, idf) in self.query_terms(query) {
-            for (&slot, &tf) in p {
+            for (&slot, &tf) in &p.docs {
                 let len = self.doc_len.get(&slot).copied().unwrap_or(0) as f32;
-                let tf = tf as f32;
-                *scores.entry(slot).or_default() +=
-                    idf * tf * (K1 + 1.0) / (tf + K1 * (1.0 - B + B * len / avg));
+                *scores.entry(slot).or_default() += term_score(idf, tf as f32, len, avg);
             }
         }
         let mut out: Vec<(u32, f32)> = scores.into_iter().collect();
@@ -217,13 +249,27 @@ mod tests {
             let text: Vec<String> = (0..r.gen_range(3..30)).map(|_| word(&mut r)).collect();
             b.insert(slot, &text.join(" "));
         }
-        for _ in 0..300 {
-            let q: Vec<String> = (0..r.gen_range(1..6)).map(|_| word(&mut r)).collect();
-            let q = q.join(" ");
-            for k in [1, 10, 100] {
-                assert_eq!(b.search(&q, k), b.search_exhaustive(&q, k), "{q} k={k}");
+        let check = |b: &Bm25, r: &mut rand::rngs::StdRng| {
+            for _ in 0..300 {
+                let q: Vec<String> = (0..r.gen_range(1..6)).map(|_| word(r)).collect();
+                let q = q.join(" ");
+                for k in [1, 10, 100] {
+                    assert_eq!(b.search(&q, k), b.search_exhaustive(&q, k), "{q} k={k}");
+                }
+            }
+        };
+        check(&b, &mut r);
+        // removals leave the terms' bounds loose, never wrong; replaced chunks move them
+        for _ in 0..1500 {
+            let slot = r.gen_range(0..3000u32);
+            if r.gen_bool(0.5) {
+                b.remove(slot);
+            } else {
+                let text: Vec<String> = (0..r.gen_range(1..60)).map(|_| word(&mut r)).collect();
+                b.insert(slot, &text.join(" "));
             }
         }
+        check(&b, &mut r);
     }
 
     #[test]

@@ -188,7 +188,8 @@ pub struct QueryConfig {
     /// Ranking when a query does not say: `hybrid` (default: measured at or above the better
     /// single retriever on every judged corpus at hand, see the README), `dense` or `bm25`.
     pub mode: ragfleet_proto::SearchMode,
-    /// How hybrid search fuses dense and BM25: `convex` (default) or `rrf`.
+    /// How hybrid search fuses dense and BM25: `convex` (default), `adaptive` (convex with a
+    /// per-query weight) or `rrf`.
     pub hybrid_fusion: ragfleet_proto::HybridFusion,
     /// `convex` fusion: the weight of the query similarity (the rest is BM25's).
     pub hybrid_dense_weight: f32,

@@ -88,7 +88,46 @@ pub fn merge_shard_answers(
     match fusion {
         HybridFusion::Rrf => rrf(&[dense, bm25], depth),
         HybridFusion::Convex => convex(&dense, &bm25, dense_weight, depth),
+        HybridFusion::Adaptive => {
+            let w = adaptive_weight(&dense, &bm25, dense_weight);
+            convex(&dense, &bm25, w, depth)
+        }
     }
+}
+
+/// Hits of a list that its confidence is read from.
+const CONFIDENCE_DEPTH: usize = 20;
+/// How far one unit of confidence difference moves the dense weight.
+const ADAPT_STEP: f32 = 0.05;
+
+/// How clearly a ranking's first score stands above the rest of its first
+/// [`CONFIDENCE_DEPTH`] (standard deviations above their mean, as query performance
+/// predictors read a score list); 0 for fewer than three hits or a flat list.
+pub fn list_confidence(scores: &[f32]) -> f32 {
+    let v = &scores[..scores.len().min(CONFIDENCE_DEPTH)];
+    if v.len() < 3 {
+        return 0.0;
+    }
+    let n = v.len() as f32;
+    let mean = v.iter().sum::<f32>() / n;
+    let sd = (v.iter().map(|x| (x - mean) * (x - mean)).sum::<f32>() / n).sqrt();
+    if sd <= f32::EPSILON {
+        0.0
+    } else {
+        (v[0] - mean) / sd
+    }
+}
+
+/// The adaptive fusion's dense weight for one query: `w` moved by [`ADAPT_STEP`] per unit of
+/// the dense list's confidence over the BM25 list's, kept within 0.5..1.
+pub fn adaptive_weight(dense: &[Hit], bm25: &[Hit], w: f32) -> f32 {
+    let sims: Vec<f32> = dense
+        .iter()
+        .map(|h| h.similarity.unwrap_or(h.score))
+        .collect();
+    let scores: Vec<f32> = bm25.iter().map(|h| h.score).collect();
+    let shift = ADAPT_STEP * (list_confidence(&sims) - list_confidence(&scores));
+    (w + shift).clamp(0.5, 1.0)
 }
 
 /// Convex fusion of a dense and a BM25 ranking: each candidate scores `w` x its query
@@ -853,5 +892,57 @@ mod tests {
             0.7,
         );
         assert_eq!(ids(&merged), vec!["a", "c", "b"]);
+    }
+
+    #[test]
+    fn adaptive_fusion_leans_on_the_more_confident_ranking() {
+        let h = |id: String, score: f32, sim: f32| Hit {
+            similarity: Some(sim),
+            ..hit(&id, "t", score)
+        };
+        // a peaked list (one clear first) and a flat one (all alike)
+        let peaked = |prefix: &str, top: f32, rest: f32, sim: bool| -> Vec<Hit> {
+            (0..20)
+                .map(|i| {
+                    let s = if i == 0 { top } else { rest - i as f32 * 0.001 };
+                    h(format!("{prefix}{i}"), s, if sim { s } else { 0.3 })
+                })
+                .collect()
+        };
+        let flat = |prefix: &str, v: f32, sim: bool| -> Vec<Hit> {
+            (0..20)
+                .map(|i| {
+                    let s = v - i as f32 * 1e-4;
+                    h(format!("{prefix}{i}"), s, if sim { s } else { 0.3 })
+                })
+                .collect()
+        };
+        assert!(list_confidence(&[1.0, 0.2, 0.2, 0.2]) > 1.5);
+        assert_eq!(list_confidence(&[0.5, 0.5, 0.5]), 0.0);
+        assert_eq!(list_confidence(&[0.9, 0.1]), 0.0, "too few hits to tell");
+        // BM25 flat (weak term matches), dense peaked: towards dense
+        let w = adaptive_weight(&peaked("d", 0.9, 0.4, true), &flat("b", 3.0, false), 0.8);
+        assert!(w > 0.9, "{w}");
+        // dense flat, BM25 peaked: towards BM25, never below half
+        let w = adaptive_weight(&flat("d", 0.5, true), &peaked("b", 20.0, 5.0, false), 0.8);
+        assert!((0.5..0.7).contains(&w), "{w}");
+        // alike confidence: the configured weight
+        let w = adaptive_weight(
+            &peaked("d", 0.9, 0.4, true),
+            &peaked("b", 20.0, 5.0, false),
+            0.8,
+        );
+        assert!((w - 0.8).abs() < 0.05, "{w}");
+        // no BM25 hit at all: as confident as dense allows, and dense order
+        let dense = peaked("d", 0.9, 0.4, true);
+        let w = adaptive_weight(&dense, &[], 0.8);
+        assert!(w > 0.8, "{w}");
+        let merged = merge_shard_answers(
+            vec![ShardHits::Two(dense.clone(), Vec::new())],
+            5,
+            HybridFusion::Adaptive,
+            0.8,
+        );
+        assert_eq!(ids(&merged), ids(&dense[..5]));
     }
 }

@@ -1052,6 +1052,20 @@ pub enum HybridFusion {
     /// 0.044 nDCG@10).
     #[default]
     Convex,
+    /// The convex combination with a dense weight moved per query towards the retriever whose
+    /// ranking is the more confident for this query (its top score's standing above the rest
+    /// of its list): a flat BM25 list (few or weak term matches) leaves the ranking to dense
+    /// similarity, a flat similarity list leans on BM25. Measured no better than `convex` on the
+    /// corpora at hand (see the README), so not the default.
+    Adaptive,
+}
+
+impl HybridFusion {
+    /// Whether the fused score is a normalised score combination (convex or adaptive) rather
+    /// than reciprocal ranks.
+    pub fn is_score_based(self) -> bool {
+        matches!(self, HybridFusion::Convex | HybridFusion::Adaptive)
+    }
 }
 
 /// A shard's answer to a search: one ranking, or the two unfused rankings of a hybrid search

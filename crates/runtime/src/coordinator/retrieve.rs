@@ -385,10 +385,10 @@ pub async fn retrieve(
                 if let Some(why) = abstains {
                     rerank_outcome = Some(why);
                 } else {
-                    // after a convex hybrid, the reranker is weighed against the fused score
+                    // after a score-based hybrid, the reranker is weighed against the fused score
                     // (the similarity alone would drop the BM25 evidence)
-                    let on_score = mode == SearchMode::Hybrid
-                        && cfg.query.hybrid_fusion == ragfleet_proto::HybridFusion::Convex;
+                    let on_score =
+                        mode == SearchMode::Hybrid && cfg.query.hybrid_fusion.is_score_based();
                     fuse_rerank(
                         &mut hits,
                         &scores,

@@ -4,16 +4,15 @@
 //! ceiling the pipeline aims at) and, with `--reference`, sentence-transformers encoding them.
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::Args;
 use ragfleet_config::ClusterConfig;
-use ragfleet_runtime::{Client, NodeOptions};
 
 use crate::corpus::Corpus;
 use crate::demo::{IngestReport, IngestSummary};
-use crate::loader::{Backend, ModelFiles};
+use crate::loader::Backend;
 
 /// `ragfleet bench ingest` options.
 #[derive(Args, Debug, Clone)]
@@ -56,14 +55,9 @@ fn chunk_texts(
 ) -> Vec<String> {
     let mut out = Vec::new();
     for d in &corpus.docs {
-        let body = if d.title.trim().is_empty() {
-            d.text.clone()
-        } else {
-            format!("{}. {}", d.title.trim(), d.text)
-        };
         let chunks = ragfleet_index::chunk::chunk_document(
             &d.id,
-            &body,
+            &d.body(),
             &|t| model.count_tokens(t),
             cfg.index.chunk_tokens,
             cfg.index.chunk_overlap,
@@ -120,7 +114,8 @@ pub async fn run(b: IngestBench) -> Result<()> {
         });
 
     // the baselines first, with the whole machine to themselves
-    let dir = models.join(ragfleet_models::fetch::EMBEDDER_DIR);
+    let embedder_dir = models.join(ragfleet_models::fetch::EMBEDDER_DIR);
+    let dir = embedder_dir.clone();
     let cfg2 = base.clone();
     let (corpus, texts, embed_rate) = tokio::task::spawn_blocking(move || -> Result<_> {
         let model = ragfleet_models::Embedder::<Backend>::load(&dir, &Default::default())?
@@ -135,11 +130,10 @@ pub async fn run(b: IngestBench) -> Result<()> {
         Some(py) => {
             let path = work.path().join("texts.json");
             std::fs::write(&path, serde_json::to_string(&texts)?)?;
-            let dir = models.join(ragfleet_models::fetch::EMBEDDER_DIR);
             let args = [
                 "encode".to_string(),
                 "--model".into(),
-                dir.display().to_string(),
+                embedder_dir.display().to_string(),
                 "--texts".into(),
                 path.display().to_string(),
                 "--batch".into(),
@@ -161,28 +155,16 @@ pub async fn run(b: IngestBench) -> Result<()> {
     let cfg = Arc::new(crate::eval_suite::corpus_cluster(
         &base,
         &data,
-        crate::eval_suite::free_port()?,
+        crate::demo::free_port()?,
         b.sentences,
     ));
-    let loader = Arc::new(ModelFiles::new(models.clone()));
-    let node =
-        ragfleet_runtime::start_node(cfg.clone(), "eval", loader, NodeOptions { embedded: true })
-            .await
-            .context("the embedded cluster did not start")?;
-    let result = async {
-        let client = Client::connect(cfg.clone(), Duration::from_secs(30)).await?;
-        if !crate::demo::wait_all_serving(&client, Duration::from_secs(120)).await? {
-            bail!("the shards did not all serve within 120 s");
-        }
-        let syncs = ragfleet_index::wal_fsyncs();
-        let done = crate::demo::ingest_corpus(&client, corpus, batch, IngestReport::Silent).await?;
-        let syncs = ragfleet_index::wal_fsyncs() - syncs;
-        client.close();
-        anyhow::Ok((done, syncs))
-    }
-    .await;
+    let (node, client) = crate::demo::start_embedded(cfg.clone(), "eval", &models).await?;
+    let syncs = ragfleet_index::wal_fsyncs();
+    let done = crate::demo::ingest_corpus(&client, corpus, batch, IngestReport::Silent).await;
+    let syncs = ragfleet_index::wal_fsyncs() - syncs;
+    client.close();
     node.shutdown().await;
-    let (done, syncs) = result?;
+    let done = done?;
     report(
         &b,
         &source,

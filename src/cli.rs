@@ -69,16 +69,18 @@ pub(crate) struct RetrieveArgs {
     pub(crate) no_hedge: bool,
 }
 
+/// A `--mode` flag: unset means the cluster's `query.mode`.
+pub(crate) fn parse_mode(mode: Option<&str>) -> Result<Option<SearchMode>> {
+    mode.map(str::parse::<SearchMode>)
+        .transpose()
+        .map_err(anyhow::Error::msg)
+}
+
 impl RetrieveArgs {
     pub(crate) fn options(&self) -> Result<RetrieveOptions> {
         Ok(RetrieveOptions {
             k: self.k,
-            mode: self
-                .mode
-                .as_deref()
-                .map(str::parse::<SearchMode>)
-                .transpose()
-                .map_err(anyhow::Error::msg)?,
+            mode: parse_mode(self.mode.as_deref())?,
             rerank: match (self.rerank, self.no_rerank) {
                 (true, _) => Some(true),
                 (_, true) => Some(false),

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use ragfleet_config::ClusterConfig;
 use ragfleet_config::NodeRole;
-use ragfleet_proto::{AskOptions, Sampling, SearchMode};
+use ragfleet_proto::{AskOptions, Sampling};
 use ragfleet_runtime::{Client, NodeOptions};
 
 use crate::cli::{init_logs, joined, models_dir, ChaosCmd, Cli, ClusterArgs, Cmd, ModelsCmd};
@@ -201,11 +201,7 @@ pub(crate) async fn run(cli: Cli) -> Result<()> {
             answer_modes,
         } => {
             init_logs("warn,ractor_cluster=error");
-            let mode = mode
-                .as_deref()
-                .map(str::parse::<SearchMode>)
-                .transpose()
-                .map_err(anyhow::Error::msg)?;
+            let mode = crate::cli::parse_mode(mode.as_deref())?;
             let answer_modes = answer_modes
                 .iter()
                 .map(|m| m.parse::<ragfleet_proto::AnswerMode>())

@@ -279,6 +279,36 @@ pub async fn ask_and_print(
     Ok(())
 }
 
+/// Starts every node of `cfg` in this process (the embedded cluster, `node` first), connects a
+/// client and waits until every shard replica serves (its recovered data, or none), so that
+/// nothing is written or asked before; the node handle to shut down and the client.
+pub async fn start_embedded(
+    cfg: Arc<ClusterConfig>,
+    node: &str,
+    models: &Path,
+) -> Result<(ragfleet_runtime::NodeHandle, Client)> {
+    let loader = Arc::new(ModelFiles::new(models.to_path_buf()));
+    let handle =
+        ragfleet_runtime::start_node(cfg.clone(), node, loader, NodeOptions { embedded: true })
+            .await
+            .context("the embedded cluster did not start")?;
+    let ready = async {
+        let client = Client::connect(cfg, Duration::from_secs(30)).await?;
+        if !wait_all_serving(&client, Duration::from_secs(120)).await? {
+            bail!("the shards did not all serve within 120 s");
+        }
+        anyhow::Ok(client)
+    }
+    .await;
+    match ready {
+        Ok(client) => Ok((handle, client)),
+        Err(e) => {
+            handle.shutdown().await;
+            Err(e)
+        }
+    }
+}
+
 /// Waits (polling, up to `limit`) until every shard replica serves its recovered data;
 /// whether they all do.
 pub async fn wait_all_serving(client: &Client, limit: Duration) -> Result<bool> {
@@ -298,7 +328,7 @@ pub async fn wait_all_serving(client: &Client, limit: Duration) -> Result<bool> 
     }
 }
 
-fn free_port() -> Result<u16> {
+pub(crate) fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())

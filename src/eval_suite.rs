@@ -14,16 +14,13 @@
 //! ```
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use ragfleet_config::{ClusterConfig, NodeConfig, NodeRole};
-use ragfleet_runtime::{Client, NodeOptions};
 use serde::Deserialize;
 
 use crate::corpus::Corpus;
 use crate::eval::EvalMode;
-use crate::loader::ModelFiles;
 
 /// A suite file.
 #[derive(Debug, Deserialize)]
@@ -146,12 +143,6 @@ fn stamp(c: &SuiteCorpus, cfg: &ClusterConfig) -> Result<String> {
     ))
 }
 
-pub fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
 /// Measures one corpus: its index built (or reused), every mode over its judged queries.
 async fn measure_corpus(
     c: &SuiteCorpus,
@@ -165,7 +156,7 @@ async fn measure_corpus(
     let data_dir = work.join(&c.name);
     // a reranker where the cluster file has one (so are the stored sentence vectors)
     let reranker = base.nodes.iter().any(|n| n.has(NodeRole::Reranker));
-    let cfg = corpus_cluster(base, &data_dir, free_port()?, reranker);
+    let cfg = corpus_cluster(base, &data_dir, crate::demo::free_port()?, reranker);
     let stamp = stamp(c, &cfg)?;
     let marker = data_dir.join("ingested.txt");
     let built = std::fs::read_to_string(&marker).ok();
@@ -177,18 +168,11 @@ async fn measure_corpus(
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("cannot create {}", data_dir.display()))?;
     let cfg = Arc::new(cfg);
-    let loader = Arc::new(ModelFiles::new(models.to_path_buf()));
-    let node =
-        ragfleet_runtime::start_node(cfg.clone(), "eval", loader, NodeOptions { embedded: true })
-            .await
-            .with_context(|| format!("{}: the embedded cluster did not start", c.name))?;
+    let (node, client) = crate::demo::start_embedded(cfg.clone(), "eval", models)
+        .await
+        .with_context(|| c.name.clone())?;
     let result = async {
-        let client = Client::connect(cfg.clone(), Duration::from_secs(30)).await?;
         let mut ingest = serde_json::Value::Null;
-        // every shard serving (its recovered data, or none) before anything is written or asked
-        if !crate::demo::wait_all_serving(&client, Duration::from_secs(120)).await? {
-            bail!("{}: the shards did not all serve within 120 s", c.name);
-        }
         if reuse {
             if !json {
                 println!("{}: index reused from {}", c.name, data_dir.display());
@@ -217,10 +201,10 @@ async fn measure_corpus(
         }
         let out =
             crate::eval::measure(&client, &c.queries, &c.qrels, modes, limit.or(c.limit)).await?;
-        client.close();
         anyhow::Ok((out, ingest))
     }
     .await;
+    client.close();
     node.shutdown().await;
     let (mut out, ingest) = result?;
     out["corpus"] = serde_json::json!(c.name);

@@ -66,8 +66,9 @@ pub enum IndexError {
 }
 
 impl IndexError {
-    /// The same error again (for each write of a group that failed together); an I/O error
-    /// keeps its kind and message.
+    /// The same error again, for each write of a group that failed together (`io::Error` is
+    /// not `Clone`): an I/O error keeps its path, kind and message; kinds a log append cannot
+    /// produce come back as bad input with their message.
     pub fn duplicate(&self) -> IndexError {
         match self {
             IndexError::Io { path, source } => IndexError::Io {

@@ -123,9 +123,14 @@ pub fn list_confidence(scores: &[f32]) -> f32 {
 pub fn adaptive_weight(dense: &[Hit], bm25: &[Hit], w: f32) -> f32 {
     let sims: Vec<f32> = dense
         .iter()
+        .take(CONFIDENCE_DEPTH)
         .map(|h| h.similarity.unwrap_or(h.score))
         .collect();
-    let scores: Vec<f32> = bm25.iter().map(|h| h.score).collect();
+    let scores: Vec<f32> = bm25
+        .iter()
+        .take(CONFIDENCE_DEPTH)
+        .map(|h| h.score)
+        .collect();
     let shift = ADAPT_STEP * (list_confidence(&sims) - list_confidence(&scores));
     (w + shift).clamp(0.5, 1.0)
 }
@@ -900,23 +905,23 @@ mod tests {
             similarity: Some(sim),
             ..hit(&id, "t", score)
         };
+        // 20 hits: `first`, then `rest` falling by `step` a rank (sim: scores are similarities)
+        let list = |prefix: &str, first: f32, rest: f32, step: f32, sim: bool| -> Vec<Hit> {
+            (0..20)
+                .map(|i| {
+                    let s = if i == 0 {
+                        first
+                    } else {
+                        rest - i as f32 * step
+                    };
+                    h(format!("{prefix}{i}"), s, if sim { s } else { 0.3 })
+                })
+                .collect()
+        };
         // a peaked list (one clear first) and a flat one (all alike)
-        let peaked = |prefix: &str, top: f32, rest: f32, sim: bool| -> Vec<Hit> {
-            (0..20)
-                .map(|i| {
-                    let s = if i == 0 { top } else { rest - i as f32 * 0.001 };
-                    h(format!("{prefix}{i}"), s, if sim { s } else { 0.3 })
-                })
-                .collect()
-        };
-        let flat = |prefix: &str, v: f32, sim: bool| -> Vec<Hit> {
-            (0..20)
-                .map(|i| {
-                    let s = v - i as f32 * 1e-4;
-                    h(format!("{prefix}{i}"), s, if sim { s } else { 0.3 })
-                })
-                .collect()
-        };
+        let peaked =
+            |prefix: &str, top: f32, rest: f32, sim: bool| list(prefix, top, rest, 0.001, sim);
+        let flat = |prefix: &str, v: f32, sim: bool| list(prefix, v, v, 1e-4, sim);
         assert!(list_confidence(&[1.0, 0.2, 0.2, 0.2]) > 1.5);
         assert_eq!(list_confidence(&[0.5, 0.5, 0.5]), 0.0);
         assert_eq!(list_confidence(&[0.9, 0.1]), 0.0, "too few hits to tell");

@@ -1132,4 +1132,14 @@ impl Document {
             Ok(())
         }
     }
+
+    /// The text that is chunked and embedded: the title (when there is one) as a first
+    /// sentence, then the body.
+    pub fn body(&self) -> String {
+        if self.title.trim().is_empty() {
+            self.text.clone()
+        } else {
+            format!("{}. {}", self.title.trim(), self.text)
+        }
+    }
 }

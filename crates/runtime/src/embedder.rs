@@ -192,11 +192,7 @@ async fn chunk_embed(
                 failed.push((d.id, e));
                 continue;
             }
-            let body = if d.title.trim().is_empty() {
-                d.text.clone()
-            } else {
-                format!("{}. {}", d.title.trim(), d.text)
-            };
+            let body = d.body();
             let chunks =
                 chunk_document(&d.id, &body, &|t| m.count_tokens(t), chunk_tokens, overlap);
             if chunks.is_empty() {

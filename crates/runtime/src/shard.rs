@@ -378,12 +378,14 @@ fn commit_writes(shared: &Shared) {
     }
     for ((port, span), r) in answers.into_iter().zip(results) {
         let _in = span.as_ref().map(|s| s.enter());
-        reply(
-            port,
-            r.map(|seq| Response::Written { seq })
-                .unwrap_or_else(|e| Response::Error(index_error(e))),
-        );
+        reply(port, written(r));
     }
+}
+
+/// The answer to a durable write: the sequence number reached, or why it was refused.
+fn written(r: Result<u64, ragfleet_index::IndexError>) -> Response {
+    r.map(|seq| Response::Written { seq })
+        .unwrap_or_else(|e| Response::Error(index_error(e)))
 }
 
 /// Applies a durable write (blocking) and answers it. Writes that arrive while catching up are
@@ -396,11 +398,7 @@ fn apply_write(
     let mut ix = shared.index.write().expect("index");
     let r = write(&mut ix);
     shared.refresh_counts(&ix);
-    reply(
-        port,
-        r.map(|seq| Response::Written { seq })
-            .unwrap_or_else(|e| Response::Error(index_error(e))),
-    );
+    reply(port, written(r));
 }
 
 fn index_error(e: ragfleet_index::IndexError) -> WireError {

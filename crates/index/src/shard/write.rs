@@ -114,7 +114,8 @@ impl ShardIndex {
         &mut self,
         group: Vec<(Vec<WriteOp>, ModelIdentity)>,
     ) -> Vec<Result<u64, IndexError>> {
-        let mut results: Vec<Option<Result<u64, IndexError>>> = Vec::with_capacity(group.len());
+        // one result a write: refused, answered without logging, or (Ok(0)) to be logged
+        let mut results: Vec<Result<u64, IndexError>> = Vec::with_capacity(group.len());
         // (index in `group`, its record)
         let mut records: Vec<(usize, WalRecord)> = Vec::new();
         let mut pinned = self.model.clone();
@@ -123,7 +124,7 @@ impl ShardIndex {
         let mut newest: HashMap<String, u64> = HashMap::new();
         for (i, (mut ops, model)) in group.into_iter().enumerate() {
             if let Err(e) = self.validate_write(&mut ops, &model, pinned.as_ref()) {
-                results.push(Some(Err(e)));
+                results.push(Err(e));
                 continue;
             }
             ops.retain(|op| {
@@ -147,7 +148,7 @@ impl ShardIndex {
             });
             if ops.is_empty() {
                 // nothing new: answered with the sequence number reached before this write
-                results.push(Some(Ok(next_seq - 1)));
+                results.push(Ok(next_seq - 1));
                 continue;
             }
             pinned.get_or_insert_with(|| model.clone());
@@ -161,10 +162,10 @@ impl ShardIndex {
                 },
             ));
             next_seq += n;
-            results.push(None);
+            results.push(Ok(0));
         }
         if records.is_empty() {
-            return results.into_iter().map(|r| r.expect("answered")).collect();
+            return results;
         }
         let encoded: Result<Vec<Vec<u8>>, IndexError> = records
             .iter()
@@ -173,9 +174,9 @@ impl ShardIndex {
         if let Err(e) = encoded.and_then(|bytes| self.wal.append(&bytes)) {
             // nothing of the group is applied; each logged write gets the error
             for (i, _) in &records {
-                results[*i] = Some(Err(e.duplicate()));
+                results[*i] = Err(e.duplicate());
             }
-            return results.into_iter().map(|r| r.expect("answered")).collect();
+            return results;
         }
         if self.model.is_none() {
             self.model = pinned;
@@ -186,7 +187,7 @@ impl ShardIndex {
                 self.apply_in_memory(rec.first_seq + j as u64, op);
             }
             self.last_seq = rec.first_seq + n - 1;
-            results[i] = Some(Ok(self.last_seq));
+            results[i] = Ok(self.last_seq);
         }
         if self.growing.len() >= self.settings.segment_size {
             // the writes are durable (logged) and applied whatever happens here: a seal that
@@ -196,7 +197,7 @@ impl ShardIndex {
                 warn!(dir = %self.dir.display(), error = %e, "seal failed; the growing segment stays in memory and in the log");
             }
         }
-        results.into_iter().map(|r| r.expect("answered")).collect()
+        results
     }
 
     /// One write's checks: the model (against the pinned one, or the group's first), document

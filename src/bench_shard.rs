@@ -97,11 +97,30 @@ fn upsert(id: String, vector: Vec<f32>, text: String) -> WriteOp {
     }
 }
 
-fn resident_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/statm")
-        .ok()
-        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
-        .map_or(0, |pages| pages * 4096)
+/// The process's resident memory: (its own, anonymous; mapped file pages), in bytes.
+fn resident_bytes() -> (u64, u64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
+    };
+    (field("RssAnon:"), field("RssFile:"))
+}
+
+/// Bytes of the files under `dir`.
+fn disk_bytes(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| e.metadata().ok())
+                .filter(|m| m.is_file())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
 }
 
 struct Row {
@@ -109,7 +128,8 @@ struct Row {
     ef: usize,
     ingest_s: f64,
     segments: usize,
-    mem_per_million: f64,
+    /// GB a million chunks: the process's own memory, mapped file pages resident, files.
+    mem_per_million: (f64, f64, f64),
     dense: (f64, f64),
     recall: f64,
     bm25: (f64, f64),
@@ -189,10 +209,15 @@ pub fn run(b: ShardBench) -> Result<()> {
             std::thread::sleep(Duration::from_millis(20));
         }
         let ingest_s = t.elapsed().as_secs_f64();
-        let rss = resident_bytes().saturating_sub(rss0);
+        let rss = resident_bytes();
         // the bench's own copy of the vectors is not the index's
         let own = (vectors.len() * (b.dim * 4 + 24)) as u64;
-        let mem_per_million = rss.saturating_sub(own) as f64 / n as f64 * 1e6 / 1e9;
+        let per_million = |bytes: u64| bytes as f64 / n as f64 * 1e6 / 1e9;
+        let mem_per_million = (
+            per_million(rss.0.saturating_sub(rss0.0).saturating_sub(own)),
+            per_million(rss.1.saturating_sub(rss0.1)),
+            per_million(disk_bytes(&dir)),
+        );
         let qv: Vec<Vec<f32>> = clustered_with(b.queries, b.dim, 50, 24, 0.1, 7, u64::MAX - 1)
             .into_iter()
             .map(|mut v| {
@@ -250,8 +275,8 @@ pub fn run(b: ShardBench) -> Result<()> {
                 bm25: bm25_p,
             };
             println!(
-                "{n:>9} chunks, ef {ef}: ingest {:.1} s, {} segments, dense p50 {:.2} ms p99 {:.2} ms recall@10 {:.4}, bm25 p50 {:.2} ms p99 {:.2} ms, {:.2} GB resident a million chunks",
-                row.ingest_s, row.segments, row.dense.0, row.dense.1, row.recall, row.bm25.0, row.bm25.1, row.mem_per_million
+                "{n:>9} chunks, ef {ef}: ingest {:.1} s, {} segments, dense p50 {:.2} ms p99 {:.2} ms recall@10 {:.4}, bm25 p50 {:.2} ms p99 {:.2} ms; a million chunks: {:.2} GB own memory, {:.2} GB mapped pages resident, {:.2} GB files",
+                row.ingest_s, row.segments, row.dense.0, row.dense.1, row.recall, row.bm25.0, row.bm25.1, row.mem_per_million.0, row.mem_per_million.1, row.mem_per_million.2
             );
             at_size.push(row);
         }
@@ -266,7 +291,7 @@ pub fn run(b: ShardBench) -> Result<()> {
         let _ = std::fs::remove_dir_all(&dir);
     }
     println!(
-        "\n{:>9} {:>5} {:>9} {:>5} {:>9} {:>9} {:>9} {:>9} {:>9} {:>6}",
+        "\n{:>9} {:>5} {:>9} {:>5} {:>9} {:>9} {:>9} {:>9} {:>9} {:>6} {:>6} {:>6}",
         "chunks",
         "ef",
         "ingest s",
@@ -276,11 +301,13 @@ pub fn run(b: ShardBench) -> Result<()> {
         "recall@10",
         "bm25 p50",
         "bm25 p99",
-        "GB/M"
+        "own/M",
+        "map/M",
+        "disk/M"
     );
     for r in rows.iter().flatten() {
         println!(
-            "{:>9} {:>5} {:>9.1} {:>5} {:>9.3} {:>9.3} {:>9.4} {:>9.3} {:>9.3} {:>6.2}",
+            "{:>9} {:>5} {:>9.1} {:>5} {:>9.3} {:>9.3} {:>9.4} {:>9.3} {:>9.3} {:>6.2} {:>6.2} {:>6.2}",
             r.n,
             r.ef,
             r.ingest_s,
@@ -290,7 +317,9 @@ pub fn run(b: ShardBench) -> Result<()> {
             r.recall,
             r.bm25.0,
             r.bm25.1,
-            r.mem_per_million
+            r.mem_per_million.0,
+            r.mem_per_million.1,
+            r.mem_per_million.2
         );
     }
     // each size at the narrowest beam reaching recall 0.95 (else its widest)

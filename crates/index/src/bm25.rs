@@ -1,6 +1,6 @@
 //! A BM25 inverted index (k1 = 1.2, b = 0.75) over chunk slots.
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::collections::{BinaryHeap, HashMap};
 
 const K1: f32 = 1.2;
 const B: f32 = 0.75;
@@ -30,12 +30,14 @@ pub(crate) fn term_counts(text: &str) -> Vec<(String, u32)> {
     v
 }
 
-/// A term's postings (slot -> term frequency) with what bounds its contribution to a score:
-/// its highest frequency and the shortest chunk it is in. Removals leave both as they were
-/// (still bounds, only looser) until the term has no chunk left.
+/// A term's postings: (slot, term frequency) sorted by slot, a removed slot's frequency set to
+/// 0 (skipped, and dropped once they are the majority), with what bounds its contribution to a
+/// score: its highest frequency and the shortest chunk it is in. Removals leave both as they
+/// were (still bounds, only looser) until the term has no chunk left.
 #[derive(Debug, Clone)]
 struct Postings {
-    docs: HashMap<u32, u32>,
+    list: Vec<(u32, u32)>,
+    live: u32,
     max_tf: u32,
     min_len: u32,
 }
@@ -43,9 +45,37 @@ struct Postings {
 impl Default for Postings {
     fn default() -> Self {
         Postings {
-            docs: HashMap::new(),
+            list: Vec::new(),
+            live: 0,
             max_tf: 0,
             min_len: u32::MAX,
+        }
+    }
+}
+
+impl Postings {
+    fn add(&mut self, slot: u32, tf: u32, len: u32) {
+        match self.list.last() {
+            Some(&(last, _)) if last >= slot => {
+                match self.list.binary_search_by_key(&slot, |p| p.0) {
+                    Ok(i) => self.list[i].1 = tf,
+                    Err(i) => self.list.insert(i, (slot, tf)),
+                }
+            }
+            _ => self.list.push((slot, tf)),
+        }
+        self.live += 1;
+        self.max_tf = self.max_tf.max(tf);
+        self.min_len = self.min_len.min(len);
+    }
+
+    fn drop_slot(&mut self, slot: u32) {
+        if let Ok(i) = self.list.binary_search_by_key(&slot, |p| p.0) {
+            self.list[i].1 = 0;
+            self.live -= 1;
+        }
+        if self.list.len() > 32 && self.list.len() > 2 * self.live as usize {
+            self.list.retain(|p| p.1 > 0);
         }
     }
 }
@@ -55,133 +85,207 @@ fn term_score(idf: f32, tf: f32, len: f32, avg: f32) -> f32 {
     idf * tf * (K1 + 1.0) / (tf + K1 * (1.0 - B + B * len / avg))
 }
 
-/// Inverted index from terms to (slot, term frequency).
+/// Inverted index from terms to (slot, term frequency). Terms are interned and a slot keeps
+/// only its length: a chunk costs its postings (8 bytes a distinct term); removing one takes
+/// its text again (the chunk has it) to find its postings.
 #[derive(Debug, Default, Clone)]
 pub struct Bm25 {
-    postings: HashMap<String, Postings>,
-    doc_terms: HashMap<u32, Vec<(String, u32)>>,
-    doc_len: HashMap<u32, u32>,
+    dict: HashMap<String, u32>,
+    postings: Vec<Postings>,
+    /// Slot -> its length in terms.
+    docs: HashMap<u32, u32>,
     total_len: u64,
 }
 
 impl Bm25 {
-    /// Indexes `text` under `slot` (replacing what the slot had).
+    /// Indexes `text` under a slot that holds nothing (remove what it held first).
     pub fn insert(&mut self, slot: u32, text: &str) {
         self.insert_counts(slot, term_counts(text));
     }
 
-    /// Indexes a chunk given its term counts (from [`term_counts`] or a snapshot).
+    /// Indexes a chunk given its term counts (from [`term_counts`] or a snapshot) under a slot
+    /// that holds nothing; a slot already indexed is left as it is (its old postings could not
+    /// be found without its old text).
     pub fn insert_counts(&mut self, slot: u32, counts: Vec<(String, u32)>) {
-        self.remove(slot);
-        let len: u32 = counts.iter().map(|(_, f)| *f).sum();
-        for (t, f) in &counts {
-            let p = self.postings.entry(t.clone()).or_default();
-            p.docs.insert(slot, *f);
-            p.max_tf = p.max_tf.max(*f);
-            p.min_len = p.min_len.min(len);
+        if self.docs.contains_key(&slot) {
+            debug_assert!(false, "slot {slot} is indexed already");
+            return;
         }
-        self.doc_len.insert(slot, len);
+        let len: u32 = counts.iter().map(|(_, f)| *f).sum();
+        for (t, f) in counts {
+            let next = self.postings.len() as u32;
+            let id = *self.dict.entry(t).or_insert(next);
+            if id == next {
+                self.postings.push(Postings::default());
+            }
+            self.postings[id as usize].add(slot, f, len);
+        }
+        self.docs.insert(slot, len);
         self.total_len += len as u64;
-        self.doc_terms.insert(slot, counts);
     }
 
-    /// Removes a slot.
-    pub fn remove(&mut self, slot: u32) {
-        if let Some(ts) = self.doc_terms.remove(&slot) {
-            for (t, _) in ts {
-                if let Some(p) = self.postings.get_mut(&t) {
-                    p.docs.remove(&slot);
-                    if p.docs.is_empty() {
-                        self.postings.remove(&t);
-                    }
+    /// Removes a slot, given the text it was indexed with.
+    pub fn remove(&mut self, slot: u32, text: &str) {
+        let Some(len) = self.docs.remove(&slot) else {
+            return;
+        };
+        for (t, _) in term_counts(text) {
+            if let Some(&id) = self.dict.get(&t) {
+                let p = &mut self.postings[id as usize];
+                p.drop_slot(slot);
+                if p.live == 0 {
+                    *p = Postings::default();
                 }
             }
-            self.total_len -= self.doc_len.remove(&slot).unwrap_or(0) as u64;
+        }
+        self.total_len -= len as u64;
+    }
+
+    /// Gives back the postings' spare capacity (after a bulk load).
+    pub fn shrink(&mut self) {
+        for p in &mut self.postings {
+            p.list.shrink_to_fit();
         }
     }
 
     /// Slots indexed.
     pub fn len(&self) -> usize {
-        self.doc_len.len()
+        self.docs.len()
     }
 
     /// Whether nothing is indexed.
     pub fn is_empty(&self) -> bool {
-        self.doc_len.is_empty()
+        self.docs.is_empty()
+    }
+
+    /// Bytes the index holds (postings, per-slot term lists, dictionary), roughly.
+    pub fn memory_bytes(&self) -> usize {
+        let postings: usize = self
+            .postings
+            .iter()
+            .map(|p| p.list.capacity() * 8 + 32)
+            .sum();
+        let docs = self.docs.len() * 16;
+        let dict: usize = self.dict.keys().map(|k| k.len() + 40).sum();
+        postings + docs + dict
     }
 
     /// The distinct terms of `query` the index holds, as (postings, idf), rarest first.
     fn query_terms(&self, query: &str) -> Vec<(&Postings, f32)> {
-        let n = self.doc_len.len() as f32;
+        let n = self.docs.len() as f32;
         let mut q = terms(query);
         q.sort();
         q.dedup();
         let mut qt: Vec<(&Postings, f32)> = q
             .iter()
-            .filter_map(|t| self.postings.get(t))
+            .filter_map(|t| self.dict.get(t))
+            .map(|&id| &self.postings[id as usize])
+            .filter(|p| p.live > 0)
             .map(|p| {
-                let df = p.docs.len() as f32;
+                let df = p.live as f32;
                 (p, (1.0 + (n - df + 0.5) / (df + 0.5)).ln())
             })
             .collect();
-        qt.sort_by(|a, b| {
-            b.1.total_cmp(&a.1)
-                .then(a.0.docs.len().cmp(&b.0.docs.len()))
-        });
+        qt.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.live.cmp(&b.0.live)));
         qt
     }
 
     /// The `k` best slots for `query` with their scores, best first (ties: lower slot first).
     ///
-    /// Exact top-k without scoring every matching chunk (MaxScore, term at a time): terms go
-    /// rarest first; a chunk first met in term i's postings holds none of the rarer terms, so
-    /// its score is bounded by the sum of the upper bounds of terms i and after (each term's
-    /// contribution at its highest frequency in its shortest chunk); once the k-th best score
-    /// passes that bound, the commoner terms' long postings are never read.
+    /// Exact top-k without scoring every matching chunk (MaxScore, document at a time): each
+    /// term is bounded by its contribution at its highest frequency in its shortest chunk;
+    /// terms go in order of their bounds, and those whose bounds together cannot lift a chunk
+    /// past the k-th best score so far are *non-essential*: candidates come only from the
+    /// other terms' postings, and the non-essential ones are looked up (by a forward search in
+    /// their sorted postings) only while the chunk can still make the top k. As the k-th score
+    /// rises, more terms become non-essential and the long postings of common words are
+    /// skipped over rather than read.
     pub fn search(&self, query: &str, k: usize) -> Vec<(u32, f32)> {
-        let n = self.doc_len.len() as f32;
+        let n = self.docs.len() as f32;
         if n == 0.0 || k == 0 {
             return Vec::new();
         }
         let avg = (self.total_len as f32 / n).max(1e-6);
         let qt = self.query_terms(query);
-        // bound[i]: the most a chunk holding only terms i.. can score (a contribution grows
-        // with the frequency and shrinks with the chunk's length), a hair above it so that
-        // rounding in the other order of summation cannot cross it
-        let mut bound = vec![0.0f32; qt.len() + 1];
-        for i in (0..qt.len()).rev() {
-            let (p, idf) = qt[i];
-            let top = term_score(idf, p.max_tf as f32, p.min_len as f32, avg);
-            bound[i] = bound[i + 1] + top * (1.0 + 1e-5);
+        if qt.is_empty() {
+            return Vec::new();
         }
-        let score = |slot: u32, from: usize| -> f32 {
-            let len = self.doc_len.get(&slot).copied().unwrap_or(0) as f32;
-            qt[from..]
-                .iter()
-                .filter_map(|(p, idf)| p.docs.get(&slot).map(|&tf| (tf as f32, *idf)))
-                .map(|(tf, idf)| term_score(idf, tf, len, avg))
-                .sum()
-        };
-        // min-heap of the best k: (score, slot) with the worse (lower score, higher slot) on top
+        // cursors ordered by bound, smallest first; each remembers its term's place in `qt`
+        // (scores are summed in that order, as the exhaustive reference does)
+        let mut cur: Vec<Cursor> = qt
+            .iter()
+            .enumerate()
+            .map(|(i, (p, idf))| Cursor {
+                list: &p.list,
+                at: 0,
+                idf: *idf,
+                // a hair above the bound, so that rounding in another order of summation
+                // cannot cross it
+                bound: term_score(*idf, p.max_tf as f32, p.min_len as f32, avg) * (1.0 + 1e-5),
+                term: i,
+            })
+            .collect();
+        cur.sort_by(|a, b| a.bound.total_cmp(&b.bound).then(a.term.cmp(&b.term)));
+        for c in &mut cur {
+            c.skip_dead();
+        }
+        // below[i]: the sum of the bounds of cursors 0..i
+        let mut below = vec![0.0f32; cur.len() + 1];
+        for i in 0..cur.len() {
+            below[i + 1] = below[i] + cur[i].bound;
+        }
         let mut best: BinaryHeap<Reverse<Ranked>> = BinaryHeap::with_capacity(k + 1);
-        let mut seen: HashSet<u32> = HashSet::new();
-        for i in 0..qt.len() {
-            if best.len() == k && best.peek().is_some_and(|w| w.0.score > bound[i]) {
-                break;
-            }
-            for &slot in qt[i].0.docs.keys() {
-                if !seen.insert(slot) {
-                    continue;
+        // cursors 0..essential are non-essential: together they cannot reach the threshold
+        let mut essential = 0;
+        let mut contrib = vec![0.0f32; qt.len()];
+        while let Some(slot) = cur[essential..].iter().filter_map(Cursor::slot).min() {
+            let len = self.docs.get(&slot).copied().unwrap_or(0) as f32;
+            contrib.iter_mut().for_each(|c| *c = 0.0);
+            let mut partial = 0.0f32;
+            for c in &mut cur[essential..] {
+                if c.slot() == Some(slot) {
+                    let s = term_score(c.idf, c.tf() as f32, len, avg);
+                    contrib[c.term] = s;
+                    partial += s;
+                    c.advance();
                 }
-                let r = Ranked {
-                    score: score(slot, i),
-                    slot,
-                };
-                if best.len() < k {
-                    best.push(Reverse(r));
-                } else if best.peek().is_some_and(|w| r > w.0) {
-                    best.pop();
-                    best.push(Reverse(r));
+            }
+            let threshold = (best.len() == k).then(|| best.peek().expect("k > 0").0.score);
+            let mut alive = true;
+            for i in (0..essential).rev() {
+                if threshold.is_some_and(|t| partial + below[i + 1] <= t) {
+                    alive = false;
+                    break;
+                }
+                let c = &mut cur[i];
+                if c.seek(slot) {
+                    let s = term_score(c.idf, c.tf() as f32, len, avg);
+                    contrib[c.term] = s;
+                    partial += s;
+                }
+            }
+            if !alive {
+                continue;
+            }
+            let r = Ranked {
+                score: contrib.iter().sum(),
+                slot,
+            };
+            if best.len() < k {
+                best.push(Reverse(r));
+            } else if best.peek().is_some_and(|w| r > w.0) {
+                best.pop();
+                best.push(Reverse(r));
+            } else {
+                continue;
+            }
+            if best.len() == k {
+                let t = best.peek().expect("k > 0").0.score;
+                while essential < cur.len() && below[essential + 1] <= t {
+                    essential += 1;
+                }
+                if essential == cur.len() {
+                    break;
                 }
             }
         }
@@ -193,20 +297,75 @@ impl Bm25 {
     /// Every matching slot scored (the reference the tests hold [`Bm25::search`] to).
     #[cfg(test)]
     fn search_exhaustive(&self, query: &str, k: usize) -> Vec<(u32, f32)> {
-        let n = self.doc_len.len() as f32;
+        let n = self.docs.len() as f32;
         let avg = (self.total_len as f32 / n).max(1e-6);
-        let mut scores: HashMap<u32, f32> = HashMap::new();
-        // the same term order as the search, so that the sums round the same way
-        for (p, idf) in self.query_terms(query) {
-            for (&slot, &tf) in &p.docs {
-                let len = self.doc_len.get(&slot).copied().unwrap_or(0) as f32;
-                *scores.entry(slot).or_default() += term_score(idf, tf as f32, len, avg);
+        let qt = self.query_terms(query);
+        let mut scores: HashMap<u32, Vec<f32>> = HashMap::new();
+        for (i, (p, idf)) in qt.iter().enumerate() {
+            for &(slot, tf) in p.list.iter().filter(|p| p.1 > 0) {
+                let len = self.docs[&slot] as f32;
+                scores.entry(slot).or_insert_with(|| vec![0.0; qt.len()])[i] =
+                    term_score(*idf, tf as f32, len, avg);
             }
         }
-        let mut out: Vec<(u32, f32)> = scores.into_iter().collect();
+        // summed in the terms' order, as the search sums them
+        let mut out: Vec<(u32, f32)> = scores
+            .into_iter()
+            .map(|(slot, c)| (slot, c.iter().sum()))
+            .collect();
         out.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         out.truncate(k);
         out
+    }
+}
+
+/// A query term's place in its postings during a search.
+struct Cursor<'a> {
+    list: &'a [(u32, u32)],
+    at: usize,
+    idf: f32,
+    bound: f32,
+    /// Its index among the query's terms.
+    term: usize,
+}
+
+impl Cursor<'_> {
+    fn slot(&self) -> Option<u32> {
+        self.list.get(self.at).map(|p| p.0)
+    }
+
+    fn tf(&self) -> u32 {
+        self.list[self.at].1
+    }
+
+    /// Past removed slots.
+    fn skip_dead(&mut self) {
+        while self.list.get(self.at).is_some_and(|p| p.1 == 0) {
+            self.at += 1;
+        }
+    }
+
+    fn advance(&mut self) {
+        self.at += 1;
+        self.skip_dead();
+    }
+
+    /// Moves to the first live posting at or after `slot` (galloping, then binary search);
+    /// whether it is at `slot`.
+    fn seek(&mut self, slot: u32) -> bool {
+        if self.slot().is_none_or(|s| s >= slot) {
+            return self.slot() == Some(slot);
+        }
+        let mut step = 1;
+        let mut lo = self.at;
+        while lo + step < self.list.len() && self.list[lo + step].0 < slot {
+            lo += step;
+            step *= 2;
+        }
+        let hi = (lo + step + 1).min(self.list.len());
+        self.at = lo + self.list[lo..hi].partition_point(|p| p.0 < slot);
+        self.skip_dead();
+        self.slot() == Some(slot)
     }
 }
 
@@ -240,6 +399,7 @@ mod tests {
         use rand::{Rng, SeedableRng};
         let mut r = rand::rngs::StdRng::seed_from_u64(3);
         let mut b = Bm25::default();
+        let mut texts: HashMap<u32, String> = HashMap::new();
         // Zipf-like words: w0 is in most chunks, w300 in few
         let word = |r: &mut rand::rngs::StdRng| {
             let u: f64 = r.gen_range(0.0..1.0);
@@ -248,6 +408,7 @@ mod tests {
         for slot in 0..3000u32 {
             let text: Vec<String> = (0..r.gen_range(3..30)).map(|_| word(&mut r)).collect();
             b.insert(slot, &text.join(" "));
+            texts.insert(slot, text.join(" "));
         }
         let check = |b: &Bm25, r: &mut rand::rngs::StdRng| {
             for _ in 0..300 {
@@ -262,11 +423,13 @@ mod tests {
         // removals leave the terms' bounds loose, never wrong; replaced chunks move them
         for _ in 0..1500 {
             let slot = r.gen_range(0..3000u32);
+            if let Some(old) = texts.remove(&slot) {
+                b.remove(slot, &old);
+            }
             if r.gen_bool(0.5) {
-                b.remove(slot);
-            } else {
                 let text: Vec<String> = (0..r.gen_range(1..60)).map(|_| word(&mut r)).collect();
                 b.insert(slot, &text.join(" "));
+                texts.insert(slot, text.join(" "));
             }
         }
         check(&b, &mut r);
@@ -283,9 +446,10 @@ mod tests {
         assert_eq!(r.len(), 1);
         let r = b.search("dog", 3);
         assert_eq!(r[0].0, 2);
-        b.remove(3);
+        b.remove(3, "Quantum chromodynamics of gluons");
         assert!(b.search("gluons", 3).is_empty());
         assert_eq!(b.len(), 2);
+        b.remove(2, "Dogs chase cats; the dog barks");
         b.insert(2, "replaced text about gluons");
         assert!(b.search("dog", 3).is_empty());
         assert_eq!(b.search("gluons", 3)[0].0, 2);

@@ -20,17 +20,146 @@ pub fn write_checked(path: &Path, body: &[u8]) -> Result<(), IndexError> {
 fn write_then_rename(tmp: &Path, path: &Path, body: &[u8]) -> Result<(), IndexError> {
     {
         let mut f = std::fs::File::create(tmp).map_err(|e| IndexError::io(tmp, e))?;
-        let mut header = Vec::with_capacity(20);
-        header.extend_from_slice(MAGIC);
-        header.extend_from_slice(&(body.len() as u64).to_le_bytes());
-        header.extend_from_slice(&crc32fast::hash(body).to_le_bytes());
-        f.write_all(&header).map_err(|e| IndexError::io(tmp, e))?;
+        f.write_all(&header(body.len() as u64, crc32fast::hash(body)))
+            .map_err(|e| IndexError::io(tmp, e))?;
         f.write_all(body).map_err(|e| IndexError::io(tmp, e))?;
         f.sync_all().map_err(|e| IndexError::io(tmp, e))?;
     }
     std::fs::rename(tmp, path).map_err(|e| IndexError::io(path, e))?;
     if let Some(dir) = path.parent() {
         sync_dir(dir);
+    }
+    Ok(())
+}
+
+/// Writes a file of the same form as [`write_checked`] whose body is streamed by `fill` (so a
+/// large body never needs to be in memory at once): the header is written last, once the
+/// length and checksum are known; atomic like [`write_checked`].
+pub(crate) fn write_checked_streamed(
+    path: &Path,
+    fill: impl FnOnce(&mut CheckedWriter) -> std::io::Result<()>,
+) -> Result<(), IndexError> {
+    use std::io::{Seek, SeekFrom};
+    let tmp = path.with_extension("tmp");
+    let r = (|| {
+        {
+            let f = std::fs::File::create(&tmp).map_err(|e| IndexError::io(&tmp, e))?;
+            let mut w = CheckedWriter {
+                out: std::io::BufWriter::with_capacity(1 << 20, f),
+                crc: crc32fast::Hasher::new(),
+                len: 0,
+            };
+            w.out
+                .write_all(&[0u8; HEADER])
+                .map_err(|e| IndexError::io(&tmp, e))?;
+            fill(&mut w).map_err(|e| IndexError::io(&tmp, e))?;
+            let mut f = w
+                .out
+                .into_inner()
+                .map_err(|e| IndexError::io(&tmp, e.into_error()))?;
+            f.seek(SeekFrom::Start(0))
+                .map_err(|e| IndexError::io(&tmp, e))?;
+            f.write_all(&header(w.len, w.crc.finalize()))
+                .map_err(|e| IndexError::io(&tmp, e))?;
+            f.sync_all().map_err(|e| IndexError::io(&tmp, e))?;
+        }
+        std::fs::rename(&tmp, path).map_err(|e| IndexError::io(path, e))?;
+        if let Some(dir) = path.parent() {
+            sync_dir(dir);
+        }
+        Ok(())
+    })();
+    if r.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    r
+}
+
+/// The body of a file being written by [`write_checked_streamed`]: counts and checksums what
+/// goes through it.
+pub(crate) struct CheckedWriter {
+    out: std::io::BufWriter<std::fs::File>,
+    crc: crc32fast::Hasher,
+    len: u64,
+}
+
+impl CheckedWriter {
+    /// Bytes of the body so far.
+    pub(crate) fn position(&self) -> u64 {
+        self.len
+    }
+}
+
+impl Write for CheckedWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.out.write(buf)?;
+        self.crc.update(&buf[..n]);
+        self.len += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.out.flush()
+    }
+}
+
+/// The header's length: where the body starts in the file.
+pub(crate) const HEADER: usize = 20;
+
+fn header(len: u64, crc: u32) -> [u8; HEADER] {
+    let mut h = [0u8; HEADER];
+    h[..8].copy_from_slice(MAGIC);
+    h[8..16].copy_from_slice(&len.to_le_bytes());
+    h[16..].copy_from_slice(&crc.to_le_bytes());
+    h
+}
+
+/// Maps a file written by [`write_checked`] or [`write_checked_streamed`] into memory
+/// (read-only) after checking its header and checksum: the body is `&map[HEADER..]`. The pages
+/// are the file's, so they count as page cache that the kernel can drop, not as the process's
+/// own memory. `Ok(None)` when the file does not exist.
+pub(crate) fn map_checked(path: &Path) -> Result<Option<memmap2::Mmap>, IndexError> {
+    let f = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(IndexError::io(path, e)),
+    };
+    let size = f.metadata().map_err(|e| IndexError::io(path, e))?.len();
+    if size < HEADER as u64 {
+        return Err(IndexError::Corrupt {
+            path: path.to_path_buf(),
+            reason: "missing header".into(),
+        });
+    }
+    // SAFETY: the index's files are written once under a temporary name and renamed into
+    // place, never modified afterwards, and the folder has one owner at a time (`DirLock`),
+    // so the mapped bytes do not change while the map lives.
+    let map = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| IndexError::io(path, e))?;
+    check_body(path, &map)?;
+    Ok(Some(map))
+}
+
+/// Checks a whole file's header, length and checksum; the body is `&bytes[HEADER..]`.
+fn check_body(path: &Path, bytes: &[u8]) -> Result<(), IndexError> {
+    let corrupt = |reason: &str| IndexError::Corrupt {
+        path: path.to_path_buf(),
+        reason: reason.to_string(),
+    };
+    if bytes.len() < HEADER || &bytes[..8] != MAGIC {
+        return Err(corrupt("missing header"));
+    }
+    let len = u64::from_le_bytes(bytes[8..16].try_into().expect("8 bytes")) as usize;
+    let crc = u32::from_le_bytes(bytes[16..20].try_into().expect("4 bytes"));
+    let body = &bytes[HEADER..];
+    if body.len() != len {
+        return Err(corrupt(&format!(
+            "truncated: {} of {} bytes",
+            body.len(),
+            len
+        )));
+    }
+    if crc32fast::hash(body) != crc {
+        return Err(corrupt("checksum mismatch"));
     }
     Ok(())
 }
@@ -50,27 +179,8 @@ pub fn read_checked(path: &Path) -> Result<Option<Vec<u8>>, IndexError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(IndexError::io(path, e)),
     };
-    let corrupt = |reason: &str| IndexError::Corrupt {
-        path: path.to_path_buf(),
-        reason: reason.to_string(),
-    };
-    if bytes.len() < 20 || &bytes[..8] != MAGIC {
-        return Err(corrupt("missing header"));
-    }
-    let len = u64::from_le_bytes(bytes[8..16].try_into().expect("8 bytes")) as usize;
-    let crc = u32::from_le_bytes(bytes[16..20].try_into().expect("4 bytes"));
-    let body = &bytes[20..];
-    if body.len() != len {
-        return Err(corrupt(&format!(
-            "truncated: {} of {} bytes",
-            body.len(),
-            len
-        )));
-    }
-    if crc32fast::hash(body) != crc {
-        return Err(corrupt("checksum mismatch"));
-    }
-    Ok(Some(body.to_vec()))
+    check_body(path, &bytes)?;
+    Ok(Some(bytes[HEADER..].to_vec()))
 }
 
 #[cfg(test)]

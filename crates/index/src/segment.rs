@@ -5,19 +5,156 @@ use std::sync::{Arc, OnceLock};
 use instant_distance::{Builder, HnswMap, Search};
 use serde::{Deserialize, Serialize};
 
+use crate::datafile::DataFile;
 use crate::vector::{dot, UnitVector};
 
-/// One stored chunk.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// One stored chunk: its ids, sequence number and version in memory, its text, vector and
+/// sentence vectors in memory or in a mapped data file.
+#[derive(Clone)]
 pub(crate) struct Entry {
     pub(crate) seq: u64,
     pub(crate) version: u64,
     pub(crate) doc_id: String,
     pub(crate) chunk_id: String,
-    pub(crate) text: String,
-    pub(crate) vector: Vec<f32>,
+    body: Body,
+}
+
+/// Where a chunk's text, vector and sentence vectors are.
+#[derive(Clone)]
+enum Body {
+    /// In memory: the growing segment, and data files of formats 1 and 2 (boxed, so that a
+    /// mapped chunk does not pay for the room).
+    Owned(Box<Owned>),
+    /// Row `row` of a mapped data file (format 3).
+    Mapped { file: Arc<DataFile>, row: u32 },
+}
+
+#[derive(Clone)]
+struct Owned {
+    text: String,
+    vector: Vec<f32>,
     /// Its sentences' vectors (empty: none stored).
-    pub(crate) sentences: ragfleet_proto::SentenceVectors,
+    sentences: ragfleet_proto::SentenceVectors,
+}
+
+impl std::fmt::Debug for Entry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Entry")
+            .field("seq", &self.seq)
+            .field("version", &self.version)
+            .field("chunk_id", &self.chunk_id)
+            .field("mapped", &self.is_mapped())
+            .finish()
+    }
+}
+
+impl PartialEq for Entry {
+    fn eq(&self, o: &Entry) -> bool {
+        (
+            self.seq,
+            self.version,
+            &self.doc_id,
+            &self.chunk_id,
+            self.text(),
+            self.vector(),
+        ) == (
+            o.seq,
+            o.version,
+            &o.doc_id,
+            &o.chunk_id,
+            o.text(),
+            o.vector(),
+        ) && self.sentences() == o.sentences()
+    }
+}
+
+impl Entry {
+    /// A chunk held in memory.
+    pub(crate) fn owned(
+        seq: u64,
+        version: u64,
+        doc_id: String,
+        chunk_id: String,
+        text: String,
+        vector: Vec<f32>,
+        sentences: ragfleet_proto::SentenceVectors,
+    ) -> Entry {
+        Entry {
+            seq,
+            version,
+            doc_id,
+            chunk_id,
+            body: Body::Owned(Box::new(Owned {
+                text,
+                vector,
+                sentences,
+            })),
+        }
+    }
+
+    /// Row `row` of a mapped data file.
+    pub(crate) fn mapped(
+        seq: u64,
+        version: u64,
+        doc_id: String,
+        chunk_id: String,
+        file: Arc<DataFile>,
+        row: usize,
+    ) -> Entry {
+        Entry {
+            seq,
+            version,
+            doc_id,
+            chunk_id,
+            body: Body::Mapped {
+                file,
+                row: row as u32,
+            },
+        }
+    }
+
+    pub(crate) fn vector(&self) -> &[f32] {
+        match &self.body {
+            Body::Owned(o) => &o.vector,
+            Body::Mapped { file, row } => file.vector(*row as usize),
+        }
+    }
+
+    pub(crate) fn text(&self) -> &str {
+        match &self.body {
+            Body::Owned(o) => &o.text,
+            Body::Mapped { file, row } => file.text(*row as usize),
+        }
+    }
+
+    /// A copy of its sentence vectors.
+    pub(crate) fn sentences(&self) -> ragfleet_proto::SentenceVectors {
+        match &self.body {
+            Body::Owned(o) => o.sentences.clone(),
+            Body::Mapped { file, row } => file.sentences(*row as usize),
+        }
+    }
+
+    /// The best dot product of a unit query with its sentences.
+    pub(crate) fn best_sentence_dot(&self, query: &[f32]) -> Option<f32> {
+        match &self.body {
+            Body::Owned(o) => o.sentences.best_dot(query),
+            Body::Mapped { file, row } => file.best_sentence_dot(*row as usize, query),
+        }
+    }
+
+    /// Whether its body is in a mapped file.
+    pub(crate) fn is_mapped(&self) -> bool {
+        matches!(self.body, Body::Mapped { .. })
+    }
+
+    /// The mapped file and row it is in.
+    pub(crate) fn mapped_at(&self) -> Option<(&Arc<DataFile>, usize)> {
+        match &self.body {
+            Body::Mapped { file, row } => Some((file, *row as usize)),
+            Body::Owned(_) => None,
+        }
+    }
 }
 
 pub(crate) type Graph = HnswMap<UnitVector, u32>;
@@ -96,7 +233,7 @@ impl SegGraph {
         let g = match (bytes.first(), ann) {
             (Some(0), AnnKind::Hnsw) => {
                 let g = crate::hnsw::Hnsw::from_bytes(&bytes[1..])?;
-                let dim = entries.first().map_or(g.dim(), |e| e.vector.len());
+                let dim = entries.first().map_or(g.dim(), |e| e.vector().len());
                 if g.dim() != dim {
                     return Err(format!("graph of {} dimensions, chunks of {dim}", g.dim()));
                 }
@@ -119,14 +256,27 @@ impl SegGraph {
     }
 }
 
-/// The vectors of `entries`, end to end.
-pub(crate) fn flat(entries: &[Arc<Entry>]) -> Vec<f32> {
-    let dim = entries.first().map_or(0, |e| e.vector.len());
+/// The vectors of `entries`, end to end: borrowed from the mapped file when the entries are
+/// all its rows in order (a freshly written segment), else copied.
+pub(crate) fn flat(entries: &[Arc<Entry>]) -> std::borrow::Cow<'_, [f32]> {
+    if let Some((file, 0)) = entries.first().and_then(|e| e.mapped_at()) {
+        let whole = file.all_vectors();
+        let dim = entries[0].vector().len();
+        let in_order = whole.len() == entries.len() * dim
+            && entries.iter().enumerate().all(|(i, e)| {
+                e.mapped_at()
+                    .is_some_and(|(f, r)| Arc::ptr_eq(f, file) && r == i)
+            });
+        if in_order {
+            return std::borrow::Cow::Borrowed(whole);
+        }
+    }
+    let dim = entries.first().map_or(0, |e| e.vector().len());
     let mut out = Vec::with_capacity(entries.len() * dim);
     for e in entries {
-        out.extend_from_slice(&e.vector);
+        out.extend_from_slice(e.vector());
     }
-    out
+    std::borrow::Cow::Owned(out)
 }
 
 /// A searchable, immutable segment: the chunks of one or more data files (its parts, in
@@ -176,7 +326,7 @@ impl Segment {
     pub(crate) fn build_graph(&self, spec: GraphSpec) -> SegGraph {
         match spec.ann {
             AnnKind::Hnsw => {
-                let dim = self.entries.first().map_or(1, |e| e.vector.len());
+                let dim = self.entries.first().map_or(1, |e| e.vector().len());
                 let params = crate::hnsw::HnswParams {
                     m: spec.m,
                     ef_construction: spec.ef_construction,
@@ -193,7 +343,7 @@ impl Segment {
                 let points: Vec<UnitVector> = self
                     .entries
                     .iter()
-                    .map(|e| UnitVector(e.vector.clone()))
+                    .map(|e| UnitVector(e.vector().to_vec()))
                     .collect();
                 let values: Vec<u32> = (0..self.entries.len() as u32).collect();
                 SegGraph::Instant(
@@ -223,7 +373,7 @@ impl Segment {
         match self.graph.get() {
             Some(SegGraph::Own(g)) => {
                 let accept = |i: u32| live(&self.entries[i as usize]);
-                let exact = |i: u32| dot(q, &self.entries[i as usize].vector);
+                let exact = |i: u32| dot(q, self.entries[i as usize].vector());
                 return g
                     .search_with(q, k, ef, &accept, Some(&exact))
                     .into_iter()
@@ -266,7 +416,7 @@ pub(crate) fn exact_search(
     let mut scored: Vec<(f32, &Arc<Entry>)> = entries
         .iter()
         .filter(|e| live(e))
-        .map(|e| (dot(q, &e.vector), e))
+        .map(|e| (dot(q, e.vector()), e))
         .collect();
     if scored.len() > k {
         scored.select_nth_unstable_by(k, |a, b| b.0.total_cmp(&a.0));
@@ -293,7 +443,7 @@ impl SegmentTerms {
         let entries = entries
             .iter()
             .map(|e| {
-                crate::bm25::term_counts(&e.text)
+                crate::bm25::term_counts(e.text())
                     .into_iter()
                     .map(|(t, f)| {
                         let id = *dict.entry(t.clone()).or_insert_with(|| {

@@ -30,27 +30,71 @@ pub(super) fn decode_wal(bytes: &[u8]) -> Result<WalRecord, postcard::Error> {
     })
 }
 
-pub(super) fn encode_entries(entries: &[&Entry]) -> Result<Vec<u8>, postcard::Error> {
-    postcard::to_stdvec(&(FORMAT2, entries))
+/// A segment body of format 2 (data files are written in format 3 now; tests write this one to
+/// check that older folders still open).
+#[cfg(test)]
+pub(crate) fn encode_entries(entries: &[&Entry]) -> Result<Vec<u8>, postcard::Error> {
+    let v2: Vec<EntryV2> = entries
+        .iter()
+        .map(|e| EntryV2 {
+            seq: e.seq,
+            version: e.version,
+            doc_id: e.doc_id.clone(),
+            chunk_id: e.chunk_id.clone(),
+            text: e.text().to_string(),
+            vector: e.vector().to_vec(),
+            sentences: e.sentences(),
+        })
+        .collect();
+    postcard::to_stdvec(&(FORMAT2, v2))
 }
 
-pub(super) fn decode_entries(bytes: &[u8]) -> Result<Vec<Entry>, postcard::Error> {
+/// A segment body of format 1 or 2 (format 3 is read by [`crate::datafile`]).
+pub(crate) fn decode_entries(bytes: &[u8]) -> Result<Vec<Entry>, postcard::Error> {
     if let Ok((FORMAT2, rest)) = postcard::take_from_bytes::<u64>(bytes) {
-        return postcard::from_bytes(rest);
+        let v2: Vec<EntryV2> = postcard::from_bytes(rest)?;
+        return Ok(v2
+            .into_iter()
+            .map(|e| {
+                Entry::owned(
+                    e.seq,
+                    e.version,
+                    e.doc_id,
+                    e.chunk_id,
+                    e.text,
+                    e.vector,
+                    e.sentences,
+                )
+            })
+            .collect());
     }
     let old: Vec<EntryV1> = postcard::from_bytes(bytes)?;
     Ok(old
         .into_iter()
-        .map(|e| Entry {
-            seq: e.seq,
-            version: e.version,
-            doc_id: e.doc_id,
-            chunk_id: e.chunk_id,
-            text: e.text,
-            vector: e.vector,
-            sentences: SentenceVectors::default(),
+        .map(|e| {
+            Entry::owned(
+                e.seq,
+                e.version,
+                e.doc_id,
+                e.chunk_id,
+                e.text,
+                e.vector,
+                SentenceVectors::default(),
+            )
         })
         .collect())
+}
+
+/// A chunk in a format 2 data file.
+#[derive(Serialize, Deserialize)]
+struct EntryV2 {
+    seq: u64,
+    version: u64,
+    doc_id: String,
+    chunk_id: String,
+    text: String,
+    vector: Vec<f32>,
+    sentences: SentenceVectors,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -174,8 +218,8 @@ mod tests {
             vector: vec![0.0, 1.0],
         }];
         let e = decode_entries(&postcard::to_stdvec(&seg).unwrap()).unwrap();
-        assert_eq!((e[0].seq, e[0].text.as_str()), (1, "alpha"));
-        assert!(e[0].sentences.is_empty());
+        assert_eq!((e[0].seq, e[0].text()), (1, "alpha"));
+        assert!(e[0].sentences().is_empty());
     }
 
     #[test]
@@ -203,15 +247,15 @@ mod tests {
         };
         assert_eq!(chunks[0].sentences, s);
         assert!(decode_wal(&bytes[..bytes.len() - 3]).is_err());
-        let e = Entry {
-            seq: 1,
-            version: 1,
-            doc_id: "a".into(),
-            chunk_id: "a#0".into(),
-            text: "t".into(),
-            vector: vec![1.0, 0.0],
-            sentences: s.clone(),
-        };
+        let e = Entry::owned(
+            1,
+            1,
+            "a".into(),
+            "a#0".into(),
+            "t".into(),
+            vec![1.0, 0.0],
+            s.clone(),
+        );
         let bytes = encode_entries(&[&e]).unwrap();
         assert_eq!(decode_entries(&bytes).unwrap(), vec![e]);
         assert!(decode_entries(&bytes[..bytes.len() - 2]).is_err());

@@ -273,6 +273,10 @@ impl ShardIndex {
             }
             return Err(e);
         }
+        if merged.compacted {
+            // the live chunks' slots move to the new file, so the sources' maps are let go
+            self.rebind(&merged.segment.entries);
+        }
         let kept: HashSet<u64> = merged.segment.parts.iter().map(|(p, _)| *p).collect();
         for s in before.iter().filter(|s| sources.contains(&s.id)) {
             let _ = std::fs::remove_file(Self::graph_path(&self.dir, s.id));
@@ -326,16 +330,13 @@ fn run_merge(
         let segment = match compacted {
             Some(entries) => {
                 let (bin, bm25) = (format!("seg-{id}.bin"), format!("seg-{id}.bm25"));
-                let plain: Vec<&Entry> = entries.iter().map(|e| e.as_ref()).collect();
-                let bytes = super::codec::encode_entries(&plain)
-                    .map_err(|e| IndexError::BadInput(e.to_string()))?;
-                write_checked(&tmp(&bin), &bytes)?;
+                let mapped = super::seal::write_mapped(&tmp(&bin), &entries)?;
                 files.push((tmp(&bin), dir.join(&bin)));
                 let terms = postcard::to_stdvec(&SegmentTerms::of(&entries))
                     .map_err(|e| IndexError::BadInput(e.to_string()))?;
                 write_checked(&tmp(&bm25), &terms)?;
                 files.push((tmp(&bm25), dir.join(&bm25)));
-                let seg = Segment::new(id, entries);
+                let seg = Segment::new(id, mapped);
                 if cancel.load(Ordering::Relaxed) {
                     return Err(cancelled());
                 }

@@ -11,6 +11,8 @@ mod search;
 mod sync;
 mod write;
 
+pub(crate) use codec::decode_entries;
+
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

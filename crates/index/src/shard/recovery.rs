@@ -66,7 +66,6 @@ impl ShardIndex {
             // unknown horizon: assume every record past the grace period was dropped
             ix.purged_below = ix.grace_horizon().unwrap_or(0);
         }
-        let mut seg_terms = HashMap::new();
         for meta in &manifest.segments {
             match ix.load_segment(meta) {
                 Ok(seg) => ix.sealed.push(seg),
@@ -77,31 +76,7 @@ impl ShardIndex {
             }
         }
         report.segments = ix.sealed.len();
-        for seg in ix.sealed.clone() {
-            let mut at = 0;
-            for &(part, len) in &seg.parts {
-                let entries = &seg.entries[at..at + len];
-                at += len;
-                match ix.load_terms(part, len) {
-                    Ok(t) => {
-                        report.bm25_snapshots += 1;
-                        seg_terms.insert(part, t);
-                    }
-                    Err(e) => {
-                        // derivable from the data file: rebuild it and write it again
-                        report
-                            .problems
-                            .push(format!("{e}; BM25 rebuilt from the segment's text"));
-                        let t = SegmentTerms::of(entries);
-                        if let Err(e) = ix.write_terms(part, &t) {
-                            warn!(error = %e, "could not rewrite the BM25 snapshot");
-                        }
-                        seg_terms.insert(part, t);
-                    }
-                }
-            }
-        }
-        ix.rebuild_liveness(&seg_terms);
+        ix.rebuild_liveness(&mut report);
         if let Some(err) = &wal_rec.tail_error {
             report.problems.push(format!(
                 "write-ahead log: {err}; {} bytes dropped",
@@ -150,9 +125,10 @@ impl ShardIndex {
             path: path.clone(),
             reason,
         };
-        let bytes = read_checked(&path)?
+        let map = crate::files::map_checked(&path)?
             .ok_or_else(|| corrupt("BM25 snapshot of a listed segment is missing".into()))?;
-        let t: SegmentTerms = postcard::from_bytes(&bytes).map_err(|e| corrupt(e.to_string()))?;
+        let t: SegmentTerms = postcard::from_bytes(&map[crate::files::HEADER..])
+            .map_err(|e| corrupt(e.to_string()))?;
         t.check(len).map_err(corrupt)?;
         Ok(t)
     }
@@ -163,24 +139,45 @@ impl ShardIndex {
         let mut all = Vec::new();
         for &part in &meta.parts {
             let path = self.segment_path(part);
-            let bytes = read_checked(&path)?.ok_or_else(|| IndexError::Corrupt {
+            let entries = crate::datafile::read(&path)?.ok_or_else(|| IndexError::Corrupt {
                 path: path.clone(),
                 reason: "segment file listed in the manifest is missing".into(),
             })?;
-            let entries: Vec<Entry> =
-                codec::decode_entries(&bytes).map_err(|e| IndexError::Corrupt {
-                    path: path.clone(),
-                    reason: e.to_string(),
-                })?;
             parts.push((part, entries.len()));
             all.extend(entries.into_iter().map(Arc::new));
         }
         Ok(Arc::new(Segment::with_parts(meta.id, parts, all)))
     }
 
+    /// The BM25 statistics of a data file of the segment's `entries`: its snapshot, or (when
+    /// that is missing or damaged, reported) counted again from the text and written again.
+    fn terms_of(
+        &self,
+        part: u64,
+        entries: &[Arc<Entry>],
+        report: &mut RecoveryReport,
+    ) -> SegmentTerms {
+        match self.load_terms(part, entries.len()) {
+            Ok(t) => {
+                report.bm25_snapshots += 1;
+                t
+            }
+            Err(e) => {
+                report
+                    .problems
+                    .push(format!("{e}; BM25 rebuilt from the segment's text"));
+                let t = SegmentTerms::of(entries);
+                if let Err(e) = self.write_terms(part, &t) {
+                    warn!(error = %e, "could not rewrite the BM25 snapshot");
+                }
+                t
+            }
+        }
+    }
+
     /// Recomputes document liveness, slots and BM25 from the sealed segments (with their BM25
-    /// snapshots) and tombstones.
-    pub(super) fn rebuild_liveness(&mut self, seg_terms: &HashMap<u64, SegmentTerms>) {
+    /// snapshots, read one data file at a time) and tombstones.
+    pub(super) fn rebuild_liveness(&mut self, report: &mut RecoveryReport) {
         self.changed();
         let mut latest: HashMap<String, u64> = HashMap::new();
         for seg in &self.sealed {
@@ -197,23 +194,20 @@ impl ShardIndex {
         for seg in &sealed {
             let mut at = 0;
             for &(part, len) in &seg.parts {
-                let terms = seg_terms.get(&part);
-                for (i, e) in seg.entries[at..at + len].iter().enumerate() {
+                let entries = &seg.entries[at..at + len];
+                let terms = self.terms_of(part, entries, report);
+                for (i, e) in entries.iter().enumerate() {
                     if latest.get(&e.doc_id) == Some(&e.seq) {
-                        let counts = match terms {
-                            Some(t) => t.counts(i),
-                            None => crate::bm25::term_counts(&e.text),
-                        };
-                        self.add_slot_counts(e.clone(), counts);
+                        self.add_slot_counts(e.clone(), terms.counts(i));
                     }
                 }
                 at += len;
             }
         }
+        self.bm25.shrink();
     }
 }
 
-/// The manifest: the current format, else the first one; an empty one when neither exists.
 fn read_manifest(dir: &Path) -> Result<Manifest, IndexError> {
     let path = dir.join(MANIFEST);
     let corrupt = |path: &Path, e: postcard::Error| IndexError::Corrupt {
@@ -337,5 +331,78 @@ mod tests {
         let (ix, rep) = ShardIndex::open(dir.path(), settings()).unwrap();
         assert!(rep.problems.is_empty(), "{:?}", rep.problems);
         assert_eq!(ix.doc_count(), 30);
+    }
+
+    #[test]
+    fn format_2_data_files_open_in_memory_and_new_segments_are_mapped() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = || IndexSettings {
+            segment_size: 8,
+            merge_ratio: 1000, // no merges: the old files stay as they are
+            background: false,
+            ..IndexSettings::default()
+        };
+        {
+            let (mut ix, _) = ShardIndex::open(dir.path(), settings()).unwrap();
+            ix.write((0..8).map(doc).collect(), &model()).unwrap();
+            ix.write((8..16).map(doc).collect(), &model()).unwrap();
+            assert!(ix
+                .sealed
+                .iter()
+                .all(|s| s.entries.iter().all(|e| e.is_mapped())));
+            assert!(
+                ix.slots.values().all(|e| e.is_mapped()),
+                "seals rebind the slots"
+            );
+        }
+        // rewrite every data file in format 2
+        let mut rewritten = 0;
+        for f in std::fs::read_dir(dir.path()).unwrap().flatten() {
+            let name = f.file_name().to_string_lossy().to_string();
+            if name.starts_with("seg-") && name.ends_with(".bin") {
+                let entries = crate::datafile::read(&f.path()).unwrap().unwrap();
+                let plain: Vec<&Entry> = entries.iter().collect();
+                let body = codec::encode_entries(&plain).unwrap();
+                write_checked(&f.path(), &body).unwrap();
+                rewritten += 1;
+            }
+        }
+        assert_eq!(rewritten, 2);
+        let (mut ix, rep) = ShardIndex::open(dir.path(), settings()).unwrap();
+        assert!(rep.problems.is_empty(), "{:?}", rep.problems);
+        assert_eq!(ix.doc_count(), 16);
+        assert!(ix
+            .sealed
+            .iter()
+            .all(|s| s.entries.iter().all(|e| !e.is_mapped())));
+        let got = ix.fetch(&["d3".to_string()]);
+        let WriteOp::Upsert { chunks, .. } = &got[0] else {
+            panic!("{got:?}")
+        };
+        assert_eq!(chunks[0].text, "text 3");
+        // new writes seal into a mapped file; a replaced old document's new copy is mapped too
+        ix.write((16..24).map(doc).collect(), &model()).unwrap();
+        let mapped =
+            |ix: &ShardIndex, d: &str| ix.docs[d].slots.iter().all(|s| ix.slots[s].is_mapped());
+        assert!(mapped(&ix, "d20"));
+        assert!(!mapped(&ix, "d3"));
+        let q = SearchQuery {
+            vector: vec![1.0, 20.0, 0.5, -20.0],
+            text: "text 20".into(),
+            k: 3,
+            mode: SearchMode::Dense,
+            model: Some(model()),
+        };
+        assert_eq!(ix.search(&q).unwrap()[0].doc_id, "d20");
+        let q = SearchQuery {
+            mode: SearchMode::Bm25,
+            text: "3".into(),
+            ..q
+        };
+        assert_eq!(ix.search(&q).unwrap()[0].doc_id, "d3");
+        drop(ix);
+        let (ix, rep) = ShardIndex::open(dir.path(), settings()).unwrap();
+        assert!(rep.problems.is_empty(), "{:?}", rep.problems);
+        assert_eq!(ix.doc_count(), 24);
     }
 }

@@ -11,11 +11,15 @@ impl ShardIndex {
     pub fn seal(&mut self) -> Result<(), IndexError> {
         if !self.growing.is_empty() {
             let id = self.next_segment_id;
-            let seg = Arc::new(Segment::new(id, self.growing.clone()));
-            if let Err(e) = self.write_segment(&seg) {
-                self.remove_segment_files(id);
-                return Err(e);
-            }
+            let seg = match self.write_segment(id, &self.growing) {
+                Ok(mapped) => Arc::new(Segment::new(id, mapped)),
+                Err(e) => {
+                    self.remove_segment_files(id);
+                    return Err(e);
+                }
+            };
+            // the chunks' bodies now live in the mapped file, not in memory
+            self.rebind(&seg.entries);
             self.next_segment_id += 1;
             self.growing.clear();
             self.sealed.push(seg.clone());
@@ -75,12 +79,38 @@ impl ShardIndex {
         }
     }
 
-    pub(super) fn write_segment(&self, seg: &Segment) -> Result<(), IndexError> {
-        let plain: Vec<&Entry> = seg.entries.iter().map(|e| e.as_ref()).collect();
-        let bytes =
-            codec::encode_entries(&plain).map_err(|e| IndexError::BadInput(e.to_string()))?;
-        write_checked(&self.segment_path(seg.id), &bytes)?;
-        self.write_terms(seg.id, &SegmentTerms::of(&seg.entries))
+    /// Writes chunks as segment `id`'s data file (format 3) and BM25 snapshot; gives the
+    /// same chunks read back from the mapped file.
+    pub(super) fn write_segment(
+        &self,
+        id: u64,
+        entries: &[Arc<Entry>],
+    ) -> Result<Vec<Arc<Entry>>, IndexError> {
+        let mapped = write_mapped(&self.segment_path(id), entries)?;
+        self.write_terms(id, &SegmentTerms::of(entries))?;
+        Ok(mapped)
+    }
+
+    /// Points the live chunks' slots at these copies of them (the same chunks, now read from a
+    /// mapped file), so the copies they replace (in memory, or in a file a merge made obsolete)
+    /// are let go.
+    pub(super) fn rebind(&mut self, entries: &[Arc<Entry>]) {
+        for e in entries {
+            let Some(d) = self.docs.get(&e.doc_id) else {
+                continue;
+            };
+            if d.seq != e.seq {
+                continue;
+            }
+            for s in &d.slots {
+                if let Some(cur) = self.slots.get_mut(s) {
+                    if cur.seq == e.seq && cur.chunk_id == e.chunk_id {
+                        *cur = e.clone();
+                        break;
+                    }
+                }
+            }
+        }
     }
 
     pub(super) fn write_manifest(&self) -> Result<(), IndexError> {
@@ -120,8 +150,13 @@ impl ShardIndex {
         let work = move || {
             let path = Self::graph_path(&dir, seg.id);
             if try_load {
-                match read_checked(&path) {
-                    Ok(Some(bytes)) => match SegGraph::from_bytes(&bytes, &seg.entries, spec.ann) {
+                // mapped, not read: the graph is decoded from the file's pages without a copy
+                match crate::files::map_checked(&path) {
+                    Ok(Some(map)) => match SegGraph::from_bytes(
+                        &map[crate::files::HEADER..],
+                        &seg.entries,
+                        spec.ann,
+                    ) {
                         Ok(g) => {
                             let _ = seg.graph.set(g);
                             done.fetch_add(1, std::sync::atomic::Ordering::Release);
@@ -168,6 +203,20 @@ impl ShardIndex {
     pub(super) fn terms_path(&self, id: u64) -> PathBuf {
         self.dir.join(format!("seg-{id}.bm25"))
     }
+}
+
+/// Writes chunks as a format 3 data file at `path` and gives them back read from its map.
+pub(super) fn write_mapped(
+    path: &Path,
+    entries: &[Arc<Entry>],
+) -> Result<Vec<Arc<Entry>>, IndexError> {
+    let plain: Vec<&Entry> = entries.iter().map(|e| e.as_ref()).collect();
+    crate::datafile::write(path, &plain)?;
+    let back = crate::datafile::read(path)?.ok_or_else(|| IndexError::Corrupt {
+        path: path.to_path_buf(),
+        reason: "the data file just written is gone".into(),
+    })?;
+    Ok(back.into_iter().map(Arc::new).collect())
 }
 
 pub(super) fn seg_id_for_name(dir: &Path) -> String {

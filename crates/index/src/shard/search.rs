@@ -76,7 +76,7 @@ impl ShardIndex {
             .into_iter()
             .filter_map(|(slot, s)| {
                 self.slots.get(&slot).map(|e| {
-                    let sim = v.as_ref().map(|v| crate::vector::dot(v, &e.vector));
+                    let sim = v.as_ref().map(|v| crate::vector::dot(v, e.vector()));
                     hit(e, s, sim, v.as_deref())
                 })
             })
@@ -95,7 +95,7 @@ pub(super) fn hit(e: &Entry, score: f32, similarity: Option<f32>, query: Option<
         chunk_id: e.chunk_id.clone(),
         score,
         similarity,
-        text: e.text.clone(),
-        sentence_score: query.and_then(|q| e.sentences.best_dot(q)),
+        text: e.text().to_string(),
+        sentence_score: query.and_then(|q| e.best_sentence_dot(q)),
     }
 }

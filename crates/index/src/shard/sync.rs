@@ -53,9 +53,9 @@ impl ShardIndex {
                     .map(|e| ChunkRecord {
                         doc_id: e.doc_id.clone(),
                         chunk_id: e.chunk_id.clone(),
-                        text: e.text.clone(),
-                        vector: e.vector.clone(),
-                        sentences: e.sentences.clone(),
+                        text: e.text().to_string(),
+                        vector: e.vector().to_vec(),
+                        sentences: e.sentences(),
                     })
                     .collect();
                 Some(WriteOp::Upsert {

@@ -4,7 +4,7 @@ use super::*;
 
 impl ShardIndex {
     pub(super) fn add_slot(&mut self, e: Arc<Entry>) {
-        let counts = crate::bm25::term_counts(&e.text);
+        let counts = crate::bm25::term_counts(e.text());
         self.add_slot_counts(e, counts);
     }
 
@@ -22,8 +22,9 @@ impl ShardIndex {
     pub(super) fn remove_doc(&mut self, doc_id: &str) {
         if let Some(d) = self.docs.remove(doc_id) {
             for s in d.slots {
-                self.bm25.remove(s);
-                self.slots.remove(&s);
+                if let Some(e) = self.slots.remove(&s) {
+                    self.bm25.remove(s, e.text());
+                }
             }
         }
     }
@@ -39,15 +40,15 @@ impl ShardIndex {
                 self.remove_doc(&doc_id);
                 self.deleted.remove(&doc_id);
                 for c in chunks {
-                    let e = Arc::new(Entry {
+                    let e = Arc::new(Entry::owned(
                         seq,
                         version,
-                        doc_id: c.doc_id,
-                        chunk_id: c.chunk_id,
-                        text: c.text,
-                        vector: c.vector,
-                        sentences: c.sentences,
-                    });
+                        c.doc_id,
+                        c.chunk_id,
+                        c.text,
+                        c.vector,
+                        c.sentences,
+                    ));
                     self.growing.push(e.clone());
                     self.add_slot(e);
                 }

@@ -1,0 +1,397 @@
+//! Segment data files of format 3, laid out to be memory-mapped: a sealed segment's vectors,
+//! texts and sentence vectors stay in the file (page cache the kernel can drop and read again)
+//! instead of the process's memory, so a shard whose files exceed the machine's memory still
+//! serves, more slowly. What stays in memory per chunk is its ids, sequence number and version.
+//!
+//! The body (after the checked-file header of [`crate::files`]), offsets from the body's start,
+//! integers little-endian:
+//! - `0..10` the marker (nine `0xFF` then `0x03`: not a postcard `u64`, so never the start of a
+//!   format 1 or 2 body), then zeros to 16;
+//! - `16..72` seven `u64`: chunks `n`, dimension `dim`, where the vectors, rows, blob and id
+//!   table start, and the id table's length;
+//! - the vectors, `n x dim` `f32`, placed so that they start at a file offset divisible by 64;
+//! - `n` rows of 32 bytes: text offset (`u64`, into the blob), text length (`u32`), sentences
+//!   (`u32`), sentence dimension (`u32`), zero (`u32`), sentence data offset (`u64`);
+//! - the blob: texts (UTF-8), and per chunk with sentences their scales (`f32` each) then their
+//!   int8 codes;
+//! - the id table: postcard `Vec<(seq, version, doc_id, chunk_id)>`.
+use std::io::Write;
+use std::path::Path;
+use std::sync::Arc;
+
+use ragfleet_proto::SentenceVectors;
+
+use crate::files::{map_checked, write_checked_streamed, HEADER};
+use crate::segment::Entry;
+use crate::IndexError;
+
+/// Opens a format 3 body.
+pub(crate) const MARKER: [u8; 10] = [0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0x03];
+const FIXED: usize = 72;
+const ROW: usize = 32;
+
+/// A mapped data file of format 3.
+pub(crate) struct DataFile {
+    map: memmap2::Mmap,
+    n: usize,
+    dim: usize,
+    /// Offsets into `map` (file offsets, header included).
+    vectors: usize,
+    rows: usize,
+    blob: usize,
+}
+
+impl std::fmt::Debug for DataFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DataFile")
+            .field("n", &self.n)
+            .field("dim", &self.dim)
+            .finish()
+    }
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+
+/// One row: where a chunk's text and sentence data are in the blob.
+#[derive(Clone, Copy)]
+struct Row {
+    text_at: usize,
+    text_len: usize,
+    sentences: usize,
+    sentence_dim: usize,
+    sentences_at: usize,
+}
+
+impl Row {
+    fn sentence_bytes(&self) -> usize {
+        self.sentences * 4 + self.sentences * self.sentence_dim
+    }
+}
+
+impl DataFile {
+    /// Chunk `row`'s vector.
+    pub(crate) fn vector(&self, row: usize) -> &[f32] {
+        &self.all_vectors()[row * self.dim..(row + 1) * self.dim]
+    }
+
+    /// Every chunk's vector, end to end.
+    pub(crate) fn all_vectors(&self) -> &[f32] {
+        let bytes = &self.map[self.vectors..self.vectors + self.n * self.dim * 4];
+        // SAFETY: `parse` checked that the region is inside the map and 4-byte aligned, and
+        // this build is little-endian (the file's byte order); every bit pattern is an f32.
+        unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<f32>(), self.n * self.dim) }
+    }
+
+    fn row(&self, row: usize) -> Row {
+        let at = self.rows + row * ROW;
+        let b = &self.map[..];
+        // saturating: a damaged offset must fail `parse`'s bounds checks, not overflow
+        Row {
+            text_at: self.blob.saturating_add(u64_at(b, at) as usize),
+            text_len: u32_at(b, at + 8) as usize,
+            sentences: u32_at(b, at + 12) as usize,
+            sentence_dim: u32_at(b, at + 16) as usize,
+            sentences_at: self.blob.saturating_add(u64_at(b, at + 24) as usize),
+        }
+    }
+
+    /// Chunk `row`'s text.
+    pub(crate) fn text(&self, row: usize) -> &str {
+        let r = self.row(row);
+        let bytes = &self.map[r.text_at..r.text_at + r.text_len];
+        // `parse` checked every text; a failure here would be a bug, not bad data
+        std::str::from_utf8(bytes).unwrap_or("")
+    }
+
+    /// Chunk `row`'s sentence vectors.
+    pub(crate) fn sentences(&self, row: usize) -> SentenceVectors {
+        let r = self.row(row);
+        let b = &self.map[r.sentences_at..r.sentences_at + r.sentence_bytes()];
+        let (scales, codes) = b.split_at(r.sentences * 4);
+        SentenceVectors {
+            scales: scales
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+                .collect(),
+            codes: codes.iter().map(|&c| c as i8).collect(),
+        }
+    }
+
+    /// The best dot product of `query` with chunk `row`'s sentences (as
+    /// [`SentenceVectors::best_dot`], without copying them).
+    pub(crate) fn best_sentence_dot(&self, row: usize, query: &[f32]) -> Option<f32> {
+        let r = self.row(row);
+        if r.sentences == 0 || query.is_empty() || r.sentence_dim != query.len() {
+            return None;
+        }
+        let b = &self.map[r.sentences_at..r.sentences_at + r.sentence_bytes()];
+        let (scales, codes) = b.split_at(r.sentences * 4);
+        codes
+            .chunks_exact(query.len())
+            .zip(scales.chunks_exact(4))
+            .map(|(c, s)| {
+                let s = f32::from_le_bytes(s.try_into().expect("4 bytes"));
+                c.iter()
+                    .zip(query)
+                    .map(|(&c, q)| c as i8 as f32 * q)
+                    .sum::<f32>()
+                    * s
+            })
+            .reduce(f32::max)
+    }
+
+    /// Checks a mapped body of format 3 and gives the file with its id table.
+    fn parse(path: &Path, map: memmap2::Mmap) -> Result<(Arc<DataFile>, Vec<Ids>), IndexError> {
+        let corrupt = |reason: String| IndexError::Corrupt {
+            path: path.to_path_buf(),
+            reason,
+        };
+        if cfg!(target_endian = "big") {
+            return Err(corrupt(
+                "format 3 data files need a little-endian machine".into(),
+            ));
+        }
+        let body_len = map.len() - HEADER;
+        if body_len < FIXED || map[HEADER..HEADER + 10] != MARKER {
+            return Err(corrupt("not a format 3 data file".into()));
+        }
+        let field = |i: usize| u64_at(&map, HEADER + 16 + 8 * i) as usize;
+        let (n, dim) = (field(0), field(1));
+        let (vectors, rows, blob, ids, ids_len) =
+            (field(2), field(3), field(4), field(5), field(6));
+        let vec_end = n
+            .checked_mul(dim)
+            .and_then(|x| x.checked_mul(4))
+            .and_then(|x| x.checked_add(vectors));
+        let rows_end = n.checked_mul(ROW).and_then(|x| x.checked_add(rows));
+        let fits = vectors >= FIXED
+            && vec_end.is_some_and(|e| e <= rows)
+            && rows_end.is_some_and(|e| e <= blob)
+            && blob <= ids
+            && ids.checked_add(ids_len) == Some(body_len);
+        if !fits {
+            return Err(corrupt("section offsets do not fit the file".into()));
+        }
+        let file = DataFile {
+            n,
+            dim,
+            vectors: HEADER + vectors,
+            rows: HEADER + rows,
+            blob: HEADER + blob,
+            map,
+        };
+        if (file.map.as_ptr() as usize + file.vectors) % 4 != 0 {
+            return Err(corrupt("vectors not aligned".into()));
+        }
+        let blob_end = HEADER + ids;
+        for i in 0..n {
+            let r = file.row(i);
+            let text_ok = r
+                .text_at
+                .checked_add(r.text_len)
+                .is_some_and(|e| e <= blob_end)
+                && std::str::from_utf8(&file.map[r.text_at..r.text_at + r.text_len]).is_ok();
+            let sent_ok = r
+                .sentences
+                .checked_mul(r.sentence_dim.saturating_add(4))
+                .and_then(|b| r.sentences_at.checked_add(b))
+                .is_some_and(|e| e <= blob_end);
+            if !text_ok || !sent_ok {
+                return Err(corrupt(format!(
+                    "chunk {i}'s text or sentences out of place"
+                )));
+            }
+        }
+        let table: Vec<Ids> = postcard::from_bytes(&file.map[blob_end..blob_end + ids_len])
+            .map_err(|e| corrupt(format!("id table: {e}")))?;
+        if table.len() != n {
+            return Err(corrupt(format!(
+                "id table of {} chunks, {n} rows",
+                table.len()
+            )));
+        }
+        Ok((Arc::new(file), table))
+    }
+}
+
+/// A chunk's (seq, version, doc_id, chunk_id).
+type Ids = (u64, u64, String, String);
+
+/// Writes `entries` as a format 3 data file (atomically, streamed: the vectors are never
+/// gathered in memory).
+pub(crate) fn write(path: &Path, entries: &[&Entry]) -> Result<(), IndexError> {
+    let n = entries.len();
+    let dim = entries.first().map_or(0, |e| e.vector().len());
+    if entries.iter().any(|e| e.vector().len() != dim) {
+        return Err(IndexError::BadInput(
+            "a segment's chunks differ in dimension".into(),
+        ));
+    }
+    let table: Vec<(u64, u64, &str, &str)> = entries
+        .iter()
+        .map(|e| (e.seq, e.version, e.doc_id.as_str(), e.chunk_id.as_str()))
+        .collect();
+    let ids = postcard::to_stdvec(&table).map_err(|e| IndexError::BadInput(e.to_string()))?;
+    let sentences: Vec<SentenceVectors> = entries.iter().map(|e| e.sentences()).collect();
+    // the vectors start at a file offset divisible by 64
+    let vectors = FIXED + (64 - (HEADER + FIXED) % 64) % 64;
+    let rows = vectors + n * dim * 4;
+    let blob = rows + n * ROW;
+    let mut blob_len = 0usize;
+    for (e, s) in entries.iter().zip(&sentences) {
+        blob_len += e.text().len() + s.scales.len() * 4 + s.codes.len();
+    }
+    let ids_at = blob + blob_len;
+    write_checked_streamed(path, |w| {
+        let mut fixed = [0u8; FIXED];
+        fixed[..10].copy_from_slice(&MARKER);
+        for (i, v) in [n, dim, vectors, rows, blob, ids_at, ids.len()]
+            .into_iter()
+            .enumerate()
+        {
+            fixed[16 + 8 * i..24 + 8 * i].copy_from_slice(&(v as u64).to_le_bytes());
+        }
+        w.write_all(&fixed)?;
+        w.write_all(&vec![0u8; vectors - FIXED])?;
+        for e in entries {
+            for x in e.vector() {
+                w.write_all(&x.to_le_bytes())?;
+            }
+        }
+        let mut at = 0u64;
+        for (e, s) in entries.iter().zip(&sentences) {
+            let text = e.text().len() as u64;
+            let per = if s.scales.is_empty() {
+                0
+            } else {
+                s.codes.len() / s.scales.len()
+            };
+            let mut row = [0u8; ROW];
+            row[..8].copy_from_slice(&at.to_le_bytes());
+            row[8..12].copy_from_slice(&(text as u32).to_le_bytes());
+            row[12..16].copy_from_slice(&(s.scales.len() as u32).to_le_bytes());
+            row[16..20].copy_from_slice(&(per as u32).to_le_bytes());
+            row[24..32].copy_from_slice(&(at + text).to_le_bytes());
+            w.write_all(&row)?;
+            at += text + s.scales.len() as u64 * 4 + s.codes.len() as u64;
+        }
+        for (e, s) in entries.iter().zip(&sentences) {
+            w.write_all(e.text().as_bytes())?;
+            for x in &s.scales {
+                w.write_all(&x.to_le_bytes())?;
+            }
+            let codes: Vec<u8> = s.codes.iter().map(|&c| c as u8).collect();
+            w.write_all(&codes)?;
+        }
+        debug_assert_eq!(w.position() as usize, ids_at);
+        w.write_all(&ids)
+    })
+}
+
+/// Reads a segment data file of any format: format 3 is mapped (its entries point into the
+/// map), formats 1 and 2 are decoded into memory. `Ok(None)` when the file does not exist.
+pub(crate) fn read(path: &Path) -> Result<Option<Vec<Entry>>, IndexError> {
+    let Some(map) = map_checked(path)? else {
+        return Ok(None);
+    };
+    let body = &map[HEADER..];
+    if body.len() >= 10 && body[..10] == MARKER {
+        let (file, table) = DataFile::parse(path, map)?;
+        return Ok(Some(
+            table
+                .into_iter()
+                .enumerate()
+                .map(|(row, (seq, version, doc_id, chunk_id))| {
+                    Entry::mapped(seq, version, doc_id, chunk_id, file.clone(), row)
+                })
+                .collect(),
+        ));
+    }
+    crate::shard::decode_entries(body)
+        .map(Some)
+        .map_err(|e| IndexError::Corrupt {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(i: usize, sentences: usize) -> Entry {
+        let vs: Vec<Vec<f32>> = (0..sentences)
+            .map(|s| vec![(i + s) as f32, 1.0, -0.5])
+            .collect();
+        Entry::owned(
+            i as u64 + 1,
+            7,
+            format!("d{i}"),
+            format!("d{i}#0"),
+            format!("chunk {i} — ünïcode text"),
+            vec![i as f32, 0.5, -1.0],
+            SentenceVectors::quantize(&vs),
+        )
+    }
+
+    #[test]
+    fn a_data_file_maps_back_to_the_same_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("seg-1.bin");
+        let owned: Vec<Entry> = (0..50).map(|i| entry(i, i % 4)).collect();
+        write(&path, &owned.iter().collect::<Vec<_>>()).unwrap();
+        let back = read(&path).unwrap().unwrap();
+        assert_eq!(back, owned);
+        assert!(back.iter().all(Entry::is_mapped));
+        let q = [0.6, 0.8, 0.0];
+        for (a, b) in owned.iter().zip(&back) {
+            assert_eq!(a.best_sentence_dot(&q), b.best_sentence_dot(&q));
+        }
+        // the vectors start 64-byte aligned in the file
+        let (file, _) = back[0].mapped_at().unwrap();
+        assert_eq!((file.vectors) % 64, 0);
+        // an empty segment too
+        write(&path, &[]).unwrap();
+        assert!(read(&path).unwrap().unwrap().is_empty());
+    }
+
+    #[test]
+    fn damaged_data_files_are_errors_never_panics() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("seg-1.bin");
+        let owned: Vec<Entry> = (0..5).map(|i| entry(i, 2)).collect();
+        write(&path, &owned.iter().collect::<Vec<_>>()).unwrap();
+        let good = std::fs::read(&path).unwrap();
+        // a flipped byte fails the checksum; a cut file is truncated
+        let mut bad = good.clone();
+        bad[200] ^= 1;
+        std::fs::write(&path, &bad).unwrap();
+        assert!(matches!(read(&path), Err(IndexError::Corrupt { .. })));
+        std::fs::write(&path, &good[..good.len() - 9]).unwrap();
+        assert!(matches!(read(&path), Err(IndexError::Corrupt { .. })));
+        // offsets that do not fit, under a valid checksum: refused by the layout checks
+        let body = &good[HEADER..];
+        for (field, value) in [(0usize, u64::MAX / 2), (1, 1 << 40), (3, 8), (6, 1 << 30)] {
+            let mut b = body.to_vec();
+            b[16 + 8 * field..24 + 8 * field].copy_from_slice(&value.to_le_bytes());
+            crate::files::write_checked(&path, &b).unwrap();
+            let e = read(&path).unwrap_err().to_string();
+            assert!(e.contains("corrupt"), "{e}");
+        }
+        // a text offset pointing past the blob
+        let rows = u64_at(body, 16 + 8 * 3) as usize;
+        let mut b = body.to_vec();
+        b[rows..rows + 8].copy_from_slice(&u64::MAX.to_le_bytes());
+        crate::files::write_checked(&path, &b).unwrap();
+        assert!(read(&path)
+            .unwrap_err()
+            .to_string()
+            .contains("out of place"));
+    }
+}

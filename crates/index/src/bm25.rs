@@ -192,15 +192,23 @@ impl Bm25 {
 
     /// The `k` best slots for `query` with their scores, best first (ties: lower slot first).
     ///
-    /// Exact top-k without scoring every matching chunk (MaxScore, document at a time): each
-    /// term is bounded by its contribution at its highest frequency in its shortest chunk;
-    /// terms go in order of their bounds, and those whose bounds together cannot lift a chunk
-    /// past the k-th best score so far are *non-essential*: candidates come only from the
-    /// other terms' postings, and the non-essential ones are looked up (by a forward search in
-    /// their sorted postings) only while the chunk can still make the top k. As the k-th score
-    /// rises, more terms become non-essential and the long postings of common words are
-    /// skipped over rather than read.
+    /// Exact top-k without scoring every matching chunk. Each term is bounded by its
+    /// contribution at its highest frequency in its shortest chunk, and one of two strategies
+    /// runs, by an estimate of the postings each reads:
+    /// - *rarest term first* (term at a time), when the rarest term's postings are short next
+    ///   to the others: a chunk is scored when first met, its other terms looked up in their
+    ///   sorted postings, unless its bound cannot reach the k-th best; once the k-th best passes
+    ///   the bound of the terms left, the commoner terms' postings are never read;
+    /// - *MaxScore* (document at a time), when every term is common: terms go in order of their
+    ///   bounds, and those whose bounds together cannot lift a chunk past the k-th best so far
+    ///   are non-essential: candidates come only from the other terms' postings and the
+    ///   non-essential ones are looked up only while the chunk can still make the top k.
     pub fn search(&self, query: &str, k: usize) -> Vec<(u32, f32)> {
+        self.search_by(query, k, None)
+    }
+
+    /// [`Bm25::search`] with the strategy forced (`Some(true)`: rarest term first) or chosen.
+    fn search_by(&self, query: &str, k: usize, rare_first: Option<bool>) -> Vec<(u32, f32)> {
         let n = self.docs.len() as f32;
         if n == 0.0 || k == 0 {
             return Vec::new();
@@ -210,6 +218,94 @@ impl Bm25 {
         if qt.is_empty() {
             return Vec::new();
         }
+        // a hair above each bound, so that rounding in another order of summation cannot
+        // cross it
+        let bounds: Vec<f32> = qt
+            .iter()
+            .map(|(p, idf)| term_score(*idf, p.max_tf as f32, p.min_len as f32, avg) * (1.0 + 1e-5))
+            .collect();
+        let total: usize = qt.iter().map(|(p, _)| p.list.len()).sum();
+        let rare_first = rare_first.unwrap_or(qt[0].0.list.len() * qt.len() * 8 < total);
+        let best = if rare_first {
+            self.rarest_first(&qt, &bounds, avg, k)
+        } else {
+            self.max_score(&qt, &bounds, avg, k)
+        };
+        let mut out: Vec<(u32, f32)> = best.into_iter().map(|r| (r.0.slot, r.0.score)).collect();
+        out.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        out
+    }
+
+    /// Term at a time, rarest first (see [`Bm25::search`]).
+    fn rarest_first(
+        &self,
+        qt: &[(&Postings, f32)],
+        bounds: &[f32],
+        avg: f32,
+        k: usize,
+    ) -> BinaryHeap<Reverse<Ranked>> {
+        // rest[i]: the most a chunk holding only terms i.. can score
+        let mut rest = vec![0.0f32; qt.len() + 1];
+        for i in (0..qt.len()).rev() {
+            rest[i] = rest[i + 1] + bounds[i];
+        }
+        let holds = |p: &Postings, slot: u32| -> Option<u32> {
+            p.list
+                .binary_search_by_key(&slot, |x| x.0)
+                .ok()
+                .map(|at| p.list[at].1)
+                .filter(|&tf| tf > 0)
+        };
+        let mut best: BinaryHeap<Reverse<Ranked>> = BinaryHeap::with_capacity(k + 1);
+        let mut contrib = vec![0.0f32; qt.len()];
+        for i in 0..qt.len() {
+            let kth = |best: &BinaryHeap<Reverse<Ranked>>| {
+                (best.len() == k).then(|| best.peek().expect("k > 0").0.score)
+            };
+            if kth(&best).is_some_and(|t| t > rest[i]) {
+                break;
+            }
+            let (p, idf) = qt[i];
+            for &(slot, tf) in &p.list {
+                // removed, or met in a rarer term's postings (scored then)
+                if tf == 0 || qt[..i].iter().any(|(q, _)| holds(q, slot).is_some()) {
+                    continue;
+                }
+                let len = self.docs.get(&slot).copied().unwrap_or(0) as f32;
+                let own = term_score(idf, tf as f32, len, avg);
+                if kth(&best).is_some_and(|t| own + rest[i + 1] < t) {
+                    continue;
+                }
+                contrib.iter_mut().for_each(|c| *c = 0.0);
+                contrib[i] = own;
+                for (j, (q, idf)) in qt.iter().enumerate().skip(i + 1) {
+                    if let Some(tf) = holds(q, slot) {
+                        contrib[j] = term_score(*idf, tf as f32, len, avg);
+                    }
+                }
+                let r = Ranked {
+                    score: contrib.iter().sum(),
+                    slot,
+                };
+                if best.len() < k {
+                    best.push(Reverse(r));
+                } else if best.peek().is_some_and(|w| r > w.0) {
+                    best.pop();
+                    best.push(Reverse(r));
+                }
+            }
+        }
+        best
+    }
+
+    /// Document at a time, MaxScore (see [`Bm25::search`]).
+    fn max_score(
+        &self,
+        qt: &[(&Postings, f32)],
+        bounds: &[f32],
+        avg: f32,
+        k: usize,
+    ) -> BinaryHeap<Reverse<Ranked>> {
         // cursors ordered by bound, smallest first; each remembers its term's place in `qt`
         // (scores are summed in that order, as the exhaustive reference does)
         let mut cur: Vec<Cursor> = qt
@@ -219,9 +315,7 @@ impl Bm25 {
                 list: &p.list,
                 at: 0,
                 idf: *idf,
-                // a hair above the bound, so that rounding in another order of summation
-                // cannot cross it
-                bound: term_score(*idf, p.max_tf as f32, p.min_len as f32, avg) * (1.0 + 1e-5),
+                bound: bounds[i],
                 term: i,
             })
             .collect();
@@ -289,9 +383,7 @@ impl Bm25 {
                 }
             }
         }
-        let mut out: Vec<(u32, f32)> = best.into_iter().map(|r| (r.0.slot, r.0.score)).collect();
-        out.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        out
+        best
     }
 
     /// Every matching slot scored (the reference the tests hold [`Bm25::search`] to).
@@ -415,7 +507,10 @@ mod tests {
                 let q: Vec<String> = (0..r.gen_range(1..6)).map(|_| word(r)).collect();
                 let q = q.join(" ");
                 for k in [1, 10, 100] {
-                    assert_eq!(b.search(&q, k), b.search_exhaustive(&q, k), "{q} k={k}");
+                    let want = b.search_exhaustive(&q, k);
+                    assert_eq!(b.search_by(&q, k, Some(true)), want, "rarest first: {q} k={k}");
+                    assert_eq!(b.search_by(&q, k, Some(false)), want, "MaxScore: {q} k={k}");
+                    assert_eq!(b.search(&q, k), want, "{q} k={k}");
                 }
             }
         };

@@ -107,17 +107,31 @@ impl Bm25 {
     /// that holds nothing; a slot already indexed is left as it is (its old postings could not
     /// be found without its old text).
     pub fn insert_counts(&mut self, slot: u32, counts: Vec<(String, u32)>) {
+        let ids: Vec<(u32, u32)> = counts
+            .into_iter()
+            .map(|(t, f)| (self.intern(t), f))
+            .collect();
+        self.insert_ids(slot, &ids);
+    }
+
+    /// The id of a term (added to the dictionary if new).
+    pub(crate) fn intern(&mut self, term: String) -> u32 {
+        let next = self.postings.len() as u32;
+        let id = *self.dict.entry(term).or_insert(next);
+        if id == next {
+            self.postings.push(Postings::default());
+        }
+        id
+    }
+
+    /// [`Bm25::insert_counts`] with the terms as ids from [`Bm25::intern`].
+    pub(crate) fn insert_ids(&mut self, slot: u32, ids: &[(u32, u32)]) {
         if self.docs.contains_key(&slot) {
             debug_assert!(false, "slot {slot} is indexed already");
             return;
         }
-        let len: u32 = counts.iter().map(|(_, f)| *f).sum();
-        for (t, f) in counts {
-            let next = self.postings.len() as u32;
-            let id = *self.dict.entry(t).or_insert(next);
-            if id == next {
-                self.postings.push(Postings::default());
-            }
+        let len: u32 = ids.iter().map(|(_, f)| *f).sum();
+        for &(id, f) in ids {
             self.postings[id as usize].add(slot, f, len);
         }
         self.docs.insert(slot, len);
@@ -508,7 +522,11 @@ mod tests {
                 let q = q.join(" ");
                 for k in [1, 10, 100] {
                     let want = b.search_exhaustive(&q, k);
-                    assert_eq!(b.search_by(&q, k, Some(true)), want, "rarest first: {q} k={k}");
+                    assert_eq!(
+                        b.search_by(&q, k, Some(true)),
+                        want,
+                        "rarest first: {q} k={k}"
+                    );
                     assert_eq!(b.search_by(&q, k, Some(false)), want, "MaxScore: {q} k={k}");
                     assert_eq!(b.search(&q, k), want, "{q} k={k}");
                 }

@@ -10,12 +10,13 @@
 //! while its list changes; readers may see a list mid-update, which only costs a little
 //! construction quality, never an invalid id), and able to grow: [`Hnsw::extend`] copies a
 //! graph and inserts new vectors into the copy, so a merge of a small segment into a large one
-//! pays for the small one's vectors only.
+//! pays for the small one's vectors only. A graph read from its file (format 2) leaves its
+//! codes and level-0 rows in the mapped file: page cache, not the process's memory.
 use std::cell::RefCell;
 use std::cmp::{Ordering, Reverse};
 use std::collections::BinaryHeap;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering::Relaxed};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use rand::{Rng, SeedableRng};
 
@@ -23,7 +24,62 @@ use crate::vector::dot_i8;
 
 /// Highest level a node can get.
 const MAX_LEVEL: usize = 16;
+/// The graph file's first format; the second adds a padding field so that the adjacency
+/// starts 8-byte aligned in the file and can be mapped.
 const MAGIC: &[u8; 8] = b"RFHNSW01";
+const MAGIC2: &[u8; 8] = b"RFHNSW02";
+
+/// An array held in memory or read in place from a mapped graph file.
+enum Store<T> {
+    Owned(Vec<T>),
+    /// `len` items at byte `at` of the map; only for types valid for every bit pattern (i8,
+    /// AtomicU32), at an offset aligned for them (checked where made).
+    Mapped {
+        map: Arc<memmap2::Mmap>,
+        at: usize,
+        len: usize,
+    },
+}
+
+impl<T> std::ops::Deref for Store<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        match self {
+            Store::Owned(v) => v,
+            // SAFETY: `mapped` checked that the range is inside the map and aligned for T;
+            // T is i8 or AtomicU32 (same layout as u32), valid for any bytes. The map is
+            // read-only and a mapped graph is never written (insertion builds an owned copy
+            // first; a mapped graph has no node locks, so insertion into it panics before any
+            // store).
+            Store::Mapped { map, at, len } => unsafe {
+                std::slice::from_raw_parts(map.as_ptr().add(*at).cast::<T>(), *len)
+            },
+        }
+    }
+}
+
+impl<T> Store<T> {
+    /// `len` items of `T` at byte `at` of `map`, if the range fits and is aligned.
+    fn mapped(map: &Arc<memmap2::Mmap>, at: usize, len: usize) -> Option<Store<T>> {
+        let end = len.checked_mul(std::mem::size_of::<T>())?.checked_add(at)?;
+        let aligned = (map.as_ptr() as usize + at) % std::mem::align_of::<T>() == 0;
+        (end <= map.len() && aligned).then(|| Store::Mapped {
+            map: map.clone(),
+            at,
+            len,
+        })
+    }
+
+    /// Bytes it holds in the process's memory.
+    fn owned_bytes(&self) -> usize {
+        match self {
+            Store::Owned(v) => v.len() * std::mem::size_of::<T>(),
+            Store::Mapped { .. } => 0,
+        }
+    }
+}
+/// The second format's header: magic and ten words.
+const HEAD2: usize = 8 + 10 * 8;
 /// Candidates re-scored beyond `k` (at least `3k` are).
 const RESCORE_EXTRA: usize = 20;
 
@@ -118,11 +174,11 @@ pub struct Hnsw {
     params: HnswParams,
     len: usize,
     /// The vectors as int8 (`round(x * scale)`): what the graph is built and walked with.
-    codes: Vec<i8>,
+    codes: Store<i8>,
     scale: f32,
     levels: Vec<u8>,
     /// `len` rows of `m0 + 1`: the count, then the ids.
-    layer0: Vec<AtomicU32>,
+    layer0: Store<AtomicU32>,
     /// Per node, where its upper rows start in `upper` (rows of `m + 1`, level 1 first).
     upper_at: Vec<usize>,
     upper: Vec<AtomicU32>,
@@ -158,10 +214,10 @@ impl Hnsw {
             dim: dim.max(1),
             params,
             len: 0,
-            codes: Vec::new(),
+            codes: Store::Owned(Vec::new()),
             scale: 0.0,
             levels: Vec::new(),
-            layer0: Vec::new(),
+            layer0: Store::Owned(Vec::new()),
             upper_at: Vec::new(),
             upper: Vec::new(),
             entry: Mutex::new(None),
@@ -196,10 +252,11 @@ impl Hnsw {
         &self.codes[s..s + self.dim]
     }
 
-    /// Bytes held in memory (codes, adjacency, levels).
+    /// Bytes held in the process's memory (codes and adjacency unless mapped, levels).
     pub fn memory_bytes(&self) -> usize {
-        self.codes.len()
-            + (self.layer0.len() + self.upper.len()) * 4
+        self.codes.owned_bytes()
+            + self.layer0.owned_bytes()
+            + self.upper.len() * 4
             + self.levels.len()
             + self.upper_at.len() * 8
             + self.locks.len() * std::mem::size_of::<Mutex<()>>()
@@ -250,10 +307,10 @@ impl Hnsw {
             dim,
             params: self.params,
             len: n,
-            codes,
+            codes: Store::Owned(codes),
             scale,
             levels,
-            layer0: copy(&self.layer0, added * (m0 + 1)),
+            layer0: Store::Owned(copy(&self.layer0, added * (m0 + 1))),
             upper_at,
             upper: copy(&self.upper, upper_len - self.upper.len()),
             entry: Mutex::new(*self.entry.lock().expect("entry lock")),
@@ -578,12 +635,20 @@ impl Hnsw {
         })
     }
 
-    /// The adjacency (not the vectors) in a self-describing binary form.
+    /// The graph in a self-describing binary form.
     pub fn to_bytes(&self) -> Vec<u8> {
+        self.to_bytes_at(0)
+    }
+
+    /// [`Hnsw::to_bytes`] for a file in which the bytes start at offset `origin`: padded so
+    /// that the adjacency starts 8-byte aligned in the file, for [`Hnsw::from_map`].
+    pub fn to_bytes_at(&self, origin: usize) -> Vec<u8> {
         let (entry, top) = self.entry().map_or((u32::MAX, 0), |(e, l)| (e, l));
-        let mut out =
-            Vec::with_capacity(48 + self.len + (self.layer0.len() + self.upper.len()) * 4);
-        out.extend_from_slice(MAGIC);
+        let pad = (8 - (origin + HEAD2 + self.len) % 8) % 8;
+        let mut out = Vec::with_capacity(
+            HEAD2 + self.len + pad + (self.layer0.len() + self.upper.len()) * 4 + self.codes.len(),
+        );
+        out.extend_from_slice(MAGIC2);
         for x in [
             self.dim as u64,
             self.params.m as u64,
@@ -594,10 +659,12 @@ impl Hnsw {
             top as u64,
             self.upper.len() as u64,
             self.scale.to_bits() as u64,
+            pad as u64,
         ] {
             out.extend_from_slice(&x.to_le_bytes());
         }
         out.extend_from_slice(&self.levels);
+        out.resize(out.len() + pad, 0);
         for x in self.layer0.iter().chain(&self.upper) {
             out.extend_from_slice(&x.load(Relaxed).to_le_bytes());
         }
@@ -605,10 +672,27 @@ impl Hnsw {
         out
     }
 
-    /// A graph from [`Hnsw::to_bytes`]; every field and id is checked.
+    /// A graph from [`Hnsw::to_bytes`] (either format), copied into memory; every field and
+    /// id is checked.
     pub fn from_bytes(bytes: &[u8]) -> Result<Hnsw, String> {
-        let head = 8 + 9 * 8;
-        if bytes.len() < head || &bytes[..8] != MAGIC {
+        Hnsw::parse(bytes, None)
+    }
+
+    /// A graph from the bytes of `map` from `offset` on ([`Hnsw::to_bytes_at`] with that
+    /// origin): the codes and level-0 rows stay in the map (format 2, aligned), the rest is
+    /// read into memory; every field and id is checked.
+    pub fn from_map(map: Arc<memmap2::Mmap>, offset: usize) -> Result<Hnsw, String> {
+        let bytes = map.get(offset..).ok_or("offset past the map")?;
+        Hnsw::parse(bytes, Some((&map, offset)))
+    }
+
+    fn parse(bytes: &[u8], map: Option<(&Arc<memmap2::Mmap>, usize)>) -> Result<Hnsw, String> {
+        let v2 = bytes.get(..8) == Some(MAGIC2.as_slice());
+        if !v2 && bytes.get(..8) != Some(MAGIC.as_slice()) {
+            return Err("not an HNSW graph file".into());
+        }
+        let head = if v2 { HEAD2 } else { 8 + 9 * 8 };
+        if bytes.len() < head {
             return Err("not an HNSW graph file".into());
         }
         let word = |i: usize| {
@@ -623,6 +707,10 @@ impl Hnsw {
         );
         let (entry, top, upper_len) = (word(5), word(6) as usize, word(7) as usize);
         let scale = f32::from_bits(word(8) as u32);
+        let pad = if v2 { word(9) as usize } else { 0 };
+        if pad >= 8 {
+            return Err(format!("bad padding {pad}"));
+        }
         if !(scale.is_finite() && (len == 0 || scale > 0.0)) {
             return Err(format!("bad int8 scale {scale}"));
         }
@@ -635,14 +723,20 @@ impl Hnsw {
             .and_then(|x| x.checked_add(upper_len))
             .ok_or("size overflow")?;
         let codes_len = len.checked_mul(dim).ok_or("size overflow")?;
-        let expected = head + len + words * 4 + codes_len;
+        let expected = words
+            .checked_mul(4)
+            .and_then(|w| w.checked_add(head + len + pad))
+            .and_then(|w| w.checked_add(codes_len))
+            .ok_or("size overflow")?;
         if bytes.len() != expected {
             return Err(format!("{} bytes, expected {expected}", bytes.len()));
         }
-        let codes: Vec<i8> = bytes[expected - codes_len..]
-            .iter()
-            .map(|b| *b as i8)
-            .collect();
+        let ids_at = head + len + pad;
+        let codes_at = expected - codes_len;
+        let in_map = |at: usize| map.map(|(m, offset)| (m, offset + at));
+        let codes = in_map(codes_at)
+            .and_then(|(m, at)| Store::mapped(m, at, codes_len))
+            .unwrap_or_else(|| Store::Owned(bytes[codes_at..].iter().map(|b| *b as i8).collect()));
         let levels = bytes[head..head + len].to_vec();
         let mut upper_at = Vec::with_capacity(len);
         let mut at = 0usize;
@@ -656,15 +750,19 @@ impl Hnsw {
         if at != upper_len {
             return Err("upper levels do not add up".into());
         }
-        let ids: Vec<AtomicU32> = bytes[head + len..head + len + words * 4]
-            .chunks_exact(4)
-            .map(|c| AtomicU32::new(u32::from_le_bytes(c.try_into().expect("4 bytes"))))
-            .collect();
-        let (layer0, upper) = {
-            let mut ids = ids;
-            let upper = ids.split_off(len * (m0 + 1));
-            (ids, upper)
+        let read_ids = |from: usize, n: usize| -> Vec<AtomicU32> {
+            bytes[from..from + n * 4]
+                .chunks_exact(4)
+                .map(|c| AtomicU32::new(u32::from_le_bytes(c.try_into().expect("4 bytes"))))
+                .collect()
         };
+        let layer0_len = len * (m0 + 1);
+        let layer0 = in_map(ids_at)
+            .filter(|_| cfg!(target_endian = "little"))
+            .and_then(|(m, at)| Store::mapped(m, at, layer0_len))
+            .unwrap_or_else(|| Store::Owned(read_ids(ids_at, layer0_len)));
+        let upper = read_ids(ids_at + layer0_len * 4, upper_len);
+        let mapped = matches!(layer0, Store::Mapped { .. });
         let entry = match entry {
             e if e == u32::MAX as u64 && len == 0 => None,
             e if (e as usize) < len && levels[e as usize] as usize == top => Some((e as u32, top)),
@@ -685,7 +783,12 @@ impl Hnsw {
             upper_at,
             upper,
             entry: Mutex::new(entry),
-            locks: (0..len).map(|_| Mutex::new(())).collect(),
+            // a mapped graph is read only: growing it copies it first
+            locks: if mapped {
+                Vec::new()
+            } else {
+                (0..len).map(|_| Mutex::new(())).collect()
+            },
         };
         for i in 0..len as u32 {
             for l in 0..=g.levels[i as usize] as usize {
@@ -796,12 +899,59 @@ mod tests {
         assert!(Hnsw::from_bytes(&bytes[..bytes.len() - 4]).is_err());
         // an id out of range
         let mut bad = bytes.clone();
-        let at = 8 + 72 + 500 + 4; // first neighbour of node 0
+        let pad = (8 - (HEAD2 + 500) % 8) % 8;
+        let at = HEAD2 + 500 + pad + 4; // first neighbour of node 0
         bad[at..at + 4].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(Hnsw::from_bytes(&bad).is_err());
         let empty = Hnsw::empty(32, HnswParams::default());
         let e = Hnsw::from_bytes(&empty.to_bytes()).unwrap();
         assert!(e.search(q, 3, 10, &|_| true).is_empty());
+        // the first format (no padding field) still reads
+        let mut v1 = MAGIC.to_vec();
+        v1.extend_from_slice(&bytes[8..8 + 72]);
+        v1.extend_from_slice(&bytes[HEAD2..HEAD2 + 500]);
+        v1.extend_from_slice(&bytes[HEAD2 + 500 + pad..]);
+        let old = Hnsw::from_bytes(&v1).unwrap();
+        assert_eq!(
+            old.search(q, 10, 32, &|_| true),
+            g.search(q, 10, 32, &|_| true)
+        );
+    }
+
+    #[test]
+    fn a_graph_read_from_a_map_searches_in_place_and_grows_by_copy() {
+        let base = data(600, 8);
+        let g = Hnsw::build(32, &base[..500 * 32], HnswParams::default(), 2);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("g.hnsw");
+        // at an odd origin, as in a segment's graph file (header and tag byte first)
+        let origin = 21;
+        let mut file = vec![7u8; origin];
+        file.extend(g.to_bytes_at(origin));
+        std::fs::write(&path, &file).unwrap();
+        let map =
+            Arc::new(unsafe { memmap2::Mmap::map(&std::fs::File::open(&path).unwrap()) }.unwrap());
+        let m = Hnsw::from_map(map, origin).unwrap();
+        assert!(matches!(m.codes, Store::Mapped { .. }));
+        assert!(matches!(m.layer0, Store::Mapped { .. }));
+        assert!(
+            m.memory_bytes() * 4 < g.memory_bytes(),
+            "{} vs {}",
+            m.memory_bytes(),
+            g.memory_bytes()
+        );
+        for i in 0..20 {
+            let q = &base[i * 32..(i + 1) * 32];
+            assert_eq!(
+                m.search(q, 10, 32, &|_| true),
+                g.search(q, 10, 32, &|_| true)
+            );
+        }
+        // growing copies it into memory and inserts there
+        let grown = m.extend(&base[500 * 32..], 2);
+        assert_eq!(grown.len(), 600);
+        let q = &base[550 * 32..551 * 32];
+        assert_eq!(grown.search(q, 1, 32, &|_| true)[0].1, 550);
     }
 
     #[test]

@@ -208,12 +208,21 @@ impl SegGraph {
         }
     }
 
+    /// Bytes it holds in the process's memory (an instant-distance graph: not known, 0).
+    pub(crate) fn memory_bytes(&self) -> usize {
+        match self {
+            SegGraph::Own(g) => g.memory_bytes(),
+            SegGraph::Instant(_) => 0,
+        }
+    }
+
     /// The graph's file form: a tag byte, then the graph.
     pub(crate) fn to_bytes(&self) -> Result<Vec<u8>, String> {
         match self {
             SegGraph::Own(g) => {
                 let mut out = vec![0u8];
-                out.extend(g.to_bytes());
+                // the graph starts after the file's header and this tag byte
+                out.extend(g.to_bytes_at(crate::files::HEADER + 1));
                 Ok(out)
             }
             SegGraph::Instant(g) => {
@@ -224,6 +233,24 @@ impl SegGraph {
         }
     }
 
+    /// A graph from a mapped file of [`SegGraph::to_bytes`] (after the checked-file header)
+    /// for `entries`, of the kind `ann` asks for; an own graph keeps its codes and level-0
+    /// rows in the map.
+    pub(crate) fn from_map(
+        map: Arc<memmap2::Mmap>,
+        entries: &[Arc<Entry>],
+        ann: AnnKind,
+    ) -> Result<SegGraph, String> {
+        let start = crate::files::HEADER;
+        match (map.get(start), ann) {
+            (Some(0), AnnKind::Hnsw) => {
+                let g = crate::hnsw::Hnsw::from_map(map.clone(), start + 1)?;
+                SegGraph::checked(SegGraph::Own(g), entries)
+            }
+            _ => SegGraph::from_bytes(&map[start.min(map.len())..], entries, ann),
+        }
+    }
+
     /// A graph from [`SegGraph::to_bytes`] for `entries`, of the kind `ann` asks for.
     pub(crate) fn from_bytes(
         bytes: &[u8],
@@ -231,20 +258,27 @@ impl SegGraph {
         ann: AnnKind,
     ) -> Result<SegGraph, String> {
         let g = match (bytes.first(), ann) {
-            (Some(0), AnnKind::Hnsw) => {
-                let g = crate::hnsw::Hnsw::from_bytes(&bytes[1..])?;
-                let dim = entries.first().map_or(g.dim(), |e| e.vector().len());
-                if g.dim() != dim {
-                    return Err(format!("graph of {} dimensions, chunks of {dim}", g.dim()));
-                }
-                SegGraph::Own(g)
-            }
+            (Some(0), AnnKind::Hnsw) => SegGraph::Own(crate::hnsw::Hnsw::from_bytes(&bytes[1..])?),
             (Some(1), AnnKind::InstantDistance) => {
                 SegGraph::Instant(postcard::from_bytes(&bytes[1..]).map_err(|e| e.to_string())?)
             }
             (Some(t), _) => return Err(format!("graph of kind {t}, the index uses {ann:?}")),
             (None, _) => return Err("empty graph file".into()),
         };
+        SegGraph::checked(g, entries)
+    }
+
+    /// `g` if it fits `entries`.
+    fn checked(g: SegGraph, entries: &[Arc<Entry>]) -> Result<SegGraph, String> {
+        if let SegGraph::Own(own) = &g {
+            let dim = entries.first().map_or(own.dim(), |e| e.vector().len());
+            if own.dim() != dim {
+                return Err(format!(
+                    "graph of {} dimensions, chunks of {dim}",
+                    own.dim()
+                ));
+            }
+        }
         if g.len() != entries.len() {
             return Err(format!(
                 "graph of {} nodes for a segment of {}",
@@ -458,27 +492,120 @@ impl SegmentTerms {
         SegmentTerms { terms, entries }
     }
 
-    /// Checks that a decoded snapshot fits a segment of `n` entries.
-    pub(crate) fn check(&self, n: usize) -> Result<(), String> {
-        if self.entries.len() != n {
-            return Err(format!(
-                "holds {} chunks, the segment {}",
-                self.entries.len(),
-                n
-            ));
-        }
-        let dict = self.terms.len() as u32;
-        if self.entries.iter().flatten().any(|(t, _)| *t >= dict) {
-            return Err("term index out of range".into());
-        }
-        Ok(())
-    }
-
-    /// Term counts of entry `i` (after [`SegmentTerms::check`]).
+    /// Term counts of entry `i`.
     pub(crate) fn counts(&self, i: usize) -> Vec<(String, u32)> {
         self.entries[i]
             .iter()
             .map(|(t, f)| (self.terms[*t as usize].clone(), *f))
             .collect()
+    }
+}
+
+/// A BM25 snapshot (the bytes of a [`SegmentTerms`]) read in place: the dictionary decoded,
+/// each chunk's pairs decoded only when visited, so that opening a large segment does not hold
+/// all of them at once.
+#[derive(Debug)]
+pub(crate) struct TermsView<'a> {
+    pub(crate) terms: Vec<String>,
+    entries: &'a [u8],
+    n: usize,
+}
+
+impl<'a> TermsView<'a> {
+    /// Checks a snapshot against a segment of `n` chunks: decodable, `n` lists, every term
+    /// index inside the dictionary, nothing after the last list.
+    pub(crate) fn parse(bytes: &'a [u8], n: usize) -> Result<TermsView<'a>, String> {
+        let (terms, rest): (Vec<String>, &[u8]) =
+            postcard::take_from_bytes(bytes).map_err(|e| e.to_string())?;
+        let (count, entries): (usize, &[u8]) =
+            postcard::take_from_bytes(rest).map_err(|e| e.to_string())?;
+        if count != n {
+            return Err(format!("holds {count} chunks, the segment {n}"));
+        }
+        let view = TermsView { terms, entries, n };
+        let dict = view.terms.len() as u32;
+        let mut left = view.entries;
+        for _ in 0..n {
+            let (pairs, rest): (Vec<(u32, u32)>, &[u8]) =
+                postcard::take_from_bytes(left).map_err(|e| e.to_string())?;
+            if pairs.iter().any(|(t, _)| *t >= dict) {
+                return Err("term index out of range".into());
+            }
+            left = rest;
+        }
+        if !left.is_empty() {
+            return Err(format!("{} bytes after the last chunk", left.len()));
+        }
+        Ok(view)
+    }
+
+    /// Calls `f` with each chunk's position and (term index, frequency) pairs, in order.
+    pub(crate) fn for_each(&self, mut f: impl FnMut(usize, &[(u32, u32)])) {
+        let mut left = self.entries;
+        for i in 0..self.n {
+            // checked by `parse`
+            let Ok((pairs, rest)) = postcard::take_from_bytes::<Vec<(u32, u32)>>(left) else {
+                return;
+            };
+            f(i, &pairs);
+            left = rest;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entries(texts: &[&str]) -> Vec<Arc<Entry>> {
+        texts
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                Arc::new(Entry::owned(
+                    i as u64,
+                    0,
+                    format!("d{i}"),
+                    format!("d{i}#0"),
+                    t.to_string(),
+                    vec![1.0],
+                    Default::default(),
+                ))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_bm25_snapshot_read_in_place_gives_every_chunks_counts_and_refuses_damage() {
+        let es = entries(&["alpha beta beta", "", "gamma alpha", "delta"]);
+        let t = SegmentTerms::of(&es);
+        let bytes = postcard::to_stdvec(&t).unwrap();
+        let view = TermsView::parse(&bytes, 4).unwrap();
+        let mut seen = Vec::new();
+        view.for_each(|i, p| {
+            let counts: Vec<(String, u32)> = p
+                .iter()
+                .map(|(t, f)| (view.terms[*t as usize].clone(), *f))
+                .collect();
+            assert_eq!(counts, t.counts(i));
+            seen.push(i);
+        });
+        assert_eq!(seen, vec![0, 1, 2, 3]);
+        assert!(TermsView::parse(&bytes, 3).unwrap_err().contains("holds 4"));
+        assert!(TermsView::parse(&bytes[..bytes.len() - 1], 4).is_err());
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(TermsView::parse(&longer, 4)
+            .unwrap_err()
+            .contains("after the last"));
+        // a term index past the dictionary
+        let bad = SegmentTerms {
+            terms: vec!["x".into()],
+            entries: vec![vec![(3, 1)]],
+        };
+        let bytes = postcard::to_stdvec(&bad).unwrap();
+        assert!(TermsView::parse(&bytes, 1)
+            .unwrap_err()
+            .contains("out of range"));
     }
 }

@@ -126,9 +126,12 @@ fn memory_child() {
     );
     let before = status_kb("VmData:");
     let (ix, report) = ShardIndex::open(std::path::Path::new(&dir), settings()).unwrap();
+    let (graphs, bm25) = ix.memory_bytes();
     println!(
-        "child: open took {} MiB of private memory",
-        (status_kb("VmData:") - before) / 1024
+        "child: open took {} MiB of private memory (graphs {} KiB, BM25 {} KiB)",
+        (status_kb("VmData:") - before) / 1024,
+        graphs >> 10,
+        bm25 >> 10
     );
     assert!(report.problems.is_empty(), "{:?}", report.problems);
     assert_eq!(ix.chunk_count(), N as u64);
@@ -197,9 +200,9 @@ fn a_shard_whose_files_exceed_its_memory_limit_opens_and_serves() {
         .filter(|e| e.file_name().to_string_lossy().starts_with("seg-"))
         .map(|e| e.metadata().unwrap().len())
         .sum();
-    // the child may take, on top of what it holds at the start, two thirds of the
-    // data files' size (what stays in memory is the graph, BM25 and the chunks' ids)
-    let budget = data / 3 * 2;
+    // the child may take, on top of what it holds at the start, half the data files'
+    // size (what stays in memory is the graph, BM25 and the chunks' ids)
+    let budget = data / 2;
     let out = Command::new(std::env::current_exe().unwrap())
         .args([
             "--exact",

@@ -263,6 +263,18 @@ impl ShardIndex {
         )
     }
 
+    /// Bytes the index holds in the process's memory, roughly, as (graphs, BM25); chunk bodies
+    /// of sealed segments are in mapped files and not counted.
+    pub fn memory_bytes(&self) -> (usize, usize) {
+        let graphs = self
+            .sealed
+            .iter()
+            .filter_map(|s| s.graph.get())
+            .map(|g| g.memory_bytes())
+            .sum();
+        (graphs, self.bm25.memory_bytes())
+    }
+
     /// Changes the HNSW search beam of later searches (ragfleet's graphs; an instant-distance
     /// graph keeps the beam it was built with).
     pub fn set_ef_search(&mut self, ef: usize) {

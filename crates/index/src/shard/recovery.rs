@@ -118,21 +118,6 @@ impl ShardIndex {
         Ok((ix, report))
     }
 
-    /// Loads and checks the BM25 snapshot of a data file of `len` chunks.
-    pub(super) fn load_terms(&self, part: u64, len: usize) -> Result<SegmentTerms, IndexError> {
-        let path = self.terms_path(part);
-        let corrupt = |reason: String| IndexError::Corrupt {
-            path: path.clone(),
-            reason,
-        };
-        let map = crate::files::map_checked(&path)?
-            .ok_or_else(|| corrupt("BM25 snapshot of a listed segment is missing".into()))?;
-        let t: SegmentTerms = postcard::from_bytes(&map[crate::files::HEADER..])
-            .map_err(|e| corrupt(e.to_string()))?;
-        t.check(len).map_err(corrupt)?;
-        Ok(t)
-    }
-
     /// Loads a sealed segment's data files (its graph comes later, in the background).
     fn load_segment(&self, meta: &SegmentMeta) -> Result<Arc<Segment>, IndexError> {
         let mut parts = Vec::with_capacity(meta.parts.len());
@@ -149,28 +134,59 @@ impl ShardIndex {
         Ok(Arc::new(Segment::with_parts(meta.id, parts, all)))
     }
 
-    /// The BM25 statistics of a data file of the segment's `entries`: its snapshot, or (when
-    /// that is missing or damaged, reported) counted again from the text and written again.
-    fn terms_of(
-        &self,
+    /// Indexes the live chunks of one data file (the segment's `entries`) for BM25 from its
+    /// snapshot, read in place; when that is missing or damaged (reported), from the text,
+    /// writing the snapshot again.
+    fn index_part(
+        &mut self,
         part: u64,
         entries: &[Arc<Entry>],
+        live: &dyn Fn(&Entry) -> bool,
         report: &mut RecoveryReport,
-    ) -> SegmentTerms {
-        match self.load_terms(part, entries.len()) {
-            Ok(t) => {
-                report.bm25_snapshots += 1;
-                t
-            }
-            Err(e) => {
-                report
-                    .problems
-                    .push(format!("{e}; BM25 rebuilt from the segment's text"));
-                let t = SegmentTerms::of(entries);
-                if let Err(e) = self.write_terms(part, &t) {
-                    warn!(error = %e, "could not rewrite the BM25 snapshot");
+    ) {
+        let path = self.terms_path(part);
+        let snapshot = crate::files::map_checked(&path).and_then(|m| {
+            m.ok_or_else(|| IndexError::Corrupt {
+                path: path.clone(),
+                reason: "BM25 snapshot of a listed segment is missing".into(),
+            })
+        });
+        let problem = match snapshot {
+            Ok(map) => {
+                match crate::segment::TermsView::parse(&map[crate::files::HEADER..], entries.len())
+                {
+                    Ok(view) => {
+                        report.bm25_snapshots += 1;
+                        let ids: Vec<u32> = view
+                            .terms
+                            .iter()
+                            .map(|t| self.bm25.intern(t.clone()))
+                            .collect();
+                        let mut pairs = Vec::new();
+                        view.for_each(|i, p| {
+                            if live(&entries[i]) {
+                                pairs.clear();
+                                pairs.extend(p.iter().map(|&(t, f)| (ids[t as usize], f)));
+                                self.add_slot_ids(entries[i].clone(), &pairs);
+                            }
+                        });
+                        return;
+                    }
+                    Err(reason) => IndexError::Corrupt { path, reason },
                 }
-                t
+            }
+            Err(e) => e,
+        };
+        report
+            .problems
+            .push(format!("{problem}; BM25 rebuilt from the segment's text"));
+        let t = SegmentTerms::of(entries);
+        if let Err(e) = self.write_terms(part, &t) {
+            warn!(error = %e, "could not rewrite the BM25 snapshot");
+        }
+        for (i, e) in entries.iter().enumerate() {
+            if live(e) {
+                self.add_slot_counts(e.clone(), t.counts(i));
             }
         }
     }
@@ -190,17 +206,12 @@ impl ShardIndex {
         self.docs.clear();
         self.slots.clear();
         self.bm25 = Bm25::default();
+        let live = |e: &Entry| latest.get(&e.doc_id) == Some(&e.seq);
         let sealed = self.sealed.clone();
         for seg in &sealed {
             let mut at = 0;
             for &(part, len) in &seg.parts {
-                let entries = &seg.entries[at..at + len];
-                let terms = self.terms_of(part, entries, report);
-                for (i, e) in entries.iter().enumerate() {
-                    if latest.get(&e.doc_id) == Some(&e.seq) {
-                        self.add_slot_counts(e.clone(), terms.counts(i));
-                    }
-                }
+                self.index_part(part, &seg.entries[at..at + len], &live, report);
                 at += len;
             }
         }

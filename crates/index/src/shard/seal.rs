@@ -152,20 +152,18 @@ impl ShardIndex {
             if try_load {
                 // mapped, not read: the graph is decoded from the file's pages without a copy
                 match crate::files::map_checked(&path) {
-                    Ok(Some(map)) => match SegGraph::from_bytes(
-                        &map[crate::files::HEADER..],
-                        &seg.entries,
-                        spec.ann,
-                    ) {
-                        Ok(g) => {
-                            let _ = seg.graph.set(g);
-                            done.fetch_add(1, std::sync::atomic::Ordering::Release);
-                            return;
+                    Ok(Some(map)) => {
+                        match SegGraph::from_map(Arc::new(map), &seg.entries, spec.ann) {
+                            Ok(g) => {
+                                let _ = seg.graph.set(g);
+                                done.fetch_add(1, std::sync::atomic::Ordering::Release);
+                                return;
+                            }
+                            Err(e) => {
+                                warn!(path = %path.display(), error = %e, "graph file does not fit its segment; rebuilding")
+                            }
                         }
-                        Err(e) => {
-                            warn!(path = %path.display(), error = %e, "graph file does not fit its segment; rebuilding")
-                        }
-                    },
+                    }
                     Ok(None) => {}
                     Err(e) => warn!(error = %e, "graph file rejected; rebuilding"),
                 }

@@ -9,9 +9,18 @@ impl ShardIndex {
     }
 
     pub(super) fn add_slot_counts(&mut self, e: Arc<Entry>, counts: Vec<(String, u32)>) {
+        let ids: Vec<(u32, u32)> = counts
+            .into_iter()
+            .map(|(t, f)| (self.bm25.intern(t), f))
+            .collect();
+        self.add_slot_ids(e, &ids);
+    }
+
+    /// Adds a chunk with its terms as BM25 term ids.
+    pub(super) fn add_slot_ids(&mut self, e: Arc<Entry>, ids: &[(u32, u32)]) {
         let slot = self.next_slot;
         self.next_slot = self.next_slot.wrapping_add(1);
-        self.bm25.insert_counts(slot, counts);
+        self.bm25.insert_ids(slot, ids);
         let d = self.docs.entry(e.doc_id.clone()).or_default();
         d.seq = e.seq;
         d.version = e.version;

@@ -327,7 +327,7 @@ fn run_merge(
     let mut files = Vec::new();
     let result = (|| {
         let compact = compacted.is_some();
-        let segment = match compacted {
+        let (segment, graph) = match compacted {
             Some(entries) => {
                 let (bin, bm25) = (format!("seg-{id}.bin"), format!("seg-{id}.bm25"));
                 let mapped = super::seal::write_mapped(&tmp(&bin), &entries)?;
@@ -341,8 +341,7 @@ fn run_merge(
                     return Err(cancelled());
                 }
                 let g = seg.build_graph(spec);
-                let _ = seg.graph.set(g);
-                seg
+                (seg, g)
             }
             None => {
                 // extend the largest source's graph with the others' vectors
@@ -363,23 +362,20 @@ fn run_merge(
                     return Err(cancelled());
                 }
                 let grown = g.extend(&more, spec.threads);
-                let seg = Segment::with_parts(id, parts, entries);
-                let _ = seg.graph.set(SegGraph::Own(grown));
-                seg
+                (
+                    Segment::with_parts(id, parts, entries),
+                    SegGraph::Own(grown),
+                )
             }
         };
         if cancel.load(Ordering::Relaxed) {
             return Err(cancelled());
         }
-        let graph = segment
-            .graph
-            .get()
-            .expect("graph set above")
-            .to_bytes()
-            .map_err(IndexError::BadInput)?;
         let name = format!("seg-{id}.hnsw");
-        write_checked(&tmp(&name), &graph)?;
+        let graph = super::seal::persist_graph(&tmp(&name), graph, &segment.entries, spec.ann)
+            .map_err(|(e, _)| e)?;
         files.push((tmp(&name), dir.join(&name)));
+        let _ = segment.graph.set(graph);
         Ok((Arc::new(segment), compact))
     })();
     match result {

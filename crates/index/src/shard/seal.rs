@@ -169,14 +169,11 @@ impl ShardIndex {
                 }
             }
             let g = seg.build_graph(spec);
-            match g.to_bytes() {
-                Ok(bytes) => {
-                    if let Err(e) = write_checked(&path, &bytes) {
-                        warn!(error = %e, "could not persist graph");
-                    }
-                }
-                Err(e) => warn!(error = %e, "could not encode graph"),
-            }
+            let g = persist_graph(&path, g, &seg.entries, spec.ann).unwrap_or_else(|(e, g)| {
+                // searchable from memory still; built again at the next open
+                warn!(error = %e, "could not persist graph");
+                g
+            });
             let _ = seg.graph.set(g);
             done.fetch_add(1, std::sync::atomic::Ordering::Release);
         };
@@ -201,6 +198,35 @@ impl ShardIndex {
     pub(super) fn terms_path(&self, id: u64) -> PathBuf {
         self.dir.join(format!("seg-{id}.bm25"))
     }
+}
+
+/// Writes a freshly built graph to `path` and gives it back read from the mapped file (its
+/// codes and level-0 rows then stay in the file), or as it is when the map cannot be read back;
+/// a graph that cannot be written comes back with the error.
+pub(super) fn persist_graph(
+    path: &Path,
+    g: SegGraph,
+    entries: &[Arc<Entry>],
+    ann: AnnKind,
+) -> Result<SegGraph, (IndexError, SegGraph)> {
+    let written = g
+        .to_bytes()
+        .map_err(IndexError::BadInput)
+        .and_then(|bytes| write_checked(path, &bytes));
+    if let Err(e) = written {
+        return Err((e, g));
+    }
+    match crate::files::map_checked(path) {
+        Ok(Some(map)) => match SegGraph::from_map(Arc::new(map), entries, ann) {
+            Ok(mapped) => return Ok(mapped),
+            Err(e) => {
+                warn!(path = %path.display(), error = %e, "graph just written does not read back")
+            }
+        },
+        Ok(None) => {}
+        Err(e) => warn!(error = %e, "graph just written does not map"),
+    }
+    Ok(g)
 }
 
 /// Writes chunks as a format 3 data file at `path` and gives them back read from its map.

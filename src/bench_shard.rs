@@ -218,6 +218,12 @@ pub fn run(b: ShardBench) -> Result<()> {
             per_million(rss.1.saturating_sub(rss0.1)),
             per_million(disk_bytes(&dir)),
         );
+        let (graphs, bm25) = ix.memory_bytes();
+        println!(
+            "{n:>9} chunks: of the index's own memory, a million chunks: graphs {:.2} GB (codes and level-0 rows mapped), BM25 postings {:.2} GB",
+            per_million(graphs as u64),
+            per_million(bm25 as u64)
+        );
         let qv: Vec<Vec<f32>> = clustered_with(b.queries, b.dim, 50, 24, 0.1, 7, u64::MAX - 1)
             .into_iter()
             .map(|mut v| {

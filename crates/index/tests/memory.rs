@@ -18,6 +18,7 @@ const SENTENCES: usize = 8;
 const CHILD_DIR: &str = "RAGFLEET_MEMORY_CHILD_DIR";
 const CHILD_BUDGET: &str = "RAGFLEET_MEMORY_CHILD_BUDGET";
 const CHILD_PROBES: &str = "RAGFLEET_MEMORY_CHILD_PROBES";
+const CHILD_DATA: &str = "RAGFLEET_MEMORY_CHILD_DATA";
 
 fn model() -> ModelIdentity {
     ModelIdentity {
@@ -103,10 +104,7 @@ fn memory_child() {
         return;
     };
     let budget: u64 = std::env::var(CHILD_BUDGET).unwrap().parse().unwrap();
-    let data_bytes: u64 = std::env::var("RAGFLEET_MEMORY_CHILD_DATA")
-        .unwrap()
-        .parse()
-        .unwrap();
+    let data_bytes: u64 = std::env::var(CHILD_DATA).unwrap().parse().unwrap();
     // the probes come from the parent: generating every vector here would leave the freed
     // memory to the allocator, for the index to use under the cap
     let probes: Vec<(usize, Vec<f32>)> =
@@ -216,7 +214,7 @@ fn a_shard_whose_files_exceed_its_memory_limit_opens_and_serves() {
         ])
         .env(CHILD_DIR, dir.path())
         .env(CHILD_BUDGET, budget.to_string())
-        .env("RAGFLEET_MEMORY_CHILD_DATA", data.to_string())
+        .env(CHILD_DATA, data.to_string())
         .env(CHILD_PROBES, &probe_file)
         // out of memory, a backtrace would need memory too: the child just aborts
         .env("RUST_BACKTRACE", "0")

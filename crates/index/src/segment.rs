@@ -10,14 +10,18 @@ use crate::vector::{dot, UnitVector};
 
 /// One stored chunk: its ids, sequence number and version in memory, its text, vector and
 /// sentence vectors in memory or in a mapped data file.
-#[derive(Clone)]
 pub(crate) struct Entry {
     pub(crate) seq: u64,
     pub(crate) version: u64,
     pub(crate) doc_id: String,
     pub(crate) chunk_id: String,
+    /// The shard slot it was given while live (`u32::MAX`: none yet), carried to the copy a
+    /// seal or compaction reads back from its file so that the slot can point at the copy.
+    slot: std::sync::atomic::AtomicU32,
     body: Body,
 }
+
+const NO_SLOT: u32 = u32::MAX;
 
 /// Where a chunk's text, vector and sentence vectors are.
 #[derive(Clone)]
@@ -84,6 +88,7 @@ impl Entry {
             version,
             doc_id,
             chunk_id,
+            slot: NO_SLOT.into(),
             body: Body::Owned(Box::new(Owned {
                 text,
                 vector,
@@ -106,11 +111,25 @@ impl Entry {
             version,
             doc_id,
             chunk_id,
+            slot: NO_SLOT.into(),
             body: Body::Mapped {
                 file,
                 row: row as u32,
             },
         }
+    }
+
+    /// Its shard slot, if it was given one.
+    pub(crate) fn slot(&self) -> Option<u32> {
+        let s = self.slot.load(std::sync::atomic::Ordering::Relaxed);
+        (s != NO_SLOT).then_some(s)
+    }
+
+    pub(crate) fn set_slot(&self, slot: Option<u32>) {
+        self.slot.store(
+            slot.unwrap_or(NO_SLOT),
+            std::sync::atomic::Ordering::Relaxed,
+        );
     }
 
     pub(crate) fn vector(&self) -> &[f32] {

@@ -264,7 +264,10 @@ impl ShardIndex {
         self.sealed.retain(|s| !sources.contains(&s.id));
         self.sealed
             .insert(at.min(self.sealed.len()), merged.segment.clone());
-        self.prune_tombstones();
+        if merged.compacted {
+            // only a compaction drops chunks (an extension keeps every chunk of its sources)
+            self.prune_tombstones();
+        }
         if let Err(e) = self.write_manifest() {
             self.sealed = before;
             self.tombstones = before_tombstones;
@@ -301,12 +304,15 @@ impl ShardIndex {
 
     /// Tombstones matter only while a sealed segment still holds an older copy.
     pub(super) fn prune_tombstones(&mut self) {
-        let present: HashSet<&str> = self
-            .sealed
-            .iter()
-            .flat_map(|s| s.entries.iter().map(|e| e.doc_id.as_str()))
-            .collect();
-        let present: HashSet<String> = present.into_iter().map(str::to_string).collect();
+        if self.tombstones.is_empty() {
+            return;
+        }
+        let mut present: HashSet<String> = HashSet::new();
+        for e in self.sealed.iter().flat_map(|s| s.entries.iter()) {
+            if self.tombstones.contains_key(&e.doc_id) && !present.contains(&e.doc_id) {
+                present.insert(e.doc_id.clone());
+            }
+        }
         self.tombstones.retain(|d, _| present.contains(d));
     }
 }

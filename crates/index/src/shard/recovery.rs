@@ -349,7 +349,6 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let settings = || IndexSettings {
             segment_size: 8,
-            merge_ratio: 1000, // no merges: the old files stay as they are
             background: false,
             ..IndexSettings::default()
         };
@@ -411,9 +410,18 @@ mod tests {
             ..q
         };
         assert_eq!(ix.search(&q).unwrap()[0].doc_id, "d3");
+        // half the chunks deleted: the segment is compacted into a mapped file, and the old
+        // files' chunks left now point there
+        let gone: Vec<String> = (0..12).map(|i| format!("d{i}")).collect();
+        ix.delete(&gone, 1).unwrap();
+        ix.seal().unwrap();
+        assert!(!ix.merging());
+        assert!(mapped(&ix, "d12") && mapped(&ix, "d15") && mapped(&ix, "d20"));
+        assert!(ix.slots.values().all(|e| e.is_mapped()));
         drop(ix);
         let (ix, rep) = ShardIndex::open(dir.path(), settings()).unwrap();
         assert!(rep.problems.is_empty(), "{:?}", rep.problems);
-        assert_eq!(ix.doc_count(), 24);
+        assert_eq!(ix.doc_count(), 12);
+        assert!(ix.slots.values().all(|e| e.is_mapped()));
     }
 }

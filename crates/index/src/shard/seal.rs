@@ -96,18 +96,13 @@ impl ShardIndex {
     /// are let go.
     pub(super) fn rebind(&mut self, entries: &[Arc<Entry>]) {
         for e in entries {
-            let Some(d) = self.docs.get(&e.doc_id) else {
+            // the copy carries the slot its original had when it was written
+            let Some(slot) = e.slot() else {
                 continue;
             };
-            if d.seq != e.seq {
-                continue;
-            }
-            for s in &d.slots {
-                if let Some(cur) = self.slots.get_mut(s) {
-                    if cur.seq == e.seq && cur.chunk_id == e.chunk_id {
-                        *cur = e.clone();
-                        break;
-                    }
+            if let Some(cur) = self.slots.get_mut(&slot) {
+                if cur.seq == e.seq && cur.chunk_id == e.chunk_id {
+                    *cur = e.clone();
                 }
             }
         }
@@ -240,6 +235,9 @@ pub(super) fn write_mapped(
         path: path.to_path_buf(),
         reason: "the data file just written is gone".into(),
     })?;
+    for (copy, original) in back.iter().zip(entries) {
+        copy.set_slot(original.slot());
+    }
     Ok(back.into_iter().map(Arc::new).collect())
 }
 

@@ -20,6 +20,7 @@ impl ShardIndex {
     pub(super) fn add_slot_ids(&mut self, e: Arc<Entry>, ids: &[(u32, u32)]) {
         let slot = self.next_slot;
         self.next_slot = self.next_slot.wrapping_add(1);
+        e.set_slot(Some(slot));
         self.bm25.insert_ids(slot, ids);
         let d = self.docs.entry(e.doc_id.clone()).or_default();
         d.seq = e.seq;

@@ -107,11 +107,16 @@ impl Bm25 {
     /// that holds nothing; a slot already indexed is left as it is (its old postings could not
     /// be found without its old text).
     pub fn insert_counts(&mut self, slot: u32, counts: Vec<(String, u32)>) {
-        let ids: Vec<(u32, u32)> = counts
+        let ids = self.intern_counts(counts);
+        self.insert_ids(slot, &ids);
+    }
+
+    /// Term counts with their terms as ids (added to the dictionary if new).
+    pub(crate) fn intern_counts(&mut self, counts: Vec<(String, u32)>) -> Vec<(u32, u32)> {
+        counts
             .into_iter()
             .map(|(t, f)| (self.intern(t), f))
-            .collect();
-        self.insert_ids(slot, &ids);
+            .collect()
     }
 
     /// The id of a term (added to the dictionary if new).
@@ -245,19 +250,11 @@ impl Bm25 {
         } else {
             self.max_score(&qt, &bounds, avg, k)
         };
-        let mut out: Vec<(u32, f32)> = best.into_iter().map(|r| (r.0.slot, r.0.score)).collect();
-        out.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        out
+        best.into_sorted()
     }
 
     /// Term at a time, rarest first (see [`Bm25::search`]).
-    fn rarest_first(
-        &self,
-        qt: &[(&Postings, f32)],
-        bounds: &[f32],
-        avg: f32,
-        k: usize,
-    ) -> BinaryHeap<Reverse<Ranked>> {
+    fn rarest_first(&self, qt: &[(&Postings, f32)], bounds: &[f32], avg: f32, k: usize) -> TopK {
         // rest[i]: the most a chunk holding only terms i.. can score
         let mut rest = vec![0.0f32; qt.len() + 1];
         for i in (0..qt.len()).rev() {
@@ -270,13 +267,10 @@ impl Bm25 {
                 .map(|at| p.list[at].1)
                 .filter(|&tf| tf > 0)
         };
-        let mut best: BinaryHeap<Reverse<Ranked>> = BinaryHeap::with_capacity(k + 1);
+        let mut best = TopK::new(k);
         let mut contrib = vec![0.0f32; qt.len()];
         for i in 0..qt.len() {
-            let kth = |best: &BinaryHeap<Reverse<Ranked>>| {
-                (best.len() == k).then(|| best.peek().expect("k > 0").0.score)
-            };
-            if kth(&best).is_some_and(|t| t > rest[i]) {
+            if best.kth().is_some_and(|t| t > rest[i]) {
                 break;
             }
             let (p, idf) = qt[i];
@@ -287,7 +281,7 @@ impl Bm25 {
                 }
                 let len = self.docs.get(&slot).copied().unwrap_or(0) as f32;
                 let own = term_score(idf, tf as f32, len, avg);
-                if kth(&best).is_some_and(|t| own + rest[i + 1] < t) {
+                if best.kth().is_some_and(|t| own + rest[i + 1] < t) {
                     continue;
                 }
                 contrib.iter_mut().for_each(|c| *c = 0.0);
@@ -297,29 +291,17 @@ impl Bm25 {
                         contrib[j] = term_score(*idf, tf as f32, len, avg);
                     }
                 }
-                let r = Ranked {
+                best.offer(Ranked {
                     score: contrib.iter().sum(),
                     slot,
-                };
-                if best.len() < k {
-                    best.push(Reverse(r));
-                } else if best.peek().is_some_and(|w| r > w.0) {
-                    best.pop();
-                    best.push(Reverse(r));
-                }
+                });
             }
         }
         best
     }
 
     /// Document at a time, MaxScore (see [`Bm25::search`]).
-    fn max_score(
-        &self,
-        qt: &[(&Postings, f32)],
-        bounds: &[f32],
-        avg: f32,
-        k: usize,
-    ) -> BinaryHeap<Reverse<Ranked>> {
+    fn max_score(&self, qt: &[(&Postings, f32)], bounds: &[f32], avg: f32, k: usize) -> TopK {
         // cursors ordered by bound, smallest first; each remembers its term's place in `qt`
         // (scores are summed in that order, as the exhaustive reference does)
         let mut cur: Vec<Cursor> = qt
@@ -342,7 +324,7 @@ impl Bm25 {
         for i in 0..cur.len() {
             below[i + 1] = below[i] + cur[i].bound;
         }
-        let mut best: BinaryHeap<Reverse<Ranked>> = BinaryHeap::with_capacity(k + 1);
+        let mut best = TopK::new(k);
         // cursors 0..essential are non-essential: together they cannot reach the threshold
         let mut essential = 0;
         let mut contrib = vec![0.0f32; qt.len()];
@@ -358,7 +340,7 @@ impl Bm25 {
                     c.advance();
                 }
             }
-            let threshold = (best.len() == k).then(|| best.peek().expect("k > 0").0.score);
+            let threshold = best.kth();
             let mut alive = true;
             for i in (0..essential).rev() {
                 if threshold.is_some_and(|t| partial + below[i + 1] <= t) {
@@ -379,16 +361,10 @@ impl Bm25 {
                 score: contrib.iter().sum(),
                 slot,
             };
-            if best.len() < k {
-                best.push(Reverse(r));
-            } else if best.peek().is_some_and(|w| r > w.0) {
-                best.pop();
-                best.push(Reverse(r));
-            } else {
+            if !best.offer(r) {
                 continue;
             }
-            if best.len() == k {
-                let t = best.peek().expect("k > 0").0.score;
+            if let Some(t) = best.kth() {
                 while essential < cur.len() && below[essential + 1] <= t {
                     essential += 1;
                 }
@@ -472,6 +448,50 @@ impl Cursor<'_> {
         self.at = lo + self.list[lo..hi].partition_point(|p| p.0 < slot);
         self.skip_dead();
         self.slot() == Some(slot)
+    }
+}
+
+/// The best `k` scored slots so far: a min-heap with the worst (lower score, higher slot) on top.
+struct TopK {
+    heap: BinaryHeap<Reverse<Ranked>>,
+    k: usize,
+}
+
+impl TopK {
+    fn new(k: usize) -> TopK {
+        TopK {
+            heap: BinaryHeap::with_capacity(k + 1),
+            k,
+        }
+    }
+
+    /// The k-th best score, once there are k.
+    fn kth(&self) -> Option<f32> {
+        (self.heap.len() == self.k).then(|| self.heap.peek().map_or(f32::MIN, |w| w.0.score))
+    }
+
+    /// Keeps `r` if it is among the best k so far; whether it was kept.
+    fn offer(&mut self, r: Ranked) -> bool {
+        if self.heap.len() < self.k {
+            self.heap.push(Reverse(r));
+        } else if self.heap.peek().is_some_and(|w| r > w.0) {
+            self.heap.pop();
+            self.heap.push(Reverse(r));
+        } else {
+            return false;
+        }
+        true
+    }
+
+    /// (slot, score), best first (ties: lower slot first).
+    fn into_sorted(self) -> Vec<(u32, f32)> {
+        let mut out: Vec<(u32, f32)> = self
+            .heap
+            .into_iter()
+            .map(|r| (r.0.slot, r.0.score))
+            .collect();
+        out.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        out
     }
 }
 

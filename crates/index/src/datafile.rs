@@ -21,7 +21,7 @@ use std::sync::Arc;
 
 use ragfleet_proto::SentenceVectors;
 
-use crate::files::{map_checked, write_checked_streamed, HEADER};
+use crate::files::{map_checked, map_written, write_checked_streamed, HEADER};
 use crate::segment::Entry;
 use crate::IndexError;
 
@@ -297,7 +297,17 @@ pub(crate) fn write(path: &Path, entries: &[&Entry]) -> Result<(), IndexError> {
 /// Reads a segment data file of any format: format 3 is mapped (its entries point into the
 /// map), formats 1 and 2 are decoded into memory. `Ok(None)` when the file does not exist.
 pub(crate) fn read(path: &Path) -> Result<Option<Vec<Entry>>, IndexError> {
-    let Some(map) = map_checked(path)? else {
+    read_map(path, map_checked(path)?)
+}
+
+/// [`read`] of a file this process has just written with [`write`] (its checksum is not read
+/// again).
+pub(crate) fn read_written(path: &Path) -> Result<Option<Vec<Entry>>, IndexError> {
+    read_map(path, map_written(path)?)
+}
+
+fn read_map(path: &Path, map: Option<memmap2::Mmap>) -> Result<Option<Vec<Entry>>, IndexError> {
+    let Some(map) = map else {
         return Ok(None);
     };
     let body = &map[HEADER..];
@@ -329,15 +339,14 @@ mod tests {
         let vs: Vec<Vec<f32>> = (0..sentences)
             .map(|s| vec![(i + s) as f32, 1.0, -0.5])
             .collect();
-        Entry::owned(
-            i as u64 + 1,
-            7,
-            format!("d{i}"),
-            format!("d{i}#0"),
-            format!("chunk {i} — ünïcode text"),
-            vec![i as f32, 0.5, -1.0],
-            SentenceVectors::quantize(&vs),
-        )
+        let c = ragfleet_proto::ChunkRecord {
+            doc_id: format!("d{i}"),
+            chunk_id: format!("d{i}#0"),
+            text: format!("chunk {i} — ünïcode text"),
+            vector: vec![i as f32, 0.5, -1.0],
+            sentences: SentenceVectors::quantize(&vs),
+        };
+        Entry::owned(i as u64 + 1, 7, c)
     }
 
     #[test]

@@ -119,6 +119,16 @@ fn header(len: u64, crc: u32) -> [u8; HEADER] {
 /// are the file's, so they count as page cache that the kernel can drop, not as the process's
 /// own memory. `Ok(None)` when the file does not exist.
 pub(crate) fn map_checked(path: &Path) -> Result<Option<memmap2::Mmap>, IndexError> {
+    map_file(path, true)
+}
+
+/// [`map_checked`] without reading the whole file for its checksum, for a file this process
+/// has just written (and checksummed while writing).
+pub(crate) fn map_written(path: &Path) -> Result<Option<memmap2::Mmap>, IndexError> {
+    map_file(path, false)
+}
+
+fn map_file(path: &Path, verify: bool) -> Result<Option<memmap2::Mmap>, IndexError> {
     let f = match std::fs::File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -135,7 +145,9 @@ pub(crate) fn map_checked(path: &Path) -> Result<Option<memmap2::Mmap>, IndexErr
     // place, never modified afterwards, and the folder has one owner at a time (`DirLock`),
     // so the mapped bytes do not change while the map lives.
     let map = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| IndexError::io(path, e))?;
-    check_body(path, &map)?;
+    if verify {
+        check_body(path, &map)?;
+    }
     Ok(Some(map))
 }
 

@@ -5,6 +5,8 @@ use std::sync::{Arc, OnceLock};
 use instant_distance::{Builder, HnswMap, Search};
 use serde::{Deserialize, Serialize};
 
+use ragfleet_proto::ChunkRecord;
+
 use crate::datafile::DataFile;
 use crate::vector::{dot, UnitVector};
 
@@ -73,28 +75,25 @@ impl PartialEq for Entry {
 }
 
 impl Entry {
-    /// A chunk held in memory.
-    pub(crate) fn owned(
-        seq: u64,
-        version: u64,
-        doc_id: String,
-        chunk_id: String,
-        text: String,
-        vector: Vec<f32>,
-        sentences: ragfleet_proto::SentenceVectors,
-    ) -> Entry {
+    fn new(seq: u64, version: u64, doc_id: String, chunk_id: String, body: Body) -> Entry {
         Entry {
             seq,
             version,
             doc_id,
             chunk_id,
             slot: NO_SLOT.into(),
-            body: Body::Owned(Box::new(Owned {
-                text,
-                vector,
-                sentences,
-            })),
+            body,
         }
+    }
+
+    /// A chunk held in memory, written at `seq` with `version`.
+    pub(crate) fn owned(seq: u64, version: u64, c: ChunkRecord) -> Entry {
+        let body = Body::Owned(Box::new(Owned {
+            text: c.text,
+            vector: c.vector,
+            sentences: c.sentences,
+        }));
+        Entry::new(seq, version, c.doc_id, c.chunk_id, body)
     }
 
     /// Row `row` of a mapped data file.
@@ -106,16 +105,18 @@ impl Entry {
         file: Arc<DataFile>,
         row: usize,
     ) -> Entry {
-        Entry {
-            seq,
-            version,
-            doc_id,
-            chunk_id,
-            slot: NO_SLOT.into(),
-            body: Body::Mapped {
-                file,
-                row: row as u32,
-            },
+        let row = row as u32;
+        Entry::new(seq, version, doc_id, chunk_id, Body::Mapped { file, row })
+    }
+
+    /// A copy of the chunk as the wire and the log carry it.
+    pub(crate) fn record(&self) -> ChunkRecord {
+        ChunkRecord {
+            doc_id: self.doc_id.clone(),
+            chunk_id: self.chunk_id.clone(),
+            text: self.text().to_string(),
+            vector: self.vector().to_vec(),
+            sentences: self.sentences(),
         }
     }
 
@@ -581,15 +582,14 @@ mod tests {
             .iter()
             .enumerate()
             .map(|(i, t)| {
-                Arc::new(Entry::owned(
-                    i as u64,
-                    0,
-                    format!("d{i}"),
-                    format!("d{i}#0"),
-                    t.to_string(),
-                    vec![1.0],
-                    Default::default(),
-                ))
+                let c = ChunkRecord {
+                    doc_id: format!("d{i}"),
+                    chunk_id: format!("d{i}#0"),
+                    text: t.to_string(),
+                    vector: vec![1.0],
+                    sentences: Default::default(),
+                };
+                Arc::new(Entry::owned(i as u64, 0, c))
             })
             .collect()
     }

@@ -39,11 +39,7 @@ pub(crate) fn encode_entries(entries: &[&Entry]) -> Result<Vec<u8>, postcard::Er
         .map(|e| EntryV2 {
             seq: e.seq,
             version: e.version,
-            doc_id: e.doc_id.clone(),
-            chunk_id: e.chunk_id.clone(),
-            text: e.text().to_string(),
-            vector: e.vector().to_vec(),
-            sentences: e.sentences(),
+            chunk: e.record(),
         })
         .collect();
     postcard::to_stdvec(&(FORMAT2, v2))
@@ -55,46 +51,23 @@ pub(crate) fn decode_entries(bytes: &[u8]) -> Result<Vec<Entry>, postcard::Error
         let v2: Vec<EntryV2> = postcard::from_bytes(rest)?;
         return Ok(v2
             .into_iter()
-            .map(|e| {
-                Entry::owned(
-                    e.seq,
-                    e.version,
-                    e.doc_id,
-                    e.chunk_id,
-                    e.text,
-                    e.vector,
-                    e.sentences,
-                )
-            })
+            .map(|e| Entry::owned(e.seq, e.version, e.chunk))
             .collect());
     }
     let old: Vec<EntryV1> = postcard::from_bytes(bytes)?;
     Ok(old
         .into_iter()
-        .map(|e| {
-            Entry::owned(
-                e.seq,
-                e.version,
-                e.doc_id,
-                e.chunk_id,
-                e.text,
-                e.vector,
-                SentenceVectors::default(),
-            )
-        })
+        .map(|e| Entry::owned(e.seq, e.version, e.chunk.upgrade()))
         .collect())
 }
 
-/// A chunk in a format 2 data file.
+/// A chunk in a format 2 data file (postcard writes a struct's fields one after the other, so
+/// this is the same bytes as the seven fields it replaced).
 #[derive(Serialize, Deserialize)]
 struct EntryV2 {
     seq: u64,
     version: u64,
-    doc_id: String,
-    chunk_id: String,
-    text: String,
-    vector: Vec<f32>,
-    sentences: SentenceVectors,
+    chunk: ChunkRecord,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -129,10 +102,19 @@ struct ChunkRecordV1 {
 struct EntryV1 {
     seq: u64,
     version: u64,
-    doc_id: String,
-    chunk_id: String,
-    text: String,
-    vector: Vec<f32>,
+    chunk: ChunkRecordV1,
+}
+
+impl ChunkRecordV1 {
+    fn upgrade(self) -> ChunkRecord {
+        ChunkRecord {
+            doc_id: self.doc_id,
+            chunk_id: self.chunk_id,
+            text: self.text,
+            vector: self.vector,
+            sentences: SentenceVectors::default(),
+        }
+    }
 }
 
 impl WriteOpV1 {
@@ -145,16 +127,7 @@ impl WriteOpV1 {
             } => WriteOp::Upsert {
                 doc_id,
                 version,
-                chunks: chunks
-                    .into_iter()
-                    .map(|c| ChunkRecord {
-                        doc_id: c.doc_id,
-                        chunk_id: c.chunk_id,
-                        text: c.text,
-                        vector: c.vector,
-                        sentences: SentenceVectors::default(),
-                    })
-                    .collect(),
+                chunks: chunks.into_iter().map(ChunkRecordV1::upgrade).collect(),
             },
             WriteOpV1::Delete { doc_id, version } => WriteOp::Delete { doc_id, version },
         }
@@ -209,14 +182,8 @@ mod tests {
         assert_eq!((chunks[0].text.as_str(), *version), ("alpha", 3));
         assert!(chunks[0].sentences.is_empty());
         assert_eq!(r.ops[1].doc_id(), "b");
-        let seg = vec![EntryV1 {
-            seq: 1,
-            version: 2,
-            doc_id: "a".into(),
-            chunk_id: "a#0".into(),
-            text: "alpha".into(),
-            vector: vec![0.0, 1.0],
-        }];
+        // the first format's fields, flat, as it wrote them
+        let seg = vec![(1u64, 2u64, "a", "a#0", "alpha", vec![0.0f32, 1.0])];
         let e = decode_entries(&postcard::to_stdvec(&seg).unwrap()).unwrap();
         assert_eq!((e[0].seq, e[0].text()), (1, "alpha"));
         assert!(e[0].sentences().is_empty());
@@ -247,16 +214,18 @@ mod tests {
         };
         assert_eq!(chunks[0].sentences, s);
         assert!(decode_wal(&bytes[..bytes.len() - 3]).is_err());
-        let e = Entry::owned(
-            1,
-            1,
-            "a".into(),
-            "a#0".into(),
-            "t".into(),
-            vec![1.0, 0.0],
-            s.clone(),
-        );
+        let c = ChunkRecord {
+            doc_id: "a".into(),
+            chunk_id: "a#0".into(),
+            text: "t".into(),
+            vector: vec![1.0, 0.0],
+            sentences: s.clone(),
+        };
+        let e = Entry::owned(1, 1, c);
         let bytes = encode_entries(&[&e]).unwrap();
+        // the same bytes as format 2's flat fields
+        let flat = vec![(1u64, 1u64, "a", "a#0", "t", vec![1.0f32, 0.0], s.clone())];
+        assert_eq!(bytes, postcard::to_stdvec(&(FORMAT2, flat)).unwrap());
         assert_eq!(decode_entries(&bytes).unwrap(), vec![e]);
         assert!(decode_entries(&bytes[..bytes.len() - 2]).is_err());
     }

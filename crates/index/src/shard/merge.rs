@@ -336,12 +336,9 @@ fn run_merge(
         let (segment, graph) = match compacted {
             Some(entries) => {
                 let (bin, bm25) = (format!("seg-{id}.bin"), format!("seg-{id}.bm25"));
-                let mapped = super::seal::write_mapped(&tmp(&bin), &entries)?;
                 files.push((tmp(&bin), dir.join(&bin)));
-                let terms = postcard::to_stdvec(&SegmentTerms::of(&entries))
-                    .map_err(|e| IndexError::BadInput(e.to_string()))?;
-                write_checked(&tmp(&bm25), &terms)?;
                 files.push((tmp(&bm25), dir.join(&bm25)));
+                let mapped = super::seal::write_part(&tmp(&bin), &tmp(&bm25), &entries)?;
                 let seg = Segment::new(id, mapped);
                 if cancel.load(Ordering::Relaxed) {
                     return Err(cancelled());

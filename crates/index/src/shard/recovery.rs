@@ -296,14 +296,18 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_folder_of_the_first_manifest_format_opens_and_is_upgraded() {
-        let dir = tempfile::tempdir().unwrap();
-        let settings = || IndexSettings {
+    /// Segments of 8 chunks, graphs built inline.
+    fn settings() -> IndexSettings {
+        IndexSettings {
             segment_size: 8,
             background: false,
             ..IndexSettings::default()
-        };
+        }
+    }
+
+    #[test]
+    fn a_folder_of_the_first_manifest_format_opens_and_is_upgraded() {
+        let dir = tempfile::tempdir().unwrap();
         {
             let (mut ix, _) = ShardIndex::open(dir.path(), settings()).unwrap();
             ix.write((0..20).map(doc).collect(), &model()).unwrap();
@@ -347,11 +351,6 @@ mod tests {
     #[test]
     fn format_2_data_files_open_in_memory_and_new_segments_are_mapped() {
         let dir = tempfile::tempdir().unwrap();
-        let settings = || IndexSettings {
-            segment_size: 8,
-            background: false,
-            ..IndexSettings::default()
-        };
         {
             let (mut ix, _) = ShardIndex::open(dir.path(), settings()).unwrap();
             ix.write((0..8).map(doc).collect(), &model()).unwrap();

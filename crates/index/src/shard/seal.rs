@@ -86,9 +86,7 @@ impl ShardIndex {
         id: u64,
         entries: &[Arc<Entry>],
     ) -> Result<Vec<Arc<Entry>>, IndexError> {
-        let mapped = write_mapped(&self.segment_path(id), entries)?;
-        self.write_terms(id, &SegmentTerms::of(entries))?;
-        Ok(mapped)
+        write_part(&self.segment_path(id), &self.terms_path(id), entries)
     }
 
     /// Points the live chunks' slots at these copies of them (the same chunks, now read from a
@@ -134,8 +132,7 @@ impl ShardIndex {
     }
 
     pub(super) fn write_terms(&self, id: u64, t: &SegmentTerms) -> Result<(), IndexError> {
-        let bytes = postcard::to_stdvec(t).map_err(|e| IndexError::BadInput(e.to_string()))?;
-        write_checked(&self.terms_path(id), &bytes)
+        write_terms_at(&self.terms_path(id), t)
     }
 
     pub(super) fn spawn_graph(&self, seg: Arc<Segment>, try_load: bool) {
@@ -211,7 +208,11 @@ pub(super) fn persist_graph(
     if let Err(e) = written {
         return Err((e, g));
     }
-    match crate::files::map_checked(path) {
+    if !matches!(g, SegGraph::Own(_)) {
+        // only an own graph can leave its arrays in the file
+        return Ok(g);
+    }
+    match crate::files::map_written(path) {
         Ok(Some(map)) => match SegGraph::from_map(Arc::new(map), entries, ann) {
             Ok(mapped) => return Ok(mapped),
             Err(e) => {
@@ -224,14 +225,29 @@ pub(super) fn persist_graph(
     Ok(g)
 }
 
-/// Writes chunks as a format 3 data file at `path` and gives them back read from its map.
-pub(super) fn write_mapped(
-    path: &Path,
+/// Writes a BM25 snapshot.
+fn write_terms_at(path: &Path, t: &SegmentTerms) -> Result<(), IndexError> {
+    let bytes = postcard::to_stdvec(t).map_err(|e| IndexError::BadInput(e.to_string()))?;
+    write_checked(path, &bytes)
+}
+
+/// Writes chunks as one data file (`bin`, format 3) with its BM25 snapshot (`bm25`): what a
+/// seal and a compaction write; gives the chunks back read from the data file's map.
+pub(super) fn write_part(
+    bin: &Path,
+    bm25: &Path,
     entries: &[Arc<Entry>],
 ) -> Result<Vec<Arc<Entry>>, IndexError> {
+    let mapped = write_mapped(bin, entries)?;
+    write_terms_at(bm25, &SegmentTerms::of(entries))?;
+    Ok(mapped)
+}
+
+/// Writes chunks as a format 3 data file at `path` and gives them back read from its map.
+fn write_mapped(path: &Path, entries: &[Arc<Entry>]) -> Result<Vec<Arc<Entry>>, IndexError> {
     let plain: Vec<&Entry> = entries.iter().map(|e| e.as_ref()).collect();
     crate::datafile::write(path, &plain)?;
-    let back = crate::datafile::read(path)?.ok_or_else(|| IndexError::Corrupt {
+    let back = crate::datafile::read_written(path)?.ok_or_else(|| IndexError::Corrupt {
         path: path.to_path_buf(),
         reason: "the data file just written is gone".into(),
     })?;

@@ -50,13 +50,7 @@ impl ShardIndex {
                     .slots
                     .iter()
                     .filter_map(|s| self.slots.get(s))
-                    .map(|e| ChunkRecord {
-                        doc_id: e.doc_id.clone(),
-                        chunk_id: e.chunk_id.clone(),
-                        text: e.text().to_string(),
-                        vector: e.vector().to_vec(),
-                        sentences: e.sentences(),
-                    })
+                    .map(|e| e.record())
                     .collect();
                 Some(WriteOp::Upsert {
                     doc_id: d.clone(),

@@ -9,10 +9,7 @@ impl ShardIndex {
     }
 
     pub(super) fn add_slot_counts(&mut self, e: Arc<Entry>, counts: Vec<(String, u32)>) {
-        let ids: Vec<(u32, u32)> = counts
-            .into_iter()
-            .map(|(t, f)| (self.bm25.intern(t), f))
-            .collect();
+        let ids = self.bm25.intern_counts(counts);
         self.add_slot_ids(e, &ids);
     }
 
@@ -50,15 +47,7 @@ impl ShardIndex {
                 self.remove_doc(&doc_id);
                 self.deleted.remove(&doc_id);
                 for c in chunks {
-                    let e = Arc::new(Entry::owned(
-                        seq,
-                        version,
-                        c.doc_id,
-                        c.chunk_id,
-                        c.text,
-                        c.vector,
-                        c.sentences,
-                    ));
+                    let e = Arc::new(Entry::owned(seq, version, c));
                     self.growing.push(e.clone());
                     self.add_slot(e);
                 }

@@ -1,6 +1,8 @@
 //! A BM25 inverted index (k1 = 1.2, b = 0.75) over chunk slots.
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BinaryHeap, HashMap, HashSet};
+
+use crate::postings::{TermList, BLOCK};
 
 const K1: f32 = 1.2;
 const B: f32 = 0.75;
@@ -32,14 +34,14 @@ pub(crate) fn term_counts(text: &str) -> Vec<(String, u32)> {
 
 /// A term's postings: (slot, term frequency) sorted by slot, a removed slot's frequency set to
 /// 0 (skipped, and dropped once they are the majority), with what bounds its contribution to a
-/// score: its highest frequency and the shortest chunk it is in. Removals leave both as they
-/// were (still bounds, only looser) until the term has no chunk left.
+/// score as one block: its highest frequency and the shortest chunk it is in. Removals leave
+/// the bound as it was (still a bound, only looser) until the term has no chunk left.
 #[derive(Debug, Clone)]
 struct Postings {
-    list: Vec<(u32, u32)>,
+    list: Vec<[u32; 2]>,
     live: u32,
-    max_tf: u32,
-    min_len: u32,
+    /// (last slot: any, highest frequency, shortest length).
+    bound: [[u32; 3]; 1],
 }
 
 impl Default for Postings {
@@ -47,8 +49,7 @@ impl Default for Postings {
         Postings {
             list: Vec::new(),
             live: 0,
-            max_tf: 0,
-            min_len: u32::MAX,
+            bound: [[u32::MAX, 0, u32::MAX]],
         }
     }
 }
@@ -56,26 +57,35 @@ impl Default for Postings {
 impl Postings {
     fn add(&mut self, slot: u32, tf: u32, len: u32) {
         match self.list.last() {
-            Some(&(last, _)) if last >= slot => {
-                match self.list.binary_search_by_key(&slot, |p| p.0) {
-                    Ok(i) => self.list[i].1 = tf,
-                    Err(i) => self.list.insert(i, (slot, tf)),
+            Some(&[last, _]) if last >= slot => {
+                match self.list.binary_search_by_key(&slot, |p| p[0]) {
+                    Ok(i) => self.list[i][1] = tf,
+                    Err(i) => self.list.insert(i, [slot, tf]),
                 }
             }
-            _ => self.list.push((slot, tf)),
+            _ => self.list.push([slot, tf]),
         }
         self.live += 1;
-        self.max_tf = self.max_tf.max(tf);
-        self.min_len = self.min_len.min(len);
+        let b = &mut self.bound[0];
+        b[1] = b[1].max(tf);
+        b[2] = b[2].min(len);
     }
 
     fn drop_slot(&mut self, slot: u32) {
-        if let Ok(i) = self.list.binary_search_by_key(&slot, |p| p.0) {
-            self.list[i].1 = 0;
+        if let Ok(i) = self.list.binary_search_by_key(&slot, |p| p[0]) {
+            self.list[i][1] = 0;
             self.live -= 1;
         }
         if self.list.len() > 32 && self.list.len() > 2 * self.live as usize {
-            self.list.retain(|p| p.1 > 0);
+            self.list.retain(|p| p[1] > 0);
+        }
+    }
+
+    fn as_list(&self) -> TermList<'_> {
+        TermList {
+            pairs: &self.list,
+            blocks: &self.bound,
+            df: self.live,
         }
     }
 }
@@ -85,9 +95,10 @@ fn term_score(idf: f32, tf: f32, len: f32, avg: f32) -> f32 {
     idf * tf * (K1 + 1.0) / (tf + K1 * (1.0 - B + B * len / avg))
 }
 
-/// Inverted index from terms to (slot, term frequency). Terms are interned and a slot keeps
-/// only its length: a chunk costs its postings (8 bytes a distinct term); removing one takes
-/// its text again (the chunk has it) to find its postings.
+/// Inverted index from terms to (slot, term frequency), in memory: the growing segment's (a
+/// sealed segment's postings are in its mapped file, [`crate::postings`]). Terms are interned
+/// and a slot keeps only its length: a chunk costs its postings (8 bytes a distinct term);
+/// removing one takes its text again (the chunk has it) to find its postings.
 #[derive(Debug, Default, Clone)]
 pub struct Bm25 {
     dict: HashMap<String, u32>,
@@ -103,24 +114,19 @@ impl Bm25 {
         self.insert_counts(slot, term_counts(text));
     }
 
-    /// Indexes a chunk given its term counts (from [`term_counts`] or a snapshot) under a slot
-    /// that holds nothing; a slot already indexed is left as it is (its old postings could not
-    /// be found without its old text).
+    /// Indexes a chunk given its term counts (from [`term_counts`]) under a slot that holds
+    /// nothing; a slot already indexed is left as it is (its old postings could not be found
+    /// without its old text).
     pub fn insert_counts(&mut self, slot: u32, counts: Vec<(String, u32)>) {
-        let ids = self.intern_counts(counts);
+        let ids: Vec<(u32, u32)> = counts
+            .into_iter()
+            .map(|(t, f)| (self.intern(t), f))
+            .collect();
         self.insert_ids(slot, &ids);
     }
 
-    /// Term counts with their terms as ids (added to the dictionary if new).
-    pub(crate) fn intern_counts(&mut self, counts: Vec<(String, u32)>) -> Vec<(u32, u32)> {
-        counts
-            .into_iter()
-            .map(|(t, f)| (self.intern(t), f))
-            .collect()
-    }
-
     /// The id of a term (added to the dictionary if new).
-    pub(crate) fn intern(&mut self, term: String) -> u32 {
+    fn intern(&mut self, term: String) -> u32 {
         let next = self.postings.len() as u32;
         let id = *self.dict.entry(term).or_insert(next);
         if id == next {
@@ -130,7 +136,7 @@ impl Bm25 {
     }
 
     /// [`Bm25::insert_counts`] with the terms as ids from [`Bm25::intern`].
-    pub(crate) fn insert_ids(&mut self, slot: u32, ids: &[(u32, u32)]) {
+    fn insert_ids(&mut self, slot: u32, ids: &[(u32, u32)]) {
         if self.docs.contains_key(&slot) {
             debug_assert!(false, "slot {slot} is indexed already");
             return;
@@ -143,7 +149,7 @@ impl Bm25 {
         self.total_len += len as u64;
     }
 
-    /// Removes a slot, given the text it was indexed with.
+    /// Removes a slot, given the text it was indexed with (a slot not indexed here: nothing).
     pub fn remove(&mut self, slot: u32, text: &str) {
         let Some(len) = self.docs.remove(&slot) else {
             return;
@@ -160,13 +166,6 @@ impl Bm25 {
         self.total_len -= len as u64;
     }
 
-    /// Gives back the postings' spare capacity (after a bulk load).
-    pub fn shrink(&mut self) {
-        for p in &mut self.postings {
-            p.list.shrink_to_fit();
-        }
-    }
-
     /// Slots indexed.
     pub fn len(&self) -> usize {
         self.docs.len()
@@ -177,166 +176,231 @@ impl Bm25 {
         self.docs.is_empty()
     }
 
-    /// Bytes the index holds (postings, per-slot term lists, dictionary), roughly.
+    /// Bytes the index holds (postings, per-slot lengths, dictionary), roughly.
     pub fn memory_bytes(&self) -> usize {
         let postings: usize = self
             .postings
             .iter()
-            .map(|p| p.list.capacity() * 8 + 32)
+            .map(|p| p.list.capacity() * 8 + 40)
             .sum();
         let docs = self.docs.len() * 16;
         let dict: usize = self.dict.keys().map(|k| k.len() + 40).sum();
         postings + docs + dict
     }
 
-    /// The distinct terms of `query` the index holds, as (postings, idf), rarest first.
-    fn query_terms(&self, query: &str) -> Vec<(&Postings, f32)> {
-        let n = self.docs.len() as f32;
-        let mut q = terms(query);
-        q.sort();
-        q.dedup();
-        let mut qt: Vec<(&Postings, f32)> = q
-            .iter()
-            .filter_map(|t| self.dict.get(t))
-            .map(|&id| &self.postings[id as usize])
-            .filter(|p| p.live > 0)
-            .map(|p| {
-                let df = p.live as f32;
-                (p, (1.0 + (n - df + 0.5) / (df + 0.5)).ln())
+    /// This index as one source of a search for the terms of [`query_terms`].
+    pub(crate) fn source(&self, terms: &[String]) -> Source<'_> {
+        Source {
+            lists: terms
+                .iter()
+                .map(|t| {
+                    self.dict
+                        .get(t)
+                        .map(|&id| &self.postings[id as usize])
+                        .filter(|p| p.live > 0)
+                        .map(Postings::as_list)
+                })
+                .collect(),
+            rows: self.docs.len() as u64,
+            total_len: self.total_len,
+            len_of: Box::new(|slot| self.docs.get(&slot).copied().unwrap_or(0)),
+            // removed slots' postings are zeroed, never met
+            live: Box::new(|_| true),
+        }
+    }
+
+    /// The `k` best slots for `query` with their scores, best first (ties: lower slot first),
+    /// exact, without scoring every matching chunk (see [`search_sources`]).
+    pub fn search(&self, query: &str, k: usize) -> Vec<(u32, f32)> {
+        let terms = query_terms(query);
+        search_sources(&[self.source(&terms)], k)
+            .into_iter()
+            .map(|(_, slot, s)| (slot, s))
+            .collect()
+    }
+}
+
+/// The distinct terms of a query, sorted: the order of [`Source::lists`].
+pub(crate) fn query_terms(query: &str) -> Vec<String> {
+    let mut q = terms(query);
+    q.sort();
+    q.dedup();
+    q
+}
+
+/// Where a search reads postings: the growing segment's in-memory index, or a sealed segment's
+/// postings file. Rows are slots or the segment's positions.
+pub(crate) struct Source<'a> {
+    /// Each query term's postings here (in the order of [`query_terms`]).
+    pub(crate) lists: Vec<Option<TermList<'a>>>,
+    /// Rows its statistics count (a sealed segment: dead ones too, until a compaction).
+    pub(crate) rows: u64,
+    /// Their lengths in terms, summed.
+    pub(crate) total_len: u64,
+    /// A row's length in terms.
+    pub(crate) len_of: Box<dyn Fn(u32) -> u32 + 'a>,
+    /// Whether a row may be returned (asked only of rows that would enter the top k).
+    pub(crate) live: Box<dyn Fn(u32) -> bool + 'a>,
+}
+
+/// What every source of one search shares: the query's terms with a document frequency (in
+/// the order their scores are summed: highest idf first), their idf and the average length.
+struct Plan {
+    /// (index into `Source::lists`, idf).
+    terms: Vec<(usize, f32)>,
+    avg: f32,
+}
+
+impl Plan {
+    fn new(sources: &[Source<'_>]) -> Option<Plan> {
+        let n: u64 = sources.iter().map(|s| s.rows).sum();
+        if n == 0 {
+            return None;
+        }
+        let total: u64 = sources.iter().map(|s| s.total_len).sum();
+        let avg = (total as f32 / n as f32).max(1e-6);
+        let width = sources.first().map_or(0, |s| s.lists.len());
+        let mut terms: Vec<(usize, f32, u64)> = (0..width)
+            .filter_map(|t| {
+                let df: u64 = sources
+                    .iter()
+                    .filter_map(|s| s.lists[t].as_ref())
+                    .map(|l| l.df as u64)
+                    .sum();
+                let (n, df) = (n as f32, df as f32);
+                (df > 0.0).then(|| (t, (1.0 + (n - df + 0.5) / (df + 0.5)).ln(), df as u64))
             })
             .collect();
-        qt.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.live.cmp(&b.0.live)));
-        qt
+        terms.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.2.cmp(&b.2)).then(a.0.cmp(&b.0)));
+        (!terms.is_empty()).then(|| Plan {
+            terms: terms.into_iter().map(|(t, idf, _)| (t, idf)).collect(),
+            avg,
+        })
     }
 
-    /// The `k` best slots for `query` with their scores, best first (ties: lower slot first).
-    ///
-    /// Exact top-k without scoring every matching chunk. Each term is bounded by its
-    /// contribution at its highest frequency in its shortest chunk, and one of two strategies
-    /// runs, by an estimate of the postings each reads:
-    /// - *rarest term first* (term at a time), when the rarest term's postings are short next
-    ///   to the others: a chunk is scored when first met, its other terms looked up in their
-    ///   sorted postings, unless its bound cannot reach the k-th best; once the k-th best passes
-    ///   the bound of the terms left, the commoner terms' postings are never read;
-    /// - *MaxScore* (document at a time), when every term is common: terms go in order of their
-    ///   bounds, and those whose bounds together cannot lift a chunk past the k-th best so far
-    ///   are non-essential: candidates come only from the other terms' postings and the
-    ///   non-essential ones are looked up only while the chunk can still make the top k.
-    pub fn search(&self, query: &str, k: usize) -> Vec<(u32, f32)> {
-        self.search_by(query, k, None)
+    /// The most a term of `idf` adds at frequency `tf` in a chunk of `len` terms or more, a
+    /// hair above, so that rounding in another order of summation cannot cross it.
+    fn bound(&self, idf: f32, tf: u32, len: u32) -> f32 {
+        term_score(idf, tf as f32, len as f32, self.avg) * (1.0 + 1e-5)
     }
 
-    /// [`Bm25::search`] with the strategy forced (`Some(true)`: rarest term first) or chosen.
-    fn search_by(&self, query: &str, k: usize, rare_first: Option<bool>) -> Vec<(u32, f32)> {
-        let n = self.docs.len() as f32;
-        if n == 0.0 || k == 0 {
-            return Vec::new();
-        }
-        let avg = (self.total_len as f32 / n).max(1e-6);
-        let qt = self.query_terms(query);
-        if qt.is_empty() {
-            return Vec::new();
-        }
-        // a hair above each bound, so that rounding in another order of summation cannot
-        // cross it
-        let bounds: Vec<f32> = qt
-            .iter()
-            .map(|(p, idf)| term_score(*idf, p.max_tf as f32, p.min_len as f32, avg) * (1.0 + 1e-5))
-            .collect();
-        let total: usize = qt.iter().map(|(p, _)| p.list.len()).sum();
-        let rare_first = rare_first.unwrap_or(qt[0].0.list.len() * qt.len() * 8 < total);
-        let best = if rare_first {
-            self.rarest_first(&qt, &bounds, avg, k)
-        } else {
-            self.max_score(&qt, &bounds, avg, k)
-        };
-        best.into_sorted()
-    }
-
-    /// Term at a time, rarest first (see [`Bm25::search`]).
-    fn rarest_first(&self, qt: &[(&Postings, f32)], bounds: &[f32], avg: f32, k: usize) -> TopK {
-        // rest[i]: the most a chunk holding only terms i.. can score
-        let mut rest = vec![0.0f32; qt.len() + 1];
-        for i in (0..qt.len()).rev() {
-            rest[i] = rest[i + 1] + bounds[i];
-        }
-        let holds = |p: &Postings, slot: u32| -> Option<u32> {
-            p.list
-                .binary_search_by_key(&slot, |x| x.0)
-                .ok()
-                .map(|at| p.list[at].1)
-                .filter(|&tf| tf > 0)
-        };
-        let mut best = TopK::new(k);
-        let mut contrib = vec![0.0f32; qt.len()];
-        for i in 0..qt.len() {
-            if best.kth().is_some_and(|t| t > rest[i]) {
-                break;
-            }
-            let (p, idf) = qt[i];
-            for &(slot, tf) in &p.list {
-                // removed, or met in a rarer term's postings (scored then)
-                if tf == 0 || qt[..i].iter().any(|(q, _)| holds(q, slot).is_some()) {
-                    continue;
-                }
-                let len = self.docs.get(&slot).copied().unwrap_or(0) as f32;
-                let own = term_score(idf, tf as f32, len, avg);
-                if best.kth().is_some_and(|t| own + rest[i + 1] < t) {
-                    continue;
-                }
-                contrib.iter_mut().for_each(|c| *c = 0.0);
-                contrib[i] = own;
-                for (j, (q, idf)) in qt.iter().enumerate().skip(i + 1) {
-                    if let Some(tf) = holds(q, slot) {
-                        contrib[j] = term_score(*idf, tf as f32, len, avg);
-                    }
-                }
-                best.offer(Ranked {
-                    score: contrib.iter().sum(),
-                    slot,
-                });
-            }
-        }
-        best
-    }
-
-    /// Document at a time, MaxScore (see [`Bm25::search`]).
-    fn max_score(&self, qt: &[(&Postings, f32)], bounds: &[f32], avg: f32, k: usize) -> TopK {
-        // cursors ordered by bound, smallest first; each remembers its term's place in `qt`
-        // (scores are summed in that order, as the exhaustive reference does)
-        let mut cur: Vec<Cursor> = qt
+    /// A row's score in `src` from each term's frequency there, summed in the plan's order.
+    fn score(&self, src: &Source<'_>, row: u32, tf: impl Fn(usize) -> u32) -> f32 {
+        let len = (src.len_of)(row) as f32;
+        self.terms
             .iter()
             .enumerate()
-            .map(|(i, (p, idf))| Cursor {
-                list: &p.list,
-                at: 0,
-                idf: *idf,
-                bound: bounds[i],
-                term: i,
+            .map(|(pos, &(_, idf))| match tf(pos) {
+                0 => 0.0,
+                f => term_score(idf, f as f32, len, self.avg),
+            })
+            .sum()
+    }
+
+    /// Offers the first rows of the source's weightiest term (scored by lookups), so that the
+    /// document-at-a-time pass starts with a threshold: a top k of chunks holding a rare term
+    /// turns the common terms non-essential from the start.
+    fn seed(&self, s: usize, src: &Source<'_>, best: &mut TopK, seen: &mut HashSet<u64>) {
+        let lists: Vec<Option<TermList<'_>>> = self.terms.iter().map(|&(t, _)| src.lists[t]).collect();
+        let weightiest = lists
+            .iter()
+            .enumerate()
+            .filter_map(|(pos, l)| {
+                let l = l.as_ref()?;
+                let (tf, len) = l.bound();
+                Some((self.bound(self.terms[pos].1, tf, len), pos))
+            })
+            .max_by(|a, b| a.0.total_cmp(&b.0));
+        let Some((_, pos)) = weightiest else {
+            return;
+        };
+        let mut offered = 0;
+        for &[row, tf] in lists[pos].expect("a list").pairs {
+            if offered == best.k {
+                break;
+            }
+            if tf == 0 || !(src.live)(row) {
+                continue;
+            }
+            let score = self.score(src, row, |p| lists[p].map_or(0, |l| l.tf_at(row)));
+            let key = key(s, row);
+            seen.insert(key);
+            best.offer(Ranked { score, key });
+            offered += 1;
+        }
+    }
+
+    /// Block-max MaxScore over one source, document at a time. Terms go in order of their
+    /// bounds here; those whose bounds together cannot lift a row past the k-th best so far are
+    /// non-essential: rows come only from the other terms' postings, and the non-essential
+    /// ones are looked up only while the row can still make the top k. Before a row is scored,
+    /// the essential terms' block summaries bound every row up to the nearest block end: when
+    /// that cannot reach the k-th best, the whole window is skipped.
+    fn daat(&self, s: usize, src: &Source<'_>, best: &mut TopK, seen: &HashSet<u64>) {
+        let mut cur: Vec<Cursor<'_>> = self
+            .terms
+            .iter()
+            .enumerate()
+            .filter_map(|(pos, &(t, idf))| {
+                let list = src.lists[t].filter(|l| !l.pairs.is_empty())?;
+                let (tf, len) = list.bound();
+                let mut c = Cursor {
+                    list,
+                    at: 0,
+                    idf,
+                    bound: self.bound(idf, tf, len),
+                    pos,
+                };
+                c.skip_dead();
+                Some(c)
             })
             .collect();
-        cur.sort_by(|a, b| a.bound.total_cmp(&b.bound).then(a.term.cmp(&b.term)));
-        for c in &mut cur {
-            c.skip_dead();
-        }
+        cur.sort_by(|a, b| a.bound.total_cmp(&b.bound).then(a.pos.cmp(&b.pos)));
         // below[i]: the sum of the bounds of cursors 0..i
         let mut below = vec![0.0f32; cur.len() + 1];
         for i in 0..cur.len() {
             below[i + 1] = below[i] + cur[i].bound;
         }
-        let mut best = TopK::new(k);
-        // cursors 0..essential are non-essential: together they cannot reach the threshold
+        let raise = |essential: &mut usize, t: f32| {
+            while *essential < below.len() - 1 && below[*essential + 1] <= t {
+                *essential += 1;
+            }
+        };
+        // cursors 0..essential are non-essential
         let mut essential = 0;
-        let mut contrib = vec![0.0f32; qt.len()];
-        while let Some(slot) = cur[essential..].iter().filter_map(Cursor::slot).min() {
-            let len = self.docs.get(&slot).copied().unwrap_or(0) as f32;
-            contrib.iter_mut().for_each(|c| *c = 0.0);
+        if let Some(t) = best.kth() {
+            raise(&mut essential, t);
+        }
+        let mut contrib = vec![0u32; self.terms.len()];
+        while essential < cur.len() {
+            let Some(pivot) = cur[essential..].iter().filter_map(Cursor::row).min() else {
+                break;
+            };
+            if let Some(t) = best.kth() {
+                let mut window = below[essential];
+                let mut upto = u32::MAX;
+                for c in cur[essential..].iter().filter(|c| c.row().is_some()) {
+                    let [last, tf, len] = c.block();
+                    window += self.bound(c.idf, tf, len);
+                    upto = upto.min(last);
+                }
+                if window <= t {
+                    if upto == u32::MAX {
+                        break;
+                    }
+                    for c in &mut cur[essential..] {
+                        c.seek(upto + 1);
+                    }
+                    continue;
+                }
+            }
+            let len = (src.len_of)(pivot);
+            contrib.iter_mut().for_each(|c| *c = 0);
             let mut partial = 0.0f32;
             for c in &mut cur[essential..] {
-                if c.slot() == Some(slot) {
-                    let s = term_score(c.idf, c.tf() as f32, len, avg);
-                    contrib[c.term] = s;
-                    partial += s;
+                if c.row() == Some(pivot) {
+                    contrib[c.pos] = c.tf();
+                    partial += term_score(c.idf, c.tf() as f32, len as f32, self.avg);
                     c.advance();
                 }
             }
@@ -348,81 +412,112 @@ impl Bm25 {
                     break;
                 }
                 let c = &mut cur[i];
-                if c.seek(slot) {
-                    let s = term_score(c.idf, c.tf() as f32, len, avg);
-                    contrib[c.term] = s;
-                    partial += s;
+                if c.seek(pivot) {
+                    contrib[c.pos] = c.tf();
+                    partial += term_score(c.idf, c.tf() as f32, len as f32, self.avg);
                 }
             }
-            if !alive {
+            let key = key(s, pivot);
+            if !alive || seen.contains(&key) || !(src.live)(pivot) {
                 continue;
             }
-            let r = Ranked {
-                score: contrib.iter().sum(),
-                slot,
-            };
-            if !best.offer(r) {
-                continue;
-            }
-            if let Some(t) = best.kth() {
-                while essential < cur.len() && below[essential + 1] <= t {
-                    essential += 1;
-                }
-                if essential == cur.len() {
-                    break;
+            let score = self.score(src, pivot, |p| contrib[p]);
+            if best.offer(Ranked { score, key }) {
+                if let Some(t) = best.kth() {
+                    raise(&mut essential, t);
                 }
             }
         }
-        best
     }
+}
 
-    /// Every matching slot scored (the reference the tests hold [`Bm25::search`] to).
-    #[cfg(test)]
-    fn search_exhaustive(&self, query: &str, k: usize) -> Vec<(u32, f32)> {
-        let n = self.docs.len() as f32;
-        let avg = (self.total_len as f32 / n).max(1e-6);
-        let qt = self.query_terms(query);
-        let mut scores: HashMap<u32, Vec<f32>> = HashMap::new();
-        for (i, (p, idf)) in qt.iter().enumerate() {
-            for &(slot, tf) in p.list.iter().filter(|p| p.1 > 0) {
-                let len = self.docs[&slot] as f32;
-                scores.entry(slot).or_insert_with(|| vec![0.0; qt.len()])[i] =
-                    term_score(*idf, tf as f32, len, avg);
+/// A row's place in the ranking: its source, then the row.
+fn key(source: usize, row: u32) -> u64 {
+    ((source as u64) << 32) | row as u64
+}
+
+/// The exact `k` best rows of `sources` for the query terms their lists were made for, as
+/// (source, row, score), best first (ties: lower source, then lower row), without scoring
+/// every matching row: scores use the statistics of all sources together (chunk count,
+/// average length, document frequencies), each term bounded by its highest frequency in its
+/// shortest chunk, per block of postings and per list. Each source is first seeded with the
+/// first rows of its weightiest term, then searched by block-max MaxScore
+/// ([`Plan::daat`]), the k-th best score carried from one source to the next.
+pub(crate) fn search_sources(sources: &[Source<'_>], k: usize) -> Vec<(usize, u32, f32)> {
+    let Some(plan) = Plan::new(sources).filter(|_| k > 0) else {
+        return Vec::new();
+    };
+    let mut best = TopK::new(k);
+    let mut seen = HashSet::new();
+    for (s, src) in sources.iter().enumerate() {
+        plan.seed(s, src, &mut best, &mut seen);
+    }
+    for (s, src) in sources.iter().enumerate() {
+        plan.daat(s, src, &mut best, &seen);
+    }
+    best.into_sorted()
+        .into_iter()
+        .map(|(key, score)| ((key >> 32) as usize, key as u32, score))
+        .collect()
+}
+
+/// Every matching live row scored (the reference the tests hold [`search_sources`] to).
+#[cfg(test)]
+pub(crate) fn search_exhaustive(sources: &[Source<'_>], k: usize) -> Vec<(usize, u32, f32)> {
+    let Some(plan) = Plan::new(sources) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for (s, src) in sources.iter().enumerate() {
+        let mut tfs: HashMap<u32, Vec<u32>> = HashMap::new();
+        for (pos, &(t, _)) in plan.terms.iter().enumerate() {
+            for &[row, tf] in src.lists[t].map_or(&[][..], |l| l.pairs) {
+                if tf > 0 {
+                    tfs.entry(row).or_insert_with(|| vec![0; plan.terms.len()])[pos] = tf;
+                }
             }
         }
-        // summed in the terms' order, as the search sums them
-        let mut out: Vec<(u32, f32)> = scores
-            .into_iter()
-            .map(|(slot, c)| (slot, c.iter().sum()))
-            .collect();
-        out.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        out.truncate(k);
-        out
+        for (row, tf) in tfs {
+            if (src.live)(row) {
+                out.push((s, row, plan.score(src, row, |p| tf[p])));
+            }
+        }
     }
+    out.sort_by(|a, b| b.2.total_cmp(&a.2).then((a.0, a.1).cmp(&(b.0, b.1))));
+    out.truncate(k);
+    out
 }
 
 /// A query term's place in its postings during a search.
 struct Cursor<'a> {
-    list: &'a [(u32, u32)],
+    list: TermList<'a>,
     at: usize,
     idf: f32,
+    /// Its bound over the whole list.
     bound: f32,
-    /// Its index among the query's terms.
-    term: usize,
+    /// Its position in the plan's terms.
+    pos: usize,
 }
 
 impl Cursor<'_> {
-    fn slot(&self) -> Option<u32> {
-        self.list.get(self.at).map(|p| p.0)
+    fn row(&self) -> Option<u32> {
+        self.list.pairs.get(self.at).map(|p| p[0])
     }
 
     fn tf(&self) -> u32 {
-        self.list[self.at].1
+        self.list.pairs[self.at][1]
+    }
+
+    /// The summary of the block the cursor is in: (last row, highest frequency, shortest
+    /// length).
+    fn block(&self) -> [u32; 3] {
+        let b = &self.list.blocks;
+        b[(self.at / BLOCK).min(b.len() - 1)]
     }
 
     /// Past removed slots.
     fn skip_dead(&mut self) {
-        while self.list.get(self.at).is_some_and(|p| p.1 == 0) {
+        while self.list.pairs.get(self.at).is_some_and(|p| p[1] == 0) {
             self.at += 1;
         }
     }
@@ -432,26 +527,27 @@ impl Cursor<'_> {
         self.skip_dead();
     }
 
-    /// Moves to the first live posting at or after `slot` (galloping, then binary search);
-    /// whether it is at `slot`.
-    fn seek(&mut self, slot: u32) -> bool {
-        if self.slot().is_none_or(|s| s >= slot) {
-            return self.slot() == Some(slot);
+    /// Moves to the first live posting at or after `row` (galloping, then binary search);
+    /// whether it is at `row`.
+    fn seek(&mut self, row: u32) -> bool {
+        let list = self.list.pairs;
+        if self.row().is_none_or(|r| r >= row) {
+            return self.row() == Some(row);
         }
         let mut step = 1;
         let mut lo = self.at;
-        while lo + step < self.list.len() && self.list[lo + step].0 < slot {
+        while lo + step < list.len() && list[lo + step][0] < row {
             lo += step;
             step *= 2;
         }
-        let hi = (lo + step + 1).min(self.list.len());
-        self.at = lo + self.list[lo..hi].partition_point(|p| p.0 < slot);
+        let hi = (lo + step + 1).min(list.len());
+        self.at = lo + list[lo..hi].partition_point(|p| p[0] < row);
         self.skip_dead();
-        self.slot() == Some(slot)
+        self.row() == Some(row)
     }
 }
 
-/// The best `k` scored slots so far: a min-heap with the worst (lower score, higher slot) on top.
+/// The best `k` scored rows so far: a min-heap with the worst (lower score, higher key) on top.
 struct TopK {
     heap: BinaryHeap<Reverse<Ranked>>,
     k: usize,
@@ -483,23 +579,23 @@ impl TopK {
         true
     }
 
-    /// (slot, score), best first (ties: lower slot first).
-    fn into_sorted(self) -> Vec<(u32, f32)> {
-        let mut out: Vec<(u32, f32)> = self
+    /// (key, score), best first (ties: lower key first).
+    fn into_sorted(self) -> Vec<(u64, f32)> {
+        let mut out: Vec<(u64, f32)> = self
             .heap
             .into_iter()
-            .map(|r| (r.0.slot, r.0.score))
+            .map(|r| (r.0.key, r.0.score))
             .collect();
         out.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         out
     }
 }
 
-/// A scored slot: ordered by score, then the lower slot ranks higher.
+/// A scored row: ordered by score, then the lower key ranks higher.
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct Ranked {
     score: f32,
-    slot: u32,
+    key: u64,
 }
 
 impl Eq for Ranked {}
@@ -512,7 +608,7 @@ impl PartialOrd for Ranked {
 
 impl Ord for Ranked {
     fn cmp(&self, o: &Self) -> std::cmp::Ordering {
-        self.score.total_cmp(&o.score).then(o.slot.cmp(&self.slot))
+        self.score.total_cmp(&o.score).then(o.key.cmp(&self.key))
     }
 }
 
@@ -520,34 +616,37 @@ impl Ord for Ranked {
 mod tests {
     use super::*;
 
+    /// Zipf-like words: w0 is in most chunks, w300 in few.
+    fn word(r: &mut rand::rngs::StdRng) -> String {
+        use rand::Rng;
+        let u: f64 = r.gen_range(0.0..1.0);
+        format!("w{}", (u.powi(3) * 400.0) as u32)
+    }
+
+    fn text(r: &mut rand::rngs::StdRng, words: std::ops::Range<usize>) -> String {
+        use rand::Rng;
+        let n = r.gen_range(words);
+        (0..n).map(|_| word(r)).collect::<Vec<_>>().join(" ")
+    }
+
     #[test]
-    fn maxscore_returns_exactly_what_scoring_everything_does() {
+    fn block_max_search_returns_exactly_what_scoring_everything_does() {
         use rand::{Rng, SeedableRng};
         let mut r = rand::rngs::StdRng::seed_from_u64(3);
         let mut b = Bm25::default();
         let mut texts: HashMap<u32, String> = HashMap::new();
-        // Zipf-like words: w0 is in most chunks, w300 in few
-        let word = |r: &mut rand::rngs::StdRng| {
-            let u: f64 = r.gen_range(0.0..1.0);
-            format!("w{}", (u.powi(3) * 400.0) as u32)
-        };
         for slot in 0..3000u32 {
-            let text: Vec<String> = (0..r.gen_range(3..30)).map(|_| word(&mut r)).collect();
-            b.insert(slot, &text.join(" "));
-            texts.insert(slot, text.join(" "));
+            let t = text(&mut r, 3..30);
+            b.insert(slot, &t);
+            texts.insert(slot, t);
         }
         let check = |b: &Bm25, r: &mut rand::rngs::StdRng| {
             for _ in 0..300 {
-                let q: Vec<String> = (0..r.gen_range(1..6)).map(|_| word(r)).collect();
-                let q = q.join(" ");
+                let q = text(r, 1..6);
+                let terms = query_terms(&q);
                 for k in [1, 10, 100] {
-                    let want = b.search_exhaustive(&q, k);
-                    assert_eq!(
-                        b.search_by(&q, k, Some(true)),
-                        want,
-                        "rarest first: {q} k={k}"
-                    );
-                    assert_eq!(b.search_by(&q, k, Some(false)), want, "MaxScore: {q} k={k}");
+                    let want = search_exhaustive(&[b.source(&terms)], k);
+                    let want: Vec<(u32, f32)> = want.into_iter().map(|x| (x.1, x.2)).collect();
                     assert_eq!(b.search(&q, k), want, "{q} k={k}");
                 }
             }
@@ -560,12 +659,64 @@ mod tests {
                 b.remove(slot, &old);
             }
             if r.gen_bool(0.5) {
-                let text: Vec<String> = (0..r.gen_range(1..60)).map(|_| word(&mut r)).collect();
-                b.insert(slot, &text.join(" "));
-                texts.insert(slot, text.join(" "));
+                let t = text(&mut r, 1..60);
+                b.insert(slot, &t);
+                texts.insert(slot, t);
             }
         }
         check(&b, &mut r);
+    }
+
+    #[test]
+    fn a_search_over_postings_files_and_memory_with_dead_rows_is_exact() {
+        use crate::postings::{Built, SegPostings};
+        use rand::{Rng, SeedableRng};
+        let mut r = rand::rngs::StdRng::seed_from_u64(11);
+        let dir = tempfile::tempdir().unwrap();
+        // three sealed segments (blocks of 128 postings, many blocks a common term) and a
+        // growing one; a fifth of the sealed rows dead
+        let mut files = Vec::new();
+        let mut dead: Vec<HashSet<u32>> = Vec::new();
+        for (i, rows) in [2500usize, 700, 90].into_iter().enumerate() {
+            let texts: Vec<String> = (0..rows).map(|_| text(&mut r, 0..40)).collect();
+            let built = Built::of(texts.iter().map(|t| t.as_str()));
+            let path = dir.path().join(format!("{i}.post"));
+            files.push(SegPostings::write(&path, &[&built]).unwrap());
+            dead.push((0..rows as u32).filter(|_| r.gen_bool(0.2)).collect());
+        }
+        let mut growing = Bm25::default();
+        for slot in 0..300u32 {
+            growing.insert(slot, &text(&mut r, 0..40));
+        }
+        let mut bounded = 0;
+        for _ in 0..400 {
+            let q = text(&mut r, 1..7);
+            let terms = query_terms(&q);
+            let sources = || {
+                let mut v: Vec<Source<'_>> = files
+                    .iter()
+                    .zip(&dead)
+                    .map(|(p, d)| Source {
+                        lists: terms.iter().map(|t| p.find(t)).collect(),
+                        rows: p.rows() as u64,
+                        total_len: p.total_len(),
+                        len_of: Box::new(|row| p.len_of(row)),
+                        live: Box::new(move |row| !d.contains(&row)),
+                    })
+                    .collect();
+                v.push(growing.source(&terms));
+                v
+            };
+            for k in [1, 10, 50] {
+                let got = search_sources(&sources(), k);
+                assert_eq!(got, search_exhaustive(&sources(), k), "{q} k={k}");
+                for (s, row, _) in &got {
+                    assert!(*s == 3 || !dead[*s].contains(row), "a dead row returned");
+                }
+                bounded += usize::from(got.len() == k);
+            }
+        }
+        assert!(bounded > 600, "most searches fill their top k: {bounded}");
     }
 
     #[test]

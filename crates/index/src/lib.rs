@@ -12,6 +12,7 @@ pub mod eval;
 mod files;
 pub mod hnsw;
 mod lock;
+mod postings;
 pub mod ranking;
 mod segment;
 mod shard;

@@ -339,10 +339,13 @@ pub(crate) struct Segment {
     /// The graph's id (its file is `seg-<id>.hnsw`); a freshly sealed segment has one part
     /// with the same id.
     pub(crate) id: u64,
-    /// Data files (`seg-<part>.bin`, `seg-<part>.bm25`) and how many chunks each holds.
+    /// Data files (`seg-<part>.bin`) and how many chunks each holds.
     pub(crate) parts: Vec<(u64, usize)>,
     pub(crate) entries: Vec<Arc<Entry>>,
     pub(crate) graph: OnceLock<SegGraph>,
+    /// BM25 postings of all its chunks, rows = positions (`seg-<id>.post`): set before the
+    /// segment is searched.
+    pub(crate) postings: OnceLock<Arc<crate::postings::SegPostings>>,
 }
 
 impl std::fmt::Debug for Segment {
@@ -364,6 +367,7 @@ impl Segment {
             parts: vec![(id, entries.len())],
             entries,
             graph: OnceLock::new(),
+            postings: OnceLock::new(),
         }
     }
 
@@ -374,6 +378,7 @@ impl Segment {
             parts,
             entries,
             graph: OnceLock::new(),
+            postings: OnceLock::new(),
         }
     }
 
@@ -478,153 +483,4 @@ pub(crate) fn exact_search(
     }
     scored.sort_by(|a, b| b.0.total_cmp(&a.0));
     scored.into_iter().map(|(s, e)| (s, e.clone())).collect()
-}
-
-/// The BM25 statistics of a sealed segment, snapshotted beside it (`seg-N.bm25`) so that a
-/// restart loads term counts instead of re-tokenising every chunk: a term dictionary and, per
-/// entry, (term index, frequency) pairs.
-#[derive(Debug, Serialize, Deserialize)]
-pub(crate) struct SegmentTerms {
-    terms: Vec<String>,
-    entries: Vec<Vec<(u32, u32)>>,
-}
-
-impl SegmentTerms {
-    /// Tokenises chunks.
-    pub(crate) fn of(entries: &[Arc<Entry>]) -> Self {
-        let mut dict: std::collections::HashMap<String, u32> = Default::default();
-        let mut terms = Vec::new();
-        let entries = entries
-            .iter()
-            .map(|e| {
-                crate::bm25::term_counts(e.text())
-                    .into_iter()
-                    .map(|(t, f)| {
-                        let id = *dict.entry(t.clone()).or_insert_with(|| {
-                            terms.push(t);
-                            (terms.len() - 1) as u32
-                        });
-                        (id, f)
-                    })
-                    .collect()
-            })
-            .collect();
-        SegmentTerms { terms, entries }
-    }
-
-    /// Term counts of entry `i`.
-    pub(crate) fn counts(&self, i: usize) -> Vec<(String, u32)> {
-        self.entries[i]
-            .iter()
-            .map(|(t, f)| (self.terms[*t as usize].clone(), *f))
-            .collect()
-    }
-}
-
-/// A BM25 snapshot (the bytes of a [`SegmentTerms`]) read in place: the dictionary decoded,
-/// each chunk's pairs decoded only when visited, so that opening a large segment does not hold
-/// all of them at once.
-#[derive(Debug)]
-pub(crate) struct TermsView<'a> {
-    pub(crate) terms: Vec<String>,
-    entries: &'a [u8],
-    n: usize,
-}
-
-impl<'a> TermsView<'a> {
-    /// Checks a snapshot against a segment of `n` chunks: decodable, `n` lists, every term
-    /// index inside the dictionary, nothing after the last list.
-    pub(crate) fn parse(bytes: &'a [u8], n: usize) -> Result<TermsView<'a>, String> {
-        let (terms, rest): (Vec<String>, &[u8]) =
-            postcard::take_from_bytes(bytes).map_err(|e| e.to_string())?;
-        let (count, entries): (usize, &[u8]) =
-            postcard::take_from_bytes(rest).map_err(|e| e.to_string())?;
-        if count != n {
-            return Err(format!("holds {count} chunks, the segment {n}"));
-        }
-        let view = TermsView { terms, entries, n };
-        let dict = view.terms.len() as u32;
-        let mut left = view.entries;
-        for _ in 0..n {
-            let (pairs, rest): (Vec<(u32, u32)>, &[u8]) =
-                postcard::take_from_bytes(left).map_err(|e| e.to_string())?;
-            if pairs.iter().any(|(t, _)| *t >= dict) {
-                return Err("term index out of range".into());
-            }
-            left = rest;
-        }
-        if !left.is_empty() {
-            return Err(format!("{} bytes after the last chunk", left.len()));
-        }
-        Ok(view)
-    }
-
-    /// Calls `f` with each chunk's position and (term index, frequency) pairs, in order.
-    pub(crate) fn for_each(&self, mut f: impl FnMut(usize, &[(u32, u32)])) {
-        let mut left = self.entries;
-        for i in 0..self.n {
-            // checked by `parse`
-            let Ok((pairs, rest)) = postcard::take_from_bytes::<Vec<(u32, u32)>>(left) else {
-                return;
-            };
-            f(i, &pairs);
-            left = rest;
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn entries(texts: &[&str]) -> Vec<Arc<Entry>> {
-        texts
-            .iter()
-            .enumerate()
-            .map(|(i, t)| {
-                let c = ChunkRecord {
-                    doc_id: format!("d{i}"),
-                    chunk_id: format!("d{i}#0"),
-                    text: t.to_string(),
-                    vector: vec![1.0],
-                    sentences: Default::default(),
-                };
-                Arc::new(Entry::owned(i as u64, 0, c))
-            })
-            .collect()
-    }
-
-    #[test]
-    fn a_bm25_snapshot_read_in_place_gives_every_chunks_counts_and_refuses_damage() {
-        let es = entries(&["alpha beta beta", "", "gamma alpha", "delta"]);
-        let t = SegmentTerms::of(&es);
-        let bytes = postcard::to_stdvec(&t).unwrap();
-        let view = TermsView::parse(&bytes, 4).unwrap();
-        let mut seen = Vec::new();
-        view.for_each(|i, p| {
-            let counts: Vec<(String, u32)> = p
-                .iter()
-                .map(|(t, f)| (view.terms[*t as usize].clone(), *f))
-                .collect();
-            assert_eq!(counts, t.counts(i));
-            seen.push(i);
-        });
-        assert_eq!(seen, vec![0, 1, 2, 3]);
-        assert!(TermsView::parse(&bytes, 3).unwrap_err().contains("holds 4"));
-        assert!(TermsView::parse(&bytes[..bytes.len() - 1], 4).is_err());
-        let mut longer = bytes.clone();
-        longer.push(0);
-        assert!(TermsView::parse(&longer, 4)
-            .unwrap_err()
-            .contains("after the last"));
-        // a term index past the dictionary
-        let bad = SegmentTerms {
-            terms: vec!["x".into()],
-            entries: vec![vec![(3, 1)]],
-        };
-        let bytes = postcard::to_stdvec(&bad).unwrap();
-        assert!(TermsView::parse(&bytes, 1)
-            .unwrap_err()
-            .contains("out of range"));
-    }
 }

@@ -281,7 +281,7 @@ fn bm25_ids(ix: &ShardIndex, text: &str) -> Vec<(String, u32)> {
 }
 
 #[test]
-fn bm25_is_snapshotted_per_segment_and_recovered_with_the_log_tail() {
+fn bm25_postings_are_written_per_segment_and_recovered_with_the_log_tail() {
     let dir = tempfile::tempdir().unwrap();
     let words = ["proton", "neutron", "electron", "quark", "gluon", "photon"];
     let text = |i: usize| format!("{} {} number {i}", words[i % 6], words[(i * 7 + 1) % 6]);
@@ -304,21 +304,22 @@ fn bm25_is_snapshotted_per_segment_and_recovered_with_the_log_tail() {
     let snaps: Vec<_> = std::fs::read_dir(dir.path())
         .unwrap()
         .filter_map(|e| e.ok())
-        .filter(|e| e.path().extension().is_some_and(|x| x == "bm25"))
+        .filter(|e| e.path().extension().is_some_and(|x| x == "post"))
         .collect();
-    assert!(!snaps.is_empty(), "no BM25 snapshot written");
+    assert!(!snaps.is_empty(), "no BM25 postings file written");
     let (ix, rep) = ShardIndex::open(dir.path(), settings(10)).unwrap();
     assert!(rep.problems.is_empty(), "{:?}", rep.problems);
-    // two seals of 10, merged into one segment of two data files, each with its snapshot
+    // two seals of 10, merged into one segment of two data files: one postings file a
+    // segment, all of them read
     assert!(rep.segments >= 1, "{rep:?}");
     assert_eq!(rep.bm25_snapshots, snaps.len());
-    assert!(snaps.len() >= 2, "{snaps:?}");
+    assert_eq!(snaps.len(), rep.segments, "{snaps:?}");
     assert!(rep.replayed > 0);
     assert_eq!(bm25_ids(&ix, "proton quark tachyon"), before);
     drop(ix);
 
-    // a corrupt snapshot is reported, never loaded; BM25 is rebuilt from the segment and the
-    // snapshot rewritten, so the next open is clean again
+    // a corrupt postings file is reported, never loaded; the postings are rebuilt from the
+    // segment's text and written again, so the next open is clean again
     let victim = snaps[0].path();
     let mut bytes = std::fs::read(&victim).unwrap();
     let n = bytes.len();

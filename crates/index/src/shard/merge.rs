@@ -283,10 +283,10 @@ impl ShardIndex {
         let kept: HashSet<u64> = merged.segment.parts.iter().map(|(p, _)| *p).collect();
         for s in before.iter().filter(|s| sources.contains(&s.id)) {
             let _ = std::fs::remove_file(Self::graph_path(&self.dir, s.id));
+            let _ = std::fs::remove_file(self.postings_path(s.id));
             for (p, _) in &s.parts {
                 if !kept.contains(p) {
                     let _ = std::fs::remove_file(self.segment_path(*p));
-                    let _ = std::fs::remove_file(self.terms_path(*p));
                 }
             }
         }
@@ -335,11 +335,10 @@ fn run_merge(
         let compact = compacted.is_some();
         let (segment, graph) = match compacted {
             Some(entries) => {
-                let (bin, bm25) = (format!("seg-{id}.bin"), format!("seg-{id}.bm25"));
+                let (bin, post) = (format!("seg-{id}.bin"), format!("seg-{id}.post"));
                 files.push((tmp(&bin), dir.join(&bin)));
-                files.push((tmp(&bm25), dir.join(&bm25)));
-                let mapped = super::seal::write_part(&tmp(&bin), &tmp(&bm25), &entries)?;
-                let seg = Segment::new(id, mapped);
+                files.push((tmp(&post), dir.join(&post)));
+                let seg = super::seal::write_part(&tmp(&bin), &tmp(&post), id, &entries)?;
                 if cancel.load(Ordering::Relaxed) {
                     return Err(cancelled());
                 }
@@ -365,10 +364,24 @@ fn run_merge(
                     return Err(cancelled());
                 }
                 let grown = g.extend(&more, spec.threads);
-                (
-                    Segment::with_parts(id, parts, entries),
-                    SegGraph::Own(grown),
-                )
+                // the sources' postings, one after the other (their rows numbered on)
+                let inputs: Vec<&dyn crate::postings::PostingsInput> = sources
+                    .iter()
+                    .map(|s| {
+                        s.postings
+                            .get()
+                            .map(|p| p.as_ref() as &dyn crate::postings::PostingsInput)
+                            .ok_or_else(|| {
+                                IndexError::BadInput(format!("segment {} has no postings", s.id))
+                            })
+                    })
+                    .collect::<Result<_, _>>()?;
+                let post = format!("seg-{id}.post");
+                files.push((tmp(&post), dir.join(&post)));
+                let postings = crate::postings::SegPostings::write(&tmp(&post), &inputs)?;
+                let seg = Segment::with_parts(id, parts, entries);
+                let _ = seg.postings.set(postings);
+                (seg, SegGraph::Own(grown))
             }
         };
         if cancel.load(Ordering::Relaxed) {

@@ -25,7 +25,7 @@ use tracing::{info, warn};
 
 use crate::bm25::Bm25;
 use crate::files::{read_checked, write_checked};
-use crate::segment::{exact_search, AnnKind, Entry, Segment, SegmentTerms};
+use crate::segment::{exact_search, AnnKind, Entry, Segment};
 use crate::vector::normalize;
 use crate::wal::Wal;
 use crate::{rrf, sort_hits, IndexError};
@@ -107,7 +107,8 @@ pub struct RecoveryReport {
     pub replayed: usize,
     /// Problems found (corrupt or torn files); the data they held is not loaded.
     pub problems: Vec<String>,
-    /// Sealed segments whose BM25 statistics came from their snapshot files.
+    /// Sealed segments whose BM25 postings were read from their files (the others' were
+    /// rebuilt from their text and written again).
     pub bm25_snapshots: usize,
     /// Whether data may be missing and the replica should catch up from a peer.
     pub needs_catch_up: bool,
@@ -264,7 +265,7 @@ impl ShardIndex {
     }
 
     /// Bytes the index holds in the process's memory, roughly, as (graphs, BM25); chunk bodies
-    /// of sealed segments are in mapped files and not counted.
+    /// and BM25 postings of sealed segments are in mapped files and not counted.
     pub fn memory_bytes(&self) -> (usize, usize) {
         let graphs = self
             .sealed
@@ -272,7 +273,13 @@ impl ShardIndex {
             .filter_map(|s| s.graph.get())
             .map(|g| g.memory_bytes())
             .sum();
-        (graphs, self.bm25.memory_bytes())
+        let postings: usize = self
+            .sealed
+            .iter()
+            .filter_map(|s| s.postings.get())
+            .map(|p| p.memory_bytes())
+            .sum();
+        (graphs, self.bm25.memory_bytes() + postings)
     }
 
     /// Changes the HNSW search beam of later searches (ragfleet's graphs; an instant-distance

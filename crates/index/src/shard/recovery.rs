@@ -1,6 +1,7 @@
 //! Opening a shard index: the manifest, sealed segments with their BM25 snapshots, the log
 //! tail replayed; corrupt files reported and never loaded.
 use super::*;
+use crate::postings::{Built, SegPostings};
 
 impl ShardIndex {
     /// Opens the index in `dir` (created if missing), recovering from the snapshot files and the
@@ -67,7 +68,7 @@ impl ShardIndex {
             ix.purged_below = ix.grace_horizon().unwrap_or(0);
         }
         for meta in &manifest.segments {
-            match ix.load_segment(meta) {
+            match ix.load_segment(meta, &mut report) {
                 Ok(seg) => ix.sealed.push(seg),
                 Err(e) => {
                     report.problems.push(e.to_string());
@@ -76,7 +77,7 @@ impl ShardIndex {
             }
         }
         report.segments = ix.sealed.len();
-        ix.rebuild_liveness(&mut report);
+        ix.rebuild_liveness();
         if let Some(err) = &wal_rec.tail_error {
             report.problems.push(format!(
                 "write-ahead log: {err}; {} bytes dropped",
@@ -118,8 +119,14 @@ impl ShardIndex {
         Ok((ix, report))
     }
 
-    /// Loads a sealed segment's data files (its graph comes later, in the background).
-    fn load_segment(&self, meta: &SegmentMeta) -> Result<Arc<Segment>, IndexError> {
+    /// Loads a sealed segment's data files and BM25 postings (its graph comes later, in the
+    /// background). Postings missing (a folder of an earlier version) or damaged (reported)
+    /// are rebuilt from the chunks' text and written again.
+    fn load_segment(
+        &self,
+        meta: &SegmentMeta,
+        report: &mut RecoveryReport,
+    ) -> Result<Arc<Segment>, IndexError> {
         let mut parts = Vec::with_capacity(meta.parts.len());
         let mut all = Vec::new();
         for &part in &meta.parts {
@@ -131,69 +138,33 @@ impl ShardIndex {
             parts.push((part, entries.len()));
             all.extend(entries.into_iter().map(Arc::new));
         }
-        Ok(Arc::new(Segment::with_parts(meta.id, parts, all)))
-    }
-
-    /// Indexes the live chunks of one data file (the segment's `entries`) for BM25 from its
-    /// snapshot, read in place; when that is missing or damaged (reported), from the text,
-    /// writing the snapshot again.
-    fn index_part(
-        &mut self,
-        part: u64,
-        entries: &[Arc<Entry>],
-        live: &dyn Fn(&Entry) -> bool,
-        report: &mut RecoveryReport,
-    ) {
-        let path = self.terms_path(part);
-        let snapshot = crate::files::map_checked(&path).and_then(|m| {
-            m.ok_or_else(|| IndexError::Corrupt {
-                path: path.clone(),
-                reason: "BM25 snapshot of a listed segment is missing".into(),
-            })
-        });
-        let problem = match snapshot {
-            Ok(map) => {
-                match crate::segment::TermsView::parse(&map[crate::files::HEADER..], entries.len())
-                {
-                    Ok(view) => {
-                        report.bm25_snapshots += 1;
-                        let ids: Vec<u32> = view
-                            .terms
-                            .iter()
-                            .map(|t| self.bm25.intern(t.clone()))
-                            .collect();
-                        let mut pairs = Vec::new();
-                        view.for_each(|i, p| {
-                            if live(&entries[i]) {
-                                pairs.clear();
-                                pairs.extend(p.iter().map(|&(t, f)| (ids[t as usize], f)));
-                                self.add_slot_ids(entries[i].clone(), &pairs);
-                            }
-                        });
-                        return;
-                    }
-                    Err(reason) => IndexError::Corrupt { path, reason },
+        let seg = Segment::with_parts(meta.id, parts, all);
+        let path = self.postings_path(meta.id);
+        let postings = match SegPostings::open(&path, seg.entries.len()) {
+            Ok(Some(p)) => {
+                report.bm25_snapshots += 1;
+                p
+            }
+            found => {
+                match found {
+                    Err(e) => report
+                        .problems
+                        .push(format!("{e}; BM25 postings rebuilt from the segment's text")),
+                    _ => info!(segment = meta.id, "no BM25 postings file; building it"),
                 }
+                let built = Built::of(seg.entries.iter().map(|e| e.text()));
+                SegPostings::write(&path, &[&built]).or_else(|e| {
+                    warn!(error = %e, "could not write BM25 postings; holding them in memory");
+                    SegPostings::in_memory(&[&built])
+                })?
             }
-            Err(e) => e,
         };
-        report
-            .problems
-            .push(format!("{problem}; BM25 rebuilt from the segment's text"));
-        let t = SegmentTerms::of(entries);
-        if let Err(e) = self.write_terms(part, &t) {
-            warn!(error = %e, "could not rewrite the BM25 snapshot");
-        }
-        for (i, e) in entries.iter().enumerate() {
-            if live(e) {
-                self.add_slot_counts(e.clone(), t.counts(i));
-            }
-        }
+        let _ = seg.postings.set(postings);
+        Ok(Arc::new(seg))
     }
 
-    /// Recomputes document liveness, slots and BM25 from the sealed segments (with their BM25
-    /// snapshots, read one data file at a time) and tombstones.
-    pub(super) fn rebuild_liveness(&mut self, report: &mut RecoveryReport) {
+    /// Recomputes document liveness and slots from the sealed segments and tombstones.
+    pub(super) fn rebuild_liveness(&mut self) {
         self.changed();
         let mut latest: HashMap<String, u64> = HashMap::new();
         for seg in &self.sealed {
@@ -208,14 +179,11 @@ impl ShardIndex {
         self.bm25 = Bm25::default();
         let live = |e: &Entry| latest.get(&e.doc_id) == Some(&e.seq);
         let sealed = self.sealed.clone();
-        for seg in &sealed {
-            let mut at = 0;
-            for &(part, len) in &seg.parts {
-                self.index_part(part, &seg.entries[at..at + len], &live, report);
-                at += len;
+        for e in sealed.iter().flat_map(|s| s.entries.iter()) {
+            if live(e) {
+                self.add_live(e.clone());
             }
         }
-        self.bm25.shrink();
     }
 }
 
@@ -244,9 +212,9 @@ fn remove_unreferenced(dir: &Path, m: &Manifest) {
     let mut keep: HashSet<String> = HashSet::new();
     for s in &m.segments {
         keep.insert(format!("seg-{}.hnsw", s.id));
+        keep.insert(format!("seg-{}.post", s.id));
         for p in &s.parts {
             keep.insert(format!("seg-{p}.bin"));
-            keep.insert(format!("seg-{p}.bm25"));
         }
     }
     let Ok(rd) = std::fs::read_dir(dir) else {
@@ -256,7 +224,9 @@ fn remove_unreferenced(dir: &Path, m: &Manifest) {
         let name = f.file_name().to_string_lossy().to_string();
         let temporary = name.ends_with(".tmp") || name.ends_with(".merging");
         let segment_file = name.starts_with("seg-")
-            && [".bin", ".bm25", ".hnsw"].iter().any(|x| name.ends_with(x));
+            && [".bin", ".bm25", ".post", ".hnsw"]
+                .iter()
+                .any(|x| name.ends_with(x));
         if temporary || (segment_file && !keep.contains(&name)) {
             match std::fs::remove_file(f.path()) {
                 Ok(()) => info!(file = %name, "removed a file no manifest lists"),

@@ -1,6 +1,7 @@
 //! Sealing the growing segment, merging small segments, dropping old deletion records, and
 //! building graphs on background threads. A failed seal or merge leaves the index as it was.
 use super::*;
+use crate::postings::{Built, SegPostings};
 use crate::segment::SegGraph;
 
 impl ShardIndex {
@@ -12,7 +13,7 @@ impl ShardIndex {
         if !self.growing.is_empty() {
             let id = self.next_segment_id;
             let seg = match self.write_segment(id, &self.growing) {
-                Ok(mapped) => Arc::new(Segment::new(id, mapped)),
+                Ok(seg) => Arc::new(seg),
                 Err(e) => {
                     self.remove_segment_files(id);
                     return Err(e);
@@ -22,6 +23,8 @@ impl ShardIndex {
             self.rebind(&seg.entries);
             self.next_segment_id += 1;
             self.growing.clear();
+            // the growing segment's BM25 is in the new segment's postings file now
+            self.bm25 = Bm25::default();
             self.sealed.push(seg.clone());
             self.spawn_graph(seg, false);
         }
@@ -72,21 +75,21 @@ impl ShardIndex {
     pub(super) fn remove_segment_files(&self, id: u64) {
         for p in [
             self.segment_path(id),
-            self.terms_path(id),
+            self.postings_path(id),
             Self::graph_path(&self.dir, id),
         ] {
             let _ = std::fs::remove_file(p);
         }
     }
 
-    /// Writes chunks as segment `id`'s data file (format 3) and BM25 snapshot; gives the
-    /// same chunks read back from the mapped file.
+    /// Writes chunks as segment `id`'s data file (format 3) and BM25 postings; gives the
+    /// segment read back from its mapped files.
     pub(super) fn write_segment(
         &self,
         id: u64,
         entries: &[Arc<Entry>],
-    ) -> Result<Vec<Arc<Entry>>, IndexError> {
-        write_part(&self.segment_path(id), &self.terms_path(id), entries)
+    ) -> Result<Segment, IndexError> {
+        write_part(&self.segment_path(id), &self.postings_path(id), id, entries)
     }
 
     /// Points the live chunks' slots at these copies of them (the same chunks, now read from a
@@ -129,10 +132,6 @@ impl ShardIndex {
         // the first format's manifest, if any, is superseded
         let _ = std::fs::remove_file(self.dir.join(MANIFEST_V1));
         Ok(())
-    }
-
-    pub(super) fn write_terms(&self, id: u64, t: &SegmentTerms) -> Result<(), IndexError> {
-        write_terms_at(&self.terms_path(id), t)
     }
 
     pub(super) fn spawn_graph(&self, seg: Arc<Segment>, try_load: bool) {
@@ -187,8 +186,9 @@ impl ShardIndex {
         self.dir.join(format!("seg-{id}.bin"))
     }
 
-    pub(super) fn terms_path(&self, id: u64) -> PathBuf {
-        self.dir.join(format!("seg-{id}.bm25"))
+    /// A segment's BM25 postings file.
+    pub(super) fn postings_path(&self, id: u64) -> PathBuf {
+        self.dir.join(format!("seg-{id}.post"))
     }
 }
 
@@ -225,22 +225,20 @@ pub(super) fn persist_graph(
     Ok(g)
 }
 
-/// Writes a BM25 snapshot.
-fn write_terms_at(path: &Path, t: &SegmentTerms) -> Result<(), IndexError> {
-    let bytes = postcard::to_stdvec(t).map_err(|e| IndexError::BadInput(e.to_string()))?;
-    write_checked(path, &bytes)
-}
-
-/// Writes chunks as one data file (`bin`, format 3) with its BM25 snapshot (`bm25`): what a
-/// seal and a compaction write; gives the chunks back read from the data file's map.
+/// Writes chunks as segment `id` of one data file (`bin`, format 3) with its BM25 postings
+/// (`post`): what a seal and a compaction write; gives the segment read back from the maps.
 pub(super) fn write_part(
     bin: &Path,
-    bm25: &Path,
+    post: &Path,
+    id: u64,
     entries: &[Arc<Entry>],
-) -> Result<Vec<Arc<Entry>>, IndexError> {
+) -> Result<Segment, IndexError> {
     let mapped = write_mapped(bin, entries)?;
-    write_terms_at(bm25, &SegmentTerms::of(entries))?;
-    Ok(mapped)
+    let built = Built::of(entries.iter().map(|e| e.text()));
+    let postings = SegPostings::write(post, &[&built])?;
+    let seg = Segment::new(id, mapped);
+    let _ = seg.postings.set(postings);
+    Ok(seg)
 }
 
 /// Writes chunks as a format 3 data file at `path` and gives them back read from its map.

@@ -71,14 +71,44 @@ impl ShardIndex {
             .query_unit(q)
             .ok()
             .filter(|_| model_ok && self.model.is_some());
-        self.bm25
-            .search(&q.text, k)
+        self.bm25_ranked(&q.text, k)
             .into_iter()
-            .filter_map(|(slot, s)| {
-                self.slots.get(&slot).map(|e| {
-                    let sim = v.as_ref().map(|v| crate::vector::dot(v, e.vector()));
-                    hit(e, s, sim, v.as_deref())
-                })
+            .map(|(e, s)| {
+                let sim = v.as_ref().map(|v| crate::vector::dot(v, e.vector()));
+                hit(&e, s, sim, v.as_deref())
+            })
+            .collect()
+    }
+
+    /// The exact BM25 top `k`: every sealed segment's postings file and the growing segment's
+    /// in-memory index searched as one corpus (statistics summed over them; a sealed segment's
+    /// dead chunks count in them until a compaction drops them, as in Lucene).
+    pub(super) fn bm25_ranked(&self, text: &str, k: usize) -> Vec<(Arc<Entry>, f32)> {
+        let terms = crate::bm25::query_terms(text);
+        let mut segs: Vec<&Segment> = Vec::with_capacity(self.sealed.len());
+        let mut sources = Vec::with_capacity(self.sealed.len() + 1);
+        for seg in &self.sealed {
+            let Some(p) = seg.postings.get() else {
+                continue;
+            };
+            segs.push(seg);
+            sources.push(crate::bm25::Source {
+                lists: terms.iter().map(|t| p.find(t)).collect(),
+                rows: p.rows() as u64,
+                total_len: p.total_len(),
+                len_of: Box::new(|row| p.len_of(row)),
+                live: Box::new(|row| self.is_live(&seg.entries[row as usize])),
+            });
+        }
+        sources.push(self.bm25.source(&terms));
+        crate::bm25::search_sources(&sources, k)
+            .into_iter()
+            .filter_map(|(s, row, score)| {
+                let e = match segs.get(s) {
+                    Some(seg) => seg.entries.get(row as usize).cloned(),
+                    None => self.slots.get(&row).cloned(),
+                }?;
+                Some((e, score))
             })
             .collect()
     }

@@ -3,33 +3,32 @@
 use super::*;
 
 impl ShardIndex {
+    /// Adds a chunk of the growing segment (indexed for BM25 in memory).
     pub(super) fn add_slot(&mut self, e: Arc<Entry>) {
         let counts = crate::bm25::term_counts(e.text());
-        self.add_slot_counts(e, counts);
+        let slot = self.add_live(e);
+        self.bm25.insert_counts(slot, counts);
     }
 
-    pub(super) fn add_slot_counts(&mut self, e: Arc<Entry>, counts: Vec<(String, u32)>) {
-        let ids = self.bm25.intern_counts(counts);
-        self.add_slot_ids(e, &ids);
-    }
-
-    /// Adds a chunk with its terms as BM25 term ids.
-    pub(super) fn add_slot_ids(&mut self, e: Arc<Entry>, ids: &[(u32, u32)]) {
+    /// Gives a live chunk a slot (a sealed chunk's BM25 postings are in its segment's file).
+    pub(super) fn add_live(&mut self, e: Arc<Entry>) -> u32 {
         let slot = self.next_slot;
         self.next_slot = self.next_slot.wrapping_add(1);
         e.set_slot(Some(slot));
-        self.bm25.insert_ids(slot, ids);
         let d = self.docs.entry(e.doc_id.clone()).or_default();
         d.seq = e.seq;
         d.version = e.version;
         d.slots.push(slot);
         self.slots.insert(slot, e);
+        slot
     }
 
     pub(super) fn remove_doc(&mut self, doc_id: &str) {
         if let Some(d) = self.docs.remove(doc_id) {
             for s in d.slots {
                 if let Some(e) = self.slots.remove(&s) {
+                    // a sealed chunk is not in the in-memory index: nothing to do there (its
+                    // segment's postings skip it as dead)
                     self.bm25.remove(s, e.text());
                 }
             }

@@ -1,0 +1,647 @@
+//! A sealed segment's BM25 postings (`seg-<id>.post`): written once by the seal or merge that
+//! makes the segment, memory-mapped, read in place by searches (page cache the kernel can drop,
+//! not the process's memory), with block maxima so that a search skips blocks that cannot
+//! reach the top k.
+//!
+//! Body (little endian; every section starts 8-byte aligned in the file):
+//! - fixed part, 64 bytes: marker `RFPOST01`, rows u32, terms u32, total length u64, pairs u64,
+//!   blocks u64, term bytes u64, 16 bytes reserved;
+//! - `lens`: each row's length in terms (u32);
+//! - `toff`: where each term starts in the term bytes (u32, one more than the terms);
+//! - `blob`: the terms' bytes, sorted;
+//! - `pairs`: (row, term frequency) per posting (u32 each), each term's sorted by row;
+//! - `blocks`: (last row, highest frequency, shortest row length) per [`BLOCK`] postings;
+//! - `meta`: (first pair, pairs, first block, highest frequency, shortest length) per term.
+use std::io::Write;
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::files::{map_checked, map_written, write_checked_streamed, HEADER};
+use crate::IndexError;
+
+/// Postings a block summarises.
+pub(crate) const BLOCK: usize = 128;
+const MARKER: &[u8; 8] = b"RFPOST01";
+const FIXED: usize = 64;
+
+/// One term's postings in one source: sorted (row, frequency) pairs and block summaries
+/// (last row, highest frequency, shortest length), one per [`BLOCK`] pairs, or one for all.
+#[derive(Clone, Copy)]
+pub(crate) struct TermList<'a> {
+    pub(crate) pairs: &'a [[u32; 2]],
+    pub(crate) blocks: &'a [[u32; 3]],
+    /// Rows that hold the term (removed ones not counted).
+    pub(crate) df: u32,
+}
+
+impl TermList<'_> {
+    /// The whole list's highest frequency and shortest length.
+    pub(crate) fn bound(&self) -> (u32, u32) {
+        self.blocks.iter().fold((0, u32::MAX), |(tf, len), b| {
+            (tf.max(b[1]), len.min(b[2]))
+        })
+    }
+
+    /// The term's frequency at `row` (0: not there, or removed).
+    pub(crate) fn tf_at(&self, row: u32) -> u32 {
+        self.pairs
+            .binary_search_by_key(&row, |p| p[0])
+            .map_or(0, |i| self.pairs[i][1])
+    }
+}
+
+/// What a postings file is written from: rows with their lengths and sorted terms with their
+/// postings (a mapped file, or postings built from texts).
+pub(crate) trait PostingsInput {
+    fn lens(&self) -> &[u32];
+    fn term_count(&self) -> usize;
+    fn term(&self, i: usize) -> &[u8];
+    fn pairs(&self, i: usize) -> &[[u32; 2]];
+}
+
+/// Postings built in memory from texts (a seal's or a compaction's chunks), terms sorted.
+#[derive(Default)]
+pub(crate) struct Built {
+    lens: Vec<u32>,
+    terms: Vec<(String, Vec<[u32; 2]>)>,
+}
+
+impl Built {
+    /// Tokenises texts, row by row.
+    pub(crate) fn of<'a>(texts: impl Iterator<Item = &'a str>) -> Built {
+        let mut map: std::collections::HashMap<String, Vec<[u32; 2]>> = Default::default();
+        let mut lens = Vec::new();
+        for (row, text) in texts.enumerate() {
+            let counts = crate::bm25::term_counts(text);
+            lens.push(counts.iter().map(|(_, f)| *f).sum());
+            for (t, f) in counts {
+                map.entry(t).or_default().push([row as u32, f]);
+            }
+        }
+        let mut terms: Vec<(String, Vec<[u32; 2]>)> = map.into_iter().collect();
+        terms.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        Built { lens, terms }
+    }
+}
+
+impl PostingsInput for Built {
+    fn lens(&self) -> &[u32] {
+        &self.lens
+    }
+    fn term_count(&self) -> usize {
+        self.terms.len()
+    }
+    fn term(&self, i: usize) -> &[u8] {
+        self.terms[i].0.as_bytes()
+    }
+    fn pairs(&self, i: usize) -> &[[u32; 2]] {
+        &self.terms[i].1
+    }
+}
+
+/// The bytes behind a postings file: its map, or (when it could not be written) a copy in
+/// memory, 8-byte aligned like the file's pages.
+enum Backing {
+    Map(memmap2::Mmap),
+    Own(Vec<u64>, usize),
+}
+
+impl Backing {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Backing::Map(m) => m,
+            // SAFETY: the vector holds at least `len` initialised bytes.
+            Backing::Own(v, len) => unsafe { std::slice::from_raw_parts(v.as_ptr().cast(), *len) },
+        }
+    }
+}
+
+/// A segment's postings file, checked and read in place.
+pub(crate) struct SegPostings {
+    data: Backing,
+    rows: usize,
+    terms: usize,
+    total_len: u64,
+    n_pairs: usize,
+    n_blocks: usize,
+    /// Absolute offsets of the sections in `data`.
+    lens: usize,
+    toff: usize,
+    blob: usize,
+    pairs: usize,
+    blocks: usize,
+    meta: usize,
+}
+
+impl std::fmt::Debug for SegPostings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SegPostings")
+            .field("rows", &self.rows)
+            .field("terms", &self.terms)
+            .field("pairs", &self.n_pairs)
+            .finish()
+    }
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+
+/// Bytes to add at absolute position `at` to reach a multiple of 8.
+fn pad8(at: usize) -> usize {
+    (8 - at % 8) % 8
+}
+
+impl SegPostings {
+    /// Maps and checks `path` (its checksum too) for a segment of `rows` rows; `Ok(None)` when
+    /// there is no such file.
+    pub(crate) fn open(path: &Path, rows: usize) -> Result<Option<Arc<SegPostings>>, IndexError> {
+        match map_checked(path)? {
+            Some(map) => SegPostings::parse(path, Backing::Map(map), rows).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Writes postings merged from `inputs` (rows numbered on from one input to the next) to
+    /// `path`, atomically and streamed, and maps the file back.
+    pub(crate) fn write(
+        path: &Path,
+        inputs: &[&dyn PostingsInput],
+    ) -> Result<Arc<SegPostings>, IndexError> {
+        let rows: usize = inputs.iter().map(|i| i.lens().len()).sum();
+        write_checked_streamed(path, |w| encode(w, inputs))?;
+        let map = map_written(path)?.ok_or_else(|| IndexError::Corrupt {
+            path: path.to_path_buf(),
+            reason: "the postings file just written is gone".into(),
+        })?;
+        SegPostings::parse(path, Backing::Map(map), rows)
+    }
+
+    /// Postings merged from `inputs`, held in memory (when no file can be written).
+    pub(crate) fn in_memory(inputs: &[&dyn PostingsInput]) -> Result<Arc<SegPostings>, IndexError> {
+        let rows: usize = inputs.iter().map(|i| i.lens().len()).sum();
+        let mut bytes = vec![0u8; HEADER];
+        encode(&mut bytes, inputs).map_err(|e| IndexError::BadInput(e.to_string()))?;
+        let len = bytes.len();
+        let mut words = vec![0u64; len.div_ceil(8)];
+        // SAFETY: `words` has room for `len` bytes.
+        unsafe {
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), words.as_mut_ptr().cast(), len);
+        }
+        SegPostings::parse(Path::new("(memory)"), Backing::Own(words, len), rows)
+    }
+
+    fn parse(path: &Path, data: Backing, rows: usize) -> Result<Arc<SegPostings>, IndexError> {
+        let corrupt = |reason: String| IndexError::Corrupt {
+            path: path.to_path_buf(),
+            reason,
+        };
+        if cfg!(target_endian = "big") {
+            return Err(corrupt("postings files need a little-endian machine".into()));
+        }
+        let b = data.bytes();
+        if b.len() < HEADER + FIXED || &b[HEADER..HEADER + 8] != MARKER {
+            return Err(corrupt("not a postings file".into()));
+        }
+        let at = HEADER;
+        let (n_rows, terms) = (u32_at(b, at + 8) as usize, u32_at(b, at + 12) as usize);
+        let total_len = u64_at(b, at + 16);
+        let (n_pairs, n_blocks, blob_len) = (
+            u64_at(b, at + 24) as usize,
+            u64_at(b, at + 32) as usize,
+            u64_at(b, at + 40) as usize,
+        );
+        if n_rows != rows {
+            return Err(corrupt(format!("postings of {n_rows} rows, segment of {rows}")));
+        }
+        // the sections, in order, each 8-byte aligned
+        let mut pos = HEADER + FIXED;
+        let mut section = |bytes: Option<usize>| -> Option<usize> {
+            pos += pad8(pos);
+            let start = pos;
+            pos = pos.checked_add(bytes?)?;
+            Some(start)
+        };
+        let lens = section(n_rows.checked_mul(4));
+        let toff = section(terms.checked_add(1).and_then(|t| t.checked_mul(4)));
+        let blob = section(Some(blob_len));
+        let pairs = section(n_pairs.checked_mul(8));
+        let blocks = section(n_blocks.checked_mul(12));
+        let meta = section(terms.checked_mul(20));
+        let (Some(lens), Some(toff), Some(blob), Some(pairs), Some(blocks), Some(meta)) =
+            (lens, toff, blob, pairs, blocks, meta)
+        else {
+            return Err(corrupt("section sizes overflow".into()));
+        };
+        if pos != b.len() {
+            return Err(corrupt(format!("sections end at {pos}, the file at {}", b.len())));
+        }
+        if (b.as_ptr() as usize) % 8 != 0 {
+            return Err(corrupt("postings not aligned".into()));
+        }
+        let p = SegPostings {
+            rows,
+            terms,
+            total_len,
+            n_pairs,
+            n_blocks,
+            lens,
+            toff,
+            blob,
+            pairs,
+            blocks,
+            meta,
+            data,
+        };
+        p.check().map_err(corrupt)?;
+        Ok(Arc::new(p))
+    }
+
+    /// Every count, offset and order the searches rely on.
+    fn check(&self) -> Result<(), String> {
+        let lens = self.lens();
+        if lens.iter().map(|&l| l as u64).sum::<u64>() != self.total_len {
+            return Err("row lengths do not add up".into());
+        }
+        let toff = self.toff();
+        let blob_len = u64_at(self.data.bytes(), HEADER + 40) as usize;
+        if toff[0] != 0 || toff.windows(2).any(|w| w[0] > w[1]) || toff[self.terms] as usize != blob_len
+        {
+            return Err("term offsets out of place".into());
+        }
+        for i in 1..self.terms {
+            if self.term(i - 1) >= self.term(i) {
+                return Err("terms not sorted".into());
+            }
+        }
+        let (pairs, blocks) = (self.all_pairs(), self.all_blocks());
+        let (mut next_pair, mut next_block) = (0usize, 0usize);
+        for (i, m) in self.all_meta().iter().enumerate() {
+            let [first, count, first_block, max_tf, min_len] = m.map(|x| x as usize);
+            if first != next_pair || count == 0 || first_block != next_block {
+                return Err(format!("term {i}'s postings out of place"));
+            }
+            let nb = count.div_ceil(BLOCK);
+            let (Some(list), Some(summ)) = (
+                pairs.get(first..first + count),
+                blocks.get(first_block..first_block + nb),
+            ) else {
+                return Err(format!("term {i}'s postings past the end"));
+            };
+            let mut prev: Option<u32> = None;
+            let (mut hi_tf, mut lo_len) = (0u32, u32::MAX);
+            for (j, chunk) in list.chunks(BLOCK).enumerate() {
+                let (mut btf, mut blen) = (0u32, u32::MAX);
+                for &[row, tf] in chunk {
+                    if prev.is_some_and(|p| p >= row) || row as usize >= self.rows || tf == 0 {
+                        return Err(format!("term {i}'s postings unsorted or out of range"));
+                    }
+                    prev = Some(row);
+                    btf = btf.max(tf);
+                    blen = blen.min(lens[row as usize]);
+                }
+                let last = chunk[chunk.len() - 1][0];
+                if summ[j] != [last, btf, blen] {
+                    return Err(format!("term {i}'s block {j} does not summarise it"));
+                }
+                hi_tf = hi_tf.max(btf);
+                lo_len = lo_len.min(blen);
+            }
+            if (hi_tf, lo_len) != (max_tf as u32, min_len as u32) {
+                return Err(format!("term {i}'s bound does not fit its postings"));
+            }
+            next_pair += count;
+            next_block += nb;
+        }
+        if next_pair != self.n_pairs || next_block != self.n_blocks {
+            return Err("postings or blocks left over".into());
+        }
+        Ok(())
+    }
+
+    /// `n` items of `T` (plain words) at absolute offset `at`.
+    fn slice<T>(&self, at: usize, n: usize) -> &[T] {
+        let b = self.data.bytes();
+        debug_assert!(at + n * std::mem::size_of::<T>() <= b.len());
+        // SAFETY: `parse` checked that every section lies inside the bytes and starts 8-byte
+        // aligned (the map or the owned words are 8-byte aligned); T is an array of u32.
+        unsafe { std::slice::from_raw_parts(b.as_ptr().add(at).cast(), n) }
+    }
+
+    fn lens(&self) -> &[u32] {
+        self.slice(self.lens, self.rows)
+    }
+    fn toff(&self) -> &[u32] {
+        self.slice(self.toff, self.terms + 1)
+    }
+    fn all_pairs(&self) -> &[[u32; 2]] {
+        self.slice(self.pairs, self.n_pairs)
+    }
+    fn all_blocks(&self) -> &[[u32; 3]] {
+        self.slice(self.blocks, self.n_blocks)
+    }
+    fn all_meta(&self) -> &[[u32; 5]] {
+        self.slice(self.meta, self.terms)
+    }
+
+    /// Rows (chunks of the segment, dead ones included).
+    pub(crate) fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// The rows' lengths in terms, summed.
+    pub(crate) fn total_len(&self) -> u64 {
+        self.total_len
+    }
+
+    /// Row `row`'s length in terms.
+    pub(crate) fn len_of(&self, row: u32) -> u32 {
+        self.lens()[row as usize]
+    }
+
+    /// Bytes held in the process's memory (a mapped file: none).
+    pub(crate) fn memory_bytes(&self) -> usize {
+        match &self.data {
+            Backing::Map(_) => 0,
+            Backing::Own(_, len) => *len,
+        }
+    }
+
+    /// The postings of `term`, if any row holds it.
+    pub(crate) fn find(&self, term: &str) -> Option<TermList<'_>> {
+        let (mut lo, mut hi) = (0usize, self.terms);
+        let t = term.as_bytes();
+        while lo < hi {
+            let mid = (lo + hi) / 2;
+            match self.term(mid).cmp(t) {
+                std::cmp::Ordering::Less => lo = mid + 1,
+                std::cmp::Ordering::Greater => hi = mid,
+                std::cmp::Ordering::Equal => return Some(self.list(mid)),
+            }
+        }
+        None
+    }
+
+    fn list(&self, i: usize) -> TermList<'_> {
+        let [first, count, first_block, _, _] = self.all_meta()[i].map(|x| x as usize);
+        TermList {
+            pairs: &self.all_pairs()[first..first + count],
+            blocks: &self.all_blocks()[first_block..first_block + count.div_ceil(BLOCK)],
+            df: count as u32,
+        }
+    }
+}
+
+impl PostingsInput for SegPostings {
+    fn lens(&self) -> &[u32] {
+        SegPostings::lens(self)
+    }
+    fn term_count(&self) -> usize {
+        self.terms
+    }
+    fn term(&self, i: usize) -> &[u8] {
+        let t = self.toff();
+        let b = self.data.bytes();
+        &b[self.blob + t[i] as usize..self.blob + t[i + 1] as usize]
+    }
+    fn pairs(&self, i: usize) -> &[[u32; 2]] {
+        self.list(i).pairs
+    }
+}
+
+/// A body being written, with its absolute position in the file.
+struct Out<'a> {
+    w: &'a mut dyn Write,
+    pos: usize,
+}
+
+impl Out<'_> {
+    fn put(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.pos += bytes.len();
+        self.w.write_all(bytes)
+    }
+
+    /// Zeros up to the next multiple of 8.
+    fn align(&mut self) -> std::io::Result<()> {
+        let pad = [0u8; 8];
+        self.put(&pad[..pad8(self.pos)])
+    }
+
+    /// A section of words, aligned.
+    fn section(&mut self, words: impl Iterator<Item = u32>) -> std::io::Result<()> {
+        self.align()?;
+        let mut buf = Vec::with_capacity(1 << 16);
+        for x in words {
+            buf.extend_from_slice(&x.to_le_bytes());
+            if buf.len() >= 1 << 16 {
+                self.put(&buf)?;
+                buf.clear();
+            }
+        }
+        self.put(&buf)
+    }
+}
+
+/// Writes the body merged from `inputs` to `w`, which is at absolute offset [`HEADER`].
+fn encode(w: &mut dyn Write, inputs: &[&dyn PostingsInput]) -> std::io::Result<()> {
+    let too_big = |what: &str| std::io::Error::other(format!("postings too large: {what}"));
+    let lens: Vec<u32> = inputs.iter().flat_map(|i| i.lens().iter().copied()).collect();
+    let rows = u32::try_from(lens.len()).map_err(|_| too_big("rows"))?;
+    let mut offsets = Vec::with_capacity(inputs.len());
+    let mut at = 0u32;
+    for i in inputs {
+        offsets.push(at);
+        at += i.lens().len() as u32;
+    }
+    // every input's terms, merged: (term, input, index), equal terms side by side
+    let mut all: Vec<(&[u8], usize, usize)> = inputs
+        .iter()
+        .enumerate()
+        .flat_map(|(k, inp)| (0..inp.term_count()).map(move |i| (inp.term(i), k, i)))
+        .collect();
+    all.sort_unstable();
+    let mut groups: Vec<std::ops::Range<usize>> = Vec::new();
+    for (i, item) in all.iter().enumerate() {
+        match groups.last_mut() {
+            Some(g) if all[g.start].0 == item.0 => g.end = i + 1,
+            _ => groups.push(i..i + 1),
+        }
+    }
+    let count = |g: &std::ops::Range<usize>| -> usize {
+        all[g.clone()].iter().map(|&(_, k, i)| inputs[k].pairs(i).len()).sum()
+    };
+    let n_pairs: usize = groups.iter().map(count).sum();
+    let n_blocks: usize = groups.iter().map(|g| count(g).div_ceil(BLOCK)).sum();
+    let blob_len: usize = groups.iter().map(|g| all[g.start].0.len()).sum();
+    let terms = u32::try_from(groups.len()).map_err(|_| too_big("terms"))?;
+    if u32::try_from(n_pairs).is_err() || u32::try_from(blob_len).is_err() {
+        return Err(too_big("postings"));
+    }
+    let total_len: u64 = lens.iter().map(|&l| l as u64).sum();
+
+    let mut out = Out { w, pos: HEADER };
+    let mut fixed = Vec::with_capacity(FIXED);
+    fixed.extend_from_slice(MARKER);
+    fixed.extend_from_slice(&rows.to_le_bytes());
+    fixed.extend_from_slice(&terms.to_le_bytes());
+    for x in [total_len, n_pairs as u64, n_blocks as u64, blob_len as u64] {
+        fixed.extend_from_slice(&x.to_le_bytes());
+    }
+    fixed.resize(FIXED, 0);
+    out.put(&fixed)?;
+    out.section(lens.iter().copied())?;
+    let mut off = 0u32;
+    let mut toff = vec![0u32];
+    for g in &groups {
+        off += all[g.start].0.len() as u32;
+        toff.push(off);
+    }
+    out.section(toff.into_iter())?;
+    out.align()?;
+    for g in &groups {
+        out.put(all[g.start].0)?;
+    }
+    out.align()?;
+    let mut blocks: Vec<[u32; 3]> = Vec::with_capacity(n_blocks);
+    let mut meta: Vec<[u32; 5]> = Vec::with_capacity(groups.len());
+    let mut first = 0u32;
+    let mut buf: Vec<u8> = Vec::with_capacity(BLOCK * 8);
+    for g in &groups {
+        let first_block = blocks.len() as u32;
+        let (mut hi_tf, mut lo_len) = (0u32, u32::MAX);
+        let mut n = 0u32;
+        for &(_, k, i) in &all[g.clone()] {
+            for &[row, tf] in inputs[k].pairs(i) {
+                let row = row + offsets[k];
+                let len = lens[row as usize];
+                if n as usize % BLOCK == 0 {
+                    blocks.push([row, tf, len]);
+                } else {
+                    let b = blocks.last_mut().expect("a block");
+                    *b = [row, b[1].max(tf), b[2].min(len)];
+                }
+                hi_tf = hi_tf.max(tf);
+                lo_len = lo_len.min(len);
+                buf.extend_from_slice(&row.to_le_bytes());
+                buf.extend_from_slice(&tf.to_le_bytes());
+                if buf.len() >= BLOCK * 8 {
+                    out.put(&buf)?;
+                    buf.clear();
+                }
+                n += 1;
+            }
+        }
+        meta.push([first, n, first_block, hi_tf, lo_len]);
+        first += n;
+    }
+    out.put(&buf)?;
+    out.section(blocks.iter().flatten().copied())?;
+    out.section(meta.iter().flatten().copied())?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn texts(n: usize, seed: u64) -> Vec<String> {
+        use rand::{Rng, SeedableRng};
+        let mut r = rand::rngs::StdRng::seed_from_u64(seed);
+        (0..n)
+            .map(|_| {
+                (0..r.gen_range(0..40))
+                    .map(|_| format!("w{}", (r.gen::<f64>().powi(3) * 300.0) as u32))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .collect()
+    }
+
+    /// Every term of every row, as (term, row, tf), from a source.
+    fn flatten(p: &SegPostings) -> Vec<(String, u32, u32)> {
+        let mut out = Vec::new();
+        for i in 0..p.term_count() {
+            let t = String::from_utf8(p.term(i).to_vec()).unwrap();
+            for &[row, tf] in PostingsInput::pairs(p, i) {
+                out.push((t.clone(), row, tf));
+            }
+        }
+        out
+    }
+
+    fn expected(texts: &[String]) -> Vec<(String, u32, u32)> {
+        let mut out = Vec::new();
+        for (row, t) in texts.iter().enumerate() {
+            for (term, tf) in crate::bm25::term_counts(t) {
+                out.push((term, row as u32, tf));
+            }
+        }
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn postings_files_round_trip_merge_and_refuse_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = texts(700, 1);
+        let b = texts(300, 2);
+        let built_a = Built::of(a.iter().map(|s| s.as_str()));
+        let pa = SegPostings::write(&dir.path().join("a.post"), &[&built_a]).unwrap();
+        assert_eq!(pa.rows(), 700);
+        let mut got = flatten(&pa);
+        got.sort();
+        assert_eq!(got, expected(&a));
+        // a term's list: blocks summarise it, lookups find it
+        let l = pa.find("w0").expect("a common term");
+        assert_eq!(l.blocks.len(), l.pairs.len().div_ceil(BLOCK));
+        assert!(l.pairs.len() > BLOCK, "spans blocks");
+        let (tf, len) = l.bound();
+        assert!(l.pairs.iter().all(|p| p[1] <= tf && pa.len_of(p[0]) >= len));
+        assert_eq!(l.tf_at(l.pairs[5][0]), l.pairs[5][1]);
+        assert!(pa.find("nosuchterm").is_none());
+        // merging a mapped file with built postings numbers the second input's rows on
+        let built_b = Built::of(b.iter().map(|s| s.as_str()));
+        let path = dir.path().join("ab.post");
+        let pab = SegPostings::write(&path, &[pa.as_ref(), &built_b]).unwrap();
+        let mut got = flatten(&pab);
+        got.sort();
+        let both: Vec<String> = a.iter().chain(&b).cloned().collect();
+        assert_eq!(got, expected(&both));
+        assert_eq!(
+            pab.total_len(),
+            pa.total_len() + built_b.lens.iter().map(|&l| l as u64).sum::<u64>()
+        );
+        let mem = SegPostings::in_memory(&[pa.as_ref(), &built_b]).unwrap();
+        assert_eq!(flatten(&mem), flatten(&pab));
+        assert!(mem.memory_bytes() > 0 && pab.memory_bytes() == 0);
+        // reopened: the same; another segment size refused
+        let again = SegPostings::open(&path, 1000).unwrap().unwrap();
+        assert_eq!(flatten(&again), flatten(&pab));
+        assert!(SegPostings::open(&path, 999)
+            .unwrap_err()
+            .to_string()
+            .contains("rows"));
+        assert!(SegPostings::open(&dir.path().join("none.post"), 1).unwrap().is_none());
+        // damaged: a checksum error, and with the checksum made to fit, a structural error;
+        // never a panic
+        let good = std::fs::read(&path).unwrap();
+        for at in (HEADER..good.len()).step_by(good.len() / 97 + 1) {
+            let mut bad = good.clone();
+            bad[at] ^= 0x41;
+            std::fs::write(&path, &bad).unwrap();
+            assert!(SegPostings::open(&path, 1000).is_err(), "byte {at}");
+            let body = bad[HEADER..].to_vec();
+            crate::files::write_checked(&path, &body).unwrap();
+            if let Ok(Some(p)) = SegPostings::open(&path, 1000) {
+                // a flip that keeps the file consistent (a term's bytes still sorted): readable
+                assert_eq!(p.rows(), 1000);
+            }
+        }
+        std::fs::write(&path, &good[..good.len() - 8]).unwrap();
+        assert!(SegPostings::open(&path, 1000).is_err());
+    }
+}

@@ -319,14 +319,18 @@ impl Plan {
             if offered == best.k {
                 break;
             }
-            if tf == 0 || !(src.live)(row) {
+            if tf == 0 {
                 continue;
             }
-            let score = self.score(src, row, |p| lists[p].map_or(0, |l| l.tf_at(row)));
-            let key = key(s, row);
-            seen.insert(key);
-            best.offer(Ranked { score, key });
+            let r = Ranked {
+                score: self.score(src, row, |p| lists[p].map_or(0, |l| l.tf_at(row))),
+                key: key(s, row),
+            };
             offered += 1;
+            seen.insert(r.key);
+            if best.accepts(&r) && (src.live)(row) {
+                best.offer(r);
+            }
         }
     }
 
@@ -417,12 +421,16 @@ impl Plan {
                     partial += term_score(c.idf, c.tf() as f32, len as f32, self.avg);
                 }
             }
-            let key = key(s, pivot);
-            if !alive || seen.contains(&key) || !(src.live)(pivot) {
+            if !alive {
                 continue;
             }
-            let score = self.score(src, pivot, |p| contrib[p]);
-            if best.offer(Ranked { score, key }) {
+            let r = Ranked {
+                score: self.score(src, pivot, |p| contrib[p]),
+                key: key(s, pivot),
+            };
+            // liveness (a lookup by document id) only for rows that would enter
+            if best.accepts(&r) && !seen.contains(&r.key) && (src.live)(pivot) {
+                best.offer(r);
                 if let Some(t) = best.kth() {
                     raise(&mut essential, t);
                 }
@@ -564,6 +572,11 @@ impl TopK {
     /// The k-th best score, once there are k.
     fn kth(&self) -> Option<f32> {
         (self.heap.len() == self.k).then(|| self.heap.peek().map_or(f32::MIN, |w| w.0.score))
+    }
+
+    /// Whether `r` would be kept.
+    fn accepts(&self, r: &Ranked) -> bool {
+        self.heap.len() < self.k || self.heap.peek().is_some_and(|w| *r > w.0)
     }
 
     /// Keeps `r` if it is among the best k so far; whether it was kept.

@@ -39,6 +39,9 @@ pub(crate) struct DataFile {
     vectors: usize,
     rows: usize,
     blob: usize,
+    /// Its rows known dead (deleted or replaced), counted by the shard as they die, so that the
+    /// merge policy reads a segment's live chunks without visiting them.
+    dead: std::sync::atomic::AtomicUsize,
 }
 
 impl std::fmt::Debug for DataFile {
@@ -75,6 +78,22 @@ impl Row {
 }
 
 impl DataFile {
+    /// Rows.
+    pub(crate) fn len(&self) -> usize {
+        self.n
+    }
+
+    /// Counts one more of its rows dead.
+    pub(crate) fn count_dead(&self) {
+        self.dead.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Rows not counted dead.
+    pub(crate) fn live_rows(&self) -> usize {
+        self.n
+            .saturating_sub(self.dead.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
     /// Chunk `row`'s vector.
     pub(crate) fn vector(&self, row: usize) -> &[f32] {
         &self.all_vectors()[row * self.dim..(row + 1) * self.dim]
@@ -185,6 +204,7 @@ impl DataFile {
             rows: HEADER + rows,
             blob: HEADER + blob,
             map,
+            dead: Default::default(),
         };
         if (file.map.as_ptr() as usize + file.vectors) % 4 != 0 {
             return Err(corrupt("vectors not aligned".into()));

@@ -163,6 +163,14 @@ impl Entry {
         }
     }
 
+    /// Counts it dead in its mapped file (a chunk in memory: nothing to count). Called once a
+    /// copy: when it is deleted or replaced, or found dead when its segment is written or read.
+    pub(crate) fn count_dead(&self) {
+        if let Body::Mapped { file, .. } = &self.body {
+            file.count_dead();
+        }
+    }
+
     /// Whether its body is in a mapped file.
     pub(crate) fn is_mapped(&self) -> bool {
         matches!(self.body, Body::Mapped { .. })
@@ -416,9 +424,28 @@ impl Segment {
         }
     }
 
-    /// Live entries out of this segment's positions.
+    /// Live entries out of this segment's positions: a part that is a whole mapped data file
+    /// in row order reads its count of dead rows (kept by the shard as chunks die); any other
+    /// part (a data file of an earlier format) is visited.
     pub(crate) fn live_count(&self, live: &dyn Fn(&Entry) -> bool) -> usize {
-        self.entries.iter().filter(|e| live(e)).count()
+        let mut at = 0;
+        let mut n = 0;
+        for &(_, len) in &self.parts {
+            let part = &self.entries[at..at + len];
+            at += len;
+            n += match part.first().and_then(|e| e.mapped_at()) {
+                Some((file, 0))
+                    if file.len() == len
+                        && part.last().and_then(|e| e.mapped_at()).is_some_and(|(f, r)| {
+                            Arc::ptr_eq(f, file) && r == len - 1
+                        }) =>
+                {
+                    file.live_rows()
+                }
+                _ => part.iter().filter(|e| live(e)).count(),
+            };
+        }
+        n
     }
 
     /// Best `k` live entries for a unit query vector, as (dot, entry).

@@ -170,7 +170,10 @@ impl ShardIndex {
     /// Starts the merge the policy picks (running it to the end when not in the background).
     fn start_merge(&mut self) -> bool {
         self.planned_at = self.plan_key();
-        let Some((sources, compact)) = self.plan_merge() else {
+        let t = std::time::Instant::now();
+        let planned = self.plan_merge();
+        let plan_ms = t.elapsed().as_secs_f64() * 1e3;
+        let Some((sources, compact)) = planned else {
             return false;
         };
         let id = self.next_segment_id;
@@ -204,7 +207,7 @@ impl ShardIndex {
             run_merge(&dir, id, nonce, &job_sources, entries, spec, &stop)
         };
         let ids: Vec<u64> = sources.iter().map(|s| s.id).collect();
-        info!(dir = %self.dir.display(), segment = id, sources = ?ids, compact, "merge started");
+        info!(dir = %self.dir.display(), segment = id, sources = ?ids, compact, plan_ms, snapshot_ms = t.elapsed().as_secs_f64() * 1e3 - plan_ms, "merge started");
         let state = if background {
             match std::thread::Builder::new()
                 .name(format!("merge-{}", seal::seg_id_for_name(&self.dir)))
@@ -247,6 +250,8 @@ impl ShardIndex {
             discard(&merged);
             return Ok(());
         }
+        let started = std::time::Instant::now();
+        let ms = |since: std::time::Instant| since.elapsed().as_secs_f64() * 1e3;
         for (tmp, path) in &merged.files {
             if let Err(e) = std::fs::rename(tmp, path) {
                 discard(&merged);
@@ -264,10 +269,14 @@ impl ShardIndex {
         self.sealed.retain(|s| !sources.contains(&s.id));
         self.sealed
             .insert(at.min(self.sealed.len()), merged.segment.clone());
+        let renamed_ms = ms(started);
+        let t = std::time::Instant::now();
         if merged.compacted {
             // only a compaction drops chunks (an extension keeps every chunk of its sources)
             self.prune_tombstones();
         }
+        let pruned_ms = ms(t);
+        let t = std::time::Instant::now();
         if let Err(e) = self.write_manifest() {
             self.sealed = before;
             self.tombstones = before_tombstones;
@@ -276,10 +285,14 @@ impl ShardIndex {
             }
             return Err(e);
         }
+        let manifest_ms = ms(t);
+        let t = std::time::Instant::now();
         if merged.compacted {
             // the live chunks' slots move to the new file, so the sources' maps are let go
             self.rebind(&merged.segment.entries);
         }
+        let rebound_ms = ms(t);
+        let t = std::time::Instant::now();
         let kept: HashSet<u64> = merged.segment.parts.iter().map(|(p, _)| *p).collect();
         for s in before.iter().filter(|s| sources.contains(&s.id)) {
             let _ = std::fs::remove_file(Self::graph_path(&self.dir, s.id));
@@ -291,12 +304,32 @@ impl ShardIndex {
             }
         }
         self.generation += 1;
+        // the sources' chunks, graphs and maps are let go off the owner's thread: freeing a
+        // large segment's chunks one by one would hold the index (about 1 s at a million)
+        let retired: Vec<Arc<Segment>> = before
+            .into_iter()
+            .filter(|s| sources.contains(&s.id))
+            .collect();
+        if self.settings.background {
+            let spawned = std::thread::Builder::new()
+                .name("merge-free".into())
+                .spawn(move || drop(retired));
+            if let Err(e) = spawned {
+                warn!(error = %e, "could not free merged segments in the background");
+            }
+        }
         info!(
             dir = %self.dir.display(),
             segment = merged.segment.id,
             chunks = merged.segment.entries.len(),
             compacted = merged.compacted,
             segments = self.sealed.len(),
+            held_ms = ms(started),
+            renamed_ms,
+            pruned_ms,
+            manifest_ms,
+            rebound_ms,
+            removed_ms = ms(t),
             "merge committed"
         );
         Ok(())

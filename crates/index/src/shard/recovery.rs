@@ -182,6 +182,8 @@ impl ShardIndex {
         for e in sealed.iter().flat_map(|s| s.entries.iter()) {
             if live(e) {
                 self.add_live(e.clone());
+            } else {
+                e.count_dead();
             }
         }
     }
@@ -273,6 +275,46 @@ mod tests {
             background: false,
             ..IndexSettings::default()
         }
+    }
+
+    /// Each segment's live count (read off its files' dead counts) is what visiting its chunks
+    /// finds.
+    fn assert_live_counts(ix: &ShardIndex) {
+        let live = |e: &Entry| ix.is_live(e);
+        for s in &ix.sealed {
+            let visited = s.entries.iter().filter(|e| live(e)).count();
+            assert_eq!(s.live_count(&live), visited, "segment {}", s.id);
+        }
+    }
+
+    #[test]
+    fn live_counts_follow_deletes_replacements_seals_merges_and_reopens() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (mut ix, _) = ShardIndex::open(dir.path(), settings()).unwrap();
+            ix.write((0..40).map(doc).collect(), &model()).unwrap();
+            assert_live_counts(&ix);
+            // deleted and replaced while sealed, and while still in the growing segment
+            ix.delete(&["d3".into(), "d17".into()], 5).unwrap();
+            ix.write((40..44).map(doc).collect(), &model()).unwrap();
+            ix.delete(&["d41".into()], 5).unwrap();
+            ix.write(vec![doc(5), doc(42)], &model()).unwrap();
+            ix.write((44..52).map(doc).collect(), &model()).unwrap();
+            assert_live_counts(&ix);
+            assert!(ix.sealed.iter().any(|s| s.live_count(&|e| ix.is_live(e)) < s.entries.len()));
+        }
+        let (mut ix, _) = ShardIndex::open(dir.path(), settings()).unwrap();
+        assert_live_counts(&ix);
+        // enough deleted to compact, then more writes and deletes on the compacted segment
+        let gone: Vec<String> = (6..30).map(|i| format!("d{i}")).collect();
+        ix.delete(&gone, 9).unwrap();
+        ix.seal().unwrap();
+        assert_live_counts(&ix);
+        ix.delete(&["d31".into()], 10).unwrap();
+        ix.write((52..60).map(doc).collect(), &model()).unwrap();
+        assert_live_counts(&ix);
+        // d3, d41, d31 and the 24 of d6..d29 (d17 among them) gone
+        assert_eq!(ix.doc_count(), 60 - 3 - 24);
     }
 
     #[test]

@@ -94,17 +94,14 @@ impl ShardIndex {
 
     /// Points the live chunks' slots at these copies of them (the same chunks, now read from a
     /// mapped file), so the copies they replace (in memory, or in a file a merge made obsolete)
-    /// are let go.
+    /// are let go; the copies of chunks that died meanwhile are counted dead in their file.
     pub(super) fn rebind(&mut self, entries: &[Arc<Entry>]) {
         for e in entries {
             // the copy carries the slot its original had when it was written
-            let Some(slot) = e.slot() else {
-                continue;
-            };
-            if let Some(cur) = self.slots.get_mut(&slot) {
-                if cur.seq == e.seq && cur.chunk_id == e.chunk_id {
-                    *cur = e.clone();
-                }
+            let cur = e.slot().and_then(|slot| self.slots.get_mut(&slot));
+            match cur {
+                Some(cur) if cur.seq == e.seq && cur.chunk_id == e.chunk_id => *cur = e.clone(),
+                _ => e.count_dead(),
             }
         }
     }

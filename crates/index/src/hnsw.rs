@@ -39,6 +39,10 @@ enum Store<T> {
         at: usize,
         len: usize,
     },
+    /// `len` items at the start of a writable shared map of a scratch file that was unlinked
+    /// once mapped: a graph being grown, whose pages are the page cache's (written back and
+    /// dropped under memory pressure), not the process's own; gone with the map.
+    Scratch { map: memmap2::MmapMut, len: usize },
 }
 
 impl<T> std::ops::Deref for Store<T> {
@@ -53,6 +57,12 @@ impl<T> std::ops::Deref for Store<T> {
             // store).
             Store::Mapped { map, at, len } => unsafe {
                 std::slice::from_raw_parts(map.as_ptr().add(*at).cast::<T>(), *len)
+            },
+            // SAFETY: `scratch` made the map `len` items long, page aligned; T is i8 or
+            // AtomicU32, valid for any bytes; the map is written only through `&AtomicU32`
+            // (or before the store was made).
+            Store::Scratch { map, len } => unsafe {
+                std::slice::from_raw_parts(map.as_ptr().cast::<T>(), *len)
             },
         }
     }
@@ -70,11 +80,32 @@ impl<T> Store<T> {
         })
     }
 
+    /// `len` items of `T` in a scratch file in `dir` (unlinked at once, so nothing is left
+    /// behind), its bytes written by `fill` (zeros where it writes none).
+    fn scratch(dir: &std::path::Path, len: usize, fill: impl FnOnce(&mut [u8])) -> std::io::Result<Store<T>> {
+        let path = dir.join(format!("hnsw-{:016x}.merging", rand::random::<u64>()));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)?;
+        let mapped = (|| {
+            file.set_len((len * std::mem::size_of::<T>()).max(1) as u64)?;
+            // SAFETY: the file was just created by this process under a random name and is
+            // unlinked below; nothing else maps or writes it.
+            unsafe { memmap2::MmapMut::map_mut(&file) }
+        })();
+        let _ = std::fs::remove_file(&path);
+        let mut map = mapped?;
+        fill(&mut map[..len * std::mem::size_of::<T>()]);
+        Ok(Store::Scratch { map, len })
+    }
+
     /// Bytes it holds in the process's memory.
     fn owned_bytes(&self) -> usize {
         match self {
             Store::Owned(v) => v.len() * std::mem::size_of::<T>(),
-            Store::Mapped { .. } => 0,
+            Store::Mapped { .. } | Store::Scratch { .. } => 0,
         }
     }
 }
@@ -269,6 +300,14 @@ impl Hnsw {
     /// A copy of this graph with `more` (unit vectors, `dim` floats each) inserted, on
     /// `threads` threads; the new nodes get the positions after the existing ones.
     pub fn extend(&self, more: &[f32], threads: usize) -> Hnsw {
+        self.extend_in(more, threads, None)
+    }
+
+    /// [`Hnsw::extend`] with the copy's codes and level-0 rows, with `scratch` a folder, in a
+    /// scratch file there (mapped, unlinked at once) rather than in the process's memory, so
+    /// that growing a graph larger than memory does not need its size in memory. Falls back
+    /// to memory when the file cannot be made.
+    pub fn extend_in(&self, more: &[f32], threads: usize, scratch: Option<&std::path::Path>) -> Hnsw {
         let dim = self.dim;
         let added = more.len() / dim;
         let n = self.len + added;
@@ -300,17 +339,47 @@ impl Hnsw {
         } else {
             self.scale
         };
-        let mut codes = Vec::with_capacity(n * dim);
-        codes.extend_from_slice(&self.codes);
-        codes.extend(quantize(&more[..added * dim], scale));
+        let new_codes = quantize(&more[..added * dim], scale);
+        let layer0_len = self.layer0.len() + added * (m0 + 1);
+        let in_files = scratch.and_then(|dir| {
+            let codes = Store::<i8>::scratch(dir, n * dim, |b| {
+                let old = self.codes.len();
+                // SAFETY: i8 and u8 have the same layout
+                let as_u8 = |c: &[i8]| unsafe { std::slice::from_raw_parts(c.as_ptr().cast::<u8>(), c.len()) };
+                b[..old].copy_from_slice(as_u8(&self.codes));
+                b[old..].copy_from_slice(as_u8(&new_codes));
+            });
+            let layer0 = Store::<AtomicU32>::scratch(dir, layer0_len, |b| {
+                for (w, x) in b.chunks_exact_mut(4).zip(self.layer0.iter()) {
+                    w.copy_from_slice(&x.load(Relaxed).to_ne_bytes());
+                }
+            });
+            match (codes, layer0) {
+                (Ok(c), Ok(l)) => Some((c, l)),
+                (Err(e), _) | (_, Err(e)) => {
+                    tracing::warn!(error = %e, "no scratch file for a growing graph; it grows in memory");
+                    None
+                }
+            }
+        });
+        let (codes, layer0) = in_files.unwrap_or_else(|| {
+            let mut codes = Vec::with_capacity(n * dim);
+            codes.extend_from_slice(&self.codes);
+            codes.extend_from_slice(&new_codes);
+            (
+                Store::Owned(codes),
+                Store::Owned(copy(&self.layer0, added * (m0 + 1))),
+            )
+        });
+        drop(new_codes);
         let grown = Hnsw {
             dim,
             params: self.params,
             len: n,
-            codes: Store::Owned(codes),
+            codes,
             scale,
             levels,
-            layer0: Store::Owned(copy(&self.layer0, added * (m0 + 1))),
+            layer0,
             upper_at,
             upper: copy(&self.upper, upper_len - self.upper.len()),
             entry: Mutex::new(*self.entry.lock().expect("entry lock")),
@@ -952,6 +1021,31 @@ mod tests {
         assert_eq!(grown.len(), 600);
         let q = &base[550 * 32..551 * 32];
         assert_eq!(grown.search(q, 1, 32, &|_| true)[0].1, 550);
+        // or into a scratch file: the same graph (one thread: the same insertion order), its
+        // codes and level-0 rows out of the process's memory, no file left behind
+        let scratch = tempfile::tempdir().unwrap();
+        let in_memory = m.extend(&base[500 * 32..], 1);
+        let in_file = m.extend_in(&base[500 * 32..], 1, Some(scratch.path()));
+        assert!(matches!(in_file.codes, Store::Scratch { .. }));
+        assert!(matches!(in_file.layer0, Store::Scratch { .. }));
+        assert_eq!(std::fs::read_dir(scratch.path()).unwrap().count(), 0);
+        assert!(
+            in_file.memory_bytes() + 500 * 32 < in_memory.memory_bytes(),
+            "{} vs {}",
+            in_file.memory_bytes(),
+            in_memory.memory_bytes()
+        );
+        assert_eq!(in_file.to_bytes_at(0), in_memory.to_bytes_at(0));
+        for i in (0..600).step_by(7) {
+            let q = &base[i * 32..(i + 1) * 32];
+            assert_eq!(
+                in_file.search(q, 10, 32, &|_| true),
+                in_memory.search(q, 10, 32, &|_| true)
+            );
+        }
+        // and it can grow again
+        let again = in_file.extend_in(&base[..50 * 32], 1, Some(scratch.path()));
+        assert_eq!(again.len(), 650);
     }
 
     #[test]

@@ -396,7 +396,8 @@ fn run_merge(
                 if cancel.load(Ordering::Relaxed) {
                     return Err(cancelled());
                 }
-                let grown = g.extend(&more, spec.threads);
+                // grown in a scratch file: the largest graph is not copied into memory
+                let grown = g.extend_in(&more, spec.threads, Some(dir));
                 // the sources' postings, one after the other (their rows numbered on)
                 let inputs: Vec<&dyn crate::postings::PostingsInput> = sources
                     .iter()

@@ -172,8 +172,25 @@ impl SegPostings {
         path: &Path,
         inputs: &[&dyn PostingsInput],
     ) -> Result<Arc<SegPostings>, IndexError> {
-        let rows: usize = inputs.iter().map(|i| i.lens().len()).sum();
-        write_checked_streamed(path, |w| encode(w, inputs))?;
+        SegPostings::write_kept(path, inputs, &[])
+    }
+
+    /// [`SegPostings::write`] of only the rows `keep` marks (per input; `None` or missing: all),
+    /// numbered on: a compaction's postings from its sources', without the dead chunks.
+    pub(crate) fn write_kept(
+        path: &Path,
+        inputs: &[&dyn PostingsInput],
+        keep: &[Option<&[bool]>],
+    ) -> Result<Arc<SegPostings>, IndexError> {
+        let rows: usize = inputs
+            .iter()
+            .enumerate()
+            .map(|(k, i)| match keep.get(k).copied().flatten() {
+                Some(kept) => kept.iter().filter(|&&x| x).count(),
+                None => i.lens().len(),
+            })
+            .sum();
+        write_checked_streamed(path, |w| encode(w, inputs, keep))?;
         let map = map_written(path)?.ok_or_else(|| IndexError::Corrupt {
             path: path.to_path_buf(),
             reason: "the postings file just written is gone".into(),
@@ -185,7 +202,7 @@ impl SegPostings {
     pub(crate) fn in_memory(inputs: &[&dyn PostingsInput]) -> Result<Arc<SegPostings>, IndexError> {
         let rows: usize = inputs.iter().map(|i| i.lens().len()).sum();
         let mut bytes = vec![0u8; HEADER];
-        encode(&mut bytes, inputs).map_err(|e| IndexError::BadInput(e.to_string()))?;
+        encode(&mut bytes, inputs, &[]).map_err(|e| IndexError::BadInput(e.to_string()))?;
         let len = bytes.len();
         let mut words = vec![0u64; len.div_ceil(8)];
         // SAFETY: `words` has room for `len` bytes.
@@ -447,16 +464,43 @@ impl Out<'_> {
 }
 
 /// Writes the body merged from `inputs` to `w`, which is at absolute offset [`HEADER`].
-fn encode(w: &mut dyn Write, inputs: &[&dyn PostingsInput]) -> std::io::Result<()> {
+/// With `keep`, only the rows it marks (per input; `None`: all) are written, numbered on.
+fn encode(
+    w: &mut dyn Write,
+    inputs: &[&dyn PostingsInput],
+    keep: &[Option<&[bool]>],
+) -> std::io::Result<()> {
     let too_big = |what: &str| std::io::Error::other(format!("postings too large: {what}"));
-    let lens: Vec<u32> = inputs.iter().flat_map(|i| i.lens().iter().copied()).collect();
-    let rows = u32::try_from(lens.len()).map_err(|_| too_big("rows"))?;
-    let mut offsets = Vec::with_capacity(inputs.len());
-    let mut at = 0u32;
-    for i in inputs {
-        offsets.push(at);
-        at += i.lens().len() as u32;
+    // each input's rows' new numbers (u32::MAX: left out), and the kept rows' lengths
+    let mut renumber: Vec<Vec<u32>> = Vec::with_capacity(inputs.len());
+    let mut lens: Vec<u32> = Vec::new();
+    for (k, inp) in inputs.iter().enumerate() {
+        let kept = keep.get(k).copied().flatten();
+        if kept.is_some_and(|kept| kept.len() != inp.lens().len()) {
+            return Err(std::io::Error::other("rows to keep do not match the postings"));
+        }
+        let mut numbers = Vec::with_capacity(inp.lens().len());
+        for (r, &len) in inp.lens().iter().enumerate() {
+            if kept.is_none_or(|kept| kept[r]) {
+                numbers.push(u32::try_from(lens.len()).map_err(|_| too_big("rows"))?);
+                lens.push(len);
+            } else {
+                numbers.push(u32::MAX);
+            }
+        }
+        renumber.push(numbers);
     }
+    let rows = u32::try_from(lens.len()).map_err(|_| too_big("rows"))?;
+    let renumber = &renumber;
+    let kept_pairs = |k: usize, i: usize| {
+        inputs[k]
+            .pairs(i)
+            .iter()
+            .filter_map(move |&[row, tf]| match renumber[k][row as usize] {
+                u32::MAX => None,
+                new => Some([new, tf]),
+            })
+    };
     // every input's terms, merged: (term, input, index), equal terms side by side
     let mut all: Vec<(&[u8], usize, usize)> = inputs
         .iter()
@@ -472,10 +516,24 @@ fn encode(w: &mut dyn Write, inputs: &[&dyn PostingsInput]) -> std::io::Result<(
         }
     }
     let count = |g: &std::ops::Range<usize>| -> usize {
-        all[g.clone()].iter().map(|&(_, k, i)| inputs[k].pairs(i).len()).sum()
+        all[g.clone()]
+            .iter()
+            .map(|&(_, k, i)| match keep.get(k).copied().flatten() {
+                None => inputs[k].pairs(i).len(),
+                Some(_) => kept_pairs(k, i).count(),
+            })
+            .sum()
     };
-    let n_pairs: usize = groups.iter().map(count).sum();
-    let n_blocks: usize = groups.iter().map(|g| count(g).div_ceil(BLOCK)).sum();
+    // a term only left-out rows held is not written
+    let counts: Vec<usize> = groups.iter().map(count).collect();
+    let groups: Vec<std::ops::Range<usize>> = groups
+        .into_iter()
+        .zip(&counts)
+        .filter(|(_, &c)| c > 0)
+        .map(|(g, _)| g)
+        .collect();
+    let n_pairs: usize = counts.iter().sum();
+    let n_blocks: usize = counts.iter().map(|c| c.div_ceil(BLOCK)).sum();
     let blob_len: usize = groups.iter().map(|g| all[g.start].0.len()).sum();
     let terms = u32::try_from(groups.len()).map_err(|_| too_big("terms"))?;
     if u32::try_from(n_pairs).is_err() || u32::try_from(blob_len).is_err() {
@@ -515,8 +573,7 @@ fn encode(w: &mut dyn Write, inputs: &[&dyn PostingsInput]) -> std::io::Result<(
         let (mut hi_tf, mut lo_len) = (0u32, u32::MAX);
         let mut n = 0u32;
         for &(_, k, i) in &all[g.clone()] {
-            for &[row, tf] in inputs[k].pairs(i) {
-                let row = row + offsets[k];
+            for [row, tf] in kept_pairs(k, i) {
                 let len = lens[row as usize];
                 if n as usize % BLOCK == 0 {
                     blocks.push([row, tf, len]);
@@ -615,6 +672,26 @@ mod tests {
             pab.total_len(),
             pa.total_len() + built_b.lens.iter().map(|&l| l as u64).sum::<u64>()
         );
+        // a compaction's: only the kept rows, numbered on; a term only dropped rows held is gone
+        let keep_a: Vec<bool> = (0..700).map(|r| r % 3 != 0).collect();
+        let keep_b: Vec<bool> = (0..300).map(|r| r % 5 == 1).collect();
+        let kept = SegPostings::write_kept(
+            &dir.path().join("kept.post"),
+            &[pa.as_ref(), &built_b],
+            &[Some(&keep_a[..]), Some(&keep_b[..])],
+        )
+        .unwrap();
+        let kept_texts: Vec<String> = a
+            .iter()
+            .zip(&keep_a)
+            .chain(b.iter().zip(&keep_b))
+            .filter(|(_, &k)| k)
+            .map(|(t, _)| t.clone())
+            .collect();
+        assert_eq!(kept.rows(), kept_texts.len());
+        let mut got = flatten(&kept);
+        got.sort();
+        assert_eq!(got, expected(&kept_texts));
         let mem = SegPostings::in_memory(&[pa.as_ref(), &built_b]).unwrap();
         assert_eq!(flatten(&mem), flatten(&pab));
         assert!(mem.memory_bytes() > 0 && pab.memory_bytes() == 0);

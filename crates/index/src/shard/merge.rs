@@ -78,6 +78,13 @@ pub(super) struct Merged {
     compacted: bool,
 }
 
+/// What a compaction writes: the sources' live chunks, and which positions of each source they
+/// are.
+struct Compaction {
+    entries: Vec<Arc<Entry>>,
+    keep: Vec<Vec<bool>>,
+}
+
 /// Share of dead chunks from which a merge compacts instead of extending.
 const COMPACT_DEAD_SHARE: f64 = 0.25;
 /// Share of dead chunks from which a segment is compacted on its own.
@@ -179,15 +186,21 @@ impl ShardIndex {
         let id = self.next_segment_id;
         self.next_segment_id += 1;
         let live = |e: &Entry| self.is_live(e);
-        // compaction snapshots the live chunks now; a chunk that dies later is dead by its
-        // sequence number in the merged segment too
-        let entries: Option<Vec<Arc<Entry>>> = compact.then(|| {
-            sources
+        // compaction snapshots the live chunks now (and which of each source's positions they
+        // are, for the postings); a chunk that dies later is dead by its sequence number in the
+        // merged segment too
+        let entries: Option<Compaction> = compact.then(|| {
+            let keep: Vec<Vec<bool>> = sources
                 .iter()
-                .flat_map(|s| s.entries.iter())
-                .filter(|e| live(e))
-                .cloned()
-                .collect()
+                .map(|s| s.entries.iter().map(|e| live(e)).collect())
+                .collect();
+            let entries = sources
+                .iter()
+                .zip(&keep)
+                .flat_map(|(s, k)| s.entries.iter().zip(k).filter(|(_, &k)| k))
+                .map(|(e, _)| e.clone())
+                .collect();
+            Compaction { entries, keep }
         });
         let nonce: u64 = rand::random();
         // a merge leaves half the cores to the queries
@@ -357,7 +370,7 @@ fn run_merge(
     id: u64,
     nonce: u64,
     sources: &[Arc<Segment>],
-    compacted: Option<Vec<Arc<Entry>>>,
+    compacted: Option<Compaction>,
     spec: GraphSpec,
     cancel: &AtomicBool,
 ) -> Result<Merged, IndexError> {
@@ -367,11 +380,19 @@ fn run_merge(
     let result = (|| {
         let compact = compacted.is_some();
         let (segment, graph) = match compacted {
-            Some(entries) => {
+            Some(Compaction { entries, keep }) => {
                 let (bin, post) = (format!("seg-{id}.bin"), format!("seg-{id}.post"));
                 files.push((tmp(&bin), dir.join(&bin)));
                 files.push((tmp(&post), dir.join(&post)));
-                let seg = super::seal::write_part(&tmp(&bin), &tmp(&post), id, &entries)?;
+                // the postings are the sources' without the dead chunks: streamed from their
+                // files, never gathered in memory
+                let postings = |path: &Path| {
+                    let inputs = source_postings(sources)?;
+                    let keep: Vec<Option<&[bool]>> = keep.iter().map(|k| Some(&k[..])).collect();
+                    crate::postings::SegPostings::write_kept(path, &inputs, &keep)
+                };
+                let seg =
+                    super::seal::write_part(&tmp(&bin), &tmp(&post), id, &entries, postings)?;
                 if cancel.load(Ordering::Relaxed) {
                     return Err(cancelled());
                 }
@@ -399,17 +420,7 @@ fn run_merge(
                 // grown in a scratch file: the largest graph is not copied into memory
                 let grown = g.extend_in(&more, spec.threads, Some(dir));
                 // the sources' postings, one after the other (their rows numbered on)
-                let inputs: Vec<&dyn crate::postings::PostingsInput> = sources
-                    .iter()
-                    .map(|s| {
-                        s.postings
-                            .get()
-                            .map(|p| p.as_ref() as &dyn crate::postings::PostingsInput)
-                            .ok_or_else(|| {
-                                IndexError::BadInput(format!("segment {} has no postings", s.id))
-                            })
-                    })
-                    .collect::<Result<_, _>>()?;
+                let inputs = source_postings(sources)?;
                 let post = format!("seg-{id}.post");
                 files.push((tmp(&post), dir.join(&post)));
                 let postings = crate::postings::SegPostings::write(&tmp(&post), &inputs)?;
@@ -441,6 +452,21 @@ fn run_merge(
             Err(e)
         }
     }
+}
+
+/// The sources' postings, in order.
+fn source_postings(
+    sources: &[Arc<Segment>],
+) -> Result<Vec<&dyn crate::postings::PostingsInput>, IndexError> {
+    sources
+        .iter()
+        .map(|s| {
+            s.postings
+                .get()
+                .map(|p| p.as_ref() as &dyn crate::postings::PostingsInput)
+                .ok_or_else(|| IndexError::BadInput(format!("segment {} has no postings", s.id)))
+        })
+        .collect()
 }
 
 /// Background work yields to queries: the calling thread gets a lower scheduling priority.

@@ -89,7 +89,10 @@ impl ShardIndex {
         id: u64,
         entries: &[Arc<Entry>],
     ) -> Result<Segment, IndexError> {
-        write_part(&self.segment_path(id), &self.postings_path(id), id, entries)
+        write_part(&self.segment_path(id), &self.postings_path(id), id, entries, |post| {
+            let built = Built::of(entries.iter().map(|e| e.text()));
+            SegPostings::write(post, &[&built])
+        })
     }
 
     /// Points the live chunks' slots at these copies of them (the same chunks, now read from a
@@ -223,16 +226,17 @@ pub(super) fn persist_graph(
 }
 
 /// Writes chunks as segment `id` of one data file (`bin`, format 3) with its BM25 postings
-/// (`post`): what a seal and a compaction write; gives the segment read back from the maps.
+/// (`post`, written by `postings`): what a seal and a compaction write; gives the segment read
+/// back from the maps.
 pub(super) fn write_part(
     bin: &Path,
     post: &Path,
     id: u64,
     entries: &[Arc<Entry>],
+    postings: impl FnOnce(&Path) -> Result<Arc<SegPostings>, IndexError>,
 ) -> Result<Segment, IndexError> {
     let mapped = write_mapped(bin, entries)?;
-    let built = Built::of(entries.iter().map(|e| e.text()));
-    let postings = SegPostings::write(post, &[&built])?;
+    let postings = postings(post)?;
     let seg = Segment::new(id, mapped);
     let _ = seg.postings.set(postings);
     Ok(seg)

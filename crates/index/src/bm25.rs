@@ -1,6 +1,6 @@
 //! A BM25 inverted index (k1 = 1.2, b = 0.75) over chunk slots.
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::collections::{BinaryHeap, HashMap};
 
 use crate::postings::{TermList, BLOCK};
 
@@ -300,7 +300,7 @@ impl Plan {
     /// Offers the first rows of the source's weightiest term (scored by lookups), so that the
     /// document-at-a-time pass starts with a threshold: a top k of chunks holding a rare term
     /// turns the common terms non-essential from the start.
-    fn seed(&self, s: usize, src: &Source<'_>, best: &mut TopK, seen: &mut HashSet<u64>) {
+    fn seed(&self, s: usize, src: &Source<'_>, best: &mut TopK, seen: &mut Vec<u64>) {
         let lists: Vec<Option<TermList<'_>>> = self.terms.iter().map(|&(t, _)| src.lists[t]).collect();
         let weightiest = lists
             .iter()
@@ -327,7 +327,7 @@ impl Plan {
                 key: key(s, row),
             };
             offered += 1;
-            seen.insert(r.key);
+            seen.push(r.key);
             if best.accepts(&r) && (src.live)(row) {
                 best.offer(r);
             }
@@ -340,7 +340,7 @@ impl Plan {
     /// ones are looked up only while the row can still make the top k. Before a row is scored,
     /// the essential terms' block summaries bound every row up to the nearest block end: when
     /// that cannot reach the k-th best, the whole window is skipped.
-    fn daat(&self, s: usize, src: &Source<'_>, best: &mut TopK, seen: &HashSet<u64>) {
+    fn daat(&self, s: usize, src: &Source<'_>, best: &mut TopK, seen: &[u64]) {
         let mut cur: Vec<Cursor<'_>> = self
             .terms
             .iter()
@@ -429,7 +429,7 @@ impl Plan {
                 key: key(s, pivot),
             };
             // liveness (a lookup by document id) only for rows that would enter
-            if best.accepts(&r) && !seen.contains(&r.key) && (src.live)(pivot) {
+            if best.accepts(&r) && seen.binary_search(&r.key).is_err() && (src.live)(pivot) {
                 best.offer(r);
                 if let Some(t) = best.kth() {
                     raise(&mut essential, t);
@@ -456,10 +456,12 @@ pub(crate) fn search_sources(sources: &[Source<'_>], k: usize) -> Vec<(usize, u3
         return Vec::new();
     };
     let mut best = TopK::new(k);
-    let mut seen = HashSet::new();
+    // the seeded rows (offered already), sorted
+    let mut seen = Vec::new();
     for (s, src) in sources.iter().enumerate() {
         plan.seed(s, src, &mut best, &mut seen);
     }
+    seen.sort_unstable();
     for (s, src) in sources.iter().enumerate() {
         plan.daat(s, src, &mut best, &seen);
     }
@@ -689,7 +691,7 @@ mod tests {
         // three sealed segments (blocks of 128 postings, many blocks a common term) and a
         // growing one; a fifth of the sealed rows dead
         let mut files = Vec::new();
-        let mut dead: Vec<HashSet<u32>> = Vec::new();
+        let mut dead: Vec<std::collections::HashSet<u32>> = Vec::new();
         for (i, rows) in [2500usize, 700, 90].into_iter().enumerate() {
             let texts: Vec<String> = (0..rows).map(|_| text(&mut r, 0..40)).collect();
             let built = Built::of(texts.iter().map(|t| t.as_str()));

@@ -133,9 +133,9 @@ struct ManifestV1 {
     next_segment_id: u64,
 }
 
-impl From<ManifestV1> for Manifest {
+impl From<ManifestV1> for ManifestV2 {
     fn from(m: ManifestV1) -> Self {
-        Manifest {
+        ManifestV2 {
             last_seq: m.last_seq,
             segments: m
                 .segments
@@ -153,19 +153,68 @@ impl From<ManifestV1> for Manifest {
     }
 }
 
-/// The manifest (`manifest2.bin`): what the sealed state is; writing it is the atomic switch of
-/// seals and merges.
+/// The manifest of the second format (`manifest2.bin`): the deletion records inside. Read when
+/// no newer manifest exists; the next write replaces it.
+#[derive(Debug, Serialize, Deserialize, Default)]
+struct ManifestV2 {
+    last_seq: u64,
+    segments: Vec<SegmentMeta>,
+    tombstones: HashMap<String, u64>,
+    deleted: HashMap<String, u64>,
+    model: Option<ModelIdentity>,
+    next_segment_id: u64,
+}
+
+/// The manifest (`manifest3.bin`): what the sealed state is; writing it is the atomic switch of
+/// seals and merges. The deletion records are in their own file (`deletions-<n>.bin`), written
+/// before the manifest that names it and only when they changed, so that a seal or a merge
+/// does not rewrite (and fsync) every deletion record of the shard.
 #[derive(Debug, Serialize, Deserialize, Default)]
 struct Manifest {
     /// Every op with seq <= this is in the segments.
     last_seq: u64,
     segments: Vec<SegmentMeta>,
+    /// The deletion records' file (`deletions-<n>.bin`; 0: none).
+    deletions: u64,
+    model: Option<ModelIdentity>,
+    next_segment_id: u64,
+}
+
+/// A shard's deletion records (`deletions-<n>.bin`).
+#[derive(Debug, Serialize, Deserialize, Default)]
+struct Deletions {
+    /// Documents deleted or replaced after a sealed segment took a copy: the sequence number
+    /// of the op, below which a sealed copy is dead.
     tombstones: HashMap<String, u64>,
     /// Version of the latest delete of every deleted document, kept so that an older copy
     /// (from a retry or a lagging peer) cannot bring it back.
     deleted: HashMap<String, u64>,
-    model: Option<ModelIdentity>,
-    next_segment_id: u64,
+}
+
+/// [`Deletions`] borrowed from the index, to be written (the same bytes).
+#[derive(Serialize)]
+struct DeletionsRef<'a> {
+    tombstones: &'a HashMap<String, u64>,
+    deleted: &'a HashMap<String, u64>,
+}
+
+/// An order-free fingerprint of the deletion records: whether they changed since written.
+fn deletions_fingerprint(tombstones: &HashMap<String, u64>, deleted: &HashMap<String, u64>) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let one = |tag: u8, k: &str, v: u64| {
+        // fixed keys: the same records give the same fingerprint
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (tag, k, v).hash(&mut h);
+        h.finish()
+    };
+    let mut fp = (tombstones.len() as u64) << 32 ^ deleted.len() as u64;
+    for (k, v) in tombstones {
+        fp = fp.wrapping_add(one(0, k, *v));
+    }
+    for (k, v) in deleted {
+        fp = fp.wrapping_add(one(1, k, *v));
+    }
+    fp
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -199,6 +248,9 @@ pub struct ShardIndex {
     docs: HashMap<String, DocState>,
     tombstones: HashMap<String, u64>,
     deleted: HashMap<String, u64>,
+    /// The deletion records' file the manifest names, and the fingerprint of what it holds
+    /// (None: not known, written again at the next manifest write).
+    deletions_written: (u64, Option<u64>),
     bm25: Bm25,
     slots: HashMap<u32, Arc<Entry>>,
     next_slot: u32,
@@ -218,8 +270,9 @@ pub struct ShardIndex {
     digest_memo: std::sync::Mutex<Option<u64>>,
 }
 
-/// The manifest file, and the first format's.
-const MANIFEST: &str = "manifest2.bin";
+/// The manifest file, and the earlier formats'.
+const MANIFEST: &str = "manifest3.bin";
+const MANIFEST_V2: &str = "manifest2.bin";
 const MANIFEST_V1: &str = "manifest.bin";
 
 impl ShardIndex {

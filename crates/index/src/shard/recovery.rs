@@ -13,13 +13,14 @@ impl ShardIndex {
     ) -> Result<(ShardIndex, RecoveryReport), IndexError> {
         let lock = crate::DirLock::acquire(dir)?;
         let mut report = RecoveryReport::default();
-        let (manifest, manifest_ok) = match read_manifest(dir) {
+        let ((manifest, deletions), manifest_ok) = match read_manifest(dir) {
             Ok(m) => (m, true),
             Err(e) => {
-                // without the manifest the segments cannot be trusted: start empty, catch up
+                // without the manifest (or the deletion records it names) the segments cannot
+                // be trusted: start empty, catch up
                 report.problems.push(e.to_string());
                 report.needs_catch_up = true;
-                (Manifest::default(), false)
+                ((Manifest::default(), Deletions::default()), false)
             }
         };
         if manifest_ok {
@@ -38,8 +39,10 @@ impl ShardIndex {
             sealed: Vec::new(),
             growing: Vec::new(),
             docs: HashMap::new(),
-            tombstones: manifest.tombstones.clone(),
-            deleted: manifest.deleted.clone(),
+            tombstones: deletions.tombstones,
+            deleted: deletions.deleted,
+            // written again (under the next number) at the next manifest write
+            deletions_written: (manifest.deletions, None),
             bm25: Bm25::default(),
             slots: HashMap::new(),
             next_slot: 0,
@@ -189,22 +192,48 @@ impl ShardIndex {
     }
 }
 
-fn read_manifest(dir: &Path) -> Result<Manifest, IndexError> {
+/// The newest manifest in `dir` (formats 3, 2, 1, in that order) with its deletion records.
+fn read_manifest(dir: &Path) -> Result<(Manifest, Deletions), IndexError> {
     let path = dir.join(MANIFEST);
     let corrupt = |path: &Path, e: postcard::Error| IndexError::Corrupt {
         path: path.to_path_buf(),
         reason: e.to_string(),
     };
     if let Some(b) = read_checked(&path)? {
-        return postcard::from_bytes(&b).map_err(|e| corrupt(&path, e));
+        let m: Manifest = postcard::from_bytes(&b).map_err(|e| corrupt(&path, e))?;
+        if m.deletions == 0 {
+            return Ok((m, Deletions::default()));
+        }
+        let dpath = super::seal::deletions_path(dir, m.deletions);
+        let b = read_checked(&dpath)?.ok_or_else(|| IndexError::Corrupt {
+            path: dpath.clone(),
+            reason: "the deletion records the manifest names are missing".into(),
+        })?;
+        let d: Deletions = postcard::from_bytes(&b).map_err(|e| corrupt(&dpath, e))?;
+        return Ok((m, d));
     }
+    let v2 = dir.join(MANIFEST_V2);
     let v1 = dir.join(MANIFEST_V1);
-    match read_checked(&v1)? {
-        Some(b) => postcard::from_bytes::<ManifestV1>(&b)
-            .map(Manifest::from)
-            .map_err(|e| corrupt(&v1, e)),
-        None => Ok(Manifest::default()),
-    }
+    let old: ManifestV2 = match (read_checked(&v2)?, read_checked(&v1)?) {
+        (Some(b), _) => postcard::from_bytes(&b).map_err(|e| corrupt(&v2, e))?,
+        (None, Some(b)) => postcard::from_bytes::<ManifestV1>(&b)
+            .map(ManifestV2::from)
+            .map_err(|e| corrupt(&v1, e))?,
+        (None, None) => ManifestV2::default(),
+    };
+    Ok((
+        Manifest {
+            last_seq: old.last_seq,
+            segments: old.segments,
+            deletions: 0,
+            model: old.model,
+            next_segment_id: old.next_segment_id,
+        },
+        Deletions {
+            tombstones: old.tombstones,
+            deleted: old.deleted,
+        },
+    ))
 }
 
 /// Removes what a crash can leave behind: temporary files, and segment files (data, BM25,
@@ -212,6 +241,7 @@ fn read_manifest(dir: &Path) -> Result<Manifest, IndexError> {
 /// or the sources of one that did).
 fn remove_unreferenced(dir: &Path, m: &Manifest) {
     let mut keep: HashSet<String> = HashSet::new();
+    keep.insert(format!("deletions-{}.bin", m.deletions));
     for s in &m.segments {
         keep.insert(format!("seg-{}.hnsw", s.id));
         keep.insert(format!("seg-{}.post", s.id));
@@ -225,10 +255,11 @@ fn remove_unreferenced(dir: &Path, m: &Manifest) {
     for f in rd.flatten() {
         let name = f.file_name().to_string_lossy().to_string();
         let temporary = name.ends_with(".tmp") || name.ends_with(".merging");
-        let segment_file = name.starts_with("seg-")
+        let segment_file = (name.starts_with("seg-")
             && [".bin", ".bm25", ".post", ".hnsw"]
                 .iter()
-                .any(|x| name.ends_with(x));
+                .any(|x| name.ends_with(x)))
+            || (name.starts_with("deletions-") && name.ends_with(".bin"));
         if temporary || (segment_file && !keep.contains(&name)) {
             match std::fs::remove_file(f.path()) {
                 Ok(()) => info!(file = %name, "removed a file no manifest lists"),
@@ -317,6 +348,105 @@ mod tests {
         assert_eq!(ix.doc_count(), 60 - 3 - 24);
     }
 
+    /// The deletion records' files in `dir`.
+    fn deletion_files(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .map(|f| f.file_name().to_string_lossy().to_string())
+            .filter(|n| n.starts_with("deletions-"))
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn deletion_records_are_written_again_only_when_they_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut ix, _) = ShardIndex::open(dir.path(), settings()).unwrap();
+        ix.write((0..16).map(doc).collect(), &model()).unwrap();
+        ix.delete(&["d2".into(), "d9".into()], 50).unwrap();
+        ix.seal().unwrap();
+        let first = deletion_files(dir.path());
+        assert_eq!(first.len(), 1, "{first:?}");
+        // seals of new documents leave the records as they are: the same file
+        ix.write((16..32).map(doc).collect(), &model()).unwrap();
+        assert_eq!(deletion_files(dir.path()), first);
+        // a delete changes them: a new file, the old one removed
+        ix.delete(&["d20".into()], 60).unwrap();
+        ix.seal().unwrap();
+        let second = deletion_files(dir.path());
+        assert_eq!(second.len(), 1);
+        assert_ne!(second, first);
+        drop(ix);
+        // reopened, the records hold: deleted documents stay deleted, and an older copy of
+        // one is refused
+        let (mut ix, rep) = ShardIndex::open(dir.path(), settings()).unwrap();
+        assert!(rep.problems.is_empty(), "{:?}", rep.problems);
+        assert_eq!(ix.doc_count(), 32 - 3);
+        let mut stale = doc(9);
+        if let WriteOp::Upsert { version, .. } = &mut stale {
+            *version = 40;
+        }
+        ix.write(vec![stale], &model()).unwrap();
+        assert!(ix.fetch(&["d9".to_string()]).is_empty(), "a deleted document came back");
+        assert_eq!(ix.version_of("d9"), Some(50));
+        drop(ix);
+        // the file the manifest names missing: reported, the replica catches up
+        for f in deletion_files(dir.path()) {
+            std::fs::remove_file(dir.path().join(f)).unwrap();
+        }
+        let (_ix, rep) = ShardIndex::open(dir.path(), settings()).unwrap();
+        assert!(rep.needs_catch_up);
+        assert!(
+            rep.problems.iter().any(|p| p.contains("deletion records")),
+            "{:?}",
+            rep.problems
+        );
+    }
+
+    #[test]
+    fn a_folder_of_the_second_manifest_format_keeps_its_deletions() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (mut ix, _) = ShardIndex::open(dir.path(), settings()).unwrap();
+            ix.write((0..16).map(doc).collect(), &model()).unwrap();
+            ix.delete(&["d4".into()], 70).unwrap();
+            ix.seal().unwrap();
+        }
+        let (m, d) = read_manifest(dir.path()).unwrap();
+        assert!(d.deleted.contains_key("d4"));
+        let v2 = ManifestV2 {
+            last_seq: m.last_seq,
+            segments: m.segments.clone(),
+            tombstones: d.tombstones.clone(),
+            deleted: d.deleted.clone(),
+            model: m.model.clone(),
+            next_segment_id: m.next_segment_id,
+        };
+        write_checked(
+            &dir.path().join(MANIFEST_V2),
+            &postcard::to_stdvec(&v2).unwrap(),
+        )
+        .unwrap();
+        std::fs::remove_file(dir.path().join(MANIFEST)).unwrap();
+        let (mut ix, rep) = ShardIndex::open(dir.path(), settings()).unwrap();
+        assert!(rep.problems.is_empty(), "{:?}", rep.problems);
+        // the old records file is no manifest's now: removed
+        assert!(deletion_files(dir.path()).is_empty());
+        assert_eq!(ix.doc_count(), 15);
+        assert_eq!(ix.version_of("d4"), Some(70));
+        ix.write((16..24).map(doc).collect(), &model()).unwrap();
+        assert!(dir.path().join(MANIFEST).exists());
+        assert!(!dir.path().join(MANIFEST_V2).exists());
+        assert_eq!(deletion_files(dir.path()).len(), 1);
+        drop(ix);
+        let (ix, rep) = ShardIndex::open(dir.path(), settings()).unwrap();
+        assert!(rep.problems.is_empty(), "{:?}", rep.problems);
+        assert_eq!(ix.version_of("d4"), Some(70));
+        assert_eq!(ix.doc_count(), 23);
+    }
+
     #[test]
     fn a_folder_of_the_first_manifest_format_opens_and_is_upgraded() {
         let dir = tempfile::tempdir().unwrap();
@@ -325,9 +455,7 @@ mod tests {
             ix.write((0..20).map(doc).collect(), &model()).unwrap();
         }
         // rewrite the manifest in the first format: one data file per segment
-        let m: Manifest =
-            postcard::from_bytes(&read_checked(&dir.path().join(MANIFEST)).unwrap().unwrap())
-                .unwrap();
+        let (m, d) = read_manifest(dir.path()).unwrap();
         let parts: Vec<u64> = m.segments.iter().flat_map(|s| s.parts.clone()).collect();
         for s in &m.segments {
             let _ = std::fs::remove_file(dir.path().join(format!("seg-{}.hnsw", s.id)));
@@ -335,8 +463,8 @@ mod tests {
         let v1 = ManifestV1 {
             last_seq: m.last_seq,
             segments: parts.clone(),
-            tombstones: m.tombstones.clone(),
-            deleted: m.deleted.clone(),
+            tombstones: d.tombstones.clone(),
+            deleted: d.deleted.clone(),
             model: m.model.clone(),
             next_segment_id: m.next_segment_id,
         };

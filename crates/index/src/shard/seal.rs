@@ -109,7 +109,24 @@ impl ShardIndex {
         }
     }
 
-    pub(super) fn write_manifest(&self) -> Result<(), IndexError> {
+    /// Writes the manifest, and before it the deletion records' file when they changed since
+    /// the last one was written (then the older file is removed).
+    pub(super) fn write_manifest(&mut self) -> Result<(), IndexError> {
+        let fp = deletions_fingerprint(&self.tombstones, &self.deleted);
+        let (old, written) = self.deletions_written;
+        let deletions = if written == Some(fp) {
+            old
+        } else {
+            let new = old + 1;
+            let d = DeletionsRef {
+                tombstones: &self.tombstones,
+                deleted: &self.deleted,
+            };
+            let bytes =
+                postcard::to_stdvec(&d).map_err(|e| IndexError::BadInput(e.to_string()))?;
+            write_checked(&deletions_path(&self.dir, new), &bytes)?;
+            new
+        };
         let m = Manifest {
             // what the sealed segments hold: a merge commits between seals, while the growing
             // segment's writes are in the log only
@@ -122,14 +139,23 @@ impl ShardIndex {
                     parts: s.parts.iter().map(|(p, _)| *p).collect(),
                 })
                 .collect(),
-            tombstones: self.tombstones.clone(),
-            deleted: self.deleted.clone(),
+            deletions,
             model: self.model.clone(),
             next_segment_id: self.next_segment_id,
         };
         let bytes = postcard::to_stdvec(&m).map_err(|e| IndexError::BadInput(e.to_string()))?;
-        write_checked(&self.dir.join(MANIFEST), &bytes)?;
-        // the first format's manifest, if any, is superseded
+        if let Err(e) = write_checked(&self.dir.join(MANIFEST), &bytes) {
+            if deletions != old {
+                let _ = std::fs::remove_file(deletions_path(&self.dir, deletions));
+            }
+            return Err(e);
+        }
+        self.deletions_written = (deletions, Some(fp));
+        if deletions != old && old > 0 {
+            let _ = std::fs::remove_file(deletions_path(&self.dir, old));
+        }
+        // the earlier formats' manifests, if any, are superseded
+        let _ = std::fs::remove_file(self.dir.join(MANIFEST_V2));
         let _ = std::fs::remove_file(self.dir.join(MANIFEST_V1));
         Ok(())
     }
@@ -254,6 +280,11 @@ fn write_mapped(path: &Path, entries: &[Arc<Entry>]) -> Result<Vec<Arc<Entry>>, 
         copy.set_slot(original.slot());
     }
     Ok(back.into_iter().map(Arc::new).collect())
+}
+
+/// The deletion records' file of generation `n`.
+pub(super) fn deletions_path(dir: &Path, n: u64) -> PathBuf {
+    dir.join(format!("deletions-{n}.bin"))
 }
 
 pub(super) fn seg_id_for_name(dir: &Path) -> String {

@@ -39,8 +39,10 @@ pub(crate) struct DataFile {
     vectors: usize,
     rows: usize,
     blob: usize,
-    /// Its rows known dead (deleted or replaced), counted by the shard as they die, so that the
-    /// merge policy reads a segment's live chunks without visiting them.
+    /// Its rows known dead (deleted or replaced), marked by the shard as they die: a search
+    /// tells a live row by a bit, and the merge policy reads a segment's live chunks off the
+    /// count, without visiting them.
+    dead_rows: Vec<std::sync::atomic::AtomicU64>,
     dead: std::sync::atomic::AtomicUsize,
 }
 
@@ -83,9 +85,22 @@ impl DataFile {
         self.n
     }
 
-    /// Counts one more of its rows dead.
-    pub(crate) fn count_dead(&self) {
-        self.dead.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    /// Marks row `row` dead (once: marking it again changes nothing).
+    pub(crate) fn mark_dead(&self, row: usize) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let bit = 1u64 << (row % 64);
+        if let Some(w) = self.dead_rows.get(row / 64) {
+            if w.fetch_or(bit, Relaxed) & bit == 0 {
+                self.dead.fetch_add(1, Relaxed);
+            }
+        }
+    }
+
+    /// Whether row `row` was marked dead.
+    pub(crate) fn is_dead(&self, row: usize) -> bool {
+        self.dead_rows
+            .get(row / 64)
+            .is_some_and(|w| w.load(std::sync::atomic::Ordering::Relaxed) & (1u64 << (row % 64)) != 0)
     }
 
     /// Rows not counted dead.
@@ -204,6 +219,7 @@ impl DataFile {
             rows: HEADER + rows,
             blob: HEADER + blob,
             map,
+            dead_rows: (0..n.div_ceil(64)).map(|_| Default::default()).collect(),
             dead: Default::default(),
         };
         if (file.map.as_ptr() as usize + file.vectors) % 4 != 0 {

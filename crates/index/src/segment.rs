@@ -163,11 +163,19 @@ impl Entry {
         }
     }
 
-    /// Counts it dead in its mapped file (a chunk in memory: nothing to count). Called once a
-    /// copy: when it is deleted or replaced, or found dead when its segment is written or read.
-    pub(crate) fn count_dead(&self) {
-        if let Body::Mapped { file, .. } = &self.body {
-            file.count_dead();
+    /// Marks it dead in its mapped file (a chunk in memory: nothing to mark): when it is
+    /// deleted or replaced, or found dead when its segment is written or read.
+    pub(crate) fn mark_dead(&self) {
+        if let Body::Mapped { file, row } = &self.body {
+            file.mark_dead(*row as usize);
+        }
+    }
+
+    /// Whether it was marked dead in its mapped file (None: it is in memory, not marked).
+    pub(crate) fn marked_dead(&self) -> Option<bool> {
+        match &self.body {
+            Body::Mapped { file, row } => Some(file.is_dead(*row as usize)),
+            Body::Owned(_) => None,
         }
     }
 

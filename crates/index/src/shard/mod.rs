@@ -291,6 +291,11 @@ impl ShardIndex {
         self.slots.len() as u64
     }
 
+    /// Chunks stored, dead ones included (a compaction drops those).
+    pub fn stored_chunks(&self) -> u64 {
+        (self.sealed.iter().map(|s| s.entries.len()).sum::<usize>() + self.growing.len()) as u64
+    }
+
     /// Durable log appends (one fsync each) since this index was opened.
     pub fn log_syncs(&self) -> u64 {
         self.wal.syncs()

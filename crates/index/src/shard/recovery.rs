@@ -186,7 +186,7 @@ impl ShardIndex {
             if live(e) {
                 self.add_live(e.clone());
             } else {
-                e.count_dead();
+                e.mark_dead();
             }
         }
     }
@@ -308,11 +308,14 @@ mod tests {
         }
     }
 
-    /// Each segment's live count (read off its files' dead counts) is what visiting its chunks
-    /// finds.
+    /// Each sealed chunk's dead mark says what its document's sequence number says, and each
+    /// segment's live count (read off its files' dead counts) is what visiting its chunks finds.
     fn assert_live_counts(ix: &ShardIndex) {
-        let live = |e: &Entry| ix.is_live(e);
         for s in &ix.sealed {
+            for e in &s.entries {
+                assert_eq!(ix.is_live(e), ix.live_by_seq(e), "{} in segment {}", e.chunk_id, s.id);
+            }
+            let live = |e: &Entry| ix.live_by_seq(e);
             let visited = s.entries.iter().filter(|e| live(e)).count();
             assert_eq!(s.live_count(&live), visited, "segment {}", s.id);
         }
@@ -553,8 +556,10 @@ mod tests {
         // files' chunks left now point there
         let gone: Vec<String> = (0..12).map(|i| format!("d{i}")).collect();
         ix.delete(&gone, 1).unwrap();
+        assert_live_counts(&ix);
         ix.seal().unwrap();
         assert!(!ix.merging());
+        assert_live_counts(&ix);
         assert!(mapped(&ix, "d12") && mapped(&ix, "d15") && mapped(&ix, "d20"));
         assert!(ix.slots.values().all(|e| e.is_mapped()));
         drop(ix);

@@ -104,7 +104,7 @@ impl ShardIndex {
             let cur = e.slot().and_then(|slot| self.slots.get_mut(&slot));
             match cur {
                 Some(cur) if cur.seq == e.seq && cur.chunk_id == e.chunk_id => *cur = e.clone(),
-                _ => e.count_dead(),
+                _ => e.mark_dead(),
             }
         }
     }

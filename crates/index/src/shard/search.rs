@@ -113,7 +113,18 @@ impl ShardIndex {
             .collect()
     }
 
+    /// Whether a chunk is its document's live copy: a chunk of a mapped data file by its dead
+    /// mark (kept as chunks die, see [`Entry::mark_dead`]), one in memory by its document's
+    /// sequence number.
     pub(super) fn is_live(&self, e: &Entry) -> bool {
+        match e.marked_dead() {
+            Some(dead) => !dead,
+            None => self.live_by_seq(e),
+        }
+    }
+
+    /// Whether a chunk is its document's live copy, by its document's sequence number.
+    pub(super) fn live_by_seq(&self, e: &Entry) -> bool {
         self.docs.get(&e.doc_id).is_some_and(|d| d.seq == e.seq)
     }
 }

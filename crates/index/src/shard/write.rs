@@ -30,7 +30,7 @@ impl ShardIndex {
                     // a sealed chunk is not in the in-memory index: nothing to do there (its
                     // segment's postings skip it as dead)
                     self.bm25.remove(s, e.text());
-                    e.count_dead();
+                    e.mark_dead();
                 }
             }
         }

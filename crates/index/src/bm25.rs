@@ -301,7 +301,8 @@ impl Plan {
     /// document-at-a-time pass starts with a threshold: a top k of chunks holding a rare term
     /// turns the common terms non-essential from the start.
     fn seed(&self, s: usize, src: &Source<'_>, best: &mut TopK, seen: &mut Vec<u64>) {
-        let lists: Vec<Option<TermList<'_>>> = self.terms.iter().map(|&(t, _)| src.lists[t]).collect();
+        let lists: Vec<Option<TermList<'_>>> =
+            self.terms.iter().map(|&(t, _)| src.lists[t]).collect();
         let weightiest = lists
             .iter()
             .enumerate()

@@ -21,7 +21,7 @@ use std::sync::Arc;
 
 use ragfleet_proto::SentenceVectors;
 
-use crate::files::{map_checked, map_written, write_checked_streamed, HEADER};
+use crate::files::{map_checked, map_written, u32_at, u64_at, write_checked_streamed, HEADER};
 use crate::segment::Entry;
 use crate::IndexError;
 
@@ -53,14 +53,6 @@ impl std::fmt::Debug for DataFile {
             .field("dim", &self.dim)
             .finish()
     }
-}
-
-fn u64_at(b: &[u8], at: usize) -> u64 {
-    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
-}
-
-fn u32_at(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
 }
 
 /// One row: where a chunk's text and sentence data are in the blob.
@@ -98,9 +90,9 @@ impl DataFile {
 
     /// Whether row `row` was marked dead.
     pub(crate) fn is_dead(&self, row: usize) -> bool {
-        self.dead_rows
-            .get(row / 64)
-            .is_some_and(|w| w.load(std::sync::atomic::Ordering::Relaxed) & (1u64 << (row % 64)) != 0)
+        self.dead_rows.get(row / 64).is_some_and(|w| {
+            w.load(std::sync::atomic::Ordering::Relaxed) & (1u64 << (row % 64)) != 0
+        })
     }
 
     /// Rows not counted dead.

@@ -103,6 +103,16 @@ impl Write for CheckedWriter {
     }
 }
 
+/// The little-endian u64 at byte `at` of `b` (the caller checked the range).
+pub(crate) fn u64_at(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+/// The little-endian u32 at byte `at` of `b` (the caller checked the range).
+pub(crate) fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+
 /// The header's length: where the body starts in the file.
 pub(crate) const HEADER: usize = 20;
 

@@ -42,7 +42,10 @@ enum Store<T> {
     /// `len` items at the start of a writable shared map of a scratch file that was unlinked
     /// once mapped: a graph being grown, whose pages are the page cache's (written back and
     /// dropped under memory pressure), not the process's own; gone with the map.
-    Scratch { map: memmap2::MmapMut, len: usize },
+    Scratch {
+        map: memmap2::MmapMut,
+        len: usize,
+    },
 }
 
 impl<T> std::ops::Deref for Store<T> {
@@ -82,7 +85,11 @@ impl<T> Store<T> {
 
     /// `len` items of `T` in a scratch file in `dir` (unlinked at once, so nothing is left
     /// behind), its bytes written by `fill` (zeros where it writes none).
-    fn scratch(dir: &std::path::Path, len: usize, fill: impl FnOnce(&mut [u8])) -> std::io::Result<Store<T>> {
+    fn scratch(
+        dir: &std::path::Path,
+        len: usize,
+        fill: impl FnOnce(&mut [u8]),
+    ) -> std::io::Result<Store<T>> {
         let path = dir.join(format!("hnsw-{:016x}.merging", rand::random::<u64>()));
         let file = std::fs::OpenOptions::new()
             .read(true)
@@ -307,7 +314,12 @@ impl Hnsw {
     /// scratch file there (mapped, unlinked at once) rather than in the process's memory, so
     /// that growing a graph larger than memory does not need its size in memory. Falls back
     /// to memory when the file cannot be made.
-    pub fn extend_in(&self, more: &[f32], threads: usize, scratch: Option<&std::path::Path>) -> Hnsw {
+    pub fn extend_in(
+        &self,
+        more: &[f32],
+        threads: usize,
+        scratch: Option<&std::path::Path>,
+    ) -> Hnsw {
         let dim = self.dim;
         let added = more.len() / dim;
         let n = self.len + added;

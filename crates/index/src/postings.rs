@@ -16,7 +16,7 @@ use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::files::{map_checked, map_written, write_checked_streamed, HEADER};
+use crate::files::{map_checked, map_written, u32_at, u64_at, write_checked_streamed, HEADER};
 use crate::IndexError;
 
 /// Postings a block summarises.
@@ -37,9 +37,9 @@ pub(crate) struct TermList<'a> {
 impl TermList<'_> {
     /// The whole list's highest frequency and shortest length.
     pub(crate) fn bound(&self) -> (u32, u32) {
-        self.blocks.iter().fold((0, u32::MAX), |(tf, len), b| {
-            (tf.max(b[1]), len.min(b[2]))
-        })
+        self.blocks
+            .iter()
+            .fold((0, u32::MAX), |(tf, len), b| (tf.max(b[1]), len.min(b[2])))
     }
 
     /// The term's frequency at `row` (0: not there, or removed).
@@ -143,14 +143,6 @@ impl std::fmt::Debug for SegPostings {
     }
 }
 
-fn u64_at(b: &[u8], at: usize) -> u64 {
-    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
-}
-
-fn u32_at(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
-}
-
 /// Bytes to add at absolute position `at` to reach a multiple of 8.
 fn pad8(at: usize) -> usize {
     (8 - at % 8) % 8
@@ -218,7 +210,9 @@ impl SegPostings {
             reason,
         };
         if cfg!(target_endian = "big") {
-            return Err(corrupt("postings files need a little-endian machine".into()));
+            return Err(corrupt(
+                "postings files need a little-endian machine".into(),
+            ));
         }
         let b = data.bytes();
         if b.len() < HEADER + FIXED || &b[HEADER..HEADER + 8] != MARKER {
@@ -233,7 +227,9 @@ impl SegPostings {
             u64_at(b, at + 40) as usize,
         );
         if n_rows != rows {
-            return Err(corrupt(format!("postings of {n_rows} rows, segment of {rows}")));
+            return Err(corrupt(format!(
+                "postings of {n_rows} rows, segment of {rows}"
+            )));
         }
         // the sections, in order, each 8-byte aligned
         let mut pos = HEADER + FIXED;
@@ -255,7 +251,10 @@ impl SegPostings {
             return Err(corrupt("section sizes overflow".into()));
         };
         if pos != b.len() {
-            return Err(corrupt(format!("sections end at {pos}, the file at {}", b.len())));
+            return Err(corrupt(format!(
+                "sections end at {pos}, the file at {}",
+                b.len()
+            )));
         }
         if (b.as_ptr() as usize) % 8 != 0 {
             return Err(corrupt("postings not aligned".into()));
@@ -286,7 +285,9 @@ impl SegPostings {
         }
         let toff = self.toff();
         let blob_len = u64_at(self.data.bytes(), HEADER + 40) as usize;
-        if toff[0] != 0 || toff.windows(2).any(|w| w[0] > w[1]) || toff[self.terms] as usize != blob_len
+        if toff[0] != 0
+            || toff.windows(2).any(|w| w[0] > w[1])
+            || toff[self.terms] as usize != blob_len
         {
             return Err("term offsets out of place".into());
         }
@@ -477,7 +478,9 @@ fn encode(
     for (k, inp) in inputs.iter().enumerate() {
         let kept = keep.get(k).copied().flatten();
         if kept.is_some_and(|kept| kept.len() != inp.lens().len()) {
-            return Err(std::io::Error::other("rows to keep do not match the postings"));
+            return Err(std::io::Error::other(
+                "rows to keep do not match the postings",
+            ));
         }
         let mut numbers = Vec::with_capacity(inp.lens().len());
         for (r, &len) in inp.lens().iter().enumerate() {
@@ -702,7 +705,9 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("rows"));
-        assert!(SegPostings::open(&dir.path().join("none.post"), 1).unwrap().is_none());
+        assert!(SegPostings::open(&dir.path().join("none.post"), 1)
+            .unwrap()
+            .is_none());
         // damaged: a checksum error, and with the checksum made to fit, a structural error;
         // never a panic
         let good = std::fs::read(&path).unwrap();

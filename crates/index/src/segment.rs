@@ -444,9 +444,10 @@ impl Segment {
             n += match part.first().and_then(|e| e.mapped_at()) {
                 Some((file, 0))
                     if file.len() == len
-                        && part.last().and_then(|e| e.mapped_at()).is_some_and(|(f, r)| {
-                            Arc::ptr_eq(f, file) && r == len - 1
-                        }) =>
+                        && part
+                            .last()
+                            .and_then(|e| e.mapped_at())
+                            .is_some_and(|(f, r)| Arc::ptr_eq(f, file) && r == len - 1) =>
                 {
                     file.live_rows()
                 }

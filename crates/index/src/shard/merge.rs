@@ -391,8 +391,7 @@ fn run_merge(
                     let keep: Vec<Option<&[bool]>> = keep.iter().map(|k| Some(&k[..])).collect();
                     crate::postings::SegPostings::write_kept(path, &inputs, &keep)
                 };
-                let seg =
-                    super::seal::write_part(&tmp(&bin), &tmp(&post), id, &entries, postings)?;
+                let seg = super::seal::write_part(&tmp(&bin), &tmp(&post), id, &entries, postings)?;
                 if cancel.load(Ordering::Relaxed) {
                     return Err(cancelled());
                 }

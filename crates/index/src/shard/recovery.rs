@@ -150,9 +150,9 @@ impl ShardIndex {
             }
             found => {
                 match found {
-                    Err(e) => report
-                        .problems
-                        .push(format!("{e}; BM25 postings rebuilt from the segment's text")),
+                    Err(e) => report.problems.push(format!(
+                        "{e}; BM25 postings rebuilt from the segment's text"
+                    )),
                     _ => info!(segment = meta.id, "no BM25 postings file; building it"),
                 }
                 let built = Built::of(seg.entries.iter().map(|e| e.text()));
@@ -313,7 +313,13 @@ mod tests {
     fn assert_live_counts(ix: &ShardIndex) {
         for s in &ix.sealed {
             for e in &s.entries {
-                assert_eq!(ix.is_live(e), ix.live_by_seq(e), "{} in segment {}", e.chunk_id, s.id);
+                assert_eq!(
+                    ix.is_live(e),
+                    ix.live_by_seq(e),
+                    "{} in segment {}",
+                    e.chunk_id,
+                    s.id
+                );
             }
             let live = |e: &Entry| ix.live_by_seq(e);
             let visited = s.entries.iter().filter(|e| live(e)).count();
@@ -335,7 +341,10 @@ mod tests {
             ix.write(vec![doc(5), doc(42)], &model()).unwrap();
             ix.write((44..52).map(doc).collect(), &model()).unwrap();
             assert_live_counts(&ix);
-            assert!(ix.sealed.iter().any(|s| s.live_count(&|e| ix.is_live(e)) < s.entries.len()));
+            assert!(ix
+                .sealed
+                .iter()
+                .any(|s| s.live_count(&|e| ix.is_live(e)) < s.entries.len()));
         }
         let (mut ix, _) = ShardIndex::open(dir.path(), settings()).unwrap();
         assert_live_counts(&ix);
@@ -392,7 +401,10 @@ mod tests {
             *version = 40;
         }
         ix.write(vec![stale], &model()).unwrap();
-        assert!(ix.fetch(&["d9".to_string()]).is_empty(), "a deleted document came back");
+        assert!(
+            ix.fetch(&["d9".to_string()]).is_empty(),
+            "a deleted document came back"
+        );
         assert_eq!(ix.version_of("d9"), Some(50));
         drop(ix);
         // the file the manifest names missing: reported, the replica catches up

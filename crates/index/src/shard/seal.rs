@@ -89,10 +89,16 @@ impl ShardIndex {
         id: u64,
         entries: &[Arc<Entry>],
     ) -> Result<Segment, IndexError> {
-        write_part(&self.segment_path(id), &self.postings_path(id), id, entries, |post| {
-            let built = Built::of(entries.iter().map(|e| e.text()));
-            SegPostings::write(post, &[&built])
-        })
+        write_part(
+            &self.segment_path(id),
+            &self.postings_path(id),
+            id,
+            entries,
+            |post| {
+                let built = Built::of(entries.iter().map(|e| e.text()));
+                SegPostings::write(post, &[&built])
+            },
+        )
     }
 
     /// Points the live chunks' slots at these copies of them (the same chunks, now read from a
@@ -122,8 +128,7 @@ impl ShardIndex {
                 tombstones: &self.tombstones,
                 deleted: &self.deleted,
             };
-            let bytes =
-                postcard::to_stdvec(&d).map_err(|e| IndexError::BadInput(e.to_string()))?;
+            let bytes = postcard::to_stdvec(&d).map_err(|e| IndexError::BadInput(e.to_string()))?;
             write_checked(&deletions_path(&self.dir, new), &bytes)?;
             new
         };

@@ -140,3 +140,157 @@ pub(super) fn hit(e: &Entry, score: f32, similarity: Option<f32>, query: Option<
         sentence_score: query.and_then(|q| e.best_sentence_dot(q)),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    fn model() -> ModelIdentity {
+        ModelIdentity {
+            name: "m".into(),
+            weights_sha256: "0".into(),
+            dim: 4,
+            max_len: 16,
+            pooling: "mean".into(),
+            normalized: true,
+        }
+    }
+
+    fn upsert(r: &mut rand::rngs::StdRng, doc: usize) -> WriteOp {
+        let words: Vec<String> = (0..r.gen_range(1..25))
+            .map(|_| format!("w{}", (r.gen::<f64>().powi(3) * 150.0) as u32))
+            .collect();
+        WriteOp::Upsert {
+            version: 0,
+            doc_id: format!("d{doc}"),
+            chunks: vec![ragfleet_proto::ChunkRecord {
+                doc_id: format!("d{doc}"),
+                chunk_id: format!("d{doc}#0"),
+                text: words.join(" "),
+                vector: vec![1.0, doc as f32, 0.5, 1.0],
+                sentences: Default::default(),
+            }],
+        }
+    }
+
+    /// BM25 by brute force over what the shard stores: statistics over every sealed row (dead
+    /// ones too) and the growing segment's live chunks; every live chunk scored; (chunk, score)
+    /// best first.
+    fn brute_force(ix: &ShardIndex, query: &str, k: usize) -> Vec<(String, f32)> {
+        let sealed: Vec<&Arc<Entry>> = ix.sealed.iter().flat_map(|s| s.entries.iter()).collect();
+        let growing: Vec<&Arc<Entry>> = ix.growing.iter().filter(|e| ix.live_by_seq(e)).collect();
+        let counted: Vec<HashMap<String, u32>> = sealed
+            .iter()
+            .chain(&growing)
+            .map(|e| crate::bm25::term_counts(e.text()).into_iter().collect())
+            .collect();
+        let n = counted.len() as f32;
+        let avg = counted
+            .iter()
+            .map(|c| c.values().sum::<u32>() as f32)
+            .sum::<f32>()
+            / n;
+        let q = crate::bm25::query_terms(query);
+        let idf = |t: &String| {
+            let df = counted.iter().filter(|c| c.contains_key(t)).count() as f32;
+            (df > 0.0).then(|| (1.0 + (n - df + 0.5) / (df + 0.5)).ln())
+        };
+        let mut out: Vec<(String, f32)> = sealed
+            .iter()
+            .chain(&growing)
+            .zip(&counted)
+            .filter(|(e, _)| ix.live_by_seq(e))
+            .filter_map(|(e, c)| {
+                let len = c.values().sum::<u32>() as f32;
+                let s: f32 = q
+                    .iter()
+                    .filter_map(|t| {
+                        let tf = *c.get(t)? as f32;
+                        Some(idf(t)? * tf * 2.2 / (tf + 1.2 * (0.25 + 0.75 * len / avg)))
+                    })
+                    .sum();
+                (s > 0.0).then(|| (e.chunk_id.clone(), s))
+            })
+            .collect();
+        out.sort_by(|a, b| b.1.total_cmp(&a.1));
+        out.truncate(k);
+        out
+    }
+
+    #[test]
+    fn bm25_over_sealed_and_growing_segments_with_dead_rows_scores_like_brute_force() {
+        let mut r = rand::rngs::StdRng::seed_from_u64(21);
+        let dir = tempfile::tempdir().unwrap();
+        let settings = IndexSettings {
+            segment_size: 64,
+            background: false,
+            ..IndexSettings::default()
+        };
+        let (mut ix, _) = ShardIndex::open(dir.path(), settings.clone()).unwrap();
+        for round in 0..12 {
+            let ops: Vec<WriteOp> = (0..40)
+                .map(|_| {
+                    let d = r.gen_range(0..300);
+                    upsert(&mut r, d)
+                })
+                .collect();
+            ix.write(ops, &model()).unwrap();
+            let gone: Vec<String> = (0..8)
+                .map(|_| format!("d{}", r.gen_range(0..300)))
+                .collect();
+            ix.delete(&gone, 0).unwrap();
+            if round == 7 {
+                // and again from the files
+                drop(ix);
+                ix = ShardIndex::open(dir.path(), settings.clone()).unwrap().0;
+            }
+        }
+        // a growing segment with replaced and deleted chunks of its own
+        ix.seal().unwrap();
+        let ops: Vec<WriteOp> = (0..30).map(|i| upsert(&mut r, 280 + i % 20)).collect();
+        ix.write(ops, &model()).unwrap();
+        ix.delete(&["d281".into(), "d10".into()], 0).unwrap();
+        assert!(
+            !ix.sealed.is_empty() && !ix.growing.is_empty(),
+            "both kinds searched"
+        );
+        let stored: usize = ix.sealed.iter().map(|s| s.entries.len()).sum();
+        assert!(
+            stored
+                > ix.sealed
+                    .iter()
+                    .map(|s| s.live_count(&|e| ix.is_live(e)))
+                    .sum::<usize>(),
+            "dead rows stored"
+        );
+        for _ in 0..200 {
+            let words: Vec<String> = (0..r.gen_range(1..5))
+                .map(|_| format!("w{}", (r.gen::<f64>().powi(3) * 150.0) as u32))
+                .collect();
+            let query = words.join(" ");
+            let got: Vec<(String, f32)> = ix
+                .bm25_ranked(&query, 10)
+                .into_iter()
+                .map(|(e, s)| (e.chunk_id.clone(), s))
+                .collect();
+            let want = brute_force(&ix, &query, 10);
+            assert_eq!(got.len(), want.len(), "{query}");
+            for (g, w) in got.iter().zip(&want) {
+                // the same scores in order (ties may name other chunks)
+                assert!(
+                    (g.1 - w.1).abs() < 1e-4 * w.1.max(1.0),
+                    "{query}: {got:?} vs {want:?}"
+                );
+            }
+            let live: Vec<bool> = got
+                .iter()
+                .map(|(c, _)| {
+                    let d = c.trim_end_matches("#0");
+                    ix.docs.contains_key(d)
+                })
+                .collect();
+            assert!(live.iter().all(|&l| l), "{query}: a dead chunk returned");
+        }
+    }
+}

@@ -355,6 +355,12 @@ impl ShardIndex {
         }
         let mut present: HashSet<String> = HashSet::new();
         for e in self.sealed.iter().flat_map(|s| s.entries.iter()) {
+            // a live copy is newer than any deletion of its document (a delete or replace
+            // marks every copy it finds dead): only dead ones need their tombstone, and a live
+            // mapped copy is told by its mark without a lookup
+            if e.marked_dead() == Some(false) {
+                continue;
+            }
             if self.tombstones.contains_key(&e.doc_id) && !present.contains(&e.doc_id) {
                 present.insert(e.doc_id.clone());
             }

@@ -463,6 +463,42 @@ mod tests {
     }
 
     #[test]
+    fn a_compaction_keeps_the_tombstones_of_dead_copies_in_other_segments() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = IndexSettings {
+            segment_size: 64,
+            merge_ratio: 2,
+            ..settings()
+        };
+        let (mut ix, _) = ShardIndex::open(dir.path(), settings.clone()).unwrap();
+        ix.write((0..64).map(doc).collect(), &model()).unwrap();
+        ix.write((100..108).map(doc).collect(), &model()).unwrap();
+        ix.seal().unwrap();
+        assert_eq!(ix.sealed.len(), 2, "a large segment and a small one");
+        // a copy dies in the small segment; then most of the large one, which is compacted
+        ix.delete(&["d100".into()], 5).unwrap();
+        let gone: Vec<String> = (0..40).map(|i| format!("d{i}")).collect();
+        ix.delete(&gone, 5).unwrap();
+        ix.seal().unwrap();
+        assert!(!ix.merging());
+        assert!(ix.stored_chunks() < 72, "the large segment was compacted");
+        assert!(
+            ix.tombstones.contains_key("d100"),
+            "its dead copy is still sealed"
+        );
+        assert!(!ix.tombstones.contains_key("d3"), "no copy of it is left");
+        assert_live_counts(&ix);
+        drop(ix);
+        let (ix, rep) = ShardIndex::open(dir.path(), settings).unwrap();
+        assert!(rep.problems.is_empty(), "{:?}", rep.problems);
+        assert!(
+            ix.fetch(&["d100".to_string()]).is_empty(),
+            "a deleted document came back"
+        );
+        assert_eq!(ix.doc_count(), 64 + 8 - 41);
+    }
+
+    #[test]
     fn a_folder_of_the_first_manifest_format_opens_and_is_upgraded() {
         let dir = tempfile::tempdir().unwrap();
         {

@@ -82,10 +82,13 @@ impl Postings {
     }
 
     fn as_list(&self) -> TermList<'_> {
+        let [_, max_tf, min_len] = self.bound[0];
         TermList {
             pairs: &self.list,
             blocks: &self.bound,
             df: self.live,
+            max_tf,
+            min_len,
         }
     }
 }

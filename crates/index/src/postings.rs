@@ -32,14 +32,16 @@ pub(crate) struct TermList<'a> {
     pub(crate) blocks: &'a [[u32; 3]],
     /// Rows that hold the term (removed ones not counted).
     pub(crate) df: u32,
+    /// The whole list's highest frequency and shortest length (stored, not summed up from the
+    /// blocks at each search).
+    pub(crate) max_tf: u32,
+    pub(crate) min_len: u32,
 }
 
 impl TermList<'_> {
     /// The whole list's highest frequency and shortest length.
     pub(crate) fn bound(&self) -> (u32, u32) {
-        self.blocks
-            .iter()
-            .fold((0, u32::MAX), |(tf, len), b| (tf.max(b[1]), len.min(b[2])))
+        (self.max_tf, self.min_len)
     }
 
     /// The term's frequency at `row` (0: not there, or removed).
@@ -405,11 +407,14 @@ impl SegPostings {
     }
 
     fn list(&self, i: usize) -> TermList<'_> {
-        let [first, count, first_block, _, _] = self.all_meta()[i].map(|x| x as usize);
+        let [first, count, first_block, max_tf, min_len] = self.all_meta()[i];
+        let (first, count, first_block) = (first as usize, count as usize, first_block as usize);
         TermList {
             pairs: &self.all_pairs()[first..first + count],
             blocks: &self.all_blocks()[first_block..first_block + count.div_ceil(BLOCK)],
             df: count as u32,
+            max_tf,
+            min_len,
         }
     }
 }

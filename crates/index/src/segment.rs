@@ -359,9 +359,8 @@ pub(crate) struct Segment {
     pub(crate) parts: Vec<(u64, usize)>,
     pub(crate) entries: Vec<Arc<Entry>>,
     pub(crate) graph: OnceLock<SegGraph>,
-    /// BM25 postings of all its chunks, rows = positions (`seg-<id>.post`): set before the
-    /// segment is searched.
-    pub(crate) postings: OnceLock<Arc<crate::postings::SegPostings>>,
+    /// BM25 postings of all its chunks, rows = positions (`seg-<id>.post`).
+    pub(crate) postings: Arc<crate::postings::SegPostings>,
 }
 
 impl std::fmt::Debug for Segment {
@@ -377,24 +376,27 @@ impl std::fmt::Debug for Segment {
 
 impl Segment {
     /// A segment of one data file with the same id.
-    pub(crate) fn new(id: u64, entries: Vec<Arc<Entry>>) -> Self {
-        Segment {
-            id,
-            parts: vec![(id, entries.len())],
-            entries,
-            graph: OnceLock::new(),
-            postings: OnceLock::new(),
-        }
+    pub(crate) fn new(
+        id: u64,
+        entries: Vec<Arc<Entry>>,
+        postings: Arc<crate::postings::SegPostings>,
+    ) -> Self {
+        Segment::with_parts(id, vec![(id, entries.len())], entries, postings)
     }
 
     /// A segment over several data files.
-    pub(crate) fn with_parts(id: u64, parts: Vec<(u64, usize)>, entries: Vec<Arc<Entry>>) -> Self {
+    pub(crate) fn with_parts(
+        id: u64,
+        parts: Vec<(u64, usize)>,
+        entries: Vec<Arc<Entry>>,
+        postings: Arc<crate::postings::SegPostings>,
+    ) -> Self {
         Segment {
             id,
             parts,
             entries,
             graph: OnceLock::new(),
-            postings: OnceLock::new(),
+            postings,
         }
     }
 

@@ -393,7 +393,7 @@ fn run_merge(
                 // the postings are the sources' without the dead chunks: streamed from their
                 // files, never gathered in memory
                 let postings = |path: &Path| {
-                    let inputs = source_postings(sources)?;
+                    let inputs = source_postings(sources);
                     let keep: Vec<Option<&[bool]>> = keep.iter().map(|k| Some(&k[..])).collect();
                     crate::postings::SegPostings::write_kept(path, &inputs, &keep)
                 };
@@ -425,12 +425,11 @@ fn run_merge(
                 // grown in a scratch file: the largest graph is not copied into memory
                 let grown = g.extend_in(&more, spec.threads, Some(dir));
                 // the sources' postings, one after the other (their rows numbered on)
-                let inputs = source_postings(sources)?;
+                let inputs = source_postings(sources);
                 let post = format!("seg-{id}.post");
                 files.push((tmp(&post), dir.join(&post)));
                 let postings = crate::postings::SegPostings::write(&tmp(&post), &inputs)?;
-                let seg = Segment::with_parts(id, parts, entries);
-                let _ = seg.postings.set(postings);
+                let seg = Segment::with_parts(id, parts, entries, postings);
                 (seg, SegGraph::Own(grown))
             }
         };
@@ -460,17 +459,10 @@ fn run_merge(
 }
 
 /// The sources' postings, in order.
-fn source_postings(
-    sources: &[Arc<Segment>],
-) -> Result<Vec<&dyn crate::postings::PostingsInput>, IndexError> {
+fn source_postings(sources: &[Arc<Segment>]) -> Vec<&dyn crate::postings::PostingsInput> {
     sources
         .iter()
-        .map(|s| {
-            s.postings
-                .get()
-                .map(|p| p.as_ref() as &dyn crate::postings::PostingsInput)
-                .ok_or_else(|| IndexError::BadInput(format!("segment {} has no postings", s.id)))
-        })
+        .map(|s| s.postings.as_ref() as &dyn crate::postings::PostingsInput)
         .collect()
 }
 

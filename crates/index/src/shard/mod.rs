@@ -270,6 +270,19 @@ pub struct ShardIndex {
     digest_memo: std::sync::Mutex<Option<u64>>,
 }
 
+/// The model identity the shard's unit tests write with (4 dimensions).
+#[cfg(test)]
+fn test_model() -> ModelIdentity {
+    ModelIdentity {
+        name: "m".into(),
+        weights_sha256: "0".into(),
+        dim: 4,
+        max_len: 16,
+        pooling: "mean".into(),
+        normalized: true,
+    }
+}
+
 /// The manifest file, and the earlier formats'.
 const MANIFEST: &str = "manifest3.bin";
 const MANIFEST_V2: &str = "manifest2.bin";
@@ -331,12 +344,7 @@ impl ShardIndex {
             .filter_map(|s| s.graph.get())
             .map(|g| g.memory_bytes())
             .sum();
-        let postings: usize = self
-            .sealed
-            .iter()
-            .filter_map(|s| s.postings.get())
-            .map(|p| p.memory_bytes())
-            .sum();
+        let postings: usize = self.sealed.iter().map(|s| s.postings.memory_bytes()).sum();
         (graphs, self.bm25.memory_bytes() + postings)
     }
 

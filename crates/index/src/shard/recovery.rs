@@ -141,9 +141,8 @@ impl ShardIndex {
             parts.push((part, entries.len()));
             all.extend(entries.into_iter().map(Arc::new));
         }
-        let seg = Segment::with_parts(meta.id, parts, all);
         let path = self.postings_path(meta.id);
-        let postings = match SegPostings::open(&path, seg.entries.len()) {
+        let postings = match SegPostings::open(&path, all.len()) {
             Ok(Some(p)) => {
                 report.bm25_snapshots += 1;
                 p
@@ -155,15 +154,14 @@ impl ShardIndex {
                     )),
                     _ => info!(segment = meta.id, "no BM25 postings file; building it"),
                 }
-                let built = Built::of(seg.entries.iter().map(|e| e.text()));
+                let built = Built::of(all.iter().map(|e| e.text()));
                 SegPostings::write(&path, &[&built]).or_else(|e| {
                     warn!(error = %e, "could not write BM25 postings; holding them in memory");
                     SegPostings::in_memory(&[&built])
                 })?
             }
         };
-        let _ = seg.postings.set(postings);
-        Ok(Arc::new(seg))
+        Ok(Arc::new(Segment::with_parts(meta.id, parts, all, postings)))
     }
 
     /// Recomputes document liveness and slots from the sealed segments and tombstones.
@@ -274,16 +272,7 @@ mod tests {
     use super::*;
     use ragfleet_proto::ChunkRecord;
 
-    fn model() -> ModelIdentity {
-        ModelIdentity {
-            name: "m".into(),
-            weights_sha256: "0".into(),
-            dim: 4,
-            max_len: 16,
-            pooling: "mean".into(),
-            normalized: true,
-        }
-    }
+    use super::super::test_model as model;
 
     fn doc(i: usize) -> WriteOp {
         WriteOp::Upsert {

@@ -268,9 +268,7 @@ pub(super) fn write_part(
 ) -> Result<Segment, IndexError> {
     let mapped = write_mapped(bin, entries)?;
     let postings = postings(post)?;
-    let seg = Segment::new(id, mapped);
-    let _ = seg.postings.set(postings);
-    Ok(seg)
+    Ok(Segment::new(id, mapped, postings))
 }
 
 /// Writes chunks as a format 3 data file at `path` and gives them back read from its map.

@@ -85,13 +85,9 @@ impl ShardIndex {
     /// dead chunks count in them until a compaction drops them, as in Lucene).
     pub(super) fn bm25_ranked(&self, text: &str, k: usize) -> Vec<(Arc<Entry>, f32)> {
         let terms = crate::bm25::query_terms(text);
-        let mut segs: Vec<&Segment> = Vec::with_capacity(self.sealed.len());
         let mut sources = Vec::with_capacity(self.sealed.len() + 1);
         for seg in &self.sealed {
-            let Some(p) = seg.postings.get() else {
-                continue;
-            };
-            segs.push(seg);
+            let p = &seg.postings;
             sources.push(crate::bm25::Source {
                 lists: terms.iter().map(|t| p.find(t)).collect(),
                 rows: p.rows() as u64,
@@ -104,7 +100,7 @@ impl ShardIndex {
         crate::bm25::search_sources(&sources, k)
             .into_iter()
             .filter_map(|(s, row, score)| {
-                let e = match segs.get(s) {
+                let e = match self.sealed.get(s) {
                     Some(seg) => seg.entries.get(row as usize).cloned(),
                     None => self.slots.get(&row).cloned(),
                 }?;
@@ -146,16 +142,7 @@ mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};
 
-    fn model() -> ModelIdentity {
-        ModelIdentity {
-            name: "m".into(),
-            weights_sha256: "0".into(),
-            dim: 4,
-            max_len: 16,
-            pooling: "mean".into(),
-            normalized: true,
-        }
-    }
+    use super::super::test_model as model;
 
     fn upsert(r: &mut rand::rngs::StdRng, doc: usize) -> WriteOp {
         let words: Vec<String> = (0..r.gen_range(1..25))

@@ -10,6 +10,7 @@ pub mod cross_encoder;
 pub mod embedder;
 pub mod fetch;
 mod host;
+mod kernels;
 pub mod lanes;
 pub mod llama;
 pub mod weights;

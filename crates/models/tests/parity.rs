@@ -400,3 +400,45 @@ fn a_hugging_face_safetensors_llama_loads_and_matches_the_gguf_model() {
         gg.generate_ids(&prompt, 8, 0.0, 1.0, 0)
     );
 }
+
+/// The flex backend runs the attention core and GELU in the crate's own CPU kernels; the
+/// ndarray backend runs burn's tensor operations. One padded forward pass of inputs of very
+/// different lengths gives the same embeddings on both, and the same as each input alone.
+#[test]
+fn cpu_kernels_embed_like_burns_tensor_operations() {
+    use ragfleet_models::backend::CpuNdArray;
+    let dir = models_dir().join("minilm");
+    let flex = Embedder::<Cpu>::load(&dir, &Default::default()).expect("embedder loads");
+    let nd = Embedder::<CpuNdArray>::load(&dir, &Default::default()).expect("embedder loads");
+    let texts = [
+        "Ownership".to_string(),
+        "How do shards bound the latency of a query?".to_string(),
+        "Replication keeps a copy of every shard on another node. ".repeat(30),
+        "A reranker rescores the best candidates of the search with a cross-encoder.".to_string(),
+    ];
+    let ids: Vec<Vec<u32>> = texts.iter().map(|t| flex.token_ids(t).unwrap()).collect();
+    let lens: Vec<usize> = ids.iter().map(Vec::len).collect();
+    assert!(
+        lens.iter().max().unwrap() > &200 && lens.iter().min().unwrap() < &8,
+        "{lens:?}"
+    );
+    // one forward pass of all four (three of them padded) on each backend
+    let a = flex.embed_ids(&ids);
+    let b = nd.embed_ids(&ids);
+    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+        let cos = cosine(x, y);
+        let diff = x
+            .iter()
+            .zip(y)
+            .map(|(p, q)| (p - q).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            cos >= 0.999_999 && diff < 1e-4,
+            "input {i}: cosine {cos}, max diff {diff}"
+        );
+        // and alone (no padding)
+        let alone = flex.embed_ids(std::slice::from_ref(&ids[i]));
+        let cos = cosine(x, &alone[0]);
+        assert!(cos >= 0.999_999, "input {i} padded vs alone: cosine {cos}");
+    }
+}

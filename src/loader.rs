@@ -59,6 +59,31 @@ pub fn lanes() -> usize {
     }
 }
 
+/// Forward passes on the GPU are padded to a few shapes (sequence lengths 16..256, rows 1..128)
+/// whose kernels are compiled and tuned here, before the embedder serves (burn's CUDA backend
+/// compiles each new input shape on first use: hundreds of milliseconds a shape, which the
+/// first queries would otherwise pay). The CPU backend compiles nothing: unchanged.
+fn warmed(e: Embedder<Cpu>) -> Embedder<Cpu> {
+    if !cfg!(feature = "cuda") {
+        return e;
+    }
+    let e = e.with_shapes(ragfleet_models::embedder::Shapes::powers_of_two(
+        e.identity().max_len as usize,
+        GPU_ROWS,
+    ));
+    let t = std::time::Instant::now();
+    let n = e.warm_up();
+    tracing::info!(
+        shapes = n,
+        secs = t.elapsed().as_secs_f64(),
+        "embedder warmed up"
+    );
+    e
+}
+
+/// Texts per forward pass on the GPU (ingest batches fill it; the CPU runs 32).
+const GPU_ROWS: usize = 128;
+
 /// Embedder adapter.
 pub struct EmbedderModel(pub Embedder<Cpu>);
 
@@ -176,14 +201,15 @@ impl ModelFiles {
     /// Loads the embedder (not cached).
     pub fn load_embedder(&self) -> Result<Embedder<Cpu>, String> {
         let dir = self.dir.join(EMBEDDER_DIR);
-        Embedder::<Cpu>::load(&dir, &Default::default())
+        let e = Embedder::<Cpu>::load(&dir, &Default::default())
             .map(|e| e.with_lanes(lanes()))
             .map_err(|e| {
                 format!(
                     "{e} (run `ragfleet models fetch` to download the models into {})",
                     self.dir.display()
                 )
-            })
+            })?;
+        Ok(warmed(e))
     }
 
     /// Loads the generator (not cached): a Llama of the user's in `<models>/generator/` (a

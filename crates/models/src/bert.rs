@@ -168,11 +168,23 @@ impl<B: Backend> BertModel<B> {
         &self.cfg
     }
 
-    /// Hidden states [batch, seq, hidden] for padded token ids, token types and a 0/1 mask.
+    /// Hidden states [batch, seq, hidden] of token ids and token types (rows of any lengths,
+    /// padded to the longest; a padded position's state is unspecified).
     pub fn forward(
         &self,
         ids: &[Vec<u32>],
         type_ids: &[Vec<u32>],
+        device: &B::Device,
+    ) -> Tensor<B, 3> {
+        self.forward_to(ids, type_ids, 0, device)
+    }
+
+    /// [`forward`](Self::forward) padded to at least `seq` positions.
+    pub fn forward_to(
+        &self,
+        ids: &[Vec<u32>],
+        type_ids: &[Vec<u32>],
+        seq: usize,
         device: &B::Device,
     ) -> Tensor<B, 3> {
         let b = ids.len();
@@ -181,6 +193,7 @@ impl<B: Backend> BertModel<B> {
             .map(Vec::len)
             .max()
             .unwrap_or(0)
+            .max(seq)
             .clamp(1, self.cfg.max_position_embeddings);
         let h = self.cfg.hidden_size;
         let nh = self.cfg.num_attention_heads;

@@ -15,6 +15,40 @@ pub const MINILM_NAME: &str = "sentence-transformers/all-MiniLM-L6-v2";
 /// Texts per forward pass (inputs are sorted by length first so padding stays small).
 const SUB_BATCH: usize = 32;
 
+/// The input shapes forward passes are padded to, so that a backend that compiles kernels per
+/// input shape (burn's CUDA backend compiles and tunes each new shape on first use, hundreds of
+/// milliseconds) meets only shapes [`Embedder::warm_up`] ran before the first request. A
+/// forward pass's sequence length goes up to the nearest of `lengths` and its row count to the
+/// nearest of `rows` (filler rows, dropped from the result); the largest of `rows` is also the
+/// most texts one forward pass takes. The CPU backends compile nothing and run unpadded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Shapes {
+    /// Sequence lengths (tokens), ascending.
+    pub lengths: Vec<usize>,
+    /// Rows per forward pass, ascending.
+    pub rows: Vec<usize>,
+}
+
+impl Shapes {
+    /// Lengths 16, 32, 64, 128 and `max_len`; rows 1, 2, 4, ... up to `max_rows`.
+    pub fn powers_of_two(max_len: usize, max_rows: usize) -> Self {
+        let mut lengths: Vec<usize> = [16, 32, 64, 128]
+            .into_iter()
+            .filter(|&l| l < max_len)
+            .collect();
+        lengths.push(max_len.max(1));
+        let mut rows = vec![1];
+        while rows[rows.len() - 1] < max_rows {
+            rows.push((rows[rows.len() - 1] * 2).min(max_rows));
+        }
+        Shapes { lengths, rows }
+    }
+
+    fn up(buckets: &[usize], n: usize) -> usize {
+        buckets.iter().copied().find(|&b| b >= n).unwrap_or(n)
+    }
+}
+
 /// Loads a tokenizer with padding off and truncation at `max_len`.
 pub fn load_tokenizer(
     path: &Path,
@@ -40,6 +74,9 @@ pub struct Embedder<B: Backend> {
     identity: ModelIdentity,
     device: B::Device,
     lanes: usize,
+    shapes: Option<Shapes>,
+    /// (rows, sequence length) of every forward pass run so far.
+    seen: std::sync::Mutex<std::collections::BTreeSet<(usize, usize)>>,
 }
 
 impl<B: Backend> Embedder<B> {
@@ -74,6 +111,8 @@ impl<B: Backend> Embedder<B> {
             identity,
             device: device.clone(),
             lanes: 1,
+            shapes: None,
+            seen: Default::default(),
         })
     }
 
@@ -81,6 +120,42 @@ impl<B: Backend> Embedder<B> {
     pub fn with_lanes(mut self, lanes: usize) -> Self {
         self.lanes = lanes.max(1);
         self
+    }
+
+    /// Pads forward passes to `shapes` (see [`Shapes`]); unpadded by default.
+    pub fn with_shapes(mut self, shapes: Shapes) -> Self {
+        self.shapes = Some(shapes);
+        self
+    }
+
+    /// Runs one forward pass of every shape of [`Shapes`] (none without them); returns how
+    /// many. For a backend that compiles kernels per shape: call it before serving.
+    pub fn warm_up(&self) -> usize {
+        let Some(shapes) = &self.shapes else {
+            return 0;
+        };
+        let mut n = 0;
+        for &rows in &shapes.rows {
+            for &len in &shapes.lengths {
+                // [CLS] ordinary tokens [SEP]: a real input's path through the model
+                let mut row = vec![101u32; len.max(2)];
+                row[1..len.max(2) - 1].fill(1996);
+                row[len.max(2) - 1] = 102;
+                self.embed_ids(&vec![row; rows]);
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// The (rows, sequence length) shapes of the forward passes run so far.
+    pub fn forward_shapes(&self) -> Vec<(usize, usize)> {
+        self.seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .copied()
+            .collect()
     }
 
     /// The model identity vectors from this embedder carry.
@@ -119,7 +194,12 @@ impl<B: Backend> Embedder<B> {
             ids.push(self.token_ids(t)?);
         }
         let lengths: Vec<usize> = ids.iter().map(Vec::len).collect();
-        let out = crate::lanes::by_length(&lengths, SUB_BATCH, self.lanes, |group| {
+        let per_pass = self
+            .shapes
+            .as_ref()
+            .and_then(|s| s.rows.last().copied())
+            .unwrap_or(SUB_BATCH);
+        let out = crate::lanes::by_length(&lengths, per_pass, self.lanes, |group| {
             let batch: Vec<Vec<u32>> = group.iter().map(|&i| ids[i].clone()).collect();
             self.embed_ids(&batch)
         });
@@ -131,15 +211,42 @@ impl<B: Backend> Embedder<B> {
         if batch.is_empty() {
             return Vec::new();
         }
-        let types: Vec<Vec<u32>> = batch.iter().map(|r| vec![0; r.len()]).collect();
-        let hidden = self.model.forward(batch, &types, &self.device);
-        let [b, s, h] = hidden.dims();
+        let longest = batch.iter().map(Vec::len).max().unwrap_or(1);
+        let (rows, seq) = match &self.shapes {
+            Some(s) => (
+                Shapes::up(&s.rows, batch.len()),
+                Shapes::up(&s.lengths, longest),
+            ),
+            None => (batch.len(), longest),
+        };
+        let mut padded;
+        let inputs = if rows > batch.len() {
+            // filler rows of one token; their outputs are dropped
+            padded = batch.to_vec();
+            padded.resize(rows, vec![0]);
+            &padded[..]
+        } else {
+            batch
+        };
+        let types: Vec<Vec<u32>> = inputs.iter().map(|r| vec![0; r.len()]).collect();
+        let hidden = self.model.forward_to(inputs, &types, seq, &self.device);
+        let [_, s, h] = hidden.dims();
+        {
+            let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+            if seen.insert((inputs.len(), s)) && self.shapes.is_some() && seen.len() > 1 {
+                tracing::debug!(
+                    rows = inputs.len(),
+                    seq = s,
+                    "a forward pass of a new shape"
+                );
+            }
+        }
         let data: Vec<f32> = hidden
             .into_data()
             .convert::<f32>()
             .to_vec()
             .unwrap_or_default();
-        let mut out = Vec::with_capacity(b);
+        let mut out = Vec::with_capacity(batch.len());
         for (r, row) in batch.iter().enumerate() {
             let n = row.len().min(s).max(1);
             let mut v = vec![0f32; h];

@@ -442,3 +442,49 @@ fn cpu_kernels_embed_like_burns_tensor_operations() {
         assert!(cos >= 0.999_999, "input {i} padded vs alone: cosine {cos}");
     }
 }
+
+/// Forward passes padded to a few shapes (what a GPU build does, so that every kernel is
+/// compiled at start): the same embeddings as unpadded ones; after the warm-up, embedding
+/// inputs of any length and count runs no shape the warm-up did not.
+#[test]
+fn shape_buckets_embed_like_unpadded_passes_and_the_warm_up_covers_them() {
+    use ragfleet_models::embedder::Shapes;
+    let dir = models_dir().join("minilm");
+    let plain = Embedder::<Cpu>::load(&dir, &Default::default()).expect("embedder loads");
+    let shapes = Shapes::powers_of_two(256, 8);
+    assert_eq!(shapes.lengths, vec![16, 32, 64, 128, 256]);
+    assert_eq!(shapes.rows, vec![1, 2, 4, 8]);
+    let padded = Embedder::<Cpu>::load(&dir, &Default::default())
+        .expect("embedder loads")
+        .with_shapes(shapes.clone())
+        .with_lanes(2);
+    assert_eq!(padded.warm_up(), 20);
+    let warmed = padded.forward_shapes();
+    let want: Vec<(usize, usize)> = shapes
+        .rows
+        .iter()
+        .flat_map(|&r| shapes.lengths.iter().map(move |&l| (r, l)))
+        .collect();
+    assert_eq!(warmed, want);
+    // 13 texts from 3 to ~250 tokens: sub-batches of up to 8, odd counts, odd lengths
+    let texts: Vec<String> = (0..13)
+        .map(|i| "Shards answer within their deadline or are left out. ".repeat(1 + i * 2))
+        .collect();
+    let a = plain.embed(&texts).unwrap();
+    let b = padded.embed(&texts).unwrap();
+    assert_eq!(b.len(), texts.len());
+    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+        let cos = cosine(x, y);
+        assert!(
+            cos >= 0.999_999,
+            "text {i}: cosine {cos} padded vs unpadded"
+        );
+    }
+    assert_eq!(
+        padded.forward_shapes(),
+        warmed,
+        "a shape the warm-up did not run"
+    );
+    // unpadded, the same texts ran shapes of their own
+    assert!(plain.forward_shapes().iter().any(|s| !warmed.contains(s)));
+}

@@ -67,9 +67,9 @@ fn warmed(e: Embedder<Cpu>) -> Embedder<Cpu> {
     if !cfg!(feature = "cuda") {
         return e;
     }
+    let max_len = e.identity().max_len as usize;
     let e = e.with_shapes(ragfleet_models::embedder::Shapes::powers_of_two(
-        e.identity().max_len as usize,
-        GPU_ROWS,
+        max_len, GPU_ROWS,
     ));
     let t = std::time::Instant::now();
     let n = e.warm_up();

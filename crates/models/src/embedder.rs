@@ -134,13 +134,15 @@ impl<B: Backend> Embedder<B> {
         let Some(shapes) = &self.shapes else {
             return 0;
         };
+        // [CLS] ordinary words [SEP]: the path a real input takes through the model
+        let id = |t: &str, or: u32| self.tokenizer.token_to_id(t).unwrap_or(or);
+        let (cls, word, sep) = (id("[CLS]", 101), id("the", 1996), id("[SEP]", 102));
         let mut n = 0;
         for &rows in &shapes.rows {
             for &len in &shapes.lengths {
-                // [CLS] ordinary tokens [SEP]: a real input's path through the model
-                let mut row = vec![101u32; len.max(2)];
-                row[1..len.max(2) - 1].fill(1996);
-                row[len.max(2) - 1] = 102;
+                let len = len.max(2);
+                let mut row = vec![word; len];
+                (row[0], row[len - 1]) = (cls, sep);
                 self.embed_ids(&vec![row; rows]);
                 n += 1;
             }
@@ -233,7 +235,7 @@ impl<B: Backend> Embedder<B> {
         let [_, s, h] = hidden.dims();
         {
             let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-            if seen.insert((inputs.len(), s)) && self.shapes.is_some() && seen.len() > 1 {
+            if seen.insert((inputs.len(), s)) && self.shapes.is_some() {
                 tracing::debug!(
                     rows = inputs.len(),
                     seq = s,

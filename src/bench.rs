@@ -221,6 +221,7 @@ fn rate(items: usize, f: &dyn Fn()) -> f64 {
 }
 
 fn embed(models: &std::path::Path, py: Option<&std::path::Path>) -> Result<()> {
+    ragfleet_models::lanes::keep_activation_memory();
     use ragfleet_models::backend::{Cpu, CpuNdArray};
     use ragfleet_models::Embedder;
     let dir = models.join(ragfleet_models::fetch::EMBEDDER_DIR);
@@ -303,6 +304,7 @@ fn embed(models: &std::path::Path, py: Option<&std::path::Path>) -> Result<()> {
 }
 
 fn rerank(models: &std::path::Path, py: &std::path::Path, batch: usize) -> Result<()> {
+    ragfleet_models::lanes::keep_activation_memory();
     use ragfleet_models::backend::Cpu;
     use ragfleet_runtime::RerankModel;
     let dir = tempfile::tempdir()?;
@@ -470,6 +472,7 @@ fn generate<B: burn::prelude::Backend>(
     tokens: usize,
     py: Option<&std::path::Path>,
 ) -> Result<()> {
+    ragfleet_models::lanes::keep_activation_memory();
     let gguf = models.join(ragfleet_models::fetch::GENERATOR_GGUF);
     let g = ragfleet_models::llama::Generator::<B>::load_gguf(&gguf, &Default::default())?;
     let prompts = [

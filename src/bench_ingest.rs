@@ -82,6 +82,7 @@ fn embed_only(model: &ragfleet_models::Embedder<Backend>, texts: &[String], batc
 
 /// Runs the bench.
 pub async fn run(b: IngestBench) -> Result<()> {
+    ragfleet_models::lanes::keep_activation_memory();
     let mut base = ClusterConfig::load(&b.config)?;
     if let Some(m) = &b.models {
         base.models_dir = m.clone();

@@ -200,6 +200,7 @@ impl ModelFiles {
 
     /// Loads the embedder (not cached).
     pub fn load_embedder(&self) -> Result<Embedder<Cpu>, String> {
+        ragfleet_models::lanes::keep_activation_memory();
         let dir = self.dir.join(EMBEDDER_DIR);
         let e = Embedder::<Cpu>::load(&dir, &Default::default())
             .map(|e| e.with_lanes(lanes()))
@@ -215,6 +216,7 @@ impl ModelFiles {
     /// Loads the generator (not cached): a Llama of the user's in `<models>/generator/` (a
     /// Hugging Face folder or a `.gguf` file there) when present, else the fetched SmolLM2.
     pub fn load_generator(&self) -> Result<ragfleet_models::llama::Generator<Cpu>, String> {
+        ragfleet_models::lanes::keep_activation_memory();
         use ragfleet_models::llama::Generator;
         let own = self.dir.join("generator");
         let hint = |e: ragfleet_models::ModelError| {
@@ -237,6 +239,7 @@ impl ModelFiles {
 
     /// Loads the cross-encoder (not cached).
     pub fn load_reranker(&self) -> Result<CrossEncoder<Cpu>, String> {
+        ragfleet_models::lanes::keep_activation_memory();
         let dir = self.dir.join(RERANKER_DIR);
         if !dir.join("model.safetensors").is_file() {
             return Err(format!(

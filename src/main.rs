@@ -23,7 +23,6 @@ use crate::cli::Cli;
 
 fn main() {
     let cli = Cli::parse();
-    ragfleet_models::lanes::keep_activation_memory();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

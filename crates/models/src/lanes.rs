@@ -14,13 +14,15 @@ use std::sync::Mutex;
 /// past 128 KB free, so each of them is page-faulted in and zeroed again: measured on the
 /// 2-core machine, 24-30% of a forward pass's time. This serves blocks under 64 MB from the
 /// heap and keeps up to 256 MB free at its top (larger blocks, such as an index merge's
-/// buffers, still come from and go back to the system). Call it once at start, before other
-/// threads; a `GLIBC_TUNABLES` setting in the environment wins. Elsewhere than Linux with
-/// glibc it does nothing.
+/// buffers, still come from and go back to the system). It is process-wide and costs memory
+/// kept for reuse, so the binary calls it where a process loads a model (a process serving
+/// only shards keeps glibc's defaults). Calling it again changes nothing; glibc's `mallopt` takes the
+/// allocator's lock, so other threads may be running. A `GLIBC_TUNABLES` setting in the
+/// environment wins. Elsewhere than Linux with glibc it does nothing.
 pub fn keep_activation_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     if std::env::var_os("GLIBC_TUNABLES").is_none() {
-        // SAFETY: mallopt only sets the allocator's parameters; called before other threads
+        // SAFETY: mallopt only sets the allocator's parameters, under the allocator's lock
         unsafe {
             libc::mallopt(libc::M_MMAP_THRESHOLD, 64 << 20);
             libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);

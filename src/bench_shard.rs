@@ -110,6 +110,15 @@ fn resident_bytes() -> (u64, u64) {
     (field("RssAnon:"), field("RssFile:"))
 }
 
+/// Lets glibc give the free memory it holds back to the system.
+fn trim_allocator() {
+    // SAFETY: malloc_trim only returns free memory to the system
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Bytes of the files under `dir`.
 fn disk_bytes(dir: &std::path::Path) -> u64 {
     std::fs::read_dir(dir)
@@ -130,6 +139,9 @@ struct Row {
     segments: usize,
     /// GB a million chunks: the process's own memory, mapped file pages resident, files.
     mem_per_million: (f64, f64, f64),
+    /// The process's own memory after the allocator gave back what it held free (GB a
+    /// million chunks): what the index's live data takes.
+    live_per_million: f64,
     dense: (f64, f64),
     recall: f64,
     bm25: (f64, f64),
@@ -175,6 +187,9 @@ pub fn run(b: ShardBench) -> Result<()> {
             background: true,
             ..IndexSettings::default()
         };
+        // the baseline without the free memory the previous size left in the allocator (the
+        // index would otherwise reuse it unseen)
+        trim_allocator();
         let rss0 = resident_bytes();
         let (mut ix, _) = ShardIndex::open(&dir, settings)?;
         let mut rng = rand::rngs::StdRng::seed_from_u64(n as u64);
@@ -199,11 +214,16 @@ pub fn run(b: ShardBench) -> Result<()> {
             ix.maintain()?;
             vectors.extend(vs);
         }
-        // the background work to its end: graphs built, merges committed
+        // the background work to its end: graphs built, merges committed, merged-away
+        // segments freed (the memory figures below are read next)
         loop {
             ix.maintain()?;
             let (segs, built) = ix.segment_stats();
-            if segs == built && !ix.merging() && !ix.needs_maintenance() {
+            if segs == built
+                && !ix.merging()
+                && !ix.needs_maintenance()
+                && ix.segments_being_freed() == 0
+            {
                 break;
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -217,6 +237,15 @@ pub fn run(b: ShardBench) -> Result<()> {
             per_million(rss.0.saturating_sub(rss0.0).saturating_sub(own)),
             per_million(rss.1.saturating_sub(rss0.1)),
             per_million(disk_bytes(&dir)),
+        );
+        // glibc keeps freed memory in its arenas (the ingest's and merges' buffers, per thread):
+        // how much of the figure above is that, and how much the index's live data
+        trim_allocator();
+        let live_per_million = per_million(
+            resident_bytes()
+                .0
+                .saturating_sub(rss0.0)
+                .saturating_sub(own),
         );
         let (graphs, bm25) = ix.memory_bytes();
         println!(
@@ -276,13 +305,14 @@ pub fn run(b: ShardBench) -> Result<()> {
                 ingest_s,
                 segments: ix.segment_stats().0,
                 mem_per_million,
+                live_per_million,
                 dense: (percentile(&mut d, 0.5), percentile(&mut d, 0.99)),
                 recall: found as f64 / (10 * dense.len()).max(1) as f64,
                 bm25: bm25_p,
             };
             println!(
-                "{n:>9} chunks, ef {ef}: ingest {:.1} s, {} segments, dense p50 {:.2} ms p99 {:.2} ms recall@10 {:.4}, bm25 p50 {:.2} ms p99 {:.2} ms; a million chunks: {:.2} GB own memory, {:.2} GB mapped pages resident, {:.2} GB files",
-                row.ingest_s, row.segments, row.dense.0, row.dense.1, row.recall, row.bm25.0, row.bm25.1, row.mem_per_million.0, row.mem_per_million.1, row.mem_per_million.2
+                "{n:>9} chunks, ef {ef}: ingest {:.1} s, {} segments, dense p50 {:.2} ms p99 {:.2} ms recall@10 {:.4}, bm25 p50 {:.2} ms p99 {:.2} ms; a million chunks: {:.2} GB own memory ({:.2} GB live, after the allocator gave back its free memory), {:.2} GB mapped pages resident, {:.2} GB files",
+                row.ingest_s, row.segments, row.dense.0, row.dense.1, row.recall, row.bm25.0, row.bm25.1, row.mem_per_million.0, row.live_per_million, row.mem_per_million.1, row.mem_per_million.2
             );
             at_size.push(row);
         }
@@ -297,7 +327,7 @@ pub fn run(b: ShardBench) -> Result<()> {
         let _ = std::fs::remove_dir_all(&dir);
     }
     println!(
-        "\n{:>9} {:>5} {:>9} {:>5} {:>9} {:>9} {:>9} {:>9} {:>9} {:>6} {:>6} {:>6}",
+        "\n{:>9} {:>5} {:>9} {:>5} {:>9} {:>9} {:>9} {:>9} {:>9} {:>6} {:>6} {:>6} {:>6}",
         "chunks",
         "ef",
         "ingest s",
@@ -308,12 +338,13 @@ pub fn run(b: ShardBench) -> Result<()> {
         "bm25 p50",
         "bm25 p99",
         "own/M",
+        "live/M",
         "map/M",
         "disk/M"
     );
     for r in rows.iter().flatten() {
         println!(
-            "{:>9} {:>5} {:>9.1} {:>5} {:>9.3} {:>9.3} {:>9.4} {:>9.3} {:>9.3} {:>6.2} {:>6.2} {:>6.2}",
+            "{:>9} {:>5} {:>9.1} {:>5} {:>9.3} {:>9.3} {:>9.4} {:>9.3} {:>9.3} {:>6.2} {:>6.2} {:>6.2} {:>6.2}",
             r.n,
             r.ef,
             r.ingest_s,
@@ -324,6 +355,7 @@ pub fn run(b: ShardBench) -> Result<()> {
             r.bm25.0,
             r.bm25.1,
             r.mem_per_million.0,
+            r.live_per_million,
             r.mem_per_million.1,
             r.mem_per_million.2
         );

@@ -124,6 +124,12 @@ impl ShardIndex {
         self.merge.is_some()
     }
 
+    /// Merged-away segments whose memory a background thread is still giving back (a bench
+    /// waits for none before it measures the process's memory).
+    pub fn segments_being_freed(&self) -> usize {
+        self.freeing.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// Whether [`ShardIndex::maintain`] has something to do now (cheap: the owner polls it under
     /// a read lock and takes the write lock only when it says yes).
     pub fn needs_maintenance(&self) -> bool {
@@ -324,10 +330,17 @@ impl ShardIndex {
             .filter(|s| sources.contains(&s.id))
             .collect();
         if self.settings.background {
+            let freeing = Arc::clone(&self.freeing);
+            freeing.fetch_add(1, Ordering::SeqCst);
             let spawned = std::thread::Builder::new()
                 .name("merge-free".into())
-                .spawn(move || drop(retired));
+                .spawn(move || {
+                    drop(retired);
+                    freeing.fetch_sub(1, Ordering::SeqCst);
+                });
             if let Err(e) = spawned {
+                // the closure (and the segments with it) was dropped here
+                self.freeing.fetch_sub(1, Ordering::SeqCst);
                 warn!(error = %e, "could not free merged segments in the background");
             }
         }

@@ -263,6 +263,8 @@ pub struct ShardIndex {
     generation: u64,
     /// Graphs finished by the background builders (the policy merges built segments only).
     graphs_done: Arc<std::sync::atomic::AtomicU64>,
+    /// Merged-away segments still being freed on a background thread.
+    freeing: Arc<std::sync::atomic::AtomicUsize>,
     /// (generation, graphs_done) when the policy last ran.
     planned_at: (u64, u64),
     /// [`ShardIndex::digest`] as of the last change (`None`: changed since; computed again

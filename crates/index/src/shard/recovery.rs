@@ -50,6 +50,7 @@ impl ShardIndex {
             merge: None,
             generation: 0,
             graphs_done: Default::default(),
+            freeing: Default::default(),
             planned_at: (u64::MAX, 0),
             digest_memo: Default::default(),
         };

@@ -216,8 +216,8 @@ impl ModelFiles {
     /// Loads the generator (not cached): a Llama of the user's in `<models>/generator/` (a
     /// Hugging Face folder or a `.gguf` file there) when present, else the fetched SmolLM2.
     pub fn load_generator(&self) -> Result<ragfleet_models::llama::Generator<Cpu>, String> {
-        ragfleet_models::lanes::keep_activation_memory();
         use ragfleet_models::llama::Generator;
+        ragfleet_models::lanes::keep_activation_memory();
         let own = self.dir.join("generator");
         let hint = |e: ragfleet_models::ModelError| {
             format!(

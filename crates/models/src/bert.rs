@@ -214,22 +214,23 @@ impl<B: Backend> BertModel<B> {
         }
         let idt = Tensor::<B, 1, Int>::from_data(TensorData::new(flat_ids, [b * s]), device);
         let tyt = Tensor::<B, 1, Int>::from_data(TensorData::new(flat_types, [b * s]), device);
-        // the additive padding mask, built once at the full score shape: adding a broadcast
-        // [b, 1, 1, s] mask costs ~15x a same-shape add on burn's CPU backends, in every layer;
-        // a batch without padding needs none
-        let add_mask =
-            (!crate::kernels::is_flex::<B>() && ids.iter().any(|r| r.len() < s)).then(|| {
-                let mut mask = vec![0f32; b * s];
-                for (r, row) in ids.iter().enumerate() {
-                    mask[r * s + row.len().min(s)..(r + 1) * s].fill(-1e9);
-                }
-                Tensor::<B, 1>::from_data(TensorData::new(mask, [b * s]), device)
-                    .reshape([b, 1, 1, s])
-                    .repeat_dim(1, nh)
-                    .repeat_dim(2, s)
-            });
-        let lengths: Vec<usize> = ids.iter().map(|r| r.len().clamp(1, s)).collect();
+        // the flex backend runs the attention core in the crate's kernels, over each row's real
+        // tokens (see `kernels`); other backends take burn's operations
         let cpu = crate::kernels::is_flex::<B>();
+        // for those, the additive padding mask, built once at the full score shape: adding a
+        // broadcast [b, 1, 1, s] mask costs ~15x a same-shape add on burn's CPU backends, in
+        // every layer; a batch without padding needs none
+        let add_mask = (!cpu && ids.iter().any(|r| r.len() < s)).then(|| {
+            let mut mask = vec![0f32; b * s];
+            for (r, row) in ids.iter().enumerate() {
+                mask[r * s + row.len().min(s)..(r + 1) * s].fill(-1e9);
+            }
+            Tensor::<B, 1>::from_data(TensorData::new(mask, [b * s]), device)
+                .reshape([b, 1, 1, s])
+                .repeat_dim(1, nh)
+                .repeat_dim(2, s)
+        });
+        let lengths: Vec<usize> = ids.iter().map(|r| r.len().clamp(1, s)).collect();
         let words = self.word.clone().select(0, idt).reshape([b, s, h]);
         let types = self.types.clone().select(0, tyt).reshape([b, s, h]);
         let pos = self.pos.clone().slice([0..s]).reshape([1, s, h]);

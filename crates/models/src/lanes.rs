@@ -16,9 +16,9 @@ use std::sync::Mutex;
 /// heap and keeps up to 256 MB free at its top (larger blocks, such as an index merge's
 /// buffers, still come from and go back to the system). It is process-wide and costs memory
 /// kept for reuse, so the binary calls it where a process loads a model (a process serving
-/// only shards keeps glibc's defaults). Calling it again changes nothing; glibc's `mallopt` takes the
-/// allocator's lock, so other threads may be running. A `GLIBC_TUNABLES` setting in the
-/// environment wins. Elsewhere than Linux with glibc it does nothing.
+/// only shards keeps glibc's defaults). Calling it again changes nothing; glibc's `mallopt`
+/// takes the allocator's lock, so other threads may be running. A `GLIBC_TUNABLES` setting in
+/// the environment wins. Elsewhere than Linux with glibc it does nothing.
 pub fn keep_activation_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     if std::env::var_os("GLIBC_TUNABLES").is_none() {

@@ -216,7 +216,7 @@ impl<B: Backend> BertModel<B> {
         let tyt = Tensor::<B, 1, Int>::from_data(TensorData::new(flat_types, [b * s]), device);
         // the flex backend runs the attention core in the crate's kernels, over each row's real
         // tokens (see `kernels`); other backends take burn's operations
-        let cpu = crate::kernels::is_flex::<B>();
+        let cpu = crate::host::is_flex::<B>();
         // for those, the additive padding mask, built once at the full score shape: adding a
         // broadcast [b, 1, 1, s] mask costs ~15x a same-shape add on burn's CPU backends, in
         // every layer; a batch without padding needs none
@@ -236,33 +236,31 @@ impl<B: Backend> BertModel<B> {
         let pos = self.pos.clone().slice([0..s]).reshape([1, s, h]);
         let mut x = self.ln.forward(words + types + pos);
         for l in &self.layers {
-            if cpu {
-                let ctx = crate::kernels::attention(
-                    l.q.forward3(x.clone()),
-                    l.k.forward3(x.clone()),
-                    l.v.forward3(x.clone()),
-                    &lengths,
-                    nh,
-                );
-                x = l.ln1.forward(l.attn_out.forward3(ctx) + x);
-                let inter = crate::kernels::gelu(l.inter.forward3(x.clone()));
-                x = l.ln2.forward(l.out.forward3(inter) + x);
-                continue;
-            }
-            let heads = |t: Tensor<B, 3>| t.reshape([b, s, nh, hd]).swap_dims(1, 2);
-            let q = heads(l.q.forward3(x.clone()));
-            let k = heads(l.k.forward3(x.clone()));
-            let v = heads(l.v.forward3(x.clone()));
-            let mut scores = q.matmul(k.swap_dims(2, 3));
-            if let Some(m) = &add_mask {
-                scores = scores + m.clone();
-            }
-            let ctx = softmax(scores, 3)
-                .matmul(v)
-                .swap_dims(1, 2)
-                .reshape([b, s, h]);
+            let (q, k, v) = (
+                l.q.forward3(x.clone()),
+                l.k.forward3(x.clone()),
+                l.v.forward3(x.clone()),
+            );
+            let ctx = if cpu {
+                crate::kernels::attention(q, k, v, &lengths, nh)
+            } else {
+                let heads = |t: Tensor<B, 3>| t.reshape([b, s, nh, hd]).swap_dims(1, 2);
+                let mut scores = heads(q).matmul(heads(k).swap_dims(2, 3));
+                if let Some(m) = &add_mask {
+                    scores = scores + m.clone();
+                }
+                softmax(scores, 3)
+                    .matmul(heads(v))
+                    .swap_dims(1, 2)
+                    .reshape([b, s, h])
+            };
             x = l.ln1.forward(l.attn_out.forward3(ctx) + x);
-            let inter = gelu(l.inter.forward3(x.clone()));
+            let inter = l.inter.forward3(x.clone());
+            let inter = if cpu {
+                crate::kernels::gelu(inter)
+            } else {
+                gelu(inter)
+            };
             x = l.ln2.forward(l.out.forward3(inter) + x);
         }
         x

@@ -34,6 +34,12 @@ pub(crate) fn matmul<B: Backend>(x: &Tensor<B, 2>, w_t: &Tensor<B, 2>) -> Option
     }
 }
 
+/// Whether `B` is burn's flex CPU backend (host tensors), known from the type alone: the BERT
+/// forward pass picks the crate's CPU kernels ([`crate::kernels`]) by it.
+pub(crate) fn is_flex<B: Backend>() -> bool {
+    std::any::TypeId::of::<B>() == std::any::TypeId::of::<burn::backend::Flex>()
+}
+
 /// The Flex tensor behind `t` (a shared handle to the same storage), if the backend is Flex.
 fn flex<B: Backend>(t: &Tensor<B, 2>) -> Option<FlexTensor> {
     let p = t.clone().into_primitive().tensor();

@@ -11,18 +11,13 @@
 //! sequence's real tokens only (padding costs nothing); `exp` and `erf` are polynomials the
 //! compiler vectorises (AVX2 and FMA when the CPU has them, chosen at run time).
 //!
-//! Used for burn's flex backend only (see [`is_flex`]); every other backend (CUDA, ndarray)
-//! keeps burn's tensor operations, which the parity test holds these kernels to.
-use std::any::TypeId;
+//! Used for burn's flex backend only (see [`crate::host::is_flex`]); every other backend
+//! (CUDA, ndarray) keeps burn's tensor operations, which the parity test holds these kernels
+//! to.
 use std::cell::RefCell;
 
 use burn::prelude::*;
 use burn::tensor::TensorData;
-
-/// Whether `B` is burn's flex CPU backend, whose tensors these kernels may read in place.
-pub(crate) fn is_flex<B: Backend>() -> bool {
-    TypeId::of::<B>() == TypeId::of::<burn::backend::Flex>()
-}
 
 /// The data of a float tensor as f32 (a move, not a copy, for a flex f32 tensor nothing else
 /// holds).
@@ -98,59 +93,30 @@ pub(crate) fn attention_f32(
         SCORES.with(|cell| {
             let mut scores = cell.borrow_mut();
             scores.resize(len * len, 0.0);
-            // SAFETY: every pointer stays inside its slice: rows `0..len` (len <= s) of
-            // sequence `seq`, columns `head*hd .. head*hd + hd` (< h), strides as laid out
-            // above; `scores` holds len*len; pairs write disjoint parts of `out`.
+            // SAFETY (both products): every pointer stays inside its slice: rows `0..len`
+            // (len <= s) of sequence `seq`, columns `head*hd .. head*hd + hd` (< h), strides as
+            // laid out above; `scores` holds len*len; pairs write disjoint parts of `out`.
             unsafe {
-                // scores[i][j] = q_i . k_j
-                gemm::gemm(
-                    len,
-                    len,
-                    hd,
-                    scores.as_mut_ptr(),
-                    1,
-                    len as isize,
-                    false,
-                    q.as_ptr().add(base),
-                    1,
-                    h as isize,
-                    k.as_ptr().add(base),
-                    h as isize,
-                    1,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
+                // scores[i][j] = q_i . k_j (k read transposed: row stride 1, column stride h)
+                product(
+                    [len, len, hd],
+                    (scores.as_mut_ptr(), len),
+                    (q.as_ptr().add(base), 1, h),
+                    (k.as_ptr().add(base), h, 1),
                 );
             }
             for row in scores.chunks_exact_mut(len) {
                 simd::softmax(row);
             }
             let out_ptr = &out_ptr;
+            // SAFETY: as for the scores above
             unsafe {
                 // out_i = sum_j p_ij v_j
-                gemm::gemm(
-                    len,
-                    hd,
-                    len,
-                    out_ptr.0.add(base),
-                    1,
-                    h as isize,
-                    false,
-                    scores.as_ptr(),
-                    1,
-                    len as isize,
-                    v.as_ptr().add(base),
-                    1,
-                    h as isize,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
+                product(
+                    [len, hd, len],
+                    (out_ptr.0.add(base), h),
+                    (scores.as_ptr(), 1, len),
+                    (v.as_ptr().add(base), 1, h),
                 );
             }
         });
@@ -160,6 +126,44 @@ pub(crate) fn attention_f32(
         (0..pairs).into_par_iter().for_each(run);
     } else {
         (0..pairs).for_each(run);
+    }
+}
+
+/// `dst = lhs rhs` for `[m, n, k]` on one thread: `dst` row-major with row stride `dst.1`;
+/// `lhs` and `rhs` as (pointer, column stride, row stride).
+///
+/// # Safety
+/// Every element the strides reach must be inside its allocation, and `dst` not read or
+/// written elsewhere meanwhile.
+unsafe fn product(
+    [m, n, k]: [usize; 3],
+    dst: (*mut f32, usize),
+    lhs: (*const f32, usize, usize),
+    rhs: (*const f32, usize, usize),
+) {
+    // SAFETY: the caller's promise
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.0,
+            1,
+            dst.1 as isize,
+            false,
+            lhs.0,
+            lhs.1 as isize,
+            lhs.2 as isize,
+            rhs.0,
+            rhs.1 as isize,
+            rhs.2 as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
     }
 }
 

@@ -137,6 +137,8 @@ struct Row {
     ef: usize,
     ingest_s: f64,
     segments: usize,
+    /// Chunks in the growing segment (scanned exactly by every query).
+    growing: usize,
     /// GB a million chunks: the process's own memory, mapped file pages resident, files.
     mem_per_million: (f64, f64, f64),
     /// The process's own memory after the allocator gave back what it held free (GB a
@@ -304,6 +306,7 @@ pub fn run(b: ShardBench) -> Result<()> {
                 ef,
                 ingest_s,
                 segments: ix.segment_stats().0,
+                growing: ix.growing_chunks(),
                 mem_per_million,
                 live_per_million,
                 dense: (percentile(&mut d, 0.5), percentile(&mut d, 0.99)),
@@ -311,8 +314,8 @@ pub fn run(b: ShardBench) -> Result<()> {
                 bm25: bm25_p,
             };
             println!(
-                "{n:>9} chunks, ef {ef}: ingest {:.1} s, {} segments, dense p50 {:.2} ms p99 {:.2} ms recall@10 {:.4}, bm25 p50 {:.2} ms p99 {:.2} ms; a million chunks: {:.2} GB own memory ({:.2} GB live, after the allocator gave back its free memory), {:.2} GB mapped pages resident, {:.2} GB files",
-                row.ingest_s, row.segments, row.dense.0, row.dense.1, row.recall, row.bm25.0, row.bm25.1, row.mem_per_million.0, row.live_per_million, row.mem_per_million.1, row.mem_per_million.2
+                "{n:>9} chunks, ef {ef}: ingest {:.1} s, {} segments + {} chunks growing, dense p50 {:.2} ms p99 {:.2} ms recall@10 {:.4}, bm25 p50 {:.2} ms p99 {:.2} ms; a million chunks: {:.2} GB own memory ({:.2} GB live, after the allocator gave back its free memory), {:.2} GB mapped pages resident, {:.2} GB files",
+                row.ingest_s, row.segments, row.growing, row.dense.0, row.dense.1, row.recall, row.bm25.0, row.bm25.1, row.mem_per_million.0, row.live_per_million, row.mem_per_million.1, row.mem_per_million.2
             );
             at_size.push(row);
         }

@@ -510,15 +510,89 @@ pub(crate) fn exact_search(
     k: usize,
     live: &dyn Fn(&Entry) -> bool,
 ) -> Vec<(f32, Arc<Entry>)> {
-    let mut scored: Vec<(f32, &Arc<Entry>)> = entries
+    // every chunk scored first; liveness (for a chunk in memory, a lookup by its document's
+    // id) asked only of the best, in rounds of a doubling size, until k are live
+    let mut scored: Vec<(f32, u32)> = entries
         .iter()
-        .filter(|e| live(e))
-        .map(|e| (dot(q, e.vector()), e))
+        .enumerate()
+        .map(|(i, e)| (dot(q, e.vector()), i as u32))
         .collect();
-    if scored.len() > k {
-        scored.select_nth_unstable_by(k, |a, b| b.0.total_cmp(&a.0));
-        scored.truncate(k);
+    let better = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
+    let mut out = Vec::with_capacity(k.min(entries.len()));
+    let (mut from, mut round) = (0, k.max(1));
+    while out.len() < k && from < scored.len() {
+        let rest = &mut scored[from..];
+        let n = round.min(rest.len());
+        if n < rest.len() {
+            rest.select_nth_unstable_by(n - 1, better);
+        }
+        rest[..n].sort_unstable_by(better);
+        for &(s, i) in &rest[..n] {
+            let e = &entries[i as usize];
+            if out.len() < k && live(e) {
+                out.push((s, e.clone()));
+            }
+        }
+        from += n;
+        round *= 2;
     }
-    scored.sort_by(|a, b| b.0.total_cmp(&a.0));
-    scored.into_iter().map(|(s, e)| (s, e.clone())).collect()
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    /// The exact scan asks liveness only of its best chunks, in rounds: with most of the best
+    /// dead, it still returns the k best live ones, best first, as a scan of every live chunk.
+    #[test]
+    fn exact_search_skips_dead_chunks_among_the_best() {
+        let mut r = rand::rngs::StdRng::seed_from_u64(5);
+        let entries: Vec<Arc<Entry>> = (0..500)
+            .map(|i| {
+                let mut v: Vec<f32> = (0..8).map(|_| r.gen_range(-1.0..1.0)).collect();
+                crate::vector::normalize(&mut v);
+                Arc::new(Entry::owned(
+                    i,
+                    0,
+                    ChunkRecord {
+                        doc_id: format!("d{i}"),
+                        chunk_id: format!("d{i}#0"),
+                        text: String::new(),
+                        vector: v,
+                        sentences: Default::default(),
+                    },
+                ))
+            })
+            .collect();
+        let q = entries[0].vector().to_vec();
+        // dead: the 40 nearest but one in three of them, and every chunk with an odd seq
+        let mut by_score: Vec<(f32, u64)> = entries
+            .iter()
+            .map(|e| (dot(&q, e.vector()), e.seq))
+            .collect();
+        by_score.sort_by(|a, b| b.0.total_cmp(&a.0));
+        let dead: std::collections::HashSet<u64> = by_score[..40]
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| j % 3 != 0)
+            .map(|(_, s)| s.1)
+            .chain((0..500).filter(|s| s % 2 == 1))
+            .collect();
+        let live = |e: &Entry| !dead.contains(&e.seq);
+        for k in [1, 10, 100, 300] {
+            let got: Vec<u64> = exact_search(&entries, &q, k, &live)
+                .iter()
+                .map(|(_, e)| e.seq)
+                .collect();
+            let want: Vec<u64> = by_score
+                .iter()
+                .filter(|s| !dead.contains(&s.1))
+                .take(k)
+                .map(|s| s.1)
+                .collect();
+            assert_eq!(got, want, "k {k}");
+        }
+    }
 }

@@ -311,6 +311,11 @@ impl ShardIndex {
         (self.sealed.iter().map(|s| s.entries.len()).sum::<usize>() + self.growing.len()) as u64
     }
 
+    /// Chunks in the growing segment (searched exactly until it is sealed), dead ones included.
+    pub fn growing_chunks(&self) -> usize {
+        self.growing.len()
+    }
+
     /// Durable log appends (one fsync each) since this index was opened.
     pub fn log_syncs(&self) -> u64 {
         self.wal.syncs()

@@ -476,8 +476,17 @@ impl Hnsw {
         #[cfg(target_arch = "x86_64")]
         {
             let p = self.codes.as_ptr().wrapping_add(i as usize * self.dim);
-            // SAFETY: prefetching is a hint; it never faults, whatever the address.
-            unsafe { std::arch::x86_64::_mm_prefetch(p, std::arch::x86_64::_MM_HINT_T0) };
+            // every cache line of the code, not only its first: a dot product reads them all
+            // at once, before the hardware's prefetchers see the pattern
+            for line in 0..self.dim.div_ceil(64) {
+                // SAFETY: prefetching is a hint; it never faults, whatever the address.
+                unsafe {
+                    std::arch::x86_64::_mm_prefetch(
+                        p.wrapping_add(line * 64),
+                        std::arch::x86_64::_MM_HINT_T0,
+                    )
+                };
+            }
         }
         #[cfg(not(target_arch = "x86_64"))]
         let _ = i;

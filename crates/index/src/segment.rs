@@ -510,12 +510,22 @@ pub(crate) fn exact_search(
     k: usize,
     live: &dyn Fn(&Entry) -> bool,
 ) -> Vec<(f32, Arc<Entry>)> {
-    // every chunk scored first; liveness (for a chunk in memory, a lookup by its document's
-    // id) asked only of the best, in rounds of a doubling size, until k are live
-    let mut scored: Vec<(f32, u32)> = entries
-        .iter()
+    top_live(entries, entries.iter().map(|e| dot(q, e.vector())), k, live)
+}
+
+/// The `k` best live of `entries` by `scores` (one a chunk, in order), best first: every chunk
+/// scored first; liveness (for a chunk in memory, a lookup by its document's id) asked only of
+/// the best, in rounds of a doubling size, until k are live.
+pub(crate) fn top_live(
+    entries: &[Arc<Entry>],
+    scores: impl Iterator<Item = f32>,
+    k: usize,
+    live: &dyn Fn(&Entry) -> bool,
+) -> Vec<(f32, Arc<Entry>)> {
+    let mut scored: Vec<(f32, u32)> = scores
+        .take(entries.len())
         .enumerate()
-        .map(|(i, e)| (dot(q, e.vector()), i as u32))
+        .map(|(i, s)| (s, i as u32))
         .collect();
     let better = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
     let mut out = Vec::with_capacity(k.min(entries.len()));

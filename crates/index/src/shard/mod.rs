@@ -1,9 +1,10 @@
 //! One shard replica's index: segments, BM25, write-ahead log, snapshots, recovery.
 //!
 //! The type and its small accessors are here; each concern has its module: [`recovery`],
-//! [`write`], [`seal`] (seal, purge, graphs), [`merge`] (the tiered background merges),
-//! [`search`], [`sync`] (replica sync).
+//! [`write`], [`growing`] (the growing segment), [`seal`] (seal, purge, graphs), [`merge`]
+//! (the tiered background merges), [`search`], [`sync`] (replica sync).
 mod codec;
+mod growing;
 mod merge;
 mod recovery;
 mod seal;
@@ -25,7 +26,7 @@ use tracing::{info, warn};
 
 use crate::bm25::Bm25;
 use crate::files::{read_checked, write_checked};
-use crate::segment::{exact_search, AnnKind, Entry, Segment};
+use crate::segment::{AnnKind, Entry, Segment};
 use crate::vector::normalize;
 use crate::wal::Wal;
 use crate::{rrf, sort_hits, IndexError};
@@ -244,7 +245,7 @@ pub struct ShardIndex {
     sealed_seq: u64,
     next_segment_id: u64,
     sealed: Vec<Arc<Segment>>,
-    growing: Vec<Arc<Entry>>,
+    growing: growing::Growing,
     docs: HashMap<String, DocState>,
     tombstones: HashMap<String, u64>,
     deleted: HashMap<String, u64>,

@@ -37,7 +37,7 @@ impl ShardIndex {
             sealed_seq: manifest.last_seq,
             next_segment_id: manifest.next_segment_id,
             sealed: Vec::new(),
-            growing: Vec::new(),
+            growing: Default::default(),
             docs: HashMap::new(),
             tombstones: deletions.tombstones,
             deleted: deletions.deleted,

@@ -31,7 +31,7 @@ impl ShardIndex {
         }
         let v = self.query_unit(q)?;
         let live = |e: &Entry| self.is_live(e);
-        let mut all: Vec<(f32, Arc<Entry>)> = exact_search(&self.growing, &v, k, &live);
+        let mut all: Vec<(f32, Arc<Entry>)> = self.growing.search(&v, k, &live);
         for seg in &self.sealed {
             all.extend(seg.search(&v, k, self.settings.ef_search, &live));
         }

@@ -1,0 +1,145 @@
+//! The growing segment: the chunks written since the last seal, searched exactly.
+use std::sync::Arc;
+
+use crate::segment::{top_live, Entry};
+use crate::vector::dot;
+
+/// The growing segment's chunks, and their vectors side by side in one buffer, so that the
+/// exact scan every query makes of them reads memory in order instead of following three
+/// pointers a chunk.
+#[derive(Default)]
+pub(super) struct Growing {
+    entries: Vec<Arc<Entry>>,
+    /// Row `i` is `entries[i]`'s vector; empty when their lengths differ (then each chunk's
+    /// own vector is read).
+    vectors: Vec<f32>,
+    /// The rows' length (of the first chunk's vector); None when a chunk's differed.
+    dim: Option<usize>,
+}
+
+impl std::fmt::Debug for Growing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Growing")
+            .field("chunks", &self.entries.len())
+            .field("dim", &self.dim)
+            .finish()
+    }
+}
+
+impl std::ops::Deref for Growing {
+    type Target = [Arc<Entry>];
+
+    fn deref(&self) -> &[Arc<Entry>] {
+        &self.entries
+    }
+}
+
+impl Growing {
+    pub(super) fn push(&mut self, e: Arc<Entry>) {
+        let v = e.vector();
+        if self.entries.is_empty() {
+            self.dim = Some(v.len());
+        }
+        match self.dim {
+            Some(d) if d == v.len() => self.vectors.extend_from_slice(v),
+            _ => {
+                self.dim = None;
+                self.vectors = Vec::new();
+            }
+        }
+        self.entries.push(e);
+    }
+
+    pub(super) fn clear(&mut self) {
+        self.entries.clear();
+        self.vectors.clear();
+        self.dim = None;
+    }
+
+    /// The exact top `k` live chunks by dot product with `q`, best first.
+    pub(super) fn search(
+        &self,
+        q: &[f32],
+        k: usize,
+        live: &dyn Fn(&Entry) -> bool,
+    ) -> Vec<(f32, Arc<Entry>)> {
+        match self.dim.filter(|&d| d > 0 && d == q.len()) {
+            Some(d) => top_live(
+                &self.entries,
+                self.vectors.chunks_exact(d).map(|v| dot(q, v)),
+                k,
+                live,
+            ),
+            None => top_live(
+                &self.entries,
+                self.entries.iter().map(|e| dot(q, e.vector())),
+                k,
+                live,
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::segment::exact_search;
+
+    fn entry(seq: u64, vector: Vec<f32>) -> Arc<Entry> {
+        Arc::new(Entry::owned(
+            seq,
+            0,
+            ragfleet_proto::ChunkRecord {
+                doc_id: format!("d{seq}"),
+                chunk_id: format!("d{seq}#0"),
+                text: String::new(),
+                vector,
+                sentences: Default::default(),
+            },
+        ))
+    }
+
+    /// The buffer's scan finds what a scan of each chunk's own vector finds, before and after
+    /// a clear, and with a chunk of another length among them (then by each chunk's vector).
+    #[test]
+    fn the_buffer_scans_like_the_chunks_vectors() {
+        use rand::{Rng, SeedableRng};
+        let mut r = rand::rngs::StdRng::seed_from_u64(9);
+        let mut g = Growing::default();
+        let q: Vec<f32> = (0..6).map(|_| r.gen_range(-1.0..1.0)).collect();
+        let live = |e: &Entry| e.seq % 5 != 0;
+        let ids = |v: Vec<(f32, Arc<Entry>)>| -> Vec<(f32, u64)> {
+            v.into_iter().map(|(s, e)| (s, e.seq)).collect()
+        };
+        for round in 0..2 {
+            for i in 0..200 {
+                g.push(entry(
+                    round * 1000 + i,
+                    (0..6).map(|_| r.gen_range(-1.0..1.0)).collect(),
+                ));
+            }
+            assert_eq!(g.vectors.len(), 200 * 6, "every row in the buffer");
+            for k in [1, 10, 50] {
+                assert_eq!(
+                    ids(g.search(&q, k, &live)),
+                    ids(exact_search(&g, &q, k, &live))
+                );
+            }
+            g.clear();
+            assert!(g.is_empty() && g.vectors.is_empty());
+        }
+        g.push(entry(1, vec![0.5; 6]));
+        g.push(entry(2, vec![1.0; 3]));
+        g.push(entry(3, vec![0.9; 6]));
+        assert!(g.vectors.is_empty(), "lengths differ: no buffer");
+        let found: Vec<u64> = ids(g.search(&q, 3, &|_| true))
+            .iter()
+            .map(|x| x.1)
+            .collect();
+        let want: Vec<u64> = ids(exact_search(&g, &q, 3, &|_| true))
+            .iter()
+            .map(|x| x.1)
+            .collect();
+        assert_eq!(found, want);
+    }
+}

@@ -299,6 +299,7 @@ impl ShardIndex {
         if let Err(e) = self.write_manifest() {
             self.sealed = before;
             self.tombstones = before_tombstones;
+            self.deletions_edits += 1;
             for (_, path) in &merged.files {
                 let _ = std::fs::remove_file(path);
             }
@@ -378,7 +379,11 @@ impl ShardIndex {
                 present.insert(e.doc_id.clone());
             }
         }
+        let before = self.tombstones.len();
         self.tombstones.retain(|d, _| present.contains(d));
+        if self.tombstones.len() != before {
+            self.deletions_edits += 1;
+        }
     }
 }
 

@@ -199,25 +199,6 @@ struct DeletionsRef<'a> {
     deleted: &'a HashMap<String, u64>,
 }
 
-/// An order-free fingerprint of the deletion records: whether they changed since written.
-fn deletions_fingerprint(tombstones: &HashMap<String, u64>, deleted: &HashMap<String, u64>) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let one = |tag: u8, k: &str, v: u64| {
-        // fixed keys: the same records give the same fingerprint
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        (tag, k, v).hash(&mut h);
-        h.finish()
-    };
-    let mut fp = (tombstones.len() as u64) << 32 ^ deleted.len() as u64;
-    for (k, v) in tombstones {
-        fp = fp.wrapping_add(one(0, k, *v));
-    }
-    for (k, v) in deleted {
-        fp = fp.wrapping_add(one(1, k, *v));
-    }
-    fp
-}
-
 #[derive(Debug, Serialize, Deserialize)]
 struct WalRecord {
     first_seq: u64,
@@ -249,9 +230,13 @@ pub struct ShardIndex {
     docs: HashMap<String, DocState>,
     tombstones: HashMap<String, u64>,
     deleted: HashMap<String, u64>,
-    /// The deletion records' file the manifest names, and the fingerprint of what it holds
-    /// (None: not known, written again at the next manifest write).
+    /// The deletion records' file the manifest names, and [`ShardIndex::deletions_edits`] when
+    /// it was written (None: not known, written again at the next manifest write).
     deletions_written: (u64, Option<u64>),
+    /// Changes to the deletion records (`tombstones`, `deleted`) since the index was opened:
+    /// their file is written again only when this moved, so that a seal or a merge's commit
+    /// does not read every record to know.
+    deletions_edits: u64,
     bm25: Bm25,
     slots: HashMap<u32, Arc<Entry>>,
     next_slot: u32,

@@ -43,6 +43,7 @@ impl ShardIndex {
             deleted: deletions.deleted,
             // written again (under the next number) at the next manifest write
             deletions_written: (manifest.deletions, None),
+            deletions_edits: 0,
             bm25: Bm25::default(),
             slots: HashMap::new(),
             next_slot: 0,

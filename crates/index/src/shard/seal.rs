@@ -56,6 +56,7 @@ impl ShardIndex {
         self.purged_below = horizon;
         let before = self.deleted.len();
         self.deleted.retain(|_, v| *v >= horizon);
+        self.deletions_edits += 1;
         self.changed();
         info!(
             dropped = before - self.deleted.len(),
@@ -118,7 +119,7 @@ impl ShardIndex {
     /// Writes the manifest, and before it the deletion records' file when they changed since
     /// the last one was written (then the older file is removed).
     pub(super) fn write_manifest(&mut self) -> Result<(), IndexError> {
-        let fp = deletions_fingerprint(&self.tombstones, &self.deleted);
+        let fp = self.deletions_edits;
         let (old, written) = self.deletions_written;
         let deletions = if written == Some(fp) {
             old

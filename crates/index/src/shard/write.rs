@@ -45,7 +45,9 @@ impl ShardIndex {
                 version,
             } if !chunks.is_empty() => {
                 self.remove_doc(&doc_id);
-                self.deleted.remove(&doc_id);
+                if self.deleted.remove(&doc_id).is_some() {
+                    self.deletions_edits += 1;
+                }
                 for c in chunks {
                     let e = Arc::new(Entry::owned(seq, version, c));
                     self.growing.push(e.clone());
@@ -59,6 +61,7 @@ impl ShardIndex {
                 self.remove_doc(&doc_id);
                 self.tombstones.insert(doc_id.clone(), seq);
                 self.deleted.insert(doc_id, version);
+                self.deletions_edits += 1;
             }
         }
     }

@@ -279,7 +279,6 @@ impl ShardIndex {
         }
         crate::files::sync_dir(&self.dir);
         let before = self.sealed.clone();
-        let before_tombstones = self.tombstones.clone();
         let at = self
             .sealed
             .iter()
@@ -290,16 +289,8 @@ impl ShardIndex {
             .insert(at.min(self.sealed.len()), merged.segment.clone());
         let renamed_ms = ms(started);
         let t = std::time::Instant::now();
-        if merged.compacted {
-            // only a compaction drops chunks (an extension keeps every chunk of its sources)
-            self.prune_tombstones();
-        }
-        let pruned_ms = ms(t);
-        let t = std::time::Instant::now();
         if let Err(e) = self.write_manifest() {
             self.sealed = before;
-            self.tombstones = before_tombstones;
-            self.deletions_edits += 1;
             for (_, path) in &merged.files {
                 let _ = std::fs::remove_file(path);
             }
@@ -312,6 +303,17 @@ impl ShardIndex {
             self.rebind(&merged.segment.entries);
         }
         let rebound_ms = ms(t);
+        let t = std::time::Instant::now();
+        if merged.compacted {
+            // only a compaction drops chunks (an extension keeps every chunk of its sources);
+            // after the manifest, so that this commit does not also rewrite the deletion
+            // records (their file keeps the pruned ones until the next manifest write: a
+            // tombstone without an older copy to mark is harmless), and after the rebinding,
+            // which marks dead the new copies of chunks that died during the merge (their
+            // tombstones stay)
+            self.prune_tombstones();
+        }
+        let pruned_ms = ms(t);
         let t = std::time::Instant::now();
         let kept: HashSet<u64> = merged.segment.parts.iter().map(|(p, _)| *p).collect();
         for s in before.iter().filter(|s| sources.contains(&s.id)) {

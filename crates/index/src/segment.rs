@@ -550,9 +550,24 @@ pub(crate) fn top_live(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};
+
+    /// A chunk in memory of document `d<seq>` with this vector.
+    pub(crate) fn entry(seq: u64, vector: Vec<f32>) -> Arc<Entry> {
+        Arc::new(Entry::owned(
+            seq,
+            0,
+            ChunkRecord {
+                doc_id: format!("d{seq}"),
+                chunk_id: format!("d{seq}#0"),
+                text: String::new(),
+                vector,
+                sentences: Default::default(),
+            },
+        ))
+    }
 
     /// The exact scan asks liveness only of its best chunks, in rounds: with most of the best
     /// dead, it still returns the k best live ones, best first, as a scan of every live chunk.
@@ -563,17 +578,7 @@ mod tests {
             .map(|i| {
                 let mut v: Vec<f32> = (0..8).map(|_| r.gen_range(-1.0..1.0)).collect();
                 crate::vector::normalize(&mut v);
-                Arc::new(Entry::owned(
-                    i,
-                    0,
-                    ChunkRecord {
-                        doc_id: format!("d{i}"),
-                        chunk_id: format!("d{i}#0"),
-                        text: String::new(),
-                        vector: v,
-                        sentences: Default::default(),
-                    },
-                ))
+                entry(i, v)
             })
             .collect();
         let q = entries[0].vector().to_vec();

@@ -1,7 +1,7 @@
 //! The growing segment: the chunks written since the last seal, searched exactly.
 use std::sync::Arc;
 
-use crate::segment::{top_live, Entry};
+use crate::segment::{exact_search, top_live, Entry};
 use crate::vector::dot;
 
 /// The growing segment's chunks, and their vectors side by side in one buffer, so that the
@@ -70,12 +70,7 @@ impl Growing {
                 k,
                 live,
             ),
-            None => top_live(
-                &self.entries,
-                self.entries.iter().map(|e| dot(q, e.vector())),
-                k,
-                live,
-            ),
+            None => exact_search(&self.entries, q, k, live),
         }
     }
 }
@@ -83,21 +78,7 @@ impl Growing {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::segment::exact_search;
-
-    fn entry(seq: u64, vector: Vec<f32>) -> Arc<Entry> {
-        Arc::new(Entry::owned(
-            seq,
-            0,
-            ragfleet_proto::ChunkRecord {
-                doc_id: format!("d{seq}"),
-                chunk_id: format!("d{seq}#0"),
-                text: String::new(),
-                vector,
-                sentences: Default::default(),
-            },
-        ))
-    }
+    use crate::segment::tests::entry;
 
     /// The buffer's scan finds what a scan of each chunk's own vector finds, before and after
     /// a clear, and with a chunk of another length among them (then by each chunk's vector).

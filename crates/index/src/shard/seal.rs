@@ -119,9 +119,9 @@ impl ShardIndex {
     /// Writes the manifest, and before it the deletion records' file when they changed since
     /// the last one was written (then the older file is removed).
     pub(super) fn write_manifest(&mut self) -> Result<(), IndexError> {
-        let fp = self.deletions_edits;
+        let edits = self.deletions_edits;
         let (old, written) = self.deletions_written;
-        let deletions = if written == Some(fp) {
+        let deletions = if written == Some(edits) {
             old
         } else {
             let new = old + 1;
@@ -156,7 +156,7 @@ impl ShardIndex {
             }
             return Err(e);
         }
-        self.deletions_written = (deletions, Some(fp));
+        self.deletions_written = (deletions, Some(edits));
         if deletions != old && old > 0 {
             let _ = std::fs::remove_file(deletions_path(&self.dir, old));
         }

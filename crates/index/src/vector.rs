@@ -88,6 +88,85 @@ mod avx2 {
         }
         total
     }
+
+    /// The sum of the eight i32 lanes.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn hsum_epi32(v: __m256i) -> i32 {
+        let x = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+        let x = _mm_add_epi32(x, _mm_shuffle_epi32(x, 0b01_00_11_10));
+        let x = _mm_add_epi32(x, _mm_shuffle_epi32(x, 0b10_11_00_01));
+        _mm_cvtsi128_si32(x)
+    }
+
+    /// [`super::dot_i8_rows`]: the query already widened to i16, so a row costs one widening
+    /// per 16 codes; four rows at a time share the query's loads.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn dot_i8_rows(q: &[i16], rows: &[i8], out: &mut Vec<i32>) {
+        let d = q.len();
+        let count = rows.len() / d;
+        let whole = d / 16 * 16;
+        let pq = q.as_ptr();
+        let tail = |row: *const i8| -> i32 {
+            (whole..d)
+                .map(|j| *row.add(j) as i32 * *pq.add(j) as i32)
+                .sum()
+        };
+        let mut r = 0;
+        while r + 4 <= count {
+            let p: [*const i8; 4] = std::array::from_fn(|j| rows.as_ptr().add((r + j) * d));
+            let mut acc = [_mm256_setzero_si256(); 4];
+            let mut i = 0;
+            while i < whole {
+                let x = _mm256_loadu_si256(pq.add(i) as *const __m256i);
+                for j in 0..4 {
+                    let y = _mm256_cvtepi8_epi16(_mm_loadu_si128(p[j].add(i) as *const __m128i));
+                    acc[j] = _mm256_add_epi32(acc[j], _mm256_madd_epi16(x, y));
+                }
+                i += 16;
+            }
+            for j in 0..4 {
+                out.push(hsum_epi32(acc[j]) + tail(p[j]));
+            }
+            r += 4;
+        }
+        while r < count {
+            let p = rows.as_ptr().add(r * d);
+            let mut acc = _mm256_setzero_si256();
+            let mut i = 0;
+            while i < whole {
+                let x = _mm256_loadu_si256(pq.add(i) as *const __m256i);
+                let y = _mm256_cvtepi8_epi16(_mm_loadu_si128(p.add(i) as *const __m128i));
+                acc = _mm256_add_epi32(acc, _mm256_madd_epi16(x, y));
+                i += 16;
+            }
+            out.push(hsum_epi32(acc) + tail(p));
+            r += 1;
+        }
+    }
+}
+
+/// The dot product of a query (int8 codes widened to i16, `d` of them) with each of the
+/// consecutive rows of `d` int8 codes in `rows`, appended to `out` in order (exact, in i32).
+pub fn dot_i8_rows(q: &[i16], rows: &[i8], out: &mut Vec<i32>) {
+    if q.is_empty() {
+        return;
+    }
+    out.reserve(rows.len() / q.len());
+    #[cfg(target_arch = "x86_64")]
+    {
+        if avx2::available() {
+            // SAFETY: the CPU supports AVX2 (checked above); every read is inside `q` or a
+            // whole row of `rows`.
+            return unsafe { avx2::dot_i8_rows(q, rows, out) };
+        }
+    }
+    out.extend(rows.chunks_exact(q.len()).map(|r| {
+        r.iter()
+            .zip(q)
+            .map(|(x, y)| *x as i32 * *y as i32)
+            .sum::<i32>()
+    }));
 }
 
 /// Dot product of two int8 vectors (exact, in i32): AVX2 when the CPU has it.
@@ -190,6 +269,29 @@ mod tests {
         }
         let big = vec![-127i8; 384];
         assert_eq!(dot_i8(&big, &big), 127 * 127 * 384);
+    }
+
+    /// One query against many rows gives each row's own dot product, for every length (the
+    /// tail past a multiple of 16 too) and row count (the rows past a multiple of four too).
+    #[test]
+    fn int8_rows_match_one_dot_each() {
+        for d in [1usize, 7, 16, 31, 384] {
+            for count in [0usize, 1, 3, 4, 9] {
+                let q: Vec<i8> = (0..d as i32)
+                    .map(|i| ((i * 37) % 255 - 127) as i8)
+                    .collect();
+                let rows: Vec<i8> = (0..(d * count) as i32)
+                    .map(|i| ((i * 11 + 5) % 255 - 127) as i8)
+                    .collect();
+                let wide: Vec<i16> = q.iter().map(|&x| x as i16).collect();
+                let mut out = vec![-1];
+                dot_i8_rows(&wide, &rows, &mut out);
+                let want: Vec<i32> = std::iter::once(-1)
+                    .chain(rows.chunks_exact(d).map(|r| dot_i8_portable(&q, r)))
+                    .collect();
+                assert_eq!(out, want, "d {d}, {count} rows");
+            }
+        }
     }
 
     #[test]

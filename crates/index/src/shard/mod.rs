@@ -29,7 +29,7 @@ use crate::files::{read_checked, write_checked};
 use crate::segment::{AnnKind, Entry, Segment};
 use crate::vector::normalize;
 use crate::wal::Wal;
-use crate::{rrf, sort_hits, IndexError};
+use crate::{rrf, IndexError};
 
 /// Tunables of a shard index.
 #[derive(Debug, Clone)]

@@ -35,13 +35,17 @@ impl ShardIndex {
         for seg in &self.sealed {
             all.extend(seg.search(&v, k, self.settings.ef_search, &live));
         }
-        let mut hits: Vec<Hit> = all
+        // the order of `crate::sort_hits`, so that hits (their texts read, their sentences scored)
+        // are made of the k kept only
+        all.sort_unstable_by(|a, b| {
+            b.0.total_cmp(&a.0)
+                .then_with(|| a.1.chunk_id.cmp(&b.1.chunk_id))
+        });
+        all.truncate(k);
+        Ok(all
             .into_iter()
             .map(|(s, e)| hit(&e, s, Some(s), Some(&v)))
-            .collect();
-        sort_hits(&mut hits);
-        hits.truncate(k);
-        Ok(hits)
+            .collect())
     }
 
     /// The query vector at unit length, checked against the index's dimension.

@@ -95,6 +95,21 @@ impl DataFile {
         })
     }
 
+    /// The rows marked dead, in order (read from the marks' words: a file with few dead rows
+    /// costs a word per 64 rows).
+    pub(crate) fn dead_rows(&self) -> impl Iterator<Item = usize> + '_ {
+        self.dead_rows.iter().enumerate().flat_map(|(i, w)| {
+            let mut bits = w.load(std::sync::atomic::Ordering::Relaxed);
+            std::iter::from_fn(move || {
+                (bits != 0).then(|| {
+                    let b = bits.trailing_zeros() as usize;
+                    bits &= bits - 1;
+                    i * 64 + b
+                })
+            })
+        })
+    }
+
     /// Rows not counted dead.
     pub(crate) fn live_rows(&self) -> usize {
         self.n
@@ -396,6 +411,26 @@ mod tests {
         // an empty segment too
         write(&path, &[]).unwrap();
         assert!(read(&path).unwrap().unwrap().is_empty());
+    }
+
+    /// The dead rows come back from the marks in order, each once, across the marks' words.
+    #[test]
+    fn dead_rows_come_from_the_marks() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("seg-1.bin");
+        let owned: Vec<Entry> = (0..200).map(|i| entry(i, 1)).collect();
+        write(&path, &owned.iter().collect::<Vec<_>>()).unwrap();
+        let back = read(&path).unwrap().unwrap();
+        let (file, _) = back[0].mapped_at().unwrap();
+        assert_eq!(file.dead_rows().count(), 0);
+        for row in [130, 0, 63, 64, 199, 63] {
+            back[row].mark_dead();
+        }
+        assert_eq!(
+            file.dead_rows().collect::<Vec<_>>(),
+            vec![0, 63, 64, 130, 199]
+        );
+        assert_eq!(file.live_rows(), 195);
     }
 
     #[test]

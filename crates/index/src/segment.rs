@@ -434,29 +434,43 @@ impl Segment {
         }
     }
 
-    /// Live entries out of this segment's positions: a part that is a whole mapped data file
-    /// in row order reads its count of dead rows (kept by the shard as chunks die); any other
-    /// part (a data file of an earlier format) is visited.
-    pub(crate) fn live_count(&self, live: &dyn Fn(&Entry) -> bool) -> usize {
+    /// Each part's entries, with its data file when the part is that whole mapped file in row
+    /// order (then the file's dead marks are the part's; a part of an earlier format is not).
+    pub(crate) fn file_parts(&self) -> Vec<(&[Arc<Entry>], Option<&Arc<DataFile>>)> {
         let mut at = 0;
-        let mut n = 0;
-        for &(_, len) in &self.parts {
-            let part = &self.entries[at..at + len];
-            at += len;
-            n += match part.first().and_then(|e| e.mapped_at()) {
-                Some((file, 0))
-                    if file.len() == len
-                        && part
-                            .last()
-                            .and_then(|e| e.mapped_at())
-                            .is_some_and(|(f, r)| Arc::ptr_eq(f, file) && r == len - 1) =>
-                {
-                    file.live_rows()
-                }
-                _ => part.iter().filter(|e| live(e)).count(),
-            };
-        }
-        n
+        self.parts
+            .iter()
+            .map(|&(_, len)| {
+                let part = &self.entries[at..at + len];
+                at += len;
+                let file = match part.first().and_then(|e| e.mapped_at()) {
+                    Some((file, 0))
+                        if file.len() == len
+                            && part
+                                .last()
+                                .and_then(|e| e.mapped_at())
+                                .is_some_and(|(f, r)| Arc::ptr_eq(f, file) && r == len - 1) =>
+                    {
+                        Some(file)
+                    }
+                    _ => None,
+                };
+                (part, file)
+            })
+            .collect()
+    }
+
+    /// Live entries out of this segment's positions: a part that is a whole mapped data file
+    /// reads its count of dead rows (kept by the shard as chunks die); any other part is
+    /// visited.
+    pub(crate) fn live_count(&self, live: &dyn Fn(&Entry) -> bool) -> usize {
+        self.file_parts()
+            .into_iter()
+            .map(|(part, file)| match file {
+                Some(file) => file.live_rows(),
+                None => part.iter().filter(|e| live(e)).count(),
+            })
+            .sum()
     }
 
     /// Best `k` live entries for a unit query vector, as (dot, entry).

@@ -15,7 +15,7 @@ pub(super) struct Growing {
     /// Row `i` is `entries[i]`'s vector; empty when their lengths differ (then each chunk's
     /// own vector is read).
     vectors: Vec<f32>,
-    /// Row `i` is `entries[i]`'s vector as `round(x * scale)`, its scale in `rows[i]`.
+    /// Row `i` is `entries[i]`'s vector as int8 codes, their step in `rows[i]`.
     codes: Vec<i8>,
     rows: Vec<RowCode>,
     /// The rows' length (of the first chunk's vector); None when a chunk's differed.

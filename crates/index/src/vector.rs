@@ -77,11 +77,7 @@ mod avx2 {
             acc1 = _mm256_add_epi32(acc1, _mm256_madd_epi16(x1, y1));
             i += 32;
         }
-        let s = _mm256_add_epi32(acc0, acc1);
-        let q = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
-        let q = _mm_add_epi32(q, _mm_shuffle_epi32(q, 0b01_00_11_10));
-        let q = _mm_add_epi32(q, _mm_shuffle_epi32(q, 0b10_11_00_01));
-        let mut total = _mm_cvtsi128_si32(q);
+        let mut total = hsum_epi32(_mm256_add_epi32(acc0, acc1));
         while i < n {
             total += *pa.add(i) as i32 * *pb.add(i) as i32;
             i += 1;

@@ -18,6 +18,9 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 mod avx2 {
     use std::arch::x86_64::*;
 
+    /// How many rows ahead [`dot_i8_rows`] prefetches.
+    const PREFETCH_ROWS: usize = 12;
+
     /// Whether the CPU has AVX2 and FMA (std caches the detection).
     #[inline]
     pub(super) fn available() -> bool {
@@ -109,7 +112,17 @@ mod avx2 {
                 .sum()
         };
         let mut r = 0;
+        // the rows a few groups ahead are asked for while this group is scored: four rows
+        // read side by side step through memory in strides the hardware prefetchers do not
+        // follow, and a cold scan otherwise waits on every line
+        let end = rows.as_ptr().wrapping_add(rows.len());
         while r + 4 <= count {
+            let ahead = rows.as_ptr().wrapping_add((r + PREFETCH_ROWS) * d);
+            let mut line = ahead;
+            while line < end && line < ahead.wrapping_add(4 * d) {
+                _mm_prefetch(line, _MM_HINT_T0);
+                line = line.wrapping_add(64);
+            }
             let p: [*const i8; 4] = std::array::from_fn(|j| rows.as_ptr().add((r + j) * d));
             let mut acc = [_mm256_setzero_si256(); 4];
             let mut i = 0;

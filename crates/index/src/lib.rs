@@ -7,6 +7,7 @@
 pub mod ann;
 mod bm25;
 pub mod chunk;
+mod codes;
 mod datafile;
 pub mod eval;
 mod files;

@@ -359,6 +359,9 @@ pub(crate) struct Segment {
     pub(crate) parts: Vec<(u64, usize)>,
     pub(crate) entries: Vec<Arc<Entry>>,
     pub(crate) graph: OnceLock<SegGraph>,
+    /// Until the graph is built: its chunks' int8 codes (those the growing segment kept when
+    /// it was sealed), so that searches scan codes rather than every chunk's f32 vector.
+    scan: std::sync::Mutex<Option<Arc<crate::codes::RowCodes>>>,
     /// BM25 postings of all its chunks, rows = positions (`seg-<id>.post`).
     pub(crate) postings: Arc<crate::postings::SegPostings>,
 }
@@ -396,8 +399,29 @@ impl Segment {
             parts,
             entries,
             graph: OnceLock::new(),
+            scan: std::sync::Mutex::new(None),
             postings,
         }
+    }
+
+    /// Gives the segment its chunks' codes (row `i` is `entries[i]`'s) to scan until its graph
+    /// is built; ignored when the rows do not match the chunks or the graph is there.
+    pub(crate) fn scan_codes_until_graph(&self, codes: crate::codes::RowCodes) {
+        if codes.len() == self.entries.len() && self.graph.get().is_none() {
+            *self.scan.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(codes));
+        }
+    }
+
+    /// Sets the built graph (searches use it from now on) and lets the codes scanned until
+    /// then go.
+    pub(crate) fn set_graph(&self, g: SegGraph) {
+        let _ = self.graph.set(g);
+        self.scan.lock().unwrap_or_else(|p| p.into_inner()).take();
+    }
+
+    /// The codes scanned until the graph is built, if the segment has them.
+    fn scan(&self) -> Option<Arc<crate::codes::RowCodes>> {
+        self.scan.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     pub(crate) fn build_graph(&self, spec: GraphSpec) -> SegGraph {
@@ -511,7 +535,12 @@ impl Segment {
                     return out;
                 }
             }
-            None => {}
+            None => {
+                if let Some(codes) = self.scan().filter(|_| q.iter().all(|x| x.is_finite())) {
+                    let exact = |i: usize| dot(q, self.entries[i].vector());
+                    return codes.top_k(q, k, &self.entries, exact, live);
+                }
+            }
         }
         exact_search(&self.entries, q, k, live)
     }
@@ -581,6 +610,76 @@ pub(crate) mod tests {
                 sentences: Default::default(),
             },
         ))
+    }
+
+    /// A sealed segment without its graph yet scans the codes it was given, and finds exactly
+    /// what a scan of every chunk's vector finds; once the graph is set the codes are let go
+    /// and the graph answers.
+    #[test]
+    fn a_segment_scans_its_codes_until_its_graph_is_built() {
+        let mut r = rand::rngs::StdRng::seed_from_u64(8);
+        let entries: Vec<Arc<Entry>> = (0..600)
+            .map(|i| {
+                let mut v: Vec<f32> = (0..48).map(|_| r.gen_range(-1.0..1.0)).collect();
+                crate::vector::normalize(&mut v);
+                entry(i, v)
+            })
+            .collect();
+        let built = crate::postings::Built::of(entries.iter().map(|e| e.text()));
+        let postings = crate::postings::SegPostings::in_memory(&[&built]).unwrap();
+        let seg = Segment::new(1, entries.clone(), postings);
+        let mut codes = crate::codes::RowCodes::default();
+        for e in &entries {
+            codes.push(e.vector());
+        }
+        seg.scan_codes_until_graph(codes);
+        assert!(seg.scan().is_some(), "the codes are taken");
+        let live = |e: &Entry| e.seq % 7 != 3;
+        let seqs =
+            |v: Vec<(f32, Arc<Entry>)>| -> Vec<u64> { v.iter().map(|(_, e)| e.seq).collect() };
+        for qi in 0..20 {
+            let q = entries[qi * 13].vector().to_vec();
+            for k in [1, 10, 50] {
+                assert_eq!(
+                    seqs(seg.search(&q, k, 64, &live)),
+                    seqs(exact_search(&entries, &q, k, &live)),
+                    "query {qi} k {k}"
+                );
+            }
+        }
+        // the search really reads the codes: codes of other vectors (negated) lead it astray
+        let astray = Segment::new(3, entries.clone(), seg.postings.clone());
+        let mut wrong = crate::codes::RowCodes::default();
+        for e in &entries {
+            wrong.push(&e.vector().iter().map(|x| -x).collect::<Vec<f32>>());
+        }
+        astray.scan_codes_until_graph(wrong);
+        let q = entries[0].vector().to_vec();
+        assert_ne!(
+            seqs(astray.search(&q, 10, 64, &live)),
+            seqs(exact_search(&entries, &q, 10, &live))
+        );
+        // codes of other rows than the chunks' are refused
+        let other = Segment::new(2, entries[..10].to_vec(), seg.postings.clone());
+        let mut few = crate::codes::RowCodes::default();
+        few.push(entries[0].vector());
+        other.scan_codes_until_graph(few);
+        assert!(other.scan().is_none(), "one row for ten chunks");
+        let spec = GraphSpec {
+            ann: AnnKind::Hnsw,
+            m: 16,
+            ef_construction: 100,
+            ef_search: 64,
+            threads: 1,
+        };
+        seg.set_graph(seg.build_graph(spec));
+        assert!(seg.scan().is_none(), "the codes go with the graph built");
+        assert_eq!(
+            seg.search(&entries[5].vector().to_vec(), 1, 64, &live)[0]
+                .1
+                .seq,
+            5
+        );
     }
 
     /// The exact scan asks liveness only of its best chunks, in rounds: with most of the best

@@ -1,8 +1,9 @@
 //! The growing segment: the chunks written since the last seal, searched exactly.
 use std::sync::Arc;
 
+use crate::codes::RowCodes;
 use crate::segment::{exact_search, top_live, Entry};
-use crate::vector::{dot, dot_i8_rows};
+use crate::vector::dot;
 
 /// The growing segment's chunks, and their vectors side by side in one buffer, so that the
 /// exact scan every query makes of them reads memory in order instead of following three
@@ -15,76 +16,10 @@ pub(super) struct Growing {
     /// Row `i` is `entries[i]`'s vector; empty when their lengths differ (then each chunk's
     /// own vector is read).
     vectors: Vec<f32>,
-    /// Row `i` is `entries[i]`'s vector as int8 codes, their step in `rows[i]`.
-    codes: Vec<i8>,
-    rows: Vec<RowCode>,
+    /// Row `i` is `entries[i]`'s vector as int8 codes (empty with `vectors`).
+    codes: RowCodes,
     /// The rows' length (of the first chunk's vector); None when a chunk's differed.
     dim: Option<usize>,
-}
-
-/// How a row's codes stand for its vector.
-#[derive(Clone, Copy, Debug)]
-struct RowCode {
-    /// Units per code: `max |x| / 127` (1 for a zero vector).
-    step: f32,
-    /// Half the codes' absolute values summed, in units: about half the vector's L1 norm.
-    half_l1: f32,
-}
-
-/// Quantizes `v` to int8 codes of `max |x| / 127` each (appended to `out`).
-fn quantize_into(v: &[f32], out: &mut Vec<i8>) -> RowCode {
-    let max = v.iter().fold(0.0f32, |m, x| m.max(x.abs()));
-    let step = if max > 0.0 && max.is_finite() {
-        max / 127.0
-    } else {
-        1.0
-    };
-    let scale = 1.0 / step;
-    let mut sum = 0u32;
-    out.extend(v.iter().map(|x| {
-        let c = (x * scale).round().clamp(-127.0, 127.0) as i8;
-        sum += c.unsigned_abs() as u32;
-        c
-    }));
-    RowCode {
-        step,
-        half_l1: 0.5 * sum as f32 * step,
-    }
-}
-
-/// A query as codes (widened to i16 for [`dot_i8_rows`]), with what bounds the error of its
-/// scores from them.
-struct QueryCode {
-    codes: Vec<i16>,
-    row: RowCode,
-    /// What a row's step multiplies in the bound: half the query's L1 norm, and the f32
-    /// sums' rounding per unit of the row's largest |x| (at most d ulps of the sum of
-    /// |q_j v_j| <= |q|_1 max |v|, generously; max |v| = 127 steps).
-    per_step: f32,
-}
-
-impl QueryCode {
-    fn new(q: &[f32]) -> QueryCode {
-        let mut codes = Vec::with_capacity(q.len());
-        let row = quantize_into(q, &mut codes);
-        let l1: f32 = q.iter().map(|x| x.abs()).sum();
-        let ulps = 4.0 * q.len() as f32 * f32::EPSILON * l1;
-        QueryCode {
-            codes: codes.into_iter().map(i16::from).collect(),
-            row,
-            per_step: 0.5 * l1 + 127.0 * ulps,
-        }
-    }
-
-    /// A row's score from its codes' dot product with the query's, and how far its exact
-    /// score can be from it: each side's rounding is at most half a step a dimension,
-    /// weighted by the other side's values.
-    #[inline]
-    fn score(&self, dot: i32, r: &RowCode) -> (f32, f32) {
-        let approx = dot as f32 * (self.row.step * r.step);
-        let bound = r.half_l1 * self.row.step + self.per_step * r.step + 1e-6;
-        (approx, bound)
-    }
 }
 
 impl std::fmt::Debug for Growing {
@@ -113,14 +48,12 @@ impl Growing {
         match self.dim {
             Some(d) if d == v.len() && v.iter().all(|x| x.is_finite()) => {
                 self.vectors.extend_from_slice(v);
-                let row = quantize_into(v, &mut self.codes);
-                self.rows.push(row);
+                self.codes.push(v);
             }
             _ => {
                 self.dim = None;
                 self.vectors = Vec::new();
-                self.codes = Vec::new();
-                self.rows = Vec::new();
+                self.codes = RowCodes::default();
             }
         }
         self.entries.push(e);
@@ -130,8 +63,19 @@ impl Growing {
         self.entries.clear();
         self.vectors.clear();
         self.codes.clear();
-        self.rows.clear();
         self.dim = None;
+    }
+
+    /// The chunks' codes (row `i` is chunk `i`'s), when every chunk's vector had one length:
+    /// what a sealed segment of these chunks scans until its graph is built. The growing
+    /// segment keeps none afterwards (it is cleared next).
+    pub(super) fn take_codes(&mut self) -> Option<RowCodes> {
+        match self.dim {
+            Some(d) if d > 0 && self.codes.len() == self.entries.len() => {
+                Some(std::mem::take(&mut self.codes))
+            }
+            _ => None,
+        }
     }
 
     /// The exact top `k` live chunks by dot product with `q`, best first.
@@ -142,7 +86,12 @@ impl Growing {
         live: &dyn Fn(&Entry) -> bool,
     ) -> Vec<(f32, Arc<Entry>)> {
         match self.dim.filter(|&d| d > 0 && d == q.len()) {
-            Some(_) if q.iter().all(|x| x.is_finite()) => self.bounded_scan(q, k, live),
+            Some(d)
+                if q.iter().all(|x| x.is_finite()) && self.codes.len() == self.entries.len() =>
+            {
+                let exact = |i: usize| dot(q, &self.vectors[i * d..(i + 1) * d]);
+                self.codes.top_k(q, k, &self.entries, exact, live)
+            }
             Some(d) => top_live(
                 &self.entries,
                 self.vectors.chunks_exact(d).map(|v| dot(q, v)),
@@ -151,63 +100,6 @@ impl Growing {
             ),
             None => exact_search(&self.entries, q, k, live),
         }
-    }
-
-    /// The exact top `k` from the codes: each row's exact score `dot(q, v)` lies within a
-    /// bound of what the codes give ([`QueryCode::score`]). Rows are taken by their upper
-    /// bound, best first, and scored exactly until the next one's upper bound is below the
-    /// k-th best live exact score.
-    fn bounded_scan(
-        &self,
-        q: &[f32],
-        k: usize,
-        live: &dyn Fn(&Entry) -> bool,
-    ) -> Vec<(f32, Arc<Entry>)> {
-        let d = q.len();
-        let qq = QueryCode::new(q);
-        let mut dots = Vec::new();
-        dot_i8_rows(&qq.codes, &self.codes, &mut dots);
-        let mut upper: Vec<(f32, u32)> = dots
-            .iter()
-            .zip(&self.rows)
-            .enumerate()
-            .map(|(i, (&dot, r))| {
-                let (approx, bound) = qq.score(dot, r);
-                (approx + bound, i as u32)
-            })
-            .collect();
-        let better = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
-        // the k best live exact scores so far, best first
-        let mut best: Vec<(f32, u32)> = Vec::with_capacity(k + 1);
-        let (mut from, mut round) = (0, (2 * k).max(16));
-        'rounds: while from < upper.len() {
-            let rest = &mut upper[from..];
-            let n = round.min(rest.len());
-            if n < rest.len() {
-                rest.select_nth_unstable_by(n - 1, better);
-            }
-            rest[..n].sort_unstable_by(better);
-            for &(ub, i) in &rest[..n] {
-                if best.len() == k && best.last().is_some_and(|w| ub < w.0) {
-                    break 'rounds;
-                }
-                let e = &self.entries[i as usize];
-                if !live(e) {
-                    continue;
-                }
-                let s = dot(q, &self.vectors[i as usize * d..(i as usize + 1) * d]);
-                let at = best.partition_point(|b| better(b, &(s, i)).is_lt());
-                if at < k {
-                    best.insert(at, (s, i));
-                    best.truncate(k);
-                }
-            }
-            from += n;
-            round *= 2;
-        }
-        best.into_iter()
-            .map(|(s, i)| (s, self.entries[i as usize].clone()))
-            .collect()
     }
 }
 
@@ -260,39 +152,6 @@ mod tests {
         assert_eq!(found, want);
     }
 
-    /// The codes' score of a row is within its bound of the exact score, for unit vectors of
-    /// 384 dimensions and for unnormalized ones with one large value.
-    #[test]
-    fn the_codes_bound_the_exact_score() {
-        use rand::{Rng, SeedableRng};
-        let mut r = rand::rngs::StdRng::seed_from_u64(3);
-        for round in 0..400 {
-            let d = if round % 2 == 0 { 384 } else { 7 };
-            let mut v: Vec<f32> = (0..d).map(|_| r.gen_range(-1.0..1.0)).collect();
-            let mut q: Vec<f32> = (0..d).map(|_| r.gen_range(-1.0..1.0)).collect();
-            if round % 3 == 0 {
-                crate::vector::normalize(&mut v);
-                crate::vector::normalize(&mut q);
-            } else {
-                v[0] = 40.0;
-            }
-            let mut codes = Vec::new();
-            let row = quantize_into(&v, &mut codes);
-            let qq = QueryCode::new(&q);
-            let mut dots = Vec::new();
-            dot_i8_rows(&qq.codes, &codes, &mut dots);
-            let (approx, bound) = qq.score(dots[0], &row);
-            let exact = dot(&q, &v);
-            assert!(
-                (exact - approx).abs() <= bound,
-                "round {round}: exact {exact} approx {approx} bound {bound}"
-            );
-            if round % 3 == 0 {
-                assert!(bound < 0.05, "a unit vector's bound is small: {bound}");
-            }
-        }
-    }
-
     /// Many rows nearly as good as each other (their bounds overlap), most of the best dead:
     /// the scan from the codes still returns exactly what a scan of every live vector does.
     #[test]
@@ -311,7 +170,7 @@ mod tests {
             crate::vector::normalize(&mut v);
             g.push(entry(i, v));
         }
-        assert_eq!(g.codes.len(), 1500 * 384);
+        assert_eq!(g.codes.len(), 1500);
         let mut q = base.clone();
         crate::vector::normalize(&mut q);
         let live = |e: &Entry| e.seq % 20 != 0;

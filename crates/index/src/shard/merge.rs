@@ -488,7 +488,7 @@ fn run_merge(
         let graph = super::seal::persist_graph(&tmp(&name), graph, &segment.entries, spec.ann)
             .map_err(|(e, _)| e)?;
         files.push((tmp(&name), dir.join(&name)));
-        let _ = segment.graph.set(graph);
+        segment.set_graph(graph);
         Ok((Arc::new(segment), compact))
     })();
     match result {
@@ -515,7 +515,7 @@ fn source_postings(sources: &[Arc<Segment>]) -> Vec<&dyn crate::postings::Postin
 }
 
 /// Background work yields to queries: the calling thread gets a lower scheduling priority.
-fn lower_priority() {
+pub(super) fn lower_priority() {
     #[cfg(target_os = "linux")]
     // SAFETY: gettid and setpriority take plain integers and only affect this thread.
     unsafe {

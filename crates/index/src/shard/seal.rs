@@ -19,6 +19,11 @@ impl ShardIndex {
                     return Err(e);
                 }
             };
+            // until its graph is built (in the background, at a lower priority than the
+            // searches), the segment is scanned from the codes the growing segment kept
+            if let Some(codes) = self.growing.take_codes() {
+                seg.scan_codes_until_graph(codes);
+            }
             // the chunks' bodies now live in the mapped file, not in memory
             self.rebind(&seg.entries);
             self.next_segment_id += 1;
@@ -170,6 +175,7 @@ impl ShardIndex {
         let dir = self.dir.clone();
         let spec = self.graph_spec();
         let done = self.graphs_done.clone();
+        let background = self.settings.background;
         let work = move || {
             let path = Self::graph_path(&dir, seg.id);
             if try_load {
@@ -178,7 +184,7 @@ impl ShardIndex {
                     Ok(Some(map)) => {
                         match SegGraph::from_map(Arc::new(map), &seg.entries, spec.ann) {
                             Ok(g) => {
-                                let _ = seg.graph.set(g);
+                                seg.set_graph(g);
                                 done.fetch_add(1, std::sync::atomic::Ordering::Release);
                                 return;
                             }
@@ -191,13 +197,17 @@ impl ShardIndex {
                     Err(e) => warn!(error = %e, "graph file rejected; rebuilding"),
                 }
             }
+            if background {
+                // searches come first: until the graph is built they scan the segment's codes
+                merge::lower_priority();
+            }
             let g = seg.build_graph(spec);
             let g = persist_graph(&path, g, &seg.entries, spec.ann).unwrap_or_else(|(e, g)| {
                 // searchable from memory still; built again at the next open
                 warn!(error = %e, "could not persist graph");
                 g
             });
-            let _ = seg.graph.set(g);
+            seg.set_graph(g);
             done.fetch_add(1, std::sync::atomic::Ordering::Release);
         };
         if self.settings.background {

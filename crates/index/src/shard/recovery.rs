@@ -489,6 +489,69 @@ mod tests {
         assert_eq!(ix.doc_count(), 64 + 8 - 41);
     }
 
+    /// A compaction of a small segment beside a large one holding many more dead rows leaves
+    /// the tombstones (pruning them would visit every dead row of the large one); the large
+    /// one's own compaction prunes them all; no deleted document comes back either way.
+    #[test]
+    fn a_small_compaction_beside_many_dead_rows_leaves_the_tombstones_to_a_later_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = IndexSettings {
+            segment_size: 64,
+            merge_ratio: 2,
+            ..settings()
+        };
+        let (mut ix, _) = ShardIndex::open(dir.path(), settings.clone()).unwrap();
+        for b in 0..62 {
+            ix.write((b * 64..(b + 1) * 64).map(doc).collect(), &model())
+                .unwrap();
+        }
+        ix.seal().unwrap();
+        let large = ix.sealed.len();
+        // a fifth of every segment dies: not enough to compact any
+        let fifth: Vec<String> = (0..3968).step_by(5).map(|i| format!("d{i}")).collect();
+        ix.delete(&fifth, 5).unwrap();
+        ix.write((10_000..10_064).map(doc).collect(), &model())
+            .unwrap();
+        ix.seal().unwrap();
+        assert_eq!(ix.stored_chunks(), 3968 + 64, "nothing compacted");
+        assert_eq!(
+            ix.sealed.len(),
+            large + 1,
+            "the small segment stays on its own"
+        );
+        // most of the small one dies: it is compacted on its own, the tombstones stay
+        let small: Vec<String> = (10_000..10_040).map(|i| format!("d{i}")).collect();
+        ix.delete(&small, 5).unwrap();
+        ix.seal().unwrap();
+        assert_eq!(
+            ix.stored_chunks(),
+            3968 + 24,
+            "the small segment was compacted"
+        );
+        assert_eq!(ix.tombstones.len(), fifth.len() + 40, "the tombstones stay");
+        // most of every large one dies: their compactions prune every tombstone
+        let more: Vec<String> = (0..3968)
+            .filter(|i| matches!(i % 5, 1 | 2))
+            .map(|i| format!("d{i}"))
+            .collect();
+        ix.delete(&more, 5).unwrap();
+        ix.seal().unwrap();
+        let left = (3968 - fifth.len() - more.len()) as u64;
+        assert_eq!(
+            ix.stored_chunks(),
+            left + 24,
+            "the large segments were compacted"
+        );
+        assert!(ix.tombstones.is_empty(), "no copy of any is left");
+        assert_live_counts(&ix);
+        drop(ix);
+        let (ix, rep) = ShardIndex::open(dir.path(), settings).unwrap();
+        assert!(rep.problems.is_empty(), "{:?}", rep.problems);
+        let asked: Vec<String> = ["d5", "d1501", "d10007"].map(String::from).to_vec();
+        assert!(ix.fetch(&asked).is_empty(), "a deleted document came back");
+        assert_eq!(ix.doc_count(), left + 24);
+    }
+
     #[test]
     fn a_folder_of_the_first_manifest_format_opens_and_is_upgraded() {
         let dir = tempfile::tempdir().unwrap();

@@ -5,8 +5,8 @@
 //! fixed-width rows (`count, ids...`), the rarer upper levels in a second flat array; building
 //! and walking the graph use the codes, and a search re-scores its final beam with the exact
 //! vectors the caller holds (a segment's chunks), so the graph keeps no f32 copy. A search
-//! reuses a per-thread visited set (a bit a node, only its used words cleared) and heaps, and prefetches
-//! neighbour codes before it scores them. Built on many threads (a lock per node
+//! reuses a per-thread visited set (a bit a node, only its used words cleared) and heaps, and
+//! prefetches neighbour codes before it scores them. Built on many threads (a lock per node
 //! while its list changes; readers may see a list mid-update, which only costs a little
 //! construction quality, never an invalid id), and able to grow: [`Hnsw::extend`] copies a
 //! graph and inserts new vectors into the copy, so a merge of a small segment into a large one

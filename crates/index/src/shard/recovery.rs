@@ -299,6 +299,15 @@ mod tests {
         }
     }
 
+    /// Segments of 64 that merge as soon as the smaller ones hold half the larger's chunks.
+    fn tiered() -> IndexSettings {
+        IndexSettings {
+            segment_size: 64,
+            merge_ratio: 2,
+            ..settings()
+        }
+    }
+
     /// Each sealed chunk's dead mark says what its document's sequence number says, and each
     /// segment's live count (read off its files' dead counts) is what visiting its chunks finds.
     fn assert_live_counts(ix: &ShardIndex) {
@@ -456,11 +465,7 @@ mod tests {
     #[test]
     fn a_compaction_keeps_the_tombstones_of_dead_copies_in_other_segments() {
         let dir = tempfile::tempdir().unwrap();
-        let settings = IndexSettings {
-            segment_size: 64,
-            merge_ratio: 2,
-            ..settings()
-        };
+        let settings = tiered();
         let (mut ix, _) = ShardIndex::open(dir.path(), settings.clone()).unwrap();
         ix.write((0..64).map(doc).collect(), &model()).unwrap();
         ix.write((100..108).map(doc).collect(), &model()).unwrap();
@@ -495,11 +500,7 @@ mod tests {
     #[test]
     fn a_small_compaction_beside_many_dead_rows_leaves_the_tombstones_to_a_later_one() {
         let dir = tempfile::tempdir().unwrap();
-        let settings = IndexSettings {
-            segment_size: 64,
-            merge_ratio: 2,
-            ..settings()
-        };
+        let settings = tiered();
         let (mut ix, _) = ShardIndex::open(dir.path(), settings.clone()).unwrap();
         for b in 0..62 {
             ix.write((b * 64..(b + 1) * 64).map(doc).collect(), &model())

@@ -136,6 +136,10 @@ pub struct IndexConfig {
     /// How long a deletion record is kept, in seconds (0: for ever). A replica down for longer
     /// than this may hold documents deleted meanwhile: bring it back empty.
     pub deletion_grace_secs: u64,
+    /// Seconds without a write after which a shard replica seals its growing segment (when it
+    /// holds 256 chunks or more), so that a shard done with its ingest answers from graphs
+    /// alone instead of scanning the growing segment in every query; 0: only when it is full.
+    pub seal_idle_secs: u64,
     /// Searches a shard replica runs or holds at once; past it a search is refused at once as
     /// overloaded (the coordinator asks the shard's other replica).
     pub max_searches: usize,
@@ -166,6 +170,7 @@ impl Default for IndexConfig {
             chunk_overlap: 32,
             anti_entropy_ms: 30_000,
             deletion_grace_secs: 7 * 24 * 3600,
+            seal_idle_secs: 10,
             max_searches: 64,
             sentence_vectors: None,
         }

@@ -823,3 +823,96 @@ fn a_group_commit_logs_many_writes_with_one_fsync_and_refuses_a_bad_one_alone() 
     assert_eq!(ix.last_seq(), 3);
     assert_eq!(text_of(&ix, "c").as_deref(), Some("gamma"));
 }
+
+fn idle_after(segment_size: usize, idle: std::time::Duration) -> IndexSettings {
+    IndexSettings {
+        seal_idle: Some(idle),
+        ..settings(segment_size)
+    }
+}
+
+/// (doc id, score) of the dense and BM25 top 3 of a few queries.
+fn answers(ix: &ShardIndex) -> Vec<Vec<(String, u32)>> {
+    (0..20u64)
+        .flat_map(|i| {
+            [
+                query(500 + i * 7, "", SearchMode::Dense),
+                query(0, &format!("word{i} text"), SearchMode::Bm25),
+            ]
+        })
+        .map(|q| {
+            ix.search(&q)
+                .unwrap()
+                .into_iter()
+                .map(|h| (h.doc_id, (h.score * 1e4).round() as u32))
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn an_idle_growing_segment_is_sealed_and_answers_the_same() {
+    let hour = std::time::Duration::from_secs(3600);
+    let second = std::time::Duration::from_secs(1);
+    let n = ragfleet_index::IDLE_SEAL_MIN_CHUNKS as u64 + 44;
+    let docs = |range: std::ops::Range<u64>| -> Vec<WriteOp> {
+        range
+            .map(|i| {
+                upsert(
+                    &format!("d{i}"),
+                    &format!("word{} text {i}", i % 20),
+                    500 + i,
+                )
+            })
+            .collect()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    // not idle for long enough: the growing segment stays
+    let (mut ix, _) = ShardIndex::open(dir.path(), idle_after(4096, hour)).unwrap();
+    ix.write(docs(0..n), &model()).unwrap();
+    ix.maintain().unwrap();
+    assert_eq!(ix.growing_chunks(), n as usize);
+    assert_eq!(ix.segment_stats().0, 0);
+    let before = answers(&ix);
+    drop(ix);
+
+    // reopened (the log replayed into the growing segment) with a short idle time: due once
+    // it passed with no write
+    let (mut ix, report) = ShardIndex::open(dir.path(), idle_after(4096, second)).unwrap();
+    assert_eq!(report.replayed, 1, "one logged write");
+    assert_eq!(ix.growing_chunks(), n as usize);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !ix.needs_maintenance() {
+        assert!(std::time::Instant::now() < deadline, "never due");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(ix.maintain().unwrap(), "the idle seal changed the segments");
+    assert_eq!(ix.growing_chunks(), 0);
+    assert_eq!(ix.segment_stats(), (1, 1));
+    assert!(
+        !ix.needs_maintenance(),
+        "an empty growing segment is not sealed again"
+    );
+    assert_eq!(answers(&ix), before);
+    // a small growing segment is left to be scanned
+    ix.write(docs(n..n + 10), &model()).unwrap();
+    ix.maintain().unwrap();
+    assert_eq!(ix.growing_chunks(), 10);
+    drop(ix);
+
+    // what was sealed is out of the log: only the 10 later writes are replayed
+    let (ix, report) = ShardIndex::open(dir.path(), idle_after(4096, hour)).unwrap();
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    assert_eq!(report.replayed, 1, "the later write only");
+    assert_eq!(ix.growing_chunks(), 10);
+    assert_eq!(ix.doc_count(), n + 10);
+    let after: Vec<_> = answers(&ix);
+    // the 10 later documents may enter the answers (and change BM25's statistics); every
+    // earlier answer's first hit stays unless one of them beat it
+    for (a, b) in before.iter().zip(&after) {
+        if let (Some(x), Some(y)) = (a.first(), b.first()) {
+            let later = y.0[1..].parse::<u64>().unwrap() >= n;
+            assert!(x.0 == y.0 || later, "{x:?} became {y:?}");
+        }
+    }
+}

@@ -148,6 +148,8 @@ async fn role_specs(
             background: true,
             deletion_grace: (cfg.index.deletion_grace_secs > 0)
                 .then(|| Duration::from_secs(cfg.index.deletion_grace_secs)),
+            seal_idle: (cfg.index.seal_idle_secs > 0)
+                .then(|| Duration::from_secs(cfg.index.seal_idle_secs)),
         };
         let children = cfg
             .shards_of(node)

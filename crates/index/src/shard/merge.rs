@@ -100,6 +100,21 @@ impl ShardIndex {
     /// every seal and periodically by the shard's owner; with `background: false` the merges
     /// run here, to the end. Returns whether the segment set changed.
     pub fn maintain(&mut self) -> Result<bool, IndexError> {
+        if self.idle_seal_due() {
+            info!(
+                dir = %self.dir.display(),
+                chunks = self.growing.len(),
+                idle_s = self.last_write.elapsed().as_secs_f64(),
+                "sealing the idle growing segment"
+            );
+            // the seal runs the policy itself; a failed one is tried again after another idle
+            // period, not at every poll
+            if let Err(e) = self.seal() {
+                self.last_write = std::time::Instant::now();
+                return Err(e);
+            }
+            return Ok(true);
+        }
         let mut changed = false;
         for _ in 0..64 {
             if let Some(job) = self.merge.take_if(|j| j.finished()) {
@@ -138,10 +153,22 @@ impl ShardIndex {
     /// Whether [`ShardIndex::maintain`] has something to do now (cheap: the owner polls it under
     /// a read lock and takes the write lock only when it says yes).
     pub fn needs_maintenance(&self) -> bool {
+        if self.idle_seal_due() {
+            return true;
+        }
         match &self.merge {
             Some(job) => job.finished(),
             None => self.planned_at != self.plan_key(),
         }
+    }
+
+    /// Whether the growing segment should be sealed for want of writes (see
+    /// [`IndexSettings::seal_idle`]).
+    fn idle_seal_due(&self) -> bool {
+        self.settings
+            .seal_idle
+            .is_some_and(|idle| self.last_write.elapsed() >= idle)
+            && self.growing.len() >= IDLE_SEAL_MIN_CHUNKS
     }
 
     fn plan_key(&self) -> (u64, u64) {

@@ -55,7 +55,16 @@ pub struct IndexSettings {
     /// the next seal (None: kept for ever). Write versions are microseconds on the
     /// coordinators' clocks, so a record's age is read off its version.
     pub deletion_grace: Option<std::time::Duration>,
+    /// Seal the growing segment once no write has come for this long and it holds at least
+    /// [`IDLE_SEAL_MIN_CHUNKS`] chunks (None: only when it is full). A shard that stops taking
+    /// writes then answers from graphs alone, merged by the policy, instead of scanning up to
+    /// `segment_size` chunks exactly in every query, and its log is emptied.
+    pub seal_idle: Option<std::time::Duration>,
 }
+
+/// The fewest chunks an idle growing segment is sealed with: below it the exact scan costs
+/// less than a graph's walk, and a trickle of writes would leave a segment a write.
+pub const IDLE_SEAL_MIN_CHUNKS: usize = 256;
 
 impl IndexSettings {
     /// Threads a graph build uses.
@@ -79,6 +88,7 @@ impl Default for IndexSettings {
             ef_search: 64,
             background: true,
             deletion_grace: None,
+            seal_idle: None,
         }
     }
 }
@@ -245,6 +255,8 @@ pub struct ShardIndex {
     purged_below: u64,
     /// The merge in progress, if any.
     merge: Option<merge::MergeJob>,
+    /// When the last write was applied (or the index opened): see [`IndexSettings::seal_idle`].
+    last_write: std::time::Instant,
     /// Bumped by every change the merge policy looks at; the policy runs when it moved.
     generation: u64,
     /// Graphs finished by the background builders (the policy merges built segments only).

@@ -49,6 +49,7 @@ impl ShardIndex {
             next_slot: 0,
             purged_below: 0,
             merge: None,
+            last_write: std::time::Instant::now(),
             generation: 0,
             graphs_done: Default::default(),
             freeing: Default::default(),

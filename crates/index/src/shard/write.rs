@@ -192,6 +192,7 @@ impl ShardIndex {
             self.last_seq = rec.first_seq + n - 1;
             results[i] = Ok(self.last_seq);
         }
+        self.last_write = std::time::Instant::now();
         if self.growing.len() >= self.settings.segment_size {
             // the writes are durable (logged) and applied whatever happens here: a seal that
             // fails (disk full) leaves the growing segment and the log as they were, and the

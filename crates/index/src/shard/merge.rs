@@ -464,7 +464,12 @@ impl ShardIndex {
             .filter_map(|d| self.tombstones.get(&d).map(|&v| (d, v)))
             .collect();
         let old = std::mem::replace(&mut self.tombstones, kept);
-        self.deletions_edits += 1;
+        self.deletions_log.touched_many(
+            old.len() - self.tombstones.len(),
+            old.keys()
+                .filter(|d| !self.tombstones.contains_key(*d))
+                .map(String::as_str),
+        );
         if self.settings.background && old.len() > 10_000 {
             if let Err(e) = std::thread::Builder::new()
                 .name("tombstones-free".into())

@@ -4,6 +4,7 @@
 //! [`write`], [`growing`] (the growing segment), [`seal`] (seal, purge, graphs), [`merge`]
 //! (the tiered background merges), [`search`], [`sync`] (replica sync).
 mod codec;
+mod deletions;
 mod growing;
 mod merge;
 mod recovery;
@@ -177,21 +178,22 @@ struct ManifestV2 {
 }
 
 /// The manifest (`manifest3.bin`): what the sealed state is; writing it is the atomic switch of
-/// seals and merges. The deletion records are in their own file (`deletions-<n>.bin`), written
-/// before the manifest that names it and only when they changed, so that a seal or a merge
-/// does not rewrite (and fsync) every deletion record of the shard.
+/// seals and merges. The deletion records are in their own files (a base `deletions-<n>.bin`
+/// and deltas `deletions-<n>.delta`, see [`deletions`]), written before the manifest that
+/// names the last of them and only with what changed, so that a seal or a merge does not
+/// rewrite (and fsync) every deletion record of the shard.
 #[derive(Debug, Serialize, Deserialize, Default)]
 struct Manifest {
     /// Every op with seq <= this is in the segments.
     last_seq: u64,
     segments: Vec<SegmentMeta>,
-    /// The deletion records' file (`deletions-<n>.bin`; 0: none).
+    /// The last of the deletion records' files (`deletions-<n>.bin` or `.delta`; 0: none).
     deletions: u64,
     model: Option<ModelIdentity>,
     next_segment_id: u64,
 }
 
-/// A shard's deletion records (`deletions-<n>.bin`).
+/// A shard's deletion records (a base file `deletions-<n>.bin`).
 #[derive(Debug, Serialize, Deserialize, Default)]
 struct Deletions {
     /// Documents deleted or replaced after a sealed segment took a copy: the sequence number
@@ -240,13 +242,9 @@ pub struct ShardIndex {
     docs: HashMap<String, DocState>,
     tombstones: HashMap<String, u64>,
     deleted: HashMap<String, u64>,
-    /// The deletion records' file the manifest names, and [`ShardIndex::deletions_edits`] when
-    /// it was written (None: not known, written again at the next manifest write).
-    deletions_written: (u64, Option<u64>),
-    /// Changes to the deletion records (`tombstones`, `deleted`) since the index was opened:
-    /// their file is written again only when this moved, so that a seal or a merge's commit
-    /// does not read every record to know.
-    deletions_edits: u64,
+    /// The deletion records' files (a base and deltas) and what changed since they were
+    /// written: a manifest write writes only the changes.
+    deletions_log: deletions::DeletionLog,
     bm25: Bm25,
     slots: HashMap<u32, Arc<Entry>>,
     next_slot: u32,

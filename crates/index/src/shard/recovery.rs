@@ -13,18 +13,23 @@ impl ShardIndex {
     ) -> Result<(ShardIndex, RecoveryReport), IndexError> {
         let lock = crate::DirLock::acquire(dir)?;
         let mut report = RecoveryReport::default();
-        let ((manifest, deletions), manifest_ok) = match read_manifest(dir) {
+        let ((manifest, deletions, deletions_log), manifest_ok) = match read_manifest(dir) {
             Ok(m) => (m, true),
             Err(e) => {
                 // without the manifest (or the deletion records it names) the segments cannot
                 // be trusted: start empty, catch up
                 report.problems.push(e.to_string());
                 report.needs_catch_up = true;
-                ((Manifest::default(), Deletions::default()), false)
+                let empty = (
+                    Manifest::default(),
+                    Deletions::default(),
+                    Default::default(),
+                );
+                (empty, false)
             }
         };
         if manifest_ok {
-            remove_unreferenced(dir, &manifest);
+            remove_unreferenced(dir, &manifest, &deletions_log.files());
         }
         let (wal, wal_rec) = Wal::open(&dir.join("wal.log"))?;
         let mut ix = ShardIndex {
@@ -41,9 +46,7 @@ impl ShardIndex {
             docs: HashMap::new(),
             tombstones: deletions.tombstones,
             deleted: deletions.deleted,
-            // written again (under the next number) at the next manifest write
-            deletions_written: (manifest.deletions, None),
-            deletions_edits: 0,
+            deletions_log,
             bm25: Bm25::default(),
             slots: HashMap::new(),
             next_slot: 0,
@@ -194,7 +197,9 @@ impl ShardIndex {
 }
 
 /// The newest manifest in `dir` (formats 3, 2, 1, in that order) with its deletion records.
-fn read_manifest(dir: &Path) -> Result<(Manifest, Deletions), IndexError> {
+fn read_manifest(
+    dir: &Path,
+) -> Result<(Manifest, Deletions, super::deletions::DeletionLog), IndexError> {
     let path = dir.join(MANIFEST);
     let corrupt = |path: &Path, e: postcard::Error| IndexError::Corrupt {
         path: path.to_path_buf(),
@@ -202,16 +207,8 @@ fn read_manifest(dir: &Path) -> Result<(Manifest, Deletions), IndexError> {
     };
     if let Some(b) = read_checked(&path)? {
         let m: Manifest = postcard::from_bytes(&b).map_err(|e| corrupt(&path, e))?;
-        if m.deletions == 0 {
-            return Ok((m, Deletions::default()));
-        }
-        let dpath = super::seal::deletions_path(dir, m.deletions);
-        let b = read_checked(&dpath)?.ok_or_else(|| IndexError::Corrupt {
-            path: dpath.clone(),
-            reason: "the deletion records the manifest names are missing".into(),
-        })?;
-        let d: Deletions = postcard::from_bytes(&b).map_err(|e| corrupt(&dpath, e))?;
-        return Ok((m, d));
+        let (log, d) = super::deletions::DeletionLog::open(dir, m.deletions)?;
+        return Ok((m, d, log));
     }
     let v2 = dir.join(MANIFEST_V2);
     let v1 = dir.join(MANIFEST_V1);
@@ -222,6 +219,11 @@ fn read_manifest(dir: &Path) -> Result<(Manifest, Deletions), IndexError> {
             .map_err(|e| corrupt(&v1, e))?,
         (None, None) => ManifestV2::default(),
     };
+    // the records were inside the manifest: a base file at the next manifest write
+    let mut log = super::deletions::DeletionLog::default();
+    if !old.tombstones.is_empty() || !old.deleted.is_empty() {
+        log.rebase_at_next_write();
+    }
     Ok((
         Manifest {
             last_seq: old.last_seq,
@@ -234,15 +236,15 @@ fn read_manifest(dir: &Path) -> Result<(Manifest, Deletions), IndexError> {
             tombstones: old.tombstones,
             deleted: old.deleted,
         },
+        log,
     ))
 }
 
 /// Removes what a crash can leave behind: temporary files, and segment files (data, BM25,
 /// graph) the manifest does not list (a merge or seal that did not reach its manifest write,
 /// or the sources of one that did).
-fn remove_unreferenced(dir: &Path, m: &Manifest) {
-    let mut keep: HashSet<String> = HashSet::new();
-    keep.insert(format!("deletions-{}.bin", m.deletions));
+fn remove_unreferenced(dir: &Path, m: &Manifest, deletion_files: &[String]) {
+    let mut keep: HashSet<String> = deletion_files.iter().cloned().collect();
     for s in &m.segments {
         keep.insert(format!("seg-{}.hnsw", s.id));
         keep.insert(format!("seg-{}.post", s.id));
@@ -260,7 +262,8 @@ fn remove_unreferenced(dir: &Path, m: &Manifest) {
             && [".bin", ".bm25", ".post", ".hnsw"]
                 .iter()
                 .any(|x| name.ends_with(x)))
-            || (name.starts_with("deletions-") && name.ends_with(".bin"));
+            || (name.starts_with("deletions-")
+                && (name.ends_with(".bin") || name.ends_with(".delta")));
         if temporary || (segment_file && !keep.contains(&name)) {
             match std::fs::remove_file(f.path()) {
                 Ok(()) => info!(file = %name, "removed a file no manifest lists"),
@@ -385,12 +388,12 @@ mod tests {
         // seals of new documents leave the records as they are: the same file
         ix.write((16..32).map(doc).collect(), &model()).unwrap();
         assert_eq!(deletion_files(dir.path()), first);
-        // a delete changes them: a new file, the old one removed
+        // a delete changes them: a delta of the change after the first file
         ix.delete(&["d20".into()], 60).unwrap();
         ix.seal().unwrap();
         let second = deletion_files(dir.path());
-        assert_eq!(second.len(), 1);
-        assert_ne!(second, first);
+        assert_eq!(second.len(), 2, "{second:?}");
+        assert!(second.contains(&first[0]));
         drop(ix);
         // reopened, the records hold: deleted documents stay deleted, and an older copy of
         // one is refused
@@ -421,6 +424,134 @@ mod tests {
         );
     }
 
+    /// The index's deletion records, sorted.
+    type Records = (Vec<(String, u64)>, Vec<(String, u64)>);
+
+    fn records(ix: &ShardIndex) -> Records {
+        let sorted = |m: &HashMap<String, u64>| {
+            let mut v: Vec<(String, u64)> = m.iter().map(|(d, &x)| (d.clone(), x)).collect();
+            v.sort();
+            v
+        };
+        (sorted(&ix.tombstones), sorted(&ix.deleted))
+    }
+
+    /// The same deletion records (a short message when not).
+    fn same(a: &Records, b: &Records) {
+        for (x, y, what) in [(&a.0, &b.0, "tombstones"), (&a.1, &b.1, "deletions")] {
+            let first = x.iter().zip(y.iter()).find(|(p, q)| p != q);
+            assert!(
+                x.len() == y.len() && first.is_none(),
+                "{what}: {} vs {} records, first difference {first:?}",
+                x.len(),
+                y.len()
+            );
+        }
+    }
+
+    fn file_size(dir: &Path, name: &str) -> u64 {
+        std::fs::metadata(dir.join(name)).unwrap().len()
+    }
+
+    #[test]
+    fn a_seal_writes_the_deletion_records_that_changed_not_all_of_them() {
+        use super::super::deletions::{BASE_AT_LEAST, MAX_DELTAS};
+        let dir = tempfile::tempdir().unwrap();
+        let settings = IndexSettings {
+            segment_size: 100_000,
+            ..settings()
+        };
+        let (mut ix, _) = ShardIndex::open(dir.path(), settings.clone()).unwrap();
+        let n = 3 * BASE_AT_LEAST;
+        ix.write((0..n).map(doc).collect(), &model()).unwrap();
+        ix.seal().unwrap();
+        // many deletes at once: too many to list, a base of every record
+        let ids: Vec<String> = (0..n / 2).map(|i| format!("d{i}")).collect();
+        ix.delete(&ids, 100).unwrap();
+        ix.seal().unwrap();
+        // (the seal's compaction dropped the deleted copies and pruned their tombstones:
+        // too many removals to list, so the next manifest writes a base again)
+        ix.seal().unwrap();
+        let files = deletion_files(dir.path());
+        assert_eq!(files.len(), 1, "{files:?}");
+        assert!(files[0].ends_with(".bin"), "{files:?}");
+        let base = file_size(dir.path(), &files[0]);
+        // a few deletes after it: deltas of a few records each, the base unchanged
+        let mut next = n / 2;
+        for round in 0..MAX_DELTAS {
+            ix.delete(&[format!("d{next}")], 200 + round as u64)
+                .unwrap();
+            next += 1;
+            ix.seal().unwrap();
+            let now = deletion_files(dir.path());
+            assert_eq!(now.len(), round + 2, "{now:?}");
+            assert!(now.contains(&files[0]));
+            let newest = now
+                .iter()
+                .filter(|f| f.ends_with(".delta"))
+                .max_by_key(|f| {
+                    f.trim_start_matches("deletions-")
+                        .trim_end_matches(".delta")
+                        .parse::<u64>()
+                        .unwrap()
+                });
+            let size = file_size(dir.path(), newest.unwrap());
+            assert!(
+                size * 100 < base,
+                "a delta of {size} bytes beside a base of {base}"
+            );
+        }
+        ix.seal().unwrap();
+        let before = records(&ix);
+        drop(ix);
+        let (mut ix, rep) = ShardIndex::open(dir.path(), settings.clone()).unwrap();
+        assert!(rep.problems.is_empty(), "{:?}", rep.problems);
+        same(&records(&ix), &before);
+        assert_eq!(ix.doc_count() as usize, n - next);
+        // the chain at its length: the deltas are folded into one
+        ix.delete(&[format!("d{next}")], 300).unwrap();
+        next += 1;
+        ix.seal().unwrap();
+        let folded = deletion_files(dir.path());
+        assert_eq!(folded.len(), 2, "{folded:?}");
+        assert!(folded.contains(&files[0]));
+        // an upsert of a deleted document removes its record, in a delta too
+        ix.write(vec![doc(0)], &model()).unwrap();
+        ix.seal().unwrap();
+        assert_eq!(ix.version_of("d0"), Some(0));
+        ix.seal().unwrap();
+        let before = records(&ix);
+        assert!(!before.1.iter().any(|(d, _)| d == "d0"));
+        drop(ix);
+        let (mut ix, rep) = ShardIndex::open(dir.path(), settings.clone()).unwrap();
+        assert!(rep.problems.is_empty(), "{:?}", rep.problems);
+        same(&records(&ix), &before);
+        // a deleted document's older copy is still refused after the reopen
+        let mut stale = doc(5);
+        if let WriteOp::Upsert { version, .. } = &mut stale {
+            *version = 50;
+        }
+        ix.write(vec![stale], &model()).unwrap();
+        assert!(
+            ix.fetch(&["d5".to_string()]).is_empty(),
+            "a deleted document came back"
+        );
+        // changes reaching half the base's records: a new base, the chain's files removed
+        let ids: Vec<String> = (next..n).map(|i| format!("d{i}")).collect();
+        ix.delete(&ids, 400).unwrap();
+        ix.seal().unwrap();
+        let rebased = deletion_files(dir.path());
+        assert_eq!(rebased.len(), 1, "{rebased:?}");
+        assert!(rebased[0].ends_with(".bin") && rebased[0] != files[0]);
+        ix.seal().unwrap();
+        let before = records(&ix);
+        drop(ix);
+        let (ix, rep) = ShardIndex::open(dir.path(), settings).unwrap();
+        assert!(rep.problems.is_empty(), "{:?}", rep.problems);
+        same(&records(&ix), &before);
+        assert_eq!(ix.doc_count(), 1);
+    }
+
     #[test]
     fn a_folder_of_the_second_manifest_format_keeps_its_deletions() {
         let dir = tempfile::tempdir().unwrap();
@@ -430,7 +561,7 @@ mod tests {
             ix.delete(&["d4".into()], 70).unwrap();
             ix.seal().unwrap();
         }
-        let (m, d) = read_manifest(dir.path()).unwrap();
+        let (m, d, _) = read_manifest(dir.path()).unwrap();
         assert!(d.deleted.contains_key("d4"));
         let v2 = ManifestV2 {
             last_seq: m.last_seq,
@@ -562,7 +693,7 @@ mod tests {
             ix.write((0..20).map(doc).collect(), &model()).unwrap();
         }
         // rewrite the manifest in the first format: one data file per segment
-        let (m, d) = read_manifest(dir.path()).unwrap();
+        let (m, d, _) = read_manifest(dir.path()).unwrap();
         let parts: Vec<u64> = m.segments.iter().flat_map(|s| s.parts.clone()).collect();
         for s in &m.segments {
             let _ = std::fs::remove_file(dir.path().join(format!("seg-{}.hnsw", s.id)));

@@ -60,8 +60,15 @@ impl ShardIndex {
         write_checked(&self.dir.join("purged.bin"), &bytes)?;
         self.purged_below = horizon;
         let before = self.deleted.len();
+        let dropped = self.deleted.values().filter(|&&v| v < horizon).count();
+        self.deletions_log.touched_many(
+            dropped,
+            self.deleted
+                .iter()
+                .filter(|(_, &v)| v < horizon)
+                .map(|(d, _)| d.as_str()),
+        );
         self.deleted.retain(|_, v| *v >= horizon);
-        self.deletions_edits += 1;
         self.changed();
         info!(
             dropped = before - self.deleted.len(),
@@ -121,23 +128,13 @@ impl ShardIndex {
         }
     }
 
-    /// Writes the manifest, and before it the deletion records' file when they changed since
-    /// the last one was written (then the older file is removed).
+    /// Writes the manifest, and before it what changed in the deletion records (see
+    /// [`deletions`]); the files the new chain no longer needs are removed after it.
     pub(super) fn write_manifest(&mut self) -> Result<(), IndexError> {
-        let edits = self.deletions_edits;
-        let (old, written) = self.deletions_written;
-        let deletions = if written == Some(edits) {
-            old
-        } else {
-            let new = old + 1;
-            let d = DeletionsRef {
-                tombstones: &self.tombstones,
-                deleted: &self.deleted,
-            };
-            let bytes = postcard::to_stdvec(&d).map_err(|e| IndexError::BadInput(e.to_string()))?;
-            write_checked(&deletions_path(&self.dir, new), &bytes)?;
-            new
-        };
+        let written = self
+            .deletions_log
+            .write(&self.dir, &self.tombstones, &self.deleted)?;
+        let deletions = written.head();
         let m = Manifest {
             // what the sealed segments hold: a merge commits between seals, while the growing
             // segment's writes are in the log only
@@ -156,15 +153,10 @@ impl ShardIndex {
         };
         let bytes = postcard::to_stdvec(&m).map_err(|e| IndexError::BadInput(e.to_string()))?;
         if let Err(e) = write_checked(&self.dir.join(MANIFEST), &bytes) {
-            if deletions != old {
-                let _ = std::fs::remove_file(deletions_path(&self.dir, deletions));
-            }
+            written.abandon();
             return Err(e);
         }
-        self.deletions_written = (deletions, Some(edits));
-        if deletions != old && old > 0 {
-            let _ = std::fs::remove_file(deletions_path(&self.dir, old));
-        }
+        self.deletions_log.written(written);
         // the earlier formats' manifests, if any, are superseded
         let _ = std::fs::remove_file(self.dir.join(MANIFEST_V2));
         let _ = std::fs::remove_file(self.dir.join(MANIFEST_V1));
@@ -294,11 +286,6 @@ fn write_mapped(path: &Path, entries: &[Arc<Entry>]) -> Result<Vec<Arc<Entry>>, 
         copy.set_slot(original.slot());
     }
     Ok(back.into_iter().map(Arc::new).collect())
-}
-
-/// The deletion records' file of generation `n`.
-pub(super) fn deletions_path(dir: &Path, n: u64) -> PathBuf {
-    dir.join(format!("deletions-{n}.bin"))
 }
 
 pub(super) fn seg_id_for_name(dir: &Path) -> String {

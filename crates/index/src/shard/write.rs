@@ -46,7 +46,7 @@ impl ShardIndex {
             } if !chunks.is_empty() => {
                 self.remove_doc(&doc_id);
                 if self.deleted.remove(&doc_id).is_some() {
-                    self.deletions_edits += 1;
+                    self.deletions_log.touched(&doc_id);
                 }
                 for c in chunks {
                     let e = Arc::new(Entry::owned(seq, version, c));
@@ -59,9 +59,9 @@ impl ShardIndex {
             }
             | WriteOp::Delete { doc_id, version } => {
                 self.remove_doc(&doc_id);
+                self.deletions_log.touched(&doc_id);
                 self.tombstones.insert(doc_id.clone(), seq);
                 self.deleted.insert(doc_id, version);
-                self.deletions_edits += 1;
             }
         }
     }

@@ -40,6 +40,12 @@ pub struct ShardBench {
     /// Where the indexes are written (default: a temporary folder).
     #[arg(long)]
     dir: Option<std::path::PathBuf>,
+    /// Measure each size as a shard serves once its ingest stopped (`index.seal_idle_secs`):
+    /// after this many seconds without a write its growing segment is sealed and merged, and
+    /// the bench waits for that before it searches (0: measured with the growing segment, as
+    /// during an ingest).
+    #[arg(long, default_value_t = 0)]
+    seal_idle_secs: u64,
 }
 
 fn model(dim: usize) -> ModelIdentity {
@@ -187,6 +193,7 @@ pub fn run(b: ShardBench) -> Result<()> {
             ef_search: b.ef_search.first().copied().unwrap_or(64),
             ann,
             background: true,
+            seal_idle: (b.seal_idle_secs > 0).then(|| Duration::from_secs(b.seal_idle_secs)),
             ..IndexSettings::default()
         };
         // the baseline without the free memory the previous size left in the allocator (the
@@ -218,19 +225,26 @@ pub fn run(b: ShardBench) -> Result<()> {
         }
         // the background work to its end: graphs built, merges committed, merged-away
         // segments freed (the memory figures below are read next)
+        let mut ingested = None;
         loop {
             ix.maintain()?;
             let (segs, built) = ix.segment_stats();
+            let idle_sealed =
+                b.seal_idle_secs == 0 || ix.growing_chunks() < ragfleet_index::IDLE_SEAL_MIN_CHUNKS;
             if segs == built
                 && !ix.merging()
                 && !ix.needs_maintenance()
                 && ix.segments_being_freed() == 0
             {
-                break;
+                // the ingest's time does not count the wait for the idle seal
+                ingested.get_or_insert_with(|| t.elapsed().as_secs_f64());
+                if idle_sealed {
+                    break;
+                }
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        let ingest_s = t.elapsed().as_secs_f64();
+        let ingest_s = ingested.unwrap_or_else(|| t.elapsed().as_secs_f64());
         let rss = resident_bytes();
         // the bench's own copy of the vectors is not the index's
         let own = (vectors.len() * (b.dim * 4 + 24)) as u64;

@@ -916,3 +916,58 @@ fn an_idle_growing_segment_is_sealed_and_answers_the_same() {
         }
     }
 }
+
+#[test]
+fn an_idle_shard_merges_the_segment_its_idle_seal_left_into_the_largest() {
+    // a segment of 8,192 sealed by size, then 300 chunks: under 1/16 of it (so the tiered
+    // policy leaves them apart while writes come) but over 1/64
+    let write = |ix: &mut ShardIndex| {
+        let docs = |r: std::ops::Range<u64>| -> Vec<WriteOp> {
+            r.map(|i| {
+                upsert(
+                    &format!("d{i}"),
+                    &format!("word{} text {i}", i % 20),
+                    900 + i,
+                )
+            })
+            .collect()
+        };
+        ix.write(docs(0..8192), &model()).unwrap();
+        assert_eq!(ix.segment_stats(), (1, 1));
+        ix.write(docs(8192..8492), &model()).unwrap();
+        assert_eq!(ix.growing_chunks(), 300);
+    };
+    // writes keep coming (no idle time): a seal leaves two segments
+    let dir = tempfile::tempdir().unwrap();
+    let (mut ix, _) = ShardIndex::open(dir.path(), settings(8192)).unwrap();
+    write(&mut ix);
+    ix.seal().unwrap();
+    ix.maintain().unwrap();
+    assert_eq!(ix.segment_stats(), (2, 2), "the tiered policy merged them");
+    let apart = answers(&ix);
+    drop(ix);
+    // idle: sealed, then merged into one
+    let dir = tempfile::tempdir().unwrap();
+    let idle = std::time::Duration::from_secs(1);
+    let (mut ix, _) = ShardIndex::open(dir.path(), idle_after(8192, idle)).unwrap();
+    write(&mut ix);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while ix.growing_chunks() > 0 {
+        assert!(std::time::Instant::now() < deadline, "never sealed");
+        ix.maintain().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    while ix.merging() || ix.needs_maintenance() {
+        assert!(std::time::Instant::now() < deadline, "never merged");
+        ix.maintain().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(ix.segment_stats(), (1, 1));
+    assert_eq!(ix.growing_chunks(), 0);
+    assert_eq!(ix.doc_count(), 8492);
+    // the same documents found: every answer's first hit as with the segments apart
+    let merged = answers(&ix);
+    for (a, b) in apart.iter().zip(&merged) {
+        assert_eq!(a.first().map(|h| &h.0), b.first().map(|h| &h.0));
+    }
+}

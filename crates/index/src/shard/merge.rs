@@ -92,6 +92,9 @@ const COMPACT_DEAD_SHARE: f64 = 0.25;
 const PRUNE_SPAN: usize = 4;
 /// ...or fewer than this.
 const PRUNE_ALWAYS_BELOW: usize = 512;
+/// An idle shard merges once the smaller segments hold 1/(this x `merge_ratio`) of a larger
+/// one's live chunks.
+const IDLE_MERGE_FACTOR: usize = 4;
 /// Share of dead chunks from which a segment is compacted on its own.
 const COMPACT_ALONE_SHARE: f64 = 0.5;
 
@@ -162,17 +165,25 @@ impl ShardIndex {
         }
     }
 
-    /// Whether the growing segment should be sealed for want of writes (see
-    /// [`IndexSettings::seal_idle`]).
-    fn idle_seal_due(&self) -> bool {
+    /// Whether no write came for [`IndexSettings::seal_idle`].
+    fn idle(&self) -> bool {
         self.settings
             .seal_idle
             .is_some_and(|idle| self.last_write.elapsed() >= idle)
-            && self.growing.len() >= IDLE_SEAL_MIN_CHUNKS
     }
 
-    fn plan_key(&self) -> (u64, u64) {
-        (self.generation, self.graphs_done.load(Ordering::Acquire))
+    /// Whether the growing segment should be sealed for want of writes (see
+    /// [`IndexSettings::seal_idle`]).
+    fn idle_seal_due(&self) -> bool {
+        self.idle() && self.growing.len() >= IDLE_SEAL_MIN_CHUNKS
+    }
+
+    fn plan_key(&self) -> (u64, u64, bool) {
+        (
+            self.generation,
+            self.graphs_done.load(Ordering::Acquire),
+            self.idle(),
+        )
     }
 
     /// Picks the next merge; None when the segments are in shape.
@@ -185,7 +196,15 @@ impl ShardIndex {
             .map(|s| (s.live_count(&live), s.clone()))
             .collect();
         segs.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.id.cmp(&b.1.id)));
-        let ratio = self.settings.merge_ratio.max(2);
+        // an idle shard merges its small segments into the larger ones sooner (the segment
+        // an idle seal leaves would otherwise stay a graph of its own beside a much larger one
+        // until 1/merge_ratio of it came): its cores have nothing else to do, and the copying
+        // this costs is still bounded by IDLE_MERGE_FACTOR x merge_ratio x the new chunks
+        let ratio = if self.idle() {
+            self.settings.merge_ratio.max(2) * IDLE_MERGE_FACTOR
+        } else {
+            self.settings.merge_ratio.max(2)
+        };
         let dead_share = |set: &[(usize, Arc<Segment>)]| {
             let total: usize = set.iter().map(|(_, s)| s.entries.len()).sum();
             let live: usize = set.iter().map(|(l, _)| *l).sum();

@@ -261,8 +261,8 @@ pub struct ShardIndex {
     graphs_done: Arc<std::sync::atomic::AtomicU64>,
     /// Merged-away segments still being freed on a background thread.
     freeing: Arc<std::sync::atomic::AtomicUsize>,
-    /// (generation, graphs_done) when the policy last ran.
-    planned_at: (u64, u64),
+    /// (generation, graphs_done, idle) when the policy last ran.
+    planned_at: (u64, u64, bool),
     /// [`ShardIndex::digest`] as of the last change (`None`: changed since; computed again
     /// when next asked). Lets every search say which state of the shard it read.
     digest_memo: std::sync::Mutex<Option<u64>>,

@@ -204,18 +204,17 @@ impl DeletionLog {
         tombstones: &HashMap<String, u64>,
         deleted: &HashMap<String, u64>,
     ) -> Result<Written, IndexError> {
-        let unchanged = Written {
-            base: self.base,
-            deltas: self.deltas.clone(),
-            base_records: self.base_records,
-            superseded: Vec::new(),
-            new_file: None,
-            rebased: false,
-        };
-        let empty = tombstones.is_empty() && deleted.is_empty();
         if !self.rebase && self.since_write.is_empty() {
-            return Ok(unchanged);
+            return Ok(Written {
+                base: self.base,
+                deltas: self.deltas.clone(),
+                base_records: self.base_records,
+                superseded: Vec::new(),
+                new_file: None,
+                rebased: false,
+            });
         }
+        let empty = tombstones.is_empty() && deleted.is_empty();
         if self.rebase || (self.base == 0 && self.deltas.is_empty() && empty) {
             // every record, as the base of a new chain
             let mut superseded: Vec<PathBuf> =

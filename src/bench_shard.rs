@@ -46,6 +46,11 @@ pub struct ShardBench {
     /// during an ingest).
     #[arg(long, default_value_t = 0)]
     seal_idle_secs: u64,
+    /// Megabytes of graphs copied from their mapped files into memory backed by huge pages
+    /// (`index.graph_memory_mb`; default: a quarter of the machine's memory; 0: every graph
+    /// walked from its file).
+    #[arg(long)]
+    graph_memory_mb: Option<u64>,
 }
 
 fn model(dim: usize) -> ModelIdentity {
@@ -181,6 +186,14 @@ pub fn run(b: ShardBench) -> Result<()> {
         "one shard, {} dims, segment_size {}, ef_search {:?}, ef_construction {}, ann {}, {} queries a size, {threads} cores",
         b.dim, b.segment_size, b.ef_search, b.ef_construction, b.ann, b.queries
     );
+    let graph_memory = ragfleet_index::hnsw::GraphMemory::global();
+    if let Some(mb) = b.graph_memory_mb {
+        graph_memory.set_limit(usize::try_from(mb.saturating_mul(1 << 20)).unwrap_or(usize::MAX));
+    }
+    println!(
+        "graphs held in huge-page memory up to {:.0} MB (index.graph_memory_mb), the rest walked from their mapped files",
+        graph_memory.limit() as f64 / (1u64 << 20) as f64
+    );
     let zipf = Zipf::new(20_000);
     let mut rows = Vec::new();
     let mut merge_line = None;
@@ -265,8 +278,9 @@ pub fn run(b: ShardBench) -> Result<()> {
         );
         let (graphs, bm25) = ix.memory_bytes();
         println!(
-            "{n:>9} chunks: of the index's own memory, a million chunks: graphs {:.2} GB (codes and level-0 rows mapped), BM25 postings {:.2} GB",
+            "{n:>9} chunks: of the index's own memory, a million chunks: graphs {:.2} GB ({:.2} GB of codes and level-0 rows in huge-page memory, the rest of them mapped), BM25 postings {:.2} GB",
             per_million(graphs as u64),
+            per_million(graph_memory.used() as u64),
             per_million(bm25 as u64)
         );
         let qv: Vec<Vec<f32>> = clustered_with(b.queries, b.dim, 50, 24, 0.1, 7, u64::MAX - 1)

@@ -140,6 +140,14 @@ pub struct IndexConfig {
     /// holds 256 chunks or more), so that a shard done with its ingest answers from graphs
     /// alone instead of scanning the growing segment in every query; 0: only when it is full.
     pub seal_idle_secs: u64,
+    /// Megabytes of HNSW graphs (int8 codes and level-0 neighbour lists) a node copies out of
+    /// their mapped files into memory backed by huge pages, where a search walks them with
+    /// far fewer TLB misses; graphs past it are walked from their files (page cache), so a
+    /// shard larger than memory still serves. Unset: a quarter of the machine's memory
+    /// (nothing where the kernel gives no transparent huge pages); 0: every graph from its
+    /// file.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub graph_memory_mb: Option<u64>,
     /// Searches a shard replica runs or holds at once; past it a search is refused at once as
     /// overloaded (the coordinator asks the shard's other replica).
     pub max_searches: usize,
@@ -171,6 +179,7 @@ impl Default for IndexConfig {
             anti_entropy_ms: 30_000,
             deletion_grace_secs: 7 * 24 * 3600,
             seal_idle_secs: 10,
+            graph_memory_mb: None,
             max_searches: 64,
             sentence_vectors: None,
         }

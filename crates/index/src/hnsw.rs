@@ -46,6 +46,14 @@ enum Store<T> {
         map: memmap2::MmapMut,
         len: usize,
     },
+    /// `len` items at the start of an anonymous map advised to be backed by huge pages: a
+    /// graph held in memory ([`Hnsw::into_memory`]), its bytes charged to a [`GraphMemory`]
+    /// until dropped.
+    Huge {
+        map: memmap2::MmapMut,
+        len: usize,
+        _charge: Charge,
+    },
 }
 
 impl<T> std::ops::Deref for Store<T> {
@@ -65,6 +73,11 @@ impl<T> std::ops::Deref for Store<T> {
             // AtomicU32, valid for any bytes; the map is written only through `&AtomicU32`
             // (or before the store was made).
             Store::Scratch { map, len } => unsafe {
+                std::slice::from_raw_parts(map.as_ptr().cast::<T>(), *len)
+            },
+            // SAFETY: `huge_copy` made the map `len` items long, page aligned, from a slice of
+            // T (i8 or AtomicU32, valid for any bytes); it is never written after.
+            Store::Huge { map, len, .. } => unsafe {
                 std::slice::from_raw_parts(map.as_ptr().cast::<T>(), *len)
             },
         }
@@ -108,14 +121,131 @@ impl<T> Store<T> {
         Ok(Store::Scratch { map, len })
     }
 
+    /// A copy in anonymous memory advised to be backed by huge pages, charged to `budget`;
+    /// None when the budget has no room or the memory cannot be mapped.
+    fn huge_copy(&self, budget: &'static GraphMemory) -> Option<Store<T>> {
+        let bytes = self.len() * std::mem::size_of::<T>();
+        let charge = budget.charge(bytes)?;
+        let mut map = memmap2::MmapMut::map_anon(bytes.max(1)).ok()?;
+        // before the first write, so that the pages are huge from the start
+        #[cfg(target_os = "linux")]
+        let _ = map.advise(memmap2::Advice::HugePage);
+        // SAFETY: T is i8 or AtomicU32: `bytes` plain bytes from the slice's start.
+        let src = unsafe { std::slice::from_raw_parts(self.as_ptr().cast::<u8>(), bytes) };
+        map[..bytes].copy_from_slice(src);
+        Some(Store::Huge {
+            map,
+            len: self.len(),
+            _charge: charge,
+        })
+    }
+
     /// Bytes it holds in the process's memory.
     fn owned_bytes(&self) -> usize {
         match self {
             Store::Owned(v) => v.len() * std::mem::size_of::<T>(),
+            Store::Huge { len, .. } => len * std::mem::size_of::<T>(),
             Store::Mapped { .. } | Store::Scratch { .. } => 0,
         }
     }
+
+    fn is_mapped(&self) -> bool {
+        matches!(self, Store::Mapped { .. })
+    }
 }
+
+/// How many bytes of graphs may be copied out of their mapped files into memory backed by
+/// huge pages ([`Hnsw::into_memory`]): a walk over a graph of a few hundred megabytes in
+/// ordinary 4 KiB pages misses the TLB at nearly every node it scores (a million 384-d
+/// nodes' codes span 94,000 pages), and the misses' page walks cost as much as the loads.
+/// Graphs beyond the budget stay in their mapped files (page cache, evictable), so a shard
+/// larger than memory still serves.
+#[derive(Debug)]
+pub struct GraphMemory {
+    limit: AtomicUsize,
+    used: AtomicUsize,
+}
+
+/// Bytes charged to a [`GraphMemory`], given back when dropped.
+#[derive(Debug)]
+struct Charge {
+    budget: &'static GraphMemory,
+    bytes: usize,
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        self.budget.used.fetch_sub(self.bytes, Relaxed);
+    }
+}
+
+impl GraphMemory {
+    /// A budget of `limit` bytes.
+    pub const fn new(limit: usize) -> GraphMemory {
+        GraphMemory {
+            limit: AtomicUsize::new(limit),
+            used: AtomicUsize::new(0),
+        }
+    }
+
+    /// The process's budget: a quarter of the machine's memory unless [`GraphMemory::set_limit`]
+    /// changed it, and nothing where the kernel gives no transparent huge pages (a copy would
+    /// cost memory and gain nothing).
+    pub fn global() -> &'static GraphMemory {
+        static GLOBAL: std::sync::OnceLock<GraphMemory> = std::sync::OnceLock::new();
+        GLOBAL.get_or_init(|| {
+            let limit = if huge_pages_available() {
+                total_memory().map_or(0, |m| m / 4)
+            } else {
+                0
+            };
+            GraphMemory::new(limit as usize)
+        })
+    }
+
+    /// Sets the limit (bytes); graphs already copied stay in memory.
+    pub fn set_limit(&self, limit: usize) {
+        self.limit.store(limit, Relaxed);
+    }
+
+    /// Bytes the budget allows.
+    pub fn limit(&self) -> usize {
+        self.limit.load(Relaxed)
+    }
+
+    /// Bytes charged now.
+    pub fn used(&self) -> usize {
+        self.used.load(Relaxed)
+    }
+
+    fn charge(&'static self, bytes: usize) -> Option<Charge> {
+        let limit = self.limit.load(Relaxed);
+        self.used
+            .fetch_update(Relaxed, Relaxed, |u| {
+                u.checked_add(bytes).filter(|t| *t <= limit)
+            })
+            .ok()?;
+        Some(Charge {
+            budget: self,
+            bytes,
+        })
+    }
+}
+
+/// Whether the kernel backs an anonymous map advised with `MADV_HUGEPAGE` by huge pages.
+fn huge_pages_available() -> bool {
+    std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+        .is_ok_and(|s| s.contains("[always]") || s.contains("[madvise]"))
+}
+
+/// The machine's memory in bytes (Linux), if known.
+fn total_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
 /// The second format's header: magic and ten words.
 const HEAD2: usize = 8 + 10 * 8;
 /// Candidates re-scored beyond `k` (at least `3k` are).
@@ -300,6 +430,24 @@ impl Hnsw {
     fn code(&self, i: u32) -> &[i8] {
         let s = i as usize * self.dim;
         &self.codes[s..s + self.dim]
+    }
+
+    /// Copies the codes and level-0 rows of a graph read from a mapped file into memory
+    /// backed by huge pages, if `budget` has room for them (see [`GraphMemory`]); true when
+    /// they were copied. A graph in memory already, or beyond the budget, stays as it is.
+    pub fn into_memory(&mut self, budget: &'static GraphMemory) -> bool {
+        if !(self.codes.is_mapped() && self.layer0.is_mapped()) {
+            return false;
+        }
+        let Some(codes) = self.codes.huge_copy(budget) else {
+            return false;
+        };
+        let Some(layer0) = self.layer0.huge_copy(budget) else {
+            return false;
+        };
+        self.codes = codes;
+        self.layer0 = layer0;
+        true
     }
 
     /// Bytes held in the process's memory (codes and adjacency unless mapped, levels).
@@ -1123,6 +1271,54 @@ mod tests {
         // and it can grow again
         let again = in_file.extend_in(&base[..50 * 32], 1, Some(scratch.path()));
         assert_eq!(again.len(), 650);
+    }
+
+    #[test]
+    fn a_mapped_graph_moves_into_memory_only_within_its_budget_and_answers_the_same() {
+        let base = data(800, 12);
+        let g = Hnsw::build(32, &base, HnswParams::default(), 2);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("g.hnsw");
+        std::fs::write(&path, g.to_bytes_at(0)).unwrap();
+        let open = || {
+            let file = std::fs::File::open(&path).unwrap();
+            Hnsw::from_map(Arc::new(unsafe { memmap2::Mmap::map(&file) }.unwrap()), 0).unwrap()
+        };
+        let arrays = g.codes.len() + g.layer0.len() * 4;
+        // a budget one byte short keeps it in its file, charging nothing
+        let short: &'static GraphMemory = Box::leak(Box::new(GraphMemory::new(arrays - 1)));
+        let mut m = open();
+        let before = m.memory_bytes();
+        assert!(!m.into_memory(short));
+        assert!(m.codes.is_mapped() && m.layer0.is_mapped());
+        assert_eq!((short.used(), m.memory_bytes()), (0, before));
+        // room for it: both arrays copied, charged, and the same answers
+        let budget: &'static GraphMemory = Box::leak(Box::new(GraphMemory::new(arrays)));
+        assert!(m.into_memory(budget));
+        assert!(matches!(m.codes, Store::Huge { .. }));
+        assert!(matches!(m.layer0, Store::Huge { .. }));
+        assert_eq!(budget.used(), arrays);
+        assert_eq!(m.memory_bytes(), before + arrays);
+        assert!(!m.into_memory(budget), "in memory already");
+        let mapped = open();
+        for i in (0..800).step_by(9) {
+            let q = &base[i * 32..(i + 1) * 32];
+            assert_eq!(
+                m.search(q, 10, 32, &|_| true),
+                mapped.search(q, 10, 32, &|_| true)
+            );
+        }
+        // the budget is full: a second graph stays mapped
+        let mut other = open();
+        assert!(!other.into_memory(budget));
+        assert!(other.codes.is_mapped());
+        // it grows by copy like a mapped one, and gives its bytes back when dropped
+        let grown = m.extend(&base[..10 * 32], 1);
+        assert_eq!(grown.len(), 810);
+        drop(m);
+        assert_eq!(budget.used(), 0);
+        assert!(other.into_memory(budget));
+        assert_eq!(budget.used(), arrays);
     }
 
     #[test]

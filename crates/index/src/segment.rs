@@ -228,6 +228,8 @@ pub(crate) struct GraphSpec {
     pub(crate) ef_construction: usize,
     pub(crate) ef_search: usize,
     pub(crate) threads: usize,
+    /// The budget of graph bytes held in memory rather than read from their files.
+    pub(crate) memory: &'static crate::hnsw::GraphMemory,
 }
 
 /// A segment's HNSW graph, positions = entry indexes.
@@ -270,17 +272,23 @@ impl SegGraph {
     }
 
     /// A graph from a mapped file of [`SegGraph::to_bytes`] (after the checked-file header)
-    /// for `entries`, of the kind `ann` asks for; an own graph keeps its codes and level-0
-    /// rows in the map.
+    /// for `entries`, of the kind `spec.ann` asks for; an own graph keeps its codes and
+    /// level-0 rows in the map, or copies them into memory backed by huge pages while
+    /// `spec.memory` has room for them.
     pub(crate) fn from_map(
         map: Arc<memmap2::Mmap>,
         entries: &[Arc<Entry>],
-        ann: AnnKind,
+        spec: &GraphSpec,
     ) -> Result<SegGraph, String> {
         let start = crate::files::HEADER;
+        let ann = spec.ann;
         match (map.get(start), ann) {
             (Some(0), AnnKind::Hnsw) => {
-                let g = crate::hnsw::Hnsw::from_map(map.clone(), start + 1)?;
+                let mut g = crate::hnsw::Hnsw::from_map(map.clone(), start + 1)?;
+                // checked before it is copied: a graph that does not fit is not kept
+                if g.len() == entries.len() {
+                    g.into_memory(spec.memory);
+                }
                 SegGraph::checked(SegGraph::Own(g), entries)
             }
             _ => SegGraph::from_bytes(&map[start.min(map.len())..], entries, ann),
@@ -671,6 +679,7 @@ pub(crate) mod tests {
             ef_construction: 100,
             ef_search: 64,
             threads: 1,
+            memory: crate::hnsw::GraphMemory::global(),
         };
         seg.set_graph(seg.build_graph(spec));
         assert!(seg.scan().is_none(), "the codes go with the graph built");

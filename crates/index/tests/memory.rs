@@ -7,6 +7,7 @@
 use std::process::Command;
 
 use ragfleet_index::eval::clustered;
+use ragfleet_index::hnsw::GraphMemory;
 use ragfleet_index::{IndexSettings, ShardIndex};
 use ragfleet_proto::{
     ChunkRecord, ModelIdentity, SearchMode, SearchQuery, SentenceVectors, WriteOp,
@@ -31,6 +32,10 @@ fn model() -> ModelIdentity {
     }
 }
 
+/// No room for graphs in memory (`index.graph_memory_mb = 0`, or a node whose budget other
+/// shards took): every graph is walked from its mapped file.
+static NO_GRAPH_MEMORY: GraphMemory = GraphMemory::new(0);
+
 fn settings() -> IndexSettings {
     IndexSettings {
         segment_size: 4096,
@@ -38,6 +43,7 @@ fn settings() -> IndexSettings {
         ef_search: 64,
         background: false,
         build_threads: 2,
+        graph_memory: Some(&NO_GRAPH_MEMORY),
         ..IndexSettings::default()
     }
 }
@@ -228,4 +234,82 @@ fn a_shard_whose_files_exceed_its_memory_limit_opens_and_serves() {
         stdout.contains("child: "),
         "the child did not run: {stdout}"
     );
+}
+
+#[test]
+fn a_shard_copies_its_graphs_into_memory_within_the_budget_and_answers_the_same() {
+    let dir = tempfile::tempdir().unwrap();
+    let vs: Vec<Vec<f32>> = vectors().into_iter().take(4296).collect();
+    {
+        let (mut ix, _) = ShardIndex::open(dir.path(), settings()).unwrap();
+        let ops: Vec<WriteOp> = vs
+            .iter()
+            .enumerate()
+            .map(|(i, v)| upsert(i, v.clone()))
+            .collect();
+        for batch in ops.chunks(4096) {
+            ix.write(batch.to_vec(), &model()).unwrap();
+            ix.seal().unwrap();
+        }
+        assert_eq!(
+            ix.segment_stats().0,
+            2,
+            "two graphs: 4,096 and 200 chunks: {:?}",
+            ix.segment_stats()
+        );
+    }
+    let query = |i: usize| SearchQuery {
+        vector: vs[i].clone(),
+        text: String::new(),
+        k: 10,
+        mode: SearchMode::Dense,
+        model: Some(model()),
+    };
+    let (mapped, _) = ShardIndex::open(dir.path(), settings()).unwrap();
+    let (mapped_bytes, _) = mapped.memory_bytes();
+    let answers: Vec<Vec<String>> = (0..4296)
+        .step_by(97)
+        .map(|i| {
+            let hits = mapped.search(&query(i)).unwrap();
+            hits.into_iter().map(|h| h.doc_id).collect()
+        })
+        .collect();
+    drop(mapped);
+    // codes (384 bytes) and level-0 rows (33 words) of every node
+    let arrays = 4296 * (DIM + 33 * 4);
+    // room for the larger graph only: it moves, the smaller one stays in its file
+    static SOME: GraphMemory = GraphMemory::new(4096 * (DIM + 33 * 4) + 1000);
+    let (ix, _) = ShardIndex::open(
+        dir.path(),
+        IndexSettings {
+            graph_memory: Some(&SOME),
+            ..settings()
+        },
+    )
+    .unwrap();
+    assert_eq!(SOME.used(), 4096 * (DIM + 33 * 4));
+    drop(ix);
+    assert_eq!(SOME.used(), 0, "given back when the shard closes");
+    static ALL: GraphMemory = GraphMemory::new(1 << 30);
+    let (ix, _) = ShardIndex::open(
+        dir.path(),
+        IndexSettings {
+            graph_memory: Some(&ALL),
+            ..settings()
+        },
+    )
+    .unwrap();
+    assert_eq!(ALL.used(), arrays);
+    let (in_memory, _) = ix.memory_bytes();
+    assert_eq!(in_memory, mapped_bytes + arrays);
+    for (n, i) in (0..4296).step_by(97).enumerate() {
+        let hits: Vec<String> = ix
+            .search(&query(i))
+            .unwrap()
+            .into_iter()
+            .map(|h| h.doc_id)
+            .collect();
+        assert_eq!(hits, answers[n], "query {i}");
+        assert_eq!(hits[0], format!("d{i}"));
+    }
 }

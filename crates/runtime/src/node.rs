@@ -10,6 +10,7 @@ use ractor::{Actor, ActorCell, ActorRef};
 use ractor_cluster::NodeServerMessage;
 use ragfleet_client::groups;
 use ragfleet_config::{ClusterConfig, NodeRole};
+use ragfleet_index::hnsw::GraphMemory;
 use ragfleet_index::IndexSettings;
 use tracing::{debug, error, info, warn};
 
@@ -150,7 +151,13 @@ async fn role_specs(
                 .then(|| Duration::from_secs(cfg.index.deletion_grace_secs)),
             seal_idle: (cfg.index.seal_idle_secs > 0)
                 .then(|| Duration::from_secs(cfg.index.seal_idle_secs)),
+            graph_memory: None,
         };
+        if let Some(mb) = cfg.index.graph_memory_mb {
+            // one budget for the process: every shard replica of the node draws on it
+            GraphMemory::global()
+                .set_limit(usize::try_from(mb.saturating_mul(1 << 20)).unwrap_or(usize::MAX));
+        }
         let children = cfg
             .shards_of(node)
             .into_iter()

@@ -27,6 +27,7 @@ use tracing::{info, warn};
 
 use crate::bm25::Bm25;
 use crate::files::{read_checked, write_checked};
+use crate::hnsw::GraphMemory;
 use crate::segment::{AnnKind, Entry, Segment};
 use crate::vector::normalize;
 use crate::wal::Wal;
@@ -61,6 +62,9 @@ pub struct IndexSettings {
     /// writes then answers from graphs alone, merged by the policy, instead of scanning up to
     /// `segment_size` chunks exactly in every query, and its log is emptied.
     pub seal_idle: Option<std::time::Duration>,
+    /// The budget of graph bytes held in memory backed by huge pages rather than read from
+    /// their mapped files (None: the process's, [`GraphMemory::global`]).
+    pub graph_memory: Option<&'static GraphMemory>,
 }
 
 /// The fewest chunks an idle growing segment is sealed with: below it the exact scan costs
@@ -68,6 +72,11 @@ pub struct IndexSettings {
 pub const IDLE_SEAL_MIN_CHUNKS: usize = 256;
 
 impl IndexSettings {
+    /// The budget of graph bytes held in memory.
+    pub fn graph_memory(&self) -> &'static GraphMemory {
+        self.graph_memory.unwrap_or_else(GraphMemory::global)
+    }
+
     /// Threads a graph build uses.
     pub fn build_threads(&self) -> usize {
         match self.build_threads {
@@ -90,6 +99,7 @@ impl Default for IndexSettings {
             background: true,
             deletion_grace: None,
             seal_idle: None,
+            graph_memory: None,
         }
     }
 }

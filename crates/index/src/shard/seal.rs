@@ -2,7 +2,7 @@
 //! building graphs on background threads. A failed seal or merge leaves the index as it was.
 use super::*;
 use crate::postings::{Built, SegPostings};
-use crate::segment::SegGraph;
+use crate::segment::{GraphSpec, SegGraph};
 
 impl ShardIndex {
     /// Seals the growing segment: writes it and a new manifest, empties the log, and builds the
@@ -173,18 +173,16 @@ impl ShardIndex {
             if try_load {
                 // mapped, not read: the graph is decoded from the file's pages without a copy
                 match crate::files::map_checked(&path) {
-                    Ok(Some(map)) => {
-                        match SegGraph::from_map(Arc::new(map), &seg.entries, spec.ann) {
-                            Ok(g) => {
-                                seg.set_graph(g);
-                                done.fetch_add(1, std::sync::atomic::Ordering::Release);
-                                return;
-                            }
-                            Err(e) => {
-                                warn!(path = %path.display(), error = %e, "graph file does not fit its segment; rebuilding")
-                            }
+                    Ok(Some(map)) => match SegGraph::from_map(Arc::new(map), &seg.entries, &spec) {
+                        Ok(g) => {
+                            seg.set_graph(g);
+                            done.fetch_add(1, std::sync::atomic::Ordering::Release);
+                            return;
                         }
-                    }
+                        Err(e) => {
+                            warn!(path = %path.display(), error = %e, "graph file does not fit its segment; rebuilding")
+                        }
+                    },
                     Ok(None) => {}
                     Err(e) => warn!(error = %e, "graph file rejected; rebuilding"),
                 }
@@ -194,7 +192,7 @@ impl ShardIndex {
                 merge::lower_priority();
             }
             let g = seg.build_graph(spec);
-            let g = persist_graph(&path, g, &seg.entries, spec.ann).unwrap_or_else(|(e, g)| {
+            let g = persist_graph(&path, g, &seg.entries, &spec).unwrap_or_else(|(e, g)| {
                 // searchable from memory still; built again at the next open
                 warn!(error = %e, "could not persist graph");
                 g
@@ -233,7 +231,7 @@ pub(super) fn persist_graph(
     path: &Path,
     g: SegGraph,
     entries: &[Arc<Entry>],
-    ann: AnnKind,
+    spec: &GraphSpec,
 ) -> Result<SegGraph, (IndexError, SegGraph)> {
     let written = g
         .to_bytes()
@@ -247,7 +245,7 @@ pub(super) fn persist_graph(
         return Ok(g);
     }
     match crate::files::map_written(path) {
-        Ok(Some(map)) => match SegGraph::from_map(Arc::new(map), entries, ann) {
+        Ok(Some(map)) => match SegGraph::from_map(Arc::new(map), entries, spec) {
             Ok(mapped) => return Ok(mapped),
             Err(e) => {
                 warn!(path = %path.display(), error = %e, "graph just written does not read back")

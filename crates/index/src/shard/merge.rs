@@ -147,8 +147,8 @@ impl ShardIndex {
         self.merge.is_some()
     }
 
-    /// Merged-away segments whose memory a background thread is still giving back (a bench
-    /// waits for none before it measures the process's memory).
+    /// Merged-away segments whose memory and files a background thread is still giving back
+    /// (a bench waits for none before it measures the process's memory or its files).
     pub fn segments_being_freed(&self) -> usize {
         self.freeing.load(std::sync::atomic::Ordering::SeqCst)
     }
@@ -304,6 +304,7 @@ impl ShardIndex {
             ef_construction: self.settings.ef_construction,
             ef_search: self.settings.ef_search,
             threads: self.settings.build_threads(),
+            memory: self.settings.graph_memory(),
         }
     }
 
@@ -366,19 +367,29 @@ impl ShardIndex {
         }
         let pruned_ms = ms(t);
         let t = std::time::Instant::now();
+        // the sources' files, obsolete since the manifest (ids are never reused, and an open
+        // removes what a crash left of them)
         let kept: HashSet<u64> = merged.segment.parts.iter().map(|(p, _)| *p).collect();
+        let mut obsolete = Vec::new();
         for s in before.iter().filter(|s| sources.contains(&s.id)) {
-            let _ = std::fs::remove_file(Self::graph_path(&self.dir, s.id));
-            let _ = std::fs::remove_file(self.postings_path(s.id));
+            obsolete.push(Self::graph_path(&self.dir, s.id));
+            obsolete.push(self.postings_path(s.id));
             for (p, _) in &s.parts {
                 if !kept.contains(p) {
-                    let _ = std::fs::remove_file(self.segment_path(*p));
+                    obsolete.push(self.segment_path(*p));
                 }
             }
         }
+        let remove = move |paths: Vec<PathBuf>| {
+            for path in paths {
+                let _ = std::fs::remove_file(path);
+            }
+        };
         self.generation += 1;
-        // the sources' chunks, graphs and maps are let go off the owner's thread: freeing a
-        // large segment's chunks one by one would hold the index (about 1 s at a million)
+        // the sources' chunks, graphs and maps are let go, and their files removed, off the
+        // owner's thread: freeing a large segment's chunks one by one would hold the index
+        // (about 1 s at a million), and so would unlinking a few hundred files while an
+        // ingest keeps the disk busy (0.4 s for a merge of 264 segments)
         let retired: Vec<Arc<Segment>> = before
             .into_iter()
             .filter(|s| sources.contains(&s.id))
@@ -389,14 +400,18 @@ impl ShardIndex {
             let spawned = std::thread::Builder::new()
                 .name("merge-free".into())
                 .spawn(move || {
+                    remove(obsolete);
                     drop(retired);
                     freeing.fetch_sub(1, Ordering::SeqCst);
                 });
             if let Err(e) = spawned {
-                // the closure (and the segments with it) was dropped here
+                // the closure (and the segments and paths with it) was dropped here: the files
+                // go at the next open
                 self.freeing.fetch_sub(1, Ordering::SeqCst);
                 warn!(error = %e, "could not free merged segments in the background");
             }
+        } else {
+            remove(obsolete);
         }
         info!(
             dir = %self.dir.display(),
@@ -568,7 +583,7 @@ fn run_merge(
             return Err(cancelled());
         }
         let name = format!("seg-{id}.hnsw");
-        let graph = super::seal::persist_graph(&tmp(&name), graph, &segment.entries, spec.ann)
+        let graph = super::seal::persist_graph(&tmp(&name), graph, &segment.entries, &spec)
             .map_err(|(e, _)| e)?;
         files.push((tmp(&name), dir.join(&name)));
         segment.set_graph(graph);

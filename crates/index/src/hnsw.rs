@@ -238,12 +238,22 @@ fn huge_pages_available() -> bool {
         .is_ok_and(|s| s.contains("[always]") || s.contains("[madvise]"))
 }
 
-/// The machine's memory in bytes (Linux), if known.
+/// The memory the process may use in bytes (Linux), if known: the machine's, or its control
+/// group's limit when lower (a container sees the host's `MemTotal`).
 fn total_memory() -> Option<u64> {
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
+    let machine = kb * 1024;
+    // cgroup v2, then v1 ("max" or an absurdly large number: no limit)
+    let limit = [
+        "/sys/fs/cgroup/memory.max",
+        "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+    ]
+    .iter()
+    .filter_map(|p| std::fs::read_to_string(p).ok())
+    .find_map(|s| s.trim().parse::<u64>().ok());
+    Some(limit.map_or(machine, |l| l.min(machine)))
 }
 
 /// The second format's header: magic and ten words.

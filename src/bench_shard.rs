@@ -188,7 +188,7 @@ pub fn run(b: ShardBench) -> Result<()> {
     );
     let graph_memory = ragfleet_index::hnsw::GraphMemory::global();
     if let Some(mb) = b.graph_memory_mb {
-        graph_memory.set_limit(usize::try_from(mb.saturating_mul(1 << 20)).unwrap_or(usize::MAX));
+        graph_memory.set_limit_mb(mb);
     }
     println!(
         "graphs held in huge-page memory up to {:.0} MB (index.graph_memory_mb), the rest walked from their mapped files",

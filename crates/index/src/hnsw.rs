@@ -208,6 +208,11 @@ impl GraphMemory {
         self.limit.store(limit, Relaxed);
     }
 
+    /// Sets the limit in megabytes (`index.graph_memory_mb`).
+    pub fn set_limit_mb(&self, mb: u64) {
+        self.set_limit(usize::try_from(mb.saturating_mul(1 << 20)).unwrap_or(usize::MAX));
+    }
+
     /// Bytes the budget allows.
     pub fn limit(&self) -> usize {
         self.limit.load(Relaxed)

@@ -284,12 +284,13 @@ impl SegGraph {
         let ann = spec.ann;
         match (map.get(start), ann) {
             (Some(0), AnnKind::Hnsw) => {
-                let mut g = crate::hnsw::Hnsw::from_map(map.clone(), start + 1)?;
+                let g = crate::hnsw::Hnsw::from_map(map.clone(), start + 1)?;
                 // checked before it is copied: a graph that does not fit is not kept
-                if g.len() == entries.len() {
-                    g.into_memory(spec.memory);
+                let mut g = SegGraph::checked(SegGraph::Own(g), entries)?;
+                if let SegGraph::Own(own) = &mut g {
+                    own.into_memory(spec.memory);
                 }
-                SegGraph::checked(SegGraph::Own(g), entries)
+                Ok(g)
             }
             _ => SegGraph::from_bytes(&map[start.min(map.len())..], entries, ann),
         }

@@ -278,27 +278,20 @@ fn a_shard_copies_its_graphs_into_memory_within_the_budget_and_answers_the_same(
     // codes (384 bytes) and level-0 rows (33 words) of every node
     let arrays = 4296 * (DIM + 33 * 4);
     // room for the larger graph only: it moves, the smaller one stays in its file
-    static SOME: GraphMemory = GraphMemory::new(4096 * (DIM + 33 * 4) + 1000);
-    let (ix, _) = ShardIndex::open(
-        dir.path(),
-        IndexSettings {
-            graph_memory: Some(&SOME),
+    let open = |budget: &'static GraphMemory| {
+        let settings = IndexSettings {
+            graph_memory: Some(budget),
             ..settings()
-        },
-    )
-    .unwrap();
+        };
+        ShardIndex::open(dir.path(), settings).unwrap().0
+    };
+    static SOME: GraphMemory = GraphMemory::new(4096 * (DIM + 33 * 4) + 1000);
+    let ix = open(&SOME);
     assert_eq!(SOME.used(), 4096 * (DIM + 33 * 4));
     drop(ix);
     assert_eq!(SOME.used(), 0, "given back when the shard closes");
     static ALL: GraphMemory = GraphMemory::new(1 << 30);
-    let (ix, _) = ShardIndex::open(
-        dir.path(),
-        IndexSettings {
-            graph_memory: Some(&ALL),
-            ..settings()
-        },
-    )
-    .unwrap();
+    let ix = open(&ALL);
     assert_eq!(ALL.used(), arrays);
     let (in_memory, _) = ix.memory_bytes();
     assert_eq!(in_memory, mapped_bytes + arrays);

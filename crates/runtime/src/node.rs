@@ -155,8 +155,7 @@ async fn role_specs(
         };
         if let Some(mb) = cfg.index.graph_memory_mb {
             // one budget for the process: every shard replica of the node draws on it
-            GraphMemory::global()
-                .set_limit(usize::try_from(mb.saturating_mul(1 << 20)).unwrap_or(usize::MAX));
+            GraphMemory::global().set_limit_mb(mb);
         }
         let children = cfg
             .shards_of(node)

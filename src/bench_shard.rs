@@ -506,8 +506,19 @@ fn during_compaction(ix: &mut ShardIndex, dense: &[SearchQuery], n: usize) -> Re
         }
         let (secs, figures) = while_merging(ix, dense, &mut quiet)?;
         if ix.stored_chunks() < stored {
+            // the slots are pointed at the copies a bounded batch per maintenance pass, as the
+            // shard's owner runs them (each under the write lock)
+            let chunks = ix.chunks_to_rebind();
+            let (mut passes, mut longest) = (0, 0.0f64);
+            let deadline = Instant::now() + Duration::from_secs(600);
+            while ix.chunks_to_rebind() > 0 && Instant::now() < deadline {
+                let t = Instant::now();
+                ix.maintain()?;
+                longest = longest.max(t.elapsed().as_secs_f64() * 1e3);
+                passes += 1;
+            }
             return Ok(format!(
-                "during a compaction of the largest segment ({} of {n} documents deleted; {secs:.1} s, {figures}",
+                "during a compaction of the largest segment ({} of {n} documents deleted; {secs:.1} s, {figures}; then {chunks} slots pointed at the copies in {passes} passes of at most {longest:.1} ms",
                 doomed.len()
             ));
         }

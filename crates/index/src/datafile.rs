@@ -44,7 +44,20 @@ pub(crate) struct DataFile {
     /// count, without visiting them.
     dead_rows: Vec<std::sync::atomic::AtomicU64>,
     dead: std::sync::atomic::AtomicUsize,
+    /// Newer files that compactions copied some of its rows into: a row that dies here dies
+    /// there too (see [`DataFile::forward_deaths`]).
+    forwards: std::sync::Mutex<Vec<Forward>>,
 }
+
+/// Where a compaction copied a file's rows: `rows[r]` is row `r`'s row in `to`, [`NOT_COPIED`]
+/// for rows it left out.
+struct Forward {
+    to: Arc<DataFile>,
+    rows: Vec<u32>,
+}
+
+/// A row a compaction did not copy.
+pub(crate) const NOT_COPIED: u32 = u32::MAX;
 
 impl std::fmt::Debug for DataFile {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -77,13 +90,43 @@ impl DataFile {
         self.n
     }
 
-    /// Marks row `row` dead (once: marking it again changes nothing).
+    /// Marks row `row` dead (once: marking it again changes nothing), and its copies in the
+    /// files its deaths are forwarded to.
     pub(crate) fn mark_dead(&self, row: usize) {
         use std::sync::atomic::Ordering::Relaxed;
         let bit = 1u64 << (row % 64);
         if let Some(w) = self.dead_rows.get(row / 64) {
             if w.fetch_or(bit, Relaxed) & bit == 0 {
                 self.dead.fetch_add(1, Relaxed);
+                // after the mark: a forward added meanwhile sweeps the marks after it is
+                // added, under the same lock, so the copy is marked by one or the other
+                let forwards = self.forwards.lock().unwrap_or_else(|p| p.into_inner());
+                for f in forwards.iter() {
+                    match f.rows.get(row) {
+                        Some(&r) if r != NOT_COPIED => f.to.mark_dead(r as usize),
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// From now on a row that dies here dies in `to` too, at `rows[row]` (`rows` has a row of
+    /// `to` or [`NOT_COPIED`] for each row here); the rows already dead here are marked dead
+    /// there now. What a compaction does once its new file exists, so that its copies of
+    /// chunks that die while it runs, or after its commit while the shard's slots still point
+    /// at the chunks' older copies, are dead in the new file too.
+    pub(crate) fn forward_deaths(&self, to: &Arc<DataFile>, rows: Vec<u32>) {
+        let mut forwards = self.forwards.lock().unwrap_or_else(|p| p.into_inner());
+        forwards.push(Forward {
+            to: to.clone(),
+            rows,
+        });
+        let f = forwards.last().expect("just pushed");
+        for row in self.dead_rows() {
+            match f.rows.get(row) {
+                Some(&r) if r != NOT_COPIED => to.mark_dead(r as usize),
+                _ => {}
             }
         }
     }
@@ -228,6 +271,7 @@ impl DataFile {
             map,
             dead_rows: (0..n.div_ceil(64)).map(|_| Default::default()).collect(),
             dead: Default::default(),
+            forwards: Default::default(),
         };
         if (file.map.as_ptr() as usize + file.vectors) % 4 != 0 {
             return Err(corrupt("vectors not aligned".into()));
@@ -431,6 +475,42 @@ mod tests {
             vec![0, 63, 64, 130, 199]
         );
         assert_eq!(file.live_rows(), 195);
+    }
+
+    /// A row's death reaches its copies in the files its deaths are forwarded to: those dead
+    /// before the forward at once, later ones as they die, along a chain of copies.
+    #[test]
+    fn deaths_are_forwarded_to_the_copies() {
+        let dir = tempfile::tempdir().unwrap();
+        let files: Vec<Arc<DataFile>> = (0..3)
+            .map(|f| {
+                let path = dir.path().join(format!("seg-{f}.bin"));
+                let owned: Vec<Entry> = (0..100).map(|i| entry(i, 0)).collect();
+                write(&path, &owned.iter().collect::<Vec<_>>()).unwrap();
+                let back = read(&path).unwrap().unwrap();
+                back[0].mapped_at().unwrap().0.clone()
+            })
+            .collect();
+        let (a, b, c) = (&files[0], &files[1], &files[2]);
+        a.mark_dead(10);
+        a.mark_dead(11);
+        // a's even rows copied to b's rows 0..50, b's rows copied one on to c
+        a.forward_deaths(
+            b,
+            (0..100u32)
+                .map(|r| if r % 2 == 0 { r / 2 } else { NOT_COPIED })
+                .collect(),
+        );
+        assert_eq!(b.dead_rows().collect::<Vec<_>>(), vec![5]);
+        b.forward_deaths(c, (0..100u32).map(|r| (r + 1) % 100).collect());
+        assert_eq!(c.dead_rows().collect::<Vec<_>>(), vec![6]);
+        a.mark_dead(40);
+        a.mark_dead(41);
+        b.mark_dead(99);
+        assert_eq!(a.dead_rows().collect::<Vec<_>>(), vec![10, 11, 40, 41]);
+        assert_eq!(b.dead_rows().collect::<Vec<_>>(), vec![5, 20, 99]);
+        assert_eq!(c.dead_rows().collect::<Vec<_>>(), vec![0, 6, 21]);
+        assert_eq!(c.live_rows(), 97);
     }
 
     #[test]

@@ -496,6 +496,19 @@ impl Segment {
     /// Live entries out of this segment's positions: a part that is a whole mapped data file
     /// reads its count of dead rows (kept by the shard as chunks die); any other part is
     /// visited.
+    /// Which of its positions are live: a part that is a whole mapped data file from the
+    /// file's marks (without visiting its chunks), any other part by `live`.
+    pub(crate) fn live_positions(&self, live: &dyn Fn(&Entry) -> bool) -> Vec<bool> {
+        let mut out = Vec::with_capacity(self.entries.len());
+        for (part, file) in self.file_parts() {
+            match file {
+                Some(file) => out.extend((0..part.len()).map(|row| !file.is_dead(row))),
+                None => out.extend(part.iter().map(|e| live(e))),
+            }
+        }
+        out
+    }
+
     pub(crate) fn live_count(&self, live: &dyn Fn(&Entry) -> bool) -> usize {
         self.file_parts()
             .into_iter()

@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::*;
 use crate::segment::{flat, GraphSpec, SegGraph};
+use tracing::debug;
 
 /// A merge in progress or done, waiting for its commit.
 pub(super) struct MergeJob {
@@ -76,14 +77,39 @@ pub(super) struct Merged {
     /// (temporary, final) file names, data files first.
     files: Vec<(PathBuf, PathBuf)>,
     compacted: bool,
+    /// A compaction's positions whose chunk's deaths are not forwarded from its older copy
+    /// (one read into memory from an older file format): the commit checks them by their slots.
+    unforwarded: Vec<usize>,
 }
 
-/// What a compaction writes: the sources' live chunks, and which positions of each source they
-/// are.
+/// What a compaction writes: which positions of each source are live (their chunks are
+/// copied).
 struct Compaction {
-    entries: Vec<Arc<Entry>>,
     keep: Vec<Vec<bool>>,
 }
+
+/// A compacted segment whose chunks the shard's slots are being pointed at, a bounded batch
+/// at a time: until a slot is, it holds the chunk's older copy, whose death is forwarded to
+/// this segment's (see [`crate::datafile::DataFile::forward_deaths`]), so searches are right
+/// throughout; the batches only let the older copies (and their mapped files) go.
+pub(super) struct Rebinding {
+    segment: Arc<Segment>,
+    /// Positions done.
+    at: usize,
+}
+
+impl std::fmt::Debug for Rebinding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Rebinding")
+            .field("segment", &self.segment.id)
+            .field("at", &self.at)
+            .finish()
+    }
+}
+
+/// How long one [`ShardIndex::maintain`] may spend pointing slots at compacted copies (under
+/// the write lock: searches wait for it).
+const REBIND_BUDGET: std::time::Duration = std::time::Duration::from_millis(4);
 
 /// Share of dead chunks from which a merge compacts instead of extending.
 const COMPACT_DEAD_SHARE: f64 = 0.25;
@@ -118,6 +144,7 @@ impl ShardIndex {
             }
             return Ok(true);
         }
+        self.rebind_some();
         let mut changed = false;
         for _ in 0..64 {
             if let Some(job) = self.merge.take_if(|j| j.finished()) {
@@ -147,6 +174,42 @@ impl ShardIndex {
         self.merge.is_some()
     }
 
+    /// Chunks of compacted segments whose slots still hold their older copies (see
+    /// [`Rebinding`]).
+    pub fn chunks_to_rebind(&self) -> usize {
+        self.rebinding
+            .iter()
+            .map(|r| r.segment.entries.len() - r.at)
+            .sum()
+    }
+
+    /// Points slots at their compacted copies for up to [`REBIND_BUDGET`] (all of them when
+    /// the index runs its merges in the foreground).
+    fn rebind_some(&mut self) {
+        let started = std::time::Instant::now();
+        let budget = self.settings.background.then_some(REBIND_BUDGET);
+        let mut done = 0usize;
+        while let Some(mut r) = self.rebinding.pop_front() {
+            let end = r.segment.entries.len();
+            while r.at < end {
+                let to = (r.at + 1024).min(end);
+                self.rebind(&r.segment.entries[r.at..to]);
+                done += to - r.at;
+                r.at = to;
+                if budget.is_some_and(|b| started.elapsed() >= b) {
+                    break;
+                }
+            }
+            if r.at < end {
+                self.rebinding.push_front(r);
+                break;
+            }
+        }
+        if done > 0 {
+            debug!(dir = %self.dir.display(), chunks = done, left = self.chunks_to_rebind(), ms = started.elapsed().as_secs_f64() * 1e3, "slots pointed at compacted copies");
+        }
+    }
+
     /// Merged-away segments whose memory and files a background thread is still giving back
     /// (a bench waits for none before it measures the process's memory or its files).
     pub fn segments_being_freed(&self) -> usize {
@@ -156,7 +219,7 @@ impl ShardIndex {
     /// Whether [`ShardIndex::maintain`] has something to do now (cheap: the owner polls it under
     /// a read lock and takes the write lock only when it says yes).
     pub fn needs_maintenance(&self) -> bool {
-        if self.idle_seal_due() {
+        if self.idle_seal_due() || !self.rebinding.is_empty() {
             return true;
         }
         match &self.merge {
@@ -243,21 +306,11 @@ impl ShardIndex {
         let id = self.next_segment_id;
         self.next_segment_id += 1;
         let live = |e: &Entry| self.is_live(e);
-        // compaction snapshots the live chunks now (and which of each source's positions they
-        // are, for the postings); a chunk that dies later is dead by its sequence number in the
-        // merged segment too
-        let entries: Option<Compaction> = compact.then(|| {
-            let keep: Vec<Vec<bool>> = sources
-                .iter()
-                .map(|s| s.entries.iter().map(|e| live(e)).collect())
-                .collect();
-            let entries = sources
-                .iter()
-                .zip(&keep)
-                .flat_map(|(s, k)| s.entries.iter().zip(k).filter(|(_, &k)| k))
-                .map(|(e, _)| e.clone())
-                .collect();
-            Compaction { entries, keep }
+        // compaction snapshots which of each source's positions are live now (a whole data
+        // file's from its marks, without visiting its chunks); a chunk that dies later dies in
+        // the merged segment too, its death forwarded from its older copy
+        let entries: Option<Compaction> = compact.then(|| Compaction {
+            keep: sources.iter().map(|s| s.live_positions(&live)).collect(),
         });
         let nonce: u64 = rand::random();
         // a merge leaves half the cores to the queries
@@ -351,8 +404,22 @@ impl ShardIndex {
         let manifest_ms = ms(t);
         let t = std::time::Instant::now();
         if merged.compacted {
-            // the live chunks' slots move to the new file, so the sources' maps are let go
-            self.rebind(&merged.segment.entries);
+            // the live chunks' slots move to the new file, so that the sources' maps are let
+            // go: a bounded batch per maintenance pass from now on, as the chunks' deaths are
+            // forwarded to the new copies (only copies of chunks read into memory are checked
+            // now). A compacted source's own pending rebinding is dropped: this one covers its
+            // chunks (slots are matched by sequence number and chunk id)
+            let unforwarded: Vec<Arc<Entry>> = merged
+                .unforwarded
+                .iter()
+                .filter_map(|&i| merged.segment.entries.get(i).cloned())
+                .collect();
+            self.rebind(&unforwarded);
+            self.rebinding.retain(|r| !sources.contains(&r.segment.id));
+            self.rebinding.push_back(Rebinding {
+                segment: merged.segment.clone(),
+                at: 0,
+            });
         }
         let rebound_ms = ms(t);
         let t = std::time::Instant::now();
@@ -360,9 +427,8 @@ impl ShardIndex {
             // only a compaction drops chunks (an extension keeps every chunk of its sources);
             // after the manifest, so that this commit does not also rewrite the deletion
             // records (their file keeps the pruned ones until the next manifest write: a
-            // tombstone without an older copy to mark is harmless), and after the rebinding,
-            // which marks dead the new copies of chunks that died during the merge (their
-            // tombstones stay)
+            // tombstone without an older copy to mark is harmless); the new copies of chunks
+            // that died during the merge are dead already (forwarded), so their tombstones stay
             self.prune_tombstones();
         }
         let pruned_ms = ms(t);
@@ -529,10 +595,17 @@ fn run_merge(
     let tmp = |name: &str| dir.join(format!("{name}.{nonce:016x}.merging"));
     let cancelled = || IndexError::BadInput("merge cancelled: the index was dropped".into());
     let mut files = Vec::new();
+    let mut unforwarded = Vec::new();
     let result = (|| {
         let compact = compacted.is_some();
         let (segment, graph) = match compacted {
-            Some(Compaction { entries, keep }) => {
+            Some(Compaction { keep }) => {
+                let entries: Vec<Arc<Entry>> = sources
+                    .iter()
+                    .zip(&keep)
+                    .flat_map(|(s, k)| s.entries.iter().zip(k).filter(|(_, &k)| k))
+                    .map(|(e, _)| e.clone())
+                    .collect();
                 let (bin, post) = (format!("seg-{id}.bin"), format!("seg-{id}.post"));
                 files.push((tmp(&bin), dir.join(&bin)));
                 files.push((tmp(&post), dir.join(&post)));
@@ -544,6 +617,10 @@ fn run_merge(
                     crate::postings::SegPostings::write_kept(path, &inputs, &keep)
                 };
                 let seg = super::seal::write_part(&tmp(&bin), &tmp(&post), id, &entries, postings)?;
+                // before the graph is built: the chunks that die from here on die in the copy
+                // too, those that died since the snapshot are marked in it now
+                unforwarded = forward_deaths(&entries, &seg.entries);
+                drop(entries);
                 if cancel.load(Ordering::Relaxed) {
                     return Err(cancelled());
                 }
@@ -594,6 +671,7 @@ fn run_merge(
             segment,
             files,
             compacted,
+            unforwarded,
         }),
         Err(e) => {
             for (t, _) in &files {
@@ -602,6 +680,43 @@ fn run_merge(
             Err(e)
         }
     }
+}
+
+/// Has the data file of each compacted chunk's older copy forward its deaths to the new copy
+/// (`originals[i]` was copied as `copies[i]`; see [`crate::datafile::DataFile::forward_deaths`]);
+/// gives the positions whose older copy is not a row of a mapped file (read into memory from
+/// an older format), which the commit checks by their slots instead.
+fn forward_deaths(originals: &[Arc<Entry>], copies: &[Arc<Entry>]) -> Vec<usize> {
+    use crate::datafile::{DataFile, NOT_COPIED};
+    let Some((to, _)) = copies.first().and_then(|c| c.mapped_at()) else {
+        return (0..copies.len()).collect();
+    };
+    let mut unforwarded = Vec::new();
+    // per older file, its rows' places in the new one; the chunks come file after file, so the
+    // last file is the one to look at first
+    let mut files: Vec<(Arc<DataFile>, Vec<u32>)> = Vec::new();
+    for (i, (o, c)) in originals.iter().zip(copies).enumerate() {
+        match (o.mapped_at(), c.mapped_at()) {
+            (Some((file, row)), Some((copy_file, copy_row))) if Arc::ptr_eq(copy_file, to) => {
+                let at = match files.last() {
+                    Some((f, _)) if Arc::ptr_eq(f, file) => files.len() - 1,
+                    _ => match files.iter().position(|(f, _)| Arc::ptr_eq(f, file)) {
+                        Some(at) => at,
+                        None => {
+                            files.push((file.clone(), vec![NOT_COPIED; file.len()]));
+                            files.len() - 1
+                        }
+                    },
+                };
+                files[at].1[row] = copy_row as u32;
+            }
+            _ => unforwarded.push(i),
+        }
+    }
+    for (file, rows) in files {
+        file.forward_deaths(to, rows);
+    }
+    unforwarded
 }
 
 /// The sources' postings, in order.
@@ -619,5 +734,135 @@ pub(super) fn lower_priority() {
     unsafe {
         let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
         libc::setpriority(libc::PRIO_PROCESS, tid, 10);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_model as model;
+    use super::*;
+    use ragfleet_proto::ChunkRecord;
+
+    fn doc(i: usize, text: &str, version: u64) -> WriteOp {
+        WriteOp::Upsert {
+            version,
+            doc_id: format!("d{i}"),
+            chunks: vec![ChunkRecord {
+                doc_id: format!("d{i}"),
+                chunk_id: format!("d{i}#0"),
+                text: text.into(),
+                vector: vector(i),
+                sentences: Default::default(),
+            }],
+        }
+    }
+
+    /// Distinct directions (near-equal ones tie in the graph's int8 codes).
+    fn vector(i: usize) -> Vec<f32> {
+        let (a, b) = (i as f32 * 0.7, i as f32 * 1.3);
+        vec![a.cos(), a.sin(), b.cos(), b.sin()]
+    }
+
+    /// Every live document found once, with its text; no dead one found; each sealed chunk
+    /// dead by its mark exactly when its document's sequence number says so.
+    fn check(ix: &ShardIndex, live: &[(usize, &str)], stage: &str) {
+        let q = SearchQuery {
+            vector: vec![1.0, 1.0, 0.5, -1.0],
+            text: String::new(),
+            k: 1000,
+            mode: SearchMode::Dense,
+            model: Some(model()),
+        };
+        let mut got: Vec<(String, String)> = ix
+            .search(&q)
+            .unwrap()
+            .into_iter()
+            .map(|h| (h.doc_id, h.text))
+            .collect();
+        got.sort();
+        let mut want: Vec<(String, String)> = live
+            .iter()
+            .map(|(i, t)| (format!("d{i}"), t.to_string()))
+            .collect();
+        want.sort();
+        assert_eq!(got, want, "{stage}");
+        for s in &ix.sealed {
+            for e in &s.entries {
+                assert_eq!(ix.is_live(e), ix.live_by_seq(e), "{stage}: {}", e.chunk_id);
+            }
+        }
+    }
+
+    /// A compaction's copies of chunks that die while it waits for its commit, after its commit
+    /// while the slots still hold the older copies, or after they were pointed at the copies,
+    /// are dead in the copy; a replaced document's new copy is the one found, and so after a
+    /// reopen.
+    #[test]
+    fn chunks_that_die_during_or_after_a_compaction_stay_dead_in_its_copies() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = IndexSettings {
+            segment_size: 64,
+            background: false,
+            ..IndexSettings::default()
+        };
+        let (mut ix, _) = ShardIndex::open(dir.path(), settings.clone()).unwrap();
+        ix.write((0..128).map(|i| doc(i, "old", 1)).collect(), &model())
+            .unwrap();
+        while ix.maintain().unwrap() {}
+        let mut live: Vec<(usize, &str)> = (0..128).map(|i| (i, "old")).collect();
+        let kill = |live: &mut Vec<(usize, &str)>, i: usize| live.retain(|(j, _)| *j != i);
+        // two thirds deleted: a compaction, run here, left waiting for its commit
+        let gone: Vec<String> = (0..128)
+            .filter(|i| i % 3 != 0)
+            .map(|i| format!("d{i}"))
+            .collect();
+        ix.delete(&gone, 5).unwrap();
+        (0..128)
+            .filter(|i| i % 3 != 0)
+            .for_each(|i| kill(&mut live, i));
+        assert!(ix.start_merge(), "a compaction starts");
+        assert!(ix.merging());
+        let before: Vec<u64> = ix.sealed.iter().map(|s| s.id).collect();
+        // copied chunks deleted and replaced before the commit
+        ix.delete(&["d0".into()], 6).unwrap();
+        ix.write(vec![doc(3, "new 3", 7)], &model()).unwrap();
+        kill(&mut live, 0);
+        kill(&mut live, 3);
+        live.push((3, "new 3"));
+        check(&ix, &live, "before the commit");
+        assert!(ix.maintain().unwrap(), "the compaction is committed");
+        assert_ne!(ix.sealed.iter().map(|s| s.id).collect::<Vec<_>>(), before);
+        let stored: usize = ix.sealed.iter().map(|s| s.entries.len()).sum();
+        assert!(stored < 128, "the deleted chunks were dropped: {stored}");
+        assert!(ix.chunks_to_rebind() > 0, "the slots are pointed later");
+        assert!(ix.needs_maintenance());
+        // after the commit, while the slots still hold the older copies
+        ix.delete(&["d6".into()], 8).unwrap();
+        ix.write(vec![doc(9, "new 9", 9)], &model()).unwrap();
+        kill(&mut live, 6);
+        kill(&mut live, 9);
+        live.push((9, "new 9"));
+        check(&ix, &live, "before the rebinding");
+        ix.maintain().unwrap();
+        assert_eq!(ix.chunks_to_rebind(), 0);
+        // every slot holds its chunk's copy in a current segment's file (or in memory)
+        let current: Vec<*const crate::datafile::DataFile> = ix
+            .sealed
+            .iter()
+            .flat_map(|s| s.file_parts())
+            .filter_map(|(_, f)| f.map(Arc::as_ptr))
+            .collect();
+        for e in ix.slots.values() {
+            if let Some((file, _)) = e.mapped_at() {
+                assert!(current.contains(&Arc::as_ptr(file)), "{}", e.chunk_id);
+            }
+        }
+        ix.delete(&["d12".into()], 10).unwrap();
+        kill(&mut live, 12);
+        check(&ix, &live, "after the rebinding");
+        drop(ix);
+        let (ix, rep) = ShardIndex::open(dir.path(), settings).unwrap();
+        assert!(rep.problems.is_empty(), "{:?}", rep.problems);
+        check(&ix, &live, "reopened");
     }
 }

@@ -271,6 +271,9 @@ pub struct ShardIndex {
     graphs_done: Arc<std::sync::atomic::AtomicU64>,
     /// Merged-away segments still being freed on a background thread.
     freeing: Arc<std::sync::atomic::AtomicUsize>,
+    /// Compacted segments whose chunks the slots are still being pointed at, a bounded batch
+    /// per [`ShardIndex::maintain`] (see [`merge::Rebinding`]).
+    rebinding: std::collections::VecDeque<merge::Rebinding>,
     /// (generation, graphs_done, idle) when the policy last ran.
     planned_at: (u64, u64, bool),
     /// [`ShardIndex::digest`] as of the last change (`None`: changed since; computed again

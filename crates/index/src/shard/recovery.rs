@@ -56,6 +56,7 @@ impl ShardIndex {
             generation: 0,
             graphs_done: Default::default(),
             freeing: Default::default(),
+            rebinding: Default::default(),
             planned_at: (u64::MAX, 0, false),
             digest_memo: Default::default(),
         };

@@ -1,7 +1,9 @@
 //! Search time of one graph walked from its mapped file (4 KiB pages of the page cache) and
 //! after [`Hnsw::into_memory`] (anonymous memory advised to be backed by huge pages), in one
-//! run on the same queries: `cargo run --release -p ragfleet-index --example graph_pages -- N`
-//! (N 384-d vectors of `bench shard`'s clustered set, default 100,000).
+//! run on the same queries: `cargo run --release -p ragfleet-index --example graph_pages -- N
+//! [FILE]` (N 384-d vectors of `bench shard`'s clustered set, default 100,000; the graph is
+//! kept in FILE when given, and read from it when it is there, so that two builds of the code
+//! can be compared on the same graph).
 use ragfleet_index::eval::clustered_with;
 use ragfleet_index::hnsw::{GraphMemory, Hnsw, HnswParams};
 use ragfleet_index::vector::{dot, normalize};
@@ -26,19 +28,23 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .into_iter()
         .map(norm)
         .collect();
-    let flat: Vec<f32> = data.iter().flatten().copied().collect();
-    let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
-    let t = Instant::now();
-    let built = Hnsw::build(dim, &flat, HnswParams::default(), threads);
-    println!(
-        "{n} vectors: graph built in {:.1} s",
-        t.elapsed().as_secs_f64()
-    );
-    drop(flat);
     let dir = tempfile::tempdir()?;
-    let path = dir.path().join("g.hnsw");
-    std::fs::write(&path, built.to_bytes_at(0))?;
-    drop(built);
+    let path = std::env::args()
+        .nth(2)
+        .map_or_else(|| dir.path().join("g.hnsw"), std::path::PathBuf::from);
+    if path.exists() {
+        println!("{n} vectors: graph read from {}", path.display());
+    } else {
+        let flat: Vec<f32> = data.iter().flatten().copied().collect();
+        let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
+        let t = Instant::now();
+        let built = Hnsw::build(dim, &flat, HnswParams::default(), threads);
+        println!(
+            "{n} vectors: graph built in {:.1} s",
+            t.elapsed().as_secs_f64()
+        );
+        std::fs::write(&path, built.to_bytes_at(0))?;
+    }
     let file = std::fs::File::open(&path)?;
     // SAFETY: the file was written above and nothing changes it while mapped.
     let map = Arc::new(unsafe { memmap2::Mmap::map(&file) }?);

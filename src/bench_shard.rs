@@ -34,6 +34,9 @@ pub struct ShardBench {
     /// HNSW construction beam.
     #[arg(long, default_value_t = 100)]
     ef_construction: usize,
+    /// HNSW degree M (twice as many neighbours on level 0).
+    #[arg(long, default_value_t = 16)]
+    m: usize,
     /// HNSW implementation: hnsw or instant-distance.
     #[arg(long, default_value = "hnsw")]
     ann: String,
@@ -183,8 +186,8 @@ pub fn run(b: ShardBench) -> Result<()> {
         None => tempfile::tempdir()?,
     };
     println!(
-        "one shard, {} dims, segment_size {}, ef_search {:?}, ef_construction {}, ann {}, {} queries a size, {threads} cores",
-        b.dim, b.segment_size, b.ef_search, b.ef_construction, b.ann, b.queries
+        "one shard, {} dims, segment_size {}, ef_search {:?}, M {}, ef_construction {}, ann {}, {} queries a size, {threads} cores",
+        b.dim, b.segment_size, b.ef_search, b.m, b.ef_construction, b.ann, b.queries
     );
     let graph_memory = ragfleet_index::hnsw::GraphMemory::global();
     if let Some(mb) = b.graph_memory_mb {
@@ -203,6 +206,7 @@ pub fn run(b: ShardBench) -> Result<()> {
         let settings = IndexSettings {
             segment_size: b.segment_size,
             ef_construction: b.ef_construction,
+            hnsw_m: b.m,
             ef_search: b.ef_search.first().copied().unwrap_or(64),
             ann,
             background: true,

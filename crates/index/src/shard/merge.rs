@@ -13,7 +13,8 @@
 //! temporary names; the owner commits it (renames, one manifest write: the atomic switch) only
 //! if every source is still there. Searches see the sources until the commit and the merged
 //! segment after it, never both and never neither; a chunk deleted or replaced meanwhile is
-//! dead by its sequence number in either. A crash before the manifest write leaves temporary or
+//! dead in either (a compaction's sources forward their rows' deaths to the copies, so the
+//! slots can be moved to the copies after the commit, in bounded batches). A crash before the manifest write leaves temporary or
 //! unreferenced files, removed at the next open; after it, the sources' obsolete files are.
 use std::sync::atomic::{AtomicBool, Ordering};
 

@@ -56,6 +56,16 @@ struct Forward {
     rows: Vec<u32>,
 }
 
+impl Forward {
+    /// Marks row `row`'s copy dead, if it was copied.
+    fn mark(&self, row: usize) {
+        match self.rows.get(row) {
+            Some(&r) if r != NOT_COPIED => self.to.mark_dead(r as usize),
+            _ => {}
+        }
+    }
+}
+
 /// A row a compaction did not copy.
 pub(crate) const NOT_COPIED: u32 = u32::MAX;
 
@@ -101,12 +111,7 @@ impl DataFile {
                 // after the mark: a forward added meanwhile sweeps the marks after it is
                 // added, under the same lock, so the copy is marked by one or the other
                 let forwards = self.forwards.lock().unwrap_or_else(|p| p.into_inner());
-                for f in forwards.iter() {
-                    match f.rows.get(row) {
-                        Some(&r) if r != NOT_COPIED => f.to.mark_dead(r as usize),
-                        _ => {}
-                    }
-                }
+                forwards.iter().for_each(|f| f.mark(row));
             }
         }
     }
@@ -123,12 +128,7 @@ impl DataFile {
             rows,
         });
         let f = forwards.last().expect("just pushed");
-        for row in self.dead_rows() {
-            match f.rows.get(row) {
-                Some(&r) if r != NOT_COPIED => to.mark_dead(r as usize),
-                _ => {}
-            }
-        }
+        self.dead_rows().for_each(|row| f.mark(row));
     }
 
     /// Whether row `row` was marked dead.

@@ -493,9 +493,6 @@ impl Segment {
             .collect()
     }
 
-    /// Live entries out of this segment's positions: a part that is a whole mapped data file
-    /// reads its count of dead rows (kept by the shard as chunks die); any other part is
-    /// visited.
     /// Which of its positions are live: a part that is a whole mapped data file from the
     /// file's marks (without visiting its chunks), any other part by `live`.
     pub(crate) fn live_positions(&self, live: &dyn Fn(&Entry) -> bool) -> Vec<bool> {
@@ -509,6 +506,9 @@ impl Segment {
         out
     }
 
+    /// Live entries out of this segment's positions: a part that is a whole mapped data file
+    /// reads its count of dead rows (kept by the shard as chunks die); any other part is
+    /// visited.
     pub(crate) fn live_count(&self, live: &dyn Fn(&Entry) -> bool) -> usize {
         self.file_parts()
             .into_iter()

@@ -694,21 +694,18 @@ fn forward_deaths(originals: &[Arc<Entry>], copies: &[Arc<Entry>]) -> Vec<usize>
     };
     let mut unforwarded = Vec::new();
     // per older file, its rows' places in the new one; the chunks come file after file, so the
-    // last file is the one to look at first
+    // search for a chunk's file starts from the last one
     let mut files: Vec<(Arc<DataFile>, Vec<u32>)> = Vec::new();
     for (i, (o, c)) in originals.iter().zip(copies).enumerate() {
         match (o.mapped_at(), c.mapped_at()) {
             (Some((file, row)), Some((copy_file, copy_row))) if Arc::ptr_eq(copy_file, to) => {
-                let at = match files.last() {
-                    Some((f, _)) if Arc::ptr_eq(f, file) => files.len() - 1,
-                    _ => match files.iter().position(|(f, _)| Arc::ptr_eq(f, file)) {
-                        Some(at) => at,
-                        None => {
-                            files.push((file.clone(), vec![NOT_COPIED; file.len()]));
-                            files.len() - 1
-                        }
-                    },
-                };
+                let at = files
+                    .iter()
+                    .rposition(|(f, _)| Arc::ptr_eq(f, file))
+                    .unwrap_or_else(|| {
+                        files.push((file.clone(), vec![NOT_COPIED; file.len()]));
+                        files.len() - 1
+                    });
                 files[at].1[row] = copy_row as u32;
             }
             _ => unforwarded.push(i),
@@ -794,6 +791,22 @@ mod tests {
         }
     }
 
+    /// Deletes document `gone` and replaces `replaced.0` with text `replaced.1` (versions
+    /// `version` and `version + 1`), and says so in `live`.
+    fn delete_and_replace(
+        ix: &mut ShardIndex,
+        live: &mut Vec<(usize, &'static str)>,
+        gone: usize,
+        replaced: (usize, &'static str),
+        version: u64,
+    ) {
+        ix.delete(&[format!("d{gone}")], version).unwrap();
+        ix.write(vec![doc(replaced.0, replaced.1, version + 1)], &model())
+            .unwrap();
+        live.retain(|(j, _)| *j != gone && *j != replaced.0);
+        live.push(replaced);
+    }
+
     /// A compaction's copies of chunks that die while it waits for its commit, after its commit
     /// while the slots still hold the older copies, or after they were pointed at the copies,
     /// are dead in the copy; a replaced document's new copy is the one found, and so after a
@@ -810,26 +823,19 @@ mod tests {
         ix.write((0..128).map(|i| doc(i, "old", 1)).collect(), &model())
             .unwrap();
         while ix.maintain().unwrap() {}
-        let mut live: Vec<(usize, &str)> = (0..128).map(|i| (i, "old")).collect();
-        let kill = |live: &mut Vec<(usize, &str)>, i: usize| live.retain(|(j, _)| *j != i);
+        let mut live: Vec<(usize, &'static str)> = (0..128).map(|i| (i, "old")).collect();
         // two thirds deleted: a compaction, run here, left waiting for its commit
         let gone: Vec<String> = (0..128)
             .filter(|i| i % 3 != 0)
             .map(|i| format!("d{i}"))
             .collect();
         ix.delete(&gone, 5).unwrap();
-        (0..128)
-            .filter(|i| i % 3 != 0)
-            .for_each(|i| kill(&mut live, i));
+        live.retain(|(i, _)| i % 3 == 0);
         assert!(ix.start_merge(), "a compaction starts");
         assert!(ix.merging());
         let before: Vec<u64> = ix.sealed.iter().map(|s| s.id).collect();
         // copied chunks deleted and replaced before the commit
-        ix.delete(&["d0".into()], 6).unwrap();
-        ix.write(vec![doc(3, "new 3", 7)], &model()).unwrap();
-        kill(&mut live, 0);
-        kill(&mut live, 3);
-        live.push((3, "new 3"));
+        delete_and_replace(&mut ix, &mut live, 0, (3, "new 3"), 6);
         check(&ix, &live, "before the commit");
         assert!(ix.maintain().unwrap(), "the compaction is committed");
         assert_ne!(ix.sealed.iter().map(|s| s.id).collect::<Vec<_>>(), before);
@@ -838,11 +844,7 @@ mod tests {
         assert!(ix.chunks_to_rebind() > 0, "the slots are pointed later");
         assert!(ix.needs_maintenance());
         // after the commit, while the slots still hold the older copies
-        ix.delete(&["d6".into()], 8).unwrap();
-        ix.write(vec![doc(9, "new 9", 9)], &model()).unwrap();
-        kill(&mut live, 6);
-        kill(&mut live, 9);
-        live.push((9, "new 9"));
+        delete_and_replace(&mut ix, &mut live, 6, (9, "new 9"), 8);
         check(&ix, &live, "before the rebinding");
         ix.maintain().unwrap();
         assert_eq!(ix.chunks_to_rebind(), 0);
@@ -859,7 +861,7 @@ mod tests {
             }
         }
         ix.delete(&["d12".into()], 10).unwrap();
-        kill(&mut live, 12);
+        live.retain(|(j, _)| *j != 12);
         check(&ix, &live, "after the rebinding");
         drop(ix);
         let (ix, rep) = ShardIndex::open(dir.path(), settings).unwrap();

@@ -47,6 +47,9 @@ pub(crate) struct DataFile {
     /// Newer files that compactions copied some of its rows into: a row that dies here dies
     /// there too (see [`DataFile::forward_deaths`]).
     forwards: std::sync::Mutex<Vec<Forward>>,
+    /// Where the id table starts in `map`, and each row's ids in it.
+    ids_at: usize,
+    id_rows: IdRows,
 }
 
 /// Where a compaction copied a file's rows: `rows[r]` is row `r`'s row in `to`, [`NOT_COPIED`]
@@ -193,6 +196,26 @@ impl DataFile {
         std::str::from_utf8(bytes).unwrap_or("")
     }
 
+    /// Chunk `row`'s (document id, chunk id), read from the id table in place.
+    fn ids(&self, row: usize) -> (&str, &str) {
+        let table = &self.map[self.ids_at..];
+        let mut at = self.id_rows.get(row);
+        // `parse` read every row's ids; a failure here would be a bug, not bad data
+        let doc = string(table, &mut at).unwrap_or("");
+        let chunk = string(table, &mut at).unwrap_or("");
+        (doc, chunk)
+    }
+
+    /// Chunk `row`'s document id.
+    pub(crate) fn doc_id(&self, row: usize) -> &str {
+        self.ids(row).0
+    }
+
+    /// Chunk `row`'s id.
+    pub(crate) fn chunk_id(&self, row: usize) -> &str {
+        self.ids(row).1
+    }
+
     /// Chunk `row`'s sentence vectors.
     pub(crate) fn sentences(&self, row: usize) -> SentenceVectors {
         let r = self.row(row);
@@ -231,7 +254,10 @@ impl DataFile {
     }
 
     /// Checks a mapped body of format 3 and gives the file with its id table.
-    fn parse(path: &Path, map: memmap2::Mmap) -> Result<(Arc<DataFile>, Vec<Ids>), IndexError> {
+    fn parse(
+        path: &Path,
+        map: memmap2::Mmap,
+    ) -> Result<(Arc<DataFile>, Vec<(u64, u64)>), IndexError> {
         let corrupt = |reason: String| IndexError::Corrupt {
             path: path.to_path_buf(),
             reason,
@@ -262,7 +288,7 @@ impl DataFile {
         if !fits {
             return Err(corrupt("section offsets do not fit the file".into()));
         }
-        let file = DataFile {
+        let mut file = DataFile {
             n,
             dim,
             vectors: HEADER + vectors,
@@ -272,6 +298,8 @@ impl DataFile {
             dead_rows: (0..n.div_ceil(64)).map(|_| Default::default()).collect(),
             dead: Default::default(),
             forwards: Default::default(),
+            ids_at: HEADER + ids,
+            id_rows: IdRows::Narrow(Vec::new()),
         };
         if (file.map.as_ptr() as usize + file.vectors) % 4 != 0 {
             return Err(corrupt("vectors not aligned".into()));
@@ -295,20 +323,87 @@ impl DataFile {
                 )));
             }
         }
-        let table: Vec<Ids> = postcard::from_bytes(&file.map[blob_end..blob_end + ids_len])
+        let (table, id_rows) = id_table(&file.map[blob_end..blob_end + ids_len], n)
             .map_err(|e| corrupt(format!("id table: {e}")))?;
-        if table.len() != n {
-            return Err(corrupt(format!(
-                "id table of {} chunks, {n} rows",
-                table.len()
-            )));
-        }
+        file.id_rows = id_rows;
         Ok((Arc::new(file), table))
     }
 }
 
-/// A chunk's (seq, version, doc_id, chunk_id).
-type Ids = (u64, u64, String, String);
+/// Where each row's ids start in the id table (the length of its document id, a postcard
+/// varint): 4 bytes a row, 8 for a table past 4 GiB.
+enum IdRows {
+    Narrow(Vec<u32>),
+    Wide(Vec<u64>),
+}
+
+impl IdRows {
+    fn get(&self, row: usize) -> usize {
+        match self {
+            IdRows::Narrow(v) => v.get(row).map_or(usize::MAX, |&x| x as usize),
+            IdRows::Wide(v) => v.get(row).map_or(usize::MAX, |&x| x as usize),
+        }
+    }
+}
+
+/// A postcard varint (LEB128) at `*at`, moving `*at` past it.
+fn varint(b: &[u8], at: &mut usize) -> Option<u64> {
+    let mut v = 0u64;
+    for shift in (0..64).step_by(7) {
+        let byte = *b.get(*at)?;
+        *at += 1;
+        v |= u64::from(byte & 0x7F).checked_shl(shift)?;
+        if byte & 0x80 == 0 {
+            return Some(v);
+        }
+    }
+    None
+}
+
+/// A postcard string (varint length, UTF-8) at `*at`, moving `*at` past it.
+fn string<'a>(b: &'a [u8], at: &mut usize) -> Option<&'a str> {
+    let len = usize::try_from(varint(b, at)?).ok()?;
+    let end = at.checked_add(len).filter(|&e| e <= b.len())?;
+    let s = std::str::from_utf8(&b[*at..end]).ok()?;
+    *at = end;
+    Some(s)
+}
+
+/// Reads the id table (a postcard `Vec<(seq, version, doc_id, chunk_id)>` of `n` rows) in
+/// place: every row's (seq, version), and where its ids start, their UTF-8 checked once here
+/// so that [`DataFile::doc_id`] reads them without a copy.
+fn id_table(b: &[u8], n: usize) -> Result<(Vec<(u64, u64)>, IdRows), String> {
+    let mut at = 0;
+    let rows = varint(b, &mut at).ok_or("no row count")?;
+    if rows != n as u64 {
+        return Err(format!("{rows} chunks, {n} rows"));
+    }
+    let wide = b.len() > u32::MAX as usize;
+    let (mut narrow, mut wide_at) = (Vec::new(), Vec::new());
+    let mut table = Vec::with_capacity(n);
+    for i in 0..n {
+        let bad = || format!("chunk {i}'s ids are damaged");
+        let seq = varint(b, &mut at).ok_or_else(bad)?;
+        let version = varint(b, &mut at).ok_or_else(bad)?;
+        if wide {
+            wide_at.push(at as u64);
+        } else {
+            narrow.push(at as u32);
+        }
+        string(b, &mut at).ok_or_else(bad)?;
+        string(b, &mut at).ok_or_else(bad)?;
+        table.push((seq, version));
+    }
+    if at != b.len() {
+        return Err(format!("{} bytes after the last chunk", b.len() - at));
+    }
+    let id_rows = if wide {
+        IdRows::Wide(wide_at)
+    } else {
+        IdRows::Narrow(narrow)
+    };
+    Ok((table, id_rows))
+}
 
 /// Writes `entries` as a format 3 data file (atomically, streamed: the vectors are never
 /// gathered in memory).
@@ -322,7 +417,7 @@ pub(crate) fn write(path: &Path, entries: &[&Entry]) -> Result<(), IndexError> {
     }
     let table: Vec<(u64, u64, &str, &str)> = entries
         .iter()
-        .map(|e| (e.seq, e.version, e.doc_id.as_str(), e.chunk_id.as_str()))
+        .map(|e| (e.seq, e.version, e.doc_id(), e.chunk_id()))
         .collect();
     let ids = postcard::to_stdvec(&table).map_err(|e| IndexError::BadInput(e.to_string()))?;
     let sentences: Vec<SentenceVectors> = entries.iter().map(|e| e.sentences()).collect();
@@ -404,9 +499,7 @@ fn read_map(path: &Path, map: Option<memmap2::Mmap>) -> Result<Option<Vec<Entry>
             table
                 .into_iter()
                 .enumerate()
-                .map(|(row, (seq, version, doc_id, chunk_id))| {
-                    Entry::mapped(seq, version, doc_id, chunk_id, file.clone(), row)
-                })
+                .map(|(row, (seq, version))| Entry::mapped(seq, version, file.clone(), row))
                 .collect(),
         ));
     }
@@ -545,5 +638,46 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("out of place"));
+        // the id table, read in place: a count that is not the rows', an id that is not
+        // UTF-8, a length running past the table
+        let ids = u64_at(body, 16 + 8 * 5) as usize;
+        let last = body.len() - 1;
+        for (at, byte) in [(ids, 6u8), (last, 0xFF), (last - 4, 0x7F)] {
+            let mut b = body.to_vec();
+            b[at] = byte;
+            crate::files::write_checked(&path, &b).unwrap();
+            let e = read(&path).unwrap_err().to_string();
+            assert!(e.contains("id table"), "{e}");
+        }
+    }
+
+    /// A mapped chunk's ids are read from the file's id table in place, each row its own.
+    #[test]
+    fn a_mapped_chunk_reads_its_ids_from_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("seg-1.bin");
+        let mut owned: Vec<Entry> = (0..300).map(|i| entry(i, 0)).collect();
+        // ids whose lengths take two varint bytes, and an empty one
+        let long = "é".repeat(100);
+        owned.push(Entry::owned(
+            1000,
+            1,
+            ragfleet_proto::ChunkRecord {
+                doc_id: long.clone(),
+                chunk_id: String::new(),
+                text: "x".into(),
+                vector: vec![0.0, 1.0, 0.0],
+                sentences: SentenceVectors::default(),
+            },
+        ));
+        write(&path, &owned.iter().collect::<Vec<_>>()).unwrap();
+        let back = read(&path).unwrap().unwrap();
+        for (i, e) in back.iter().enumerate().take(300) {
+            assert!(e.is_mapped());
+            assert_eq!(e.doc_id(), format!("d{i}"));
+            assert_eq!(e.chunk_id(), format!("d{i}#0"));
+        }
+        assert_eq!((back[300].doc_id(), back[300].chunk_id()), (&*long, ""));
+        assert_eq!(back[300].seq, 1000);
     }
 }

@@ -15,8 +15,6 @@ use crate::vector::{dot, UnitVector};
 pub(crate) struct Entry {
     pub(crate) seq: u64,
     pub(crate) version: u64,
-    pub(crate) doc_id: String,
-    pub(crate) chunk_id: String,
     /// The shard slot it was given while live (`u32::MAX`: none yet), carried to the copy a
     /// seal or compaction reads back from its file so that the slot can point at the copy.
     slot: std::sync::atomic::AtomicU32,
@@ -37,6 +35,8 @@ enum Body {
 
 #[derive(Clone)]
 struct Owned {
+    doc_id: String,
+    chunk_id: String,
     text: String,
     vector: Vec<f32>,
     /// Its sentences' vectors (empty: none stored).
@@ -48,7 +48,7 @@ impl std::fmt::Debug for Entry {
         f.debug_struct("Entry")
             .field("seq", &self.seq)
             .field("version", &self.version)
-            .field("chunk_id", &self.chunk_id)
+            .field("chunk_id", &self.chunk_id())
             .field("mapped", &self.is_mapped())
             .finish()
     }
@@ -59,15 +59,15 @@ impl PartialEq for Entry {
         (
             self.seq,
             self.version,
-            &self.doc_id,
-            &self.chunk_id,
+            self.doc_id(),
+            self.chunk_id(),
             self.text(),
             self.vector(),
         ) == (
             o.seq,
             o.version,
-            &o.doc_id,
-            &o.chunk_id,
+            o.doc_id(),
+            o.chunk_id(),
             o.text(),
             o.vector(),
         ) && self.sentences() == o.sentences()
@@ -75,12 +75,10 @@ impl PartialEq for Entry {
 }
 
 impl Entry {
-    fn new(seq: u64, version: u64, doc_id: String, chunk_id: String, body: Body) -> Entry {
+    fn new(seq: u64, version: u64, body: Body) -> Entry {
         Entry {
             seq,
             version,
-            doc_id,
-            chunk_id,
             slot: NO_SLOT.into(),
             body,
         }
@@ -89,31 +87,42 @@ impl Entry {
     /// A chunk held in memory, written at `seq` with `version`.
     pub(crate) fn owned(seq: u64, version: u64, c: ChunkRecord) -> Entry {
         let body = Body::Owned(Box::new(Owned {
+            doc_id: c.doc_id,
+            chunk_id: c.chunk_id,
             text: c.text,
             vector: c.vector,
             sentences: c.sentences,
         }));
-        Entry::new(seq, version, c.doc_id, c.chunk_id, body)
+        Entry::new(seq, version, body)
     }
 
-    /// Row `row` of a mapped data file.
-    pub(crate) fn mapped(
-        seq: u64,
-        version: u64,
-        doc_id: String,
-        chunk_id: String,
-        file: Arc<DataFile>,
-        row: usize,
-    ) -> Entry {
+    /// Row `row` of a mapped data file (its ids are read from the file when asked for).
+    pub(crate) fn mapped(seq: u64, version: u64, file: Arc<DataFile>, row: usize) -> Entry {
         let row = row as u32;
-        Entry::new(seq, version, doc_id, chunk_id, Body::Mapped { file, row })
+        Entry::new(seq, version, Body::Mapped { file, row })
+    }
+
+    /// Its document's id.
+    pub(crate) fn doc_id(&self) -> &str {
+        match &self.body {
+            Body::Owned(o) => &o.doc_id,
+            Body::Mapped { file, row } => file.doc_id(*row as usize),
+        }
+    }
+
+    /// Its own id (`{doc_id}#{n}` as the chunker names it).
+    pub(crate) fn chunk_id(&self) -> &str {
+        match &self.body {
+            Body::Owned(o) => &o.chunk_id,
+            Body::Mapped { file, row } => file.chunk_id(*row as usize),
+        }
     }
 
     /// A copy of the chunk as the wire and the log carry it.
     pub(crate) fn record(&self) -> ChunkRecord {
         ChunkRecord {
-            doc_id: self.doc_id.clone(),
-            chunk_id: self.chunk_id.clone(),
+            doc_id: self.doc_id().to_string(),
+            chunk_id: self.chunk_id().to_string(),
             text: self.text().to_string(),
             vector: self.vector().to_vec(),
             sentences: self.sentences(),

@@ -531,8 +531,8 @@ impl ShardIndex {
         }
         let mut present: HashSet<String> = HashSet::new();
         let mut check = |e: &Entry| {
-            if self.tombstones.contains_key(&e.doc_id) && !present.contains(&e.doc_id) {
-                present.insert(e.doc_id.clone());
+            if self.tombstones.contains_key(e.doc_id()) && !present.contains(e.doc_id()) {
+                present.insert(e.doc_id().to_string());
             }
         };
         // a live copy is newer than any deletion of its document (a delete or replace marks
@@ -786,7 +786,12 @@ mod tests {
         assert_eq!(got, want, "{stage}");
         for s in &ix.sealed {
             for e in &s.entries {
-                assert_eq!(ix.is_live(e), ix.live_by_seq(e), "{stage}: {}", e.chunk_id);
+                assert_eq!(
+                    ix.is_live(e),
+                    ix.live_by_seq(e),
+                    "{stage}: {}",
+                    e.chunk_id()
+                );
             }
         }
     }
@@ -857,7 +862,7 @@ mod tests {
             .collect();
         for e in ix.slots.values() {
             if let Some((file, _)) = e.mapped_at() {
-                assert!(current.contains(&Arc::as_ptr(file)), "{}", e.chunk_id);
+                assert!(current.contains(&Arc::as_ptr(file)), "{}", e.chunk_id());
             }
         }
         ix.delete(&["d12".into()], 10).unwrap();

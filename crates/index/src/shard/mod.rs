@@ -232,7 +232,46 @@ struct WalRecord {
 struct DocState {
     seq: u64,
     version: u64,
-    slots: Vec<u32>,
+    slots: Slots,
+}
+
+/// A live document's chunks' slots: the run of consecutive slots its write gave them (an
+/// upsert's chunks are given slots one after the other), or a list when they are not
+/// consecutive. A run costs no allocation: most documents are one.
+#[derive(Debug)]
+enum Slots {
+    Run { first: u32, count: u32 },
+    List(Box<[u32]>),
+}
+
+impl Default for Slots {
+    fn default() -> Self {
+        Slots::Run { first: 0, count: 0 }
+    }
+}
+
+impl Slots {
+    fn push(&mut self, slot: u32) {
+        match self {
+            Slots::Run { first, count } if *count == 0 => (*first, *count) = (slot, 1),
+            Slots::Run { first, count } if first.wrapping_add(*count) == slot => *count += 1,
+            _ => {
+                let mut list: Vec<u32> = self.iter().collect();
+                list.push(slot);
+                *self = Slots::List(list.into_boxed_slice());
+            }
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = u32> + '_ {
+        let (first, count, list): (u32, u32, &[u32]) = match self {
+            Slots::Run { first, count } => (*first, *count, &[]),
+            Slots::List(list) => (0, 0, list),
+        };
+        (0..count)
+            .map(move |i| first.wrapping_add(i))
+            .chain(list.iter().copied())
+    }
 }
 
 /// A shard replica's index.
@@ -249,7 +288,7 @@ pub struct ShardIndex {
     next_segment_id: u64,
     sealed: Vec<Arc<Segment>>,
     growing: growing::Growing,
-    docs: HashMap<String, DocState>,
+    docs: HashMap<Box<str>, DocState>,
     tombstones: HashMap<String, u64>,
     deleted: HashMap<String, u64>,
     /// The deletion records' files (a base and deltas) and what changed since they were
@@ -302,7 +341,7 @@ const MANIFEST_V1: &str = "manifest.bin";
 impl ShardIndex {
     /// Ids of the live documents.
     pub fn doc_ids(&self) -> Vec<String> {
-        self.docs.keys().cloned().collect()
+        self.docs.keys().map(|d| d.to_string()).collect()
     }
 
     /// Live documents.
@@ -383,5 +422,94 @@ impl ShardIndex {
             }
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ragfleet_proto::ChunkRecord;
+
+    #[test]
+    fn a_documents_slots_are_a_run_until_one_does_not_follow() {
+        let mut s = Slots::default();
+        assert_eq!(s.iter().count(), 0);
+        for slot in [u32::MAX - 2, u32::MAX - 1, u32::MAX, 0, 1] {
+            s.push(slot);
+        }
+        // consecutive across the wrap: still a run, no allocation
+        assert!(matches!(s, Slots::Run { count: 5, .. }));
+        assert_eq!(
+            s.iter().collect::<Vec<_>>(),
+            vec![u32::MAX - 2, u32::MAX - 1, u32::MAX, 0, 1]
+        );
+        s.push(7);
+        s.push(8);
+        assert!(matches!(s, Slots::List(_)));
+        assert_eq!(
+            s.iter().collect::<Vec<_>>(),
+            vec![u32::MAX - 2, u32::MAX - 1, u32::MAX, 0, 1, 7, 8]
+        );
+    }
+
+    /// A document written with several chunks, rewritten, and reopened from its segment keeps
+    /// every chunk; after most documents are deleted a seal gives the maps' room back.
+    #[test]
+    fn documents_keep_their_chunks_and_a_seal_after_a_mass_delete_shrinks_the_maps() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = IndexSettings {
+            segment_size: 1 << 20,
+            background: false,
+            ..IndexSettings::default()
+        };
+        let upsert = |i: usize, version: u64, chunks: usize| WriteOp::Upsert {
+            version,
+            doc_id: format!("d{i}"),
+            chunks: (0..chunks)
+                .map(|c| ChunkRecord {
+                    doc_id: format!("d{i}"),
+                    chunk_id: format!("d{i}#{c}"),
+                    text: format!("text {i} {c}"),
+                    vector: vec![1.0, i as f32, c as f32, 0.5],
+                    sentences: Default::default(),
+                })
+                .collect(),
+        };
+        let (mut ix, _) = ShardIndex::open(dir.path(), settings.clone()).unwrap();
+        let n = 20_000;
+        ix.write(
+            (0..n).map(|i| upsert(i, 1, 1 + i % 3)).collect(),
+            &test_model(),
+        )
+        .unwrap();
+        ix.write(vec![upsert(5, 2, 4)], &test_model()).unwrap();
+        ix.seal().unwrap();
+        drop(ix);
+        let (mut ix, _) = ShardIndex::open(dir.path(), settings).unwrap();
+        let chunks_of = |ix: &ShardIndex, d: &str| -> Vec<String> {
+            ix.docs[d]
+                .slots
+                .iter()
+                .map(|s| ix.slots[&s].chunk_id().to_string())
+                .collect()
+        };
+        assert_eq!(chunks_of(&ix, "d5"), ["d5#0", "d5#1", "d5#2", "d5#3"]);
+        assert_eq!(chunks_of(&ix, "d7"), ["d7#0", "d7#1"]);
+        assert!(ix
+            .docs
+            .values()
+            .all(|d| matches!(d.slots, Slots::Run { .. })));
+        let (docs_room, slots_room) = (ix.docs.capacity(), ix.slots.capacity());
+        let gone: Vec<String> = (100..n).map(|i| format!("d{i}")).collect();
+        ix.delete(&gone, 9).unwrap();
+        assert_eq!(ix.doc_count(), 100);
+        ix.seal().unwrap();
+        assert!(
+            ix.docs.capacity() * 8 < docs_room && ix.slots.capacity() * 8 < slots_room,
+            "room {} of {docs_room}, {} of {slots_room}",
+            ix.docs.capacity(),
+            ix.slots.capacity()
+        );
+        assert_eq!(chunks_of(&ix, "d5").len(), 4);
     }
 }

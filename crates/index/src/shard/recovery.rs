@@ -177,7 +177,7 @@ impl ShardIndex {
         let mut latest: HashMap<String, u64> = HashMap::new();
         for seg in &self.sealed {
             for e in &seg.entries {
-                let s = latest.entry(e.doc_id.clone()).or_insert(0);
+                let s = latest.entry(e.doc_id().to_string()).or_insert(0);
                 *s = (*s).max(e.seq);
             }
         }
@@ -185,7 +185,7 @@ impl ShardIndex {
         self.docs.clear();
         self.slots.clear();
         self.bm25 = Bm25::default();
-        let live = |e: &Entry| latest.get(&e.doc_id) == Some(&e.seq);
+        let live = |e: &Entry| latest.get(e.doc_id()) == Some(&e.seq);
         let sealed = self.sealed.clone();
         for e in sealed.iter().flat_map(|s| s.entries.iter()) {
             if live(e) {
@@ -322,7 +322,7 @@ mod tests {
                     ix.is_live(e),
                     ix.live_by_seq(e),
                     "{} in segment {}",
-                    e.chunk_id,
+                    e.chunk_id(),
                     s.id
                 );
             }
@@ -771,7 +771,7 @@ mod tests {
         // new writes seal into a mapped file; a replaced old document's new copy is mapped too
         ix.write((16..24).map(doc).collect(), &model()).unwrap();
         let mapped =
-            |ix: &ShardIndex, d: &str| ix.docs[d].slots.iter().all(|s| ix.slots[s].is_mapped());
+            |ix: &ShardIndex, d: &str| ix.docs[d].slots.iter().all(|s| ix.slots[&s].is_mapped());
         assert!(mapped(&ix, "d20"));
         assert!(!mapped(&ix, "d3"));
         let q = SearchQuery {

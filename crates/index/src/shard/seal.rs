@@ -4,6 +4,14 @@ use super::*;
 use crate::postings::{Built, SegPostings};
 use crate::segment::{GraphSpec, SegGraph};
 
+/// Gives back a map's room when it fills under half of it (rehashing what is left, in
+/// proportion to it).
+fn shrink_sparse<K: Eq + std::hash::Hash, V>(map: &mut HashMap<K, V>) {
+    if map.capacity() > 4096 && map.len() * 2 < map.capacity() {
+        map.shrink_to(map.len() + map.len() / 4);
+    }
+}
+
 impl ShardIndex {
     /// Seals the growing segment: writes it and a new manifest, empties the log, and builds the
     /// segment's graph in the background. Then runs the merge policy ([`ShardIndex::maintain`]).
@@ -38,6 +46,11 @@ impl ShardIndex {
         self.write_manifest()?;
         self.wal.reset()?;
         self.generation += 1;
+        // a mass delete leaves the maps at the room their largest size took
+        shrink_sparse(&mut self.docs);
+        shrink_sparse(&mut self.slots);
+        shrink_sparse(&mut self.tombstones);
+        shrink_sparse(&mut self.deleted);
         if let Err(e) = self.maintain() {
             // the sources stay as they are; a later pass merges them
             warn!(dir = %self.dir.display(), error = %e, "merge failed");
@@ -122,7 +135,7 @@ impl ShardIndex {
             // the copy carries the slot its original had when it was written
             let cur = e.slot().and_then(|slot| self.slots.get_mut(&slot));
             match cur {
-                Some(cur) if cur.seq == e.seq && cur.chunk_id == e.chunk_id => *cur = e.clone(),
+                Some(cur) if cur.seq == e.seq && cur.chunk_id() == e.chunk_id() => *cur = e.clone(),
                 _ => e.mark_dead(),
             }
         }

@@ -39,7 +39,7 @@ impl ShardIndex {
         // are made of the k kept only
         all.sort_unstable_by(|a, b| {
             b.0.total_cmp(&a.0)
-                .then_with(|| a.1.chunk_id.cmp(&b.1.chunk_id))
+                .then_with(|| a.1.chunk_id().cmp(b.1.chunk_id()))
         });
         all.truncate(k);
         Ok(all
@@ -125,15 +125,15 @@ impl ShardIndex {
 
     /// Whether a chunk is its document's live copy, by its document's sequence number.
     pub(super) fn live_by_seq(&self, e: &Entry) -> bool {
-        self.docs.get(&e.doc_id).is_some_and(|d| d.seq == e.seq)
+        self.docs.get(e.doc_id()).is_some_and(|d| d.seq == e.seq)
     }
 }
 
 /// A hit of `e`; with the query's unit vector, the score of its best stored sentence too.
 pub(super) fn hit(e: &Entry, score: f32, similarity: Option<f32>, query: Option<&[f32]>) -> Hit {
     Hit {
-        doc_id: e.doc_id.clone(),
-        chunk_id: e.chunk_id.clone(),
+        doc_id: e.doc_id().to_string(),
+        chunk_id: e.chunk_id().to_string(),
         score,
         similarity,
         text: e.text().to_string(),
@@ -201,7 +201,7 @@ mod tests {
                         Some(idf(t)? * tf * 2.2 / (tf + 1.2 * (0.25 + 0.75 * len / avg)))
                     })
                     .sum();
-                (s > 0.0).then(|| (e.chunk_id.clone(), s))
+                (s > 0.0).then(|| (e.chunk_id().to_string(), s))
             })
             .collect();
         out.sort_by(|a, b| b.1.total_cmp(&a.1));
@@ -263,7 +263,7 @@ mod tests {
             let got: Vec<(String, f32)> = ix
                 .bm25_ranked(&query, 10)
                 .into_iter()
-                .map(|(e, s)| (e.chunk_id.clone(), s))
+                .map(|(e, s)| (e.chunk_id().to_string(), s))
                 .collect();
             let want = brute_force(&ix, &query, 10);
             assert_eq!(got.len(), want.len(), "{query}");

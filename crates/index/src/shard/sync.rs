@@ -9,7 +9,7 @@ impl ShardIndex {
         let mut live: Vec<(String, u64)> = self
             .docs
             .iter()
-            .map(|(d, s)| (d.clone(), s.version))
+            .map(|(d, s)| (d.to_string(), s.version))
             .collect();
         live.sort();
         let mut deleted: Vec<(String, u64)> = self
@@ -45,11 +45,11 @@ impl ShardIndex {
         doc_ids
             .iter()
             .filter_map(|d| {
-                let state = self.docs.get(d)?;
+                let state = self.docs.get(d.as_str())?;
                 let chunks = state
                     .slots
                     .iter()
-                    .filter_map(|s| self.slots.get(s))
+                    .filter_map(|s| self.slots.get(&s))
                     .map(|e| e.record())
                     .collect();
                 Some(WriteOp::Upsert {
@@ -117,7 +117,7 @@ impl ShardIndex {
 
     fn compute_digest(&self) -> u64 {
         ragfleet_proto::shard_digest(
-            self.docs.iter().map(|(d, s)| (d.as_str(), s.version)),
+            self.docs.iter().map(|(d, s)| (&**d, s.version)),
             self.remembered_deletions(),
         )
     }
@@ -126,7 +126,7 @@ impl ShardIndex {
     pub(super) fn remembered_deletions(&self) -> impl Iterator<Item = (&str, u64)> {
         self.deleted
             .iter()
-            .filter(|(d, _)| !self.docs.contains_key(*d))
+            .filter(|(d, _)| !self.docs.contains_key(d.as_str()))
             .map(|(d, v)| (d.as_str(), *v))
     }
 }

@@ -15,7 +15,10 @@ impl ShardIndex {
         let slot = self.next_slot;
         self.next_slot = self.next_slot.wrapping_add(1);
         e.set_slot(Some(slot));
-        let d = self.docs.entry(e.doc_id.clone()).or_default();
+        let d = match self.docs.get_mut(e.doc_id()) {
+            Some(d) => d,
+            None => self.docs.entry(e.doc_id().into()).or_default(),
+        };
         d.seq = e.seq;
         d.version = e.version;
         d.slots.push(slot);
@@ -25,7 +28,7 @@ impl ShardIndex {
 
     pub(super) fn remove_doc(&mut self, doc_id: &str) {
         if let Some(d) = self.docs.remove(doc_id) {
-            for s in d.slots {
+            for s in d.slots.iter() {
                 if let Some(e) = self.slots.remove(&s) {
                     // a sealed chunk is not in the in-memory index: nothing to do there (its
                     // segment's postings skip it as dead)

@@ -278,6 +278,21 @@ const UPPER_BEAM: usize = 16;
 /// left queries with none of their ten neighbours.
 pub const SEARCH_UPPER_BEAM: usize = 6;
 
+/// How a search re-scores the nearest of its beam with the vectors' exact values.
+pub trait Rescore {
+    /// The exact dot product of the query with node `i`'s vector.
+    fn score(&self, i: u32) -> f32;
+    /// The nodes about to be scored, all at once, so that their reads can be asked for
+    /// together (they are at random places in memory, most of them misses).
+    fn prefetch(&self, _ids: &[u32]) {}
+}
+
+impl<F: Fn(u32) -> f32> Rescore for F {
+    fn score(&self, i: u32) -> f32 {
+        self(i)
+    }
+}
+
 /// Build parameters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HnswParams {
@@ -880,7 +895,7 @@ impl Hnsw {
         k: usize,
         ef: usize,
         accept: &dyn Fn(u32) -> bool,
-        exact: Option<&dyn Fn(u32) -> f32>,
+        exact: Option<&dyn Rescore>,
     ) -> Vec<(f32, u32)> {
         self.search_in(q, k, ef, SEARCH_UPPER_BEAM, accept, exact)
     }
@@ -894,7 +909,7 @@ impl Hnsw {
         ef: usize,
         upper_beam: usize,
         accept: &dyn Fn(u32) -> bool,
-        exact: Option<&dyn Fn(u32) -> f32>,
+        exact: Option<&dyn Rescore>,
     ) -> Vec<(f32, u32)> {
         let upper_beam = upper_beam.max(1);
         let Some(entry) = self.entry() else {
@@ -917,12 +932,17 @@ impl Hnsw {
                 let found = self.search_level(&dist, &starts, ef, 0, &mut s, &mut buf);
                 let seen = found.len();
                 // re-score the nearest few by the codes: the exact vectors are read at random
-                // places in memory, so only as many as the codes' error can reorder
+                // places in memory, so only as many as the codes' error can reorder, all asked
+                // for before the first is scored
+                if let Some(x) = exact {
+                    let ids: Vec<u32> = found.iter().take(rescore).map(|n| n.id).collect();
+                    x.prefetch(&ids);
+                }
                 let mut out: Vec<(f32, u32)> = found
                     .into_iter()
                     .filter(|n| accept(n.id))
                     .take(rescore)
-                    .map(|n| (exact.map_or(1.0 - n.d, |f| f(n.id)), n.id))
+                    .map(|n| (exact.map_or(1.0 - n.d, |x| x.score(n.id)), n.id))
                     .collect();
                 out.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
                 out.truncate(k);

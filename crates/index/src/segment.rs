@@ -539,7 +539,10 @@ impl Segment {
         match self.graph.get() {
             Some(SegGraph::Own(g)) => {
                 let accept = |i: u32| live(&self.entries[i as usize]);
-                let exact = |i: u32| dot(q, self.entries[i as usize].vector());
+                let exact = Exact {
+                    q,
+                    entries: &self.entries,
+                };
                 return g
                     .search_with(q, k, ef, &accept, Some(&exact))
                     .into_iter()
@@ -574,6 +577,33 @@ impl Segment {
             }
         }
         exact_search(&self.entries, q, k, live)
+    }
+}
+
+/// A graph search's re-scoring: the chunks' own vectors.
+struct Exact<'a> {
+    q: &'a [f32],
+    entries: &'a [Arc<Entry>],
+}
+
+impl crate::hnsw::Rescore for Exact<'_> {
+    fn score(&self, i: u32) -> f32 {
+        dot(self.q, self.entries[i as usize].vector())
+    }
+
+    fn prefetch(&self, ids: &[u32]) {
+        // the chunks first (each a miss), then their vectors, which the chunks say where
+        for &i in ids {
+            if let Some(e) = self.entries.get(i as usize) {
+                crate::vector::prefetch_bytes(Arc::as_ptr(e).cast(), 64);
+            }
+        }
+        for &i in ids {
+            if let Some(e) = self.entries.get(i as usize) {
+                let v = e.vector();
+                crate::vector::prefetch_bytes(v.as_ptr().cast(), std::mem::size_of_val(v));
+            }
+        }
     }
 }
 

@@ -4,9 +4,9 @@
 //! [FILE]` (N 384-d vectors of `bench shard`'s clustered set, default 100,000; the graph is
 //! kept in FILE when given, and read from it when it is there, so that two builds of the code
 //! can be compared on the same graph).
-use ragfleet_index::eval::clustered_with;
+use ragfleet_index::eval::bench_shard_set;
 use ragfleet_index::hnsw::{GraphMemory, Hnsw, HnswParams};
-use ragfleet_index::vector::{dot, normalize};
+use ragfleet_index::vector::dot;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -16,18 +16,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .and_then(|a| a.parse().ok())
         .unwrap_or(100_000);
     let dim = 384;
-    let norm = |mut v: Vec<f32>| {
-        normalize(&mut v);
-        v
-    };
-    let data: Vec<Vec<f32>> = clustered_with(n, dim, 50, 24, 0.1, 7, 1)
-        .into_iter()
-        .map(norm)
-        .collect();
-    let queries: Vec<Vec<f32>> = clustered_with(2000, dim, 50, 24, 0.1, 7, u64::MAX - 1)
-        .into_iter()
-        .map(norm)
-        .collect();
+    let data = bench_shard_set(n, dim, 1);
+    let queries = bench_shard_set(2000, dim, u64::MAX - 1);
     let dir = tempfile::tempdir()?;
     let path = std::env::args()
         .nth(2)

@@ -4,9 +4,9 @@
 //! kept in FILE and read from it when it is there; BEAMS comma-separated, default 16,6,4,3;
 //! 1,000 queries, the true neighbours by exact search; the best of three rounds).
 use ragfleet_index::ann::exact_top_k;
-use ragfleet_index::eval::clustered_with;
+use ragfleet_index::eval::bench_shard_set;
 use ragfleet_index::hnsw::{GraphMemory, Hnsw, HnswParams};
-use ragfleet_index::vector::{dot, normalize};
+use ragfleet_index::vector::dot;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -21,18 +21,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .map(|b| b.parse())
         .collect::<Result<_, _>>()?;
     let dim = 384;
-    let norm = |mut v: Vec<f32>| {
-        normalize(&mut v);
-        v
-    };
-    let data: Vec<Vec<f32>> = clustered_with(n, dim, 50, 24, 0.1, 7, 1)
-        .into_iter()
-        .map(norm)
-        .collect();
-    let queries: Vec<Vec<f32>> = clustered_with(1000, dim, 50, 24, 0.1, 7, u64::MAX - 1)
-        .into_iter()
-        .map(norm)
-        .collect();
+    let data = bench_shard_set(n, dim, 1);
+    let queries = bench_shard_set(1000, dim, u64::MAX - 1);
     if !path.exists() {
         let flat: Vec<f32> = data.iter().flatten().copied().collect();
         let threads = std::thread::available_parallelism().map_or(1, |t| t.get());

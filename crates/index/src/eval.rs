@@ -60,6 +60,18 @@ pub fn clustered_with(
         .collect()
 }
 
+/// `bench shard`'s set at unit length: [`clustered_with`] 50 clusters of 24 directions, noise
+/// 0.1, seed 7 (`draw` 1 for the vectors, `u64::MAX - 1` for the queries).
+pub fn bench_shard_set(n: usize, dim: usize, draw: u64) -> Vec<Vec<f32>> {
+    clustered_with(n, dim, 50, 24, 0.1, 7, draw)
+        .into_iter()
+        .map(|mut v| {
+            crate::vector::normalize(&mut v);
+            v
+        })
+        .collect()
+}
+
 /// One single-chunk upsert per vector (`d{i}`, text from `texts` when given).
 pub fn upserts(vectors: Vec<Vec<f32>>, texts: Option<&[String]>) -> Vec<WriteOp> {
     vectors

@@ -1,27 +1,66 @@
-//! How long a shard's folder takes to open (every file's checksum read, the chunks' ids and
-//! maps rebuilt, graphs mapped and checked) and what the process then holds: `cargo run
-//! --release -p ragfleet-index --example open_time -- DIR` on a folder a `bench shard --dir`
-//! left (its `<size>` subfolder). Run it twice to see a warm page cache against a cold one
-//! (`echo 3 > /proc/sys/vm/drop_caches` between, as root).
+//! How long a shard's folder takes to open again (every file's checksum read, the chunks'
+//! sequence numbers and maps rebuilt, graphs mapped and checked): `cargo run --release -p
+//! ragfleet-index --example open_time -- N` writes N one-chunk documents of `bench shard`'s
+//! 384-d set through a shard's write path (segments of 2,048, merged in the foreground), closes
+//! it, and opens it twice (the page cache warm from the writes).
+use ragfleet_index::eval::{bench_shard_set, upserts};
 use ragfleet_index::{IndexSettings, ShardIndex};
+use ragfleet_proto::ModelIdentity;
 use std::time::Instant;
 
 fn main() {
-    let dir = std::env::args().nth(1).expect("a shard folder");
-    let t = Instant::now();
+    let n: usize = std::env::args()
+        .nth(1)
+        .map_or(100_000, |s| s.parse().expect("a chunk count"));
+    let dim = 384;
+    let dir = tempfile::tempdir().expect("a temporary folder");
+    let model = ModelIdentity {
+        name: "bench-synthetic".into(),
+        weights_sha256: "00".repeat(32),
+        dim: dim as u32,
+        max_len: 256,
+        pooling: "mean".into(),
+        normalized: true,
+    };
     let settings = IndexSettings {
+        segment_size: 2048,
         background: false,
         ..Default::default()
     };
-    let (ix, report) = ShardIndex::open(std::path::Path::new(&dir), settings).unwrap();
-    let opened = t.elapsed().as_secs_f64();
     let t = Instant::now();
-    ix.wait_for_graphs(std::time::Duration::from_secs(3600));
-    println!(
-        "{} chunks in {} segments: opened in {opened:.2} s, graphs ready {:.2} s later; problems: {:?}",
-        ix.chunk_count(),
-        report.segments,
-        t.elapsed().as_secs_f64(),
-        report.problems
-    );
+    {
+        let (mut ix, _) = ShardIndex::open(dir.path(), settings.clone()).expect("open");
+        for start in (0..n).step_by(10_000) {
+            let count = 10_000.min(n - start);
+            let mut ops = upserts(bench_shard_set(count, dim, start as u64 + 1), None);
+            for (j, op) in ops.iter_mut().enumerate() {
+                if let ragfleet_proto::WriteOp::Upsert { doc_id, chunks, .. } = op {
+                    *doc_id = format!("d{}", start + j);
+                    chunks[0].doc_id = doc_id.clone();
+                    chunks[0].chunk_id = format!("{doc_id}#0");
+                    chunks[0].text = format!("text of chunk {}", start + j);
+                }
+            }
+            ix.write(ops, &model).expect("write");
+        }
+        ix.seal().expect("seal");
+        println!(
+            "{n} chunks written in {:.1} s ({} segments)",
+            t.elapsed().as_secs_f64(),
+            ix.segment_stats().0
+        );
+    }
+    for round in 1..=2 {
+        let t = Instant::now();
+        let (ix, report) = ShardIndex::open(dir.path(), settings.clone()).expect("reopen");
+        let opened = t.elapsed().as_secs_f64();
+        ix.wait_for_graphs(std::time::Duration::from_secs(3600));
+        println!(
+            "open {round}: {} chunks in {} segments opened in {opened:.2} s, graphs ready {:.2} s after the start; problems: {:?}",
+            ix.chunk_count(),
+            report.segments,
+            t.elapsed().as_secs_f64(),
+            report.problems
+        );
+    }
 }

@@ -3,10 +3,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use ragfleet_index::ann::exact_top_k;
-use ragfleet_index::eval::clustered_with;
+use ragfleet_index::eval::{clustered_with, synthetic_model};
 use ragfleet_index::vector::normalize;
 use ragfleet_index::{AnnKind, IndexSettings, ShardIndex};
-use ragfleet_proto::{ChunkRecord, ModelIdentity, SearchMode, SearchQuery, WriteOp};
+use ragfleet_proto::{ChunkRecord, SearchMode, SearchQuery, WriteOp};
 
 use crate::eval_answers::percentile;
 use rand::{Rng, SeedableRng};
@@ -54,17 +54,6 @@ pub struct ShardBench {
     /// walked from its file).
     #[arg(long)]
     graph_memory_mb: Option<u64>,
-}
-
-fn model(dim: usize) -> ModelIdentity {
-    ModelIdentity {
-        name: "bench-synthetic".into(),
-        weights_sha256: "00".repeat(32),
-        dim: dim as u32,
-        max_len: 256,
-        pooling: "mean".into(),
-        normalized: true,
-    }
 }
 
 /// A Zipf-distributed vocabulary sampler (s = 1), so that BM25 sees common and rare terms.
@@ -236,7 +225,7 @@ pub fn run(b: ShardBench) -> Result<()> {
                 .enumerate()
                 .map(|(j, v)| upsert(format!("d{}", start + j), v.clone(), zipf.text(&mut rng)))
                 .collect();
-            ix.write(ops, &model(b.dim))?;
+            ix.write(ops, &synthetic_model(b.dim))?;
             ix.maintain()?;
             vectors.extend(vs);
         }
@@ -438,7 +427,7 @@ fn during_merge(
             .map(|(j, v)| upsert(format!("m{}", next + j), v, zipf.text(&mut rng)))
             .collect();
         next += 512;
-        ix.write(ops, &model(dim))?;
+        ix.write(ops, &synthetic_model(dim))?;
         ix.maintain()?;
     }
     let (secs, figures) = while_merging(ix, dense, &mut quiet)?;

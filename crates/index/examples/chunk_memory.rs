@@ -3,8 +3,9 @@
 //! ids like `document-00000001#0`) into a shard, seals them into one segment with its graph,
 //! and prints the bytes the process's heap holds per chunk beyond what it held before (the
 //! graph's share apart); then again after half the documents are deleted and sealed away.
+use ragfleet_index::eval::synthetic_model;
 use ragfleet_index::{IndexSettings, ShardIndex};
-use ragfleet_proto::{ChunkRecord, ModelIdentity, WriteOp};
+use ragfleet_proto::{ChunkRecord, WriteOp};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
@@ -36,14 +37,7 @@ fn main() {
     let n: usize = args.next().map_or(1_000_000, |s| s.parse().unwrap());
     let per_doc: usize = args.next().map_or(1, |s| s.parse().unwrap());
     let dir = tempfile::tempdir().unwrap();
-    let model = ModelIdentity {
-        name: "m".into(),
-        weights_sha256: "0".into(),
-        dim: 8,
-        max_len: 16,
-        pooling: "mean".into(),
-        normalized: true,
-    };
+    let model = synthetic_model(8);
     let settings = IndexSettings {
         segment_size: 1 << 30,
         background: false,

@@ -3,9 +3,8 @@
 //! ragfleet-index --example open_time -- N` writes N one-chunk documents of `bench shard`'s
 //! 384-d set through a shard's write path (segments of 2,048, merged in the foreground), closes
 //! it, and opens it twice (the page cache warm from the writes).
-use ragfleet_index::eval::{bench_shard_set, upserts};
+use ragfleet_index::eval::{bench_shard_set, synthetic_model, upserts};
 use ragfleet_index::{IndexSettings, ShardIndex};
-use ragfleet_proto::ModelIdentity;
 use std::time::Instant;
 
 fn main() {
@@ -14,14 +13,7 @@ fn main() {
         .map_or(100_000, |s| s.parse().expect("a chunk count"));
     let dim = 384;
     let dir = tempfile::tempdir().expect("a temporary folder");
-    let model = ModelIdentity {
-        name: "bench-synthetic".into(),
-        weights_sha256: "00".repeat(32),
-        dim: dim as u32,
-        max_len: 256,
-        pooling: "mean".into(),
-        normalized: true,
-    };
+    let model = synthetic_model(dim);
     let settings = IndexSettings {
         segment_size: 2048,
         background: false,

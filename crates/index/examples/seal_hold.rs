@@ -3,8 +3,9 @@
 //! one-chunk documents (8-d vectors) into one sealed segment, deletes half of them, then
 //! deletes one more before each of eight seals and prints each seal's time and the deletion
 //! records' files.
+use ragfleet_index::eval::synthetic_model;
 use ragfleet_index::{IndexSettings, ShardIndex};
-use ragfleet_proto::{ChunkRecord, ModelIdentity, WriteOp};
+use ragfleet_proto::{ChunkRecord, WriteOp};
 use std::time::Instant;
 
 fn main() {
@@ -13,14 +14,7 @@ fn main() {
         .map(|s| s.parse().unwrap())
         .unwrap_or(200_000);
     let dir = tempfile::tempdir().unwrap();
-    let model = ModelIdentity {
-        name: "m".into(),
-        weights_sha256: "0".into(),
-        dim: 8,
-        max_len: 16,
-        pooling: "mean".into(),
-        normalized: true,
-    };
+    let model = synthetic_model(8);
     let settings = IndexSettings {
         segment_size: 1 << 30,
         background: true,

@@ -2,7 +2,7 @@
 //! clustered synthetic vectors shaped like real embeddings (tests and benchmarks share these).
 use rand::{Rng, SeedableRng};
 
-use ragfleet_proto::{ChunkRecord, Hit, SearchQuery, WriteOp};
+use ragfleet_proto::{ChunkRecord, Hit, ModelIdentity, SearchQuery, WriteOp};
 
 use crate::{IndexError, ShardIndex};
 
@@ -58,6 +58,19 @@ pub fn clustered_with(
                 .collect()
         })
         .collect()
+}
+
+/// The model identity synthetic vectors of `dim` dimensions are written with (benches,
+/// examples).
+pub fn synthetic_model(dim: usize) -> ModelIdentity {
+    ModelIdentity {
+        name: "bench-synthetic".into(),
+        weights_sha256: "00".repeat(32),
+        dim: dim as u32,
+        max_len: 256,
+        pooling: "mean".into(),
+        normalized: true,
+    }
 }
 
 /// `bench shard`'s set at unit length: [`clustered_with`] 50 clusters of 24 directions, noise

@@ -661,25 +661,12 @@ impl Hnsw {
         row[0].store(count as u32, Relaxed);
     }
 
+    /// Asks for every cache line of node `i`'s code, not only its first: a dot product reads
+    /// them all at once, before the hardware's prefetchers see the pattern.
     #[inline]
     fn prefetch(&self, i: u32) {
-        #[cfg(target_arch = "x86_64")]
-        {
-            let p = self.codes.as_ptr().wrapping_add(i as usize * self.dim);
-            // every cache line of the code, not only its first: a dot product reads them all
-            // at once, before the hardware's prefetchers see the pattern
-            for line in 0..self.dim.div_ceil(64) {
-                // SAFETY: prefetching is a hint; it never faults, whatever the address.
-                unsafe {
-                    std::arch::x86_64::_mm_prefetch(
-                        p.wrapping_add(line * 64),
-                        std::arch::x86_64::_MM_HINT_T0,
-                    )
-                };
-            }
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        let _ = i;
+        let p = self.codes.as_ptr().wrapping_add(i as usize * self.dim);
+        crate::vector::prefetch_bytes(p.cast(), self.dim);
     }
 
     /// Asks for node `i`'s level-0 row ahead of its expansion: a node joins the candidates
@@ -687,24 +674,9 @@ impl Hnsw {
     /// stalling the walk (in a large graph nearly every row is a miss to memory).
     #[inline]
     fn prefetch_row(&self, i: u32) {
-        #[cfg(target_arch = "x86_64")]
-        {
-            let w = self.m0() + 1;
-            let start = self.layer0.as_ptr().wrapping_add(i as usize * w) as *const i8;
-            let first = start as usize & !63;
-            let last = (start as usize + w * 4 - 1) & !63;
-            for line in (first..=last).step_by(64) {
-                // SAFETY: prefetching is a hint; it never faults, whatever the address.
-                unsafe {
-                    std::arch::x86_64::_mm_prefetch(
-                        line as *const i8,
-                        std::arch::x86_64::_MM_HINT_T0,
-                    )
-                };
-            }
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        let _ = i;
+        let w = self.m0() + 1;
+        let start = self.layer0.as_ptr().wrapping_add(i as usize * w);
+        crate::vector::prefetch_bytes(start.cast(), w * 4);
     }
 
     /// The `beam` nearest found on level `down_to + 1`, going down from the entry point with

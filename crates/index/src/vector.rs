@@ -246,6 +246,25 @@ impl instant_distance::Point for UnitVector {
     }
 }
 
+/// Asks the cache for the lines of `len` bytes at `p` (a hint: it never faults, whatever the
+/// address), so that their misses overlap with whatever comes before they are read.
+#[inline]
+pub(crate) fn prefetch_bytes(p: *const u8, len: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let first = p as usize & !63;
+        let last = (p as usize).wrapping_add(len.max(1) - 1) & !63;
+        for line in (first..=last).step_by(64) {
+            // SAFETY: prefetching is a hint; it never faults, whatever the address.
+            unsafe {
+                std::arch::x86_64::_mm_prefetch(line as *const i8, std::arch::x86_64::_MM_HINT_T0)
+            };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (p, len);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -322,23 +341,4 @@ mod tests {
             assert_eq!(v, once, "n={n}");
         }
     }
-}
-
-/// Asks the cache for the lines of `len` bytes at `p` (a hint: it never faults, whatever the
-/// address), so that their misses overlap with whatever comes before they are read.
-#[inline]
-pub(crate) fn prefetch_bytes(p: *const u8, len: usize) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        let first = p as usize & !63;
-        let last = (p as usize).wrapping_add(len.max(1) - 1) & !63;
-        for line in (first..=last).step_by(64) {
-            // SAFETY: prefetching is a hint; it never faults, whatever the address.
-            unsafe {
-                std::arch::x86_64::_mm_prefetch(line as *const i8, std::arch::x86_64::_MM_HINT_T0)
-            };
-        }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = (p, len);
 }

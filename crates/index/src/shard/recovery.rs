@@ -174,19 +174,18 @@ impl ShardIndex {
     /// Recomputes document liveness and slots from the sealed segments and tombstones.
     pub(super) fn rebuild_liveness(&mut self) {
         self.changed();
-        let mut latest: HashMap<String, u64> = HashMap::new();
-        for seg in &self.sealed {
-            for e in &seg.entries {
-                let s = latest.entry(e.doc_id().to_string()).or_insert(0);
-                *s = (*s).max(e.seq);
-            }
+        let sealed = self.sealed.clone();
+        // keyed by the ids as the chunks hold them (a mapped chunk's in its file): no copy
+        let mut latest: HashMap<&str, u64> = HashMap::new();
+        for e in sealed.iter().flat_map(|s| s.entries.iter()) {
+            let s = latest.entry(e.doc_id()).or_insert(0);
+            *s = (*s).max(e.seq);
         }
-        latest.retain(|doc, seq| self.tombstones.get(doc).is_none_or(|t| *t < *seq));
+        latest.retain(|doc, seq| self.tombstones.get(*doc).is_none_or(|t| *t < *seq));
         self.docs.clear();
         self.slots.clear();
         self.bm25 = Bm25::default();
         let live = |e: &Entry| latest.get(e.doc_id()) == Some(&e.seq);
-        let sealed = self.sealed.clone();
         for e in sealed.iter().flat_map(|s| s.entries.iter()) {
             if live(e) {
                 self.add_live(e.clone());

@@ -1,8 +1,9 @@
 //! Search time, recall@10 and the worst query's neighbours found, by the beam of the levels
 //! above level 0 and by `ef`, on one graph: `cargo run --release -p ragfleet-index --example
-//! upper_beam -- N FILE [BEAMS]` (N 384-d vectors of `bench shard`'s clustered set; the graph is
-//! kept in FILE and read from it when it is there; BEAMS comma-separated, default 16,6,4,3;
-//! 1,000 queries, the true neighbours by exact search; the best of three rounds).
+//! upper_beam -- N FILE [BEAMS] [M] [EFC]` (N 384-d vectors of `bench shard`'s clustered set;
+//! the graph, of degree M (default 16) and construction beam EFC (default 100), is kept in FILE and read from it when it is there; BEAMS
+//! comma-separated, default 16,6,4,3; 1,000 queries, the true neighbours by exact search; the
+//! best of three rounds).
 use ragfleet_index::ann::exact_top_k;
 use ragfleet_index::eval::bench_shard_set;
 use ragfleet_index::hnsw::{GraphMemory, Hnsw, HnswParams};
@@ -20,6 +21,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .split(',')
         .map(|b| b.parse())
         .collect::<Result<_, _>>()?;
+    let m: usize = args.next().map_or(Ok(16), |m| m.parse())?;
+    let ef_construction: usize = args.next().map_or(Ok(100), |m| m.parse())?;
     let dim = 384;
     let data = bench_shard_set(n, dim, 1);
     let queries = bench_shard_set(1000, dim, u64::MAX - 1);
@@ -27,7 +30,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let flat: Vec<f32> = data.iter().flatten().copied().collect();
         let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
         let t = Instant::now();
-        let built = Hnsw::build(dim, &flat, HnswParams::default(), threads);
+        let built = Hnsw::build(
+            dim,
+            &flat,
+            HnswParams {
+                m,
+                ef_construction,
+                ..HnswParams::default()
+            },
+            threads,
+        );
         println!("built in {:.1} s", t.elapsed().as_secs_f64());
         std::fs::write(&path, built.to_bytes_at(0))?;
     }
@@ -40,7 +52,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let budget: &'static GraphMemory = Box::leak(Box::new(GraphMemory::new(usize::MAX)));
     g.into_memory(budget);
     for &beam in &beams {
-        for ef in [24, 32, 48, 64] {
+        for ef in [16, 24, 32, 40, 48, 64] {
             let (mut best, mut found, mut worst) = (f64::INFINITY, 0, 10);
             for round in 0..3 {
                 let t = Instant::now();

@@ -26,7 +26,10 @@ pub use files::{read_checked, write_checked};
 pub use lock::DirLock;
 pub use ranking::{merge_top_k, rrf, sort_hits};
 pub use segment::AnnKind;
-pub use shard::{IndexSettings, PullPlan, RecoveryReport, ShardIndex, IDLE_SEAL_MIN_CHUNKS};
+pub use shard::{
+    IndexSettings, PreparedSeal, PullPlan, RecoveryReport, ShardIndex, SharedShard,
+    IDLE_SEAL_MIN_CHUNKS,
+};
 pub use wal::{Wal, WalRecovery};
 
 /// Errors of the index layer.

@@ -9,12 +9,12 @@
 //! ([`Request::Digest`]), so replicas that agree exchange two numbers.
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use ragfleet_client::{groups, RoleMsg};
-use ragfleet_index::{IndexSettings, ShardIndex};
+use ragfleet_index::{IndexSettings, ShardIndex, SharedShard};
 use ragfleet_proto::{
     ActorInfo, ReplicaState, Request, Response, Role, SearchAnswer, WireError, WriteOp,
 };
@@ -57,7 +57,8 @@ type PendingWrite = (
 
 #[derive(Debug)]
 struct Shared {
-    index: RwLock<ShardIndex>,
+    /// Searches read it beside writes' log appends and seals' file writes (see [`SharedShard`]).
+    index: SharedShard,
     state: Mutex<ReplicaState>,
     counts: Mutex<(u64, u64, u64)>,
     /// Writes queued for the next group commit (see [`commit_writes`]).
@@ -135,12 +136,12 @@ impl Actor for ShardActor {
             warn!(shard = args.shard, problem = %p, "recovery found a problem");
         }
         let shared = Arc::new(Shared {
-            index: RwLock::new(index),
+            index: SharedShard::new(index),
             state: Mutex::new(ReplicaState::CatchingUp),
             counts: Mutex::new((0, 0, 0)),
             pending: Mutex::new(Vec::new()),
         });
-        shared.refresh_counts(&shared.index.read().expect("index"));
+        shared.refresh_counts(&shared.index.read());
         ractor::pg::join(groups::shard(args.shard), vec![myself.get_cell()]);
         let catch_up = Some(OwnedTask(tokio::spawn(catch_up(
             myself.clone(),
@@ -233,13 +234,13 @@ impl Actor for ShardActor {
             }
             Request::Versions => {
                 tokio::task::spawn_blocking(move || {
-                    let v = shared.index.read().expect("index").versions();
+                    let v = shared.index.read().versions();
                     reply(port, Response::Versions(v));
                 });
             }
             Request::Digest => {
                 tokio::task::spawn_blocking(move || {
-                    let ix = shared.index.read().expect("index");
+                    let ix = shared.index.read();
                     let r = Response::Digest {
                         digest: ix.digest(),
                         docs: ix.doc_count(),
@@ -260,7 +261,7 @@ impl Actor for ShardActor {
                     return Ok(());
                 }
                 tokio::task::spawn_blocking(move || {
-                    let ix = shared.index.read().expect("index");
+                    let ix = shared.index.read();
                     let (ops, covered) = ix.fetch_bounded(&doc_ids, FETCH_BYTES);
                     let r = Response::Fetched {
                         ops,
@@ -289,10 +290,10 @@ async fn maintain(shard: u32, shared: Arc<Shared>) {
         tick.tick().await;
         let s = shared.clone();
         let r = tokio::task::spawn_blocking(move || {
-            if !s.index.read().expect("index").needs_maintenance() {
+            if !s.index.read().needs_maintenance() {
                 return Ok(false);
             }
-            s.index.write().expect("index").maintain()
+            s.index.maintain()
         })
         .await;
         match r {
@@ -338,7 +339,7 @@ fn search(
     known: Option<u64>,
 ) -> Result<(u64, SearchAnswer), ragfleet_index::IndexError> {
     let t = Instant::now();
-    let ix = shared.index.read().expect("index");
+    let ix = shared.index.read();
     let digest = ix.digest();
     if known == Some(digest) {
         return Ok((digest, SearchAnswer::Unchanged));
@@ -353,30 +354,26 @@ fn search(
     Ok((digest, answer))
 }
 
-/// Group commit (blocking): whoever holds the index lock first logs every queued write with
-/// one fsync and answers each; a task that finds the queue emptied by an earlier one has
-/// nothing left to do. Concurrent writes (ingest keeps several in flight, from every
-/// coordinator) thus share fsyncs, and nothing is answered before it is durable.
+/// Group commit (blocking): whoever takes the index's writer role first logs every queued
+/// write with one fsync (beside the searches), applies them (the only moment searches wait)
+/// and answers each; a task that finds the queue emptied by an earlier one has nothing left to
+/// do. Concurrent writes (ingest keeps several in flight, from every coordinator) thus share
+/// fsyncs, and nothing is answered before it is durable and applied.
 fn commit_writes(shared: &Shared) {
-    let mut ix = shared.index.write().expect("index");
-    let group = std::mem::take(&mut *shared.pending.lock().expect("pending"));
-    if group.is_empty() {
+    let done = shared.index.write_queued(|| {
+        std::mem::take(&mut *shared.pending.lock().expect("pending"))
+            .into_iter()
+            .map(|(ops, model, port, span)| (ops, model, (port, span)))
+            .collect()
+    });
+    if done.is_empty() {
         return;
     }
-    let mut ops = Vec::with_capacity(group.len());
-    let mut answers = Vec::with_capacity(group.len());
-    for (o, model, port, span) in group {
-        ops.push((o, model));
-        answers.push((port, span));
+    shared.refresh_counts(&shared.index.read());
+    if done.len() > 1 {
+        tracing::debug!(writes = done.len(), "group commit");
     }
-    let n = ops.len();
-    let results = ix.write_group(ops);
-    shared.refresh_counts(&ix);
-    drop(ix);
-    if n > 1 {
-        tracing::debug!(writes = n, "group commit");
-    }
-    for ((port, span), r) in answers.into_iter().zip(results) {
+    for ((port, span), r) in done {
         let _in = span.as_ref().map(|s| s.enter());
         reply(port, written(r));
     }
@@ -393,11 +390,10 @@ fn written(r: Result<u64, ragfleet_index::IndexError>) -> Response {
 fn apply_write(
     shared: &Shared,
     port: ractor::RpcReplyPort<ragfleet_client::Envelope<Response>>,
-    write: impl FnOnce(&mut ShardIndex) -> Result<u64, ragfleet_index::IndexError>,
+    write: impl FnOnce(&SharedShard) -> Result<u64, ragfleet_index::IndexError>,
 ) {
-    let mut ix = shared.index.write().expect("index");
-    let r = write(&mut ix);
-    shared.refresh_counts(&ix);
+    let r = write(&shared.index);
+    shared.refresh_counts(&shared.index.read());
     reply(port, written(r));
 }
 
@@ -484,7 +480,7 @@ async fn anti_entropy(
     tick.tick().await; // the first tick is immediate: catch-up has just run
     let digest = || {
         let s = shared.clone();
-        tokio::task::spawn_blocking(move || s.index.read().expect("index").digest())
+        tokio::task::spawn_blocking(move || s.index.read().digest())
     };
     loop {
         tick.tick().await;
@@ -543,10 +539,9 @@ async fn pull(peer: &ActorRef<RoleMsg>, shared: &Arc<Shared>) -> Result<Pulled, 
     };
     let peer_docs = versions.live.len();
     let s = shared.clone();
-    let plan =
-        tokio::task::spawn_blocking(move || s.index.read().expect("index").plan_pull(&versions))
-            .await
-            .map_err(|e| e.to_string())?;
+    let plan = tokio::task::spawn_blocking(move || s.index.read().plan_pull(&versions))
+        .await
+        .map_err(|e| e.to_string())?;
     let mut done = Pulled {
         peer_docs,
         ..Pulled::default()
@@ -575,9 +570,12 @@ async fn apply(
     }
     let (s, model) = (shared.clone(), model.clone());
     tokio::task::spawn_blocking(move || {
-        let mut ix = s.index.write().expect("index");
-        let r = ix.write(ops, &model).map(|_| ()).map_err(|e| e.to_string());
-        s.refresh_counts(&ix);
+        let r = s
+            .index
+            .write(ops, &model)
+            .map(|_| ())
+            .map_err(|e| e.to_string());
+        s.refresh_counts(&s.index.read());
         r
     })
     .await

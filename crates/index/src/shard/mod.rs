@@ -10,10 +10,13 @@ mod merge;
 mod recovery;
 mod seal;
 mod search;
+mod shared;
 mod sync;
 mod write;
 
 pub(crate) use codec::decode_entries;
+pub use seal::PreparedSeal;
+pub use shared::SharedShard;
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -281,7 +284,10 @@ pub struct ShardIndex {
     _lock: crate::DirLock,
     dir: PathBuf,
     settings: IndexSettings,
-    wal: Wal,
+    /// The write-ahead log and the writes logged to it but not applied yet: logging takes a
+    /// shared borrow of the index (searches go on while the log is written and fsynced),
+    /// applying an exclusive one (see [`ShardIndex::log_group`]).
+    log: std::sync::Mutex<write::LogState>,
     model: Option<ModelIdentity>,
     last_seq: u64,
     sealed_seq: u64,
@@ -366,7 +372,7 @@ impl ShardIndex {
 
     /// Durable log appends (one fsync each) since this index was opened.
     pub fn log_syncs(&self) -> u64 {
-        self.wal.syncs()
+        self.log_state().wal.syncs()
     }
 
     /// Last applied sequence number.

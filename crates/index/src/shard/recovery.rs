@@ -36,7 +36,7 @@ impl ShardIndex {
             _lock: lock,
             dir: dir.to_path_buf(),
             settings,
-            wal,
+            log: std::sync::Mutex::new(write::LogState::new(wal)),
             model: manifest.model.clone(),
             last_seq: manifest.last_seq,
             sealed_seq: manifest.last_seq,

@@ -12,21 +12,73 @@ fn shrink_sparse<K: Eq + std::hash::Hash, V>(map: &mut HashMap<K, V>) {
     }
 }
 
+/// A seal's files, written and not referred to yet (see [`ShardIndex::prepare_seal`]).
+#[derive(Debug)]
+pub struct PreparedSeal {
+    id: u64,
+    seg: Option<Segment>,
+    /// The growing segment it was written from: its length and first chunk.
+    len: usize,
+    first: Option<Arc<Entry>>,
+}
+
 impl ShardIndex {
     /// Seals the growing segment: writes it and a new manifest, empties the log, and builds the
     /// segment's graph in the background. Then runs the merge policy ([`ShardIndex::maintain`]).
     /// A failed seal leaves the index as it was (the growing segment searchable, the log
-    /// intact); the files it did write are unreferenced and removed.
+    /// intact); the files it did write are unreferenced and removed. Writes logged and not
+    /// applied yet are applied first (the log is emptied).
     pub fn seal(&mut self) -> Result<(), IndexError> {
-        if !self.growing.is_empty() {
-            let id = self.next_segment_id;
-            let seg = match self.write_segment(id, &self.growing) {
-                Ok(seg) => Arc::new(seg),
+        self.apply_logged();
+        let prepared = self.prepare_seal()?;
+        self.commit_seal(prepared)
+    }
+
+    /// The first half of a [`seal`](Self::seal), under a shared borrow (searches go on): writes
+    /// the growing segment's data and postings files. Nothing refers to them until
+    /// [`commit_seal`](Self::commit_seal).
+    pub fn prepare_seal(&self) -> Result<PreparedSeal, IndexError> {
+        let id = self.next_segment_id;
+        let seg = if self.growing.is_empty() {
+            None
+        } else {
+            match self.write_segment(id, &self.growing) {
+                Ok(seg) => Some(seg),
                 Err(e) => {
                     self.remove_segment_files(id);
                     return Err(e);
                 }
-            };
+            }
+        };
+        Ok(PreparedSeal {
+            id,
+            seg,
+            len: self.growing.len(),
+            first: self.growing.first().cloned(),
+        })
+    }
+
+    /// The second half of a [`seal`](Self::seal) (exclusive: a few renames, the manifest and
+    /// the log's reset). When the growing segment changed since `prepared` was written, or
+    /// writes were logged meanwhile, the files are dropped and the seal is done whole here.
+    pub fn commit_seal(&mut self, prepared: PreparedSeal) -> Result<(), IndexError> {
+        let unchanged = prepared.id == self.next_segment_id
+            && prepared.len == self.growing.len()
+            && match (&prepared.first, self.growing.first()) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                (None, None) => true,
+                _ => false,
+            }
+            && !self.log_state().has_queued();
+        if !unchanged {
+            if prepared.seg.is_some() {
+                drop(prepared.seg);
+                self.remove_segment_files(prepared.id);
+            }
+            return self.seal();
+        }
+        if let Some(seg) = prepared.seg {
+            let seg = Arc::new(seg);
             // until its graph is built (in the background, at a lower priority than the
             // searches), the segment is scanned from the codes the growing segment kept
             if let Some(codes) = self.growing.take_codes() {
@@ -44,7 +96,11 @@ impl ShardIndex {
         self.sealed_seq = self.last_seq;
         self.purge_deletions()?;
         self.write_manifest()?;
-        self.wal.reset()?;
+        self.log
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .wal
+            .reset()?;
         self.generation += 1;
         // a mass delete leaves the maps at the room their largest size took
         shrink_sparse(&mut self.docs);

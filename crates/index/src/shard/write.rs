@@ -2,6 +2,37 @@
 //! in-memory apply.
 use super::*;
 
+/// The write-ahead log and what was logged to it but not applied yet.
+#[derive(Debug)]
+pub(super) struct LogState {
+    pub(super) wal: Wal,
+    /// The last sequence number logged (applied or not; 0 before the first log here).
+    logged_seq: u64,
+    /// Logged, not applied yet, in order.
+    queued: Vec<WalRecord>,
+    /// The newest version of each document in `queued`.
+    versions: HashMap<String, u64>,
+    /// The model a queued write pinned, while the index has none.
+    model: Option<ModelIdentity>,
+}
+
+impl LogState {
+    pub(super) fn new(wal: Wal) -> LogState {
+        LogState {
+            wal,
+            logged_seq: 0,
+            queued: Vec::new(),
+            versions: HashMap::new(),
+            model: None,
+        }
+    }
+
+    /// Whether writes were logged and not applied yet.
+    pub(super) fn has_queued(&self) -> bool {
+        !self.queued.is_empty()
+    }
+}
+
 impl ShardIndex {
     /// Adds a chunk of the growing segment (indexed for BM25 in memory).
     pub(super) fn add_slot(&mut self, e: Arc<Entry>) {
@@ -90,7 +121,18 @@ impl ShardIndex {
 
     /// Deletes documents durably at `version` (no model check: deletions carry no vectors).
     pub fn delete(&mut self, doc_ids: &[String], version: u64) -> Result<u64, IndexError> {
-        let Some(model) = self.model.clone() else {
+        let r = self.log_delete(doc_ids, version);
+        self.apply_logged();
+        r
+    }
+
+    /// [`delete`](Self::delete)'s logging half (see [`log_group`](Self::log_group)).
+    pub fn log_delete(&self, doc_ids: &[String], version: u64) -> Result<u64, IndexError> {
+        let model = self
+            .model
+            .clone()
+            .or_else(|| self.log_state().model.clone());
+        let Some(model) = model else {
             return Ok(self.last_seq); // nothing was ever written
         };
         let ops = doc_ids
@@ -100,7 +142,9 @@ impl ShardIndex {
                 version,
             })
             .collect();
-        self.write(ops, &model)
+        self.log_group(vec![(ops, model)])
+            .pop()
+            .expect("one result a write")
     }
 
     /// Validates, logs durably (fsync) and applies `ops`; returns the last sequence number.
@@ -115,17 +159,42 @@ impl ShardIndex {
     /// Group commit: several writes (each as [`write`](Self::write) would take it) logged with
     /// one fsync, then applied in order; one result each, the last sequence number of that
     /// write or why it was refused. A refused write (bad input, another model) refuses alone;
-    /// a log that cannot be written refuses them all and applies none.
+    /// a log that cannot be written refuses them all and applies none. Seals the growing
+    /// segment when it is full.
     pub fn write_group(
         &mut self,
         group: Vec<(Vec<WriteOp>, ModelIdentity)>,
     ) -> Vec<Result<u64, IndexError>> {
+        let results = self.log_group(group);
+        self.apply_logged();
+        if self.seal_due() {
+            // the writes are durable (logged) and applied whatever happens here: a seal that
+            // fails (disk full) leaves the growing segment and the log as they were, and the
+            // next write tries again
+            if let Err(e) = self.seal() {
+                warn!(dir = %self.dir.display(), error = %e, "seal failed; the growing segment stays in memory and in the log");
+            }
+        }
+        results
+    }
+
+    /// The first half of [`write_group`](Self::write_group), under a shared borrow: validates
+    /// the writes and logs them durably (one fsync), without applying them, so that a replica
+    /// keeps serving searches while its log is written. What it logged is applied by the next
+    /// [`apply_logged`](Self::apply_logged) (or seal), in the order it was logged, and nothing
+    /// may be acknowledged before that. Logging calls are serialised among themselves; each
+    /// checks versions against what is applied and what is logged before it.
+    pub fn log_group(
+        &self,
+        group: Vec<(Vec<WriteOp>, ModelIdentity)>,
+    ) -> Vec<Result<u64, IndexError>> {
+        let mut log = self.log_state();
         // one result a write: refused, answered without logging, or (Ok(0)) to be logged
         let mut results: Vec<Result<u64, IndexError>> = Vec::with_capacity(group.len());
         // (index in `group`, its record)
         let mut records: Vec<(usize, WalRecord)> = Vec::new();
-        let mut pinned = self.model.clone();
-        let mut next_seq = self.last_seq + 1;
+        let mut pinned = self.model.clone().or_else(|| log.model.clone());
+        let mut next_seq = self.last_seq.max(log.logged_seq) + 1;
         // the newest version of each document in this group so far
         let mut newest: HashMap<String, u64> = HashMap::new();
         for (i, (mut ops, model)) in group.into_iter().enumerate() {
@@ -140,6 +209,7 @@ impl ShardIndex {
                 }
                 let held = newest
                     .get(op.doc_id())
+                    .or_else(|| log.versions.get(op.doc_id()))
                     .copied()
                     .or_else(|| self.version_of(op.doc_id()));
                 if held.is_some_and(|h| h >= v) {
@@ -177,34 +247,60 @@ impl ShardIndex {
             .iter()
             .map(|(_, rec)| codec::encode_wal(rec).map_err(|e| IndexError::BadInput(e.to_string())))
             .collect();
-        if let Err(e) = encoded.and_then(|bytes| self.wal.append(&bytes)) {
-            // nothing of the group is applied; each logged write gets the error
+        if let Err(e) = encoded.and_then(|bytes| log.wal.append(&bytes)) {
+            // nothing of the group is logged; each write gets the error
             for (i, _) in &records {
                 results[*i] = Err(e.duplicate());
             }
             return results;
         }
         if self.model.is_none() {
-            self.model = pinned;
+            log.model = pinned;
         }
+        log.versions.extend(newest);
+        log.logged_seq = next_seq - 1;
         for (i, rec) in records {
+            results[i] = Ok(rec.first_seq + rec.ops.len() as u64 - 1);
+            log.queued.push(rec);
+        }
+        results
+    }
+
+    /// The second half of [`write_group`](Self::write_group): applies every write logged and
+    /// not applied yet, in order (whoever logged it). The growing segment may be full after it
+    /// ([`seal_due`](Self::seal_due)).
+    pub fn apply_logged(&mut self) {
+        let log = self.log.get_mut().unwrap_or_else(|e| e.into_inner());
+        let queued = std::mem::take(&mut log.queued);
+        log.versions.clear();
+        if let Some(m) = log.model.take() {
+            self.model.get_or_insert(m);
+        }
+        if queued.is_empty() {
+            return;
+        }
+        for rec in queued {
             let n = rec.ops.len() as u64;
+            if self.model.is_none() {
+                self.model = Some(rec.model);
+            }
             for (j, op) in rec.ops.into_iter().enumerate() {
                 self.apply_in_memory(rec.first_seq + j as u64, op);
             }
             self.last_seq = rec.first_seq + n - 1;
-            results[i] = Ok(self.last_seq);
         }
         self.last_write = std::time::Instant::now();
-        if self.growing.len() >= self.settings.segment_size {
-            // the writes are durable (logged) and applied whatever happens here: a seal that
-            // fails (disk full) leaves the growing segment and the log as they were, and the
-            // next write tries again
-            if let Err(e) = self.seal() {
-                warn!(dir = %self.dir.display(), error = %e, "seal failed; the growing segment stays in memory and in the log");
-            }
-        }
-        results
+    }
+
+    /// Whether the growing segment is full: the next [`seal`](Self::seal) is due.
+    pub fn seal_due(&self) -> bool {
+        self.growing.len() >= self.settings.segment_size
+    }
+
+    /// The log, locked (a panic while it was held leaves it as the file is: a torn append is
+    /// cut at the next open).
+    pub(super) fn log_state(&self) -> std::sync::MutexGuard<'_, LogState> {
+        self.log.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// One write's checks: the model (against the pinned one, or the group's first), document

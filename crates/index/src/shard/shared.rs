@@ -1,0 +1,146 @@
+//! A shard index shared by searches and writes the way a replica serves it: searches under the
+//! read side of a lock; a write takes the write side only to apply what it logged, while its
+//! log append and fsync, and a seal's file writes, run under the read side beside the searches.
+use parking_lot::{Mutex, MutexGuard, RwLock, RwLockReadGuard};
+
+use ragfleet_proto::{ModelIdentity, WriteOp};
+use tracing::warn;
+
+use super::ShardIndex;
+use crate::IndexError;
+
+/// A [`ShardIndex`] behind a read-write lock, written in two halves (see
+/// [`ShardIndex::log_group`] and [`ShardIndex::prepare_seal`]). The lock is parking_lot's,
+/// which holds new readers back while a writer waits until that writer has had its turn: std's
+/// lets a reader in the moment the last one leaves, so a write that comes back for the lock
+/// between searches waited up to 143 ms behind a stream of them (`write_stall` example).
+#[derive(Debug)]
+pub struct SharedShard {
+    index: RwLock<ShardIndex>,
+    /// One writer at a time (logging, applying, sealing, maintenance): nothing applies or seals
+    /// between the two halves of a write or a seal, so the second half never finds its first
+    /// one overtaken (it would then redo the work under the write lock).
+    writer: Mutex<()>,
+}
+
+impl SharedShard {
+    /// Shares `index`.
+    pub fn new(index: ShardIndex) -> SharedShard {
+        SharedShard {
+            index: RwLock::new(index),
+            writer: Mutex::new(()),
+        }
+    }
+
+    /// The index to read (search, count, digest); writes wait only while they apply.
+    pub fn read(&self) -> RwLockReadGuard<'_, ShardIndex> {
+        self.index.read()
+    }
+
+    fn writer(&self) -> MutexGuard<'_, ()> {
+        self.writer.lock()
+    }
+
+    /// Runs `f` with the index to itself (as the only writer, searches waiting).
+    pub fn exclusive<R>(&self, f: impl FnOnce(&mut ShardIndex) -> R) -> R {
+        let _writer = self.writer();
+        f(&mut self.index.write())
+    }
+
+    /// [`ShardIndex::write_group`]: the writes are validated, logged and fsynced under the read
+    /// side, applied under the write side, and a full growing segment is sealed the same way
+    /// (its files written beside the searches, then switched in).
+    pub fn write_group(
+        &self,
+        group: Vec<(Vec<WriteOp>, ModelIdentity)>,
+    ) -> Vec<Result<u64, IndexError>> {
+        let _writer = self.writer();
+        let results = self.read().log_group(group);
+        self.apply_and_seal();
+        results
+    }
+
+    /// Group commit: [`SharedShard::write_group`] of what `take` gives once this caller is the
+    /// writer (so writes queued while an earlier group was written go together), each write's
+    /// result beside its tag.
+    pub fn write_queued<T>(
+        &self,
+        take: impl FnOnce() -> Vec<(Vec<WriteOp>, ModelIdentity, T)>,
+    ) -> Vec<(T, Result<u64, IndexError>)> {
+        let _writer = self.writer();
+        let queued = take();
+        if queued.is_empty() {
+            return Vec::new();
+        }
+        let mut tags = Vec::with_capacity(queued.len());
+        let group = queued
+            .into_iter()
+            .map(|(ops, model, tag)| {
+                tags.push(tag);
+                (ops, model)
+            })
+            .collect();
+        let results = self.read().log_group(group);
+        self.apply_and_seal();
+        tags.into_iter().zip(results).collect()
+    }
+
+    /// [`ShardIndex::write`], as [`SharedShard::write_group`] does it.
+    pub fn write(&self, ops: Vec<WriteOp>, model: &ModelIdentity) -> Result<u64, IndexError> {
+        self.write_group(vec![(ops, model.clone())])
+            .pop()
+            .expect("one result a write")
+    }
+
+    /// [`ShardIndex::delete`], logged under the read side.
+    pub fn delete(&self, doc_ids: &[String], version: u64) -> Result<u64, IndexError> {
+        let _writer = self.writer();
+        let r = self.read().log_delete(doc_ids, version);
+        self.apply_and_seal();
+        r
+    }
+
+    /// [`ShardIndex::maintain`], with an idle growing segment sealed in two halves (its files
+    /// written beside the searches).
+    pub fn maintain(&self) -> Result<bool, IndexError> {
+        let _writer = self.writer();
+        if self.read().idle_seal_due() {
+            if let Err(e) = self.seal_in_halves() {
+                // tried again after another idle period, not at every poll
+                self.index.write().last_write = std::time::Instant::now();
+                return Err(e);
+            }
+            return Ok(true);
+        }
+        self.index.write().maintain()
+    }
+
+    /// Applies what was logged; seals when that filled the growing segment (writer held).
+    fn apply_and_seal(&self) {
+        let due = {
+            let mut ix = self.index.write();
+            ix.apply_logged();
+            ix.seal_due()
+        };
+        // the writes are durable and applied whatever happens here: a seal that fails (disk
+        // full) leaves the growing segment and the log as they were, and the next write tries
+        // again
+        if due {
+            if let Err(e) = self.seal_in_halves() {
+                warn!(error = %e, "seal failed; the growing segment stays in memory and in the log");
+            }
+        }
+    }
+
+    /// A seal whose files are written under the read side (writer held): nothing can change
+    /// the growing segment between the halves.
+    fn seal_in_halves(&self) -> Result<(), IndexError> {
+        let prepared = self.read().prepare_seal()?;
+        self.index.write().commit_seal(prepared)
+    }
+
+    /// The index back.
+    pub fn into_inner(self) -> ShardIndex {
+        self.index.into_inner()
+    }
+}

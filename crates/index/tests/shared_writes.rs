@@ -1,0 +1,254 @@
+//! Writes in two halves: logged (and fsynced) under a shared borrow beside the searches, applied
+//! under an exclusive one; seals written beside the searches, then switched in.
+use std::sync::Arc;
+
+use ragfleet_index::{IndexSettings, ShardIndex, SharedShard};
+use ragfleet_proto::{ChunkRecord, ModelIdentity, SearchMode, SearchQuery, WriteOp};
+use rand::{Rng, SeedableRng};
+
+const DIM: usize = 16;
+
+fn model() -> ModelIdentity {
+    ModelIdentity {
+        name: "test-model".into(),
+        weights_sha256: "00".repeat(32),
+        dim: DIM as u32,
+        max_len: 256,
+        pooling: "mean".into(),
+        normalized: true,
+    }
+}
+
+fn settings(segment_size: usize) -> IndexSettings {
+    IndexSettings {
+        segment_size,
+        ef_construction: 64,
+        ef_search: 64,
+        background: false,
+        ..IndexSettings::default()
+    }
+}
+
+fn vec_for(seed: u64) -> Vec<f32> {
+    let mut r = rand::rngs::StdRng::seed_from_u64(seed);
+    (0..DIM).map(|_| r.gen_range(-1.0..1.0)).collect()
+}
+
+fn upsert(doc: &str, version: u64, seed: u64) -> WriteOp {
+    WriteOp::Upsert {
+        version,
+        doc_id: doc.into(),
+        chunks: vec![ChunkRecord {
+            doc_id: doc.into(),
+            chunk_id: format!("{doc}#0"),
+            text: format!("text of {doc} at version {version}"),
+            vector: vec_for(seed),
+            sentences: Default::default(),
+        }],
+    }
+}
+
+fn finds(ix: &ShardIndex, doc: &str, seed: u64) -> bool {
+    let q = SearchQuery {
+        vector: vec_for(seed),
+        text: String::new(),
+        k: 1,
+        mode: SearchMode::Dense,
+        model: Some(model()),
+    };
+    ix.search(&q)
+        .unwrap()
+        .first()
+        .is_some_and(|h| h.doc_id == doc)
+}
+
+/// Data files of sealed segments in `dir`.
+fn segment_files(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .filter(|f| {
+            let name = f.file_name().to_string_lossy().to_string();
+            name.starts_with("seg-") && name.ends_with(".bin")
+        })
+        .count()
+}
+
+#[test]
+fn a_logged_write_is_durable_before_it_is_applied_and_checked_against_the_logged_versions() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (mut ix, _) = ShardIndex::open(dir.path(), settings(1000)).unwrap();
+        ix.write(vec![upsert("a", 10, 1)], &model()).unwrap();
+        let syncs = ix.log_syncs();
+        let logged = ix.log_group(vec![(vec![upsert("b", 10, 2)], model())]);
+        assert_eq!(logged.len(), 1);
+        let seq = *logged[0].as_ref().unwrap();
+        assert_eq!(seq, 2, "b is the second op logged");
+        assert_eq!(ix.log_syncs(), syncs + 1, "logged with its own fsync");
+        // not applied: not searched, not counted, its version not held
+        assert!(!finds(&ix, "b", 2));
+        assert_eq!(ix.doc_count(), 1);
+        assert_eq!(ix.version_of("b"), None);
+        assert_eq!(ix.last_seq(), 1);
+        // an older copy of b, logged after it, is checked against the logged version
+        let older = ix.log_group(vec![(vec![upsert("b", 5, 3)], model())]);
+        assert_eq!(
+            *older[0].as_ref().unwrap(),
+            2,
+            "nothing new: answered at seq 2"
+        );
+        assert_eq!(ix.log_syncs(), syncs + 1, "the stale copy was not logged");
+        // dropped before it is applied (a crash after the fsync)
+    }
+    let (mut ix, report) = ShardIndex::open(dir.path(), settings(1000)).unwrap();
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    assert!(finds(&ix, "b", 2), "the logged write is replayed at open");
+    assert_eq!(ix.version_of("b"), Some(10));
+    // logged, then sealed: the seal applies it before it empties the log
+    let logged = ix.log_group(vec![(vec![upsert("c", 10, 4)], model())]);
+    assert!(logged[0].is_ok());
+    ix.seal().unwrap();
+    assert!(finds(&ix, "c", 4));
+    assert_eq!(ix.doc_count(), 3);
+    drop(ix);
+    let (ix, report) = ShardIndex::open(dir.path(), settings(1000)).unwrap();
+    assert_eq!(report.replayed, 0, "the seal emptied the log");
+    assert_eq!(ix.doc_count(), 3);
+    assert!(finds(&ix, "c", 4));
+}
+
+#[test]
+fn a_seal_prepared_before_more_writes_is_redone_whole_without_duplicates() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut ix, _) = ShardIndex::open(dir.path(), settings(1000)).unwrap();
+    let first: Vec<WriteOp> = (0..50)
+        .map(|i| upsert(&format!("d{i}"), 1, i as u64))
+        .collect();
+    ix.write(first, &model()).unwrap();
+    let prepared = ix.prepare_seal().unwrap();
+    assert_eq!(
+        segment_files(dir.path()),
+        1,
+        "the prepared files are written"
+    );
+    assert_eq!(ix.segment_stats().0, 0, "and not yet in the index");
+    // the growing segment changes between the halves: one more document, one deleted
+    ix.write(vec![upsert("d50", 1, 50)], &model()).unwrap();
+    ix.delete(&["d7".to_string()], 2).unwrap();
+    ix.commit_seal(prepared).unwrap();
+    assert_eq!(ix.segment_stats().0, 1);
+    assert_eq!(segment_files(dir.path()), 1, "the stale files were removed");
+    assert_eq!(ix.growing_chunks(), 0);
+    assert_eq!(ix.doc_count(), 50);
+    assert_eq!(
+        ix.stored_chunks(),
+        51,
+        "each chunk stored once (d7's dead copy until a compaction)"
+    );
+    assert!(finds(&ix, "d50", 50));
+    assert!(!finds(&ix, "d7", 7));
+    // a prepared seal whose growing segment did not change is switched in as written
+    ix.write(vec![upsert("d51", 1, 51)], &model()).unwrap();
+    let prepared = ix.prepare_seal().unwrap();
+    ix.commit_seal(prepared).unwrap();
+    assert_eq!(ix.segment_stats().0, 2);
+    drop(ix);
+    let (ix, report) = ShardIndex::open(dir.path(), settings(1000)).unwrap();
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    assert_eq!(report.replayed, 0);
+    assert_eq!(ix.doc_count(), 51);
+    assert!(finds(&ix, "d51", 51));
+    assert!(!finds(&ix, "d7", 7));
+}
+
+#[test]
+fn concurrent_writers_and_searches_keep_the_newest_version_of_every_document() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ix, _) = ShardIndex::open(dir.path(), settings(64)).unwrap();
+    let shard = Arc::new(SharedShard::new(ix));
+    let docs = 40u64;
+    let writers: Vec<_> = (0..4u64)
+        .map(|w| {
+            let shard = shard.clone();
+            std::thread::spawn(move || {
+                let mut r = rand::rngs::StdRng::seed_from_u64(w);
+                for _ in 0..60 {
+                    let ops: Vec<WriteOp> = (0..8)
+                        .map(|_| {
+                            let d = r.gen_range(0..docs);
+                            // versions unique across writers: (round, writer)
+                            let v = r.gen_range(1..1000u64) * 4 + w;
+                            upsert(&format!("d{d}"), v, v)
+                        })
+                        .collect();
+                    let mut newest = std::collections::HashMap::new();
+                    for op in &ops {
+                        let e = newest.entry(op.doc_id().to_string()).or_insert(0);
+                        *e = op.version().max(*e);
+                    }
+                    if r.gen_bool(0.2) {
+                        let d = format!("d{}", r.gen_range(0..docs));
+                        let v = r.gen_range(1..1000u64) * 4 + w;
+                        shard.delete(std::slice::from_ref(&d), v).unwrap();
+                        let e = newest.entry(d).or_insert(0);
+                        *e = v.max(*e);
+                    }
+                    shard.write(ops, &model()).unwrap();
+                    // what this write made durable is applied when it returns
+                    let ix = shard.read();
+                    for (d, v) in newest {
+                        assert!(ix.version_of(&d).is_some_and(|held| held >= v), "{d}");
+                    }
+                }
+            })
+        })
+        .collect();
+    let searcher = {
+        let shard = shard.clone();
+        std::thread::spawn(move || {
+            let mut searched = 0;
+            while searched < 200 {
+                let ix = shard.read();
+                let q = SearchQuery {
+                    vector: vec_for(searched),
+                    text: String::new(),
+                    k: 5,
+                    mode: SearchMode::Dense,
+                    model: None,
+                };
+                let hits = ix.search(&q).unwrap();
+                let mut ids: Vec<&str> = hits.iter().map(|h| h.doc_id.as_str()).collect();
+                ids.dedup();
+                assert_eq!(ids.len(), hits.len(), "a document twice in one answer");
+                searched += 1;
+            }
+        })
+    };
+    for w in writers {
+        w.join().unwrap();
+    }
+    searcher.join().unwrap();
+    let ix = Arc::try_unwrap(shard).unwrap().into_inner();
+    // every live document holds one chunk, at the version its text names
+    let live = ix.doc_count();
+    assert_eq!(ix.chunk_count(), live);
+    let held: Vec<(String, u64)> = (0..docs)
+        .filter_map(|d| {
+            let id = format!("d{d}");
+            ix.version_of(&id).map(|v| (id, v))
+        })
+        .collect();
+    assert_eq!(
+        held.len() as u64,
+        docs,
+        "every document written was written"
+    );
+    drop(ix);
+    let (ix, report) = ShardIndex::open(dir.path(), settings(64)).unwrap();
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    assert_eq!(ix.doc_count(), live);
+    for (id, v) in held {
+        assert_eq!(ix.version_of(&id), Some(v), "{id} after reopening");
+    }
+}

@@ -6,7 +6,9 @@
 //! writes DOCS more (default 20,000) in batches of 64 with texts, as an ingest does, calling
 //! the merge policy every 32 batches: each write whole under the write lock (as replicas did up
 //! to session 22), then logged and sealed under the read side and applied under the write side
-//! ([`SharedShard`]), twice over. It prints the searches' latency and their wait for the lock.
+//! ([`SharedShard`]), twice over; then deletes N/4 documents in one write, whole, and another
+//! N/4 logged beside the searches and applied in parts. It prints the searches' latency and
+//! their wait for the lock.
 use ragfleet_index::eval::{bench_shard_set, synthetic_model, upserts};
 use ragfleet_index::{IndexSettings, ShardIndex, SharedShard};
 use ragfleet_proto::{SearchMode, SearchQuery, WriteOp};
@@ -147,5 +149,41 @@ fn main() {
             summary("  searches during the writes", &mut during);
             summary("  of which waiting for the lock", &mut waits);
         }
+    }
+    // a mass delete: a quarter of the documents at once, whole, then another quarter in parts
+    for halves in [false, true] {
+        let first = if halves { n / 4 } else { 0 };
+        let ids: Vec<String> = (first..first + n / 4).map(|i| format!("d{i}")).collect();
+        let done = Arc::new(AtomicBool::new(false));
+        let writer = {
+            let (index, done) = (index.clone(), done.clone());
+            std::thread::spawn(move || {
+                let t = Instant::now();
+                if halves {
+                    index.delete(&ids, 1).expect("delete");
+                } else {
+                    index.exclusive(|ix| ix.delete(&ids, 1).expect("delete"));
+                }
+                done.store(true, Ordering::Release);
+                t.elapsed().as_secs_f64()
+            })
+        };
+        let (mut during, mut waits) = (Vec::new(), Vec::new());
+        let mut i = 0;
+        while !done.load(Ordering::Acquire) {
+            let (took, waited) = search(&queries[i % queries.len()]);
+            during.push(took);
+            waits.push(waited);
+            i += 1;
+        }
+        let secs = writer.join().expect("writer");
+        let how = if halves {
+            "logged beside the searches, applied in parts of ~2 ms"
+        } else {
+            "whole under the write lock"
+        };
+        println!("a delete of {} documents, {how}: {secs:.2} s", n / 4);
+        summary("  searches during the delete", &mut during);
+        summary("  of which waiting for the lock", &mut waits);
     }
 }

@@ -119,6 +119,38 @@ fn a_logged_write_is_durable_before_it_is_applied_and_checked_against_the_logged
 }
 
 #[test]
+fn a_large_write_is_applied_in_parts_and_checked_against_its_unapplied_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut ix, _) = ShardIndex::open(dir.path(), settings(100_000)).unwrap();
+    let docs: Vec<String> = (0..3000).map(|i| format!("d{i}")).collect();
+    let ops: Vec<WriteOp> = (0..3000).map(|i| upsert(&docs[i], 1, i as u64)).collect();
+    ix.write(ops, &model()).unwrap();
+    let seq = ix.log_delete(&docs, 5).unwrap();
+    assert_eq!(seq, 6000);
+    // no time at all: one part of 256 ops, then it stops
+    assert!(!ix.apply_logged_for(Some(std::time::Duration::ZERO)));
+    assert_eq!(ix.doc_count(), 3000 - 256);
+    assert_eq!(ix.last_seq(), 3000 + 256);
+    assert_eq!(ix.version_of("d0"), Some(5));
+    assert_eq!(ix.version_of("d2999"), Some(1), "not deleted yet");
+    // an older copy of a document whose delete is logged and not applied yet is refused
+    let older = ix.log_group(vec![(vec![upsert("d2999", 3, 7)], model())]);
+    assert_eq!(*older[0].as_ref().unwrap(), 6000, "nothing new logged");
+    // a newer one is logged after the delete and wins
+    let newer = ix.log_group(vec![(vec![upsert("d2998", 9, 8)], model())]);
+    assert_eq!(*newer[0].as_ref().unwrap(), 6001);
+    assert!(ix.apply_logged_for(None));
+    assert_eq!(ix.last_seq(), 6001);
+    assert_eq!(ix.doc_count(), 1);
+    assert_eq!(ix.version_of("d2999"), Some(5));
+    assert_eq!(ix.version_of("d2998"), Some(9));
+    drop(ix);
+    let (ix, _) = ShardIndex::open(dir.path(), settings(100_000)).unwrap();
+    assert_eq!(ix.doc_count(), 1);
+    assert_eq!(ix.version_of("d2998"), Some(9));
+}
+
+#[test]
 fn a_seal_prepared_before_more_writes_is_redone_whole_without_duplicates() {
     let dir = tempfile::tempdir().unwrap();
     let (mut ix, _) = ShardIndex::open(dir.path(), settings(1000)).unwrap();

@@ -8,12 +8,21 @@ pub(super) struct LogState {
     pub(super) wal: Wal,
     /// The last sequence number logged (applied or not; 0 before the first log here).
     logged_seq: u64,
-    /// Logged, not applied yet, in order.
-    queued: Vec<WalRecord>,
+    /// Logged, not applied yet, in order (the first may be partly applied).
+    queued: std::collections::VecDeque<Queued>,
     /// The newest version of each document in `queued`.
     versions: HashMap<String, u64>,
     /// The model a queued write pinned, while the index has none.
     model: Option<ModelIdentity>,
+}
+
+/// A logged write not applied yet, or not to its end.
+#[derive(Debug)]
+struct Queued {
+    /// The sequence number of the next op to apply.
+    next_seq: u64,
+    model: ModelIdentity,
+    ops: std::vec::IntoIter<WriteOp>,
 }
 
 impl LogState {
@@ -21,7 +30,7 @@ impl LogState {
         LogState {
             wal,
             logged_seq: 0,
-            queued: Vec::new(),
+            queued: std::collections::VecDeque::new(),
             versions: HashMap::new(),
             model: None,
         }
@@ -261,7 +270,11 @@ impl ShardIndex {
         log.logged_seq = next_seq - 1;
         for (i, rec) in records {
             results[i] = Ok(rec.first_seq + rec.ops.len() as u64 - 1);
-            log.queued.push(rec);
+            log.queued.push_back(Queued {
+                next_seq: rec.first_seq,
+                model: rec.model,
+                ops: rec.ops.into_iter(),
+            });
         }
         results
     }
@@ -270,26 +283,51 @@ impl ShardIndex {
     /// not applied yet, in order (whoever logged it). The growing segment may be full after it
     /// ([`seal_due`](Self::seal_due)).
     pub fn apply_logged(&mut self) {
+        self.apply_logged_for(None);
+    }
+
+    /// [`apply_logged`](Self::apply_logged) for about `budget` at most (None: to the end), so
+    /// that an owner can let searches in between the parts of a large write (a mass delete:
+    /// ~2 us a document); returns whether everything logged is applied. A search between two
+    /// parts sees the write's first ops and not its last ones; the write is answered after
+    /// its last.
+    pub fn apply_logged_for(&mut self, budget: Option<std::time::Duration>) -> bool {
+        let started = std::time::Instant::now();
         let log = self.log.get_mut().unwrap_or_else(|e| e.into_inner());
-        let queued = std::mem::take(&mut log.queued);
-        log.versions.clear();
         if let Some(m) = log.model.take() {
             self.model.get_or_insert(m);
         }
-        if queued.is_empty() {
-            return;
-        }
-        for rec in queued {
-            let n = rec.ops.len() as u64;
+        let mut queued = std::mem::take(&mut log.queued);
+        let mut applied = 0u64;
+        while let Some(front) = queued.front_mut() {
             if self.model.is_none() {
-                self.model = Some(rec.model);
+                self.model = Some(front.model.clone());
             }
-            for (j, op) in rec.ops.into_iter().enumerate() {
-                self.apply_in_memory(rec.first_seq + j as u64, op);
+            let Some(op) = front.ops.next() else {
+                queued.pop_front();
+                continue;
+            };
+            self.apply_in_memory(front.next_seq, op);
+            self.last_seq = front.next_seq;
+            front.next_seq += 1;
+            applied += 1;
+            if applied % 256 == 0 && budget.is_some_and(|b| started.elapsed() >= b) {
+                break;
             }
-            self.last_seq = rec.first_seq + n - 1;
         }
-        self.last_write = std::time::Instant::now();
+        while queued.front().is_some_and(|q| q.ops.len() == 0) {
+            queued.pop_front();
+        }
+        if applied > 0 {
+            self.last_write = std::time::Instant::now();
+        }
+        let log = self.log.get_mut().unwrap_or_else(|e| e.into_inner());
+        let done = queued.is_empty();
+        log.queued = queued;
+        if done {
+            log.versions.clear();
+        }
+        done
     }
 
     /// Whether the growing segment is full: the next [`seal`](Self::seal) is due.

@@ -45,6 +45,44 @@ fn summary(name: &str, v: &mut [f64]) {
     );
 }
 
+/// One search under the read side: (its whole time, its wait for the lock) in ms.
+fn search(index: &SharedShard, q: &SearchQuery) -> (f64, f64) {
+    let t = Instant::now();
+    let ix = index.read();
+    let waited = t.elapsed().as_secs_f64() * 1e3;
+    ix.search(q).expect("search");
+    drop(ix);
+    (t.elapsed().as_secs_f64() * 1e3, waited)
+}
+
+/// Runs `work` on another thread while this one searches back to back: (its seconds, the
+/// searches' times, their waits for the lock).
+fn searching_while(
+    index: &Arc<SharedShard>,
+    queries: &[SearchQuery],
+    work: impl FnOnce(&SharedShard) + Send + 'static,
+) -> (f64, Vec<f64>, Vec<f64>) {
+    let done = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (index, done) = (index.clone(), done.clone());
+        std::thread::spawn(move || {
+            let t = Instant::now();
+            work(&index);
+            done.store(true, Ordering::Release);
+            t.elapsed().as_secs_f64()
+        })
+    };
+    let (mut during, mut waits) = (Vec::new(), Vec::new());
+    let mut i = 0;
+    while !done.load(Ordering::Acquire) {
+        let (took, waited) = search(index, &queries[i % queries.len()]);
+        during.push(took);
+        waits.push(waited);
+        i += 1;
+    }
+    (writer.join().expect("writer"), during, waits)
+}
+
 fn main() {
     let mut args = std::env::args().skip(1);
     let n: usize = args.next().map_or(100_000, |s| s.parse().expect("N"));
@@ -84,17 +122,9 @@ fn main() {
         })
         .collect();
     let index = Arc::new(SharedShard::new(ix));
-    // (the whole search, its wait for the lock) in ms
-    let search = |q: &SearchQuery| {
-        let t = Instant::now();
-        let ix = index.read();
-        let waited = t.elapsed().as_secs_f64() * 1e3;
-        ix.search(q).expect("search");
-        drop(ix);
-        (t.elapsed().as_secs_f64() * 1e3, waited)
-    };
-    let (mut quiet, _): (Vec<f64>, Vec<f64>) =
-        (0..3).flat_map(|_| queries.iter().map(search)).unzip();
+    let (mut quiet, _): (Vec<f64>, Vec<f64>) = (0..3)
+        .flat_map(|_| queries.iter().map(|q| search(&index, q)))
+        .unzip();
     summary("searches alone", &mut quiet);
     let mut next = n;
     for round in 0..2 {
@@ -105,38 +135,23 @@ fn main() {
                 .map(|s| ops(next + s, 64.min(more - s)))
                 .collect();
             next += more;
-            let done = Arc::new(AtomicBool::new(false));
-            let writer = {
-                let (index, done, model) = (index.clone(), done.clone(), model.clone());
-                std::thread::spawn(move || {
-                    let t = Instant::now();
-                    for (b, batch) in batches.into_iter().enumerate() {
+            let model = model.clone();
+            let (secs, mut during, mut waits) = searching_while(&index, &queries, move |index| {
+                for (b, batch) in batches.into_iter().enumerate() {
+                    if halves {
+                        index.write(batch, &model).expect("write");
+                    } else {
+                        index.exclusive(|ix| ix.write(batch, &model).expect("write"));
+                    }
+                    if b % 32 == 31 {
                         if halves {
-                            index.write(batch, &model).expect("write");
+                            index.maintain().expect("maintain");
                         } else {
-                            index.exclusive(|ix| ix.write(batch, &model).expect("write"));
-                        }
-                        if b % 32 == 31 {
-                            if halves {
-                                index.maintain().expect("maintain");
-                            } else {
-                                index.exclusive(|ix| ix.maintain().expect("maintain"));
-                            }
+                            index.exclusive(|ix| ix.maintain().expect("maintain"));
                         }
                     }
-                    done.store(true, Ordering::Release);
-                    t.elapsed().as_secs_f64()
-                })
-            };
-            let (mut during, mut waits) = (Vec::new(), Vec::new());
-            let mut i = 0;
-            while !done.load(Ordering::Acquire) {
-                let (took, waited) = search(&queries[i % queries.len()]);
-                during.push(took);
-                waits.push(waited);
-                i += 1;
-            }
-            let secs = writer.join().expect("writer");
+                }
+            });
             let how = if halves {
                 "logged and sealed beside the searches, applied alone"
             } else {
@@ -154,29 +169,13 @@ fn main() {
     for halves in [false, true] {
         let first = if halves { n / 4 } else { 0 };
         let ids: Vec<String> = (first..first + n / 4).map(|i| format!("d{i}")).collect();
-        let done = Arc::new(AtomicBool::new(false));
-        let writer = {
-            let (index, done) = (index.clone(), done.clone());
-            std::thread::spawn(move || {
-                let t = Instant::now();
-                if halves {
-                    index.delete(&ids, 1).expect("delete");
-                } else {
-                    index.exclusive(|ix| ix.delete(&ids, 1).expect("delete"));
-                }
-                done.store(true, Ordering::Release);
-                t.elapsed().as_secs_f64()
-            })
-        };
-        let (mut during, mut waits) = (Vec::new(), Vec::new());
-        let mut i = 0;
-        while !done.load(Ordering::Acquire) {
-            let (took, waited) = search(&queries[i % queries.len()]);
-            during.push(took);
-            waits.push(waited);
-            i += 1;
-        }
-        let secs = writer.join().expect("writer");
+        let (secs, mut during, mut waits) = searching_while(&index, &queries, move |index| {
+            if halves {
+                index.delete(&ids, 1).expect("delete");
+            } else {
+                index.exclusive(|ix| ix.delete(&ids, 1).expect("delete"));
+            }
+        });
         let how = if halves {
             "logged beside the searches, applied in parts of ~2 ms"
         } else {

@@ -2,7 +2,9 @@
 //! `cargo run --release -p ragfleet-index --example seal_hold -- 1000000` writes that many
 //! one-chunk documents (8-d vectors) into one sealed segment, deletes half of them, then
 //! deletes one more before each of eight seals and prints each seal's time and the deletion
-//! records' files.
+//! records' files. Then it deletes a quarter more, writes their records ahead
+//! (`ShardIndex::prepare_deletions`, what a replica does under its read lock) and times the
+//! seal after it.
 use ragfleet_index::eval::synthetic_model;
 use ragfleet_index::{IndexSettings, ShardIndex};
 use ragfleet_proto::{ChunkRecord, WriteOp};
@@ -81,4 +83,20 @@ fn main() {
         })
         .collect();
     println!("deletion files {files:?}");
+    // another quarter deleted, its records written ahead (as a replica does beside its
+    // searches) before the seal that names them
+    let ids: Vec<String> = (n / 2 + 8..n / 2 + 8 + n / 4)
+        .map(|i| format!("document-{i:08}"))
+        .collect();
+    ix.delete(&ids, 300).unwrap();
+    let t = Instant::now();
+    ix.prepare_deletions().unwrap();
+    let ahead = t.elapsed().as_secs_f64() * 1e3;
+    let t = Instant::now();
+    ix.seal().unwrap();
+    println!(
+        "after deleting {} more: records written ahead in {ahead:.1} ms, then the seal {:.1} ms",
+        ids.len(),
+        t.elapsed().as_secs_f64() * 1e3
+    );
 }

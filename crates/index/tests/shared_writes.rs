@@ -284,3 +284,72 @@ fn concurrent_writers_and_searches_keep_the_newest_version_of_every_document() {
         assert_eq!(ix.version_of(&id), Some(v), "{id} after reopening");
     }
 }
+
+/// The deletion records' files in `dir`, sorted.
+fn deletion_files(dir: &std::path::Path) -> Vec<String> {
+    let mut out: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|f| f.file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with("deletions-"))
+        .collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn deletion_records_written_ahead_are_used_or_dropped_by_the_next_manifest() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut ix, _) = ShardIndex::open(dir.path(), settings(100_000)).unwrap();
+    let docs: Vec<String> = (0..4000).map(|i| format!("d{i}")).collect();
+    let ops: Vec<WriteOp> = (0..4000).map(|i| upsert(&docs[i], 1, i as u64)).collect();
+    ix.write(ops, &model()).unwrap();
+    ix.seal().unwrap();
+    assert!(deletion_files(dir.path()).is_empty());
+    // a mass delete: every record goes into a new base
+    ix.delete(&docs[..2000], 5).unwrap();
+    ix.prepare_deletions().unwrap();
+    let ahead = deletion_files(dir.path());
+    assert_eq!(ahead.len(), 1, "written ahead: {ahead:?}");
+    ix.prepare_deletions().unwrap();
+    assert_eq!(
+        deletion_files(dir.path()),
+        ahead,
+        "nothing changed: not again"
+    );
+    ix.write(vec![upsert("new", 1, 9000)], &model()).unwrap();
+    ix.seal().unwrap();
+    assert_eq!(
+        deletion_files(dir.path()),
+        ahead,
+        "the seal's manifest names the file written ahead"
+    );
+    // written ahead, then a record changes: dropped, and the manifest writes its own
+    ix.delete(&docs[2000..2001], 6).unwrap();
+    ix.prepare_deletions().unwrap();
+    let stale: Vec<String> = deletion_files(dir.path())
+        .into_iter()
+        .filter(|f| !ahead.contains(f))
+        .collect();
+    assert_eq!(stale.len(), 1, "a delta written ahead");
+    ix.delete(&docs[2001..2002], 7).unwrap();
+    ix.write(vec![upsert("newer", 1, 9001)], &model()).unwrap();
+    ix.seal().unwrap();
+    let files = deletion_files(dir.path());
+    assert!(
+        !files.contains(&stale[0]),
+        "the stale file is removed: {files:?}"
+    );
+    drop(ix);
+    let (ix, report) = ShardIndex::open(dir.path(), settings(100_000)).unwrap();
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    assert_eq!(ix.doc_count(), 4000 - 2002 + 2);
+    assert_eq!(ix.version_of("d0"), Some(5));
+    assert_eq!(ix.version_of("d2000"), Some(6));
+    assert_eq!(
+        ix.version_of("d2001"),
+        Some(7),
+        "the record the stale file missed"
+    );
+    assert_eq!(ix.version_of("d2002"), Some(1));
+}

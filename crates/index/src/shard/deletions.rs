@@ -45,12 +45,17 @@ pub(super) struct DeletionLog {
     /// Write a new base at the next manifest (the changes were too many to list, or the
     /// records came from a manifest of an earlier format).
     rebase: bool,
-    /// The highest file number used: files are numbered on from it.
-    last_number: u64,
+    /// The highest file number used: files are numbered on from it (taken under a shared
+    /// borrow when the records are written ahead of a commit, see [`DeletionLog::write`]).
+    last_number: std::sync::atomic::AtomicU64,
+    /// Bumped by every change to the records: a file written ahead is still what a commit
+    /// would write when this has not moved since.
+    changes: u64,
 }
 
 /// What [`DeletionLog::write`] wrote: the new chain, applied with [`DeletionLog::written`]
 /// once the manifest naming it is durable.
+#[derive(Debug)]
 pub(super) struct Written {
     base: u64,
     deltas: Vec<u64>,
@@ -140,7 +145,7 @@ impl DeletionLog {
             deltas,
             base_records,
             since_base,
-            last_number: head,
+            last_number: head.into(),
             ..Default::default()
         };
         Ok((log, records))
@@ -149,6 +154,7 @@ impl DeletionLog {
     /// Records that did not come from this chain (a manifest of an earlier format): written
     /// as a base at the next manifest.
     pub(super) fn rebase_at_next_write(&mut self) {
+        self.changes += 1;
         self.rebase = true;
         self.since_base.clear();
         self.since_write.clear();
@@ -156,6 +162,7 @@ impl DeletionLog {
 
     /// The records of `doc` changed.
     pub(super) fn touched(&mut self, doc: &str) {
+        self.changes += 1;
         if self.rebase {
             return;
         }
@@ -174,6 +181,7 @@ impl DeletionLog {
     /// base, otherwise the next write is a new base (listing hundreds of thousands of removed
     /// tombstones would cost more under the write lock than the base).
     pub(super) fn touched_many<'a>(&mut self, n: usize, docs: impl Iterator<Item = &'a str>) {
+        self.changes += 1;
         if self.rebase || self.since_base.len() + n >= self.rebase_from() {
             self.rebase_at_next_write();
             return;
@@ -183,9 +191,11 @@ impl DeletionLog {
 
     /// The next file number, with no file of either kind left under it (a crash's leftovers
     /// of a folder whose manifest could not be read are not removed at open).
-    fn number(&mut self, dir: &Path) -> u64 {
-        self.last_number += 1;
-        let n = self.last_number;
+    fn number(&self, dir: &Path) -> u64 {
+        let n = self
+            .last_number
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
         let _ = std::fs::remove_file(base_path(dir, n));
         let _ = std::fs::remove_file(delta_path(dir, n));
         n
@@ -199,7 +209,7 @@ impl DeletionLog {
     /// base), or nothing when nothing changed. The chain takes effect with
     /// [`DeletionLog::written`] once the manifest naming [`Written::head`] is durable.
     pub(super) fn write(
-        &mut self,
+        &self,
         dir: &Path,
         tombstones: &HashMap<String, u64>,
         deleted: &HashMap<String, u64>,
@@ -314,6 +324,16 @@ impl DeletionLog {
             self.since_base.clear();
             self.rebase = false;
         }
+    }
+
+    /// Changes to the records so far (see [`DeletionLog::write`]).
+    pub(super) fn changes(&self) -> u64 {
+        self.changes
+    }
+
+    /// Whether the next manifest has records to write.
+    pub(super) fn pending(&self) -> bool {
+        self.rebase || !self.since_write.is_empty()
     }
 
     /// The files of the chain (to keep at open).

@@ -300,6 +300,9 @@ pub struct ShardIndex {
     /// The deletion records' files (a base and deltas) and what changed since they were
     /// written: a manifest write writes only the changes.
     deletions_log: deletions::DeletionLog,
+    /// The deletion records written ahead of the next manifest, under a shared borrow (see
+    /// [`ShardIndex::prepare_deletions`]), with the changes count they were written at.
+    deletions_ahead: std::sync::Mutex<Option<(u64, deletions::Written)>>,
     bm25: Bm25,
     slots: HashMap<u32, Arc<Entry>>,
     next_slot: u32,

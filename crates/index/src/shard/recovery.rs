@@ -47,6 +47,7 @@ impl ShardIndex {
             tombstones: deletions.tombstones,
             deleted: deletions.deleted,
             deletions_log,
+            deletions_ahead: Default::default(),
             bm25: Bm25::default(),
             slots: HashMap::new(),
             next_slot: 0,

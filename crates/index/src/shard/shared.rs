@@ -116,7 +116,17 @@ impl SharedShard {
             }
             return Ok(true);
         }
+        // a merge's commit writes a manifest: the deletion records ahead of it
+        self.deletions_ahead();
         self.index.write().maintain()
+    }
+
+    /// [`ShardIndex::prepare_deletions`] under the read side (writer held); a failure is left
+    /// to the commit, which writes them itself.
+    fn deletions_ahead(&self) {
+        if let Err(e) = self.read().prepare_deletions() {
+            warn!(error = %e, "writing the deletion records ahead of a commit failed");
+        }
     }
 
     /// Applies what was logged; seals when that filled the growing segment (writer held).
@@ -143,6 +153,7 @@ impl SharedShard {
     /// the growing segment between the halves.
     fn seal_in_halves(&self) -> Result<(), IndexError> {
         let prepared = self.read().prepare_seal()?;
+        self.deletions_ahead();
         self.index.write().commit_seal(prepared)
     }
 

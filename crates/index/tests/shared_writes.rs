@@ -353,3 +353,62 @@ fn deletion_records_written_ahead_are_used_or_dropped_by_the_next_manifest() {
     );
     assert_eq!(ix.version_of("d2002"), Some(1));
 }
+
+#[test]
+fn a_compaction_after_a_mass_delete_commits_through_the_shared_index_and_keeps_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let background = IndexSettings {
+        background: true,
+        ..settings(512)
+    };
+    let (ix, _) = ShardIndex::open(dir.path(), background.clone()).unwrap();
+    let shard = SharedShard::new(ix);
+    let docs: Vec<String> = (0..3000).map(|i| format!("d{i}")).collect();
+    for part in docs.chunks(500) {
+        let ops = part
+            .iter()
+            .map(|d| upsert(d, 1, d[1..].parse().unwrap()))
+            .collect();
+        shard.write(ops, &model()).unwrap();
+    }
+    // the segments merged into one, then most of it deleted: a compaction follows
+    let settle = |shard: &SharedShard, what: &str| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            shard.maintain().unwrap();
+            let ix = shard.read();
+            let (segs, built) = ix.segment_stats();
+            if segs == built && !ix.merging() && !ix.needs_maintenance() {
+                return;
+            }
+            drop(ix);
+            assert!(std::time::Instant::now() < deadline, "{what}");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    };
+    settle(&shard, "the merges of the ingest");
+    let stored = shard.read().stored_chunks();
+    shard.delete(&docs[..2500], 5).unwrap();
+    settle(&shard, "the compaction");
+    {
+        let ix = shard.read();
+        assert!(
+            ix.stored_chunks() < stored,
+            "compacted: {} of {stored} stored",
+            ix.stored_chunks()
+        );
+        assert_eq!(ix.doc_count(), 500);
+        assert!(!finds(&ix, "d7", 7));
+        assert!(finds(&ix, "d2700", 2700));
+    }
+    drop(shard);
+    let (mut ix, report) = ShardIndex::open(dir.path(), background).unwrap();
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    assert_eq!(ix.doc_count(), 500);
+    assert_eq!(ix.version_of("d7"), Some(5));
+    assert!(!finds(&ix, "d7", 7));
+    // an older copy of a deleted document stays refused
+    ix.write(vec![upsert("d7", 3, 7)], &model()).unwrap();
+    assert_eq!(ix.version_of("d7"), Some(5));
+    assert!(!finds(&ix, "d7", 7));
+}

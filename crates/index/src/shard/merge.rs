@@ -170,6 +170,11 @@ impl ShardIndex {
         Ok(changed)
     }
 
+    /// Whether a merge finished and waits for its commit (the next [`ShardIndex::maintain`]).
+    pub(super) fn merge_finished(&self) -> bool {
+        self.merge.as_ref().is_some_and(|job| job.finished())
+    }
+
     /// Whether a merge is running or waiting for its commit.
     pub fn merging(&self) -> bool {
         self.merge.is_some()

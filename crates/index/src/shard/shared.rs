@@ -116,8 +116,11 @@ impl SharedShard {
             }
             return Ok(true);
         }
-        // a merge's commit writes a manifest: the deletion records ahead of it
-        self.deletions_ahead();
+        // a merge's commit writes a manifest: the deletion records ahead of it (only then: a
+        // trickle of deletes would otherwise have them written again at every poll)
+        if self.read().merge_finished() {
+            self.deletions_ahead();
+        }
         self.index.write().maintain()
     }
 

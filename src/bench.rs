@@ -557,20 +557,6 @@ fn generate<B: burn::prelude::Backend>(
 }
 
 /// Writes `rows` as consecutive little-endian values (what the reference scripts read).
-fn write_le<T: Copy, const N: usize>(
-    path: &std::path::Path,
-    rows: &[Vec<T>],
-    bytes: fn(T) -> [u8; N],
-) -> Result<()> {
-    use std::io::Write;
-    let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
-    for x in rows.iter().flatten() {
-        f.write_all(&bytes(*x))?;
-    }
-    f.flush()?;
-    Ok(())
-}
-
 struct IndexBench {
     n: usize,
     nq: usize,
@@ -594,7 +580,7 @@ struct Point {
 
 fn index(b: IndexBench) -> Result<()> {
     use ragfleet_index::ann::{exact_top_k, Ann};
-    use ragfleet_index::eval::clustered_with;
+    use ragfleet_index::eval::{clustered_with, write_rows_le};
     use ragfleet_index::hnsw::{Hnsw, HnswParams};
     use ragfleet_index::vector::normalize;
     use std::time::Instant;
@@ -641,9 +627,9 @@ fn index(b: IndexBench) -> Result<()> {
         .join(",");
     if let Some(py) = &b.reference {
         let dir = tempfile::tempdir()?;
-        write_le(&dir.path().join("vectors.f32"), &data, f32::to_le_bytes)?;
-        write_le(&dir.path().join("queries.f32"), &queries, f32::to_le_bytes)?;
-        write_le(&dir.path().join("truth.u32"), &truth, u32::to_le_bytes)?;
+        write_rows_le(&dir.path().join("vectors.f32"), &data, f32::to_le_bytes)?;
+        write_rows_le(&dir.path().join("queries.f32"), &queries, f32::to_le_bytes)?;
+        write_rows_le(&dir.path().join("truth.u32"), &truth, u32::to_le_bytes)?;
         let args: Vec<String> = [
             "--dir",
             &dir.path().to_string_lossy(),

@@ -4,17 +4,7 @@
 //! `crates/index/bench/ann_reference.py --dir DIR --dim 384` reads, so hnswlib's cost over
 //! sizes can be set beside the shard's on the same vectors.
 use ragfleet_index::ann::exact_top_k;
-use ragfleet_index::eval::bench_shard_set;
-use std::io::Write;
-
-fn write_f32(path: &std::path::Path, rows: &[Vec<f32>]) -> std::io::Result<()> {
-    let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
-    for v in rows.iter().flatten() {
-        out.write_all(&v.to_le_bytes())?;
-    }
-    out.flush()
-}
-
+use ragfleet_index::eval::{bench_shard_set, write_rows_le};
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
     let n: usize = args.next().and_then(|a| a.parse().ok()).ok_or("N")?;
@@ -25,15 +15,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let queries = bench_shard_set(1000, dim, u64::MAX - 1);
     let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
     let truth = exact_top_k(&data, &queries, 10, threads);
-    write_f32(&dir.join("vectors.f32"), &data)?;
-    write_f32(&dir.join("queries.f32"), &queries)?;
-    let mut out = std::io::BufWriter::new(std::fs::File::create(dir.join("truth.u32"))?);
-    for t in &truth {
-        for i in t.iter().take(10) {
-            out.write_all(&i.to_le_bytes())?;
-        }
-    }
-    out.flush()?;
+    write_rows_le(&dir.join("vectors.f32"), &data, f32::to_le_bytes)?;
+    write_rows_le(&dir.join("queries.f32"), &queries, f32::to_le_bytes)?;
+    write_rows_le(&dir.join("truth.u32"), &truth, u32::to_le_bytes)?;
     println!(
         "{n} vectors, {} queries written to {}",
         queries.len(),

@@ -3,7 +3,7 @@
 //! ragfleet-index --example open_time -- N` writes N one-chunk documents of `bench shard`'s
 //! 384-d set through a shard's write path (segments of 2,048, merged in the foreground), closes
 //! it, and opens it twice (the page cache warm from the writes).
-use ragfleet_index::eval::{bench_shard_set, synthetic_model, upserts};
+use ragfleet_index::eval::{bench_shard_set, synthetic_model, upserts_from};
 use ragfleet_index::{IndexSettings, ShardIndex};
 use std::time::Instant;
 
@@ -24,15 +24,9 @@ fn main() {
         let (mut ix, _) = ShardIndex::open(dir.path(), settings.clone()).expect("open");
         for start in (0..n).step_by(10_000) {
             let count = 10_000.min(n - start);
-            let mut ops = upserts(bench_shard_set(count, dim, start as u64 + 1), None);
-            for (j, op) in ops.iter_mut().enumerate() {
-                if let ragfleet_proto::WriteOp::Upsert { doc_id, chunks, .. } = op {
-                    *doc_id = format!("d{}", start + j);
-                    chunks[0].doc_id = doc_id.clone();
-                    chunks[0].chunk_id = format!("{doc_id}#0");
-                    chunks[0].text = format!("text of chunk {}", start + j);
-                }
-            }
+            let ops = upserts_from(start, bench_shard_set(count, dim, start as u64 + 1), |i| {
+                format!("text of chunk {i}")
+            });
             ix.write(ops, &model).expect("write");
         }
         ix.seal().expect("seal");

@@ -1,9 +1,9 @@
 //! Search time, recall@10 and the worst query's neighbours found, by the beam of the levels
 //! above level 0 and by `ef`, on one graph: `cargo run --release -p ragfleet-index --example
 //! upper_beam -- N FILE [BEAMS] [M] [EFC]` (N 384-d vectors of `bench shard`'s clustered set;
-//! the graph, of degree M (default 16) and construction beam EFC (default 100), is kept in FILE and read from it when it is there; BEAMS
-//! comma-separated, default 16,6,4,3; 1,000 queries, the true neighbours by exact search; the
-//! best of three rounds).
+//! the graph, of degree M (default 16) and construction beam EFC (default 100), is kept in FILE
+//! and read from it when it is there; BEAMS comma-separated, default 16,6,4,3; 1,000 queries,
+//! the true neighbours by exact search; the best of three rounds).
 use ragfleet_index::ann::exact_top_k;
 use ragfleet_index::eval::bench_shard_set;
 use ragfleet_index::hnsw::{GraphMemory, Hnsw, HnswParams};

@@ -9,27 +9,18 @@
 //! ([`SharedShard`]), twice over; then deletes N/4 documents in one write, whole, and another
 //! N/4 logged beside the searches and applied in parts. It prints the searches' latency and
 //! their wait for the lock.
-use ragfleet_index::eval::{bench_shard_set, synthetic_model, upserts};
+use ragfleet_index::eval::{bench_shard_set, synthetic_model, upserts_from};
 use ragfleet_index::{IndexSettings, ShardIndex, SharedShard};
 use ragfleet_proto::{SearchMode, SearchQuery, WriteOp};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// `count` documents numbered from `start`, with texts, as an ingest writes them.
 fn ops(start: usize, count: usize) -> Vec<WriteOp> {
-    let mut ops = upserts(bench_shard_set(count, 384, start as u64 + 1), None);
-    for (j, op) in ops.iter_mut().enumerate() {
-        if let WriteOp::Upsert { doc_id, chunks, .. } = op {
-            *doc_id = format!("d{}", start + j);
-            chunks[0].doc_id = doc_id.clone();
-            chunks[0].chunk_id = format!("{doc_id}#0");
-            chunks[0].text = format!(
-                "text of chunk {} about the retrieval of passages from a sharded index under load",
-                start + j
-            );
-        }
-    }
-    ops
+    upserts_from(start, bench_shard_set(count, 384, start as u64 + 1), |i| {
+        format!("text of chunk {i} about the retrieval of passages from a sharded index under load")
+    })
 }
 
 fn summary(name: &str, v: &mut [f64]) {

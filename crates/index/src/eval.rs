@@ -87,12 +87,25 @@ pub fn bench_shard_set(n: usize, dim: usize, draw: u64) -> Vec<Vec<f32>> {
 
 /// One single-chunk upsert per vector (`d{i}`, text from `texts` when given).
 pub fn upserts(vectors: Vec<Vec<f32>>, texts: Option<&[String]>) -> Vec<WriteOp> {
+    upserts_from(0, vectors, |i| {
+        texts.and_then(|t| t.get(i)).cloned().unwrap_or_default()
+    })
+}
+
+/// One single-chunk upsert per vector, numbered from `first` (`d{first + j}`, text `text(i)`
+/// of that number).
+pub fn upserts_from(
+    first: usize,
+    vectors: Vec<Vec<f32>>,
+    text: impl Fn(usize) -> String,
+) -> Vec<WriteOp> {
     vectors
         .into_iter()
         .enumerate()
-        .map(|(i, vector)| {
+        .map(|(j, vector)| {
+            let i = first + j;
             let id = format!("d{i}");
-            let text = texts.and_then(|t| t.get(i)).cloned().unwrap_or_default();
+            let text = text(i);
             WriteOp::Upsert {
                 version: 0,
                 doc_id: id.clone(),
@@ -106,6 +119,21 @@ pub fn upserts(vectors: Vec<Vec<f32>>, texts: Option<&[String]>) -> Vec<WriteOp>
             }
         })
         .collect()
+}
+
+/// Writes rows of numbers one after the other, little-endian (`bytes`: the type's
+/// `to_le_bytes`): the files `crates/index/bench/ann_reference.py` reads.
+pub fn write_rows_le<T: Copy, const N: usize>(
+    path: &std::path::Path,
+    rows: &[Vec<T>],
+    bytes: fn(T) -> [u8; N],
+) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
+    for x in rows.iter().flatten() {
+        f.write_all(&bytes(*x))?;
+    }
+    f.flush()
 }
 
 /// Exact top-k chunk ids of every query (the reference of [`recall`]).

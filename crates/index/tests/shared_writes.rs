@@ -2,6 +2,7 @@
 //! under an exclusive one; seals written beside the searches, then switched in.
 use std::sync::Arc;
 
+use ragfleet_index::eval::synthetic_model;
 use ragfleet_index::{IndexSettings, ShardIndex, SharedShard};
 use ragfleet_proto::{ChunkRecord, ModelIdentity, SearchMode, SearchQuery, WriteOp};
 use rand::{Rng, SeedableRng};
@@ -9,14 +10,7 @@ use rand::{Rng, SeedableRng};
 const DIM: usize = 16;
 
 fn model() -> ModelIdentity {
-    ModelIdentity {
-        name: "test-model".into(),
-        weights_sha256: "00".repeat(32),
-        dim: DIM as u32,
-        max_len: 256,
-        pooling: "mean".into(),
-        normalized: true,
-    }
+    synthetic_model(DIM)
 }
 
 fn settings(segment_size: usize) -> IndexSettings {

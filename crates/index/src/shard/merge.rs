@@ -243,8 +243,6 @@ impl ShardIndex {
 
     /// Whether the growing segment should be sealed for want of writes (see
     /// [`IndexSettings::seal_idle`]).
-    /// Whether the growing segment is due to be sealed for want of writes (see
-    /// [`IndexSettings::seal_idle`]).
     pub(super) fn idle_seal_due(&self) -> bool {
         self.idle() && self.growing.len() >= IDLE_SEAL_MIN_CHUNKS
     }

@@ -117,12 +117,9 @@ impl ShardIndex {
     /// Drops deletion records older than the grace period (before the manifest that no longer
     /// lists them is written, the new horizon is durable).
     pub(super) fn purge_deletions(&mut self) -> Result<(), IndexError> {
-        let Some(horizon) = self.grace_horizon() else {
+        let Some(horizon) = self.purge_due() else {
             return Ok(());
         };
-        if !self.deleted.values().any(|&v| v < horizon) {
-            return Ok(());
-        }
         let horizon = horizon.max(self.purged_below);
         let bytes =
             postcard::to_stdvec(&horizon).map_err(|e| IndexError::BadInput(e.to_string()))?;
@@ -144,6 +141,15 @@ impl ShardIndex {
             "deletion records past the grace period dropped"
         );
         Ok(())
+    }
+
+    /// The grace horizon, when some deletion records are past it (the next seal drops them).
+    fn purge_due(&self) -> Option<u64> {
+        let horizon = self.grace_horizon()?;
+        self.deleted
+            .values()
+            .any(|&v| v < horizon)
+            .then_some(horizon)
     }
 
     /// The version (a time in microseconds) below which deletion records are past the grace
@@ -252,13 +258,8 @@ impl ShardIndex {
     /// between, dropped otherwise; nothing when no record changed, or when records are due to
     /// be dropped for their age (the commit drops them first).
     pub fn prepare_deletions(&self) -> Result<(), IndexError> {
-        if !self.deletions_log.pending() {
+        if !self.deletions_log.pending() || self.purge_due().is_some() {
             return Ok(());
-        }
-        if let Some(horizon) = self.grace_horizon() {
-            if self.deleted.values().any(|&v| v < horizon) {
-                return Ok(());
-            }
         }
         let at = self.deletions_log.changes();
         let mut ahead = self

@@ -58,10 +58,11 @@ impl SharedShard {
         &self,
         group: Vec<(Vec<WriteOp>, ModelIdentity)>,
     ) -> Vec<Result<u64, IndexError>> {
-        let _writer = self.writer();
-        let results = self.read().log_group(group);
-        self.apply_and_seal();
-        results
+        let tagged = group.into_iter().map(|(ops, model)| (ops, model, ()));
+        self.write_queued(|| tagged.collect())
+            .into_iter()
+            .map(|((), r)| r)
+            .collect()
     }
 
     /// Group commit: [`SharedShard::write_group`] of what `take` gives once this caller is the

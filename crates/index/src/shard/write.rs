@@ -12,7 +12,8 @@ pub(super) struct LogState {
     queued: std::collections::VecDeque<Queued>,
     /// The newest version of each document in `queued`.
     versions: HashMap<String, u64>,
-    /// The model a queued write pinned, while the index has none.
+    /// The model the queued writes pinned, while the index has none (set whenever one is
+    /// queued then).
     model: Option<ModelIdentity>,
 }
 
@@ -21,7 +22,6 @@ pub(super) struct LogState {
 struct Queued {
     /// The sequence number of the next op to apply.
     next_seq: u64,
-    model: ModelIdentity,
     ops: std::vec::IntoIter<WriteOp>,
 }
 
@@ -272,7 +272,6 @@ impl ShardIndex {
             results[i] = Ok(rec.first_seq + rec.ops.len() as u64 - 1);
             log.queued.push_back(Queued {
                 next_seq: rec.first_seq,
-                model: rec.model,
                 ops: rec.ops.into_iter(),
             });
         }
@@ -300,23 +299,18 @@ impl ShardIndex {
         let mut queued = std::mem::take(&mut log.queued);
         let mut applied = 0u64;
         while let Some(front) = queued.front_mut() {
-            if self.model.is_none() {
-                self.model = Some(front.model.clone());
+            if let Some(op) = front.ops.next() {
+                self.apply_in_memory(front.next_seq, op);
+                self.last_seq = front.next_seq;
+                front.next_seq += 1;
+                applied += 1;
             }
-            let Some(op) = front.ops.next() else {
+            if front.ops.len() == 0 {
                 queued.pop_front();
-                continue;
-            };
-            self.apply_in_memory(front.next_seq, op);
-            self.last_seq = front.next_seq;
-            front.next_seq += 1;
-            applied += 1;
+            }
             if applied % 256 == 0 && budget.is_some_and(|b| started.elapsed() >= b) {
                 break;
             }
-        }
-        while queued.front().is_some_and(|q| q.ops.len() == 0) {
-            queued.pop_front();
         }
         if applied > 0 {
             self.last_write = std::time::Instant::now();

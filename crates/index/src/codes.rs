@@ -36,11 +36,6 @@ impl RowCodes {
         self.rows.len()
     }
 
-    pub(crate) fn clear(&mut self) {
-        self.codes.clear();
-        self.rows.clear();
-    }
-
     /// The exact top `k` live rows by `exact(i)` (the dot product of `q` with row `i`'s own
     /// vector), best first; row `i` is `entries[i]`. Each row's exact score lies within a
     /// bound of what the codes give ([`QueryCode::score`]): rows are taken by their upper

@@ -17,14 +17,18 @@ pub fn write_checked(path: &Path, body: &[u8]) -> Result<(), IndexError> {
     r
 }
 
+/// Writes `body` with [`write_checked`]'s header to `tmp` and fsyncs it, without renaming it
+/// into place (the caller renames it when it takes effect).
+pub(crate) fn write_synced(tmp: &Path, body: &[u8]) -> Result<(), IndexError> {
+    let mut f = std::fs::File::create(tmp).map_err(|e| IndexError::io(tmp, e))?;
+    f.write_all(&header(body.len() as u64, crc32fast::hash(body)))
+        .map_err(|e| IndexError::io(tmp, e))?;
+    f.write_all(body).map_err(|e| IndexError::io(tmp, e))?;
+    f.sync_all().map_err(|e| IndexError::io(tmp, e))
+}
+
 fn write_then_rename(tmp: &Path, path: &Path, body: &[u8]) -> Result<(), IndexError> {
-    {
-        let mut f = std::fs::File::create(tmp).map_err(|e| IndexError::io(tmp, e))?;
-        f.write_all(&header(body.len() as u64, crc32fast::hash(body)))
-            .map_err(|e| IndexError::io(tmp, e))?;
-        f.write_all(body).map_err(|e| IndexError::io(tmp, e))?;
-        f.sync_all().map_err(|e| IndexError::io(tmp, e))?;
-    }
+    write_synced(tmp, body)?;
     std::fs::rename(tmp, path).map_err(|e| IndexError::io(path, e))?;
     if let Some(dir) = path.parent() {
         sync_dir(dir);

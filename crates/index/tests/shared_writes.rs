@@ -178,6 +178,7 @@ fn a_seal_prepared_before_more_writes_is_redone_whole_without_duplicates() {
     ix.write(vec![upsert("d51", 1, 51)], &model()).unwrap();
     let prepared = ix.prepare_seal().unwrap();
     ix.commit_seal(prepared).unwrap();
+    ix.finish_seal().unwrap();
     assert_eq!(ix.segment_stats().0, 2);
     drop(ix);
     let (ix, report) = ShardIndex::open(dir.path(), settings(1000)).unwrap();
@@ -405,4 +406,82 @@ fn a_compaction_after_a_mass_delete_commits_through_the_shared_index_and_keeps_i
     ix.write(vec![upsert("d7", 3, 7)], &model()).unwrap();
     assert_eq!(ix.version_of("d7"), Some(5));
     assert!(!finds(&ix, "d7", 7));
+}
+
+/// Whether the manifest written ahead of a seal's commit is still in the folder.
+fn manifest_ahead_left(dir: &std::path::Path) -> bool {
+    dir.join("manifest3.next").exists()
+}
+
+#[test]
+fn a_seal_commits_the_manifest_written_ahead_and_empties_the_log_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (ix, _) = ShardIndex::open(dir.path(), settings(32)).unwrap();
+        let shard = SharedShard::new(ix);
+        for i in 0..32u64 {
+            shard
+                .write(vec![upsert(&format!("d{i}"), 1, i)], &model())
+                .unwrap();
+        }
+        // the 32nd write filled the growing segment: sealed in halves, the manifest written
+        // ahead renamed into place (nothing left of it), the log emptied after the commit
+        assert_eq!(shard.read().growing_chunks(), 0);
+        assert_eq!(segment_files(dir.path()), 1);
+        assert!(!manifest_ahead_left(dir.path()));
+    }
+    let (mut ix, report) = ShardIndex::open(dir.path(), settings(32)).unwrap();
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    assert_eq!(report.replayed, 0, "the log was emptied after the seal");
+    assert_eq!(ix.doc_count(), 32);
+    assert!(finds(&ix, "d7", 7));
+
+    // the same halves by hand, stopped after the commit: the log is not emptied yet, and a
+    // crash there replays nothing twice (its records are all in the manifest)
+    for i in 32..64u64 {
+        ix.write(vec![upsert(&format!("d{i}"), 1, i)], &model())
+            .unwrap();
+    }
+    for i in 64..80u64 {
+        ix.log_group(vec![(vec![upsert(&format!("d{i}"), 1, i)], model())]);
+    }
+    ix.apply_logged();
+    let prepared = ix.prepare_seal().unwrap();
+    ix.prepare_seal_manifest(&prepared).unwrap();
+    assert!(manifest_ahead_left(dir.path()));
+    ix.commit_seal(prepared).unwrap();
+    assert!(!manifest_ahead_left(dir.path()), "renamed into place");
+    drop(ix.take_to_free());
+    drop(ix); // no finish_seal: the log still holds d64..d79
+    let (mut ix, report) = ShardIndex::open(dir.path(), settings(32)).unwrap();
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    assert!(report.replayed > 0, "the log was not emptied");
+    assert_eq!(ix.doc_count(), 80);
+    assert_eq!(
+        ix.growing_chunks(),
+        0,
+        "nothing replayed into the growing segment"
+    );
+
+    // a commit after an ahead manifest went stale (a delete in between) writes its own: the
+    // delete holds after a reopen; and the next append empties the pending log first
+    for i in 80..90u64 {
+        ix.log_group(vec![(vec![upsert(&format!("d{i}"), 1, i)], model())]);
+    }
+    ix.apply_logged();
+    let prepared = ix.prepare_seal().unwrap();
+    ix.prepare_seal_manifest(&prepared).unwrap();
+    ix.delete(&["d3".to_string()], 5).unwrap();
+    ix.commit_seal(prepared).unwrap();
+    assert!(!manifest_ahead_left(dir.path()), "the stale one is removed");
+    ix.write(vec![upsert("late", 1, 999)], &model()).unwrap();
+    drop(ix);
+    let (ix, report) = ShardIndex::open(dir.path(), settings(32)).unwrap();
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    assert_eq!(ix.version_of("d3"), Some(5), "deleted at version 5");
+    assert!(!finds(&ix, "d3", 3));
+    assert!(finds(&ix, "late", 999), "written after the log's reset");
+    assert!(finds(&ix, "d85", 85));
+    assert_eq!(ix.doc_count(), 90, "89 of d0..d89 and late");
+    assert_eq!(ix.growing_chunks(), 1, "only late is replayed");
 }

@@ -73,6 +73,11 @@ impl Written {
         self.deltas.last().copied().unwrap_or(self.base)
     }
 
+    /// Whether the new chain leaves no file to remove.
+    pub(super) fn superseded_none(&self) -> bool {
+        self.superseded.is_empty()
+    }
+
     /// Removes the file written, when the manifest naming it could not be.
     pub(super) fn abandon(self) {
         if let Some(p) = self.new_file {
@@ -324,6 +329,11 @@ impl DeletionLog {
             self.since_base.clear();
             self.rebase = false;
         }
+    }
+
+    /// The file the last manifest named (0: none).
+    pub(super) fn head(&self) -> u64 {
+        self.deltas.last().copied().unwrap_or(self.base)
     }
 
     /// Changes to the records so far (see [`DeletionLog::write`]).

@@ -59,13 +59,6 @@ impl Growing {
         self.entries.push(e);
     }
 
-    pub(super) fn clear(&mut self) {
-        self.entries.clear();
-        self.vectors.clear();
-        self.codes.clear();
-        self.dim = None;
-    }
-
     /// The chunks' codes (row `i` is chunk `i`'s), when every chunk's vector had one length:
     /// what a sealed segment of these chunks scans until its graph is built. The growing
     /// segment keeps none afterwards (it is cleared next).
@@ -134,7 +127,7 @@ mod tests {
                     ids(exact_search(&g, &q, k, &live))
                 );
             }
-            g.clear();
+            g = Growing::default();
             assert!(g.is_empty() && g.vectors.is_empty());
         }
         g.push(entry(1, vec![0.5; 6]));

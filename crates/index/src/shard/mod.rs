@@ -15,7 +15,7 @@ mod sync;
 mod write;
 
 pub(crate) use codec::decode_entries;
-pub use seal::PreparedSeal;
+pub use seal::{PreparedSeal, ToFree};
 pub use shared::SharedShard;
 
 use std::collections::{HashMap, HashSet};
@@ -303,6 +303,12 @@ pub struct ShardIndex {
     /// The deletion records written ahead of the next manifest, under a shared borrow (see
     /// [`ShardIndex::prepare_deletions`]), with the changes count they were written at.
     deletions_ahead: std::sync::Mutex<Option<(u64, deletions::Written)>>,
+    /// A seal's manifest written (fsynced, not renamed into place) ahead of its commit, under
+    /// a shared borrow: its bytes, used by the commit only if they are what it would write
+    /// (see [`ShardIndex::prepare_seal_manifest`]).
+    manifest_ahead: std::sync::Mutex<Option<Vec<u8>>>,
+    /// What the last seal's commit let go of, to free after the lock (see [`seal::ToFree`]).
+    to_free: seal::ToFree,
     bm25: Bm25,
     slots: HashMap<u32, Arc<Entry>>,
     next_slot: u32,
@@ -344,6 +350,8 @@ fn test_model() -> ModelIdentity {
 
 /// The manifest file, and the earlier formats'.
 const MANIFEST: &str = "manifest3.bin";
+/// A seal's manifest written ahead of its commit (see [`ShardIndex::prepare_seal_manifest`]).
+const MANIFEST_AHEAD: &str = "manifest3.next";
 const MANIFEST_V2: &str = "manifest2.bin";
 const MANIFEST_V1: &str = "manifest.bin";
 

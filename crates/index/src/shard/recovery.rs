@@ -48,6 +48,8 @@ impl ShardIndex {
             deleted: deletions.deleted,
             deletions_log,
             deletions_ahead: Default::default(),
+            manifest_ahead: Default::default(),
+            to_free: Default::default(),
             bm25: Bm25::default(),
             slots: HashMap::new(),
             next_slot: 0,
@@ -258,7 +260,8 @@ fn remove_unreferenced(dir: &Path, m: &Manifest, deletion_files: &[String]) {
     };
     for f in rd.flatten() {
         let name = f.file_name().to_string_lossy().to_string();
-        let temporary = name.ends_with(".tmp") || name.ends_with(".merging");
+        let temporary =
+            name.ends_with(".tmp") || name.ends_with(".merging") || name == MANIFEST_AHEAD;
         let segment_file = (name.starts_with("seg-")
             && [".bin", ".bm25", ".post", ".hnsw"]
                 .iter()

@@ -12,6 +12,17 @@ fn shrink_sparse<K: Eq + std::hash::Hash, V>(map: &mut HashMap<K, V>) {
     }
 }
 
+/// Memory a commit let go of, freed when this is dropped (by whoever took it with
+/// [`ShardIndex::take_to_free`]).
+#[derive(Default)]
+pub struct ToFree(Vec<Box<dyn Send + Sync>>);
+
+impl std::fmt::Debug for ToFree {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ToFree({} items)", self.0.len())
+    }
+}
+
 /// A seal's files, written and not referred to yet (see [`ShardIndex::prepare_seal`]).
 #[derive(Debug)]
 pub struct PreparedSeal {
@@ -31,7 +42,23 @@ impl ShardIndex {
     pub fn seal(&mut self) -> Result<(), IndexError> {
         self.apply_logged();
         let prepared = self.prepare_seal()?;
-        self.commit_seal(prepared)
+        self.commit_seal(prepared)?;
+        drop(self.take_to_free());
+        self.finish_seal()
+    }
+
+    /// What the last commit left to free (see [`ToFree`]): a shared index's writer drops it
+    /// after letting the searches back in.
+    pub fn take_to_free(&mut self) -> ToFree {
+        std::mem::take(&mut self.to_free)
+    }
+
+    /// The last step of a seal, under a shared borrow: empties the log, whose writes the
+    /// committed manifest holds (the next append does it first if this was not called or
+    /// failed; a crash before it replays nothing: the log's records are all at or below the
+    /// manifest's last sequence number).
+    pub fn finish_seal(&self) -> Result<(), IndexError> {
+        self.log_state().reset_if_due()
     }
 
     /// The first half of a [`seal`](Self::seal), under a shared borrow (searches go on): writes
@@ -58,8 +85,8 @@ impl ShardIndex {
         })
     }
 
-    /// The second half of a [`seal`](Self::seal) (exclusive: a few renames, the manifest and
-    /// the log's reset). When the growing segment changed since `prepared` was written, or
+    /// The second half of a [`seal`](Self::seal) (exclusive: a few renames and the manifest;
+    /// the log is emptied after it, by [`finish_seal`](Self::finish_seal)). When the growing segment changed since `prepared` was written, or
     /// writes were logged meanwhile, the files are dropped and the seal is done whole here.
     pub fn commit_seal(&mut self, prepared: PreparedSeal) -> Result<(), IndexError> {
         let unchanged = prepared.id == self.next_segment_id
@@ -87,20 +114,28 @@ impl ShardIndex {
             // the chunks' bodies now live in the mapped file, not in memory
             self.rebind(&seg.entries);
             self.next_segment_id += 1;
-            self.growing.clear();
-            // the growing segment's BM25 is in the new segment's postings file now
-            self.bm25 = Bm25::default();
+            // the growing segment's chunks (their owned copies) and its BM25 (in the new
+            // segment's postings file now) are freed by the caller, after the lock if it holds
+            // one (thousands of allocations)
+            self.to_free
+                .0
+                .push(Box::new(std::mem::take(&mut self.growing)));
+            self.to_free
+                .0
+                .push(Box::new(std::mem::take(&mut self.bm25)));
             self.sealed.push(seg.clone());
             self.spawn_graph(seg, false);
         }
         self.sealed_seq = self.last_seq;
         self.purge_deletions()?;
         self.write_manifest()?;
+        // the manifest now holds everything the log does: emptying the log (an fsync) is left
+        // to `finish_seal` or to the next append, whichever comes first, so that a shared
+        // index's searches do not wait for it
         self.log
             .get_mut()
             .unwrap_or_else(|e| e.into_inner())
-            .wal
-            .reset()?;
+            .reset_due = true;
         self.generation += 1;
         // a mass delete leaves the maps at the room their largest size took
         shrink_sparse(&mut self.docs);
@@ -222,25 +257,44 @@ impl ShardIndex {
                     .write(&self.dir, &self.tombstones, &self.deleted)?
             }
         };
-        let deletions = written.head();
-        let m = Manifest {
-            // what the sealed segments hold: a merge commits between seals, while the growing
-            // segment's writes are in the log only
-            last_seq: self.sealed_seq,
-            segments: self
-                .sealed
-                .iter()
-                .map(|s| SegmentMeta {
-                    id: s.id,
-                    parts: s.parts.iter().map(|(p, _)| *p).collect(),
+        // what the sealed segments hold: a merge commits between seals, while the growing
+        // segment's writes are in the log only
+        let bytes = self.manifest_bytes(
+            self.sealed_seq,
+            self.sealed.iter().map(|s| SegmentMeta {
+                id: s.id,
+                parts: s.parts.iter().map(|(p, _)| *p).collect(),
+            }),
+            written.head(),
+            self.next_segment_id,
+        )?;
+        let ahead = self
+            .manifest_ahead
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let ahead_path = self.dir.join(MANIFEST_AHEAD);
+        let r = if ahead.is_some_and(|a| a == bytes) {
+            // written and fsynced ahead, byte for byte this one: only the rename is left (and
+            // the folder's fsync, for which the log's reset waits)
+            std::fs::rename(&ahead_path, self.dir.join(MANIFEST))
+                .map_err(|e| IndexError::io(&ahead_path, e))
+                .map(|()| {
+                    if written.superseded_none() {
+                        self.log
+                            .get_mut()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .dir_sync_due = Some(self.dir.clone());
+                    } else {
+                        // files are removed once this manifest is durable
+                        crate::files::sync_dir(&self.dir);
+                    }
                 })
-                .collect(),
-            deletions,
-            model: self.model.clone(),
-            next_segment_id: self.next_segment_id,
+        } else {
+            let _ = std::fs::remove_file(&ahead_path);
+            write_checked(&self.dir.join(MANIFEST), &bytes)
         };
-        let bytes = postcard::to_stdvec(&m).map_err(|e| IndexError::BadInput(e.to_string()))?;
-        if let Err(e) = write_checked(&self.dir.join(MANIFEST), &bytes) {
+        if let Err(e) = r {
             written.abandon();
             return Err(e);
         }
@@ -248,6 +302,70 @@ impl ShardIndex {
         // the earlier formats' manifests, if any, are superseded
         let _ = std::fs::remove_file(self.dir.join(MANIFEST_V2));
         let _ = std::fs::remove_file(self.dir.join(MANIFEST_V1));
+        Ok(())
+    }
+
+    /// The manifest's bytes for these segments and this state.
+    fn manifest_bytes(
+        &self,
+        last_seq: u64,
+        segments: impl Iterator<Item = SegmentMeta>,
+        deletions: u64,
+        next_segment_id: u64,
+    ) -> Result<Vec<u8>, IndexError> {
+        let m = Manifest {
+            last_seq,
+            segments: segments.collect(),
+            deletions,
+            model: self.model.clone(),
+            next_segment_id,
+        };
+        postcard::to_stdvec(&m).map_err(|e| IndexError::BadInput(e.to_string()))
+    }
+
+    /// Writes the manifest that committing `prepared` will write, ahead of the commit and under
+    /// a shared borrow (searches go on while it is fsynced): the commit then only renames it
+    /// into place, if its bytes are still what it would write (nothing applied, sealed, merged
+    /// or deleted in between: the caller is the only writer), and writes its own otherwise.
+    /// Nothing when deletion records are pending and not written ahead
+    /// ([`prepare_deletions`](Self::prepare_deletions) first), or due to be dropped.
+    pub fn prepare_seal_manifest(&self, prepared: &PreparedSeal) -> Result<(), IndexError> {
+        if self.purge_due().is_some() || self.log_state().has_queued() {
+            return Ok(());
+        }
+        let deletions = if self.deletions_log.pending() {
+            let ahead = self
+                .deletions_ahead
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            match ahead.as_ref() {
+                Some((at, w)) if *at == self.deletions_log.changes() => w.head(),
+                _ => return Ok(()),
+            }
+        } else {
+            self.deletions_log.head()
+        };
+        let new = prepared.seg.as_ref().map(|_| SegmentMeta {
+            id: prepared.id,
+            parts: vec![prepared.id],
+        });
+        let bytes = self.manifest_bytes(
+            self.last_seq,
+            self.sealed
+                .iter()
+                .map(|s| SegmentMeta {
+                    id: s.id,
+                    parts: s.parts.iter().map(|(p, _)| *p).collect(),
+                })
+                .chain(new),
+            deletions,
+            self.next_segment_id + u64::from(prepared.seg.is_some()),
+        )?;
+        crate::files::write_synced(&self.dir.join(MANIFEST_AHEAD), &bytes)?;
+        *self
+            .manifest_ahead
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(bytes);
         Ok(())
     }
 

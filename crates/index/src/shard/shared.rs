@@ -158,7 +158,22 @@ impl SharedShard {
     fn seal_in_halves(&self) -> Result<(), IndexError> {
         let prepared = self.read().prepare_seal()?;
         self.deletions_ahead();
-        self.index.write().commit_seal(prepared)
+        if let Err(e) = self.read().prepare_seal_manifest(&prepared) {
+            // the commit writes its own
+            warn!(error = %e, "writing a seal's manifest ahead of its commit failed");
+        }
+        let mut ix = self.index.write();
+        let r = ix.commit_seal(prepared);
+        // the growing segment's owned chunks and its BM25 are freed beside the searches
+        let to_free = ix.take_to_free();
+        drop(ix);
+        drop(to_free);
+        r?;
+        if let Err(e) = self.read().finish_seal() {
+            // the next append empties it first (or refuses)
+            warn!(error = %e, "emptying the log after a seal failed");
+        }
+        Ok(())
     }
 
     /// The index back.

@@ -15,6 +15,12 @@ pub(super) struct LogState {
     /// The model the queued writes pinned, while the index has none (set whenever one is
     /// queued then).
     model: Option<ModelIdentity>,
+    /// A committed manifest holds every record of the log: it is emptied before the next
+    /// append (see [`ShardIndex::finish_seal`]).
+    pub(super) reset_due: bool,
+    /// A manifest was renamed into place and its folder not fsynced yet: done before the log
+    /// is emptied (the rename must be durable first).
+    pub(super) dir_sync_due: Option<std::path::PathBuf>,
 }
 
 /// A logged write not applied yet, or not to its end.
@@ -33,7 +39,21 @@ impl LogState {
             queued: std::collections::VecDeque::new(),
             versions: HashMap::new(),
             model: None,
+            reset_due: false,
+            dir_sync_due: None,
         }
+    }
+
+    /// Empties the log if a committed manifest holds all of it.
+    pub(super) fn reset_if_due(&mut self) -> Result<(), IndexError> {
+        if let Some(dir) = self.dir_sync_due.take() {
+            crate::files::sync_dir(&dir);
+        }
+        if self.reset_due {
+            self.wal.reset()?;
+            self.reset_due = false;
+        }
+        Ok(())
     }
 
     /// Whether writes were logged and not applied yet.
@@ -256,7 +276,12 @@ impl ShardIndex {
             .iter()
             .map(|(_, rec)| codec::encode_wal(rec).map_err(|e| IndexError::BadInput(e.to_string())))
             .collect();
-        if let Err(e) = encoded.and_then(|bytes| log.wal.append(&bytes)) {
+        // a seal's log reset not done yet is done first: what it drops is in the manifest, and
+        // nothing is appended to a log that could not be emptied
+        if let Err(e) = encoded.and_then(|bytes| {
+            log.reset_if_due()?;
+            log.wal.append(&bytes)
+        }) {
             // nothing of the group is logged; each write gets the error
             for (i, _) in &records {
                 results[*i] = Err(e.duplicate());

@@ -1,11 +1,13 @@
-//! `ragfleet bench shard`: one shard's index at growing sizes, through its normal write path.
+//! `ragfleet bench shard`: one shard's index at growing sizes, through its normal write path
+//! (a [`SharedShard`], as a replica serves it: writes logged beside the searches, applied in
+//! parts, seals' files written beside them).
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use ragfleet_index::ann::exact_top_k;
 use ragfleet_index::eval::{clustered_with, synthetic_model};
 use ragfleet_index::vector::normalize;
-use ragfleet_index::{AnnKind, IndexSettings, ShardIndex};
+use ragfleet_index::{AnnKind, IndexSettings, ShardIndex, SharedShard};
 use ragfleet_proto::{ChunkRecord, SearchMode, SearchQuery, WriteOp};
 
 use crate::eval_answers::percentile;
@@ -153,11 +155,11 @@ struct Row {
 }
 
 /// Latency (ms) of every query, run one at a time.
-fn timed(ix: &ShardIndex, qs: &[SearchQuery]) -> Result<Vec<f64>> {
+fn timed(ix: &SharedShard, qs: &[SearchQuery]) -> Result<Vec<f64>> {
     qs.iter()
         .map(|q| {
             let t = Instant::now();
-            ix.search(q)?;
+            ix.read().search(q)?;
             Ok(t.elapsed().as_secs_f64() * 1e3)
         })
         .collect()
@@ -206,7 +208,7 @@ pub fn run(b: ShardBench) -> Result<()> {
         // index would otherwise reuse it unseen)
         trim_allocator();
         let rss0 = resident_bytes();
-        let (mut ix, _) = ShardIndex::open(&dir, settings)?;
+        let ix = SharedShard::new(ShardIndex::open(&dir, settings)?.0);
         let mut rng = rand::rngs::StdRng::seed_from_u64(n as u64);
         let t = Instant::now();
         let mut vectors: Vec<Vec<f32>> = Vec::with_capacity(n);
@@ -234,14 +236,19 @@ pub fn run(b: ShardBench) -> Result<()> {
         let mut ingested = None;
         loop {
             ix.maintain()?;
-            let (segs, built) = ix.segment_stats();
-            let idle_sealed =
-                b.seal_idle_secs == 0 || ix.growing_chunks() < ragfleet_index::IDLE_SEAL_MIN_CHUNKS;
-            if segs == built
-                && !ix.merging()
-                && !ix.needs_maintenance()
-                && ix.segments_being_freed() == 0
-            {
+            let (settled, idle_sealed) = {
+                let r = ix.read();
+                let (segs, built) = r.segment_stats();
+                (
+                    segs == built
+                        && !r.merging()
+                        && !r.needs_maintenance()
+                        && r.segments_being_freed() == 0,
+                    b.seal_idle_secs == 0
+                        || r.growing_chunks() < ragfleet_index::IDLE_SEAL_MIN_CHUNKS,
+                )
+            };
+            if settled {
                 // the ingest's time does not count the wait for the idle seal
                 ingested.get_or_insert_with(|| t.elapsed().as_secs_f64());
                 if idle_sealed {
@@ -269,7 +276,7 @@ pub fn run(b: ShardBench) -> Result<()> {
                 .saturating_sub(rss0.0)
                 .saturating_sub(own),
         );
-        let (graphs, bm25) = ix.memory_bytes();
+        let (graphs, bm25) = ix.read().memory_bytes();
         println!(
             "{n:>9} chunks: of the index's own memory, a million chunks: graphs {:.2} GB ({:.2} GB of codes and level-0 rows in huge-page memory, the rest of them mapped), BM25 postings {:.2} GB",
             per_million(graphs as u64),
@@ -312,11 +319,11 @@ pub fn run(b: ShardBench) -> Result<()> {
         let bm25_p = (percentile(&mut bm, 0.5), percentile(&mut bm, 0.99));
         let mut at_size = Vec::new();
         for &ef in &b.ef_search {
-            ix.set_ef_search(ef);
+            ix.exclusive(|ix| ix.set_ef_search(ef));
             let mut d = timed(&ix, &dense)?;
             let mut found = 0;
             for (q, t) in dense.iter().zip(&truth) {
-                let hits = ix.search(q)?;
+                let hits = ix.read().search(q)?;
                 found += t
                     .iter()
                     .filter(|i| hits.iter().any(|h| h.doc_id == format!("d{i}")))
@@ -326,8 +333,8 @@ pub fn run(b: ShardBench) -> Result<()> {
                 n,
                 ef,
                 ingest_s,
-                segments: ix.segment_stats().0,
-                growing: ix.growing_chunks(),
+                segments: ix.read().segment_stats().0,
+                growing: ix.read().growing_chunks(),
                 mem_per_million,
                 live_per_million,
                 dense: (percentile(&mut d, 0.5), percentile(&mut d, 0.99)),
@@ -340,11 +347,19 @@ pub fn run(b: ShardBench) -> Result<()> {
             );
             at_size.push(row);
         }
-        ix.set_ef_search(b.ef_search.first().copied().unwrap_or(64));
+        ix.exclusive(|ix| ix.set_ef_search(b.ef_search.first().copied().unwrap_or(64)));
         if n == largest {
-            let merge = during_merge(&mut ix, &dense, &zipf, b.dim, n)?;
-            let compaction = during_compaction(&mut ix, &dense, n)?;
-            merge_line = Some(format!("{merge}\n{compaction}"));
+            let at = Largest {
+                ix: &ix,
+                dense: &dense,
+                zipf: &zipf,
+                dim: b.dim,
+                n,
+            };
+            let writes = during_writes(&at)?;
+            let merge = during_merge(&at)?;
+            let compaction = during_compaction(&ix, &dense, n)?;
+            merge_line = Some(format!("{writes}\n{merge}\n{compaction}"));
         }
         rows.push(at_size);
         drop(ix);
@@ -403,20 +418,93 @@ pub fn run(b: ShardBench) -> Result<()> {
     Ok(())
 }
 
-/// Dense p99 while a merge runs against p99 with none, at the largest size: enough chunks
-/// are written to seal segments until a merge starts, then queries run until it is done.
-fn during_merge(
-    ix: &mut ShardIndex,
-    dense: &[SearchQuery],
-    zipf: &Zipf,
+/// The largest size's index and queries, for the measurements under load.
+struct Largest<'a> {
+    ix: &'a SharedShard,
+    dense: &'a [SearchQuery],
+    zipf: &'a Zipf,
     dim: usize,
     n: usize,
-) -> Result<String> {
+}
+
+/// Each search's latency and, within it, its wait for the lock (ms).
+type Waits = (Vec<f64>, Vec<f64>);
+
+/// Dense latency while writes come, against the same queries without: another thread writes
+/// new documents in batches of 64 through the shard (as a replica takes an ingest, sealing as
+/// segments fill) while this one searches back to back; a search waits only while a write
+/// applies (in parts of ~2 ms) or a seal commits, besides sharing the cores.
+fn during_writes(at: &Largest) -> Result<String> {
+    let (ix, dense, zipf, dim, n) = (at.ix, at.dense, at.zipf, at.dim, at.n);
+    let mut quiet = timed(ix, dense)?;
+    let docs = (n / 4).clamp(20_000, 100_000);
+    let batch = 64;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    // made before the clock starts: the writer only writes
+    let batches: Vec<Vec<WriteOp>> = (0..docs)
+        .step_by(batch)
+        .map(|start| {
+            let count = batch.min(docs - start);
+            clustered_with(count, dim, 50, 24, 0.1, 7, (n + start) as u64 + 1)
+                .into_iter()
+                .enumerate()
+                .map(|(j, mut v)| {
+                    normalize(&mut v);
+                    upsert(format!("w{}", start + j), v, zipf.text(&mut rng))
+                })
+                .collect()
+        })
+        .collect();
+    let model = synthetic_model(dim);
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let (secs, (mut during, mut waits)) = std::thread::scope(|s| -> Result<(f64, Waits)> {
+        let writer = s.spawn(|| -> Result<f64> {
+            let t = Instant::now();
+            let written = batches.into_iter().try_for_each(|ops| {
+                ix.write(ops, &model)?;
+                ix.maintain().map(drop)
+            });
+            done.store(true, std::sync::atomic::Ordering::Release);
+            written?;
+            Ok(t.elapsed().as_secs_f64())
+        });
+        let (mut during, mut waits) = (Vec::new(), Vec::new());
+        while !done.load(std::sync::atomic::Ordering::Acquire) {
+            for q in dense.iter().take(50) {
+                let t = Instant::now();
+                let r = ix.read();
+                waits.push(t.elapsed().as_secs_f64() * 1e3);
+                r.search(q)?;
+                drop(r);
+                during.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        let secs = writer.join().expect("the writer thread")?;
+        Ok((secs, (during, waits)))
+    })?;
+    let (q50, q99) = (percentile(&mut quiet, 0.5), percentile(&mut quiet, 0.99));
+    let longest = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
+    let (d50, d99) = (percentile(&mut during, 0.5), percentile(&mut during, 0.99));
+    Ok(format!(
+        "while writes come ({docs} new documents in batches of {batch} from another thread, {:.0} a second; {} queries): dense p50 {d50:.2} ms p99 {d99:.2} ms, longest {:.1} ms; of which waiting for the lock: p99 {:.2} ms, longest {:.1} ms; without writes: p50 {q50:.2} ms p99 {q99:.2} ms (p99 x{:.2})",
+        docs as f64 / secs,
+        during.len(),
+        longest(&during),
+        percentile(&mut waits, 0.99),
+        longest(&waits),
+        d99 / q99
+    ))
+}
+
+/// Dense p99 while a merge runs against p99 with none, at the largest size: enough chunks
+/// are written to seal segments until a merge starts, then queries run until it is done.
+fn during_merge(at: &Largest) -> Result<String> {
+    let (ix, dense, zipf, dim, n) = (at.ix, at.dense, at.zipf, at.dim, at.n);
     let mut quiet = timed(ix, dense)?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(99);
     let mut next = n;
     let deadline = Instant::now() + Duration::from_secs(600);
-    while !ix.merging() {
+    while !ix.read().merging() {
         if Instant::now() > deadline {
             return Ok("no merge started within 600 s".into());
         }
@@ -437,7 +525,7 @@ fn during_merge(
 /// Single queries, over and over, until the running merge finishes (then it is committed):
 /// its seconds and "N queries): dense p50/p99 during; without: p50/p99 of `quiet`".
 fn while_merging(
-    ix: &mut ShardIndex,
+    ix: &SharedShard,
     dense: &[SearchQuery],
     quiet: &mut [f64],
 ) -> Result<(f64, String)> {
@@ -447,13 +535,13 @@ fn while_merging(
     // whether it committed (it also runs when a graph build finished meanwhile, committing
     // nothing while the merge runs)
     let mut commit_ms = None;
-    while commit_ms.is_none() && ix.merging() {
+    while commit_ms.is_none() && ix.read().merging() {
         for q in dense.iter().take(50) {
             let s = Instant::now();
-            ix.search(q)?;
+            ix.read().search(q)?;
             during.push(s.elapsed().as_secs_f64() * 1e3);
         }
-        if ix.needs_maintenance() {
+        if ix.read().needs_maintenance() {
             let c = Instant::now();
             if ix.maintain()? {
                 commit_ms = Some(c.elapsed().as_secs_f64() * 1e3);
@@ -477,7 +565,7 @@ fn while_merging(
 /// Dense p99 while the largest segment is compacted against p99 before: over half of the
 /// first `n` documents deleted, so the segment holding them is rewritten on its own (its live
 /// chunks to a new data file, a fresh graph), the heaviest merge there is.
-fn during_compaction(ix: &mut ShardIndex, dense: &[SearchQuery], n: usize) -> Result<String> {
+fn during_compaction(ix: &SharedShard, dense: &[SearchQuery], n: usize) -> Result<String> {
     let mut quiet = timed(ix, dense)?;
     let doomed: Vec<String> = (0..n)
         .filter(|i| i % 20 < 11)
@@ -488,23 +576,23 @@ fn during_compaction(ix: &mut ShardIndex, dense: &[SearchQuery], n: usize) -> Re
     }
     // the merges that run first (of the last seals) are waited out; the one measured is the
     // one that drops chunks
-    let stored = ix.stored_chunks();
+    let stored = ix.read().stored_chunks();
     loop {
         ix.maintain()?;
-        if !ix.merging() {
+        if !ix.read().merging() {
             return Ok(format!(
                 "no compaction started after deleting {} of {n} documents",
                 doomed.len()
             ));
         }
         let (secs, figures) = while_merging(ix, dense, &mut quiet)?;
-        if ix.stored_chunks() < stored {
+        if ix.read().stored_chunks() < stored {
             // the slots are pointed at the copies a bounded batch per maintenance pass, as the
             // shard's owner runs them (each under the write lock)
-            let chunks = ix.chunks_to_rebind();
+            let chunks = ix.read().chunks_to_rebind();
             let (mut passes, mut longest) = (0, 0.0f64);
             let deadline = Instant::now() + Duration::from_secs(600);
-            while ix.chunks_to_rebind() > 0 && Instant::now() < deadline {
+            while ix.read().chunks_to_rebind() > 0 && Instant::now() < deadline {
                 let t = Instant::now();
                 ix.maintain()?;
                 longest = longest.max(t.elapsed().as_secs_f64() * 1e3);

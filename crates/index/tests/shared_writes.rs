@@ -485,3 +485,50 @@ fn a_seal_commits_the_manifest_written_ahead_and_empties_the_log_after_it() {
     assert_eq!(ix.doc_count(), 90, "89 of d0..d89 and late");
     assert_eq!(ix.growing_chunks(), 1, "only late is replayed");
 }
+
+#[test]
+fn maps_grown_and_shrunk_beside_the_searches_keep_every_document() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ix, _) = ShardIndex::open(dir.path(), settings(1024)).unwrap();
+    let shard = SharedShard::new(ix);
+    for batch in 0..24u64 {
+        let ops = (batch * 500..(batch + 1) * 500)
+            .map(|i| upsert(&format!("d{i}"), 1, i))
+            .collect();
+        shard.write(ops, &model()).unwrap();
+    }
+    let (docs_room, slots_room) = shard.read().maps_room();
+    assert!(
+        docs_room >= 12_000 && slots_room >= 12_000,
+        "grown by copies: {docs_room} {slots_room}"
+    );
+    assert_eq!(shard.read().doc_count(), 12_000);
+    for i in [0u64, 4_095, 4_096, 8_191, 11_999] {
+        assert!(finds(&shard.read(), &format!("d{i}"), i), "d{i}");
+    }
+    // most documents deleted: the next write's maps are copied smaller
+    let doomed: Vec<String> = (0..11_000).map(|i| format!("d{i}")).collect();
+    shard.delete(&doomed, 2).unwrap();
+    shard
+        .write(vec![upsert("after", 1, 77_777)], &model())
+        .unwrap();
+    let (docs_room, slots_room) = shard.read().maps_room();
+    assert!(
+        docs_room < 6_000 && slots_room < 6_000,
+        "shrunk by copies: {docs_room} {slots_room}"
+    );
+    {
+        let ix = shard.read();
+        assert_eq!(ix.doc_count(), 1_001);
+        assert_eq!(ix.version_of("d5"), Some(2), "the deletion's version");
+        assert!(!finds(&ix, "d10999", 10_999));
+        assert!(finds(&ix, "d11000", 11_000));
+        assert!(finds(&ix, "after", 77_777));
+    }
+    drop(shard);
+    let (ix, report) = ShardIndex::open(dir.path(), settings(1024)).unwrap();
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    assert_eq!(ix.doc_count(), 1_001);
+    assert!(finds(&ix, "d11999", 11_999));
+    assert!(!finds(&ix, "d3", 3));
+}

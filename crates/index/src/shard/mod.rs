@@ -8,6 +8,7 @@ mod deletions;
 mod growing;
 mod merge;
 mod recovery;
+mod room;
 mod seal;
 mod search;
 mod shared;
@@ -15,6 +16,7 @@ mod sync;
 mod write;
 
 pub(crate) use codec::decode_entries;
+pub use room::Room;
 pub use seal::{PreparedSeal, ToFree};
 pub use shared::SharedShard;
 
@@ -231,7 +233,7 @@ struct WalRecord {
     ops: Vec<WriteOp>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct DocState {
     seq: u64,
     version: u64,
@@ -241,7 +243,7 @@ struct DocState {
 /// A live document's chunks' slots: the run of consecutive slots its write gave them (an
 /// upsert's chunks are given slots one after the other), or a list when they are not
 /// consecutive. A run costs no allocation: most documents are one.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 enum Slots {
     Run { first: u32, count: u32 },
     List(Box<[u32]>),

@@ -133,15 +133,22 @@ impl SharedShard {
         }
     }
 
-    /// Applies what was logged; seals when that filled the growing segment (writer held).
+    /// Applies what was logged; seals when that filled the growing segment (writer held). A
+    /// map the writes would fill past its room is copied at its new size first, beside the
+    /// searches ([`ShardIndex::prepare_room`]), and swapped in with the first part.
     fn apply_and_seal(&self) {
+        let mut room = Some(self.read().prepare_room());
         let due = loop {
             let mut ix = self.index.write();
-            if ix.apply_logged_for(Some(APPLY_SLICE)) {
-                break ix.seal_due();
-            }
-            // the searches waiting get their turn before the next part
+            let replaced = room.take().map(|r| ix.install_room(r));
+            let done = ix.apply_logged_for(Some(APPLY_SLICE));
+            let due = done && ix.seal_due();
+            // the searches waiting get their turn before the next part (or the seal)
             RwLockWriteGuard::unlock_fair(ix);
+            drop(replaced);
+            if done {
+                break due;
+            }
         };
         // the writes are durable and applied whatever happens here: a seal that fails (disk
         // full) leaves the growing segment and the log as they were, and the next write tries
@@ -162,12 +169,15 @@ impl SharedShard {
             // the commit writes its own
             warn!(error = %e, "writing a seal's manifest ahead of its commit failed");
         }
+        // the maps a mass delete left mostly empty are copied smaller beside the searches
+        let room = self.read().prepare_room();
         let mut ix = self.index.write();
+        let replaced = ix.install_room(room);
         let r = ix.commit_seal(prepared);
         // the growing segment's owned chunks and its BM25 are freed beside the searches
         let to_free = ix.take_to_free();
         drop(ix);
-        drop(to_free);
+        drop((to_free, replaced));
         r?;
         if let Err(e) = self.read().finish_seal() {
             // the next append empties it first (or refuses)

@@ -56,6 +56,11 @@ impl LogState {
         Ok(())
     }
 
+    /// The ops logged and not applied yet, write by write.
+    pub(super) fn queued(&self) -> impl Iterator<Item = &[WriteOp]> {
+        self.queued.iter().map(|q| q.ops.as_slice())
+    }
+
     /// Whether writes were logged and not applied yet.
     pub(super) fn has_queued(&self) -> bool {
         !self.queued.is_empty()

@@ -356,9 +356,10 @@ pub fn run(b: ShardBench) -> Result<()> {
                 dim: b.dim,
                 n,
             };
-            let writes = during_writes(&at)?;
-            let merge = during_merge(&at)?;
-            let compaction = during_compaction(&ix, &dense, n)?;
+            let (writes, written) = during_writes(&at)?;
+            let (merge, merged) = during_merge(&at)?;
+            let families = [("d", 0..n), ("w", 0..written), ("m", n..merged)];
+            let compaction = during_compaction(&ix, &dense, &families)?;
             merge_line = Some(format!("{writes}\n{merge}\n{compaction}"));
         }
         rows.push(at_size);
@@ -434,7 +435,7 @@ type Waits = (Vec<f64>, Vec<f64>);
 /// new documents in batches of 64 through the shard (as a replica takes an ingest, sealing as
 /// segments fill) while this one searches back to back; a search waits only while a write
 /// applies (in parts of ~2 ms) or a seal commits, besides sharing the cores.
-fn during_writes(at: &Largest) -> Result<String> {
+fn during_writes(at: &Largest) -> Result<(String, usize)> {
     let (ix, dense, zipf, dim, n) = (at.ix, at.dense, at.zipf, at.dim, at.n);
     let mut quiet = timed(ix, dense)?;
     let docs = (n / 4).clamp(20_000, 100_000);
@@ -485,7 +486,8 @@ fn during_writes(at: &Largest) -> Result<String> {
     let (q50, q99) = (percentile(&mut quiet, 0.5), percentile(&mut quiet, 0.99));
     let longest = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
     let (d50, d99) = (percentile(&mut during, 0.5), percentile(&mut during, 0.99));
-    Ok(format!(
+    Ok((
+        format!(
         "while writes come ({docs} new documents in batches of {batch} from another thread, {:.0} a second; {} queries): dense p50 {d50:.2} ms p99 {d99:.2} ms, longest {:.1} ms; of which waiting for the lock: p99 {:.2} ms, longest {:.1} ms; without writes: p50 {q50:.2} ms p99 {q99:.2} ms (p99 x{:.2})",
         docs as f64 / secs,
         during.len(),
@@ -493,12 +495,14 @@ fn during_writes(at: &Largest) -> Result<String> {
         percentile(&mut waits, 0.99),
         longest(&waits),
         d99 / q99
+        ),
+        docs,
     ))
 }
 
 /// Dense p99 while a merge runs against p99 with none, at the largest size: enough chunks
 /// are written to seal segments until a merge starts, then queries run until it is done.
-fn during_merge(at: &Largest) -> Result<String> {
+fn during_merge(at: &Largest) -> Result<(String, usize)> {
     let (ix, dense, zipf, dim, n) = (at.ix, at.dense, at.zipf, at.dim, at.n);
     let mut quiet = timed(ix, dense)?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(99);
@@ -506,7 +510,7 @@ fn during_merge(at: &Largest) -> Result<String> {
     let deadline = Instant::now() + Duration::from_secs(600);
     while !ix.read().merging() {
         if Instant::now() > deadline {
-            return Ok("no merge started within 600 s".into());
+            return Ok(("no merge started within 600 s".into(), next));
         }
         let vs = clustered_with(512, dim, 50, 24, 0.1, 7, next as u64 + 1);
         let ops: Vec<WriteOp> = vs
@@ -519,7 +523,7 @@ fn during_merge(at: &Largest) -> Result<String> {
         ix.maintain()?;
     }
     let (secs, figures) = while_merging(ix, dense, &mut quiet)?;
-    Ok(format!("during a merge ({secs:.1} s, {figures}"))
+    Ok((format!("during a merge ({secs:.1} s, {figures}"), next))
 }
 
 /// Single queries, over and over, until the running merge finishes (then it is committed):
@@ -565,12 +569,22 @@ fn while_merging(
 /// Dense p99 while the largest segment is compacted against p99 before: over half of the
 /// first `n` documents deleted, so the segment holding them is rewritten on its own (its live
 /// chunks to a new data file, a fresh graph), the heaviest merge there is.
-fn during_compaction(ix: &SharedShard, dense: &[SearchQuery], n: usize) -> Result<String> {
+fn during_compaction(
+    ix: &SharedShard,
+    dense: &[SearchQuery],
+    families: &[(&str, std::ops::Range<usize>)],
+) -> Result<String> {
     let mut quiet = timed(ix, dense)?;
-    let doomed: Vec<String> = (0..n)
-        .filter(|i| i % 20 < 11)
-        .map(|i| format!("d{i}"))
+    // 11 of every 20 of each family of ids written (the ingest's, the writes' and the merge's)
+    let doomed: Vec<String> = families
+        .iter()
+        .flat_map(|(prefix, ids)| {
+            ids.clone()
+                .filter(|i| i % 20 < 11)
+                .map(move |i| format!("{prefix}{i}"))
+        })
         .collect();
+    let n: usize = families.iter().map(|(_, ids)| ids.len()).sum();
     for ids in doomed.chunks(10_000) {
         ix.delete(ids, 0)?;
     }

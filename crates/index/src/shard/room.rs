@@ -42,8 +42,8 @@ impl Room {
 const SMALL: usize = 4096;
 
 /// `map` copied at a size with room for `incoming` more entries, when it has not that room
-/// (twice what it will hold), or when it holds under half of its room (a quarter more than it
-/// will hold); `None` when neither.
+/// (the size it would grow to itself, or what it will hold if more), or when it holds under half
+/// of its room (a quarter more than it will hold); `None` when neither.
 fn resized<K, V>(map: &HashMap<K, V>, incoming: usize) -> Option<HashMap<K, V>>
 where
     K: Clone + Eq + std::hash::Hash,
@@ -55,7 +55,8 @@ where
             // a small map grows in place: cheap
             return None;
         }
-        will_hold * 2
+        // one more than its room: the next size up, as it would grow in place
+        will_hold.max(map.capacity() + 1)
     } else if map.capacity() > SMALL && will_hold * 2 < map.capacity() {
         will_hold + will_hold / 4
     } else {
@@ -130,7 +131,14 @@ mod tests {
         let room = m.capacity() - m.len();
         assert!(resized(&m, room).is_none(), "fits: left alone");
         let grown = resized(&m, room + 1).expect("would rehash: copied");
-        assert!(grown.capacity() >= 2 * (m.len() + room + 1));
+        let mut in_place = m.clone();
+        in_place.reserve(room + 1);
+        assert!(grown.capacity() >= m.len() + room + 1);
+        assert_eq!(
+            grown.capacity(),
+            in_place.capacity(),
+            "the size it would grow to"
+        );
         assert_eq!(grown, m, "the same entries");
         for i in 0..8_000u64 {
             m.remove(&format!("d{i}"));

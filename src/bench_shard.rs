@@ -165,6 +165,14 @@ fn timed(ix: &SharedShard, qs: &[SearchQuery]) -> Result<Vec<f64>> {
         .collect()
 }
 
+/// Whether the background work is done: every graph built, no merge running or due, the
+/// merged-away segments freed.
+fn settled(ix: &SharedShard) -> bool {
+    let r = ix.read();
+    let (segs, built) = r.segment_stats();
+    segs == built && !r.merging() && !r.needs_maintenance() && r.segments_being_freed() == 0
+}
+
 /// Runs the benchmark.
 pub fn run(b: ShardBench) -> Result<()> {
     let ann: AnnKind = b.ann.parse().map_err(anyhow::Error::msg)?;
@@ -236,19 +244,9 @@ pub fn run(b: ShardBench) -> Result<()> {
         let mut ingested = None;
         loop {
             ix.maintain()?;
-            let (settled, idle_sealed) = {
-                let r = ix.read();
-                let (segs, built) = r.segment_stats();
-                (
-                    segs == built
-                        && !r.merging()
-                        && !r.needs_maintenance()
-                        && r.segments_being_freed() == 0,
-                    b.seal_idle_secs == 0
-                        || r.growing_chunks() < ragfleet_index::IDLE_SEAL_MIN_CHUNKS,
-                )
-            };
-            if settled {
+            let idle_sealed = b.seal_idle_secs == 0
+                || ix.read().growing_chunks() < ragfleet_index::IDLE_SEAL_MIN_CHUNKS;
+            if settled(&ix) {
                 // the ingest's time does not count the wait for the idle seal
                 ingested.get_or_insert_with(|| t.elapsed().as_secs_f64());
                 if idle_sealed {
@@ -486,6 +484,12 @@ fn during_writes(at: &Largest) -> Result<(String, usize)> {
     let (q50, q99) = (percentile(&mut quiet, 0.5), percentile(&mut quiet, 0.99));
     let longest = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
     let (d50, d99) = (percentile(&mut during, 0.5), percentile(&mut during, 0.99));
+    // the graphs and merges the writes left to do, done before the next measurement
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while !settled(ix) && Instant::now() < deadline {
+        ix.maintain()?;
+        std::thread::sleep(Duration::from_millis(20));
+    }
     Ok((
         format!(
         "while writes come ({docs} new documents in batches of {batch} from another thread, {:.0} a second; {} queries): dense p50 {d50:.2} ms p99 {d99:.2} ms, longest {:.1} ms; of which waiting for the lock: p99 {:.2} ms, longest {:.1} ms; without writes: p50 {q50:.2} ms p99 {q99:.2} ms (p99 x{:.2})",

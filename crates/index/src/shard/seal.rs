@@ -85,9 +85,11 @@ impl ShardIndex {
         })
     }
 
-    /// The second half of a [`seal`](Self::seal) (exclusive: a few renames and the manifest;
-    /// the log is emptied after it, by [`finish_seal`](Self::finish_seal)). When the growing segment changed since `prepared` was written, or
-    /// writes were logged meanwhile, the files are dropped and the seal is done whole here.
+    /// The second half of a [`seal`](Self::seal) (exclusive: a few renames and the manifest,
+    /// only renamed into place when [`prepare_seal_manifest`](Self::prepare_seal_manifest)
+    /// wrote it ahead; the log is emptied after it, by [`finish_seal`](Self::finish_seal)).
+    /// When the growing segment changed since `prepared` was written, or writes were logged
+    /// meanwhile, the files are dropped and the seal is done whole here.
     pub fn commit_seal(&mut self, prepared: PreparedSeal) -> Result<(), IndexError> {
         let unchanged = prepared.id == self.next_segment_id
             && prepared.len == self.growing.len()

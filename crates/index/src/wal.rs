@@ -147,6 +147,11 @@ impl Wal {
         self.syncs
     }
 
+    /// The log's file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// Bytes in the log.
     pub fn len(&self) -> u64 {
         self.len

@@ -41,6 +41,12 @@ impl Room {
 /// Below this many entries of room a map is left to grow and shrink in place.
 const SMALL: usize = 4096;
 
+/// The room to shrink a map of `capacity` holding `len` to, when it holds under half of it
+/// (a quarter more than it holds); `None` when it does not, or is small.
+pub(super) fn shrunk_room(len: usize, capacity: usize) -> Option<usize> {
+    (capacity > SMALL && len * 2 < capacity).then_some(len + len / 4)
+}
+
 /// `map` copied at a size with room for `incoming` more entries, when it has not that room
 /// (the size it would grow to itself, or what it will hold if more), or when it holds under half
 /// of its room (a quarter more than it will hold); `None` when neither.
@@ -57,10 +63,8 @@ where
         }
         // one more than its room: the next size up, as it would grow in place
         will_hold.max(map.capacity() + 1)
-    } else if map.capacity() > SMALL && will_hold * 2 < map.capacity() {
-        will_hold + will_hold / 4
     } else {
-        return None;
+        shrunk_room(will_hold, map.capacity())?
     };
     let mut copy = HashMap::with_capacity(room);
     copy.extend(map.iter().map(|(k, v)| (k.clone(), v.clone())));

@@ -5,10 +5,10 @@ use crate::postings::{Built, SegPostings};
 use crate::segment::{GraphSpec, SegGraph};
 
 /// Gives back a map's room when it fills under half of it (rehashing what is left, in
-/// proportion to it).
+/// proportion to it; the rule [`ShardIndex::prepare_room`]'s copies follow).
 fn shrink_sparse<K: Eq + std::hash::Hash, V>(map: &mut HashMap<K, V>) {
-    if map.capacity() > 4096 && map.len() * 2 < map.capacity() {
-        map.shrink_to(map.len() + map.len() / 4);
+    if let Some(room) = super::room::shrunk_room(map.len(), map.capacity()) {
+        map.shrink_to(room);
     }
 }
 
@@ -263,10 +263,7 @@ impl ShardIndex {
         // segment's writes are in the log only
         let bytes = self.manifest_bytes(
             self.sealed_seq,
-            self.sealed.iter().map(|s| SegmentMeta {
-                id: s.id,
-                parts: s.parts.iter().map(|(p, _)| *p).collect(),
-            }),
+            self.sealed_metas(),
             written.head(),
             self.next_segment_id,
         )?;
@@ -286,7 +283,7 @@ impl ShardIndex {
                         self.log
                             .get_mut()
                             .unwrap_or_else(|e| e.into_inner())
-                            .dir_sync_due = Some(self.dir.clone());
+                            .dir_sync_due = true;
                     } else {
                         // files are removed once this manifest is durable
                         crate::files::sync_dir(&self.dir);
@@ -305,6 +302,14 @@ impl ShardIndex {
         let _ = std::fs::remove_file(self.dir.join(MANIFEST_V2));
         let _ = std::fs::remove_file(self.dir.join(MANIFEST_V1));
         Ok(())
+    }
+
+    /// The sealed segments as a manifest lists them.
+    fn sealed_metas(&self) -> impl Iterator<Item = SegmentMeta> + '_ {
+        self.sealed.iter().map(|s| SegmentMeta {
+            id: s.id,
+            parts: s.parts.iter().map(|(p, _)| *p).collect(),
+        })
     }
 
     /// The manifest's bytes for these segments and this state.
@@ -353,13 +358,7 @@ impl ShardIndex {
         });
         let bytes = self.manifest_bytes(
             self.last_seq,
-            self.sealed
-                .iter()
-                .map(|s| SegmentMeta {
-                    id: s.id,
-                    parts: s.parts.iter().map(|(p, _)| *p).collect(),
-                })
-                .chain(new),
+            self.sealed_metas().chain(new),
             deletions,
             self.next_segment_id + u64::from(prepared.seg.is_some()),
         )?;

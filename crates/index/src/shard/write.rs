@@ -20,7 +20,7 @@ pub(super) struct LogState {
     pub(super) reset_due: bool,
     /// A manifest was renamed into place and its folder not fsynced yet: done before the log
     /// is emptied (the rename must be durable first).
-    pub(super) dir_sync_due: Option<std::path::PathBuf>,
+    pub(super) dir_sync_due: bool,
 }
 
 /// A logged write not applied yet, or not to its end.
@@ -40,14 +40,17 @@ impl LogState {
             versions: HashMap::new(),
             model: None,
             reset_due: false,
-            dir_sync_due: None,
+            dir_sync_due: false,
         }
     }
 
     /// Empties the log if a committed manifest holds all of it.
     pub(super) fn reset_if_due(&mut self) -> Result<(), IndexError> {
-        if let Some(dir) = self.dir_sync_due.take() {
-            crate::files::sync_dir(&dir);
+        if std::mem::take(&mut self.dir_sync_due) {
+            // the manifest sits in the log's folder
+            if let Some(dir) = self.wal.path().parent() {
+                crate::files::sync_dir(dir);
+            }
         }
         if self.reset_due {
             self.wal.reset()?;

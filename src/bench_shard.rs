@@ -7,7 +7,7 @@ use anyhow::Result;
 use ragfleet_index::ann::exact_top_k;
 use ragfleet_index::eval::{clustered_with, synthetic_model};
 use ragfleet_index::vector::normalize;
-use ragfleet_index::{AnnKind, IndexSettings, ShardIndex, SharedShard};
+use ragfleet_index::{priority, AnnKind, IndexSettings, ShardIndex, SharedShard};
 use ragfleet_proto::{ChunkRecord, SearchMode, SearchQuery, WriteOp};
 
 use crate::eval_answers::percentile;
@@ -426,38 +426,92 @@ struct Largest<'a> {
     n: usize,
 }
 
-/// Each search's latency and, within it, its wait for the lock (ms).
-type Waits = (Vec<f64>, Vec<f64>);
-
 /// Dense latency while writes come, against the same queries without: another thread writes
 /// new documents in batches of 64 through the shard (as a replica takes an ingest, sealing as
 /// segments fill) while this one searches back to back; a search waits only while a write
-/// applies (in parts of ~2 ms) or a seal commits, besides sharing the cores.
+/// applies (in parts of ~2 ms) or a seal commits, besides sharing the cores. Four rounds, each
+/// with its own documents (`w0`.. then on): the searching and writing threads with the
+/// kernel's default time slice, then asking the short one a node's runtime threads ask for
+/// (`ragfleet_index::priority`), alternating. Returns the lines and the documents written.
 fn during_writes(at: &Largest) -> Result<(String, usize)> {
-    let (ix, dense, zipf, dim, n) = (at.ix, at.dense, at.zipf, at.dim, at.n);
-    let mut quiet = timed(ix, dense)?;
-    let docs = (n / 4).clamp(20_000, 100_000);
-    let batch = 64;
-    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let mut quiet = timed(at.ix, at.dense)?;
+    let docs = (at.n / 4).clamp(20_000, 100_000);
+    let mut lines = Vec::new();
+    for (round, short) in [false, true, false, true].into_iter().enumerate() {
+        let set_slice = move || {
+            if short {
+                priority::latency_sensitive()
+            } else {
+                priority::default_slice()
+            }
+        };
+        let granted = set_slice();
+        let (secs, mut during, mut waits) = writing(at, round * docs, docs, set_slice)?;
+        let (q50, q99) = (percentile(&mut quiet, 0.5), percentile(&mut quiet, 0.99));
+        let longest = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
+        let (d50, d99) = (percentile(&mut during, 0.5), percentile(&mut during, 0.99));
+        let slow = waits.iter().filter(|w| **w >= 3.0).count();
+        lines.push(format!(
+            "while writes come, {} ({docs} new documents in batches of {} from another thread, {:.0} a second; {} queries): dense p50 {d50:.2} ms p99 {d99:.2} ms, longest {:.1} ms; of which waiting for the lock: p99 {:.2} ms, longest {:.1} ms, {slow} waits of 3 ms or more; without writes: p50 {q50:.2} ms p99 {q99:.2} ms (p99 x{:.2})",
+            match (short, granted) {
+                (false, _) => "the kernel's default time slices".to_string(),
+                (true, true) => format!("searches and writes asking a {} ms slice", priority::SHORT_SLICE_NS as f64 / 1e6),
+                (true, false) => "short slices asked, not granted here".to_string(),
+            },
+            WRITE_BATCH,
+            docs as f64 / secs,
+            during.len(),
+            longest(&during),
+            percentile(&mut waits, 0.99),
+            longest(&waits),
+            d99 / q99
+        ));
+        // the graphs and merges the writes left to do, done before the next measurement
+        let deadline = Instant::now() + Duration::from_secs(600);
+        while !settled(at.ix) && Instant::now() < deadline {
+            at.ix.maintain()?;
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    // this thread as the runtime's threads are for what follows
+    priority::latency_sensitive();
+    Ok((lines.join("\n"), 4 * docs))
+}
+
+/// Documents written from another thread in one batch.
+const WRITE_BATCH: usize = 64;
+
+/// `docs` documents `w{first}`.. written from another thread while this one searches back to
+/// back, both threads set by `set_slice`: (the writes' seconds, each search's latency, its
+/// wait for the lock), in ms.
+fn writing(
+    at: &Largest,
+    first: usize,
+    docs: usize,
+    set_slice: impl Fn() -> bool + Sync,
+) -> Result<(f64, Vec<f64>, Vec<f64>)> {
+    let (ix, dense, dim, n) = (at.ix, at.dense, at.dim, at.n);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7 + first as u64);
     // made before the clock starts: the writer only writes
-    let batches: Vec<Vec<WriteOp>> = (0..docs)
-        .step_by(batch)
+    let batches: Vec<Vec<WriteOp>> = (first..first + docs)
+        .step_by(WRITE_BATCH)
         .map(|start| {
-            let count = batch.min(docs - start);
+            let count = WRITE_BATCH.min(first + docs - start);
             clustered_with(count, dim, 50, 24, 0.1, 7, (n + start) as u64 + 1)
                 .into_iter()
                 .enumerate()
                 .map(|(j, mut v)| {
                     normalize(&mut v);
-                    upsert(format!("w{}", start + j), v, zipf.text(&mut rng))
+                    upsert(format!("w{}", start + j), v, at.zipf.text(&mut rng))
                 })
                 .collect()
         })
         .collect();
     let model = synthetic_model(dim);
     let done = std::sync::atomic::AtomicBool::new(false);
-    let (secs, (mut during, mut waits)) = std::thread::scope(|s| -> Result<(f64, Waits)> {
+    std::thread::scope(|s| {
         let writer = s.spawn(|| -> Result<f64> {
+            set_slice();
             let t = Instant::now();
             let written = batches.into_iter().try_for_each(|ops| {
                 ix.write(ops, &model)?;
@@ -479,29 +533,8 @@ fn during_writes(at: &Largest) -> Result<(String, usize)> {
             }
         }
         let secs = writer.join().expect("the writer thread")?;
-        Ok((secs, (during, waits)))
-    })?;
-    let (q50, q99) = (percentile(&mut quiet, 0.5), percentile(&mut quiet, 0.99));
-    let longest = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
-    let (d50, d99) = (percentile(&mut during, 0.5), percentile(&mut during, 0.99));
-    // the graphs and merges the writes left to do, done before the next measurement
-    let deadline = Instant::now() + Duration::from_secs(600);
-    while !settled(ix) && Instant::now() < deadline {
-        ix.maintain()?;
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok((
-        format!(
-        "while writes come ({docs} new documents in batches of {batch} from another thread, {:.0} a second; {} queries): dense p50 {d50:.2} ms p99 {d99:.2} ms, longest {:.1} ms; of which waiting for the lock: p99 {:.2} ms, longest {:.1} ms; without writes: p50 {q50:.2} ms p99 {q99:.2} ms (p99 x{:.2})",
-        docs as f64 / secs,
-        during.len(),
-        longest(&during),
-        percentile(&mut waits, 0.99),
-        longest(&waits),
-        d99 / q99
-        ),
-        docs,
-    ))
+        Ok((secs, during, waits))
+    })
 }
 
 /// Dense p99 while a merge runs against p99 with none, at the largest size: enough chunks

@@ -25,6 +25,12 @@ fn main() {
     let cli = Cli::parse();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        // searches and writes run on these threads (async or blocking): each asks the kernel
+        // for a short slice, so that one woken on a core busy with background index work
+        // (nice 10) gets it soon (ragfleet_index::priority)
+        .on_thread_start(|| {
+            ragfleet_index::priority::latency_sensitive();
+        })
         .build()
         .expect("tokio runtime");
     let res = rt.block_on(commands::run(cli));

@@ -14,6 +14,7 @@ mod files;
 pub mod hnsw;
 mod lock;
 mod postings;
+pub mod priority;
 pub mod ranking;
 mod segment;
 mod shard;

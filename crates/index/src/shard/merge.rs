@@ -331,7 +331,7 @@ impl ShardIndex {
         let background = self.settings.background;
         let work = move || {
             if background {
-                lower_priority();
+                crate::priority::background();
             }
             run_merge(&dir, id, nonce, &job_sources, entries, spec, &stop)
         };
@@ -728,16 +728,6 @@ fn source_postings(sources: &[Arc<Segment>]) -> Vec<&dyn crate::postings::Postin
         .iter()
         .map(|s| s.postings.as_ref() as &dyn crate::postings::PostingsInput)
         .collect()
-}
-
-/// Background work yields to queries: the calling thread gets a lower scheduling priority.
-pub(super) fn lower_priority() {
-    #[cfg(target_os = "linux")]
-    // SAFETY: gettid and setpriority take plain integers and only affect this thread.
-    unsafe {
-        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-        libc::setpriority(libc::PRIO_PROCESS, tid, 10);
-    }
 }
 
 #[cfg(test)]

@@ -423,7 +423,7 @@ impl ShardIndex {
             }
             if background {
                 // searches come first: until the graph is built they scan the segment's codes
-                merge::lower_priority();
+                crate::priority::background();
             }
             let g = seg.build_graph(spec);
             let g = persist_graph(&path, g, &seg.entries, &spec).unwrap_or_else(|(e, g)| {

@@ -430,23 +430,19 @@ struct Largest<'a> {
 /// new documents in batches of 64 through the shard (as a replica takes an ingest, sealing as
 /// segments fill) while this one searches back to back; a search waits only while a write
 /// applies (in parts of ~2 ms) or a seal commits, besides sharing the cores. Four rounds, each
-/// with its own documents (`w0`.. then on): the searching and writing threads with the
-/// kernel's default time slice, then asking the short one a node's runtime threads ask for
-/// (`ragfleet_index::priority`), alternating. Returns the lines and the documents written.
+/// with its own documents (`w0`.. then on): every thread with the kernel's default time
+/// slice, then with the short ones a node asks for (`ragfleet_index::priority`), alternating. Returns the lines and the documents written.
 fn during_writes(at: &Largest) -> Result<(String, usize)> {
     let mut quiet = timed(at.ix, at.dense)?;
     let docs = (at.n / 4).clamp(20_000, 100_000);
     let mut lines = Vec::new();
     for (round, short) in [false, true, false, true].into_iter().enumerate() {
-        let set_slice = move || {
-            if short {
-                priority::latency_sensitive()
-            } else {
-                priority::default_slice()
-            }
-        };
-        let granted = set_slice();
-        let (secs, mut during, mut waits) = writing(at, round * docs, docs, set_slice)?;
+        // as a node's runtime sets its threads (RAGFLEET_SHORT_SLICES=0 for the baseline):
+        // the searching thread short, the writer the kernel's default but for its holds of
+        // the write lock (SharedShard)
+        priority::set_short_slices(short);
+        let granted = priority::latency_sensitive();
+        let (secs, mut during, mut waits) = writing(at, round * docs, docs)?;
         let (q50, q99) = (percentile(&mut quiet, 0.5), percentile(&mut quiet, 0.99));
         let longest = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
         let (d50, d99) = (percentile(&mut during, 0.5), percentile(&mut during, 0.99));
@@ -455,7 +451,7 @@ fn during_writes(at: &Largest) -> Result<(String, usize)> {
             "while writes come, {} ({docs} new documents in batches of {} from another thread, {:.0} a second; {} queries): dense p50 {d50:.2} ms p99 {d99:.2} ms, longest {:.1} ms; of which waiting for the lock: p99 {:.2} ms, longest {:.1} ms, {slow} waits of 3 ms or more; without writes: p50 {q50:.2} ms p99 {q99:.2} ms (p99 x{:.2})",
             match (short, granted) {
                 (false, _) => "the kernel's default time slices".to_string(),
-                (true, true) => format!("searches and writes asking a {} ms slice", priority::SHORT_SLICE_NS as f64 / 1e6),
+                (true, true) => format!("searches and the write lock's holds asking a {} ms slice", priority::SHORT_SLICE_NS as f64 / 1e6),
                 (true, false) => "short slices asked, not granted here".to_string(),
             },
             WRITE_BATCH,
@@ -474,6 +470,7 @@ fn during_writes(at: &Largest) -> Result<(String, usize)> {
         }
     }
     // this thread as the runtime's threads are for what follows
+    priority::set_short_slices(true);
     priority::latency_sensitive();
     Ok((lines.join("\n"), 4 * docs))
 }
@@ -482,14 +479,9 @@ fn during_writes(at: &Largest) -> Result<(String, usize)> {
 const WRITE_BATCH: usize = 64;
 
 /// `docs` documents `w{first}`.. written from another thread while this one searches back to
-/// back, both threads set by `set_slice`: (the writes' seconds, each search's latency, its
-/// wait for the lock), in ms.
-fn writing(
-    at: &Largest,
-    first: usize,
-    docs: usize,
-    set_slice: impl Fn() -> bool + Sync,
-) -> Result<(f64, Vec<f64>, Vec<f64>)> {
+/// back, the writer with the kernel's default slice (as a node's write tasks): (the writes'
+/// seconds, each search's latency, its wait for the lock), in ms.
+fn writing(at: &Largest, first: usize, docs: usize) -> Result<(f64, Vec<f64>, Vec<f64>)> {
     let (ix, dense, dim, n) = (at.ix, at.dense, at.dim, at.n);
     let mut rng = rand::rngs::StdRng::seed_from_u64(7 + first as u64);
     // made before the clock starts: the writer only writes
@@ -511,7 +503,7 @@ fn writing(
     let done = std::sync::atomic::AtomicBool::new(false);
     std::thread::scope(|s| {
         let writer = s.spawn(|| -> Result<f64> {
-            set_slice();
+            priority::default_slice();
             let t = Instant::now();
             let written = batches.into_iter().try_for_each(|ops| {
                 ix.write(ops, &model)?;

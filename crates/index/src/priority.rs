@@ -10,44 +10,89 @@
 //! ordinary threads since Linux 6.12) may preempt a longer-sliced one when it wakes. Older
 //! kernels ignore the request; other systems have neither.
 
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+
 /// The slice a latency-sensitive thread asks for: the least the kernel grants (0.1 ms).
 pub const SHORT_SLICE_NS: u64 = 100_000;
 
 /// The nice value of background index work.
 pub const BACKGROUND_NICE: i32 = 10;
 
-/// Asks a short time slice for the calling thread, keeping its nice value, when it runs under
-/// the ordinary policy (a thread an operator moved to another policy is left as it is). For
-/// the threads that serve searches and writes (a runtime's worker and blocking threads).
-/// Returns whether the kernel took the request.
-pub fn latency_sensitive() -> bool {
-    #[cfg(target_os = "linux")]
-    {
-        match linux::nice() {
-            Some(nice) if linux::ordinary() => linux::set(nice, SHORT_SLICE_NS).is_ok(),
-            _ => false,
-        }
+/// Whether threads ask short slices at all ([`set_short_slices`]).
+static SHORT_SLICES: AtomicBool = AtomicBool::new(true);
+
+thread_local! {
+    /// The slice this thread last set: Some(true) short, Some(false) default, None unknown.
+    static SHORT: Cell<Option<bool>> = const { Cell::new(None) };
+}
+
+/// Turns short slices on or off for the whole process (on by default): off, the calls below
+/// leave every thread the kernel's default slice (a node started with
+/// `RAGFLEET_SHORT_SLICES=0`; the baseline `bench shard` measures them against).
+pub fn set_short_slices(on: bool) {
+    SHORT_SLICES.store(on, Relaxed);
+}
+
+/// The calling thread's slice, short or the kernel's default, keeping its nice value, when it
+/// runs under the ordinary policy (a thread an operator moved to another policy is left as it
+/// is); nothing when it is set so already. Whether it is set so.
+fn set_slice(short: bool) -> bool {
+    let short = short && SHORT_SLICES.load(Relaxed);
+    if SHORT.get() == Some(short) {
+        return true;
     }
+    #[cfg(target_os = "linux")]
+    let done = match linux::nice() {
+        Some(nice) if linux::ordinary() => {
+            linux::set(nice, if short { SHORT_SLICE_NS } else { 0 }).is_ok()
+        }
+        _ => false,
+    };
     #[cfg(not(target_os = "linux"))]
-    {
-        false
+    let done = false;
+    SHORT.set(done.then_some(short));
+    done
+}
+
+/// Asks a short time slice for the calling thread: for the threads that serve searches (a
+/// runtime's worker and blocking threads, a search task). Costs a system call only when the
+/// thread's slice changes. Returns whether the thread has it (false where short slices are
+/// off, the kernel refused, or the thread is under another policy).
+pub fn latency_sensitive() -> bool {
+    set_slice(true) && SHORT_SLICES.load(Relaxed)
+}
+
+/// The calling thread back to the kernel's default slice: for work that runs long on the CPU
+/// (a model's batches, a write's log append and seal files), so that it does not hand its
+/// core over at every wakeup of another thread. Returns whether the kernel took it.
+pub fn default_slice() -> bool {
+    set_slice(false)
+}
+
+/// A short slice while a lock that searches wait for is held ([`ShortSlice::hold`]): a holder
+/// that loses its core keeps every waiting search waiting, so it asks for it back soonest.
+#[derive(Debug)]
+#[must_use = "the short slice lasts while the guard is held"]
+pub struct ShortSlice {
+    restore: bool,
+}
+
+impl ShortSlice {
+    /// The calling thread asks a short slice until the guard drops (nothing to do for a
+    /// thread that has one already).
+    pub fn hold() -> ShortSlice {
+        let before = SHORT.get();
+        let restore = before != Some(true) && latency_sensitive();
+        ShortSlice { restore }
     }
 }
 
-/// The calling thread back to the kernel's default slice, keeping its nice value (ordinary
-/// policy only): what [`latency_sensitive`] is measured against. Returns whether the kernel
-/// took it.
-pub fn default_slice() -> bool {
-    #[cfg(target_os = "linux")]
-    {
-        match linux::nice() {
-            Some(nice) if linux::ordinary() => linux::set(nice, 0).is_ok(),
-            _ => false,
+impl Drop for ShortSlice {
+    fn drop(&mut self) {
+        if self.restore {
+            default_slice();
         }
-    }
-    #[cfg(not(target_os = "linux"))]
-    {
-        false
     }
 }
 
@@ -59,7 +104,9 @@ pub fn background() {
     #[cfg(target_os = "linux")]
     {
         let nice = linux::nice().unwrap_or(0).max(BACKGROUND_NICE);
-        if !(linux::ordinary() && linux::set(nice, 0).is_ok()) {
+        if linux::ordinary() && linux::set(nice, 0).is_ok() {
+            SHORT.set(Some(false));
+        } else {
             linux::renice(nice);
         }
     }
@@ -180,6 +227,23 @@ mod tests {
                 // and given back
                 assert!(super::default_slice());
                 assert_eq!(reported(), (prio, default_slice));
+                // held while a guard is: a thread with the default slice gets the short one
+                // back to default after, one with the short one keeps it
+                {
+                    let _g = ShortSlice::hold();
+                    assert_eq!(reported().1, Some(SHORT_SLICE_NS));
+                }
+                assert_eq!(reported(), (prio, default_slice));
+                assert!(latency_sensitive());
+                drop(ShortSlice::hold());
+                assert_eq!(reported().1, Some(SHORT_SLICE_NS));
+                // turned off for the process: no thread asks one, a guard neither
+                set_short_slices(false);
+                assert!(!latency_sensitive());
+                assert_eq!(reported(), (prio, default_slice));
+                drop(ShortSlice::hold());
+                assert_eq!(reported(), (prio, default_slice));
+                set_short_slices(true);
                 assert!(latency_sensitive());
             }
             // a thread made by it, turned to background work: lower priority, default slice

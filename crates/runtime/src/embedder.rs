@@ -273,7 +273,12 @@ impl Actor for EmbedderActor {
         let (model, mb, mw) = (args.model.clone(), args.max_batch, args.max_wait);
         std::thread::Builder::new()
             .name("embedder".into())
-            .spawn(move || batch_loop(model, rx, mb, mw))?;
+            .spawn(move || {
+                // model compute runs in batches and keeps the kernel's default slice: a short
+                // one (the runtime's threads') would hand its core over at every wakeup
+                ragfleet_index::priority::default_slice();
+                batch_loop(model, rx, mb, mw)
+            })?;
         ractor::pg::join(groups::EMBEDDERS.to_string(), vec![myself.get_cell()]);
         let jobs = Queue {
             jobs: tx,

@@ -61,7 +61,11 @@ impl Actor for GeneratorActor {
         let (model, n) = (args.model.clone(), args.max_streams);
         std::thread::Builder::new()
             .name("generator".into())
-            .spawn(move || model.serve(rx, n))?;
+            .spawn(move || {
+                // decoding keeps the kernel's default slice (see the embedder's thread)
+                ragfleet_index::priority::default_slice();
+                model.serve(rx, n)
+            })?;
         ractor::pg::join(groups::GENERATORS.to_string(), vec![myself.get_cell()]);
         Ok(GeneratorState {
             args,

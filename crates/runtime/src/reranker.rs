@@ -122,7 +122,11 @@ impl Actor for RerankerActor {
         let model = args.model.clone();
         std::thread::Builder::new()
             .name("reranker".into())
-            .spawn(move || work(model, rx))?;
+            .spawn(move || {
+                // scoring keeps the kernel's default slice (see the embedder's thread)
+                ragfleet_index::priority::default_slice();
+                work(model, rx)
+            })?;
         ractor::pg::join(groups::RERANKERS.to_string(), vec![myself.get_cell()]);
         Ok(RerankerState {
             node: args.node,

@@ -325,6 +325,8 @@ fn spawn_search(
     tokio::task::spawn_blocking(move || {
         let _admitted = admitted;
         let _in = span.as_ref().map(|s| s.enter());
+        // this blocking thread may have run a write last (ragfleet_index::priority)
+        ragfleet_index::priority::latency_sensitive();
         let r = search(&shared, shard, &q, known).map(|(digest, a)| answer(digest, a));
         reply(port, r.unwrap_or_else(|e| Response::Error(index_error(e))));
     });
@@ -360,6 +362,9 @@ fn search(
 /// do. Concurrent writes (ingest keeps several in flight, from every coordinator) thus share
 /// fsyncs, and nothing is answered before it is durable and applied.
 fn commit_writes(shared: &Shared) {
+    // a write's log append, apply and seal files run long on the CPU: the kernel's default
+    // slice, the short one only while it holds the searches off (SharedShard)
+    ragfleet_index::priority::default_slice();
     let done = shared.index.write_queued(|| {
         std::mem::take(&mut *shared.pending.lock().expect("pending"))
             .into_iter()
@@ -392,6 +397,8 @@ fn apply_write(
     port: ractor::RpcReplyPort<ragfleet_client::Envelope<Response>>,
     write: impl FnOnce(&SharedShard) -> Result<u64, ragfleet_index::IndexError>,
 ) {
+    // as commit_writes
+    ragfleet_index::priority::default_slice();
     let r = write(&shared.index);
     shared.refresh_counts(&shared.index.read());
     reply(port, written(r));

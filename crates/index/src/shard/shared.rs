@@ -45,10 +45,21 @@ impl SharedShard {
         self.writer.lock()
     }
 
+    /// The write side of the lock, this thread asking a short time slice while it holds it
+    /// (searches wait meanwhile: a holder that lost its core should get it back soonest;
+    /// see [`crate::priority`]).
+    fn hold(&self) -> Hold<'_> {
+        let slice = crate::priority::ShortSlice::hold();
+        Hold {
+            ix: self.index.write(),
+            _slice: slice,
+        }
+    }
+
     /// Runs `f` with the index to itself (as the only writer, searches waiting).
     pub fn exclusive<R>(&self, f: impl FnOnce(&mut ShardIndex) -> R) -> R {
         let _writer = self.writer();
-        f(&mut self.index.write())
+        f(&mut self.hold().ix)
     }
 
     /// [`ShardIndex::write_group`]: the writes are validated, logged and fsynced under the read
@@ -112,7 +123,7 @@ impl SharedShard {
         if self.read().idle_seal_due() {
             if let Err(e) = self.seal_in_halves() {
                 // tried again after another idle period, not at every poll
-                self.index.write().last_write = std::time::Instant::now();
+                self.hold().ix.last_write = std::time::Instant::now();
                 return Err(e);
             }
             return Ok(true);
@@ -122,7 +133,7 @@ impl SharedShard {
         if self.read().merge_finished() {
             self.deletions_ahead();
         }
-        self.index.write().maintain()
+        self.hold().ix.maintain()
     }
 
     /// [`ShardIndex::prepare_deletions`] under the read side (writer held); a failure is left
@@ -139,13 +150,13 @@ impl SharedShard {
     fn apply_and_seal(&self) {
         let mut room = Some(self.read().prepare_room());
         let due = loop {
-            let mut ix = self.index.write();
+            let Hold { mut ix, _slice } = self.hold();
             let replaced = room.take().map(|r| ix.install_room(r));
             let done = ix.apply_logged_for(Some(APPLY_SLICE));
             let due = done && ix.seal_due();
             // the searches waiting get their turn before the next part (or the seal)
             RwLockWriteGuard::unlock_fair(ix);
-            drop(replaced);
+            drop((replaced, _slice));
             if done {
                 break due;
             }
@@ -171,13 +182,13 @@ impl SharedShard {
         }
         // the maps a mass delete left mostly empty are copied smaller beside the searches
         let room = self.read().prepare_room();
-        let mut ix = self.index.write();
+        let Hold { mut ix, _slice } = self.hold();
         let replaced = ix.install_room(room);
         let r = ix.commit_seal(prepared);
         // the growing segment's owned chunks and its BM25 are freed beside the searches
         let to_free = ix.take_to_free();
         drop(ix);
-        drop((to_free, replaced));
+        drop((to_free, replaced, _slice));
         r?;
         if let Err(e) = self.read().finish_seal() {
             // the next append empties it first (or refuses)
@@ -190,4 +201,11 @@ impl SharedShard {
     pub fn into_inner(self) -> ShardIndex {
         self.index.into_inner()
     }
+}
+
+/// The write side of a [`SharedShard`]'s lock and the short slice asked while it is held
+/// (the lock is released first: the fields drop in order).
+struct Hold<'a> {
+    ix: RwLockWriteGuard<'a, ShardIndex>,
+    _slice: crate::priority::ShortSlice,
 }

@@ -1,6 +1,7 @@
-//! Scheduling hints for the threads around an index: the threads that serve searches and
-//! writes ask the kernel for a short time slice, background index work (graph builds, merges)
-//! runs at a lower priority.
+//! Scheduling hints for the threads around an index: the threads that serve searches, and a
+//! writer while it holds the searches off, ask the kernel for a short time slice; long CPU
+//! work keeps the default one; background index work (graph builds, merges) runs at a lower
+//! priority.
 //!
 //! On a machine whose cores are all busy (a writer, its background graph builds and merges,
 //! searches), a search woken when the lock it waits for frees waits for a core until the

@@ -431,9 +431,11 @@ struct Largest<'a> {
 /// segments fill) while this one searches back to back; a search waits only while a write
 /// applies (in parts of ~2 ms) or a seal commits, besides sharing the cores. Four rounds, each
 /// with its own documents (`w0`.. then on): every thread with the kernel's default time
-/// slice, then with the short ones a node asks for (`ragfleet_index::priority`), alternating. Returns the lines and the documents written.
+/// slice, then with the short ones a node asks for (`ragfleet_index::priority`), alternating.
+/// Returns the lines and the documents written.
 fn during_writes(at: &Largest) -> Result<(String, usize)> {
     let mut quiet = timed(at.ix, at.dense)?;
+    let (q50, q99) = (percentile(&mut quiet, 0.5), percentile(&mut quiet, 0.99));
     let docs = (at.n / 4).clamp(20_000, 100_000);
     let mut lines = Vec::new();
     for (round, short) in [false, true, false, true].into_iter().enumerate() {
@@ -443,7 +445,6 @@ fn during_writes(at: &Largest) -> Result<(String, usize)> {
         priority::set_short_slices(short);
         let granted = priority::latency_sensitive();
         let (secs, mut during, mut waits) = writing(at, round * docs, docs)?;
-        let (q50, q99) = (percentile(&mut quiet, 0.5), percentile(&mut quiet, 0.99));
         let longest = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
         let (d50, d99) = (percentile(&mut during, 0.5), percentile(&mut during, 0.99));
         let slow = waits.iter().filter(|w| **w >= 3.0).count();

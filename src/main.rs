@@ -23,10 +23,10 @@ use crate::cli::Cli;
 
 fn main() {
     let cli = Cli::parse();
-    // searches and writes run on the runtime's threads (async or blocking): each asks the
-    // kernel for a short slice, so that one woken on a core busy with background index work
-    // (nice 10) gets it soon (ragfleet_index::priority); RAGFLEET_SHORT_SLICES=0 leaves every
-    // thread the kernel's default
+    // searches run on the runtime's threads (async or blocking): each asks the kernel for a
+    // short slice, so that one woken on a core busy with background index work (nice 10) gets
+    // it soon; a write task keeps the default but while it holds the index's write lock
+    // (ragfleet_index::priority); RAGFLEET_SHORT_SLICES=0 leaves every thread the default
     if std::env::var("RAGFLEET_SHORT_SLICES").as_deref() == Ok("0") {
         ragfleet_index::priority::set_short_slices(false);
     }

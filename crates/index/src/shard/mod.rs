@@ -3,6 +3,7 @@
 //! The type and its small accessors are here; each concern has its module: [`recovery`],
 //! [`write`], [`growing`] (the growing segment), [`seal`] (seal, purge, graphs), [`merge`]
 //! (the tiered background merges), [`search`], [`sync`] (replica sync).
+mod builds;
 mod codec;
 mod deletions;
 mod growing;

@@ -435,10 +435,7 @@ impl ShardIndex {
             done.fetch_add(1, std::sync::atomic::Ordering::Release);
         };
         if self.settings.background {
-            std::thread::Builder::new()
-                .name(format!("hnsw-build-{}", seg_id_for_name(&self.dir)))
-                .spawn(work)
-                .ok();
+            super::builds::submit(work);
         } else {
             work();
         }

@@ -196,6 +196,14 @@ pub fn run(b: ShardBench) -> Result<()> {
         "graphs held in huge-page memory up to {:.0} MB (index.graph_memory_mb), the rest walked from their mapped files",
         graph_memory.limit() as f64 / (1u64 << 20) as f64
     );
+    println!(
+        "background graph builds and merges {}",
+        if std::env::var("RAGFLEET_BACKGROUND_IDLE").as_deref() == Ok("1") {
+            "under SCHED_IDLE where the kernel has it (RAGFLEET_BACKGROUND_IDLE=1)"
+        } else {
+            "at nice 10 (RAGFLEET_BACKGROUND_IDLE=1: under SCHED_IDLE)"
+        }
+    );
     let zipf = Zipf::new(20_000);
     let mut rows = Vec::new();
     let mut merge_line = None;

@@ -30,6 +30,12 @@ fn main() {
     if std::env::var("RAGFLEET_SHORT_SLICES").as_deref() == Ok("0") {
         ragfleet_index::priority::set_short_slices(false);
     }
+    // background graph builds and merges run at nice 10; RAGFLEET_BACKGROUND_IDLE=1 puts them
+    // under SCHED_IDLE (only on what searches, writes and models leave: they stop on cores
+    // saturated for long)
+    if std::env::var("RAGFLEET_BACKGROUND_IDLE").as_deref() == Ok("1") {
+        ragfleet_index::priority::set_idle_background(true);
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .on_thread_start(|| {

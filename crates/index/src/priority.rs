@@ -1,7 +1,7 @@
 //! Scheduling hints for the threads around an index: the threads that serve searches, and a
 //! writer while it holds the searches off, ask the kernel for a short time slice; long CPU
-//! work keeps the default one; background index work (graph builds, merges) runs at a lower
-//! priority.
+//! work keeps the default one; background index work (graph builds, merges) runs at nice 10,
+//! or under `SCHED_IDLE` where a node is started so.
 //!
 //! On a machine whose cores are all busy (a writer, its background graph builds and merges,
 //! searches), a search woken when the lock it waits for frees waits for a core until the
@@ -10,6 +10,17 @@
 //! A thread that asks for a shorter slice (`sched_setattr`'s `sched_runtime`, honoured for
 //! ordinary threads since Linux 6.12) may preempt a longer-sliced one when it wakes. Older
 //! kernels ignore the request; other systems have neither.
+//!
+//! At nice 10 a search and the writer that wakes it may share one core (the scheduler places
+//! a woken thread beside its waker) while the other core runs a merge, and the search waits
+//! for the writer's slice. A core that runs only `SCHED_IDLE` threads counts as idle when a
+//! woken thread is placed (Linux 5.4 on), and such a thread gives its core up the moment any
+//! other wants it: on kernels without the short slices that ends most of those waits. But an
+//! idle-class thread runs only on what searches, writes and models leave: on cores saturated
+//! for long (a CPU embedder ingesting) builds and merges stop, segments pile up unmerged and
+//! scanned by their codes, and an unprivileged thread cannot be moved back out of the class to
+//! catch up. So it is a choice ([`set_idle_background`], `RAGFLEET_BACKGROUND_IDLE=1`), not the
+//! default.
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
@@ -23,6 +34,9 @@ pub const BACKGROUND_NICE: i32 = 10;
 /// Whether threads ask short slices at all ([`set_short_slices`]).
 static SHORT_SLICES: AtomicBool = AtomicBool::new(true);
 
+/// Whether background work asks `SCHED_IDLE` ([`set_idle_background`]).
+static IDLE_BACKGROUND: AtomicBool = AtomicBool::new(false);
+
 thread_local! {
     /// The slice this thread last set: Some(true) short, Some(false) default, None unknown.
     static SHORT: Cell<Option<bool>> = const { Cell::new(None) };
@@ -33,6 +47,13 @@ thread_local! {
 /// `RAGFLEET_SHORT_SLICES=0`; the baseline `bench shard` measures them against).
 pub fn set_short_slices(on: bool) {
     SHORT_SLICES.store(on, Relaxed);
+}
+
+/// Background work under `SCHED_IDLE` (on: a node started with `RAGFLEET_BACKGROUND_IDLE=1`)
+/// or at nice [`BACKGROUND_NICE`] (off, the default), for the threads that call [`background`]
+/// from then on.
+pub fn set_idle_background(on: bool) {
+    IDLE_BACKGROUND.store(on, Relaxed);
 }
 
 /// The calling thread's slice, short or the kernel's default, keeping its nice value, when it
@@ -97,20 +118,32 @@ impl Drop for ShortSlice {
     }
 }
 
-/// Background work yields to searches and writes: the calling thread gets nice
-/// [`BACKGROUND_NICE`] (or keeps a higher one) and the kernel's default slice (a thread made
-/// by a latency-sensitive one may have inherited its short slice). Threads it makes inherit
-/// both.
-pub fn background() {
+/// Background work yields to searches, writes and models: the calling thread, when it runs
+/// under the ordinary policy, gets nice [`BACKGROUND_NICE`] (or keeps a higher one) and the
+/// kernel's default slice (a thread made by a latency-sensitive one may have inherited its
+/// short slice), or moves to `SCHED_IDLE` with that nice value where [`set_idle_background`]
+/// turned it on and the kernel takes it. Threads it makes inherit it. Returns whether the
+/// thread runs under `SCHED_IDLE`.
+pub fn background() -> bool {
     #[cfg(target_os = "linux")]
     {
-        let nice = linux::nice().unwrap_or(0).max(BACKGROUND_NICE);
-        if linux::ordinary() && linux::set(nice, 0).is_ok() {
-            SHORT.set(Some(false));
-        } else {
-            linux::renice(nice);
+        if linux::policy() == Some(linux::IDLE) {
+            return true;
         }
+        let nice = linux::nice().unwrap_or(0).max(BACKGROUND_NICE);
+        if linux::ordinary() {
+            if IDLE_BACKGROUND.load(Relaxed) && linux::set_policy(linux::IDLE, nice, 0).is_ok() {
+                SHORT.set(Some(false));
+                return true;
+            }
+            if linux::set(nice, 0).is_ok() {
+                SHORT.set(Some(false));
+                return false;
+            }
+        }
+        linux::renice(nice);
     }
+    false
 }
 
 #[cfg(target_os = "linux")]
@@ -135,10 +168,19 @@ mod linux {
         unsafe { libc::syscall(libc::SYS_gettid) as libc::id_t }
     }
 
+    /// `SCHED_IDLE`.
+    pub(super) const IDLE: u32 = libc::SCHED_IDLE as u32;
+
+    /// The calling thread's scheduling policy.
+    pub(super) fn policy() -> Option<u32> {
+        // SAFETY: plain integer argument (0: the calling thread).
+        let p = unsafe { libc::sched_getscheduler(0) };
+        u32::try_from(p).ok()
+    }
+
     /// Whether the calling thread runs under `SCHED_OTHER`.
     pub(super) fn ordinary() -> bool {
-        // SAFETY: plain integer argument (0: the calling thread).
-        unsafe { libc::sched_getscheduler(0) == libc::SCHED_OTHER }
+        policy() == Some(libc::SCHED_OTHER as u32)
     }
 
     /// The calling thread's nice value.
@@ -155,9 +197,15 @@ mod linux {
     /// The calling thread under `SCHED_OTHER` with `nice` and a slice of `slice_ns` (0: the
     /// kernel's default).
     pub(super) fn set(nice: i32, slice_ns: u64) -> std::io::Result<()> {
+        set_policy(libc::SCHED_OTHER as u32, nice, slice_ns)
+    }
+
+    /// The calling thread under `policy` (`SCHED_OTHER` or `SCHED_IDLE`) with `nice` and a
+    /// slice of `slice_ns` (0: the kernel's default).
+    pub(super) fn set_policy(policy: u32, nice: i32, slice_ns: u64) -> std::io::Result<()> {
         let attr = SchedAttr {
             size: std::mem::size_of::<SchedAttr>() as u32,
-            policy: libc::SCHED_OTHER as u32,
+            policy,
             flags: 0,
             nice,
             priority: 0,
@@ -204,6 +252,16 @@ mod tests {
         (prio, field("se.slice").and_then(|v| v.parse().ok()))
     }
 
+    /// The calling thread's scheduling policy, as the kernel reports it.
+    fn policy() -> i64 {
+        let text = std::fs::read_to_string("/proc/thread-self/sched").expect("sched file");
+        text.lines()
+            .find(|l| l.split(':').next().map(str::trim) == Some("policy"))
+            .and_then(|l| l.split(':').nth(1))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("policy")
+    }
+
     /// Whether this kernel honours an ordinary thread's slice request (Linux 6.12 on).
     fn custom_slices() -> bool {
         let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
@@ -247,21 +305,44 @@ mod tests {
                 set_short_slices(true);
                 assert!(latency_sensitive());
             }
-            // a thread made by it, turned to background work: lower priority, default slice
-            std::thread::spawn(move || {
-                background();
-                let (bg_prio, bg_slice) = reported();
-                let nice = prio - 120;
-                assert_eq!(bg_prio, 120 + nice.max(i64::from(BACKGROUND_NICE)));
-                if custom_slices() && took {
-                    assert_ne!(bg_slice, Some(SHORT_SLICE_NS), "the short slice is dropped");
-                }
-                // background work never raises a priority
-                background();
-                assert_eq!(reported().0, bg_prio);
-            })
-            .join()
-            .expect("background thread");
+            // threads made by it, turned to background work: nice 10 (or, turned on,
+            // SCHED_IDLE), the default slice, inherited by the threads they make
+            for idle in [false, true] {
+                std::thread::spawn(move || {
+                    set_idle_background(idle);
+                    let took_idle = background();
+                    let (bg_prio, bg_slice) = reported();
+                    let nice = prio - 120;
+                    assert_eq!(bg_prio, 120 + nice.max(i64::from(BACKGROUND_NICE)));
+                    assert_eq!(policy(), if took_idle { 5 } else { 0 });
+                    if idle {
+                        // refused only where the kernel has no such policy
+                        assert!(took_idle, "SCHED_IDLE is granted to an ordinary thread");
+                    } else {
+                        assert!(!took_idle, "by default: nice 10 only");
+                    }
+                    if custom_slices() && took {
+                        assert_ne!(bg_slice, Some(SHORT_SLICE_NS), "the short slice is dropped");
+                    }
+                    // background work never raises a priority; a search asked on such a
+                    // thread leaves it as it is
+                    assert_eq!(background(), took_idle);
+                    latency_sensitive();
+                    assert_eq!(reported().0, bg_prio);
+                    assert_eq!(policy(), if took_idle { 5 } else { 0 });
+                    let child = std::thread::spawn(|| (reported().0, policy()))
+                        .join()
+                        .expect("child");
+                    if took_idle {
+                        assert_eq!(child.1, 5, "SCHED_IDLE inherited");
+                    } else {
+                        assert_eq!(child, (bg_prio, 0), "nice 10 inherited");
+                    }
+                    set_idle_background(false);
+                })
+                .join()
+                .expect("background thread");
+            }
         })
         .join()
         .expect("search thread");

@@ -125,6 +125,13 @@ impl Drop for ShortSlice {
 /// turned it on and the kernel takes it. Threads it makes inherit it. Returns whether the
 /// thread runs under `SCHED_IDLE`.
 pub fn background() -> bool {
+    background_as(IDLE_BACKGROUND.load(Relaxed))
+}
+
+/// [`background`], under `SCHED_IDLE` when `idle`.
+fn background_as(idle: bool) -> bool {
+    #[cfg(not(target_os = "linux"))]
+    let _ = idle;
     #[cfg(target_os = "linux")]
     {
         if linux::policy() == Some(linux::IDLE) {
@@ -132,7 +139,7 @@ pub fn background() -> bool {
         }
         let nice = linux::nice().unwrap_or(0).max(BACKGROUND_NICE);
         if linux::ordinary() {
-            if IDLE_BACKGROUND.load(Relaxed) && linux::set_policy(linux::IDLE, nice, 0).is_ok() {
+            if idle && linux::set_policy(linux::IDLE, nice, 0).is_ok() {
                 SHORT.set(Some(false));
                 return true;
             }
@@ -309,8 +316,8 @@ mod tests {
             // SCHED_IDLE), the default slice, inherited by the threads they make
             for idle in [false, true] {
                 std::thread::spawn(move || {
-                    set_idle_background(idle);
-                    let took_idle = background();
+                    // (the process's switch left as it is: other tests' threads read it)
+                    let took_idle = background_as(idle);
                     let (bg_prio, bg_slice) = reported();
                     let nice = prio - 120;
                     assert_eq!(bg_prio, 120 + nice.max(i64::from(BACKGROUND_NICE)));
@@ -326,7 +333,7 @@ mod tests {
                     }
                     // background work never raises a priority; a search asked on such a
                     // thread leaves it as it is
-                    assert_eq!(background(), took_idle);
+                    assert_eq!(background_as(idle), took_idle);
                     latency_sensitive();
                     assert_eq!(reported().0, bg_prio);
                     assert_eq!(policy(), if took_idle { 5 } else { 0 });
@@ -338,7 +345,6 @@ mod tests {
                     } else {
                         assert_eq!(child, (bg_prio, 0), "nice 10 inherited");
                     }
-                    set_idle_background(false);
                 })
                 .join()
                 .expect("background thread");

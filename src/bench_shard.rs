@@ -198,7 +198,7 @@ pub fn run(b: ShardBench) -> Result<()> {
     );
     println!(
         "background graph builds and merges {}",
-        if std::env::var("RAGFLEET_BACKGROUND_IDLE").as_deref() == Ok("1") {
+        if priority::idle_background() {
             "under SCHED_IDLE where the kernel has it (RAGFLEET_BACKGROUND_IDLE=1)"
         } else {
             "at nice 10 (RAGFLEET_BACKGROUND_IDLE=1: under SCHED_IDLE)"

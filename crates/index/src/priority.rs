@@ -56,6 +56,11 @@ pub fn set_idle_background(on: bool) {
     IDLE_BACKGROUND.store(on, Relaxed);
 }
 
+/// Whether background work asks `SCHED_IDLE` ([`set_idle_background`]).
+pub fn idle_background() -> bool {
+    IDLE_BACKGROUND.load(Relaxed)
+}
+
 /// The calling thread's slice, short or the kernel's default, keeping its nice value, when it
 /// runs under the ordinary policy (a thread an operator moved to another policy is left as it
 /// is); nothing when it is set so already. Whether it is set so.
@@ -125,7 +130,7 @@ impl Drop for ShortSlice {
 /// turned it on and the kernel takes it. Threads it makes inherit it. Returns whether the
 /// thread runs under `SCHED_IDLE`.
 pub fn background() -> bool {
-    background_as(IDLE_BACKGROUND.load(Relaxed))
+    background_as(idle_background())
 }
 
 /// [`background`], under `SCHED_IDLE` when `idle`.

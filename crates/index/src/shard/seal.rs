@@ -401,7 +401,6 @@ impl ShardIndex {
         let dir = self.dir.clone();
         let spec = self.graph_spec();
         let done = self.graphs_done.clone();
-        let background = self.settings.background;
         let work = move || {
             let path = Self::graph_path(&dir, seg.id);
             if try_load {
@@ -421,10 +420,6 @@ impl ShardIndex {
                     Err(e) => warn!(error = %e, "graph file rejected; rebuilding"),
                 }
             }
-            if background {
-                // searches come first: until the graph is built they scan the segment's codes
-                crate::priority::background();
-            }
             let g = seg.build_graph(spec);
             let g = persist_graph(&path, g, &seg.entries, &spec).unwrap_or_else(|(e, g)| {
                 // searchable from memory still; built again at the next open
@@ -435,6 +430,8 @@ impl ShardIndex {
             done.fetch_add(1, std::sync::atomic::Ordering::Release);
         };
         if self.settings.background {
+            // at background priority (the queue's worker): searches come first, and until the
+            // graph is built they scan the segment's codes
             super::builds::submit(work);
         } else {
             work();

@@ -40,15 +40,18 @@ impl RowCodes {
     /// vector), best first; row `i` is `entries[i]`. Each row's exact score lies within a
     /// bound of what the codes give ([`QueryCode::score`]): rows are taken by their upper
     /// bound, best first, and scored exactly until the next one's upper bound is below the
-    /// k-th best live exact score. `q` must be finite and of the rows' length.
+    /// k-th best live exact score, or below `floor` (a k-th best score found elsewhere: rows
+    /// that cannot reach it are not wanted). `q` must be finite and of the rows' length.
     pub(crate) fn top_k(
         &self,
         q: &[f32],
         k: usize,
+        floor: Option<f32>,
         entries: &[Arc<Entry>],
         exact: impl Fn(usize) -> f32,
         live: &dyn Fn(&Entry) -> bool,
     ) -> Vec<(f32, Arc<Entry>)> {
+        let floor = floor.unwrap_or(f32::NEG_INFINITY);
         let qq = QueryCode::new(q);
         let mut dots = Vec::new();
         dot_i8_rows(&qq.codes, &self.codes, &mut dots);
@@ -73,7 +76,7 @@ impl RowCodes {
             }
             rest[..n].sort_unstable_by(better);
             for &(ub, i) in &rest[..n] {
-                if best.len() == k && best.last().is_some_and(|w| ub < w.0) {
+                if ub < floor || (best.len() == k && best.last().is_some_and(|w| ub < w.0)) {
                     break 'rounds;
                 }
                 if !live(&entries[i as usize]) {

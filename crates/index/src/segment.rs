@@ -529,11 +529,28 @@ impl Segment {
     }
 
     /// Best `k` live entries for a unit query vector, as (dot, entry).
+    #[cfg(test)]
     pub(crate) fn search(
         &self,
         q: &[f32],
         k: usize,
         ef: usize,
+        live: &dyn Fn(&Entry) -> bool,
+    ) -> Vec<(f32, Arc<Entry>)> {
+        self.search_above(q, k, ef, None, live)
+    }
+
+    /// [`Segment::search`] for a segment searched beside others whose hits already hold a
+    /// k-th best dot of `floor`: entries that score below it are not wanted. A segment
+    /// scanned by its codes (its graph not built yet) scores none of them exactly; a graph's
+    /// walk ignores the floor (stopping it short of the floor lost the nearest chunks of
+    /// small graphs, where the walk must pass through worse ones to reach them).
+    pub(crate) fn search_above(
+        &self,
+        q: &[f32],
+        k: usize,
+        ef: usize,
+        floor: Option<f32>,
         live: &dyn Fn(&Entry) -> bool,
     ) -> Vec<(f32, Arc<Entry>)> {
         match self.graph.get() {
@@ -572,7 +589,7 @@ impl Segment {
             None => {
                 if let Some(codes) = self.scan().filter(|_| q.iter().all(|x| x.is_finite())) {
                     let exact = |i: usize| dot(q, self.entries[i].vector());
-                    return codes.top_k(q, k, &self.entries, exact, live);
+                    return codes.top_k(q, k, floor, &self.entries, exact, live);
                 }
             }
         }

@@ -72,10 +72,24 @@ impl Growing {
     }
 
     /// The exact top `k` live chunks by dot product with `q`, best first.
+    #[cfg(test)]
     pub(super) fn search(
         &self,
         q: &[f32],
         k: usize,
+        live: &dyn Fn(&Entry) -> bool,
+    ) -> Vec<(f32, Arc<Entry>)> {
+        self.search_above(q, k, None, live)
+    }
+
+    /// [`Growing::search`] of only the chunks that may score `floor` or more (a k-th best
+    /// score found elsewhere); those it returns are still the exact best of them. Only the
+    /// buffer's scan by codes uses the floor.
+    pub(super) fn search_above(
+        &self,
+        q: &[f32],
+        k: usize,
+        floor: Option<f32>,
         live: &dyn Fn(&Entry) -> bool,
     ) -> Vec<(f32, Arc<Entry>)> {
         match self.dim.filter(|&d| d > 0 && d == q.len()) {
@@ -83,7 +97,7 @@ impl Growing {
                 if q.iter().all(|x| x.is_finite()) && self.codes.len() == self.entries.len() =>
             {
                 let exact = |i: usize| dot(q, &self.vectors[i * d..(i + 1) * d]);
-                self.codes.top_k(q, k, &self.entries, exact, live)
+                self.codes.top_k(q, k, floor, &self.entries, exact, live)
             }
             Some(d) => top_live(
                 &self.entries,
@@ -174,6 +188,65 @@ mod tests {
             let got = ids(g.search(&q, k, &live));
             assert_eq!(got.len(), k);
             assert_eq!(got, ids(exact_search(&g, &q, k, &live)), "k {k}");
+        }
+    }
+
+    /// A floor (the k-th best score of segments searched before) leaves out rows that cannot
+    /// reach it without losing any that do: the rows at or above it are the exact top k's,
+    /// and fewer rows are asked for liveness and scored exactly than without it.
+    #[test]
+    fn a_floor_skips_only_rows_that_cannot_reach_it() {
+        use rand::{Rng, SeedableRng};
+        use std::cell::Cell;
+        let mut r = rand::rngs::StdRng::seed_from_u64(12);
+        let base: Vec<f32> = (0..384).map(|_| r.gen_range(-1.0..1.0)).collect();
+        let mut g = Growing::default();
+        for i in 0..2000u64 {
+            let eps = 0.05 + (i % 100) as f32 * 0.02;
+            let mut v: Vec<f32> = base
+                .iter()
+                .map(|x| x + eps * r.gen_range(-1.0f32..1.0))
+                .collect();
+            crate::vector::normalize(&mut v);
+            g.push(entry(i, v));
+        }
+        let mut q = base.clone();
+        crate::vector::normalize(&mut q);
+        let asked = Cell::new(0usize);
+        let live = |e: &Entry| {
+            asked.set(asked.get() + 1);
+            e.seq % 7 != 0
+        };
+        let ids = |v: Vec<(f32, Arc<Entry>)>| -> Vec<(f32, u64)> {
+            v.into_iter().map(|(s, e)| (s, e.seq)).collect()
+        };
+        for k in [10, 100] {
+            let want = ids(exact_search(&g, &q, k, &|e| e.seq % 7 != 0));
+            asked.set(0);
+            assert_eq!(ids(g.search_above(&q, k, None, &live)), want);
+            let unfloored = asked.get();
+            for at in [0, k / 2, k - 1] {
+                // a floor at the score of the exact top k's row `at`, and just above it
+                for floor in [want[at].0, want[at].0 + 1e-6] {
+                    asked.set(0);
+                    let got = ids(g.search_above(&q, k, Some(floor), &live));
+                    let above = |v: &[(f32, u64)]| -> Vec<(f32, u64)> {
+                        v.iter().copied().filter(|h| h.0 >= floor).collect()
+                    };
+                    assert_eq!(above(&got), above(&want), "k {k}, floor at row {at}");
+                    assert!(got.iter().all(|h| want.contains(h)), "k {k}, row {at}");
+                    // never more rows; fewer when the floor is the best row's score
+                    assert!(
+                        asked.get() <= unfloored && (at > 0 || asked.get() < unfloored),
+                        "k {k}, floor at row {at}: {} rows asked, {unfloored} without",
+                        asked.get()
+                    );
+                }
+            }
+            // a floor above every row: nothing is scored
+            asked.set(0);
+            assert!(g.search_above(&q, k, Some(1.5), &live).is_empty());
+            assert_eq!(asked.get(), 0);
         }
     }
 }

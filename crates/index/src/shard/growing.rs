@@ -159,27 +159,34 @@ mod tests {
         assert_eq!(found, want);
     }
 
-    /// Many rows nearly as good as each other (their bounds overlap), most of the best dead:
-    /// the scan from the codes still returns exactly what a scan of every live vector does.
-    #[test]
-    fn near_ties_and_dead_rows_still_give_the_exact_top_k() {
+    /// `n` rows of 384 dims, row `i` a random direction perturbed by up to `eps(i)` a
+    /// dimension (then at unit length), and that direction as the query.
+    fn around_a_query(seed: u64, n: u64, eps: impl Fn(u64) -> f32) -> (Growing, Vec<f32>) {
         use rand::{Rng, SeedableRng};
-        let mut r = rand::rngs::StdRng::seed_from_u64(11);
+        let mut r = rand::rngs::StdRng::seed_from_u64(seed);
         let base: Vec<f32> = (0..384).map(|_| r.gen_range(-1.0..1.0)).collect();
         let mut g = Growing::default();
-        for i in 0..1500u64 {
-            // a tenth of the rows are tiny perturbations of the query's direction
-            let eps = if i % 10 == 0 { 0.002 } else { 1.0 };
+        for i in 0..n {
+            let e = eps(i);
             let mut v: Vec<f32> = base
                 .iter()
-                .map(|x| x + eps * r.gen_range(-1.0f32..1.0))
+                .map(|x| x + e * r.gen_range(-1.0f32..1.0))
                 .collect();
             crate::vector::normalize(&mut v);
             g.push(entry(i, v));
         }
-        assert_eq!(g.codes.len(), 1500);
-        let mut q = base.clone();
+        let mut q = base;
         crate::vector::normalize(&mut q);
+        (g, q)
+    }
+
+    /// Many rows nearly as good as each other (their bounds overlap), most of the best dead:
+    /// the scan from the codes still returns exactly what a scan of every live vector does.
+    #[test]
+    fn near_ties_and_dead_rows_still_give_the_exact_top_k() {
+        // a tenth of the rows are tiny perturbations of the query's direction
+        let (g, q) = around_a_query(11, 1500, |i| if i % 10 == 0 { 0.002 } else { 1.0 });
+        assert_eq!(g.codes.len(), 1500);
         let live = |e: &Entry| e.seq % 20 != 0;
         let ids = |v: Vec<(f32, Arc<Entry>)>| -> Vec<(f32, u64)> {
             v.into_iter().map(|(s, e)| (s, e.seq)).collect()
@@ -196,22 +203,8 @@ mod tests {
     /// and fewer rows are asked for liveness and scored exactly than without it.
     #[test]
     fn a_floor_skips_only_rows_that_cannot_reach_it() {
-        use rand::{Rng, SeedableRng};
         use std::cell::Cell;
-        let mut r = rand::rngs::StdRng::seed_from_u64(12);
-        let base: Vec<f32> = (0..384).map(|_| r.gen_range(-1.0..1.0)).collect();
-        let mut g = Growing::default();
-        for i in 0..2000u64 {
-            let eps = 0.05 + (i % 100) as f32 * 0.02;
-            let mut v: Vec<f32> = base
-                .iter()
-                .map(|x| x + eps * r.gen_range(-1.0f32..1.0))
-                .collect();
-            crate::vector::normalize(&mut v);
-            g.push(entry(i, v));
-        }
-        let mut q = base.clone();
-        crate::vector::normalize(&mut q);
+        let (g, q) = around_a_query(12, 2000, |i| 0.05 + (i % 100) as f32 * 0.02);
         let asked = Cell::new(0usize);
         let live = |e: &Entry| {
             asked.set(asked.get() + 1);

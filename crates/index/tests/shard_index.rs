@@ -971,3 +971,66 @@ fn an_idle_shard_merges_the_segment_its_idle_seal_left_into_the_largest() {
         assert_eq!(a.first().map(|h| &h.0), b.first().map(|h| &h.0));
     }
 }
+
+#[test]
+fn an_idle_shard_folds_a_segment_of_a_hundredth_into_the_largest_but_not_a_thousandth() {
+    // 8,192 chunks sealed by size; then 5 chunks sealed (under 1/1,024 of it: an idle shard
+    // leaves them apart, so that a trickle of writes does not copy the largest graph at every
+    // idle time), then 100 more sealed (together ~1/78: under the 1/64 of four times the
+    // tiered ratio, over 1/1,024): folded into the largest once idle
+    let docs = |r: std::ops::Range<u64>| -> Vec<WriteOp> {
+        r.map(|i| {
+            upsert(
+                &format!("d{i}"),
+                &format!("word{} text {i}", i % 20),
+                700 + i,
+            )
+        })
+        .collect()
+    };
+    let idle = std::time::Duration::from_millis(300);
+    let dir = tempfile::tempdir().unwrap();
+    let (mut ix, _) = ShardIndex::open(dir.path(), idle_after(8192, idle)).unwrap();
+    ix.write(docs(0..8192), &model()).unwrap();
+    ix.write(docs(8192..8197), &model()).unwrap();
+    ix.seal().unwrap();
+    assert_eq!(ix.segment_stats(), (2, 2));
+    // idle for three times the idle time, maintained all along: nothing to merge
+    let quiet = std::time::Instant::now() + 3 * idle;
+    while std::time::Instant::now() < quiet {
+        ix.maintain().unwrap();
+        assert_eq!(
+            ix.segment_stats(),
+            (2, 2),
+            "5 chunks beside 8,192 were folded"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // (the merges run inline here: a write makes the shard busy, so the seal leaves three)
+    ix.write(docs(8197..8297), &model()).unwrap();
+    ix.seal().unwrap();
+    assert_eq!(ix.segment_stats(), (3, 3));
+    let apart = answers(&ix);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while ix.segment_stats() != (1, 1) || ix.merging() || ix.needs_maintenance() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never merged: {:?}",
+            ix.segment_stats()
+        );
+        ix.maintain().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(ix.doc_count(), 8297);
+    assert_eq!(ix.growing_chunks(), 0);
+    // what was found before the fold is found after it
+    let merged = answers(&ix);
+    for (a, b) in apart.iter().zip(&merged) {
+        assert_eq!(a.first().map(|h| &h.0), b.first().map(|h| &h.0));
+    }
+    // and every chunk of the folded segments is found by its own vector
+    for i in [8192u64, 8196, 8197, 8296] {
+        let hits = ix.search(&query(700 + i, "", SearchMode::Dense)).unwrap();
+        assert_eq!(hits[0].doc_id, format!("d{i}"));
+    }
+}

@@ -1,0 +1,109 @@
+//! One shard as an idle replica serves it: `cargo run --release -p ragfleet-index --example
+//! shard_probe -- N DIR [EF] [ROUNDS]` writes `bench shard`'s 384-d set into the shard in DIR
+//! (opened, or made) up to N one-chunk documents, in batches of 2,048 with background graphs
+//! and merges (segments of 2,048, an idle time of 1 s), waits until the idle seal and every
+//! merge are done, then times 1,000 dense queries at beam EF (default 24) ROUNDS times
+//! (default 3): p50, mean and recall@10 against exact search. Run again with a larger N, it
+//! adds the documents after those the folder holds (the set's first N are the same for every
+//! N), so a shard's state before and after a change of policy can be timed on the same data.
+use ragfleet_index::ann::exact_top_k;
+use ragfleet_index::eval::{bench_shard_set, synthetic_model};
+use ragfleet_index::{IndexSettings, ShardIndex};
+use ragfleet_proto::{ChunkRecord, SearchMode, SearchQuery, WriteOp};
+use std::time::{Duration, Instant};
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let mut args = std::env::args().skip(1);
+    let n: usize = args.next().ok_or("N documents")?.parse()?;
+    let dir = std::path::PathBuf::from(args.next().ok_or("a shard folder DIR")?);
+    let ef: usize = args.next().map_or(Ok(24), |e| e.parse())?;
+    let rounds: usize = args.next().map_or(Ok(3), |e| e.parse())?;
+    let settings = IndexSettings {
+        segment_size: 2048,
+        ef_search: ef,
+        background: true,
+        seal_idle: Some(Duration::from_secs(1)),
+        ..IndexSettings::default()
+    };
+    let (mut ix, _) = ShardIndex::open(&dir, settings)?;
+    let data = bench_shard_set(n, 384, 1);
+    let have = ix.doc_count() as usize;
+    if have < n {
+        let t = Instant::now();
+        for start in (have..n).step_by(2048) {
+            let ops: Vec<WriteOp> = (start..(start + 2048).min(n))
+                .map(|i| WriteOp::Upsert {
+                    version: 0,
+                    doc_id: format!("d{i}"),
+                    chunks: vec![ChunkRecord {
+                        doc_id: format!("d{i}"),
+                        chunk_id: format!("d{i}#0"),
+                        text: format!("w{} w{}", i % 97, i % 1013),
+                        vector: data[i].clone(),
+                        sentences: Default::default(),
+                    }],
+                })
+                .collect();
+            ix.write(ops, &synthetic_model(384))?;
+            ix.maintain()?;
+        }
+        println!("written in {:.1} s", t.elapsed().as_secs_f64());
+    }
+    // the shard is idle 1 s after its last write (or its opening): its idle seal and merges
+    // are not due before
+    let settle = Instant::now();
+    loop {
+        ix.maintain()?;
+        let (segs, built) = ix.segment_stats();
+        if segs == built
+            && !ix.merging()
+            && !ix.needs_maintenance()
+            && ix.segments_being_freed() == 0
+            && ix.growing_chunks() < ragfleet_index::IDLE_SEAL_MIN_CHUNKS
+            && settle.elapsed() > Duration::from_millis(1500)
+        {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    println!(
+        "segments {:?}, growing {}, settled in {:.1} s",
+        ix.segment_stats(),
+        ix.growing_chunks(),
+        settle.elapsed().as_secs_f64()
+    );
+    let queries = bench_shard_set(1000, 384, u64::MAX - 1);
+    let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
+    let truth = exact_top_k(&data, &queries, 10, threads);
+    let qs: Vec<SearchQuery> = queries
+        .iter()
+        .map(|v| SearchQuery {
+            vector: v.clone(),
+            text: String::new(),
+            k: 10,
+            mode: SearchMode::Dense,
+            model: None,
+        })
+        .collect();
+    for _ in 0..rounds {
+        let mut ts = Vec::new();
+        let mut found = 0;
+        for (q, t) in qs.iter().zip(&truth) {
+            let s = Instant::now();
+            let hits = ix.search(q)?;
+            ts.push(s.elapsed().as_secs_f64() * 1e3);
+            found += hits
+                .iter()
+                .filter(|h| t.iter().any(|&i| h.chunk_id == format!("d{i}#0")))
+                .count();
+        }
+        ts.sort_by(|a, b| a.total_cmp(b));
+        println!(
+            "ef {ef}: p50 {:.4} ms mean {:.4} recall {:.4}",
+            ts[ts.len() / 2],
+            ts.iter().sum::<f64>() / ts.len() as f64,
+            found as f64 / (10 * qs.len()) as f64
+        );
+    }
+    Ok(())
+}

@@ -917,21 +917,24 @@ fn an_idle_growing_segment_is_sealed_and_answers_the_same() {
     }
 }
 
+/// One-chunk documents `d{i}` of a few shared words, the vector of seed `seed + i`.
+fn worded_docs(r: std::ops::Range<u64>, seed: u64) -> Vec<WriteOp> {
+    r.map(|i| {
+        upsert(
+            &format!("d{i}"),
+            &format!("word{} text {i}", i % 20),
+            seed + i,
+        )
+    })
+    .collect()
+}
+
 #[test]
 fn an_idle_shard_merges_the_segment_its_idle_seal_left_into_the_largest() {
     // a segment of 8,192 sealed by size, then 300 chunks: under 1/16 of it (so the tiered
-    // policy leaves them apart while writes come) but over 1/64
+    // policy leaves them apart while writes come) but over 1/1,024 (an idle shard's ratio)
     let write = |ix: &mut ShardIndex| {
-        let docs = |r: std::ops::Range<u64>| -> Vec<WriteOp> {
-            r.map(|i| {
-                upsert(
-                    &format!("d{i}"),
-                    &format!("word{} text {i}", i % 20),
-                    900 + i,
-                )
-            })
-            .collect()
-        };
+        let docs = |r| worded_docs(r, 900);
         ix.write(docs(0..8192), &model()).unwrap();
         assert_eq!(ix.segment_stats(), (1, 1));
         ix.write(docs(8192..8492), &model()).unwrap();
@@ -976,18 +979,9 @@ fn an_idle_shard_merges_the_segment_its_idle_seal_left_into_the_largest() {
 fn an_idle_shard_folds_a_segment_of_a_hundredth_into_the_largest_but_not_a_thousandth() {
     // 8,192 chunks sealed by size; then 5 chunks sealed (under 1/1,024 of it: an idle shard
     // leaves them apart, so that a trickle of writes does not copy the largest graph at every
-    // idle time), then 100 more sealed (together ~1/78: under the 1/64 of four times the
-    // tiered ratio, over 1/1,024): folded into the largest once idle
-    let docs = |r: std::ops::Range<u64>| -> Vec<WriteOp> {
-        r.map(|i| {
-            upsert(
-                &format!("d{i}"),
-                &format!("word{} text {i}", i % 20),
-                700 + i,
-            )
-        })
-        .collect()
-    };
+    // idle time), then 100 more sealed (together ~1/78: under the 1/64 an idle shard needed
+    // before, over 1/1,024): folded into the largest once idle
+    let docs = |r| worded_docs(r, 700);
     let idle = std::time::Duration::from_millis(300);
     let dir = tempfile::tempdir().unwrap();
     let (mut ix, _) = ShardIndex::open(dir.path(), idle_after(8192, idle)).unwrap();

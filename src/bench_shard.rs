@@ -452,7 +452,9 @@ fn during_writes(at: &Largest) -> Result<(String, usize)> {
         // the write lock (SharedShard)
         priority::set_short_slices(short);
         let granted = priority::latency_sensitive();
-        let (secs, mut during, mut waits) = writing(at, round * docs, docs)?;
+        let (secs, mut costs) = writing(at, round * docs, docs)?;
+        let mut during: Vec<f64> = costs.iter().map(|c| c.ms).collect();
+        let mut waits: Vec<f64> = costs.iter().map(|c| c.wait_ms).collect();
         let longest = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
         let (d50, d99) = (percentile(&mut during, 0.5), percentile(&mut during, 0.99));
         let slow = waits.iter().filter(|w| **w >= 3.0).count();
@@ -471,6 +473,16 @@ fn during_writes(at: &Largest) -> Result<(String, usize)> {
             longest(&waits),
             d99 / q99
         ));
+        costs.sort_by(|a, b| b.ms.total_cmp(&a.ms));
+        lines.push(format!(
+            "  the longest five: {}",
+            costs
+                .iter()
+                .take(5)
+                .map(SearchCost::describe)
+                .collect::<Vec<_>>()
+                .join("; ")
+        ));
         // the graphs and merges the writes left to do, done before the next measurement
         let deadline = Instant::now() + Duration::from_secs(600);
         while !settled(at.ix) && Instant::now() < deadline {
@@ -487,10 +499,87 @@ fn during_writes(at: &Largest) -> Result<(String, usize)> {
 /// Documents written from another thread in one batch.
 const WRITE_BATCH: usize = 64;
 
+/// What one search cost while writes came, and the shard it searched.
+struct SearchCost {
+    /// From asking for the read lock to the answer.
+    ms: f64,
+    /// Of which waiting for the lock.
+    wait_ms: f64,
+    /// The thread's time on a CPU meanwhile (as its kernel counts it).
+    cpu_ms: f64,
+    /// Context switches meanwhile, voluntary (a wait) and involuntary (preempted).
+    switches: i64,
+    /// Sealed segments, and of those with their graph built (the rest are scanned).
+    segments: usize,
+    graphs: usize,
+}
+
+impl SearchCost {
+    /// `ms (lock, CPU, off the CPU, switches, segments)`. Time off the CPU with no context
+    /// switch at all was not taken by this system's scheduler: a virtual machine's CPU that its
+    /// host ran something else on (the steal time `vmstat` shows).
+    fn describe(&self) -> String {
+        let off = (self.ms - self.cpu_ms).max(0.0);
+        format!(
+            "{:.1} ms (lock {:.1}, on a CPU {:.1}, off it {:.1}{}, {} segments, {} with graphs)",
+            self.ms,
+            self.wait_ms,
+            self.cpu_ms,
+            off,
+            if cfg!(target_os = "linux") && self.switches == 0 && off > 1.0 {
+                " with no context switch: the host's".to_string()
+            } else {
+                format!(
+                    " over {} context switch{}",
+                    self.switches,
+                    if self.switches == 1 { "" } else { "es" }
+                )
+            },
+            self.segments,
+            self.graphs
+        )
+    }
+}
+
+/// The calling thread's CPU time and context switches so far.
+struct ThreadUsage {
+    cpu_ms: f64,
+    involuntary: i64,
+    voluntary: i64,
+}
+
+impl ThreadUsage {
+    #[cfg(target_os = "linux")]
+    fn now() -> ThreadUsage {
+        // SAFETY: both calls only write the zeroed structs passed to them, which outlive them.
+        let (usage, ts) = unsafe {
+            let mut usage: libc::rusage = std::mem::zeroed();
+            libc::getrusage(libc::RUSAGE_THREAD, &mut usage);
+            let mut ts: libc::timespec = std::mem::zeroed();
+            libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts);
+            (usage, ts)
+        };
+        ThreadUsage {
+            cpu_ms: ts.tv_sec as f64 * 1e3 + ts.tv_nsec as f64 / 1e6,
+            involuntary: usage.ru_nivcsw,
+            voluntary: usage.ru_nvcsw,
+        }
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn now() -> ThreadUsage {
+        ThreadUsage {
+            cpu_ms: 0.0,
+            involuntary: 0,
+            voluntary: 0,
+        }
+    }
+}
+
 /// `docs` documents `w{first}`.. written from another thread while this one searches back to
 /// back, the writer with the kernel's default slice (as a node's write tasks): (the writes'
-/// seconds, each search's latency, its wait for the lock), in ms.
-fn writing(at: &Largest, first: usize, docs: usize) -> Result<(f64, Vec<f64>, Vec<f64>)> {
+/// seconds, each search's cost).
+fn writing(at: &Largest, first: usize, docs: usize) -> Result<(f64, Vec<SearchCost>)> {
     let (ix, dense, dim, n) = (at.ix, at.dense, at.dim, at.n);
     let mut rng = rand::rngs::StdRng::seed_from_u64(7 + first as u64);
     // made before the clock starts: the writer only writes
@@ -522,19 +611,31 @@ fn writing(at: &Largest, first: usize, docs: usize) -> Result<(f64, Vec<f64>, Ve
             written?;
             Ok(t.elapsed().as_secs_f64())
         });
-        let (mut during, mut waits) = (Vec::new(), Vec::new());
+        let mut costs = Vec::new();
         while !done.load(std::sync::atomic::Ordering::Acquire) {
             for q in dense.iter().take(50) {
+                let before = ThreadUsage::now();
                 let t = Instant::now();
                 let r = ix.read();
-                waits.push(t.elapsed().as_secs_f64() * 1e3);
+                let wait_ms = t.elapsed().as_secs_f64() * 1e3;
+                let (segments, graphs) = r.segment_stats();
                 r.search(q)?;
                 drop(r);
-                during.push(t.elapsed().as_secs_f64() * 1e3);
+                let ms = t.elapsed().as_secs_f64() * 1e3;
+                let after = ThreadUsage::now();
+                costs.push(SearchCost {
+                    ms,
+                    wait_ms,
+                    cpu_ms: after.cpu_ms - before.cpu_ms,
+                    switches: (after.involuntary - before.involuntary)
+                        + (after.voluntary - before.voluntary),
+                    segments,
+                    graphs,
+                });
             }
         }
         let secs = writer.join().expect("the writer thread")?;
-        Ok((secs, during, waits))
+        Ok((secs, costs))
     })
 }
 

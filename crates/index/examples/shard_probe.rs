@@ -7,9 +7,9 @@
 //! adds the documents after those the folder holds (the set's first N are the same for every
 //! N), so a shard's state before and after a change of policy can be timed on the same data.
 use ragfleet_index::ann::exact_top_k;
-use ragfleet_index::eval::{bench_shard_set, synthetic_model};
+use ragfleet_index::eval::{bench_shard_set, synthetic_model, upserts_from};
 use ragfleet_index::{IndexSettings, ShardIndex};
-use ragfleet_proto::{ChunkRecord, SearchMode, SearchQuery, WriteOp};
+use ragfleet_proto::{SearchMode, SearchQuery};
 use std::time::{Duration, Instant};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -31,19 +31,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if have < n {
         let t = Instant::now();
         for start in (have..n).step_by(2048) {
-            let ops: Vec<WriteOp> = (start..(start + 2048).min(n))
-                .map(|i| WriteOp::Upsert {
-                    version: 0,
-                    doc_id: format!("d{i}"),
-                    chunks: vec![ChunkRecord {
-                        doc_id: format!("d{i}"),
-                        chunk_id: format!("d{i}#0"),
-                        text: format!("w{} w{}", i % 97, i % 1013),
-                        vector: data[i].clone(),
-                        sentences: Default::default(),
-                    }],
-                })
-                .collect();
+            let end = (start + 2048).min(n);
+            let ops = upserts_from(start, data[start..end].to_vec(), |i| {
+                format!("w{} w{}", i % 97, i % 1013)
+            });
             ix.write(ops, &synthetic_model(384))?;
             ix.maintain()?;
         }

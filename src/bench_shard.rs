@@ -5,13 +5,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use ragfleet_index::ann::exact_top_k;
-use ragfleet_index::eval::{clustered_with, synthetic_model};
+use ragfleet_index::eval::{clustered_with, synthetic_model, Zipf};
 use ragfleet_index::vector::normalize;
 use ragfleet_index::{priority, AnnKind, IndexSettings, ShardIndex, SharedShard};
 use ragfleet_proto::{ChunkRecord, SearchMode, SearchQuery, WriteOp};
 
 use crate::eval_answers::percentile;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 
 /// Arguments of `bench shard`.
 #[derive(clap::Args, Debug)]
@@ -56,35 +56,6 @@ pub struct ShardBench {
     /// walked from its file).
     #[arg(long)]
     graph_memory_mb: Option<u64>,
-}
-
-/// A Zipf-distributed vocabulary sampler (s = 1), so that BM25 sees common and rare terms.
-struct Zipf {
-    cdf: Vec<f64>,
-}
-
-impl Zipf {
-    fn new(n: usize) -> Zipf {
-        let mut acc = 0.0;
-        let mut cdf: Vec<f64> = (1..=n)
-            .map(|r| {
-                acc += 1.0 / r as f64;
-                acc
-            })
-            .collect();
-        cdf.iter_mut().for_each(|c| *c /= acc);
-        Zipf { cdf }
-    }
-    /// Twelve words: a chunk's text.
-    fn text(&self, r: &mut impl Rng) -> String {
-        (0..12).map(|_| self.word(r)).collect::<Vec<_>>().join(" ")
-    }
-
-    fn word(&self, r: &mut impl Rng) -> String {
-        let u: f64 = r.gen();
-        let i = self.cdf.partition_point(|c| *c < u);
-        format!("t{i}")
-    }
 }
 
 /// A one-chunk document.

@@ -7,7 +7,7 @@
 //! adds the documents after those the folder holds (the set's first N are the same for every
 //! N), so a shard's state before and after a change of policy can be timed on the same data.
 use ragfleet_index::ann::exact_top_k;
-use ragfleet_index::eval::{bench_shard_set, synthetic_model, upserts_from};
+use ragfleet_index::eval::{bench_shard_set, settle, synthetic_model, upserts_from};
 use ragfleet_index::{IndexSettings, ShardIndex};
 use ragfleet_proto::{SearchMode, SearchQuery};
 use std::time::{Duration, Instant};
@@ -42,26 +42,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     // the shard is idle 1 s after its last write (or its opening): its idle seal and merges
     // are not due before
-    let settle = Instant::now();
-    loop {
-        ix.maintain()?;
-        let (segs, built) = ix.segment_stats();
-        if segs == built
-            && !ix.merging()
-            && !ix.needs_maintenance()
-            && ix.segments_being_freed() == 0
-            && ix.growing_chunks() < ragfleet_index::IDLE_SEAL_MIN_CHUNKS
-            && settle.elapsed() > Duration::from_millis(1500)
-        {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let settled = settle(&mut ix, Duration::from_millis(1500))?;
     println!(
         "segments {:?}, growing {}, settled in {:.1} s",
         ix.segment_stats(),
         ix.growing_chunks(),
-        settle.elapsed().as_secs_f64()
+        settled.as_secs_f64()
     );
     let queries = bench_shard_set(1000, 384, u64::MAX - 1);
     let threads = std::thread::available_parallelism().map_or(1, |t| t.get());

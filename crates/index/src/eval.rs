@@ -163,3 +163,58 @@ pub fn recall(
 fn ids(hits: Vec<Hit>) -> Vec<String> {
     hits.into_iter().map(|h| h.chunk_id).collect()
 }
+
+/// A Zipf-distributed vocabulary sampler (s = 1), so that BM25 sees common and rare terms.
+pub struct Zipf {
+    cdf: Vec<f64>,
+}
+
+impl Zipf {
+    /// Words `t0`..`t{n-1}`, `t{r}` drawn with weight 1/(r+1).
+    pub fn new(n: usize) -> Zipf {
+        let mut acc = 0.0;
+        let mut cdf: Vec<f64> = (1..=n)
+            .map(|r| {
+                acc += 1.0 / r as f64;
+                acc
+            })
+            .collect();
+        cdf.iter_mut().for_each(|c| *c /= acc);
+        Zipf { cdf }
+    }
+    /// Twelve words: a chunk's text.
+    pub fn text(&self, r: &mut impl Rng) -> String {
+        (0..12).map(|_| self.word(r)).collect::<Vec<_>>().join(" ")
+    }
+
+    /// One word.
+    pub fn word(&self, r: &mut impl Rng) -> String {
+        let u: f64 = r.gen();
+        let i = self.cdf.partition_point(|c| *c < u);
+        format!("t{i}")
+    }
+}
+
+/// Runs `ix`'s maintenance until it is settled as an idle replica: every graph built, no merge
+/// running or due, nothing left to free, its idle seal done (at least `idle` after the call);
+/// how long it took.
+pub fn settle(
+    ix: &mut ShardIndex,
+    idle: std::time::Duration,
+) -> Result<std::time::Duration, IndexError> {
+    let start = std::time::Instant::now();
+    loop {
+        ix.maintain()?;
+        let (segs, built) = ix.segment_stats();
+        if segs == built
+            && !ix.merging()
+            && !ix.needs_maintenance()
+            && ix.segments_being_freed() == 0
+            && ix.growing_chunks() < crate::IDLE_SEAL_MIN_CHUNKS
+            && start.elapsed() > idle
+        {
+            return Ok(start.elapsed());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}

@@ -1,0 +1,115 @@
+//! BM25 search time on one shard as an idle replica serves it: `cargo run --release -p
+//! ragfleet-index --example bm25_probe -- N DIR [ROUNDS]` writes N one-chunk documents with
+//! `bench shard`'s texts (twelve words of a Zipf vocabulary of 20,000) into the shard in DIR
+//! (opened, or made; 8-d vectors, so that its graphs cost little), in batches of 2,048 with
+//! background graphs and merges (segments of 2,048, an idle time of 1 s), waits until it is
+//! settled, then times 1,000 queries of three Zipf words ROUNDS times (default 3): p50, p99,
+//! mean, and a digest of the answers (ids and scores), equal between two builds that answer
+//! the same. Run again with a larger N, it adds the documents after those the folder holds
+//! (batch `b`'s texts are drawn from seed `b`, so the first N are the same for every N).
+//! `BM25_PROBE_SHOW=1` also prints the queries at ten ranks of each round's times (fastest,
+//! quartiles, ..., slowest); `BM25_PROBE_QUERY="t1 t2"` asks that one query 1,000 times.
+use ragfleet_index::eval::{settle, synthetic_model, upserts_from, Zipf};
+use ragfleet_index::{IndexSettings, ShardIndex};
+use ragfleet_proto::{SearchMode, SearchQuery};
+use rand::SeedableRng;
+use std::hash::{Hash, Hasher};
+use std::time::{Duration, Instant};
+
+const DIM: usize = 8;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let mut args = std::env::args().skip(1);
+    let n: usize = args.next().ok_or("N documents")?.parse()?;
+    let dir = std::path::PathBuf::from(args.next().ok_or("a shard folder DIR")?);
+    let rounds: usize = args.next().map_or(Ok(3), |e| e.parse())?;
+    let settings = IndexSettings {
+        segment_size: 2048,
+        background: true,
+        seal_idle: Some(Duration::from_secs(1)),
+        ..IndexSettings::default()
+    };
+    let (mut ix, _) = ShardIndex::open(&dir, settings)?;
+    let zipf = Zipf::new(20_000);
+    let have = ix.doc_count() as usize;
+    if have < n {
+        if have % 2048 != 0 {
+            return Err(format!("the shard holds {have} documents, not whole batches").into());
+        }
+        let t = Instant::now();
+        for start in (have..n).step_by(2048) {
+            let end = (start + 2048).min(n);
+            let mut rng = rand::rngs::StdRng::seed_from_u64((start / 2048) as u64);
+            let texts: Vec<String> = (start..end).map(|_| zipf.text(&mut rng)).collect();
+            let vectors: Vec<Vec<f32>> = (start..end)
+                .map(|i| {
+                    let mut v = vec![0.0f32; DIM];
+                    v[i % DIM] = 1.0;
+                    v
+                })
+                .collect();
+            let ops = upserts_from(start, vectors, |i| texts[i - start].clone());
+            ix.write(ops, &synthetic_model(DIM))?;
+            ix.maintain()?;
+        }
+        println!("written in {:.1} s", t.elapsed().as_secs_f64());
+    }
+    let settled = settle(&mut ix, Duration::from_millis(1500))?;
+    println!(
+        "{} documents, segments {:?}, growing {}, settled in {:.1} s",
+        ix.doc_count(),
+        ix.segment_stats(),
+        ix.growing_chunks(),
+        settled.as_secs_f64()
+    );
+    let mut rng = rand::rngs::StdRng::seed_from_u64(u64::MAX);
+    let one = std::env::var("BM25_PROBE_QUERY").ok();
+    let qs: Vec<SearchQuery> = (0..1000)
+        .map(|_| SearchQuery {
+            vector: Vec::new(),
+            text: one.clone().unwrap_or_else(|| {
+                (0..3)
+                    .map(|_| zipf.word(&mut rng))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            }),
+            k: 10,
+            mode: SearchMode::Bm25,
+            model: None,
+        })
+        .collect();
+    let show = std::env::var("BM25_PROBE_SHOW").is_ok();
+    for _ in 0..rounds {
+        let mut ts = Vec::new();
+        let mut digest = std::collections::hash_map::DefaultHasher::new();
+        for q in &qs {
+            let s = Instant::now();
+            let hits = ix.search(q)?;
+            ts.push(s.elapsed().as_secs_f64() * 1e3);
+            for h in hits {
+                h.chunk_id.hash(&mut digest);
+                h.score.to_bits().hash(&mut digest);
+            }
+        }
+        if show {
+            let mut by: Vec<(f64, &str)> = ts
+                .iter()
+                .copied()
+                .zip(qs.iter().map(|q| q.text.as_str()))
+                .collect();
+            by.sort_by(|a, b| a.0.total_cmp(&b.0));
+            for i in [0, 250, 500, 750, 900, 950, 980, 990, 995, 999] {
+                println!("  {:.4} ms: {}", by[i].0, by[i].1);
+            }
+        }
+        ts.sort_by(|a, b| a.total_cmp(b));
+        println!(
+            "BM25: p50 {:.4} ms p99 {:.4} mean {:.4}, answers' digest {:016x}",
+            ts[ts.len() / 2],
+            ts[ts.len() * 99 / 100],
+            ts.iter().sum::<f64>() / ts.len() as f64,
+            digest.finish()
+        );
+    }
+    Ok(())
+}

@@ -246,6 +246,9 @@ pub(crate) struct Source<'a> {
     pub(crate) live: Box<dyn Fn(u32) -> bool + 'a>,
 }
 
+/// The longest list of a source's weightiest term that [`Plan::seed`] scores whole.
+const WHOLE_SEED: usize = 1 << 14;
+
 /// What every source of one search shares: the query's terms with a document frequency (in
 /// the order their scores are summed: highest idf first), their idf and the average length.
 struct Plan {
@@ -300,13 +303,25 @@ impl Plan {
             .sum()
     }
 
-    /// Offers the first rows of the source's weightiest term (scored by lookups), so that the
-    /// document-at-a-time pass starts with a threshold: a top k of chunks holding a rare term
-    /// turns the common terms non-essential from the start.
-    fn seed(&self, s: usize, src: &Source<'_>, best: &mut TopK, seen: &mut Vec<u64>) {
+    /// Offers rows of the source's weightiest term before the document-at-a-time pass, so
+    /// that it starts with a threshold: all of them, scored with every other term's cursor,
+    /// when its list holds at most `whole_seed` postings, else its first k (scored by
+    /// lookups). A top k of chunks holding a rare term turns the common terms non-essential
+    /// from the start; once a short list is scored whole, that term is done in this source
+    /// (its rows are in `seen`) and the pass goes on without it: a chunk it can still find
+    /// lacks the term, so its score is bounded by the other terms alone, and when they cannot
+    /// reach the k-th best together the source is done. The term done, if any.
+    fn seed(
+        &self,
+        s: usize,
+        src: &Source<'_>,
+        best: &mut TopK,
+        seen: &mut Vec<u64>,
+        whole_seed: usize,
+    ) -> Option<usize> {
         let lists: Vec<Option<TermList<'_>>> =
             self.terms.iter().map(|&(t, _)| src.lists[t]).collect();
-        let weightiest = lists
+        let (_, pos) = lists
             .iter()
             .enumerate()
             .filter_map(|(pos, l)| {
@@ -314,28 +329,92 @@ impl Plan {
                 let (tf, len) = l.bound();
                 Some((self.bound(self.terms[pos].1, tf, len), pos))
             })
-            .max_by(|a, b| a.0.total_cmp(&b.0));
-        let Some((_, pos)) = weightiest else {
-            return;
-        };
-        let mut offered = 0;
-        for &[row, tf] in lists[pos].expect("a list").pairs {
-            if offered == best.k {
-                break;
+            .max_by(|a, b| a.0.total_cmp(&b.0))?;
+        let list = lists[pos].expect("a list");
+        if list.pairs.len() > whole_seed {
+            let mut offered = 0;
+            for &[row, tf] in list.pairs {
+                if offered == best.k {
+                    break;
+                }
+                if tf == 0 {
+                    continue;
+                }
+                let r = Ranked {
+                    score: self.score(src, row, |p| lists[p].map_or(0, |l| l.tf_at(row))),
+                    key: key(s, row),
+                };
+                offered += 1;
+                seen.push(r.key);
+                if best.accepts(&r) && (src.live)(row) {
+                    best.offer(r);
+                }
             }
+            return None;
+        }
+        let mut others: Vec<Cursor<'_>> = lists
+            .iter()
+            .enumerate()
+            .filter(|&(p, _)| p != pos)
+            .filter_map(|(p, l)| {
+                let list = l.filter(|l| !l.pairs.is_empty())?;
+                let (tf, len) = list.bound();
+                let idf = self.terms[p].1;
+                Some(Cursor {
+                    list,
+                    at: 0,
+                    idf,
+                    bound: self.bound(idf, tf, len),
+                    pos: p,
+                })
+            })
+            .collect();
+        others.sort_by(|a, b| b.bound.total_cmp(&a.bound).then(a.pos.cmp(&b.pos)));
+        let rest: f32 = others.iter().map(|c| c.bound).sum();
+        let idf = self.terms[pos].1;
+        let mut contrib = vec![0u32; self.terms.len()];
+        for &[row, tf] in list.pairs {
             if tf == 0 {
                 continue;
             }
+            seen.push(key(s, row));
+            // bounded by the list's shortest length first: a row's length is a read at a
+            // random place
+            if best
+                .kth()
+                .is_some_and(|t| self.bound(idf, tf, list.min_len) + rest <= t)
+            {
+                continue;
+            }
+            contrib.iter_mut().for_each(|c| *c = 0);
+            contrib[pos] = tf;
+            // the other terms looked up weightiest first, while the row can still make it
+            let threshold = best.kth();
+            let mut most = self.bound(idf, tf, list.min_len) + rest;
+            let mut out = false;
+            for c in &mut others {
+                most -= c.bound;
+                if c.seek(row) {
+                    contrib[c.pos] = c.tf();
+                    most += self.bound(c.idf, c.tf(), c.block()[2]);
+                }
+                if threshold.is_some_and(|t| most <= t) {
+                    out = true;
+                    break;
+                }
+            }
+            if out {
+                continue;
+            }
             let r = Ranked {
-                score: self.score(src, row, |p| lists[p].map_or(0, |l| l.tf_at(row))),
+                score: self.score(src, row, |p| contrib[p]),
                 key: key(s, row),
             };
-            offered += 1;
-            seen.push(r.key);
             if best.accepts(&r) && (src.live)(row) {
                 best.offer(r);
             }
         }
+        Some(pos)
     }
 
     /// Block-max MaxScore over one source, document at a time. Terms go in order of their
@@ -344,11 +423,12 @@ impl Plan {
     /// ones are looked up only while the row can still make the top k. Before a row is scored,
     /// the essential terms' block summaries bound every row up to the nearest block end: when
     /// that cannot reach the k-th best, the whole window is skipped.
-    fn daat(&self, s: usize, src: &Source<'_>, best: &mut TopK, seen: &[u64]) {
+    fn daat(&self, s: usize, src: &Source<'_>, best: &mut TopK, seen: &[u64], done: Option<usize>) {
         let mut cur: Vec<Cursor<'_>> = self
             .terms
             .iter()
             .enumerate()
+            .filter(|&(pos, _)| Some(pos) != done)
             .filter_map(|(pos, &(t, idf))| {
                 let list = src.lists[t].filter(|l| !l.pairs.is_empty())?;
                 let (tf, len) = list.bound();
@@ -402,6 +482,26 @@ impl Plan {
                     continue;
                 }
             }
+            let threshold = best.kth();
+            // the essential terms' frequencies here, bounded by their blocks' shortest lengths
+            // first: when even that cannot lift the row past the k-th best, its length (a read
+            // at a random place) is not needed
+            if let Some(t) = threshold {
+                let mut most = below[essential];
+                for c in &cur[essential..] {
+                    if c.row() == Some(pivot) {
+                        most += self.bound(c.idf, c.tf(), c.block()[2]);
+                    }
+                }
+                if most <= t {
+                    for c in &mut cur[essential..] {
+                        if c.row() == Some(pivot) {
+                            c.advance();
+                        }
+                    }
+                    continue;
+                }
+            }
             let len = (src.len_of)(pivot);
             contrib.iter_mut().for_each(|c| *c = 0);
             let mut partial = 0.0f32;
@@ -412,7 +512,6 @@ impl Plan {
                     c.advance();
                 }
             }
-            let threshold = best.kth();
             let mut alive = true;
             for i in (0..essential).rev() {
                 if threshold.is_some_and(|t| partial + below[i + 1] <= t) {
@@ -452,22 +551,31 @@ fn key(source: usize, row: u32) -> u64 {
 /// (source, row, score), best first (ties: lower source, then lower row), without scoring
 /// every matching row: scores use the statistics of all sources together (chunk count,
 /// average length, document frequencies), each term bounded by its highest frequency in its
-/// shortest chunk, per block of postings and per list. Each source is first seeded with the
-/// first rows of its weightiest term, then searched by block-max MaxScore
-/// ([`Plan::daat`]), the k-th best score carried from one source to the next.
+/// shortest chunk, per block of postings and per list. Each source is first seeded with its
+/// weightiest term's rows (all of them when they are few, [`Plan::seed`]), then searched by
+/// block-max MaxScore ([`Plan::daat`]), the k-th best score carried from one source to the
+/// next.
 pub(crate) fn search_sources(sources: &[Source<'_>], k: usize) -> Vec<(usize, u32, f32)> {
+    search_seeded(sources, k, WHOLE_SEED)
+}
+
+/// [`search_sources`], a weightiest term's list scored whole in the seeding when it holds at
+/// most `whole_seed` postings.
+fn search_seeded(sources: &[Source<'_>], k: usize, whole_seed: usize) -> Vec<(usize, u32, f32)> {
     let Some(plan) = Plan::new(sources).filter(|_| k > 0) else {
         return Vec::new();
     };
     let mut best = TopK::new(k);
     // the seeded rows (offered already), sorted
     let mut seen = Vec::new();
-    for (s, src) in sources.iter().enumerate() {
-        plan.seed(s, src, &mut best, &mut seen);
-    }
+    let done: Vec<Option<usize>> = sources
+        .iter()
+        .enumerate()
+        .map(|(s, src)| plan.seed(s, src, &mut best, &mut seen, whole_seed))
+        .collect();
     seen.sort_unstable();
     for (s, src) in sources.iter().enumerate() {
-        plan.daat(s, src, &mut best, &seen);
+        plan.daat(s, src, &mut best, &seen, done[s]);
     }
     best.into_sorted()
         .into_iter()
@@ -665,6 +773,15 @@ mod tests {
                 let terms = query_terms(&q);
                 for k in [1, 10, 100] {
                     let want = search_exhaustive(&[b.source(&terms)], k);
+                    // seeded with the weightiest term's first k rows, with its whole list
+                    // when short, and with it always
+                    for whole in [0, 60, usize::MAX] {
+                        assert_eq!(
+                            search_seeded(&[b.source(&terms)], k, whole),
+                            want,
+                            "{q} k={k} whole_seed={whole}"
+                        );
+                    }
                     let want: Vec<(u32, f32)> = want.into_iter().map(|x| (x.1, x.2)).collect();
                     assert_eq!(b.search(&q, k), want, "{q} k={k}");
                 }
@@ -728,7 +845,12 @@ mod tests {
             };
             for k in [1, 10, 50] {
                 let got = search_sources(&sources(), k);
-                assert_eq!(got, search_exhaustive(&sources(), k), "{q} k={k}");
+                let want = search_exhaustive(&sources(), k);
+                assert_eq!(got, want, "{q} k={k}");
+                for whole in [0, 60] {
+                    let got = search_seeded(&sources(), k, whole);
+                    assert_eq!(got, want, "{q} k={k} whole_seed={whole}");
+                }
                 for (s, row, _) in &got {
                     assert!(*s == 3 || !dead[*s].contains(row), "a dead row returned");
                 }
@@ -736,6 +858,34 @@ mod tests {
             }
         }
         assert!(bounded > 600, "most searches fill their top k: {bounded}");
+    }
+
+    #[test]
+    fn equal_length_chunks_whose_bounds_are_tight_rank_exactly() {
+        // twelve Zipf words a chunk (as `bench shard` writes them): every length the same, so a
+        // term's bound is its score at the highest frequency, and a bound that is too low by
+        // a little shows
+        use rand::SeedableRng;
+        let zipf = crate::eval::Zipf::new(400);
+        let mut r = rand::rngs::StdRng::seed_from_u64(5);
+        let mut b = Bm25::default();
+        for slot in 0..4000u32 {
+            b.insert(slot, &zipf.text(&mut r));
+        }
+        for _ in 0..300 {
+            let q: Vec<String> = (0..3).map(|_| zipf.word(&mut r)).collect();
+            let terms = query_terms(&q.join(" "));
+            for k in [1, 10, 40] {
+                let want = search_exhaustive(&[b.source(&terms)], k);
+                for whole in [0, 60, usize::MAX] {
+                    assert_eq!(
+                        search_seeded(&[b.source(&terms)], k, whole),
+                        want,
+                        "{q:?} k={k} whole_seed={whole}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -649,11 +649,37 @@ impl Cursor<'_> {
         self.skip_dead();
     }
 
-    /// Moves to the first live posting at or after `row` (galloping, then binary search);
-    /// whether it is at `row`.
+    /// Moves to the first live posting at or after `row`; whether it is at `row`. A list
+    /// with block summaries finds the block by their last rows (galloping over them: a few
+    /// cache lines for a whole list), then the posting by binary search within it; one
+    /// without, by galloping over the postings.
     fn seek(&mut self, row: u32) -> bool {
         let list = self.list.pairs;
         if self.row().is_none_or(|r| r >= row) {
+            return self.row() == Some(row);
+        }
+        let blocks = self.list.blocks;
+        if blocks.len() > 1 && blocks.len() == list.len().div_ceil(BLOCK) {
+            let mut b = self.at / BLOCK;
+            let lo = if blocks[b][0] < row {
+                let mut step = 1;
+                while b + step < blocks.len() && blocks[b + step][0] < row {
+                    b += step;
+                    step *= 2;
+                }
+                let end = (b + step + 1).min(blocks.len());
+                b += blocks[b..end].partition_point(|x| x[0] < row);
+                b * BLOCK
+            } else {
+                self.at
+            };
+            let hi = ((b + 1) * BLOCK).min(list.len());
+            self.at = if lo >= list.len() {
+                list.len()
+            } else {
+                lo + list[lo..hi].partition_point(|p| p[0] < row)
+            };
+            self.skip_dead();
             return self.row() == Some(row);
         }
         let mut step = 1;

@@ -650,18 +650,19 @@ impl Cursor<'_> {
     }
 
     /// Moves to the first live posting at or after `row`; whether it is at `row`. A list
-    /// with block summaries finds the block by their last rows (galloping over them: a few
-    /// cache lines for a whole list), then the posting by binary search within it; one
-    /// without, by galloping over the postings.
+    /// with block summaries first finds the block by their last rows when `row` is past the
+    /// cursor's block (galloping over the summaries: a few cache lines for a whole list);
+    /// then the posting is found by galloping from the cursor (or the block's start) within
+    /// the block (or the list), then binary search.
     fn seek(&mut self, row: u32) -> bool {
         let list = self.list.pairs;
         if self.row().is_none_or(|r| r >= row) {
             return self.row() == Some(row);
         }
         let blocks = self.list.blocks;
-        if blocks.len() > 1 && blocks.len() == list.len().div_ceil(BLOCK) {
+        let (mut lo, end) = if blocks.len() > 1 && blocks.len() == list.len().div_ceil(BLOCK) {
             let mut b = self.at / BLOCK;
-            let lo = if blocks[b][0] < row {
+            if blocks[b][0] < row {
                 let mut step = 1;
                 while b + step < blocks.len() && blocks[b + step][0] < row {
                     b += step;
@@ -669,26 +670,22 @@ impl Cursor<'_> {
                 }
                 let end = (b + step + 1).min(blocks.len());
                 b += blocks[b..end].partition_point(|x| x[0] < row);
-                b * BLOCK
-            } else {
-                self.at
-            };
-            let hi = ((b + 1) * BLOCK).min(list.len());
-            self.at = if lo >= list.len() {
-                list.len()
-            } else {
-                lo + list[lo..hi].partition_point(|p| p[0] < row)
-            };
-            self.skip_dead();
-            return self.row() == Some(row);
-        }
+                if b == blocks.len() {
+                    self.at = list.len();
+                    return false;
+                }
+            }
+            (self.at.max(b * BLOCK), ((b + 1) * BLOCK).min(list.len()))
+        } else {
+            (self.at, list.len())
+        };
+        // galloping from `lo` (whose row is below `row`), then binary search
         let mut step = 1;
-        let mut lo = self.at;
-        while lo + step < list.len() && list[lo + step][0] < row {
+        while lo + step < end && list[lo + step][0] < row {
             lo += step;
             step *= 2;
         }
-        let hi = (lo + step + 1).min(list.len());
+        let hi = (lo + step + 1).min(end);
         self.at = lo + list[lo..hi].partition_point(|p| p[0] < row);
         self.skip_dead();
         self.row() == Some(row)

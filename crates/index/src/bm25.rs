@@ -422,7 +422,8 @@ impl Plan {
     /// non-essential: rows come only from the other terms' postings, and the non-essential
     /// ones are looked up only while the row can still make the top k. Before a row is scored,
     /// the essential terms' block summaries bound every row up to the nearest block end: when
-    /// that cannot reach the k-th best, the whole window is skipped.
+    /// that cannot reach the k-th best, the whole window is skipped. `done`: the term the
+    /// seeding scored whole in this source, left out.
     fn daat(&self, s: usize, src: &Source<'_>, best: &mut TopK, seen: &[u64], done: Option<usize>) {
         let mut cur: Vec<Cursor<'_>> = self
             .terms
@@ -679,7 +680,8 @@ impl Cursor<'_> {
         } else {
             (self.at, list.len())
         };
-        // galloping from `lo` (whose row is below `row`), then binary search
+        // galloping from `lo` (the cursor, below `row`; or its block's first posting, which
+        // may be at or past it: then the search ends there), then binary search
         let mut step = 1;
         while lo + step < end && list[lo + step][0] < row {
             lo += step;

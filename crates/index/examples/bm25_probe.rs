@@ -9,6 +9,9 @@
 //! (batch `b`'s texts are drawn from seed `b`, so the first N are the same for every N).
 //! `BM25_PROBE_SHOW=1` also prints the queries at ten ranks of each round's times (fastest,
 //! quartiles, ..., slowest); `BM25_PROBE_QUERY="t1 t2"` asks that one query 1,000 times.
+//! `BM25_PROBE_TEXTS=a.jsonl,b.jsonl` takes the documents' texts from those files instead (one
+//! JSON object with a `text` a line, the files one after the other: the first N lines), and
+//! `BM25_PROBE_QUERIES=q.json` the queries (a JSON list of strings, repeated to 1,000).
 use ragfleet_index::eval::{settle, synthetic_model, upserts_from, Zipf};
 use ragfleet_index::{IndexSettings, ShardIndex};
 use ragfleet_proto::{SearchMode, SearchQuery};
@@ -31,16 +34,40 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let (mut ix, _) = ShardIndex::open(&dir, settings)?;
     let zipf = Zipf::new(20_000);
+    let given: Option<Vec<String>> = match std::env::var("BM25_PROBE_TEXTS") {
+        Ok(files) => {
+            let mut texts = Vec::new();
+            for f in files.split(',') {
+                for line in std::fs::read_to_string(f)?.lines() {
+                    let v: serde_json::Value = serde_json::from_str(line)?;
+                    texts.push(
+                        v["text"]
+                            .as_str()
+                            .ok_or("a line without a text")?
+                            .to_string(),
+                    );
+                }
+            }
+            if texts.len() < n {
+                return Err(format!("{} texts, fewer than {n}", texts.len()).into());
+            }
+            Some(texts)
+        }
+        Err(_) => None,
+    };
     let have = ix.doc_count() as usize;
     if have < n {
-        if have % 2048 != 0 {
+        if given.is_none() && have % 2048 != 0 {
             return Err(format!("the shard holds {have} documents, not whole batches").into());
         }
         let t = Instant::now();
         for start in (have..n).step_by(2048) {
             let end = (start + 2048).min(n);
             let mut rng = rand::rngs::StdRng::seed_from_u64((start / 2048) as u64);
-            let texts: Vec<String> = (start..end).map(|_| zipf.text(&mut rng)).collect();
+            let texts: Vec<String> = match &given {
+                Some(t) => t[start..end].to_vec(),
+                None => (start..end).map(|_| zipf.text(&mut rng)).collect(),
+            };
             let vectors: Vec<Vec<f32>> = (start..end)
                 .map(|i| {
                     let mut v = vec![0.0f32; DIM];
@@ -64,15 +91,26 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     let mut rng = rand::rngs::StdRng::seed_from_u64(u64::MAX);
     let one = std::env::var("BM25_PROBE_QUERY").ok();
+    let listed: Option<Vec<String>> = match std::env::var("BM25_PROBE_QUERIES") {
+        Ok(f) => Some(serde_json::from_str::<Vec<String>>(
+            &std::fs::read_to_string(f)?,
+        )?)
+        .filter(|l| !l.is_empty()),
+        Err(_) => None,
+    };
     let qs: Vec<SearchQuery> = (0..1000)
-        .map(|_| SearchQuery {
+        .map(|i| SearchQuery {
             vector: Vec::new(),
-            text: one.clone().unwrap_or_else(|| {
-                (0..3)
-                    .map(|_| zipf.word(&mut rng))
-                    .collect::<Vec<_>>()
-                    .join(" ")
-            }),
+            text: listed
+                .as_ref()
+                .map(|l| l[i % l.len()].clone())
+                .or(one.clone())
+                .unwrap_or_else(|| {
+                    (0..3)
+                        .map(|_| zipf.word(&mut rng))
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                }),
             k: 10,
             mode: SearchMode::Bm25,
             model: None,

@@ -358,15 +358,7 @@ impl Plan {
             .filter(|&(p, _)| p != pos)
             .filter_map(|(p, l)| {
                 let list = l.filter(|l| !l.pairs.is_empty())?;
-                let (tf, len) = list.bound();
-                let idf = self.terms[p].1;
-                Some(Cursor {
-                    list,
-                    at: 0,
-                    idf,
-                    bound: self.bound(idf, tf, len),
-                    pos: p,
-                })
+                Some(Cursor::new(list, self.terms[p].1, p, self))
             })
             .collect();
         others.sort_by(|a, b| b.bound.total_cmp(&a.bound).then(a.pos.cmp(&b.pos)));
@@ -396,7 +388,8 @@ impl Plan {
                 most -= c.bound;
                 if c.seek(row) {
                     contrib[c.pos] = c.tf();
-                    most += self.bound(c.idf, c.tf(), c.block()[2]);
+                    c.block_bound(self);
+                    most += c.row_bound();
                 }
                 if threshold.is_some_and(|t| most <= t) {
                     out = true;
@@ -432,14 +425,7 @@ impl Plan {
             .filter(|&(pos, _)| Some(pos) != done)
             .filter_map(|(pos, &(t, idf))| {
                 let list = src.lists[t].filter(|l| !l.pairs.is_empty())?;
-                let (tf, len) = list.bound();
-                let mut c = Cursor {
-                    list,
-                    at: 0,
-                    idf,
-                    bound: self.bound(idf, tf, len),
-                    pos,
-                };
+                let mut c = Cursor::new(list, idf, pos, self);
                 c.skip_dead();
                 Some(c)
             })
@@ -468,10 +454,9 @@ impl Plan {
             if let Some(t) = best.kth() {
                 let mut window = below[essential];
                 let mut upto = u32::MAX;
-                for c in cur[essential..].iter().filter(|c| c.row().is_some()) {
-                    let [last, tf, len] = c.block();
-                    window += self.bound(c.idf, tf, len);
-                    upto = upto.min(last);
+                for c in cur[essential..].iter_mut().filter(|c| c.row().is_some()) {
+                    window += c.block_bound(self);
+                    upto = upto.min(c.block()[0]);
                 }
                 if window <= t {
                     if upto == u32::MAX {
@@ -489,9 +474,10 @@ impl Plan {
             // at a random place) is not needed
             if let Some(t) = threshold {
                 let mut most = below[essential];
-                for c in &cur[essential..] {
+                for c in &mut cur[essential..] {
                     if c.row() == Some(pivot) {
-                        most += self.bound(c.idf, c.tf(), c.block()[2]);
+                        c.block_bound(self);
+                        most += c.row_bound();
                     }
                 }
                 if most <= t {
@@ -620,9 +606,49 @@ struct Cursor<'a> {
     bound: f32,
     /// Its position in the plan's terms.
     pos: usize,
+    /// The block [`Cursor::block_bound`] last summed up (`usize::MAX`: none yet), its bound
+    /// and the length part of term_score's denominator at its shortest length.
+    blk: usize,
+    blk_bound: f32,
+    blk_norm: f32,
 }
 
-impl Cursor<'_> {
+impl<'a> Cursor<'a> {
+    fn new(list: TermList<'a>, idf: f32, pos: usize, plan: &Plan) -> Cursor<'a> {
+        let (tf, len) = list.bound();
+        Cursor {
+            list,
+            at: 0,
+            idf,
+            bound: plan.bound(idf, tf, len),
+            pos,
+            blk: usize::MAX,
+            blk_bound: 0.0,
+            blk_norm: 0.0,
+        }
+    }
+
+    /// The bound of the cursor's block (its highest frequency at its shortest length),
+    /// summed up once a block rather than at every row.
+    fn block_bound(&mut self, plan: &Plan) -> f32 {
+        let b = (self.at / BLOCK).min(self.list.blocks.len() - 1);
+        if b != self.blk {
+            let [_, tf, len] = self.list.blocks[b];
+            self.blk = b;
+            self.blk_bound = plan.bound(self.idf, tf, len);
+            self.blk_norm = K1 * (1.0 - B + B * len as f32 / plan.avg);
+        }
+        self.blk_bound
+    }
+
+    /// The most the term adds at the current posting's frequency in a row of its block's
+    /// shortest length or longer (after [`Cursor::block_bound`] for this block), a hair above
+    /// as [`Plan::bound`].
+    fn row_bound(&self) -> f32 {
+        let tf = self.tf() as f32;
+        self.idf * tf * (K1 + 1.0) / (tf + self.blk_norm) * (1.0 + 2e-5)
+    }
+
     fn row(&self) -> Option<u32> {
         self.list.pairs.get(self.at).map(|p| p[0])
     }

@@ -303,14 +303,15 @@ impl Plan {
             .sum()
     }
 
-    /// Offers rows of the source's weightiest term before the document-at-a-time pass, so
-    /// that it starts with a threshold: all of them, scored with every other term's cursor,
-    /// when its list holds at most `whole_seed` postings, else its first k (scored by
-    /// lookups). A top k of chunks holding a rare term turns the common terms non-essential
-    /// from the start; once a short list is scored whole, that term is done in this source
-    /// (its rows are in `seen`) and the pass goes on without it: a chunk it can still find
-    /// lacks the term, so its score is bounded by the other terms alone, and when they cannot
-    /// reach the k-th best together the source is done. The term done, if any.
+    /// Offers rows of the source's weightiest terms before the document-at-a-time pass, so
+    /// that it starts with a threshold. When the weightiest term's list holds at most
+    /// `whole_seed` postings, every chunk in it is scored ([`Plan::whole`]) and the term is
+    /// done in this source (its rows are in `seen`); so is the next weightiest term's while
+    /// its list is that short too and the terms not yet done can together still lift a chunk
+    /// past the k-th best. The pass then goes on without the terms done: a chunk it can still
+    /// find lacks them, so its score is bounded by the other terms alone, and when they cannot
+    /// reach the k-th best together the source is done. When the weightiest list is longer,
+    /// its first k chunks are offered (scored by lookups) and no term is done. The terms done.
     fn seed(
         &self,
         s: usize,
@@ -318,10 +319,11 @@ impl Plan {
         best: &mut TopK,
         seen: &mut Vec<u64>,
         whole_seed: usize,
-    ) -> Option<usize> {
+    ) -> Vec<usize> {
         let lists: Vec<Option<TermList<'_>>> =
             self.terms.iter().map(|&(t, _)| src.lists[t]).collect();
-        let (_, pos) = lists
+        // (bound, position), weightiest first
+        let mut order: Vec<(f32, usize)> = lists
             .iter()
             .enumerate()
             .filter_map(|(pos, l)| {
@@ -329,8 +331,12 @@ impl Plan {
                 let (tf, len) = l.bound();
                 Some((self.bound(self.terms[pos].1, tf, len), pos))
             })
-            .max_by(|a, b| a.0.total_cmp(&b.0))?;
-        let list = lists[pos].expect("a list");
+            .collect();
+        order.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+        let Some(&(_, first)) = order.first() else {
+            return Vec::new();
+        };
+        let list = lists[first].expect("a list");
         if list.pairs.len() > whole_seed {
             let mut offered = 0;
             for &[row, tf] in list.pairs {
@@ -350,23 +356,56 @@ impl Plan {
                     best.offer(r);
                 }
             }
-            return None;
+            return Vec::new();
         }
-        let mut others: Vec<Cursor<'_>> = lists
-            .iter()
-            .enumerate()
-            .filter(|&(p, _)| p != pos)
-            .filter_map(|(p, l)| {
-                let list = l.filter(|l| !l.pairs.is_empty())?;
-                Some(Cursor::new(list, self.terms[p].1, p, self))
-            })
-            .collect();
+        let mut done = Vec::new();
+        let mut left: f32 = order.iter().map(|o| o.0).sum();
+        for &(bound, pos) in &order {
+            let list = lists[pos].expect("a list");
+            if list.pairs.len() > whole_seed || best.kth().is_some_and(|t| left <= t) {
+                break;
+            }
+            self.whole(s, src, best, seen, &lists, pos, &done);
+            done.push(pos);
+            left -= bound;
+        }
+        done
+    }
+
+    /// Scores every chunk of the term at `pos` in this source that holds none of the terms
+    /// `done` (those were scored whole before), the other terms looked up weightiest first
+    /// while the chunk can still make the top k; each goes into `seen`.
+    #[allow(clippy::too_many_arguments)]
+    fn whole(
+        &self,
+        s: usize,
+        src: &Source<'_>,
+        best: &mut TopK,
+        seen: &mut Vec<u64>,
+        lists: &[Option<TermList<'_>>],
+        pos: usize,
+        done: &[usize],
+    ) {
+        let cursors = |keep: &dyn Fn(usize) -> bool| -> Vec<Cursor<'_>> {
+            lists
+                .iter()
+                .enumerate()
+                .filter(|&(p, _)| keep(p))
+                .filter_map(|(p, l)| {
+                    let list = l.filter(|l| !l.pairs.is_empty())?;
+                    Some(Cursor::new(list, self.terms[p].1, p, self))
+                })
+                .collect()
+        };
+        let mut before = cursors(&|p| done.contains(&p));
+        let mut others = cursors(&|p| p != pos && !done.contains(&p));
         others.sort_by(|a, b| b.bound.total_cmp(&a.bound).then(a.pos.cmp(&b.pos)));
         let rest: f32 = others.iter().map(|c| c.bound).sum();
+        let list = lists[pos].expect("a list");
         let idf = self.terms[pos].1;
         let mut contrib = vec![0u32; self.terms.len()];
         for &[row, tf] in list.pairs {
-            if tf == 0 {
+            if tf == 0 || before.iter_mut().any(|c| c.seek(row)) {
                 continue;
             }
             seen.push(key(s, row));
@@ -407,7 +446,6 @@ impl Plan {
                 best.offer(r);
             }
         }
-        Some(pos)
     }
 
     /// Block-max MaxScore over one source, document at a time. Terms go in order of their
@@ -415,14 +453,14 @@ impl Plan {
     /// non-essential: rows come only from the other terms' postings, and the non-essential
     /// ones are looked up only while the row can still make the top k. Before a row is scored,
     /// the essential terms' block summaries bound every row up to the nearest block end: when
-    /// that cannot reach the k-th best, the whole window is skipped. `done`: the term the
+    /// that cannot reach the k-th best, the whole window is skipped. `done`: the terms the
     /// seeding scored whole in this source, left out.
-    fn daat(&self, s: usize, src: &Source<'_>, best: &mut TopK, seen: &[u64], done: Option<usize>) {
+    fn daat(&self, s: usize, src: &Source<'_>, best: &mut TopK, seen: &[u64], done: &[usize]) {
         let mut cur: Vec<Cursor<'_>> = self
             .terms
             .iter()
             .enumerate()
-            .filter(|&(pos, _)| Some(pos) != done)
+            .filter(|(pos, _)| !done.contains(pos))
             .filter_map(|(pos, &(t, idf))| {
                 let list = src.lists[t].filter(|l| !l.pairs.is_empty())?;
                 let mut c = Cursor::new(list, idf, pos, self);
@@ -555,14 +593,14 @@ fn search_seeded(sources: &[Source<'_>], k: usize, whole_seed: usize) -> Vec<(us
     let mut best = TopK::new(k);
     // the seeded rows (offered already), sorted
     let mut seen = Vec::new();
-    let done: Vec<Option<usize>> = sources
+    let done: Vec<Vec<usize>> = sources
         .iter()
         .enumerate()
         .map(|(s, src)| plan.seed(s, src, &mut best, &mut seen, whole_seed))
         .collect();
     seen.sort_unstable();
     for (s, src) in sources.iter().enumerate() {
-        plan.daat(s, src, &mut best, &seen, done[s]);
+        plan.daat(s, src, &mut best, &seen, &done[s]);
     }
     best.into_sorted()
         .into_iter()

@@ -404,25 +404,21 @@ impl Plan {
         let list = lists[pos].expect("a list");
         let idf = self.terms[pos].1;
         let mut contrib = vec![0u32; self.terms.len()];
-        for &[row, tf] in list.pairs {
+        'rows: for &[row, tf] in list.pairs {
             if tf == 0 || before.iter_mut().any(|c| c.seek(row)) {
                 continue;
             }
             seen.push(key(s, row));
-            // bounded by the list's shortest length first: a row's length is a read at a
-            // random place
-            if best
-                .kth()
-                .is_some_and(|t| self.bound(idf, tf, list.min_len) + rest <= t)
-            {
+            // bounded by the list's shortest length (a row's own length is a read at a random
+            // place), then the other terms looked up weightiest first while the row can still
+            // make it
+            let threshold = best.kth();
+            let mut most = self.bound(idf, tf, list.min_len) + rest;
+            if threshold.is_some_and(|t| most <= t) {
                 continue;
             }
             contrib.iter_mut().for_each(|c| *c = 0);
             contrib[pos] = tf;
-            // the other terms looked up weightiest first, while the row can still make it
-            let threshold = best.kth();
-            let mut most = self.bound(idf, tf, list.min_len) + rest;
-            let mut out = false;
             for c in &mut others {
                 most -= c.bound;
                 if c.seek(row) {
@@ -431,12 +427,8 @@ impl Plan {
                     most += c.row_bound();
                 }
                 if threshold.is_some_and(|t| most <= t) {
-                    out = true;
-                    break;
+                    continue 'rows;
                 }
-            }
-            if out {
-                continue;
             }
             let r = Ranked {
                 score: self.score(src, row, |p| contrib[p]),

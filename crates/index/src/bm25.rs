@@ -89,6 +89,7 @@ impl Postings {
             df: self.live,
             max_tf,
             min_len,
+            hi: None,
         }
     }
 }
@@ -338,8 +339,10 @@ impl Plan {
         };
         let list = lists[first].expect("a list");
         if list.pairs.len() > whole_seed {
+            // its rows of high frequency first, when the list has them apart
             let mut offered = 0;
-            for &[row, tf] in list.pairs {
+            let top = list.hi.and_then(|h| h.tiers().last());
+            for &[row, tf] in top.map_or(list.pairs, |t| t.pairs) {
                 if offered == best.k {
                     break;
                 }
@@ -398,9 +401,30 @@ impl Plan {
                 .collect()
         };
         let mut before = cursors(&|p| done.contains(&p));
-        let mut others = cursors(&|p| p != pos && !done.contains(&p));
-        others.sort_by(|a, b| b.bound.total_cmp(&a.bound).then(a.pos.cmp(&b.pos)));
-        let rest: f32 = others.iter().map(|c| c.bound).sum();
+        // the other terms, each as its list's tiers of higher frequencies (when split) and the
+        // rest of it, highest bound first: a row is in one of them
+        let mut others: Vec<Vec<Cursor<'_>>> = lists
+            .iter()
+            .enumerate()
+            .filter(|&(p, _)| p != pos && !done.contains(&p))
+            .filter_map(|(p, l)| {
+                let list = l.filter(|l| !l.pairs.is_empty())?;
+                let idf = self.terms[p].1;
+                let cap = list.hi.map_or(u32::MAX, |h| h.cut);
+                let mut g = vec![Cursor::capped(list, idf, p, self, cap)];
+                if let Some(h) = list.hi {
+                    g.extend(h.tiers().map(|l| Cursor::new(l, idf, p, self)));
+                }
+                g.sort_by(|a, b| b.bound.total_cmp(&a.bound));
+                Some(g)
+            })
+            .collect();
+        others.sort_by(|a, b| {
+            b[0].bound
+                .total_cmp(&a[0].bound)
+                .then(a[0].pos.cmp(&b[0].pos))
+        });
+        let rest: f32 = others.iter().map(|g| g[0].bound).sum();
         let list = lists[pos].expect("a list");
         let idf = self.terms[pos].1;
         let mut contrib = vec![0u32; self.terms.len()];
@@ -419,12 +443,21 @@ impl Plan {
             }
             contrib.iter_mut().for_each(|c| *c = 0);
             contrib[pos] = tf;
-            for c in &mut others {
-                most -= c.bound;
-                if c.seek(row) {
-                    contrib[c.pos] = c.tf();
-                    c.block_bound(self);
-                    most += c.row_bound();
+            for g in &mut others {
+                most -= g[0].bound;
+                // not in a tier: the term's bound is the next one's
+                for i in 0..g.len() {
+                    let c = &mut g[i];
+                    if c.seek(row) {
+                        contrib[c.pos] = c.tf();
+                        c.block_bound(self);
+                        most += c.row_bound();
+                        break;
+                    }
+                    if threshold.is_some_and(|t| g.get(i + 1).map_or(most, |n| most + n.bound) <= t)
+                    {
+                        continue 'rows;
+                    }
                 }
                 if threshold.is_some_and(|t| most <= t) {
                     continue 'rows;
@@ -453,18 +486,32 @@ impl Plan {
             .iter()
             .enumerate()
             .filter(|(pos, _)| !done.contains(pos))
-            .filter_map(|(pos, &(t, idf))| {
-                let list = src.lists[t].filter(|l| !l.pairs.is_empty())?;
-                let mut c = Cursor::new(list, idf, pos, self);
+            .flat_map(|(pos, &(t, idf))| {
+                let Some(list) = src.lists[t].filter(|l| !l.pairs.is_empty()) else {
+                    return Vec::new();
+                };
+                // a split list: the rest of it, and its tiers of higher frequencies
+                let cap = list.hi.map_or(u32::MAX, |h| h.cut);
+                let mut cs = vec![Cursor::capped(list, idf, pos, self, cap)];
+                if let Some(h) = list.hi {
+                    cs.extend(h.tiers().map(|l| Cursor::new(l, idf, pos, self)));
+                }
+                cs
+            })
+            .map(|mut c| {
                 c.skip_dead();
-                Some(c)
+                c
             })
             .collect();
         cur.sort_by(|a, b| a.bound.total_cmp(&b.bound).then(a.pos.cmp(&b.pos)));
         // below[i]: the sum of the bounds of cursors 0..i
+        // (a term's cursors hold disjoint rows: it counts once, at its highest bound so far)
         let mut below = vec![0.0f32; cur.len() + 1];
+        let mut most = vec![0.0f32; self.terms.len()];
         for i in 0..cur.len() {
-            below[i + 1] = below[i] + cur[i].bound;
+            let c = &cur[i];
+            below[i + 1] = below[i] + (c.bound - most[c.pos]).max(0.0);
+            most[c.pos] = most[c.pos].max(c.bound);
         }
         let raise = |essential: &mut usize, t: f32| {
             while *essential < below.len() - 1 && below[*essential + 1] <= t {
@@ -535,7 +582,13 @@ impl Plan {
                     alive = false;
                     break;
                 }
+                // a term found already is not looked up again (its tiers and the rest of its
+                // list hold disjoint rows); its tiers are looked up before the rest (their
+                // bounds are higher), each only while the row can still make it
                 let c = &mut cur[i];
+                if contrib[c.pos] != 0 {
+                    continue;
+                }
                 if c.seek(pivot) {
                     contrib[c.pos] = c.tf();
                     partial += term_score(c.idf, c.tf() as f32, len as f32, self.avg);
@@ -641,20 +694,29 @@ struct Cursor<'a> {
     blk: usize,
     blk_bound: f32,
     blk_norm: f32,
+    /// Postings of this frequency or more are passed over (another cursor walks them, see
+    /// [`crate::postings::Split`]).
+    cap: u32,
 }
 
 impl<'a> Cursor<'a> {
     fn new(list: TermList<'a>, idf: f32, pos: usize, plan: &Plan) -> Cursor<'a> {
+        Cursor::capped(list, idf, pos, plan, u32::MAX)
+    }
+
+    /// A cursor over the postings of `list` whose frequency is below `cap` (above 1).
+    fn capped(list: TermList<'a>, idf: f32, pos: usize, plan: &Plan, cap: u32) -> Cursor<'a> {
         let (tf, len) = list.bound();
         Cursor {
             list,
             at: 0,
             idf,
-            bound: plan.bound(idf, tf, len),
+            bound: plan.bound(idf, tf.min(cap - 1), len),
             pos,
             blk: usize::MAX,
             blk_bound: 0.0,
             blk_norm: 0.0,
+            cap,
         }
     }
 
@@ -665,7 +727,7 @@ impl<'a> Cursor<'a> {
         if b != self.blk {
             let [_, tf, len] = self.list.blocks[b];
             self.blk = b;
-            self.blk_bound = plan.bound(self.idf, tf, len);
+            self.blk_bound = plan.bound(self.idf, tf.min(self.cap - 1), len);
             self.blk_norm = K1 * (1.0 - B + B * len as f32 / plan.avg);
         }
         self.blk_bound
@@ -694,9 +756,14 @@ impl<'a> Cursor<'a> {
         b[(self.at / BLOCK).min(b.len() - 1)]
     }
 
-    /// Past removed slots.
+    /// Past removed slots (and postings at or above the cap).
     fn skip_dead(&mut self) {
-        while self.list.pairs.get(self.at).is_some_and(|p| p[1] == 0) {
+        while self
+            .list
+            .pairs
+            .get(self.at)
+            .is_some_and(|p| p[1] == 0 || p[1] >= self.cap)
+        {
             self.at += 1;
         }
     }
@@ -939,6 +1006,80 @@ mod tests {
             }
         }
         assert!(bounded > 600, "most searches fill their top k: {bounded}");
+    }
+
+    #[test]
+    fn long_lists_split_by_frequency_rank_exactly() {
+        use crate::postings::{Built, SegPostings, SPLIT_MIN};
+        use rand::{Rng, SeedableRng};
+        let mut r = rand::rngs::StdRng::seed_from_u64(29);
+        let dir = tempfile::tempdir().unwrap();
+        // two sealed segments whose common terms' lists are split (w0 is in ~90% of the rows,
+        // up to frequencies past the last tier), a fifth of their rows dead, and a growing one
+        let mut files = Vec::new();
+        let mut dead: Vec<std::collections::HashSet<u32>> = Vec::new();
+        for (i, rows) in [9000usize, 5000].into_iter().enumerate() {
+            let texts: Vec<String> = (0..rows).map(|_| text(&mut r, 1..30)).collect();
+            let built = Built::of(texts.iter().map(|t| t.as_str()));
+            let path = dir.path().join(format!("{i}.post"));
+            files.push(SegPostings::write(&path, &[&built]).unwrap());
+            dead.push((0..rows as u32).filter(|_| r.gen_bool(0.2)).collect());
+        }
+        let w = "w0";
+        let list = files[0].find(w).unwrap();
+        assert!(list.pairs.len() >= SPLIT_MIN, "{w} is long");
+        let split = list
+            .hi
+            .expect("a long list with frequencies above 1 is split");
+        let tiers: Vec<_> = split.tiers().collect();
+        assert!(tiers.len() >= 2, "{w} has tiers");
+        // the tiers and the rest of the list hold every posting once
+        let apart: usize = tiers.iter().map(|t| t.pairs.len()).sum();
+        let below = list.pairs.iter().filter(|p| p[1] < split.cut).count();
+        assert_eq!(apart + below, list.pairs.len());
+        assert!(tiers
+            .iter()
+            .flat_map(|t| t.pairs)
+            .all(|p| p[1] >= split.cut));
+        let mut growing = Bm25::default();
+        for slot in 0..300u32 {
+            growing.insert(slot, &text(&mut r, 1..30));
+        }
+        for n in 0..160 {
+            // every other query of common words only, where the splits matter most
+            let q = if n % 2 == 0 {
+                let len = r.gen_range(1..5);
+                (0..len)
+                    .map(|_| format!("w{}", r.gen_range(0..8)))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            } else {
+                text(&mut r, 1..6)
+            };
+            let terms = query_terms(&q);
+            let sources = || {
+                let mut v: Vec<Source<'_>> = files
+                    .iter()
+                    .zip(&dead)
+                    .map(|(p, d)| Source {
+                        lists: terms.iter().map(|t| p.find(t)).collect(),
+                        rows: p.rows() as u64,
+                        total_len: p.total_len(),
+                        len_of: Box::new(|row| p.len_of(row)),
+                        live: Box::new(move |row| !d.contains(&row)),
+                    })
+                    .collect();
+                v.push(growing.source(&terms));
+                v
+            };
+            for k in [1, 10, 50] {
+                let want = search_exhaustive(&sources(), k);
+                for whole in [0, 60, WHOLE_SEED] {
+                    let got = search_seeded(&sources(), k, whole);
+                    assert_eq!(got, want, "{q} k={k} whole_seed={whole}");
+                }
+            }
+        }
     }
 
     #[test]

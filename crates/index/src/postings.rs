@@ -14,7 +14,7 @@
 //! - `meta`: (first pair, pairs, first block, highest frequency, shortest length) per term.
 use std::io::Write;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use crate::files::{map_checked, map_written, u32_at, u64_at, write_checked_streamed, HEADER};
 use crate::IndexError;
@@ -36,6 +36,8 @@ pub(crate) struct TermList<'a> {
     /// blocks at each search).
     pub(crate) max_tf: u32,
     pub(crate) min_len: u32,
+    /// A long list's postings of high frequency apart ([`Split`]), when it has them.
+    pub(crate) hi: Option<&'a Split>,
 }
 
 impl TermList<'_> {
@@ -49,6 +51,85 @@ impl TermList<'_> {
         self.pairs
             .binary_search_by_key(&row, |p| p[0])
             .map_or(0, |i| self.pairs[i][1])
+    }
+}
+
+/// Lists shorter than this are not split ([`Split`]).
+pub(crate) const SPLIT_MIN: usize = 4096;
+/// The frequencies a split's tiers start at: 2, 3, and 4 or more.
+const TIERS: [u32; 3] = [2, 3, 4];
+
+/// A long list's postings of frequency 2 and more, apart in tiers with their own block
+/// summaries (kept in memory, made at the first search that reads the list). A search walks
+/// each tier as a list of its own and the whole list without them, bounded by frequency 1: on
+/// common terms nearly every block holds a posting of high frequency, so the whole list's
+/// block bounds say little, while the rows that can lift a chunk far are few.
+pub(crate) struct Split {
+    /// The lowest frequency of the first tier (the whole list is walked below it).
+    pub(crate) cut: u32,
+    tiers: Vec<Tier>,
+}
+
+struct Tier {
+    pairs: Vec<[u32; 2]>,
+    blocks: Vec<[u32; 3]>,
+    max_tf: u32,
+    min_len: u32,
+}
+
+impl Split {
+    /// The tiers of `list` (rows of lengths `lens`), when it has a posting of frequency 2 or
+    /// more.
+    fn of(list: TermList<'_>, lens: &[u32]) -> Option<Split> {
+        let mut tiers = Vec::new();
+        let mut cut = None;
+        for (i, &lo) in TIERS.iter().enumerate() {
+            let hi = TIERS.get(i + 1).copied().unwrap_or(u32::MAX);
+            let pairs: Vec<[u32; 2]> = list
+                .pairs
+                .iter()
+                .filter(|p| (lo..hi).contains(&p[1]))
+                .copied()
+                .collect();
+            if pairs.is_empty() {
+                continue;
+            }
+            cut.get_or_insert(lo);
+            let blocks: Vec<[u32; 3]> = pairs
+                .chunks(BLOCK)
+                .map(|c| {
+                    let tf = c.iter().map(|p| p[1]).max().unwrap_or(0);
+                    let len = c.iter().map(|p| lens[p[0] as usize]).min().unwrap_or(0);
+                    [c[c.len() - 1][0], tf, len]
+                })
+                .collect();
+            tiers.push(Tier {
+                max_tf: blocks.iter().map(|b| b[1]).max().unwrap_or(0),
+                min_len: blocks.iter().map(|b| b[2]).min().unwrap_or(0),
+                pairs,
+                blocks,
+            });
+        }
+        Some(Split { cut: cut?, tiers })
+    }
+
+    /// Its tiers as lists, lowest frequencies first.
+    pub(crate) fn tiers(&self) -> impl Iterator<Item = TermList<'_>> {
+        self.tiers.iter().map(|t| TermList {
+            pairs: &t.pairs,
+            blocks: &t.blocks,
+            df: t.pairs.len() as u32,
+            max_tf: t.max_tf,
+            min_len: t.min_len,
+            hi: None,
+        })
+    }
+
+    fn memory_bytes(&self) -> usize {
+        self.tiers
+            .iter()
+            .map(|t| t.pairs.capacity() * 8 + t.blocks.capacity() * 12)
+            .sum()
     }
 }
 
@@ -133,6 +214,10 @@ pub(crate) struct SegPostings {
     pairs: usize,
     blocks: usize,
     meta: usize,
+    /// The terms whose lists are [`SPLIT_MIN`] long or longer, in order, and their splits
+    /// once made (`None`: the list has none).
+    long: Vec<u32>,
+    splits: Vec<OnceLock<Option<Split>>>,
 }
 
 impl std::fmt::Debug for SegPostings {
@@ -261,7 +346,7 @@ impl SegPostings {
         if (b.as_ptr() as usize) % 8 != 0 {
             return Err(corrupt("postings not aligned".into()));
         }
-        let p = SegPostings {
+        let mut p = SegPostings {
             rows,
             terms,
             total_len,
@@ -274,8 +359,14 @@ impl SegPostings {
             blocks,
             meta,
             data,
+            long: Vec::new(),
+            splits: Vec::new(),
         };
         p.check().map_err(corrupt)?;
+        p.long = (0..p.terms as u32)
+            .filter(|&i| p.all_meta()[i as usize][1] as usize >= SPLIT_MIN)
+            .collect();
+        p.splits = p.long.iter().map(|_| OnceLock::new()).collect();
         Ok(Arc::new(p))
     }
 
@@ -383,12 +474,19 @@ impl SegPostings {
         self.lens()[row as usize]
     }
 
-    /// Bytes held in the process's memory (a mapped file: none).
+    /// Bytes held in the process's memory (a mapped file: none but its splits).
     pub(crate) fn memory_bytes(&self) -> usize {
-        match &self.data {
-            Backing::Map(_) => 0,
-            Backing::Own(_, len) => *len,
-        }
+        let splits: usize = self
+            .splits
+            .iter()
+            .filter_map(|s| s.get().and_then(Option::as_ref))
+            .map(Split::memory_bytes)
+            .sum();
+        splits
+            + match &self.data {
+                Backing::Map(_) => 0,
+                Backing::Own(_, len) => *len,
+            }
     }
 
     /// The postings of `term`, if any row holds it.
@@ -400,10 +498,22 @@ impl SegPostings {
             match self.term(mid).cmp(t) {
                 std::cmp::Ordering::Less => lo = mid + 1,
                 std::cmp::Ordering::Greater => hi = mid,
-                std::cmp::Ordering::Equal => return Some(self.list(mid)),
+                std::cmp::Ordering::Equal => {
+                    let mut list = self.list(mid);
+                    list.hi = self.split(mid, list);
+                    return Some(list);
+                }
             }
         }
         None
+    }
+
+    /// Term `i`'s split (made now if not yet), when its list is long and has one.
+    fn split(&self, i: usize, list: TermList<'_>) -> Option<&Split> {
+        let at = self.long.binary_search(&(i as u32)).ok()?;
+        self.splits[at]
+            .get_or_init(|| Split::of(list, self.lens()))
+            .as_ref()
     }
 
     fn list(&self, i: usize) -> TermList<'_> {
@@ -415,6 +525,7 @@ impl SegPostings {
             df: count as u32,
             max_tf,
             min_len,
+            hi: None,
         }
     }
 }

@@ -402,29 +402,48 @@ impl Plan {
         };
         let mut before = cursors(&|p| done.contains(&p));
         // the other terms, each as its list's tiers of higher frequencies (when split) and the
-        // rest of it, highest bound first: a row is in one of them
-        let mut others: Vec<Vec<Cursor<'_>>> = lists
-            .iter()
-            .enumerate()
-            .filter(|&(p, _)| p != pos && !done.contains(&p))
-            .filter_map(|(p, l)| {
-                let list = l.filter(|l| !l.pairs.is_empty())?;
-                let idf = self.terms[p].1;
-                let cap = list.hi.map_or(u32::MAX, |h| h.cut);
-                let mut g = vec![Cursor::capped(list, idf, p, self, cap)];
-                if let Some(h) = list.hi {
-                    g.extend(h.tiers().map(|l| Cursor::new(l, idf, p, self)));
-                }
-                g.sort_by(|a, b| b.bound.total_cmp(&a.bound));
-                Some(g)
-            })
-            .collect();
-        others.sort_by(|a, b| {
-            b[0].bound
-                .total_cmp(&a[0].bound)
-                .then(a[0].pos.cmp(&b[0].pos))
-        });
-        let rest: f32 = others.iter().map(|g| g[0].bound).sum();
+        // rest of it, highest bound first (a row is in one of them); the terms in order of
+        // their highest bounds
+        let mut others: Vec<Cursor<'_>> = Vec::with_capacity(lists.len() * 4);
+        let mut split = false;
+        for (p, l) in lists.iter().enumerate() {
+            let Some(list) = l.filter(|l| !l.pairs.is_empty() && p != pos && !done.contains(&p))
+            else {
+                continue;
+            };
+            let idf = self.terms[p].1;
+            let cap = list.hi.map_or(u32::MAX, |h| h.cut);
+            others.push(Cursor::capped(list, idf, p, self, cap));
+            if let Some(h) = list.hi {
+                split = true;
+                others.extend(h.tiers().map(|l| Cursor::new(l, idf, p, self)));
+            }
+        }
+        let mut lead = Vec::new();
+        let mut next: Vec<Option<f32>> = Vec::new();
+        let rest: f32 = if split {
+            lead = vec![0.0f32; self.terms.len()];
+            for c in &others {
+                lead[c.pos] = lead[c.pos].max(c.bound);
+            }
+            others.sort_by(|a, b| {
+                (lead[b.pos].total_cmp(&lead[a.pos]).then(a.pos.cmp(&b.pos)))
+                    .then(b.bound.total_cmp(&a.bound))
+            });
+            // (the bound of the next cursor of the same term, when there is one)
+            next = (0..others.len())
+                .map(|i| {
+                    others
+                        .get(i + 1)
+                        .filter(|n| n.pos == others[i].pos)
+                        .map(|n| n.bound)
+                })
+                .collect();
+            lead.iter().sum()
+        } else {
+            others.sort_by(|a, b| b.bound.total_cmp(&a.bound).then(a.pos.cmp(&b.pos)));
+            others.iter().map(|c| c.bound).sum()
+        };
         let list = lists[pos].expect("a list");
         let idf = self.terms[pos].1;
         let mut contrib = vec![0u32; self.terms.len()];
@@ -443,24 +462,46 @@ impl Plan {
             }
             contrib.iter_mut().for_each(|c| *c = 0);
             contrib[pos] = tf;
-            for g in &mut others {
-                most -= g[0].bound;
-                // not in a tier: the term's bound is the next one's
-                for i in 0..g.len() {
-                    let c = &mut g[i];
+            if !split {
+                // (no list split: one cursor a term, the loop kept lean)
+                for c in &mut others {
+                    most -= c.bound;
                     if c.seek(row) {
                         contrib[c.pos] = c.tf();
                         c.block_bound(self);
                         most += c.row_bound();
-                        break;
                     }
-                    if threshold.is_some_and(|t| g.get(i + 1).map_or(most, |n| most + n.bound) <= t)
-                    {
+                    if threshold.is_some_and(|t| most <= t) {
                         continue 'rows;
                     }
                 }
-                if threshold.is_some_and(|t| most <= t) {
-                    continue 'rows;
+            } else {
+                let mut found = usize::MAX;
+                let mut term = usize::MAX;
+                for (c, next) in others.iter_mut().zip(&next) {
+                    if c.pos != term {
+                        // a term's first (highest) cursor: the term's bound out of the sum
+                        term = c.pos;
+                        most -= lead[term];
+                    } else if found == term {
+                        // found in a tier of it already
+                        continue;
+                    }
+                    if c.seek(row) {
+                        found = term;
+                        contrib[term] = c.tf();
+                        c.block_bound(self);
+                        most += c.row_bound();
+                    } else if let Some(n) = next {
+                        // not in this tier: the term's bound is the next one's
+                        if threshold.is_some_and(|t| most + n <= t) {
+                            continue 'rows;
+                        }
+                        continue;
+                    }
+                    if threshold.is_some_and(|t| most <= t) {
+                        continue 'rows;
+                    }
                 }
             }
             let r = Ranked {
@@ -481,28 +522,20 @@ impl Plan {
     /// that cannot reach the k-th best, the whole window is skipped. `done`: the terms the
     /// seeding scored whole in this source, left out.
     fn daat(&self, s: usize, src: &Source<'_>, best: &mut TopK, seen: &[u64], done: &[usize]) {
-        let mut cur: Vec<Cursor<'_>> = self
-            .terms
-            .iter()
-            .enumerate()
-            .filter(|(pos, _)| !done.contains(pos))
-            .flat_map(|(pos, &(t, idf))| {
-                let Some(list) = src.lists[t].filter(|l| !l.pairs.is_empty()) else {
-                    return Vec::new();
-                };
-                // a split list: the rest of it, and its tiers of higher frequencies
-                let cap = list.hi.map_or(u32::MAX, |h| h.cut);
-                let mut cs = vec![Cursor::capped(list, idf, pos, self, cap)];
-                if let Some(h) = list.hi {
-                    cs.extend(h.tiers().map(|l| Cursor::new(l, idf, pos, self)));
-                }
-                cs
-            })
-            .map(|mut c| {
-                c.skip_dead();
-                c
-            })
-            .collect();
+        // a split list: the rest of it, and its tiers of higher frequencies
+        let mut cur: Vec<Cursor<'_>> = Vec::with_capacity(self.terms.len() * 4);
+        for (pos, &(t, idf)) in self.terms.iter().enumerate() {
+            let Some(list) = src.lists[t].filter(|l| !l.pairs.is_empty() && !done.contains(&pos))
+            else {
+                continue;
+            };
+            let cap = list.hi.map_or(u32::MAX, |h| h.cut);
+            cur.push(Cursor::capped(list, idf, pos, self, cap));
+            if let Some(h) = list.hi {
+                cur.extend(h.tiers().map(|l| Cursor::new(l, idf, pos, self)));
+            }
+        }
+        cur.iter_mut().for_each(Cursor::skip_dead);
         cur.sort_by(|a, b| a.bound.total_cmp(&b.bound).then(a.pos.cmp(&b.pos)));
         // below[i]: the sum of the bounds of cursors 0..i
         // (a term's cursors hold disjoint rows: it counts once, at its highest bound so far)
@@ -758,11 +791,13 @@ impl<'a> Cursor<'a> {
 
     /// Past removed slots (and postings at or above the cap).
     fn skip_dead(&mut self) {
+        // (tf == 0 or tf >= cap, in one comparison: cap is above 1)
+        let above = self.cap - 1;
         while self
             .list
             .pairs
             .get(self.at)
-            .is_some_and(|p| p[1] == 0 || p[1] >= self.cap)
+            .is_some_and(|p| p[1].wrapping_sub(1) >= above)
         {
             self.at += 1;
         }

@@ -149,5 +149,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             digest.finish()
         );
     }
+    // the growing segment's index and what the searches made (long lists' tiers)
+    println!(
+        "BM25 in memory after the searches: {:.1} MB",
+        ix.memory_bytes().1 as f64 / 1e6
+    );
     Ok(())
 }

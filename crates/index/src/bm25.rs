@@ -1049,43 +1049,69 @@ mod tests {
         use rand::{Rng, SeedableRng};
         let mut r = rand::rngs::StdRng::seed_from_u64(29);
         let dir = tempfile::tempdir().unwrap();
-        // two sealed segments whose common terms' lists are split (w0 is in ~90% of the rows,
-        // up to frequencies past the last tier), a fifth of their rows dead, and a growing one
+        // two sealed segments whose common terms' lists are split, a fifth of their rows dead,
+        // and a growing one; `s` is in nine rows of ten, more than once in a tenth of those
+        // (up to frequencies past the last tier)
         let mut files = Vec::new();
         let mut dead: Vec<std::collections::HashSet<u32>> = Vec::new();
+        let with_s = |r: &mut rand::rngs::StdRng| {
+            let mut t = text(r, 1..30);
+            if r.gen_bool(0.9) {
+                let n = if r.gen_bool(0.1) {
+                    r.gen_range(2..7)
+                } else {
+                    1
+                };
+                (0..n).for_each(|_| t.push_str(" s"));
+            }
+            t
+        };
         for (i, rows) in [9000usize, 5000].into_iter().enumerate() {
-            let texts: Vec<String> = (0..rows).map(|_| text(&mut r, 1..30)).collect();
+            let texts: Vec<String> = (0..rows).map(|_| with_s(&mut r)).collect();
             let built = Built::of(texts.iter().map(|t| t.as_str()));
             let path = dir.path().join(format!("{i}.post"));
             files.push(SegPostings::write(&path, &[&built]).unwrap());
             dead.push((0..rows as u32).filter(|_| r.gen_bool(0.2)).collect());
         }
-        let w = "w0";
-        let list = files[0].find(w).unwrap();
-        assert!(list.pairs.len() >= SPLIT_MIN, "{w} is long");
-        let split = list
-            .hi
-            .expect("a long list with frequencies above 1 is split");
-        let tiers: Vec<_> = split.tiers().collect();
-        assert!(tiers.len() >= 2, "{w} has tiers");
-        // the tiers and the rest of the list hold every posting once
-        let apart: usize = tiers.iter().map(|t| t.pairs.len()).sum();
-        let below = list.pairs.iter().filter(|p| p[1] < split.cut).count();
-        assert_eq!(apart + below, list.pairs.len());
-        assert!(tiers
-            .iter()
-            .flat_map(|t| t.pairs)
-            .all(|p| p[1] >= split.cut));
+        // a long list is split when at most a quarter of its postings hold the term more than
+        // once; the tiers and the rest of the list then hold every posting once
+        let mut split_lists = 0;
+        for w in ["s", "w0", "w1", "w2"] {
+            let list = files[0].find(w).unwrap();
+            let apart = list.pairs.iter().filter(|p| p[1] >= 2).count();
+            let due = list.pairs.len() >= SPLIT_MIN && apart > 0 && apart * 4 <= list.pairs.len();
+            assert_eq!(
+                list.hi.is_some(),
+                due,
+                "{w}: {apart} of {}",
+                list.pairs.len()
+            );
+            let Some(split) = list.hi else { continue };
+            split_lists += 1;
+            let tiers: Vec<_> = split.tiers().collect();
+            assert!(tiers.len() >= 2, "{w} has tiers");
+            let kept: usize = tiers.iter().map(|t| t.pairs.len()).sum();
+            let below = list.pairs.iter().filter(|p| p[1] < split.cut).count();
+            assert_eq!(kept + below, list.pairs.len());
+            assert!(tiers
+                .iter()
+                .flat_map(|t| t.pairs)
+                .all(|p| p[1] >= split.cut));
+        }
+        assert!(split_lists >= 1, "a list is split");
         let mut growing = Bm25::default();
         for slot in 0..300u32 {
-            growing.insert(slot, &text(&mut r, 1..30));
+            growing.insert(slot, &with_s(&mut r));
         }
         for n in 0..160 {
             // every other query of common words only, where the splits matter most
             let q = if n % 2 == 0 {
                 let len = r.gen_range(1..5);
                 (0..len)
-                    .map(|_| format!("w{}", r.gen_range(0..8)))
+                    .map(|_| match r.gen_range(0..9) {
+                        0 | 1 => "s".to_string(),
+                        w => format!("w{}", w - 2),
+                    })
                     .collect::<Vec<_>>()
                     .join(" ")
             } else {

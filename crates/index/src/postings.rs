@@ -14,6 +14,7 @@
 //! - `meta`: (first pair, pairs, first block, highest frequency, shortest length) per term.
 use std::io::Write;
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock};
 
 use crate::files::{map_checked, map_written, u32_at, u64_at, write_checked_streamed, HEADER};
@@ -58,6 +59,13 @@ impl TermList<'_> {
 pub(crate) const SPLIT_MIN: usize = 4096;
 /// The frequencies a split's tiers start at: 2, 3, and 4 or more.
 const TIERS: [u32; 3] = [2, 3, 4];
+/// A list is split only when its tiers hold at most this share of its postings (1/n): where
+/// most rows hold the term more than once, the tiers bound little and cost memory.
+const SPLIT_SHARE: usize = 4;
+/// The bytes every split of the process may hold together; a list that would pass it is not
+/// split (and searched as before).
+const SPLIT_MEMORY: usize = 256 << 20;
+static SPLIT_USED: AtomicUsize = AtomicUsize::new(0);
 
 /// A long list's postings of frequency 2 and more, apart in tiers with their own block
 /// summaries (kept in memory, made at the first search that reads the list). A search walks
@@ -65,9 +73,18 @@ const TIERS: [u32; 3] = [2, 3, 4];
 /// common terms nearly every block holds a posting of high frequency, so the whole list's
 /// block bounds say little, while the rows that can lift a chunk far are few.
 pub(crate) struct Split {
-    /// The lowest frequency of the first tier (the whole list is walked below it).
+    /// The lowest frequency in the tiers (the whole list is walked below it).
     pub(crate) cut: u32,
     tiers: Vec<Tier>,
+    /// Bytes charged to a budget ([`SPLIT_MEMORY`]), given back when dropped.
+    charged: usize,
+    budget: &'static AtomicUsize,
+}
+
+impl Drop for Split {
+    fn drop(&mut self) {
+        self.budget.fetch_sub(self.charged, Relaxed);
+    }
 }
 
 struct Tier {
@@ -78,11 +95,31 @@ struct Tier {
 }
 
 impl Split {
-    /// The tiers of `list` (rows of lengths `lens`), when it has a posting of frequency 2 or
-    /// more.
+    /// The tiers of `list` (rows of lengths `lens`), when it has postings of frequency 2 or
+    /// more, at most 1/[`SPLIT_SHARE`] of them, and [`SPLIT_MEMORY`] has room for them.
     fn of(list: TermList<'_>, lens: &[u32]) -> Option<Split> {
+        Split::within(list, lens, &SPLIT_USED, SPLIT_MEMORY)
+    }
+
+    /// [`Split::of`], charging `budget` (bytes used) up to `limit`.
+    fn within(
+        list: TermList<'_>,
+        lens: &[u32],
+        budget: &'static AtomicUsize,
+        limit: usize,
+    ) -> Option<Split> {
+        let apart = list.pairs.iter().filter(|p| p[1] >= TIERS[0]).count();
+        if apart == 0 || apart * SPLIT_SHARE > list.pairs.len() {
+            return None;
+        }
+        // pairs, and a block summary per BLOCK pairs, in each tier
+        let charged = apart * 8 + (apart / BLOCK + TIERS.len()) * 12;
+        budget
+            .fetch_update(Relaxed, Relaxed, |u| {
+                u.checked_add(charged).filter(|t| *t <= limit)
+            })
+            .ok()?;
         let mut tiers = Vec::new();
-        let mut cut = None;
         for (i, &lo) in TIERS.iter().enumerate() {
             let hi = TIERS.get(i + 1).copied().unwrap_or(u32::MAX);
             let pairs: Vec<[u32; 2]> = list
@@ -94,7 +131,6 @@ impl Split {
             if pairs.is_empty() {
                 continue;
             }
-            cut.get_or_insert(lo);
             let blocks: Vec<[u32; 3]> = pairs
                 .chunks(BLOCK)
                 .map(|c| {
@@ -110,7 +146,12 @@ impl Split {
                 blocks,
             });
         }
-        Some(Split { cut: cut?, tiers })
+        Some(Split {
+            cut: TIERS[0],
+            tiers,
+            charged,
+            budget,
+        })
     }
 
     /// Its tiers as lists, lowest frequencies first.
@@ -735,6 +776,45 @@ mod tests {
                     .join(" ")
             })
             .collect()
+    }
+
+    #[test]
+    fn splits_are_made_only_within_their_memory_budget_and_give_it_back() {
+        static USED: AtomicUsize = AtomicUsize::new(0);
+        // a term in every row: once in most, 2..=5 times in every tenth
+        let lens = vec![10u32; 5000];
+        let pairs: Vec<[u32; 2]> = (0..5000u32)
+            .map(|row| [row, if row % 10 == 0 { 2 + row % 4 } else { 1 }])
+            .collect();
+        let blocks: Vec<[u32; 3]> = pairs
+            .chunks(BLOCK)
+            .map(|c| [c[c.len() - 1][0], c.iter().map(|p| p[1]).max().unwrap(), 10])
+            .collect();
+        let list = TermList {
+            pairs: &pairs,
+            blocks: &blocks,
+            df: 5000,
+            max_tf: 5,
+            min_len: 10,
+            hi: None,
+        };
+        let whole = Split::within(list, &lens, &USED, usize::MAX).expect("split");
+        let cost = USED.load(Relaxed);
+        assert!(cost >= 500 * 8, "the tiers' 500 pairs charged: {cost}");
+        assert_eq!(whole.tiers().map(|t| t.pairs.len()).sum::<usize>(), 500);
+        // a second one fits only where the budget has room for both
+        assert!(Split::within(list, &lens, &USED, 2 * cost - 1).is_none());
+        assert_eq!(USED.load(Relaxed), cost, "a refused split charges nothing");
+        let second = Split::within(list, &lens, &USED, 2 * cost).expect("room for two");
+        drop((whole, second));
+        assert_eq!(USED.load(Relaxed), 0, "given back when dropped");
+        // a list mostly of repeated terms is not split
+        let mostly: Vec<[u32; 2]> = (0..5000u32).map(|row| [row, 1 + row % 2]).collect();
+        let list = TermList {
+            pairs: &mostly,
+            ..list
+        };
+        assert!(Split::within(list, &lens, &USED, usize::MAX).is_none());
     }
 
     /// Every term of every row, as (term, row, tf), from a source.

@@ -135,6 +135,14 @@ impl ShardIndex {
     /// every seal and periodically by the shard's owner; with `background: false` the merges
     /// run here, to the end. Returns whether the segment set changed.
     pub fn maintain(&mut self) -> Result<bool, IndexError> {
+        let r = self.maintain_keeping();
+        drop(self.take_to_free());
+        r
+    }
+
+    /// [`ShardIndex::maintain`], leaving what it let go of to [`ShardIndex::take_to_free`]
+    /// (a shared index frees it after letting the searches back in).
+    pub(super) fn maintain_keeping(&mut self) -> Result<bool, IndexError> {
         if self.idle_seal_due() {
             info!(
                 dir = %self.dir.display(),
@@ -851,8 +859,16 @@ mod tests {
         // after the commit, while the slots still hold the older copies
         delete_and_replace(&mut ix, &mut live, 6, (9, "new 9"), 8);
         check(&ix, &live, "before the rebinding");
-        ix.maintain().unwrap();
+        // the older copies the slots let go of are handed to whoever frees them (a shared
+        // index: after letting the searches back in), not dropped under the lock
+        ix.maintain_keeping().unwrap();
         assert_eq!(ix.chunks_to_rebind(), 0);
+        assert!(!ix.take_to_free().is_empty(), "the older copies to free");
+        ix.maintain().unwrap();
+        assert!(
+            ix.take_to_free().is_empty(),
+            "maintain frees what it let go of"
+        );
         // every slot holds its chunk's copy in a current segment's file (or in memory)
         let current: Vec<*const crate::datafile::DataFile> = ix
             .sealed

@@ -17,6 +17,13 @@ fn shrink_sparse<K: Eq + std::hash::Hash, V>(map: &mut HashMap<K, V>) {
 #[derive(Default)]
 pub struct ToFree(Vec<Box<dyn Send + Sync>>);
 
+impl ToFree {
+    /// Whether it holds nothing.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
 impl std::fmt::Debug for ToFree {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "ToFree({} items)", self.0.len())
@@ -230,13 +237,22 @@ impl ShardIndex {
     /// mapped file), so the copies they replace (in memory, or in a file a merge made obsolete)
     /// are let go; the copies of chunks that died meanwhile are counted dead in their file.
     pub(super) fn rebind(&mut self, entries: &[Arc<Entry>]) {
+        // the older copies are let go of by whoever takes `to_free`, after the lock if it holds
+        // one: the last copy of a merged-away data file unmaps it, and an unlinked file's pages
+        // and blocks are freed then (a pass over 13,000 slots at 1M held the searches ~25 ms)
+        let mut older = Vec::new();
         for e in entries {
             // the copy carries the slot its original had when it was written
             let cur = e.slot().and_then(|slot| self.slots.get_mut(&slot));
             match cur {
-                Some(cur) if cur.seq == e.seq && cur.chunk_id() == e.chunk_id() => *cur = e.clone(),
+                Some(cur) if cur.seq == e.seq && cur.chunk_id() == e.chunk_id() => {
+                    older.push(std::mem::replace(cur, e.clone()));
+                }
                 _ => e.mark_dead(),
             }
+        }
+        if !older.is_empty() {
+            self.to_free.0.push(Box::new(older));
         }
     }
 

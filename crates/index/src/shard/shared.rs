@@ -133,7 +133,14 @@ impl SharedShard {
         if self.read().merge_finished() {
             self.deletions_ahead();
         }
-        self.hold().ix.maintain()
+        let Hold { mut ix, _slice } = self.hold();
+        let r = ix.maintain_keeping();
+        // the older copies of the slots moved (and the files they kept mapped) are let go of
+        // beside the searches
+        let to_free = ix.take_to_free();
+        drop(ix);
+        drop((to_free, _slice));
+        r
     }
 
     /// [`ShardIndex::prepare_deletions`] under the read side (writer held); a failure is left

@@ -939,6 +939,29 @@ mod tests {
         (0..n).map(|_| word(r)).collect::<Vec<_>>().join(" ")
     }
 
+    /// Sources over postings files (rows in `dead` not live) and an in-memory index, for the
+    /// query `terms`.
+    fn file_sources<'a>(
+        files: &'a [std::sync::Arc<crate::postings::SegPostings>],
+        dead: &'a [std::collections::HashSet<u32>],
+        growing: &'a Bm25,
+        terms: &[String],
+    ) -> Vec<Source<'a>> {
+        let mut v: Vec<Source<'a>> = files
+            .iter()
+            .zip(dead)
+            .map(|(p, d)| Source {
+                lists: terms.iter().map(|t| p.find(t)).collect(),
+                rows: p.rows() as u64,
+                total_len: p.total_len(),
+                len_of: Box::new(|row| p.len_of(row)),
+                live: Box::new(move |row| !d.contains(&row)),
+            })
+            .collect();
+        v.push(growing.source(terms));
+        v
+    }
+
     #[test]
     fn block_max_search_returns_exactly_what_scoring_everything_does() {
         use rand::{Rng, SeedableRng};
@@ -1011,21 +1034,7 @@ mod tests {
         for _ in 0..400 {
             let q = text(&mut r, 1..7);
             let terms = query_terms(&q);
-            let sources = || {
-                let mut v: Vec<Source<'_>> = files
-                    .iter()
-                    .zip(&dead)
-                    .map(|(p, d)| Source {
-                        lists: terms.iter().map(|t| p.find(t)).collect(),
-                        rows: p.rows() as u64,
-                        total_len: p.total_len(),
-                        len_of: Box::new(|row| p.len_of(row)),
-                        live: Box::new(move |row| !d.contains(&row)),
-                    })
-                    .collect();
-                v.push(growing.source(&terms));
-                v
-            };
+            let sources = || file_sources(&files, &dead, &growing, &terms);
             for k in [1, 10, 50] {
                 let got = search_sources(&sources(), k);
                 let want = search_exhaustive(&sources(), k);
@@ -1118,21 +1127,7 @@ mod tests {
                 text(&mut r, 1..6)
             };
             let terms = query_terms(&q);
-            let sources = || {
-                let mut v: Vec<Source<'_>> = files
-                    .iter()
-                    .zip(&dead)
-                    .map(|(p, d)| Source {
-                        lists: terms.iter().map(|t| p.find(t)).collect(),
-                        rows: p.rows() as u64,
-                        total_len: p.total_len(),
-                        len_of: Box::new(|row| p.len_of(row)),
-                        live: Box::new(move |row| !d.contains(&row)),
-                    })
-                    .collect();
-                v.push(growing.source(&terms));
-                v
-            };
+            let sources = || file_sources(&files, &dead, &growing, &terms);
             for k in [1, 10, 50] {
                 let want = search_exhaustive(&sources(), k);
                 for whole in [0, 60, WHOLE_SEED] {

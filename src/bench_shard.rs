@@ -714,8 +714,8 @@ fn during_compaction(
             // the slots are pointed at the copies a bounded batch per maintenance pass, as the
             // shard's owner runs them (each under the write lock)
             let chunks = ix.read().chunks_to_rebind();
-            // the longest pass: (ms, on a CPU, context switches)
-            let (mut passes, mut longest) = (0, (0.0f64, 0.0f64, 0i64));
+            // the longest pass: (ms, on a CPU, voluntary and involuntary context switches)
+            let (mut passes, mut longest) = (0, (0.0f64, 0.0f64, 0i64, 0i64));
             let deadline = Instant::now() + Duration::from_secs(600);
             // a reader beside the passes: how long one waited for the index at most (a pass's
             // own time also counts what it frees after letting the searches back in)
@@ -738,9 +738,12 @@ fn during_compaction(
                         let ms = t.elapsed().as_secs_f64() * 1e3;
                         if ms > longest.0 {
                             let v = ThreadUsage::now();
-                            let switches =
-                                v.voluntary + v.involuntary - u.voluntary - u.involuntary;
-                            longest = (ms, v.cpu_ms - u.cpu_ms, switches);
+                            longest = (
+                                ms,
+                                v.cpu_ms - u.cpu_ms,
+                                v.voluntary - u.voluntary,
+                                v.involuntary - u.involuntary,
+                            );
                         }
                         passes += 1;
                     }
@@ -753,11 +756,12 @@ fn during_compaction(
                 r.map(|()| worst)
             })?;
             return Ok(format!(
-                "during a compaction of the largest segment ({} of {n} documents deleted; {secs:.1} s, {figures}; then {chunks} slots pointed at the copies in {passes} passes of at most {:.1} ms (on a CPU {:.1} ms, {} context switches), a reader beside them waiting at most {waited:.1} ms",
+                "during a compaction of the largest segment ({} of {n} documents deleted; {secs:.1} s, {figures}; then {chunks} slots pointed at the copies in {passes} passes of at most {:.1} ms (on a CPU {:.1} ms; context switches: {} waits, {} preemptions), a reader beside them waiting at most {waited:.1} ms",
                 doomed.len(),
                 longest.0,
                 longest.1,
-                longest.2
+                longest.2,
+                longest.3
             ));
         }
     }

@@ -939,6 +939,30 @@ mod tests {
         (0..n).map(|_| word(r)).collect::<Vec<_>>().join(" ")
     }
 
+    /// A postings file in `dir` per entry of `rows`, of that many texts from `text`, each with
+    /// a fifth of its rows drawn dead.
+    #[allow(clippy::type_complexity)]
+    fn postings_files(
+        dir: &std::path::Path,
+        rows: &[usize],
+        r: &mut rand::rngs::StdRng,
+        text: impl Fn(&mut rand::rngs::StdRng) -> String,
+    ) -> (
+        Vec<std::sync::Arc<crate::postings::SegPostings>>,
+        Vec<std::collections::HashSet<u32>>,
+    ) {
+        use rand::Rng;
+        let (mut files, mut dead) = (Vec::new(), Vec::new());
+        for (i, &n) in rows.iter().enumerate() {
+            let texts: Vec<String> = (0..n).map(|_| text(r)).collect();
+            let built = crate::postings::Built::of(texts.iter().map(|t| t.as_str()));
+            let path = dir.join(format!("{i}.post"));
+            files.push(crate::postings::SegPostings::write(&path, &[&built]).unwrap());
+            dead.push((0..n as u32).filter(|_| r.gen_bool(0.2)).collect());
+        }
+        (files, dead)
+    }
+
     /// Sources over postings files (rows in `dead` not live) and an in-memory index, for the
     /// query `terms`.
     fn file_sources<'a>(
@@ -1011,21 +1035,13 @@ mod tests {
 
     #[test]
     fn a_search_over_postings_files_and_memory_with_dead_rows_is_exact() {
-        use crate::postings::{Built, SegPostings};
-        use rand::{Rng, SeedableRng};
+        use rand::SeedableRng;
         let mut r = rand::rngs::StdRng::seed_from_u64(11);
         let dir = tempfile::tempdir().unwrap();
         // three sealed segments (blocks of 128 postings, many blocks a common term) and a
         // growing one; a fifth of the sealed rows dead
-        let mut files = Vec::new();
-        let mut dead: Vec<std::collections::HashSet<u32>> = Vec::new();
-        for (i, rows) in [2500usize, 700, 90].into_iter().enumerate() {
-            let texts: Vec<String> = (0..rows).map(|_| text(&mut r, 0..40)).collect();
-            let built = Built::of(texts.iter().map(|t| t.as_str()));
-            let path = dir.path().join(format!("{i}.post"));
-            files.push(SegPostings::write(&path, &[&built]).unwrap());
-            dead.push((0..rows as u32).filter(|_| r.gen_bool(0.2)).collect());
-        }
+        let (files, dead) =
+            postings_files(dir.path(), &[2500, 700, 90], &mut r, |r| text(r, 0..40));
         let mut growing = Bm25::default();
         for slot in 0..300u32 {
             growing.insert(slot, &text(&mut r, 0..40));
@@ -1054,15 +1070,13 @@ mod tests {
 
     #[test]
     fn long_lists_split_by_frequency_rank_exactly() {
-        use crate::postings::{Built, SegPostings, SPLIT_MIN};
+        use crate::postings::SPLIT_MIN;
         use rand::{Rng, SeedableRng};
         let mut r = rand::rngs::StdRng::seed_from_u64(29);
         let dir = tempfile::tempdir().unwrap();
         // two sealed segments whose common terms' lists are split, a fifth of their rows dead,
         // and a growing one; `s` is in nine rows of ten, more than once in a tenth of those
         // (up to frequencies past the last tier)
-        let mut files = Vec::new();
-        let mut dead: Vec<std::collections::HashSet<u32>> = Vec::new();
         let with_s = |r: &mut rand::rngs::StdRng| {
             let mut t = text(r, 1..30);
             if r.gen_bool(0.9) {
@@ -1075,13 +1089,7 @@ mod tests {
             }
             t
         };
-        for (i, rows) in [9000usize, 5000].into_iter().enumerate() {
-            let texts: Vec<String> = (0..rows).map(|_| with_s(&mut r)).collect();
-            let built = Built::of(texts.iter().map(|t| t.as_str()));
-            let path = dir.path().join(format!("{i}.post"));
-            files.push(SegPostings::write(&path, &[&built]).unwrap());
-            dead.push((0..rows as u32).filter(|_| r.gen_bool(0.2)).collect());
-        }
+        let (files, dead) = postings_files(dir.path(), &[9000, 5000], &mut r, with_s);
         // a long list is split when at most a quarter of its postings hold the term more than
         // once; the tiers and the rest of the list then hold every posting once
         let mut split_lists = 0;

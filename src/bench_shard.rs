@@ -716,6 +716,9 @@ fn during_compaction(
             let chunks = ix.read().chunks_to_rebind();
             // the longest pass: (ms, on a CPU, voluntary and involuntary context switches)
             let (mut passes, mut longest) = (0, (0.0f64, 0.0f64, 0i64, 0i64));
+            // the longest any pass held the write side of the lock, timed by the holder
+            let mut held_ms = 0.0f64;
+            ix.take_longest_hold();
             let deadline = Instant::now() + Duration::from_secs(600);
             // a reader beside the passes: how long one waited for the index at most (a pass's
             // own time also counts what it frees after letting the searches back in)
@@ -736,6 +739,7 @@ fn during_compaction(
                         let (t, u) = (Instant::now(), ThreadUsage::now());
                         ix.maintain()?;
                         let ms = t.elapsed().as_secs_f64() * 1e3;
+                        held_ms = held_ms.max(ix.take_longest_hold().as_secs_f64() * 1e3);
                         if ms > longest.0 {
                             let v = ThreadUsage::now();
                             longest = (
@@ -756,7 +760,7 @@ fn during_compaction(
                 r.map(|()| worst)
             })?;
             return Ok(format!(
-                "during a compaction of the largest segment ({} of {n} documents deleted; {secs:.1} s, {figures}; then {chunks} slots pointed at the copies in {passes} passes of at most {:.1} ms (on a CPU {:.1} ms; context switches: {} waits, {} preemptions), a reader beside them waiting at most {waited:.1} ms",
+                "during a compaction of the largest segment ({} of {n} documents deleted; {secs:.1} s, {figures}; then {chunks} slots pointed at the copies in {passes} passes of at most {:.1} ms (on a CPU {:.1} ms; context switches: {} waits, {} preemptions), the index held at most {held_ms:.1} ms a pass, a reader beside them waiting at most {waited:.1} ms",
                 doomed.len(),
                 longest.0,
                 longest.1,

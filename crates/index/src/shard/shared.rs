@@ -1,6 +1,9 @@
 //! A shard index shared by searches and writes the way a replica serves it: searches under the
 //! read side of a lock; a write takes the write side only to apply what it logged, while its
 //! log append and fsync, and a seal's file writes, run under the read side beside the searches.
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
 use parking_lot::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use ragfleet_proto::{ModelIdentity, WriteOp};
@@ -25,6 +28,10 @@ pub struct SharedShard {
     /// between the two halves of a write or a seal, so the second half never finds its first
     /// one overtaken (it would then redo the work under the write lock).
     writer: Mutex<()>,
+    /// The longest the write side was held since [`SharedShard::take_longest_hold`] last
+    /// asked, in nanoseconds (what a search could have waited for the index at most, besides
+    /// its own thread's time off a CPU).
+    longest_hold: AtomicU64,
 }
 
 impl SharedShard {
@@ -33,6 +40,7 @@ impl SharedShard {
         SharedShard {
             index: RwLock::new(index),
             writer: Mutex::new(()),
+            longest_hold: AtomicU64::new(0),
         }
     }
 
@@ -50,16 +58,28 @@ impl SharedShard {
     /// see [`crate::priority`]).
     fn hold(&self) -> Hold<'_> {
         let slice = crate::priority::ShortSlice::hold();
+        let ix = self.index.write();
         Hold {
-            ix: self.index.write(),
-            _slice: slice,
+            ix,
+            since: Instant::now(),
+            longest: &self.longest_hold,
+            slice,
         }
+    }
+
+    /// The longest the write side of the lock was held (by writes, seals, merges' commits and
+    /// maintenance passes) since the last call, which starts the count again.
+    pub fn take_longest_hold(&self) -> Duration {
+        Duration::from_nanos(self.longest_hold.swap(0, Ordering::Relaxed))
     }
 
     /// Runs `f` with the index to itself (as the only writer, searches waiting).
     pub fn exclusive<R>(&self, f: impl FnOnce(&mut ShardIndex) -> R) -> R {
         let _writer = self.writer();
-        f(&mut self.hold().ix)
+        let mut held = self.hold();
+        let r = f(&mut held.ix);
+        drop(held.release(false));
+        r
     }
 
     /// [`ShardIndex::write_group`]: the writes are validated, logged and fsynced under the read
@@ -132,14 +152,20 @@ impl SharedShard {
         // trickle of deletes would otherwise have them written again at every poll)
         if self.read().merge_finished() {
             self.deletions_ahead();
+            // its files renamed and its manifest written beside the searches: the commit
+            // then holds them off for the switch alone (a failure here is the commit's to
+            // meet: it renames and writes what was not done ahead)
+            if let Err(e) = self.read().prepare_merge_commit() {
+                warn!(error = %e, "preparing a merge's commit beside the searches failed");
+            }
         }
-        let Hold { mut ix, _slice } = self.hold();
-        let r = ix.maintain_keeping();
+        let mut held = self.hold();
+        let r = held.ix.maintain_keeping();
         // the older copies of the slots moved (and the files they kept mapped) are let go of
         // beside the searches
-        let to_free = ix.take_to_free();
-        drop(ix);
-        drop((to_free, _slice));
+        let to_free = held.ix.take_to_free();
+        let slice = held.release(false);
+        drop((to_free, slice));
         r
     }
 
@@ -157,13 +183,13 @@ impl SharedShard {
     fn apply_and_seal(&self) {
         let mut room = Some(self.read().prepare_room());
         let due = loop {
-            let Hold { mut ix, _slice } = self.hold();
-            let replaced = room.take().map(|r| ix.install_room(r));
-            let done = ix.apply_logged_for(Some(APPLY_SLICE));
-            let due = done && ix.seal_due();
+            let mut held = self.hold();
+            let replaced = room.take().map(|r| held.ix.install_room(r));
+            let done = held.ix.apply_logged_for(Some(APPLY_SLICE));
+            let due = done && held.ix.seal_due();
             // the searches waiting get their turn before the next part (or the seal)
-            RwLockWriteGuard::unlock_fair(ix);
-            drop((replaced, _slice));
+            let slice = held.release(true);
+            drop((replaced, slice));
             if done {
                 break due;
             }
@@ -189,13 +215,13 @@ impl SharedShard {
         }
         // the maps a mass delete left mostly empty are copied smaller beside the searches
         let room = self.read().prepare_room();
-        let Hold { mut ix, _slice } = self.hold();
-        let replaced = ix.install_room(room);
-        let r = ix.commit_seal(prepared);
+        let mut held = self.hold();
+        let replaced = held.ix.install_room(room);
+        let r = held.ix.commit_seal(prepared);
         // the growing segment's owned chunks and its BM25 are freed beside the searches
-        let to_free = ix.take_to_free();
-        drop(ix);
-        drop((to_free, replaced, _slice));
+        let to_free = held.ix.take_to_free();
+        let slice = held.release(false);
+        drop((to_free, replaced, slice));
         r?;
         if let Err(e) = self.read().finish_seal() {
             // the next append empties it first (or refuses)
@@ -214,5 +240,23 @@ impl SharedShard {
 /// (the lock is released first: the fields drop in order).
 struct Hold<'a> {
     ix: RwLockWriteGuard<'a, ShardIndex>,
-    _slice: crate::priority::ShortSlice,
+    since: Instant,
+    longest: &'a AtomicU64,
+    slice: crate::priority::ShortSlice,
+}
+
+impl Hold<'_> {
+    /// Lets the searches back in (`fair`: those waiting go first, before this thread could
+    /// take it again), counts how long it was held, and hands back the short slice, to be
+    /// dropped once what the caller frees after the lock is freed.
+    fn release(self, fair: bool) -> crate::priority::ShortSlice {
+        if fair {
+            RwLockWriteGuard::unlock_fair(self.ix);
+        } else {
+            drop(self.ix);
+        }
+        let held = u64::try_from(self.since.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.longest.fetch_max(held, Ordering::Relaxed);
+        self.slice
+    }
 }

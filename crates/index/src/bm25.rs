@@ -1116,6 +1116,21 @@ mod tests {
                 .all(|p| p[1] >= split.cut));
         }
         assert!(split_lists >= 1, "a list is split");
+        // made ahead of the searches (as a merge or an open does): every list the share rule
+        // splits, and no other
+        {
+            use crate::postings::PostingsInput;
+            let p = &files[1];
+            let due = (0..p.term_count())
+                .filter(|&i| {
+                    let pairs = p.pairs(i);
+                    let apart = pairs.iter().filter(|x| x[1] >= 2).count();
+                    pairs.len() >= SPLIT_MIN && apart > 0 && apart * 4 <= pairs.len()
+                })
+                .count();
+            assert!(due >= 1);
+            assert_eq!(p.split_long_lists(), due);
+        }
         let mut growing = Bm25::default();
         for slot in 0..300u32 {
             growing.insert(slot, &with_s(&mut r));

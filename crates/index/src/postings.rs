@@ -549,6 +549,18 @@ impl SegPostings {
         None
     }
 
+    /// Makes the splits of every long list now (within the process's budget), so that no
+    /// search pays for one: called on a background thread once a segment is made or opened,
+    /// before searches reach it or beside them. Returns how many lists are split.
+    pub(crate) fn split_long_lists(&self) -> usize {
+        (0..self.long.len())
+            .filter(|&at| {
+                let i = self.long[at] as usize;
+                self.split(i, self.list(i)).is_some()
+            })
+            .count()
+    }
+
     /// Term `i`'s split (made now if not yet), when its list is long and has one.
     fn split(&self, i: usize, list: TermList<'_>) -> Option<&Split> {
         let at = self.long.binary_search(&(i as u32)).ok()?;

@@ -486,6 +486,109 @@ fn a_seal_commits_the_manifest_written_ahead_and_empties_the_log_after_it() {
     assert_eq!(ix.growing_chunks(), 1, "only late is replayed");
 }
 
+/// Graph files in `dir` (one a sealed segment, merged or not, with its graph written).
+fn graph_files(dir: &std::path::Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|f| f.file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with("seg-") && n.ends_with(".hnsw"))
+        .collect();
+    v.sort();
+    v
+}
+
+/// Writes `n` documents from `from` into a background-merging index and waits (polling) for
+/// a merge that finished and waits for its commit (starting one once the graphs are built,
+/// as the shard's owner does).
+fn until_a_merge_waits(ix: &mut ShardIndex, from: u64, n: u64) {
+    for i in from..from + n {
+        ix.write(vec![upsert(&format!("d{i}"), 1, i)], &model())
+            .unwrap();
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !(ix.merging() && ix.needs_maintenance()) {
+        if !ix.merging() && ix.needs_maintenance() {
+            ix.maintain().unwrap();
+        }
+        assert!(std::time::Instant::now() < deadline, "no merge finished");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn a_merge_commit_prepared_beside_the_searches_is_crash_safe_and_kept_or_redone() {
+    let dir = tempfile::tempdir().unwrap();
+    let background = IndexSettings {
+        background: true,
+        ..settings(32)
+    };
+    // a merge of the first seals finished; its commit prepared (files renamed, the manifest
+    // written ahead), then the process "dies" before the commit: the open keeps the sources,
+    // removes the merged files no manifest lists, and every document is there
+    {
+        let (mut ix, _) = ShardIndex::open(dir.path(), background.clone()).unwrap();
+        until_a_merge_waits(&mut ix, 0, 96);
+        let before = graph_files(dir.path());
+        ix.prepare_merge_commit().unwrap();
+        assert!(manifest_ahead_left(dir.path()));
+        let after = graph_files(dir.path());
+        assert_eq!(after.len(), before.len() + 1, "{before:?} -> {after:?}");
+        // preparing twice renames nothing twice
+        ix.prepare_merge_commit().unwrap();
+    }
+    let listed = |dir: &std::path::Path| {
+        let (ix, report) = ShardIndex::open(dir, settings(32)).unwrap();
+        assert!(report.problems.is_empty(), "{:?}", report.problems);
+        ix
+    };
+    {
+        let files_then = graph_files(dir.path());
+        let (ix, report) = ShardIndex::open(dir.path(), background.clone()).unwrap();
+        assert!(report.problems.is_empty(), "{:?}", report.problems);
+        assert!(!manifest_ahead_left(dir.path()));
+        assert!(
+            graph_files(dir.path()).len() < files_then.len(),
+            "the unlisted merged segment's files are removed"
+        );
+        assert_eq!(ix.doc_count(), 96);
+        assert!((0..96).all(|i| finds(&ix, &format!("d{i}"), i)));
+    }
+    // prepared and committed: the commit renames the manifest written ahead into place
+    {
+        let (mut ix, _) = ShardIndex::open(dir.path(), background.clone()).unwrap();
+        until_a_merge_waits(&mut ix, 96, 64);
+        let segments = ix.segment_stats().0;
+        ix.prepare_merge_commit().unwrap();
+        assert!(manifest_ahead_left(dir.path()));
+        assert!(ix.maintain().unwrap(), "committed");
+        assert!(ix.segment_stats().0 < segments);
+        assert!(!manifest_ahead_left(dir.path()), "renamed into place");
+    }
+    let ix = listed(dir.path());
+    assert_eq!(ix.doc_count(), 160);
+    assert!((0..160).all(|i| finds(&ix, &format!("d{i}"), i)));
+    drop(ix);
+    // a delete between the preparation and the commit makes the manifest written ahead
+    // stale: the commit writes its own, and the delete holds after a reopen
+    {
+        let (mut ix, _) = ShardIndex::open(dir.path(), background).unwrap();
+        until_a_merge_waits(&mut ix, 160, 64);
+        ix.prepare_merge_commit().unwrap();
+        ix.delete(&["d5".to_string(), "d170".to_string()], 5)
+            .unwrap();
+        ix.maintain().unwrap();
+        assert!(!manifest_ahead_left(dir.path()), "the stale one is removed");
+    }
+    let ix = listed(dir.path());
+    assert_eq!(ix.version_of("d5"), Some(5));
+    assert!(!finds(&ix, "d5", 5) && !finds(&ix, "d170", 170));
+    assert_eq!(ix.doc_count(), 222);
+    assert!((0..224)
+        .filter(|i| *i != 5 && *i != 170)
+        .all(|i| finds(&ix, &format!("d{i}"), i)));
+}
+
 #[test]
 fn maps_grown_and_shrunk_beside_the_searches_keep_every_document() {
     let dir = tempfile::tempdir().unwrap();

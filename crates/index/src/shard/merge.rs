@@ -17,6 +17,7 @@
 //! slots can be moved to the copies after the commit, in bounded batches). A crash before the manifest write leaves temporary or
 //! unreferenced files, removed at the next open; after it, the sources' obsolete files are.
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
 
 use super::*;
 use crate::segment::{flat, GraphSpec, SegGraph};
@@ -42,17 +43,31 @@ impl Drop for CancelOnDrop {
 impl MergeJob {
     fn finished(&self) -> bool {
         match &self.state {
-            JobState::Running(h) => h.is_finished(),
+            JobState::Running { handle, .. } => handle.is_finished(),
             JobState::Done(_) => true,
+        }
+    }
+
+    /// The merged segment, once its thread made it (under a shared borrow: its commit is
+    /// prepared beside the searches).
+    fn made(&self) -> Option<&Merged> {
+        match &self.state {
+            JobState::Running { out, .. } => out.get()?.as_ref().ok(),
+            JobState::Done(r) => r.as_ref().ok(),
         }
     }
 
     /// The merge's result (waits for its thread).
     fn result(self) -> (Vec<u64>, Result<Merged, IndexError>) {
         let r = match self.state {
-            JobState::Running(h) => h
-                .join()
-                .unwrap_or_else(|_| Err(IndexError::BadInput("merge thread panicked".into()))),
+            JobState::Running { handle, out } => {
+                let joined = handle.join();
+                Arc::try_unwrap(out)
+                    .ok()
+                    .and_then(OnceLock::into_inner)
+                    .filter(|_| joined.is_ok())
+                    .unwrap_or_else(|| Err(IndexError::BadInput("merge thread panicked".into())))
+            }
             JobState::Done(r) => r,
         };
         (self.sources, r)
@@ -68,7 +83,11 @@ impl std::fmt::Debug for MergeJob {
 }
 
 enum JobState {
-    Running(std::thread::JoinHandle<Result<Merged, IndexError>>),
+    /// The merge thread, which leaves its result in `out` as its last step.
+    Running {
+        handle: std::thread::JoinHandle<()>,
+        out: Arc<OnceLock<Result<Merged, IndexError>>>,
+    },
     Done(Result<Merged, IndexError>),
 }
 
@@ -81,6 +100,9 @@ pub(super) struct Merged {
     /// A compaction's positions whose chunk's deaths are not forwarded from its older copy
     /// (one read into memory from an older file format): the commit checks them by their slots.
     unforwarded: Vec<usize>,
+    /// Whether the files were renamed to their final names ahead of the commit
+    /// ([`ShardIndex::prepare_merge_commit`]).
+    in_place: AtomicBool,
 }
 
 /// What a compaction writes: which positions of each source are live (their chunks are
@@ -111,6 +133,8 @@ impl std::fmt::Debug for Rebinding {
 /// How long one [`ShardIndex::maintain`] may spend pointing slots at compacted copies (under
 /// the write lock: searches wait for it).
 const REBIND_BUDGET: std::time::Duration = std::time::Duration::from_millis(4);
+/// Slots pointed at their copies between two looks at the clock.
+const REBIND_BATCH: usize = 128;
 
 /// Share of dead chunks from which a merge compacts instead of extending.
 const COMPACT_DEAD_SHARE: f64 = 0.25;
@@ -158,7 +182,19 @@ impl ShardIndex {
             }
             return Ok(true);
         }
+        let started = std::time::Instant::now();
         self.rebind_some();
+        let rebind_ms = started.elapsed().as_secs_f64() * 1e3;
+        let r = self.commit_and_start();
+        let ms = started.elapsed().as_secs_f64() * 1e3;
+        if ms >= 2.0 * REBIND_BUDGET.as_secs_f64() * 1e3 {
+            debug!(dir = %self.dir.display(), ms, rebind_ms, "a long maintenance pass");
+        }
+        r
+    }
+
+    /// Commits a finished merge and starts the next ones the policy asks for.
+    fn commit_and_start(&mut self) -> Result<bool, IndexError> {
         let mut changed = false;
         for _ in 0..64 {
             if let Some(job) = self.merge.take_if(|j| j.finished()) {
@@ -211,7 +247,9 @@ impl ShardIndex {
         while let Some(mut r) = self.rebinding.pop_front() {
             let end = r.segment.entries.len();
             while r.at < end {
-                let to = (r.at + 1024).min(end);
+                // the clock is read every REBIND_BATCH slots: one slot can cost ~0.1 ms when
+                // its copy's page is first read (see `prepare_rebind`)
+                let to = (r.at + REBIND_BATCH).min(end);
                 self.rebind(&r.segment.entries[r.at..to]);
                 done += to - r.at;
                 r.at = to;
@@ -351,11 +389,14 @@ impl ShardIndex {
         let ids: Vec<u64> = sources.iter().map(|s| s.id).collect();
         info!(dir = %self.dir.display(), segment = id, sources = ?ids, compact, plan_ms, snapshot_ms = t.elapsed().as_secs_f64() * 1e3 - plan_ms, "merge started");
         let state = if background {
+            let out = Arc::new(OnceLock::new());
+            let put = Arc::clone(&out);
             match std::thread::Builder::new()
                 .name(format!("merge-{}", seal::seg_id_for_name(&self.dir)))
-                .spawn(work)
-            {
-                Ok(h) => JobState::Running(h),
+                .spawn(move || {
+                    let _ = put.set(work());
+                }) {
+                Ok(handle) => JobState::Running { handle, out },
                 Err(e) => JobState::Done(Err(IndexError::io(&self.dir, e))),
             }
         } else {
@@ -367,6 +408,47 @@ impl ShardIndex {
             _cancel: CancelOnDrop(cancel),
         });
         true
+    }
+
+    /// Prepares the commit of a finished merge under a shared borrow, beside the searches
+    /// (the caller is the only writer, so nothing changes the segments before the commit):
+    /// its files renamed to their final names (unlisted until the manifest lists them: a
+    /// crash before that leaves them to the next open to remove) and the manifest the commit
+    /// will write written ahead, so the commit holds the index for the switch alone. Nothing
+    /// when no merge waits or a source is gone (the commit drops it).
+    pub fn prepare_merge_commit(&self) -> Result<(), IndexError> {
+        let Some(job) = &self.merge else {
+            return Ok(());
+        };
+        let Some(merged) = job.made() else {
+            return Ok(());
+        };
+        let Some(at) = self.merged_position(&job.sources) else {
+            return Ok(());
+        };
+        if !merged.in_place.load(Ordering::Acquire) {
+            rename_all(&merged.files)?;
+            crate::files::sync_dir(&self.dir);
+            merged.in_place.store(true, Ordering::Release);
+        }
+        let mut metas: Vec<SegmentMeta> = self
+            .sealed
+            .iter()
+            .filter(|s| !job.sources.contains(&s.id))
+            .map(|s| SegmentMeta::of(s))
+            .collect();
+        metas.insert(at.min(metas.len()), SegmentMeta::of(&merged.segment));
+        self.write_manifest_ahead(self.sealed_seq, metas.into_iter(), self.next_segment_id)
+    }
+
+    /// Where the merged segment goes among the sealed ones (the first source's place), None
+    /// when a source is gone.
+    fn merged_position(&self, sources: &[u64]) -> Option<usize> {
+        let present = |id: &u64| self.sealed.iter().any(|s| s.id == *id);
+        if !sources.iter().all(present) {
+            return None;
+        }
+        self.sealed.iter().position(|s| sources.contains(&s.id))
     }
 
     pub(super) fn graph_spec(&self) -> GraphSpec {
@@ -384,30 +466,25 @@ impl ShardIndex {
     /// the sources' obsolete files removed. Discarded when a source has gone meanwhile.
     fn commit_merge(&mut self, sources: &[u64], merged: Merged) -> Result<(), IndexError> {
         let discard = |m: &Merged| {
-            for (tmp, _) in &m.files {
-                let _ = std::fs::remove_file(tmp);
+            let in_place = m.in_place.load(Ordering::Acquire);
+            for (tmp, path) in &m.files {
+                let _ = std::fs::remove_file(if in_place { path } else { tmp });
             }
         };
-        let present = |id: &u64| self.sealed.iter().any(|s| s.id == *id);
-        if !sources.iter().all(present) {
+        let Some(at) = self.merged_position(sources) else {
             discard(&merged);
             return Ok(());
-        }
+        };
         let started = std::time::Instant::now();
         let ms = |since: std::time::Instant| since.elapsed().as_secs_f64() * 1e3;
-        for (tmp, path) in &merged.files {
-            if let Err(e) = std::fs::rename(tmp, path) {
+        if !merged.in_place.load(Ordering::Acquire) {
+            if let Err(e) = rename_all(&merged.files) {
                 discard(&merged);
-                return Err(IndexError::io(path, e));
+                return Err(e);
             }
+            crate::files::sync_dir(&self.dir);
         }
-        crate::files::sync_dir(&self.dir);
         let before = self.sealed.clone();
-        let at = self
-            .sealed
-            .iter()
-            .position(|s| sources.contains(&s.id))
-            .unwrap_or(self.sealed.len());
         self.sealed.retain(|s| !sources.contains(&s.id));
         self.sealed
             .insert(at.min(self.sealed.len()), merged.segment.clone());
@@ -485,6 +562,9 @@ impl ShardIndex {
             let spawned = std::thread::Builder::new()
                 .name("merge-free".into())
                 .spawn(move || {
+                    // it would otherwise inherit the short slice of the lock holder that
+                    // spawned it, and take a core from the searches and the next holder
+                    crate::priority::background();
                     remove(obsolete);
                     drop(retired);
                     freeing.fetch_sub(1, Ordering::SeqCst);
@@ -592,12 +672,29 @@ impl ShardIndex {
         if self.settings.background && old.len() > 10_000 {
             if let Err(e) = std::thread::Builder::new()
                 .name("tombstones-free".into())
-                .spawn(move || drop(old))
+                .spawn(move || {
+                    crate::priority::background();
+                    drop(old)
+                })
             {
                 warn!(error = %e, "could not free pruned tombstones in the background");
             }
         }
     }
+}
+
+/// Renames a merge's files from their temporary names to their final ones; on a failure the
+/// ones renamed go back (best effort), so that the commit can try again or drop them all.
+fn rename_all(files: &[(PathBuf, PathBuf)]) -> Result<(), IndexError> {
+    for (done, (tmp, path)) in files.iter().enumerate() {
+        if let Err(e) = std::fs::rename(tmp, path) {
+            for (tmp, path) in &files[..done] {
+                let _ = std::fs::rename(path, tmp);
+            }
+            return Err(IndexError::io(path, e));
+        }
+    }
+    Ok(())
 }
 
 /// The merge itself, off the owner's thread: the new data file (compaction), the graph, each
@@ -683,6 +780,9 @@ fn run_merge(
             .map_err(|(e, _)| e)?;
         files.push((tmp(&name), dir.join(&name)));
         segment.set_graph(graph);
+        // the BM25 lists of repeats, made here rather than by the first searches that read
+        // them once the segment is switched in
+        segment.postings.split_long_lists();
         Ok((Arc::new(segment), compact))
     })();
     match result {
@@ -691,6 +791,7 @@ fn run_merge(
             files,
             compacted,
             unforwarded,
+            in_place: AtomicBool::new(false),
         }),
         Err(e) => {
             for (t, _) in &files {

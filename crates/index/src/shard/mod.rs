@@ -149,6 +149,16 @@ struct SegmentMeta {
     parts: Vec<u64>,
 }
 
+impl SegmentMeta {
+    /// How a manifest lists `seg`.
+    fn of(seg: &Segment) -> SegmentMeta {
+        SegmentMeta {
+            id: seg.id,
+            parts: seg.parts.iter().map(|(p, _)| *p).collect(),
+        }
+    }
+}
+
 /// The manifest of the first format (`manifest.bin`): one data file per segment. Read when no
 /// newer manifest exists; the next write replaces it.
 #[derive(Debug, Serialize, Deserialize, Default)]

@@ -322,10 +322,7 @@ impl ShardIndex {
 
     /// The sealed segments as a manifest lists them.
     fn sealed_metas(&self) -> impl Iterator<Item = SegmentMeta> + '_ {
-        self.sealed.iter().map(|s| SegmentMeta {
-            id: s.id,
-            parts: s.parts.iter().map(|(p, _)| *p).collect(),
-        })
+        self.sealed.iter().map(|s| SegmentMeta::of(s))
     }
 
     /// The manifest's bytes for these segments and this state.
@@ -356,6 +353,26 @@ impl ShardIndex {
         if self.purge_due().is_some() || self.log_state().has_queued() {
             return Ok(());
         }
+        let new = prepared.seg.as_ref().map(|_| SegmentMeta {
+            id: prepared.id,
+            parts: vec![prepared.id],
+        });
+        self.write_manifest_ahead(
+            self.last_seq,
+            self.sealed_metas().chain(new),
+            self.next_segment_id + u64::from(prepared.seg.is_some()),
+        )
+    }
+
+    /// Writes and fsyncs the manifest of these segments ahead of the commit that will write
+    /// it (see [`prepare_seal_manifest`](Self::prepare_seal_manifest)); nothing when deletion
+    /// records are pending and not written ahead.
+    pub(super) fn write_manifest_ahead(
+        &self,
+        last_seq: u64,
+        segments: impl Iterator<Item = SegmentMeta>,
+        next_segment_id: u64,
+    ) -> Result<(), IndexError> {
         let deletions = if self.deletions_log.pending() {
             let ahead = self
                 .deletions_ahead
@@ -368,16 +385,7 @@ impl ShardIndex {
         } else {
             self.deletions_log.head()
         };
-        let new = prepared.seg.as_ref().map(|_| SegmentMeta {
-            id: prepared.id,
-            parts: vec![prepared.id],
-        });
-        let bytes = self.manifest_bytes(
-            self.last_seq,
-            self.sealed_metas().chain(new),
-            deletions,
-            self.next_segment_id + u64::from(prepared.seg.is_some()),
-        )?;
+        let bytes = self.manifest_bytes(last_seq, segments, deletions, next_segment_id)?;
         crate::files::write_synced(&self.dir.join(MANIFEST_AHEAD), &bytes)?;
         *self
             .manifest_ahead
@@ -426,6 +434,8 @@ impl ShardIndex {
                         Ok(g) => {
                             seg.set_graph(g);
                             done.fetch_add(1, std::sync::atomic::Ordering::Release);
+                            // a merged segment's BM25 lists of repeats (see `run_merge`)
+                            seg.postings.split_long_lists();
                             return;
                         }
                         Err(e) => {
@@ -444,6 +454,7 @@ impl ShardIndex {
             });
             seg.set_graph(g);
             done.fetch_add(1, std::sync::atomic::Ordering::Release);
+            seg.postings.split_long_lists();
         };
         if self.settings.background {
             // at background priority (the queue's worker): searches come first, and until the

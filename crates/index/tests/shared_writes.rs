@@ -384,9 +384,13 @@ fn a_compaction_after_a_mass_delete_commits_through_the_shared_index_and_keeps_i
     settle(&shard, "the merges of the ingest");
     let stored = shard.read().stored_chunks();
     shard.delete(&docs[..2500], 5).unwrap();
+    assert_eq!(shard.read().tombstone_count(), 2500);
     settle(&shard, "the compaction");
     {
         let ix = shard.read();
+        // the compaction dropped every dead copy: the maintenance after its commit pruned
+        // their tombstones (found beside the searches)
+        assert_eq!(ix.tombstone_count(), 0);
         assert!(
             ix.stored_chunks() < stored,
             "compacted: {} of {stored} stored",

@@ -341,6 +341,10 @@ pub struct ShardIndex {
     /// Compacted segments whose chunks the slots are still being pointed at, a bounded batch
     /// per [`ShardIndex::maintain`] (see [`merge::Rebinding`]).
     rebinding: std::collections::VecDeque<merge::Rebinding>,
+    /// A compaction's commit found pruning the tombstones worth it (see
+    /// [`ShardIndex::prune_tombstones`]): done by the next maintenance, beside the searches
+    /// where the index is shared.
+    prune_due: bool,
     /// (generation, graphs_done, idle) when the policy last ran.
     planned_at: (u64, u64, bool),
     /// [`ShardIndex::digest`] as of the last change (`None`: changed since; computed again
@@ -387,6 +391,12 @@ impl ShardIndex {
     /// Chunks stored, dead ones included (a compaction drops those).
     pub fn stored_chunks(&self) -> u64 {
         (self.sealed.iter().map(|s| s.entries.len()).sum::<usize>() + self.growing.len()) as u64
+    }
+
+    /// Deleted documents whose deletion is kept as a tombstone (an older copy of each may
+    /// still be stored; compactions prune the rest).
+    pub fn tombstone_count(&self) -> usize {
+        self.tombstones.len()
     }
 
     /// Chunks in the growing segment (searched exactly until it is sealed), dead ones included.

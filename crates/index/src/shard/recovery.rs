@@ -60,6 +60,7 @@ impl ShardIndex {
             graphs_done: Default::default(),
             freeing: Default::default(),
             rebinding: Default::default(),
+            prune_due: false,
             planned_at: (u64::MAX, 0, false),
             digest_memo: Default::default(),
         };

@@ -166,6 +166,22 @@ impl SharedShard {
         let to_free = held.ix.take_to_free();
         let slice = held.release(false);
         drop((to_free, slice));
+        // the tombstones a compaction let go of: which to keep is read beside the searches
+        // (nothing writes meanwhile: the writer is held), the maps swapped under the lock
+        if self.read().prune_due() {
+            let kept = self.read().tombstones_kept();
+            let mut held = self.hold();
+            let old = match kept {
+                Some(kept) => held.ix.keep_tombstones(kept),
+                None => {
+                    held.ix.prune_due = false;
+                    Default::default()
+                }
+            };
+            let slice = held.release(false);
+            self.read().free_tombstones(old);
+            drop(slice);
+        }
         r
     }
 

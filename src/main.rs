@@ -36,10 +36,6 @@ fn main() {
     if std::env::var("RAGFLEET_BACKGROUND_IDLE").as_deref() == Ok("1") {
         ragfleet_index::priority::set_idle_background(true);
     }
-    // a shard's mass frees (compactions, merges, pruned tombstones) merge their blocks on
-    // the background threads that free them, not later under the index's write lock
-    // (ragfleet_index::heap)
-    ragfleet_index::heap::coalesce_frees();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .on_thread_start(|| {

@@ -11,7 +11,6 @@ mod codes;
 mod datafile;
 pub mod eval;
 mod files;
-pub mod heap;
 pub mod hnsw;
 mod lock;
 mod postings;

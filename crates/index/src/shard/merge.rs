@@ -135,6 +135,14 @@ impl std::fmt::Debug for Rebinding {
 const REBIND_BUDGET: std::time::Duration = std::time::Duration::from_millis(4);
 /// Slots pointed at their copies between two looks at the clock.
 const REBIND_BATCH: usize = 128;
+/// Older copies one maintenance pass may let go of: the room of the buffer they go into,
+/// made before the pass takes the write lock. A pass asks the allocator for no large block
+/// under the lock: glibc merges every small block freed since into its free lists at the
+/// next such request from the same arena, whoever makes it, and after a compaction the
+/// threads freeing a million-chunk segment's chunks and tombstones free them by the million
+/// (perf: `malloc_consolidate` and `_int_malloc` in passes held 20-122 ms at 1M, the older
+/// copies' buffer growing under the lock).
+pub(super) const REBIND_ROOM: usize = 16_384;
 
 /// Share of dead chunks from which a merge compacts instead of extending.
 const COMPACT_DEAD_SHARE: f64 = 0.25;
@@ -159,7 +167,9 @@ impl ShardIndex {
     /// every seal and periodically by the shard's owner; with `background: false` the merges
     /// run here, to the end. Returns whether the segment set changed.
     pub fn maintain(&mut self) -> Result<bool, IndexError> {
-        let r = self.maintain_keeping();
+        let mut older = Vec::with_capacity(REBIND_ROOM);
+        let r = self.maintain_keeping(&mut older);
+        drop(older);
         if std::mem::take(&mut self.prune_due) {
             self.prune_tombstones();
         }
@@ -169,7 +179,12 @@ impl ShardIndex {
 
     /// [`ShardIndex::maintain`], leaving what it let go of to [`ShardIndex::take_to_free`]
     /// (a shared index frees it after letting the searches back in).
-    pub(super) fn maintain_keeping(&mut self) -> Result<bool, IndexError> {
+    /// The older copies of the slots it moves go onto `older`, at most to its capacity in the
+    /// background (none is asked of the allocator under the lock: see [`REBIND_ROOM`]).
+    pub(super) fn maintain_keeping(
+        &mut self,
+        older: &mut Vec<Arc<Entry>>,
+    ) -> Result<bool, IndexError> {
         if self.idle_seal_due() {
             info!(
                 dir = %self.dir.display(),
@@ -186,7 +201,7 @@ impl ShardIndex {
             return Ok(true);
         }
         let started = std::time::Instant::now();
-        self.rebind_some();
+        self.rebind_some(older);
         let rebind_ms = started.elapsed().as_secs_f64() * 1e3;
         let r = self.commit_and_start();
         let ms = started.elapsed().as_secs_f64() * 1e3;
@@ -241,9 +256,9 @@ impl ShardIndex {
             .sum()
     }
 
-    /// Points slots at their compacted copies for up to [`REBIND_BUDGET`] (all of them when
-    /// the index runs its merges in the foreground).
-    fn rebind_some(&mut self) {
+    /// Points slots at their compacted copies for up to [`REBIND_BUDGET`] and as many as
+    /// `older` has room for (all of them when the index runs its merges in the foreground).
+    fn rebind_some(&mut self, older: &mut Vec<Arc<Entry>>) {
         let started = std::time::Instant::now();
         let budget = self.settings.background.then_some(REBIND_BUDGET);
         let mut done = 0usize;
@@ -253,10 +268,12 @@ impl ShardIndex {
                 // the clock is read every REBIND_BATCH slots: one slot can cost ~0.1 ms when
                 // its copy's page is first read (see `prepare_rebind`)
                 let to = (r.at + REBIND_BATCH).min(end);
-                self.rebind(&r.segment.entries[r.at..to]);
+                self.rebind_into(&r.segment.entries[r.at..to], older);
                 done += to - r.at;
                 r.at = to;
-                if budget.is_some_and(|b| started.elapsed() >= b) {
+                if budget.is_some_and(|b| {
+                    started.elapsed() >= b || older.capacity() - older.len() < REBIND_BATCH
+                }) {
                     break;
                 }
             }
@@ -993,9 +1010,12 @@ mod tests {
         check(&ix, &live, "before the rebinding");
         // the older copies the slots let go of are handed to whoever frees them (a shared
         // index: after letting the searches back in), not dropped under the lock
-        ix.maintain_keeping().unwrap();
+        let mut older = Vec::with_capacity(REBIND_ROOM);
+        ix.maintain_keeping(&mut older).unwrap();
         assert_eq!(ix.chunks_to_rebind(), 0);
-        assert!(!ix.take_to_free().is_empty(), "the older copies to free");
+        assert!(!older.is_empty(), "the older copies to free");
+        assert_eq!(older.capacity(), REBIND_ROOM, "no larger buffer asked for");
+        drop(older);
         ix.maintain().unwrap();
         assert!(
             ix.take_to_free().is_empty(),

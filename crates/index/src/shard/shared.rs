@@ -159,13 +159,16 @@ impl SharedShard {
                 warn!(error = %e, "preparing a merge's commit beside the searches failed");
             }
         }
+        // the buffer for the older copies of the slots a pass moves, asked for before the lock
+        // (see merge::REBIND_ROOM)
+        let mut older = Vec::with_capacity(super::merge::REBIND_ROOM);
         let mut held = self.hold();
-        let r = held.ix.maintain_keeping();
+        let r = held.ix.maintain_keeping(&mut older);
         // the older copies of the slots moved (and the files they kept mapped) are let go of
         // beside the searches
         let to_free = held.ix.take_to_free();
         let slice = held.release(false);
-        drop((to_free, slice));
+        drop((older, to_free, slice));
         // the tombstones a compaction let go of: which to keep is read beside the searches
         // (nothing writes meanwhile: the writer is held), the maps swapped under the lock
         if self.read().prune_due() {

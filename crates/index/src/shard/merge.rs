@@ -256,6 +256,29 @@ impl ShardIndex {
             .sum()
     }
 
+    /// Reads what the next `n` slot moves read (each copy's chunk id and its slot's), under a
+    /// shared borrow beside the searches: the pages of the mapped files a pass would read
+    /// first are then faulted in here rather than under the write lock. Returns a sum of what
+    /// it read (for the caller to keep the reads).
+    pub fn touch_rebind(&self, n: usize) -> usize {
+        let mut sum = 0usize;
+        let mut left = n;
+        for r in &self.rebinding {
+            let end = r.at.saturating_add(left).min(r.segment.entries.len());
+            for e in &r.segment.entries[r.at.min(end)..end] {
+                sum = sum.wrapping_add(e.chunk_id().len());
+                if let Some(cur) = e.slot().and_then(|slot| self.slots.get(&slot)) {
+                    sum = sum.wrapping_add(cur.chunk_id().len());
+                }
+            }
+            left -= end - r.at.min(end);
+            if left == 0 {
+                break;
+            }
+        }
+        sum
+    }
+
     /// Points slots at their compacted copies for up to [`REBIND_BUDGET`] and as many as
     /// `older` has room for (all of them when the index runs its merges in the foreground).
     fn rebind_some(&mut self, older: &mut Vec<Arc<Entry>>) {
@@ -1010,6 +1033,14 @@ mod tests {
         check(&ix, &live, "before the rebinding");
         // the older copies the slots let go of are handed to whoever frees them (a shared
         // index: after letting the searches back in), not dropped under the lock
+        // what a pass reads is read ahead of it: every copy's chunk id and its slot's
+        let left = ix.chunks_to_rebind();
+        let ids: usize = ix.rebinding[0].segment.entries[ix.rebinding[0].at..]
+            .iter()
+            .map(|e| 2 * e.chunk_id().len())
+            .sum();
+        assert!(ix.touch_rebind(left) <= ids && ix.touch_rebind(left) > 0);
+        assert_eq!(ix.touch_rebind(0), 0);
         let mut older = Vec::with_capacity(REBIND_ROOM);
         ix.maintain_keeping(&mut older).unwrap();
         assert_eq!(ix.chunks_to_rebind(), 0);

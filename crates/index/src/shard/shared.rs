@@ -162,6 +162,9 @@ impl SharedShard {
         // the buffer for the older copies of the slots a pass moves, asked for before the lock
         // (see merge::REBIND_ROOM)
         let mut older = Vec::with_capacity(super::merge::REBIND_ROOM);
+        if self.read().chunks_to_rebind() > 0 {
+            std::hint::black_box(self.read().touch_rebind(super::merge::REBIND_ROOM));
+        }
         let mut held = self.hold();
         let r = held.ix.maintain_keeping(&mut older);
         // the older copies of the slots moved (and the files they kept mapped) are let go of

@@ -265,13 +265,13 @@ impl ShardIndex {
         let mut left = n;
         for r in &self.rebinding {
             let end = r.at.saturating_add(left).min(r.segment.entries.len());
-            for e in &r.segment.entries[r.at.min(end)..end] {
+            for e in &r.segment.entries[r.at..end] {
                 sum = sum.wrapping_add(e.chunk_id().len());
                 if let Some(cur) = e.slot().and_then(|slot| self.slots.get(&slot)) {
                     sum = sum.wrapping_add(cur.chunk_id().len());
                 }
             }
-            left -= end - r.at.min(end);
+            left -= end - r.at;
             if left == 0 {
                 break;
             }
@@ -670,10 +670,9 @@ impl ShardIndex {
     /// Tombstones matter only while a sealed segment still holds an older copy: drops the
     /// others (the old map freed on another thread when large).
     pub(super) fn prune_tombstones(&mut self) {
-        if let Some(kept) = self.tombstones_kept() {
-            let old = self.keep_tombstones(kept);
-            self.free_tombstones(old);
-        }
+        let kept = self.tombstones_kept();
+        let old = self.keep_tombstones(kept);
+        self.free_tombstones(old);
     }
 
     /// Whether a compaction's commit left the tombstones to prune ([`ShardIndex::maintain`]).
@@ -740,9 +739,15 @@ impl ShardIndex {
     }
 
     /// Replaces the tombstones by `kept` ([`ShardIndex::tombstones_kept`], nothing deleted
-    /// since); gives back the old map, to be freed after the lock.
-    pub(super) fn keep_tombstones(&mut self, kept: HashMap<String, u64>) -> HashMap<String, u64> {
+    /// since; None keeps them all); gives back the old map, to be freed after the lock.
+    pub(super) fn keep_tombstones(
+        &mut self,
+        kept: Option<HashMap<String, u64>>,
+    ) -> HashMap<String, u64> {
         self.prune_due = false;
+        let Some(kept) = kept else {
+            return HashMap::new();
+        };
         let old = std::mem::replace(&mut self.tombstones, kept);
         self.deletions_log.touched_many(
             old.len() - self.tombstones.len(),

@@ -162,9 +162,7 @@ impl SharedShard {
         // the buffer for the older copies of the slots a pass moves, asked for before the lock
         // (see merge::REBIND_ROOM)
         let mut older = Vec::with_capacity(super::merge::REBIND_ROOM);
-        if self.read().chunks_to_rebind() > 0 {
-            std::hint::black_box(self.read().touch_rebind(super::merge::REBIND_ROOM));
-        }
+        std::hint::black_box(self.read().touch_rebind(super::merge::REBIND_ROOM));
         let mut held = self.hold();
         let r = held.ix.maintain_keeping(&mut older);
         // the older copies of the slots moved (and the files they kept mapped) are let go of
@@ -177,13 +175,7 @@ impl SharedShard {
         if self.read().prune_due() {
             let kept = self.read().tombstones_kept();
             let mut held = self.hold();
-            let old = match kept {
-                Some(kept) => held.ix.keep_tombstones(kept),
-                None => {
-                    held.ix.prune_due = false;
-                    Default::default()
-                }
-            };
+            let old = held.ix.keep_tombstones(kept);
             let slice = held.release(false);
             self.read().free_tombstones(old);
             drop(slice);

@@ -1089,7 +1089,15 @@ mod tests {
             }
             t
         };
-        let (files, dead) = postings_files(dir.path(), &[9000, 5000], &mut r, with_s);
+        let (mut files, dead) = postings_files(dir.path(), &[9000, 5000], &mut r, with_s);
+        // the second file in the first format, as written before the tiers were stored: its
+        // tiers made in memory (a shard opened after an upgrade holds both kinds)
+        files[1] = crate::postings::SegPostings::write_first_format(
+            &dir.path().join("1.first.post"),
+            &[files[1].as_ref()],
+        )
+        .unwrap();
+        assert!(files[0].stores_tiers() && !files[1].stores_tiers());
         // a long list is split when at most a quarter of its postings hold the term more than
         // once; the tiers and the rest of the list then hold every posting once
         let mut split_lists = 0;

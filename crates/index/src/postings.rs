@@ -1,17 +1,24 @@
 //! A sealed segment's BM25 postings (`seg-<id>.post`): written once by the seal or merge that
 //! makes the segment, memory-mapped, read in place by searches (page cache the kernel can drop,
 //! not the process's memory), with block maxima so that a search skips blocks that cannot
-//! reach the top k.
+//! reach the top k, and the tiers of its long lists' repeats ([`Tiers`]).
 //!
 //! Body (little endian; every section starts 8-byte aligned in the file):
-//! - fixed part, 64 bytes: marker `RFPOST01`, rows u32, terms u32, total length u64, pairs u64,
-//!   blocks u64, term bytes u64, 16 bytes reserved;
+//! - fixed part, 64 bytes: marker `RFPOST02` (`RFPOST01`: a file of before session 32, without
+//!   tiers, whose tiers are made in memory), rows u32, terms u32, total length u64, pairs u64,
+//!   blocks u64, term bytes u64, split lists u32, tier blocks u32, tier pairs u64 (the last
+//!   three zero in the first format);
 //! - `lens`: each row's length in terms (u32);
 //! - `toff`: where each term starts in the term bytes (u32, one more than the terms);
 //! - `blob`: the terms' bytes, sorted;
 //! - `pairs`: (row, term frequency) per posting (u32 each), each term's sorted by row;
 //! - `blocks`: (last row, highest frequency, shortest row length) per [`BLOCK`] postings;
-//! - `meta`: (first pair, pairs, first block, highest frequency, shortest length) per term.
+//! - `meta`: (first pair, pairs, first block, highest frequency, shortest length) per term;
+//! - `tier pairs`: the split lists' postings of frequency 2, 3, and 4 or more, each tier's
+//!   sorted by row, tier after tier, list after list;
+//! - `tier blocks`: their summaries, as `blocks`;
+//! - `splits`: per split list, in term order: the term, then per tier (first tier pair, tier
+//!   pairs, first tier block, highest frequency, shortest length), zeros for an empty tier.
 use std::io::Write;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
@@ -22,7 +29,9 @@ use crate::IndexError;
 
 /// Postings a block summarises.
 pub(crate) const BLOCK: usize = 128;
-const MARKER: &[u8; 8] = b"RFPOST01";
+/// The first format's marker (no tiers stored) and the current one's.
+const MARKER1: &[u8; 8] = b"RFPOST01";
+const MARKER: &[u8; 8] = b"RFPOST02";
 const FIXED: usize = 64;
 
 /// One term's postings in one source: sorted (row, frequency) pairs and block summaries
@@ -37,8 +46,8 @@ pub(crate) struct TermList<'a> {
     /// blocks at each search).
     pub(crate) max_tf: u32,
     pub(crate) min_len: u32,
-    /// A long list's postings of high frequency apart ([`Split`]), when it has them.
-    pub(crate) hi: Option<&'a Split>,
+    /// A long list's postings of high frequency apart, when it has them.
+    pub(crate) hi: Option<Tiers<'a>>,
 }
 
 impl TermList<'_> {
@@ -55,10 +64,54 @@ impl TermList<'_> {
     }
 }
 
+/// One tier of a split list.
+#[derive(Clone, Copy)]
+struct TierRef<'a> {
+    pairs: &'a [[u32; 2]],
+    blocks: &'a [[u32; 3]],
+    max_tf: u32,
+    min_len: u32,
+}
+
+/// A long list's postings of frequency 2 and more, apart in tiers (2, 3, and 4 or more) with
+/// their own block summaries, read from the postings file (or from a [`Split`] made in memory
+/// for a file of the first format). A search walks each tier as a list of its own and the
+/// whole list without them, bounded by frequency 1: on common terms nearly every block holds a
+/// posting of high frequency, so the whole list's block bounds say little, while the rows
+/// that can lift a chunk far are few.
+#[derive(Clone, Copy)]
+pub(crate) struct Tiers<'a> {
+    /// The lowest frequency in the tiers (the whole list is walked below it).
+    pub(crate) cut: u32,
+    parts: [Option<TierRef<'a>>; 3],
+}
+
+impl<'a> Tiers<'a> {
+    /// Its tiers as lists, lowest frequencies first (empty ones left out).
+    pub(crate) fn tiers(self) -> impl Iterator<Item = TermList<'a>> {
+        self.parts.into_iter().flatten().map(|t| TermList {
+            pairs: t.pairs,
+            blocks: t.blocks,
+            df: t.pairs.len() as u32,
+            max_tf: t.max_tf,
+            min_len: t.min_len,
+            hi: None,
+        })
+    }
+}
+
 /// Lists shorter than this are not split ([`Split`]).
 pub(crate) const SPLIT_MIN: usize = 4096;
 /// The frequencies a split's tiers start at: 2, 3, and 4 or more.
 const TIERS: [u32; 3] = [2, 3, 4];
+
+/// The frequencies each tier holds.
+fn tier_ranges() -> impl Iterator<Item = std::ops::Range<u32>> {
+    TIERS
+        .iter()
+        .enumerate()
+        .map(|(i, &lo)| lo..TIERS.get(i + 1).copied().unwrap_or(u32::MAX))
+}
 /// A list is split only when its tiers hold at most this share of its postings (1/n): where
 /// most rows hold the term more than once, the tiers bound little and cost memory.
 const SPLIT_SHARE: usize = 4;
@@ -67,14 +120,13 @@ const SPLIT_SHARE: usize = 4;
 const SPLIT_MEMORY: usize = 256 << 20;
 static SPLIT_USED: AtomicUsize = AtomicUsize::new(0);
 
-/// A long list's postings of frequency 2 and more, apart in tiers with their own block
-/// summaries (kept in memory, made at the first search that reads the list). A search walks
-/// each tier as a list of its own and the whole list without them, bounded by frequency 1: on
-/// common terms nearly every block holds a posting of high frequency, so the whole list's
-/// block bounds say little, while the rows that can lift a chunk far are few.
+/// A long list's [`Tiers`] made in memory, for a postings file of the first format (which has
+/// none stored): made on a background thread once the segment is opened, or by the first
+/// search that reads the list, within [`SPLIT_MEMORY`] for the process.
 pub(crate) struct Split {
     /// The lowest frequency in the tiers (the whole list is walked below it).
-    pub(crate) cut: u32,
+    cut: u32,
+    /// One per frequency range of [`TIERS`], empty ones left out.
     tiers: Vec<Tier>,
     /// Bytes charged to a budget ([`SPLIT_MEMORY`]), given back when dropped.
     charged: usize,
@@ -120,12 +172,11 @@ impl Split {
             })
             .ok()?;
         let mut tiers = Vec::new();
-        for (i, &lo) in TIERS.iter().enumerate() {
-            let hi = TIERS.get(i + 1).copied().unwrap_or(u32::MAX);
+        for range in tier_ranges() {
             let pairs: Vec<[u32; 2]> = list
                 .pairs
                 .iter()
-                .filter(|p| (lo..hi).contains(&p[1]))
+                .filter(|p| range.contains(&p[1]))
                 .copied()
                 .collect();
             if pairs.is_empty() {
@@ -154,16 +205,21 @@ impl Split {
         })
     }
 
-    /// Its tiers as lists, lowest frequencies first.
-    pub(crate) fn tiers(&self) -> impl Iterator<Item = TermList<'_>> {
-        self.tiers.iter().map(|t| TermList {
-            pairs: &t.pairs,
-            blocks: &t.blocks,
-            df: t.pairs.len() as u32,
-            max_tf: t.max_tf,
-            min_len: t.min_len,
-            hi: None,
-        })
+    /// Its tiers, as a search reads them.
+    pub(crate) fn as_tiers(&self) -> Tiers<'_> {
+        let mut parts = [None; 3];
+        for (part, t) in parts.iter_mut().zip(&self.tiers) {
+            *part = Some(TierRef {
+                pairs: &t.pairs,
+                blocks: &t.blocks,
+                max_tf: t.max_tf,
+                min_len: t.min_len,
+            });
+        }
+        Tiers {
+            cut: self.cut,
+            parts,
+        }
     }
 
     fn memory_bytes(&self) -> usize {
@@ -255,11 +311,22 @@ pub(crate) struct SegPostings {
     pairs: usize,
     blocks: usize,
     meta: usize,
-    /// The terms whose lists are [`SPLIT_MIN`] long or longer, in order, and their splits
-    /// once made (`None`: the list has none).
+    /// Whether the file stores its lists' tiers (the current format); when it does not, the
+    /// terms whose lists are [`SPLIT_MIN`] long or longer, in order, and their splits once
+    /// made in memory (`None`: the list has none).
+    stored_tiers: bool,
+    n_tier_pairs: usize,
+    n_tier_blocks: usize,
+    n_splits: usize,
+    tier_pairs: usize,
+    tier_blocks: usize,
+    splits_at: usize,
     long: Vec<u32>,
     splits: Vec<OnceLock<Option<Split>>>,
 }
+
+/// A stored split list's record: the term, then five words per tier.
+type SplitRecord = [u32; 1 + 5 * TIERS.len()];
 
 impl std::fmt::Debug for SegPostings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -310,7 +377,7 @@ impl SegPostings {
                 None => i.lens().len(),
             })
             .sum();
-        write_checked_streamed(path, |w| encode(w, inputs, keep))?;
+        write_checked_streamed(path, |w| encode(w, inputs, keep, true))?;
         let map = map_written(path)?.ok_or_else(|| IndexError::Corrupt {
             path: path.to_path_buf(),
             reason: "the postings file just written is gone".into(),
@@ -318,11 +385,23 @@ impl SegPostings {
         SegPostings::parse(path, Backing::Map(map), rows)
     }
 
+    /// [`SegPostings::write`] in the first format (no tiers stored), as files written before
+    /// session 32 are: tests of opening those.
+    #[cfg(test)]
+    pub(crate) fn write_first_format(
+        path: &Path,
+        inputs: &[&dyn PostingsInput],
+    ) -> Result<Arc<SegPostings>, IndexError> {
+        let rows: usize = inputs.iter().map(|i| i.lens().len()).sum();
+        write_checked_streamed(path, |w| encode(w, inputs, &[], false))?;
+        SegPostings::open(path, rows)?.ok_or_else(|| IndexError::BadInput("gone".into()))
+    }
+
     /// Postings merged from `inputs`, held in memory (when no file can be written).
     pub(crate) fn in_memory(inputs: &[&dyn PostingsInput]) -> Result<Arc<SegPostings>, IndexError> {
         let rows: usize = inputs.iter().map(|i| i.lens().len()).sum();
         let mut bytes = vec![0u8; HEADER];
-        encode(&mut bytes, inputs, &[]).map_err(|e| IndexError::BadInput(e.to_string()))?;
+        encode(&mut bytes, inputs, &[], true).map_err(|e| IndexError::BadInput(e.to_string()))?;
         let len = bytes.len();
         let mut words = vec![0u64; len.div_ceil(8)];
         // SAFETY: `words` has room for `len` bytes.
@@ -343,9 +422,14 @@ impl SegPostings {
             ));
         }
         let b = data.bytes();
-        if b.len() < HEADER + FIXED || &b[HEADER..HEADER + 8] != MARKER {
+        if b.len() < HEADER + FIXED {
             return Err(corrupt("not a postings file".into()));
         }
+        let stored_tiers = match &b[HEADER..HEADER + 8] {
+            m if m == MARKER => true,
+            m if m == MARKER1 => false,
+            _ => return Err(corrupt("not a postings file".into())),
+        };
         let at = HEADER;
         let (n_rows, terms) = (u32_at(b, at + 8) as usize, u32_at(b, at + 12) as usize);
         let total_len = u64_at(b, at + 16);
@@ -354,6 +438,15 @@ impl SegPostings {
             u64_at(b, at + 32) as usize,
             u64_at(b, at + 40) as usize,
         );
+        let (n_splits, n_tier_blocks, n_tier_pairs) = if stored_tiers {
+            (
+                u32_at(b, at + 48) as usize,
+                u32_at(b, at + 52) as usize,
+                u64_at(b, at + 56) as usize,
+            )
+        } else {
+            (0, 0, 0)
+        };
         if n_rows != rows {
             return Err(corrupt(format!(
                 "postings of {n_rows} rows, segment of {rows}"
@@ -373,8 +466,37 @@ impl SegPostings {
         let pairs = section(n_pairs.checked_mul(8));
         let blocks = section(n_blocks.checked_mul(12));
         let meta = section(terms.checked_mul(20));
-        let (Some(lens), Some(toff), Some(blob), Some(pairs), Some(blocks), Some(meta)) =
-            (lens, toff, blob, pairs, blocks, meta)
+        // (the first format ends with `meta`, unpadded)
+        let (tier_pairs, tier_blocks, splits_at) = if stored_tiers {
+            (
+                section(n_tier_pairs.checked_mul(8)),
+                section(n_tier_blocks.checked_mul(12)),
+                section(n_splits.checked_mul(std::mem::size_of::<SplitRecord>())),
+            )
+        } else {
+            (Some(0), Some(0), Some(0))
+        };
+        let (
+            Some(lens),
+            Some(toff),
+            Some(blob),
+            Some(pairs),
+            Some(blocks),
+            Some(meta),
+            Some(tier_pairs),
+            Some(tier_blocks),
+            Some(splits_at),
+        ) = (
+            lens,
+            toff,
+            blob,
+            pairs,
+            blocks,
+            meta,
+            tier_pairs,
+            tier_blocks,
+            splits_at,
+        )
         else {
             return Err(corrupt("section sizes overflow".into()));
         };
@@ -400,14 +522,24 @@ impl SegPostings {
             blocks,
             meta,
             data,
+            stored_tiers,
+            n_tier_pairs,
+            n_tier_blocks,
+            n_splits,
+            tier_pairs,
+            tier_blocks,
+            splits_at,
             long: Vec::new(),
             splits: Vec::new(),
         };
-        p.check().map_err(corrupt)?;
-        p.long = (0..p.terms as u32)
-            .filter(|&i| p.all_meta()[i as usize][1] as usize >= SPLIT_MIN)
-            .collect();
-        p.splits = p.long.iter().map(|_| OnceLock::new()).collect();
+        p.check().map_err(&corrupt)?;
+        p.check_tiers().map_err(corrupt)?;
+        if !stored_tiers {
+            p.long = (0..p.terms as u32)
+                .filter(|&i| p.all_meta()[i as usize][1] as usize >= SPLIT_MIN)
+                .collect();
+            p.splits = p.long.iter().map(|_| OnceLock::new()).collect();
+        }
         Ok(Arc::new(p))
     }
 
@@ -475,6 +607,68 @@ impl SegPostings {
         Ok(())
     }
 
+    /// The stored tiers: each exactly its list's postings in its frequency range, in order,
+    /// summarised by its blocks and bounds, the records in term order, nothing left over.
+    fn check_tiers(&self) -> Result<(), String> {
+        let (pairs, blocks, lens) = (self.all_tier_pairs(), self.all_tier_blocks(), self.lens());
+        let (mut next_pair, mut next_block) = (0usize, 0usize);
+        let mut last_term: Option<usize> = None;
+        for rec in self.split_records() {
+            let term = rec[0] as usize;
+            if term >= self.terms || last_term.is_some_and(|t| t >= term) {
+                return Err(format!("split record of term {term} out of place"));
+            }
+            last_term = Some(term);
+            let list = self.list(term);
+            let mut held = 0usize;
+            for (t, range) in tier_ranges().enumerate() {
+                let [first, count, first_block, max_tf, min_len] =
+                    std::array::from_fn(|j| rec[1 + 5 * t + j] as usize);
+                if first != next_pair || first_block != next_block {
+                    return Err(format!("term {term}'s tier {t} out of place"));
+                }
+                let nb = count.div_ceil(BLOCK);
+                let (Some(tier), Some(summ)) = (
+                    pairs.get(first..first + count),
+                    blocks.get(first_block..first_block + nb),
+                ) else {
+                    return Err(format!("term {term}'s tier {t} past the end"));
+                };
+                if !list
+                    .pairs
+                    .iter()
+                    .filter(|p| range.contains(&p[1]))
+                    .eq(tier.iter())
+                {
+                    return Err(format!("term {term}'s tier {t} is not its list's repeats"));
+                }
+                let (mut hi_tf, mut lo_len) = (0u32, 0u32);
+                for (j, chunk) in tier.chunks(BLOCK).enumerate() {
+                    let btf = chunk.iter().map(|p| p[1]).max().unwrap_or(0);
+                    let blen = chunk.iter().map(|p| lens[p[0] as usize]).min().unwrap_or(0);
+                    if summ[j] != [chunk[chunk.len() - 1][0], btf, blen] {
+                        return Err(format!("term {term}'s tier {t} block {j} is wrong"));
+                    }
+                    hi_tf = hi_tf.max(btf);
+                    lo_len = if j == 0 { blen } else { lo_len.min(blen) };
+                }
+                if (hi_tf, lo_len) != (max_tf as u32, min_len as u32) {
+                    return Err(format!("term {term}'s tier {t} bound does not fit it"));
+                }
+                held += count;
+                next_pair += count;
+                next_block += nb;
+            }
+            if held == 0 {
+                return Err(format!("term {term}'s split has no tiers"));
+            }
+        }
+        if next_pair != self.n_tier_pairs || next_block != self.n_tier_blocks {
+            return Err("tier postings or blocks left over".into());
+        }
+        Ok(())
+    }
+
     /// `n` items of `T` (plain words) at absolute offset `at`.
     fn slice<T>(&self, at: usize, n: usize) -> &[T] {
         let b = self.data.bytes();
@@ -499,6 +693,15 @@ impl SegPostings {
     fn all_meta(&self) -> &[[u32; 5]] {
         self.slice(self.meta, self.terms)
     }
+    fn all_tier_pairs(&self) -> &[[u32; 2]] {
+        self.slice(self.tier_pairs, self.n_tier_pairs)
+    }
+    fn all_tier_blocks(&self) -> &[[u32; 3]] {
+        self.slice(self.tier_blocks, self.n_tier_blocks)
+    }
+    fn split_records(&self) -> &[SplitRecord] {
+        self.slice(self.splits_at, self.n_splits)
+    }
 
     /// Rows (chunks of the segment, dead ones included).
     pub(crate) fn rows(&self) -> usize {
@@ -513,6 +716,12 @@ impl SegPostings {
     /// Row `row`'s length in terms.
     pub(crate) fn len_of(&self, row: u32) -> u32 {
         self.lens()[row as usize]
+    }
+
+    /// Whether the file stores its long lists' tiers (else they are made in memory).
+    #[cfg(test)]
+    pub(crate) fn stores_tiers(&self) -> bool {
+        self.stored_tiers
     }
 
     /// Bytes held in the process's memory (a mapped file: none but its splits).
@@ -551,8 +760,12 @@ impl SegPostings {
 
     /// Makes the splits of every long list now (within the process's budget), so that no
     /// search pays for one: called on a background thread once a segment is made or opened,
-    /// before searches reach it or beside them. Returns how many lists are split.
+    /// before searches reach it or beside them. Returns how many lists are split (a file that
+    /// stores its tiers: the lists it stores them for, nothing to make).
     pub(crate) fn split_long_lists(&self) -> usize {
+        if self.stored_tiers {
+            return self.n_splits;
+        }
         (0..self.long.len())
             .filter(|&at| {
                 let i = self.long[at] as usize;
@@ -561,12 +774,38 @@ impl SegPostings {
             .count()
     }
 
-    /// Term `i`'s split (made now if not yet), when its list is long and has one.
-    fn split(&self, i: usize, list: TermList<'_>) -> Option<&Split> {
+    /// Term `i`'s tiers, when its list has them: read from the file, or (a file of the first
+    /// format) made now if not yet.
+    fn split(&self, i: usize, list: TermList<'_>) -> Option<Tiers<'_>> {
+        if self.stored_tiers {
+            let records = self.split_records();
+            let rec = &records[records.binary_search_by_key(&(i as u32), |r| r[0]).ok()?];
+            let (pairs, blocks) = (self.all_tier_pairs(), self.all_tier_blocks());
+            let mut parts = [None; 3];
+            for (t, part) in parts.iter_mut().enumerate() {
+                let [first, count, first_block, max_tf, min_len] =
+                    std::array::from_fn(|j| rec[1 + 5 * t + j]);
+                let (first, count, first_block) =
+                    (first as usize, count as usize, first_block as usize);
+                if count > 0 {
+                    *part = Some(TierRef {
+                        pairs: &pairs[first..first + count],
+                        blocks: &blocks[first_block..first_block + count.div_ceil(BLOCK)],
+                        max_tf,
+                        min_len,
+                    });
+                }
+            }
+            return Some(Tiers {
+                cut: TIERS[0],
+                parts,
+            });
+        }
         let at = self.long.binary_search(&(i as u32)).ok()?;
         self.splits[at]
             .get_or_init(|| Split::of(list, self.lens()))
             .as_ref()
+            .map(Split::as_tiers)
     }
 
     fn list(&self, i: usize) -> TermList<'_> {
@@ -635,10 +874,15 @@ impl Out<'_> {
 
 /// Writes the body merged from `inputs` to `w`, which is at absolute offset [`HEADER`].
 /// With `keep`, only the rows it marks (per input; `None`: all) are written, numbered on.
+///
+/// With `tiers` (the current format), every list of [`SPLIT_MIN`] postings or more whose
+/// repeats are at most 1/[`SPLIT_SHARE`] of it has them written apart in tiers as well;
+/// without, the first format is written (tests of the files written before it).
 fn encode(
     w: &mut dyn Write,
     inputs: &[&dyn PostingsInput],
     keep: &[Option<&[bool]>],
+    tiers: bool,
 ) -> std::io::Result<()> {
     let too_big = |what: &str| std::io::Error::other(format!("postings too large: {what}"));
     // each input's rows' new numbers (u32::MAX: left out), and the kept rows' lengths
@@ -712,14 +956,53 @@ fn encode(
         return Err(too_big("postings"));
     }
     let total_len: u64 = lens.iter().map(|&l| l as u64).sum();
+    let term_pairs = |g: &std::ops::Range<usize>| {
+        all[g.clone()]
+            .iter()
+            .flat_map(move |&(_, k, i)| kept_pairs(k, i))
+    };
+    // the lists split in tiers, with their tiers' sizes, counted before the header says them
+    let mut split: Vec<(usize, [usize; TIERS.len()])> = Vec::new();
+    if tiers {
+        for (t, g) in groups.iter().enumerate() {
+            if count(g) < SPLIT_MIN {
+                continue;
+            }
+            let mut sizes = [0usize; TIERS.len()];
+            let mut n = 0usize;
+            for [_, tf] in term_pairs(g) {
+                n += 1;
+                if let Some(at) = tier_ranges().position(|r| r.contains(&tf)) {
+                    sizes[at] += 1;
+                }
+            }
+            let apart: usize = sizes.iter().sum();
+            if apart > 0 && apart * SPLIT_SHARE <= n {
+                split.push((t, sizes));
+            }
+        }
+    }
+    let n_tier_pairs: usize = split.iter().flat_map(|(_, s)| s).sum();
+    let n_tier_blocks: usize = split
+        .iter()
+        .flat_map(|(_, s)| s)
+        .map(|c| c.div_ceil(BLOCK))
+        .sum();
+    let n_splits = u32::try_from(split.len()).map_err(|_| too_big("splits"))?;
+    let n_tier_blocks_u32 = u32::try_from(n_tier_blocks).map_err(|_| too_big("tier blocks"))?;
 
     let mut out = Out { w, pos: HEADER };
     let mut fixed = Vec::with_capacity(FIXED);
-    fixed.extend_from_slice(MARKER);
+    fixed.extend_from_slice(if tiers { MARKER } else { MARKER1 });
     fixed.extend_from_slice(&rows.to_le_bytes());
     fixed.extend_from_slice(&terms.to_le_bytes());
     for x in [total_len, n_pairs as u64, n_blocks as u64, blob_len as u64] {
         fixed.extend_from_slice(&x.to_le_bytes());
+    }
+    if tiers {
+        fixed.extend_from_slice(&n_splits.to_le_bytes());
+        fixed.extend_from_slice(&n_tier_blocks_u32.to_le_bytes());
+        fixed.extend_from_slice(&(n_tier_pairs as u64).to_le_bytes());
     }
     fixed.resize(FIXED, 0);
     out.put(&fixed)?;
@@ -770,6 +1053,56 @@ fn encode(
     out.put(&buf)?;
     out.section(blocks.iter().flatten().copied())?;
     out.section(meta.iter().flatten().copied())?;
+    if !tiers {
+        return Ok(());
+    }
+    // the split lists' tiers, their blocks, and a record a list
+    out.align()?;
+    buf.clear();
+    let mut tier_blocks: Vec<[u32; 3]> = Vec::with_capacity(n_tier_blocks);
+    let mut records: Vec<SplitRecord> = Vec::with_capacity(split.len());
+    let mut first = 0u32;
+    for &(t, sizes) in &split {
+        let mut rec: SplitRecord = [0; 1 + 5 * TIERS.len()];
+        rec[0] = t as u32;
+        for (at, range) in tier_ranges().enumerate() {
+            let first_block = tier_blocks.len() as u32;
+            let (mut hi_tf, mut lo_len) = (0u32, 0u32);
+            let mut n = 0usize;
+            for [row, tf] in term_pairs(&groups[t]).filter(|p| range.contains(&p[1])) {
+                let len = lens[row as usize];
+                if n % BLOCK == 0 {
+                    tier_blocks.push([row, tf, len]);
+                } else {
+                    let b = tier_blocks.last_mut().expect("a block");
+                    *b = [row, b[1].max(tf), b[2].min(len)];
+                }
+                hi_tf = hi_tf.max(tf);
+                lo_len = if n == 0 { len } else { lo_len.min(len) };
+                buf.extend_from_slice(&row.to_le_bytes());
+                buf.extend_from_slice(&tf.to_le_bytes());
+                if buf.len() >= BLOCK * 8 {
+                    out.put(&buf)?;
+                    buf.clear();
+                }
+                n += 1;
+            }
+            debug_assert_eq!(n, sizes[at]);
+            let count = n as u32;
+            rec[1 + 5 * at..6 + 5 * at].copy_from_slice(&[
+                first,
+                count,
+                first_block,
+                hi_tf,
+                lo_len,
+            ]);
+            first += count;
+        }
+        records.push(rec);
+    }
+    out.put(&buf)?;
+    out.section(tier_blocks.iter().flatten().copied())?;
+    out.section(records.iter().flatten().copied())?;
     Ok(())
 }
 
@@ -813,7 +1146,14 @@ mod tests {
         let whole = Split::within(list, &lens, &USED, usize::MAX).expect("split");
         let cost = USED.load(Relaxed);
         assert!(cost >= 500 * 8, "the tiers' 500 pairs charged: {cost}");
-        assert_eq!(whole.tiers().map(|t| t.pairs.len()).sum::<usize>(), 500);
+        assert_eq!(
+            whole
+                .as_tiers()
+                .tiers()
+                .map(|t| t.pairs.len())
+                .sum::<usize>(),
+            500
+        );
         // a second one fits only where the budget has room for both
         assert!(Split::within(list, &lens, &USED, 2 * cost - 1).is_none());
         assert_eq!(USED.load(Relaxed), cost, "a refused split charges nothing");
@@ -933,5 +1273,93 @@ mod tests {
         }
         std::fs::write(&path, &good[..good.len() - 8]).unwrap();
         assert!(SegPostings::open(&path, 1000).is_err());
+    }
+
+    #[test]
+    fn tiers_are_stored_checked_at_open_and_equal_those_made_in_memory() {
+        use rand::{Rng, SeedableRng};
+        let mut r = rand::rngs::StdRng::seed_from_u64(32);
+        // `c` in every row, more than once in about one row of eight (up to past the last
+        // tier); `d` in every row, more than once in half of them (not split: too many)
+        let texts: Vec<String> = (0..6000)
+            .map(|_| {
+                let mut t = format!("a{} b{}", r.gen_range(0..50), r.gen_range(0..9));
+                let c = if r.gen_bool(0.12) {
+                    r.gen_range(2..7)
+                } else {
+                    1
+                };
+                (0..c).for_each(|_| t.push_str(" c"));
+                (0..r.gen_range(1..3)).for_each(|_| t.push_str(" d"));
+                t
+            })
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        let built = Built::of(texts.iter().map(|s| s.as_str()));
+        let path = dir.path().join("t.post");
+        let stored = SegPostings::write(&path, &[&built]).unwrap();
+        let first = SegPostings::write_first_format(&dir.path().join("f.post"), &[&built]).unwrap();
+        assert!(stored.stores_tiers() && !first.stores_tiers());
+        // the same lists split, into the same tiers, as the first format's in memory; a
+        // stored file holds none of them in the process's memory
+        assert_eq!(
+            stored.split_long_lists(),
+            1,
+            "`c` split, `d` and the short lists not"
+        );
+        assert_eq!(first.split_long_lists(), 1);
+        assert_eq!(stored.memory_bytes(), 0);
+        assert!(first.memory_bytes() > 0);
+        type Tier = (Vec<[u32; 2]>, Vec<[u32; 3]>, u32, u32);
+        let tiers = |p: &SegPostings, w: &str| -> Vec<Tier> {
+            p.find(w).and_then(|l| l.hi).map_or(Vec::new(), |h| {
+                h.tiers()
+                    .map(|t| (t.pairs.to_vec(), t.blocks.to_vec(), t.max_tf, t.min_len))
+                    .collect()
+            })
+        };
+        let c = tiers(&stored, "c");
+        assert_eq!(c.len(), 3, "frequencies 2, 3, and 4 or more");
+        assert_eq!(c, tiers(&first, "c"));
+        assert!(tiers(&stored, "d").is_empty() && tiers(&stored, "a1").is_empty());
+        // a merge and a compaction (rows left out, renumbered) store them too; reopened alike
+        let keep: Vec<bool> = (0..6000).map(|r| r % 7 != 3).collect();
+        let kept = SegPostings::write_kept(
+            &dir.path().join("k.post"),
+            &[stored.as_ref(), first.as_ref()],
+            &[Some(&keep[..]), None],
+        )
+        .unwrap();
+        let again = SegPostings::open(&dir.path().join("k.post"), kept.rows())
+            .unwrap()
+            .unwrap();
+        let want: usize = kept
+            .find("c")
+            .unwrap()
+            .pairs
+            .iter()
+            .filter(|p| p[1] >= 2)
+            .count();
+        let got: usize = tiers(&again, "c").iter().map(|t| t.0.len()).sum();
+        assert_eq!(got, want);
+        assert_eq!(tiers(&again, "c"), tiers(&kept, "c"));
+        // any change to the stored tiers, their blocks or records is refused at open (the
+        // checksum made to fit), never a panic and never loaded
+        let good = std::fs::read(&path).unwrap();
+        let from = stored.tier_pairs;
+        let to = stored.splits_at + stored.n_splits * std::mem::size_of::<SplitRecord>();
+        assert!(to - from > 1000, "tiers stored: {} bytes", to - from);
+        let pad = stored.tier_blocks + stored.n_tier_blocks * 12..stored.splits_at;
+        for at in (from..to).step_by((to - from) / 211 + 1) {
+            if pad.contains(&at) {
+                continue;
+            }
+            let mut bad = good.clone();
+            bad[at] ^= 0x10;
+            let body = bad[HEADER..].to_vec();
+            crate::files::write_checked(&path, &body).unwrap();
+            let err = SegPostings::open(&path, 6000).expect_err(&format!("byte {at}"));
+            assert!(err.to_string().contains("tier") || err.to_string().contains("split"));
+        }
     }
 }

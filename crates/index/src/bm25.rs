@@ -412,7 +412,7 @@ impl Plan {
                 continue;
             };
             let idf = self.terms[p].1;
-            let cap = list.hi.map_or(u32::MAX, |h| h.cut);
+            let cap = list.hi.map_or(u32::MAX, |h| h.cut());
             others.push(Cursor::capped(list, idf, p, self, cap));
             if let Some(h) = list.hi {
                 split = true;
@@ -529,7 +529,7 @@ impl Plan {
             else {
                 continue;
             };
-            let cap = list.hi.map_or(u32::MAX, |h| h.cut);
+            let cap = list.hi.map_or(u32::MAX, |h| h.cut());
             cur.push(Cursor::capped(list, idf, pos, self, cap));
             if let Some(h) = list.hi {
                 cur.extend(h.tiers().map(|l| Cursor::new(l, idf, pos, self)));
@@ -1116,12 +1116,12 @@ mod tests {
             let tiers: Vec<_> = split.tiers().collect();
             assert!(tiers.len() >= 2, "{w} has tiers");
             let kept: usize = tiers.iter().map(|t| t.pairs.len()).sum();
-            let below = list.pairs.iter().filter(|p| p[1] < split.cut).count();
+            let below = list.pairs.iter().filter(|p| p[1] < split.cut()).count();
             assert_eq!(kept + below, list.pairs.len());
             assert!(tiers
                 .iter()
                 .flat_map(|t| t.pairs)
-                .all(|p| p[1] >= split.cut));
+                .all(|p| p[1] >= split.cut()));
         }
         assert!(split_lists >= 1, "a list is split");
         // made ahead of the searches (as a merge or an open does): every list the share rule

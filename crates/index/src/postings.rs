@@ -78,18 +78,27 @@ struct TierRef<'a> {
 /// for a file of the first format). A search walks each tier as a list of its own and the
 /// whole list without them, bounded by frequency 1: on common terms nearly every block holds a
 /// posting of high frequency, so the whole list's block bounds say little, while the rows
-/// that can lift a chunk far are few.
+/// that can lift a chunk far are few. Two words, as every [`TermList`] carries one.
 #[derive(Clone, Copy)]
-pub(crate) struct Tiers<'a> {
-    /// The lowest frequency in the tiers (the whole list is walked below it).
-    pub(crate) cut: u32,
-    parts: [Option<TierRef<'a>>; 3],
+pub(crate) enum Tiers<'a> {
+    /// A file's stored tiers: the file and the list's record.
+    Stored(&'a SegPostings, &'a SplitRecord),
+    Made(&'a Split),
 }
 
 impl<'a> Tiers<'a> {
+    /// The lowest frequency in the tiers (the whole list is walked below it).
+    pub(crate) fn cut(self) -> u32 {
+        TIERS[0]
+    }
+
     /// Its tiers as lists, lowest frequencies first (empty ones left out).
     pub(crate) fn tiers(self) -> impl Iterator<Item = TermList<'a>> {
-        self.parts.into_iter().flatten().map(|t| TermList {
+        let parts = match self {
+            Tiers::Stored(file, rec) => file.stored_tiers_of(rec),
+            Tiers::Made(split) => split.parts(),
+        };
+        parts.into_iter().flatten().map(|t| TermList {
             pairs: t.pairs,
             blocks: t.blocks,
             df: t.pairs.len() as u32,
@@ -124,8 +133,6 @@ static SPLIT_USED: AtomicUsize = AtomicUsize::new(0);
 /// none stored): made on a background thread once the segment is opened, or by the first
 /// search that reads the list, within [`SPLIT_MEMORY`] for the process.
 pub(crate) struct Split {
-    /// The lowest frequency in the tiers (the whole list is walked below it).
-    cut: u32,
     /// One per frequency range of [`TIERS`], empty ones left out.
     tiers: Vec<Tier>,
     /// Bytes charged to a budget ([`SPLIT_MEMORY`]), given back when dropped.
@@ -198,7 +205,6 @@ impl Split {
             });
         }
         Some(Split {
-            cut: TIERS[0],
             tiers,
             charged,
             budget,
@@ -206,7 +212,7 @@ impl Split {
     }
 
     /// Its tiers, as a search reads them.
-    pub(crate) fn as_tiers(&self) -> Tiers<'_> {
+    fn parts(&self) -> [Option<TierRef<'_>>; 3] {
         let mut parts = [None; 3];
         for (part, t) in parts.iter_mut().zip(&self.tiers) {
             *part = Some(TierRef {
@@ -216,10 +222,7 @@ impl Split {
                 min_len: t.min_len,
             });
         }
-        Tiers {
-            cut: self.cut,
-            parts,
-        }
+        parts
     }
 
     fn memory_bytes(&self) -> usize {
@@ -326,7 +329,7 @@ pub(crate) struct SegPostings {
 }
 
 /// A stored split list's record: the term, then five words per tier.
-type SplitRecord = [u32; 1 + 5 * TIERS.len()];
+pub(crate) type SplitRecord = [u32; 1 + 5 * TIERS.len()];
 
 impl std::fmt::Debug for SegPostings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -779,33 +782,31 @@ impl SegPostings {
     fn split(&self, i: usize, list: TermList<'_>) -> Option<Tiers<'_>> {
         if self.stored_tiers {
             let records = self.split_records();
-            let rec = &records[records.binary_search_by_key(&(i as u32), |r| r[0]).ok()?];
-            let (pairs, blocks) = (self.all_tier_pairs(), self.all_tier_blocks());
-            let mut parts = [None; 3];
-            for (t, part) in parts.iter_mut().enumerate() {
-                let [first, count, first_block, max_tf, min_len] =
-                    std::array::from_fn(|j| rec[1 + 5 * t + j]);
-                let (first, count, first_block) =
-                    (first as usize, count as usize, first_block as usize);
-                if count > 0 {
-                    *part = Some(TierRef {
-                        pairs: &pairs[first..first + count],
-                        blocks: &blocks[first_block..first_block + count.div_ceil(BLOCK)],
-                        max_tf,
-                        min_len,
-                    });
-                }
-            }
-            return Some(Tiers {
-                cut: TIERS[0],
-                parts,
-            });
+            let at = records.binary_search_by_key(&(i as u32), |r| r[0]).ok()?;
+            return Some(Tiers::Stored(self, &records[at]));
         }
         let at = self.long.binary_search(&(i as u32)).ok()?;
         self.splits[at]
             .get_or_init(|| Split::of(list, self.lens()))
             .as_ref()
-            .map(Split::as_tiers)
+            .map(Tiers::Made)
+    }
+
+    /// The tiers a stored record (one of this file's) lays out.
+    fn stored_tiers_of(&self, rec: &SplitRecord) -> [Option<TierRef<'_>>; 3] {
+        let (pairs, blocks) = (self.all_tier_pairs(), self.all_tier_blocks());
+        std::array::from_fn(|t| {
+            let [first, count, first_block, max_tf, min_len] =
+                std::array::from_fn(|j| rec[1 + 5 * t + j]);
+            let (first, count, first_block) =
+                (first as usize, count as usize, first_block as usize);
+            (count > 0).then(|| TierRef {
+                pairs: &pairs[first..first + count],
+                blocks: &blocks[first_block..first_block + count.div_ceil(BLOCK)],
+                max_tf,
+                min_len,
+            })
+        })
     }
 
     fn list(&self, i: usize) -> TermList<'_> {
@@ -1147,8 +1148,7 @@ mod tests {
         let cost = USED.load(Relaxed);
         assert!(cost >= 500 * 8, "the tiers' 500 pairs charged: {cost}");
         assert_eq!(
-            whole
-                .as_tiers()
+            Tiers::Made(&whole)
                 .tiers()
                 .map(|t| t.pairs.len())
                 .sum::<usize>(),

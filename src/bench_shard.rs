@@ -721,6 +721,8 @@ fn during_compaction(
             // the longest any pass held the write side of the lock, timed by the holder
             let mut held_ms = 0.0f64;
             ix.take_longest_hold();
+            let (stolen_before, passes_began) =
+                (ragfleet_index::priority::stolen_ms(), Instant::now());
             let deadline = Instant::now() + Duration::from_secs(600);
             // a reader beside the passes: how long one waited for the index at most (a pass's
             // own time also counts what it frees after letting the searches back in)
@@ -761,8 +763,18 @@ fn during_compaction(
                     .map_err(|_| anyhow::anyhow!("the reader panicked"))?;
                 r.map(|()| worst)
             })?;
+            // what the hypervisor took from the machine meanwhile: a holder whose virtual CPU
+            // is not running holds the searches off whatever it does
+            let stolen = match (stolen_before, ragfleet_index::priority::stolen_ms()) {
+                (Some(a), Some(b)) => format!(
+                    "; the hypervisor took {} ms of the machine's CPUs in those {:.1} s",
+                    b.saturating_sub(a),
+                    passes_began.elapsed().as_secs_f64()
+                ),
+                _ => String::new(),
+            };
             return Ok(format!(
-                "during a compaction of the largest segment ({} of {n} documents deleted; {secs:.1} s, {figures}; then {chunks} slots pointed at the copies in {passes} passes of at most {:.1} ms (on a CPU {:.1} ms; context switches: {} waits, {} preemptions), the index held at most {held_ms:.1} ms a pass, a reader beside them waiting at most {waited:.1} ms",
+                "during a compaction of the largest segment ({} of {n} documents deleted; {secs:.1} s, {figures}; then {chunks} slots pointed at the copies in {passes} passes of at most {:.1} ms (on a CPU {:.1} ms; context switches: {} waits, {} preemptions), the index held at most {held_ms:.1} ms a pass, a reader beside them waiting at most {waited:.1} ms{stolen}",
                 doomed.len(),
                 longest.0,
                 longest.1,

@@ -5,16 +5,10 @@
 //! hypervisor took from the machine's CPUs meanwhile (`steal` in `/proc/stat`). A lock holder
 //! is such a thread: a gap while it holds the index's write side is a search's wait that no
 //! code of ours makes, so this is the floor under `bench shard`'s longest holds on a machine.
+use ragfleet_index::priority::stolen_ms;
 use std::time::{Duration, Instant};
 
 const LIMITS_MS: [f64; 6] = [0.5, 1.0, 2.0, 4.0, 8.0, 16.0];
-
-/// The machine's stolen time so far, in clock ticks (`/proc/stat`'s eighth `cpu` field).
-fn steal_ticks() -> Option<u64> {
-    let stat = std::fs::read_to_string("/proc/stat").ok()?;
-    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
-    line.split_whitespace().nth(8)?.parse().ok()
-}
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
@@ -23,7 +17,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Some(t) => t.parse()?,
         None => std::thread::available_parallelism().map_or(1, |n| n.get()),
     };
-    let steal_before = steal_ticks();
+    let steal_before = stolen_ms();
     let span = Duration::from_secs_f64(secs);
     let loops: Vec<_> = (0..threads)
         .map(|_| {
@@ -62,11 +56,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             longest.as_secs_f64() * 1e3
         );
     }
-    if let (Some(a), Some(b)) = (steal_before, steal_ticks()) {
-        // USER_HZ is 100 on Linux: a tick is 10 ms.
+    if let (Some(a), Some(b)) = (steal_before, stolen_ms()) {
         println!(
             "stolen by the hypervisor meanwhile: {} ms over all CPUs in {secs} s",
-            (b - a) * 10
+            b - a
         );
     }
     Ok(())

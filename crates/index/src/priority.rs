@@ -158,6 +158,18 @@ fn background_as(idle: bool) -> bool {
     false
 }
 
+/// The CPU time the machine's hypervisor has taken from all its CPUs since boot, in ms
+/// (`steal` in `/proc/stat`; `None` where there is no such file). A thread that holds the
+/// searches off while its virtual CPU is not running holds them that long whatever it does:
+/// `bench shard` reports what was stolen beside its longest holds.
+pub fn stolen_ms() -> Option<u64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let ticks: u64 = line.split_whitespace().nth(8)?.parse().ok()?;
+    // USER_HZ is 100 on every Linux the kernel's ABI allows
+    Some(ticks * 10)
+}
+
 #[cfg(target_os = "linux")]
 mod linux {
     /// `struct sched_attr` (its first version, 56 bytes).

@@ -981,6 +981,90 @@ mod tests {
         }
     }
 
+    /// A shard whose postings files are of the first format (as written before the tiers were
+    /// stored) answers exactly as its twin whose files store them, its long lists split in
+    /// memory; the merge that rewrites such a file stores their tiers, and the twins still
+    /// answer alike, score for score.
+    #[test]
+    fn first_format_postings_answer_alike_and_a_merge_stores_their_tiers() {
+        use crate::postings::SegPostings;
+        let settings = IndexSettings {
+            segment_size: 4096,
+            background: false,
+            ..IndexSettings::default()
+        };
+        // `c` in every chunk, twice in one of eight (a long list that is split)
+        let text = |i: usize| {
+            let c = if i % 8 == 0 { "c c" } else { "c" };
+            format!("w{} v{} {c}", i % 97, i % 13)
+        };
+        let write = |ix: &mut ShardIndex, range: std::ops::Range<usize>| {
+            let ops: Vec<WriteOp> = range.map(|i| doc(i, &text(i), 1)).collect();
+            for batch in ops.chunks(1024) {
+                ix.write(batch.to_vec(), &model()).unwrap();
+            }
+            ix.seal().unwrap();
+            while ix.maintain().unwrap() {}
+        };
+        let answers = |ix: &ShardIndex| -> Vec<Vec<(String, u32)>> {
+            ["c", "c w5", "c v3 w7", "w11 v2 c"]
+                .iter()
+                .map(|q| {
+                    let q = SearchQuery {
+                        vector: vector(0),
+                        text: q.to_string(),
+                        k: 10,
+                        mode: SearchMode::Bm25,
+                        model: Some(model()),
+                    };
+                    let hits = ix.search(&q).unwrap();
+                    hits.into_iter()
+                        .map(|h| (h.doc_id, h.score.to_bits()))
+                        .collect()
+                })
+                .collect()
+        };
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        for dir in [&a, &b] {
+            let (mut ix, _) = ShardIndex::open(dir.path(), settings.clone()).unwrap();
+            write(&mut ix, 0..8192);
+            assert_eq!(ix.sealed.len(), 1, "one segment of 8,192");
+        }
+        // the second twin's postings files rewritten in the first format
+        let mut rewritten = 0;
+        for e in std::fs::read_dir(b.path()).unwrap() {
+            let path = e.unwrap().path();
+            if path.extension().is_some_and(|x| x == "post") {
+                let p = SegPostings::open(&path, 8192).unwrap().unwrap();
+                assert!(p.stores_tiers());
+                SegPostings::write_first_format(&path, &[p.as_ref()]).unwrap();
+                rewritten += 1;
+            }
+        }
+        assert_eq!(rewritten, 1);
+        let (mut ia, _) = ShardIndex::open(a.path(), settings.clone()).unwrap();
+        let (mut ib, _) = ShardIndex::open(b.path(), settings.clone()).unwrap();
+        let first = &ib.sealed[0].postings;
+        assert!(!first.stores_tiers() && ia.sealed[0].postings.stores_tiers());
+        assert!(first.find("c").unwrap().hi.is_some(), "split in memory");
+        assert!(first.memory_bytes() > 0 && ia.sealed[0].postings.memory_bytes() == 0);
+        let before = answers(&ia);
+        assert_eq!(before[0].len(), 10);
+        assert_eq!(answers(&ib), before);
+        // 600 more (over 1/16 of the segment): merged into it, its postings rewritten
+        write(&mut ia, 8192..8792);
+        write(&mut ib, 8192..8792);
+        assert_eq!(ib.sealed.len(), 1, "merged into one");
+        assert!(
+            ib.sealed[0].postings.stores_tiers(),
+            "the merge stores them"
+        );
+        assert_eq!(ib.sealed[0].postings.memory_bytes(), 0);
+        let after = answers(&ia);
+        assert_ne!(after, before, "the statistics moved");
+        assert_eq!(answers(&ib), after);
+    }
+
     /// Deletes document `gone` and replaces `replaced.0` with text `replaced.1` (versions
     /// `version` and `version + 1`), and says so in `live`.
     fn delete_and_replace(

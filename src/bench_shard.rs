@@ -773,8 +773,13 @@ fn during_compaction(
                 ),
                 _ => String::new(),
             };
+            let commits = ix.read().merge_commits();
+            let commits = format!(
+                "; of the {} merges committed since the open, {} with their files renamed and manifest written ahead",
+                commits.all, commits.prepared
+            );
             return Ok(format!(
-                "during a compaction of the largest segment ({} of {n} documents deleted; {secs:.1} s, {figures}; then {chunks} slots pointed at the copies in {passes} passes of at most {:.1} ms (on a CPU {:.1} ms; context switches: {} waits, {} preemptions), the index held at most {held_ms:.1} ms a pass, a reader beside them waiting at most {waited:.1} ms{stolen}",
+                "during a compaction of the largest segment ({} of {n} documents deleted; {secs:.1} s, {figures}; then {chunks} slots pointed at the copies in {passes} passes of at most {:.1} ms (on a CPU {:.1} ms; context switches: {} waits, {} preemptions), the index held at most {held_ms:.1} ms a pass, a reader beside them waiting at most {waited:.1} ms{stolen}{commits}",
                 doomed.len(),
                 longest.0,
                 longest.1,

@@ -28,8 +28,8 @@ pub use lock::DirLock;
 pub use ranking::{merge_top_k, rrf, sort_hits};
 pub use segment::AnnKind;
 pub use shard::{
-    IndexSettings, PreparedSeal, PullPlan, RecoveryReport, Room, ShardIndex, SharedShard, ToFree,
-    IDLE_SEAL_MIN_CHUNKS,
+    IndexSettings, MergeCommits, PreparedSeal, PullPlan, RecoveryReport, Room, ShardIndex,
+    SharedShard, ToFree, IDLE_SEAL_MIN_CHUNKS,
 };
 pub use wal::{Wal, WalRecovery};
 

@@ -521,6 +521,41 @@ fn until_a_merge_waits(ix: &mut ShardIndex, from: u64, n: u64) {
 }
 
 #[test]
+fn a_merge_that_finished_before_a_seal_is_committed_prepared_not_inside_the_seal() {
+    let dir = tempfile::tempdir().unwrap();
+    let background = IndexSettings {
+        background: true,
+        ..settings(32)
+    };
+    let (mut ix, _) = ShardIndex::open(dir.path(), background).unwrap();
+    until_a_merge_waits(&mut ix, 0, 96);
+    let segments = ix.segment_stats().0;
+    assert_eq!(ix.merge_commits().all, 0);
+    // the next writes fill the growing segment: their seal finds the merge waiting and
+    // commits it first, its files renamed and its manifest written ahead, in a hold of its
+    // own (before, the seal's commit committed it inline: renames, manifest and a
+    // compaction's pruning under the lock)
+    let shard = SharedShard::new(ix);
+    for i in 96..128 {
+        shard
+            .write(vec![upsert(&format!("d{i}"), 1, i)], &model())
+            .unwrap();
+    }
+    let ix = shard.into_inner();
+    assert_eq!(
+        ix.merge_commits(),
+        ragfleet_index::MergeCommits {
+            prepared: 1,
+            all: 1
+        }
+    );
+    // one more sealed, and the merge's sources replaced by one
+    assert!(ix.segment_stats().0 < segments + 1);
+    assert_eq!(ix.doc_count(), 128);
+    assert!((0..128).all(|i| finds(&ix, &format!("d{i}"), i)));
+}
+
+#[test]
 fn a_merge_commit_prepared_beside_the_searches_is_crash_safe_and_kept_or_redone() {
     let dir = tempfile::tempdir().unwrap();
     let background = IndexSettings {

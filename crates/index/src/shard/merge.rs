@@ -242,6 +242,11 @@ impl ShardIndex {
         self.merge.as_ref().is_some_and(|job| job.finished())
     }
 
+    /// How the merges were committed since the open.
+    pub fn merge_commits(&self) -> MergeCommits {
+        self.merge_commits
+    }
+
     /// Whether a merge is running or waiting for its commit.
     pub fn merging(&self) -> bool {
         self.merge.is_some()
@@ -520,7 +525,8 @@ impl ShardIndex {
         };
         let started = std::time::Instant::now();
         let ms = |since: std::time::Instant| since.elapsed().as_secs_f64() * 1e3;
-        if !merged.in_place.load(Ordering::Acquire) {
+        let prepared = merged.in_place.load(Ordering::Acquire);
+        if !prepared {
             if let Err(e) = rename_all(&merged.files) {
                 discard(&merged);
                 return Err(e);
@@ -541,6 +547,8 @@ impl ShardIndex {
             return Err(e);
         }
         let manifest_ms = ms(t);
+        self.merge_commits.all += 1;
+        self.merge_commits.prepared += u64::from(prepared);
         let t = std::time::Instant::now();
         if merged.compacted {
             // the live chunks' slots move to the new file, so that the sources' maps are let

@@ -61,6 +61,7 @@ impl ShardIndex {
             freeing: Default::default(),
             rebinding: Default::default(),
             prune_due: false,
+            merge_commits: Default::default(),
             planned_at: (u64::MAX, 0, false),
             digest_memo: Default::default(),
         };

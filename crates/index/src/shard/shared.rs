@@ -148,6 +148,13 @@ impl SharedShard {
             }
             return Ok(true);
         }
+        self.maintain_merges()
+    }
+
+    /// The merges' part of [`SharedShard::maintain`] (writer held): a finished merge committed
+    /// (prepared beside the searches), the next started, a batch of slots moved, the
+    /// tombstones a compaction let go of pruned.
+    fn maintain_merges(&self) -> Result<bool, IndexError> {
         // a merge's commit writes a manifest: the deletion records ahead of it (only then: a
         // trickle of deletes would otherwise have them written again at every poll)
         if self.read().merge_finished() {
@@ -221,6 +228,14 @@ impl SharedShard {
     /// A seal whose files are written under the read side (writer held): nothing can change
     /// the growing segment between the halves.
     fn seal_in_halves(&self) -> Result<(), IndexError> {
+        // a merge that finished meanwhile is committed first, in a hold of its own with its
+        // files renamed and its manifest written ahead and a compaction's pruning after it;
+        // the seal's commit would otherwise commit it inline, all of that under the lock
+        if self.read().merge_finished() {
+            if let Err(e) = self.maintain_merges() {
+                warn!(error = %e, "committing a finished merge before a seal failed");
+            }
+        }
         let prepared = self.read().prepare_seal()?;
         self.deletions_ahead();
         if let Err(e) = self.read().prepare_seal_manifest(&prepared) {

@@ -341,6 +341,47 @@ impl std::fmt::Debug for SegPostings {
     }
 }
 
+/// A list's postings and their block summaries.
+type Placed<'b> = (&'b [[u32; 2]], &'b [[u32; 3]]);
+
+/// A list's postings and block summaries, `[first pair, pairs, first block]` into `pairs` and
+/// `blocks`, when both lie inside them.
+fn placed<'b>(
+    pairs: &'b [[u32; 2]],
+    blocks: &'b [[u32; 3]],
+    [first, count, first_block]: [u32; 3],
+) -> Option<Placed<'b>> {
+    let (first, count, first_block) = (first as usize, count as usize, first_block as usize);
+    Some((
+        pairs.get(first..first + count)?,
+        blocks.get(first_block..first_block + count.div_ceil(BLOCK))?,
+    ))
+}
+
+/// Whether `summ` summarises `list` (rows inside `lens`) block by block (last row, highest
+/// frequency, shortest length per [`BLOCK`] postings) and `bound` (highest frequency,
+/// shortest length; zeros for no postings) the whole list.
+fn summarised(
+    list: &[[u32; 2]],
+    summ: &[[u32; 3]],
+    bound: (u32, u32),
+    lens: &[u32],
+) -> Result<(), String> {
+    let mut whole: Option<(u32, u32)> = None;
+    for (j, chunk) in list.chunks(BLOCK).enumerate() {
+        let tf = chunk.iter().map(|p| p[1]).max().unwrap_or(0);
+        let len = chunk.iter().map(|p| lens[p[0] as usize]).min().unwrap_or(0);
+        if summ[j] != [chunk[chunk.len() - 1][0], tf, len] {
+            return Err(format!("block {j} does not summarise it"));
+        }
+        whole = Some(whole.map_or((tf, len), |(t, l)| (t.max(tf), l.min(len))));
+    }
+    if whole.unwrap_or((0, 0)) != bound {
+        return Err("bound does not fit its postings".into());
+    }
+    Ok(())
+}
+
 /// Bytes to add at absolute position `at` to reach a multiple of 8.
 fn pad8(at: usize) -> usize {
     (8 - at % 8) % 8
@@ -457,51 +498,29 @@ impl SegPostings {
         }
         // the sections, in order, each 8-byte aligned
         let mut pos = HEADER + FIXED;
-        let mut section = |bytes: Option<usize>| -> Option<usize> {
+        let mut section = |bytes: Option<usize>| -> Result<usize, IndexError> {
             pos += pad8(pos);
             let start = pos;
-            pos = pos.checked_add(bytes?)?;
-            Some(start)
+            pos = bytes
+                .and_then(|n| pos.checked_add(n))
+                .ok_or_else(|| corrupt("section sizes overflow".into()))?;
+            Ok(start)
         };
-        let lens = section(n_rows.checked_mul(4));
-        let toff = section(terms.checked_add(1).and_then(|t| t.checked_mul(4)));
-        let blob = section(Some(blob_len));
-        let pairs = section(n_pairs.checked_mul(8));
-        let blocks = section(n_blocks.checked_mul(12));
-        let meta = section(terms.checked_mul(20));
+        let lens = section(n_rows.checked_mul(4))?;
+        let toff = section(terms.checked_add(1).and_then(|t| t.checked_mul(4)))?;
+        let blob = section(Some(blob_len))?;
+        let pairs = section(n_pairs.checked_mul(8))?;
+        let blocks = section(n_blocks.checked_mul(12))?;
+        let meta = section(terms.checked_mul(20))?;
         // (the first format ends with `meta`, unpadded)
         let (tier_pairs, tier_blocks, splits_at) = if stored_tiers {
             (
-                section(n_tier_pairs.checked_mul(8)),
-                section(n_tier_blocks.checked_mul(12)),
-                section(n_splits.checked_mul(std::mem::size_of::<SplitRecord>())),
+                section(n_tier_pairs.checked_mul(8))?,
+                section(n_tier_blocks.checked_mul(12))?,
+                section(n_splits.checked_mul(std::mem::size_of::<SplitRecord>()))?,
             )
         } else {
-            (Some(0), Some(0), Some(0))
-        };
-        let (
-            Some(lens),
-            Some(toff),
-            Some(blob),
-            Some(pairs),
-            Some(blocks),
-            Some(meta),
-            Some(tier_pairs),
-            Some(tier_blocks),
-            Some(splits_at),
-        ) = (
-            lens,
-            toff,
-            blob,
-            pairs,
-            blocks,
-            meta,
-            tier_pairs,
-            tier_blocks,
-            splits_at,
-        )
-        else {
-            return Err(corrupt("section sizes overflow".into()));
+            (0, 0, 0)
         };
         if pos != b.len() {
             return Err(corrupt(format!(
@@ -568,41 +587,24 @@ impl SegPostings {
         let (pairs, blocks) = (self.all_pairs(), self.all_blocks());
         let (mut next_pair, mut next_block) = (0usize, 0usize);
         for (i, m) in self.all_meta().iter().enumerate() {
-            let [first, count, first_block, max_tf, min_len] = m.map(|x| x as usize);
-            if first != next_pair || count == 0 || first_block != next_block {
+            let [first, count, first_block, max_tf, min_len] = *m;
+            if first as usize != next_pair || count == 0 || first_block as usize != next_block {
                 return Err(format!("term {i}'s postings out of place"));
             }
-            let nb = count.div_ceil(BLOCK);
-            let (Some(list), Some(summ)) = (
-                pairs.get(first..first + count),
-                blocks.get(first_block..first_block + nb),
-            ) else {
+            let Some((list, summ)) = placed(pairs, blocks, [first, count, first_block]) else {
                 return Err(format!("term {i}'s postings past the end"));
             };
             let mut prev: Option<u32> = None;
-            let (mut hi_tf, mut lo_len) = (0u32, u32::MAX);
-            for (j, chunk) in list.chunks(BLOCK).enumerate() {
-                let (mut btf, mut blen) = (0u32, u32::MAX);
-                for &[row, tf] in chunk {
-                    if prev.is_some_and(|p| p >= row) || row as usize >= self.rows || tf == 0 {
-                        return Err(format!("term {i}'s postings unsorted or out of range"));
-                    }
-                    prev = Some(row);
-                    btf = btf.max(tf);
-                    blen = blen.min(lens[row as usize]);
+            for &[row, tf] in list {
+                if prev.is_some_and(|p| p >= row) || row as usize >= self.rows || tf == 0 {
+                    return Err(format!("term {i}'s postings unsorted or out of range"));
                 }
-                let last = chunk[chunk.len() - 1][0];
-                if summ[j] != [last, btf, blen] {
-                    return Err(format!("term {i}'s block {j} does not summarise it"));
-                }
-                hi_tf = hi_tf.max(btf);
-                lo_len = lo_len.min(blen);
+                prev = Some(row);
             }
-            if (hi_tf, lo_len) != (max_tf as u32, min_len as u32) {
-                return Err(format!("term {i}'s bound does not fit its postings"));
-            }
-            next_pair += count;
-            next_block += nb;
+            summarised(list, summ, (max_tf, min_len), lens)
+                .map_err(|what| format!("term {i}'s {what}"))?;
+            next_pair += list.len();
+            next_block += summ.len();
         }
         if next_pair != self.n_pairs || next_block != self.n_blocks {
             return Err("postings or blocks left over".into());
@@ -626,17 +628,14 @@ impl SegPostings {
             let mut held = 0usize;
             for (t, range) in tier_ranges().enumerate() {
                 let [first, count, first_block, max_tf, min_len] =
-                    std::array::from_fn(|j| rec[1 + 5 * t + j] as usize);
-                if first != next_pair || first_block != next_block {
+                    std::array::from_fn(|j| rec[1 + 5 * t + j]);
+                if first as usize != next_pair || first_block as usize != next_block {
                     return Err(format!("term {term}'s tier {t} out of place"));
                 }
-                let nb = count.div_ceil(BLOCK);
-                let (Some(tier), Some(summ)) = (
-                    pairs.get(first..first + count),
-                    blocks.get(first_block..first_block + nb),
-                ) else {
+                let Some((tier, summ)) = placed(pairs, blocks, [first, count, first_block]) else {
                     return Err(format!("term {term}'s tier {t} past the end"));
                 };
+                // (its rows are then the list's, checked)
                 if !list
                     .pairs
                     .iter()
@@ -645,22 +644,11 @@ impl SegPostings {
                 {
                     return Err(format!("term {term}'s tier {t} is not its list's repeats"));
                 }
-                let (mut hi_tf, mut lo_len) = (0u32, 0u32);
-                for (j, chunk) in tier.chunks(BLOCK).enumerate() {
-                    let btf = chunk.iter().map(|p| p[1]).max().unwrap_or(0);
-                    let blen = chunk.iter().map(|p| lens[p[0] as usize]).min().unwrap_or(0);
-                    if summ[j] != [chunk[chunk.len() - 1][0], btf, blen] {
-                        return Err(format!("term {term}'s tier {t} block {j} is wrong"));
-                    }
-                    hi_tf = hi_tf.max(btf);
-                    lo_len = if j == 0 { blen } else { lo_len.min(blen) };
-                }
-                if (hi_tf, lo_len) != (max_tf as u32, min_len as u32) {
-                    return Err(format!("term {term}'s tier {t} bound does not fit it"));
-                }
-                held += count;
-                next_pair += count;
-                next_block += nb;
+                summarised(tier, summ, (max_tf, min_len), lens)
+                    .map_err(|what| format!("term {term}'s tier {t}: {what}"))?;
+                held += tier.len();
+                next_pair += tier.len();
+                next_block += summ.len();
             }
             if held == 0 {
                 return Err(format!("term {term}'s split has no tiers"));
@@ -798,11 +786,11 @@ impl SegPostings {
         std::array::from_fn(|t| {
             let [first, count, first_block, max_tf, min_len] =
                 std::array::from_fn(|j| rec[1 + 5 * t + j]);
-            let (first, count, first_block) =
-                (first as usize, count as usize, first_block as usize);
-            (count > 0).then(|| TierRef {
-                pairs: &pairs[first..first + count],
-                blocks: &blocks[first_block..first_block + count.div_ceil(BLOCK)],
+            // (checked at open: in place)
+            let (pairs, blocks) = placed(pairs, blocks, [first, count, first_block])?;
+            (count > 0).then_some(TierRef {
+                pairs,
+                blocks,
                 max_tf,
                 min_len,
             })
@@ -838,6 +826,38 @@ impl PostingsInput for SegPostings {
     fn pairs(&self, i: usize) -> &[[u32; 2]] {
         self.list(i).pairs
     }
+}
+
+/// Writes `postings` to `out` (through `buf`, flushed a block at a time) and their block
+/// summaries onto `blocks`; returns how many, their highest frequency and shortest length
+/// (zeros for none).
+fn put_list(
+    out: &mut Out<'_>,
+    buf: &mut Vec<u8>,
+    blocks: &mut Vec<[u32; 3]>,
+    lens: &[u32],
+    postings: impl Iterator<Item = [u32; 2]>,
+) -> std::io::Result<(u32, u32, u32)> {
+    let (mut n, mut hi_tf, mut lo_len) = (0usize, 0u32, 0u32);
+    for [row, tf] in postings {
+        let len = lens[row as usize];
+        if n % BLOCK == 0 {
+            blocks.push([row, tf, len]);
+        } else {
+            let b = blocks.last_mut().expect("a block");
+            *b = [row, b[1].max(tf), b[2].min(len)];
+        }
+        hi_tf = hi_tf.max(tf);
+        lo_len = if n == 0 { len } else { lo_len.min(len) };
+        buf.extend_from_slice(&row.to_le_bytes());
+        buf.extend_from_slice(&tf.to_le_bytes());
+        if buf.len() >= BLOCK * 8 {
+            out.put(buf)?;
+            buf.clear();
+        }
+        n += 1;
+    }
+    Ok((n as u32, hi_tf, lo_len))
 }
 
 /// A body being written, with its absolute position in the file.
@@ -1026,28 +1046,7 @@ fn encode(
     let mut buf: Vec<u8> = Vec::with_capacity(BLOCK * 8);
     for g in &groups {
         let first_block = blocks.len() as u32;
-        let (mut hi_tf, mut lo_len) = (0u32, u32::MAX);
-        let mut n = 0u32;
-        for &(_, k, i) in &all[g.clone()] {
-            for [row, tf] in kept_pairs(k, i) {
-                let len = lens[row as usize];
-                if n as usize % BLOCK == 0 {
-                    blocks.push([row, tf, len]);
-                } else {
-                    let b = blocks.last_mut().expect("a block");
-                    *b = [row, b[1].max(tf), b[2].min(len)];
-                }
-                hi_tf = hi_tf.max(tf);
-                lo_len = lo_len.min(len);
-                buf.extend_from_slice(&row.to_le_bytes());
-                buf.extend_from_slice(&tf.to_le_bytes());
-                if buf.len() >= BLOCK * 8 {
-                    out.put(&buf)?;
-                    buf.clear();
-                }
-                n += 1;
-            }
-        }
+        let (n, hi_tf, lo_len) = put_list(&mut out, &mut buf, &mut blocks, &lens, term_pairs(g))?;
         meta.push([first, n, first_block, hi_tf, lo_len]);
         first += n;
     }
@@ -1068,28 +1067,10 @@ fn encode(
         rec[0] = t as u32;
         for (at, range) in tier_ranges().enumerate() {
             let first_block = tier_blocks.len() as u32;
-            let (mut hi_tf, mut lo_len) = (0u32, 0u32);
-            let mut n = 0usize;
-            for [row, tf] in term_pairs(&groups[t]).filter(|p| range.contains(&p[1])) {
-                let len = lens[row as usize];
-                if n % BLOCK == 0 {
-                    tier_blocks.push([row, tf, len]);
-                } else {
-                    let b = tier_blocks.last_mut().expect("a block");
-                    *b = [row, b[1].max(tf), b[2].min(len)];
-                }
-                hi_tf = hi_tf.max(tf);
-                lo_len = if n == 0 { len } else { lo_len.min(len) };
-                buf.extend_from_slice(&row.to_le_bytes());
-                buf.extend_from_slice(&tf.to_le_bytes());
-                if buf.len() >= BLOCK * 8 {
-                    out.put(&buf)?;
-                    buf.clear();
-                }
-                n += 1;
-            }
-            debug_assert_eq!(n, sizes[at]);
-            let count = n as u32;
+            let tier = term_pairs(&groups[t]).filter(|p| range.contains(&p[1]));
+            let (count, hi_tf, lo_len) =
+                put_list(&mut out, &mut buf, &mut tier_blocks, &lens, tier)?;
+            debug_assert_eq!(count as usize, sizes[at]);
             rec[1 + 5 * at..6 + 5 * at].copy_from_slice(&[
                 first,
                 count,

@@ -775,7 +775,7 @@ fn during_compaction(
             };
             let commits = ix.read().merge_commits();
             let commits = format!(
-                "; of the {} merges committed since the open, {} with their files renamed and manifest written ahead",
+                "; of the {} merges committed since the open, {} prepared beside the searches (files renamed ahead)",
                 commits.all, commits.prepared
             );
             return Ok(format!(

@@ -293,8 +293,9 @@ impl Slots {
 /// How a shard's merges were committed since it was opened ([`ShardIndex::merge_commits`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct MergeCommits {
-    /// Committed with their files renamed and their manifest written ahead, beside the
-    /// searches: the commit held the index for the switch alone.
+    /// Prepared beside the searches ([`ShardIndex::prepare_merge_commit`]): their files
+    /// renamed ahead, and their manifest too unless the index changed since, so the commit
+    /// held the index for little more than the switch.
     pub prepared: u64,
     /// Committed in all.
     pub all: u64,
@@ -355,8 +356,7 @@ pub struct ShardIndex {
     /// [`ShardIndex::prune_tombstones`]): done by the next maintenance, beside the searches
     /// where the index is shared.
     prune_due: bool,
-    /// Merges committed since the open: with their files renamed ahead (beside the searches,
-    /// [`ShardIndex::prepare_merge_commit`]), and in all.
+    /// Merges committed since the open: prepared beside the searches, and in all.
     merge_commits: MergeCommits,
     /// (generation, graphs_done, idle) when the policy last ran.
     planned_at: (u64, u64, bool),

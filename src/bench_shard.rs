@@ -178,6 +178,10 @@ pub fn run(b: ShardBench) -> Result<()> {
     let zipf = Zipf::new(20_000);
     let mut rows = Vec::new();
     let mut merge_line = None;
+    let mut alternated = None;
+    // the smaller sizes' shards, kept open (quiet) until the largest is measured, so that the
+    // sizes' latencies can also be taken side by side, in alternating rounds
+    let mut kept: Vec<Kept> = Vec::new();
     let largest = b.sizes.iter().copied().max().unwrap_or(0);
     for &n in &b.sizes {
         let dir = root.path().join(format!("n{n}"));
@@ -324,8 +328,33 @@ pub fn run(b: ShardBench) -> Result<()> {
             );
             at_size.push(row);
         }
+        // the narrowest beam reaching recall 0.95 (else the widest): the one the ratio uses
+        let chosen_ef = at_size
+            .iter()
+            .find(|r| r.recall >= 0.95)
+            .or(at_size.last())
+            .map_or(64, |r| r.ef);
+        ix.exclusive(|ix| ix.set_ef_search(chosen_ef));
+        kept.push(Kept {
+            n,
+            ef: chosen_ef,
+            ix,
+            dense,
+            bm25,
+        });
+        rows.push(at_size);
+        if n != largest {
+            continue;
+        }
+        alternated = Some(alternate(&kept, ALTERNATE_ROUNDS)?);
+        // the smaller sizes are done with; the largest's measurements under load follow
+        let Kept { ix, dense, .. } = kept.pop().expect("the largest");
+        for k in kept.drain(..) {
+            drop(k.ix);
+            let _ = std::fs::remove_dir_all(root.path().join(format!("n{}", k.n)));
+        }
         ix.exclusive(|ix| ix.set_ef_search(b.ef_search.first().copied().unwrap_or(64)));
-        if n == largest {
+        {
             let at = Largest {
                 ix: &ix,
                 dense: &dense,
@@ -339,7 +368,6 @@ pub fn run(b: ShardBench) -> Result<()> {
             let compaction = during_compaction(&ix, &dense, &families)?;
             merge_line = Some(format!("{writes}\n{merge}\n{compaction}"));
         }
-        rows.push(at_size);
         drop(ix);
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -390,10 +418,74 @@ pub fn run(b: ShardBench) -> Result<()> {
             w[1].dense.0 / w[0].dense.0, w[1].bm25.0 / w[0].bm25.0
         );
     }
+    if let Some(a) = alternated {
+        println!("{a}");
+    }
     if let Some(l) = merge_line {
         println!("{l}");
     }
     Ok(())
+}
+
+/// Rounds of [`alternate`]: each size timed once a round.
+const ALTERNATE_ROUNDS: usize = 5;
+
+/// A size's shard, open and quiet, at the beam its ratio uses, with its queries.
+struct Kept {
+    n: usize,
+    ef: usize,
+    ix: SharedShard,
+    dense: Vec<SearchQuery>,
+    bm25: Vec<SearchQuery>,
+}
+
+/// The ratios between consecutive sizes' p50 taken side by side: `rounds` rounds, each timing
+/// every size's dense and BM25 queries in turn, the ratio taken within each round (this
+/// machine's speed drifts by tens of percent between sittings minutes apart, and the sizes
+/// are otherwise measured one after the other, the larger minutes later); the median round's
+/// ratio and the range.
+fn alternate(kept: &[Kept], rounds: usize) -> Result<String> {
+    // per round, per size: (dense p50, BM25 p50)
+    let mut taken: Vec<Vec<(f64, f64)>> = Vec::with_capacity(rounds);
+    for _ in 0..rounds {
+        let mut round = Vec::with_capacity(kept.len());
+        for k in kept {
+            timed(&k.ix, &k.dense[..k.dense.len().min(20)])?; // its caches warm again
+            let mut d = timed(&k.ix, &k.dense)?;
+            let mut b = timed(&k.ix, &k.bm25)?;
+            round.push((percentile(&mut d, 0.5), percentile(&mut b, 0.5)));
+        }
+        taken.push(round);
+    }
+    let mut lines = Vec::new();
+    for i in 1..kept.len() {
+        let ratio = |f: fn(&(f64, f64)) -> f64| {
+            let mut r: Vec<f64> = taken.iter().map(|t| f(&t[i]) / f(&t[i - 1])).collect();
+            let (lo, hi) = (
+                r.iter().copied().fold(f64::INFINITY, f64::min),
+                r.iter().copied().fold(0.0, f64::max),
+            );
+            (percentile(&mut r, 0.5), lo, hi)
+        };
+        let (d, dl, dh) = ratio(|t| t.0);
+        let (m, ml, mh) = ratio(|t| t.1);
+        let p50s = |i: usize, f: fn(&(f64, f64)) -> f64| {
+            let mut v: Vec<f64> = taken.iter().map(|t| f(&t[i])).collect();
+            percentile(&mut v, 0.5)
+        };
+        lines.push(format!(
+            "side by side, {rounds} rounds alternating the sizes ({} at ef {} -> {} at ef {}): dense p50 {:.3} -> {:.3} ms, x{d:.2} (rounds x{dl:.2}-x{dh:.2}); BM25 p50 {:.3} -> {:.3} ms, x{m:.2} (x{ml:.2}-x{mh:.2})",
+            kept[i - 1].n,
+            kept[i - 1].ef,
+            kept[i].n,
+            kept[i].ef,
+            p50s(i - 1, |t| t.0),
+            p50s(i, |t| t.0),
+            p50s(i - 1, |t| t.1),
+            p50s(i, |t| t.1),
+        ));
+    }
+    Ok(lines.join("\n"))
 }
 
 /// The largest size's index and queries, for the measurements under load.

@@ -542,13 +542,11 @@ fn a_merge_that_finished_before_a_seal_is_committed_prepared_not_inside_the_seal
             .unwrap();
     }
     let ix = shard.into_inner();
-    assert_eq!(
-        ix.merge_commits(),
-        ragfleet_index::MergeCommits {
-            prepared: 1,
-            all: 1
-        }
-    );
+    // the merge that waited was committed prepared; a merge the seal's commit itself starts
+    // may finish at once on these tiny segments and be committed there too
+    let commits = ix.merge_commits();
+    assert_eq!(commits.prepared, 1, "{commits:?}");
+    assert!(commits.all >= 1);
     // one more sealed, and the merge's sources replaced by one
     assert!(ix.segment_stats().0 < segments + 1);
     assert_eq!(ix.doc_count(), 128);

@@ -354,20 +354,18 @@ pub fn run(b: ShardBench) -> Result<()> {
             let _ = std::fs::remove_dir_all(root.path().join(format!("n{}", k.n)));
         }
         ix.exclusive(|ix| ix.set_ef_search(b.ef_search.first().copied().unwrap_or(64)));
-        {
-            let at = Largest {
-                ix: &ix,
-                dense: &dense,
-                zipf: &zipf,
-                dim: b.dim,
-                n,
-            };
-            let (writes, written) = during_writes(&at)?;
-            let (merge, merged) = during_merge(&at)?;
-            let families = [("d", 0..n), ("w", 0..written), ("m", n..merged)];
-            let compaction = during_compaction(&ix, &dense, &families)?;
-            merge_line = Some(format!("{writes}\n{merge}\n{compaction}"));
-        }
+        let at = Largest {
+            ix: &ix,
+            dense: &dense,
+            zipf: &zipf,
+            dim: b.dim,
+            n,
+        };
+        let (writes, written) = during_writes(&at)?;
+        let (merge, merged) = during_merge(&at)?;
+        let families = [("d", 0..n), ("w", 0..written), ("m", n..merged)];
+        let compaction = during_compaction(&ix, &dense, &families)?;
+        merge_line = Some(format!("{writes}\n{merge}\n{compaction}"));
         drop(ix);
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -461,11 +459,9 @@ fn alternate(kept: &[Kept], rounds: usize) -> Result<String> {
     for i in 1..kept.len() {
         let ratio = |f: fn(&(f64, f64)) -> f64| {
             let mut r: Vec<f64> = taken.iter().map(|t| f(&t[i]) / f(&t[i - 1])).collect();
-            let (lo, hi) = (
-                r.iter().copied().fold(f64::INFINITY, f64::min),
-                r.iter().copied().fold(0.0, f64::max),
-            );
-            (percentile(&mut r, 0.5), lo, hi)
+            // (sorted by the percentile)
+            let median = percentile(&mut r, 0.5);
+            (median, r[0], r[r.len() - 1])
         };
         let (d, dl, dh) = ratio(|t| t.0);
         let (m, ml, mh) = ratio(|t| t.1);

@@ -314,16 +314,18 @@ pub(crate) struct SegPostings {
     pairs: usize,
     blocks: usize,
     meta: usize,
-    /// Whether the file stores its lists' tiers (the current format); when it does not, the
-    /// terms whose lists are [`SPLIT_MIN`] long or longer, in order, and their splits once
-    /// made in memory (`None`: the list has none).
+    /// Whether the file stores its lists' tiers (the current format).
     stored_tiers: bool,
+    /// The stored tiers' sizes, and their sections' absolute offsets (all zero in the first
+    /// format).
     n_tier_pairs: usize,
     n_tier_blocks: usize,
     n_splits: usize,
     tier_pairs: usize,
     tier_blocks: usize,
     splits_at: usize,
+    /// A first-format file's terms whose lists are [`SPLIT_MIN`] long or longer, in order,
+    /// and their splits once made in memory (`None`: the list has none); empty otherwise.
     long: Vec<u32>,
     splits: Vec<OnceLock<Option<Split>>>,
 }

@@ -181,10 +181,7 @@ impl ShardIndex {
     /// (a shared index frees it after letting the searches back in).
     /// The older copies of the slots it moves go onto `older`, at most to its capacity in the
     /// background (none is asked of the allocator under the lock: see [`REBIND_ROOM`]).
-    pub(super) fn maintain_keeping(
-        &mut self,
-        older: &mut Vec<Arc<Entry>>,
-    ) -> Result<bool, IndexError> {
+    fn maintain_keeping(&mut self, older: &mut Vec<Arc<Entry>>) -> Result<bool, IndexError> {
         if self.idle_seal_due() {
             info!(
                 dir = %self.dir.display(),
@@ -200,6 +197,16 @@ impl ShardIndex {
             }
             return Ok(true);
         }
+        self.merges_keeping(older)
+    }
+
+    /// [`ShardIndex::maintain_keeping`] without the idle seal: a batch of slots moved, a
+    /// finished merge committed, the next started (a shared index seals in halves itself,
+    /// never under its lock).
+    pub(super) fn merges_keeping(
+        &mut self,
+        older: &mut Vec<Arc<Entry>>,
+    ) -> Result<bool, IndexError> {
         let started = std::time::Instant::now();
         self.rebind_some(older);
         let rebind_ms = started.elapsed().as_secs_f64() * 1e3;

@@ -171,7 +171,7 @@ impl SharedShard {
         let mut older = Vec::with_capacity(super::merge::REBIND_ROOM);
         std::hint::black_box(self.read().touch_rebind(super::merge::REBIND_ROOM));
         let mut held = self.hold();
-        let r = held.ix.maintain_keeping(&mut older);
+        let r = held.ix.merges_keeping(&mut older);
         // the older copies of the slots moved (and the files they kept mapped) are let go of
         // beside the searches
         let to_free = held.ix.take_to_free();

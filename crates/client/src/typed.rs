@@ -100,8 +100,14 @@ typed! {
     DeleteDocuments { doc_ids: Vec<String> } => IngestResult,
         |x| Request::Delete { doc_ids: x.doc_ids, version: 0 },
         { Response::Ingested(r) => r };
-    /// Shard replica: the version of every document it holds.
-    Versions {} => ShardVersions, |_| Request::Versions, { Response::Versions(v) => v };
+    /// Shard replica: the digest of each bucket of its documents.
+    BucketDigests { buckets: u32 } => Vec<u64>,
+        |x| Request::BucketDigests { buckets: x.buckets }, { Response::BucketDigests(d) => d };
+    /// Shard replica: the versions of the documents in the first buckets wanted (a page); with
+    /// how many buckets it covers.
+    VersionsIn { buckets: u32, wanted: Vec<u32>, max_bytes: u32 } => (ShardVersions, u32),
+        |x| Request::VersionsIn { buckets: x.buckets, wanted: x.wanted, max_bytes: x.max_bytes },
+        { Response::Versions { versions, covered } => (versions, covered) };
     /// Shard replica: the digest of its versions, and its document count.
     Digest {} => (u64, u64), |_| Request::Digest, { Response::Digest { digest, docs } => (digest, docs) };
     /// Shard replica: the live copies of documents.

@@ -494,6 +494,116 @@ fn replicas_that_diverged_both_ways_converge_by_pulling_only_what_differs() {
     assert!(a.plan_pull(&stale.versions()).is_empty());
 }
 
+/// Pulls what `to` lacks of `from`'s state bucket by differing bucket, in pages of about
+/// `page` bytes, as the runtime's pull does; (buckets that differed, pages).
+fn pull_by_buckets(to: &mut ShardIndex, from: &ShardIndex, page: usize) -> (usize, usize) {
+    let buckets = ragfleet_proto::bucket_count(to.doc_count().max(from.doc_count()));
+    let (mine, theirs) = (to.bucket_digests(buckets), from.bucket_digests(buckets));
+    let mut wanted: Vec<u32> = (0..buckets)
+        .filter(|&b| mine[b as usize] != theirs[b as usize])
+        .collect();
+    let (differing, mut pages) = (wanted.len(), 0);
+    while !wanted.is_empty() {
+        let (versions, covered) = from.versions_in(buckets, &wanted, page);
+        assert!(covered >= 1 && covered <= wanted.len());
+        // a page is whole buckets within its bytes, unless one bucket alone is larger
+        let bytes: usize = versions
+            .live
+            .iter()
+            .chain(&versions.deleted)
+            .map(|(d, _)| ragfleet_proto::version_entry_bytes(d))
+            .sum();
+        assert!(
+            covered == 1 || bytes <= page,
+            "{bytes} bytes in {covered} buckets"
+        );
+        for (d, _) in versions.live.iter().chain(&versions.deleted) {
+            assert!(wanted[..covered].contains(&ragfleet_proto::doc_bucket(d, buckets)));
+        }
+        let plan = to.plan_pull(&versions);
+        let mut ops = from.fetch(&plan.fetch);
+        ops.extend(plan.deletes.iter().cloned());
+        to.write(ops, &model()).unwrap();
+        wanted.drain(..covered);
+        pages += 1;
+    }
+    (differing, pages)
+}
+
+#[test]
+fn bucket_digests_find_the_few_buckets_that_differ_and_pages_of_them_converge_replicas() {
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (mut a, _) = ShardIndex::open(da.path(), settings(512)).unwrap();
+    let (mut b, _) = ShardIndex::open(db.path(), settings(512)).unwrap();
+    let common: Vec<WriteOp> = (0..3000)
+        .map(|i| versioned(&format!("doc-{i:05}"), "common", i, 1000 + i))
+        .collect();
+    a.write(common.clone(), &model()).unwrap();
+    b.write(common, &model()).unwrap();
+    b.delete(&["doc-00007".to_string()], 9000).unwrap();
+    a.delete(&["doc-00007".to_string()], 9000).unwrap();
+    let buckets = ragfleet_proto::bucket_count(a.doc_count());
+    assert_eq!(buckets, 16, "~256 documents a bucket, a power of two");
+    // the buckets sum to the digest, and agree where the replicas do
+    let sum = |d: &[u64]| d.iter().fold(0u64, |s, x| s.wrapping_add(*x));
+    assert_eq!(sum(&a.bucket_digests(buckets)), a.digest());
+    assert_eq!(a.bucket_digests(buckets), b.bucket_digests(buckets));
+    assert_eq!(a.bucket_digests(1), vec![a.digest()]);
+    assert_eq!(pull_by_buckets(&mut a, &b, 1 << 20), (0, 0));
+    // b misses two writes and a deletion: only their buckets differ
+    a.write(vec![versioned("doc-00010", "newer", 10, 5000)], &model())
+        .unwrap();
+    a.write(vec![versioned("new-on-a", "new", 11, 5001)], &model())
+        .unwrap();
+    a.delete(&["doc-00020".to_string()], 5002).unwrap();
+    let changed: std::collections::BTreeSet<u32> = ["doc-00010", "new-on-a", "doc-00020"]
+        .iter()
+        .map(|d| ragfleet_proto::doc_bucket(d, buckets))
+        .collect();
+    let (ma, mb) = (a.bucket_digests(buckets), b.bucket_digests(buckets));
+    let differ: std::collections::BTreeSet<u32> = (0..buckets)
+        .filter(|&i| ma[i as usize] != mb[i as usize])
+        .collect();
+    assert_eq!(differ, changed);
+    let (differing, pages) = pull_by_buckets(&mut b, &a, 1 << 20);
+    assert_eq!((differing, pages), (changed.len(), 1));
+    assert_eq!(a.digest(), b.digest());
+    assert_eq!(text_of(&b, "doc-00010").as_deref(), Some("newer"));
+    assert_eq!(text_of(&b, "doc-00020"), None);
+    assert_eq!(a.versions(), b.versions());
+
+    // an empty replica pulls everything in pages of ~4 KB of versions, whole buckets each
+    let dc = tempfile::tempdir().unwrap();
+    let (mut c, _) = ShardIndex::open(dc.path(), settings(512)).unwrap();
+    let (differing, pages) = pull_by_buckets(&mut c, &a, 4 << 10);
+    assert_eq!(
+        differing, buckets as usize,
+        "every bucket differs from an empty one"
+    );
+    assert_eq!(
+        pages, buckets as usize,
+        "two buckets of ~190 ids outgrow 4 KB"
+    );
+    let (differing, pages) = pull_by_buckets(&mut c, &a, 1 << 20);
+    assert_eq!((differing, pages), (0, 0));
+    assert_eq!(c.versions(), a.versions());
+    let dd = tempfile::tempdir().unwrap();
+    let (mut d, _) = ShardIndex::open(dd.path(), settings(512)).unwrap();
+    let (_, pages) = pull_by_buckets(&mut d, &a, 24 << 10);
+    assert!(pages > 1 && pages < buckets as usize, "{pages} pages");
+    assert_eq!(d.versions(), a.versions());
+    // wanted buckets are answered in the order asked, and an unknown one is empty
+    let (v, covered) = a.versions_in(buckets, &[3], 1 << 20);
+    assert_eq!(covered, 1);
+    assert!(v
+        .live
+        .iter()
+        .all(|(d, _)| ragfleet_proto::doc_bucket(d, buckets) == 3));
+    assert!(!v.live.is_empty());
+    let (v, covered) = a.versions_in(buckets, &[], 1 << 20);
+    assert_eq!((v.live.len(), covered), (0, 0));
+}
+
 #[test]
 fn deletion_records_past_the_grace_period_are_dropped_and_their_documents_stay_deleted() {
     let dir = tempfile::tempdir().unwrap();

@@ -3,7 +3,7 @@ use serde::{de::DeserializeOwned, Serialize};
 /// First two bytes of every ragfleet frame.
 pub const FRAME_MAGIC: [u8; 2] = *b"RF";
 /// Version of the wire protocol; a frame of another version is refused.
-pub const PROTOCOL_VERSION: u16 = 8;
+pub const PROTOCOL_VERSION: u16 = 9;
 
 /// Why a frame could not be decoded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize)]

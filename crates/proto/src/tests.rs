@@ -56,7 +56,12 @@ fn all_requests() -> Vec<Request> {
             ],
             model: model(),
         },
-        Request::Versions,
+        Request::BucketDigests { buckets: 64 },
+        Request::VersionsIn {
+            buckets: 64,
+            wanted: vec![3, 0, 63],
+            max_bytes: 1 << 20,
+        },
         Request::Digest,
         Request::Fetch {
             doc_ids: vec!["a".into()],
@@ -174,11 +179,15 @@ fn all_responses() -> Vec<Response> {
             }],
             failed: vec![("y".into(), "empty".into())],
         },
-        Response::Versions(ShardVersions {
-            model: Some(model()),
-            live: vec![("a".into(), 3)],
-            deleted: vec![("b".into(), 4)],
-        }),
+        Response::BucketDigests(vec![1, 0, u64::MAX]),
+        Response::Versions {
+            versions: ShardVersions {
+                model: Some(model()),
+                live: vec![("a".into(), 3)],
+                deleted: vec![("b".into(), 4)],
+            },
+            covered: 2,
+        },
         Response::Digest { digest: 9, docs: 1 },
         Response::Fetched {
             ops: vec![WriteOp::Delete {
@@ -317,8 +326,13 @@ fn malformed_frames_are_errors_not_panics() {
         Err(FrameError::BadMagic)
     );
     assert_eq!(
-        Frame::<Request>::decode(b"RF\0\x09\0").0,
-        Err(FrameError::Version { got: 9 })
+        Frame::<Request>::decode(b"RF\0\x08\0").0,
+        Err(FrameError::Version { got: 8 }),
+        "the version before this one"
+    );
+    assert_eq!(
+        Frame::<Request>::decode(b"RF\0\x0a\0").0,
+        Err(FrameError::Version { got: 10 })
     );
     // every truncation of every valid request is an error or (for a prefix that happens to be
     // a valid shorter value) a value, never a panic
@@ -371,6 +385,53 @@ fn shard_digest_ignores_order_and_sees_every_version_and_deletion() {
     // the id/version boundary is unambiguous
     assert_ne!(entry_hash("a1", 2, true), entry_hash("a", 12, true));
     assert_eq!(ShardVersions::default().digest(), 0);
+}
+
+#[test]
+fn document_buckets_are_stable_spread_and_sized_to_the_shard() {
+    // the same id, whatever its version, is always in the same bucket, within range
+    for buckets in [1, 2, 7, 256, MAX_DIGEST_BUCKETS] {
+        for i in 0..200 {
+            let id = format!("doc-{i}");
+            let b = doc_bucket(&id, buckets);
+            assert!(b < buckets, "{id} -> {b} of {buckets}");
+            assert_eq!(b, doc_bucket(&id, buckets));
+        }
+    }
+    assert_eq!(doc_bucket("x", 0), 0, "no buckets counts as one");
+    // sequential ids spread over the buckets: each within a fifth of its share
+    for (name, buckets, n) in [("d", 64u32, 64_000), ("doc-", 16, 3_200)] {
+        let mut counts = vec![0usize; buckets as usize];
+        for i in 0..n {
+            counts[doc_bucket(&format!("{name}{i:05}"), buckets) as usize] += 1;
+        }
+        let share = n / buckets as usize;
+        let (lo, hi) = (counts.iter().min().unwrap(), counts.iter().max().unwrap());
+        assert!(
+            *lo > share * 4 / 5 && *hi < share * 6 / 5,
+            "{name}: bucket sizes {lo}..{hi} of {share} each"
+        );
+    }
+    // ~256 documents a bucket, a power of two, capped
+    assert_eq!(bucket_count(0), 1);
+    assert_eq!(bucket_count(1_000), 4);
+    assert_eq!(bucket_count(1_000_000), 4096);
+    assert_eq!(bucket_count(u64::MAX), MAX_DIGEST_BUCKETS);
+    for docs in [0, 5, 300, 70_000, 10_000_000] {
+        assert!(bucket_count(docs).is_power_of_two());
+    }
+}
+
+#[test]
+fn document_ids_longer_than_the_limit_are_refused() {
+    let doc = |id: String| Document {
+        id,
+        title: String::new(),
+        text: "x".into(),
+    };
+    assert!(doc("a".repeat(MAX_DOC_ID_BYTES)).check().is_ok());
+    let e = doc("a".repeat(MAX_DOC_ID_BYTES + 1)).check().unwrap_err();
+    assert!(e.contains("document id of 513 bytes"), "{e}");
 }
 
 #[test]

@@ -742,6 +742,51 @@ pub fn shard_digest<'a>(
     live.chain(deleted).fold(0u64, u64::wrapping_add)
 }
 
+/// The most buckets a `BucketDigests` or `VersionsIn` request may name.
+pub const MAX_DIGEST_BUCKETS: u32 = 1 << 16;
+
+/// The most bytes of versions one `VersionsIn` answer carries (a frame holds 16 MiB): a shard of
+/// a million documents has ~20-50 MB of (id, version) pairs.
+pub const VERSIONS_PAGE_BYTES: u32 = 4 << 20;
+
+/// The longest document id accepted, in bytes (as Elasticsearch's `_id`): ids travel in every
+/// write, version list and hit.
+pub const MAX_DOC_ID_BYTES: usize = 512;
+
+/// Which of `buckets` buckets a document id falls in (its FNV-1a hash, version left out, so a
+/// document stays in its bucket across versions, then mixed: FNV's bits alone put ids that
+/// differ in their last characters into a few buckets). `buckets` of 0 counts as 1.
+pub fn doc_bucket(doc_id: &str, buckets: u32) -> u32 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in doc_id.as_bytes() {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    // MurmurHash3's 64-bit finaliser
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^= h >> 33;
+    (h % buckets.max(1) as u64) as u32
+}
+
+/// How many buckets two replicas of about `docs` documents compare: a power of two giving
+/// ~256 documents a bucket (so a repair of a few documents moves a few buckets' versions, not
+/// the shard's), at most [`MAX_DIGEST_BUCKETS`].
+pub fn bucket_count(docs: u64) -> u32 {
+    (docs / 256)
+        .max(1)
+        .next_power_of_two()
+        .min(MAX_DIGEST_BUCKETS as u64) as u32
+}
+
+/// The bytes an (id, version) pair takes in a version list, about (postcard: a length, the id,
+/// a varint version).
+pub fn version_entry_bytes(doc_id: &str) -> usize {
+    doc_id.len() + 12
+}
+
 /// 64-bit FNV-1a of (document id, version, live or deleted), stable across processes.
 pub fn entry_hash(doc_id: &str, version: u64, live: bool) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
@@ -814,9 +859,24 @@ pub enum Request {
         /// Write version: clients send 0, the coordinator stamps it for the shards.
         version: u64,
     },
-    /// What a shard replica holds of every document (shard): the start of a catch-up or an
-    /// anti-entropy repair by a peer replica.
-    Versions,
+    /// The digest of each of `buckets` buckets of a shard replica's documents and deletion
+    /// records (shard; see [`doc_bucket`]): a peer replica compares them with its own and asks
+    /// the versions of the buckets that differ only.
+    BucketDigests {
+        /// How many buckets the document ids are hashed into (1 to [`MAX_DIGEST_BUCKETS`]).
+        buckets: u32,
+    },
+    /// The version of every document and deletion record in these buckets (shard), in pages:
+    /// the start of a catch-up or an anti-entropy repair by a peer replica.
+    VersionsIn {
+        /// How many buckets the ids are hashed into (as in `BucketDigests`).
+        buckets: u32,
+        /// The buckets wanted, in the order they are answered.
+        wanted: Vec<u32>,
+        /// About how many bytes the answer may carry (at most [`VERSIONS_PAGE_BYTES`]); it
+        /// covers whole buckets, at least one.
+        max_bytes: u32,
+    },
     /// A digest of what a shard replica holds (shard): replicas compare digests and exchange
     /// versions only when they differ.
     Digest,
@@ -942,8 +1002,16 @@ pub enum Response {
         /// Last sequence number.
         seq: u64,
     },
-    /// What a shard replica holds.
-    Versions(ShardVersions),
+    /// Per-bucket digests of a shard replica (answer to `BucketDigests`).
+    BucketDigests(Vec<u64>),
+    /// What a shard replica holds in the first `covered` buckets asked for (answer to
+    /// `VersionsIn`).
+    Versions {
+        /// The versions of those buckets' documents and deletion records.
+        versions: ShardVersions,
+        /// How many of the buckets asked for (from the first) this answer covers.
+        covered: u32,
+    },
     /// A shard replica's digest (see [`ShardVersions::digest`]).
     Digest {
         /// Order-independent hash of every (document, version, live or deleted).
@@ -1116,12 +1184,18 @@ pub struct PushTarget {
 }
 
 impl Document {
-    /// Why this document cannot be ingested (no id, no text, larger than
-    /// [`MAX_DOCUMENT_BYTES`]); the one check of a document, wherever it is made.
+    /// Why this document cannot be ingested (no id, an id longer than [`MAX_DOC_ID_BYTES`], no
+    /// text, larger than [`MAX_DOCUMENT_BYTES`]); the one check of a document, wherever it is
+    /// made.
     pub fn check(&self) -> Result<(), String> {
         let size = self.text.len() + self.title.len();
         if self.id.trim().is_empty() {
             Err("empty document id".into())
+        } else if self.id.len() > MAX_DOC_ID_BYTES {
+            Err(format!(
+                "document id of {} bytes exceeds the limit of {MAX_DOC_ID_BYTES} bytes",
+                self.id.len()
+            ))
         } else if self.text.trim().is_empty() && self.title.trim().is_empty() {
             Err("document has no text".into())
         } else if size > MAX_DOCUMENT_BYTES {

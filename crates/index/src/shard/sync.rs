@@ -24,6 +24,76 @@ impl ShardIndex {
         }
     }
 
+    /// The digest of each of `buckets` buckets of this replica's documents and remembered
+    /// deletions ([`ragfleet_proto::doc_bucket`]): their sum is [`ShardIndex::digest`], and two
+    /// replicas' buckets differ only where their documents do.
+    pub fn bucket_digests(&self, buckets: u32) -> Vec<u64> {
+        let buckets = buckets.clamp(1, ragfleet_proto::MAX_DIGEST_BUCKETS);
+        let mut out = vec![0u64; buckets as usize];
+        let mut add = |d: &str, v: u64, live: bool| {
+            let b = &mut out[ragfleet_proto::doc_bucket(d, buckets) as usize];
+            *b = b.wrapping_add(ragfleet_proto::entry_hash(d, v, live));
+        };
+        for (d, s) in &self.docs {
+            add(d, s.version, true);
+        }
+        for (d, v) in self.remembered_deletions() {
+            add(d, v, false);
+        }
+        out
+    }
+
+    /// The versions of the documents and remembered deletions in the first buckets of `wanted`
+    /// (of `buckets`), whole buckets in that order until about `max_bytes` of (id, version)
+    /// pairs (always at least one bucket); with how many of `wanted` they cover. Each list is
+    /// sorted by document id.
+    pub fn versions_in(
+        &self,
+        buckets: u32,
+        wanted: &[u32],
+        max_bytes: usize,
+    ) -> (ShardVersions, usize) {
+        let buckets = buckets.clamp(1, ragfleet_proto::MAX_DIGEST_BUCKETS);
+        // where each wanted bucket stands in `wanted` (the first time it is named)
+        let mut place: HashMap<u32, usize> = HashMap::with_capacity(wanted.len());
+        for (i, &b) in wanted.iter().enumerate() {
+            place.entry(b).or_insert(i);
+        }
+        type Pairs = Vec<(String, u64)>;
+        let mut found: Vec<(Pairs, Pairs, usize)> = vec![Default::default(); wanted.len()];
+        let mut put = |d: &str, v: u64, live: bool| {
+            if let Some(&i) = place.get(&ragfleet_proto::doc_bucket(d, buckets)) {
+                let (l, x, bytes) = &mut found[i];
+                *bytes += ragfleet_proto::version_entry_bytes(d);
+                if live { l } else { x }.push((d.to_string(), v));
+            }
+        };
+        for (d, s) in &self.docs {
+            put(d, s.version, true);
+        }
+        for (d, v) in self.remembered_deletions() {
+            put(d, v, false);
+        }
+        let mut out = ShardVersions {
+            model: self.model.clone(),
+            live: Vec::new(),
+            deleted: Vec::new(),
+        };
+        let (mut bytes, mut covered) = (0usize, 0usize);
+        for (l, x, b) in found {
+            if covered > 0 && bytes + b > max_bytes {
+                break;
+            }
+            bytes += b;
+            covered += 1;
+            out.live.extend(l);
+            out.deleted.extend(x);
+        }
+        out.live.sort();
+        out.deleted.sort();
+        (out, covered)
+    }
+
     /// The live copies of the first of `doc_ids`, as upserts (absent documents left out), as
     /// many ids as fit in about `max_bytes` (always at least one); with how many ids it covered.
     pub fn fetch_bounded(&self, doc_ids: &[String], max_bytes: usize) -> (Vec<WriteOp>, usize) {

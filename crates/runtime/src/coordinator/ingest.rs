@@ -258,6 +258,13 @@ pub async fn delete(ctx: Arc<Ctx>, doc_ids: Vec<String>) -> IngestResult {
     for d in doc_ids {
         if d.trim().is_empty() {
             result.failed.push((d, "empty document id".into()));
+        } else if d.len() > ragfleet_proto::MAX_DOC_ID_BYTES {
+            let e = format!(
+                "document id of {} bytes exceeds the limit of {} bytes",
+                d.len(),
+                ragfleet_proto::MAX_DOC_ID_BYTES
+            );
+            result.failed.push((d, e));
         } else {
             by_shard.entry(ctx.cfg().shard_of(&d)).or_default().push(d);
         }

@@ -1,12 +1,6 @@
 //! A shard replica: wraps a [`ShardIndex`]; recovers from disk, catches up from a serving peer
 //! replica before it serves, answers searches and durable writes, and keeps converging with its
-//! peers (anti-entropy).
-//!
-//! Catch-up and anti-entropy are the same pull: ask a peer for the version of every document it
-//! holds ([`Request::Versions`]), fetch only the documents it holds at a newer version, in
-//! batches ([`Request::Fetch`]), and apply its newer deletions. Write versions (last writer wins)
-//! make the pull safe beside concurrent writes. Anti-entropy first compares digests
-//! ([`Request::Digest`]), so replicas that agree exchange two numbers.
+//! peers (anti-entropy, [`sync`]).
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -23,6 +17,9 @@ use tracing::{error, info, warn};
 use ragfleet_client::typed::{self, call_typed};
 
 use crate::call::{common, reply, unsupported};
+
+mod sync;
+use sync::{catch_up, check_buckets, FETCH_BYTES, MAX_FETCH};
 
 /// Start arguments of a shard replica.
 #[derive(Debug, Clone)]
@@ -232,10 +229,31 @@ impl Actor for ShardActor {
                     apply_write(&shared, port, |ix| ix.delete(&doc_ids, version))
                 });
             }
-            Request::Versions => {
+            Request::BucketDigests { buckets } => {
+                if let Err(e) = check_buckets(buckets, &[]) {
+                    reply(port, Response::Error(e));
+                    return Ok(());
+                }
                 tokio::task::spawn_blocking(move || {
-                    let v = shared.index.read().versions();
-                    reply(port, Response::Versions(v));
+                    let d = shared.index.read().bucket_digests(buckets);
+                    reply(port, Response::BucketDigests(d));
+                });
+            }
+            Request::VersionsIn {
+                buckets,
+                wanted,
+                max_bytes,
+            } => {
+                if let Err(e) = check_buckets(buckets, &wanted) {
+                    reply(port, Response::Error(e));
+                    return Ok(());
+                }
+                let max_bytes = max_bytes.min(ragfleet_proto::VERSIONS_PAGE_BYTES) as usize;
+                tokio::task::spawn_blocking(move || {
+                    let (versions, covered) =
+                        shared.index.read().versions_in(buckets, &wanted, max_bytes);
+                    let covered = covered as u32;
+                    reply(port, Response::Versions { versions, covered });
                 });
             }
             Request::Digest => {
@@ -412,179 +430,4 @@ fn index_error(e: ragfleet_index::IndexError) -> WireError {
         ragfleet_index::IndexError::BadInput(m) => WireError::BadRequest(m),
         other => WireError::Internal(other.to_string()),
     }
-}
-
-/// Documents a `Fetch` may ask for (the pull fetches in batches of this size).
-const MAX_FETCH: usize = 256;
-/// About how many bytes one `Fetch` answer carries at most (a frame holds 16 MiB): the rest of
-/// the ids asked for are asked again.
-const FETCH_BYTES: usize = 4 << 20;
-
-/// Finds a serving peer replica and pulls what it lacks; serves alone if none shows up. Then runs
-/// anti-entropy for the life of the replica.
-async fn catch_up(me: ActorRef<RoleMsg>, args: ShardArgs, shared: Arc<Shared>) {
-    let start = Instant::now();
-    let group = groups::shard(args.shard);
-    let mut source = None;
-    while start.elapsed() < args.peer_wait {
-        let (mut peers, mut all_catching_up_after_me) = (0, true);
-        for cell in ractor::pg::get_members(&group) {
-            if cell.get_id() == me.get_id() {
-                continue;
-            }
-            let peer: ActorRef<RoleMsg> = cell.into();
-            if let Ok(info) = call_typed(&peer, typed::Ping {}, Duration::from_millis(500)).await {
-                if info.state == ReplicaState::Serving {
-                    source = Some((peer, info.node));
-                    break;
-                }
-                peers += 1;
-                all_catching_up_after_me &= info.node > args.node;
-            }
-        }
-        if source.is_some() {
-            break;
-        }
-        // a fresh cluster: every replica is catching up; the one on the lowest-named node
-        // serves first and the others copy from it
-        if peers > 0 && all_catching_up_after_me {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    match source {
-        Some((peer, node)) => match pull(&peer, &shared).await {
-            Ok(p) => info!(
-                shard = args.shard,
-                from = %node,
-                fetched = p.fetched,
-                deleted = p.deleted,
-                peer_docs = p.peer_docs,
-                "caught up from peer"
-            ),
-            Err(e) => error!(shard = args.shard, from = %node, error = %e,
-                "catch-up failed; serving local data"),
-        },
-        None => info!(shard = args.shard, "no serving peer; serving local data"),
-    }
-    *shared.state.lock().expect("state") = ReplicaState::Serving;
-    if let Some(every) = args.anti_entropy {
-        anti_entropy(&me, &args, &shared, every).await;
-    }
-}
-
-/// Every `every`, compares this replica's digest with each serving peer's and pulls from a peer
-/// whose digest differs. Every replica does the same, so changes flow both ways.
-async fn anti_entropy(
-    me: &ActorRef<RoleMsg>,
-    args: &ShardArgs,
-    shared: &Arc<Shared>,
-    every: Duration,
-) {
-    let group = groups::shard(args.shard);
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tick.tick().await; // the first tick is immediate: catch-up has just run
-    let digest = || {
-        let s = shared.clone();
-        tokio::task::spawn_blocking(move || s.index.read().digest())
-    };
-    loop {
-        tick.tick().await;
-        // this replica's digest, computed once a round and again only after a pull changed it
-        let Ok(mut mine) = digest().await else {
-            continue;
-        };
-        for cell in ractor::pg::get_members(&group) {
-            if cell.get_id() == me.get_id() {
-                continue;
-            }
-            let peer: ActorRef<RoleMsg> = cell.into();
-            let theirs = match call_typed(&peer, typed::Digest {}, Duration::from_secs(5)).await {
-                Ok((digest, _)) => digest,
-                _ => continue, // down or busy: the next round tries again
-            };
-            if mine == theirs {
-                continue;
-            }
-            match pull(&peer, shared).await {
-                Ok(p) if p.fetched + p.deleted > 0 => {
-                    info!(
-                    shard = args.shard,
-                    peer = %peer.get_id(),
-                    fetched = p.fetched,
-                    deleted = p.deleted,
-                    "anti-entropy pulled what this replica lacked"
-                    );
-                    if let Ok(d) = digest().await {
-                        mine = d;
-                    }
-                }
-                Ok(_) => {} // the difference is on the peer's side: it pulls from here
-                Err(e) => warn!(shard = args.shard, error = %e, "anti-entropy pull failed"),
-            }
-        }
-    }
-}
-
-/// What one pull moved.
-#[derive(Debug, Default)]
-struct Pulled {
-    fetched: usize,
-    deleted: usize,
-    peer_docs: usize,
-}
-
-/// Pulls from `peer` the documents it holds at a newer version than this replica (in batches)
-/// and its newer deletions; applies them durably.
-async fn pull(peer: &ActorRef<RoleMsg>, shared: &Arc<Shared>) -> Result<Pulled, String> {
-    let versions = call_typed(peer, typed::Versions {}, Duration::from_secs(60))
-        .await
-        .map_err(|e| format!("versions: {e}"))?;
-    let Some(model) = versions.model.clone() else {
-        return Ok(Pulled::default()); // the peer never had a write
-    };
-    let peer_docs = versions.live.len();
-    let s = shared.clone();
-    let plan = tokio::task::spawn_blocking(move || s.index.read().plan_pull(&versions))
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut done = Pulled {
-        peer_docs,
-        ..Pulled::default()
-    };
-    for batch in plan.fetch.chunks(MAX_FETCH) {
-        let (ops, _) = typed::fetch_all(peer, batch, Duration::from_secs(60))
-            .await
-            .map_err(|e| format!("fetch: {e}"))?;
-        done.fetched += ops.len();
-        apply(shared, ops, &model).await?;
-    }
-    done.deleted = plan.deletes.len();
-    apply(shared, plan.deletes, &model).await?;
-    Ok(done)
-}
-
-/// Applies a peer's ops durably (blocking thread); the index skips any op older than what it
-/// holds, so writes that landed meanwhile win.
-async fn apply(
-    shared: &Arc<Shared>,
-    ops: Vec<WriteOp>,
-    model: &ragfleet_proto::ModelIdentity,
-) -> Result<(), String> {
-    if ops.is_empty() {
-        return Ok(());
-    }
-    let (s, model) = (shared.clone(), model.clone());
-    tokio::task::spawn_blocking(move || {
-        let r = s
-            .index
-            .write(ops, &model)
-            .map(|_| ())
-            .map_err(|e| e.to_string());
-        s.refresh_counts(&s.index.read());
-        r
-    })
-    .await
-    .map_err(|e| e.to_string())?
 }

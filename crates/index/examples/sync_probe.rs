@@ -39,7 +39,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     doc_id: id(i),
                     chunk_id: format!("{}#0", id(i)),
                     text: "t".into(),
-                    vector: (0..8).map(|d| ((i * 31 + d * 7) % 17) as f32 - 8.0).collect(),
+                    vector: (0..8)
+                        .map(|d| ((i * 31 + d * 7) % 17) as f32 - 8.0)
+                        .collect(),
                     sentences: Default::default(),
                 }],
             })
@@ -89,8 +91,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (mut pages, mut pages_ms, mut fetch) = (0, 0.0, 0);
     while !wanted.is_empty() {
         let t = Instant::now();
-        let (v, covered) =
-            a.versions_in(buckets, &wanted, ragfleet_proto::VERSIONS_PAGE_BYTES as usize);
+        let (v, covered) = a.versions_in(
+            buckets,
+            &wanted,
+            ragfleet_proto::VERSIONS_PAGE_BYTES as usize,
+        );
         pages_ms += t.elapsed().as_secs_f64() * 1e3;
         bytes += postcard::to_allocvec(&v)?.len() + 4 * wanted.len();
         fetch += b.plan_pull(&v).fetch.len();

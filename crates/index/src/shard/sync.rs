@@ -55,39 +55,49 @@ impl ShardIndex {
     ) -> (ShardVersions, usize) {
         let buckets = buckets.clamp(1, ragfleet_proto::MAX_DIGEST_BUCKETS);
         // where each wanted bucket stands in `wanted` (the first time it is named)
-        let mut place: HashMap<u32, usize> = HashMap::with_capacity(wanted.len());
+        let mut place: HashMap<u32, u32> = HashMap::with_capacity(wanted.len());
         for (i, &b) in wanted.iter().enumerate() {
-            place.entry(b).or_insert(i);
+            place.entry(b).or_insert(i as u32);
         }
-        type Pairs = Vec<(String, u64)>;
-        let mut found: Vec<(Pairs, Pairs, usize)> = vec![Default::default(); wanted.len()];
-        let mut put = |d: &str, v: u64, live: bool| {
-            if let Some(&i) = place.get(&ragfleet_proto::doc_bucket(d, buckets)) {
-                let (l, x, bytes) = &mut found[i];
-                *bytes += ragfleet_proto::version_entry_bytes(d);
-                if live { l } else { x }.push((d.to_string(), v));
+        // a first pass sizes the wanted buckets and notes each entry's place (the maps do not
+        // change under the read lock, so a second pass visits them in the same order): only
+        // the buckets of this page are then copied, not every wanted one
+        let live = || self.docs.iter().map(|(d, s)| (&**d, s.version));
+        let mut at: Vec<u32> = Vec::with_capacity(self.docs.len());
+        let mut bytes_of = vec![0usize; wanted.len()];
+        for (d, _) in live().chain(self.remembered_deletions()) {
+            let i = place
+                .get(&ragfleet_proto::doc_bucket(d, buckets))
+                .copied()
+                .unwrap_or(u32::MAX);
+            if let Some(b) = bytes_of.get_mut(i as usize) {
+                *b += ragfleet_proto::version_entry_bytes(d);
             }
-        };
-        for (d, s) in &self.docs {
-            put(d, s.version, true);
+            at.push(i);
         }
-        for (d, v) in self.remembered_deletions() {
-            put(d, v, false);
+        let (mut bytes, mut covered) = (0usize, 0usize);
+        for b in bytes_of {
+            if covered > 0 && bytes + b > max_bytes {
+                break;
+            }
+            bytes += b;
+            covered += 1;
         }
         let mut out = ShardVersions {
             model: self.model.clone(),
             live: Vec::new(),
             deleted: Vec::new(),
         };
-        let (mut bytes, mut covered) = (0usize, 0usize);
-        for (l, x, b) in found {
-            if covered > 0 && bytes + b > max_bytes {
-                break;
+        let n_live = self.docs.len();
+        for (k, (d, v)) in live().chain(self.remembered_deletions()).enumerate() {
+            if (at[k] as usize) < covered {
+                let to = if k < n_live {
+                    &mut out.live
+                } else {
+                    &mut out.deleted
+                };
+                to.push((d.to_string(), v));
             }
-            bytes += b;
-            covered += 1;
-            out.live.extend(l);
-            out.deleted.extend(x);
         }
         out.live.sort();
         out.deleted.sort();

@@ -605,6 +605,72 @@ fn bucket_digests_find_the_few_buckets_that_differ_and_pages_of_them_converge_re
 }
 
 #[test]
+fn the_digest_kept_up_by_each_change_equals_one_computed_from_every_entry() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut ix, _) = ShardIndex::open(dir.path(), settings(64)).unwrap();
+    let mut r = rand::rngs::StdRng::seed_from_u64(33);
+    let mut version = 1_000u64;
+    let check = |ix: &ShardIndex, when: &str| {
+        assert_eq!(ix.digest(), ix.compute_digest(), "{when}");
+        assert_eq!(ix.digest(), ix.versions().digest(), "{when}");
+    };
+    for round in 0..30 {
+        let mut ops = Vec::new();
+        for _ in 0..40 {
+            let doc = format!("d{}", r.gen_range(0..150));
+            // newer writes mostly, some older ones (skipped), deletions, several chunks
+            version += 1;
+            let v = if r.gen_bool(0.1) {
+                version - 500
+            } else {
+                version
+            };
+            ops.push(match r.gen_range(0..10) {
+                0..=5 => versioned(&doc, "text", version, v),
+                6 => match upsert(&doc, "two chunks", version) {
+                    WriteOp::Upsert {
+                        doc_id, mut chunks, ..
+                    } => {
+                        let mut second = chunks[0].clone();
+                        second.chunk_id = format!("{doc}#1");
+                        chunks.push(second);
+                        WriteOp::Upsert {
+                            doc_id,
+                            chunks,
+                            version: v,
+                        }
+                    }
+                    other => other,
+                },
+                _ => WriteOp::Delete {
+                    doc_id: doc,
+                    version: v,
+                },
+            });
+        }
+        ix.write(ops, &model()).unwrap();
+        check(&ix, &format!("round {round}"));
+        if round % 7 == 3 {
+            ix.seal().unwrap();
+            check(&ix, &format!("sealed after round {round}"));
+        }
+        if round % 10 == 9 {
+            let before = ix.digest();
+            drop(ix);
+            ix = ShardIndex::open(dir.path(), settings(64)).unwrap().0;
+            assert_eq!(ix.digest(), before, "reopened after round {round}");
+            check(&ix, &format!("reopened after round {round}"));
+        }
+    }
+    // deleting everything leaves the deletion records' hashes only
+    let all: Vec<String> = (0..150).map(|i| format!("d{i}")).collect();
+    ix.delete(&all, version + 10).unwrap();
+    check(&ix, "all deleted");
+    assert_eq!(ix.doc_count(), 0);
+    assert_ne!(ix.digest(), 0);
+}
+
+#[test]
 fn deletion_records_past_the_grace_period_are_dropped_and_their_documents_stay_deleted() {
     let dir = tempfile::tempdir().unwrap();
     let graced = || IndexSettings {
@@ -627,10 +693,13 @@ fn deletion_records_past_the_grace_period_are_dropped_and_their_documents_stay_d
     ix.delete(&["recent".to_string()], now - 60_000_000)
         .unwrap();
     assert_eq!(ix.versions().deleted.len(), 2);
+    let kept_before = ix.digest();
     ix.seal().unwrap();
-    // the old record is gone, the recent one kept
+    // the old record is gone, the recent one kept, and the digest follows
     let deleted: Vec<String> = ix.versions().deleted.into_iter().map(|(d, _)| d).collect();
     assert_eq!(deleted, vec!["recent".to_string()]);
+    assert_ne!(ix.digest(), kept_before);
+    assert_eq!(ix.digest(), ix.versions().digest());
     // a stale copy of "old" (from a lagging peer or a late retry) still cannot bring it back,
     // neither written nor pulled, and neither can it after a restart
     let stale = versioned("old", "old text", 1, hours_ago(4));

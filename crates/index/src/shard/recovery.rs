@@ -63,7 +63,7 @@ impl ShardIndex {
             prune_due: false,
             merge_commits: Default::default(),
             planned_at: (u64::MAX, 0, false),
-            digest_memo: Default::default(),
+            digest_sum: 0,
         };
         let purge_path = dir.join("purged.bin");
         let problem = match read_checked(&purge_path) {
@@ -178,7 +178,6 @@ impl ShardIndex {
 
     /// Recomputes document liveness and slots from the sealed segments and tombstones.
     pub(super) fn rebuild_liveness(&mut self) {
-        self.changed();
         let sealed = self.sealed.clone();
         // keyed by the ids as the chunks hold them (a mapped chunk's in its file): no copy
         let mut latest: HashMap<&str, u64> = HashMap::new();
@@ -198,6 +197,7 @@ impl ShardIndex {
                 e.mark_dead();
             }
         }
+        self.digest_sum = self.compute_digest();
     }
 }
 

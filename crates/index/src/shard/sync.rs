@@ -182,20 +182,26 @@ impl ShardIndex {
         }
     }
 
-    /// The digest of [`ShardIndex::versions`], computed without copying them, once per change
-    /// of the documents or deletion records (then remembered): replicas that hold the same
-    /// versions have the same digest, and any write or deletion changes it.
+    /// The digest of [`ShardIndex::versions`] (the wrapping sum of a hash of each entry),
+    /// kept up to date as documents and deletion records change, so asking costs nothing:
+    /// replicas that hold the same versions have the same digest, and any write or deletion
+    /// changes it.
     pub fn digest(&self) -> u64 {
-        let mut memo = self.digest_memo.lock().expect("digest memo");
-        *memo.get_or_insert_with(|| self.compute_digest())
+        self.digest_sum
     }
 
-    /// Forgets the remembered digest: the documents or deletion records changed.
-    pub(super) fn changed(&mut self) {
-        *self.digest_memo.get_mut().expect("digest memo") = None;
+    /// What `doc_id` adds to the digest: its live version's hash, else its deletion record's,
+    /// else nothing (a record counts only while its document is not live).
+    pub(super) fn digest_entry(&self, doc_id: &str) -> u64 {
+        match (self.docs.get(doc_id), self.deleted.get(doc_id)) {
+            (Some(d), _) => ragfleet_proto::entry_hash(doc_id, d.version, true),
+            (None, Some(&v)) => ragfleet_proto::entry_hash(doc_id, v, false),
+            (None, None) => 0,
+        }
     }
 
-    fn compute_digest(&self) -> u64 {
+    /// The digest computed from every entry (at open; tests hold [`ShardIndex::digest`] to it).
+    pub fn compute_digest(&self) -> u64 {
         ragfleet_proto::shard_digest(
             self.docs.iter().map(|(d, s)| (&**d, s.version)),
             self.remembered_deletions(),

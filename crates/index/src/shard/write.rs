@@ -108,7 +108,19 @@ impl ShardIndex {
     }
 
     pub(super) fn apply_in_memory(&mut self, seq: u64, op: WriteOp) {
-        self.changed();
+        // the digest follows the document's entry: out before, in after
+        let doc = match &op {
+            WriteOp::Upsert { doc_id, .. } | WriteOp::Delete { doc_id, .. } => doc_id.clone(),
+        };
+        let before = self.digest_entry(&doc);
+        self.apply_op(seq, op);
+        self.digest_sum = self
+            .digest_sum
+            .wrapping_sub(before)
+            .wrapping_add(self.digest_entry(&doc));
+    }
+
+    fn apply_op(&mut self, seq: u64, op: WriteOp) {
         match op {
             WriteOp::Upsert {
                 doc_id,

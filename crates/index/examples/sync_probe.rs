@@ -4,7 +4,9 @@
 //! of them (default 10), then compares what a pull of the second from the first carries: the
 //! whole version list in one answer (the protocol before 9; refused by a peer's cluster session
 //! past 16 MiB) against per-bucket digests and the pages of the differing buckets' versions
-//! (bytes as postcard encodes them, and the time the answering replica takes to make them).
+//! (bytes as postcard encodes them, and the time the answering replica takes to make them); and
+//! what asking a replica's digest costs after a write (every search through a replica answers
+//! with it).
 use ragfleet_index::eval::synthetic_model;
 use ragfleet_index::{IndexSettings, ShardIndex};
 use ragfleet_proto::{ChunkRecord, WriteOp};

@@ -613,6 +613,14 @@ fn the_digest_kept_up_by_each_change_equals_one_computed_from_every_entry() {
     let check = |ix: &ShardIndex, when: &str| {
         assert_eq!(ix.digest(), ix.compute_digest(), "{when}");
         assert_eq!(ix.digest(), ix.versions().digest(), "{when}");
+        // the bucket digests folded from the kept fine buckets equal a pass over the entries
+        for b in [1, 2, 16, 4096, ragfleet_proto::MAX_DIGEST_BUCKETS] {
+            assert_eq!(
+                ix.bucket_digests(b),
+                ix.bucket_digests_scanned(b),
+                "{when}: {b} buckets"
+            );
+        }
     };
     for round in 0..30 {
         let mut ops = Vec::new();
@@ -700,6 +708,7 @@ fn deletion_records_past_the_grace_period_are_dropped_and_their_documents_stay_d
     assert_eq!(deleted, vec!["recent".to_string()]);
     assert_ne!(ix.digest(), kept_before);
     assert_eq!(ix.digest(), ix.versions().digest());
+    assert_eq!(ix.bucket_digests(64), ix.bucket_digests_scanned(64));
     // a stale copy of "old" (from a lagging peer or a late retry) still cannot bring it back,
     // neither written nor pulled, and neither can it after a restart
     let stale = versioned("old", "old text", 1, hours_ago(4));

@@ -360,10 +360,11 @@ pub struct ShardIndex {
     merge_commits: MergeCommits,
     /// (generation, graphs_done, idle) when the policy last ran.
     planned_at: (u64, u64, bool),
-    /// [`ShardIndex::digest`], kept up to date by every change of a document or deletion
-    /// record (it is a sum of per-entry hashes): every search answers with it, so it must not
-    /// cost a pass over the shard's documents after each write (~0.2 s at a million).
-    digest_sum: u64,
+    /// [`ShardIndex::digest`] and the bucket digests, kept up to date by every change of a
+    /// document or deletion record (they are sums of per-entry hashes): every search answers
+    /// with the digest, so it must not cost a pass over the shard's documents after each write
+    /// (~0.2 s at a million).
+    digests: sync::Digests,
 }
 
 /// The model identity the shard's unit tests write with (4 dimensions).

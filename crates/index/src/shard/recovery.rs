@@ -63,7 +63,7 @@ impl ShardIndex {
             prune_due: false,
             merge_commits: Default::default(),
             planned_at: (u64::MAX, 0, false),
-            digest_sum: 0,
+            digests: Default::default(),
         };
         let purge_path = dir.join("purged.bin");
         let problem = match read_checked(&purge_path) {
@@ -197,7 +197,7 @@ impl ShardIndex {
                 e.mark_dead();
             }
         }
-        self.digest_sum = self.compute_digest();
+        self.digests = self.compute_digests();
     }
 }
 

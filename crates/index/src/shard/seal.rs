@@ -178,15 +178,13 @@ impl ShardIndex {
                 .filter(|(_, &v)| v < horizon)
                 .map(|(d, _)| d.as_str()),
         );
-        // the records dropped leave the digest (a record counts while its document is not live)
-        let gone = self
-            .deleted
-            .iter()
-            .filter(|(d, &v)| v < horizon && !self.docs.contains_key(d.as_str()))
-            .fold(0u64, |s, (d, &v)| {
-                s.wrapping_add(ragfleet_proto::entry_hash(d, v, false))
-            });
-        self.digest_sum = self.digest_sum.wrapping_sub(gone);
+        // the records dropped leave the digests (a record counts while its document is not live)
+        for (d, &v) in &self.deleted {
+            if v < horizon && !self.docs.contains_key(d.as_str()) {
+                let gone = ragfleet_proto::entry_hash(d, v, false);
+                self.digests.change(d, gone, 0);
+            }
+        }
         self.deleted.retain(|_, v| *v >= horizon);
         info!(
             dropped = before - self.deleted.len(),

@@ -2,6 +2,46 @@
 //! plan), and the copies it hands out.
 use super::*;
 
+/// A shard's digest, whole and in [`ragfleet_proto::MAX_DIGEST_BUCKETS`] fine buckets, kept up
+/// to date by each change (sums of per-entry hashes: an entry's hash leaves and another comes).
+#[derive(Debug)]
+pub(super) struct Digests {
+    total: u64,
+    fine: Vec<u64>,
+}
+
+impl Default for Digests {
+    fn default() -> Self {
+        Digests {
+            total: 0,
+            fine: vec![0; ragfleet_proto::MAX_DIGEST_BUCKETS as usize],
+        }
+    }
+}
+
+impl Digests {
+    /// `doc_id`'s entry hashed `out` before and `into` now (0: no entry).
+    pub(super) fn change(&mut self, doc_id: &str, out: u64, into: u64) {
+        if out == into {
+            return;
+        }
+        self.total = self.total.wrapping_sub(out).wrapping_add(into);
+        let fine = ragfleet_proto::doc_bucket(doc_id, ragfleet_proto::MAX_DIGEST_BUCKETS);
+        let f = &mut self.fine[fine as usize];
+        *f = f.wrapping_sub(out).wrapping_add(into);
+    }
+
+    /// The digests of `buckets` buckets (a power of two, at most the fine ones).
+    fn folded(&self, buckets: u32) -> Vec<u64> {
+        let mut out = vec![0u64; buckets as usize];
+        for (i, f) in self.fine.iter().enumerate() {
+            let b = &mut out[i % buckets as usize];
+            *b = b.wrapping_add(*f);
+        }
+        out
+    }
+}
+
 impl ShardIndex {
     /// What this replica holds: the version of every live document and remembered deletion,
     /// sorted by document id (what a peer replica compares against its own to pull changes).
@@ -28,6 +68,17 @@ impl ShardIndex {
     /// deletions ([`ragfleet_proto::doc_bucket`]): their sum is [`ShardIndex::digest`], and two
     /// replicas' buckets differ only where their documents do.
     pub fn bucket_digests(&self, buckets: u32) -> Vec<u64> {
+        let buckets = buckets.clamp(1, ragfleet_proto::MAX_DIGEST_BUCKETS);
+        if buckets.is_power_of_two() {
+            // the kept fine buckets folded (an id's bucket of a power of two is its fine
+            // bucket's remainder): no pass over the documents
+            return self.digests.folded(buckets);
+        }
+        self.bucket_digests_scanned(buckets)
+    }
+
+    /// [`ShardIndex::bucket_digests`] by a pass over every document and deletion record.
+    pub fn bucket_digests_scanned(&self, buckets: u32) -> Vec<u64> {
         let buckets = buckets.clamp(1, ragfleet_proto::MAX_DIGEST_BUCKETS);
         let mut out = vec![0u64; buckets as usize];
         let mut add = |d: &str, v: u64, live: bool| {
@@ -187,7 +238,7 @@ impl ShardIndex {
     /// replicas that hold the same versions have the same digest, and any write or deletion
     /// changes it.
     pub fn digest(&self) -> u64 {
-        self.digest_sum
+        self.digests.total
     }
 
     /// What `doc_id` adds to the digest: its live version's hash, else its deletion record's,
@@ -200,7 +251,18 @@ impl ShardIndex {
         }
     }
 
-    /// The digest computed from every entry (at open; tests hold [`ShardIndex::digest`] to it).
+    /// The digests computed from every entry (at open).
+    pub(super) fn compute_digests(&self) -> Digests {
+        let mut out = Digests::default();
+        let live = self.docs.iter().map(|(d, s)| (&**d, s.version, true));
+        let deleted = self.remembered_deletions().map(|(d, v)| (d, v, false));
+        for (d, v, l) in live.chain(deleted) {
+            out.change(d, 0, ragfleet_proto::entry_hash(d, v, l));
+        }
+        out
+    }
+
+    /// The digest computed from every entry (tests hold [`ShardIndex::digest`] to it).
     pub fn compute_digest(&self) -> u64 {
         ragfleet_proto::shard_digest(
             self.docs.iter().map(|(d, s)| (&**d, s.version)),

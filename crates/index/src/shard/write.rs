@@ -114,10 +114,8 @@ impl ShardIndex {
         };
         let before = self.digest_entry(&doc);
         self.apply_op(seq, op);
-        self.digest_sum = self
-            .digest_sum
-            .wrapping_sub(before)
-            .wrapping_add(self.digest_entry(&doc));
+        let after = self.digest_entry(&doc);
+        self.digests.change(&doc, before, after);
     }
 
     fn apply_op(&mut self, seq: u64, op: WriteOp) {

@@ -755,7 +755,9 @@ pub const MAX_DOC_ID_BYTES: usize = 512;
 
 /// Which of `buckets` buckets a document id falls in (its FNV-1a hash, version left out, so a
 /// document stays in its bucket across versions, then mixed: FNV's bits alone put ids that
-/// differ in their last characters into a few buckets). `buckets` of 0 counts as 1.
+/// differ in their last characters into a few buckets). `buckets` of 0 counts as 1. For a power
+/// of two, an id's bucket is its bucket of [`MAX_DIGEST_BUCKETS`] modulo the count (a shard
+/// keeps its digests in those and folds them).
 pub fn doc_bucket(doc_id: &str, buckets: u32) -> u32 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for &b in doc_id.as_bytes() {

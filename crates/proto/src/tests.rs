@@ -399,6 +399,14 @@ fn document_buckets_are_stable_spread_and_sized_to_the_shard() {
         }
     }
     assert_eq!(doc_bucket("x", 0), 0, "no buckets counts as one");
+    // for a power of two, the bucket of the most buckets modulo the count (what a shard folds)
+    for i in 0..500 {
+        let id = format!("id-{i}");
+        let fine = doc_bucket(&id, MAX_DIGEST_BUCKETS);
+        for b in [1, 2, 64, 4096] {
+            assert_eq!(doc_bucket(&id, b), fine % b, "{id} in {b}");
+        }
+    }
     // sequential ids spread over the buckets: each within a fifth of its share
     for (name, buckets, n) in [("d", 64u32, 64_000), ("doc-", 16, 3_200)] {
         let mut counts = vec![0usize; buckets as usize];

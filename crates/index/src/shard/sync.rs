@@ -81,15 +81,9 @@ impl ShardIndex {
     pub fn bucket_digests_scanned(&self, buckets: u32) -> Vec<u64> {
         let buckets = buckets.clamp(1, ragfleet_proto::MAX_DIGEST_BUCKETS);
         let mut out = vec![0u64; buckets as usize];
-        let mut add = |d: &str, v: u64, live: bool| {
+        for (d, v, live) in self.entries() {
             let b = &mut out[ragfleet_proto::doc_bucket(d, buckets) as usize];
             *b = b.wrapping_add(ragfleet_proto::entry_hash(d, v, live));
-        };
-        for (d, s) in &self.docs {
-            add(d, s.version, true);
-        }
-        for (d, v) in self.remembered_deletions() {
-            add(d, v, false);
         }
         out
     }
@@ -105,22 +99,20 @@ impl ShardIndex {
         max_bytes: usize,
     ) -> (ShardVersions, usize) {
         let buckets = buckets.clamp(1, ragfleet_proto::MAX_DIGEST_BUCKETS);
-        // where each wanted bucket stands in `wanted` (the first time it is named)
-        let mut place: HashMap<u32, u32> = HashMap::with_capacity(wanted.len());
-        for (i, &b) in wanted.iter().enumerate() {
-            place.entry(b).or_insert(i as u32);
+        // where each bucket stands in `wanted` (the first time it is named; MAX: not wanted)
+        let mut place = vec![u32::MAX; buckets as usize];
+        for (i, &b) in wanted.iter().enumerate().rev() {
+            if let Some(p) = place.get_mut(b as usize) {
+                *p = i as u32;
+            }
         }
         // a first pass sizes the wanted buckets and notes each entry's place (the maps do not
         // change under the read lock, so a second pass visits them in the same order): only
         // the buckets of this page are then copied, not every wanted one
-        let live = || self.docs.iter().map(|(d, s)| (&**d, s.version));
         let mut at: Vec<u32> = Vec::with_capacity(self.docs.len());
         let mut bytes_of = vec![0usize; wanted.len()];
-        for (d, _) in live().chain(self.remembered_deletions()) {
-            let i = place
-                .get(&ragfleet_proto::doc_bucket(d, buckets))
-                .copied()
-                .unwrap_or(u32::MAX);
+        for (d, _, _) in self.entries() {
+            let i = place[ragfleet_proto::doc_bucket(d, buckets) as usize];
             if let Some(b) = bytes_of.get_mut(i as usize) {
                 *b += ragfleet_proto::version_entry_bytes(d);
             }
@@ -139,10 +131,9 @@ impl ShardIndex {
             live: Vec::new(),
             deleted: Vec::new(),
         };
-        let n_live = self.docs.len();
-        for (k, (d, v)) in live().chain(self.remembered_deletions()).enumerate() {
-            if (at[k] as usize) < covered {
-                let to = if k < n_live {
+        for ((d, v, live), &i) in self.entries().zip(&at) {
+            if (i as usize) < covered {
+                let to = if live {
                     &mut out.live
                 } else {
                     &mut out.deleted
@@ -254,10 +245,8 @@ impl ShardIndex {
     /// The digests computed from every entry (at open).
     pub(super) fn compute_digests(&self) -> Digests {
         let mut out = Digests::default();
-        let live = self.docs.iter().map(|(d, s)| (&**d, s.version, true));
-        let deleted = self.remembered_deletions().map(|(d, v)| (d, v, false));
-        for (d, v, l) in live.chain(deleted) {
-            out.change(d, 0, ragfleet_proto::entry_hash(d, v, l));
+        for (d, v, live) in self.entries() {
+            out.change(d, 0, ragfleet_proto::entry_hash(d, v, live));
         }
         out
     }
@@ -268,6 +257,13 @@ impl ShardIndex {
             self.docs.iter().map(|(d, s)| (&**d, s.version)),
             self.remembered_deletions(),
         )
+    }
+
+    /// What the digests count: (id, version, live) of every live document, then of every
+    /// remembered deletion (always in the same order while the maps do not change).
+    fn entries(&self) -> impl Iterator<Item = (&str, u64, bool)> {
+        let live = self.docs.iter().map(|(d, s)| (&**d, s.version, true));
+        live.chain(self.remembered_deletions().map(|(d, v)| (d, v, false)))
     }
 
     /// (id, version) of every deletion record of a document not live now.

@@ -59,7 +59,7 @@ pub(super) async fn catch_up(me: ActorRef<RoleMsg>, args: ShardArgs, shared: Arc
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     match source {
-        Some((peer, node)) => match pull(&peer, &shared).await {
+        Some((peer, node)) => match pull(&peer, None, &shared).await {
             Ok(p) => info!(
                 shard = args.shard,
                 from = %node,
@@ -109,14 +109,15 @@ async fn anti_entropy(
                 continue;
             }
             let peer: ActorRef<RoleMsg> = cell.into();
-            let theirs = match call_typed(&peer, typed::Digest {}, Duration::from_secs(5)).await {
-                Ok((digest, _)) => digest,
-                _ => continue, // down or busy: the next round tries again
-            };
+            let (theirs, peer_docs) =
+                match call_typed(&peer, typed::Digest {}, Duration::from_secs(5)).await {
+                    Ok(d) => d,
+                    _ => continue, // down or busy: the next round tries again
+                };
             if mine == theirs {
                 continue;
             }
-            match pull(&peer, shared).await {
+            match pull(&peer, Some(peer_docs), shared).await {
                 Ok(p) if p.fetched + p.deleted > 0 => {
                     info!(
                     shard = args.shard,
@@ -153,11 +154,22 @@ pub(super) struct Pulled {
 }
 
 /// Pulls from `peer` the documents it holds at a newer version than this replica and its newer
-/// deletions, bucket by differing bucket, in pages; applies them durably.
-pub(super) async fn pull(peer: &ActorRef<RoleMsg>, shared: &Arc<Shared>) -> Result<Pulled, String> {
-    let (_, peer_docs) = call_typed(peer, typed::Digest {}, Duration::from_secs(10))
-        .await
-        .map_err(|e| format!("digest: {e}"))?;
+/// deletions, bucket by differing bucket, in pages; applies them durably. `peer_docs`: the
+/// peer's document count when its digest was just asked (else it is asked here).
+pub(super) async fn pull(
+    peer: &ActorRef<RoleMsg>,
+    peer_docs: Option<u64>,
+    shared: &Arc<Shared>,
+) -> Result<Pulled, String> {
+    let peer_docs = match peer_docs {
+        Some(n) => n,
+        None => {
+            call_typed(peer, typed::Digest {}, Duration::from_secs(10))
+                .await
+                .map_err(|e| format!("digest: {e}"))?
+                .1
+        }
+    };
     let s = shared.clone();
     let own_docs = tokio::task::spawn_blocking(move || s.index.read().doc_count())
         .await

@@ -4,12 +4,12 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use ragfleet_index::ann::exact_top_k;
-use ragfleet_index::eval::{clustered_with, synthetic_model, Zipf};
-use ragfleet_index::vector::normalize;
+use ragfleet_index::ann::{exact_top_k_scored, lid_mle};
+use ragfleet_index::eval::synthetic_model;
 use ragfleet_index::{priority, AnnKind, IndexSettings, ShardIndex, SharedShard};
 use ragfleet_proto::{ChunkRecord, SearchMode, SearchQuery, WriteOp};
 
+use crate::bench_set::BenchSet;
 use crate::eval_answers::percentile;
 use rand::SeedableRng;
 
@@ -23,9 +23,18 @@ pub struct ShardBench {
     /// Queries per size.
     #[arg(long, default_value_t = 300)]
     queries: usize,
-    /// Vector dimension.
+    /// Vector dimension (of the synthetic set).
     #[arg(long, default_value_t = 384)]
     dim: usize,
+    /// Real vectors instead of the synthetic set: a `.fvecs` file (`ragfleet embed --input
+    /// LINES --fvecs FILE`, or an ANN benchmark's), best in random order; its last `--queries`
+    /// rows are held out as the queries, each size is its first rows.
+    #[arg(long)]
+    vectors: Option<std::path::PathBuf>,
+    /// With `--vectors`: the texts of its rows, one line a row (BM25's documents; the held-out
+    /// rows' lines are BM25's queries).
+    #[arg(long, requires = "vectors")]
+    texts: Option<std::path::PathBuf>,
     /// Chunks per sealed segment (cluster.toml's).
     #[arg(long, default_value_t = 2048)]
     segment_size: usize,
@@ -56,6 +65,10 @@ pub struct ShardBench {
     /// walked from its file).
     #[arg(long)]
     graph_memory_mb: Option<u64>,
+    /// Measure the shards idle only: leave out the largest size's rounds of writes, merge and
+    /// compaction (minutes at 1M).
+    #[arg(long)]
+    no_load: bool,
 }
 
 /// A one-chunk document.
@@ -123,6 +136,25 @@ struct Row {
     dense: (f64, f64),
     recall: f64,
     bm25: (f64, f64),
+    /// The median query's local intrinsic dimensionality in this size's set.
+    lid: f64,
+}
+
+/// Neighbours the intrinsic dimensionality is estimated from (the exact top k is taken this
+/// deep; recall counts its first 10).
+const LID_NEIGHBOURS: usize = 20;
+
+/// The median over the queries of [`lid_mle`] on their exact nearest neighbours (NaN if none
+/// has an estimate).
+fn median_lid(scored: &[Vec<(f32, u32)>]) -> f64 {
+    let mut lids: Vec<f64> = scored
+        .iter()
+        .filter_map(|top| lid_mle(&top.iter().map(|h| h.0).collect::<Vec<_>>()))
+        .collect();
+    if lids.is_empty() {
+        return f64::NAN;
+    }
+    percentile(&mut lids, 0.5)
 }
 
 /// Latency (ms) of every query, run one at a time.
@@ -147,6 +179,18 @@ fn settled(ix: &SharedShard) -> bool {
 /// Runs the benchmark.
 pub fn run(b: ShardBench) -> Result<()> {
     let ann: AnnKind = b.ann.parse().map_err(anyhow::Error::msg)?;
+    let set = match &b.vectors {
+        Some(path) => BenchSet::from_files(path, b.texts.as_deref(), b.queries)?,
+        None => BenchSet::synthetic(b.dim),
+    };
+    if let Some(max) = set.max_size() {
+        if let Some(n) = b.sizes.iter().find(|&&n| n > max) {
+            anyhow::bail!(
+                "a size of {n} chunks is more than the {max} vectors left after the queries"
+            );
+        }
+    }
+    let dim = set.dim();
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let root = match &b.dir {
         Some(d) => {
@@ -156,9 +200,10 @@ pub fn run(b: ShardBench) -> Result<()> {
         None => tempfile::tempdir()?,
     };
     println!(
-        "one shard, {} dims, segment_size {}, ef_search {:?}, M {}, ef_construction {}, ann {}, {} queries a size, {threads} cores",
-        b.dim, b.segment_size, b.ef_search, b.m, b.ef_construction, b.ann, b.queries
+        "one shard, {dim} dims, segment_size {}, ef_search {:?}, M {}, ef_construction {}, ann {}, {} queries a size, {threads} cores",
+        b.segment_size, b.ef_search, b.m, b.ef_construction, b.ann, b.queries
     );
+    println!("{}", set.describe());
     let graph_memory = ragfleet_index::hnsw::GraphMemory::global();
     if let Some(mb) = b.graph_memory_mb {
         graph_memory.set_limit_mb(mb);
@@ -175,7 +220,6 @@ pub fn run(b: ShardBench) -> Result<()> {
             "at nice 10 (RAGFLEET_BACKGROUND_IDLE=1: under SCHED_IDLE)"
         }
     );
-    let zipf = Zipf::new(20_000);
     let mut rows = Vec::new();
     let mut merge_line = None;
     let mut alternated = None;
@@ -206,19 +250,16 @@ pub fn run(b: ShardBench) -> Result<()> {
         let batch = 2048;
         for start in (0..n).step_by(batch) {
             let count = batch.min(n - start);
-            let vs: Vec<Vec<f32>> = clustered_with(count, b.dim, 50, 24, 0.1, 7, start as u64 + 1)
-                .into_iter()
-                .map(|mut v| {
-                    normalize(&mut v);
-                    v
-                })
-                .collect();
+            let vs = set.vectors(start, count);
             let ops: Vec<WriteOp> = vs
                 .iter()
                 .enumerate()
-                .map(|(j, v)| upsert(format!("d{}", start + j), v.clone(), zipf.text(&mut rng)))
+                .map(|(j, v)| {
+                    let i = start + j;
+                    upsert(format!("d{i}"), v.clone(), set.text(i, &mut rng))
+                })
                 .collect();
-            ix.write(ops, &synthetic_model(b.dim))?;
+            ix.write(ops, &synthetic_model(dim))?;
             ix.maintain()?;
             vectors.extend(vs);
         }
@@ -241,7 +282,7 @@ pub fn run(b: ShardBench) -> Result<()> {
         let ingest_s = ingested.unwrap_or_else(|| t.elapsed().as_secs_f64());
         let rss = resident_bytes();
         // the bench's own copy of the vectors is not the index's
-        let own = (vectors.len() * (b.dim * 4 + 24)) as u64;
+        let own = (vectors.len() * (dim * 4 + 24)) as u64;
         let per_million = |bytes: u64| bytes as f64 / n as f64 * 1e6 / 1e9;
         let mem_per_million = (
             per_million(rss.0.saturating_sub(rss0.0).saturating_sub(own)),
@@ -264,15 +305,14 @@ pub fn run(b: ShardBench) -> Result<()> {
             per_million(graph_memory.used() as u64),
             per_million(bm25 as u64)
         );
-        let qv: Vec<Vec<f32>> = clustered_with(b.queries, b.dim, 50, 24, 0.1, 7, u64::MAX - 1)
-            .into_iter()
-            .map(|mut v| {
-                normalize(&mut v);
-                v
-            })
-            .collect();
-        let truth = exact_top_k(&vectors, &qv, 10, threads);
+        let qv = set.query_vectors(b.queries);
+        let scored = exact_top_k_scored(&vectors, &qv, LID_NEIGHBOURS, threads);
         drop(vectors);
+        let truth: Vec<Vec<u32>> = scored
+            .iter()
+            .map(|top| top.iter().take(10).map(|h| h.1).collect())
+            .collect();
+        let lid = median_lid(&scored);
         let dense: Vec<SearchQuery> = qv
             .iter()
             .map(|v| SearchQuery {
@@ -283,13 +323,12 @@ pub fn run(b: ShardBench) -> Result<()> {
                 model: None,
             })
             .collect();
-        let bm25: Vec<SearchQuery> = (0..b.queries)
-            .map(|_| SearchQuery {
+        let bm25: Vec<SearchQuery> = set
+            .bm25_queries(b.queries, &mut rng)
+            .into_iter()
+            .map(|text| SearchQuery {
                 vector: Vec::new(),
-                text: (0..3)
-                    .map(|_| zipf.word(&mut rng))
-                    .collect::<Vec<_>>()
-                    .join(" "),
+                text,
                 k: 10,
                 mode: SearchMode::Bm25,
                 model: None,
@@ -321,10 +360,11 @@ pub fn run(b: ShardBench) -> Result<()> {
                 dense: (percentile(&mut d, 0.5), percentile(&mut d, 0.99)),
                 recall: found as f64 / (10 * dense.len()).max(1) as f64,
                 bm25: bm25_p,
+                lid,
             };
             println!(
-                "{n:>9} chunks, ef {ef}: ingest {:.1} s, {} segments + {} chunks growing, dense p50 {:.2} ms p99 {:.2} ms recall@10 {:.4}, bm25 p50 {:.2} ms p99 {:.2} ms; a million chunks: {:.2} GB own memory ({:.2} GB live, after the allocator gave back its free memory), {:.2} GB mapped pages resident, {:.2} GB files",
-                row.ingest_s, row.segments, row.growing, row.dense.0, row.dense.1, row.recall, row.bm25.0, row.bm25.1, row.mem_per_million.0, row.live_per_million, row.mem_per_million.1, row.mem_per_million.2
+                "{n:>9} chunks, ef {ef}: ingest {:.1} s, {} segments + {} chunks growing, intrinsic dimensionality {:.1}, dense p50 {:.2} ms p99 {:.2} ms recall@10 {:.4}, bm25 p50 {:.2} ms p99 {:.2} ms; a million chunks: {:.2} GB own memory ({:.2} GB live, after the allocator gave back its free memory), {:.2} GB mapped pages resident, {:.2} GB files",
+                row.ingest_s, row.segments, row.growing, row.lid, row.dense.0, row.dense.1, row.recall, row.bm25.0, row.bm25.1, row.mem_per_million.0, row.live_per_million, row.mem_per_million.1, row.mem_per_million.2
             );
             at_size.push(row);
         }
@@ -347,6 +387,9 @@ pub fn run(b: ShardBench) -> Result<()> {
             continue;
         }
         alternated = Some(alternate(&kept, ALTERNATE_ROUNDS)?);
+        if b.no_load {
+            continue;
+        }
         // the smaller sizes are done with; the largest's measurements under load follow
         let Kept { ix, dense, .. } = kept.pop().expect("the largest");
         for k in kept.drain(..) {
@@ -357,8 +400,8 @@ pub fn run(b: ShardBench) -> Result<()> {
         let at = Largest {
             ix: &ix,
             dense: &dense,
-            zipf: &zipf,
-            dim: b.dim,
+            set: &set,
+            dim,
             n,
         };
         let (writes, written) = during_writes(&at)?;
@@ -370,11 +413,12 @@ pub fn run(b: ShardBench) -> Result<()> {
         let _ = std::fs::remove_dir_all(&dir);
     }
     println!(
-        "\n{:>9} {:>5} {:>9} {:>5} {:>9} {:>9} {:>9} {:>9} {:>9} {:>6} {:>6} {:>6} {:>6}",
+        "\n{:>9} {:>5} {:>9} {:>5} {:>5} {:>9} {:>9} {:>9} {:>9} {:>9} {:>6} {:>6} {:>6} {:>6}",
         "chunks",
         "ef",
         "ingest s",
         "segs",
+        "LID",
         "dense p50",
         "dense p99",
         "recall@10",
@@ -387,11 +431,12 @@ pub fn run(b: ShardBench) -> Result<()> {
     );
     for r in rows.iter().flatten() {
         println!(
-            "{:>9} {:>5} {:>9.1} {:>5} {:>9.3} {:>9.3} {:>9.4} {:>9.3} {:>9.3} {:>6.2} {:>6.2} {:>6.2} {:>6.2}",
+            "{:>9} {:>5} {:>9.1} {:>5} {:>5.1} {:>9.3} {:>9.3} {:>9.4} {:>9.3} {:>9.3} {:>6.2} {:>6.2} {:>6.2} {:>6.2}",
             r.n,
             r.ef,
             r.ingest_s,
             r.segments,
+            r.lid,
             r.dense.0,
             r.dense.1,
             r.recall,
@@ -488,7 +533,7 @@ fn alternate(kept: &[Kept], rounds: usize) -> Result<String> {
 struct Largest<'a> {
     ix: &'a SharedShard,
     dense: &'a [SearchQuery],
-    zipf: &'a Zipf,
+    set: &'a BenchSet,
     dim: usize,
     n: usize,
 }
@@ -646,12 +691,13 @@ fn writing(at: &Largest, first: usize, docs: usize) -> Result<(f64, Vec<SearchCo
         .step_by(WRITE_BATCH)
         .map(|start| {
             let count = WRITE_BATCH.min(first + docs - start);
-            clustered_with(count, dim, 50, 24, 0.1, 7, (n + start) as u64 + 1)
+            at.set
+                .vectors(n + start, count)
                 .into_iter()
                 .enumerate()
-                .map(|(j, mut v)| {
-                    normalize(&mut v);
-                    upsert(format!("w{}", start + j), v, at.zipf.text(&mut rng))
+                .map(|(j, v)| {
+                    let i = start + j;
+                    upsert(format!("w{i}"), v, at.set.text(n + i, &mut rng))
                 })
                 .collect()
         })
@@ -701,7 +747,7 @@ fn writing(at: &Largest, first: usize, docs: usize) -> Result<(f64, Vec<SearchCo
 /// Dense p99 while a merge runs against p99 with none, at the largest size: enough chunks
 /// are written to seal segments until a merge starts, then queries run until it is done.
 fn during_merge(at: &Largest) -> Result<(String, usize)> {
-    let (ix, dense, zipf, dim, n) = (at.ix, at.dense, at.zipf, at.dim, at.n);
+    let (ix, dense, set, dim, n) = (at.ix, at.dense, at.set, at.dim, at.n);
     let mut quiet = timed(ix, dense)?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(99);
     let mut next = n;
@@ -710,11 +756,11 @@ fn during_merge(at: &Largest) -> Result<(String, usize)> {
         if Instant::now() > deadline {
             return Ok(("no merge started within 600 s".into(), next));
         }
-        let vs = clustered_with(512, dim, 50, 24, 0.1, 7, next as u64 + 1);
-        let ops: Vec<WriteOp> = vs
+        let ops: Vec<WriteOp> = set
+            .vectors(next, 512)
             .into_iter()
             .enumerate()
-            .map(|(j, v)| upsert(format!("m{}", next + j), v, zipf.text(&mut rng)))
+            .map(|(j, v)| upsert(format!("m{}", next + j), v, set.text(next + j, &mut rng)))
             .collect();
         next += 512;
         ix.write(ops, &synthetic_model(dim))?;

@@ -267,6 +267,14 @@ pub(crate) enum Cmd {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        /// Also embed the lines of this file, one text a line (`-`: standard input; empty
+        /// lines are skipped).
+        #[arg(long)]
+        input: Option<PathBuf>,
+        /// Write the embeddings to this `.fvecs` file (the ANN benchmarks' format, read by
+        /// `bench shard --vectors`) instead of printing them, in the texts' order.
+        #[arg(long)]
+        fvecs: Option<PathBuf>,
         /// Texts.
         texts: Vec<String>,
     },

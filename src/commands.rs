@@ -268,12 +268,21 @@ pub(crate) async fn run(cli: Cli) -> Result<()> {
         Cmd::Embed {
             models,
             json,
-            texts,
+            input,
+            fvecs,
+            mut texts,
         } => {
             crate::loader::require_backend().map_err(anyhow::Error::msg)?;
             let loader = ModelFiles::new(models_dir(&models));
+            if let Some(path) = &input {
+                texts.extend(read_lines(path)?);
+            }
             if texts.is_empty() {
                 bail!("no text to embed");
+            }
+            if let Some(out) = fvecs {
+                return tokio::task::spawn_blocking(move || embed_to_fvecs(&loader, &texts, &out))
+                    .await?;
             }
             let vecs = tokio::task::spawn_blocking(move || -> Result<_, String> {
                 let e = loader.load_embedder()?;
@@ -493,5 +502,49 @@ async fn up(cluster: ClusterArgs, logs: PathBuf) -> Result<()> {
         let _ = child.kill().await;
         println!("stopped node {name}");
     }
+    Ok(())
+}
+
+/// The non-empty lines of a file (`-`: standard input), without their line ends.
+fn read_lines(path: &std::path::Path) -> Result<Vec<String>> {
+    let text = if path.as_os_str() == "-" {
+        std::io::read_to_string(std::io::stdin()).context("reading standard input")?
+    } else {
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?
+    };
+    Ok(text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(str::to_string)
+        .collect())
+}
+
+/// `embed --fvecs`: the texts embedded in batches (the embedder groups each batch by length)
+/// and appended to `out` in their order, with progress on standard error.
+fn embed_to_fvecs(loader: &ModelFiles, texts: &[String], out: &std::path::Path) -> Result<()> {
+    const BATCH: usize = 2048;
+    let e = loader.load_embedder().map_err(anyhow::Error::msg)?;
+    let file = std::fs::File::create(out).with_context(|| format!("creating {}", out.display()))?;
+    let mut file = std::io::BufWriter::new(file);
+    let t = Instant::now();
+    for (i, batch) in texts.chunks(BATCH).enumerate() {
+        let v = e.embed(batch)?;
+        ragfleet_index::fvecs::append(&mut file, &v)?;
+        let done = (i * BATCH + batch.len()) as f64;
+        eprintln!(
+            "{done} of {} texts embedded, {:.0} a second",
+            texts.len(),
+            done / t.elapsed().as_secs_f64()
+        );
+    }
+    file.flush()?;
+    println!(
+        "{} embeddings of {} dimensions ({}) written to {} in {:.1} s",
+        texts.len(),
+        e.identity().dim,
+        e.identity().name,
+        out.display(),
+        t.elapsed().as_secs_f64()
+    );
     Ok(())
 }

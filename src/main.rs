@@ -3,6 +3,7 @@
 mod bench;
 mod bench_ingest;
 mod bench_load;
+mod bench_set;
 mod bench_shard;
 mod chaos;
 mod cli;

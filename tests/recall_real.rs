@@ -8,8 +8,8 @@ use ragfleet_models::backend::Cpu;
 use ragfleet_models::Embedder;
 use ragfleet_proto::{SearchMode, SearchQuery};
 
-#[test]
-fn hnsw_recall_at_10_is_at_least_095_on_real_embeddings() {
+/// The bundled Rust Book corpus's distinct sentences of four words or more.
+fn book_sentences() -> Vec<String> {
     let corpus =
         std::fs::read_to_string(common::root().join("examples/corpus/rust-book.jsonl")).unwrap();
     let mut sentences: Vec<String> = Vec::new();
@@ -21,6 +21,12 @@ fn hnsw_recall_at_10_is_at_least_095_on_real_embeddings() {
             }
         }
     }
+    sentences
+}
+
+#[test]
+fn hnsw_recall_at_10_is_at_least_095_on_real_embeddings() {
+    let sentences = book_sentences();
     assert!(sentences.len() > 600, "{} sentences", sentences.len());
     let emb =
         Embedder::<Cpu>::load(&common::models_dir().join("minilm"), &Default::default()).unwrap();
@@ -73,4 +79,113 @@ fn hnsw_recall_at_10_is_at_least_095_on_real_embeddings() {
         queries.len()
     );
     assert!(recall >= 0.95, "recall@10 {recall}");
+}
+
+/// `ragfleet embed --input --fvecs` writes a file of real embeddings that `ragfleet bench shard
+/// --vectors --texts` writes a shard from and measures, and bad sets are refused by name.
+#[test]
+fn a_file_of_real_embeddings_is_written_and_a_shard_benched_on_it() {
+    let sentences: Vec<String> = book_sentences().into_iter().take(400).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let lines = dir.path().join("sentences.txt");
+    std::fs::write(&lines, sentences.join("\n") + "\n").unwrap();
+    let fvecs = dir.path().join("sentences.fvecs");
+    let models = common::models_dir();
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(common::bin())
+            .args(args)
+            .env("RAGFLEET_MODELS", &models)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.success(), text)
+    };
+    let (ok, out) = run(&[
+        "embed",
+        "--input",
+        lines.to_str().unwrap(),
+        "--fvecs",
+        fvecs.to_str().unwrap(),
+    ]);
+    assert!(ok, "{out}");
+    let rows = ragfleet_index::fvecs::read(&fvecs).unwrap();
+    assert_eq!(rows.len(), 400);
+    // in the lines' order, as the embedder makes them
+    let emb = Embedder::<Cpu>::load(&models.join("minilm"), &Default::default()).unwrap();
+    let direct = emb.embed(&sentences[..5]).unwrap();
+    for (a, b) in rows.iter().zip(&direct) {
+        assert_eq!(a.len(), 384);
+        let cos: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+        assert!(cos > 0.9999, "cosine {cos}");
+    }
+
+    // 360 rows written (40 held out as queries), at 100 and 360 chunks
+    let bench = |extra: &[&str]| {
+        let mut args = vec![
+            "bench",
+            "shard",
+            "--vectors",
+            fvecs.to_str().unwrap(),
+            "--queries",
+            "40",
+            "--segment-size",
+            "64",
+            "--ef-search",
+            "8,64",
+            "--no-load",
+        ];
+        args.extend_from_slice(extra);
+        run(&args)
+    };
+    let (ok, out) = bench(&["--texts", lines.to_str().unwrap(), "--sizes", "100,360"]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("360 rows of 384 dims written, 40 held out as queries"),
+        "{out}"
+    );
+    // the table: chunks, ef, ingest s, segments, LID, dense p50, p99, recall@10, ...
+    let table: Vec<Vec<f64>> = out
+        .lines()
+        .skip_while(|l| !l.trim_start().starts_with("chunks"))
+        .skip(1)
+        .map(|l| {
+            l.split_whitespace()
+                .filter_map(|x| x.parse().ok())
+                .collect::<Vec<f64>>()
+        })
+        .take_while(|r| r.len() == 14)
+        .collect();
+    assert_eq!(table.len(), 4, "{out}");
+    for (r, (n, ef)) in table
+        .iter()
+        .zip([(100.0, 8.0), (100.0, 64.0), (360.0, 8.0), (360.0, 64.0)])
+    {
+        assert_eq!((r[0], r[1]), (n, ef), "{out}");
+        let (lid, recall, bm25_p50) = (r[4], r[7], r[8]);
+        assert!(
+            lid > 1.0 && lid < 384.0,
+            "intrinsic dimensionality {lid}: {out}"
+        );
+        assert!((0.0..=1.0).contains(&recall), "{out}");
+        assert!(bm25_p50 > 0.0, "{out}");
+    }
+    // the wide beam finds the true neighbours of real queries in these small graphs
+    assert!(table[3][7] >= 0.95, "recall at ef 64: {out}");
+    assert!(out.contains("3.6x the chunks (100 at ef"), "{out}");
+
+    // more chunks than the file holds past its queries; texts that do not match the vectors;
+    // a damaged file
+    let (ok, out) = bench(&["--sizes", "361"]);
+    assert!(!ok && out.contains("more than the 360 vectors"), "{out}");
+    std::fs::write(&lines, sentences[..399].join("\n")).unwrap();
+    let (ok, out) = bench(&["--texts", lines.to_str().unwrap(), "--sizes", "100"]);
+    assert!(
+        !ok && out.contains("399 lines for the 400 vectors"),
+        "{out}"
+    );
+    let bytes = std::fs::read(&fvecs).unwrap();
+    std::fs::write(&fvecs, &bytes[..bytes.len() - 10]).unwrap();
+    let (ok, out) = bench(&["--sizes", "100"]);
+    assert!(!ok && out.contains("row 399 is cut off"), "{out}");
 }

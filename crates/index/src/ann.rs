@@ -112,6 +112,19 @@ pub fn exact_top_k(
     k: usize,
     threads: usize,
 ) -> Vec<Vec<u32>> {
+    exact_top_k_scored(vectors, queries, k, threads)
+        .into_iter()
+        .map(|top| top.into_iter().map(|(_, i)| i).collect())
+        .collect()
+}
+
+/// [`exact_top_k`] with each hit's inner product, best first.
+pub fn exact_top_k_scored(
+    vectors: &[Vec<f32>],
+    queries: &[Vec<f32>],
+    k: usize,
+    threads: usize,
+) -> Vec<Vec<(f32, u32)>> {
     let per = queries.len().div_ceil(threads.max(1)).max(1);
     std::thread::scope(|s| {
         let handles: Vec<_> = queries
@@ -130,7 +143,7 @@ pub fn exact_top_k(
                                 scored.truncate(k);
                             }
                             scored.sort_by(|a, b| b.0.total_cmp(&a.0));
-                            scored.into_iter().map(|(_, i)| i).collect()
+                            scored
                         })
                         .collect::<Vec<_>>()
                 })
@@ -141,6 +154,23 @@ pub fn exact_top_k(
             .flat_map(|h| h.join().expect("exact search thread"))
             .collect()
     })
+}
+
+/// The local intrinsic dimensionality at one query, by the maximum-likelihood estimator
+/// (Levina and Bickel; as Aumüller and Ceccarello use it to rank how hard a set is for
+/// nearest-neighbour search): `-1 / mean(ln(d_i / d_k))` over the distances `d_1..d_k` to the
+/// query's k nearest neighbours. `scores` are inner products of unit vectors, best first
+/// (`d = sqrt(2 - 2 s)`). Neighbours at distance 0 (duplicates of the query) are left out;
+/// `None` when fewer than two distinct distances remain.
+pub fn lid_mle(scores: &[f32]) -> Option<f64> {
+    let d: Vec<f64> = scores
+        .iter()
+        .map(|&s| (2.0 - 2.0 * s as f64).max(0.0).sqrt())
+        .filter(|&d| d > 1e-9)
+        .collect();
+    let far = *d.last()?;
+    let sum: f64 = d.iter().map(|x| (x / far).ln()).sum();
+    (sum < 0.0).then(|| -(d.len() as f64) / sum)
 }
 
 #[cfg(test)]
@@ -178,5 +208,45 @@ mod tests {
         // wider beam: the search returns more candidates than k would need
         let mut s = Search::default();
         assert_eq!(ann.search(&queries[0], 10, &mut s).len(), 10);
+    }
+
+    #[test]
+    fn the_intrinsic_dimension_estimate_follows_the_dimension_the_points_fill() {
+        use rand::{Rng, SeedableRng};
+        // points on the unit sphere of an m-dimensional subspace of R^64: m - 1 dimensions
+        let median_lid = |m: usize| {
+            let mut r = rand::rngs::StdRng::seed_from_u64(m as u64);
+            let mut point = || {
+                let mut v = vec![0.0f32; 64];
+                for x in v.iter_mut().take(m) {
+                    *x = r.gen_range(-1.0f32..1.0);
+                }
+                normalize(&mut v);
+                v
+            };
+            let data: Vec<Vec<f32>> = (0..20_000).map(|_| point()).collect();
+            let queries: Vec<Vec<f32>> = (0..60).map(|_| point()).collect();
+            let mut lids: Vec<f64> = exact_top_k_scored(&data, &queries, 20, 2)
+                .iter()
+                .filter_map(|top| lid_mle(&top.iter().map(|h| h.0).collect::<Vec<_>>()))
+                .collect();
+            assert_eq!(lids.len(), 60);
+            lids.sort_by(f64::total_cmp);
+            lids[30]
+        };
+        let (low, high) = (median_lid(3), median_lid(9));
+        assert!(
+            (1.4..2.8).contains(&low),
+            "2-dimensional points estimated {low}"
+        );
+        assert!(
+            (6.0..10.5).contains(&high),
+            "8-dimensional points estimated {high}"
+        );
+        // a duplicate of the query is left out; too few distances give no estimate
+        assert_eq!(lid_mle(&[1.0, 0.9]), None);
+        assert_eq!(lid_mle(&[]), None);
+        let with_dup = lid_mle(&[1.0, 0.95, 0.9, 0.8]).unwrap();
+        assert_eq!(with_dup, lid_mle(&[0.95, 0.9, 0.8]).unwrap());
     }
 }

@@ -11,6 +11,7 @@ mod codes;
 mod datafile;
 pub mod eval;
 mod files;
+pub mod fvecs;
 pub mod hnsw;
 mod lock;
 mod postings;

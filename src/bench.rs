@@ -42,6 +42,12 @@ pub enum BenchCmd {
         /// Isotropic noise (more = harder).
         #[arg(long, default_value_t = 0.5)]
         noise: f32,
+        /// Real vectors instead of the synthetic set: a `.fvecs` file (`ragfleet embed --input
+        /// LINES --fvecs FILE`, or an ANN benchmark's), best in random order: its last
+        /// `--queries` rows are the queries, the `--n` rows before them the set (all of them if
+        /// fewer).
+        #[arg(long)]
+        vectors: Option<std::path::PathBuf>,
         /// A Python with numpy, hnswlib and faiss-cpu: runs crates/index/bench/ann_reference.py
         /// on the same vectors (`python3 -m venv V && V/bin/pip install numpy hnswlib faiss-cpu`).
         #[arg(long)]
@@ -129,6 +135,7 @@ pub async fn run(cmd: BenchCmd) -> Result<()> {
             clusters,
             intrinsic,
             noise,
+            vectors,
             reference,
         } => {
             let spec = IndexBench {
@@ -141,6 +148,7 @@ pub async fn run(cmd: BenchCmd) -> Result<()> {
                 clusters,
                 intrinsic,
                 noise,
+                vectors,
                 reference,
             };
             tokio::task::spawn_blocking(move || index(spec)).await?
@@ -567,6 +575,7 @@ struct IndexBench {
     clusters: usize,
     intrinsic: usize,
     noise: f32,
+    vectors: Option<std::path::PathBuf>,
     reference: Option<std::path::PathBuf>,
 }
 
@@ -584,7 +593,6 @@ fn index(b: IndexBench) -> Result<()> {
     use ragfleet_index::hnsw::{Hnsw, HnswParams};
     use ragfleet_index::vector::normalize;
     use std::time::Instant;
-    const DIM: usize = 384;
     const K: usize = 10;
     let threads = threads();
     let norm = |mut v: Vec<f32>| {
@@ -592,21 +600,45 @@ fn index(b: IndexBench) -> Result<()> {
         v
     };
     let t = Instant::now();
-    let data: Vec<Vec<f32>> = clustered_with(b.n, DIM, b.clusters, b.intrinsic, b.noise, 1, 2)
-        .into_iter()
-        .map(norm)
-        .collect();
-    let queries: Vec<Vec<f32>> = clustered_with(b.nq, DIM, b.clusters, b.intrinsic, b.noise, 1, 3)
-        .into_iter()
-        .map(norm)
-        .collect();
+    let (data, queries, what) = match &b.vectors {
+        None => (
+            clustered_with(b.n, 384, b.clusters, b.intrinsic, b.noise, 1, 2)
+                .into_iter()
+                .map(norm)
+                .collect::<Vec<_>>(),
+            clustered_with(b.nq, 384, b.clusters, b.intrinsic, b.noise, 1, 3)
+                .into_iter()
+                .map(norm)
+                .collect::<Vec<_>>(),
+            format!(
+                "{} clusters, {} directions each, noise {}",
+                b.clusters, b.intrinsic, b.noise
+            ),
+        ),
+        Some(path) => {
+            let mut rows = ragfleet_index::fvecs::read(path)?;
+            if rows.len() <= b.nq {
+                anyhow::bail!(
+                    "{} holds {} vectors: more than the {} queries held out of it are needed",
+                    path.display(),
+                    rows.len(),
+                    b.nq
+                );
+            }
+            let queries: Vec<Vec<f32>> = rows.split_off(rows.len() - b.nq);
+            rows.truncate(b.n);
+            (
+                rows.into_iter().map(norm).collect(),
+                queries.into_iter().map(norm).collect(),
+                format!("from {}", path.display()),
+            )
+        }
+    };
+    let dim = data.first().map_or(0, Vec::len);
     println!(
-        "{} vectors x {DIM} ({} clusters, {} directions each, noise {}), {} queries, k = {K}, \
-         M = {}, ef_construction = {}, {threads} build threads, 1 search thread; data {:.1} s",
-        b.n,
-        b.clusters,
-        b.intrinsic,
-        b.noise,
+        "{} vectors x {dim} ({what}), {} queries, k = {K}, M = {}, ef_construction = {}, \
+         {threads} build threads, 1 search thread; data {:.1} s",
+        data.len(),
         b.nq,
         b.m,
         b.efc,
@@ -634,7 +666,7 @@ fn index(b: IndexBench) -> Result<()> {
             "--dir",
             &dir.path().to_string_lossy(),
             "--dim",
-            &DIM.to_string(),
+            &dim.to_string(),
             "--k",
             &K.to_string(),
             "--m",
@@ -676,7 +708,7 @@ fn index(b: IndexBench) -> Result<()> {
         ef_construction: b.efc,
         seed: 1,
     };
-    let own = Hnsw::build(DIM, &dim_flat, params, threads);
+    let own = Hnsw::build(dim, &dim_flat, params, threads);
     builds.insert(0, ("ragfleet".into(), t.elapsed().as_secs_f64()));
     drop(dim_flat);
     // one point of a curve: every query timed on one thread, recall against the truth
@@ -702,7 +734,7 @@ fn index(b: IndexBench) -> Result<()> {
     println!(
         "ragfleet graph in memory: {:.1} MB ({:.0} bytes a vector)",
         own.memory_bytes() as f64 / 1e6,
-        own.memory_bytes() as f64 / b.n as f64
+        own.memory_bytes() as f64 / data.len() as f64
     );
     drop(own);
     if b.instant {

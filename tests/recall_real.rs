@@ -174,6 +174,32 @@ fn a_file_of_real_embeddings_is_written_and_a_shard_benched_on_it() {
     assert!(table[3][7] >= 0.95, "recall at ef 64: {out}");
     assert!(out.contains("3.6x the chunks (100 at ef"), "{out}");
 
+    // the graph alone on the same file: its first 300 rows, the last 40 the queries
+    let (ok, out) = run(&[
+        "bench",
+        "index",
+        "--vectors",
+        fvecs.to_str().unwrap(),
+        "--n",
+        "300",
+        "--queries",
+        "40",
+        "--ef",
+        "8,64",
+        "--no-instant",
+    ]);
+    assert!(ok, "{out}");
+    assert!(out.contains("300 vectors x 384 (from"), "{out}");
+    let recall_at = |ef: &str| -> f64 {
+        let line = out
+            .lines()
+            .find(|l| l.split_whitespace().take(2).eq(["ragfleet", ef]))
+            .unwrap_or_else(|| panic!("no point at ef {ef}: {out}"));
+        line.split_whitespace().nth(2).unwrap().parse().unwrap()
+    };
+    assert!(recall_at("64") >= 0.95, "{out}");
+    assert!(recall_at("8") <= recall_at("64"), "{out}");
+
     // more chunks than the file holds past its queries; texts that do not match the vectors;
     // a damaged file
     let (ok, out) = bench(&["--sizes", "361"]);

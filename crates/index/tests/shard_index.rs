@@ -621,6 +621,30 @@ fn the_digest_kept_up_by_each_change_equals_one_computed_from_every_entry() {
                 "{when}: {b} buckets"
             );
         }
+        // a page of versions by bucket (placed by the fine buckets the documents keep, or, for
+        // a count that is not a power of two, by hashing the ids) holds exactly the bucket's
+        let all = ix.versions();
+        for b in [1, 16, 12, 4096, ragfleet_proto::MAX_DIGEST_BUCKETS] {
+            let every: Vec<u32> = (0..b).rev().collect();
+            let (v, covered) = ix.versions_in(b, &every, usize::MAX);
+            assert_eq!(covered, b as usize, "{when}: {b} buckets");
+            assert_eq!(
+                (&v.live, &v.deleted),
+                (&all.live, &all.deleted),
+                "{when}: {b} buckets"
+            );
+            for one in [0, b / 3, b - 1] {
+                let (v, _) = ix.versions_in(b, &[one], usize::MAX);
+                let of = |l: &[(String, u64)]| -> Vec<(String, u64)> {
+                    l.iter()
+                        .filter(|(d, _)| ragfleet_proto::doc_bucket(d, b) == one)
+                        .cloned()
+                        .collect()
+                };
+                assert_eq!(v.live, of(&all.live), "{when}: bucket {one} of {b}");
+                assert_eq!(v.deleted, of(&all.deleted), "{when}: bucket {one} of {b}");
+            }
+        }
     };
     for round in 0..30 {
         let mut ops = Vec::new();

@@ -249,6 +249,10 @@ struct DocState {
     seq: u64,
     version: u64,
     slots: Slots,
+    /// The id's fine digest bucket ([`ragfleet_proto::doc_bucket`] of
+    /// [`ragfleet_proto::MAX_DIGEST_BUCKETS`]), kept so that a page of versions by bucket
+    /// reads no id's bytes to place it.
+    fine: u16,
 }
 
 /// A live document's chunks' slots: the run of consecutive slots its write gave them (an

@@ -19,6 +19,12 @@ impl Default for Digests {
     }
 }
 
+/// `doc_id`'s fine digest bucket: its bucket of [`ragfleet_proto::MAX_DIGEST_BUCKETS`] (which
+/// is 2^16: it fits a `u16`).
+pub(super) fn fine_bucket(doc_id: &str) -> u16 {
+    ragfleet_proto::doc_bucket(doc_id, ragfleet_proto::MAX_DIGEST_BUCKETS) as u16
+}
+
 impl Digests {
     /// `doc_id`'s entry hashed `out` before and `into` now (0: no entry).
     pub(super) fn change(&mut self, doc_id: &str, out: u64, into: u64) {
@@ -26,8 +32,7 @@ impl Digests {
             return;
         }
         self.total = self.total.wrapping_sub(out).wrapping_add(into);
-        let fine = ragfleet_proto::doc_bucket(doc_id, ragfleet_proto::MAX_DIGEST_BUCKETS);
-        let f = &mut self.fine[fine as usize];
+        let f = &mut self.fine[fine_bucket(doc_id) as usize];
         *f = f.wrapping_sub(out).wrapping_add(into);
     }
 
@@ -106,13 +111,20 @@ impl ShardIndex {
                 *p = i as u32;
             }
         }
+        // an entry's bucket: of a power of two, its fine bucket's remainder, which a live
+        // document keeps (no id is read to place it, and only the wanted ones' are sized)
+        let fold = buckets.is_power_of_two();
+        let bucket_of = |d: &str, fine: Option<u16>| match fine {
+            Some(f) if fold => f as u32 % buckets,
+            _ => ragfleet_proto::doc_bucket(d, buckets),
+        };
         // a first pass sizes the wanted buckets and notes each entry's place (the maps do not
         // change under the read lock, so a second pass visits them in the same order): only
         // the buckets of this page are then copied, not every wanted one
         let mut at: Vec<u32> = Vec::with_capacity(self.docs.len());
         let mut bytes_of = vec![0usize; wanted.len()];
-        for (d, _, _) in self.entries() {
-            let i = place[ragfleet_proto::doc_bucket(d, buckets) as usize];
+        for (d, fine) in self.entry_ids() {
+            let i = place[bucket_of(d, fine) as usize];
             if let Some(b) = bytes_of.get_mut(i as usize) {
                 *b += ragfleet_proto::version_entry_bytes(d);
             }
@@ -264,6 +276,13 @@ impl ShardIndex {
     fn entries(&self) -> impl Iterator<Item = (&str, u64, bool)> {
         let live = self.docs.iter().map(|(d, s)| (&**d, s.version, true));
         live.chain(self.remembered_deletions().map(|(d, v)| (d, v, false)))
+    }
+
+    /// The ids [`ShardIndex::entries`] yields, in its order, each live document's with the fine
+    /// bucket it keeps.
+    fn entry_ids(&self) -> impl Iterator<Item = (&str, Option<u16>)> {
+        let live = self.docs.iter().map(|(d, s)| (&**d, Some(s.fine)));
+        live.chain(self.remembered_deletions().map(|(d, _)| (d, None)))
     }
 
     /// (id, version) of every deletion record of a document not live now.

@@ -85,7 +85,13 @@ impl ShardIndex {
         e.set_slot(Some(slot));
         let d = match self.docs.get_mut(e.doc_id()) {
             Some(d) => d,
-            None => self.docs.entry(e.doc_id().into()).or_default(),
+            None => self
+                .docs
+                .entry(e.doc_id().into())
+                .or_insert_with(|| DocState {
+                    fine: super::sync::fine_bucket(e.doc_id()),
+                    ..DocState::default()
+                }),
         };
         d.seq = e.seq;
         d.version = e.version;

@@ -613,6 +613,9 @@ struct SearchCost {
     cpu_ms: f64,
     /// Context switches meanwhile, voluntary (a wait) and involuntary (preempted).
     switches: i64,
+    /// Page faults meanwhile: minor (a page already in memory mapped on first touch, such as
+    /// a freshly written file's) and major (read from disk).
+    faults: (i64, i64),
     /// Sealed segments, and of those with their graph built (the rest are scanned).
     segments: usize,
     graphs: usize,
@@ -625,7 +628,7 @@ impl SearchCost {
     fn describe(&self) -> String {
         let off = (self.ms - self.cpu_ms).max(0.0);
         format!(
-            "{:.1} ms (lock {:.1}, on a CPU {:.1}, off it {:.1}{}, {} segments, {} with graphs)",
+            "{:.1} ms (lock {:.1}, on a CPU {:.1}, off it {:.1}{}, {} page faults{}, {} segments, {} with graphs)",
             self.ms,
             self.wait_ms,
             self.cpu_ms,
@@ -639,6 +642,12 @@ impl SearchCost {
                     if self.switches == 1 { "" } else { "es" }
                 )
             },
+            self.faults.0 + self.faults.1,
+            if self.faults.1 > 0 {
+                format!(" ({} major)", self.faults.1)
+            } else {
+                String::new()
+            },
             self.segments,
             self.graphs
         )
@@ -650,6 +659,8 @@ struct ThreadUsage {
     cpu_ms: f64,
     involuntary: i64,
     voluntary: i64,
+    minor_faults: i64,
+    major_faults: i64,
 }
 
 impl ThreadUsage {
@@ -667,6 +678,8 @@ impl ThreadUsage {
             cpu_ms: ts.tv_sec as f64 * 1e3 + ts.tv_nsec as f64 / 1e6,
             involuntary: usage.ru_nivcsw,
             voluntary: usage.ru_nvcsw,
+            minor_faults: usage.ru_minflt,
+            major_faults: usage.ru_majflt,
         }
     }
 
@@ -676,6 +689,8 @@ impl ThreadUsage {
             cpu_ms: 0.0,
             involuntary: 0,
             voluntary: 0,
+            minor_faults: 0,
+            major_faults: 0,
         }
     }
 }
@@ -734,6 +749,10 @@ fn writing(at: &Largest, first: usize, docs: usize) -> Result<(f64, Vec<SearchCo
                     cpu_ms: after.cpu_ms - before.cpu_ms,
                     switches: (after.involuntary - before.involuntary)
                         + (after.voluntary - before.voluntary),
+                    faults: (
+                        after.minor_faults - before.minor_faults,
+                        after.major_faults - before.major_faults,
+                    ),
                     segments,
                     graphs,
                 });

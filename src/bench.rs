@@ -616,22 +616,11 @@ fn index(b: IndexBench) -> Result<()> {
             ),
         ),
         Some(path) => {
-            let mut rows = ragfleet_index::fvecs::read(path)?;
-            if rows.len() <= b.nq {
-                anyhow::bail!(
-                    "{} holds {} vectors: more than the {} queries held out of it are needed",
-                    path.display(),
-                    rows.len(),
-                    b.nq
-                );
-            }
-            let queries: Vec<Vec<f32>> = rows.split_off(rows.len() - b.nq);
+            let (mut rows, queries) = crate::bench_set::BenchSet::from_files(path, None, b.nq)?
+                .into_rows()
+                .ok_or_else(|| anyhow::anyhow!("{} read as no file set", path.display()))?;
             rows.truncate(b.n);
-            (
-                rows.into_iter().map(norm).collect(),
-                queries.into_iter().map(norm).collect(),
-                format!("from {}", path.display()),
-            )
+            (rows, queries, format!("from {}", path.display()))
         }
     };
     let dim = data.first().map_or(0, Vec::len);

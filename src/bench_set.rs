@@ -83,6 +83,11 @@ impl BenchSet {
         })
     }
 
+    /// A file set's rows and held-out queries (`None` for the synthetic set).
+    pub fn into_rows(self) -> Option<(Vec<Vec<f32>>, Vec<Vec<f32>>)> {
+        self.file.map(|f| (f.rows, f.queries))
+    }
+
     /// The vectors' dimension.
     pub fn dim(&self) -> usize {
         self.dim

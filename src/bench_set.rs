@@ -8,6 +8,9 @@ use ragfleet_index::eval::{clustered_with, Zipf};
 use ragfleet_index::vector::normalize;
 use rand::rngs::StdRng;
 
+/// Vectors, one a row.
+pub type Rows = Vec<Vec<f32>>;
+
 /// Where the bench's documents and queries come from.
 pub struct BenchSet {
     dim: usize,
@@ -84,7 +87,7 @@ impl BenchSet {
     }
 
     /// A file set's rows and held-out queries (`None` for the synthetic set).
-    pub fn into_rows(self) -> Option<(Vec<Vec<f32>>, Vec<Vec<f32>>)> {
+    pub fn into_rows(self) -> Option<(Rows, Rows)> {
         self.file.map(|f| (f.rows, f.queries))
     }
 

@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use ragfleet_index::eval::{clustered_with, Zipf};
+use ragfleet_index::eval::{bench_shard_set, Zipf};
 use ragfleet_index::vector::normalize;
 use rand::rngs::StdRng;
 
@@ -129,13 +129,7 @@ impl BenchSet {
     /// the first row past the last (later writes repeat vectors under new ids).
     pub fn vectors(&self, first: usize, count: usize) -> Vec<Vec<f32>> {
         match &self.file {
-            None => clustered_with(count, self.dim, 50, 24, 0.1, 7, first as u64 + 1)
-                .into_iter()
-                .map(|mut v| {
-                    normalize(&mut v);
-                    v
-                })
-                .collect(),
+            None => bench_shard_set(count, self.dim, first as u64 + 1),
             Some(f) => (first..first + count)
                 .map(|i| f.rows[i % f.rows.len()].clone())
                 .collect(),
@@ -154,13 +148,7 @@ impl BenchSet {
     /// set's own draws.
     pub fn query_vectors(&self, count: usize) -> Vec<Vec<f32>> {
         match &self.file {
-            None => clustered_with(count, self.dim, 50, 24, 0.1, 7, u64::MAX - 1)
-                .into_iter()
-                .map(|mut v| {
-                    normalize(&mut v);
-                    v
-                })
-                .collect(),
+            None => bench_shard_set(count, self.dim, u64::MAX - 1),
             Some(f) => f.queries.iter().take(count).cloned().collect(),
         }
     }

@@ -274,8 +274,9 @@ pub(crate) async fn run(cli: Cli) -> Result<()> {
         } => {
             crate::loader::require_backend().map_err(anyhow::Error::msg)?;
             let loader = ModelFiles::new(models_dir(&models));
-            if let Some(path) = &input {
-                texts.extend(read_lines(path)?);
+            if let Some(path) = input {
+                // a file or standard input read off the runtime's threads
+                texts.extend(tokio::task::spawn_blocking(move || read_lines(&path)).await??);
             }
             if texts.is_empty() {
                 bail!("no text to embed");

@@ -578,6 +578,15 @@ fn during_writes(at: &Largest) -> Result<(String, usize)> {
             d99 / q99
         ));
         costs.sort_by(|a, b| b.ms.total_cmp(&a.ms));
+        for c in costs.iter_mut().take(5) {
+            let mut best = f64::MAX;
+            for _ in 0..3 {
+                let t = Instant::now();
+                at.ix.read().search(&at.dense[c.query])?;
+                best = best.min(t.elapsed().as_secs_f64() * 1e3);
+            }
+            c.again_ms = Some(best);
+        }
         lines.push(format!(
             "  the longest five: {}",
             costs
@@ -619,16 +628,28 @@ struct SearchCost {
     /// Sealed segments, and of those with their graph built (the rest are scanned).
     segments: usize,
     graphs: usize,
+    /// The time the hypervisor took from the machine's CPUs meanwhile (`steal` in
+    /// `/proc/stat`, counted in 10 ms ticks), where the kernel tells it.
+    stolen_ms: Option<u64>,
+    /// Which of the queries it was.
+    query: usize,
+    /// The same query's best of three asked again once the writes stopped (before the
+    /// graphs and merges they left are done): a long search that is fast again was slowed by
+    /// what ran beside it, not by its own work.
+    again_ms: Option<f64>,
 }
 
 impl SearchCost {
     /// `ms (lock, CPU, off the CPU, switches, segments)`. Time off the CPU with no context
     /// switch at all was not taken by this system's scheduler: a virtual machine's CPU that its
-    /// host ran something else on (the steal time `vmstat` shows).
+    /// host ran something else on (the steal time `vmstat` shows). A guest's kernel may also
+    /// charge such a stop to the thread that was running as time on a CPU (this machine's does
+    /// unless timer interrupts come often, as under `perf record`), so the hypervisor's steal
+    /// meanwhile and the same query asked again are shown beside it.
     fn describe(&self) -> String {
         let off = (self.ms - self.cpu_ms).max(0.0);
         format!(
-            "{:.1} ms (lock {:.1}, on a CPU {:.1}, off it {:.1}{}, {} page faults{}, {} segments, {} with graphs)",
+            "{:.1} ms (lock {:.1}, on a CPU {:.1}, off it {:.1}{}, {} page faults{}, {} segments, {} with graphs{}{})",
             self.ms,
             self.wait_ms,
             self.cpu_ms,
@@ -649,7 +670,14 @@ impl SearchCost {
                 String::new()
             },
             self.segments,
-            self.graphs
+            self.graphs,
+            match self.stolen_ms {
+                Some(n) if n > 0 => format!("; the hypervisor took {n} ms of the CPUs meanwhile"),
+                _ => String::new(),
+            },
+            self.again_ms
+                .map(|a| format!("; asked again: {a:.2} ms"))
+                .unwrap_or_default()
         )
     }
 }
@@ -733,7 +761,8 @@ fn writing(at: &Largest, first: usize, docs: usize) -> Result<(f64, Vec<SearchCo
         });
         let mut costs = Vec::new();
         while !done.load(std::sync::atomic::Ordering::Acquire) {
-            for q in dense.iter().take(50) {
+            for (query, q) in dense.iter().enumerate().take(50) {
+                let stolen_before = priority::stolen_ms();
                 let before = ThreadUsage::now();
                 let t = Instant::now();
                 let r = ix.read();
@@ -755,6 +784,11 @@ fn writing(at: &Largest, first: usize, docs: usize) -> Result<(f64, Vec<SearchCo
                     ),
                     segments,
                     graphs,
+                    stolen_ms: stolen_before
+                        .zip(priority::stolen_ms())
+                        .map(|(b, a)| a.saturating_sub(b)),
+                    query,
+                    again_ms: None,
                 });
             }
         }

@@ -579,13 +579,9 @@ fn during_writes(at: &Largest) -> Result<(String, usize)> {
         ));
         costs.sort_by(|a, b| b.ms.total_cmp(&a.ms));
         for c in costs.iter_mut().take(5) {
-            let mut best = f64::MAX;
-            for _ in 0..3 {
-                let t = Instant::now();
-                at.ix.read().search(&at.dense[c.query])?;
-                best = best.min(t.elapsed().as_secs_f64() * 1e3);
-            }
-            c.again_ms = Some(best);
+            let q = &at.dense[c.query];
+            let again = timed(at.ix, &[q.clone(), q.clone(), q.clone()])?;
+            c.again_ms = again.into_iter().reduce(f64::min);
         }
         lines.push(format!(
             "  the longest five: {}",
@@ -760,9 +756,10 @@ fn writing(at: &Largest, first: usize, docs: usize) -> Result<(f64, Vec<SearchCo
             Ok(t.elapsed().as_secs_f64())
         });
         let mut costs = Vec::new();
+        // one read of the steal counter a search: the one after a search is the next's before
+        let mut stolen_before = priority::stolen_ms();
         while !done.load(std::sync::atomic::Ordering::Acquire) {
             for (query, q) in dense.iter().enumerate().take(50) {
-                let stolen_before = priority::stolen_ms();
                 let before = ThreadUsage::now();
                 let t = Instant::now();
                 let r = ix.read();
@@ -772,6 +769,7 @@ fn writing(at: &Largest, first: usize, docs: usize) -> Result<(f64, Vec<SearchCo
                 drop(r);
                 let ms = t.elapsed().as_secs_f64() * 1e3;
                 let after = ThreadUsage::now();
+                let stolen_after = priority::stolen_ms();
                 costs.push(SearchCost {
                     ms,
                     wait_ms,
@@ -785,11 +783,12 @@ fn writing(at: &Largest, first: usize, docs: usize) -> Result<(f64, Vec<SearchCo
                     segments,
                     graphs,
                     stolen_ms: stolen_before
-                        .zip(priority::stolen_ms())
+                        .zip(stolen_after)
                         .map(|(b, a)| a.saturating_sub(b)),
                     query,
                     again_ms: None,
                 });
+                stolen_before = stolen_after;
             }
         }
         let secs = writer.join().expect("the writer thread")?;

@@ -33,6 +33,11 @@ pub enum BenchCmd {
         /// Leave instant-distance out (its build is slow at 1M vectors).
         #[arg(long)]
         no_instant: bool,
+        /// Build and search ragfleet's graph once with each of these int8 kernels
+        /// (`avx512-vnni`, `avx2`, `portable`; the first is reported as `ragfleet`, the others
+        /// as `rf-NAME`), so that they are compared in one run; default: the one in use.
+        #[arg(long, value_delimiter = ',')]
+        int8_kernels: Vec<String>,
         /// Clusters in the synthetic set.
         #[arg(long, default_value_t = 10)]
         clusters: usize,
@@ -132,12 +137,32 @@ pub async fn run(cmd: BenchCmd) -> Result<()> {
             ef_construction,
             m,
             no_instant,
+            int8_kernels,
             clusters,
             intrinsic,
             noise,
             vectors,
             reference,
         } => {
+            use ragfleet_index::vector::{int8_kernel, Int8Kernel};
+            let kernels = if int8_kernels.is_empty() {
+                vec![int8_kernel()]
+            } else {
+                int8_kernels
+                    .iter()
+                    .map(|name| match Int8Kernel::parse(name.trim()) {
+                        Some(k) if k.available() => Ok(k),
+                        Some(_) => Err(anyhow::anyhow!(
+                            "--int8-kernels: this CPU cannot run {name}; it runs {}",
+                            kernel_names()
+                        )),
+                        None => Err(anyhow::anyhow!(
+                            "--int8-kernels: no kernel is named {name:?}; this CPU runs {}",
+                            kernel_names()
+                        )),
+                    })
+                    .collect::<Result<Vec<_>>>()?
+            };
             let spec = IndexBench {
                 n,
                 nq: queries,
@@ -145,6 +170,7 @@ pub async fn run(cmd: BenchCmd) -> Result<()> {
                 efc: ef_construction,
                 m,
                 instant: !no_instant,
+                kernels,
                 clusters,
                 intrinsic,
                 noise,
@@ -572,11 +598,21 @@ struct IndexBench {
     efc: usize,
     m: usize,
     instant: bool,
+    kernels: Vec<ragfleet_index::vector::Int8Kernel>,
     clusters: usize,
     intrinsic: usize,
     noise: f32,
     vectors: Option<std::path::PathBuf>,
     reference: Option<std::path::PathBuf>,
+}
+
+/// The int8 kernels this CPU runs, by name.
+fn kernel_names() -> String {
+    ragfleet_index::vector::Int8Kernel::usable()
+        .iter()
+        .map(|k| k.name())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// One point of a recall/QPS curve.
@@ -691,15 +727,11 @@ fn index(b: IndexBench) -> Result<()> {
             .sum();
         hit as f64 / (K * b.nq) as f64
     };
-    let t = Instant::now();
     let params = HnswParams {
         m: b.m,
         ef_construction: b.efc,
         seed: 1,
     };
-    let own = Hnsw::build(dim, &dim_flat, params, threads);
-    builds.insert(0, ("ragfleet".into(), t.elapsed().as_secs_f64()));
-    drop(dim_flat);
     // one point of a curve: every query timed on one thread, recall against the truth
     let point = |lib: &str, ef: usize, search: &mut dyn FnMut(&[f32]) -> Vec<u32>| {
         let t = Instant::now();
@@ -711,21 +743,35 @@ fn index(b: IndexBench) -> Result<()> {
             qps: b.nq as f64 / t.elapsed().as_secs_f64(),
         }
     };
-    for &ef in &b.efs {
-        points.push(point("ragfleet", ef, &mut |q| {
-            let exact = |i: u32| ragfleet_index::vector::dot(q, &data[i as usize]);
-            own.search_with(q, K, ef, &|_| true, Some(&exact))
-                .into_iter()
-                .map(|x| x.1)
-                .collect()
-        }));
+    let in_use = ragfleet_index::vector::int8_kernel();
+    for (i, &kernel) in b.kernels.iter().enumerate() {
+        ragfleet_index::vector::set_int8_kernel(kernel);
+        let lib = if i == 0 {
+            "ragfleet".to_string()
+        } else {
+            format!("rf-{}", kernel.name())
+        };
+        let t = Instant::now();
+        let own = Hnsw::build(dim, &dim_flat, params, threads);
+        builds.insert(i, (lib.clone(), t.elapsed().as_secs_f64()));
+        for &ef in &b.efs {
+            points.push(point(&lib, ef, &mut |q| {
+                let exact = |i: u32| ragfleet_index::vector::dot(q, &data[i as usize]);
+                own.search_with(q, K, ef, &|_| true, Some(&exact))
+                    .into_iter()
+                    .map(|x| x.1)
+                    .collect()
+            }));
+        }
+        println!(
+            "{lib} graph (int8 kernel {}) in memory: {:.1} MB ({:.0} bytes a vector)",
+            kernel.name(),
+            own.memory_bytes() as f64 / 1e6,
+            own.memory_bytes() as f64 / data.len() as f64
+        );
     }
-    println!(
-        "ragfleet graph in memory: {:.1} MB ({:.0} bytes a vector)",
-        own.memory_bytes() as f64 / 1e6,
-        own.memory_bytes() as f64 / data.len() as f64
-    );
-    drop(own);
+    ragfleet_index::vector::set_int8_kernel(in_use);
+    drop(dim_flat);
     if b.instant {
         let t = Instant::now();
         let mut ann = Ann::build(data, b.efc, b.efs.first().copied().unwrap_or(K), 1);
@@ -737,17 +783,17 @@ fn index(b: IndexBench) -> Result<()> {
         }
     }
 
-    println!("\n{:<10} {:>10}", "library", "build s");
+    println!("\n{:<16} {:>10}", "library", "build s");
     for (lib, s) in &builds {
-        println!("{lib:<10} {s:>10.1}");
+        println!("{lib:<16} {s:>10.1}");
     }
     println!(
-        "\n{:<10} {:>5} {:>10} {:>10}",
+        "\n{:<16} {:>5} {:>10} {:>10}",
         "library", "ef", "recall@10", "QPS"
     );
     for p in &points {
         println!(
-            "{:<10} {:>5} {:>10.4} {:>10.0}",
+            "{:<16} {:>5} {:>10.4} {:>10.0}",
             p.lib, p.ef, p.recall, p.qps
         );
     }

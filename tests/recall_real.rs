@@ -174,7 +174,9 @@ fn a_file_of_real_embeddings_is_written_and_a_shard_benched_on_it() {
     assert!(table[3][7] >= 0.95, "recall at ef 64: {out}");
     assert!(out.contains("3.6x the chunks (100 at ef"), "{out}");
 
-    // the graph alone on the same file: its first 300 rows, the last 40 the queries
+    // the graph alone on the same file: its first 300 rows, the last 40 the queries, with
+    // the best int8 kernel this CPU runs and the portable one
+    let best_kernel = ragfleet_index::vector::Int8Kernel::usable()[0].name();
     let (ok, out) = run(&[
         "bench",
         "index",
@@ -187,18 +189,36 @@ fn a_file_of_real_embeddings_is_written_and_a_shard_benched_on_it() {
         "--ef",
         "8,64",
         "--no-instant",
+        "--int8-kernels",
+        &format!("{},portable", best_kernel),
     ]);
     assert!(ok, "{out}");
     assert!(out.contains("300 vectors x 384 (from"), "{out}");
-    let recall_at = |ef: &str| -> f64 {
+    let recall_at = |lib: &str, ef: &str| -> f64 {
         let line = out
             .lines()
-            .find(|l| l.split_whitespace().take(2).eq(["ragfleet", ef]))
-            .unwrap_or_else(|| panic!("no point at ef {ef}: {out}"));
+            .find(|l| l.split_whitespace().take(2).eq([lib, ef]))
+            .unwrap_or_else(|| panic!("no point of {lib} at ef {ef}: {out}"));
         line.split_whitespace().nth(2).unwrap().parse().unwrap()
     };
-    assert!(recall_at("64") >= 0.95, "{out}");
-    assert!(recall_at("8") <= recall_at("64"), "{out}");
+    assert!(recall_at("ragfleet", "64") >= 0.95, "{out}");
+    assert!(recall_at("ragfleet", "8") <= recall_at("ragfleet", "64"), "{out}");
+    // the same graph built and searched with the plain loops, compared in the same run
+    assert!(
+        out.contains(&format!("ragfleet graph (int8 kernel {best_kernel})")),
+        "{out}"
+    );
+    assert!(recall_at("rf-portable", "64") >= 0.95, "{out}");
+    assert!(out.contains("vs rf-portable"), "{out}");
+    let (ok, out) = run(&[
+        "bench",
+        "index",
+        "--n",
+        "300",
+        "--int8-kernels",
+        "avx9000",
+    ]);
+    assert!(!ok && out.contains("no kernel is named \"avx9000\""), "{out}");
 
     // more chunks than the file holds past its queries; texts that do not match the vectors;
     // a damaged file

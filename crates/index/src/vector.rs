@@ -15,6 +15,9 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 #[cfg(target_arch = "x86_64")]
+mod vnni;
+
+#[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;
 
@@ -155,16 +158,134 @@ mod avx2 {
     }
 }
 
+/// Which int8 dot-product kernel this process uses: the best the CPU has, unless
+/// `RAGFLEET_INT8_KERNEL` names a lower one (`avx2` or `portable`, to compare them in one
+/// sitting); read once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Int8Kernel {
+    /// Plain loops.
+    Portable,
+    /// AVX2: bytes widened to i16 and multiplied pairwise.
+    Avx2,
+    /// AVX-512 VNNI: 64 byte products a instruction.
+    Avx512Vnni,
+}
+
+impl Int8Kernel {
+    /// Whether this CPU can run the kernel.
+    pub fn available(self) -> bool {
+        match self {
+            Int8Kernel::Portable => true,
+            #[cfg(target_arch = "x86_64")]
+            Int8Kernel::Avx2 => avx2::available(),
+            #[cfg(target_arch = "x86_64")]
+            Int8Kernel::Avx512Vnni => avx2::available() && vnni::available(),
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
+        }
+    }
+
+    /// Its name, as `RAGFLEET_INT8_KERNEL` takes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Int8Kernel::Portable => "portable",
+            Int8Kernel::Avx2 => "avx2",
+            Int8Kernel::Avx512Vnni => "avx512-vnni",
+        }
+    }
+
+    /// The kernel named `name` (as [`Int8Kernel::name`] gives it).
+    pub fn parse(name: &str) -> Option<Int8Kernel> {
+        KERNELS.into_iter().find(|k| k.name() == name)
+    }
+
+    /// The kernels this CPU can run, best first.
+    pub fn usable() -> Vec<Int8Kernel> {
+        [
+            Int8Kernel::Avx512Vnni,
+            Int8Kernel::Avx2,
+            Int8Kernel::Portable,
+        ]
+        .into_iter()
+        .filter(|k| k.available())
+        .collect()
+    }
+}
+
+/// The kernel in use: 0 until chosen, else 1 + its place in [`KERNELS`].
+static CHOSEN: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+const KERNELS: [Int8Kernel; 3] = [
+    Int8Kernel::Portable,
+    Int8Kernel::Avx2,
+    Int8Kernel::Avx512Vnni,
+];
+
+/// The int8 kernel in use (see [`Int8Kernel`]).
+#[inline]
+pub fn int8_kernel() -> Int8Kernel {
+    match CHOSEN.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => choose_int8_kernel(),
+        n => KERNELS[n as usize - 1],
+    }
+}
+
+#[cold]
+fn choose_int8_kernel() -> Int8Kernel {
+    let usable = Int8Kernel::usable();
+    let asked = std::env::var("RAGFLEET_INT8_KERNEL").ok();
+    let k = match asked.as_deref().map(str::trim) {
+        None | Some("") | Some("auto") => usable[0],
+        Some(name) => match Int8Kernel::parse(name).filter(|k| k.available()) {
+            Some(k) => k,
+            None => {
+                tracing::warn!(
+                    asked = name,
+                    using = usable[0].name(),
+                    "RAGFLEET_INT8_KERNEL names no kernel this CPU runs (portable, avx2, avx512-vnni)"
+                );
+                usable[0]
+            }
+        },
+    };
+    set_int8_kernel(k);
+    k
+}
+
+/// Makes `kernel` the one in use from now on (the benches compare them in one run); false,
+/// changing nothing, when the CPU cannot run it.
+pub fn set_int8_kernel(kernel: Int8Kernel) -> bool {
+    if !kernel.available() {
+        return false;
+    }
+    let n = KERNELS.iter().position(|k| *k == kernel).unwrap_or(0) as u8 + 1;
+    CHOSEN.store(n, std::sync::atomic::Ordering::Relaxed);
+    true
+}
+
 /// The dot product of a query (int8 codes widened to i16, `d` of them) with each of the
 /// consecutive rows of `d` int8 codes in `rows`, appended to `out` in order (exact, in i32).
 pub fn dot_i8_rows(q: &[i16], rows: &[i8], out: &mut Vec<i32>) {
+    dot_i8_rows_with(int8_kernel(), q, rows, out)
+}
+
+/// [`dot_i8_rows`] by `kernel` (the portable loop when the CPU cannot run it).
+pub fn dot_i8_rows_with(kernel: Int8Kernel, q: &[i16], rows: &[i8], out: &mut Vec<i32>) {
     if q.is_empty() {
         return;
     }
     out.reserve(rows.len() / q.len());
     #[cfg(target_arch = "x86_64")]
     {
-        if avx2::available() {
+        let narrow = || -> Option<Vec<i8>> { q.iter().map(|&x| i8::try_from(x).ok()).collect() };
+        if kernel == Int8Kernel::Avx512Vnni && kernel.available() {
+            if let Some(q8) = narrow() {
+                // SAFETY: the CPU supports AVX-512 F, BW and VNNI (checked above); every read
+                // is inside `q8` or a whole row of `rows` (the last part of each masked).
+                return unsafe { vnni::dot_i8_rows(&q8, rows, out) };
+            }
+        }
+        if kernel != Int8Kernel::Portable && avx2::available() {
             // SAFETY: the CPU supports AVX2 (checked above); every read is inside `q` or a
             // whole row of `rows`.
             return unsafe { avx2::dot_i8_rows(q, rows, out) };
@@ -178,17 +299,36 @@ pub fn dot_i8_rows(q: &[i16], rows: &[i8], out: &mut Vec<i32>) {
     }));
 }
 
-/// Dot product of two int8 vectors (exact, in i32): AVX2 when the CPU has it.
+/// Dot product of two int8 vectors (exact, in i32) by the kernel in use.
 #[inline]
 pub fn dot_i8(a: &[i8], b: &[i8]) -> i32 {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if avx2::available() {
-            // SAFETY: the CPU supports AVX2 (checked above).
-            return unsafe { avx2::dot_i8(a, b) };
-        }
+    // SAFETY: `int8_kernel` only ever chooses a kernel the CPU runs.
+    unsafe { dot_i8_unchecked(int8_kernel(), a, b) }
+}
+
+/// [`dot_i8`] by `kernel` (the portable loop when the CPU cannot run it).
+pub fn dot_i8_with(kernel: Int8Kernel, a: &[i8], b: &[i8]) -> i32 {
+    let kernel = if kernel.available() {
+        kernel
+    } else {
+        Int8Kernel::Portable
+    };
+    // SAFETY: the CPU runs `kernel` (checked above).
+    unsafe { dot_i8_unchecked(kernel, a, b) }
+}
+
+/// [`dot_i8`] by `kernel`, which the CPU must run.
+#[inline]
+unsafe fn dot_i8_unchecked(kernel: Int8Kernel, a: &[i8], b: &[i8]) -> i32 {
+    match kernel {
+        // SAFETY: the caller's: the CPU runs the kernel.
+        #[cfg(target_arch = "x86_64")]
+        Int8Kernel::Avx512Vnni => unsafe { vnni::dot_i8(a, b) },
+        // SAFETY: as above.
+        #[cfg(target_arch = "x86_64")]
+        Int8Kernel::Avx2 => unsafe { avx2::dot_i8(a, b) },
+        _ => dot_i8_portable(a, b),
     }
-    dot_i8_portable(a, b)
 }
 
 /// Dot product of two int8 vectors, the portable loop.
@@ -280,45 +420,65 @@ mod tests {
         }
     }
 
+    /// Every kernel this CPU runs gives the exact dot product, for every length (the tails
+    /// past 16, 64 and 128 bytes too) and the extreme values (-128 and 127 on either side).
     #[test]
-    fn int8_dot_matches_naive_for_all_lengths() {
-        for n in 0..100 {
+    fn int8_dot_matches_naive_for_all_lengths_and_kernels() {
+        let kernels = Int8Kernel::usable();
+        assert!(kernels.contains(&Int8Kernel::Portable));
+        assert!(kernels.contains(&int8_kernel()));
+        for n in 0..300 {
             let a: Vec<i8> = (0..n)
-                .map(|i: i32| (i * 37) % 255 - 127)
+                .map(|i: i32| (i * 37) % 256 - 128)
                 .map(|x| x as i8)
                 .collect();
             let b: Vec<i8> = (0..n)
-                .map(|i: i32| (i * 11 + 5) % 255 - 127)
+                .map(|i: i32| (i * 11 + 5) % 256 - 128)
                 .map(|x| x as i8)
                 .collect();
             let naive: i32 = a.iter().zip(&b).map(|(x, y)| *x as i32 * *y as i32).sum();
             assert_eq!(dot_i8(&a, &b), naive, "n={n}");
-            assert_eq!(dot_i8_portable(&a, &b), naive, "n={n}");
+            for &k in &kernels {
+                assert_eq!(dot_i8_with(k, &a, &b), naive, "{k:?}, n={n}");
+                assert_eq!(dot_i8_with(k, &b, &a), naive, "{k:?}, n={n}, swapped");
+            }
         }
-        let big = vec![-127i8; 384];
-        assert_eq!(dot_i8(&big, &big), 127 * 127 * 384);
+        for (x, y) in [(-128i8, -128i8), (-128, 127), (127, 127), (127, -128)] {
+            let (a, b) = (vec![x; 384], vec![y; 384]);
+            for &k in &kernels {
+                assert_eq!(dot_i8_with(k, &a, &b), x as i32 * y as i32 * 384, "{k:?}");
+            }
+        }
     }
 
-    /// One query against many rows gives each row's own dot product, for every length (the
-    /// tail past a multiple of 16 too) and row count (the rows past a multiple of four too).
+    /// One query against many rows gives each row's own dot product, by every kernel this CPU
+    /// runs, for every length (the tails past 16 and 64 too) and row count (the rows past a
+    /// multiple of four too); a query widened past i8 is still scored exactly.
     #[test]
     fn int8_rows_match_one_dot_each() {
-        for d in [1usize, 7, 16, 31, 384] {
-            for count in [0usize, 1, 3, 4, 9] {
-                let q: Vec<i8> = (0..d as i32)
-                    .map(|i| ((i * 37) % 255 - 127) as i8)
-                    .collect();
-                let rows: Vec<i8> = (0..(d * count) as i32)
-                    .map(|i| ((i * 11 + 5) % 255 - 127) as i8)
-                    .collect();
-                let wide: Vec<i16> = q.iter().map(|&x| x as i16).collect();
-                let mut out = vec![-1];
-                dot_i8_rows(&wide, &rows, &mut out);
-                let want: Vec<i32> = std::iter::once(-1)
-                    .chain(rows.chunks_exact(d).map(|r| dot_i8_portable(&q, r)))
-                    .collect();
-                assert_eq!(out, want, "d {d}, {count} rows");
+        for &k in &Int8Kernel::usable() {
+            for d in [1usize, 7, 16, 31, 64, 100, 384] {
+                for count in [0usize, 1, 3, 4, 9, 21] {
+                    let q: Vec<i8> = (0..d as i32)
+                        .map(|i| ((i * 37) % 256 - 128) as i8)
+                        .collect();
+                    let rows: Vec<i8> = (0..(d * count) as i32)
+                        .map(|i| ((i * 11 + 5) % 256 - 128) as i8)
+                        .collect();
+                    let wide: Vec<i16> = q.iter().map(|&x| x as i16).collect();
+                    let mut out = vec![-1];
+                    dot_i8_rows_with(k, &wide, &rows, &mut out);
+                    let want: Vec<i32> = std::iter::once(-1)
+                        .chain(rows.chunks_exact(d).map(|r| dot_i8_portable(&q, r)))
+                        .collect();
+                    assert_eq!(out, want, "{k:?}: d {d}, {count} rows");
+                }
             }
+            let wide = vec![300i16, -200, 5];
+            let rows = [1i8, 2, 3, -4, 5, -6];
+            let mut out = Vec::new();
+            dot_i8_rows_with(k, &wide, &rows, &mut out);
+            assert_eq!(out, vec![300 - 400 + 15, -1200 - 1000 - 30], "{k:?}");
         }
     }
 

@@ -202,7 +202,10 @@ fn a_file_of_real_embeddings_is_written_and_a_shard_benched_on_it() {
         line.split_whitespace().nth(2).unwrap().parse().unwrap()
     };
     assert!(recall_at("ragfleet", "64") >= 0.95, "{out}");
-    assert!(recall_at("ragfleet", "8") <= recall_at("ragfleet", "64"), "{out}");
+    assert!(
+        recall_at("ragfleet", "8") <= recall_at("ragfleet", "64"),
+        "{out}"
+    );
     // the same graph built and searched with the plain loops, compared in the same run
     assert!(
         out.contains(&format!("ragfleet graph (int8 kernel {best_kernel})")),
@@ -210,15 +213,11 @@ fn a_file_of_real_embeddings_is_written_and_a_shard_benched_on_it() {
     );
     assert!(recall_at("rf-portable", "64") >= 0.95, "{out}");
     assert!(out.contains("vs rf-portable"), "{out}");
-    let (ok, out) = run(&[
-        "bench",
-        "index",
-        "--n",
-        "300",
-        "--int8-kernels",
-        "avx9000",
-    ]);
-    assert!(!ok && out.contains("no kernel is named \"avx9000\""), "{out}");
+    let (ok, out) = run(&["bench", "index", "--n", "300", "--int8-kernels", "avx9000"]);
+    assert!(
+        !ok && out.contains("no kernel is named \"avx9000\""),
+        "{out}"
+    );
 
     // more chunks than the file holds past its queries; texts that do not match the vectors;
     // a damaged file

@@ -24,6 +24,22 @@ mod avx2 {
     /// How many rows ahead [`dot_i8_rows`] prefetches.
     const PREFETCH_ROWS: usize = 12;
 
+    /// Asks for the cache lines of the four rows of `d` bytes that start `PREFETCH_ROWS` rows
+    /// after row `r` of `rows`, those that lie inside it: the rows scored four side by side step
+    /// through memory in strides the hardware prefetchers do not follow, and a cold scan would
+    /// otherwise wait on every line. Shared by the AVX2 and AVX-512 row kernels.
+    #[inline(always)]
+    pub(super) fn prefetch_group(rows: &[i8], r: usize, d: usize) {
+        let end = rows.as_ptr().wrapping_add(rows.len());
+        let ahead = rows.as_ptr().wrapping_add((r + PREFETCH_ROWS) * d);
+        let mut line = ahead;
+        while line < end && line < ahead.wrapping_add(4 * d) {
+            // SAFETY: a prefetch is a hint and never faults; SSE is part of x86_64's baseline
+            unsafe { _mm_prefetch(line, _MM_HINT_T0) };
+            line = line.wrapping_add(64);
+        }
+    }
+
     /// Whether the CPU has AVX2 and FMA (std caches the detection).
     #[inline]
     pub(super) fn available() -> bool {
@@ -115,17 +131,8 @@ mod avx2 {
                 .sum()
         };
         let mut r = 0;
-        // the rows a few groups ahead are asked for while this group is scored: four rows
-        // read side by side step through memory in strides the hardware prefetchers do not
-        // follow, and a cold scan otherwise waits on every line
-        let end = rows.as_ptr().wrapping_add(rows.len());
         while r + 4 <= count {
-            let ahead = rows.as_ptr().wrapping_add((r + PREFETCH_ROWS) * d);
-            let mut line = ahead;
-            while line < end && line < ahead.wrapping_add(4 * d) {
-                _mm_prefetch(line, _MM_HINT_T0);
-                line = line.wrapping_add(64);
-            }
+            prefetch_group(rows, r, d);
             let p: [*const i8; 4] = std::array::from_fn(|j| rows.as_ptr().add((r + j) * d));
             let mut acc = [_mm256_setzero_si256(); 4];
             let mut i = 0;

@@ -8,8 +8,7 @@
 //! ~16 million dimensions).
 use std::arch::x86_64::*;
 
-/// How many rows ahead [`dot_i8_rows`] prefetches.
-const PREFETCH_ROWS: usize = 12;
+use super::avx2::prefetch_group;
 
 /// Whether the CPU has AVX-512 F, BW and VNNI.
 pub(super) fn available() -> bool {
@@ -71,17 +70,9 @@ pub(super) unsafe fn dot_i8_rows(q: &[i8], rows: &[i8], out: &mut Vec<i32>) {
         .step_by(64)
         .map(|i| if d - i >= 64 { u64::MAX } else { first(d - i) })
         .collect();
-    let end = rows.as_ptr().wrapping_add(rows.len());
     let mut r = 0;
     while r + 4 <= count {
-        // the rows a few groups ahead are asked for while this group is scored (four rows
-        // read side by side step through memory in strides the prefetchers do not follow)
-        let ahead = rows.as_ptr().wrapping_add((r + PREFETCH_ROWS) * d);
-        let mut line = ahead;
-        while line < end && line < ahead.wrapping_add(4 * d) {
-            _mm_prefetch(line, _MM_HINT_T0);
-            line = line.wrapping_add(64);
-        }
+        prefetch_group(rows, r, d);
         let p: [*const i8; 4] = std::array::from_fn(|j| rows.as_ptr().add((r + j) * d));
         let mut acc = [_mm512_setzero_si512(); 4];
         for (c, &m) in masks.iter().enumerate() {

@@ -208,20 +208,18 @@ impl Int8Kernel {
 
     /// The kernels this CPU can run, best first.
     pub fn usable() -> Vec<Int8Kernel> {
-        [
-            Int8Kernel::Avx512Vnni,
-            Int8Kernel::Avx2,
-            Int8Kernel::Portable,
-        ]
-        .into_iter()
-        .filter(|k| k.available())
-        .collect()
+        KERNELS
+            .into_iter()
+            .rev()
+            .filter(|k| k.available())
+            .collect()
     }
 }
 
 /// The kernel in use: 0 until chosen, else 1 + its place in [`KERNELS`].
 static CHOSEN: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
 
+/// Every kernel, worst first.
 const KERNELS: [Int8Kernel; 3] = [
     Int8Kernel::Portable,
     Int8Kernel::Avx2,

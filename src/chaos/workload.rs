@@ -109,7 +109,7 @@ pub(super) async fn workload(
             .collect();
         n += w.ingest_batch as u64;
         let known = shared.ledger.lock().expect("ledger").live_ids();
-        if w.update_every > 0 && tick % w.update_every == 0 && !known.is_empty() {
+        if w.update_every > 0 && tick.is_multiple_of(w.update_every) && !known.is_empty() {
             let id = &known[rng.gen_range(0..known.len())];
             docs.push(doc(seed, doc_number(id), tick as u64, &mut rng));
         }
@@ -147,7 +147,7 @@ pub(super) async fn workload(
                 }
             }
         }
-        if w.delete_every > 0 && tick % w.delete_every == 0 && !known.is_empty() {
+        if w.delete_every > 0 && tick.is_multiple_of(w.delete_every) && !known.is_empty() {
             let id = known[rng.gen_range(0..known.len())].clone();
             let r = client.delete(vec![id.clone()]).await;
             let mut l = shared.ledger.lock().expect("ledger");

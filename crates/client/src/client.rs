@@ -505,51 +505,6 @@ impl Client {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn doc(id: &str, bytes: usize) -> Document {
-        Document {
-            id: id.into(),
-            title: String::new(),
-            text: "x".repeat(bytes),
-        }
-    }
-
-    #[test]
-    fn oversized_requests_are_refused_before_sending() {
-        let big = Request::Ingest {
-            docs: vec![doc("big", 20 << 20)],
-        };
-        match check_size(&big) {
-            Err(ClientError::TooLarge { bytes, limit }) => {
-                assert!(bytes > 20 << 20);
-                assert!(limit < ragfleet_proto::MAX_FRAME_BYTES);
-            }
-            other => panic!("{other:?}"),
-        }
-        let e = check_size(&big).unwrap_err().to_string();
-        assert!(e.contains("exceeds the cluster frame limit"), "{e}");
-        assert!(check_size(&Request::Ingest {
-            docs: vec![doc("small", 1000)]
-        })
-        .is_ok());
-    }
-
-    #[test]
-    fn ingest_batches_split_by_size_in_order() {
-        let docs = vec![doc("a", 600), doc("b", 600), doc("c", 2000), doc("d", 10)];
-        let b = batches_by_size(docs, 1300);
-        let ids: Vec<Vec<&str>> = b
-            .iter()
-            .map(|x| x.iter().map(|d| d.id.as_str()).collect())
-            .collect();
-        assert_eq!(ids, vec![vec!["a", "b"], vec!["c"], vec!["d"]]);
-        assert!(batches_by_size(Vec::new(), 10).is_empty());
-    }
-}
-
 /// The token stream of an answer: pieces pushed to this process's inbox as the coordinator
 /// relays them (the coordinator is polled, without waiting, only when they stop coming for
 /// [`crate::ANSWER_POLL`], to tell that it is still there and that this client is); or, for a
@@ -630,5 +585,50 @@ impl AskStream {
                 ))))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn doc(id: &str, bytes: usize) -> Document {
+        Document {
+            id: id.into(),
+            title: String::new(),
+            text: "x".repeat(bytes),
+        }
+    }
+
+    #[test]
+    fn oversized_requests_are_refused_before_sending() {
+        let big = Request::Ingest {
+            docs: vec![doc("big", 20 << 20)],
+        };
+        match check_size(&big) {
+            Err(ClientError::TooLarge { bytes, limit }) => {
+                assert!(bytes > 20 << 20);
+                assert!(limit < ragfleet_proto::MAX_FRAME_BYTES);
+            }
+            other => panic!("{other:?}"),
+        }
+        let e = check_size(&big).unwrap_err().to_string();
+        assert!(e.contains("exceeds the cluster frame limit"), "{e}");
+        assert!(check_size(&Request::Ingest {
+            docs: vec![doc("small", 1000)]
+        })
+        .is_ok());
+    }
+
+    #[test]
+    fn ingest_batches_split_by_size_in_order() {
+        let docs = vec![doc("a", 600), doc("b", 600), doc("c", 2000), doc("d", 10)];
+        let b = batches_by_size(docs, 1300);
+        let ids: Vec<Vec<&str>> = b
+            .iter()
+            .map(|x| x.iter().map(|d| d.id.as_str()).collect())
+            .collect();
+        assert_eq!(ids, vec![vec!["a", "b"], vec!["c"], vec!["d"]]);
+        assert!(batches_by_size(Vec::new(), 10).is_empty());
     }
 }

@@ -138,6 +138,21 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// An optional request field parsed by `FromStr` (a search mode, an answer mode), a bad value
+/// refused naming `field`.
+pub(crate) fn parse_field<T: std::str::FromStr>(
+    value: Option<&str>,
+    field: &str,
+) -> Result<Option<T>, ApiError>
+where
+    T::Err: std::fmt::Display,
+{
+    value
+        .map(str::parse::<T>)
+        .transpose()
+        .map_err(|e| ApiError::bad_request(format!("{field}: {e}")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -182,19 +197,4 @@ mod tests {
         let r = ApiError::unauthorized().into_response();
         assert_eq!(r.headers()[header::WWW_AUTHENTICATE], "Bearer");
     }
-}
-
-/// An optional request field parsed by `FromStr` (a search mode, an answer mode), a bad value
-/// refused naming `field`.
-pub(crate) fn parse_field<T: std::str::FromStr>(
-    value: Option<&str>,
-    field: &str,
-) -> Result<Option<T>, ApiError>
-where
-    T::Err: std::fmt::Display,
-{
-    value
-        .map(str::parse::<T>)
-        .transpose()
-        .map_err(|e| ApiError::bad_request(format!("{field}: {e}")))
 }

@@ -57,7 +57,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let have = ix.doc_count() as usize;
     if have < n {
-        if given.is_none() && have % 2048 != 0 {
+        if given.is_none() && !have.is_multiple_of(2048) {
             return Err(format!("the shard holds {have} documents, not whole batches").into());
         }
         let t = Instant::now();

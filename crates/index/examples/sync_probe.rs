@@ -51,7 +51,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let kept: Vec<WriteOp> = ops
             .iter()
             .filter(|op| match op {
-                WriteOp::Upsert { version, .. } => missing == 0 || (*version as usize) % skip != 0,
+                WriteOp::Upsert { version, .. } => {
+                    missing == 0 || !(*version as usize).is_multiple_of(skip)
+                }
                 WriteOp::Delete { .. } => true,
             })
             .cloned()

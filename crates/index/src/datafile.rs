@@ -301,7 +301,7 @@ impl DataFile {
             ids_at: HEADER + ids,
             id_rows: IdRows::Narrow(Vec::new()),
         };
-        if (file.map.as_ptr() as usize + file.vectors) % 4 != 0 {
+        if !(file.map.as_ptr() as usize + file.vectors).is_multiple_of(4) {
             return Err(corrupt("vectors not aligned".into()));
         }
         let blob_end = HEADER + ids;

@@ -530,7 +530,7 @@ impl SegPostings {
                 b.len()
             )));
         }
-        if (b.as_ptr() as usize) % 8 != 0 {
+        if !(b.as_ptr() as usize).is_multiple_of(8) {
             return Err(corrupt("postings not aligned".into()));
         }
         let mut p = SegPostings {

@@ -753,12 +753,7 @@ pub(crate) mod tests {
         };
         seg.set_graph(seg.build_graph(spec));
         assert!(seg.scan().is_none(), "the codes go with the graph built");
-        assert_eq!(
-            seg.search(&entries[5].vector().to_vec(), 1, 64, &live)[0]
-                .1
-                .seq,
-            5
-        );
+        assert_eq!(seg.search(entries[5].vector(), 1, 64, &live)[0].1.seq, 5);
     }
 
     /// The exact scan asks liveness only of its best chunks, in rounds: with most of the best

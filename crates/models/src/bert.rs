@@ -57,7 +57,8 @@ impl BertConfig {
                 format!("activation {} not supported", cfg.hidden_act),
             ));
         }
-        if cfg.num_attention_heads == 0 || cfg.hidden_size % cfg.num_attention_heads != 0 {
+        if cfg.num_attention_heads == 0 || !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads)
+        {
             return Err(ModelError::format(
                 path,
                 "hidden_size must be a multiple of num_attention_heads",

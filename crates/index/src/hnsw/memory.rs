@@ -61,7 +61,7 @@ impl<T> Store<T> {
     /// `len` items of `T` at byte `at` of `map`, if the range fits and is aligned.
     pub(super) fn mapped(map: &Arc<memmap2::Mmap>, at: usize, len: usize) -> Option<Store<T>> {
         let end = len.checked_mul(std::mem::size_of::<T>())?.checked_add(at)?;
-        let aligned = (map.as_ptr() as usize + at) % std::mem::align_of::<T>() == 0;
+        let aligned = (map.as_ptr() as usize + at).is_multiple_of(std::mem::align_of::<T>());
         (end <= map.len() && aligned).then(|| Store::Mapped {
             map: map.clone(),
             at,

@@ -123,7 +123,7 @@ mod tests {
         let mut r = rand::rngs::StdRng::seed_from_u64(9);
         let mut g = Growing::default();
         let q: Vec<f32> = (0..6).map(|_| r.gen_range(-1.0..1.0)).collect();
-        let live = |e: &Entry| e.seq % 5 != 0;
+        let live = |e: &Entry| !e.seq.is_multiple_of(5);
         let ids = |v: Vec<(f32, Arc<Entry>)>| -> Vec<(f32, u64)> {
             v.into_iter().map(|(s, e)| (s, e.seq)).collect()
         };
@@ -187,7 +187,7 @@ mod tests {
         // a tenth of the rows are tiny perturbations of the query's direction
         let (g, q) = around_a_query(11, 1500, |i| if i % 10 == 0 { 0.002 } else { 1.0 });
         assert_eq!(g.codes.len(), 1500);
-        let live = |e: &Entry| e.seq % 20 != 0;
+        let live = |e: &Entry| !e.seq.is_multiple_of(20);
         let ids = |v: Vec<(f32, Arc<Entry>)>| -> Vec<(f32, u64)> {
             v.into_iter().map(|(s, e)| (s, e.seq)).collect()
         };
@@ -208,7 +208,7 @@ mod tests {
         let asked = Cell::new(0usize);
         let live = |e: &Entry| {
             asked.set(asked.get() + 1);
-            e.seq % 7 != 0
+            !e.seq.is_multiple_of(7)
         };
         let ids = |v: Vec<(f32, Arc<Entry>)>| -> Vec<(f32, u64)> {
             v.into_iter().map(|(s, e)| (s, e.seq)).collect()

@@ -1010,7 +1010,7 @@ mod tests {
         };
         // `c` in every chunk, twice in one of eight (a long list that is split)
         let text = |i: usize| {
-            let c = if i % 8 == 0 { "c c" } else { "c" };
+            let c = if i.is_multiple_of(8) { "c c" } else { "c" };
             format!("w{} v{} {c}", i % 97, i % 13)
         };
         let write = |ix: &mut ShardIndex, range: std::ops::Range<usize>| {

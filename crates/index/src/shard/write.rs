@@ -357,7 +357,7 @@ impl ShardIndex {
             if front.ops.len() == 0 {
                 queued.pop_front();
             }
-            if applied % 256 == 0 && budget.is_some_and(|b| started.elapsed() >= b) {
+            if applied.is_multiple_of(256) && budget.is_some_and(|b| started.elapsed() >= b) {
                 break;
             }
         }

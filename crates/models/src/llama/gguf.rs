@@ -234,7 +234,7 @@ impl Gguf {
                 format!("tensor {name}: ggml type {} not supported", t.ggml_type),
             )
         })?;
-        if n % per != 0 {
+        if !n.is_multiple_of(per) {
             return Err(ModelError::format(
                 &self.path,
                 format!("tensor {name}: {n} values is not whole blocks"),
@@ -341,7 +341,7 @@ mod tests {
             b.extend(off.to_le_bytes());
             off += data.len() as u64;
         }
-        while b.len() % 32 != 0 {
+        while !b.len().is_multiple_of(32) {
             b.push(0);
         }
         for (_, _, _, data) in tensors {

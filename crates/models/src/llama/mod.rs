@@ -159,7 +159,11 @@ impl<B: Backend> Llama<B> {
                 .and_then(gguf::Value::as_u64)
                 .unwrap_or(2048) as usize,
         };
-        if heads == 0 || hidden % heads != 0 || cfg.kv_heads == 0 || heads % cfg.kv_heads != 0 {
+        if heads == 0
+            || !hidden.is_multiple_of(heads)
+            || cfg.kv_heads == 0
+            || !heads.is_multiple_of(cfg.kv_heads)
+        {
             return Err(ModelError::format(g.path(), "inconsistent head counts"));
         }
         Ok(cfg)
@@ -646,7 +650,10 @@ impl<B: Backend> Generator<B> {
             eps: c["rms_norm_eps"].as_f64().unwrap_or(1e-5),
             context: c["max_position_embeddings"].as_u64().unwrap_or(2048) as usize,
         };
-        if cfg.hidden % cfg.heads != 0 || cfg.kv_heads == 0 || cfg.heads % cfg.kv_heads != 0 {
+        if !cfg.hidden.is_multiple_of(cfg.heads)
+            || cfg.kv_heads == 0
+            || !cfg.heads.is_multiple_of(cfg.kv_heads)
+        {
             return Err(ModelError::format(&cfg_path, "inconsistent head counts"));
         }
         let mut w = Weights::load(&dir.join("model.safetensors"))?;

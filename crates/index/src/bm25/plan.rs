@@ -1,0 +1,408 @@
+//! One search's plan over its sources: the terms weightiest first, each source seeded with its
+//! weightiest term's rows, then searched document at a time by block-max MaxScore.
+use super::*;
+
+/// The longest list of a source's weightiest term that [`Plan::seed`] scores whole.
+pub(super) const WHOLE_SEED: usize = 1 << 14;
+
+/// What every source of one search shares: the query's terms with a document frequency (in
+/// the order their scores are summed: highest idf first), their idf and the average length.
+pub(super) struct Plan {
+    /// (index into `Source::lists`, idf).
+    pub(super) terms: Vec<(usize, f32)>,
+    pub(super) avg: f32,
+}
+
+impl Plan {
+    pub(super) fn new(sources: &[Source<'_>]) -> Option<Plan> {
+        let n: u64 = sources.iter().map(|s| s.rows).sum();
+        if n == 0 {
+            return None;
+        }
+        let total: u64 = sources.iter().map(|s| s.total_len).sum();
+        let avg = (total as f32 / n as f32).max(1e-6);
+        let width = sources.first().map_or(0, |s| s.lists.len());
+        let mut terms: Vec<(usize, f32, u64)> = (0..width)
+            .filter_map(|t| {
+                let df: u64 = sources
+                    .iter()
+                    .filter_map(|s| s.lists[t].as_ref())
+                    .map(|l| l.df as u64)
+                    .sum();
+                let (n, df) = (n as f32, df as f32);
+                (df > 0.0).then(|| (t, (1.0 + (n - df + 0.5) / (df + 0.5)).ln(), df as u64))
+            })
+            .collect();
+        terms.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.2.cmp(&b.2)).then(a.0.cmp(&b.0)));
+        (!terms.is_empty()).then(|| Plan {
+            terms: terms.into_iter().map(|(t, idf, _)| (t, idf)).collect(),
+            avg,
+        })
+    }
+
+    /// The most a term of `idf` adds at frequency `tf` in a chunk of `len` terms or more, a
+    /// hair above, so that rounding in another order of summation cannot cross it.
+    pub(super) fn bound(&self, idf: f32, tf: u32, len: u32) -> f32 {
+        term_score(idf, tf as f32, len as f32, self.avg) * (1.0 + 1e-5)
+    }
+
+    /// A row's score in `src` from each term's frequency there, summed in the plan's order.
+    pub(super) fn score(&self, src: &Source<'_>, row: u32, tf: impl Fn(usize) -> u32) -> f32 {
+        let len = (src.len_of)(row) as f32;
+        self.terms
+            .iter()
+            .enumerate()
+            .map(|(pos, &(_, idf))| match tf(pos) {
+                0 => 0.0,
+                f => term_score(idf, f as f32, len, self.avg),
+            })
+            .sum()
+    }
+
+    /// Offers rows of the source's weightiest terms before the document-at-a-time pass, so
+    /// that it starts with a threshold. When the weightiest term's list holds at most
+    /// `whole_seed` postings, every chunk in it is scored ([`Plan::whole`]) and the term is
+    /// done in this source (its rows are in `seen`); so is the next weightiest term's while
+    /// its list is that short too and the terms not yet done can together still lift a chunk
+    /// past the k-th best. The pass then goes on without the terms done: a chunk it can still
+    /// find lacks them, so its score is bounded by the other terms alone, and when they cannot
+    /// reach the k-th best together the source is done. When the weightiest list is longer,
+    /// its first k chunks are offered (scored by lookups) and no term is done. The terms done.
+    pub(super) fn seed(
+        &self,
+        s: usize,
+        src: &Source<'_>,
+        best: &mut TopK,
+        seen: &mut Vec<u64>,
+        whole_seed: usize,
+    ) -> Vec<usize> {
+        let lists: Vec<Option<TermList<'_>>> =
+            self.terms.iter().map(|&(t, _)| src.lists[t]).collect();
+        // (bound, position), weightiest first
+        let mut order: Vec<(f32, usize)> = lists
+            .iter()
+            .enumerate()
+            .filter_map(|(pos, l)| {
+                let l = l.as_ref()?;
+                let (tf, len) = l.bound();
+                Some((self.bound(self.terms[pos].1, tf, len), pos))
+            })
+            .collect();
+        order.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+        let Some(&(_, first)) = order.first() else {
+            return Vec::new();
+        };
+        let list = lists[first].expect("a list");
+        if list.pairs.len() > whole_seed {
+            // its rows of high frequency first, when the list has them apart
+            let mut offered = 0;
+            let top = list.hi.and_then(|h| h.tiers().last());
+            for &[row, tf] in top.map_or(list.pairs, |t| t.pairs) {
+                if offered == best.k {
+                    break;
+                }
+                if tf == 0 {
+                    continue;
+                }
+                let r = Ranked {
+                    score: self.score(src, row, |p| lists[p].map_or(0, |l| l.tf_at(row))),
+                    key: key(s, row),
+                };
+                offered += 1;
+                seen.push(r.key);
+                if best.accepts(&r) && (src.live)(row) {
+                    best.offer(r);
+                }
+            }
+            return Vec::new();
+        }
+        let mut done = Vec::new();
+        let mut left: f32 = order.iter().map(|o| o.0).sum();
+        for &(bound, pos) in &order {
+            let list = lists[pos].expect("a list");
+            if list.pairs.len() > whole_seed || best.kth().is_some_and(|t| left <= t) {
+                break;
+            }
+            self.whole(s, src, best, seen, &lists, pos, &done);
+            done.push(pos);
+            left -= bound;
+        }
+        done
+    }
+
+    /// Scores every chunk of the term at `pos` in this source that holds none of the terms
+    /// `done` (those were scored whole before), the other terms looked up weightiest first
+    /// while the chunk can still make the top k; each goes into `seen`.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn whole(
+        &self,
+        s: usize,
+        src: &Source<'_>,
+        best: &mut TopK,
+        seen: &mut Vec<u64>,
+        lists: &[Option<TermList<'_>>],
+        pos: usize,
+        done: &[usize],
+    ) {
+        let cursors = |keep: &dyn Fn(usize) -> bool| -> Vec<Cursor<'_>> {
+            lists
+                .iter()
+                .enumerate()
+                .filter(|&(p, _)| keep(p))
+                .filter_map(|(p, l)| {
+                    let list = l.filter(|l| !l.pairs.is_empty())?;
+                    Some(Cursor::new(list, self.terms[p].1, p, self))
+                })
+                .collect()
+        };
+        let mut before = cursors(&|p| done.contains(&p));
+        // the other terms, each as its list's tiers of higher frequencies (when split) and the
+        // rest of it, highest bound first (a row is in one of them); the terms in order of
+        // their highest bounds
+        let mut others: Vec<Cursor<'_>> = Vec::with_capacity(lists.len() * 4);
+        let mut split = false;
+        for (p, l) in lists.iter().enumerate() {
+            let Some(list) = l.filter(|l| !l.pairs.is_empty() && p != pos && !done.contains(&p))
+            else {
+                continue;
+            };
+            let idf = self.terms[p].1;
+            let cap = list.hi.map_or(u32::MAX, |h| h.cut());
+            others.push(Cursor::capped(list, idf, p, self, cap));
+            if let Some(h) = list.hi {
+                split = true;
+                others.extend(h.tiers().map(|l| Cursor::new(l, idf, p, self)));
+            }
+        }
+        let mut lead = Vec::new();
+        let mut next: Vec<Option<f32>> = Vec::new();
+        let rest: f32 = if split {
+            lead = vec![0.0f32; self.terms.len()];
+            for c in &others {
+                lead[c.pos] = lead[c.pos].max(c.bound);
+            }
+            others.sort_by(|a, b| {
+                (lead[b.pos].total_cmp(&lead[a.pos]).then(a.pos.cmp(&b.pos)))
+                    .then(b.bound.total_cmp(&a.bound))
+            });
+            // (the bound of the next cursor of the same term, when there is one)
+            next = (0..others.len())
+                .map(|i| {
+                    others
+                        .get(i + 1)
+                        .filter(|n| n.pos == others[i].pos)
+                        .map(|n| n.bound)
+                })
+                .collect();
+            lead.iter().sum()
+        } else {
+            others.sort_by(|a, b| b.bound.total_cmp(&a.bound).then(a.pos.cmp(&b.pos)));
+            others.iter().map(|c| c.bound).sum()
+        };
+        let list = lists[pos].expect("a list");
+        let idf = self.terms[pos].1;
+        let mut contrib = vec![0u32; self.terms.len()];
+        'rows: for &[row, tf] in list.pairs {
+            if tf == 0 || before.iter_mut().any(|c| c.seek(row)) {
+                continue;
+            }
+            seen.push(key(s, row));
+            // bounded by the list's shortest length (a row's own length is a read at a random
+            // place), then the other terms looked up weightiest first while the row can still
+            // make it
+            let threshold = best.kth();
+            let mut most = self.bound(idf, tf, list.min_len) + rest;
+            if threshold.is_some_and(|t| most <= t) {
+                continue;
+            }
+            contrib.iter_mut().for_each(|c| *c = 0);
+            contrib[pos] = tf;
+            if !split {
+                // (no list split: one cursor a term, the loop kept lean)
+                for c in &mut others {
+                    most -= c.bound;
+                    if c.seek(row) {
+                        contrib[c.pos] = c.tf();
+                        c.block_bound(self);
+                        most += c.row_bound();
+                    }
+                    if threshold.is_some_and(|t| most <= t) {
+                        continue 'rows;
+                    }
+                }
+            } else {
+                let mut found = usize::MAX;
+                let mut term = usize::MAX;
+                for (c, next) in others.iter_mut().zip(&next) {
+                    if c.pos != term {
+                        // a term's first (highest) cursor: the term's bound out of the sum
+                        term = c.pos;
+                        most -= lead[term];
+                    } else if found == term {
+                        // found in a tier of it already
+                        continue;
+                    }
+                    if c.seek(row) {
+                        found = term;
+                        contrib[term] = c.tf();
+                        c.block_bound(self);
+                        most += c.row_bound();
+                    } else if let Some(n) = next {
+                        // not in this tier: the term's bound is the next one's
+                        if threshold.is_some_and(|t| most + n <= t) {
+                            continue 'rows;
+                        }
+                        continue;
+                    }
+                    if threshold.is_some_and(|t| most <= t) {
+                        continue 'rows;
+                    }
+                }
+            }
+            let r = Ranked {
+                score: self.score(src, row, |p| contrib[p]),
+                key: key(s, row),
+            };
+            if best.accepts(&r) && (src.live)(row) {
+                best.offer(r);
+            }
+        }
+    }
+
+    /// Block-max MaxScore over one source, document at a time. Terms go in order of their
+    /// bounds here; those whose bounds together cannot lift a row past the k-th best so far are
+    /// non-essential: rows come only from the other terms' postings, and the non-essential
+    /// ones are looked up only while the row can still make the top k. Before a row is scored,
+    /// the essential terms' block summaries bound every row up to the nearest block end: when
+    /// that cannot reach the k-th best, the whole window is skipped. `done`: the terms the
+    /// seeding scored whole in this source, left out.
+    pub(super) fn daat(
+        &self,
+        s: usize,
+        src: &Source<'_>,
+        best: &mut TopK,
+        seen: &[u64],
+        done: &[usize],
+    ) {
+        // a split list: the rest of it, and its tiers of higher frequencies
+        let mut cur: Vec<Cursor<'_>> = Vec::with_capacity(self.terms.len() * 4);
+        for (pos, &(t, idf)) in self.terms.iter().enumerate() {
+            let Some(list) = src.lists[t].filter(|l| !l.pairs.is_empty() && !done.contains(&pos))
+            else {
+                continue;
+            };
+            let cap = list.hi.map_or(u32::MAX, |h| h.cut());
+            cur.push(Cursor::capped(list, idf, pos, self, cap));
+            if let Some(h) = list.hi {
+                cur.extend(h.tiers().map(|l| Cursor::new(l, idf, pos, self)));
+            }
+        }
+        cur.iter_mut().for_each(Cursor::skip_dead);
+        cur.sort_by(|a, b| a.bound.total_cmp(&b.bound).then(a.pos.cmp(&b.pos)));
+        // below[i]: the sum of the bounds of cursors 0..i
+        // (a term's cursors hold disjoint rows: it counts once, at its highest bound so far)
+        let mut below = vec![0.0f32; cur.len() + 1];
+        let mut most = vec![0.0f32; self.terms.len()];
+        for i in 0..cur.len() {
+            let c = &cur[i];
+            below[i + 1] = below[i] + (c.bound - most[c.pos]).max(0.0);
+            most[c.pos] = most[c.pos].max(c.bound);
+        }
+        let raise = |essential: &mut usize, t: f32| {
+            while *essential < below.len() - 1 && below[*essential + 1] <= t {
+                *essential += 1;
+            }
+        };
+        // cursors 0..essential are non-essential
+        let mut essential = 0;
+        if let Some(t) = best.kth() {
+            raise(&mut essential, t);
+        }
+        let mut contrib = vec![0u32; self.terms.len()];
+        while essential < cur.len() {
+            let Some(pivot) = cur[essential..].iter().filter_map(Cursor::row).min() else {
+                break;
+            };
+            if let Some(t) = best.kth() {
+                let mut window = below[essential];
+                let mut upto = u32::MAX;
+                for c in cur[essential..].iter_mut().filter(|c| c.row().is_some()) {
+                    window += c.block_bound(self);
+                    upto = upto.min(c.block()[0]);
+                }
+                if window <= t {
+                    if upto == u32::MAX {
+                        break;
+                    }
+                    for c in &mut cur[essential..] {
+                        c.seek(upto + 1);
+                    }
+                    continue;
+                }
+            }
+            let threshold = best.kth();
+            // the essential terms' frequencies here, bounded by their blocks' shortest lengths
+            // first: when even that cannot lift the row past the k-th best, its length (a read
+            // at a random place) is not needed
+            if let Some(t) = threshold {
+                let mut most = below[essential];
+                for c in &mut cur[essential..] {
+                    if c.row() == Some(pivot) {
+                        c.block_bound(self);
+                        most += c.row_bound();
+                    }
+                }
+                if most <= t {
+                    for c in &mut cur[essential..] {
+                        if c.row() == Some(pivot) {
+                            c.advance();
+                        }
+                    }
+                    continue;
+                }
+            }
+            let len = (src.len_of)(pivot);
+            contrib.iter_mut().for_each(|c| *c = 0);
+            let mut partial = 0.0f32;
+            for c in &mut cur[essential..] {
+                if c.row() == Some(pivot) {
+                    contrib[c.pos] = c.tf();
+                    partial += term_score(c.idf, c.tf() as f32, len as f32, self.avg);
+                    c.advance();
+                }
+            }
+            let mut alive = true;
+            for i in (0..essential).rev() {
+                if threshold.is_some_and(|t| partial + below[i + 1] <= t) {
+                    alive = false;
+                    break;
+                }
+                // a term found already is not looked up again (its tiers and the rest of its
+                // list hold disjoint rows); its tiers are looked up before the rest (their
+                // bounds are higher), each only while the row can still make it
+                let c = &mut cur[i];
+                if contrib[c.pos] != 0 {
+                    continue;
+                }
+                if c.seek(pivot) {
+                    contrib[c.pos] = c.tf();
+                    partial += term_score(c.idf, c.tf() as f32, len as f32, self.avg);
+                }
+            }
+            if !alive {
+                continue;
+            }
+            let r = Ranked {
+                score: self.score(src, pivot, |p| contrib[p]),
+                key: key(s, pivot),
+            };
+            // liveness (a lookup by document id) only for rows that would enter
+            if best.accepts(&r) && seen.binary_search(&r.key).is_err() && (src.live)(pivot) {
+                best.offer(r);
+                if let Some(t) = best.kth() {
+                    raise(&mut essential, t);
+                }
+            }
+        }
+    }
+}

@@ -1,6 +1,5 @@
 //! A BM25 inverted index (k1 = 1.2, b = 0.75) over chunk slots.
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::HashMap;
 
 use crate::postings::{TermList, BLOCK};
 

@@ -12,9 +12,6 @@
 //! graph and inserts new vectors into the copy, so a merge of a small segment into a large one
 //! pays for the small one's vectors only. A graph read from its file (format 2) leaves its
 //! codes and level-0 rows in the mapped file: page cache, not the process's memory.
-use std::cell::RefCell;
-use std::cmp::{Ordering, Reverse};
-use std::collections::BinaryHeap;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 

@@ -19,9 +19,7 @@
 //! - `tier blocks`: their summaries, as `blocks`;
 //! - `splits`: per split list, in term order: the term, then per tier (first tier pair, tier
 //!   pairs, first tier block, highest frequency, shortest length), zeros for an empty tier.
-use std::io::Write;
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock};
 
 use crate::files::{map_checked, map_written, u32_at, u64_at, write_checked_streamed, HEADER};
@@ -605,6 +603,8 @@ impl SegPostings {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+
     use super::*;
 
     fn texts(n: usize, seed: u64) -> Vec<String> {

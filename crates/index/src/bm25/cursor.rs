@@ -1,5 +1,8 @@
 //! A term's place in its postings during a search (its bounds per list and per block), and the
 //! best rows found so far.
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+
 use super::*;
 
 /// A row's place in the ranking: its source, then the row.
@@ -9,8 +12,8 @@ pub(super) fn key(source: usize, row: u32) -> u64 {
 
 /// A query term's place in its postings during a search.
 pub(super) struct Cursor<'a> {
-    pub(super) list: TermList<'a>,
-    pub(super) at: usize,
+    list: TermList<'a>,
+    at: usize,
     pub(super) idf: f32,
     /// Its bound over the whole list.
     pub(super) bound: f32,
@@ -18,12 +21,12 @@ pub(super) struct Cursor<'a> {
     pub(super) pos: usize,
     /// The block [`Cursor::block_bound`] last summed up (`usize::MAX`: none yet), its bound
     /// and the length part of term_score's denominator at its shortest length.
-    pub(super) blk: usize,
-    pub(super) blk_bound: f32,
-    pub(super) blk_norm: f32,
+    blk: usize,
+    blk_bound: f32,
+    blk_norm: f32,
     /// Postings of this frequency or more are passed over (another cursor walks them, see
     /// [`crate::postings::Split`]).
-    pub(super) cap: u32,
+    cap: u32,
 }
 
 impl<'a> Cursor<'a> {
@@ -154,7 +157,7 @@ impl<'a> Cursor<'a> {
 
 /// The best `k` scored rows so far: a min-heap with the worst (lower score, higher key) on top.
 pub(super) struct TopK {
-    pub(super) heap: BinaryHeap<Reverse<Ranked>>,
+    heap: BinaryHeap<Reverse<Ranked>>,
     pub(super) k: usize,
 }
 

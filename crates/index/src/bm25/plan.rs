@@ -134,7 +134,7 @@ impl Plan {
     /// `done` (those were scored whole before), the other terms looked up weightiest first
     /// while the chunk can still make the top k; each goes into `seen`.
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn whole(
+    fn whole(
         &self,
         s: usize,
         src: &Source<'_>,

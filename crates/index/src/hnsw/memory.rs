@@ -196,7 +196,7 @@ impl GraphMemory {
         self.used.load(Relaxed)
     }
 
-    pub(super) fn charge(&'static self, bytes: usize) -> Option<Charge> {
+    fn charge(&'static self, bytes: usize) -> Option<Charge> {
         let limit = self.limit.load(Relaxed);
         self.used
             .fetch_update(Relaxed, Relaxed, |u| {

@@ -1,9 +1,13 @@
 //! The walk: a beam search of one level with a reused visited set and prefetched codes, the
 //! descent from the entry point, and a search's re-scoring of its beam with exact vectors.
+use std::cell::RefCell;
+use std::cmp::{Ordering, Reverse};
+use std::collections::BinaryHeap;
+
 use super::*;
 
 /// Candidates re-scored beyond `k` (at least `3k` are).
-pub(super) const RESCORE_EXTRA: usize = 20;
+const RESCORE_EXTRA: usize = 20;
 /// The beam of a search on the levels above level 0: narrower than the build's, which made a
 /// graph whose upper levels lead a narrower beam down as well. On `bench shard`'s clustered set
 /// (`upper_beam` example, 1,000 queries) 6 costs 0.82x the time of 16 at 100k and 1M vectors

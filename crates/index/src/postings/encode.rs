@@ -1,5 +1,7 @@
 //! Writing a postings file: what it is written from (a mapped file, or postings built from
 //! texts), merged and renumbered, with block summaries and the long lists' tiers.
+use std::io::Write;
+
 use super::*;
 
 /// What a postings file is written from: rows with their lengths and sorted terms with their
@@ -15,7 +17,7 @@ pub(crate) trait PostingsInput {
 #[derive(Default)]
 pub(crate) struct Built {
     pub(super) lens: Vec<u32>,
-    pub(super) terms: Vec<(String, Vec<[u32; 2]>)>,
+    terms: Vec<(String, Vec<[u32; 2]>)>,
 }
 
 impl Built {
@@ -71,7 +73,7 @@ impl PostingsInput for SegPostings {
 /// Writes `postings` to `out` (through `buf`, flushed a block at a time) and their block
 /// summaries onto `blocks`; returns how many, their highest frequency and shortest length
 /// (zeros for none).
-pub(super) fn put_list(
+fn put_list(
     out: &mut Out<'_>,
     buf: &mut Vec<u8>,
     blocks: &mut Vec<[u32; 3]>,
@@ -101,7 +103,7 @@ pub(super) fn put_list(
 }
 
 /// A body being written, with its absolute position in the file.
-pub(super) struct Out<'a> {
+struct Out<'a> {
     w: &'a mut dyn Write,
     pos: usize,
 }

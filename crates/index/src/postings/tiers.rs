@@ -1,6 +1,8 @@
 //! A long list's repeats apart: its postings of frequency 2, 3 and 4 or more in tiers of their
 //! own (stored in the file, or made in memory for a file of the first format), so that a
 //! search bounds most of a common term's postings by frequency 1.
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+
 use super::*;
 
 /// One tier of a split list.
@@ -65,7 +67,7 @@ pub(super) fn tier_ranges() -> impl Iterator<Item = std::ops::Range<u32>> {
 pub(super) const SPLIT_SHARE: usize = 4;
 /// The bytes every split of the process may hold together; a list that would pass it is not
 /// split (and searched as before).
-pub(super) const SPLIT_MEMORY: usize = 256 << 20;
+const SPLIT_MEMORY: usize = 256 << 20;
 static SPLIT_USED: AtomicUsize = AtomicUsize::new(0);
 
 /// A long list's [`Tiers`] made in memory, for a postings file of the first format (which has
@@ -85,7 +87,7 @@ impl Drop for Split {
     }
 }
 
-pub(super) struct Tier {
+struct Tier {
     pairs: Vec<[u32; 2]>,
     blocks: Vec<[u32; 3]>,
     max_tf: u32,
@@ -151,7 +153,7 @@ impl Split {
     }
 
     /// Its tiers, as a search reads them.
-    pub(super) fn parts(&self) -> [Option<TierRef<'_>>; 3] {
+    fn parts(&self) -> [Option<TierRef<'_>>; 3] {
         let mut parts = [None; 3];
         for (part, t) in parts.iter_mut().zip(&self.tiers) {
             *part = Some(TierRef {

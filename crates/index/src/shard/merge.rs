@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 
 use super::*;
-use crate::segment::{flat, GraphSpec, SegGraph};
+use crate::segment::GraphSpec;
 use tracing::debug;
 
 mod rebind;

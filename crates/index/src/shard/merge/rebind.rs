@@ -25,7 +25,7 @@ impl std::fmt::Debug for Rebinding {
 /// the write lock: searches wait for it).
 pub(super) const REBIND_BUDGET: std::time::Duration = std::time::Duration::from_millis(4);
 /// Slots pointed at their copies between two looks at the clock.
-pub(super) const REBIND_BATCH: usize = 128;
+const REBIND_BATCH: usize = 128;
 /// Older copies one maintenance pass may let go of: the room of the buffer they go into,
 /// made before the pass takes the write lock. A pass asks the allocator for no large block
 /// under the lock: glibc merges every small block freed since into its free lists at the

@@ -1,6 +1,7 @@
 //! The merge itself, off the owner's thread (a compaction's data file, the postings, the graph
 //! built or extended, each under a temporary name), and the renames of its commit.
 use super::*;
+use crate::segment::{flat, SegGraph};
 
 /// What a compaction writes: which positions of each source are live (their chunks are
 /// copied).
@@ -131,7 +132,7 @@ pub(super) fn run_merge(
 /// (`originals[i]` was copied as `copies[i]`; see [`crate::datafile::DataFile::forward_deaths`]);
 /// gives the positions whose older copy is not a row of a mapped file (read into memory from
 /// an older format), which the commit checks by their slots instead.
-pub(super) fn forward_deaths(originals: &[Arc<Entry>], copies: &[Arc<Entry>]) -> Vec<usize> {
+fn forward_deaths(originals: &[Arc<Entry>], copies: &[Arc<Entry>]) -> Vec<usize> {
     use crate::datafile::{DataFile, NOT_COPIED};
     let Some((to, _)) = copies.first().and_then(|c| c.mapped_at()) else {
         return (0..copies.len()).collect();
@@ -162,9 +163,7 @@ pub(super) fn forward_deaths(originals: &[Arc<Entry>], copies: &[Arc<Entry>]) ->
 }
 
 /// The sources' postings, in order.
-pub(super) fn source_postings(
-    sources: &[Arc<Segment>],
-) -> Vec<&dyn crate::postings::PostingsInput> {
+fn source_postings(sources: &[Arc<Segment>]) -> Vec<&dyn crate::postings::PostingsInput> {
     sources
         .iter()
         .map(|s| s.postings.as_ref() as &dyn crate::postings::PostingsInput)

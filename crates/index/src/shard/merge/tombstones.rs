@@ -4,9 +4,9 @@ use super::*;
 
 /// Tombstones are pruned after a compaction when the dead rows left in the shard are at most
 /// this many times those it dropped...
-pub(super) const PRUNE_SPAN: usize = 4;
+const PRUNE_SPAN: usize = 4;
 /// ...or fewer than this.
-pub(super) const PRUNE_ALWAYS_BELOW: usize = 512;
+const PRUNE_ALWAYS_BELOW: usize = 512;
 
 impl ShardIndex {
     /// Whether pruning the tombstones after this compaction is worth its cost: it visits the

@@ -1,4 +1,5 @@
 use super::*;
+use std::path::Path;
 
 const GOOD: &str = r#"
 version = 1

@@ -1,0 +1,194 @@
+//! `bench shard` during merges: the largest size's dense searches while a merge of small
+//! segments runs, and while its largest segment is compacted after a mass delete.
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use ragfleet_index::eval::synthetic_model;
+use ragfleet_index::SharedShard;
+use ragfleet_proto::{SearchQuery, WriteOp};
+
+use super::load::Largest;
+use super::measure::{timed, ThreadUsage};
+use super::upsert;
+use crate::eval_answers::percentile;
+use rand::SeedableRng;
+
+/// Dense p99 while a merge runs against p99 with none, at the largest size: enough chunks
+/// are written to seal segments until a merge starts, then queries run until it is done.
+pub(super) fn during_merge(at: &Largest) -> Result<(String, usize)> {
+    let (ix, dense, set, dim, n) = (at.ix, at.dense, at.set, at.dim, at.n);
+    let mut quiet = timed(ix, dense)?;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(99);
+    let mut next = n;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while !ix.read().merging() {
+        if Instant::now() > deadline {
+            return Ok(("no merge started within 600 s".into(), next));
+        }
+        let ops: Vec<WriteOp> = set
+            .vectors(next, 512)
+            .into_iter()
+            .enumerate()
+            .map(|(j, v)| upsert(format!("m{}", next + j), v, set.text(next + j, &mut rng)))
+            .collect();
+        next += 512;
+        ix.write(ops, &synthetic_model(dim))?;
+        ix.maintain()?;
+    }
+    let (secs, figures) = while_merging(ix, dense, &mut quiet)?;
+    Ok((format!("during a merge ({secs:.1} s, {figures}"), next))
+}
+
+/// Single queries, over and over, until the running merge finishes (then it is committed):
+/// its seconds and "N queries): dense p50/p99 during; without: p50/p99 of `quiet`".
+fn while_merging(
+    ix: &SharedShard,
+    dense: &[SearchQuery],
+    quiet: &mut [f64],
+) -> Result<(f64, String)> {
+    let mut during = Vec::new();
+    let t = Instant::now();
+    // the commit runs under the shard's write lock: searches wait for it. `maintain` says
+    // whether it committed (it also runs when a graph build finished meanwhile, committing
+    // nothing while the merge runs)
+    let mut commit_ms = None;
+    while commit_ms.is_none() && ix.read().merging() {
+        for q in dense.iter().take(50) {
+            let s = Instant::now();
+            ix.read().search(q)?;
+            during.push(s.elapsed().as_secs_f64() * 1e3);
+        }
+        if ix.read().needs_maintenance() {
+            // the longest the call held the write lock (its preparation beside the searches
+            // and the pruning after it are not a hold)
+            ix.take_longest_hold();
+            if ix.maintain()? {
+                commit_ms = Some(ix.take_longest_hold().as_secs_f64() * 1e3);
+            }
+        }
+    }
+    let secs = t.elapsed().as_secs_f64();
+    let commit_ms = commit_ms.unwrap_or(0.0);
+    let (q99, q50) = (percentile(quiet, 0.99), percentile(quiet, 0.5));
+    let n_during = during.len();
+    let (d99, d50) = (percentile(&mut during, 0.99), percentile(&mut during, 0.5));
+    Ok((
+        secs,
+        format!(
+            "{n_during} queries): dense p50 {d50:.2} ms p99 {d99:.2} ms; without: p50 {q50:.2} ms p99 {q99:.2} ms (p99 x{:.2}); its commit held the index {commit_ms:.1} ms",
+            d99 / q99
+        ),
+    ))
+}
+
+/// Dense p99 while the largest segment is compacted against p99 before: over half of the
+/// first `n` documents deleted, so the segment holding them is rewritten on its own (its live
+/// chunks to a new data file, a fresh graph), the heaviest merge there is.
+pub(super) fn during_compaction(
+    ix: &SharedShard,
+    dense: &[SearchQuery],
+    families: &[(&str, std::ops::Range<usize>)],
+) -> Result<String> {
+    let mut quiet = timed(ix, dense)?;
+    // 11 of every 20 of each family of ids written (the ingest's, the writes' and the merge's)
+    let doomed: Vec<String> = families
+        .iter()
+        .flat_map(|(prefix, ids)| {
+            ids.clone()
+                .filter(|i| i % 20 < 11)
+                .map(move |i| format!("{prefix}{i}"))
+        })
+        .collect();
+    let n: usize = families.iter().map(|(_, ids)| ids.len()).sum();
+    for ids in doomed.chunks(10_000) {
+        ix.delete(ids, 0)?;
+    }
+    // the merges that run first (of the last seals) are waited out; the one measured is the
+    // one that drops chunks
+    let stored = ix.read().stored_chunks();
+    loop {
+        ix.maintain()?;
+        if !ix.read().merging() {
+            return Ok(format!(
+                "no compaction started after deleting {} of {n} documents",
+                doomed.len()
+            ));
+        }
+        let (secs, figures) = while_merging(ix, dense, &mut quiet)?;
+        if ix.read().stored_chunks() < stored {
+            // the slots are pointed at the copies a bounded batch per maintenance pass, as the
+            // shard's owner runs them (each under the write lock)
+            let chunks = ix.read().chunks_to_rebind();
+            // the longest pass: (ms, on a CPU, voluntary and involuntary context switches)
+            let (mut passes, mut longest) = (0, (0.0f64, 0.0f64, 0i64, 0i64));
+            // the longest any pass held the write side of the lock, timed by the holder
+            let mut held_ms = 0.0f64;
+            ix.take_longest_hold();
+            let (stolen_before, passes_began) =
+                (ragfleet_index::priority::stolen_ms(), Instant::now());
+            let deadline = Instant::now() + Duration::from_secs(600);
+            // a reader beside the passes: how long one waited for the index at most (a pass's
+            // own time also counts what it frees after letting the searches back in)
+            let stop = std::sync::atomic::AtomicBool::new(false);
+            let waited = std::thread::scope(|s| -> Result<f64> {
+                let reader = s.spawn(|| {
+                    let mut worst = 0.0f64;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let t = Instant::now();
+                        drop(ix.read());
+                        worst = worst.max(t.elapsed().as_secs_f64() * 1e3);
+                        std::thread::sleep(Duration::from_micros(50));
+                    }
+                    worst
+                });
+                let r = (|| -> Result<()> {
+                    while ix.read().chunks_to_rebind() > 0 && Instant::now() < deadline {
+                        let (t, u) = (Instant::now(), ThreadUsage::now());
+                        ix.maintain()?;
+                        let ms = t.elapsed().as_secs_f64() * 1e3;
+                        held_ms = held_ms.max(ix.take_longest_hold().as_secs_f64() * 1e3);
+                        if ms > longest.0 {
+                            let v = ThreadUsage::now();
+                            longest = (
+                                ms,
+                                v.cpu_ms - u.cpu_ms,
+                                v.voluntary - u.voluntary,
+                                v.involuntary - u.involuntary,
+                            );
+                        }
+                        passes += 1;
+                    }
+                    Ok(())
+                })();
+                stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                let worst = reader
+                    .join()
+                    .map_err(|_| anyhow::anyhow!("the reader panicked"))?;
+                r.map(|()| worst)
+            })?;
+            // what the hypervisor took from the machine meanwhile: a holder whose virtual CPU
+            // is not running holds the searches off whatever it does
+            let stolen = match (stolen_before, ragfleet_index::priority::stolen_ms()) {
+                (Some(a), Some(b)) => format!(
+                    "; the hypervisor took {} ms of the machine's CPUs in those {:.1} s",
+                    b.saturating_sub(a),
+                    passes_began.elapsed().as_secs_f64()
+                ),
+                _ => String::new(),
+            };
+            let commits = ix.read().merge_commits();
+            let commits = format!(
+                "; of the {} merges committed since the open, {} prepared beside the searches (files renamed ahead)",
+                commits.all, commits.prepared
+            );
+            return Ok(format!(
+                "during a compaction of the largest segment ({} of {n} documents deleted; {secs:.1} s, {figures}; then {chunks} slots pointed at the copies in {passes} passes of at most {:.1} ms (on a CPU {:.1} ms; context switches: {} waits, {} preemptions), the index held at most {held_ms:.1} ms a pass, a reader beside them waiting at most {waited:.1} ms{stolen}{commits}",
+                doomed.len(),
+                longest.0,
+                longest.1,
+                longest.2,
+                longest.3
+            ));
+        }
+    }
+}

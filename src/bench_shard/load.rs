@@ -4,12 +4,11 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use ragfleet_index::eval::synthetic_model;
+use ragfleet_index::eval::{one_chunk_upsert, synthetic_model};
 use ragfleet_index::{priority, SharedShard};
 use ragfleet_proto::{SearchQuery, WriteOp};
 
 use super::measure::{settled, timed, ThreadUsage};
-use super::upsert;
 use crate::bench_set::BenchSet;
 use crate::eval_answers::percentile;
 use rand::SeedableRng;
@@ -180,7 +179,7 @@ fn writing(at: &Largest, first: usize, docs: usize) -> Result<(f64, Vec<SearchCo
                 .enumerate()
                 .map(|(j, v)| {
                     let i = start + j;
-                    upsert(format!("w{i}"), v, at.set.text(n + i, &mut rng))
+                    one_chunk_upsert(format!("w{i}"), v, at.set.text(n + i, &mut rng))
                 })
                 .collect()
         })

@@ -3,13 +3,12 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use ragfleet_index::eval::synthetic_model;
+use ragfleet_index::eval::{one_chunk_upsert, synthetic_model};
 use ragfleet_index::SharedShard;
 use ragfleet_proto::{SearchQuery, WriteOp};
 
 use super::load::Largest;
 use super::measure::{timed, ThreadUsage};
-use super::upsert;
 use crate::eval_answers::percentile;
 use rand::SeedableRng;
 
@@ -29,7 +28,9 @@ pub(super) fn during_merge(at: &Largest) -> Result<(String, usize)> {
             .vectors(next, 512)
             .into_iter()
             .enumerate()
-            .map(|(j, v)| upsert(format!("m{}", next + j), v, set.text(next + j, &mut rng)))
+            .map(|(j, v)| {
+                one_chunk_upsert(format!("m{}", next + j), v, set.text(next + j, &mut rng))
+            })
             .collect();
         next += 512;
         ix.write(ops, &synthetic_model(dim))?;

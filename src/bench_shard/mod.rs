@@ -13,10 +13,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use ragfleet_index::ann::exact_top_k_scored;
-use ragfleet_index::eval::synthetic_model;
+use ragfleet_index::eval::{dense_queries, one_chunk_upsert, synthetic_model};
 use ragfleet_index::hnsw::GraphMemory;
 use ragfleet_index::{priority, AnnKind, IndexSettings, ShardIndex, SharedShard};
-use ragfleet_proto::{ChunkRecord, SearchMode, SearchQuery, WriteOp};
+use ragfleet_proto::{SearchMode, SearchQuery, WriteOp};
 
 use crate::bench_set::BenchSet;
 use crate::eval_answers::percentile;
@@ -84,21 +84,6 @@ pub struct ShardBench {
     /// compaction (minutes at 1M).
     #[arg(long)]
     no_load: bool,
-}
-
-/// A one-chunk document.
-pub(super) fn upsert(id: String, vector: Vec<f32>, text: String) -> WriteOp {
-    WriteOp::Upsert {
-        version: 0,
-        chunks: vec![ChunkRecord {
-            doc_id: id.clone(),
-            chunk_id: format!("{id}#0"),
-            text,
-            vector,
-            sentences: Default::default(),
-        }],
-        doc_id: id,
-    }
 }
 
 struct Row {
@@ -276,7 +261,7 @@ fn ingest(
             .enumerate()
             .map(|(j, v)| {
                 let i = start + j;
-                upsert(format!("d{i}"), v.clone(), set.text(i, rng))
+                one_chunk_upsert(format!("d{i}"), v.clone(), set.text(i, rng))
             })
             .collect();
         ix.write(ops, &synthetic_model(dim))?;
@@ -360,16 +345,7 @@ fn measure(
         .map(|top| top.iter().take(10).map(|h| h.1).collect())
         .collect();
     let lid = median_lid(&scored);
-    let dense: Vec<SearchQuery> = qv
-        .iter()
-        .map(|v| SearchQuery {
-            vector: v.clone(),
-            text: String::new(),
-            k: 10,
-            mode: SearchMode::Dense,
-            model: None,
-        })
-        .collect();
+    let dense = dense_queries(&qv);
     let bm25: Vec<SearchQuery> = set
         .bm25_queries(b.queries, rng)
         .into_iter()

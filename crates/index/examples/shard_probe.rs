@@ -7,9 +7,8 @@
 //! adds the documents after those the folder holds (the set's first N are the same for every
 //! N), so a shard's state before and after a change of policy can be timed on the same data.
 use ragfleet_index::ann::exact_top_k;
-use ragfleet_index::eval::{bench_shard_set, settle, synthetic_model, upserts_from};
+use ragfleet_index::eval::{bench_shard_set, dense_queries, settle, synthetic_model, upserts_from};
 use ragfleet_index::{IndexSettings, ShardIndex};
-use ragfleet_proto::{SearchMode, SearchQuery};
 use std::time::{Duration, Instant};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -52,16 +51,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let queries = bench_shard_set(1000, 384, u64::MAX - 1);
     let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
     let truth = exact_top_k(&data, &queries, 10, threads);
-    let qs: Vec<SearchQuery> = queries
-        .iter()
-        .map(|v| SearchQuery {
-            vector: v.clone(),
-            text: String::new(),
-            k: 10,
-            mode: SearchMode::Dense,
-            model: None,
-        })
-        .collect();
+    let qs = dense_queries(&queries);
     for _ in 0..rounds {
         let mut ts = Vec::new();
         let mut found = 0;

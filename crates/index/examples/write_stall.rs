@@ -9,9 +9,9 @@
 //! ([`SharedShard`]), twice over; then deletes N/4 documents in one write, whole, and another
 //! N/4 logged beside the searches and applied in parts. It prints the searches' latency and
 //! their wait for the lock.
-use ragfleet_index::eval::{bench_shard_set, synthetic_model, upserts_from};
+use ragfleet_index::eval::{bench_shard_set, dense_queries, synthetic_model, upserts_from};
 use ragfleet_index::{IndexSettings, ShardIndex, SharedShard};
-use ragfleet_proto::{SearchMode, SearchQuery, WriteOp};
+use ragfleet_proto::{SearchQuery, WriteOp};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -102,16 +102,7 @@ fn main() {
         std::thread::sleep(Duration::from_millis(20));
     }
     println!("{n} chunks in {} segments", ix.segment_stats().0);
-    let queries: Vec<SearchQuery> = bench_shard_set(1000, 384, u64::MAX - 1)
-        .into_iter()
-        .map(|vector| SearchQuery {
-            vector,
-            text: String::new(),
-            k: 10,
-            mode: SearchMode::Dense,
-            model: None,
-        })
-        .collect();
+    let queries = dense_queries(&bench_shard_set(1000, 384, u64::MAX - 1));
     let index = Arc::new(SharedShard::new(ix));
     let (mut quiet, _): (Vec<f64>, Vec<f64>) = (0..3)
         .flat_map(|_| queries.iter().map(|q| search(&index, q)))

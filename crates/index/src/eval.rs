@@ -2,7 +2,7 @@
 //! clustered synthetic vectors shaped like real embeddings (tests and benchmarks share these).
 use rand::{Rng, SeedableRng};
 
-use ragfleet_proto::{ChunkRecord, Hit, ModelIdentity, SearchQuery, WriteOp};
+use ragfleet_proto::{ChunkRecord, Hit, ModelIdentity, SearchMode, SearchQuery, WriteOp};
 
 use crate::{IndexError, ShardIndex};
 
@@ -104,19 +104,36 @@ pub fn upserts_from(
         .enumerate()
         .map(|(j, vector)| {
             let i = first + j;
-            let id = format!("d{i}");
-            let text = text(i);
-            WriteOp::Upsert {
-                version: 0,
-                doc_id: id.clone(),
-                chunks: vec![ChunkRecord {
-                    doc_id: id.clone(),
-                    chunk_id: format!("{id}#0"),
-                    text,
-                    vector,
-                    sentences: Default::default(),
-                }],
-            }
+            one_chunk_upsert(format!("d{i}"), vector, text(i))
+        })
+        .collect()
+}
+
+/// A document `id` of one chunk (`{id}#0`) at version 0 (the write path gives it one).
+pub fn one_chunk_upsert(id: String, vector: Vec<f32>, text: String) -> WriteOp {
+    WriteOp::Upsert {
+        version: 0,
+        chunks: vec![ChunkRecord {
+            doc_id: id.clone(),
+            chunk_id: format!("{id}#0"),
+            text,
+            vector,
+            sentences: Default::default(),
+        }],
+        doc_id: id,
+    }
+}
+
+/// A dense query for the top 10 of each vector.
+pub fn dense_queries(vectors: &[Vec<f32>]) -> Vec<SearchQuery> {
+    vectors
+        .iter()
+        .map(|v| SearchQuery {
+            vector: v.clone(),
+            text: String::new(),
+            k: 10,
+            mode: SearchMode::Dense,
+            model: None,
         })
         .collect()
 }

@@ -6,6 +6,9 @@
 //! (default 3): p50, mean and recall@10 against exact search. Run again with a larger N, it
 //! adds the documents after those the folder holds (the set's first N are the same for every
 //! N), so a shard's state before and after a change of policy can be timed on the same data.
+//! Each round also counts the queries by how many of their true ten they found.
+//! `SHARD_PROBE_TIMES_ONLY=1` skips the set and the exact answers (no recall is printed): for a
+//! shard already written, timed in little memory (a memory cgroup of less than its files, say).
 use ragfleet_index::ann::exact_top_k;
 use ragfleet_index::eval::{bench_shard_set, dense_queries, settle, synthetic_model, upserts_from};
 use ragfleet_index::{IndexSettings, ShardIndex};
@@ -25,8 +28,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ..IndexSettings::default()
     };
     let (mut ix, _) = ShardIndex::open(&dir, settings)?;
-    let data = bench_shard_set(n, 384, 1);
+    let times_only = std::env::var_os("SHARD_PROBE_TIMES_ONLY").is_some();
+    let data = if times_only {
+        Vec::new()
+    } else {
+        bench_shard_set(n, 384, 1)
+    };
     let have = ix.doc_count() as usize;
+    if have < n && times_only {
+        return Err("SHARD_PROBE_TIMES_ONLY needs a shard of N documents already".into());
+    }
     if have < n {
         let t = Instant::now();
         for start in (have..n).step_by(2048) {
@@ -50,27 +61,42 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     let queries = bench_shard_set(1000, 384, u64::MAX - 1);
     let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
-    let truth = exact_top_k(&data, &queries, 10, threads);
+    let truth = if times_only {
+        Vec::new()
+    } else {
+        exact_top_k(&data, &queries, 10, threads)
+    };
+    drop(data);
     let qs = dense_queries(&queries);
     for _ in 0..rounds {
         let mut ts = Vec::new();
         let mut found = 0;
-        for (q, t) in qs.iter().zip(&truth) {
+        // how many queries found each count of their true ten
+        let mut spread = [0usize; 11];
+        for (i, q) in qs.iter().enumerate() {
             let s = Instant::now();
             let hits = ix.search(q)?;
             ts.push(s.elapsed().as_secs_f64() * 1e3);
-            found += hits
-                .iter()
-                .filter(|h| t.iter().any(|&i| h.chunk_id == format!("d{i}#0")))
-                .count();
+            if let Some(t) = truth.get(i) {
+                let here = hits
+                    .iter()
+                    .filter(|h| t.iter().any(|&i| h.chunk_id == format!("d{i}#0")))
+                    .count();
+                found += here;
+                spread[here.min(10)] += 1;
+            }
         }
         ts.sort_by(|a, b| a.total_cmp(b));
+        let (p50, mean) = (ts[ts.len() / 2], ts.iter().sum::<f64>() / ts.len() as f64);
+        if times_only {
+            println!("ef {ef}: p50 {p50:.4} ms mean {mean:.4}");
+            continue;
+        }
         println!(
-            "ef {ef}: p50 {:.4} ms mean {:.4} recall {:.4}",
-            ts[ts.len() / 2],
-            ts.iter().sum::<f64>() / ts.len() as f64,
+            "ef {ef}: p50 {p50:.4} ms mean {mean:.4} recall {:.4}",
             found as f64 / (10 * qs.len()) as f64
         );
+        println!("  queries by true neighbours found, 0..=10: {spread:?}");
     }
     Ok(())
 }

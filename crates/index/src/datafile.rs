@@ -405,9 +405,25 @@ fn id_table(b: &[u8], n: usize) -> Result<(Vec<(u64, u64)>, IdRows), String> {
     Ok((table, id_rows))
 }
 
+/// Asks the kernel to read whole, ahead, the mapped files that `entries` lie in, each once
+/// (a merge or a graph build reads them through, and their maps are advised for random reads,
+/// which would read them a page at a time where they are not in memory).
+pub(crate) fn read_ahead<'a>(entries: impl IntoIterator<Item = &'a Entry>) {
+    let mut last: *const DataFile = std::ptr::null();
+    for e in entries {
+        if let Some((file, _)) = e.mapped_at() {
+            if !std::ptr::eq(Arc::as_ptr(file), last) {
+                last = Arc::as_ptr(file);
+                let _ = file.map.advise(memmap2::Advice::WillNeed);
+            }
+        }
+    }
+}
+
 /// Writes `entries` as a format 3 data file (atomically, streamed: the vectors are never
 /// gathered in memory).
 pub(crate) fn write(path: &Path, entries: &[&Entry]) -> Result<(), IndexError> {
+    read_ahead(entries.iter().copied());
     let n = entries.len();
     let dim = entries.first().map_or(0, |e| e.vector().len());
     if entries.iter().any(|e| e.vector().len() != dim) {
@@ -494,6 +510,9 @@ fn read_map(path: &Path, map: Option<memmap2::Mmap>) -> Result<Option<Vec<Entry>
     };
     let body = &map[HEADER..];
     if body.len() >= 10 && body[..10] == MARKER {
+        // read at random rows (a search's re-scored vectors, its hits' texts): no read-ahead,
+        // which would read ~32 pages around every row not in memory and push out the rest
+        let _ = map.advise(memmap2::Advice::Random);
         let (file, table) = DataFile::parse(path, map)?;
         return Ok(Some(
             table

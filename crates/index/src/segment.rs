@@ -1,5 +1,6 @@
 //! Segments: a sealed segment is immutable and gets an HNSW graph built in the background; until
 //! the graph is there (and for the growing segment) search is exact.
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use instant_distance::{Builder, HnswMap, Search};
@@ -159,6 +160,7 @@ impl SegGraph {
 /// The vectors of `entries`, end to end: borrowed from the mapped file when the entries are
 /// all its rows in order (a freshly written segment), else copied.
 pub(crate) fn flat(entries: &[Arc<Entry>]) -> std::borrow::Cow<'_, [f32]> {
+    crate::datafile::read_ahead(entries.iter().map(|e| e.as_ref()));
     if let Some((file, 0)) = entries.first().and_then(|e| e.mapped_at()) {
         let whole = file.all_vectors();
         let dim = entries[0].vector().len();
@@ -194,7 +196,16 @@ pub(crate) struct Segment {
     scan: std::sync::Mutex<Option<Arc<crate::codes::RowCodes>>>,
     /// BM25 postings of all its chunks, rows = positions (`seg-<id>.post`).
     pub(crate) postings: Arc<crate::postings::SegPostings>,
+    /// How many searches more ask the kernel to read their re-scored vectors ahead: set when
+    /// one's re-scoring took as long as reads from disk ([`COLD_RESCORE`]).
+    cold: AtomicU32,
 }
+
+/// A graph search's re-scoring that takes this long read its vectors from disk (in memory,
+/// ~13 vectors take 5-20 us; a read from an SSD ~100 us).
+const COLD_RESCORE: std::time::Duration = std::time::Duration::from_micros(200);
+/// The searches of a segment that read their re-scored vectors ahead after a slow one.
+const COLD_SEARCHES: u32 = 1024;
 
 impl std::fmt::Debug for Segment {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -231,6 +242,7 @@ impl Segment {
             graph: OnceLock::new(),
             scan: std::sync::Mutex::new(None),
             postings,
+            cold: AtomicU32::new(0),
         }
     }
 
@@ -368,12 +380,27 @@ impl Segment {
         match self.graph.get() {
             Some(SegGraph::Own(g)) => {
                 let accept = |i: u32| live(&self.entries[i as usize]);
+                let cold = self.cold.load(Ordering::Relaxed);
                 let exact = Exact {
                     q,
                     entries: &self.entries,
+                    read_ahead: cold > 0,
+                    began: std::cell::Cell::new(None),
                 };
-                return g
-                    .search_with(q, k, ef, &accept, Some(&exact))
+                let found = g.search_with(q, k, ef, &accept, Some(&exact));
+                // re-scoring that took as long as reads from disk: the next searches ask for
+                // their vectors ahead, all at once (a system call each, ~5% of a search whose
+                // vectors are in memory, so only for a while after one that found them out)
+                let slow = exact
+                    .began
+                    .get()
+                    .is_some_and(|t| t.elapsed() >= COLD_RESCORE);
+                if slow {
+                    self.cold.store(COLD_SEARCHES, Ordering::Relaxed);
+                } else if cold > 0 {
+                    self.cold.store(cold - 1, Ordering::Relaxed);
+                }
+                return found
                     .into_iter()
                     .map(|(s, i)| (s, self.entries[i as usize].clone()))
                     .collect();
@@ -413,6 +440,11 @@ impl Segment {
 struct Exact<'a> {
     q: &'a [f32],
     entries: &'a [Arc<Entry>],
+    /// Whether to ask the kernel to read the mapped vectors ahead (the segment's re-scoring
+    /// found them on disk lately).
+    read_ahead: bool,
+    /// When the re-scoring began (its prefetch).
+    began: std::cell::Cell<Option<std::time::Instant>>,
 }
 
 impl crate::hnsw::Rescore for Exact<'_> {
@@ -427,9 +459,13 @@ impl crate::hnsw::Rescore for Exact<'_> {
                 crate::vector::prefetch_bytes(Arc::as_ptr(e).cast(), 64);
             }
         }
+        self.began.set(Some(std::time::Instant::now()));
         for &i in ids {
             if let Some(e) = self.entries.get(i as usize) {
                 let v = e.vector();
+                if self.read_ahead && e.is_mapped() {
+                    crate::vector::will_need(v.as_ptr().cast(), std::mem::size_of_val(v));
+                }
                 crate::vector::prefetch_bytes(v.as_ptr().cast(), std::mem::size_of_val(v));
             }
         }

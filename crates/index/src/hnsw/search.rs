@@ -6,8 +6,11 @@ use std::collections::BinaryHeap;
 
 use super::*;
 
-/// Candidates re-scored beyond `k` (at least `3k` are).
+/// Candidates re-scored beyond `k` at most (at most `3k` when that is more).
 const RESCORE_EXTRA: usize = 20;
+/// How far behind the k-th nearest by the codes a candidate is still re-scored, in standard
+/// deviations of the codes' error in a dot product (see [`rescore_margin`]).
+const RESCORE_SIGMAS: f32 = 10.0;
 /// The beam of a search on the levels above level 0: narrower than the build's, which made a
 /// graph whose upper levels lead a narrower beam down as well. On `bench shard`'s clustered set
 /// (`upper_beam` example, 1,000 queries) 6 costs 0.82x the time of 16 at 100k and 1M vectors
@@ -226,6 +229,7 @@ impl Hnsw {
         let dist = |e: u32| 1.0 - dot_i8(&code, self.code(e)) as f32 * inv;
         let mut ef = ef.max(k);
         let rescore = (3 * k).max(k + RESCORE_EXTRA);
+        let margin = rescore_margin(q, &code, self.scale);
         SCRATCH.with(|s| {
             let mut s = s.borrow_mut();
             let starts = self.down(&dist, entry, 0, upper_beam, &mut s, &mut buf);
@@ -233,18 +237,34 @@ impl Hnsw {
                 let found = self.search_level(&dist, &starts, ef, 0, &mut s, &mut buf);
                 let seen = found.len();
                 // re-score the nearest few by the codes: the exact vectors are read at random
-                // places in memory, so only as many as the codes' error can reorder, all asked
-                // for before the first is scored
+                // places in memory (or on disk), so only the k nearest and those the codes'
+                // error could lift among them, all asked for before the first is scored
+                let near = |nodes: &mut dyn Iterator<Item = Near>| -> Vec<Near> {
+                    let mut kth = f32::INFINITY;
+                    let mut kept = Vec::with_capacity(rescore);
+                    for n in nodes.take(rescore) {
+                        if kept.len() >= k && n.d > kth + margin {
+                            break;
+                        }
+                        kept.push(n);
+                        if kept.len() == k {
+                            kth = n.d;
+                        }
+                    }
+                    kept
+                };
                 if let Some(x) = exact {
-                    let ids: Vec<u32> = found.iter().take(rescore).map(|n| n.id).collect();
+                    let ids: Vec<u32> = near(&mut found.iter().copied())
+                        .iter()
+                        .map(|n| n.id)
+                        .collect();
                     x.prefetch(&ids);
                 }
-                let mut out: Vec<(f32, u32)> = found
-                    .into_iter()
-                    .filter(|n| accept(n.id))
-                    .take(rescore)
-                    .map(|n| (exact.map_or(1.0 - n.d, |x| x.score(n.id)), n.id))
-                    .collect();
+                let mut out: Vec<(f32, u32)> =
+                    near(&mut found.into_iter().filter(|n| accept(n.id)))
+                        .into_iter()
+                        .map(|n| (exact.map_or(1.0 - n.d, |x| x.score(n.id)), n.id))
+                        .collect();
                 out.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
                 out.truncate(k);
                 if out.len() >= k || seen < ef || ef >= self.len {
@@ -253,5 +273,86 @@ impl Hnsw {
                 ef = (ef * 4).min(self.len);
             }
         })
+    }
+}
+
+/// How far behind the k-th nearest candidate by the codes one can be and still be among the
+/// k nearest by the exact vectors, with [`RESCORE_SIGMAS`] standard deviations to spare: codes
+/// `round(x * scale)` err by up to half a step in each component, uniformly, so a dot product
+/// with a unit vector errs by `step * |q| / sqrt(12)` from the vector's rounding; the query's
+/// own error (its rounding, and anything clamped) is measured and spread over the dimensions;
+/// two candidates' errors can go opposite ways (`sqrt(2)`).
+pub(super) fn rescore_margin(q: &[f32], code: &[i8], scale: f32) -> f32 {
+    if scale.is_nan() || scale <= 0.0 || q.is_empty() {
+        return f32::INFINITY;
+    }
+    let step = 1.0 / scale;
+    let (mut norm, mut err) = (0.0f32, 0.0f32);
+    for (&x, &c) in q.iter().zip(code) {
+        norm += x * x;
+        let e = x - c as f32 * step;
+        err += e * e;
+    }
+    let var = step * step * norm / 12.0 + err / q.len() as f32;
+    RESCORE_SIGMAS * std::f32::consts::SQRT_2 * var.sqrt()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vector::normalize;
+
+    fn unit_vectors(n: usize, dim: usize, seed: u64) -> Vec<f32> {
+        crate::eval::clustered(n, dim, 8, 0.3, 1, seed)
+            .into_iter()
+            .flat_map(|mut v| {
+                normalize(&mut v);
+                v
+            })
+            .collect()
+    }
+
+    /// Two candidates' code dot products err against their exact ones by less than the
+    /// margin between them (so a candidate left out could not have been among the k
+    /// nearest), and the margin is narrow enough to leave most of the beam out.
+    #[test]
+    fn the_margin_covers_the_codes_error_and_stays_narrow() {
+        let dim = 384;
+        let data = unit_vectors(3000, dim, 3);
+        let scale = quant_scale(&data[..1000 * dim]);
+        let codes = quantize(&data, scale);
+        for (qi, q) in unit_vectors(20, dim, 4).chunks(dim).enumerate() {
+            let qc = quantize(q, scale);
+            let margin = rescore_margin(q, &qc, scale);
+            assert!(margin > 0.0 && margin < 0.05, "query {qi}: margin {margin}");
+            let worst = data
+                .chunks(dim)
+                .zip(codes.chunks(dim))
+                .map(|(x, c)| {
+                    let exact = crate::vector::dot(q, x);
+                    let coded = dot_i8(&qc, c) as f32 / (scale * scale);
+                    (exact - coded).abs()
+                })
+                .fold(0.0f32, f32::max);
+            assert!(
+                2.0 * worst < margin,
+                "query {qi}: error {worst}, margin {margin}"
+            );
+        }
+    }
+
+    /// A query with components past the codes' range (clamped) gets a wider margin.
+    #[test]
+    fn a_clamped_query_widens_the_margin() {
+        let dim = 64;
+        let data = unit_vectors(500, dim, 5);
+        let scale = quant_scale(&data);
+        let mut q = vec![0.0f32; dim];
+        q[0] = 1.0;
+        let qc = quantize(&q, scale);
+        let inside = data[..dim].to_vec();
+        let qi = quantize(&inside, scale);
+        assert!(rescore_margin(&q, &qc, scale) > 2.0 * rescore_margin(&inside, &qi, scale));
+        assert_eq!(rescore_margin(&q, &qc, 0.0), f32::INFINITY);
     }
 }

@@ -3,8 +3,9 @@
 //! Laid out for search speed and memory: the vectors as int8 codes (`round(x * scale)`, a
 //! quarter of f32's bytes) in one contiguous array, the level-0 adjacency in one flat array of
 //! fixed-width rows (`count, ids...`), the rarer upper levels in a second flat array; building
-//! and walking the graph use the codes, and a search re-scores its final beam with the exact
-//! vectors the caller holds (a segment's chunks), so the graph keeps no f32 copy. A search
+//! and walking the graph use the codes, and a search re-scores the nearest of its final beam
+//! (the k nearest and those the codes' error could lift among them) with the exact vectors the
+//! caller holds (a segment's chunks), so the graph keeps no f32 copy. A search
 //! reuses a per-thread visited set (a bit a node, only its used words cleared) and heaps, and
 //! prefetches neighbour codes before it scores them. Built on many threads (a lock per node
 //! while its list changes; readers may see a list mid-update, which only costs a little

@@ -9,8 +9,11 @@
 //! Each round also counts the queries by how many of their true ten they found.
 //! `SHARD_PROBE_TIMES_ONLY=1` skips the set and the exact answers (no recall is printed): for a
 //! shard already written, timed in little memory (a memory cgroup of less than its files, say).
+//! `SHARD_PROBE_GRAPH_MEMORY_MB=M` copies at most M MB of graphs into memory (0: every graph is
+//! walked from its file); unset, the process's default budget.
 use ragfleet_index::ann::exact_top_k;
 use ragfleet_index::eval::{bench_shard_set, dense_queries, settle, synthetic_model, upserts_from};
+use ragfleet_index::hnsw::GraphMemory;
 use ragfleet_index::{IndexSettings, ShardIndex};
 use std::time::{Duration, Instant};
 
@@ -25,6 +28,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ef_search: ef,
         background: true,
         seal_idle: Some(Duration::from_secs(1)),
+        graph_memory: match std::env::var("SHARD_PROBE_GRAPH_MEMORY_MB") {
+            Ok(mb) => Some(&*Box::leak(Box::new(GraphMemory::new(
+                mb.parse::<usize>()? << 20,
+            )))),
+            Err(_) => None,
+        },
         ..IndexSettings::default()
     };
     let (mut ix, _) = ShardIndex::open(&dir, settings)?;

@@ -162,6 +162,14 @@ impl Hnsw {
         true
     }
 
+    /// When its codes and level-0 rows are walked from their mapped file: no read-ahead around
+    /// the pages a search reads (a walk reads nodes at random; read-ahead around each one not
+    /// in memory would read ~32 pages and push out the rest).
+    pub fn walk_from_file(&self) {
+        self.codes.advise(memmap2::Advice::Random);
+        self.layer0.advise(memmap2::Advice::Random);
+    }
+
     /// Bytes held in the process's memory (codes and adjacency unless mapped, levels).
     pub fn memory_bytes(&self) -> usize {
         self.codes.owned_bytes()
@@ -192,6 +200,9 @@ impl Hnsw {
         threads: usize,
         scratch: Option<&std::path::Path>,
     ) -> Hnsw {
+        // read through (copied): asked for whole, ahead, where it is walked from its file
+        self.codes.advise(memmap2::Advice::WillNeed);
+        self.layer0.advise(memmap2::Advice::WillNeed);
         let dim = self.dim;
         let added = more.len() / dim;
         let n = self.len + added;

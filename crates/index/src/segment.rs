@@ -110,7 +110,9 @@ impl SegGraph {
                 // checked before it is copied: a graph that does not fit is not kept
                 let mut g = SegGraph::checked(SegGraph::Own(g), entries)?;
                 if let SegGraph::Own(own) = &mut g {
-                    own.into_memory(spec.memory);
+                    if !own.into_memory(spec.memory) {
+                        own.walk_from_file();
+                    }
                 }
                 Ok(g)
             }

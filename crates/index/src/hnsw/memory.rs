@@ -125,6 +125,13 @@ impl<T> Store<T> {
     pub(super) fn is_mapped(&self) -> bool {
         matches!(self, Store::Mapped { .. })
     }
+
+    /// Gives the kernel `advice` on the file it is mapped from (nothing when it is not).
+    pub(super) fn advise(&self, advice: memmap2::Advice) {
+        if let Store::Mapped { map, .. } = self {
+            let _ = map.advise(advice);
+        }
+    }
 }
 
 /// How many bytes of graphs may be copied out of their mapped files into memory backed by

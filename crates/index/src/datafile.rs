@@ -167,6 +167,16 @@ impl DataFile {
         &self.all_vectors()[row * self.dim..(row + 1) * self.dim]
     }
 
+    /// Asks the kernel to start reading chunk `row`'s vector from the file, so that several
+    /// reads from disk are in flight at once rather than one fault after another (a system
+    /// call each: only for reads likely to miss memory).
+    pub(crate) fn read_vector_ahead(&self, row: usize) {
+        let bytes = self.dim * 4;
+        let _ = self
+            .map
+            .advise_range(memmap2::Advice::WillNeed, self.vectors + row * bytes, bytes);
+    }
+
     /// Every chunk's vector, end to end.
     pub(crate) fn all_vectors(&self) -> &[f32] {
         let bytes = &self.map[self.vectors..self.vectors + self.n * self.dim * 4];

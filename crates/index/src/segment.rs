@@ -464,10 +464,12 @@ impl crate::hnsw::Rescore for Exact<'_> {
         self.began.set(Some(std::time::Instant::now()));
         for &i in ids {
             if let Some(e) = self.entries.get(i as usize) {
-                let v = e.vector();
-                if self.read_ahead && e.is_mapped() {
-                    crate::vector::will_need(v.as_ptr().cast(), std::mem::size_of_val(v));
+                if self.read_ahead {
+                    if let Some((file, row)) = e.mapped_at() {
+                        file.read_vector_ahead(row);
+                    }
                 }
+                let v = e.vector();
                 crate::vector::prefetch_bytes(v.as_ptr().cast(), std::mem::size_of_val(v));
             }
         }

@@ -391,26 +391,6 @@ impl instant_distance::Point for UnitVector {
     }
 }
 
-/// Asks the kernel to start reading the pages under the `len` bytes at `p`, which lie in a
-/// mapped file, so that several reads from disk are in flight at once rather than one fault
-/// after another (a system call each: only for reads likely to miss memory).
-pub(crate) fn will_need(p: *const u8, len: usize) {
-    let first = p as usize & !(page_size() - 1);
-    let end = p as usize + len;
-    // SAFETY: advice only, on whole pages that hold part of a live mapping (the first rounded
-    // down to its page); it changes no memory's contents
-    unsafe { libc::madvise(first as *mut libc::c_void, end - first, libc::MADV_WILLNEED) };
-}
-
-fn page_size() -> usize {
-    static PAGE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    // SAFETY: sysconf reads a constant of the system
-    *PAGE.get_or_init(|| match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
-        p if p > 0 && (p as usize).is_power_of_two() => p as usize,
-        _ => 4096,
-    })
-}
-
 /// Asks the cache for the lines of `len` bytes at `p` (a hint: it never faults, whatever the
 /// address), so that their misses overlap with whatever comes before they are read.
 #[inline]

@@ -126,10 +126,11 @@ impl<T> Store<T> {
         matches!(self, Store::Mapped { .. })
     }
 
-    /// Gives the kernel `advice` on the file it is mapped from (nothing when it is not).
+    /// Gives the kernel `advice` on its bytes in the file it is mapped from (nothing when it
+    /// is not mapped).
     pub(super) fn advise(&self, advice: memmap2::Advice) {
-        if let Store::Mapped { map, .. } = self {
-            let _ = map.advise(advice);
+        if let Store::Mapped { map, at, len } = self {
+            let _ = map.advise_range(advice, *at, len * std::mem::size_of::<T>());
         }
     }
 }

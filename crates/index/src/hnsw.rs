@@ -77,6 +77,9 @@ pub struct Hnsw {
     /// (entry node, its level); None while empty.
     entry: Mutex<Option<(u32, usize)>>,
     locks: Vec<Mutex<()>>,
+    /// How many searches more ask the kernel for the pages they are about to read, all at
+    /// once: set when a walk from the mapped file waited for many reads from disk.
+    cold: AtomicU32,
 }
 
 impl std::fmt::Debug for Hnsw {
@@ -114,6 +117,7 @@ impl Hnsw {
             upper: Vec::new(),
             entry: Mutex::new(None),
             locks: Vec::new(),
+            cold: AtomicU32::new(0),
         }
     }
 
@@ -279,6 +283,7 @@ impl Hnsw {
             upper: copy(&self.upper, upper_len - self.upper.len()),
             entry: Mutex::new(*self.entry.lock().expect("entry lock")),
             locks: (0..n).map(|_| Mutex::new(())).collect(),
+            cold: AtomicU32::new(0),
         };
         let first = self.len;
         if added == 0 {
@@ -364,6 +369,19 @@ impl Hnsw {
         let w = self.m0() + 1;
         let start = self.layer0.as_ptr().wrapping_add(i as usize * w);
         crate::vector::prefetch_bytes(start.cast(), w * 4);
+    }
+
+    /// Asks the kernel for node `i`'s code when the graph is walked from its mapped file (see
+    /// [`Store::read_ahead`]).
+    fn read_code_ahead(&self, i: u32) {
+        self.codes.read_ahead(i as usize * self.dim, self.dim);
+    }
+
+    /// Asks the kernel for node `i`'s level-0 row when the graph is walked from its mapped
+    /// file: a candidate's, read when it is expanded.
+    fn read_row_ahead(&self, i: u32) {
+        let w = self.m0() + 1;
+        self.layer0.read_ahead(i as usize * w, w);
     }
 
     /// HNSW's neighbour heuristic: keep a candidate only if it is nearer to the base than to
@@ -660,6 +678,17 @@ mod tests {
                 g.search(q, 10, 32, &|_| true)
             );
         }
+        // a walk that asks the kernel for its nodes' pages ahead (as after one that waited for
+        // reads from disk) answers the same; walks that waited for none count it down
+        m.cold.store(search::COLD_WALKS, Relaxed);
+        for i in 0..20 {
+            let q = &base[i * 32..(i + 1) * 32];
+            assert_eq!(
+                m.search(q, 10, 32, &|_| true),
+                g.search(q, 10, 32, &|_| true)
+            );
+        }
+        assert_eq!(m.cold.load(Relaxed), search::COLD_WALKS - 20);
         // growing copies it into memory and inserts there
         let grown = m.extend(&base[500 * 32..], 2);
         assert_eq!(grown.len(), 600);

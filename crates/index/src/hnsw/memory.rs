@@ -126,6 +126,16 @@ impl<T> Store<T> {
         matches!(self, Store::Mapped { .. })
     }
 
+    /// Asks the kernel to read items `first..first + items` from the file it is mapped from,
+    /// without waiting for them (nothing when it is not mapped): reads asked for together are
+    /// served together, where faulting on each in turn waits for one after the other.
+    pub(super) fn read_ahead(&self, first: usize, items: usize) {
+        if let Store::Mapped { map, at, .. } = self {
+            let size = std::mem::size_of::<T>();
+            let _ = map.advise_range(memmap2::Advice::WillNeed, at + first * size, items * size);
+        }
+    }
+
     /// Gives the kernel `advice` on its bytes in the file it is mapped from (nothing when it
     /// is not mapped).
     pub(super) fn advise(&self, advice: memmap2::Advice) {

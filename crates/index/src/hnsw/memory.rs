@@ -234,20 +234,84 @@ fn huge_pages_available() -> bool {
         .is_ok_and(|s| s.contains("[always]") || s.contains("[madvise]"))
 }
 
-/// The memory the process may use in bytes (Linux), if known: the machine's, or its control
-/// group's limit when lower (a container sees the host's `MemTotal`).
+/// The memory the process may use in bytes (Linux), if known: the machine's, or the lowest
+/// limit of its memory control group and the groups above it when lower (a container, or a
+/// service with a memory limit, sees the host's `MemTotal`).
 fn total_memory() -> Option<u64> {
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     let machine = kb * 1024;
-    // cgroup v2, then v1 ("max" or an absurdly large number: no limit)
-    let limit = [
-        "/sys/fs/cgroup/memory.max",
-        "/sys/fs/cgroup/memory/memory.limit_in_bytes",
-    ]
-    .iter()
-    .filter_map(|p| std::fs::read_to_string(p).ok())
-    .find_map(|s| s.trim().parse::<u64>().ok());
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    let limit = cgroup_limit(&own, std::path::Path::new("/sys/fs/cgroup"));
     Some(limit.map_or(machine, |l| l.min(machine)))
+}
+
+/// The lowest memory limit of the groups named in `own` (the text of `/proc/self/cgroup`) and
+/// of the groups above them, under the control group file systems mounted at `root`: cgroup v2
+/// (`0::/path`, `memory.max`) and v1's memory controller (`N:memory:/path`,
+/// `memory.limit_in_bytes`). "max", an absurdly large number or an unreadable file: no limit.
+fn cgroup_limit(own: &str, root: &std::path::Path) -> Option<u64> {
+    let mut lowest: Option<u64> = None;
+    for line in own.lines() {
+        let mut fields = line.splitn(3, ':');
+        let (Some(_), Some(controllers), Some(path)) = (fields.next(), fields.next(), fields.next())
+        else {
+            continue;
+        };
+        let (mount, file) = if controllers.is_empty() {
+            (root.to_path_buf(), "memory.max")
+        } else if controllers.split(',').any(|c| c == "memory") {
+            (root.join("memory"), "memory.limit_in_bytes")
+        } else {
+            continue;
+        };
+        // the group's folder, then each one above it up to the mount
+        let mut group = mount.join(path.trim_start_matches('/'));
+        loop {
+            let limit = std::fs::read_to_string(group.join(file))
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok());
+            if let Some(l) = limit {
+                lowest = Some(lowest.map_or(l, |b| b.min(l)));
+            }
+            if group == mount || !group.pop() || !group.starts_with(&mount) {
+                break;
+            }
+        }
+    }
+    lowest
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_memory_limit_is_the_lowest_of_the_groups_own_and_above() {
+        let root = tempfile::tempdir().unwrap();
+        let r = root.path();
+        let write = |dir: &str, file: &str, value: &str| {
+            std::fs::create_dir_all(r.join(dir)).unwrap();
+            std::fs::write(r.join(dir).join(file), value).unwrap();
+        };
+        // v1: the group's own limit is above its parent's; the root has none
+        write("memory", "memory.limit_in_bytes", "9223372036854771712\n");
+        write("memory/svc", "memory.limit_in_bytes", "600000000\n");
+        write("memory/svc/probe", "memory.limit_in_bytes", "900000000\n");
+        let v1 = "4:memory:/svc/probe\n3:cpu,cpuacct:/svc\n";
+        assert_eq!(cgroup_limit(v1, r), Some(600_000_000));
+        // v2: "max" is no limit; a lower one below it counts
+        write("app", "memory.max", "max\n");
+        write("app/worker", "memory.max", "300000000\n");
+        assert_eq!(cgroup_limit("0::/app/worker\n", r), Some(300_000_000));
+        assert_eq!(cgroup_limit("0::/app\n", r), None);
+        // both listed (a hybrid mount): the lowest of all
+        assert_eq!(
+            cgroup_limit("0::/app/worker\n4:memory:/svc\n", r),
+            Some(300_000_000)
+        );
+        // a group whose folder is not there (another namespace's path), or a malformed line
+        assert_eq!(cgroup_limit("0::/elsewhere\nnot a line\n", r), None);
+    }
 }

@@ -198,6 +198,29 @@ impl DataFile {
         }
     }
 
+    /// Asks the kernel for chunk `row`'s record and ids without waiting for them (a hit about
+    /// to be read, among others asked for at once).
+    pub(crate) fn read_ids_ahead(&self, row: usize) {
+        self.ahead(self.rows + row * ROW, ROW);
+        // a document and a chunk id rarely span more
+        self.ahead(self.ids_at.saturating_add(self.id_rows.get(row)), 128);
+    }
+
+    /// Asks the kernel for chunk `row`'s text without waiting for it (reads its record: after
+    /// [`DataFile::read_ids_ahead`]).
+    pub(crate) fn read_text_ahead(&self, row: usize) {
+        let r = self.row(row);
+        self.ahead(r.text_at, r.text_len);
+    }
+
+    /// `MADV_WILLNEED` on `len` bytes at `at`, cut to the map.
+    fn ahead(&self, at: usize, len: usize) {
+        let len = len.min(self.map.len().saturating_sub(at));
+        if len > 0 {
+            let _ = self.map.advise_range(memmap2::Advice::WillNeed, at, len);
+        }
+    }
+
     /// Chunk `row`'s text.
     pub(crate) fn text(&self, row: usize) -> &str {
         let r = self.row(row);

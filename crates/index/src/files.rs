@@ -209,6 +209,23 @@ pub fn read_checked(path: &Path) -> Result<Option<Vec<u8>>, IndexError> {
     Ok(Some(bytes[HEADER..].to_vec()))
 }
 
+/// Major page faults of the calling thread so far (None where it cannot be told).
+pub(crate) fn major_faults() -> Option<u64> {
+    #[cfg(target_os = "linux")]
+    {
+        let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+        // SAFETY: getrusage writes a whole `rusage` into the pointer it is given, which points
+        // to one; nothing is read from it unless the call succeeded.
+        let r = unsafe { libc::getrusage(libc::RUSAGE_THREAD, usage.as_mut_ptr()) };
+        // SAFETY: the call succeeded, so it filled the struct (zeroed before in any case).
+        (r == 0).then(|| unsafe { usage.assume_init() }.ru_majflt as u64)
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        None
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -255,7 +255,8 @@ fn cgroup_limit(own: &str, root: &std::path::Path) -> Option<u64> {
     let mut lowest: Option<u64> = None;
     for line in own.lines() {
         let mut fields = line.splitn(3, ':');
-        let (Some(_), Some(controllers), Some(path)) = (fields.next(), fields.next(), fields.next())
+        let (Some(_), Some(controllers), Some(path)) =
+            (fields.next(), fields.next(), fields.next())
         else {
             continue;
         };

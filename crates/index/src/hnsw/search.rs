@@ -26,23 +26,6 @@ const COLD_WALK_FAULTS: u64 = 16;
 /// The searches of a mapped graph that ask for their pages ahead after a cold walk.
 pub(super) const COLD_WALKS: u32 = 1024;
 
-/// Major page faults of the calling thread so far (None where it cannot be told).
-fn major_faults() -> Option<u64> {
-    #[cfg(target_os = "linux")]
-    {
-        let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
-        // SAFETY: getrusage writes a whole `rusage` into the pointer it is given, which points
-        // to one; nothing is read from it unless the call succeeded.
-        let r = unsafe { libc::getrusage(libc::RUSAGE_THREAD, usage.as_mut_ptr()) };
-        // SAFETY: the call succeeded, so it filled the struct (zeroed before in any case).
-        (r == 0).then(|| unsafe { usage.assume_init() }.ru_majflt as u64)
-    }
-    #[cfg(not(target_os = "linux"))]
-    {
-        None
-    }
-}
-
 /// How a search re-scores the nearest of its beam with the vectors' exact values.
 pub trait Rescore {
     /// The exact dot product of the query with node `i`'s vector.
@@ -270,7 +253,11 @@ impl Hnsw {
         // waited for many makes the next searches ask for their nodes' pages ahead
         let mapped = self.codes.is_mapped();
         let cold = if mapped { self.cold.load(Relaxed) } else { 0 };
-        let faults = if mapped { major_faults() } else { None };
+        let faults = if mapped {
+            crate::files::major_faults()
+        } else {
+            None
+        };
         SCRATCH.with(|s| {
             let mut s = s.borrow_mut();
             s.ahead = cold > 0;
@@ -280,7 +267,8 @@ impl Hnsw {
                 let found = self.search_level(&dist, &starts, ef, 0, &mut s, &mut buf);
                 if let Some(before) = faults.filter(|_| !counted) {
                     counted = true;
-                    let waited = major_faults().map_or(0, |f| f.saturating_sub(before));
+                    let waited =
+                        crate::files::major_faults().map_or(0, |f| f.saturating_sub(before));
                     if waited >= COLD_WALK_FAULTS {
                         self.cold.store(COLD_WALKS, Relaxed);
                     } else if cold > 0 {

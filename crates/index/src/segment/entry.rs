@@ -102,6 +102,24 @@ impl Entry {
         }
     }
 
+    /// Asks the kernel for its ids and record (and its vector, with `vector`) when they are
+    /// in a mapped data file, without waiting: see [`crate::datafile::DataFile::read_ids_ahead`].
+    pub(crate) fn read_ids_ahead(&self, vector: bool) {
+        if let Body::Mapped { file, row } = &self.body {
+            file.read_ids_ahead(*row as usize);
+            if vector {
+                file.read_vector_ahead(*row as usize);
+            }
+        }
+    }
+
+    /// Asks the kernel for its text when it is in a mapped data file, without waiting.
+    pub(crate) fn read_text_ahead(&self) {
+        if let Body::Mapped { file, row } = &self.body {
+            file.read_text_ahead(*row as usize);
+        }
+    }
+
     /// Its own id (`{doc_id}#{n}` as the chunker names it).
     pub(crate) fn chunk_id(&self) -> &str {
         match &self.body {

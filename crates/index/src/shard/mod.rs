@@ -369,6 +369,10 @@ pub struct ShardIndex {
     /// with the digest, so it must not cost a pass over the shard's documents after each write
     /// (~0.2 s at a million).
     digests: sync::Digests,
+    /// How many searches more ask the kernel for their hits' ids and texts all at once before
+    /// reading them: set when a search's hits waited for reads from disk (see
+    /// [`ShardIndex::read_hits`]).
+    hits_cold: std::sync::atomic::AtomicU32,
 }
 
 /// The model identity the shard's unit tests write with (4 dimensions).

@@ -64,6 +64,7 @@ impl ShardIndex {
             merge_commits: Default::default(),
             planned_at: (u64::MAX, 0, false),
             digests: Default::default(),
+            hits_cold: Default::default(),
         };
         let purge_path = dir.join("purged.bin");
         let problem = match read_checked(&purge_path) {

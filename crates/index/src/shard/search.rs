@@ -51,10 +51,47 @@ impl ShardIndex {
                 .then_with(|| a.1.chunk_id().cmp(b.1.chunk_id()))
         });
         all.truncate(k);
-        Ok(all
-            .into_iter()
-            .map(|(s, e)| hit(&e, s, Some(s), Some(&v)))
-            .collect())
+        let entries: Vec<&Entry> = all.iter().map(|(_, e)| &**e).collect();
+        Ok(self.read_hits(&entries, false, || {
+            all.iter()
+                .map(|(s, e)| hit(e, *s, Some(*s), Some(&v)))
+                .collect()
+        }))
+    }
+
+    /// `make` reads the hits' ids and texts from `entries` (a search's k best, at random places
+    /// in their data files). After a search whose hits waited for reads from disk
+    /// ([`HITS_COLD_FAULTS`] major page faults or more), the next [`HITS_COLD_SEARCHES`] ask the
+    /// kernel for all of them first, so that their reads overlap (a system call or three a hit,
+    /// ~5 us, too dear while they are in memory); `vectors`: the hits' vectors are read too.
+    pub(super) fn read_hits<T>(
+        &self,
+        entries: &[&Entry],
+        vectors: bool,
+        make: impl FnOnce() -> T,
+    ) -> T {
+        use std::sync::atomic::Ordering::Relaxed;
+        let cold = self.hits_cold.load(Relaxed);
+        if cold > 0 {
+            // the records first (a text's place is in its record), then the texts
+            for e in entries {
+                e.read_ids_ahead(vectors);
+            }
+            for e in entries {
+                e.read_text_ahead();
+            }
+        }
+        let before = crate::files::major_faults();
+        let out = make();
+        let waited = before
+            .and_then(|b| Some(crate::files::major_faults()?.saturating_sub(b)))
+            .unwrap_or(0);
+        if waited >= HITS_COLD_FAULTS {
+            self.hits_cold.store(HITS_COLD_SEARCHES, Relaxed);
+        } else if cold > 0 {
+            self.hits_cold.store(cold - 1, Relaxed);
+        }
+        out
     }
 
     /// The query vector at unit length, checked against the index's dimension.
@@ -84,13 +121,17 @@ impl ShardIndex {
             .query_unit(q)
             .ok()
             .filter(|_| model_ok && self.model.is_some());
-        self.bm25_ranked(&q.text, k)
-            .into_iter()
-            .map(|(e, s)| {
-                let sim = v.as_ref().map(|v| crate::vector::dot(v, e.vector()));
-                hit(&e, s, sim, v.as_deref())
-            })
-            .collect()
+        let ranked = self.bm25_ranked(&q.text, k);
+        let entries: Vec<&Entry> = ranked.iter().map(|(e, _)| &**e).collect();
+        self.read_hits(&entries, v.is_some(), || {
+            ranked
+                .iter()
+                .map(|(e, s)| {
+                    let sim = v.as_ref().map(|v| crate::vector::dot(v, e.vector()));
+                    hit(e, *s, sim, v.as_deref())
+                })
+                .collect()
+        })
     }
 
     /// The exact BM25 top `k`: every sealed segment's postings file and the growing segment's
@@ -137,6 +178,12 @@ impl ShardIndex {
         self.docs.get(e.doc_id()).is_some_and(|d| d.seq == e.seq)
     }
 }
+
+/// Major page faults while a search's hits were read that make the next searches ask for their
+/// hits ahead: a hit is ~3 reads (its record, ids and text), so a few hits from disk.
+const HITS_COLD_FAULTS: u64 = 4;
+/// Searches that ask for their hits ahead after one whose hits waited on disk.
+const HITS_COLD_SEARCHES: u32 = 1024;
 
 /// The `k`-th best score of `hits` (None: fewer than `k`).
 fn kth_best(hits: &[(f32, Arc<Entry>)], k: usize) -> Option<f32> {
@@ -302,5 +349,48 @@ mod tests {
                 .collect();
             assert!(live.iter().all(|&l| l), "{query}: a dead chunk returned");
         }
+    }
+
+    #[test]
+    fn hits_read_ahead_from_their_data_files_answer_the_same() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let mut r = rand::rngs::StdRng::seed_from_u64(5);
+        let dir = tempfile::tempdir().unwrap();
+        let settings = IndexSettings {
+            segment_size: 64,
+            background: false,
+            ..IndexSettings::default()
+        };
+        let (mut ix, _) = ShardIndex::open(dir.path(), settings).unwrap();
+        let ops: Vec<WriteOp> = (0..300).map(|d| upsert(&mut r, d)).collect();
+        ix.write(ops, &model()).unwrap();
+        ix.seal().unwrap();
+        assert!(
+            ix.sealed
+                .iter()
+                .any(|s| s.entries.iter().any(|e| e.is_mapped())),
+            "hits in mapped data files"
+        );
+        let queries: Vec<SearchQuery> = (0..30)
+            .map(|i| SearchQuery {
+                vector: vec![1.0, (i * 10) as f32, 0.5, 1.0],
+                text: format!("w{} w{}", i % 7, i * 3 % 40),
+                k: 5,
+                mode: [SearchMode::Dense, SearchMode::Bm25, SearchMode::Hybrid][i % 3],
+                model: None,
+            })
+            .collect();
+        let plain: Vec<Vec<Hit>> = queries.iter().map(|q| ix.search(q).unwrap()).collect();
+        assert!(plain.iter().all(|h| !h.is_empty()));
+        // as after a search whose hits waited on disk: every hit asked for ahead, the same
+        // answers, and searches that waited for no reads count it down
+        ix.hits_cold.store(HITS_COLD_SEARCHES, Relaxed);
+        let ahead: Vec<Vec<Hit>> = queries.iter().map(|q| ix.search(q).unwrap()).collect();
+        assert_eq!(ahead, plain);
+        let left = ix.hits_cold.load(Relaxed);
+        assert!(
+            left < HITS_COLD_SEARCHES && left >= HITS_COLD_SEARCHES - 40,
+            "{left}"
+        );
     }
 }

@@ -389,7 +389,7 @@ mod tests {
         assert_eq!(ahead, plain);
         let left = ix.hits_cold.load(Relaxed);
         assert!(
-            left < HITS_COLD_SEARCHES && left >= HITS_COLD_SEARCHES - 40,
+            (HITS_COLD_SEARCHES - 40..HITS_COLD_SEARCHES).contains(&left),
             "{left}"
         );
     }

@@ -231,6 +231,15 @@ mod tests {
         }
     }
 
+    /// Segments of 64 chunks, sealed and indexed in the foreground.
+    fn small_segments() -> IndexSettings {
+        IndexSettings {
+            segment_size: 64,
+            background: false,
+            ..IndexSettings::default()
+        }
+    }
+
     /// BM25 by brute force over what the shard stores: statistics over every sealed row (dead
     /// ones too) and the growing segment's live chunks; every live chunk scored; (chunk, score)
     /// best first.
@@ -279,11 +288,7 @@ mod tests {
     fn bm25_over_sealed_and_growing_segments_with_dead_rows_scores_like_brute_force() {
         let mut r = rand::rngs::StdRng::seed_from_u64(21);
         let dir = tempfile::tempdir().unwrap();
-        let settings = IndexSettings {
-            segment_size: 64,
-            background: false,
-            ..IndexSettings::default()
-        };
+        let settings = small_segments();
         let (mut ix, _) = ShardIndex::open(dir.path(), settings.clone()).unwrap();
         for round in 0..12 {
             let ops: Vec<WriteOp> = (0..40)
@@ -356,12 +361,7 @@ mod tests {
         use std::sync::atomic::Ordering::Relaxed;
         let mut r = rand::rngs::StdRng::seed_from_u64(5);
         let dir = tempfile::tempdir().unwrap();
-        let settings = IndexSettings {
-            segment_size: 64,
-            background: false,
-            ..IndexSettings::default()
-        };
-        let (mut ix, _) = ShardIndex::open(dir.path(), settings).unwrap();
+        let (mut ix, _) = ShardIndex::open(dir.path(), small_segments()).unwrap();
         let ops: Vec<WriteOp> = (0..300).map(|d| upsert(&mut r, d)).collect();
         ix.write(ops, &model()).unwrap();
         ix.seal().unwrap();

@@ -172,9 +172,7 @@ impl DataFile {
     /// call each: only for reads likely to miss memory).
     pub(crate) fn read_vector_ahead(&self, row: usize) {
         let bytes = self.dim * 4;
-        let _ = self
-            .map
-            .advise_range(memmap2::Advice::WillNeed, self.vectors + row * bytes, bytes);
+        self.ahead(self.vectors + row * bytes, bytes);
     }
 
     /// Every chunk's vector, end to end.

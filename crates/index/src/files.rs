@@ -209,8 +209,56 @@ pub fn read_checked(path: &Path) -> Result<Option<Vec<u8>>, IndexError> {
     Ok(Some(bytes[HEADER..].to_vec()))
 }
 
+/// Searches that ask the kernel for their reads ahead after one that waited on disk.
+pub(crate) const READ_AHEAD_SEARCHES: u32 = 1024;
+
+/// How many searches more ask the kernel for what they will read from mapped files, all at
+/// once (`MADV_WILLNEED`, a system call a read: too dear while the pages are in memory): set to
+/// [`READ_AHEAD_SEARCHES`] by a search that waited for reads from disk (major page faults,
+/// counted per thread, so a host stop does not set it), counted down by each that did not.
+#[derive(Debug, Default)]
+pub(crate) struct ReadAhead(pub(crate) std::sync::atomic::AtomicU32);
+
+/// One search's reads as [`ReadAhead::start`] saw them begin.
+pub(crate) struct ReadWatch {
+    left: u32,
+    faults: Option<u64>,
+}
+
+impl ReadWatch {
+    /// Whether this search asks for its reads ahead.
+    pub(crate) fn ahead(&self) -> bool {
+        self.left > 0
+    }
+}
+
+impl ReadAhead {
+    /// Watches a search's reads from here.
+    pub(crate) fn start(&self) -> ReadWatch {
+        ReadWatch {
+            left: self.0.load(std::sync::atomic::Ordering::Relaxed),
+            faults: major_faults(),
+        }
+    }
+
+    /// Ends the watch: `threshold` major faults or more since it started set the countdown,
+    /// fewer count it down.
+    pub(crate) fn finish(&self, watch: ReadWatch, threshold: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let waited = watch
+            .faults
+            .and_then(|b| Some(major_faults()?.saturating_sub(b)))
+            .unwrap_or(0);
+        if waited >= threshold {
+            self.0.store(READ_AHEAD_SEARCHES, Relaxed);
+        } else if watch.left > 0 {
+            self.0.store(watch.left - 1, Relaxed);
+        }
+    }
+}
+
 /// Major page faults of the calling thread so far (None where it cannot be told).
-pub(crate) fn major_faults() -> Option<u64> {
+fn major_faults() -> Option<u64> {
     #[cfg(target_os = "linux")]
     {
         let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();

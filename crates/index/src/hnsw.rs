@@ -79,7 +79,7 @@ pub struct Hnsw {
     locks: Vec<Mutex<()>>,
     /// How many searches more ask the kernel for the pages they are about to read, all at
     /// once: set when a walk from the mapped file waited for many reads from disk.
-    cold: AtomicU32,
+    cold: crate::files::ReadAhead,
 }
 
 impl std::fmt::Debug for Hnsw {
@@ -117,7 +117,7 @@ impl Hnsw {
             upper: Vec::new(),
             entry: Mutex::new(None),
             locks: Vec::new(),
-            cold: AtomicU32::new(0),
+            cold: Default::default(),
         }
     }
 
@@ -283,7 +283,7 @@ impl Hnsw {
             upper: copy(&self.upper, upper_len - self.upper.len()),
             entry: Mutex::new(*self.entry.lock().expect("entry lock")),
             locks: (0..n).map(|_| Mutex::new(())).collect(),
-            cold: AtomicU32::new(0),
+            cold: Default::default(),
         };
         let first = self.len;
         if added == 0 {
@@ -680,7 +680,7 @@ mod tests {
         }
         // a walk that asks the kernel for its nodes' pages ahead (as after one that waited for
         // reads from disk) answers the same; walks that waited for none count it down
-        m.cold.store(search::COLD_WALKS, Relaxed);
+        m.cold.0.store(crate::files::READ_AHEAD_SEARCHES, Relaxed);
         for i in 0..20 {
             let q = &base[i * 32..(i + 1) * 32];
             assert_eq!(
@@ -688,7 +688,10 @@ mod tests {
                 g.search(q, 10, 32, &|_| true)
             );
         }
-        assert_eq!(m.cold.load(Relaxed), search::COLD_WALKS - 20);
+        assert_eq!(
+            m.cold.0.load(Relaxed),
+            crate::files::READ_AHEAD_SEARCHES - 20
+        );
         // growing copies it into memory and inserts there
         let grown = m.extend(&base[500 * 32..], 2);
         assert_eq!(grown.len(), 600);

@@ -164,7 +164,7 @@ impl Hnsw {
             } else {
                 (0..len).map(|_| Mutex::new(())).collect()
             },
-            cold: AtomicU32::new(0),
+            cold: Default::default(),
         };
         for i in 0..len as u32 {
             for l in 0..=g.levels[i as usize] as usize {

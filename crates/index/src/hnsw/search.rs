@@ -23,8 +23,6 @@ pub const SEARCH_UPPER_BEAM: usize = 6;
 /// (~1.5 us: a 1M-node walk at a beam of 48 then takes ~2.4 ms where it took 0.2 ms in the page
 /// cache), so a few misses are waited for one by one instead.
 const COLD_WALK_FAULTS: u64 = 16;
-/// The searches of a mapped graph that ask for their pages ahead after a cold walk.
-pub(super) const COLD_WALKS: u32 = 1024;
 
 /// How a search re-scores the nearest of its beam with the vectors' exact values.
 pub trait Rescore {
@@ -251,29 +249,15 @@ impl Hnsw {
         let margin = rescore_margin(q, &code, self.scale);
         // a graph walked from its mapped file counts its walks' reads from disk: a walk that
         // waited for many makes the next searches ask for their nodes' pages ahead
-        let mapped = self.codes.is_mapped();
-        let cold = if mapped { self.cold.load(Relaxed) } else { 0 };
-        let faults = if mapped {
-            crate::files::major_faults()
-        } else {
-            None
-        };
+        let mut watch = self.codes.is_mapped().then(|| self.cold.start());
         SCRATCH.with(|s| {
             let mut s = s.borrow_mut();
-            s.ahead = cold > 0;
+            s.ahead = watch.as_ref().is_some_and(|w| w.ahead());
             let starts = self.down(&dist, entry, 0, upper_beam, &mut s, &mut buf);
-            let mut counted = false;
             loop {
                 let found = self.search_level(&dist, &starts, ef, 0, &mut s, &mut buf);
-                if let Some(before) = faults.filter(|_| !counted) {
-                    counted = true;
-                    let waited =
-                        crate::files::major_faults().map_or(0, |f| f.saturating_sub(before));
-                    if waited >= COLD_WALK_FAULTS {
-                        self.cold.store(COLD_WALKS, Relaxed);
-                    } else if cold > 0 {
-                        self.cold.store(cold - 1, Relaxed);
-                    }
+                if let Some(w) = watch.take() {
+                    self.cold.finish(w, COLD_WALK_FAULTS);
                 }
                 let seen = found.len();
                 // re-score the nearest few by the codes: the exact vectors are read at random

@@ -372,7 +372,7 @@ pub struct ShardIndex {
     /// How many searches more ask the kernel for their hits' ids and texts all at once before
     /// reading them: set when a search's hits waited for reads from disk (see
     /// [`ShardIndex::read_hits`]).
-    hits_cold: std::sync::atomic::AtomicU32,
+    hits_cold: crate::files::ReadAhead,
 }
 
 /// The model identity the shard's unit tests write with (4 dimensions).

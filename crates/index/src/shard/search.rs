@@ -61,7 +61,7 @@ impl ShardIndex {
 
     /// `make` reads the hits' ids and texts from `entries` (a search's k best, at random places
     /// in their data files). After a search whose hits waited for reads from disk
-    /// ([`HITS_COLD_FAULTS`] major page faults or more), the next [`HITS_COLD_SEARCHES`] ask the
+    /// ([`HITS_COLD_FAULTS`] major page faults or more), the next [`crate::files::READ_AHEAD_SEARCHES`] ask the
     /// kernel for all of them first, so that their reads overlap (a system call or three a hit,
     /// ~5 us, too dear while they are in memory); `vectors`: the hits' vectors are read too.
     pub(super) fn read_hits<T>(
@@ -70,9 +70,8 @@ impl ShardIndex {
         vectors: bool,
         make: impl FnOnce() -> T,
     ) -> T {
-        use std::sync::atomic::Ordering::Relaxed;
-        let cold = self.hits_cold.load(Relaxed);
-        if cold > 0 {
+        let watch = self.hits_cold.start();
+        if watch.ahead() {
             // the records first (a text's place is in its record), then the texts
             for e in entries {
                 e.read_ids_ahead(vectors);
@@ -81,16 +80,8 @@ impl ShardIndex {
                 e.read_text_ahead();
             }
         }
-        let before = crate::files::major_faults();
         let out = make();
-        let waited = before
-            .and_then(|b| Some(crate::files::major_faults()?.saturating_sub(b)))
-            .unwrap_or(0);
-        if waited >= HITS_COLD_FAULTS {
-            self.hits_cold.store(HITS_COLD_SEARCHES, Relaxed);
-        } else if cold > 0 {
-            self.hits_cold.store(cold - 1, Relaxed);
-        }
+        self.hits_cold.finish(watch, HITS_COLD_FAULTS);
         out
     }
 
@@ -182,8 +173,6 @@ impl ShardIndex {
 /// Major page faults while a search's hits were read that make the next searches ask for their
 /// hits ahead: a hit is ~3 reads (its record, ids and text), so a few hits from disk.
 const HITS_COLD_FAULTS: u64 = 4;
-/// Searches that ask for their hits ahead after one whose hits waited on disk.
-const HITS_COLD_SEARCHES: u32 = 1024;
 
 /// The `k`-th best score of `hits` (None: fewer than `k`).
 fn kth_best(hits: &[(f32, Arc<Entry>)], k: usize) -> Option<f32> {
@@ -358,6 +347,7 @@ mod tests {
 
     #[test]
     fn hits_read_ahead_from_their_data_files_answer_the_same() {
+        use crate::files::READ_AHEAD_SEARCHES;
         use std::sync::atomic::Ordering::Relaxed;
         let mut r = rand::rngs::StdRng::seed_from_u64(5);
         let dir = tempfile::tempdir().unwrap();
@@ -384,12 +374,12 @@ mod tests {
         assert!(plain.iter().all(|h| !h.is_empty()));
         // as after a search whose hits waited on disk: every hit asked for ahead, the same
         // answers, and searches that waited for no reads count it down
-        ix.hits_cold.store(HITS_COLD_SEARCHES, Relaxed);
+        ix.hits_cold.0.store(READ_AHEAD_SEARCHES, Relaxed);
         let ahead: Vec<Vec<Hit>> = queries.iter().map(|q| ix.search(q).unwrap()).collect();
         assert_eq!(ahead, plain);
-        let left = ix.hits_cold.load(Relaxed);
+        let left = ix.hits_cold.0.load(Relaxed);
         assert!(
-            (HITS_COLD_SEARCHES - 40..HITS_COLD_SEARCHES).contains(&left),
+            (READ_AHEAD_SEARCHES - 40..READ_AHEAD_SEARCHES).contains(&left),
             "{left}"
         );
     }

@@ -6,6 +6,7 @@
 mod builds;
 mod codec;
 mod deletions;
+mod docmap;
 mod growing;
 mod merge;
 mod recovery;
@@ -253,6 +254,9 @@ struct DocState {
     /// [`ragfleet_proto::MAX_DIGEST_BUCKETS`]), kept so that a page of versions by bucket
     /// reads no id's bytes to place it.
     fine: u16,
+    /// The id's hash in the [`docmap::DocMap`] (set by it), so that its table grows without
+    /// hashing ids.
+    hash: u32,
 }
 
 /// A live document's chunks' slots: the run of consecutive slots its write gave them (an
@@ -322,7 +326,7 @@ pub struct ShardIndex {
     next_segment_id: u64,
     sealed: Vec<Arc<Segment>>,
     growing: growing::Growing,
-    docs: HashMap<Box<str>, DocState>,
+    docs: docmap::DocMap,
     tombstones: HashMap<String, u64>,
     deleted: HashMap<String, u64>,
     /// The deletion records' files (a base and deltas) and what changed since they were

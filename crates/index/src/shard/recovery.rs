@@ -43,7 +43,7 @@ impl ShardIndex {
             next_segment_id: manifest.next_segment_id,
             sealed: Vec::new(),
             growing: Default::default(),
-            docs: HashMap::new(),
+            docs: Default::default(),
             tombstones: deletions.tombstones,
             deleted: deletions.deleted,
             deletions_log,

@@ -8,7 +8,7 @@ use super::*;
 /// [`ShardIndex::install_room`] hands back (the maps it replaced, to free after the lock).
 #[derive(Default)]
 pub struct Room {
-    docs: Option<HashMap<Box<str>, DocState>>,
+    docs: Option<super::docmap::DocTable>,
     slots: Option<HashMap<u32, Arc<Entry>>>,
     tombstones: Option<HashMap<String, u64>>,
     deleted: Option<HashMap<String, u64>>,
@@ -20,7 +20,7 @@ impl std::fmt::Debug for Room {
         write!(
             f,
             "Room(docs {}, slots {}, tombstones {}, deleted {})",
-            len(self.docs.as_ref().map(HashMap::len)),
+            len(self.docs.as_ref().map(super::docmap::DocTable::len)),
             len(self.slots.as_ref().map(HashMap::len)),
             len(self.tombstones.as_ref().map(HashMap::len)),
             len(self.deleted.as_ref().map(HashMap::len)),
@@ -55,20 +55,26 @@ where
     K: Clone + Eq + std::hash::Hash,
     V: Clone,
 {
-    let will_hold = map.len() + incoming;
-    let room = if will_hold > map.capacity() {
+    let room = new_room(map.len(), map.capacity(), incoming)?;
+    let mut copy = HashMap::with_capacity(room);
+    copy.extend(map.iter().map(|(k, v)| (k.clone(), v.clone())));
+    Some(copy)
+}
+
+/// The room a map holding `len` of `capacity` is to be copied at before `incoming` more
+/// entries, as [`resized`] says; `None` when it is to be left as it is.
+fn new_room(len: usize, capacity: usize, incoming: usize) -> Option<usize> {
+    let will_hold = len + incoming;
+    if will_hold > capacity {
         if will_hold < SMALL {
             // a small map grows in place: cheap
             return None;
         }
         // one more than its room: the next size up, as it would grow in place
-        will_hold.max(map.capacity() + 1)
+        Some(will_hold.max(capacity + 1))
     } else {
-        shrunk_room(will_hold, map.capacity())?
-    };
-    let mut copy = HashMap::with_capacity(room);
-    copy.extend(map.iter().map(|(k, v)| (k.clone(), v.clone())));
-    Some(copy)
+        shrunk_room(will_hold, capacity)
+    }
 }
 
 /// Swaps `copy` in for `map` if it holds what the map holds (the same length: nothing else
@@ -99,7 +105,9 @@ impl ShardIndex {
             }
         }
         Room {
-            docs: resized(&self.docs, upserted),
+            // the documents' table only: their entries never move
+            docs: new_room(self.docs.len(), self.docs.capacity(), upserted)
+                .map(|room| self.docs.table_with(room)),
             slots: resized(&self.slots, chunks),
             tombstones: resized(&self.tombstones, deleted),
             deleted: resized(&self.deleted, deleted),
@@ -114,7 +122,7 @@ impl ShardIndex {
     /// Swaps in the copies `room` holds (a copy whose map changed since is not used); returns
     /// the maps replaced, to be freed after the lock.
     pub fn install_room(&mut self, mut room: Room) -> Room {
-        swap_in(&mut self.docs, &mut room.docs);
+        room.docs = room.docs.take().map(|t| self.docs.install_table(t));
         swap_in(&mut self.slots, &mut room.slots);
         swap_in(&mut self.tombstones, &mut room.tombstones);
         swap_in(&mut self.deleted, &mut room.deleted);

@@ -147,7 +147,9 @@ impl ShardIndex {
             .reset_due = true;
         self.generation += 1;
         // a mass delete leaves the maps at the room their largest size took
-        shrink_sparse(&mut self.docs);
+        if let Some(room) = super::room::shrunk_room(self.docs.len(), self.docs.capacity()) {
+            self.docs.shrink_to(room);
+        }
         shrink_sparse(&mut self.slots);
         shrink_sparse(&mut self.tombstones);
         shrink_sparse(&mut self.deleted);

@@ -266,7 +266,7 @@ impl ShardIndex {
     /// The digest computed from every entry (tests hold [`ShardIndex::digest`] to it).
     pub fn compute_digest(&self) -> u64 {
         ragfleet_proto::shard_digest(
-            self.docs.iter().map(|(d, s)| (&**d, s.version)),
+            self.docs.iter().map(|(d, s)| (d, s.version)),
             self.remembered_deletions(),
         )
     }
@@ -274,14 +274,14 @@ impl ShardIndex {
     /// What the digests count: (id, version, live) of every live document, then of every
     /// remembered deletion (always in the same order while the maps do not change).
     fn entries(&self) -> impl Iterator<Item = (&str, u64, bool)> {
-        let live = self.docs.iter().map(|(d, s)| (&**d, s.version, true));
+        let live = self.docs.iter().map(|(d, s)| (d, s.version, true));
         live.chain(self.remembered_deletions().map(|(d, v)| (d, v, false)))
     }
 
     /// The ids [`ShardIndex::entries`] yields, in its order, each live document's with the fine
     /// bucket it keeps.
     fn entry_ids(&self) -> impl Iterator<Item = (&str, Option<u16>)> {
-        let live = self.docs.iter().map(|(d, s)| (&**d, Some(s.fine)));
+        let live = self.docs.iter().map(|(d, s)| (d, Some(s.fine)));
         live.chain(self.remembered_deletions().map(|(d, _)| (d, None)))
     }
 

@@ -83,16 +83,10 @@ impl ShardIndex {
         let slot = self.next_slot;
         self.next_slot = self.next_slot.wrapping_add(1);
         e.set_slot(Some(slot));
-        let d = match self.docs.get_mut(e.doc_id()) {
-            Some(d) => d,
-            None => self
-                .docs
-                .entry(e.doc_id().into())
-                .or_insert_with(|| DocState {
-                    fine: super::sync::fine_bucket(e.doc_id()),
-                    ..DocState::default()
-                }),
-        };
+        let d = self.docs.get_or_insert_with(e.doc_id(), || DocState {
+            fine: super::sync::fine_bucket(e.doc_id()),
+            ..DocState::default()
+        });
         d.seq = e.seq;
         d.version = e.version;
         d.slots.push(slot);

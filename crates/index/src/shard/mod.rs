@@ -14,6 +14,7 @@ mod room;
 mod seal;
 mod search;
 mod shared;
+mod slotmap;
 mod sync;
 mod write;
 
@@ -342,7 +343,7 @@ pub struct ShardIndex {
     /// What the last seal's commit let go of, to free after the lock (see [`seal::ToFree`]).
     to_free: seal::ToFree,
     bm25: Bm25,
-    slots: HashMap<u32, Arc<Entry>>,
+    slots: slotmap::SlotMap,
     next_slot: u32,
     /// Deletion records with a version below this were dropped: a copy of a document this
     /// replica does not hold, at a version below this, may be one deleted since, and is refused.

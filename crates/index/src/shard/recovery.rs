@@ -51,7 +51,7 @@ impl ShardIndex {
             manifest_ahead: Default::default(),
             to_free: Default::default(),
             bm25: Bm25::default(),
-            slots: HashMap::new(),
+            slots: Default::default(),
             next_slot: 0,
             purged_below: 0,
             merge: None,

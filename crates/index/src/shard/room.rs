@@ -9,7 +9,7 @@ use super::*;
 #[derive(Default)]
 pub struct Room {
     docs: Option<super::docmap::DocTable>,
-    slots: Option<HashMap<u32, Arc<Entry>>>,
+    slots: Option<super::slotmap::SlotMap>,
     tombstones: Option<HashMap<String, u64>>,
     deleted: Option<HashMap<String, u64>>,
 }
@@ -21,7 +21,7 @@ impl std::fmt::Debug for Room {
             f,
             "Room(docs {}, slots {}, tombstones {}, deleted {})",
             len(self.docs.as_ref().map(super::docmap::DocTable::len)),
-            len(self.slots.as_ref().map(HashMap::len)),
+            len(self.slots.as_ref().map(super::slotmap::SlotMap::len)),
             len(self.tombstones.as_ref().map(HashMap::len)),
             len(self.deleted.as_ref().map(HashMap::len)),
         )
@@ -108,7 +108,8 @@ impl ShardIndex {
             // the documents' table only: their entries never move
             docs: new_room(self.docs.len(), self.docs.capacity(), upserted)
                 .map(|room| self.docs.table_with(room)),
-            slots: resized(&self.slots, chunks),
+            slots: new_room(self.slots.len(), self.slots.capacity(), chunks)
+                .map(|room| self.slots.copy_with(room)),
             tombstones: resized(&self.tombstones, deleted),
             deleted: resized(&self.deleted, deleted),
         }
@@ -123,7 +124,11 @@ impl ShardIndex {
     /// the maps replaced, to be freed after the lock.
     pub fn install_room(&mut self, mut room: Room) -> Room {
         room.docs = room.docs.take().map(|t| self.docs.install_table(t));
-        swap_in(&mut self.slots, &mut room.slots);
+        if let Some(c) = &mut room.slots {
+            if c.len() == self.slots.len() {
+                std::mem::swap(&mut self.slots, c);
+            }
+        }
         swap_in(&mut self.tombstones, &mut room.tombstones);
         swap_in(&mut self.deleted, &mut room.deleted);
         room

@@ -150,7 +150,9 @@ impl ShardIndex {
         if let Some(room) = super::room::shrunk_room(self.docs.len(), self.docs.capacity()) {
             self.docs.shrink_to(room);
         }
-        shrink_sparse(&mut self.slots);
+        if let Some(room) = super::room::shrunk_room(self.slots.len(), self.slots.capacity()) {
+            self.slots.shrink_to(room);
+        }
         shrink_sparse(&mut self.tombstones);
         shrink_sparse(&mut self.deleted);
         if let Err(e) = self.maintain() {

@@ -90,7 +90,7 @@ impl ShardIndex {
         d.seq = e.seq;
         d.version = e.version;
         d.slots.push(slot);
-        self.slots.insert(slot, e);
+        self.slots.insert(e);
         slot
     }
 

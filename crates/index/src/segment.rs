@@ -13,7 +13,7 @@ use crate::vector::{dot, UnitVector};
 
 mod entry;
 
-pub(crate) use entry::Entry;
+pub(crate) use entry::{Entry, NO_SLOT};
 
 pub(crate) type Graph = HnswMap<UnitVector, u32>;
 

@@ -13,7 +13,8 @@ pub(crate) struct Entry {
     body: Body,
 }
 
-const NO_SLOT: u32 = u32::MAX;
+/// [`Entry::slot`]'s mark for none: never given as a slot.
+pub(crate) const NO_SLOT: u32 = u32::MAX;
 
 /// Where a chunk's text, vector and sentence vectors are.
 #[derive(Clone)]

@@ -520,6 +520,74 @@ mod tests {
         );
     }
 
+    /// Past 2^32 chunks written the slot numbers wrap: a number a live chunk still holds, and
+    /// the chunks' mark for no slot, are passed over, so no chunk takes another's place.
+    #[test]
+    fn slots_wrapping_past_2_to_the_32_pass_over_those_still_held() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = IndexSettings {
+            segment_size: 1 << 20,
+            background: false,
+            ..IndexSettings::default()
+        };
+        let upsert = |i: usize, chunks: usize| WriteOp::Upsert {
+            version: 1,
+            doc_id: format!("d{i}"),
+            chunks: (0..chunks)
+                .map(|c| ChunkRecord {
+                    doc_id: format!("d{i}"),
+                    chunk_id: format!("d{i}#{c}"),
+                    text: format!("word{i}x{c} common"),
+                    vector: vec![1.0, i as f32, c as f32, 0.5],
+                    sentences: Default::default(),
+                })
+                .collect(),
+        };
+        let (mut ix, _) = ShardIndex::open(dir.path(), settings.clone()).unwrap();
+        ix.write((0..10).map(|i| upsert(i, 1)).collect(), &test_model())
+            .unwrap();
+        ix.next_slot = u32::MAX - 2;
+        ix.write((10..20).map(|i| upsert(i, 2)).collect(), &test_model())
+            .unwrap();
+        let check = |ix: &ShardIndex, docs: &[(usize, usize)]| {
+            let mut held = HashSet::new();
+            for &(i, chunks) in docs {
+                let d = format!("d{i}");
+                let got: Vec<String> = ix.docs[&*d]
+                    .slots
+                    .iter()
+                    .inspect(|&s| {
+                        assert_ne!(s, crate::segment::NO_SLOT);
+                        assert!(held.insert(s), "slot {s} given twice");
+                    })
+                    .map(|s| ix.slots[&s].chunk_id().to_string())
+                    .collect();
+                let want: Vec<String> = (0..chunks).map(|c| format!("d{i}#{c}")).collect();
+                assert_eq!(got, want);
+                // the growing segment's BM25 finds a chunk by its slot
+                let top = ix.bm25_ranked(&format!("word{i}x0"), 1);
+                assert_eq!(top[0].0.chunk_id(), format!("d{i}#0"));
+            }
+            assert_eq!(ix.chunk_count() as usize, held.len());
+        };
+        let mut docs: Vec<(usize, usize)> = (0..10).map(|i| (i, 1)).collect();
+        docs.extend((10..20).map(|i| (i, 2)));
+        check(&ix, &docs);
+        // a slot let go of is given again
+        ix.delete(&["d3".into()], 5).unwrap();
+        ix.next_slot = 0;
+        ix.write(vec![upsert(20, 1)], &test_model()).unwrap();
+        assert_eq!(ix.docs["d20"].slots.iter().collect::<Vec<_>>(), [3]);
+        docs.retain(|&(i, _)| i != 3);
+        docs.push((20, 1));
+        check(&ix, &docs);
+        ix.seal().unwrap();
+        drop(ix);
+        let (ix, _) = ShardIndex::open(dir.path(), settings).unwrap();
+        assert_eq!(ix.doc_count(), 20);
+        assert_eq!(ix.chunk_count(), 30);
+    }
+
     /// A document written with several chunks, rewritten, and reopened from its segment keeps
     /// every chunk; after most documents are deleted a seal gives the maps' room back.
     #[test]

@@ -80,8 +80,15 @@ impl ShardIndex {
 
     /// Gives a live chunk a slot (a sealed chunk's BM25 postings are in its segment's file).
     pub(super) fn add_live(&mut self, e: Arc<Entry>) -> u32 {
-        let slot = self.next_slot;
-        self.next_slot = self.next_slot.wrapping_add(1);
+        // slots are given one after the other and wrap past 2^32 (a shard rewritten for long
+        // enough): a number still held, or the chunk's mark for no slot, is passed over
+        let slot = loop {
+            let s = self.next_slot;
+            self.next_slot = self.next_slot.wrapping_add(1);
+            if s != crate::segment::NO_SLOT && self.slots.get(&s).is_none() {
+                break s;
+            }
+        };
         e.set_slot(Some(slot));
         let d = self.docs.get_or_insert_with(e.doc_id(), || DocState {
             fine: super::sync::fine_bucket(e.doc_id()),

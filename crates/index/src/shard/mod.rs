@@ -498,6 +498,32 @@ mod tests {
     use super::*;
     use ragfleet_proto::ChunkRecord;
 
+    /// Settings that keep every chunk in the growing segment until a seal, merging inline.
+    fn one_segment_settings() -> IndexSettings {
+        IndexSettings {
+            segment_size: 1 << 20,
+            background: false,
+            ..IndexSettings::default()
+        }
+    }
+
+    /// Document `d{i}` at `version` with `chunks` chunks (`d{i}#{c}`), each with a word of its own.
+    fn upsert(i: usize, version: u64, chunks: usize) -> WriteOp {
+        WriteOp::Upsert {
+            version,
+            doc_id: format!("d{i}"),
+            chunks: (0..chunks)
+                .map(|c| ChunkRecord {
+                    doc_id: format!("d{i}"),
+                    chunk_id: format!("d{i}#{c}"),
+                    text: format!("word{i}x{c} common"),
+                    vector: vec![1.0, i as f32, c as f32, 0.5],
+                    sentences: Default::default(),
+                })
+                .collect(),
+        }
+    }
+
     #[test]
     fn a_documents_slots_are_a_run_until_one_does_not_follow() {
         let mut s = Slots::default();
@@ -525,24 +551,8 @@ mod tests {
     #[test]
     fn slots_wrapping_past_2_to_the_32_pass_over_those_still_held() {
         let dir = tempfile::tempdir().unwrap();
-        let settings = IndexSettings {
-            segment_size: 1 << 20,
-            background: false,
-            ..IndexSettings::default()
-        };
-        let upsert = |i: usize, chunks: usize| WriteOp::Upsert {
-            version: 1,
-            doc_id: format!("d{i}"),
-            chunks: (0..chunks)
-                .map(|c| ChunkRecord {
-                    doc_id: format!("d{i}"),
-                    chunk_id: format!("d{i}#{c}"),
-                    text: format!("word{i}x{c} common"),
-                    vector: vec![1.0, i as f32, c as f32, 0.5],
-                    sentences: Default::default(),
-                })
-                .collect(),
-        };
+        let settings = one_segment_settings();
+        let upsert = |i: usize, chunks: usize| upsert(i, 1, chunks);
         let (mut ix, _) = ShardIndex::open(dir.path(), settings.clone()).unwrap();
         ix.write((0..10).map(|i| upsert(i, 1)).collect(), &test_model())
             .unwrap();
@@ -593,24 +603,7 @@ mod tests {
     #[test]
     fn documents_keep_their_chunks_and_a_seal_after_a_mass_delete_shrinks_the_maps() {
         let dir = tempfile::tempdir().unwrap();
-        let settings = IndexSettings {
-            segment_size: 1 << 20,
-            background: false,
-            ..IndexSettings::default()
-        };
-        let upsert = |i: usize, version: u64, chunks: usize| WriteOp::Upsert {
-            version,
-            doc_id: format!("d{i}"),
-            chunks: (0..chunks)
-                .map(|c| ChunkRecord {
-                    doc_id: format!("d{i}"),
-                    chunk_id: format!("d{i}#{c}"),
-                    text: format!("text {i} {c}"),
-                    vector: vec![1.0, i as f32, c as f32, 0.5],
-                    sentences: Default::default(),
-                })
-                .collect(),
-        };
+        let settings = one_segment_settings();
         let (mut ix, _) = ShardIndex::open(dir.path(), settings.clone()).unwrap();
         let n = 20_000;
         ix.write(

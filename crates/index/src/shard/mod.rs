@@ -2,7 +2,8 @@
 //!
 //! The type and its small accessors are here; each concern has its module: [`recovery`],
 //! [`write`], [`growing`] (the growing segment), [`seal`] (seal, purge, graphs), [`merge`]
-//! (the tiered background merges), [`search`], [`sync`] (replica sync).
+//! (the tiered background merges), [`search`], [`sync`] (replica sync), [`docmap`] and
+//! [`slotmap`] (the live documents by id and chunks by slot, compact).
 mod builds;
 mod codec;
 mod deletions;

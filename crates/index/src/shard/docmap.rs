@@ -10,6 +10,7 @@
 //! entry into the hole, so the array stays dense and iterates in its order.
 use std::hash::BuildHasher;
 
+use super::room::spread;
 use super::DocState;
 
 /// Entries a page: a page is allocated whole and never moves, so the array grows without
@@ -22,49 +23,63 @@ struct Doc {
     state: DocState,
 }
 
-/// The table's hash of an entry from the 32 bits it keeps: the multiply spreads them to the
-/// top bits (hashbrown's control byte) and keeps the low ones (its position) as they are.
-fn spread(h: u32) -> u64 {
-    (h as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
-}
-
 /// A table of the map's positions at a new size, made beside the searches (see
 /// [`super::room`]) and swapped in by [`DocMap::install_table`].
-pub(super) struct DocTable {
-    table: hashbrown::HashTable<u32>,
-    /// How many documents the map held when the table was made.
-    len: usize,
-}
+pub(super) struct DocTable(hashbrown::HashTable<u32>);
 
 impl DocTable {
+    /// How many documents the map held when the table was made.
     pub(super) fn len(&self) -> usize {
-        self.len
+        self.0.len()
     }
 
     #[cfg(test)]
     pub(super) fn capacity(&self) -> usize {
-        self.table.capacity()
+        self.0.capacity()
     }
 }
 
-/// The live documents' states by id (see the module's comment).
+/// The live documents' states by id (see the module's comment). The table holds one position
+/// a document: its length is the map's.
 #[derive(Default)]
 pub(super) struct DocMap {
     hasher: std::hash::RandomState,
     table: hashbrown::HashTable<u32>,
     pages: Vec<Vec<Doc>>,
-    len: usize,
 }
 
 impl std::fmt::Debug for DocMap {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "DocMap({} documents)", self.len)
+        write!(f, "DocMap({} documents)", self.len())
+    }
+}
+
+/// The page and the place in it of position `at`.
+fn place(at: u32) -> (usize, usize) {
+    ((at >> PAGE_BITS) as usize, at as usize & (PAGE - 1))
+}
+
+fn doc(pages: &[Vec<Doc>], at: u32) -> &Doc {
+    let (page, i) = place(at);
+    &pages[page][i]
+}
+
+/// The table's hash of the entry at a position, from the hash it keeps (no id is hashed).
+fn rehash(pages: &[Vec<Doc>]) -> impl Fn(&u32) -> u64 + '_ {
+    move |&at| spread(doc(pages, at).state.hash)
+}
+
+/// Whether the entry at a position is `id` (of hash `h`).
+fn is<'a>(pages: &'a [Vec<Doc>], h: u32, id: &'a str) -> impl Fn(&u32) -> bool + 'a {
+    move |&at| {
+        let d = doc(pages, at);
+        d.state.hash == h && *d.id == *id
     }
 }
 
 impl DocMap {
     pub(super) fn len(&self) -> usize {
-        self.len
+        self.table.len()
     }
 
     /// Documents the table holds without growing.
@@ -75,30 +90,24 @@ impl DocMap {
     pub(super) fn clear(&mut self) {
         self.table.clear();
         self.pages.clear();
-        self.len = 0;
     }
 
     fn hash(&self, id: &str) -> u32 {
         self.hasher.hash_one(id) as u32
     }
 
-    fn doc(pages: &[Vec<Doc>], at: u32) -> &Doc {
-        &pages[(at >> PAGE_BITS) as usize][at as usize & (PAGE - 1)]
+    fn doc_mut(&mut self, at: u32) -> &mut Doc {
+        let (page, i) = place(at);
+        &mut self.pages[page][i]
     }
 
     fn find(&self, id: &str) -> Option<u32> {
         let h = self.hash(id);
-        let pages = &self.pages;
-        self.table
-            .find(spread(h), |&at| {
-                let d = Self::doc(pages, at);
-                d.state.hash == h && *d.id == *id
-            })
-            .copied()
+        self.table.find(spread(h), is(&self.pages, h, id)).copied()
     }
 
     pub(super) fn get(&self, id: &str) -> Option<&DocState> {
-        self.find(id).map(|at| &Self::doc(&self.pages, at).state)
+        self.find(id).map(|at| &doc(&self.pages, at).state)
     }
 
     pub(super) fn contains_key(&self, id: &str) -> bool {
@@ -115,7 +124,7 @@ impl DocMap {
             Some(at) => at,
             None => {
                 let h = self.hash(id);
-                let at = u32::try_from(self.len).expect("a shard holds under 2^32 documents");
+                let at = u32::try_from(self.len()).expect("a shard holds under 2^32 documents");
                 if self.pages.last().is_none_or(|p| p.len() == PAGE) {
                     self.pages.push(Vec::with_capacity(PAGE));
                 }
@@ -125,36 +134,28 @@ impl DocMap {
                     id: id.into(),
                     state,
                 });
-                self.len += 1;
-                let pages = &self.pages;
-                self.table.insert_unique(spread(h), at, |&i| {
-                    spread(Self::doc(pages, i).state.hash)
-                });
+                self.table.insert_unique(spread(h), at, rehash(&self.pages));
                 at
             }
         };
-        &mut self.pages[(at >> PAGE_BITS) as usize][at as usize & (PAGE - 1)].state
+        &mut self.doc_mut(at).state
     }
 
     /// Removes `id`, moving the last entry into its place.
     pub(super) fn remove(&mut self, id: &str) -> Option<DocState> {
         let h = self.hash(id);
-        let pages = &self.pages;
         let (at, _) = self
             .table
-            .find_entry(spread(h), |&at| {
-                let d = Self::doc(pages, at);
-                d.state.hash == h && *d.id == *id
-            })
+            .find_entry(spread(h), is(&self.pages, h, id))
             .ok()?
             .remove();
-        let last = (self.len - 1) as u32;
+        // the table holds one position fewer: the last one's
+        let last = self.len() as u32;
         let page = self.pages.last_mut().expect("a page");
         let moved = page.pop().expect("the last entry");
         if page.is_empty() {
             self.pages.pop();
         }
-        self.len -= 1;
         if at == last {
             return Some(moved.state);
         }
@@ -164,8 +165,7 @@ impl DocMap {
             .find_mut(spread(moved.state.hash), |&i| i == last)
             .expect("the last entry is in the table");
         *slot = at;
-        let hole = &mut self.pages[(at >> PAGE_BITS) as usize][at as usize & (PAGE - 1)];
-        Some(std::mem::replace(hole, moved).state)
+        Some(std::mem::replace(self.doc_mut(at), moved).state)
     }
 
     /// Every (id, state), in the array's order (the same while the map does not change).
@@ -185,34 +185,26 @@ impl DocMap {
     /// A table of the current documents with room for `capacity` (no id is hashed: each
     /// entry keeps its hash), to swap in with [`DocMap::install_table`].
     pub(super) fn table_with(&self, capacity: usize) -> DocTable {
-        let mut table = hashbrown::HashTable::with_capacity(capacity.max(self.len));
-        let pages = &self.pages;
+        let mut table = hashbrown::HashTable::with_capacity(capacity.max(self.len()));
         for (at, d) in self.pages.iter().flatten().enumerate() {
-            table.insert_unique(spread(d.state.hash), at as u32, |&i| {
-                spread(Self::doc(pages, i).state.hash)
-            });
+            table.insert_unique(spread(d.state.hash), at as u32, rehash(&self.pages));
         }
-        DocTable {
-            table,
-            len: self.len,
-        }
+        DocTable(table)
     }
 
     /// Swaps in `table` if it holds what the map holds (the same length: nothing else writes
     /// between the halves); gives back the table replaced (or `table`, unused).
     pub(super) fn install_table(&mut self, mut table: DocTable) -> DocTable {
-        if table.len == self.len {
-            std::mem::swap(&mut self.table, &mut table.table);
+        if table.len() == self.len() {
+            std::mem::swap(&mut self.table, &mut table.0);
         }
         table
     }
 
     /// Shrinks the table to room for `capacity` documents (at least those it holds).
     pub(super) fn shrink_to(&mut self, capacity: usize) {
-        let pages = &self.pages;
-        self.table.shrink_to(capacity.max(self.len), |&i| {
-            spread(Self::doc(pages, i).state.hash)
-        });
+        let capacity = capacity.max(self.len());
+        self.table.shrink_to(capacity, rehash(&self.pages));
     }
 }
 

@@ -38,6 +38,59 @@ impl Room {
     }
 }
 
+/// The hash the compact maps' tables ([`super::docmap`], [`super::slotmap`]) give 32 bits (an
+/// id's kept hash, a slot): the multiply by an odd constant spreads them to the top bits
+/// (hashbrown's control byte) and keeps the low ones (its position) a permutation of theirs.
+pub(super) fn spread(h: u32) -> u64 {
+    (h as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
+/// A map the index keeps room in: copied at a new size beside the searches, shrunk after a
+/// mass delete.
+pub(super) trait Roomy {
+    fn len(&self) -> usize;
+    /// Entries it holds without growing.
+    fn capacity(&self) -> usize;
+    /// Shrinks it to room for `capacity` entries (at least those it holds).
+    fn shrink_to(&mut self, capacity: usize);
+}
+
+impl<K: Eq + std::hash::Hash, V> Roomy for HashMap<K, V> {
+    fn len(&self) -> usize {
+        HashMap::len(self)
+    }
+    fn capacity(&self) -> usize {
+        HashMap::capacity(self)
+    }
+    fn shrink_to(&mut self, capacity: usize) {
+        HashMap::shrink_to(self, capacity)
+    }
+}
+
+impl Roomy for super::docmap::DocMap {
+    fn len(&self) -> usize {
+        super::docmap::DocMap::len(self)
+    }
+    fn capacity(&self) -> usize {
+        super::docmap::DocMap::capacity(self)
+    }
+    fn shrink_to(&mut self, capacity: usize) {
+        super::docmap::DocMap::shrink_to(self, capacity)
+    }
+}
+
+impl Roomy for super::slotmap::SlotMap {
+    fn len(&self) -> usize {
+        super::slotmap::SlotMap::len(self)
+    }
+    fn capacity(&self) -> usize {
+        super::slotmap::SlotMap::capacity(self)
+    }
+    fn shrink_to(&mut self, capacity: usize) {
+        super::slotmap::SlotMap::shrink_to(self, capacity)
+    }
+}
+
 /// Below this many entries of room a map is left to grow and shrink in place.
 const SMALL: usize = 4096;
 
@@ -55,16 +108,16 @@ where
     K: Clone + Eq + std::hash::Hash,
     V: Clone,
 {
-    let room = new_room(map.len(), map.capacity(), incoming)?;
+    let room = new_room(map, incoming)?;
     let mut copy = HashMap::with_capacity(room);
     copy.extend(map.iter().map(|(k, v)| (k.clone(), v.clone())));
     Some(copy)
 }
 
-/// The room a map holding `len` of `capacity` is to be copied at before `incoming` more
-/// entries, as [`resized`] says; `None` when it is to be left as it is.
-fn new_room(len: usize, capacity: usize, incoming: usize) -> Option<usize> {
-    let will_hold = len + incoming;
+/// The room `map` is to be copied at before `incoming` more entries, as [`resized`] says;
+/// `None` when it is to be left as it is.
+fn new_room(map: &impl Roomy, incoming: usize) -> Option<usize> {
+    let (will_hold, capacity) = (map.len() + incoming, map.capacity());
     if will_hold > capacity {
         if will_hold < SMALL {
             // a small map grows in place: cheap
@@ -79,7 +132,7 @@ fn new_room(len: usize, capacity: usize, incoming: usize) -> Option<usize> {
 
 /// Swaps `copy` in for `map` if it holds what the map holds (the same length: nothing else
 /// writes between the halves), and gives back what it replaced.
-fn swap_in<K, V>(map: &mut HashMap<K, V>, copy: &mut Option<HashMap<K, V>>) {
+fn swap_in<M: Roomy>(map: &mut M, copy: &mut Option<M>) {
     if let Some(c) = copy {
         if c.len() == map.len() {
             std::mem::swap(map, c);
@@ -106,10 +159,8 @@ impl ShardIndex {
         }
         Room {
             // the documents' table only: their entries never move
-            docs: new_room(self.docs.len(), self.docs.capacity(), upserted)
-                .map(|room| self.docs.table_with(room)),
-            slots: new_room(self.slots.len(), self.slots.capacity(), chunks)
-                .map(|room| self.slots.copy_with(room)),
+            docs: new_room(&self.docs, upserted).map(|room| self.docs.table_with(room)),
+            slots: new_room(&self.slots, chunks).map(|room| self.slots.copy_with(room)),
             tombstones: resized(&self.tombstones, deleted),
             deleted: resized(&self.deleted, deleted),
         }
@@ -124,11 +175,7 @@ impl ShardIndex {
     /// the maps replaced, to be freed after the lock.
     pub fn install_room(&mut self, mut room: Room) -> Room {
         room.docs = room.docs.take().map(|t| self.docs.install_table(t));
-        if let Some(c) = &mut room.slots {
-            if c.len() == self.slots.len() {
-                std::mem::swap(&mut self.slots, c);
-            }
-        }
+        swap_in(&mut self.slots, &mut room.slots);
         swap_in(&mut self.tombstones, &mut room.tombstones);
         swap_in(&mut self.deleted, &mut room.deleted);
         room

@@ -6,7 +6,7 @@ use crate::segment::{GraphSpec, SegGraph};
 
 /// Gives back a map's room when it fills under half of it (rehashing what is left, in
 /// proportion to it; the rule [`ShardIndex::prepare_room`]'s copies follow).
-fn shrink_sparse<K: Eq + std::hash::Hash, V>(map: &mut HashMap<K, V>) {
+fn shrink_sparse(map: &mut impl super::room::Roomy) {
     if let Some(room) = super::room::shrunk_room(map.len(), map.capacity()) {
         map.shrink_to(room);
     }
@@ -147,12 +147,8 @@ impl ShardIndex {
             .reset_due = true;
         self.generation += 1;
         // a mass delete leaves the maps at the room their largest size took
-        if let Some(room) = super::room::shrunk_room(self.docs.len(), self.docs.capacity()) {
-            self.docs.shrink_to(room);
-        }
-        if let Some(room) = super::room::shrunk_room(self.slots.len(), self.slots.capacity()) {
-            self.slots.shrink_to(room);
-        }
+        shrink_sparse(&mut self.docs);
+        shrink_sparse(&mut self.slots);
         shrink_sparse(&mut self.tombstones);
         shrink_sparse(&mut self.deleted);
         if let Err(e) = self.maintain() {

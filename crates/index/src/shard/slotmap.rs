@@ -8,13 +8,8 @@
 //! put in a chunk's place (a seal's or a compaction's) carries the same slot.
 use std::sync::Arc;
 
+use super::room::spread;
 use crate::segment::Entry;
-
-/// The table's hash of a slot: slots are given by the shard, one after the other, so a
-/// multiply by an odd constant spreads them (its low bits a permutation of the slot's).
-fn spread(slot: u32) -> u64 {
-    (slot as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
-}
 
 fn slot_of(e: &Entry) -> u32 {
     e.slot().expect("a chunk in the slot map has a slot")

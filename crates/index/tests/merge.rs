@@ -269,6 +269,8 @@ fn merge_crash_child() {
         .unwrap();
     let (mut ix, _) = ShardIndex::open(std::path::Path::new(&dir), settings(256, true)).unwrap();
     let mut merging = false;
+    // whether a second merge ran beside the first at the last look
+    let mut beside = false;
     let mut batches_while_merging = 0;
     for b in 0.. {
         let first = start + b * 64;
@@ -302,6 +304,11 @@ fn merge_crash_child() {
                 println!("merging");
             }
         }
+        let running = ix.merges_running();
+        if running == 2 && !beside {
+            println!("beside");
+        }
+        beside = running == 2;
     }
 }
 
@@ -310,8 +317,9 @@ fn a_kill_during_a_merge_loses_nothing() {
     const DIM: usize = 64;
     let dir = tempfile::tempdir().unwrap();
     let mut acked = 0usize;
-    // kill at different points: as a merge starts, as one is committed, mid-way
-    for (round, point) in ["merging", "merged", "merging", "acked", "merged"]
+    // kill at different points: as a merge starts, as one is committed, while a second runs
+    // beside the first, mid-way
+    for (round, point) in ["merging", "merged", "beside", "merging", "acked", "merged"]
         .iter()
         .enumerate()
     {

@@ -4,7 +4,10 @@
 //! position j from which the smaller segments together hold at least 1/`merge_ratio` of
 //! segment j's live chunks starts a merge of j and everything smaller. In the steady state each
 //! segment is more than `merge_ratio` times the next one, so a shard has about
-//! log_ratio(N / segment_size) + 1 segments. A merge either *extends* (the largest source's graph
+//! log_ratio(N / segment_size) + 1 segments. While a merge runs, a second may run beside it
+//! over the other segments, at most 1/[`BESIDE_SHARE`] of its size: the seals an ingest makes
+//! during a long merge into the largest segment are folded meanwhile instead of each staying a
+//! graph every search walks. A merge either *extends* (the largest source's graph
 //! is copied and the others' vectors inserted into the copy: no data file is rewritten, the new
 //! segment lists the sources' data files as its parts) or *compacts* (when a quarter or more of
 //! the sources' chunks are dead: the live chunks go into a new data file and a fresh graph).
@@ -34,6 +37,8 @@ use run::{rename_all, run_merge, Compaction};
 /// A merge in progress or done, waiting for its commit.
 pub(super) struct MergeJob {
     sources: Vec<u64>,
+    /// The sources' chunks, live or dead (what the merge's work is in proportion to).
+    chunks: usize,
     state: JobState,
     _cancel: CancelOnDrop,
 }
@@ -125,6 +130,16 @@ const COMPACT_DEAD_SHARE: f64 = 0.25;
 const IDLE_MERGE_FACTOR: usize = 64;
 /// Share of dead chunks from which a segment is compacted on its own.
 const COMPACT_ALONE_SHARE: f64 = 0.5;
+/// Merges at a time. Extending a shard's largest segment copies it (a million chunks' graph
+/// and the others' vectors inserted take tens of seconds at background priority); with one
+/// merge at a time, the seals of an ingest streaming meanwhile stayed segments of their own,
+/// each a graph every search walks (21 beside a million chunks after 50 s at 2,000 chunks a
+/// second). A second merge folds them beside the first.
+pub(super) const MAX_MERGES: usize = 2;
+/// A merge beside a running one takes at most 1/this of the running one's chunks: it folds
+/// the small segments the large one leaves behind, and never makes two large merges share the
+/// cores, the disk and the memory of their copies.
+pub(super) const BESIDE_SHARE: usize = 4;
 
 impl ShardIndex {
     /// Commits a finished merge, then starts the next one the policy asks for. Called after
@@ -185,8 +200,16 @@ impl ShardIndex {
     /// Commits a finished merge and starts the next ones the policy asks for.
     fn commit_and_start(&mut self) -> Result<bool, IndexError> {
         let mut changed = false;
-        for _ in 0..64 {
-            if let Some(job) = self.merge.take_if(|j| j.finished()) {
+        for round in 0..64 {
+            // in the background, one commit a pass: the other's is prepared beside the
+            // searches before the next pass commits it
+            let next = if round == 0 || !self.settings.background {
+                self.next_to_commit()
+            } else {
+                None
+            };
+            if let Some(at) = next {
+                let job = self.merges.remove(at);
                 let (sources, result) = job.result();
                 match result {
                     Ok(merged) => {
@@ -198,8 +221,6 @@ impl ShardIndex {
                         return Ok(changed);
                     }
                 }
-            } else if self.merge.is_some() {
-                return Ok(changed);
             }
             if !self.start_merge() {
                 return Ok(changed);
@@ -210,7 +231,19 @@ impl ShardIndex {
 
     /// Whether a merge finished and waits for its commit (the next [`ShardIndex::maintain`]).
     pub(super) fn merge_finished(&self) -> bool {
-        self.merge.as_ref().is_some_and(|job| job.finished())
+        self.merges.iter().any(MergeJob::finished)
+    }
+
+    /// The finished merge to commit next: the one whose commit was prepared, if any, else
+    /// the first that finished.
+    fn next_to_commit(&self) -> Option<usize> {
+        let prepared = |j: &MergeJob| {
+            j.finished() && j.made().is_some_and(|m| m.in_place.load(Ordering::Acquire))
+        };
+        self.merges
+            .iter()
+            .position(prepared)
+            .or_else(|| self.merges.iter().position(MergeJob::finished))
     }
 
     /// How the merges were committed since the open.
@@ -220,7 +253,12 @@ impl ShardIndex {
 
     /// Whether a merge is running or waiting for its commit.
     pub fn merging(&self) -> bool {
-        self.merge.is_some()
+        !self.merges.is_empty()
+    }
+
+    /// Merges running or waiting for their commits.
+    pub fn merges_running(&self) -> usize {
+        self.merges.len()
     }
 
     /// Merged-away segments whose memory and files a background thread is still giving back
@@ -235,10 +273,8 @@ impl ShardIndex {
         if self.idle_seal_due() || !self.rebinding.is_empty() || self.prune_due {
             return true;
         }
-        match &self.merge {
-            Some(job) => job.finished(),
-            None => self.planned_at != self.plan_key(),
-        }
+        self.merge_finished()
+            || (self.merges.len() < MAX_MERGES && self.planned_at != self.plan_key())
     }
 
     /// Whether no write came for [`IndexSettings::seal_idle`].
@@ -262,13 +298,17 @@ impl ShardIndex {
         )
     }
 
-    /// Picks the next merge; None when the segments are in shape.
-    fn plan_merge(&self) -> Option<(Vec<Arc<Segment>>, bool)> {
+    /// Picks the next merge among the segments not in `busy` (those of the running merges),
+    /// of at most `cap` chunks; None when the segments are in shape.
+    fn plan_merge(&self, busy: &[u64], cap: Option<usize>) -> Option<(Vec<Arc<Segment>>, bool)> {
         let live = |e: &Entry| self.is_live(e);
+        let within = |set: &[(usize, Arc<Segment>)]| {
+            cap.is_none_or(|c| set.iter().map(|(_, s)| s.entries.len()).sum::<usize>() <= c)
+        };
         let mut segs: Vec<(usize, Arc<Segment>)> = self
             .sealed
             .iter()
-            .filter(|s| s.graph.get().is_some())
+            .filter(|s| s.graph.get().is_some() && !busy.contains(&s.id))
             .map(|s| (s.live_count(&live), s.clone()))
             .collect();
         segs.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.id.cmp(&b.1.id)));
@@ -292,7 +332,7 @@ impl ShardIndex {
         };
         for j in 0..segs.len().saturating_sub(1) {
             let rest: usize = segs[j + 1..].iter().map(|(l, _)| *l).sum();
-            if rest * ratio >= segs[j].0 {
+            if rest * ratio >= segs[j].0 && within(&segs[j..]) {
                 let set = &segs[j..];
                 let compact =
                     self.settings.ann != AnnKind::Hnsw || dead_share(set) >= COMPACT_DEAD_SHARE;
@@ -303,15 +343,26 @@ impl ShardIndex {
             .find(|(l, s)| {
                 !s.entries.is_empty()
                     && 1.0 - *l as f64 / s.entries.len() as f64 >= COMPACT_ALONE_SHARE
+                    && cap.is_none_or(|c| s.entries.len() <= c)
             })
             .map(|(_, s)| (vec![s.clone()], true))
     }
 
-    /// Starts the merge the policy picks (running it to the end when not in the background).
+    /// Starts the merge the policy picks (running it to the end when not in the background):
+    /// beside running ones, a small one of the others' segments, if any.
     fn start_merge(&mut self) -> bool {
+        if self.merges.len() >= MAX_MERGES {
+            return false;
+        }
         self.planned_at = self.plan_key();
         let t = std::time::Instant::now();
-        let planned = self.plan_merge();
+        let busy: Vec<u64> = self
+            .merges
+            .iter()
+            .flat_map(|j| j.sources.iter().copied())
+            .collect();
+        let cap = self.merges.iter().map(|j| j.chunks / BESIDE_SHARE).max();
+        let planned = self.plan_merge(&busy, cap);
         let plan_ms = t.elapsed().as_secs_f64() * 1e3;
         let Some((sources, compact)) = planned else {
             return false;
@@ -343,7 +394,10 @@ impl ShardIndex {
             run_merge(&dir, id, nonce, &job_sources, entries, spec, &stop)
         };
         let ids: Vec<u64> = sources.iter().map(|s| s.id).collect();
-        info!(dir = %self.dir.display(), segment = id, sources = ?ids, compact, plan_ms, snapshot_ms = t.elapsed().as_secs_f64() * 1e3 - plan_ms, "merge started");
+        let chunks = sources.iter().map(|s| s.entries.len()).sum();
+        let beside = self.merges.len();
+        self.merge_commits.beside += u64::from(beside > 0);
+        info!(dir = %self.dir.display(), segment = id, sources = ?ids, chunks, beside, compact, plan_ms, snapshot_ms = t.elapsed().as_secs_f64() * 1e3 - plan_ms, "merge started");
         let state = if background {
             let out = Arc::new(OnceLock::new());
             let put = Arc::clone(&out);
@@ -358,8 +412,9 @@ impl ShardIndex {
         } else {
             JobState::Done(work())
         };
-        self.merge = Some(MergeJob {
+        self.merges.push(MergeJob {
             sources: ids,
+            chunks,
             state,
             _cancel: CancelOnDrop(cancel),
         });
@@ -373,7 +428,7 @@ impl ShardIndex {
     /// will write written ahead, so the commit holds the index for the switch alone. Nothing
     /// when no merge waits or a source is gone (the commit drops it).
     pub fn prepare_merge_commit(&self) -> Result<(), IndexError> {
-        let Some(job) = &self.merge else {
+        let Some(job) = self.next_to_commit().map(|at| &self.merges[at]) else {
             return Ok(());
         };
         let Some(merged) = job.made() else {
@@ -700,6 +755,77 @@ mod tests {
         let after = answers(&ia);
         assert_ne!(after, before, "the statistics moved");
         assert_eq!(answers(&ib), after);
+    }
+
+    /// While a merge of the largest segment runs, the seals that come meanwhile are folded by
+    /// merges beside it, each at most 1/BESIDE_SHARE of its chunks, and every document is
+    /// found once throughout; once it ends (here: it fails, its sources staying), the policy
+    /// folds everything into one, and so after a reopen.
+    #[test]
+    fn seals_during_a_long_merge_are_folded_by_small_merges_beside_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = IndexSettings {
+            segment_size: 64,
+            background: false,
+            ..IndexSettings::default()
+        };
+        let (mut ix, _) = ShardIndex::open(dir.path(), settings.clone()).unwrap();
+        ix.write((0..512).map(|i| doc(i, "old", 1)).collect(), &model())
+            .unwrap();
+        while ix.maintain().unwrap() {}
+        assert_eq!(ix.sealed.len(), 1, "one segment of 512");
+        let large = ix.sealed[0].id;
+        let mut live: Vec<(usize, &'static str)> = (0..512).map(|i| (i, "old")).collect();
+        // a long merge of the large segment: a thread that ends when told to
+        let (tell, told) = std::sync::mpsc::channel::<()>();
+        let out: Arc<OnceLock<Result<Merged, IndexError>>> = Arc::new(OnceLock::new());
+        let put = out.clone();
+        let handle = std::thread::spawn(move || {
+            let _ = told.recv();
+            let _ = put.set(Err(IndexError::BadInput("stopped".into())));
+        });
+        ix.merges.push(MergeJob {
+            sources: vec![large],
+            chunks: 512,
+            state: JobState::Running { handle, out },
+            _cancel: CancelOnDrop(Arc::new(AtomicBool::new(false))),
+        });
+        // six seals of 64 come meanwhile (a write seals the growing segment once it is full)
+        for i in 512..512 + 6 * 64 {
+            ix.write(vec![doc(i, "new", 1)], &model()).unwrap();
+            live.push((i, "new"));
+            if i % 64 == 63 {
+                while ix.maintain().unwrap() {}
+                check(&ix, &live, "beside the long merge");
+            }
+        }
+        assert_eq!(ix.merges_running(), 1, "the long merge still runs");
+        assert_eq!(ix.sealed.iter().filter(|s| s.id == large).count(), 1);
+        // the six folded beside it, in merges of at most a quarter of its chunks (128): two
+        // of the six, then the fourth and fifth, then the last two
+        let mut sizes: Vec<usize> = ix.sealed.iter().map(|s| s.entries.len()).collect();
+        sizes.sort_unstable();
+        assert_eq!(sizes, vec![128, 128, 128, 512]);
+        assert_eq!(ix.merge_commits().beside, 3, "{:?}", ix.merge_commits());
+        tell.send(()).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !ix.merge_finished() {
+            assert!(std::time::Instant::now() < deadline, "the long merge ends");
+            std::thread::yield_now();
+        }
+        // its failure leaves its source (the pass that meets it starts nothing); the next
+        // pass folds the four into one
+        assert!(!ix.maintain().unwrap());
+        assert!(!ix.merging());
+        check(&ix, &live, "after the long merge failed");
+        while ix.maintain().unwrap() {}
+        let sizes: Vec<usize> = ix.sealed.iter().map(|s| s.entries.len()).collect();
+        assert_eq!(sizes, vec![512 + 6 * 64]);
+        check(&ix, &live, "folded");
+        drop(ix);
+        let (ix, rep) = ShardIndex::open(dir.path(), settings).unwrap();
+        assert!(rep.problems.is_empty(), "{:?}", rep.problems);
+        check(&ix, &live, "reopened");
     }
 
     /// Deletes document `gone` and replaces `replaced.0` with text `replaced.1` (versions

@@ -309,6 +309,8 @@ pub struct MergeCommits {
     pub prepared: u64,
     /// Committed in all.
     pub all: u64,
+    /// Started while another merge ran (a small merge beside a large one).
+    pub beside: u64,
 }
 
 /// A shard replica's index.
@@ -349,8 +351,10 @@ pub struct ShardIndex {
     /// Deletion records with a version below this were dropped: a copy of a document this
     /// replica does not hold, at a version below this, may be one deleted since, and is refused.
     purged_below: u64,
-    /// The merge in progress, if any.
-    merge: Option<merge::MergeJob>,
+    /// The merges in progress or waiting for their commits, their sources disjoint: at most
+    /// [`merge::MAX_MERGES`], a second only a small one beside a larger (see
+    /// [`merge::BESIDE_SHARE`]).
+    merges: Vec<merge::MergeJob>,
     /// When the last write was applied (or the index opened): see [`IndexSettings::seal_idle`].
     last_write: std::time::Instant,
     /// Bumped by every change the merge policy looks at; the policy runs when it moved.

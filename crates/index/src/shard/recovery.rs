@@ -54,7 +54,7 @@ impl ShardIndex {
             slots: Default::default(),
             next_slot: 0,
             purged_below: 0,
-            merge: None,
+            merges: Vec::new(),
             last_write: std::time::Instant::now(),
             generation: 0,
             graphs_done: Default::default(),

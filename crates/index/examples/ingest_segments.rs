@@ -13,6 +13,17 @@ use ragfleet_index::{IndexSettings, ShardIndex, SharedShard};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+/// This thread's CPU time, in ms.
+fn cpu_ms() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec to fill
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as f64 * 1e3 + ts.tv_nsec as f64 / 1e6
+}
+
 fn pct(v: &mut [f64], p: f64) -> f64 {
     v.sort_by(f64::total_cmp);
     v.get(((v.len().max(1) - 1) as f64 * p) as usize)
@@ -53,6 +64,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let model = synthetic_model(384);
     let done = AtomicBool::new(false);
     let (mut lat, mut segs, mut built) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut waits, mut cpu) = (Vec::new(), Vec::new());
     let started = Instant::now();
     let secs = std::thread::scope(
         |s| -> Result<f64, Box<dyn std::error::Error + Send + Sync>> {
@@ -82,12 +94,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             });
             let mut i = 0;
             while !done.load(Ordering::Acquire) {
-                let t = Instant::now();
+                let (t, c) = (Instant::now(), cpu_ms());
                 let r = ix.read();
+                waits.push(t.elapsed().as_secs_f64() * 1e3);
                 let (s, g) = r.segment_stats();
                 r.search(&queries[i % queries.len()])?;
                 drop(r);
                 lat.push(t.elapsed().as_secs_f64() * 1e3);
+                cpu.push(cpu_ms() - c);
                 segs.push(s as f64);
                 built.push(g as f64);
                 i += 1;
@@ -96,9 +110,21 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         },
     );
     let secs = secs.map_err(|e| e.to_string())?;
-    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
     println!(
-        "{docs} documents written in {secs:.1} s ({:.0} a second); {} searches meanwhile: p50 {:.3} ms, p99 {:.3} ms; segments visited mean {:.1}, max {}; with a graph mean {:.1}",
+        "  of the searches: waiting for the lock p50 {:.3} ms, p99 {:.3} ms; on a CPU p50 {:.3} ms, p99 {:.3} ms",
+        pct(&mut waits.clone(), 0.5),
+        pct(&mut waits, 0.99),
+        pct(&mut cpu.clone(), 0.5),
+        pct(&mut cpu, 0.99)
+    );
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    // over time: each search's count weighted by its time (the searches are back to back)
+    let over_time = |v: &[f64]| {
+        v.iter().zip(&lat).map(|(s, t)| s * t).sum::<f64>() / lat.iter().sum::<f64>().max(1e-9)
+    };
+    let (segs_time, built_time) = (over_time(&segs), over_time(&built));
+    println!(
+        "{docs} documents written in {secs:.1} s ({:.0} a second); {} searches meanwhile: p50 {:.3} ms, p99 {:.3} ms; segments visited mean {:.1} (over time {segs_time:.1}), max {}; with a graph mean {:.1} (over time {built_time:.1})",
         docs as f64 / secs,
         lat.len(),
         pct(&mut lat.clone(), 0.5),

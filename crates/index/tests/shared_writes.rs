@@ -511,7 +511,7 @@ fn until_a_merge_waits(ix: &mut ShardIndex, from: u64, n: u64) {
             .unwrap();
     }
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while !(ix.merging() && ix.needs_maintenance()) {
+    while !ix.merge_finished() {
         if !ix.merging() && ix.needs_maintenance() {
             ix.maintain().unwrap();
         }

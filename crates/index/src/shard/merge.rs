@@ -4,10 +4,10 @@
 //! position j from which the smaller segments together hold at least 1/`merge_ratio` of
 //! segment j's live chunks starts a merge of j and everything smaller. In the steady state each
 //! segment is more than `merge_ratio` times the next one, so a shard has about
-//! log_ratio(N / segment_size) + 1 segments. While a merge runs, a second may run beside it
-//! over the other segments, at most 1/[`BESIDE_SHARE`] of its size: the seals an ingest makes
-//! during a long merge into the largest segment are folded meanwhile instead of each staying a
-//! graph every search walks. A merge either *extends* (the largest source's graph
+//! log_ratio(N / segment_size) + 1 segments. While merges run, another may run beside them
+//! over the other segments, at most 1/[`BESIDE_SHARE`] of the smallest's size (up to
+//! [`MAX_MERGES`]): the seals an ingest makes during a long merge into the largest segment are
+//! folded meanwhile instead of each staying a graph every search walks. A merge either *extends* (the largest source's graph
 //! is copied and the others' vectors inserted into the copy: no data file is rewritten, the new
 //! segment lists the sources' data files as its parts) or *compacts* (when a quarter or more of
 //! the sources' chunks are dead: the live chunks go into a new data file and a fresh graph).
@@ -133,11 +133,12 @@ const COMPACT_ALONE_SHARE: f64 = 0.5;
 /// Merges at a time. Extending a shard's largest segment copies it (a million chunks' graph
 /// and the others' vectors inserted take tens of seconds at background priority); with one
 /// merge at a time, the seals of an ingest streaming meanwhile stayed segments of their own,
-/// each a graph every search walks (21 beside a million chunks after 50 s at 2,000 chunks a
-/// second). A second merge folds them beside the first.
-pub(super) const MAX_MERGES: usize = 2;
-/// A merge beside a running one takes at most 1/this of the running one's chunks: it folds
-/// the small segments the large one leaves behind, and never makes two large merges share the
+/// each a graph every search walks (89 beside a million chunks after 100 s at 2,500 chunks a
+/// second). Merges beside it fold them meanwhile, each smaller than the one before (see
+/// [`BESIDE_SHARE`]), so four cover a shard of (segment_size x 4^3 x merge_ratio) chunks.
+pub(super) const MAX_MERGES: usize = 4;
+/// A merge beside running ones takes at most 1/this of the smallest's chunks: it folds the
+/// small segments the larger ones leave behind, and never makes two large merges share the
 /// cores, the disk and the memory of their copies.
 pub(super) const BESIDE_SHARE: usize = 4;
 
@@ -230,7 +231,7 @@ impl ShardIndex {
     }
 
     /// Whether a merge finished and waits for its commit (the next [`ShardIndex::maintain`]).
-    pub(super) fn merge_finished(&self) -> bool {
+    pub fn merge_finished(&self) -> bool {
         self.merges.iter().any(MergeJob::finished)
     }
 
@@ -361,7 +362,7 @@ impl ShardIndex {
             .iter()
             .flat_map(|j| j.sources.iter().copied())
             .collect();
-        let cap = self.merges.iter().map(|j| j.chunks / BESIDE_SHARE).max();
+        let cap = self.merges.iter().map(|j| j.chunks / BESIDE_SHARE).min();
         let planned = self.plan_merge(&busy, cap);
         let plan_ms = t.elapsed().as_secs_f64() * 1e3;
         let Some((sources, compact)) = planned else {

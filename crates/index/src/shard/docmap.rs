@@ -238,7 +238,9 @@ mod tests {
         let n = 3 * PAGE as u64 + 17;
         let mut x = 12345u64;
         for step in 0..40_000u64 {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             let id = format!("doc-{}", (x >> 33) % n);
             match (x >> 20) % 5 {
                 0 | 1 => {

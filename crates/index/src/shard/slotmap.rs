@@ -65,7 +65,9 @@ impl SlotMap {
             .table
             .entry(spread(slot), |o| slot_of(o) == slot, hash_of)
         {
-            hashbrown::hash_table::Entry::Occupied(mut o) => Some(std::mem::replace(o.get_mut(), e)),
+            hashbrown::hash_table::Entry::Occupied(mut o) => {
+                Some(std::mem::replace(o.get_mut(), e))
+            }
             hashbrown::hash_table::Entry::Vacant(v) => {
                 v.insert(e);
                 None

@@ -7,7 +7,9 @@
 //! log_ratio(N / segment_size) + 1 segments. While merges run, another may run beside them
 //! over the other segments, at most 1/[`BESIDE_SHARE`] of the smallest's size (up to
 //! [`MAX_MERGES`]): the seals an ingest makes during a long merge into the largest segment are
-//! folded meanwhile instead of each staying a graph every search walks. A merge either *extends* (the largest source's graph
+//! folded meanwhile instead of each staying a graph every search walks. Merges beside start
+//! only while every sealed segment has its graph, so a bulk ingest (seals outrunning the
+//! builds) leaves the cores to the builds. A merge either *extends* (the largest source's graph
 //! is copied and the others' vectors inserted into the copy: no data file is rewritten, the new
 //! segment lists the sources' data files as its parts) or *compacts* (when a quarter or more of
 //! the sources' chunks are dead: the live chunks go into a new data file and a fresh graph).
@@ -356,6 +358,13 @@ impl ShardIndex {
             return false;
         }
         self.planned_at = self.plan_key();
+        // beside running merges, only once every sealed segment has its graph: while seals
+        // outrun the graph builds (a bulk ingest) the cores go to the builds, and merges beside
+        // would only copy what the next large merge copies again (the policy runs again as a
+        // graph is done)
+        if !self.merges.is_empty() && self.sealed.iter().any(|s| s.graph.get().is_none()) {
+            return false;
+        }
         let t = std::time::Instant::now();
         let busy: Vec<u64> = self
             .merges

@@ -767,6 +767,24 @@ mod tests {
         assert_eq!(answers(&ib), after);
     }
 
+    /// A shard of 64-chunk segments merging in the foreground, `n` documents written ("old")
+    /// and merged: (it, its settings, the live documents).
+    fn merged_shard(
+        dir: &std::path::Path,
+        n: usize,
+    ) -> (ShardIndex, IndexSettings, Vec<(usize, &'static str)>) {
+        let settings = IndexSettings {
+            segment_size: 64,
+            background: false,
+            ..IndexSettings::default()
+        };
+        let (mut ix, _) = ShardIndex::open(dir, settings.clone()).unwrap();
+        ix.write((0..n).map(|i| doc(i, "old", 1)).collect(), &model())
+            .unwrap();
+        while ix.maintain().unwrap() {}
+        (ix, settings, (0..n).map(|i| (i, "old")).collect())
+    }
+
     /// While a merge of the largest segment runs, the seals that come meanwhile are folded by
     /// merges beside it, each at most 1/BESIDE_SHARE of its chunks, and every document is
     /// found once throughout; once it ends (here: it fails, its sources staying), the policy
@@ -774,18 +792,9 @@ mod tests {
     #[test]
     fn seals_during_a_long_merge_are_folded_by_small_merges_beside_it() {
         let dir = tempfile::tempdir().unwrap();
-        let settings = IndexSettings {
-            segment_size: 64,
-            background: false,
-            ..IndexSettings::default()
-        };
-        let (mut ix, _) = ShardIndex::open(dir.path(), settings.clone()).unwrap();
-        ix.write((0..512).map(|i| doc(i, "old", 1)).collect(), &model())
-            .unwrap();
-        while ix.maintain().unwrap() {}
+        let (mut ix, settings, mut live) = merged_shard(dir.path(), 512);
         assert_eq!(ix.sealed.len(), 1, "one segment of 512");
         let large = ix.sealed[0].id;
-        let mut live: Vec<(usize, &'static str)> = (0..512).map(|i| (i, "old")).collect();
         // a long merge of the large segment: a thread that ends when told to
         let (tell, told) = std::sync::mpsc::channel::<()>();
         let out: Arc<OnceLock<Result<Merged, IndexError>>> = Arc::new(OnceLock::new());
@@ -861,16 +870,7 @@ mod tests {
     #[test]
     fn chunks_that_die_during_or_after_a_compaction_stay_dead_in_its_copies() {
         let dir = tempfile::tempdir().unwrap();
-        let settings = IndexSettings {
-            segment_size: 64,
-            background: false,
-            ..IndexSettings::default()
-        };
-        let (mut ix, _) = ShardIndex::open(dir.path(), settings.clone()).unwrap();
-        ix.write((0..128).map(|i| doc(i, "old", 1)).collect(), &model())
-            .unwrap();
-        while ix.maintain().unwrap() {}
-        let mut live: Vec<(usize, &'static str)> = (0..128).map(|i| (i, "old")).collect();
+        let (mut ix, settings, mut live) = merged_shard(dir.path(), 128);
         // two thirds deleted: a compaction, run here, left waiting for its commit
         let gone: Vec<String> = (0..128)
             .filter(|i| i % 3 != 0)

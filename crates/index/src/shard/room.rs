@@ -67,29 +67,23 @@ impl<K: Eq + std::hash::Hash, V> Roomy for HashMap<K, V> {
     }
 }
 
-impl Roomy for super::docmap::DocMap {
-    fn len(&self) -> usize {
-        super::docmap::DocMap::len(self)
-    }
-    fn capacity(&self) -> usize {
-        super::docmap::DocMap::capacity(self)
-    }
-    fn shrink_to(&mut self, capacity: usize) {
-        super::docmap::DocMap::shrink_to(self, capacity)
-    }
+/// The compact maps keep their room as a `HashMap` does, by methods of their own.
+macro_rules! roomy_by_own_methods {
+    ($($map:ty),*) => {$(
+        impl Roomy for $map {
+            fn len(&self) -> usize {
+                <$map>::len(self)
+            }
+            fn capacity(&self) -> usize {
+                <$map>::capacity(self)
+            }
+            fn shrink_to(&mut self, capacity: usize) {
+                <$map>::shrink_to(self, capacity)
+            }
+        }
+    )*};
 }
-
-impl Roomy for super::slotmap::SlotMap {
-    fn len(&self) -> usize {
-        super::slotmap::SlotMap::len(self)
-    }
-    fn capacity(&self) -> usize {
-        super::slotmap::SlotMap::capacity(self)
-    }
-    fn shrink_to(&mut self, capacity: usize) {
-        super::slotmap::SlotMap::shrink_to(self, capacity)
-    }
-}
+roomy_by_own_methods!(super::docmap::DocMap, super::slotmap::SlotMap);
 
 /// Below this many entries of room a map is left to grow and shrink in place.
 const SMALL: usize = 4096;

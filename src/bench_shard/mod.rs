@@ -66,6 +66,9 @@ pub struct ShardBench {
     /// HNSW implementation: hnsw or instant-distance.
     #[arg(long, default_value = "hnsw")]
     ann: String,
+    /// Merges a shard runs at a time (`index.max_merges`, 1..=8).
+    #[arg(long, default_value_t = ragfleet_index::DEFAULT_MAX_MERGES as u64, value_parser = clap::value_parser!(u64).range(1..=8))]
+    max_merges: u64,
     /// Where the indexes are written (default: a temporary folder).
     #[arg(long)]
     dir: Option<std::path::PathBuf>,
@@ -239,6 +242,7 @@ fn ingest(
         segment_size: b.segment_size,
         ef_construction: b.ef_construction,
         hnsw_m: b.m,
+        max_merges: b.max_merges as usize,
         ef_search: b.ef_search.first().copied().unwrap_or(64),
         ann,
         background: true,

@@ -113,6 +113,12 @@ pub struct IndexConfig {
     /// 1/`merge_ratio` of its live chunks, so a shard keeps about log_ratio(chunks /
     /// segment_size) + 1 segments (2..=64).
     pub merge_ratio: usize,
+    /// Merges a shard replica runs at a time (1..=8): beside the one the policy picks over all
+    /// segments, smaller ones fold the seals that come meanwhile (each at most a quarter of the
+    /// smallest running one), so a shard taking a steady stream of writes keeps few segments
+    /// while its largest merge runs. 1: one at a time, which leaves a bulk load's cores to its
+    /// graph builds (a 1M load measured ~8% faster).
+    pub max_merges: usize,
     /// The HNSW implementation: "hnsw" (ragfleet's own; grows by insertion when merging) or
     /// "instant-distance".
     pub ann: String,
@@ -167,6 +173,7 @@ impl Default for IndexConfig {
             segment_size: 4096,
             merge_below: None,
             merge_ratio: 16,
+            max_merges: 4,
             ann: "hnsw".into(),
             hnsw_m: 16,
             build_threads: 0,

@@ -90,6 +90,14 @@ fn errors_name_the_field() {
             "index.merge_ratio",
         ),
         (
+            GOOD.replace("shards = 4", "shards = 4\nmax_merges = 0"),
+            "index.max_merges",
+        ),
+        (
+            GOOD.replace("shards = 4", "shards = 4\nmax_merges = 9"),
+            "index.max_merges",
+        ),
+        (
             GOOD.replace("shards = 4", "shards = 4\nann = \"faiss\""),
             "index.ann",
         ),
@@ -238,6 +246,10 @@ fn the_retired_merge_below_key_still_parses_and_the_ann_defaults_to_ragfleets_ow
     assert_eq!(c.index.merge_below, Some(1024));
     assert_eq!(c.index.ann, "hnsw");
     assert_eq!(c.index.merge_ratio, 16);
+    assert_eq!(c.index.max_merges, 4);
+    let one =
+        ClusterConfig::parse(&GOOD.replace("shards = 4", "shards = 4\nmax_merges = 1")).unwrap();
+    assert_eq!(one.index.max_merges, 1);
 }
 
 #[test]

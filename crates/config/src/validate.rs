@@ -132,6 +132,9 @@ impl ClusterConfig {
         if !(2..=64).contains(&ix.merge_ratio) {
             return Err(invalid("index.merge_ratio", "must be between 2 and 64"));
         }
+        if !(1..=8).contains(&ix.max_merges) {
+            return Err(invalid("index.max_merges", "must be between 1 and 8"));
+        }
         if !["hnsw", "instant-distance"].contains(&ix.ann.as_str()) {
             return Err(invalid(
                 "index.ann",

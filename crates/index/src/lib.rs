@@ -30,7 +30,7 @@ pub use ranking::{merge_top_k, rrf, sort_hits};
 pub use segment::AnnKind;
 pub use shard::{
     IndexSettings, MergeCommits, PreparedSeal, PullPlan, RecoveryReport, Room, ShardIndex,
-    SharedShard, ToFree, IDLE_SEAL_MIN_CHUNKS,
+    SharedShard, ToFree, DEFAULT_MAX_MERGES, IDLE_SEAL_MIN_CHUNKS,
 };
 pub use wal::{Wal, WalRecovery};
 

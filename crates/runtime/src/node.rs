@@ -141,6 +141,7 @@ async fn role_specs(
         let settings = IndexSettings {
             segment_size: cfg.index.segment_size,
             merge_ratio: cfg.index.merge_ratio,
+            max_merges: cfg.index.max_merges,
             ann: cfg.index.ann.parse().unwrap_or_default(),
             hnsw_m: cfg.index.hnsw_m,
             build_threads: cfg.index.build_threads,

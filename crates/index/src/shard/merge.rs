@@ -6,7 +6,7 @@
 //! segment is more than `merge_ratio` times the next one, so a shard has about
 //! log_ratio(N / segment_size) + 1 segments. While merges run, another may run beside them
 //! over the other segments, at most 1/[`BESIDE_SHARE`] of the smallest's size (up to
-//! [`MAX_MERGES`]): the seals an ingest makes during a long merge into the largest segment are
+//! [`IndexSettings::max_merges`](super::IndexSettings::max_merges)): the seals an ingest makes during a long merge into the largest segment are
 //! folded meanwhile instead of each staying a graph every search walks. Merges beside start
 //! only while every sealed segment has its graph, so a bulk ingest (seals outrunning the
 //! builds) leaves the cores to the builds. A merge either *extends* (the largest source's graph
@@ -132,13 +132,6 @@ const COMPACT_DEAD_SHARE: f64 = 0.25;
 const IDLE_MERGE_FACTOR: usize = 64;
 /// Share of dead chunks from which a segment is compacted on its own.
 const COMPACT_ALONE_SHARE: f64 = 0.5;
-/// Merges at a time. Extending a shard's largest segment copies it (a million chunks' graph
-/// and the others' vectors inserted take tens of seconds at background priority); with one
-/// merge at a time, the seals of an ingest streaming meanwhile stayed segments of their own,
-/// each a graph every search walks (89 beside a million chunks after 100 s at 2,500 chunks a
-/// second). Merges beside it fold them meanwhile, each smaller than the one before (see
-/// [`BESIDE_SHARE`]), so four cover a shard of (segment_size x 4^3 x merge_ratio) chunks.
-pub(super) const MAX_MERGES: usize = 4;
 /// A merge beside running ones takes at most 1/this of the smallest's chunks: it folds the
 /// small segments the larger ones leave behind, and never makes two large merges share the
 /// cores, the disk and the memory of their copies.
@@ -277,7 +270,12 @@ impl ShardIndex {
             return true;
         }
         self.merge_finished()
-            || (self.merges.len() < MAX_MERGES && self.planned_at != self.plan_key())
+            || (self.merges.len() < self.max_merges() && self.planned_at != self.plan_key())
+    }
+
+    /// Merges that may run at a time ([`IndexSettings::max_merges`], at least 1).
+    fn max_merges(&self) -> usize {
+        self.settings.max_merges.max(1)
     }
 
     /// Whether no write came for [`IndexSettings::seal_idle`].
@@ -354,7 +352,7 @@ impl ShardIndex {
     /// Starts the merge the policy picks (running it to the end when not in the background):
     /// beside running ones, a small one of the others' segments, if any.
     fn start_merge(&mut self) -> bool {
-        if self.merges.len() >= MAX_MERGES {
+        if self.merges.len() >= self.max_merges() {
             return false;
         }
         self.planned_at = self.plan_key();
@@ -785,6 +783,45 @@ mod tests {
         (ix, settings, (0..n).map(|i| (i, "old")).collect())
     }
 
+    /// Puts a long merge of segment `source` (`chunks` chunks) among `ix`'s running ones: a
+    /// thread that fails it once told to (a stand-in for the merge thread).
+    fn hold_a_merge(
+        ix: &mut ShardIndex,
+        source: u64,
+        chunks: usize,
+    ) -> std::sync::mpsc::Sender<()> {
+        let (tell, told) = std::sync::mpsc::channel::<()>();
+        let out: Arc<OnceLock<Result<Merged, IndexError>>> = Arc::new(OnceLock::new());
+        let put = out.clone();
+        let handle = std::thread::spawn(move || {
+            let _ = told.recv();
+            let _ = put.set(Err(IndexError::BadInput("stopped".into())));
+        });
+        ix.merges.push(MergeJob {
+            sources: vec![source],
+            chunks,
+            state: JobState::Running { handle, out },
+            _cancel: CancelOnDrop(Arc::new(AtomicBool::new(false))),
+        });
+        tell
+    }
+
+    /// Lets the held merge fail and waits until it has.
+    fn release_the_merge(ix: &ShardIndex, tell: std::sync::mpsc::Sender<()>) {
+        tell.send(()).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !ix.merge_finished() {
+            assert!(std::time::Instant::now() < deadline, "the long merge ends");
+            std::thread::yield_now();
+        }
+    }
+
+    fn sizes(ix: &ShardIndex) -> Vec<usize> {
+        let mut sizes: Vec<usize> = ix.sealed.iter().map(|s| s.entries.len()).collect();
+        sizes.sort_unstable();
+        sizes
+    }
+
     /// While a merge of the largest segment runs, the seals that come meanwhile are folded by
     /// merges beside it, each at most 1/BESIDE_SHARE of its chunks, and every document is
     /// found once throughout; once it ends (here: it fails, its sources staying), the policy
@@ -795,20 +832,7 @@ mod tests {
         let (mut ix, settings, mut live) = merged_shard(dir.path(), 512);
         assert_eq!(ix.sealed.len(), 1, "one segment of 512");
         let large = ix.sealed[0].id;
-        // a long merge of the large segment: a thread that ends when told to
-        let (tell, told) = std::sync::mpsc::channel::<()>();
-        let out: Arc<OnceLock<Result<Merged, IndexError>>> = Arc::new(OnceLock::new());
-        let put = out.clone();
-        let handle = std::thread::spawn(move || {
-            let _ = told.recv();
-            let _ = put.set(Err(IndexError::BadInput("stopped".into())));
-        });
-        ix.merges.push(MergeJob {
-            sources: vec![large],
-            chunks: 512,
-            state: JobState::Running { handle, out },
-            _cancel: CancelOnDrop(Arc::new(AtomicBool::new(false))),
-        });
+        let tell = hold_a_merge(&mut ix, large, 512);
         // six seals of 64 come meanwhile (a write seals the growing segment once it is full)
         for i in 512..512 + 6 * 64 {
             ix.write(vec![doc(i, "new", 1)], &model()).unwrap();
@@ -822,16 +846,9 @@ mod tests {
         assert_eq!(ix.sealed.iter().filter(|s| s.id == large).count(), 1);
         // the six folded beside it, in merges of at most a quarter of its chunks (128): two
         // of the six, then the fourth and fifth, then the last two
-        let mut sizes: Vec<usize> = ix.sealed.iter().map(|s| s.entries.len()).collect();
-        sizes.sort_unstable();
-        assert_eq!(sizes, vec![128, 128, 128, 512]);
+        assert_eq!(sizes(&ix), vec![128, 128, 128, 512]);
         assert_eq!(ix.merge_commits().beside, 3, "{:?}", ix.merge_commits());
-        tell.send(()).unwrap();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        while !ix.merge_finished() {
-            assert!(std::time::Instant::now() < deadline, "the long merge ends");
-            std::thread::yield_now();
-        }
+        release_the_merge(&ix, tell);
         // its failure leaves its source (the pass that meets it starts nothing); the next
         // pass folds the four into one
         assert!(!ix.maintain().unwrap());
@@ -840,6 +857,71 @@ mod tests {
         while ix.maintain().unwrap() {}
         let sizes: Vec<usize> = ix.sealed.iter().map(|s| s.entries.len()).collect();
         assert_eq!(sizes, vec![512 + 6 * 64]);
+        check(&ix, &live, "folded");
+        drop(ix);
+        let (ix, rep) = ShardIndex::open(dir.path(), settings).unwrap();
+        assert!(rep.problems.is_empty(), "{:?}", rep.problems);
+        check(&ix, &live, "reopened");
+    }
+
+    /// `max_merges` bounds the merges at a time, and a merge beside running ones waits until
+    /// every sealed segment has its graph (in a bulk ingest the seals outrun the builds: the
+    /// cores go to those); once the graph is there the policy folds the small segments beside
+    /// the long merge.
+    #[test]
+    fn merges_beside_wait_for_every_graph_and_stay_within_max_merges() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut ix, settings, mut live) = merged_shard(dir.path(), 512);
+        let large = ix.sealed[0].id;
+        let tell = hold_a_merge(&mut ix, large, 512);
+        ix.settings.max_merges = 1;
+        for i in 512..512 + 3 * 64 {
+            ix.write(vec![doc(i, "new", 1)], &model()).unwrap();
+            live.push((i, "new"));
+        }
+        while ix.maintain().unwrap() {}
+        check(&ix, &live, "one merge at a time");
+        assert_eq!(sizes(&ix), vec![64, 64, 64, 512], "nothing merged beside");
+        assert_eq!(ix.merge_commits().beside, 0);
+        assert!(!ix.needs_maintenance(), "no room for a merge beside");
+
+        // room for a second, but one small segment's graph is not built yet (as while its
+        // build waits in the queue): the same segment, without its graph
+        ix.settings.max_merges = 2;
+        let at = ix.sealed.iter().position(|s| s.id != large).unwrap();
+        let s = ix.sealed[at].clone();
+        let bare = Arc::new(Segment::with_parts(
+            s.id,
+            s.parts.clone(),
+            s.entries.clone(),
+            s.postings.clone(),
+        ));
+        ix.sealed[at] = bare.clone();
+        drop(s);
+        ix.graphs_done.fetch_add(1, Ordering::Release);
+        assert!(ix.needs_maintenance(), "the policy runs again");
+        assert!(
+            !ix.maintain().unwrap(),
+            "no merge beside while a graph is missing"
+        );
+        assert_eq!(sizes(&ix), vec![64, 64, 64, 512]);
+        assert_eq!(ix.merges_running(), 1);
+        check(&ix, &live, "a segment without its graph");
+
+        // its graph done, two of the small ones merge beside the long one (three would pass
+        // a quarter of its chunks)
+        bare.set_graph(bare.build_graph(ix.graph_spec()));
+        ix.graphs_done.fetch_add(1, Ordering::Release);
+        while ix.maintain().unwrap() {}
+        assert_eq!(sizes(&ix), vec![64, 128, 512]);
+        assert_eq!(ix.merge_commits().beside, 1, "{:?}", ix.merge_commits());
+        check(&ix, &live, "folded beside");
+
+        release_the_merge(&ix, tell);
+        // its failure leaves its source; the next pass folds the three into one
+        assert!(!ix.maintain().unwrap());
+        while ix.maintain().unwrap() {}
+        assert_eq!(sizes(&ix), vec![512 + 3 * 64]);
         check(&ix, &live, "folded");
         drop(ix);
         let (ix, rep) = ShardIndex::open(dir.path(), settings).unwrap();

@@ -2,7 +2,8 @@
 //! ragfleet-index --example chunk_memory -- N [CHUNKS_PER_DOC]` writes N chunks (8-d vectors,
 //! ids like `document-00000001#0`) into a shard, seals them into one segment with its graph,
 //! and prints the bytes the process's heap holds per chunk beyond what it held before (the
-//! graph's share apart); then again after half the documents are deleted and sealed away.
+//! graph's share apart); then again after half the documents are deleted (their deletion
+//! records held), and once that is sealed and their copies compacted away.
 use ragfleet_index::eval::synthetic_model;
 use ragfleet_index::hnsw::GraphMemory;
 use ragfleet_index::{IndexSettings, ShardIndex};
@@ -90,6 +91,9 @@ fn main() {
     report(&ix, "sealed");
     let ids: Vec<String> = (0..docs / 2).map(|i| format!("document-{i:08}")).collect();
     ix.delete(&ids, 100).unwrap();
+    // the deletion records (each document's tombstone and deletion version) before the
+    // compaction drops the dead copies and with them the tombstones
+    report(&ix, "half the documents deleted, before the compaction");
     ix.seal().unwrap();
     report(&ix, "half the documents deleted");
 }

@@ -6,7 +6,7 @@
 //! the base reach half its records (or [`BASE_AT_LEAST`]), and the deltas are folded into one
 //! once there are [`MAX_DELTAS`] of them, so the bytes written stay in proportion to the
 //! changes and an open reads at most a base and [`MAX_DELTAS`] deltas.
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -128,7 +128,7 @@ impl DeletionLog {
             let p = base_path(dir, base);
             postcard::from_bytes(&read_required(&p)?).map_err(|e| corrupt(&p, e))?
         };
-        let base_records = records.deleted.len().max(records.tombstones.len());
+        let base_records = records.len();
         let mut since_base = HashSet::new();
         for &n in &deltas {
             let p = delta_path(dir, n);
@@ -140,8 +140,8 @@ impl DeletionLog {
                 ));
             }
             for (doc, tombstone, deleted) in d.changes {
-                set(&mut records.tombstones, &doc, tombstone);
-                set(&mut records.deleted, &doc, deleted);
+                records.set_tombstone(&doc, tombstone);
+                records.set_deleted(&doc, deleted);
                 since_base.insert(doc);
             }
         }
@@ -213,12 +213,7 @@ impl DeletionLog {
     /// Writes what changed since the last write (a delta, the deltas folded into one, or a new
     /// base), or nothing when nothing changed. The chain takes effect with
     /// [`DeletionLog::written`] once the manifest naming [`Written::head`] is durable.
-    pub(super) fn write(
-        &self,
-        dir: &Path,
-        tombstones: &HashMap<String, u64>,
-        deleted: &HashMap<String, u64>,
-    ) -> Result<Written, IndexError> {
+    pub(super) fn write(&self, dir: &Path, records: &Deletions) -> Result<Written, IndexError> {
         if !self.rebase && self.since_write.is_empty() {
             return Ok(Written {
                 base: self.base,
@@ -229,7 +224,7 @@ impl DeletionLog {
                 rebased: false,
             });
         }
-        let empty = tombstones.is_empty() && deleted.is_empty();
+        let empty = records.is_empty();
         if self.rebase || (self.base == 0 && self.deltas.is_empty() && empty) {
             // every record, as the base of a new chain
             let mut superseded: Vec<PathBuf> =
@@ -249,15 +244,12 @@ impl DeletionLog {
             }
             let next = self.number(dir);
             let path = base_path(dir, next);
-            let bytes = encode(&super::DeletionsRef {
-                tombstones,
-                deleted,
-            })?;
+            let bytes = encode(records)?;
             write_checked(&path, &bytes)?;
             return Ok(Written {
                 base: next,
                 deltas: Vec::new(),
-                base_records: deleted.len().max(tombstones.len()),
+                base_records: records.len(),
                 superseded,
                 new_file: Some(path),
                 rebased: true,
@@ -273,13 +265,7 @@ impl DeletionLog {
         };
         let mut changes: Vec<(String, Option<u64>, Option<u64>)> = docs
             .iter()
-            .map(|d| {
-                (
-                    d.clone(),
-                    tombstones.get(d).copied(),
-                    deleted.get(d).copied(),
-                )
-            })
+            .map(|d| (d.clone(), records.tombstone(d), records.deleted(d)))
             .collect();
         changes.sort_unstable();
         let earlier = if fold {
@@ -357,17 +343,6 @@ impl DeletionLog {
             out.push(format!("deletions-{}.bin", self.base));
         }
         out
-    }
-}
-
-fn set(map: &mut HashMap<String, u64>, doc: &str, v: Option<u64>) {
-    match v {
-        Some(v) => {
-            map.insert(doc.to_string(), v);
-        }
-        None => {
-            map.remove(doc);
-        }
     }
 }
 

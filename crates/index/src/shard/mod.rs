@@ -3,13 +3,15 @@
 //! The type and its small accessors are here; each concern has its module: [`recovery`],
 //! [`write`], [`growing`] (the growing segment), [`seal`] (seal, purge, graphs), [`merge`]
 //! (the tiered background merges), [`search`], [`sync`] (replica sync), [`docmap`] and
-//! [`slotmap`] (the live documents by id and chunks by slot, compact).
+//! [`slotmap`] (the live documents by id and chunks by slot, compact), [`records`] (the
+//! deletion records).
 mod builds;
 mod codec;
 mod deletions;
 mod docmap;
 mod growing;
 mod merge;
+mod records;
 mod recovery;
 mod room;
 mod seal;
@@ -239,23 +241,9 @@ struct Manifest {
     next_segment_id: u64,
 }
 
-/// A shard's deletion records (a base file `deletions-<n>.bin`).
-#[derive(Debug, Serialize, Deserialize, Default)]
-struct Deletions {
-    /// Documents deleted or replaced after a sealed segment took a copy: the sequence number
-    /// of the op, below which a sealed copy is dead.
-    tombstones: HashMap<String, u64>,
-    /// Version of the latest delete of every deleted document, kept so that an older copy
-    /// (from a retry or a lagging peer) cannot bring it back.
-    deleted: HashMap<String, u64>,
-}
-
-/// [`Deletions`] borrowed from the index, to be written (the same bytes).
-#[derive(Serialize)]
-struct DeletionsRef<'a> {
-    tombstones: &'a HashMap<String, u64>,
-    deleted: &'a HashMap<String, u64>,
-}
+/// A shard's deletion records (a base file `deletions-<n>.bin`: the documents' tombstones, then
+/// their deletion versions; see [`records`]).
+type Deletions = records::Records;
 
 #[derive(Debug, Serialize, Deserialize)]
 struct WalRecord {
@@ -348,8 +336,10 @@ pub struct ShardIndex {
     sealed: Vec<Arc<Segment>>,
     growing: growing::Growing,
     docs: docmap::DocMap,
-    tombstones: HashMap<String, u64>,
-    deleted: HashMap<String, u64>,
+    /// Documents deleted or replaced after a sealed segment took a copy (their tombstones: the
+    /// op's sequence number, below which a sealed copy is dead), and the version of the latest
+    /// delete of every deleted document (so that an older copy cannot bring it back).
+    records: records::Records,
     /// The deletion records' files (a base and deltas) and what changed since they were
     /// written: a manifest write writes only the changes.
     deletions_log: deletions::DeletionLog,
@@ -446,7 +436,7 @@ impl ShardIndex {
     /// Deleted documents whose deletion is kept as a tombstone (an older copy of each may
     /// still be stored; compactions prune the rest).
     pub fn tombstone_count(&self) -> usize {
-        self.tombstones.len()
+        self.records.tombstone_count()
     }
 
     /// Chunks in the growing segment (searched exactly until it is sealed), dead ones included.

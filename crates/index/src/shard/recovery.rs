@@ -44,8 +44,7 @@ impl ShardIndex {
             sealed: Vec::new(),
             growing: Default::default(),
             docs: Default::default(),
-            tombstones: deletions.tombstones,
-            deleted: deletions.deleted,
+            records: deletions,
             deletions_log,
             deletions_ahead: Default::default(),
             manifest_ahead: Default::default(),
@@ -186,7 +185,7 @@ impl ShardIndex {
             let s = latest.entry(e.doc_id()).or_insert(0);
             *s = (*s).max(e.seq);
         }
-        latest.retain(|doc, seq| self.tombstones.get(*doc).is_none_or(|t| *t < *seq));
+        latest.retain(|doc, seq| self.records.tombstone(doc).is_none_or(|t| t < *seq));
         self.docs.clear();
         self.slots.clear();
         self.bm25 = Bm25::default();
@@ -238,10 +237,7 @@ fn read_manifest(
             model: old.model,
             next_segment_id: old.next_segment_id,
         },
-        Deletions {
-            tombstones: old.tombstones,
-            deleted: old.deleted,
-        },
+        Deletions::from_maps(old.tombstones, old.deleted),
         log,
     ))
 }
@@ -435,12 +431,15 @@ mod tests {
     type Records = (Vec<(String, u64)>, Vec<(String, u64)>);
 
     fn records(ix: &ShardIndex) -> Records {
-        let sorted = |m: &HashMap<String, u64>| {
-            let mut v: Vec<(String, u64)> = m.iter().map(|(d, &x)| (d.clone(), x)).collect();
+        let sorted = |m: &mut dyn Iterator<Item = (&str, u64)>| {
+            let mut v: Vec<(String, u64)> = m.map(|(d, x)| (d.to_string(), x)).collect();
             v.sort();
             v
         };
-        (sorted(&ix.tombstones), sorted(&ix.deleted))
+        (
+            sorted(&mut ix.records.tombstones()),
+            sorted(&mut ix.records.deletions()),
+        )
     }
 
     /// The same deletion records (a short message when not).
@@ -569,12 +568,12 @@ mod tests {
             ix.seal().unwrap();
         }
         let (m, d, _) = read_manifest(dir.path()).unwrap();
-        assert!(d.deleted.contains_key("d4"));
+        assert!(d.deleted("d4").is_some());
         let v2 = ManifestV2 {
             last_seq: m.last_seq,
             segments: m.segments.clone(),
-            tombstones: d.tombstones.clone(),
-            deleted: d.deleted.clone(),
+            tombstones: d.tombstones().map(|(d, s)| (d.to_string(), s)).collect(),
+            deleted: d.deletions().map(|(d, v)| (d.to_string(), v)).collect(),
             model: m.model.clone(),
             next_segment_id: m.next_segment_id,
         };
@@ -618,10 +617,13 @@ mod tests {
         assert!(!ix.merging());
         assert!(ix.stored_chunks() < 72, "the large segment was compacted");
         assert!(
-            ix.tombstones.contains_key("d100"),
+            ix.records.tombstone("d100").is_some(),
             "its dead copy is still sealed"
         );
-        assert!(!ix.tombstones.contains_key("d3"), "no copy of it is left");
+        assert!(
+            ix.records.tombstone("d3").is_none(),
+            "no copy of it is left"
+        );
         assert_live_counts(&ix);
         drop(ix);
         let (ix, rep) = ShardIndex::open(dir.path(), settings).unwrap();
@@ -668,7 +670,11 @@ mod tests {
             3968 + 24,
             "the small segment was compacted"
         );
-        assert_eq!(ix.tombstones.len(), fifth.len() + 40, "the tombstones stay");
+        assert_eq!(
+            ix.records.tombstone_count(),
+            fifth.len() + 40,
+            "the tombstones stay"
+        );
         // most of every large one dies: their compactions prune every tombstone
         let more: Vec<String> = (0..3968)
             .filter(|i| matches!(i % 5, 1 | 2))
@@ -682,7 +688,7 @@ mod tests {
             left + 24,
             "the large segments were compacted"
         );
-        assert!(ix.tombstones.is_empty(), "no copy of any is left");
+        assert_eq!(ix.records.tombstone_count(), 0, "no copy of any is left");
         assert_live_counts(&ix);
         drop(ix);
         let (ix, rep) = ShardIndex::open(dir.path(), settings).unwrap();
@@ -708,8 +714,8 @@ mod tests {
         let v1 = ManifestV1 {
             last_seq: m.last_seq,
             segments: parts.clone(),
-            tombstones: d.tombstones.clone(),
-            deleted: d.deleted.clone(),
+            tombstones: d.tombstones().map(|(d, s)| (d.to_string(), s)).collect(),
+            deleted: d.deletions().map(|(d, v)| (d.to_string(), v)).collect(),
             model: m.model.clone(),
             next_segment_id: m.next_segment_id,
         };

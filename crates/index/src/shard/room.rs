@@ -10,8 +10,7 @@ use super::*;
 pub struct Room {
     docs: Option<super::docmap::DocTable>,
     slots: Option<super::slotmap::SlotMap>,
-    tombstones: Option<HashMap<String, u64>>,
-    deleted: Option<HashMap<String, u64>>,
+    records: Option<super::records::Records>,
 }
 
 impl std::fmt::Debug for Room {
@@ -19,11 +18,10 @@ impl std::fmt::Debug for Room {
         let len = |m: Option<usize>| m.map_or("-".to_string(), |l| l.to_string());
         write!(
             f,
-            "Room(docs {}, slots {}, tombstones {}, deleted {})",
+            "Room(docs {}, slots {}, deletion records {})",
             len(self.docs.as_ref().map(super::docmap::DocTable::len)),
             len(self.slots.as_ref().map(super::slotmap::SlotMap::len)),
-            len(self.tombstones.as_ref().map(HashMap::len)),
-            len(self.deleted.as_ref().map(HashMap::len)),
+            len(self.records.as_ref().map(super::records::Records::len)),
         )
     }
 }
@@ -31,10 +29,7 @@ impl std::fmt::Debug for Room {
 impl Room {
     /// Whether no map is to be replaced.
     pub fn is_empty(&self) -> bool {
-        self.docs.is_none()
-            && self.slots.is_none()
-            && self.tombstones.is_none()
-            && self.deleted.is_none()
+        self.docs.is_none() && self.slots.is_none() && self.records.is_none()
     }
 }
 
@@ -83,7 +78,11 @@ macro_rules! roomy_by_own_methods {
         }
     )*};
 }
-roomy_by_own_methods!(super::docmap::DocMap, super::slotmap::SlotMap);
+roomy_by_own_methods!(
+    super::docmap::DocMap,
+    super::slotmap::SlotMap,
+    super::records::Records
+);
 
 /// Below this many entries of room a map is left to grow and shrink in place.
 const SMALL: usize = 4096;
@@ -94,22 +93,9 @@ pub(super) fn shrunk_room(len: usize, capacity: usize) -> Option<usize> {
     (capacity > SMALL && len * 2 < capacity).then_some(len + len / 4)
 }
 
-/// `map` copied at a size with room for `incoming` more entries, when it has not that room
-/// (the size it would grow to itself, or what it will hold if more), or when it holds under half
-/// of its room (a quarter more than it will hold); `None` when neither.
-fn resized<K, V>(map: &HashMap<K, V>, incoming: usize) -> Option<HashMap<K, V>>
-where
-    K: Clone + Eq + std::hash::Hash,
-    V: Clone,
-{
-    let room = new_room(map, incoming)?;
-    let mut copy = HashMap::with_capacity(room);
-    copy.extend(map.iter().map(|(k, v)| (k.clone(), v.clone())));
-    Some(copy)
-}
-
-/// The room `map` is to be copied at before `incoming` more entries, as [`resized`] says;
-/// `None` when it is to be left as it is.
+/// The room `map` is to be copied at before `incoming` more entries: when it has not that room,
+/// the size it would grow to itself (or what it will hold if more); when it holds under half of
+/// its room, a quarter more than it will hold; `None` when neither (it is left as it is).
 fn new_room(map: &impl Roomy, incoming: usize) -> Option<usize> {
     let (will_hold, capacity) = (map.len() + incoming, map.capacity());
     if will_hold > capacity {
@@ -155,8 +141,8 @@ impl ShardIndex {
             // the documents' table only: their entries never move
             docs: new_room(&self.docs, upserted).map(|room| self.docs.table_with(room)),
             slots: new_room(&self.slots, chunks).map(|room| self.slots.copy_with(room)),
-            tombstones: resized(&self.tombstones, deleted),
-            deleted: resized(&self.deleted, deleted),
+            // a delete gives its document one record (its tombstone and deletion version)
+            records: new_room(&self.records, deleted).map(|room| self.records.copy_with(room)),
         }
     }
 
@@ -170,8 +156,7 @@ impl ShardIndex {
     pub fn install_room(&mut self, mut room: Room) -> Room {
         room.docs = room.docs.take().map(|t| self.docs.install_table(t));
         swap_in(&mut self.slots, &mut room.slots);
-        swap_in(&mut self.tombstones, &mut room.tombstones);
-        swap_in(&mut self.deleted, &mut room.deleted);
+        self.records.install(&mut room.records);
         room
     }
 }
@@ -179,6 +164,46 @@ impl ShardIndex {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `map` copied at a size with room for `incoming` more entries, when it has not that room
+    /// (the size it would grow to itself, or what it will hold if more), or when it holds under half
+    /// of its room (a quarter more than it will hold); `None` when neither.
+    fn resized<K, V>(map: &HashMap<K, V>, incoming: usize) -> Option<HashMap<K, V>>
+    where
+        K: Clone + Eq + std::hash::Hash,
+        V: Clone,
+    {
+        let room = new_room(map, incoming)?;
+        let mut copy = HashMap::with_capacity(room);
+        copy.extend(map.iter().map(|(k, v)| (k.clone(), v.clone())));
+        Some(copy)
+    }
+
+    /// A copy of the deletion records is swapped in only while they hold what it was made
+    /// from: not after a change that leaves their length as it was.
+    #[test]
+    fn a_copy_of_the_records_that_changed_since_is_not_swapped_in() {
+        let mut r = super::super::records::Records::default();
+        for i in 0..10_000u64 {
+            let d = format!("d{i}");
+            r.set_tombstone(&d, Some(i + 1));
+            r.set_deleted(&d, Some(i));
+        }
+        let room = new_room(&r, r.capacity()).expect("would rehash");
+        let mut copy = Some(r.copy_with(room));
+        r.set_tombstone("d5", None);
+        assert_eq!(r.len(), 10_000, "the same length");
+        r.install(&mut copy);
+        assert_eq!(r.tombstone("d5"), None, "the copy not swapped in");
+        assert!(r.capacity() < room);
+        let mut copy = Some(r.copy_with(room));
+        r.install(&mut copy);
+        assert!(r.capacity() >= room, "swapped in");
+        assert_eq!(r.tombstone("d5"), None);
+        assert_eq!(r.deleted("d5"), Some(5));
+        assert_eq!((r.tombstone_count(), r.deleted_count()), (9_999, 10_000));
+        assert_eq!(copy.unwrap().len(), 10_000, "the one replaced, handed back");
+    }
 
     #[test]
     fn a_map_is_copied_only_when_it_would_rehash_or_is_mostly_empty() {

@@ -149,8 +149,7 @@ impl ShardIndex {
         // a mass delete leaves the maps at the room their largest size took
         shrink_sparse(&mut self.docs);
         shrink_sparse(&mut self.slots);
-        shrink_sparse(&mut self.tombstones);
-        shrink_sparse(&mut self.deleted);
+        shrink_sparse(&mut self.records);
         if let Err(e) = self.maintain() {
             // the sources stay as they are; a later pass merges them
             warn!(dir = %self.dir.display(), error = %e, "merge failed");
@@ -169,25 +168,29 @@ impl ShardIndex {
             postcard::to_stdvec(&horizon).map_err(|e| IndexError::BadInput(e.to_string()))?;
         write_checked(&self.dir.join("purged.bin"), &bytes)?;
         self.purged_below = horizon;
-        let before = self.deleted.len();
-        let dropped = self.deleted.values().filter(|&&v| v < horizon).count();
+        let before = self.records.deleted_count();
+        let dropped = self
+            .records
+            .deletions()
+            .filter(|&(_, v)| v < horizon)
+            .count();
         self.deletions_log.touched_many(
             dropped,
-            self.deleted
-                .iter()
-                .filter(|(_, &v)| v < horizon)
-                .map(|(d, _)| d.as_str()),
+            self.records
+                .deletions()
+                .filter(|&(_, v)| v < horizon)
+                .map(|(d, _)| d),
         );
         // the records dropped leave the digests (a record counts while its document is not live)
-        for (d, &v) in &self.deleted {
-            if v < horizon && !self.docs.contains_key(d.as_str()) {
+        for (d, v) in self.records.deletions() {
+            if v < horizon && !self.docs.contains_key(d) {
                 let gone = ragfleet_proto::entry_hash(d, v, false);
                 self.digests.change(d, gone, 0);
             }
         }
-        self.deleted.retain(|_, v| *v >= horizon);
+        self.records.retain_deleted(|v| v >= horizon);
         info!(
-            dropped = before - self.deleted.len(),
+            dropped = before - self.records.deleted_count(),
             "deletion records past the grace period dropped"
         );
         Ok(())
@@ -196,9 +199,9 @@ impl ShardIndex {
     /// The grace horizon, when some deletion records are past it (the next seal drops them).
     fn purge_due(&self) -> Option<u64> {
         let horizon = self.grace_horizon()?;
-        self.deleted
-            .values()
-            .any(|&v| v < horizon)
+        self.records
+            .deletions()
+            .any(|(_, v)| v < horizon)
             .then_some(horizon)
     }
 
@@ -282,8 +285,7 @@ impl ShardIndex {
                 if let Some((_, w)) = other {
                     w.abandon();
                 }
-                self.deletions_log
-                    .write(&self.dir, &self.tombstones, &self.deleted)?
+                self.deletions_log.write(&self.dir, &self.records)?
             }
         };
         // what the sealed segments hold: a merge commits between seals, while the growing
@@ -423,9 +425,7 @@ impl ShardIndex {
         if ahead.as_ref().is_some_and(|(a, _)| *a == at) {
             return Ok(());
         }
-        let w = self
-            .deletions_log
-            .write(&self.dir, &self.tombstones, &self.deleted)?;
+        let w = self.deletions_log.write(&self.dir, &self.records)?;
         if let Some((_, old)) = ahead.replace((at, w)) {
             old.abandon();
         }

@@ -247,9 +247,9 @@ impl ShardIndex {
     /// What `doc_id` adds to the digest: its live version's hash, else its deletion record's,
     /// else nothing (a record counts only while its document is not live).
     pub(super) fn digest_entry(&self, doc_id: &str) -> u64 {
-        match (self.docs.get(doc_id), self.deleted.get(doc_id)) {
+        match (self.docs.get(doc_id), self.records.deleted(doc_id)) {
             (Some(d), _) => ragfleet_proto::entry_hash(doc_id, d.version, true),
-            (None, Some(&v)) => ragfleet_proto::entry_hash(doc_id, v, false),
+            (None, Some(v)) => ragfleet_proto::entry_hash(doc_id, v, false),
             (None, None) => 0,
         }
     }
@@ -287,9 +287,8 @@ impl ShardIndex {
 
     /// (id, version) of every deletion record of a document not live now.
     pub(super) fn remembered_deletions(&self) -> impl Iterator<Item = (&str, u64)> {
-        self.deleted
-            .iter()
-            .filter(|(d, _)| !self.docs.contains_key(d.as_str()))
-            .map(|(d, v)| (d.as_str(), *v))
+        self.records
+            .deletions()
+            .filter(|(d, _)| !self.docs.contains_key(d))
     }
 }

@@ -133,7 +133,7 @@ impl ShardIndex {
                 version,
             } if !chunks.is_empty() => {
                 self.remove_doc(&doc_id);
-                if self.deleted.remove(&doc_id).is_some() {
+                if self.records.set_deleted(&doc_id, None) {
                     self.deletions_log.touched(&doc_id);
                 }
                 for c in chunks {
@@ -148,8 +148,8 @@ impl ShardIndex {
             | WriteOp::Delete { doc_id, version } => {
                 self.remove_doc(&doc_id);
                 self.deletions_log.touched(&doc_id);
-                self.tombstones.insert(doc_id.clone(), seq);
-                self.deleted.insert(doc_id, version);
+                self.records.set_tombstone(&doc_id, Some(seq));
+                self.records.set_deleted(&doc_id, Some(version));
             }
         }
     }
@@ -170,7 +170,7 @@ impl ShardIndex {
         self.docs
             .get(doc_id)
             .map(|d| d.version)
-            .or_else(|| self.deleted.get(doc_id).copied())
+            .or_else(|| self.records.deleted(doc_id))
     }
 
     /// Deletes documents durably at `version` (no model check: deletions carry no vectors).

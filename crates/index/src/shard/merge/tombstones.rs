@@ -1,6 +1,7 @@
 //! Tombstones after a compaction: kept only while a sealed segment still holds an older copy,
 //! pruned when that pays, the old map freed off the write lock.
 use super::*;
+use crate::shard::records::Records;
 
 /// Tombstones are pruned after a compaction when the dead rows left in the shard are at most
 /// this many times those it dropped...
@@ -54,9 +55,9 @@ impl ShardIndex {
         self.prune_due
     }
 
-    /// Frees a replaced tombstone map: on another thread when large (550,000 strings took
+    /// Frees replaced deletion records: on another thread when large (550,000 strings took
     /// ~190 ms to free under the write lock).
-    pub(in crate::shard) fn free_tombstones(&self, old: HashMap<String, u64>) {
+    pub(in crate::shard) fn free_tombstones(&self, old: Records) {
         if self.settings.background && old.len() > 10_000 {
             if let Err(e) = std::thread::Builder::new()
                 .name("tombstones-free".into())
@@ -70,18 +71,20 @@ impl ShardIndex {
         }
     }
 
-    /// The tombstones still needed (those of documents a sealed segment holds a dead copy
-    /// of), read under a shared borrow; None when all of them are (or there are none).
-    pub(in crate::shard) fn tombstones_kept(&self) -> Option<HashMap<String, u64>> {
-        if self.tombstones.is_empty() {
+    /// The deletion records with only the tombstones still needed (those of documents a
+    /// sealed segment holds a dead copy of), made under a shared borrow; None when all of them
+    /// are (or there are none).
+    pub(in crate::shard) fn tombstones_kept(&self) -> Option<Records> {
+        if self.records.tombstone_count() == 0 {
             return None;
         }
-        let mut present: HashSet<String> = HashSet::new();
-        let mut check = |e: &Entry| {
-            if self.tombstones.contains_key(e.doc_id()) && !present.contains(e.doc_id()) {
-                present.insert(e.doc_id().to_string());
+        // keyed by the ids as the chunks hold them (a mapped chunk's in its file): no copy
+        let mut present: HashSet<&str> = HashSet::new();
+        fn check<'a>(records: &Records, present: &mut HashSet<&'a str>, e: &'a Entry) {
+            if records.tombstone(e.doc_id()).is_some() {
+                present.insert(e.doc_id());
             }
-        };
+        }
         // a live copy is newer than any deletion of its document (a delete or replace marks
         // every copy it finds dead): only dead ones need their tombstone. A whole mapped data
         // file gives its dead rows from its marks, without visiting its chunks (a million of
@@ -93,41 +96,34 @@ impl ShardIndex {
                     Some(file) => file
                         .dead_rows()
                         .filter_map(|row| part.get(row))
-                        .for_each(|e| check(e)),
+                        .for_each(|e| check(&self.records, &mut present, e)),
                     None => part
                         .iter()
                         .filter(|e| e.marked_dead() != Some(false))
-                        .for_each(|e| check(e)),
+                        .for_each(|e| check(&self.records, &mut present, e)),
                 }
             }
         }
-        if present.len() == self.tombstones.len() {
+        if present.len() == self.records.tombstone_count() {
             return None;
         }
-        Some(
-            present
-                .into_iter()
-                .filter_map(|d| self.tombstones.get(&d).map(|&v| (d, v)))
-                .collect(),
-        )
+        Some(self.records.with_tombstones_of(|d| present.contains(d)))
     }
 
-    /// Replaces the tombstones by `kept` ([`ShardIndex::tombstones_kept`], nothing deleted
-    /// since; None keeps them all); gives back the old map, to be freed after the lock.
-    pub(in crate::shard) fn keep_tombstones(
-        &mut self,
-        kept: Option<HashMap<String, u64>>,
-    ) -> HashMap<String, u64> {
+    /// Replaces the deletion records by `kept` ([`ShardIndex::tombstones_kept`], nothing
+    /// deleted since; None keeps them all); gives back the old ones, to be freed after the lock.
+    pub(in crate::shard) fn keep_tombstones(&mut self, kept: Option<Records>) -> Records {
         self.prune_due = false;
-        let Some(kept) = kept else {
-            return HashMap::new();
+        let Some(kept) = kept.filter(|k| k.pruned_from(&self.records)) else {
+            // kept all, or (not expected: the writer is held) the records changed since
+            return Records::default();
         };
-        let old = std::mem::replace(&mut self.tombstones, kept);
+        let old = std::mem::replace(&mut self.records, kept);
         self.deletions_log.touched_many(
-            old.len() - self.tombstones.len(),
-            old.keys()
-                .filter(|d| !self.tombstones.contains_key(*d))
-                .map(String::as_str),
+            old.tombstone_count() - self.records.tombstone_count(),
+            old.tombstones()
+                .filter(|(d, _)| self.records.tombstone(d).is_none())
+                .map(|(d, _)| d),
         );
         old
     }

@@ -23,6 +23,10 @@ use clap::Parser;
 use crate::cli::Cli;
 
 fn main() {
+    // one malloc arena a core (unless MALLOC_ARENA_MAX says otherwise), before any other
+    // thread allocates: the memory freed by graph builds and merges on many threads otherwise
+    // stays with the process in up to eight arenas a core (ragfleet_index::allocator)
+    ragfleet_index::allocator::limit_arenas();
     let cli = Cli::parse();
     // searches run on the runtime's threads (async or blocking): each asks the kernel for a
     // short slice, so that one woken on a core busy with background index work (nice 10) gets

@@ -161,6 +161,16 @@ pub fn run(b: ShardBench) -> Result<()> {
             "at nice 10 (RAGFLEET_BACKGROUND_IDLE=1: under SCHED_IDLE)"
         }
     );
+    println!(
+        "malloc arenas: {}",
+        match std::env::var(ragfleet_index::allocator::ARENA_ENV) {
+            Ok(n) => format!("{n} (MALLOC_ARENA_MAX)"),
+            Err(_) => format!(
+                "one a core ({}; MALLOC_ARENA_MAX to set)",
+                ragfleet_index::allocator::arenas_wanted(None, threads).unwrap_or(0)
+            ),
+        }
+    );
     let mut rows = Vec::new();
     let mut merge_line = None;
     let mut alternated = None;

@@ -4,6 +4,7 @@
 //! Knows nothing about actors; the shard actor wraps [`ShardIndex`].
 #![warn(missing_docs, unreachable_pub)]
 
+pub mod allocator;
 pub mod ann;
 mod bm25;
 pub mod chunk;

@@ -163,12 +163,13 @@ pub fn run(b: ShardBench) -> Result<()> {
     );
     println!(
         "malloc arenas: {}",
-        match std::env::var(ragfleet_index::allocator::ARENA_ENV) {
-            Ok(n) => format!("{n} (MALLOC_ARENA_MAX)"),
-            Err(_) => format!(
-                "one a core ({}; MALLOC_ARENA_MAX to set)",
-                ragfleet_index::allocator::arenas_wanted(None, threads).unwrap_or(0)
-            ),
+        match (
+            std::env::var(ragfleet_index::allocator::ARENA_ENV),
+            ragfleet_index::allocator::arena_limit(),
+        ) {
+            (Ok(n), _) => format!("{n} (MALLOC_ARENA_MAX)"),
+            (Err(_), Some(n)) => format!("{n}, one a core (MALLOC_ARENA_MAX to set)"),
+            (Err(_), None) => "glibc's default (the limit could not be set)".to_string(),
         }
     );
     let mut rows = Vec::new();

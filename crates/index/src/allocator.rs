@@ -17,10 +17,22 @@ pub fn arenas_wanted(env: Option<&str>, cores: usize) -> Option<usize> {
     }
 }
 
+/// What [`limit_arenas`] set, once it ran.
+static SET: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+
+/// The arena limit [`limit_arenas`] set in this process (None: it did not run, or set none).
+pub fn arena_limit() -> Option<usize> {
+    SET.get().copied().flatten()
+}
+
 /// Limits glibc's malloc arenas as [`arenas_wanted`] says (call it first thing in `main`,
 /// before other threads allocate); returns the limit set, None when none was (set by the
 /// environment, or not glibc).
 pub fn limit_arenas() -> Option<usize> {
+    *SET.get_or_init(set_limit)
+}
+
+fn set_limit() -> Option<usize> {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
@@ -47,7 +59,10 @@ mod tests {
         assert_eq!(arenas_wanted(Some("8"), 16), None, "glibc applies it");
         #[cfg(all(target_os = "linux", target_env = "gnu"))]
         if std::env::var(ARENA_ENV).is_err() {
-            assert!(limit_arenas().is_some(), "glibc takes the limit");
+            let set = limit_arenas();
+            assert!(set.is_some(), "glibc takes the limit");
+            assert_eq!(arena_limit(), set, "the limit set is reported");
+            assert_eq!(limit_arenas(), set, "set once");
         }
     }
 }

@@ -86,6 +86,9 @@ pub(super) struct Records {
     /// Bumped by every change: a copy made at another size ([`Records::copy_with`]) is swapped
     /// in only while it still holds what these do.
     changes: u64,
+    /// For a copy made by [`Records::with_tombstones_of`]: the `changes` of the records it was
+    /// made from (see [`Records::pruned_from`]).
+    pruned_at: Option<u64>,
 }
 
 impl PartialEq for Records {
@@ -221,7 +224,10 @@ impl Records {
             map: HashMap::with_capacity(self.deleted),
             tombstones: 0,
             deleted: 0,
+            // past the source's, so that a copy of the source made meanwhile at another size
+            // is never swapped in over this one
             changes: self.changes + 1,
+            pruned_at: Some(self.changes),
         };
         for (d, r) in &self.map {
             let mut r = *r;
@@ -238,7 +244,7 @@ impl Records {
 
     /// Whether these are [`Records::with_tombstones_of`] `older`, unchanged since.
     pub(super) fn pruned_from(&self, older: &Records) -> bool {
-        self.changes == older.changes + 1
+        self.pruned_at == Some(older.changes)
     }
 
     /// Entries held.
@@ -261,7 +267,11 @@ impl Records {
     pub(super) fn copy_with(&self, room: usize) -> Records {
         let mut map = HashMap::with_capacity(room.max(self.map.len()));
         map.extend(self.map.iter().map(|(d, r)| (d.clone(), *r)));
-        Records { map, ..*self }
+        Records {
+            map,
+            pruned_at: None,
+            ..*self
+        }
     }
 
     /// Swaps `copy` in if nothing changed since it was made, leaving what it replaced there.
@@ -461,5 +471,14 @@ mod tests {
         assert_eq!(kept.tombstone("d18"), None);
         assert_eq!(kept.deleted("d18"), Some(18));
         assert_eq!(kept.len(), 60, "the odd ones without a 7 are gone");
+        assert!(kept.pruned_from(&r), "made from these records, unchanged since");
+        assert!(!r.copy_with(1000).pruned_from(&r), "a copy at another size is not pruned");
+        assert!(!kept.pruned_from(&kept), "nor pruned from itself");
+        let mut copy = Some(r.copy_with(1000));
+        let mut installed = kept.clone();
+        installed.install(&mut copy);
+        assert_eq!(installed, kept, "a copy of the source is not swapped in over the pruned");
+        r.set_deleted("d1", Some(1));
+        assert!(!kept.pruned_from(&r), "the records changed since");
     }
 }

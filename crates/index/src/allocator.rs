@@ -48,6 +48,23 @@ fn set_limit() -> Option<usize> {
     }
 }
 
+/// Gives the memory the allocator holds free back to the system (glibc's `malloc_trim`);
+/// returns whether any was. It takes each arena's lock in turn while it walks it, so a thread
+/// allocating from that arena meanwhile waits: call it on an ordinary thread (not a
+/// background one at a low priority, which could be preempted holding a lock) and only after
+/// large frees. A no-op (false) where the allocator is not glibc's.
+pub fn give_back() -> bool {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: malloc_trim only returns free memory to the system
+        unsafe { libc::malloc_trim(0) == 1 }
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        false
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -137,6 +137,11 @@ const COMPACT_ALONE_SHARE: f64 = 0.5;
 /// cores, the disk and the memory of their copies.
 pub(super) const BESIDE_SHARE: usize = 4;
 
+/// Chunks merged away after which a shard has the allocator give its free memory back (see
+/// [`ShardIndex::give_back_due`]): ~64 MB or more of chunks, maps and graphs, so that the
+/// arenas' walk (a few ms, each arena locked in turn) is paid after large merges only.
+pub(super) const GIVE_BACK_AFTER_CHUNKS: usize = 65_536;
+
 impl ShardIndex {
     /// Commits a finished merge, then starts the next one the policy asks for. Called after
     /// every seal and periodically by the shard's owner; with `background: false` the merges
@@ -263,10 +268,33 @@ impl ShardIndex {
         self.freeing.load(std::sync::atomic::Ordering::SeqCst)
     }
 
+    /// Whether the segments merged away since the allocator last gave its free memory back
+    /// hold [`GIVE_BACK_AFTER_CHUNKS`] or more chunks and are all freed: their chunks, maps,
+    /// graphs and the merges' buffers were freed on several threads, and glibc keeps what each
+    /// thread's arena freed for its next requests (`bench shard --sizes 1000000`: ~0.13-0.2 GB
+    /// a million chunks). True once: the count starts again.
+    pub fn give_back_due(&self) -> bool {
+        if !self.give_back_pending() {
+            return false;
+        }
+        self.freed_since_give_back.store(0, Ordering::Relaxed);
+        true
+    }
+
+    /// [`ShardIndex::give_back_due`] without starting the count again.
+    fn give_back_pending(&self) -> bool {
+        self.freed_since_give_back.load(Ordering::Relaxed) >= GIVE_BACK_AFTER_CHUNKS
+            && self.segments_being_freed() == 0
+    }
+
     /// Whether [`ShardIndex::maintain`] has something to do now (cheap: the owner polls it under
     /// a read lock and takes the write lock only when it says yes).
     pub fn needs_maintenance(&self) -> bool {
-        if self.idle_seal_due() || !self.rebinding.is_empty() || self.prune_due {
+        if self.idle_seal_due()
+            || !self.rebinding.is_empty()
+            || self.prune_due
+            || self.give_back_pending()
+        {
             return true;
         }
         self.merge_finished()
@@ -580,6 +608,10 @@ impl ShardIndex {
             .into_iter()
             .filter(|s| sources.contains(&s.id))
             .collect();
+        self.freed_since_give_back.fetch_add(
+            retired.iter().map(|s| s.entries.len()).sum(),
+            Ordering::Relaxed,
+        );
         if self.settings.background {
             let freeing = Arc::clone(&self.freeing);
             freeing.fetch_add(1, Ordering::SeqCst);
@@ -763,6 +795,43 @@ mod tests {
         let after = answers(&ia);
         assert_ne!(after, before, "the statistics moved");
         assert_eq!(answers(&ib), after);
+    }
+
+    /// The chunks of merged-away segments are counted; once they reach
+    /// GIVE_BACK_AFTER_CHUNKS and every merged-away segment is freed, the shard asks for
+    /// maintenance and the allocator's give-back is due, once; a shared shard's maintenance
+    /// does it and starts the count again.
+    #[test]
+    fn the_allocator_gives_back_once_large_merges_are_freed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut ix, _, _) = merged_shard(dir.path(), 0);
+        for b in 0..8 {
+            ix.write((b * 64..b * 64 + 64).map(|i| doc(i, "old", 1)).collect(), &model())
+                .unwrap();
+            while ix.maintain().unwrap() {}
+        }
+        assert_eq!(sizes(&ix), vec![512], "one segment, merged from eight of 64");
+        let counted = ix.freed_since_give_back.load(Ordering::Relaxed);
+        assert!(counted >= 512, "every first segment merged away: {counted}");
+        assert!(!ix.needs_maintenance() && !ix.give_back_due(), "far below");
+        ix.freed_since_give_back
+            .store(GIVE_BACK_AFTER_CHUNKS - 600, Ordering::Relaxed);
+        for b in 8..16 {
+            ix.write((b * 64..b * 64 + 64).map(|i| doc(i, "new", 1)).collect(), &model())
+                .unwrap();
+            while ix.maintain().unwrap() {}
+        }
+        assert_eq!(sizes(&ix), vec![1024]);
+        // a merge's sources still being freed on another thread: not yet
+        ix.freeing.fetch_add(1, Ordering::SeqCst);
+        assert!(!ix.needs_maintenance() && !ix.give_back_due());
+        ix.freeing.fetch_sub(1, Ordering::SeqCst);
+        assert!(ix.needs_maintenance(), "due once they are freed");
+        let shared = SharedShard::new(ix);
+        shared.maintain().unwrap();
+        let ix = shared.read();
+        assert_eq!(ix.freed_since_give_back.load(Ordering::Relaxed), 0);
+        assert!(!ix.needs_maintenance() && !ix.give_back_due(), "done, once");
     }
 
     /// A shard of 64-chunk segments merging in the foreground, `n` documents written ("old")

@@ -370,6 +370,9 @@ pub struct ShardIndex {
     graphs_done: Arc<std::sync::atomic::AtomicU64>,
     /// Merged-away segments still being freed on a background thread.
     freeing: Arc<std::sync::atomic::AtomicUsize>,
+    /// Chunks of the segments merged away since the allocator last gave its free memory back
+    /// (see [`ShardIndex::give_back_due`]).
+    freed_since_give_back: std::sync::atomic::AtomicUsize,
     /// Compacted segments whose chunks the slots are still being pointed at, a bounded batch
     /// per [`ShardIndex::maintain`] (see [`merge::Rebinding`]).
     rebinding: std::collections::VecDeque<merge::Rebinding>,

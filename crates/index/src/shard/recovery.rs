@@ -58,6 +58,7 @@ impl ShardIndex {
             generation: 0,
             graphs_done: Default::default(),
             freeing: Default::default(),
+            freed_since_give_back: Default::default(),
             rebinding: Default::default(),
             prune_due: false,
             merge_commits: Default::default(),

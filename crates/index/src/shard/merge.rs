@@ -154,6 +154,11 @@ impl ShardIndex {
             self.prune_tombstones();
         }
         drop(self.take_to_free());
+        // after large merges, the memory their threads freed is given back (see
+        // SharedShard::maintain, which does the same outside its lock)
+        if self.give_back_due() {
+            crate::allocator::give_back();
+        }
         r
     }
 
@@ -814,6 +819,7 @@ mod tests {
         let counted = ix.freed_since_give_back.load(Ordering::Relaxed);
         assert!(counted >= 512, "every first segment merged away: {counted}");
         assert!(!ix.needs_maintenance() && !ix.give_back_due(), "far below");
+        // merges past the threshold: given back by the index's own maintenance
         ix.freed_since_give_back
             .store(GIVE_BACK_AFTER_CHUNKS - 600, Ordering::Relaxed);
         for b in 8..16 {
@@ -822,7 +828,15 @@ mod tests {
             while ix.maintain().unwrap() {}
         }
         assert_eq!(sizes(&ix), vec![1024]);
+        let left = ix.freed_since_give_back.load(Ordering::Relaxed);
+        assert!(
+            left < GIVE_BACK_AFTER_CHUNKS - 600,
+            "given back on the way, the count started again: {left}"
+        );
+        assert!(!ix.needs_maintenance(), "not asked again");
         // a merge's sources still being freed on another thread: not yet
+        ix.freed_since_give_back
+            .store(GIVE_BACK_AFTER_CHUNKS, Ordering::Relaxed);
         ix.freeing.fetch_add(1, Ordering::SeqCst);
         assert!(!ix.needs_maintenance() && !ix.give_back_due());
         ix.freeing.fetch_sub(1, Ordering::SeqCst);

@@ -24,15 +24,6 @@ pub(super) fn resident_bytes() -> (u64, u64) {
     (field("RssAnon:"), field("RssFile:"))
 }
 
-/// Lets glibc give the free memory it holds back to the system.
-pub(super) fn trim_allocator() {
-    // SAFETY: malloc_trim only returns free memory to the system
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
 /// Bytes of the files under `dir`.
 pub(super) fn disk_bytes(dir: &std::path::Path) -> u64 {
     std::fs::read_dir(dir)

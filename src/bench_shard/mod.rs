@@ -22,8 +22,8 @@ use crate::bench_set::BenchSet;
 use crate::eval_answers::percentile;
 use load::{during_writes, Largest};
 use measure::{
-    alternate, disk_bytes, median_lid, resident_bytes, settled, timed, trim_allocator,
-    ALTERNATE_ROUNDS, LID_NEIGHBOURS,
+    alternate, disk_bytes, median_lid, resident_bytes, settled, timed, ALTERNATE_ROUNDS,
+    LID_NEIGHBOURS,
 };
 use merges::{during_compaction, during_merge};
 use rand::SeedableRng;
@@ -262,7 +262,7 @@ fn ingest(
     };
     // the baseline without the free memory the previous size left in the allocator (the
     // index would otherwise reuse it unseen)
-    trim_allocator();
+    ragfleet_index::allocator::give_back();
     let rss0 = resident_bytes();
     let ix = SharedShard::new(ShardIndex::open(dir, settings)?.0);
     let t = Instant::now();
@@ -311,7 +311,7 @@ fn ingest(
     );
     // glibc keeps freed memory in its arenas (the ingest's and merges' buffers, per thread):
     // how much of the figure above is that, and how much the index's live data
-    trim_allocator();
+    ragfleet_index::allocator::give_back();
     let live_per_million = per_million(
         resident_bytes()
             .0

@@ -54,15 +54,18 @@ fn set_limit() -> Option<usize> {
 /// background one at a low priority, which could be preempted holding a lock) and only after
 /// large frees. A no-op (false) where the allocator is not glibc's.
 pub fn give_back() -> bool {
+    let t = std::time::Instant::now();
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        // SAFETY: malloc_trim only returns free memory to the system
-        unsafe { libc::malloc_trim(0) == 1 }
-    }
+    // SAFETY: malloc_trim only returns free memory to the system
+    let released = unsafe { libc::malloc_trim(0) == 1 };
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-    {
-        false
-    }
+    let released = false;
+    tracing::debug!(
+        ms = t.elapsed().as_secs_f64() * 1e3,
+        released,
+        "the allocator gave its free memory back"
+    );
+    released
 }
 
 #[cfg(test)]

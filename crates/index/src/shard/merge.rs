@@ -811,11 +811,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (mut ix, _, _) = merged_shard(dir.path(), 0);
         for b in 0..8 {
-            ix.write((b * 64..b * 64 + 64).map(|i| doc(i, "old", 1)).collect(), &model())
-                .unwrap();
+            ix.write(
+                (b * 64..b * 64 + 64).map(|i| doc(i, "old", 1)).collect(),
+                &model(),
+            )
+            .unwrap();
             while ix.maintain().unwrap() {}
         }
-        assert_eq!(sizes(&ix), vec![512], "one segment, merged from eight of 64");
+        assert_eq!(
+            sizes(&ix),
+            vec![512],
+            "one segment, merged from eight of 64"
+        );
         let counted = ix.freed_since_give_back.load(Ordering::Relaxed);
         assert!(counted >= 512, "every first segment merged away: {counted}");
         assert!(!ix.needs_maintenance() && !ix.give_back_due(), "far below");
@@ -823,8 +830,11 @@ mod tests {
         ix.freed_since_give_back
             .store(GIVE_BACK_AFTER_CHUNKS - 600, Ordering::Relaxed);
         for b in 8..16 {
-            ix.write((b * 64..b * 64 + 64).map(|i| doc(i, "new", 1)).collect(), &model())
-                .unwrap();
+            ix.write(
+                (b * 64..b * 64 + 64).map(|i| doc(i, "new", 1)).collect(),
+                &model(),
+            )
+            .unwrap();
             while ix.maintain().unwrap() {}
         }
         assert_eq!(sizes(&ix), vec![1024]);

@@ -471,13 +471,22 @@ mod tests {
         assert_eq!(kept.tombstone("d18"), None);
         assert_eq!(kept.deleted("d18"), Some(18));
         assert_eq!(kept.len(), 60, "the odd ones without a 7 are gone");
-        assert!(kept.pruned_from(&r), "made from these records, unchanged since");
-        assert!(!r.copy_with(1000).pruned_from(&r), "a copy at another size is not pruned");
+        assert!(
+            kept.pruned_from(&r),
+            "made from these records, unchanged since"
+        );
+        assert!(
+            !r.copy_with(1000).pruned_from(&r),
+            "a copy at another size is not pruned"
+        );
         assert!(!kept.pruned_from(&kept), "nor pruned from itself");
         let mut copy = Some(r.copy_with(1000));
         let mut installed = kept.clone();
         installed.install(&mut copy);
-        assert_eq!(installed, kept, "a copy of the source is not swapped in over the pruned");
+        assert_eq!(
+            installed, kept,
+            "a copy of the source is not swapped in over the pruned"
+        );
         r.set_deleted("d1", Some(1));
         assert!(!kept.pruned_from(&r), "the records changed since");
     }

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use parking_lot::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use ragfleet_proto::{ModelIdentity, WriteOp};
-use tracing::{debug, warn};
+use tracing::warn;
 
 use super::ShardIndex;
 use crate::IndexError;
@@ -152,12 +152,7 @@ impl SharedShard {
         // after large merges, the memory their threads freed is given back to the system
         // (on this thread, which runs at the writer's priority: see allocator::give_back)
         if self.read().give_back_due() {
-            let t = Instant::now();
-            let released = crate::allocator::give_back();
-            debug!(
-                ms = t.elapsed().as_secs_f64() * 1e3,
-                released, "the allocator gave its free memory back after large merges"
-            );
+            crate::allocator::give_back();
         }
         r
     }

@@ -504,7 +504,9 @@ fn graph_files(dir: &std::path::Path) -> Vec<String> {
 
 /// Writes `n` documents from `from` into a background-merging index and waits (polling) for
 /// a merge that finished and waits for its commit (starting one once the graphs are built,
-/// as the shard's owner does).
+/// as the shard's owner does), then for every sealed segment's graph, so that no seal's
+/// graph file appears in the folder after the caller's look at it (a seal the merge left
+/// out may still be building its graph on a loaded machine).
 fn until_a_merge_waits(ix: &mut ShardIndex, from: u64, n: u64) {
     for i in from..from + n {
         ix.write(vec![upsert(&format!("d{i}"), 1, i)], &model())
@@ -518,6 +520,10 @@ fn until_a_merge_waits(ix: &mut ShardIndex, from: u64, n: u64) {
         assert!(std::time::Instant::now() < deadline, "no merge finished");
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
+    assert!(
+        ix.wait_for_graphs(std::time::Duration::from_secs(60)),
+        "a sealed segment's graph was not built"
+    );
 }
 
 #[test]

@@ -305,7 +305,9 @@ impl Cluster {
         let names: Vec<String> = self.nodes.iter().map(|n| n.0.clone()).collect();
         wait_for(
             "every node alive and every replica serving",
-            Duration::from_secs(60),
+            // debug-built nodes loading their models on a 2-core machine beside another
+            // test's cluster: a loaded machine took over 60 s (a deadline, not a wait)
+            Duration::from_secs(180),
             || {
                 let s = self.status()?;
                 let nodes = s["nodes"].as_array()?;

@@ -135,19 +135,27 @@ pub(super) fn during_compaction(
             let (stolen_before, passes_began) =
                 (ragfleet_index::priority::stolen_ms(), Instant::now());
             let deadline = Instant::now() + Duration::from_secs(600);
-            // a reader beside the passes: how long one waited for the index at most (a pass's
-            // own time also counts what it frees after letting the searches back in)
+            let gave_before = ragfleet_index::allocator::give_backs().count;
+            // searches beside the passes, the freeing of the merged-away segment after them and
+            // the allocator's give-back that follows it: how long one waited for the index at
+            // most (a pass's own time also counts what it frees after letting the searches back
+            // in), and each one's start and time
             let stop = std::sync::atomic::AtomicBool::new(false);
-            let waited = std::thread::scope(|s| -> Result<f64> {
-                let reader = s.spawn(|| {
-                    let mut worst = 0.0f64;
-                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let (waited, beside) = std::thread::scope(|s| -> Result<(f64, Vec<(Instant, f64)>)> {
+                let searcher = s.spawn(|| -> Result<(f64, Vec<(Instant, f64)>)> {
+                    let (mut worst, mut beside) = (0.0f64, Vec::new());
+                    for q in dense.iter().cycle() {
+                        if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                            break;
+                        }
                         let t = Instant::now();
-                        drop(ix.read());
+                        let shard = ix.read();
                         worst = worst.max(t.elapsed().as_secs_f64() * 1e3);
-                        std::thread::sleep(Duration::from_micros(50));
+                        shard.search(q)?;
+                        drop(shard);
+                        beside.push((t, t.elapsed().as_secs_f64() * 1e3));
                     }
-                    worst
+                    Ok((worst, beside))
                 });
                 let r = (|| -> Result<()> {
                     while ix.read().chunks_to_rebind() > 0 && Instant::now() < deadline {
@@ -166,14 +174,30 @@ pub(super) fn during_compaction(
                         }
                         passes += 1;
                     }
+                    // the merged-away segment freed on its thread, then the give-back, as the
+                    // shard's owner runs them
+                    while Instant::now() < deadline {
+                        let shard = ix.read();
+                        let (freeing, due) =
+                            (shard.segments_being_freed() > 0, shard.needs_maintenance());
+                        drop(shard);
+                        if due {
+                            ix.maintain()?;
+                        } else if freeing {
+                            std::thread::sleep(Duration::from_millis(2));
+                        } else {
+                            break;
+                        }
+                    }
                     Ok(())
                 })();
                 stop.store(true, std::sync::atomic::Ordering::Relaxed);
-                let worst = reader
+                let searched = searcher
                     .join()
-                    .map_err(|_| anyhow::anyhow!("the reader panicked"))?;
-                r.map(|()| worst)
+                    .map_err(|_| anyhow::anyhow!("the searcher panicked"))?;
+                r.and(searched)
             })?;
+            let give_back = give_back_beside(gave_before, &beside, &quiet);
             // what the hypervisor took from the machine meanwhile: a holder whose virtual CPU
             // is not running holds the searches off whatever it does
             let stolen = match (stolen_before, ragfleet_index::priority::stolen_ms()) {
@@ -190,7 +214,7 @@ pub(super) fn during_compaction(
                 commits.all, commits.prepared
             );
             return Ok(format!(
-                "during a compaction of the largest segment ({} of {n} documents deleted; {secs:.1} s, {figures}; then {chunks} slots pointed at the copies in {passes} passes of at most {:.1} ms (on a CPU {:.1} ms; context switches: {} waits, {} preemptions), the index held at most {held_ms:.1} ms a pass, a reader beside them waiting at most {waited:.1} ms{stolen}{commits}",
+                "during a compaction of the largest segment ({} of {n} documents deleted; {secs:.1} s, {figures}; then {chunks} slots pointed at the copies in {passes} passes of at most {:.1} ms (on a CPU {:.1} ms; context switches: {} waits, {} preemptions), the index held at most {held_ms:.1} ms a pass, a search beside them waiting for it at most {waited:.1} ms{give_back}{stolen}{commits}",
                 doomed.len(),
                 longest.0,
                 longest.1,
@@ -199,4 +223,32 @@ pub(super) fn during_compaction(
             ));
         }
     }
+}
+
+/// What the allocator's give-back after the compaction cost the searches beside it (`beside`:
+/// each search's start and milliseconds, from the first pointing pass to the give-back's end):
+/// how long it took, the searches that overlapped it and the longest of them, and the p99 of
+/// them all against the quiet p99; "" when none ran after `count_before`.
+fn give_back_beside(count_before: u64, beside: &[(Instant, f64)], quiet: &[f64]) -> String {
+    let gave = ragfleet_index::allocator::give_backs();
+    let Some((began, took)) = gave.last.filter(|_| gave.count > count_before) else {
+        return "; the allocator gave nothing back (not glibc's, or too little merged away)".into();
+    };
+    let ended = began + took;
+    let overlapping: Vec<f64> = beside
+        .iter()
+        .filter(|(t, ms)| *t < ended && *t + Duration::from_secs_f64(ms / 1e3) > began)
+        .map(|(_, ms)| *ms)
+        .collect();
+    let longest = overlapping.iter().copied().fold(0.0f64, f64::max);
+    let mut all: Vec<f64> = beside.iter().map(|(_, ms)| *ms).collect();
+    let mut quiet = quiet.to_vec();
+    let (p99, q99) = (percentile(&mut all, 0.99), percentile(&mut quiet, 0.99));
+    format!(
+        "; the allocator then gave its free memory back in {:.1} ms, {} searches beside it (the longest {longest:.2} ms); the {} searches from the first pass to its end p99 {p99:.2} ms (x{:.2} the quiet p99)",
+        took.as_secs_f64() * 1e3,
+        overlapping.len(),
+        all.len(),
+        p99 / q99
+    )
 }

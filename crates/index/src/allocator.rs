@@ -60,17 +60,54 @@ pub fn give_back() -> bool {
     let released = unsafe { libc::malloc_trim(0) == 1 };
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
     let released = false;
+    let took = t.elapsed();
+    if let Ok(mut g) = GIVE_BACKS.lock() {
+        g.count += 1;
+        g.last = Some((t, took));
+    }
     tracing::debug!(
-        ms = t.elapsed().as_secs_f64() * 1e3,
+        ms = took.as_secs_f64() * 1e3,
         released,
         "the allocator gave its free memory back"
     );
     released
 }
 
+/// The give-backs of this process so far: how many, and when the last began and how long it
+/// took (what `bench shard` puts beside the searches that ran meanwhile).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GiveBacks {
+    /// [`give_back`] calls since the process started.
+    pub count: u64,
+    /// The last one's start and duration.
+    pub last: Option<(std::time::Instant, std::time::Duration)>,
+}
+
+static GIVE_BACKS: std::sync::Mutex<GiveBacks> = std::sync::Mutex::new(GiveBacks {
+    count: 0,
+    last: None,
+});
+
+/// The give-backs so far (see [`GiveBacks`]).
+pub fn give_backs() -> GiveBacks {
+    GIVE_BACKS.lock().map(|g| *g).unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_give_back_is_counted_with_its_start_and_duration() {
+        let before = give_backs();
+        let t = std::time::Instant::now();
+        give_back();
+        let after = give_backs();
+        assert!(after.count > before.count);
+        let (began, took) = after.last.expect("the last one is recorded");
+        assert!(began >= t, "it began in this call or one after it");
+        assert!(began + took <= std::time::Instant::now());
+    }
 
     #[test]
     fn one_arena_a_core_unless_the_environment_says() {

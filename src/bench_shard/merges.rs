@@ -241,11 +241,12 @@ fn give_back_beside(count_before: u64, beside: &[(Instant, f64)], quiet: &[f64])
         .map(|(_, ms)| *ms)
         .collect();
     let longest = overlapping.iter().copied().fold(0.0f64, f64::max);
+    let slow = overlapping.iter().filter(|ms| **ms >= 1.0).count();
     let mut all: Vec<f64> = beside.iter().map(|(_, ms)| *ms).collect();
     let mut quiet = quiet.to_vec();
     let (p99, q99) = (percentile(&mut all, 0.99), percentile(&mut quiet, 0.99));
     format!(
-        "; the allocator then gave its free memory back in {:.1} ms, {} searches beside it (the longest {longest:.2} ms); the {} searches from the first pass to its end p99 {p99:.2} ms (x{:.2} the quiet p99)",
+        "; the allocator then gave its free memory back in {:.1} ms, {} searches beside it ({slow} of 1 ms or more, the longest {longest:.2} ms); the {} searches from the first pass to its end p99 {p99:.2} ms (x{:.2} the quiet p99)",
         took.as_secs_f64() * 1e3,
         overlapping.len(),
         all.len(),

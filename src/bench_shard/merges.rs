@@ -228,7 +228,7 @@ pub(super) fn during_compaction(
 /// What the allocator's give-back after the compaction cost the searches beside it (`beside`:
 /// each search's start and milliseconds, from the first pointing pass to the give-back's end):
 /// how long it took, the searches that overlapped it and the longest of them, and the p99 of
-/// them all against the quiet p99; "" when none ran after `count_before`.
+/// them all against the quiet p99; a line saying so when none ran after `count_before`.
 fn give_back_beside(count_before: u64, beside: &[(Instant, f64)], quiet: &[f64]) -> String {
     let gave = ragfleet_index::allocator::give_backs();
     let Some((began, took)) = gave.last.filter(|_| gave.count > count_before) else {

@@ -105,7 +105,11 @@ mod tests {
         let after = give_backs();
         assert!(after.count > before.count);
         let (began, took) = after.last.expect("the last one is recorded");
-        assert!(began >= t, "it began in this call or one after it");
+        // another test's give-back may end meanwhile (tests run on several threads): only
+        // when this call was the one counted between the two looks is it the last recorded
+        if after.count == before.count + 1 {
+            assert!(began >= t, "the last recorded is this call");
+        }
         assert!(began + took <= std::time::Instant::now());
     }
 

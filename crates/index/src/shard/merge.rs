@@ -810,14 +810,7 @@ mod tests {
     fn the_allocator_gives_back_once_large_merges_are_freed() {
         let dir = tempfile::tempdir().unwrap();
         let (mut ix, _, _) = merged_shard(dir.path(), 0);
-        for b in 0..8 {
-            ix.write(
-                (b * 64..b * 64 + 64).map(|i| doc(i, "old", 1)).collect(),
-                &model(),
-            )
-            .unwrap();
-            while ix.maintain().unwrap() {}
-        }
+        write_sealing(&mut ix, 0..8, "old");
         assert_eq!(
             sizes(&ix),
             vec![512],
@@ -829,14 +822,7 @@ mod tests {
         // merges past the threshold: given back by the index's own maintenance
         ix.freed_since_give_back
             .store(GIVE_BACK_AFTER_CHUNKS - 600, Ordering::Relaxed);
-        for b in 8..16 {
-            ix.write(
-                (b * 64..b * 64 + 64).map(|i| doc(i, "new", 1)).collect(),
-                &model(),
-            )
-            .unwrap();
-            while ix.maintain().unwrap() {}
-        }
+        write_sealing(&mut ix, 8..16, "new");
         assert_eq!(sizes(&ix), vec![1024]);
         let left = ix.freed_since_give_back.load(Ordering::Relaxed);
         assert!(
@@ -856,6 +842,19 @@ mod tests {
         let ix = shared.read();
         assert_eq!(ix.freed_since_give_back.load(Ordering::Relaxed), 0);
         assert!(!ix.needs_maintenance() && !ix.give_back_due(), "done, once");
+    }
+
+    /// Writes the 64 documents of each batch in `batches` (document `64 * b + j`, `text`,
+    /// version 1), each a 64-chunk seal, maintaining the index to the end after each.
+    fn write_sealing(ix: &mut ShardIndex, batches: std::ops::Range<usize>, text: &str) {
+        for b in batches {
+            ix.write(
+                (b * 64..b * 64 + 64).map(|i| doc(i, text, 1)).collect(),
+                &model(),
+            )
+            .unwrap();
+            while ix.maintain().unwrap() {}
+        }
     }
 
     /// A shard of 64-chunk segments merging in the foreground, `n` documents written ("old")

@@ -150,7 +150,8 @@ impl SharedShard {
         }
         let r = self.maintain_merges();
         // after large merges, the memory their threads freed is given back to the system
-        // (on this thread, which runs at the writer's priority: see allocator::give_back)
+        // (on this thread, which runs at the writer's priority: see allocator::give_back;
+        // the read guard is dropped with the condition, so the index is not held meanwhile)
         if self.read().give_back_due() {
             crate::allocator::give_back();
         }

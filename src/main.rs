@@ -1,5 +1,7 @@
 //! `ragfleet`: nodes, the local cluster launcher, the embedded demo, the client commands, the
 //! model commands, evaluation and benchmarks.
+#[cfg(all(feature = "jemalloc", target_os = "linux"))]
+mod alloc;
 mod bench;
 mod bench_ingest;
 mod bench_load;
@@ -21,6 +23,11 @@ use std::time::Duration;
 use clap::Parser;
 
 use crate::cli::Cli;
+
+// small blocks from jemalloc, large ones from glibc (see alloc.rs)
+#[cfg(all(feature = "jemalloc", target_os = "linux"))]
+#[global_allocator]
+static GLOBAL: alloc::Split = alloc::Split;
 
 fn main() {
     // one malloc arena a core (unless MALLOC_ARENA_MAX says otherwise), before any other

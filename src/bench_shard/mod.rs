@@ -161,8 +161,10 @@ pub fn run(b: ShardBench) -> Result<()> {
             "at nice 10 (RAGFLEET_BACKGROUND_IDLE=1: under SCHED_IDLE)"
         }
     );
+    #[cfg(all(feature = "jemalloc", target_os = "linux"))]
+    println!("allocator: {}", crate::alloc::describe());
     println!(
-        "malloc arenas: {}",
+        "glibc's malloc arenas: {}",
         match (
             std::env::var(ragfleet_index::allocator::ARENA_ENV),
             ragfleet_index::allocator::arena_limit(),

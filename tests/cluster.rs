@@ -197,7 +197,7 @@ fn supervision_restarts_a_panicking_actor_and_escalates_a_crash_loop() {
 #[test]
 fn bad_input_gets_clear_errors_and_the_nodes_keep_serving() {
     let _g = serial();
-    let c = Cluster::three("");
+    let mut c = Cluster::three("");
     ingest(&c);
     // empty and huge queries
     let (ok, _, err) = c.cli(&["retrieve", "--json", "   "]);

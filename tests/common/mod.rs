@@ -29,12 +29,29 @@ pub fn models_dir() -> PathBuf {
         .unwrap_or_else(|| root().join("models"))
 }
 
+/// A loopback port free now and never handed out before in this test process: the OS may
+/// give the port it just released to the next `bind(0)`, and a cluster's config names several
+/// ports before any node binds them, so a port seen once is skipped.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
+}
+
+/// The last `n` lines of `text`.
+pub fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 /// Polls `f` until it returns Some or the deadline passes.
@@ -301,29 +318,72 @@ impl Cluster {
             .map(|n| n["alive"].as_bool().unwrap_or(false))
     }
 
-    pub fn wait_all_alive(&self) {
+    pub fn wait_all_alive(&mut self) {
         let names: Vec<String> = self.nodes.iter().map(|n| n.0.clone()).collect();
-        wait_for(
-            "every node alive and every replica serving",
-            // debug-built nodes loading their models on a 2-core machine beside another
-            // test's cluster: a loaded machine took over 60 s (a deadline, not a wait)
-            Duration::from_secs(180),
-            || {
-                let s = self.status()?;
-                let nodes = s["nodes"].as_array()?;
-                let all_alive = names.iter().all(|n| {
-                    nodes
-                        .iter()
-                        .any(|x| x["name"] == n.as_str() && x["alive"] == true)
-                });
-                let serving = s["shards"].as_array()?.iter().all(|sh| {
-                    sh["replicas"]
-                        .as_array()
-                        .is_some_and(|r| r.iter().all(|x| x["state"] == "serving"))
-                });
-                (all_alive && serving).then_some(())
-            },
-        );
+        // debug-built nodes loading their models on a 2-core machine beside another test's
+        // cluster: a loaded machine took over 60 s (a deadline, not a wait)
+        let timeout = Duration::from_secs(180);
+        let start = Instant::now();
+        let mut last = None;
+        loop {
+            // a node that exited will not come up: say why now, not after the deadline
+            for (name, child) in self.nodes.iter_mut() {
+                if let Some(c) = child.as_mut() {
+                    if let Ok(Some(code)) = c.try_wait() {
+                        panic!(
+                            "node {name} exited ({code}) before the cluster came up; its log:\n{}",
+                            tail(
+                                &std::fs::read_to_string(
+                                    self.dir.path().join(format!("{name}.log"))
+                                )
+                                .unwrap_or_default(),
+                                60
+                            )
+                        );
+                    }
+                }
+            }
+            let s = self.status();
+            if let Some(s) = &s {
+                if Self::all_serving(s, &names) {
+                    return;
+                }
+            }
+            if s.is_some() {
+                last = s;
+            }
+            if start.elapsed() > timeout {
+                let logs: String = names
+                    .iter()
+                    .map(|n| format!("--- {n}.log, last lines:\n{}\n", tail(&self.log(n), 40)))
+                    .collect();
+                panic!(
+                    "timed out after {timeout:?} waiting for every node alive and every replica \
+                     serving; last status: {}\n{logs}",
+                    last.map(|v| v.to_string())
+                        .unwrap_or_else(|| "none answered".into())
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn all_serving(s: &Value, names: &[String]) -> bool {
+        (|| {
+            let nodes = s["nodes"].as_array()?;
+            let all_alive = names.iter().all(|n| {
+                nodes
+                    .iter()
+                    .any(|x| x["name"] == n.as_str() && x["alive"] == true)
+            });
+            let serving = s["shards"].as_array()?.iter().all(|sh| {
+                sh["replicas"]
+                    .as_array()
+                    .is_some_and(|r| r.iter().all(|x| x["state"] == "serving"))
+            });
+            Some(all_alive && serving)
+        })()
+        .unwrap_or(false)
     }
 
     pub fn corpus_path(&self) -> PathBuf {

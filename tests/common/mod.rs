@@ -29,23 +29,65 @@ pub fn models_dir() -> PathBuf {
         .unwrap_or_else(|| root().join("models"))
 }
 
-/// A loopback port free now and never handed out before in this test process: the OS may
-/// give the port it just released to the next `bind(0)`, and a cluster's config names several
-/// ports before any node binds them, so a port seen once is skipped.
+/// A loopback port free now, outside the range the kernel draws outgoing connections' ports
+/// from, and never handed out before in this test process. A config names its nodes' ports
+/// before any node binds them: a port from `bind(0)` could meanwhile become the local port of
+/// some connection (a starting node dialling its peers, a `status` call), and the OS may give
+/// a port it just released to the next `bind(0)`.
 pub fn free_port() -> u16 {
     static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
     let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
-    loop {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        if !given.contains(&port) {
+    let (lo, hi) = ephemeral_range();
+    // below the ephemeral range when there is room, else above it
+    let (from, to) = if lo > 12_000 {
+        (10_000u32, lo.min(30_000))
+    } else {
+        (hi + 1, 65_535)
+    };
+    let mut x = (std::process::id() as u64) << 32;
+    x ^= std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    if from >= to {
+        // no room outside the ephemeral range: any free port
+        loop {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            if !given.contains(&port) {
+                given.push(port);
+                return port;
+            }
+        }
+    }
+    for _ in 0..10_000 {
+        // xorshift: a different start in each test process
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let port = (from + (x % u64::from(to - from)) as u32) as u16;
+        if given.contains(&port) {
+            continue;
+        }
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
             given.push(port);
             return port;
         }
     }
+    panic!("no free loopback port in {from}..{to}");
+}
+
+/// The kernel's range for outgoing connections' local ports (Linux's default if unreadable).
+fn ephemeral_range() -> (u32, u32) {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|t| {
+            let mut it = t.split_whitespace().map(|x| x.parse::<u32>().ok());
+            Some((it.next()??, it.next()??))
+        })
+        .unwrap_or((32_768, 60_999))
 }
 
 /// The last `n` lines of `text`.

@@ -1,4 +1,4 @@
-//! The process's allocator with feature `jemalloc` (opt-in, Linux): blocks of up to
+//! The process's allocator with feature `jemalloc` (default, Linux): blocks of up to
 //! [`SMALL`] bytes come from jemalloc, larger ones from the C library's malloc (glibc).
 //!
 //! Why split: a shard's index makes and frees small blocks by the million (each chunk's record,

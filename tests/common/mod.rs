@@ -369,21 +369,15 @@ impl Cluster {
         let mut last = None;
         loop {
             // a node that exited will not come up: say why now, not after the deadline
-            for (name, child) in self.nodes.iter_mut() {
-                if let Some(c) = child.as_mut() {
-                    if let Ok(Some(code)) = c.try_wait() {
-                        panic!(
-                            "node {name} exited ({code}) before the cluster came up; its log:\n{}",
-                            tail(
-                                &std::fs::read_to_string(
-                                    self.dir.path().join(format!("{name}.log"))
-                                )
-                                .unwrap_or_default(),
-                                60
-                            )
-                        );
-                    }
-                }
+            let exited = self.nodes.iter_mut().find_map(|(name, child)| {
+                let code = child.as_mut()?.try_wait().ok()??;
+                Some((name.clone(), code))
+            });
+            if let Some((name, code)) = exited {
+                panic!(
+                    "node {name} exited ({code}) before the cluster came up; its log:\n{}",
+                    tail(&self.log(&name), 60)
+                );
             }
             let s = self.status();
             if let Some(s) = &s {

@@ -48,27 +48,20 @@ pub fn free_port() -> u16 {
     x ^= std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64);
-    if from >= to {
-        // no room outside the ephemeral range: any free port
-        loop {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port();
-            if !given.contains(&port) {
-                given.push(port);
-                return port;
-            }
-        }
-    }
     for _ in 0..10_000 {
-        // xorshift: a different start in each test process
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        let port = (from + (x % u64::from(to - from)) as u32) as u16;
-        if given.contains(&port) {
+        let port = if from < to {
+            // xorshift: a different start in each test process
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (from + (x % u64::from(to - from)) as u32) as u16
+        } else {
+            // no room outside the ephemeral range: any free port
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .map_or(0, |a| a.port())
+        };
+        if port == 0 || given.contains(&port) {
             continue;
         }
         if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
@@ -379,14 +372,11 @@ impl Cluster {
                     tail(&self.log(&name), 60)
                 );
             }
-            let s = self.status();
-            if let Some(s) = &s {
-                if Self::all_serving(s, &names) {
+            if let Some(s) = self.status() {
+                if Self::all_serving(&s, &names) {
                     return;
                 }
-            }
-            if s.is_some() {
-                last = s;
+                last = Some(s);
             }
             if start.elapsed() > timeout {
                 let logs: String = names

@@ -90,14 +90,20 @@ pub fn tail(text: &str, n: usize) -> String {
 }
 
 /// Polls `f` until it returns Some or the deadline passes.
-pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+pub fn wait_for<T>(what: &str, timeout: Duration, f: impl FnMut() -> Option<T>) -> T {
+    poll_until(timeout, f)
+        .unwrap_or_else(|| panic!("timed out after {timeout:?} waiting for {what}"))
+}
+
+/// Polls `f` until it returns Some (that value) or the deadline passes (None).
+pub fn poll_until<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
     let start = Instant::now();
     loop {
         if let Some(v) = f() {
-            return v;
+            return Some(v);
         }
         if start.elapsed() > timeout {
-            panic!("timed out after {timeout:?} waiting for {what}");
+            return None;
         }
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -358,9 +364,8 @@ impl Cluster {
         // debug-built nodes loading their models on a 2-core machine beside another test's
         // cluster: a loaded machine took over 60 s (a deadline, not a wait)
         let timeout = Duration::from_secs(180);
-        let start = Instant::now();
         let mut last = None;
-        loop {
+        let up = poll_until(timeout, || {
             // a node that exited will not come up: say why now, not after the deadline
             let exited = self.nodes.iter_mut().find_map(|(name, child)| {
                 let code = child.as_mut()?.try_wait().ok()??;
@@ -372,44 +377,41 @@ impl Cluster {
                     tail(&self.log(&name), 60)
                 );
             }
-            if let Some(s) = self.status() {
-                if Self::all_serving(&s, &names) {
-                    return;
-                }
-                last = Some(s);
-            }
-            if start.elapsed() > timeout {
-                let logs: String = names
-                    .iter()
-                    .map(|n| format!("--- {n}.log, last lines:\n{}\n", tail(&self.log(n), 40)))
-                    .collect();
-                panic!(
-                    "timed out after {timeout:?} waiting for every node alive and every replica \
-                     serving; last status: {}\n{logs}",
-                    last.map(|v| v.to_string())
-                        .unwrap_or_else(|| "none answered".into())
-                );
-            }
-            std::thread::sleep(Duration::from_millis(100));
+            let s = self.status()?;
+            let serving = Self::all_serving(&s, &names);
+            last = Some(s);
+            serving.then_some(())
+        });
+        if up.is_none() {
+            let logs: String = names
+                .iter()
+                .map(|n| format!("--- {n}.log, last lines:\n{}\n", tail(&self.log(n), 40)))
+                .collect();
+            panic!(
+                "timed out after {timeout:?} waiting for every node alive and every replica \
+                 serving; last status: {}\n{logs}",
+                last.map(|v| v.to_string())
+                    .unwrap_or_else(|| "none answered".into())
+            );
         }
     }
 
     fn all_serving(s: &Value, names: &[String]) -> bool {
-        (|| {
-            let nodes = s["nodes"].as_array()?;
-            let all_alive = names.iter().all(|n| {
+        let alive = |n: &String| {
+            s["nodes"].as_array().is_some_and(|nodes| {
                 nodes
                     .iter()
                     .any(|x| x["name"] == n.as_str() && x["alive"] == true)
-            });
-            let serving = s["shards"].as_array()?.iter().all(|sh| {
+            })
+        };
+        let serving = s["shards"].as_array().is_some_and(|shards| {
+            shards.iter().all(|sh| {
                 sh["replicas"]
                     .as_array()
                     .is_some_and(|r| r.iter().all(|x| x["state"] == "serving"))
-            });
-            Some(all_alive && serving)
-        })()
-        .unwrap_or(false)
+            })
+        });
+        names.iter().all(alive) && serving
     }
 
     pub fn corpus_path(&self) -> PathBuf {

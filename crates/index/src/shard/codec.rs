@@ -14,6 +14,10 @@ use crate::segment::Entry;
 /// Opens every format 2 payload.
 const FORMAT2: u64 = u64::MAX;
 
+/// How every log record of format 2 begins (`FORMAT2` as postcard writes it): what finds the
+/// intact records after damage in the middle of a log ([`crate::Wal::open_marked`]).
+pub(super) const WAL_MARKER: &[u8] = &[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01];
+
 pub(super) fn encode_wal(rec: &WalRecord) -> Result<Vec<u8>, postcard::Error> {
     postcard::to_stdvec(&(FORMAT2, rec))
 }
@@ -208,6 +212,7 @@ mod tests {
             }],
         };
         let bytes = encode_wal(&rec).unwrap();
+        assert!(bytes.starts_with(WAL_MARKER), "{:?}", &bytes[..12]);
         let back = decode_wal(&bytes).unwrap();
         let WriteOp::Upsert { chunks, .. } = &back.ops[0] else {
             panic!()

@@ -31,7 +31,7 @@ impl ShardIndex {
         if manifest_ok {
             remove_unreferenced(dir, &manifest, &deletions_log.files());
         }
-        let (wal, wal_rec) = Wal::open(&dir.join("wal.log"))?;
+        let (wal, wal_rec) = Wal::open_marked(&dir.join("wal.log"), codec::WAL_MARKER)?;
         let mut ix = ShardIndex {
             _lock: lock,
             dir: dir.to_path_buf(),
@@ -94,6 +94,21 @@ impl ShardIndex {
         }
         report.segments = ix.sealed.len();
         ix.rebuild_liveness();
+        if !wal_rec.damage.is_empty() {
+            // not a torn tail: acknowledged writes between the intact records are lost
+            report.needs_catch_up = true;
+            for d in &wal_rec.damage {
+                report
+                    .problems
+                    .push(format!("write-ahead log damaged: {d}"));
+            }
+            if let Some(kept) = &wal_rec.damaged_copy {
+                report.problems.push(format!(
+                    "write-ahead log as found kept at {}",
+                    kept.display()
+                ));
+            }
+        }
         if let Some(err) = &wal_rec.tail_error {
             report.problems.push(format!(
                 "write-ahead log: {err}; {} bytes dropped",

@@ -184,6 +184,17 @@ fn damages(bytes: &[u8]) -> Vec<(String, Vec<u8>)> {
     out
 }
 
+/// Whether `bytes` are in `dir` as `name`, or in one of its `damaged-<n>` folders.
+fn kept_somewhere(dir: &Path, name: &str, bytes: &[u8]) -> bool {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_dir())
+        .map(|p| p.join(name))
+        .chain([dir.join(name)])
+        .any(|p| std::fs::read(p).is_ok_and(|b| b == bytes))
+}
+
 fn open_and_read(dir: &Path) -> Result<(RecoveryReport, Held), String> {
     match ShardIndex::open(dir, settings()) {
         Ok((ix, report)) => Ok((report, read_all(&ix))),
@@ -235,6 +246,12 @@ fn every_file_damaged_every_way_is_reported_never_a_panic_nor_a_silent_loss() {
             std::fs::write(dir.path().join(&name), &damaged).unwrap();
             let outcome = catch_unwind(AssertUnwindSafe(|| open_and_read(dir.path())));
             let case = format!("{name} {how}");
+            // a file that holds data (not a graph or postings, which are rebuilt from it) is
+            // never deleted or written over: in its place, or moved aside
+            let derived = name.ends_with(".hnsw") || name.ends_with(".post") || name == "wal.log";
+            if !derived && !kept_somewhere(dir.path(), &name, &damaged) {
+                faults.push(format!("{case}: the damaged file is gone"));
+            }
             match outcome {
                 Err(p) => {
                     let msg = p
@@ -306,4 +323,69 @@ fn every_file_damaged_every_way_is_reported_never_a_panic_nor_a_silent_loss() {
         faults.len(),
         faults.join("\n")
     );
+}
+
+#[test]
+fn files_that_cannot_be_loaded_are_moved_aside_and_never_overwritten() {
+    let dir = tempfile::tempdir().unwrap();
+    write_shard(dir.path());
+    let originals: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_file() && p.file_name().unwrap() != "LOCK")
+        .map(|p| {
+            let name = p.file_name().unwrap().to_string_lossy().to_string();
+            (name, std::fs::read(&p).unwrap())
+        })
+        .filter(|(n, _)| n != "wal.log")
+        .collect();
+    // the manifest damaged: the shard starts empty and asks to catch up
+    let manifest = dir.path().join("manifest3.bin");
+    let mut b = std::fs::read(&manifest).unwrap();
+    let at = b.len() / 2;
+    b[at] ^= 0x10;
+    std::fs::write(&manifest, &b).unwrap();
+    let aside = dir.path().join("damaged-1");
+    {
+        let (mut ix, report) = ShardIndex::open(dir.path(), settings()).unwrap();
+        assert!(report.needs_catch_up);
+        assert!(
+            report.problems.iter().any(|p| p.contains("damaged-1")),
+            "{:?}",
+            report.problems
+        );
+        // what it writes next (segments numbered from 0 again, a manifest) overwrites nothing
+        let mut r = rand::rngs::StdRng::seed_from_u64(2);
+        for batch in (1000..1300u64).collect::<Vec<_>>().chunks(30) {
+            let ops = batch.iter().map(|&i| doc(i, 0, &mut r)).collect();
+            ix.write(ops, &model()).unwrap();
+            ix.maintain().unwrap();
+        }
+        assert!(ix.segment_stats().0 >= 1);
+    }
+    let (ix, report) = ShardIndex::open(dir.path(), settings()).unwrap();
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    assert!(ix.doc_count() >= 300, "{}", ix.doc_count());
+    for (name, bytes) in &originals {
+        let found = std::fs::read(aside.join(name)).unwrap_or_default();
+        let expected = if name == "manifest3.bin" { &b } else { bytes };
+        assert!(&found == expected, "{name} not kept as it was");
+    }
+    drop(ix);
+    // a sealed segment's data file damaged: that segment's files go aside, the others load
+    let seg = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with("seg-") && n.ends_with(".bin"))
+        .max()
+        .unwrap();
+    let mut b = std::fs::read(dir.path().join(&seg)).unwrap();
+    let at = b.len() / 3;
+    b[at] ^= 0x01;
+    std::fs::write(dir.path().join(&seg), &b).unwrap();
+    let (ix, report) = ShardIndex::open(dir.path(), settings()).unwrap();
+    assert!(report.needs_catch_up);
+    assert_eq!(std::fs::read(dir.path().join("damaged-2").join(&seg)).unwrap(), b);
+    assert!(!dir.path().join(&seg).exists());
+    assert!(ix.doc_count() > 0);
 }

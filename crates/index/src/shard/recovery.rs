@@ -13,13 +13,21 @@ impl ShardIndex {
     ) -> Result<(ShardIndex, RecoveryReport), IndexError> {
         let lock = crate::DirLock::acquire(dir)?;
         let mut report = RecoveryReport::default();
+        let mut aside = SetAside::new(dir);
         let ((manifest, deletions, deletions_log), manifest_ok) = match read_manifest(dir) {
             Ok(m) => (m, true),
             Err(e) => {
                 // without the manifest (or the deletion records it names) the segments cannot
-                // be trusted: start empty, catch up
+                // be trusted: start empty, catch up; the files go aside as they are, so that
+                // the segments sealed from now on (numbered from 0 again) overwrite nothing
                 report.problems.push(e.to_string());
                 report.needs_catch_up = true;
+                aside.keep_matching(|n| {
+                    n.starts_with("seg-")
+                        || n.starts_with("deletions-")
+                        || n.starts_with("manifest")
+                        || n == "purged.bin"
+                })?;
                 let empty = (
                     Manifest::default(),
                     Deletions::default(),
@@ -87,10 +95,23 @@ impl ShardIndex {
             match ix.load_segment(meta, &mut report) {
                 Ok(seg) => ix.sealed.push(seg),
                 Err(e) => {
+                    // its files go aside rather than being removed as unlisted at the next
+                    // open (their intact chunks can still be read from them by hand)
                     report.problems.push(e.to_string());
                     report.needs_catch_up = true;
+                    let own = [".hnsw", ".post", ".bm25"].map(|x| format!("seg-{}{x}", meta.id));
+                    let parts = meta.parts.iter().map(|p| format!("seg-{p}.bin"));
+                    aside.keep_matching(|n| {
+                        own.iter().any(|o| o == n) || parts.clone().any(|p| p == n)
+                    })?;
                 }
             }
+        }
+        if let Some(to) = aside.folder() {
+            report.problems.push(format!(
+                "the files that could not be loaded were moved to {}",
+                to.display()
+            ));
         }
         report.segments = ix.sealed.len();
         ix.rebuild_liveness();
@@ -256,6 +277,57 @@ fn read_manifest(
         Deletions::from_maps(old.tombstones, old.deleted),
         log,
     ))
+}
+
+/// Files of a shard folder that could not be loaded, moved into `damaged-<n>/` beside them (n
+/// the first free, made at the first move) instead of being overwritten by the state written
+/// next or removed as unlisted: nothing a disk held is deleted by a recovery.
+struct SetAside {
+    dir: PathBuf,
+    to: Option<PathBuf>,
+}
+
+impl SetAside {
+    fn new(dir: &Path) -> Self {
+        SetAside {
+            dir: dir.to_path_buf(),
+            to: None,
+        }
+    }
+
+    /// Moves the folder's files whose names match; the folder they went to, once one did.
+    fn keep_matching(&mut self, matches: impl Fn(&str) -> bool) -> Result<(), IndexError> {
+        let rd = std::fs::read_dir(&self.dir).map_err(|e| IndexError::io(&self.dir, e))?;
+        for f in rd.flatten() {
+            let name = f.file_name().to_string_lossy().to_string();
+            if !f.file_type().is_ok_and(|t| t.is_file()) || !matches(&name) {
+                continue;
+            }
+            let to = match &self.to {
+                Some(to) => to.clone(),
+                None => {
+                    let to = (1u32..)
+                        .map(|n| self.dir.join(format!("damaged-{n}")))
+                        .find(|p| !p.exists())
+                        .expect("a free name");
+                    std::fs::create_dir(&to).map_err(|e| IndexError::io(&to, e))?;
+                    self.to = Some(to.clone());
+                    to
+                }
+            };
+            std::fs::rename(f.path(), to.join(&name)).map_err(|e| IndexError::io(&f.path(), e))?;
+            warn!(file = %name, to = %to.display(), "moved a file that could not be loaded aside");
+        }
+        if let Some(to) = &self.to {
+            crate::files::sync_dir(&self.dir);
+            crate::files::sync_dir(to);
+        }
+        Ok(())
+    }
+
+    fn folder(&self) -> Option<&Path> {
+        self.to.as_deref()
+    }
 }
 
 /// Removes what a crash can leave behind: temporary files, and segment files (data, BM25,

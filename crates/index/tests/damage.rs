@@ -385,7 +385,46 @@ fn files_that_cannot_be_loaded_are_moved_aside_and_never_overwritten() {
     std::fs::write(dir.path().join(&seg), &b).unwrap();
     let (ix, report) = ShardIndex::open(dir.path(), settings()).unwrap();
     assert!(report.needs_catch_up);
-    assert_eq!(std::fs::read(dir.path().join("damaged-2").join(&seg)).unwrap(), b);
+    assert_eq!(
+        std::fs::read(dir.path().join("damaged-2").join(&seg)).unwrap(),
+        b
+    );
     assert!(!dir.path().join(&seg).exists());
     assert!(ix.doc_count() > 0);
+}
+
+#[test]
+fn segment_files_beside_no_manifest_are_moved_aside_not_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let tail = write_shard(dir.path());
+    let segs: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("seg-"))
+        .map(|p| {
+            (
+                p.file_name().unwrap().to_string_lossy().to_string(),
+                std::fs::read(&p).unwrap(),
+            )
+        })
+        .collect();
+    assert!(!segs.is_empty());
+    std::fs::remove_file(dir.path().join("manifest3.bin")).unwrap();
+    let (ix, report) = ShardIndex::open(dir.path(), settings()).unwrap();
+    assert!(report.needs_catch_up);
+    assert!(
+        report.problems.iter().any(|p| p.contains("no manifest")),
+        "{:?}",
+        report.problems
+    );
+    for (name, bytes) in &segs {
+        assert_eq!(
+            &std::fs::read(dir.path().join("damaged-1").join(name)).unwrap(),
+            bytes,
+            "{name}"
+        );
+    }
+    // the log's writes are still there
+    let held = ix.doc_ids();
+    assert!(tail.iter().flatten().all(|d| held.contains(d)), "{held:?}");
 }

@@ -36,6 +36,21 @@ impl ShardIndex {
                 (empty, false)
             }
         };
+        let no_manifest = [MANIFEST, MANIFEST_V2, MANIFEST_V1]
+            .iter()
+            .all(|m| !dir.join(m).exists());
+        if manifest_ok && no_manifest {
+            // segment files and no manifest: not a fresh folder (a crash in the first seal can
+            // leave its data file, whose writes the log still holds; anything else is a lost
+            // manifest): they go aside, not to the removal of unlisted files below
+            aside.keep_matching(|n| n.starts_with("seg-") || n.starts_with("deletions-"))?;
+            if aside.folder().is_some() {
+                report
+                    .problems
+                    .push("segment files beside no manifest".to_string());
+                report.needs_catch_up = true;
+            }
+        }
         if manifest_ok {
             remove_unreferenced(dir, &manifest, &deletions_log.files());
         }

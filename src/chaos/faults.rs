@@ -147,8 +147,11 @@ pub(super) async fn chaos_call(
     }
 }
 
-/// Damages a file of a stopped node: the write-ahead log cut in the middle of its last record
-/// (or, when empty, a sealed segment with a flipped byte) of a shard chosen by `pick`.
+/// Damages a file of a stopped node, of a shard chosen by `pick`: `wal` cuts the write-ahead
+/// log in its last record (a torn tail), `wal-middle` flips a byte of its first record when
+/// later records follow (damage no crash leaves), `segment` flips a byte of a sealed segment's
+/// data file, `manifest` one of the shard's manifest. A target the shard has no file for yet
+/// falls back to the log or a segment, whichever it has.
 pub(super) fn corrupt(cfg: &ClusterConfig, node: &str, target: &str, pick: u64) -> String {
     let shards = cfg.shards_of(node);
     if shards.is_empty() {
@@ -170,14 +173,24 @@ pub(super) fn corrupt(cfg: &ClusterConfig, node: &str, target: &str, pick: u64) 
             })
             .find_map(file)
     });
+    let manifest = file(dir.join("manifest3.bin"));
+    // the log's first record's end, when another follows it
+    let first_record = wal.as_ref().and_then(|(p, len)| {
+        let b = std::fs::read(p).ok()?;
+        let body = u32::from_le_bytes(b.get(..4)?.try_into().ok()?) as u64;
+        (8 + body < *len).then_some(8 + body)
+    });
     let chosen = match target {
         "segment" => seg.or(wal),
+        "manifest" => manifest.or(seg).or(wal),
+        "wal-middle" if first_record.is_some() => wal,
         _ => wal.or(seg),
     };
     let Some((path, len)) = chosen else {
         return format!("shard {s}: no file to damage yet");
     };
-    let r = if path.extension().is_some_and(|x| x == "log") {
+    let torn = path.extension().is_some_and(|x| x == "log") && target != "wal-middle";
+    let r = if torn {
         // a torn tail: cut inside the last bytes
         let cut = len - 1 - pick % len.min(16);
         std::fs::OpenOptions::new()
@@ -187,7 +200,11 @@ pub(super) fn corrupt(cfg: &ClusterConfig, node: &str, target: &str, pick: u64) 
             .map(|_| format!("{} cut from {len} to {cut} bytes", path.display()))
     } else {
         std::fs::read(&path).and_then(|mut b| {
-            let i = (pick as usize) % b.len();
+            let i = match (target, first_record) {
+                // inside the first record's body, past its format marker
+                ("wal-middle", Some(end)) => 18 + (pick % end.saturating_sub(18).max(1)) as usize,
+                _ => (pick as usize) % b.len(),
+            };
             b[i] ^= 0x5a;
             std::fs::write(&path, b).map(|_| format!("{} byte {i} flipped", path.display()))
         })

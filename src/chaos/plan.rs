@@ -27,6 +27,10 @@ pub(crate) struct Plan {
     /// Whether queries may fail (e.g. every coordinator or every replica down at once).
     #[serde(default)]
     pub allow_query_failures: bool,
+    /// The nodes' `index.segment_size` for this run instead of the cluster file's (at least 16):
+    /// a short run's shards then seal segments and merge them, so that faults find them.
+    #[serde(default)]
+    pub segment_size: Option<usize>,
     /// The steady workload.
     #[serde(default)]
     pub workload: Workload,
@@ -112,7 +116,9 @@ pub(crate) struct Fault {
     /// disk-full: size of the tmpfs mounted as each hit node's data folder, in MiB.
     #[serde(default = "default_disk")]
     pub size_mib: u64,
-    /// corrupt: `wal` (truncated mid-record or a flipped byte) or `segment`.
+    /// corrupt: `wal` (its last record cut: a torn tail), `wal-middle` (a byte flipped in its
+    /// first record while later ones follow), `segment` (a byte of a sealed segment's data
+    /// file) or `manifest` (a byte of the shard's manifest).
     #[serde(default)]
     pub target: Option<String>,
     /// Whether nodes are hit in an order drawn from the seed (default: as listed).
@@ -201,7 +207,7 @@ pub(crate) enum Action {
         group: String,
         ms: u64,
     },
-    /// Damage a file of a stopped node: `target` wal or segment; `pick` chooses the shard and
+    /// Damage a file of a stopped node: `target` as [`Fault::target`]; `pick` chooses the shard and
     /// the byte deterministically.
     Corrupt {
         node: String,
@@ -286,6 +292,9 @@ impl Plan {
                 self.name
             );
         }
+        if self.segment_size.is_some_and(|n| n < 16) {
+            bail!("plan {}: segment_size must be at least 16", self.name);
+        }
         for (i, f) in self.faults.iter().enumerate() {
             if f.every_s.is_some_and(|e| e <= 0.0) {
                 bail!("plan {}: fault[{i}].every_s must be positive", self.name);
@@ -303,10 +312,13 @@ impl Plan {
                 );
             }
             if f.kind == FaultKind::Corrupt
-                && !matches!(f.target.as_deref(), Some("wal") | Some("segment"))
+                && !matches!(
+                    f.target.as_deref(),
+                    Some("wal" | "wal-middle" | "segment" | "manifest")
+                )
             {
                 bail!(
-                    "plan {}: fault[{i}].target must be \"wal\" or \"segment\"",
+                    "plan {}: fault[{i}].target must be \"wal\", \"wal-middle\", \"segment\" or \"manifest\"",
                     self.name
                 );
             }
@@ -556,6 +568,16 @@ mod tests {
             toml::from_str("name = \"t\"\nduration_s = 5\n[[fault]]\nkind = \"corrupt\"\n")
                 .unwrap();
         assert!(p.check().unwrap_err().to_string().contains("target"));
+        let p: Plan = toml::from_str(
+            "name = \"t\"\nduration_s = 5\nsegment_size = 8\n[[fault]]\nkind = \"corrupt\"\ntarget = \"manifest\"\n",
+        )
+        .unwrap();
+        assert!(p.check().unwrap_err().to_string().contains("segment_size"));
+        let p: Plan = toml::from_str(
+            "name = \"t\"\nduration_s = 5\n[[fault]]\nkind = \"corrupt\"\ntarget = \"log\"\n",
+        )
+        .unwrap();
+        assert!(p.check().unwrap_err().to_string().contains("wal-middle"));
         let p =
             plan("name = \"t\"\nduration_s = 5\n[[fault]]\nkind = \"kill\"\nnodes = [\"n9\"]\n");
         let e = p.schedule(1, 5.0, &nodes(), &[]).unwrap_err().to_string();

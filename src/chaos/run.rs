@@ -129,7 +129,13 @@ impl Shared {
 
 /// Runs the experiment; returns the exit status (0: no invariant violated).
 pub(crate) async fn run(a: RunArgs) -> Result<i32> {
-    let cfg = Arc::new(a.cfg.clone());
+    let mut cfg = a.cfg.clone();
+    if let Some(n) = a.plan.segment_size {
+        cfg.index.segment_size = n;
+        cfg.validate()
+            .with_context(|| format!("plan {}: segment_size", a.plan.name))?;
+    }
+    let cfg = Arc::new(cfg);
     let names: Vec<String> = cfg.nodes.iter().map(|n| n.name.clone()).collect();
     let mut role_groups: Vec<(String, String)> = Vec::new();
     for n in &cfg.nodes {
@@ -155,13 +161,20 @@ pub(crate) async fn run(a: RunArgs) -> Result<i32> {
     let logs = a.data_dir.join("logs");
     std::fs::create_dir_all(&logs)?;
     // network faults: every link through a proxy of the runner's
-    let (net, configs, client_cfg) = if a.plan.needs_proxies() {
+    let (net, mut configs, client_cfg) = if a.plan.needs_proxies() {
         let (net, files, client_cfg) =
             super::net::wire(&cfg, &a.data_dir.join("net"), a.seed).await?;
         (Some(net), files, Arc::new(client_cfg))
     } else {
         (None, HashMap::new(), cfg.clone())
     };
+    // the plan's segment size: the nodes read it from a copy of the cluster file
+    if a.plan.segment_size.is_some() && configs.is_empty() {
+        let path = a.data_dir.join("cluster.toml");
+        std::fs::write(&path, toml::to_string(&*cfg)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        configs = names.iter().map(|n| (n.clone(), path.clone())).collect();
+    }
     let nodes = Arc::new(Nodes {
         exe: std::env::current_exe()?,
         config: a.config.clone(),

@@ -428,3 +428,197 @@ fn segment_files_beside_no_manifest_are_moved_aside_not_removed() {
     let held = ix.doc_ids();
     assert!(tail.iter().flatten().all(|d| held.contains(d)), "{held:?}");
 }
+
+/// Writes and queries a peer could send that no client of ours would (the cluster transport
+/// carries them as they come): each is answered or refused, none panics, and the shard still
+/// seals, reopens and serves what it accepted.
+#[test]
+fn hostile_writes_and_queries_are_answered_or_refused_never_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut r = rand::rngs::StdRng::seed_from_u64(9);
+    let chunk =
+        |doc: &str, id: &str, text: String, vector: Vec<f32>, s: SentenceVectors| ChunkRecord {
+            doc_id: doc.into(),
+            chunk_id: id.into(),
+            text,
+            vector,
+            sentences: s,
+        };
+    let upsert = |doc: &str, chunks: Vec<ChunkRecord>| WriteOp::Upsert {
+        version: 0,
+        doc_id: doc.into(),
+        chunks,
+    };
+    let good = vector(&mut r);
+    let odd_sentences = [
+        SentenceVectors {
+            scales: vec![],
+            codes: vec![1, 2, 3],
+        },
+        SentenceVectors {
+            scales: vec![1.0],
+            codes: vec![1; DIM + 1],
+        },
+        SentenceVectors {
+            scales: vec![f32::NAN, f32::INFINITY],
+            codes: vec![5; 2 * DIM],
+        },
+        SentenceVectors {
+            scales: vec![1.0; 3],
+            codes: vec![],
+        },
+    ];
+    let mut ops = vec![
+        upsert(
+            "",
+            vec![chunk(
+                "",
+                "#0",
+                "t".into(),
+                good.clone(),
+                Default::default(),
+            )],
+        ),
+        upsert("empty", vec![]),
+        upsert(
+            "no-id",
+            vec![chunk(
+                "no-id",
+                "",
+                "t".into(),
+                good.clone(),
+                Default::default(),
+            )],
+        ),
+        upsert(
+            "twice",
+            vec![
+                chunk(
+                    "twice",
+                    "twice#0",
+                    "one".into(),
+                    good.clone(),
+                    Default::default(),
+                ),
+                chunk(
+                    "twice",
+                    "twice#0",
+                    "two".into(),
+                    vector(&mut r),
+                    Default::default(),
+                ),
+            ],
+        ),
+        upsert(
+            "nan",
+            vec![chunk(
+                "nan",
+                "nan#0",
+                "t".into(),
+                vec![f32::NAN; DIM],
+                Default::default(),
+            )],
+        ),
+        upsert(
+            "big",
+            vec![chunk(
+                "big",
+                "big#0",
+                "x".repeat(1 << 20),
+                good.clone(),
+                Default::default(),
+            )],
+        ),
+        upsert(
+            "nul",
+            vec![chunk(
+                "nul",
+                "nul#0",
+                "a\0b \u{fffd} \u{1F600} zz".into(),
+                good.clone(),
+                Default::default(),
+            )],
+        ),
+        upsert(
+            &"d".repeat(70_000),
+            vec![chunk(
+                &"d".repeat(70_000),
+                "long#0",
+                "t".into(),
+                good.clone(),
+                Default::default(),
+            )],
+        ),
+        WriteOp::Delete {
+            doc_id: "never-written".into(),
+            version: u64::MAX,
+        },
+    ];
+    for (i, s) in odd_sentences.iter().enumerate() {
+        let doc = format!("s{i}");
+        ops.push(upsert(
+            &doc,
+            vec![chunk(
+                &doc,
+                &format!("{doc}#0"),
+                "sentence text".into(),
+                vector(&mut r),
+                s.clone(),
+            )],
+        ));
+    }
+    let mut accepted = 0;
+    {
+        let (mut ix, _) = ShardIndex::open(dir.path(), settings()).unwrap();
+        for op in ops.iter().cloned() {
+            let name = op.doc_id().chars().take(12).collect::<String>();
+            let r = ix.write(vec![op], &model());
+            let should = ["empty", "big", "nul", "never-writte"].contains(&name.as_str());
+            assert_eq!(r.is_ok(), should, "{name}: {r:?}");
+            accepted += usize::from(r.is_ok());
+        }
+        // fill past a seal so the accepted ones are written to a data file
+        let fill = (0..60u64).map(|i| doc(i, 0, &mut r)).collect();
+        ix.write(fill, &model()).unwrap();
+        ix.seal().unwrap();
+    }
+    let (ix, report) = ShardIndex::open(dir.path(), settings()).unwrap();
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    assert_eq!(accepted, 4);
+    assert!(ix.doc_ids().contains(&"nul".to_string()));
+    let texts = [
+        "",
+        " ",
+        "\0",
+        &"word ".repeat(20_000),
+        "zz \u{1F600}",
+        "the a of",
+    ];
+    let vectors = [
+        vec![],
+        vec![f32::NAN; DIM],
+        vec![0.0; DIM],
+        vec![1.0; DIM + 3],
+        good.clone(),
+    ];
+    for mode in [SearchMode::Dense, SearchMode::Bm25, SearchMode::Hybrid] {
+        for k in [0, 1, 10, u32::MAX] {
+            for t in texts {
+                for v in &vectors {
+                    let q = SearchQuery {
+                        vector: v.clone(),
+                        text: t.to_string(),
+                        k,
+                        mode,
+                        model: Some(model()),
+                    };
+                    if let Ok(hits) = ix.search(&q) {
+                        assert!(hits.len() <= 1000);
+                        assert!(hits.iter().all(|h| h.score.is_finite()), "{hits:?}");
+                    }
+                }
+            }
+        }
+    }
+    let _ = ix.dump();
+}

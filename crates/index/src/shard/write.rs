@@ -403,9 +403,24 @@ impl ShardIndex {
             if op.doc_id().is_empty() {
                 return Err(IndexError::BadInput("empty document id".into()));
             }
+            // what a coordinator refuses from a client, refused from any sender
+            if op.doc_id().len() > ragfleet_proto::MAX_DOC_ID_BYTES {
+                return Err(IndexError::BadInput(format!(
+                    "document id of {} bytes exceeds the limit of {} bytes",
+                    op.doc_id().len(),
+                    ragfleet_proto::MAX_DOC_ID_BYTES
+                )));
+            }
             if let WriteOp::Upsert { doc_id, chunks, .. } = op {
+                let mut ids = HashSet::with_capacity(chunks.len());
                 for c in chunks.iter_mut() {
                     validate_chunk(doc_id, c, model.dim as usize)?;
+                    if !ids.insert(c.chunk_id.as_str()) {
+                        return Err(IndexError::BadInput(format!(
+                            "chunk id {} twice in document {doc_id}",
+                            c.chunk_id
+                        )));
+                    }
                 }
             }
         }
@@ -422,6 +437,21 @@ pub(super) fn validate_chunk(
         return Err(IndexError::BadInput(format!(
             "chunk {} belongs to {}, not {}",
             c.chunk_id, c.doc_id, doc_id
+        )));
+    }
+    if c.chunk_id.is_empty() {
+        return Err(IndexError::BadInput(format!(
+            "a chunk of {doc_id} has an empty chunk id"
+        )));
+    }
+    let s = &c.sentences;
+    if s.codes.len() != s.scales.len() * dim || s.scales.iter().any(|x| !x.is_finite() || *x <= 0.0)
+    {
+        return Err(IndexError::BadInput(format!(
+            "chunk {} has malformed sentence vectors ({} scales, {} codes, {dim} dimensions)",
+            c.chunk_id,
+            s.scales.len(),
+            s.codes.len()
         )));
     }
     if c.vector.len() != dim {

@@ -147,49 +147,35 @@ pub(super) async fn chaos_call(
     }
 }
 
-/// Damages a file of a stopped node, of a shard chosen by `pick`: `wal` cuts the write-ahead
-/// log in its last record (a torn tail), `wal-middle` flips a byte of its first record when
-/// later records follow (damage no crash leaves), `segment` flips a byte of a sealed segment's
-/// data file, `manifest` one of the shard's manifest. A target the shard has no file for yet
-/// falls back to the log or a segment, whichever it has.
+/// Damages a file of a stopped node: `wal` cuts the write-ahead log in its last record (a torn
+/// tail), `wal-middle` flips a byte of its first record when later records follow (damage no
+/// crash leaves), `segment` flips a byte of a sealed segment's data file, `manifest` one of the
+/// shard's manifest. The shard is the one `pick` chooses or, when it has no such file, the next
+/// of the node's shards that has; when none has, the chosen shard's log is cut (or a segment
+/// damaged) instead, and the answer names the file.
 pub(super) fn corrupt(cfg: &ClusterConfig, node: &str, target: &str, pick: u64) -> String {
     let shards = cfg.shards_of(node);
     if shards.is_empty() {
         return "no shard on this node".into();
     }
-    let (s, _) = shards[(pick % shards.len() as u64) as usize];
-    let dir = cfg.replica_dir(node, s);
-    let file = |p: PathBuf| -> Option<(PathBuf, u64)> {
-        let len = std::fs::metadata(&p).ok()?.len();
-        (len > 0).then_some((p, len))
+    // the picked shard first, then the others in turn: the first holding the target's file
+    let order: Vec<u32> = (0..shards.len())
+        .map(|i| shards[(pick as usize + i) % shards.len()].0)
+        .collect();
+    let found = order
+        .iter()
+        .find_map(|&s| target_file(&cfg.replica_dir(node, s), target).map(|f| (s, f)))
+        .or_else(|| {
+            // none has it yet: the picked shard's log, or a segment
+            let dir = cfg.replica_dir(node, order[0]);
+            target_file(&dir, "wal")
+                .or_else(|| target_file(&dir, "segment"))
+                .map(|f| (order[0], f))
+        });
+    let Some((_, (path, len, first_record))) = found else {
+        return format!("shard {}: no file to damage yet", order[0]);
     };
-    let wal = file(dir.join("wal.log"));
-    let seg = std::fs::read_dir(&dir).ok().and_then(|d| {
-        d.filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| {
-                p.extension().is_some_and(|x| x == "bin")
-                    && p.file_name()
-                        .is_some_and(|n| n.to_string_lossy().starts_with("seg-"))
-            })
-            .find_map(file)
-    });
-    let manifest = file(dir.join("manifest3.bin"));
-    // the log's first record's end, when another follows it
-    let first_record = wal.as_ref().and_then(|(p, len)| {
-        let b = std::fs::read(p).ok()?;
-        let body = u32::from_le_bytes(b.get(..4)?.try_into().ok()?) as u64;
-        (8 + body < *len).then_some(8 + body)
-    });
-    let chosen = match target {
-        "segment" => seg.or(wal),
-        "manifest" => manifest.or(seg).or(wal),
-        "wal-middle" if first_record.is_some() => wal,
-        _ => wal.or(seg),
-    };
-    let Some((path, len)) = chosen else {
-        return format!("shard {s}: no file to damage yet");
-    };
-    let torn = path.extension().is_some_and(|x| x == "log") && target != "wal-middle";
+    let torn = path.extension().is_some_and(|x| x == "log") && first_record.is_none();
     let r = if torn {
         // a torn tail: cut inside the last bytes
         let cut = len - 1 - pick % len.min(16);
@@ -200,16 +186,45 @@ pub(super) fn corrupt(cfg: &ClusterConfig, node: &str, target: &str, pick: u64) 
             .map(|_| format!("{} cut from {len} to {cut} bytes", path.display()))
     } else {
         std::fs::read(&path).and_then(|mut b| {
-            let i = match (target, first_record) {
+            let i = match first_record {
                 // inside the first record's body, past its format marker
-                ("wal-middle", Some(end)) => 18 + (pick % end.saturating_sub(18).max(1)) as usize,
-                _ => (pick as usize) % b.len(),
+                Some(end) => 18 + (pick % end.saturating_sub(18).max(1)) as usize,
+                None => (pick as usize) % b.len(),
             };
             b[i] ^= 0x5a;
             std::fs::write(&path, b).map(|_| format!("{} byte {i} flipped", path.display()))
         })
     };
     r.unwrap_or_else(|e| format!("could not damage {}: {e}", path.display()))
+}
+
+/// The file of a shard folder a `target` damages, with its length, and for `wal-middle` the
+/// end of the log's first record (present only when another record follows it).
+fn target_file(dir: &std::path::Path, target: &str) -> Option<(PathBuf, u64, Option<u64>)> {
+    let file = |p: PathBuf| -> Option<(PathBuf, u64)> {
+        let len = std::fs::metadata(&p).ok()?.len();
+        (len > 0).then_some((p, len))
+    };
+    match target {
+        "segment" => std::fs::read_dir(dir).ok().and_then(|d| {
+            d.filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| {
+                    p.extension().is_some_and(|x| x == "bin")
+                        && p.file_name()
+                            .is_some_and(|n| n.to_string_lossy().starts_with("seg-"))
+                })
+                .find_map(file)
+                .map(|(p, l)| (p, l, None))
+        }),
+        "manifest" => file(dir.join("manifest3.bin")).map(|(p, l)| (p, l, None)),
+        "wal-middle" => {
+            let (p, len) = file(dir.join("wal.log"))?;
+            let b = std::fs::read(&p).ok()?;
+            let body = u32::from_le_bytes(b.get(..4)?.try_into().ok()?) as u64;
+            (8 + body < len).then_some((p, len, Some(8 + body)))
+        }
+        _ => file(dir.join("wal.log")).map(|(p, l)| (p, l, None)),
+    }
 }
 
 /// The file that fills a node's data folder.

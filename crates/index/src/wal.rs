@@ -256,7 +256,8 @@ fn resync(bytes: &[u8], from: usize, marker: &[u8]) -> Option<usize> {
     None
 }
 
-/// Keeps the log at `path` as found (linked as the first free `<name>.damaged-<n>`) and writes
+/// Keeps the log at `path` as found (linked, or copied where links are not had, as the first
+/// free `<name>.damaged-<n>`) and writes
 /// a fresh one holding `records`, fsynced with its folder: the kept copy's path, and the fresh
 /// log opened for appending with its length.
 fn rewrite(path: &Path, records: &[Vec<u8>]) -> Result<(PathBuf, (File, u64)), IndexError> {
@@ -280,7 +281,9 @@ fn rewrite(path: &Path, records: &[Vec<u8>]) -> Result<(PathBuf, (File, u64)), I
         .map_err(|e| IndexError::io(&tmp, e))?;
     // the log as found gets a second name first, then the fresh one replaces it in one rename:
     // a crash anywhere leaves `path` whole, either as found or rewritten
-    std::fs::hard_link(path, &kept).map_err(|e| IndexError::io(&kept, e))?;
+    std::fs::hard_link(path, &kept)
+        .or_else(|_| std::fs::copy(path, &kept).and_then(|_| File::open(&kept)?.sync_all()))
+        .map_err(|e| IndexError::io(&kept, e))?;
     std::fs::rename(&tmp, path).map_err(|e| IndexError::io(path, e))?;
     if let Some(dir) = path.parent() {
         if let Ok(d) = File::open(dir) {

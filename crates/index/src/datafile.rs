@@ -361,6 +361,36 @@ impl DataFile {
     }
 }
 
+/// The (sequence number, document id) of every row of a format 3 data file that did not load
+/// (a checksum that fails), read from its id table alone when that still parses: its offsets
+/// fit the file and it decodes to exactly the rows the file says. What a shard needs to know
+/// whose copies the file held. None otherwise (or for a file of an older format).
+pub(crate) fn salvage_ids(path: &Path) -> Option<Vec<(u64, String)>> {
+    let map = std::fs::read(path).ok()?;
+    if map.len() < HEADER + FIXED || map[HEADER..HEADER + 10] != MARKER {
+        return None;
+    }
+    let field = |i: usize| u64_at(&map, HEADER + 16 + 8 * i) as usize;
+    let (n, ids, ids_len) = (field(0), field(5), field(6));
+    if ids < FIXED || ids.checked_add(ids_len) != Some(map.len() - HEADER) {
+        return None;
+    }
+    let b = &map[HEADER + ids..];
+    let mut at = 0;
+    if varint(b, &mut at)? != n as u64 {
+        return None;
+    }
+    let mut out = Vec::with_capacity(n.min(b.len() / 4));
+    for _ in 0..n {
+        let seq = varint(b, &mut at)?;
+        varint(b, &mut at)?;
+        let doc = string(b, &mut at)?;
+        string(b, &mut at)?;
+        out.push((seq, doc.to_string()));
+    }
+    (at == b.len()).then_some(out)
+}
+
 /// Where each row's ids start in the id table (the length of its document id, a postcard
 /// varint): 4 bytes a row, 8 for a table past 4 GiB.
 enum IdRows {

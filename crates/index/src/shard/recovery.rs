@@ -27,6 +27,7 @@ impl ShardIndex {
                         || n.starts_with("deletions-")
                         || n.starts_with("manifest")
                         || n == "purged.bin"
+                        || n == SUPERSEDED
                 })?;
                 let empty = (
                     Manifest::default(),
@@ -43,7 +44,9 @@ impl ShardIndex {
             // segment files and no manifest: not a fresh folder (a crash in the first seal can
             // leave its data file, whose writes the log still holds; anything else is a lost
             // manifest): they go aside, not to the removal of unlisted files below
-            aside.keep_matching(|n| n.starts_with("seg-") || n.starts_with("deletions-"))?;
+            aside.keep_matching(|n| {
+                n.starts_with("seg-") || n.starts_with("deletions-") || n == SUPERSEDED
+            })?;
             if aside.folder().is_some() {
                 report
                     .problems
@@ -106,6 +109,8 @@ impl ShardIndex {
             // unknown horizon: assume every record past the grace period was dropped
             ix.purged_below = ix.grace_horizon().unwrap_or(0);
         }
+        let mut superseded = read_superseded(dir, &mut report);
+        let mut grew = false;
         for meta in &manifest.segments {
             match ix.load_segment(meta, &mut report) {
                 Ok(seg) => ix.sealed.push(seg),
@@ -114,6 +119,18 @@ impl ShardIndex {
                     // open (their intact chunks can still be read from them by hand)
                     report.problems.push(e.to_string());
                     report.needs_catch_up = true;
+                    // whose copies it held, when its id table still reads: an older copy of
+                    // theirs elsewhere must not be served in their place
+                    for p in &meta.parts {
+                        let ids = crate::datafile::salvage_ids(&ix.segment_path(*p));
+                        for (seq, doc) in ids.into_iter().flatten() {
+                            let s = superseded.entry(doc).or_insert(0);
+                            if seq <= manifest.last_seq && seq > *s {
+                                *s = seq;
+                                grew = true;
+                            }
+                        }
+                    }
                     let own = [".hnsw", ".post", ".bm25"].map(|x| format!("seg-{}{x}", meta.id));
                     let parts = meta.parts.iter().map(|p| format!("seg-{p}.bin"));
                     aside.keep_matching(|n| {
@@ -128,8 +145,19 @@ impl ShardIndex {
                 to.display()
             ));
         }
+        superseded.retain(|_, s| *s > 0);
+        if grew {
+            let mut v: Vec<(&String, &u64)> = superseded.iter().collect();
+            v.sort();
+            let written = postcard::to_stdvec(&v)
+                .map_err(|e| IndexError::BadInput(e.to_string()))
+                .and_then(|b| write_checked(&dir.join(SUPERSEDED), &b));
+            if let Err(e) = written {
+                report.problems.push(format!("{e}"));
+            }
+        }
         report.segments = ix.sealed.len();
-        ix.rebuild_liveness();
+        ix.rebuild_liveness(&superseded);
         if !wal_rec.damage.is_empty() {
             // not a torn tail: acknowledged writes between the intact records are lost
             report.needs_catch_up = true;
@@ -229,7 +257,7 @@ impl ShardIndex {
     }
 
     /// Recomputes document liveness and slots from the sealed segments and tombstones.
-    pub(super) fn rebuild_liveness(&mut self) {
+    pub(super) fn rebuild_liveness(&mut self, superseded: &HashMap<String, u64>) {
         let sealed = self.sealed.clone();
         // keyed by the ids as the chunks hold them (a mapped chunk's in its file): no copy
         let mut latest: HashMap<&str, u64> = HashMap::new();
@@ -237,7 +265,10 @@ impl ShardIndex {
             let s = latest.entry(e.doc_id()).or_insert(0);
             *s = (*s).max(e.seq);
         }
-        latest.retain(|doc, seq| self.records.tombstone(doc).is_none_or(|t| t < *seq));
+        latest.retain(|doc, seq| {
+            self.records.tombstone(doc).is_none_or(|t| t < *seq)
+                && superseded.get(*doc).is_none_or(|&s| s < *seq)
+        });
         self.docs.clear();
         self.slots.clear();
         self.bm25 = Bm25::default();
@@ -292,6 +323,34 @@ fn read_manifest(
         Deletions::from_maps(old.tombstones, old.deleted),
         log,
     ))
+}
+
+/// The documents whose newest copy was in a data file that did not load, with that copy's
+/// sequence number (read from its id table): a copy of theirs at that number or below is older
+/// and never served, so that a damaged file does not bring a replaced version back. Kept across
+/// opens, since the damaged file is no longer listed after the next manifest.
+const SUPERSEDED: &str = "superseded.bin";
+
+fn read_superseded(dir: &Path, report: &mut RecoveryReport) -> HashMap<String, u64> {
+    let path = dir.join(SUPERSEDED);
+    let read = read_checked(&path).and_then(|b| {
+        b.map(|b| {
+            postcard::from_bytes::<Vec<(String, u64)>>(&b).map_err(|e| IndexError::Corrupt {
+                path: path.clone(),
+                reason: e.to_string(),
+            })
+        })
+        .transpose()
+    });
+    match read {
+        Ok(v) => v.unwrap_or_default().into_iter().collect(),
+        Err(e) => {
+            // an older copy of a document it named may now be served until a catch-up
+            report.problems.push(e.to_string());
+            report.needs_catch_up = true;
+            HashMap::new()
+        }
+    }
 }
 
 /// Files of a shard folder that could not be loaded, moved into `damaged-<n>/` beside them (n

@@ -164,15 +164,13 @@ pub(super) fn corrupt(cfg: &ClusterConfig, node: &str, target: &str, pick: u64) 
         .collect();
     let found = order
         .iter()
-        .find_map(|&s| target_file(&cfg.replica_dir(node, s), target).map(|f| (s, f)))
+        .find_map(|&s| target_file(&cfg.replica_dir(node, s), target))
         .or_else(|| {
             // none has it yet: the picked shard's log, or a segment
             let dir = cfg.replica_dir(node, order[0]);
-            target_file(&dir, "wal")
-                .or_else(|| target_file(&dir, "segment"))
-                .map(|f| (order[0], f))
+            target_file(&dir, "wal").or_else(|| target_file(&dir, "segment"))
         });
-    let Some((_, (path, len, first_record))) = found else {
+    let Some((path, len, first_record)) = found else {
         return format!("shard {}: no file to damage yet", order[0]);
     };
     let torn = path.extension().is_some_and(|x| x == "log") && first_record.is_none();

@@ -376,19 +376,19 @@ pub(crate) fn salvage_ids(path: &Path) -> Option<Vec<(u64, String)>> {
         return None;
     }
     let b = &map[HEADER + ids..];
-    let mut at = 0;
-    if varint(b, &mut at)? != n as u64 {
+    // a row takes 4 bytes at the least: a damaged count must not size an allocation
+    if n > b.len() / 4 {
         return None;
     }
-    let mut out = Vec::with_capacity(n.min(b.len() / 4));
-    for _ in 0..n {
-        let seq = varint(b, &mut at)?;
-        varint(b, &mut at)?;
-        let doc = string(b, &mut at)?;
-        string(b, &mut at)?;
-        out.push((seq, doc.to_string()));
-    }
-    (at == b.len()).then_some(out)
+    let (table, id_rows) = id_table(b, n).ok()?;
+    table
+        .iter()
+        .enumerate()
+        .map(|(row, &(seq, _))| {
+            let mut at = id_rows.get(row);
+            string(b, &mut at).map(|doc| (seq, doc.to_string()))
+        })
+        .collect()
 }
 
 /// Where each row's ids start in the id table (the length of its document id, a postcard

@@ -132,12 +132,7 @@ impl Wal {
                 ),
             });
         }
-        let mut buf = Vec::new();
-        for r in records {
-            buf.extend_from_slice(&(r.len() as u32).to_le_bytes());
-            buf.extend_from_slice(&crc32fast::hash(r).to_le_bytes());
-            buf.extend_from_slice(r);
-        }
+        let buf = frame(records);
         let res = self
             .file
             .write_all(&buf)
@@ -195,6 +190,17 @@ static FSYNCS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(
 /// WAL fsyncs made by this process so far (for its metrics).
 pub fn fsyncs() -> u64 {
     FSYNCS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Records as the log holds them: each its length, its crc32, its bytes.
+fn frame(records: &[Vec<u8>]) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(records.iter().map(|r| 8 + r.len()).sum());
+    for r in records {
+        buf.extend_from_slice(&(r.len() as u32).to_le_bytes());
+        buf.extend_from_slice(&crc32fast::hash(r).to_le_bytes());
+        buf.extend_from_slice(r);
+    }
+    buf
 }
 
 /// Reads framed records from `pos` on, pushing each body's span; returns where reading stopped
@@ -269,12 +275,7 @@ fn rewrite(path: &Path, records: &[Vec<u8>]) -> Result<(PathBuf, (File, u64)), I
         .map(|n| path.with_file_name(format!("{name}.damaged-{n}")))
         .find(|p| !p.exists())
         .expect("a free name");
-    let mut buf = Vec::new();
-    for r in records {
-        buf.extend_from_slice(&(r.len() as u32).to_le_bytes());
-        buf.extend_from_slice(&crc32fast::hash(r).to_le_bytes());
-        buf.extend_from_slice(r);
-    }
+    let buf = frame(records);
     let tmp = path.with_file_name(format!("{name}.tmp"));
     std::fs::write(&tmp, &buf)
         .and_then(|_| File::open(&tmp)?.sync_all())

@@ -124,11 +124,12 @@ impl ShardIndex {
                     for p in &meta.parts {
                         let ids = crate::datafile::salvage_ids(&ix.segment_path(*p));
                         for (seq, doc) in ids.into_iter().flatten() {
-                            let s = superseded.entry(doc).or_insert(0);
-                            if seq <= manifest.last_seq && seq > *s {
-                                *s = seq;
-                                grew = true;
+                            if seq > manifest.last_seq {
+                                continue;
                             }
+                            let s = superseded.entry(doc).or_insert(0);
+                            grew |= seq > *s;
+                            *s = (*s).max(seq);
                         }
                     }
                     let own = [".hnsw", ".post", ".bm25"].map(|x| format!("seg-{}{x}", meta.id));
@@ -145,7 +146,6 @@ impl ShardIndex {
                 to.display()
             ));
         }
-        superseded.retain(|_, s| *s > 0);
         if grew {
             let mut v: Vec<(&String, &u64)> = superseded.iter().collect();
             v.sort();

@@ -400,19 +400,12 @@ impl ShardIndex {
             });
         }
         for op in ops.iter_mut() {
-            if op.doc_id().is_empty() {
-                return Err(IndexError::BadInput("empty document id".into()));
-            }
             // what a coordinator refuses from a client, refused from any sender
-            if op.doc_id().len() > ragfleet_proto::MAX_DOC_ID_BYTES {
-                return Err(IndexError::BadInput(format!(
-                    "document id of {} bytes exceeds the limit of {} bytes",
-                    op.doc_id().len(),
-                    ragfleet_proto::MAX_DOC_ID_BYTES
-                )));
-            }
+            ragfleet_proto::check_doc_id(op.doc_id()).map_err(IndexError::BadInput)?;
             if let WriteOp::Upsert { doc_id, chunks, .. } = op {
-                let mut ids = HashSet::with_capacity(chunks.len());
+                // a set only where a repeat is possible (most documents are one chunk)
+                let mut ids =
+                    HashSet::with_capacity(if chunks.len() > 1 { chunks.len() } else { 0 });
                 for c in chunks.iter_mut() {
                     validate_chunk(doc_id, c, model.dim as usize)?;
                     if !ids.insert(c.chunk_id.as_str()) {

@@ -312,14 +312,8 @@ impl Document {
     /// made.
     pub fn check(&self) -> Result<(), String> {
         let size = self.text.len() + self.title.len();
-        if self.id.trim().is_empty() {
-            Err("empty document id".into())
-        } else if self.id.len() > MAX_DOC_ID_BYTES {
-            Err(format!(
-                "document id of {} bytes exceeds the limit of {MAX_DOC_ID_BYTES} bytes",
-                self.id.len()
-            ))
-        } else if self.text.trim().is_empty() && self.title.trim().is_empty() {
+        check_doc_id(&self.id)?;
+        if self.text.trim().is_empty() && self.title.trim().is_empty() {
             Err("document has no text".into())
         } else if size > MAX_DOCUMENT_BYTES {
             Err(format!(

@@ -46,6 +46,21 @@ pub const VERSIONS_PAGE_BYTES: u32 = 4 << 20;
 /// write, version list and hit.
 pub const MAX_DOC_ID_BYTES: usize = 512;
 
+/// Why `id` cannot name a document (empty or only whitespace, or longer than
+/// [`MAX_DOC_ID_BYTES`]): the one check of a document id, wherever a write or a delete names one.
+pub fn check_doc_id(id: &str) -> Result<(), String> {
+    if id.trim().is_empty() {
+        Err("empty document id".into())
+    } else if id.len() > MAX_DOC_ID_BYTES {
+        Err(format!(
+            "document id of {} bytes exceeds the limit of {MAX_DOC_ID_BYTES} bytes",
+            id.len()
+        ))
+    } else {
+        Ok(())
+    }
+}
+
 /// Which of `buckets` buckets a document id falls in (its FNV-1a hash, version left out, so a
 /// document stays in its bucket across versions, then mixed: FNV's bits alone put ids that
 /// differ in their last characters into a few buckets). `buckets` of 0 counts as 1. For a power

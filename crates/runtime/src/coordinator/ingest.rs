@@ -256,17 +256,9 @@ pub async fn delete(ctx: Arc<Ctx>, doc_ids: Vec<String>) -> IngestResult {
     let mut by_shard: HashMap<u32, Vec<String>> = HashMap::new();
     let mut result = IngestResult::default();
     for d in doc_ids {
-        if d.trim().is_empty() {
-            result.failed.push((d, "empty document id".into()));
-        } else if d.len() > ragfleet_proto::MAX_DOC_ID_BYTES {
-            let e = format!(
-                "document id of {} bytes exceeds the limit of {} bytes",
-                d.len(),
-                ragfleet_proto::MAX_DOC_ID_BYTES
-            );
-            result.failed.push((d, e));
-        } else {
-            by_shard.entry(ctx.cfg().shard_of(&d)).or_default().push(d);
+        match ragfleet_proto::check_doc_id(&d) {
+            Err(e) => result.failed.push((d, e)),
+            Ok(()) => by_shard.entry(ctx.cfg().shard_of(&d)).or_default().push(d),
         }
     }
     let version = ragfleet_proto::next_write_version();

@@ -7,7 +7,9 @@
 //! (the k nearest and those the codes' error could lift among them) with the exact vectors the
 //! caller holds (a segment's chunks), so the graph keeps no f32 copy. A search
 //! reuses a per-thread visited set (a bit a node, only its used words cleared) and heaps, and
-//! prefetches neighbour codes before it scores them. Built on many threads (a lock per node
+//! prefetches neighbour codes before it scores them. Lists are kept nearly full: the
+//! neighbour heuristic's choice, then the nearest of the candidates it set aside
+//! ([`Hnsw::select`]). Built on many threads (a lock per node
 //! while its list changes; readers may see a list mid-update, which only costs a little
 //! construction quality, never an invalid id), and able to grow: [`Hnsw::extend`] copies a
 //! graph and inserts new vectors into the copy, so a merge of a small segment into a large one
@@ -38,6 +40,14 @@ const MAX_LEVEL: usize = 16;
 /// to a cluster) it stranded 2% of the queries far from every true neighbour at any `ef`, and
 /// linked new nodes into the wrong neighbourhoods while the graph was built.
 const UPPER_BEAM: usize = 16;
+
+/// How many places a full list keeps free when it is pruned for a new link: the next few
+/// links are appended without pruning again, so that lists kept full (see [`Hnsw::select`])
+/// cost the build a prune every few links rather than one every link. On `bench shard`'s set
+/// (M 16, ef_construction 100, one graph built on 2 threads, scratch runs): 4 built a million vectors
+/// in 93 s against 149 s with none and 65 s for lists left as the heuristic prunes them,
+/// at a recall 0.004-0.013 below none's.
+const PRUNE_SLACK: usize = 4;
 
 /// Build parameters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -385,9 +395,17 @@ impl Hnsw {
     }
 
     /// HNSW's neighbour heuristic: keep a candidate only if it is nearer to the base than to
-    /// every candidate kept before it (`sorted` nearest first).
+    /// every candidate kept before it (`sorted` nearest first); then, up to `m`, the nearest
+    /// of those it set aside (the original paper's "keep pruned connections"). The heuristic
+    /// alone leaves a list well short of `m` in a dense cluster, where most candidates lie
+    /// behind one already kept: the walk then has few ways out of a neighbourhood, and a
+    /// search needs a wider beam to find its ten. Filled, on `bench shard`'s set at a million
+    /// vectors, recall@10 at ef 24 / 32 / 40 went from 0.884 / 0.927 / 0.954 to 0.933 /
+    /// 0.961 / 0.977 at the same time a search (0.054 / 0.061 / 0.068 ms), and at 100k at
+    /// ef 16 from 0.916 to 0.958.
     fn select(&self, sorted: &[Near], m: usize) -> Vec<u32> {
         let mut kept: Vec<u32> = Vec::with_capacity(m);
+        let mut aside: Vec<u32> = Vec::with_capacity(sorted.len());
         for c in sorted {
             if kept.len() >= m {
                 break;
@@ -395,8 +413,12 @@ impl Hnsw {
             let v = self.code(c.id);
             if kept.iter().all(|&r| self.distance(v, r) > c.d) {
                 kept.push(c.id);
+            } else {
+                aside.push(c.id);
             }
         }
+        let room = m.saturating_sub(kept.len());
+        kept.extend(aside.into_iter().take(room));
         kept
     }
 
@@ -428,7 +450,8 @@ impl Hnsw {
                     &mut buf,
                 );
                 found.retain(|n| n.id != i);
-                let chosen = self.select(&found, m);
+                // a new node links to as many on level 0 as a list there holds
+                let chosen = self.select(&found, if lc == 0 { m0 } else { m });
                 {
                     let _g = self.locks[i as usize].lock().expect("node lock");
                     self.set_row(i, lc, &chosen);
@@ -473,7 +496,7 @@ impl Hnsw {
             })
             .collect();
         cands.sort_unstable();
-        let kept = self.select(&cands, cap);
+        let kept = self.select(&cands, cap - PRUNE_SLACK.min(cap / 2));
         self.set_row(e, level, &kept);
     }
 }
@@ -573,6 +596,50 @@ mod tests {
         // a narrow beam finds fewer
         let low = recall(&grown, &base, &queries, 10);
         assert!(low <= r2);
+    }
+
+    /// Lists are filled past what the heuristic keeps, and pruned with room to spare: on a
+    /// clustered set, where the heuristic alone keeps few neighbours, nearly every level-0
+    /// list holds between `m0 - PRUNE_SLACK` and `m0`, and a narrow beam finds more of the
+    /// true ten than the heuristic's lists gave it.
+    #[test]
+    fn level_0_lists_are_kept_full_and_a_narrow_beam_finds_its_neighbours() {
+        let (dim, n) = (64, 20_000);
+        let unit = |mut v: Vec<f32>| {
+            normalize(&mut v);
+            v
+        };
+        let rows: Vec<Vec<f32>> = crate::eval::clustered_with(n, dim, 20, 12, 0.1, 5, 1)
+            .into_iter()
+            .map(unit)
+            .collect();
+        let queries: Vec<Vec<f32>> = crate::eval::clustered_with(300, dim, 20, 12, 0.1, 5, 2)
+            .into_iter()
+            .map(unit)
+            .collect();
+        let g = Hnsw::build(dim, &rows.concat(), HnswParams::default(), 1);
+        let m0 = g.m0();
+        let mut buf = Vec::new();
+        let (mut total, mut short) = (0usize, 0usize);
+        for i in 0..n as u32 {
+            g.neighbours(i, 0, &mut buf);
+            assert!(buf.len() <= m0);
+            total += buf.len();
+            short += usize::from(buf.len() < m0 - PRUNE_SLACK);
+        }
+        let mean = total as f64 / n as f64;
+        assert!(
+            mean >= (m0 - PRUNE_SLACK) as f64,
+            "mean level-0 degree {mean}"
+        );
+        assert!(
+            short * 100 <= n,
+            "{short} of {n} lists shorter than {}",
+            m0 - PRUNE_SLACK
+        );
+        let (recall, _) = recall_and_worst(&g, &rows, &queries, 10);
+        // (the heuristic's lists alone: mean degree 16.1, recall 0.945; filled: 30.0, 0.974)
+        assert!(recall >= 0.96, "recall@10 {recall} at ef 10");
     }
 
     /// 100,000 vectors in 50 clusters of 24 directions each (`bench shard`'s set): a greedy

@@ -7,8 +7,8 @@
 //! (the k nearest and those the codes' error could lift among them) with the exact vectors the
 //! caller holds (a segment's chunks), so the graph keeps no f32 copy. A search
 //! reuses a per-thread visited set (a bit a node, only its used words cleared) and heaps, and
-//! prefetches neighbour codes before it scores them. Lists are kept nearly full: the
-//! neighbour heuristic's choice, then the nearest of the candidates it set aside
+//! prefetches neighbour codes before it scores them. Level-0 lists are kept nearly full:
+//! the neighbour heuristic's choice, then the nearest of the candidates it set aside
 //! ([`Hnsw::select`]). Built on many threads (a lock per node
 //! while its list changes; readers may see a list mid-update, which only costs a little
 //! construction quality, never an invalid id), and able to grow: [`Hnsw::extend`] copies a
@@ -41,9 +41,9 @@ const MAX_LEVEL: usize = 16;
 /// linked new nodes into the wrong neighbourhoods while the graph was built.
 const UPPER_BEAM: usize = 16;
 
-/// How many places a full list keeps free when it is pruned for a new link: the next few
-/// links are appended without pruning again, so that lists kept full (see [`Hnsw::select`])
-/// cost the build a prune every few links rather than one every link. On `bench shard`'s set
+/// How many places a full level-0 list keeps free when it is pruned for a new link: the next
+/// few links are appended without pruning again, so that lists kept full (see
+/// [`Hnsw::select`]) cost the build a prune every few links rather than one every link. On `bench shard`'s set
 /// (M 16, ef_construction 100, one graph built on 2 threads, scratch runs): 4 built a million vectors
 /// in 93 s against 149 s with none and 65 s for lists left as the heuristic prunes them,
 /// at a recall 0.004-0.013 below none's.
@@ -395,15 +395,17 @@ impl Hnsw {
     }
 
     /// HNSW's neighbour heuristic: keep a candidate only if it is nearer to the base than to
-    /// every candidate kept before it (`sorted` nearest first); then, up to `m`, the nearest
-    /// of those it set aside (the original paper's "keep pruned connections"). The heuristic
-    /// alone leaves a list well short of `m` in a dense cluster, where most candidates lie
-    /// behind one already kept: the walk then has few ways out of a neighbourhood, and a
-    /// search needs a wider beam to find its ten. Filled, on `bench shard`'s set at a million
-    /// vectors, recall@10 at ef 24 / 32 / 40 went from 0.884 / 0.927 / 0.954 to 0.933 /
-    /// 0.961 / 0.977 at the same time a search (0.054 / 0.061 / 0.068 ms), and at 100k at
-    /// ef 16 from 0.916 to 0.958.
-    fn select(&self, sorted: &[Near], m: usize) -> Vec<u32> {
+    /// every candidate kept before it (`sorted` nearest first); then, with `fill`, up to `m`,
+    /// the nearest of those it set aside (the original paper's "keep pruned connections").
+    /// The heuristic alone leaves a list well short of `m` in a dense cluster, where most
+    /// candidates lie behind one already kept: the walk then has few ways out of a
+    /// neighbourhood, and a search needs a wider beam to find its ten. Level 0's lists are
+    /// filled: on `bench shard`'s set at a million vectors, recall@10 at ef 24 / 32 / 40 went
+    /// from 0.884 / 0.927 / 0.954 to 0.933 / 0.961 / 0.977 at the same time a search (0.053 /
+    /// 0.062 / 0.070 ms), and at 100k at ef 16 from 0.916 to 0.959. The upper levels' are not:
+    /// filled there too, a search's beam of [`SEARCH_UPPER_BEAM`] down them left one query of
+    /// 1,000 at 100k with none of its ten at every beam, for no recall gained.
+    fn select(&self, sorted: &[Near], m: usize, fill: bool) -> Vec<u32> {
         let mut kept: Vec<u32> = Vec::with_capacity(m);
         let mut aside: Vec<u32> = Vec::with_capacity(sorted.len());
         for c in sorted {
@@ -417,8 +419,10 @@ impl Hnsw {
                 aside.push(c.id);
             }
         }
-        let room = m.saturating_sub(kept.len());
-        kept.extend(aside.into_iter().take(room));
+        if fill {
+            let room = m.saturating_sub(kept.len());
+            kept.extend(aside.into_iter().take(room));
+        }
         kept
     }
 
@@ -451,7 +455,11 @@ impl Hnsw {
                 );
                 found.retain(|n| n.id != i);
                 // a new node links to as many on level 0 as a list there holds
-                let chosen = self.select(&found, if lc == 0 { m0 } else { m });
+                let chosen = if lc == 0 {
+                    self.select(&found, m0, true)
+                } else {
+                    self.select(&found, m, false)
+                };
                 {
                     let _g = self.locks[i as usize].lock().expect("node lock");
                     self.set_row(i, lc, &chosen);
@@ -496,7 +504,11 @@ impl Hnsw {
             })
             .collect();
         cands.sort_unstable();
-        let kept = self.select(&cands, cap - PRUNE_SLACK.min(cap / 2));
+        let kept = if level == 0 {
+            self.select(&cands, cap - PRUNE_SLACK.min(cap / 2), true)
+        } else {
+            self.select(&cands, cap, false)
+        };
         self.set_row(e, level, &kept);
     }
 }

@@ -43,10 +43,11 @@ const UPPER_BEAM: usize = 16;
 
 /// How many places a full level-0 list keeps free when it is pruned for a new link: the next
 /// few links are appended without pruning again, so that lists kept full (see
-/// [`Hnsw::select`]) cost the build a prune every few links rather than one every link. On `bench shard`'s set
-/// (M 16, ef_construction 100, one graph built on 2 threads, scratch runs): 4 built a million vectors
-/// in 93 s against 149 s with none and 65 s for lists left as the heuristic prunes them,
-/// at a recall 0.004-0.013 below none's.
+/// [`Hnsw::select`]) cost the build a prune every few links rather than one every link. On
+/// `bench shard`'s set (M 16, ef_construction 100, one graph built on 2 threads, every level
+/// filled): 4 built a million vectors in 93 s against 149 s with none and 65 s for lists left
+/// as the heuristic prunes them, at a recall 0.004-0.013 below none's (level 0 alone filled
+/// with 4: 87-103 s).
 const PRUNE_SLACK: usize = 4;
 
 /// Build parameters.
@@ -407,7 +408,7 @@ impl Hnsw {
     /// 1,000 at 100k with none of its ten at every beam, for no recall gained.
     fn select(&self, sorted: &[Near], m: usize, fill: bool) -> Vec<u32> {
         let mut kept: Vec<u32> = Vec::with_capacity(m);
-        let mut aside: Vec<u32> = Vec::with_capacity(sorted.len());
+        let mut aside: Vec<u32> = Vec::new();
         for c in sorted {
             if kept.len() >= m {
                 break;
@@ -415,7 +416,7 @@ impl Hnsw {
             let v = self.code(c.id);
             if kept.iter().all(|&r| self.distance(v, r) > c.d) {
                 kept.push(c.id);
-            } else {
+            } else if fill {
                 aside.push(c.id);
             }
         }

@@ -549,6 +549,24 @@ mod tests {
         recall_and_worst(g, &rows, &qs, ef).0
     }
 
+    /// `n` unit vectors of `dim` in `clusters.0` clusters of `clusters.1` directions each
+    /// (noise 0.1), the set of `seed` and its draw `draw`.
+    fn unit_clustered(
+        n: usize,
+        dim: usize,
+        clusters: (usize, usize),
+        seed: u64,
+        draw: u64,
+    ) -> Vec<Vec<f32>> {
+        crate::eval::clustered_with(n, dim, clusters.0, clusters.1, 0.1, seed, draw)
+            .into_iter()
+            .map(|mut v| {
+                normalize(&mut v);
+                v
+            })
+            .collect()
+    }
+
     /// Recall@10 against exact search, and the fewest true neighbours a query found.
     fn recall_and_worst(g: &Hnsw, rows: &[Vec<f32>], qs: &[Vec<f32>], ef: usize) -> (f64, usize) {
         let truth = crate::ann::exact_top_k(rows, qs, 10, 2);
@@ -618,18 +636,8 @@ mod tests {
     #[test]
     fn level_0_lists_are_kept_full_and_a_narrow_beam_finds_its_neighbours() {
         let (dim, n) = (64, 20_000);
-        let unit = |mut v: Vec<f32>| {
-            normalize(&mut v);
-            v
-        };
-        let rows: Vec<Vec<f32>> = crate::eval::clustered_with(n, dim, 20, 12, 0.1, 5, 1)
-            .into_iter()
-            .map(unit)
-            .collect();
-        let queries: Vec<Vec<f32>> = crate::eval::clustered_with(300, dim, 20, 12, 0.1, 5, 2)
-            .into_iter()
-            .map(unit)
-            .collect();
+        let rows = unit_clustered(n, dim, (20, 12), 5, 1);
+        let queries = unit_clustered(300, dim, (20, 12), 5, 2);
         let g = Hnsw::build(dim, &rows.concat(), HnswParams::default(), 1);
         let m0 = g.m0();
         let mut buf = Vec::new();
@@ -662,18 +670,8 @@ mod tests {
     #[test]
     fn the_upper_levels_beam_leaves_no_query_stranded() {
         let (dim, n) = (384, 100_000);
-        let unit = |mut v: Vec<f32>| {
-            normalize(&mut v);
-            v
-        };
-        let rows: Vec<Vec<f32>> = crate::eval::clustered_with(n, dim, 50, 24, 0.1, 7, 1)
-            .into_iter()
-            .map(unit)
-            .collect();
-        let queries: Vec<Vec<f32>> = crate::eval::clustered_with(200, dim, 50, 24, 0.1, 7, 2)
-            .into_iter()
-            .map(unit)
-            .collect();
+        let rows = unit_clustered(n, dim, (50, 24), 7, 1);
+        let queries = unit_clustered(200, dim, (50, 24), 7, 2);
         let g = Hnsw::build(dim, &rows.concat(), HnswParams::default(), 1);
         let (recall, worst) = recall_and_worst(&g, &rows, &queries, 64);
         assert!(recall >= 0.99, "recall@10 {recall} at ef 64");

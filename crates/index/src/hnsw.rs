@@ -396,7 +396,7 @@ impl Hnsw {
     }
 
     /// HNSW's neighbour heuristic: keep a candidate only if it is nearer to the base than to
-    /// every candidate kept before it (`sorted` nearest first); then, with `fill`, up to `m`,
+    /// every candidate kept before it (`sorted` nearest first); then, on level 0, up to `m`,
     /// the nearest of those it set aside (the original paper's "keep pruned connections").
     /// The heuristic alone leaves a list well short of `m` in a dense cluster, where most
     /// candidates lie behind one already kept: the walk then has few ways out of a
@@ -406,7 +406,8 @@ impl Hnsw {
     /// 0.062 / 0.070 ms), and at 100k at ef 16 from 0.916 to 0.959. The upper levels' are not:
     /// filled there too, a search's beam of [`SEARCH_UPPER_BEAM`] down them left one query of
     /// 1,000 at 100k with none of its ten at every beam, for no recall gained.
-    fn select(&self, sorted: &[Near], m: usize, fill: bool) -> Vec<u32> {
+    fn select(&self, sorted: &[Near], m: usize, level: usize) -> Vec<u32> {
+        let fill = level == 0;
         let mut kept: Vec<u32> = Vec::with_capacity(m);
         let mut aside: Vec<u32> = Vec::new();
         for c in sorted {
@@ -456,11 +457,7 @@ impl Hnsw {
                 );
                 found.retain(|n| n.id != i);
                 // a new node links to as many on level 0 as a list there holds
-                let chosen = if lc == 0 {
-                    self.select(&found, m0, true)
-                } else {
-                    self.select(&found, m, false)
-                };
+                let chosen = self.select(&found, if lc == 0 { m0 } else { m }, lc);
                 {
                     let _g = self.locks[i as usize].lock().expect("node lock");
                     self.set_row(i, lc, &chosen);
@@ -505,11 +502,12 @@ impl Hnsw {
             })
             .collect();
         cands.sort_unstable();
-        let kept = if level == 0 {
-            self.select(&cands, cap - PRUNE_SLACK.min(cap / 2), true)
+        let keep = if level == 0 {
+            cap - PRUNE_SLACK.min(cap / 2)
         } else {
-            self.select(&cands, cap, false)
+            cap
         };
+        let kept = self.select(&cands, keep, level);
         self.set_row(e, level, &kept);
     }
 }

@@ -403,12 +403,13 @@ impl ShardIndex {
             // what a coordinator refuses from a client, refused from any sender
             ragfleet_proto::check_doc_id(op.doc_id()).map_err(IndexError::BadInput)?;
             if let WriteOp::Upsert { doc_id, chunks, .. } = op {
-                // a set only where a repeat is possible (most documents are one chunk)
-                let mut ids =
-                    HashSet::with_capacity(if chunks.len() > 1 { chunks.len() } else { 0 });
+                // repeats looked for only where there can be one (most documents are one
+                // chunk): a set never inserted into allocates nothing
+                let many = chunks.len() > 1;
+                let mut ids = HashSet::new();
                 for c in chunks.iter_mut() {
                     validate_chunk(doc_id, c, model.dim as usize)?;
-                    if !ids.insert(c.chunk_id.as_str()) {
+                    if many && !ids.insert(c.chunk_id.as_str()) {
                         return Err(IndexError::BadInput(format!(
                             "chunk id {} twice in document {doc_id}",
                             c.chunk_id

@@ -685,3 +685,68 @@ fn a_damaged_segment_never_brings_an_older_copy_back() {
     assert_eq!(text(&ix, "d4"), None);
     assert_eq!(ix.doc_count(), 60);
 }
+
+/// A crash in a folder's very first seal, after its files and before its manifest, while the
+/// log still holds every write: nothing is damaged. The open reports no problem and asks for
+/// no catch-up, the uncommitted files are removed (not moved aside), every write is served from
+/// the log, and the next seal and open keep them.
+#[test]
+fn a_crash_in_the_first_seal_is_no_damage() {
+    let (crashed, sealed) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut r = rand::rngs::StdRng::seed_from_u64(3);
+    let (mut ix, _) = ShardIndex::open(sealed.path(), settings()).unwrap();
+    for batch in (0..24u64).collect::<Vec<_>>().chunks(8) {
+        let ops = batch.iter().map(|&i| doc(i, 0, &mut r)).collect();
+        ix.write(ops, &model()).unwrap();
+    }
+    ix.write(
+        vec![WriteOp::Delete {
+            doc_id: "d7".into(),
+            version: 0,
+        }],
+        &model(),
+    )
+    .unwrap();
+    assert!(ix.growing_chunks() > 0, "nothing sealed yet");
+    assert!(!sealed.path().join("manifest3.bin").exists());
+    let expected = read_all(&ix);
+    // the log as it stood when the seal began
+    std::fs::copy(
+        sealed.path().join("wal.log"),
+        crashed.path().join("wal.log"),
+    )
+    .unwrap();
+    ix.seal().unwrap();
+    drop(ix);
+    // the seal's files without its manifest: where a crash before the manifest's rename leaves
+    // the folder
+    let mut copied = Vec::new();
+    for e in std::fs::read_dir(sealed.path()).unwrap() {
+        let name = e.unwrap().file_name().to_string_lossy().to_string();
+        if name.starts_with("seg-") || name.starts_with("deletions-") {
+            std::fs::copy(sealed.path().join(&name), crashed.path().join(&name)).unwrap();
+            copied.push(name);
+        }
+    }
+    assert!(copied.iter().any(|n| n.ends_with(".bin")), "{copied:?}");
+
+    let (ix, report) = ShardIndex::open(crashed.path(), settings()).unwrap();
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    assert!(!report.needs_catch_up);
+    assert_eq!(read_all(&ix), expected);
+    let left: Vec<String> = std::fs::read_dir(crashed.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with("seg-") || n.starts_with("damaged"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    drop(ix);
+
+    let (mut ix, _) = ShardIndex::open(crashed.path(), settings()).unwrap();
+    ix.seal().unwrap();
+    drop(ix);
+    let (ix, report) = ShardIndex::open(crashed.path(), settings()).unwrap();
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    assert_eq!(report.segments, 1);
+    assert_eq!(read_all(&ix), expected);
+}

@@ -40,24 +40,30 @@ impl ShardIndex {
         let no_manifest = [MANIFEST, MANIFEST_V2, MANIFEST_V1]
             .iter()
             .all(|m| !dir.join(m).exists());
+        let (wal, wal_rec) = Wal::open_marked(&dir.join("wal.log"), codec::WAL_MARKER)?;
         if manifest_ok && no_manifest {
-            // segment files and no manifest: not a fresh folder (a crash in the first seal can
-            // leave its data file, whose writes the log still holds; anything else is a lost
-            // manifest): they go aside, not to the removal of unlisted files below
-            aside.keep_matching(|n| {
-                n.starts_with("seg-") || n.starts_with("deletions-") || n == SUPERSEDED
-            })?;
-            if aside.folder().is_some() {
-                report
-                    .problems
-                    .push("segment files beside no manifest".to_string());
-                report.needs_catch_up = true;
+            if log_holds_all_writes(&wal_rec) && !dir.join(SUPERSEDED).exists() {
+                // a crash in the folder's first seal (after its files, before its manifest):
+                // the log still holds every write the folder was sent, so the files are an
+                // uncommitted seal's and go to the removal of unlisted files below
+                info!(dir = %dir.display(), "the files of a first seal that never committed are removed; the log holds their writes");
+            } else {
+                // segment files and no manifest, and the log was emptied since the folder's
+                // first write: a manifest was lost. They go aside, not to the removal below
+                aside.keep_matching(|n| {
+                    n.starts_with("seg-") || n.starts_with("deletions-") || n == SUPERSEDED
+                })?;
+                if aside.folder().is_some() {
+                    report
+                        .problems
+                        .push("segment files beside no manifest".to_string());
+                    report.needs_catch_up = true;
+                }
             }
         }
         if manifest_ok {
             remove_unreferenced(dir, &manifest, &deletions_log.files());
         }
-        let (wal, wal_rec) = Wal::open_marked(&dir.join("wal.log"), codec::WAL_MARKER)?;
         let mut ix = ShardIndex {
             _lock: lock,
             dir: dir.to_path_buf(),
@@ -402,6 +408,18 @@ impl SetAside {
     fn folder(&self) -> Option<&Path> {
         self.to.as_deref()
     }
+}
+
+/// Whether the log holds every write its folder was ever sent: it reads without damage from its
+/// first byte, and its first record is numbered 1, as a folder's first write is. A log is
+/// emptied only after a manifest has committed its writes, and the writes logged after that
+/// are numbered past the manifest's last (from 2 on, once it holds any).
+fn log_holds_all_writes(rec: &crate::wal::WalRecovery) -> bool {
+    rec.damage.is_empty()
+        && rec
+            .records
+            .first()
+            .is_some_and(|raw| codec::decode_wal(raw).is_ok_and(|r| r.first_seq == 1))
 }
 
 /// Removes what a crash can leave behind: temporary files, and segment files (data, BM25,

@@ -46,10 +46,13 @@ impl ShardIndex {
                 // a crash in the folder's first seal (after its files, before its manifest):
                 // the log still holds every write the folder was sent, so the files are an
                 // uncommitted seal's and go to the removal of unlisted files below
-                info!(dir = %dir.display(), "the files of a first seal that never committed are removed; the log holds their writes");
+                if holds_segment_files(dir) {
+                    info!(dir = %dir.display(), "the files of a first seal that never committed are removed; the log holds their writes");
+                }
             } else {
-                // segment files and no manifest, and the log was emptied since the folder's
-                // first write: a manifest was lost. They go aside, not to the removal below
+                // segment files and no manifest, and the log cannot show that it holds every
+                // write (it was emptied since the folder's first, or is damaged): a manifest
+                // was lost. They go aside, not to the removal below
                 aside.keep_matching(|n| {
                     n.starts_with("seg-") || n.starts_with("deletions-") || n == SUPERSEDED
                 })?;
@@ -420,6 +423,17 @@ fn log_holds_all_writes(rec: &crate::wal::WalRecovery) -> bool {
             .records
             .first()
             .is_some_and(|raw| codec::decode_wal(raw).is_ok_and(|r| r.first_seq == 1))
+}
+
+/// Whether `dir` holds segment or deletion-record files.
+fn holds_segment_files(dir: &Path) -> bool {
+    std::fs::read_dir(dir).is_ok_and(|rd| {
+        rd.flatten().any(|e| {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            name.starts_with("seg-") || name.starts_with("deletions-")
+        })
+    })
 }
 
 /// Removes what a crash can leave behind: temporary files, and segment files (data, BM25,

@@ -4,7 +4,8 @@
 # fortunes, the Linux kernel's, Python's, Perl's, PostgreSQL's, Git's, glibc's, OpenSSL's,
 # SQLite's, Node's, Erlang's, GTK's, Ruby's, Bash's, binutils' and Emacs' documentation, man
 # pages), split into sentences of 6-60 words, mostly ASCII letters, code-like ones dropped,
-# each kept once (case-insensitive), shuffled with a fixed seed. Needs apt (Debian 12) and
+# each kept once (case-insensitive), shuffled with a fixed seed (a few lines keep markup the
+# filters miss, e.g. HTML inside a text file or a man page's escapes). Needs apt (Debian 12) and
 # python3; writes DIR/lines.txt (1,001,000 lines: the first million the shard's rows, the last
 # 1,000 the queries) and DIR/sentences.txt (all of them).
 #

@@ -737,7 +737,11 @@ fn a_crash_in_the_first_seal_is_no_damage() {
     let left: Vec<String> = std::fs::read_dir(crashed.path())
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
-        .filter(|n| n.starts_with("seg-") || n.starts_with("damaged"))
+        .filter(|n| {
+            ["seg-", "deletions-", "damaged"]
+                .iter()
+                .any(|p| n.starts_with(p))
+        })
         .collect();
     assert!(left.is_empty(), "{left:?}");
     drop(ix);

@@ -41,31 +41,32 @@ impl ShardIndex {
             .iter()
             .all(|m| !dir.join(m).exists());
         let (wal, wal_rec) = Wal::open_marked(&dir.join("wal.log"), codec::WAL_MARKER)?;
-        if manifest_ok && no_manifest {
-            if log_holds_all_writes(&wal_rec) && !dir.join(SUPERSEDED).exists() {
-                // a crash in the folder's first seal (after its files, before its manifest):
-                // the log still holds every write the folder was sent, so the files are an
-                // uncommitted seal's and go to the removal of unlisted files below
-                if holds_segment_files(dir) {
-                    info!(dir = %dir.display(), "the files of a first seal that never committed are removed; the log holds their writes");
-                }
-            } else {
-                // segment files and no manifest, and the log cannot show that it holds every
-                // write (it was emptied since the folder's first, or is damaged): a manifest
-                // was lost. They go aside, not to the removal below
-                aside.keep_matching(|n| {
-                    n.starts_with("seg-") || n.starts_with("deletions-") || n == SUPERSEDED
-                })?;
-                if aside.folder().is_some() {
-                    report
-                        .problems
-                        .push("segment files beside no manifest".to_string());
-                    report.needs_catch_up = true;
-                }
+        // a crash in the folder's first seal (after its files, before its manifest): the log
+        // still holds every write the folder was sent, so the files are an uncommitted seal's
+        // and go to the removal of unlisted files below
+        let first_seal = manifest_ok
+            && no_manifest
+            && log_holds_all_writes(&wal_rec)
+            && !dir.join(SUPERSEDED).exists();
+        if manifest_ok && no_manifest && !first_seal {
+            // segment files and no manifest, and the log cannot show that it holds every write
+            // (it was emptied since the folder's first, or is damaged): a manifest was lost.
+            // They go aside, not to the removal below
+            aside.keep_matching(|n| {
+                n.starts_with("seg-") || n.starts_with("deletions-") || n == SUPERSEDED
+            })?;
+            if aside.folder().is_some() {
+                report
+                    .problems
+                    .push("segment files beside no manifest".to_string());
+                report.needs_catch_up = true;
             }
         }
         if manifest_ok {
-            remove_unreferenced(dir, &manifest, &deletions_log.files());
+            let removed = remove_unreferenced(dir, &manifest, &deletions_log.files());
+            if first_seal && removed > 0 {
+                info!(dir = %dir.display(), files = removed, "removed the files of a first seal that never committed; the log holds their writes");
+            }
         }
         let mut ix = ShardIndex {
             _lock: lock,
@@ -425,21 +426,10 @@ fn log_holds_all_writes(rec: &crate::wal::WalRecovery) -> bool {
             .is_some_and(|raw| codec::decode_wal(raw).is_ok_and(|r| r.first_seq == 1))
 }
 
-/// Whether `dir` holds segment or deletion-record files.
-fn holds_segment_files(dir: &Path) -> bool {
-    std::fs::read_dir(dir).is_ok_and(|rd| {
-        rd.flatten().any(|e| {
-            let name = e.file_name();
-            let name = name.to_string_lossy();
-            name.starts_with("seg-") || name.starts_with("deletions-")
-        })
-    })
-}
-
 /// Removes what a crash can leave behind: temporary files, and segment files (data, BM25,
 /// graph) the manifest does not list (a merge or seal that did not reach its manifest write,
-/// or the sources of one that did).
-fn remove_unreferenced(dir: &Path, m: &Manifest, deletion_files: &[String]) {
+/// or the sources of one that did). Returns how many segment files it removed.
+fn remove_unreferenced(dir: &Path, m: &Manifest, deletion_files: &[String]) -> usize {
     let mut keep: HashSet<String> = deletion_files.iter().cloned().collect();
     for s in &m.segments {
         keep.insert(format!("seg-{}.hnsw", s.id));
@@ -449,8 +439,9 @@ fn remove_unreferenced(dir: &Path, m: &Manifest, deletion_files: &[String]) {
         }
     }
     let Ok(rd) = std::fs::read_dir(dir) else {
-        return;
+        return 0;
     };
+    let mut removed = 0;
     for f in rd.flatten() {
         let name = f.file_name().to_string_lossy().to_string();
         let temporary =
@@ -463,11 +454,15 @@ fn remove_unreferenced(dir: &Path, m: &Manifest, deletion_files: &[String]) {
                 && (name.ends_with(".bin") || name.ends_with(".delta")));
         if temporary || (segment_file && !keep.contains(&name)) {
             match std::fs::remove_file(f.path()) {
-                Ok(()) => info!(file = %name, "removed a file no manifest lists"),
+                Ok(()) => {
+                    info!(file = %name, "removed a file no manifest lists");
+                    removed += usize::from(segment_file);
+                }
                 Err(e) => warn!(file = %name, error = %e, "could not remove an unlisted file"),
             }
         }
     }
+    removed
 }
 
 #[cfg(test)]

@@ -406,7 +406,7 @@ impl ShardIndex {
                 // repeats looked for only where there can be one (most documents are one
                 // chunk): a set never inserted into allocates nothing
                 let many = chunks.len() > 1;
-                let mut ids = HashSet::new();
+                let mut ids = HashSet::with_capacity(if many { chunks.len() } else { 0 });
                 for c in chunks.iter_mut() {
                     validate_chunk(doc_id, c, model.dim as usize)?;
                     if many && !ids.insert(c.chunk_id.as_str()) {

@@ -156,49 +156,12 @@ impl Plan {
                 .collect()
         };
         let mut before = cursors(&|p| done.contains(&p));
-        // the other terms, each as its list's tiers of higher frequencies (when split) and the
-        // rest of it, highest bound first (a row is in one of them); the terms in order of
-        // their highest bounds
-        let mut others: Vec<Cursor<'_>> = Vec::with_capacity(lists.len() * 4);
-        let mut split = false;
-        for (p, l) in lists.iter().enumerate() {
-            let Some(list) = l.filter(|l| !l.pairs.is_empty() && p != pos && !done.contains(&p))
-            else {
-                continue;
-            };
-            let idf = self.terms[p].1;
-            let cap = list.hi.map_or(u32::MAX, |h| h.cut());
-            others.push(Cursor::capped(list, idf, p, self, cap));
-            if let Some(h) = list.hi {
-                split = true;
-                others.extend(h.tiers().map(|l| Cursor::new(l, idf, p, self)));
-            }
-        }
-        let mut lead = Vec::new();
-        let mut next: Vec<Option<f32>> = Vec::new();
-        let rest: f32 = if split {
-            lead = vec![0.0f32; self.terms.len()];
-            for c in &others {
-                lead[c.pos] = lead[c.pos].max(c.bound);
-            }
-            others.sort_by(|a, b| {
-                (lead[b.pos].total_cmp(&lead[a.pos]).then(a.pos.cmp(&b.pos)))
-                    .then(b.bound.total_cmp(&a.bound))
-            });
-            // (the bound of the next cursor of the same term, when there is one)
-            next = (0..others.len())
-                .map(|i| {
-                    others
-                        .get(i + 1)
-                        .filter(|n| n.pos == others[i].pos)
-                        .map(|n| n.bound)
-                })
-                .collect();
-            lead.iter().sum()
-        } else {
-            others.sort_by(|a, b| b.bound.total_cmp(&a.bound).then(a.pos.cmp(&b.pos)));
-            others.iter().map(|c| c.bound).sum()
-        };
+        // the other terms, each looked up in its whole list (one seek finds a row at any
+        // frequency: a split list's tiers serve the bounds of the document-at-a-time pass,
+        // and seeking a row in each of them cost up to four seeks a term), highest bound first
+        let mut others: Vec<Cursor<'_>> = cursors(&|p| p != pos && !done.contains(&p));
+        others.sort_by(|a, b| b.bound.total_cmp(&a.bound).then(a.pos.cmp(&b.pos)));
+        let rest: f32 = others.iter().map(|c| c.bound).sum();
         let list = lists[pos].expect("a list");
         let idf = self.terms[pos].1;
         let mut contrib = vec![0u32; self.terms.len()];
@@ -217,46 +180,15 @@ impl Plan {
             }
             contrib.iter_mut().for_each(|c| *c = 0);
             contrib[pos] = tf;
-            if !split {
-                // (no list split: one cursor a term, the loop kept lean)
-                for c in &mut others {
-                    most -= c.bound;
-                    if c.seek(row) {
-                        contrib[c.pos] = c.tf();
-                        c.block_bound(self);
-                        most += c.row_bound();
-                    }
-                    if threshold.is_some_and(|t| most <= t) {
-                        continue 'rows;
-                    }
+            for c in &mut others {
+                most -= c.bound;
+                if c.seek(row) {
+                    contrib[c.pos] = c.tf();
+                    c.block_bound(self);
+                    most += c.row_bound();
                 }
-            } else {
-                let mut found = usize::MAX;
-                let mut term = usize::MAX;
-                for (c, next) in others.iter_mut().zip(&next) {
-                    if c.pos != term {
-                        // a term's first (highest) cursor: the term's bound out of the sum
-                        term = c.pos;
-                        most -= lead[term];
-                    } else if found == term {
-                        // found in a tier of it already
-                        continue;
-                    }
-                    if c.seek(row) {
-                        found = term;
-                        contrib[term] = c.tf();
-                        c.block_bound(self);
-                        most += c.row_bound();
-                    } else if let Some(n) = next {
-                        // not in this tier: the term's bound is the next one's
-                        if threshold.is_some_and(|t| most + n <= t) {
-                            continue 'rows;
-                        }
-                        continue;
-                    }
-                    if threshold.is_some_and(|t| most <= t) {
-                        continue 'rows;
-                    }
+                if threshold.is_some_and(|t| most <= t) {
+                    continue 'rows;
                 }
             }
             let r = Ranked {

@@ -278,7 +278,8 @@ fn search_seeded(sources: &[Source<'_>], k: usize, whole_seed: usize) -> Vec<(us
         .enumerate()
         .map(|(s, src)| plan.seed(s, src, &mut best, &mut seen, whole_seed))
         .collect();
-    seen.sort_unstable();
+    // (sorted runs, one a whole list scored: merged in linear time)
+    seen.sort();
     for (s, src) in sources.iter().enumerate() {
         plan.daat(s, src, &mut best, &seen, &done[s]);
     }

@@ -7,7 +7,7 @@ mod cursor;
 mod plan;
 
 use cursor::{key, Cursor, Ranked, TopK};
-use plan::{Plan, WHOLE_SEED};
+use plan::{Plan, WHOLE_SEED, WHOLE_SEED_TERMS, WINDOW, WINDOWED_FROM};
 
 const K1: f32 = 1.2;
 const B: f32 = 0.75;
@@ -257,19 +257,38 @@ pub(crate) struct Source<'a> {
 /// every matching row: scores use the statistics of all sources together (chunk count,
 /// average length, document frequencies), each term bounded by its highest frequency in its
 /// shortest chunk, per block of postings and per list. Each source is first seeded with its
-/// weightiest term's rows (all of them when they are few, [`Plan::seed`]), then searched by
-/// block-max MaxScore ([`Plan::daat`]), the k-th best score carried from one source to the
-/// next.
+/// weightiest term's rows (all of them when they are few and the query has at most
+/// [`WHOLE_SEED_TERMS`] terms, [`Plan::seed`]), then searched by block-max MaxScore: a
+/// window of rows at a time when many cursors are essential ([`Plan::windows`]), else pivot
+/// by pivot ([`Plan::daat`]); the k-th best score carried from one source to the next.
 pub(crate) fn search_sources(sources: &[Source<'_>], k: usize) -> Vec<(usize, u32, f32)> {
-    search_seeded(sources, k, WHOLE_SEED)
+    let width = sources.first().map_or(0, |s| s.lists.len());
+    let terms = (0..width)
+        .filter(|&t| sources.iter().any(|s| s.lists[t].is_some()))
+        .count();
+    let whole_seed = if terms <= WHOLE_SEED_TERMS {
+        WHOLE_SEED
+    } else {
+        0
+    };
+    search_seeded(sources, k, whole_seed, WINDOWED_FROM, WINDOW)
 }
 
 /// [`search_sources`], a weightiest term's list scored whole in the seeding when it holds at
-/// most `whole_seed` postings.
-fn search_seeded(sources: &[Source<'_>], k: usize, whole_seed: usize) -> Vec<(usize, u32, f32)> {
-    let Some(plan) = Plan::new(sources).filter(|_| k > 0) else {
+/// most `whole_seed` postings, a source searched a window of `window` rows at a time from
+/// `windowed_from` essential cursors on.
+fn search_seeded(
+    sources: &[Source<'_>],
+    k: usize,
+    whole_seed: usize,
+    windowed_from: usize,
+    window: u32,
+) -> Vec<(usize, u32, f32)> {
+    let Some(mut plan) = Plan::new(sources).filter(|_| k > 0) else {
         return Vec::new();
     };
+    plan.windowed_from = windowed_from;
+    plan.window = window;
     let mut best = TopK::new(k);
     // the seeded rows (offered already), sorted
     let mut seen = Vec::new();
@@ -319,6 +338,18 @@ pub(crate) fn search_exhaustive(sources: &[Source<'_>], k: usize) -> Vec<(usize,
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// [`search_seeded`] both ways a source is searched after its seeding (pivot by pivot,
+    /// and a window at a time: the shipped window, and one of 64 rows, so that many windows
+    /// are skipped and few postings fall in each), which must answer alike.
+    fn seeded(sources: &[Source<'_>], k: usize, whole: usize) -> Vec<(usize, u32, f32)> {
+        let pivots = search_seeded(sources, k, whole, usize::MAX, WINDOW);
+        for window in [WINDOW, 64] {
+            let windows = search_seeded(sources, k, whole, 0, window);
+            assert_eq!(pivots, windows, "k={k} whole_seed={whole} window={window}");
+        }
+        pivots
+    }
 
     /// Zipf-like words: w0 is in most chunks, w300 in few.
     fn word(r: &mut rand::rngs::StdRng) -> String {
@@ -401,7 +432,7 @@ mod tests {
                     // when short, and with it always
                     for whole in [0, 60, usize::MAX] {
                         assert_eq!(
-                            search_seeded(&[b.source(&terms)], k, whole),
+                            seeded(&[b.source(&terms)], k, whole),
                             want,
                             "{q} k={k} whole_seed={whole}"
                         );
@@ -450,7 +481,7 @@ mod tests {
                 let want = search_exhaustive(&sources(), k);
                 assert_eq!(got, want, "{q} k={k}");
                 for whole in [0, 60] {
-                    let got = search_seeded(&sources(), k, whole);
+                    let got = seeded(&sources(), k, whole);
                     assert_eq!(got, want, "{q} k={k} whole_seed={whole}");
                 }
                 for (s, row, _) in &got {
@@ -460,6 +491,45 @@ mod tests {
             }
         }
         assert!(bounded > 600, "most searches fill their top k: {bounded}");
+    }
+
+    #[test]
+    fn a_window_is_bounded_by_every_block_it_spans() {
+        // a postings file where `kiwi` is in every other row, once, in rows of 41 terms, but
+        // for one short row late in its list that holds it five times (in its eighth block of
+        // postings, whose bound is far above the first blocks'); the k-th best is set first by
+        // another source's rows, between the two: a window over the whole file must be bound
+        // by its every block, not its first, or the short row is passed over
+        let dir = tempfile::tempdir().unwrap();
+        let strong = 1000u32;
+        let long: Vec<String> = (0..40).map(|j| format!("f{j}")).collect();
+        let texts: Vec<String> = (0..1200u32)
+            .map(|i| match i {
+                _ if i == strong => "kiwi kiwi kiwi kiwi kiwi".to_string(),
+                _ if i % 2 == 0 => format!("kiwi {}", long.join(" ")),
+                _ => format!("zebra {}", long.join(" ")),
+            })
+            .collect();
+        let built = crate::postings::Built::of(texts.iter().map(|t| t.as_str()));
+        let path = dir.path().join("0.post");
+        let files = [crate::postings::SegPostings::write(&path, &[&built]).unwrap()];
+        assert!(
+            files[0].find("kiwi").unwrap().blocks.len() > 4,
+            "many blocks"
+        );
+        let dead = [std::collections::HashSet::new()];
+        let mut growing = Bm25::default();
+        for slot in 0..200u32 {
+            growing.insert(slot, if slot < 20 { "kiwi lime" } else { "plum pear" });
+        }
+        let terms = query_terms("kiwi");
+        let sources = || file_sources(&files, &dead, &growing, &terms);
+        for k in [1, 10] {
+            let want = search_exhaustive(&sources(), k);
+            assert_eq!((want[0].0, want[0].1), (0, strong), "{want:?}");
+            assert_eq!(seeded(&sources(), k, 0), want, "k={k}");
+            assert_eq!(search_sources(&sources(), k), want, "k={k}");
+        }
     }
 
     #[test]
@@ -556,7 +626,7 @@ mod tests {
             for k in [1, 10, 50] {
                 let want = search_exhaustive(&sources(), k);
                 for whole in [0, 60, WHOLE_SEED] {
-                    let got = search_seeded(&sources(), k, whole);
+                    let got = seeded(&sources(), k, whole);
                     assert_eq!(got, want, "{q} k={k} whole_seed={whole}");
                 }
             }
@@ -582,7 +652,7 @@ mod tests {
                 let want = search_exhaustive(&[b.source(&terms)], k);
                 for whole in [0, 60, usize::MAX] {
                     assert_eq!(
-                        search_seeded(&[b.source(&terms)], k, whole),
+                        seeded(&[b.source(&terms)], k, whole),
                         want,
                         "{q:?} k={k} whole_seed={whole}"
                     );

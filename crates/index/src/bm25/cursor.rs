@@ -77,6 +77,23 @@ impl<'a> Cursor<'a> {
         self.idf * tf * (K1 + 1.0) / (tf + self.blk_norm) * (1.0 + 2e-5)
     }
 
+    /// The most the cursor's postings from its place up to row `end` (not included) can
+    /// add: the highest bound of its blocks from its own up to the one that reaches `end`.
+    pub(super) fn bound_before(&self, plan: &Plan, end: u32) -> f32 {
+        if self.row().is_none() {
+            return 0.0;
+        }
+        let blocks = self.list.blocks;
+        let mut most = 0.0f32;
+        for &[last, tf, len] in &blocks[(self.at / BLOCK).min(blocks.len() - 1)..] {
+            most = most.max(plan.bound(self.idf, tf.min(self.cap - 1), len));
+            if last >= end {
+                break;
+            }
+        }
+        most
+    }
+
     pub(super) fn row(&self) -> Option<u32> {
         self.list.pairs.get(self.at).map(|p| p[0])
     }

@@ -3,6 +3,16 @@
 use super::*;
 
 /// The longest list of a source's weightiest term that [`Plan::seed`] scores whole.
+/// Rows a window of [`Plan::windows`] spans.
+pub(super) const WINDOW: u32 = 4096;
+/// Essential cursors from which a source is searched a window at a time ([`Plan::windows`]);
+/// fewer go pivot by pivot ([`Plan::daat`]).
+pub(super) const WINDOWED_FROM: usize = 4;
+/// The most query terms (those with postings) for which a weightiest term's short list is
+/// scored whole: with more, every row of it has more lists to be looked up in and the other
+/// terms' bounds together keep most rows from being pruned before they are; the windows of
+/// [`Plan::windows`] skip them by blocks instead.
+pub(super) const WHOLE_SEED_TERMS: usize = 3;
 pub(super) const WHOLE_SEED: usize = 1 << 14;
 
 /// What every source of one search shares: the query's terms with a document frequency (in
@@ -11,6 +21,10 @@ pub(super) struct Plan {
     /// (index into `Source::lists`, idf).
     pub(super) terms: Vec<(usize, f32)>,
     pub(super) avg: f32,
+    /// Essential cursors from which a source is searched a window at a time, and the rows a
+    /// window spans (a multiple of 64).
+    pub(super) windowed_from: usize,
+    pub(super) window: u32,
 }
 
 impl Plan {
@@ -37,6 +51,8 @@ impl Plan {
         (!terms.is_empty()).then(|| Plan {
             terms: terms.into_iter().map(|(t, idf, _)| (t, idf)).collect(),
             avg,
+            windowed_from: WINDOWED_FROM,
+            window: WINDOW,
         })
     }
 
@@ -250,6 +266,10 @@ impl Plan {
         if let Some(t) = best.kth() {
             raise(&mut essential, t);
         }
+        if cur.len() - essential >= self.windowed_from {
+            self.windows(s, src, best, seen, cur, &below, essential, done);
+            return;
+        }
         let mut contrib = vec![0u32; self.terms.len()];
         while essential < cur.len() {
             let Some(pivot) = cur[essential..].iter().filter_map(Cursor::row).min() else {
@@ -333,6 +353,113 @@ impl Plan {
                 best.offer(r);
                 if let Some(t) = best.kth() {
                     raise(&mut essential, t);
+                }
+            }
+        }
+    }
+
+    /// Block-max MaxScore over one source a window of rows at a time, for many essential
+    /// cursors (long queries, split lists): a window whose essential blocks together cannot
+    /// reach the k-th best is skipped; otherwise the essential cursors' postings in it are
+    /// summed into an array, term at a time (a posting costs an addition, not a comparison
+    /// with every other cursor as in [`Plan::daat`]'s pivots), and only the rows whose sum
+    /// with the non-essential bounds can still make the top k have the non-essential terms
+    /// looked up, and are scored exactly. `cur`, `below` and `essential` as in [`Plan::daat`].
+    #[allow(clippy::too_many_arguments)]
+    fn windows(
+        &self,
+        s: usize,
+        src: &Source<'_>,
+        best: &mut TopK,
+        seen: &[u64],
+        mut cur: Vec<Cursor<'_>>,
+        below: &[f32],
+        mut essential: usize,
+        done: &[usize],
+    ) {
+        // every term's whole list, for the exact frequencies of the rows that make it
+        let mut whole: Vec<Option<Cursor<'_>>> = self
+            .terms
+            .iter()
+            .enumerate()
+            .map(|(pos, &(t, idf))| {
+                let list = src.lists[t].filter(|l| !l.pairs.is_empty() && !done.contains(&pos))?;
+                Some(Cursor::new(list, idf, pos, self))
+            })
+            .collect();
+        let mut sum = vec![0.0f32; self.window as usize];
+        let mut hit = vec![0u64; self.window.div_ceil(64) as usize];
+        let mut contrib = vec![0u32; self.terms.len()];
+        while essential < cur.len() {
+            let Some(start) = cur[essential..].iter().filter_map(Cursor::row).min() else {
+                break;
+            };
+            let end = start.saturating_add(self.window);
+            if let Some(t) = best.kth() {
+                let window: f32 = below[essential]
+                    + cur[essential..]
+                        .iter()
+                        .map(|c| c.bound_before(self, end))
+                        .sum::<f32>();
+                if window <= t {
+                    for c in &mut cur[essential..] {
+                        c.seek(end);
+                    }
+                    continue;
+                }
+            }
+            // the essential postings in the window, summed row by row (in another order than
+            // the plan's: a hair above, as the bounds, before a row is let go)
+            for c in &mut cur[essential..] {
+                while let Some(row) = c.row().filter(|&r| r < end) {
+                    let at = (row - start) as usize;
+                    let len = (src.len_of)(row) as f32;
+                    sum[at] += term_score(c.idf, c.tf() as f32, len, self.avg);
+                    hit[at / 64] |= 1 << (at % 64);
+                    c.advance();
+                }
+            }
+            for (w, bits) in hit.iter_mut().enumerate() {
+                while *bits != 0 {
+                    let at = w * 64 + bits.trailing_zeros() as usize;
+                    *bits &= *bits - 1;
+                    let row = start + at as u32;
+                    let mut partial = std::mem::take(&mut sum[at]) * (1.0 + 1e-5);
+                    let threshold = best.kth();
+                    // the non-essential terms looked up weightiest first while the row can
+                    // still make it (a term's cursors hold disjoint rows: one finds it at most)
+                    let mut alive = true;
+                    for i in (0..essential).rev() {
+                        if threshold.is_some_and(|t| partial + below[i + 1] <= t) {
+                            alive = false;
+                            break;
+                        }
+                        let c = &mut cur[i];
+                        if c.seek(row) {
+                            let len = (src.len_of)(row) as f32;
+                            partial += term_score(c.idf, c.tf() as f32, len, self.avg);
+                        }
+                    }
+                    if !alive || threshold.is_some_and(|t| partial <= t) {
+                        continue;
+                    }
+                    for (pos, c) in whole.iter_mut().enumerate() {
+                        contrib[pos] = c
+                            .as_mut()
+                            .map_or(0, |c| if c.seek(row) { c.tf() } else { 0 });
+                    }
+                    let r = Ranked {
+                        score: self.score(src, row, |p| contrib[p]),
+                        key: key(s, row),
+                    };
+                    if best.accepts(&r) && seen.binary_search(&r.key).is_err() && (src.live)(row) {
+                        best.offer(r);
+                        if let Some(t) = best.kth() {
+                            while essential < below.len() - 1 && below[essential + 1] <= t {
+                                essential += 1;
+                            }
+                        }
+                    }
                 }
             }
         }

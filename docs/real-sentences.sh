@@ -17,10 +17,13 @@ set -euo pipefail
 dir=${1:?usage: real-sentences.sh DIR}
 mkdir -p "$dir/debs" "$dir/root"
 cd "$dir/debs"
-apt-get download -qq dict-gcide dict-wn dict-foldoc dict-jargon fortunes manpages manpages-dev \
-    linux-doc-6.1 python3.11-doc perl-doc postgresql-doc-15 git-doc glibc-doc \
-    debian-reference-en emacs-common libssl-doc sqlite3-doc nodejs-doc erlang-doc \
-    libgtk-3-doc bash-doc binutils-doc ruby3.1-doc
+debs=(dict-gcide dict-wn dict-foldoc dict-jargon fortunes manpages manpages-dev
+    linux-doc-6.1 python3.11-doc perl-doc postgresql-doc-15 git-doc glibc-doc
+    debian-reference-en emacs-common libssl-doc sqlite3-doc nodejs-doc erlang-doc
+    libgtk-3-doc bash-doc binutils-doc ruby3.1-doc)
+# package lists older than a security update name a version the mirror no longer has (404):
+# refreshed once, then asked again (session 52 met it with linux-doc-6.1)
+apt-get download -qq "${debs[@]}" || { apt-get update -qq && apt-get download -qq "${debs[@]}"; }
 for f in *.deb; do dpkg-deb -x "$f" ../root; done
 cd "$dir"
 python3 - "$dir" <<'PY'

@@ -494,6 +494,28 @@ mod tests {
     }
 
     #[test]
+    fn rows_at_the_end_of_the_numbering_are_searched_by_windows() {
+        // slots up to u32::MAX (a window there reaches past the last row there can be)
+        use rand::SeedableRng;
+        let mut r = rand::rngs::StdRng::seed_from_u64(52);
+        let mut b = Bm25::default();
+        for slot in (u32::MAX - 999)..=u32::MAX {
+            b.insert(slot, &text(&mut r, 3..30));
+        }
+        let mut found = 0;
+        for _ in 0..100 {
+            let q = text(&mut r, 4..9);
+            let terms = query_terms(&q);
+            for k in [1, 10] {
+                let want = search_exhaustive(&[b.source(&terms)], k);
+                assert_eq!(seeded(&[b.source(&terms)], k, 0), want, "{q} k={k}");
+                found += want.iter().filter(|x| x.1 > u32::MAX - 64).count();
+            }
+        }
+        assert!(found > 0, "rows in the last window are found");
+    }
+
+    #[test]
     fn a_window_is_bounded_by_every_block_it_spans() {
         // a postings file where `kiwi` is in every other row, once, in rows of 41 terms, but
         // for one short row late in its list that holds it five times (in its eighth block of

@@ -79,7 +79,7 @@ impl<'a> Cursor<'a> {
 
     /// The most the cursor's postings from its place up to row `end` (not included) can
     /// add: the highest bound of its blocks from its own up to the one that reaches `end`.
-    pub(super) fn bound_before(&self, plan: &Plan, end: u32) -> f32 {
+    pub(super) fn bound_before(&self, plan: &Plan, end: u64) -> f32 {
         if self.row().is_none() {
             return 0.0;
         }
@@ -87,7 +87,7 @@ impl<'a> Cursor<'a> {
         let mut most = 0.0f32;
         for &[last, tf, len] in &blocks[(self.at / BLOCK).min(blocks.len() - 1)..] {
             most = most.max(plan.bound(self.idf, tf.min(self.cap - 1), len));
-            if last >= end {
+            if last as u64 >= end {
                 break;
             }
         }

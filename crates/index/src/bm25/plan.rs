@@ -394,7 +394,8 @@ impl Plan {
             let Some(start) = cur[essential..].iter().filter_map(Cursor::row).min() else {
                 break;
             };
-            let end = start.saturating_add(self.window);
+            // (past the last row there can be: the window holds every row left)
+            let end = start as u64 + self.window as u64;
             if let Some(t) = best.kth() {
                 let window: f32 = below[essential]
                     + cur[essential..]
@@ -402,6 +403,9 @@ impl Plan {
                         .map(|c| c.bound_before(self, end))
                         .sum::<f32>();
                 if window <= t {
+                    let Ok(end) = u32::try_from(end) else {
+                        break;
+                    };
                     for c in &mut cur[essential..] {
                         c.seek(end);
                     }
@@ -411,7 +415,7 @@ impl Plan {
             // the essential postings in the window, summed row by row (in another order than
             // the plan's: a hair above, as the bounds, before a row is let go)
             for c in &mut cur[essential..] {
-                while let Some(row) = c.row().filter(|&r| r < end) {
+                while let Some(row) = c.row().filter(|&r| (r as u64) < end) {
                     let at = (row - start) as usize;
                     let len = (src.len_of)(row) as f32;
                     sum[at] += term_score(c.idf, c.tf() as f32, len, self.avg);

@@ -7,7 +7,9 @@ mod cursor;
 mod plan;
 
 use cursor::{key, Cursor, Ranked, TopK};
-use plan::{Plan, WHOLE_SEED, WHOLE_SEED_TERMS, WINDOW, WINDOWED_FROM};
+use plan::Plan;
+#[cfg(test)]
+use plan::{WHOLE_SEED, WINDOW};
 
 const K1: f32 = 1.2;
 const B: f32 = 0.75;
@@ -257,45 +259,32 @@ pub(crate) struct Source<'a> {
 /// every matching row: scores use the statistics of all sources together (chunk count,
 /// average length, document frequencies), each term bounded by its highest frequency in its
 /// shortest chunk, per block of postings and per list. Each source is first seeded with its
-/// weightiest term's rows (all of them when they are few and the query has at most
-/// [`WHOLE_SEED_TERMS`] terms, [`Plan::seed`]), then searched by block-max MaxScore: a
+/// weightiest term's rows (all of them when they are few and the query is short,
+/// [`Plan::seed`]), then searched by block-max MaxScore: a
 /// window of rows at a time when many cursors are essential ([`Plan::windows`]), else pivot
 /// by pivot ([`Plan::daat`]); the k-th best score carried from one source to the next.
 pub(crate) fn search_sources(sources: &[Source<'_>], k: usize) -> Vec<(usize, u32, f32)> {
-    let width = sources.first().map_or(0, |s| s.lists.len());
-    let terms = (0..width)
-        .filter(|&t| sources.iter().any(|s| s.lists[t].is_some()))
-        .count();
-    let whole_seed = if terms <= WHOLE_SEED_TERMS {
-        WHOLE_SEED
-    } else {
-        0
-    };
-    search_seeded(sources, k, whole_seed, WINDOWED_FROM, WINDOW)
+    search_planned(sources, k, |_| {})
 }
 
-/// [`search_sources`], a weightiest term's list scored whole in the seeding when it holds at
-/// most `whole_seed` postings, a source searched a window of `window` rows at a time from
-/// `windowed_from` essential cursors on.
-fn search_seeded(
+/// [`search_sources`] with its plan's settings changed by `set` (the tests' way to walk
+/// every path: the seeding's whole lists, pivots and windows).
+fn search_planned(
     sources: &[Source<'_>],
     k: usize,
-    whole_seed: usize,
-    windowed_from: usize,
-    window: u32,
+    set: impl FnOnce(&mut Plan),
 ) -> Vec<(usize, u32, f32)> {
     let Some(mut plan) = Plan::new(sources).filter(|_| k > 0) else {
         return Vec::new();
     };
-    plan.windowed_from = windowed_from;
-    plan.window = window;
+    set(&mut plan);
     let mut best = TopK::new(k);
     // the seeded rows (offered already), sorted
     let mut seen = Vec::new();
     let done: Vec<Vec<usize>> = sources
         .iter()
         .enumerate()
-        .map(|(s, src)| plan.seed(s, src, &mut best, &mut seen, whole_seed))
+        .map(|(s, src)| plan.seed(s, src, &mut best, &mut seen))
         .collect();
     // (sorted runs, one a whole list scored: merged in linear time)
     seen.sort();
@@ -339,14 +328,25 @@ pub(crate) fn search_exhaustive(sources: &[Source<'_>], k: usize) -> Vec<(usize,
 mod tests {
     use super::*;
 
-    /// [`search_seeded`] both ways a source is searched after its seeding (pivot by pivot,
-    /// and a window at a time: the shipped window, and one of 64 rows, so that many windows
-    /// are skipped and few postings fall in each), which must answer alike.
+    /// The search with a weightiest list scored whole in the seeding when it holds at most
+    /// `whole` postings, each source then walked both ways (pivot by pivot, and a window at a
+    /// time: the shipped window, and one of 64 rows, so that many windows are skipped and few
+    /// postings fall in each), which must answer alike.
     fn seeded(sources: &[Source<'_>], k: usize, whole: usize) -> Vec<(usize, u32, f32)> {
-        let pivots = search_seeded(sources, k, whole, usize::MAX, WINDOW);
+        let walk = |windowed_from: usize, window: u32| {
+            search_planned(sources, k, |p| {
+                p.whole_seed = whole;
+                p.windowed_from = windowed_from;
+                p.window = window;
+            })
+        };
+        let pivots = walk(usize::MAX, WINDOW);
         for window in [WINDOW, 64] {
-            let windows = search_seeded(sources, k, whole, 0, window);
-            assert_eq!(pivots, windows, "k={k} whole_seed={whole} window={window}");
+            assert_eq!(
+                pivots,
+                walk(0, window),
+                "k={k} whole_seed={whole} window={window}"
+            );
         }
         pivots
     }

@@ -59,7 +59,7 @@ impl<'a> Cursor<'a> {
     /// The bound of the cursor's block (its highest frequency at its shortest length),
     /// summed up once a block rather than at every row.
     pub(super) fn block_bound(&mut self, plan: &Plan) -> f32 {
-        let b = (self.at / BLOCK).min(self.list.blocks.len() - 1);
+        let b = self.block_at();
         if b != self.blk {
             let [_, tf, len] = self.list.blocks[b];
             self.blk = b;
@@ -85,7 +85,7 @@ impl<'a> Cursor<'a> {
         }
         let blocks = self.list.blocks;
         let mut most = 0.0f32;
-        for &[last, tf, len] in &blocks[(self.at / BLOCK).min(blocks.len() - 1)..] {
+        for &[last, tf, len] in &blocks[self.block_at()..] {
             most = most.max(plan.bound(self.idf, tf.min(self.cap - 1), len));
             if last as u64 >= end {
                 break;
@@ -105,8 +105,12 @@ impl<'a> Cursor<'a> {
     /// The summary of the block the cursor is in: (last row, highest frequency, shortest
     /// length).
     pub(super) fn block(&self) -> [u32; 3] {
-        let b = &self.list.blocks;
-        b[(self.at / BLOCK).min(b.len() - 1)]
+        self.list.blocks[self.block_at()]
+    }
+
+    /// The index of the block the cursor is in (a list summarised as one block: that one).
+    fn block_at(&self) -> usize {
+        (self.at / BLOCK).min(self.list.blocks.len() - 1)
     }
 
     /// Past removed slots (and postings at or above the cap).

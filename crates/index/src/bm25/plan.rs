@@ -21,8 +21,10 @@ pub(super) struct Plan {
     /// (index into `Source::lists`, idf).
     pub(super) terms: Vec<(usize, f32)>,
     pub(super) avg: f32,
-    /// Essential cursors from which a source is searched a window at a time, and the rows a
-    /// window spans (a multiple of 64).
+    /// The longest weightiest list scored whole in the seeding ([`WHOLE_SEED`] for a query of
+    /// at most [`WHOLE_SEED_TERMS`] terms, else none), the essential cursors from which a
+    /// source is searched a window at a time, and the rows a window spans (a multiple of 64).
+    pub(super) whole_seed: usize,
     pub(super) windowed_from: usize,
     pub(super) window: u32,
 }
@@ -49,6 +51,11 @@ impl Plan {
             .collect();
         terms.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.2.cmp(&b.2)).then(a.0.cmp(&b.0)));
         (!terms.is_empty()).then(|| Plan {
+            whole_seed: if terms.len() <= WHOLE_SEED_TERMS {
+                WHOLE_SEED
+            } else {
+                0
+            },
             terms: terms.into_iter().map(|(t, idf, _)| (t, idf)).collect(),
             avg,
             windowed_from: WINDOWED_FROM,
@@ -90,8 +97,8 @@ impl Plan {
         src: &Source<'_>,
         best: &mut TopK,
         seen: &mut Vec<u64>,
-        whole_seed: usize,
     ) -> Vec<usize> {
+        let whole_seed = self.whole_seed;
         let lists: Vec<Option<TermList<'_>>> =
             self.terms.iter().map(|&(t, _)| src.lists[t]).collect();
         // (bound, position), weightiest first

@@ -555,6 +555,55 @@ mod tests {
     }
 
     #[test]
+    fn long_rows_score_alike_whether_their_lengths_are_stored_short_or_not() {
+        use crate::postings::{Format, SegPostings};
+        use rand::{Rng, SeedableRng};
+        let mut r = rand::rngs::StdRng::seed_from_u64(53);
+        let dir = tempfile::tempdir().unwrap();
+        // a third of the rows longer than a byte's lengths (read whole), the rest short
+        let (files, dead) = postings_files(dir.path(), &[3000], &mut r, |r| {
+            let n = if r.gen_bool(0.33) {
+                r.gen_range(255..600)
+            } else {
+                r.gen_range(1..255)
+            };
+            text(r, n..n + 1)
+        });
+        let second = vec![SegPostings::write_format(
+            &dir.path().join("second.post"),
+            &[files[0].as_ref()],
+            Format::Second,
+        )
+        .unwrap()];
+        assert!(files[0].stores_short_lengths() && !second[0].stores_short_lengths());
+        let lens: Vec<u32> = (0..3000).map(|row| files[0].len_of(row)).collect();
+        assert_eq!(
+            lens,
+            (0..3000)
+                .map(|row| second[0].len_of(row))
+                .collect::<Vec<_>>()
+        );
+        assert!(lens.iter().any(|&l| l >= 255) && lens.iter().any(|&l| l < 255));
+        let growing = Bm25::default();
+        for _ in 0..60 {
+            let q = text(&mut r, 1..6);
+            let terms = query_terms(&q);
+            let want = search_exhaustive(&file_sources(&second, &dead, &growing, &terms), 10);
+            assert!(!want.is_empty(), "{q}");
+            assert_eq!(
+                search_sources(&file_sources(&files, &dead, &growing, &terms), 10),
+                want,
+                "{q}"
+            );
+            assert_eq!(
+                search_sources(&file_sources(&second, &dead, &growing, &terms), 10),
+                want,
+                "{q}"
+            );
+        }
+    }
+
+    #[test]
     fn long_lists_split_by_frequency_rank_exactly() {
         use crate::postings::SPLIT_MIN;
         use rand::{Rng, SeedableRng};

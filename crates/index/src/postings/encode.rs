@@ -138,15 +138,17 @@ impl Out<'_> {
 /// Writes the body merged from `inputs` to `w`, which is at absolute offset [`HEADER`].
 /// With `keep`, only the rows it marks (per input; `None`: all) are written, numbered on.
 ///
-/// With `tiers` (the current format), every list of [`SPLIT_MIN`] postings or more whose
-/// repeats are at most 1/[`SPLIT_SHARE`] of it has them written apart in tiers as well;
-/// without, the first format is written (tests of the files written before it).
+/// In the second format and after, every list of [`SPLIT_MIN`] postings or more whose
+/// repeats are at most 1/[`SPLIT_SHARE`] of it has them written apart in tiers as well; in the
+/// third (the current one), each row's length as a byte too. The older formats are written by
+/// tests of the files written before them.
 pub(super) fn encode(
     w: &mut dyn Write,
     inputs: &[&dyn PostingsInput],
     keep: &[Option<&[bool]>],
-    tiers: bool,
+    format: Format,
 ) -> std::io::Result<()> {
+    let tiers = format >= Format::Second;
     let too_big = |what: &str| std::io::Error::other(format!("postings too large: {what}"));
     // each input's rows' new numbers (u32::MAX: left out), and the kept rows' lengths
     let mut renumber: Vec<Vec<u32>> = Vec::with_capacity(inputs.len());
@@ -256,7 +258,11 @@ pub(super) fn encode(
 
     let mut out = Out { w, pos: HEADER };
     let mut fixed = Vec::with_capacity(FIXED);
-    fixed.extend_from_slice(if tiers { MARKER } else { MARKER1 });
+    fixed.extend_from_slice(match format {
+        Format::First => MARKER1,
+        Format::Second => MARKER2,
+        Format::Third => MARKER,
+    });
     fixed.extend_from_slice(&rows.to_le_bytes());
     fixed.extend_from_slice(&terms.to_le_bytes());
     for x in [total_len, n_pairs as u64, n_blocks as u64, blob_len as u64] {
@@ -327,5 +333,13 @@ pub(super) fn encode(
     out.put(&buf)?;
     out.section(tier_blocks.iter().flatten().copied())?;
     out.section(records.iter().flatten().copied())?;
-    Ok(())
+    if format < Format::Third {
+        return Ok(());
+    }
+    out.align()?;
+    let short: Vec<u8> = lens
+        .iter()
+        .map(|&l| l.min(SHORT_MAX as u32) as u8)
+        .collect();
+    out.put(&short)
 }

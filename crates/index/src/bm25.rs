@@ -1,7 +1,7 @@
 //! A BM25 inverted index (k1 = 1.2, b = 0.75) over chunk slots.
 use std::collections::HashMap;
 
-use crate::postings::{TermList, BLOCK};
+use crate::postings::{TermList, BLOCK, SHORT_LEN_MAX};
 
 mod cursor;
 mod plan;
@@ -214,6 +214,7 @@ impl Bm25 {
                 .collect(),
             rows: self.docs.len() as u64,
             total_len: self.total_len,
+            short: &[],
             len_of: Box::new(|slot| self.docs.get(&slot).copied().unwrap_or(0)),
             // removed slots' postings are zeroed, never met
             live: Box::new(|_| true),
@@ -248,10 +249,24 @@ pub(crate) struct Source<'a> {
     pub(crate) rows: u64,
     /// Their lengths in terms, summed.
     pub(crate) total_len: u64,
+    /// Rows' lengths in terms as bytes, [`SHORT_LEN_MAX`] for that or more (empty: none);
+    /// read in place, without a call, on the searches' hottest path.
+    pub(crate) short: &'a [u8],
     /// A row's length in terms.
     pub(crate) len_of: Box<dyn Fn(u32) -> u32 + 'a>,
     /// Whether a row may be returned (asked only of rows that would enter the top k).
     pub(crate) live: Box<dyn Fn(u32) -> bool + 'a>,
+}
+
+impl Source<'_> {
+    /// Row `row`'s length in terms.
+    #[inline]
+    pub(crate) fn len(&self, row: u32) -> u32 {
+        match self.short.get(row as usize) {
+            Some(&s) if s < SHORT_LEN_MAX => s as u32,
+            _ => (self.len_of)(row),
+        }
+    }
 }
 
 /// The exact `k` best rows of `sources` for the query terms their lists were made for, as
@@ -403,6 +418,7 @@ mod tests {
                 lists: terms.iter().map(|t| p.find(t)).collect(),
                 rows: p.rows() as u64,
                 total_len: p.total_len(),
+                short: p.short_lens(),
                 len_of: Box::new(|row| p.len_of(row)),
                 live: Box::new(move |row| !d.contains(&row)),
             })

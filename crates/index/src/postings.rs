@@ -20,7 +20,7 @@
 //! - `tier blocks`: their summaries, as `blocks`;
 //! - `splits`: per split list, in term order: the term, then per tier (first tier pair, tier
 //!   pairs, first tier block, highest frequency, shortest length), zeros for an empty tier;
-//! - `short`: each row's length as one byte, [`SHORT_MAX`] for a length of that or more (read
+//! - `short`: each row's length as one byte, [`SHORT_LEN_MAX`] for a length of that or more (read
 //!   from `lens` then). A search reads a length for most postings it scores, at random rows:
 //!   a million rows' bytes stay in the caches where their 4-byte lengths did not (BM25 over a
 //!   million sentences p50 x0.7).
@@ -46,7 +46,7 @@ const MARKER1: &[u8; 8] = b"RFPOST01";
 const MARKER2: &[u8; 8] = b"RFPOST02";
 const MARKER: &[u8; 8] = b"RFPOST03";
 /// A row's length in the `short` section from which it is read from `lens` instead.
-const SHORT_MAX: u8 = u8::MAX;
+pub(crate) const SHORT_LEN_MAX: u8 = u8::MAX;
 
 /// The formats a postings file is in (the older ones as files written before them are).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -407,7 +407,7 @@ impl SegPostings {
                 .shorts()
                 .iter()
                 .zip(lens)
-                .all(|(&s, &l)| s == l.min(SHORT_MAX as u32) as u8)
+                .all(|(&s, &l)| s == l.min(SHORT_LEN_MAX as u32) as u8)
         {
             return Err("short row lengths do not match the lengths".into());
         }
@@ -548,11 +548,17 @@ impl SegPostings {
         self.total_len
     }
 
+    /// The rows' lengths as bytes, [`SHORT_LEN_MAX`] for that or more (read with
+    /// [`SegPostings::len_of`] then); empty in the older formats.
+    pub(crate) fn short_lens(&self) -> &[u8] {
+        self.shorts()
+    }
+
     /// Row `row`'s length in terms.
     pub(crate) fn len_of(&self, row: u32) -> u32 {
         if self.short != 0 {
             let s = self.shorts()[row as usize];
-            if s < SHORT_MAX {
+            if s < SHORT_LEN_MAX {
                 return s as u32;
             }
         }

@@ -71,7 +71,7 @@ impl Plan {
 
     /// A row's score in `src` from each term's frequency there, summed in the plan's order.
     pub(super) fn score(&self, src: &Source<'_>, row: u32, tf: impl Fn(usize) -> u32) -> f32 {
-        let len = (src.len_of)(row) as f32;
+        let len = src.len(row) as f32;
         self.terms
             .iter()
             .enumerate()
@@ -320,7 +320,7 @@ impl Plan {
                     continue;
                 }
             }
-            let len = (src.len_of)(pivot);
+            let len = src.len(pivot);
             contrib.iter_mut().for_each(|c| *c = 0);
             let mut partial = 0.0f32;
             for c in &mut cur[essential..] {
@@ -424,7 +424,7 @@ impl Plan {
             for c in &mut cur[essential..] {
                 while let Some(row) = c.row().filter(|&r| (r as u64) < end) {
                     let at = (row - start) as usize;
-                    let len = (src.len_of)(row) as f32;
+                    let len = src.len(row) as f32;
                     sum[at] += term_score(c.idf, c.tf() as f32, len, self.avg);
                     hit[at / 64] |= 1 << (at % 64);
                     c.advance();
@@ -447,7 +447,7 @@ impl Plan {
                         }
                         let c = &mut cur[i];
                         if c.seek(row) {
-                            let len = (src.len_of)(row) as f32;
+                            let len = src.len(row) as f32;
                             partial += term_score(c.idf, c.tf() as f32, len, self.avg);
                         }
                     }

@@ -339,7 +339,7 @@ pub(super) fn encode(
     out.align()?;
     let short: Vec<u8> = lens
         .iter()
-        .map(|&l| l.min(SHORT_MAX as u32) as u8)
+        .map(|&l| l.min(SHORT_LEN_MAX as u32) as u8)
         .collect();
     out.put(&short)
 }

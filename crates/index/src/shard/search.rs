@@ -137,6 +137,7 @@ impl ShardIndex {
                 lists: terms.iter().map(|t| p.find(t)).collect(),
                 rows: p.rows() as u64,
                 total_len: p.total_len(),
+                short: p.short_lens(),
                 len_of: Box::new(|row| p.len_of(row)),
                 live: Box::new(|row| self.is_live(&seg.entries[row as usize])),
             });

@@ -12,6 +12,8 @@
 //! `BM25_PROBE_TEXTS=a.jsonl,b.jsonl` takes the documents' texts from those files instead (one
 //! JSON object with a `text` a line, the files one after the other: the first N lines), and
 //! `BM25_PROBE_QUERIES=q.json` the queries (a JSON list of strings, repeated to 1,000).
+//! `BM25_PROBE_DUMP=PREFIX` writes the texts it adds (`PREFIX.jsonl`, appended to) and the
+//! queries it asks (`PREFIX.q.json`), for a reference engine to be timed on the same ones.
 use ragfleet_index::eval::{settle, synthetic_model, upserts_from, Zipf};
 use ragfleet_index::{IndexSettings, ShardIndex};
 use ragfleet_proto::{SearchMode, SearchQuery};
@@ -55,6 +57,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         Err(_) => None,
     };
+    let dump = std::env::var("BM25_PROBE_DUMP").ok();
     let have = ix.doc_count() as usize;
     if have < n {
         if given.is_none() && !have.is_multiple_of(2048) {
@@ -75,6 +78,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     v
                 })
                 .collect();
+            if let Some(prefix) = &dump {
+                use std::io::Write;
+                let mut f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(format!("{prefix}.jsonl"))?;
+                for t in &texts {
+                    writeln!(f, "{}", serde_json::json!({ "text": t }))?;
+                }
+            }
             let ops = upserts_from(start, vectors, |i| texts[i - start].clone());
             ix.write(ops, &synthetic_model(DIM))?;
             ix.maintain()?;
@@ -116,6 +129,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             model: None,
         })
         .collect();
+    if let Some(prefix) = &dump {
+        let texts: Vec<&str> = qs.iter().map(|q| q.text.as_str()).collect();
+        std::fs::write(format!("{prefix}.q.json"), serde_json::to_string(&texts)?)?;
+    }
     let show = std::env::var("BM25_PROBE_SHOW").is_ok();
     for _ in 0..rounds {
         let mut ts = Vec::new();

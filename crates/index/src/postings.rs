@@ -404,7 +404,7 @@ impl SegPostings {
         }
         if self.short != 0
             && !self
-                .shorts()
+                .short_lens()
                 .iter()
                 .zip(lens)
                 .all(|(&s, &l)| s == l.min(SHORT_LEN_MAX as u32) as u8)
@@ -513,9 +513,6 @@ impl SegPostings {
     fn lens(&self) -> &[u32] {
         self.slice(self.lens, self.rows)
     }
-    fn shorts(&self) -> &[u8] {
-        self.slice(self.short, if self.short == 0 { 0 } else { self.rows })
-    }
     fn toff(&self) -> &[u32] {
         self.slice(self.toff, self.terms + 1)
     }
@@ -551,13 +548,13 @@ impl SegPostings {
     /// The rows' lengths as bytes, [`SHORT_LEN_MAX`] for that or more (read with
     /// [`SegPostings::len_of`] then); empty in the older formats.
     pub(crate) fn short_lens(&self) -> &[u8] {
-        self.shorts()
+        self.slice(self.short, if self.short == 0 { 0 } else { self.rows })
     }
 
     /// Row `row`'s length in terms.
     pub(crate) fn len_of(&self, row: u32) -> u32 {
         if self.short != 0 {
-            let s = self.shorts()[row as usize];
+            let s = self.short_lens()[row as usize];
             if s < SHORT_LEN_MAX {
                 return s as u32;
             }

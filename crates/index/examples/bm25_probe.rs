@@ -58,6 +58,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Err(_) => None,
     };
     let dump = std::env::var("BM25_PROBE_DUMP").ok();
+    let mut dumped = match &dump {
+        Some(prefix) => Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(format!("{prefix}.jsonl"))?,
+        ),
+        None => None,
+    };
     let have = ix.doc_count() as usize;
     if have < n {
         if given.is_none() && !have.is_multiple_of(2048) {
@@ -78,12 +87,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     v
                 })
                 .collect();
-            if let Some(prefix) = &dump {
+            if let Some(f) = &mut dumped {
                 use std::io::Write;
-                let mut f = std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(format!("{prefix}.jsonl"))?;
                 for t in &texts {
                     writeln!(f, "{}", serde_json::json!({ "text": t }))?;
                 }

@@ -1,7 +1,7 @@
 //! A BM25 inverted index (k1 = 1.2, b = 0.75) over chunk slots.
 use std::collections::HashMap;
 
-use crate::postings::{TermList, BLOCK, SHORT_LEN_MAX};
+use crate::postings::{short_len_of, TermList, BLOCK};
 
 mod cursor;
 mod plan;
@@ -249,7 +249,7 @@ pub(crate) struct Source<'a> {
     pub(crate) rows: u64,
     /// Their lengths in terms, summed.
     pub(crate) total_len: u64,
-    /// Rows' lengths in terms as bytes, [`SHORT_LEN_MAX`] for that or more (empty: none);
+    /// Rows' lengths in terms as bytes, [`crate::postings::SHORT_LEN_MAX`] for that or more (empty: none);
     /// read in place, without a call, on the searches' hottest path.
     pub(crate) short: &'a [u8],
     /// A row's length in terms.
@@ -262,10 +262,7 @@ impl Source<'_> {
     /// Row `row`'s length in terms.
     #[inline]
     pub(crate) fn len(&self, row: u32) -> u32 {
-        match self.short.get(row as usize) {
-            Some(&s) if s < SHORT_LEN_MAX => s as u32,
-            _ => (self.len_of)(row),
-        }
+        short_len_of(self.short, row).unwrap_or_else(|| (self.len_of)(row))
     }
 }
 

@@ -48,6 +48,21 @@ const MARKER: &[u8; 8] = b"RFPOST03";
 /// A row's length in the `short` section from which it is read from `lens` instead.
 pub(crate) const SHORT_LEN_MAX: u8 = u8::MAX;
 
+/// A row's length as the `short` section stores it.
+fn short_len(len: u32) -> u8 {
+    len.min(SHORT_LEN_MAX as u32) as u8
+}
+
+/// Row `row`'s length from rows' lengths as bytes, when it is one of them and below
+/// [`SHORT_LEN_MAX`] (else it is read whole).
+#[inline]
+pub(crate) fn short_len_of(short: &[u8], row: u32) -> Option<u32> {
+    short
+        .get(row as usize)
+        .filter(|&&s| s < SHORT_LEN_MAX)
+        .map(|&s| s as u32)
+}
+
 /// The formats a postings file is in (the older ones as files written before them are).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) enum Format {
@@ -407,7 +422,7 @@ impl SegPostings {
                 .short_lens()
                 .iter()
                 .zip(lens)
-                .all(|(&s, &l)| s == l.min(SHORT_LEN_MAX as u32) as u8)
+                .all(|(&s, &l)| s == short_len(l))
         {
             return Err("short row lengths do not match the lengths".into());
         }
@@ -553,13 +568,7 @@ impl SegPostings {
 
     /// Row `row`'s length in terms.
     pub(crate) fn len_of(&self, row: u32) -> u32 {
-        if self.short != 0 {
-            let s = self.short_lens()[row as usize];
-            if s < SHORT_LEN_MAX {
-                return s as u32;
-            }
-        }
-        self.lens()[row as usize]
+        short_len_of(self.short_lens(), row).unwrap_or_else(|| self.lens()[row as usize])
     }
 
     /// Whether the file stores its rows' short lengths (the current format).

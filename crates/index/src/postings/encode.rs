@@ -337,9 +337,6 @@ pub(super) fn encode(
         return Ok(());
     }
     out.align()?;
-    let short: Vec<u8> = lens
-        .iter()
-        .map(|&l| l.min(SHORT_LEN_MAX as u32) as u8)
-        .collect();
+    let short: Vec<u8> = lens.iter().map(|&l| short_len(l)).collect();
     out.put(&short)
 }

@@ -94,6 +94,12 @@ impl<'a> Cursor<'a> {
         most
     }
 
+    /// How many postings from the cursor's place on are at rows below `end` (dead ones too).
+    pub(super) fn postings_before(&self, end: u64) -> usize {
+        self.list.pairs[self.at.min(self.list.pairs.len())..]
+            .partition_point(|p| (p[0] as u64) < end)
+    }
+
     pub(super) fn row(&self) -> Option<u32> {
         self.list.pairs.get(self.at).map(|p| p[0])
     }

@@ -8,6 +8,10 @@ pub(super) const WINDOW: u32 = 4096;
 /// Essential cursors from which a source is searched a window at a time ([`Plan::windows`]);
 /// fewer go pivot by pivot ([`Plan::daat`]).
 pub(super) const WINDOWED_FROM: usize = 4;
+/// About how many postings read in order cost what one lookup does: a non-essential cursor
+/// with at most the rows hit in a window over this many postings there is walked through it
+/// ([`Plan::windows`]).
+pub(super) const LOOKUP_COST: usize = 8;
 /// The most query terms (those with postings) for which a weightiest term's short list is
 /// scored whole: with more, every row of it has more lists to be looked up in and the other
 /// terms' bounds together keep most rows from being pruned before they are; the windows of
@@ -394,6 +398,9 @@ impl Plan {
                 Some(Cursor::new(list, idf, pos, self))
             })
             .collect();
+        let mut walked = vec![false; cur.len()];
+        let mut rest = vec![0.0f32; cur.len() + 1];
+        let mut most = vec![0.0f32; self.terms.len()];
         let mut sum = vec![0.0f32; self.window as usize];
         let mut hit = vec![0u64; self.window.div_ceil(64) as usize];
         let mut contrib = vec![0u32; self.terms.len()];
@@ -430,6 +437,34 @@ impl Plan {
                     c.advance();
                 }
             }
+            // a non-essential cursor with few postings in the window against the rows hit
+            // there is walked through it rather than looked up row by row (a posting read in
+            // order costs a fraction of a lookup): its postings at rows hit are added to their
+            // sums. `rest[i]`: the bounds of the non-essential cursors 0..i still to be looked
+            // up (a term counted once, as in `below`). The cursors essential at the window's
+            // start were summed whole: a threshold raised within it leaves them out.
+            let ess0 = essential;
+            let hits: usize = hit.iter().map(|b| b.count_ones() as usize).sum();
+            most.iter_mut().for_each(|m| *m = 0.0);
+            for i in 0..ess0 {
+                let c = &mut cur[i];
+                c.seek(start);
+                walked[i] = c.postings_before(end) * LOOKUP_COST <= hits;
+                if walked[i] {
+                    while let Some(row) = c.row().filter(|&r| (r as u64) < end) {
+                        let at = (row - start) as usize;
+                        if hit[at / 64] & (1 << (at % 64)) != 0 {
+                            let len = src.len(row) as f32;
+                            sum[at] += term_score(c.idf, c.tf() as f32, len, self.avg);
+                        }
+                        c.advance();
+                    }
+                    rest[i + 1] = rest[i];
+                } else {
+                    rest[i + 1] = rest[i] + (c.bound - most[c.pos]).max(0.0);
+                    most[c.pos] = most[c.pos].max(c.bound);
+                }
+            }
             for (w, bits) in hit.iter_mut().enumerate() {
                 while *bits != 0 {
                     let at = w * 64 + bits.trailing_zeros() as usize;
@@ -437,13 +472,17 @@ impl Plan {
                     let row = start + at as u32;
                     let mut partial = std::mem::take(&mut sum[at]) * (1.0 + 1e-5);
                     let threshold = best.kth();
-                    // the non-essential terms looked up weightiest first while the row can
-                    // still make it (a term's cursors hold disjoint rows: one finds it at most)
+                    // the other non-essential terms looked up weightiest first while the row
+                    // can still make it (a term's cursors hold disjoint rows: one finds it at
+                    // most)
                     let mut alive = true;
-                    for i in (0..essential).rev() {
-                        if threshold.is_some_and(|t| partial + below[i + 1] <= t) {
+                    for i in (0..ess0).rev() {
+                        if threshold.is_some_and(|t| partial + rest[i + 1] <= t) {
                             alive = false;
                             break;
+                        }
+                        if walked[i] {
+                            continue;
                         }
                         let c = &mut cur[i];
                         if c.seek(row) {

@@ -94,10 +94,13 @@ impl<'a> Cursor<'a> {
         most
     }
 
-    /// How many postings from the cursor's place on are at rows below `end` (dead ones too).
-    pub(super) fn postings_before(&self, end: u64) -> usize {
-        self.list.pairs[self.at.min(self.list.pairs.len())..]
-            .partition_point(|p| (p[0] as u64) < end)
+    /// Whether at most `most` postings from the cursor's place on are at rows below `end`
+    /// (dead ones counted): one read, `most` postings ahead.
+    pub(super) fn few_before(&self, end: u64, most: usize) -> bool {
+        self.list
+            .pairs
+            .get(self.at.saturating_add(most))
+            .is_none_or(|p| p[0] as u64 >= end)
     }
 
     pub(super) fn row(&self) -> Option<u32> {

@@ -9,8 +9,8 @@ pub(super) const WINDOW: u32 = 4096;
 /// fewer go pivot by pivot ([`Plan::daat`]).
 pub(super) const WINDOWED_FROM: usize = 4;
 /// About how many postings read in order cost what one lookup does: a non-essential cursor
-/// with at most the rows hit in a window over this many postings there is walked through it
-/// ([`Plan::windows`]).
+/// with at most 1/this of the lookups the window before asked of it as postings in a window is
+/// walked through it ([`Plan::windows`]).
 pub(super) const LOOKUP_COST: usize = 8;
 /// The most query terms (those with postings) for which a weightiest term's short list is
 /// scored whole: with more, every row of it has more lists to be looked up in and the other
@@ -399,6 +399,7 @@ impl Plan {
             })
             .collect();
         let mut walked = vec![false; cur.len()];
+        let mut asked = vec![0usize; cur.len()];
         let mut rest = vec![0.0f32; cur.len() + 1];
         let mut most = vec![0.0f32; self.terms.len()];
         let mut sum = vec![0.0f32; self.window as usize];
@@ -437,20 +438,21 @@ impl Plan {
                     c.advance();
                 }
             }
-            // a non-essential cursor with few postings in the window against the rows hit
-            // there is walked through it rather than looked up row by row (a posting read in
-            // order costs a fraction of a lookup): its postings at rows hit are added to their
-            // sums. `rest[i]`: the bounds of the non-essential cursors 0..i still to be looked
-            // up (a term counted once, as in `below`). The cursors essential at the window's
-            // start were summed whole: a threshold raised within it leaves them out.
+            // a non-essential cursor with few postings in the window against the rows that
+            // asked for it in the window before (those whose sums could still make the top k
+            // when their turn came) is walked through it rather than looked up row by row (a
+            // posting read in order costs a fraction of a lookup): its postings at rows hit are
+            // added to their sums. `rest[i]`: the bounds of the non-essential cursors 0..i
+            // still to be looked up (a term counted once, as in `below`). The cursors essential
+            // at the window's start were summed whole: a threshold raised within it leaves
+            // them out.
             let ess0 = essential;
-            let hits: usize = hit.iter().map(|b| b.count_ones() as usize).sum();
             most.iter_mut().for_each(|m| *m = 0.0);
             for i in 0..ess0 {
                 let c = &mut cur[i];
-                c.seek(start);
-                walked[i] = c.postings_before(end) * LOOKUP_COST <= hits;
+                walked[i] = c.few_before(end, std::mem::take(&mut asked[i]) / LOOKUP_COST);
                 if walked[i] {
+                    c.seek(start);
                     while let Some(row) = c.row().filter(|&r| (r as u64) < end) {
                         let at = (row - start) as usize;
                         if hit[at / 64] & (1 << (at % 64)) != 0 {
@@ -481,6 +483,7 @@ impl Plan {
                             alive = false;
                             break;
                         }
+                        asked[i] += 1;
                         if walked[i] {
                             continue;
                         }

@@ -8,9 +8,9 @@ pub(super) const WINDOW: u32 = 4096;
 /// Essential cursors from which a source is searched a window at a time ([`Plan::windows`]);
 /// fewer go pivot by pivot ([`Plan::daat`]).
 pub(super) const WINDOWED_FROM: usize = 4;
-/// About how many postings read in order cost what one lookup does: a non-essential cursor
-/// with at most 1/this of the lookups the window before asked of it as postings in a window is
-/// walked through it ([`Plan::windows`]).
+/// About how many postings read in order cost what one lookup does: a non-essential cursor is
+/// walked through a window ([`Plan::windows`]) when its postings there are at most the lookups
+/// the window before asked of it, over this.
 pub(super) const LOOKUP_COST: usize = 8;
 /// The most query terms (those with postings) for which a weightiest term's short list is
 /// scored whole: with more, every row of it has more lists to be looked up in and the other

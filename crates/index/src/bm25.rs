@@ -249,8 +249,8 @@ pub(crate) struct Source<'a> {
     pub(crate) rows: u64,
     /// Their lengths in terms, summed.
     pub(crate) total_len: u64,
-    /// Rows' lengths in terms as bytes, [`crate::postings::SHORT_LEN_MAX`] for that or more (empty: none);
-    /// read in place, without a call, on the searches' hottest path.
+    /// Rows' lengths in terms as bytes, [`crate::postings::SHORT_LEN_MAX`] for that or more
+    /// (empty: none); read in place, without a call, on the searches' hottest path.
     pub(crate) short: &'a [u8],
     /// A row's length in terms.
     pub(crate) len_of: Box<dyn Fn(u32) -> u32 + 'a>,

@@ -73,6 +73,11 @@ impl Plan {
         term_score(idf, tf as f32, len as f32, self.avg) * (1.0 + 1e-5)
     }
 
+    /// What the posting `c` is at (in row `row`) adds to the row's score, at the row's own length.
+    fn posting_score(&self, src: &Source<'_>, c: &Cursor<'_>, row: u32) -> f32 {
+        term_score(c.idf, c.tf() as f32, src.len(row) as f32, self.avg)
+    }
+
     /// A row's score in `src` from each term's frequency there, summed in the plan's order.
     pub(super) fn score(&self, src: &Source<'_>, row: u32, tf: impl Fn(usize) -> u32) -> f32 {
         let len = src.len(row) as f32;
@@ -259,14 +264,9 @@ impl Plan {
         cur.iter_mut().for_each(Cursor::skip_dead);
         cur.sort_by(|a, b| a.bound.total_cmp(&b.bound).then(a.pos.cmp(&b.pos)));
         // below[i]: the sum of the bounds of cursors 0..i
-        // (a term's cursors hold disjoint rows: it counts once, at its highest bound so far)
         let mut below = vec![0.0f32; cur.len() + 1];
         let mut most = vec![0.0f32; self.terms.len()];
-        for i in 0..cur.len() {
-            let c = &cur[i];
-            below[i + 1] = below[i] + (c.bound - most[c.pos]).max(0.0);
-            most[c.pos] = most[c.pos].max(c.bound);
-        }
+        bound_sums(&cur, |_| true, &mut below, &mut most);
         let raise = |essential: &mut usize, t: f32| {
             while *essential < below.len() - 1 && below[*essential + 1] <= t {
                 *essential += 1;
@@ -432,8 +432,7 @@ impl Plan {
             for c in &mut cur[essential..] {
                 while let Some(row) = c.row().filter(|&r| (r as u64) < end) {
                     let at = (row - start) as usize;
-                    let len = src.len(row) as f32;
-                    sum[at] += term_score(c.idf, c.tf() as f32, len, self.avg);
+                    sum[at] += self.posting_score(src, c, row);
                     hit[at / 64] |= 1 << (at % 64);
                     c.advance();
                 }
@@ -447,7 +446,6 @@ impl Plan {
             // at the window's start were summed whole: a threshold raised within it leaves
             // them out.
             let ess0 = essential;
-            most.iter_mut().for_each(|m| *m = 0.0);
             for i in 0..ess0 {
                 let c = &mut cur[i];
                 walked[i] = c.few_before(end, std::mem::take(&mut asked[i]) / LOOKUP_COST);
@@ -456,17 +454,13 @@ impl Plan {
                     while let Some(row) = c.row().filter(|&r| (r as u64) < end) {
                         let at = (row - start) as usize;
                         if hit[at / 64] & (1 << (at % 64)) != 0 {
-                            let len = src.len(row) as f32;
-                            sum[at] += term_score(c.idf, c.tf() as f32, len, self.avg);
+                            sum[at] += self.posting_score(src, c, row);
                         }
                         c.advance();
                     }
-                    rest[i + 1] = rest[i];
-                } else {
-                    rest[i + 1] = rest[i] + (c.bound - most[c.pos]).max(0.0);
-                    most[c.pos] = most[c.pos].max(c.bound);
                 }
             }
+            bound_sums(&cur, |i| !walked[i], &mut rest[..=ess0], &mut most);
             for (w, bits) in hit.iter_mut().enumerate() {
                 while *bits != 0 {
                     let at = w * 64 + bits.trailing_zeros() as usize;
@@ -489,8 +483,7 @@ impl Plan {
                         }
                         let c = &mut cur[i];
                         if c.seek(row) {
-                            let len = src.len(row) as f32;
-                            partial += term_score(c.idf, c.tf() as f32, len, self.avg);
+                            partial += self.posting_score(src, c, row);
                         }
                     }
                     if !alive || threshold.is_some_and(|t| partial <= t) {
@@ -515,6 +508,27 @@ impl Plan {
                     }
                 }
             }
+        }
+    }
+}
+
+/// `sums[i]`: the bounds of the cursors 0..i that `counted` takes, summed, for `i` up to
+/// `sums.len() - 1` (a term's cursors hold disjoint rows: it counts once, at its highest bound
+/// so far); `most`: scratch, a slot a term.
+fn bound_sums(
+    cur: &[Cursor<'_>],
+    counted: impl Fn(usize) -> bool,
+    sums: &mut [f32],
+    most: &mut [f32],
+) {
+    most.iter_mut().for_each(|m| *m = 0.0);
+    sums[0] = 0.0;
+    for i in 0..sums.len() - 1 {
+        let c = &cur[i];
+        sums[i + 1] = sums[i];
+        if counted(i) {
+            sums[i + 1] += (c.bound - most[c.pos]).max(0.0);
+            most[c.pos] = most[c.pos].max(c.bound);
         }
     }
 }

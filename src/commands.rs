@@ -97,7 +97,10 @@ pub(crate) async fn run(cli: Cli) -> Result<()> {
                 .map(|m| m.parse::<ragfleet_proto::AnswerMode>())
                 .transpose()
                 .map_err(anyhow::Error::msg)?;
-            let client = connect(cluster.load()?).await?;
+            let cfg = cluster.load()?;
+            let held = answer_mode.unwrap_or(cfg.generator.answer_mode)
+                == ragfleet_proto::AnswerMode::Auto;
+            let client = connect(cfg).await?;
             let options = AskOptions {
                 retrieve: opts.options()?,
                 max_tokens,
@@ -110,7 +113,7 @@ pub(crate) async fn run(cli: Cli) -> Result<()> {
                 answer_mode,
                 ..Default::default()
             };
-            demo::ask_and_print(&client, &q, options, json).await
+            demo::ask_and_print(&client, &q, options, json, held).await
         }
         Cmd::Ingest {
             cluster,

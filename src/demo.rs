@@ -183,14 +183,22 @@ fn shares(embed_ms: f64, write_ms: f64) -> (f64, f64) {
     (100.0 * embed_ms / busy, 100.0 * write_ms / busy)
 }
 
-/// Asks a question and prints the streamed answer, then sources, coverage and timings.
+/// Asks a question and prints the streamed answer, then sources, coverage and timings. `held`:
+/// the answer mode is `auto`, whose generated answers arrive whole once checked against their
+/// sources: a line on standard error says so rather than leave the wait silent.
 pub async fn ask_and_print(
     client: &Client,
     question: &str,
     options: AskOptions,
     json: bool,
+    held: bool,
 ) -> Result<()> {
     let mut stream = client.ask(question, options).await?;
+    if held && !json {
+        eprintln!(
+            "(answer mode auto: a generated answer is shown once checked against its sources)"
+        );
+    }
     let mut summary: Option<AskSummary> = None;
     while let Some(chunk) = stream.next().await {
         let c = chunk?;
@@ -470,7 +478,7 @@ pub async fn run(
             sampling: Sampling::default(),
             ..Default::default()
         };
-        ask_and_print(&client, &q, opts, false).await?;
+        ask_and_print(&client, &q, opts, false, false).await?;
     }
     if serve.keep {
         if let Some(http) = node.http_addr() {

@@ -326,6 +326,53 @@ fn auto_answers_replace_a_weakly_grounded_generated_answer_with_quoted_sources()
         out.contains("since the generated answer's grounding"),
         "{out}"
     );
+    // and while it waits for a held-back answer, says why nothing streams
+    assert!(
+        err.contains("shown once checked against its sources"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_long_answer_still_gets_passages_and_an_answer_without_any_is_streamed() {
+    let _g = serial();
+    // context_tokens 320 and a grounding bar no generated answer reaches: a checked answer with
+    // passages is replaced by quoted sources, one without passages has nothing to check
+    let c = Cluster::start(
+        &[
+            &["coordinator", "embedder", "shard", "generator"],
+            &["shard"],
+        ],
+        &format!("{GEN}min_grounding = 0.99\n"),
+    );
+    let p = c.corpus_path();
+    c.json(&["ingest", "--json", p.to_str().unwrap()]);
+    // an answer of up to 300 tokens keeps back at most half of the 320 for itself: the
+    // passages still fit (they got none before), so the answer is checked and replaced
+    let q = "What causes ocean tides?";
+    let a = ask_json(&c, &["--max-tokens", "300", q]);
+    assert_eq!(a["sources"][0]["doc_id"], "tides", "{a}");
+    assert_eq!(a["answer_mode"], "extractive", "{a}");
+    // a question that leaves no room for any passage: nothing to check the answer against, so
+    // `auto` streams it as it is generated rather than holding it back to the end (a held
+    // answer's first token is its last moment)
+    let long = format!(
+        "{} What causes ocean tides?",
+        "Please answer carefully and briefly. ".repeat(40)
+    );
+    let a = ask_json(&c, &["--max-tokens", "24", &long]);
+    assert_eq!(a["sources"].as_array().map(Vec::len), Some(0), "{a}");
+    assert_eq!(a["unsourced"], false, "{a}");
+    assert_eq!(a["answer_mode"], "generate", "{a}");
+    let t = &a["timings_ms"];
+    let (first, total) = (
+        t["first_token"].as_f64().unwrap(),
+        t["total"].as_f64().unwrap(),
+    );
+    assert!(
+        total - first >= 1.0,
+        "the answer arrived whole (first token {first} ms, total {total} ms): {a}"
+    );
 }
 
 #[test]

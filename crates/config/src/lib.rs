@@ -336,7 +336,9 @@ pub enum NoCoverage {
 pub struct GeneratorConfig {
     /// Default answer length in tokens.
     pub max_tokens: u32,
-    /// Token budget of the prompt (context + question).
+    /// Token budget of a prompt and its answer: the passages fill what the question, the system
+    /// prompt and the answer's `max_tokens` leave, an answer keeping back at most half of it (a
+    /// longer one runs on to the model's own window).
     pub context_tokens: u32,
     /// Streams decoded together.
     pub max_streams: usize,

@@ -15,7 +15,7 @@ use ragfleet_proto::{
 use tracing::warn;
 
 use super::answer::{extractive, ground};
-use super::prompt::{assemble_context, SYSTEM_PROMPT};
+use super::prompt::{assemble_context, passage_budget, SYSTEM_PROMPT};
 use super::replicas::{with_failover, Budget, Failed};
 use super::retrieve::retrieve;
 use super::{ms, Ctx};
@@ -114,8 +114,9 @@ pub(crate) async fn ask_task(ctx: Arc<Ctx>, question: String, opts: AskOptions, 
     );
     let assembled = tokio::task::spawn_blocking(move || {
         let count = |t: &str| c2.count_tokens(t);
-        let reserve = max_tokens as usize + count(&q2) + count(SYSTEM_PROMPT) + count(&s2) + 48;
-        assemble_context(&h2, context_tokens.saturating_sub(reserve), &count)
+        let fixed = count(&q2) + count(SYSTEM_PROMPT) + count(&s2) + 48;
+        let budget = passage_budget(context_tokens, max_tokens as usize, fixed);
+        assemble_context(&h2, budget, &count)
     })
     .await;
     let Ok((context, sources)) = assembled else {
@@ -123,7 +124,7 @@ pub(crate) async fn ask_task(ctx: Arc<Ctx>, question: String, opts: AskOptions, 
     };
     let user = if skip {
         question.clone()
-    } else if unsourced {
+    } else if unsourced || context.is_empty() {
         format!("No passages are available. Answer from general knowledge, briefly.\n\nQuestion: {question}")
     } else {
         format!("Passages:\n\n{context}Question: {question}")
@@ -173,8 +174,9 @@ pub(crate) async fn ask_task(ctx: Arc<Ctx>, question: String, opts: AskOptions, 
     }
     let first_token_timeout = Duration::from_millis(cfg.generator.first_token_timeout_ms);
     let push = opts.push != Some(false);
-    // `auto` holds the generated text back until its grounding is checked; `generate` streams
-    let live = mode != AnswerMode::Auto || unsourced;
+    // `auto` holds the generated text back until its grounding is checked; `generate` streams,
+    // and so does an answer with no passage in its prompt (nothing to check it against)
+    let live = mode != AnswerMode::Auto || unsourced || context.is_empty();
     let relayed = Mutex::new(Relayed::default());
     let replicas = ctx.candidates(groups::GENERATORS);
     let outcome = with_failover(

@@ -7,6 +7,14 @@ use ragfleet_proto::{Hit, Source};
 pub const SYSTEM_PROMPT: &str = "You are a helpful assistant. Answer the question using the passages given. \
 Cite the passage ids you used in square brackets, like [doc-1]. If the passages do not contain the answer, say so.";
 
+/// The tokens the passages may fill out of `context_tokens` (`[generator]`): what the question,
+/// the system prompt and a margin (`fixed`) leave, less the answer's `max_tokens`, of which at
+/// most half the budget is kept back. A long answer asked for (`max_tokens` past half the
+/// budget) still gets passages to answer from; it runs on to the model's own window.
+pub fn passage_budget(context_tokens: usize, max_tokens: usize, fixed: usize) -> usize {
+    context_tokens.saturating_sub(max_tokens.min(context_tokens / 2) + fixed)
+}
+
 /// 3-word shingles of a passage (lower-cased, punctuation dropped), for near-duplicate detection.
 fn shingles(text: &str) -> HashSet<String> {
     let w: Vec<String> = text

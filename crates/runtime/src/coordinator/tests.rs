@@ -13,7 +13,7 @@ use ragfleet_proto::{
 };
 
 use super::ingest::{quorum_met, split_by_size, validate_documents};
-use super::prompt::assemble_context;
+use super::prompt::{assemble_context, passage_budget};
 use super::replicas::{on_failure, rotate, Budget, Failed, OnFailure};
 use super::retrieve::{account, validate_text};
 use super::{CoordinatorArgs, Ctx};
@@ -219,6 +219,17 @@ fn context_drops_near_duplicates_and_respects_the_budget() {
             .collect::<Vec<_>>(),
         vec!["a", "c"]
     );
+}
+
+#[test]
+fn an_answer_keeps_back_at_most_half_of_the_context_budget() {
+    // the default answer of 96 tokens keeps back all of them
+    assert_eq!(passage_budget(1024, 96, 100), 828);
+    // a long answer keeps back half: the passages still get the rest
+    assert_eq!(passage_budget(1024, 1500, 100), 412);
+    assert_eq!(passage_budget(320, 300, 100), 60);
+    // a question and system prompt past the budget leave none
+    assert_eq!(passage_budget(320, 24, 400), 0);
 }
 
 #[test]

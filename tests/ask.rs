@@ -292,10 +292,9 @@ fn generator_streams(base: &str) -> f64 {
         .sum()
 }
 
-#[test]
-fn auto_answers_replace_a_weakly_grounded_generated_answer_with_quoted_sources() {
-    let _g = serial();
-    // a grounding bar no generated answer of 24 tokens reaches
+/// Two nodes, the test corpus ingested, `[generator]` as [`GEN`] with a grounding bar
+/// (`min_grounding = 0.99`) that no generated answer reaches.
+fn strict_grounding_cluster() -> Cluster {
     let c = Cluster::start(
         &[
             &["coordinator", "embedder", "shard", "generator"],
@@ -305,6 +304,14 @@ fn auto_answers_replace_a_weakly_grounded_generated_answer_with_quoted_sources()
     );
     let p = c.corpus_path();
     c.json(&["ingest", "--json", p.to_str().unwrap()]);
+    c
+}
+
+#[test]
+fn auto_answers_replace_a_weakly_grounded_generated_answer_with_quoted_sources() {
+    let _g = serial();
+    // a grounding bar no generated answer of 24 tokens reaches
+    let c = strict_grounding_cluster();
     let q = "What causes ocean tides?";
     let g = ask_json(&c, &["--answer-mode", "generate", "--max-tokens", "24", q]);
     let generated = g["grounding"]["score"].as_f64().unwrap();
@@ -338,15 +345,7 @@ fn a_long_answer_still_gets_passages_and_an_answer_without_any_is_streamed() {
     let _g = serial();
     // context_tokens 320 and a grounding bar no generated answer reaches: a checked answer with
     // passages is replaced by quoted sources, one without passages has nothing to check
-    let c = Cluster::start(
-        &[
-            &["coordinator", "embedder", "shard", "generator"],
-            &["shard"],
-        ],
-        &format!("{GEN}min_grounding = 0.99\n"),
-    );
-    let p = c.corpus_path();
-    c.json(&["ingest", "--json", p.to_str().unwrap()]);
+    let c = strict_grounding_cluster();
     // an answer of up to 300 tokens keeps back at most half of the 320 for itself: the
     // passages still fit (they got none before), so the answer is checked and replaced
     let q = "What causes ocean tides?";

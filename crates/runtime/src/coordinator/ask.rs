@@ -122,9 +122,11 @@ pub(crate) async fn ask_task(ctx: Arc<Ctx>, question: String, opts: AskOptions, 
     let Ok((context, sources)) = assembled else {
         return w.fail("context assembly failed".into());
     };
+    // nothing to answer from, nor to check the answer against
+    let no_passages = unsourced || context.is_empty();
     let user = if skip {
         question.clone()
-    } else if unsourced || context.is_empty() {
+    } else if no_passages {
         format!("No passages are available. Answer from general knowledge, briefly.\n\nQuestion: {question}")
     } else {
         format!("Passages:\n\n{context}Question: {question}")
@@ -175,8 +177,8 @@ pub(crate) async fn ask_task(ctx: Arc<Ctx>, question: String, opts: AskOptions, 
     let first_token_timeout = Duration::from_millis(cfg.generator.first_token_timeout_ms);
     let push = opts.push != Some(false);
     // `auto` holds the generated text back until its grounding is checked; `generate` streams,
-    // and so does an answer with no passage in its prompt (nothing to check it against)
-    let live = mode != AnswerMode::Auto || unsourced || context.is_empty();
+    // and so does an answer with no passage in its prompt
+    let live = mode != AnswerMode::Auto || no_passages;
     let relayed = Mutex::new(Relayed::default());
     let replicas = ctx.candidates(groups::GENERATORS);
     let outcome = with_failover(

@@ -411,7 +411,7 @@ fn measure(
     // the narrowest beam reaching recall 0.95 (else the widest): the one the ratio uses
     let chosen_ef = at_size
         .iter()
-        .find(|r| r.recall >= 0.95)
+        .find(|r| r.recall >= RECALL_GOAL)
         .or(at_size.last())
         .map_or(64, |r| r.ef);
     ix.exclusive(|ix| ix.set_ef_search(chosen_ef));
@@ -467,13 +467,13 @@ fn print_table(rows: &[Vec<Row>]) {
     // each size at the narrowest beam reaching recall 0.95 (else its widest)
     let chosen: Vec<&Row> = rows
         .iter()
-        .filter_map(|at| at.iter().find(|r| r.recall >= 0.95).or(at.last()))
+        .filter_map(|at| at.iter().find(|r| r.recall >= RECALL_GOAL).or(at.last()))
         .collect();
     let exact: Vec<Option<f64>> = rows
         .iter()
         .map(|at| {
             let curve: Vec<(f64, f64)> = at.iter().map(|r| (r.recall, r.dense.0)).collect();
-            p50_at_recall(&curve, 0.95)
+            p50_at_recall(&curve, RECALL_GOAL)
         })
         .collect();
     for (i, w) in chosen.windows(2).enumerate() {
@@ -494,12 +494,15 @@ fn print_table(rows: &[Vec<Row>]) {
     }
 }
 
+/// The recall@10 at which the dense goal compares sizes.
+const RECALL_GOAL: f64 = 0.95;
+
 /// The p50 at recall `target` exactly on a curve of (recall, p50) by widening beam, read off
 /// on the line between the last beam below `target` and the first at or above it; none when
 /// no beam reaches it or the narrowest already does (then nothing brackets it).
 fn p50_at_recall(curve: &[(f64, f64)], target: f64) -> Option<f64> {
     let i = curve.iter().position(|&(recall, _)| recall >= target)?;
-    let (below, above) = (curve.get(i.checked_sub(1)?)?, curve[i]);
+    let (below, above) = (curve[i.checked_sub(1)?], curve[i]);
     let f = (target - below.0) / (above.0 - below.0);
     Some(below.1 + f * (above.1 - below.1))
 }

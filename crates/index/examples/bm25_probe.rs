@@ -14,6 +14,8 @@
 //! `BM25_PROBE_QUERIES=q.json` the queries (a JSON list of strings, repeated to 1,000).
 //! `BM25_PROBE_DUMP=PREFIX` writes the texts it adds (`PREFIX.jsonl`, appended to) and the
 //! queries it asks (`PREFIX.q.json`), for a reference engine to be timed on the same ones.
+//! `BM25_PROBE_TIMES=FILE` writes the last round's time of each query (ms, a JSON list in the
+//! queries' order), to be set beside a reference engine's query by query.
 use ragfleet_index::eval::{settle, synthetic_model, upserts_from, Zipf};
 use ragfleet_index::{IndexSettings, ShardIndex};
 use ragfleet_proto::{SearchMode, SearchQuery};
@@ -139,6 +141,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         std::fs::write(format!("{prefix}.q.json"), serde_json::to_string(&texts)?)?;
     }
     let show = std::env::var("BM25_PROBE_SHOW").is_ok();
+    let times = std::env::var("BM25_PROBE_TIMES").ok();
     for _ in 0..rounds {
         let mut ts = Vec::new();
         let mut digest = std::collections::hash_map::DefaultHasher::new();
@@ -150,6 +153,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 h.chunk_id.hash(&mut digest);
                 h.score.to_bits().hash(&mut digest);
             }
+        }
+        if let Some(f) = &times {
+            std::fs::write(f, serde_json::to_string(&ts)?)?;
         }
         if show {
             let mut by: Vec<(f64, &str)> = ts

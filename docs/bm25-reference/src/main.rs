@@ -3,6 +3,8 @@
 //! (alphanumeric runs, lower-cased, its stop words), then times each query of QUERIES (a JSON
 //! list of strings) as an exact top 10 by BM25 (k1 1.2, b 0.75: a disjunction of term queries,
 //! which tantivy answers by block-max WAND), on one thread: a warm-up round, then one timed.
+//! `BM25_REFERENCE_TIMES=FILE` writes the timed round's time of each query (ms, a JSON list in
+//! the queries' order).
 use std::time::Instant;
 
 use tantivy::collector::TopDocs;
@@ -107,6 +109,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ms.push(t.elapsed().as_secs_f64() * 1e3);
             std::hint::black_box(top);
         }
+    }
+    if let Ok(f) = std::env::var("BM25_REFERENCE_TIMES") {
+        std::fs::write(f, serde_json::to_string(&ms)?)?;
     }
     let mean = ms.iter().sum::<f64>() / ms.len() as f64;
     ms.sort_by(f64::total_cmp);

@@ -318,3 +318,44 @@ fn with_no_embedder_reachable_a_dense_query_degrades_to_bm25_and_says_so() {
     assert_eq!(top_doc(&r), "bees", "{r}");
     assert_eq!(answered(&r), 4, "{r}");
 }
+
+#[test]
+fn a_client_deadline_too_short_to_embed_does_not_take_the_embedder_out_of_service() {
+    let _g = serial();
+    // found by hand: a query whose own deadline ran out while its embedding was computed got
+    // the one embedder replica suspected, and the queries of every other client after it were
+    // answered by BM25 alone until the replica's next heartbeat (here 2 s apart)
+    let c = Cluster::start(
+        &[&["coordinator", "embedder", "shard"], &["shard"]],
+        "[failure]\nheartbeat_ms = 2000\nsuspect_after_ms = 6000\n",
+    );
+    let p = c.corpus_path();
+    c.json(&["ingest", "--json", p.to_str().unwrap()]);
+    for (i, q) in ["honey bees", "how do glaciers move", "what is espresso"]
+        .iter()
+        .enumerate()
+    {
+        // a query embedding takes longer than 10 ms here: this one runs out of time, whatever
+        // it answers
+        let short = format!("{q} asked in a hurry {i}");
+        let _ = c.cli(&[
+            "retrieve",
+            "--json",
+            "--no-cache",
+            "--deadline-ms",
+            "10",
+            &short,
+        ]);
+        let r = c.json(&["retrieve", "--json", "--no-cache", q]);
+        assert!(
+            r["degraded"].is_null(),
+            "query {i} after a hurried one: {r}"
+        );
+        assert_eq!(answered(&r), 4, "{r}");
+    }
+    // the hurried queries did reach the embedder and time out (not refused before it)
+    assert!(
+        c.log("n1").contains("embedder: deadline"),
+        "no hurried query timed out at the embedder"
+    );
+}

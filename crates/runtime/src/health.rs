@@ -61,15 +61,30 @@ pub struct Health {
     members: RwLock<HashMap<ActorId, Member>>,
     /// Silence after which a member is suspected.
     pub suspect_after: Duration,
+    /// The shortest call whose timeout counts against its member (see
+    /// [`Health::timeout_tells`]): one heartbeat period.
+    pub timeout_floor: Duration,
 }
 
 impl Health {
-    /// An empty table.
-    pub fn new(suspect_after: Duration) -> Arc<Self> {
+    /// An empty table: members are suspected after `suspect_after` of silence, and a call's
+    /// timeout counts against its member only when the call was allowed `timeout_floor` or more.
+    pub fn new(suspect_after: Duration, timeout_floor: Duration) -> Arc<Self> {
         Arc::new(Health {
             members: RwLock::new(HashMap::new()),
             suspect_after,
+            timeout_floor,
         })
+    }
+
+    /// Whether a call that timed out after being allowed `time` says anything of its member.
+    /// A call cut short by its caller's own deadline (a client asking for an answer within a
+    /// few milliseconds) times out on a healthy replica: suspecting it for that would take it
+    /// out of service for every other request until its next heartbeat, and a stream of such
+    /// requests would keep it out. Shorter than one heartbeat period, a timeout is failed over
+    /// and nothing more; the pings settle whether the member is well.
+    pub fn timeout_tells(&self, time: Duration) -> bool {
+        time >= self.timeout_floor
     }
 
     /// Members of `group`, healthy or not, that are still in the process group: a member whose
@@ -245,7 +260,7 @@ mod tests {
     async fn a_member_that_left_its_group_is_gone_at_once_not_at_the_next_tick() {
         let group = "ragfleet.test.health".to_string();
         let (a, _) = Actor::spawn(None, Pinged, group.clone()).await.unwrap();
-        let h = Health::new(Duration::from_secs(30));
+        let h = Health::new(Duration::from_secs(30), Duration::from_millis(200));
         h.tick(std::slice::from_ref(&group), Duration::from_secs(1));
         let start = Instant::now();
         while h.serving(&group).is_empty() {

@@ -352,7 +352,10 @@ pub async fn start_node(
             Duration::from_millis(cfg.failure.reconnect_max_ms),
         )));
     }
-    let health = Health::new(Duration::from_millis(cfg.failure.suspect_after_ms));
+    let health = Health::new(
+        Duration::from_millis(cfg.failure.suspect_after_ms),
+        Duration::from_millis(cfg.failure.heartbeat_ms),
+    );
     let mut watched: Vec<String> = [
         groups::NODES,
         groups::EMBEDDERS,

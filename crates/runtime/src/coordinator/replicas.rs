@@ -82,7 +82,8 @@ impl Budget {
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum OnFailure {
     /// Try the next replica. `suspect`: the replica gets no more requests until it answers a
-    /// heartbeat. `reason`: why, when it should replace the reason reported so far (a replica
+    /// heartbeat (for a timeout, only when the attempt was allowed a heartbeat period or more:
+    /// [`Health::timeout_tells`]). `reason`: why, when it should replace the reason reported so far (a replica
     /// that is simply gone does not hide that another one timed out).
     Next {
         suspect: bool,
@@ -148,8 +149,8 @@ impl Failed {
 }
 
 /// Tries `replicas` in order with `attempt(actor, time allowed)` until one succeeds, failing
-/// over on transient errors (see [`on_failure`]) within `budget`. The one failover loop of the
-/// coordinator.
+/// over on transient errors (see [`on_failure`]) within `budget`, and suspecting the replicas
+/// that failed in a way that tells against them. The one failover loop of the coordinator.
 pub(crate) async fn with_failover<T, F, Fut>(
     health: &Health,
     replicas: Vec<Member>,
@@ -175,7 +176,12 @@ where
                 OnFailure::Stop(w) => return Err(Failed::Refused(w)),
                 OnFailure::Next { suspect, reason: r } => {
                     tracing::debug!(actor = %m.actor.get_id(), error = %e, "replica failed; trying the next");
-                    if suspect {
+                    // a timeout counts against the replica only when it had time to answer
+                    let timed_out = matches!(
+                        e,
+                        CallError::Timeout | CallError::Remote(WireError::Deadline)
+                    );
+                    if suspect && (!timed_out || health.timeout_tells(time)) {
                         health.mark_failed(m.actor.get_id());
                     }
                     if r.is_some() {

@@ -322,7 +322,7 @@ async fn two_replicas(shard: u32) -> (Arc<Ctx>, Arc<Health>, Vec<String>, [Actor
         "version = 1\nname = \"t\"\ncookie = \"secret-cookie\"\n[[node]]\nname = \"a\"\naddr = \"127.0.0.1:7001\"\nroles = [\"coordinator\", \"embedder\", \"shard\"]\n[index]\nreplication = 1\nwrite_quorum = 1\n",
     )
     .unwrap();
-    let health = Health::new(Duration::from_secs(30));
+    let health = Health::new(Duration::from_secs(30), Duration::from_millis(200));
     let group = vec![groups::shard(shard)];
     health.tick(&group, Duration::from_secs(1));
     let start = Instant::now();
@@ -405,6 +405,55 @@ async fn a_stalled_replica_is_failed_over_inside_the_shard_deadline_and_suspecte
     let deadline = Instant::now() + Duration::from_millis(300);
     let r = super::retrieve::shard_search(ctx, shard, q, None, deadline, false).await;
     assert_eq!(r.unwrap_err(), "no_live_replica");
+}
+
+#[tokio::test]
+async fn a_replica_timed_out_by_a_short_deadline_is_failed_over_but_not_suspected() {
+    let shard = 905;
+    let (ctx, health, group, [slow, fast]) = two_replicas(shard).await;
+    let q = dense_query();
+    // 100 ms in all: the first replica asked gets half, 50 ms, less than the heartbeat period
+    // (200 ms) below which a timeout says nothing of its replica; the stalled one times out
+    // whenever it is asked first, the other answers, and both stay in service
+    let mut slow_first = 0;
+    for _ in 0..6 {
+        let t = Instant::now();
+        let deadline = t + Duration::from_millis(100);
+        let r = super::retrieve::shard_search(ctx.clone(), shard, q.clone(), None, deadline, false)
+            .await
+            .map(|a| a.answer);
+        match r {
+            Ok(SearchAnswer::One(h)) => assert_eq!(h[0].doc_id, "fast"),
+            other => panic!("{other:?}"),
+        }
+        if t.elapsed() >= Duration::from_millis(45) {
+            slow_first += 1;
+        }
+        assert_eq!(
+            health.serving(&group[0]).len(),
+            2,
+            "a replica was suspected for a timeout shorter than a heartbeat"
+        );
+    }
+    assert!(slow_first > 0, "the stalled replica was never asked first");
+    // given a heartbeat's time or more, the same silence suspects it
+    let mut suspected = false;
+    for _ in 0..6 {
+        let deadline = Instant::now() + Duration::from_millis(500);
+        let r = super::retrieve::shard_search(ctx.clone(), shard, q.clone(), None, deadline, false)
+            .await;
+        assert!(r.is_ok());
+        if health.serving(&group[0]).len() == 1 {
+            suspected = true;
+            break;
+        }
+    }
+    assert!(
+        suspected,
+        "a 250 ms timeout did not suspect the stalled replica"
+    );
+    slow.stop(None);
+    fast.stop(None);
 }
 
 #[tokio::test]

@@ -1,7 +1,9 @@
 //! An embedder replica: requests are batched dynamically (up to `max_batch` texts, waiting at
 //! most `max_wait` for a batch to fill) and run on a dedicated thread. At most `max_queue` texts
 //! wait or are embedded at once; past it a request is refused at once as overloaded (the
-//! coordinator tries another replica).
+//! coordinator tries another replica). A query whose caller stopped waiting before its batch
+//! ran (the call's timeout, carried with the request) is dropped unembedded: under load the
+//! batches are spent on queries someone still waits for.
 use std::sync::atomic::AtomicUsize;
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -27,7 +29,19 @@ const MAX_DOC_SENTENCE_BYTES: usize = 2 << 20;
 /// How long bulk (ingest) work waits for room in a full queue before it is refused.
 const BULK_PATIENCE: Duration = Duration::from_secs(60);
 
-type Job = (Vec<String>, oneshot::Sender<Result<Vec<Vec<f32>>, String>>);
+/// Texts to embed in one batch, where the answer goes, and when its caller stops waiting
+/// (`None`: bulk work, no deadline).
+struct Job {
+    texts: Vec<String>,
+    tx: oneshot::Sender<Result<Vec<Vec<f32>>, WireError>>,
+    deadline: Option<Instant>,
+}
+
+impl Job {
+    fn abandoned(&self, now: Instant) -> bool {
+        self.tx.is_closed() || self.deadline.is_some_and(|d| now >= d)
+    }
+}
 
 /// Start arguments of an embedder replica.
 #[derive(Clone)]
@@ -64,23 +78,38 @@ fn batch_loop(
 ) {
     while let Ok(first) = rx.recv() {
         let mut jobs = vec![first];
-        let mut n = jobs[0].0.len();
+        let mut n = jobs[0].texts.len();
         let until = Instant::now() + max_wait;
         while n < max_batch {
             let left = until.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {
                 Ok(j) => {
-                    n += j.0.len();
+                    n += j.texts.len();
                     jobs.push(j);
                 }
                 Err(_) => break,
             }
         }
-        let texts: Vec<String> = jobs.iter().flat_map(|j| j.0.iter().cloned()).collect();
         crate::metrics::get()
             .queued
             .with_label_values(&["embedder"])
-            .sub(texts.len() as i64);
+            .sub(n as i64);
+        // queries whose callers stopped waiting are answered as late, unembedded
+        let now = Instant::now();
+        let (jobs, late): (Vec<Job>, Vec<Job>) = jobs.into_iter().partition(|j| !j.abandoned(now));
+        if !late.is_empty() {
+            debug!(
+                requests = late.len(),
+                "queries abandoned by their callers; not embedded"
+            );
+        }
+        for j in late {
+            let _ = j.tx.send(Err(WireError::Deadline));
+        }
+        if jobs.is_empty() {
+            continue;
+        }
+        let texts: Vec<String> = jobs.iter().flat_map(|j| j.texts.iter().cloned()).collect();
         debug!(
             requests = jobs.len(),
             texts = texts.len(),
@@ -89,14 +118,14 @@ fn batch_loop(
         match model.embed(&texts) {
             Ok(vecs) => {
                 let mut it = vecs.into_iter();
-                for (t, tx) in jobs {
-                    let part: Vec<Vec<f32>> = it.by_ref().take(t.len()).collect();
-                    let _ = tx.send(Ok(part));
+                for j in jobs {
+                    let part: Vec<Vec<f32>> = it.by_ref().take(j.texts.len()).collect();
+                    let _ = j.tx.send(Ok(part));
                 }
             }
             Err(e) => {
-                for (_, tx) in jobs {
-                    let _ = tx.send(Err(e.clone()));
+                for j in jobs {
+                    let _ = j.tx.send(Err(WireError::Internal(e.clone())));
                 }
             }
         }
@@ -127,7 +156,7 @@ impl Queue {
             let give_up = tokio::time::Instant::now() + patience;
             let mut wait = Duration::from_millis(5);
             loop {
-                match self.embed(part.to_vec()).await {
+                match self.embed(part.to_vec(), None).await {
                     Err(WireError::Overloaded(_)) if tokio::time::Instant::now() < give_up => {
                         tokio::time::sleep(wait).await;
                         wait = (wait * 2).min(Duration::from_millis(200));
@@ -142,7 +171,13 @@ impl Queue {
         Ok(out)
     }
 
-    async fn embed(&self, texts: Vec<String>) -> Result<Vec<Vec<f32>>, WireError> {
+    /// Embeds `texts` in the next batches; `deadline`: when the caller stops waiting (the
+    /// texts are then dropped unembedded if their batch has not started).
+    async fn embed(
+        &self,
+        texts: Vec<String>,
+        deadline: Option<Instant>,
+    ) -> Result<Vec<Vec<f32>>, WireError> {
         let n = texts.len();
         // one request larger than the bound alone is still taken when nothing waits
         let _pending = crate::bound::take(&self.pending, n, self.max).map_err(|before| {
@@ -156,13 +191,20 @@ impl Queue {
             .queued
             .with_label_values(&["embedder"]);
         queued.add(n as i64);
-        if self.jobs.send((texts, tx)).is_err() {
+        if self
+            .jobs
+            .send(Job {
+                texts,
+                tx,
+                deadline,
+            })
+            .is_err()
+        {
             queued.sub(n as i64);
             return Err(WireError::Unavailable("embedding thread stopped".into()));
         }
         rx.await
             .map_err(|_| WireError::Unavailable("embedding thread stopped".into()))?
-            .map_err(WireError::Internal)
     }
 }
 
@@ -313,9 +355,11 @@ impl Actor for EmbedderActor {
                 let jobs = state.jobs.clone();
                 let identity = state.args.model.identity();
                 let serving = crate::metrics::get().serving("embedder");
+                // the call's timeout: past it the caller has moved on
+                let deadline = port.get_timeout().map(|t| Instant::now() + t);
                 tokio::spawn(async move {
                     let _serving = serving;
-                    let r = match jobs.embed(texts).await {
+                    let r = match jobs.embed(texts, deadline).await {
                         Ok(vectors) => Response::Embeddings {
                             model: identity,
                             vectors,
@@ -369,13 +413,15 @@ mod queue_tests {
         // a batch thread that holds the first job until told
         let (release, held) = std::sync::mpsc::channel::<()>();
         std::thread::spawn(move || {
-            while let Ok((texts, reply)) = rx.recv() {
+            while let Ok(job) = rx.recv() {
                 let _ = held.recv();
-                let _ = reply.send(Ok(texts.iter().map(|_| vec![1.0]).collect()));
+                let _ = job
+                    .tx
+                    .send(Ok(job.texts.iter().map(|_| vec![1.0]).collect()));
             }
         });
         let q1 = q.clone();
-        let first = tokio::spawn(async move { q1.embed(vec!["a".into(); 3]).await });
+        let first = tokio::spawn(async move { q1.embed(vec!["a".into(); 3], None).await });
         let start = Instant::now();
         while q.pending.load(Ordering::SeqCst) < 3 {
             assert!(
@@ -384,7 +430,7 @@ mod queue_tests {
             );
             tokio::task::yield_now().await;
         }
-        match q.embed(vec!["b".into(); 2]).await {
+        match q.embed(vec!["b".into(); 2], None).await {
             Err(WireError::Overloaded(m)) => assert!(m.contains("embedder.max_queue"), "{m}"),
             other => panic!("{other:?}"),
         }
@@ -398,6 +444,92 @@ mod queue_tests {
         assert_eq!(q.pending.load(Ordering::SeqCst), 0);
         // one request larger than the bound is taken when nothing waits
         release.send(()).unwrap();
-        assert_eq!(q.embed(vec!["c".into(); 6]).await.unwrap().len(), 6);
+        assert_eq!(q.embed(vec!["c".into(); 6], None).await.unwrap().len(), 6);
+    }
+
+    /// A model that holds its first batch until told, and records every text it embeds.
+    struct Held {
+        entered: std::sync::Mutex<Vec<String>>,
+        release: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
+    }
+
+    impl EmbedModel for Held {
+        fn identity(&self) -> ragfleet_proto::ModelIdentity {
+            ragfleet_proto::ModelIdentity {
+                name: "held".into(),
+                weights_sha256: String::new(),
+                dim: 1,
+                max_len: 8,
+                pooling: "mean".into(),
+                normalized: true,
+            }
+        }
+        fn embed(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, String> {
+            let first = {
+                let mut e = self.entered.lock().unwrap();
+                let first = e.is_empty();
+                e.extend(texts.iter().cloned());
+                first
+            };
+            if first {
+                let _ = self.release.lock().unwrap().recv();
+            }
+            Ok(texts.iter().map(|_| vec![1.0]).collect())
+        }
+        fn count_tokens(&self, text: &str) -> usize {
+            text.len()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_query_whose_caller_stopped_waiting_is_not_embedded() {
+        let (tx, rx) = mpsc::channel::<Job>();
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let model = Arc::new(Held {
+            entered: Default::default(),
+            release: std::sync::Mutex::new(held),
+        });
+        let m: Arc<dyn EmbedModel> = model.clone();
+        std::thread::spawn(move || batch_loop(m, rx, 8, Duration::from_millis(1)));
+        let q = Queue {
+            jobs: tx,
+            pending: Arc::default(),
+            max: 64,
+        };
+        // the first batch holds the model; a query with 50 ms to live waits behind it
+        let q1 = q.clone();
+        let first = tokio::spawn(async move { q1.embed(vec!["bulk".into()], None).await });
+        let start = Instant::now();
+        while model.entered.lock().unwrap().is_empty() {
+            assert!(start.elapsed() < Duration::from_secs(5), "no first batch");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let q2 = q.clone();
+        let deadline = Instant::now() + Duration::from_millis(50);
+        let hurried =
+            tokio::spawn(async move { q2.embed(vec!["hurried".into()], Some(deadline)).await });
+        // once it is queued (the pending count says so) and its deadline has passed, the model
+        // goes on
+        while q.pending.load(std::sync::atomic::Ordering::SeqCst) < 2 || Instant::now() <= deadline
+        {
+            assert!(start.elapsed() < Duration::from_secs(5), "not queued");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        release.send(()).unwrap();
+        assert_eq!(first.await.unwrap().unwrap().len(), 1);
+        assert_eq!(hurried.await.unwrap(), Err(WireError::Deadline));
+        // a query with time left is embedded as before
+        let ok = q
+            .embed(
+                vec!["patient".into()],
+                Some(Instant::now() + Duration::from_secs(5)),
+            )
+            .await;
+        assert_eq!(ok.unwrap().len(), 1);
+        assert_eq!(
+            *model.entered.lock().unwrap(),
+            vec!["bulk".to_string(), "patient".to_string()],
+            "an abandoned query was embedded"
+        );
     }
 }

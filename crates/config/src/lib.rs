@@ -507,6 +507,12 @@ pub struct HttpConfig {
     pub max_body_bytes: usize,
     /// Documents one `POST /v1/documents` may carry.
     pub max_documents: usize,
+    /// Connections the gateway holds open at once; past it the next waits, unaccepted, until
+    /// one closes (each costs a file descriptor the node's files and cluster links share).
+    pub max_connections: usize,
+    /// Time a client has to send a request's headers once its connection is ready for one (a
+    /// new connection, or an idle kept-alive one); past it the connection is closed.
+    pub header_timeout_ms: u64,
 }
 
 impl Default for HttpConfig {
@@ -516,6 +522,8 @@ impl Default for HttpConfig {
             api_keys_env: "RAGFLEET_API_KEYS".into(),
             max_body_bytes: 8 << 20,
             max_documents: 1000,
+            max_connections: 1024,
+            header_timeout_ms: 10_000,
         }
     }
 }

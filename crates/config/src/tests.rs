@@ -148,6 +148,14 @@ fn errors_name_the_field() {
             "http.max_body_bytes",
         ),
         (
+            format!("{GOOD}\n[http]\nmax_connections = 0\n"),
+            "http.max_connections",
+        ),
+        (
+            format!("{GOOD}\n[http]\nheader_timeout_ms = 5\n"),
+            "http.header_timeout_ms",
+        ),
+        (
             format!("{GOOD}\n[query]\nmax_in_flight = 4\nmax_answers_in_flight = 5\n"),
             "query.max_answers_in_flight",
         ),

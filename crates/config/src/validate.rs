@@ -372,6 +372,18 @@ impl ClusterConfig {
         if h.max_documents == 0 {
             return Err(invalid("http.max_documents", "must be positive"));
         }
+        if h.max_connections == 0 || h.max_connections > 65_536 {
+            return Err(invalid(
+                "http.max_connections",
+                "must be between 1 and 65536",
+            ));
+        }
+        if h.header_timeout_ms < 100 || h.header_timeout_ms > 600_000 {
+            return Err(invalid(
+                "http.header_timeout_ms",
+                "must be between 100 and 600000",
+            ));
+        }
         if h.api_keys.iter().any(|k| k.len() < 16) {
             return Err(invalid(
                 "http.api_keys",

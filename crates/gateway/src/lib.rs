@@ -32,6 +32,7 @@ use tracing::{info, warn, Instrument};
 mod error;
 mod metrics;
 mod openai;
+mod serve;
 
 pub use error::ApiError;
 pub use metrics::Metrics;
@@ -163,19 +164,13 @@ pub async fn serve(
         metrics: Metrics::new(),
         cfg,
     });
+    let limits = serve::Limits {
+        max_connections: state.cfg.http.max_connections,
+        header_timeout: std::time::Duration::from_millis(state.cfg.http.header_timeout_ms),
+    };
     let app = router(state);
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        let shutdown = async move {
-            let _ = rx.await;
-        };
-        if let Err(e) = axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown)
-            .await
-        {
-            warn!(error = %e, "HTTP gateway stopped");
-        }
-    });
+    let task = tokio::spawn(serve::accept_loop(listener, app, limits, rx));
     Ok(Gateway {
         addr: local,
         stop: Some(tx),

@@ -233,6 +233,7 @@ impl Actor for CoordinatorActor {
             Request::Ask { question, options } => {
                 if let Err(e) =
                     retrieve::validate_text(&question, ctx.cfg().query.max_query_bytes, "question")
+                        .and_then(|()| retrieve::validate_options(&options.retrieve))
                 {
                     reply(port, Response::Error(e));
                     return Ok(());

@@ -32,6 +32,22 @@ pub(crate) fn validate_text(text: &str, max: usize, what: &str) -> Result<(), Wi
     Ok(())
 }
 
+/// The most hits a query may ask for.
+pub(crate) const MAX_K: u32 = 1000;
+
+/// Refuses options out of range (rather than quietly answering something else than asked).
+pub(crate) fn validate_options(opts: &RetrieveOptions) -> Result<(), WireError> {
+    if let Some(k) = opts.k.filter(|k| !(1..=MAX_K).contains(k)) {
+        return Err(WireError::BadRequest(format!(
+            "k must be between 1 and {MAX_K} (got {k})"
+        )));
+    }
+    if opts.deadline_ms == Some(0) {
+        return Err(WireError::BadRequest("deadline_ms must be positive".into()));
+    }
+    Ok(())
+}
+
 async fn embed_query(
     ctx: &Ctx,
     text: &str,
@@ -238,9 +254,10 @@ pub async fn retrieve(
     let t0 = Instant::now();
     let cfg = ctx.cfg().clone();
     validate_text(&query, cfg.query.max_query_bytes, "query")?;
+    validate_options(&opts)?;
     let deadline =
         t0 + Duration::from_millis(opts.deadline_ms.unwrap_or(cfg.query.deadline_ms).max(1));
-    let k = opts.k.unwrap_or(cfg.query.top_k).clamp(1, 1000);
+    let k = opts.k.unwrap_or(cfg.query.top_k).clamp(1, MAX_K);
     let rerank = opts.rerank.unwrap_or_else(|| cfg.rerank_by_default());
     let mut timings = Timings::default();
 

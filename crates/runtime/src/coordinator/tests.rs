@@ -8,14 +8,14 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use ragfleet_client::{groups, Envelope, RoleMsg};
 use ragfleet_config::ClusterConfig;
 use ragfleet_proto::{
-    Document, Hit, Request, Response, Role, SearchAnswer, SearchMode, SearchQuery, ShardHits,
-    WireError,
+    Document, Hit, Request, Response, RetrieveOptions, Role, SearchAnswer, SearchMode, SearchQuery,
+    ShardHits, WireError,
 };
 
 use super::ingest::{quorum_met, split_by_size, validate_documents};
 use super::prompt::{assemble_context, passage_budget};
 use super::replicas::{on_failure, rotate, Budget, Failed, OnFailure};
-use super::retrieve::{account, validate_text};
+use super::retrieve::{account, validate_options, validate_text};
 use super::{CoordinatorArgs, Ctx};
 use crate::call::{common, info, reply, CallError};
 use crate::health::Health;
@@ -243,6 +243,32 @@ fn empty_and_huge_queries_are_refused() {
         .to_string();
     assert!(e.contains("11 bytes"), "{e}");
     assert!(validate_text("ok", 10, "query").is_ok());
+    // options out of range are refused, not quietly changed
+    let opts = |k, deadline_ms| RetrieveOptions {
+        k,
+        deadline_ms,
+        ..Default::default()
+    };
+    for (o, says) in [
+        (opts(Some(0), None), "k must be between 1 and 1000 (got 0)"),
+        (
+            opts(Some(1001), None),
+            "k must be between 1 and 1000 (got 1001)",
+        ),
+        (opts(None, Some(0)), "deadline_ms must be positive"),
+    ] {
+        match validate_options(&o) {
+            Err(WireError::BadRequest(m)) => assert_eq!(m, says),
+            other => panic!("{o:?}: {other:?}"),
+        }
+    }
+    for o in [
+        opts(None, None),
+        opts(Some(1), Some(1)),
+        opts(Some(1000), None),
+    ] {
+        assert!(validate_options(&o).is_ok(), "{o:?}");
+    }
 }
 
 /// A shard replica stand-in: answers pings (so the failure detector sees it serving) and either

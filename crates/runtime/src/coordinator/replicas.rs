@@ -83,8 +83,8 @@ impl Budget {
 pub(crate) enum OnFailure {
     /// Try the next replica. `suspect`: the replica gets no more requests until it answers a
     /// heartbeat (for a timeout, only when the attempt was allowed a heartbeat period or more:
-    /// [`Health::timeout_tells`]). `reason`: why, when it should replace the reason reported so far (a replica
-    /// that is simply gone does not hide that another one timed out).
+    /// [`Health::timeout_tells`]). `reason`: why, when it should replace the reason reported
+    /// so far (a replica that is simply gone does not hide that another one timed out).
     Next {
         suspect: bool,
         reason: Option<String>,

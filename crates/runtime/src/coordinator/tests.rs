@@ -368,6 +368,24 @@ async fn two_replicas(shard: u32) -> (Arc<Ctx>, Arc<Health>, Vec<String>, [Actor
     (ctx, health, group, [slow, fast])
 }
 
+/// One search of `shard` within `within`, answered by the replica named "fast"; how long it took.
+async fn search_answered_by_fast(
+    ctx: &Arc<Ctx>,
+    shard: u32,
+    q: &SearchQuery,
+    within: Duration,
+) -> Duration {
+    let t = Instant::now();
+    let r = super::retrieve::shard_search(ctx.clone(), shard, q.clone(), None, t + within, false)
+        .await
+        .map(|a| a.answer);
+    match r {
+        Ok(SearchAnswer::One(h)) => assert_eq!(h[0].doc_id, "fast"),
+        other => panic!("{other:?}"),
+    }
+    t.elapsed()
+}
+
 #[tokio::test]
 async fn a_stalled_replica_is_failed_over_inside_the_shard_deadline_and_suspected() {
     // a shard id no other test uses: process groups are process-wide
@@ -378,20 +396,8 @@ async fn a_stalled_replica_is_failed_over_inside_the_shard_deadline_and_suspecte
     // deadline; the first time the slow one is tried first, it is suspected after
     let mut slow_suspected = false;
     for _ in 0..4 {
-        let t = Instant::now();
-        let deadline = t + Duration::from_millis(600);
-        let r = super::retrieve::shard_search(ctx.clone(), shard, q.clone(), None, deadline, false)
-            .await
-            .map(|a| a.answer);
-        match r {
-            Ok(SearchAnswer::One(h)) => assert_eq!(h[0].doc_id, "fast"),
-            other => panic!("{other:?}"),
-        }
-        assert!(
-            t.elapsed() < Duration::from_millis(700),
-            "{:?}",
-            t.elapsed()
-        );
+        let took = search_answered_by_fast(&ctx, shard, &q, Duration::from_millis(600)).await;
+        assert!(took < Duration::from_millis(700), "{took:?}");
         let serving: Vec<String> = health
             .serving(&group[0])
             .iter()
@@ -443,16 +449,8 @@ async fn a_replica_timed_out_by_a_short_deadline_is_failed_over_but_not_suspecte
     // whenever it is asked first, the other answers, and both stay in service
     let mut slow_first = 0;
     for _ in 0..6 {
-        let t = Instant::now();
-        let deadline = t + Duration::from_millis(100);
-        let r = super::retrieve::shard_search(ctx.clone(), shard, q.clone(), None, deadline, false)
-            .await
-            .map(|a| a.answer);
-        match r {
-            Ok(SearchAnswer::One(h)) => assert_eq!(h[0].doc_id, "fast"),
-            other => panic!("{other:?}"),
-        }
-        if t.elapsed() >= Duration::from_millis(45) {
+        let took = search_answered_by_fast(&ctx, shard, &q, Duration::from_millis(100)).await;
+        if took >= Duration::from_millis(45) {
             slow_first += 1;
         }
         assert_eq!(

@@ -71,7 +71,7 @@ fn the_gateway_serves_openai_chat_embeddings_retrieval_documents_and_metrics() {
             &["shard"],
         ],
         &format!(
-            "query.max_answers_in_flight = 1\n[generator]\nmax_tokens = 16\ncontext_tokens = 320\n[http]\napi_keys = [\"{KEY}\"]\nmax_body_bytes = 65536\n"
+            "query.max_answers_in_flight = 1\n[generator]\nmax_tokens = 16\ncontext_tokens = 320\nmin_grounding = 0.0\n[http]\napi_keys = [\"{KEY}\"]\nmax_body_bytes = 65536\n"
         ),
     );
     let base = c.http_url("n1");
@@ -212,6 +212,22 @@ fn the_gateway_serves_openai_chat_embeddings_retrieval_documents_and_metrics() {
     assert_eq!(x["sources"][0]["doc_id"], "bees", "{a}");
     assert!(x["timings_ms"]["total"].as_f64().unwrap() > 0.0, "{a}");
     assert!(x["grounding"]["score"].as_f64().is_some(), "{a}");
+    // (the budget of 12 may run over by two graces of 8 tokens to end a sentence well)
+    let completion = a["usage"]["completion_tokens"].as_u64().unwrap();
+    assert!((1..=28).contains(&completion), "{a}");
+    assert_eq!(a["usage"]["total_tokens"], a["usage"]["completion_tokens"], "{a}");
+    // `auto` (the default) holds the answer back until it is checked against its sources and
+    // then gives it whole (no grounding bar here: it is always the generated one); its usage
+    // still counts the tokens generated
+    let mut held = ask.clone();
+    held["ragfleet"] = json!({"answer_mode": "auto"});
+    let (s, a) = post(&base, "/v1/chat/completions", &held);
+    assert_eq!(s, 200, "{a}");
+    // (the generated answer kept: it says what answered)
+    assert_eq!(a["ragfleet"]["answer_mode"], "generate", "{a}");
+    assert!(a["ragfleet"]["fallback"].is_null(), "{a}");
+    let completion = a["usage"]["completion_tokens"].as_u64().unwrap();
+    assert!((1..=28).contains(&completion), "a held answer counted no tokens: {a}");
     // without retrieval: no sources, no coverage claimed
     let (s, a) = post(
         &base,

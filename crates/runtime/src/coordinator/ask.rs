@@ -45,6 +45,8 @@ const CLIENT_SILENCE: Duration = Duration::from_millis(1500);
 struct Relayed {
     answer: String,
     first_token: Option<Duration>,
+    /// Tokens the generator produced for it.
+    tokens: u32,
 }
 
 pub(crate) async fn ask_task(ctx: Arc<Ctx>, question: String, opts: AskOptions, w: StreamWriter) {
@@ -208,6 +210,7 @@ pub(crate) async fn ask_task(ctx: Arc<Ctx>, question: String, opts: AskOptions, 
     let Relayed {
         mut answer,
         first_token,
+        tokens,
     } = relayed.into_inner().unwrap_or_else(|e| e.into_inner());
     if matches!(outcome, Ok(End::Cancelled)) {
         // nobody is listening (should a client still be, it learns why its answer stopped)
@@ -292,7 +295,8 @@ pub(crate) async fn ask_task(ctx: Arc<Ctx>, question: String, opts: AskOptions, 
             summary = generated;
             summary.fallback = None;
         }
-        w.push(&answer, 0);
+        // (held back until checked: released whole, with the tokens generated for it)
+        w.push(&answer, tokens);
         summary.timings_ms.first_token = ms(t0.elapsed());
     }
     summary.timings_ms.total = ms(t0.elapsed());
@@ -417,6 +421,7 @@ async fn relay(
                     let mut r = relayed.lock().expect("relay");
                     r.first_token.get_or_insert_with(|| t0.elapsed());
                     r.answer.push_str(&c.text);
+                    r.tokens += c.tokens;
                     if let Some(w) = sink {
                         w.push(&c.text, c.tokens);
                     }
